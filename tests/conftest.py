@@ -1,0 +1,17 @@
+"""Shared fixtures: tiny HF checkpoints built locally with transformers' save_pretrained."""
+
+import os
+
+# 8 fake CPU devices for sharding tests; must be set before JAX initialises its backend.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import pytest  # noqa: E402
+
+from tests import hf_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+    """Variant name -> directory holding config.json, model.safetensors and tokenizer files."""
+    root = tmp_path_factory.mktemp("hf")
+    return {name: hf_models.save_tiny(name, str(root / name)) for name in hf_models.VARIANTS}
