@@ -1,27 +1,34 @@
 # Two commands for a fresh machine: `make demo` (main job) and `make test` (test suite).
+# Each creates .venv and installs what it needs; both need only python3 (>= 3.11) and pip.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+XLA_TEST_FLAGS := --xla_force_host_platform_device_count=8
 
-.PHONY: setup demo test test-slow clean
+.PHONY: demo test test-slow clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+
+# Runtime dependencies only.
+$(VENV)/.runtime: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# Runtime plus the `test` extra (pytest, hypothesis, torch CPU, transformers).
+$(VENV)/.test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
-	touch $(STAMP)
+	touch $@ $(VENV)/.runtime
 
-setup: $(STAMP)
-
-demo: $(STAMP)
+demo: $(VENV)/.runtime
 	$(BIN)/python tools/generate.py --prompt "def fibonacci(n):" --prompt "import os" --max_tokens 24
 
-test: $(STAMP)
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -m "not slow"
+test: $(VENV)/.test
+	XLA_FLAGS=$(XLA_TEST_FLAGS) $(BIN)/python -m pytest -q -m "not slow"
 
-test-slow: $(STAMP)
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -m slow
+test-slow: $(VENV)/.test
+	XLA_FLAGS=$(XLA_TEST_FLAGS) $(BIN)/python -m pytest -q -m slow
 
 clean:
 	rm -rf $(VENV) .pytest_cache

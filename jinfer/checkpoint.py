@@ -21,18 +21,24 @@ def save_state(path: str, model: nnx.Module) -> None:
 def restore_state(path: str, abstract_model: nnx.Module, shardings=None) -> nnx.Module:
     """Restores parameters into a model built with nnx.eval_shape.
 
-    shardings: optional pytree of jax.sharding.Sharding matching nnx.state(abstract_model); each
-    array is read straight into its target shards (no full copy on one device).
+    shardings: optional nnx.State shaped like the model's with a jax.sharding.Sharding in place of
+    each Variable (sharding.rules.state_shardings makes one); each array is read straight into
+    its target shards (no full copy on one device).
     """
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise ValueError(f"checkpoint path {path} does not exist")
     graphdef, abstract_state = nnx.split(abstract_model)
+    is_var = lambda x: isinstance(x, nnx.Variable)
     if shardings is None:
-        device = jax.devices()[0]
-        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), abstract_state)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_state, shardings)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract_state, is_leaf=is_var)
+
+    def target(var, sharding):
+        shape = var.get_value()
+        return var.replace(jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding))
+
+    target = jax.tree.map(target, abstract_state, shardings, is_leaf=is_var)
     with ocp.StandardCheckpointer() as ckptr:
         state = ckptr.restore(path, target)
     return nnx.merge(graphdef, state)

@@ -132,8 +132,9 @@ def load_hf_model(model_dir: str, *, dtype=jnp.float32, attention_backend: str =
                   shardings=None) -> LlamaForCausalLM:
     """Builds the model from an HF checkpoint directory without random initialisation.
 
-    dtype: float32 or bfloat16 for parameters and activations. shardings: optional pytree of
-    jax.sharding.Sharding matching nnx.state(model); each parameter is placed straight into it.
+    dtype: float32 or bfloat16 for parameters and activations. shardings: optional nnx.State with
+    a jax.sharding.Sharding in place of each Variable (sharding.rules.state_shardings); each
+    parameter goes from the memory-mapped file straight into its shards.
     """
     dtype = jnp.dtype(dtype)
     if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
@@ -150,7 +151,6 @@ def load_hf_model(model_dir: str, *, dtype=jnp.float32, attention_backend: str =
         if key not in arrays:
             raise AssertionError(f"no checkpoint mapping for model parameter {key}")
         target = sharding_of.get(key)
-        target = target.get_value() if isinstance(target, nnx.Variable) else target
         value = jax.device_put(arrays.pop(key), target) if target is not None else jnp.asarray(arrays.pop(key))
         leaves.append((path, var.replace(value)))
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))

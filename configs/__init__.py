@@ -1,0 +1,1 @@
+"""Launch configurations (model + cache + scheduler + serving), one ml_collections file each."""

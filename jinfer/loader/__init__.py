@@ -1,0 +1,1 @@
+"""Reading HF checkpoint directories."""

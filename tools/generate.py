@@ -1,0 +1,96 @@
+"""Greedy generation from the command line.
+
+  python tools/generate.py --model_path=/path/to/hf_checkpoint --prompt="def f(x):" --max_tokens=32
+  python tools/generate.py --prompt="hello" --json     # no --model_path: tiny random-weight model
+
+Without --model_path it builds the embedded default model: for now a tiny randomly initialised
+Llama with a byte-level tokenizer (its text is noise; the path it runs is the real one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model_path", "", "HF checkpoint directory (config.json, safetensors, "
+                    "tokenizer.json). Empty: the embedded default model.")
+flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for a batch.")
+flags.DEFINE_string("prompts_file", "", "A file with one prompt per line (added after --prompt).")
+flags.DEFINE_integer("max_tokens", 32, "Tokens to generate per prompt.", lower_bound=1)
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and activation dtype.")
+flags.DEFINE_integer("page_size", 16, "Tokens per KV-cache page.", lower_bound=1)
+flags.DEFINE_integer("seed", 0, "Seed for the default model's random weights and page shuffling.")
+flags.DEFINE_bool("json", False, "Print one JSON object per completion (prompt, token_ids, text, "
+                  "finish_reason) instead of text for a person.")
+
+
+def _prompts() -> list[str]:
+    prompts = list(FLAGS.prompt)
+    if FLAGS.prompts_file:
+        with open(FLAGS.prompts_file) as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        raise app.UsageError("give at least one --prompt or a --prompts_file")
+    return prompts
+
+
+def _load():
+    import jax.numpy as jnp
+
+    from jinfer.loader.hf import load_hf_model
+    from jinfer.models.config import preset
+    from jinfer.models.llama import init_model
+    from jinfer.tokenizer import Tokenizer, byte_level_tokenizer
+
+    dtype = jnp.dtype(FLAGS.dtype)
+    if FLAGS.model_path:
+        model = load_hf_model(FLAGS.model_path, dtype=dtype)
+        cfg = model.config
+        tok = Tokenizer.from_dir(FLAGS.model_path, bos_id=cfg.bos_token_id, eos_ids=cfg.eos_token_ids)
+        return model, tok
+    tok = byte_level_tokenizer()
+    cfg = dataclasses.replace(preset("tiny"), vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+                              eos_token_ids=tok.eos_ids)
+    model = init_model(cfg, seed=FLAGS.seed, dtype=dtype)
+    return model, tok
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    prompts = _prompts()
+    from jinfer.greedy import greedy_generate
+
+    t0 = time.perf_counter()
+    try:
+        model, tok = _load()
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    t1 = time.perf_counter()
+    encoded = [tok.encode(p) for p in prompts]
+    try:
+        outputs = greedy_generate(model, encoded, FLAGS.max_tokens, page_size=FLAGS.page_size,
+                                  eos_ids=tok.eos_ids, seed=FLAGS.seed)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    t2 = time.perf_counter()
+    for prompt, ids in zip(prompts, outputs):
+        finish = "stop" if ids and ids[-1] in tok.eos_ids else "length"
+        text = tok.decode(ids)
+        if FLAGS.json:
+            print(json.dumps({"prompt": prompt, "token_ids": ids, "text": text, "finish_reason": finish}))
+        else:
+            print(f"--- {prompt!r}\n{prompt}{text}\n[{len(ids)} tokens, finish={finish}]")
+    if not FLAGS.json:
+        n = sum(len(o) for o in outputs)
+        print(f"load {t1 - t0:.2f}s; generate {t2 - t1:.2f}s for {n} tokens "
+              f"(includes compilation)")
+
+
+if __name__ == "__main__":
+    app.run(main)
