@@ -24,7 +24,8 @@ def test_greedy_tokens_match_hf_generate(hf_checkpoints, variant):
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
     for prompt, got in zip(prompts, ours):
         with torch.no_grad():
-            want = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+            want = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                               max_new_tokens=12, do_sample=False,
                                eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
         assert got == want
 

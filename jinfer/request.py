@@ -1,0 +1,72 @@
+"""Request state and the outputs the engine hands back."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from jinfer.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass
+class Request:
+    """One sequence being generated. Only the scheduler and engine touch it; the runner never."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int  # params.seed, or one drawn at admission
+    arrival_time: float
+    arrival_index: int  # FCFS tie-break
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    output_logprobs: list[float] = dataclasses.field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V sit in this request's pages
+    pages: list[int] = dataclasses.field(default_factory=list)
+    cache_node: object = None  # deepest prefix-cache node this request holds a lock on
+    num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
+    num_preemptions: int = 0
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    priority: int = 0  # policy hint (SLO tier etc.); lower runs first
+
+    @property
+    def num_tokens(self) -> int:
+        """Target: every prompt and output token must be computed before the next sample."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request (deltas), plus its running totals."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    new_logprobs: list[float] | None
+    token_ids: list[int]  # all output ids so far
+    text: str  # all output text so far (stop string excluded)
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | None
+    usage: Usage
+    arrival_time: float
+    first_token_time: float | None
+    finish_time: float | None

@@ -1,0 +1,121 @@
+"""Turns a StepPlan into fixed-shape arrays and runs one jitted step (forward + sampling)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jinfer.attention import AttentionMetadata
+from jinfer.config import CacheConfig, SchedulerConfig
+from jinfer.kv_cache import KVCache
+from jinfer.sampling import SamplingArrays, sample
+from jinfer.scheduling import StepPlan
+
+log = logging.getLogger(__name__)
+
+# Pool budget when the device reports no memory statistics (CPU).
+_HOST_KV_BUDGET_BYTES = 2 << 30
+
+
+def buckets(limit: int, smallest: int = 1) -> tuple[int, ...]:
+    """Powers of two from `smallest` up to `limit`, with `limit` itself last."""
+    out, b = [], smallest
+    while b < limit:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (limit,)
+
+
+def pick_bucket(n: int, sizes: tuple[int, ...]) -> int:
+    return next(b for b in sizes if b >= n)
+
+
+def num_pages_for(model_cfg, cache_cfg: CacheConfig, dtype, device=None) -> int:
+    """Pages that fit in memory_fraction of the device memory left after the weights."""
+    if cache_cfg.num_pages is not None:
+        return cache_cfg.num_pages
+    stats = (device or jax.devices()[0]).memory_stats() or {}
+    free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
+    if free <= 0:
+        free = _HOST_KV_BUDGET_BYTES
+    page_bytes = model_cfg.kv_bytes_per_token(jnp.dtype(dtype).itemsize) * cache_cfg.page_size
+    return max(1, int(free * cache_cfg.memory_fraction) // page_bytes)
+
+
+class ModelRunner:
+    """Owns the parameters and the KV cache; executes plans. Never sees Request objects."""
+
+    def __init__(self, model: nnx.Module, cache_cfg: CacheConfig, sched_cfg: SchedulerConfig):
+        self.config = model.config
+        self.page_size = cache_cfg.page_size
+        self.pages_per_seq = math.ceil(sched_cfg.max_model_len / cache_cfg.page_size)
+        self.token_buckets = buckets(sched_cfg.max_num_batched_tokens, smallest=min(16, sched_cfg.max_num_batched_tokens))
+        self.seq_buckets = buckets(sched_cfg.max_num_seqs)
+        self.graphdef, self.state = nnx.split(model)
+        dtype = model.embed.get_value().dtype
+        self.num_pages = num_pages_for(self.config, cache_cfg, dtype)
+        self.kv = KVCache.create(self.config, self.num_pages, self.page_size, dtype=dtype)
+        self._step = jax.jit(functools.partial(_step, self.graphdef), donate_argnums=(1,))
+        self._compiled: dict[tuple[int, int], object] = {}
+
+    def _bucket_pairs(self):
+        return [(t, s) for t in self.token_buckets for s in self.seq_buckets if s <= t]
+
+    def warmup(self) -> None:
+        """Compiles every (tokens, seqs) bucket ahead of time."""
+        for t, s in self._bucket_pairs():
+            if (t, s) not in self._compiled:
+                args = self._empty_inputs(t, s)
+                self._compiled[(t, s)] = self._step.lower(self.state, self.kv, *args).compile()
+        log.info("compiled %d step buckets", len(self._compiled))
+
+    def _empty_inputs(self, t: int, s: int):
+        md = AttentionMetadata(np.zeros(s + 1, np.int32), np.zeros(s, np.int32),
+                               np.zeros((s, self.pages_per_seq), np.int32), np.zeros(1, np.int32))
+        return (np.zeros(t, np.int32), np.zeros(t, np.int32), md, np.zeros(s, np.int32),
+                SamplingArrays.from_seqs([], s))
+
+    def prepare(self, plan: StepPlan):
+        """Host-side: the plan as padded numpy arrays for its bucket."""
+        seqs = plan.seqs
+        t = pick_bucket(plan.num_tokens, self.token_buckets)
+        s = pick_bucket(len(seqs), self.seq_buckets)
+        ids = np.zeros(t, np.int32)
+        pos = np.zeros(t, np.int32)
+        cu = np.zeros(s + 1, np.int32)
+        kv_lens = np.zeros(s, np.int32)
+        table = np.zeros((s, self.pages_per_seq), np.int32)
+        at = 0
+        for i, seq in enumerate(seqs):
+            n = len(seq.token_ids)
+            ids[at:at + n] = seq.token_ids
+            pos[at:at + n] = np.arange(seq.start_pos, seq.start_pos + n)
+            at += n
+            cu[i + 1] = at
+            kv_lens[i] = seq.start_pos + n
+            table[i, :len(seq.pages)] = seq.pages
+        cu[len(seqs) + 1:] = at
+        logits_idx = np.zeros(s, np.int32)
+        logits_idx[:len(seqs)] = cu[1:len(seqs) + 1] - 1
+        md = AttentionMetadata(cu, kv_lens, table, np.array([len(seqs)], np.int32))
+        return (t, s), (ids, pos, md, logits_idx, SamplingArrays.from_seqs(seqs, s))
+
+    def execute(self, plan: StepPlan) -> tuple[np.ndarray, np.ndarray]:
+        """Runs the plan; returns (token ids, logprobs) per scheduled sequence, in plan order."""
+        key, args = self.prepare(plan)
+        fn = self._compiled.get(key, self._step)
+        ids, logprobs, self.kv = fn(self.state, self.kv, *args)
+        n = len(plan.seqs)
+        return np.asarray(ids)[:n], np.asarray(logprobs)[:n]
+
+
+def _step(graphdef, state, kv, ids, pos, md, logits_idx, samp):
+    logits, kv = nnx.merge(graphdef, state)(ids, pos, kv, md, logits_idx)
+    tokens, logprobs = sample(logits, samp)
+    return tokens, logprobs, kv

@@ -1,0 +1,160 @@
+"""Engine: greedy parity with HF, invariance to caching/chunking/preemption/arrival, API errors."""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from jinfer.config import CacheConfig, SchedulerConfig
+from jinfer.engine import Engine
+from jinfer.loader.hf import load_hf_model
+from jinfer.sampling_params import SamplingParams
+from jinfer.tokenizer import Tokenizer
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llama(hf_checkpoints):
+    path = hf_checkpoints["llama3"]
+    return path, load_hf_model(path), Tokenizer.from_dir(path)
+
+
+def _engine(llama, *, page_size=4, num_pages=96, budget=64, max_seqs=8, prefix=True):
+    _, model, tok = llama
+    return Engine(model, tok, CacheConfig(page_size=page_size, num_pages=num_pages,
+                                          enable_prefix_cache=prefix),
+                  SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, max_model_len=96))
+
+
+def _prompts(seed=0, lengths=(9, 3, 17, 30, 5)):
+    rng = np.random.default_rng(seed)
+    shared = rng.integers(0, 256, 12).tolist()  # a common prefix for some, to exercise sharing
+    out = []
+    for i, n in enumerate(lengths):
+        tail = rng.integers(0, 256, n).tolist()
+        out.append(shared + tail if i % 2 else tail)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(llama):
+    """HF greedy continuations of _prompts(), one sequence at a time."""
+    path = llama[0]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    out = []
+    for p in _prompts():
+        with torch.no_grad():
+            ids = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                              max_new_tokens=12, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+        out.append(ids[0, len(p):].tolist())
+    return out
+
+
+def _tokens(outputs):
+    return [o.token_ids for o in outputs]
+
+
+def test_greedy_matches_hf_generate_on_ragged_batch(llama, reference):
+    assert _tokens(_engine(llama).generate(_prompts(), GREEDY)) == reference
+
+
+@pytest.mark.parametrize("prefix", [True, False])
+@pytest.mark.parametrize("budget", [8, 32, 128])
+def test_greedy_invariant_to_prefix_cache_and_chunk_size(llama, reference, prefix, budget):
+    eng = _engine(llama, budget=budget, prefix=prefix)
+    assert _tokens(eng.generate(_prompts(), GREEDY)) == reference
+    # Run again: with the prefix cache on, the prompts now hit cached pages.
+    again = eng.generate(_prompts(), GREEDY)
+    assert _tokens(again) == reference
+    cached = sum(o.usage.cached_prompt_tokens for o in again)
+    assert (cached > 0) == prefix
+
+
+def test_greedy_invariant_to_forced_preemption(llama, reference):
+    # 20 pages of 4 tokens cannot hold all five requests at once: some are preempted and recomputed.
+    eng = _engine(llama, num_pages=20, budget=32)
+    preempted = []
+    orig = eng.scheduler._preempt
+    eng.scheduler._preempt = lambda req: (preempted.append(req.request_id), orig(req))
+    assert _tokens(eng.generate(_prompts(), GREEDY)) == reference
+    assert preempted, "the pool was meant to be too small to avoid preemption"
+
+
+def test_greedy_invariant_to_mid_run_arrivals(llama, reference):
+    eng = _engine(llama, budget=16)
+    prompts = _prompts()
+    ids = {}
+    finals = {}
+    for i, p in enumerate(prompts):
+        ids[eng.add_request(p, GREEDY)] = i
+        for _ in range(3):  # some steps between arrivals
+            for o in eng.step():
+                if o.finished:
+                    finals[ids[o.request_id]] = o.token_ids
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finished:
+                finals[ids[o.request_id]] = o.token_ids
+    assert [finals[i] for i in range(len(prompts))] == reference
+
+
+def test_outputs_stream_deltas_and_usage(llama):
+    eng = _engine(llama)
+    rid = eng.add_request("def f(x):", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True,
+                                                       logprobs=True))
+    deltas, last = [], None
+    while eng.has_unfinished():
+        for o in eng.step():
+            deltas.append(o.new_token_ids)
+            last = o
+    assert last.request_id == rid and last.finished and last.finish_reason == "length"
+    assert sum(deltas, []) == last.token_ids and len(last.token_ids) == 5
+    assert last.usage.prompt_tokens == len("def f(x):") + 1  # + BOS
+    assert len(last.new_logprobs) == 1 and last.new_logprobs[0] <= 0
+    assert last.first_token_time >= last.arrival_time and last.finish_time >= last.first_token_time
+
+
+def test_abort_frees_pages(llama):
+    eng = _engine(llama, prefix=False)
+    free0 = eng.scheduler.pool.num_free
+    rid = eng.add_request(list(range(40)), GREEDY)
+    eng.step()
+    assert eng.scheduler.pool.num_free < free0
+    assert eng.abort(rid) and not eng.abort(rid)
+    assert eng.scheduler.pool.num_free == free0 and not eng.has_unfinished()
+
+
+@pytest.mark.parametrize("prompt, params, message", [
+    ("", None, "prompt is empty"),
+    ([1, 999], None, r"prompt token ids \[999\] are outside the vocabulary \[0, 300\)"),
+    ([1] * 90, SamplingParams(max_tokens=10), r"prompt \(90 tokens\) \+ max_tokens \(10\) exceeds max_model_len=96"),
+])
+def test_add_request_rejects_bad_input(llama, prompt, params, message):
+    eng = _engine(llama)
+    with pytest.raises(ValueError, match=message):
+        eng.add_request(prompt, params)
+    assert not eng.has_unfinished()
+
+
+def test_duplicate_request_id_is_rejected(llama):
+    eng = _engine(llama)
+    eng.add_request([1, 2], GREEDY, request_id="a")
+    with pytest.raises(ValueError, match="request_id='a' is already in use"):
+        eng.add_request([3], GREEDY, request_id="a")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("temperature", -0.5, "temperature=-0.5 must be >= 0"),
+    ("top_p", 0.0, r"top_p=0.0 must be in \(0, 1\]"),
+    ("top_p", 1.5, r"top_p=1.5 must be in \(0, 1\]"),
+    ("top_k", -1, "top_k=-1 must be >= 0"),
+    ("min_p", 2.0, r"min_p=2.0 must be in \[0, 1\]"),
+    ("max_tokens", 0, "max_tokens=0 must be > 0"),
+    ("seed", -3, r"seed=-3 must be in \[0, 2\*\*31\)"),
+    ("stop", ("",), "must not contain empty strings"),
+])
+def test_sampling_params_name_the_bad_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**{field: value})
