@@ -1,0 +1,120 @@
+"""Sampling filters, seeded reproducibility across batches, stop strings and UTF-8 streaming."""
+
+import numpy as np
+import pytest
+
+from jinfer.config import CacheConfig, SchedulerConfig
+from jinfer.detokenizer import IncrementalDetokenizer
+from jinfer.engine import Engine
+from jinfer.loader.hf import load_hf_model
+from jinfer.sampling import SamplingArrays, sample
+from jinfer.sampling_params import SamplingParams
+from jinfer.scheduling import ScheduledSeq
+from jinfer.tokenizer import Tokenizer, byte_level_tokenizer
+
+
+def _arrays(params_list, seeds, index=0):
+    seqs = [ScheduledSeq("r", (0,), 0, (), True, p, s, index) for p, s in zip(params_list, seeds)]
+    return SamplingArrays.from_seqs(seqs, len(seqs))
+
+
+def _draw(logits, params, n=200):
+    """n samples of one row of logits under params, each with a different seed."""
+    logits = np.tile(logits, (n, 1)).astype(np.float32)
+    ids, _ = sample(logits, _arrays([params] * n, range(n)))
+    return set(np.asarray(ids).tolist())
+
+
+LOGITS = np.log(np.array([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.02]))
+
+
+def test_top_k_only_emits_the_k_most_likely():
+    assert _draw(LOGITS, SamplingParams(temperature=1.0, top_k=2)) == {0, 1}
+
+
+def test_top_p_only_emits_the_nucleus():
+    # 0.4 + 0.25 = 0.65 < 0.7, so token 2 is needed to reach 0.7; token 3 never is.
+    assert _draw(LOGITS, SamplingParams(temperature=1.0, top_p=0.7)) == {0, 1, 2}
+
+
+def test_min_p_drops_tokens_below_the_threshold():
+    # min_p=0.3 -> keep p >= 0.12: tokens 0, 1, 2.
+    assert _draw(LOGITS, SamplingParams(temperature=1.0, min_p=0.3)) == {0, 1, 2}
+
+
+def test_unfiltered_sampling_reaches_the_tail_and_greedy_is_argmax():
+    assert len(_draw(LOGITS, SamplingParams(temperature=1.0), n=400)) >= 6
+    assert _draw(LOGITS, SamplingParams(temperature=0.0)) == {0}
+
+
+def test_logprobs_are_of_the_model_distribution():
+    ids, logprobs = sample(LOGITS[None].astype(np.float32), _arrays([SamplingParams(temperature=0)], [0]))
+    assert int(ids[0]) == 0 and abs(float(logprobs[0]) - np.log(0.4)) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def engine_parts(hf_checkpoints):
+    path = hf_checkpoints["qwen2"]
+    return load_hf_model(path), Tokenizer.from_dir(path)
+
+
+def _engine(parts):
+    return Engine(*parts, CacheConfig(page_size=4, num_pages=64),
+                  SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8, max_model_len=64))
+
+
+def test_same_seed_same_tokens_regardless_of_batch(engine_parts):
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=10, ignore_eos=True)
+    alone = _engine(engine_parts).generate([[5, 6, 7]], params)[0].token_ids
+    others = [SamplingParams(temperature=0.8, seed=s, max_tokens=10, ignore_eos=True) for s in (1, 2)]
+    batched = _engine(engine_parts).generate([[9, 9, 9, 9, 9], [5, 6, 7], [1]],
+                                             [others[0], params, others[1]])
+    assert batched[1].token_ids == alone
+    unseeded = SamplingParams(temperature=1.0, seed=99, max_tokens=10, ignore_eos=True)
+    assert _engine(engine_parts).generate([[5, 6, 7]], unseeded)[0].token_ids != alone
+
+
+def test_stop_string_cuts_text_and_finishes(engine_parts):
+    eng = _engine(engine_parts)
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    full = eng.generate(["ab"], greedy)[0]
+    stop = full.text[3:5]
+    assert len(stop) == 2 and stop not in full.text[:4]
+    out = eng.generate(["ab"], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=(stop,)))[0]
+    assert out.finish_reason == "stop" and out.text == full.text[:full.text.index(stop)]
+    assert full.text.startswith(out.text) and len(out.token_ids) < 12
+
+
+def test_stop_token_id_finishes(engine_parts):
+    eng = _engine(engine_parts)
+    full = eng.generate([[3, 4]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+    out = eng.generate([[3, 4]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
+                                                stop_token_ids=(full.token_ids[2],)))[0]
+    assert out.finish_reason == "stop" and out.token_ids == full.token_ids[:full.token_ids.index(full.token_ids[2]) + 1]
+
+
+def test_detokenizer_streams_multibyte_utf8_without_garbage():
+    tok = byte_level_tokenizer()
+    text = "héllo, 世界 🙂!"
+    ids = tok.encode(text, add_bos=False)  # byte tokens: multi-byte chars span several
+    detok = IncrementalDetokenizer(tok, [tok.bos_id])
+    pieces = []
+    for t in ids:
+        detok.append(t)
+        pieces.append(detok.delta(finished=False))
+    detok.flush()
+    pieces.append(detok.delta(finished=True))
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+
+
+def test_detokenizer_holds_back_possible_stop_prefix():
+    tok = byte_level_tokenizer()
+    detok = IncrementalDetokenizer(tok, [tok.bos_id], stop=("END",))
+    emitted = ""
+    for ch in "abcEN":
+        detok.append(tok.encode(ch, add_bos=False)[0])
+        assert not detok.find_stop()
+        emitted += detok.delta(finished=False)
+    assert emitted == "abc"  # "EN" may begin "END": held back
+    detok.append(tok.encode("D", add_bos=False)[0])
+    assert detok.find_stop() and emitted + detok.delta(finished=True) == "abc"
