@@ -1,4 +1,4 @@
-"""End-to-end greedy generation through the paged cache, against HF generate and via the CLI."""
+"""The minimal greedy loop against HF generate, and tools/generate.py end to end."""
 
 import json
 import os
@@ -45,12 +45,14 @@ def _run_generate(*args):
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
-def test_generate_tool_json_output(hf_checkpoints):
+def test_generate_tool_json_output(hf_checkpoints, tmp_path):
+    (tmp_path / "prompts.txt").write_text("ab\n\nc d\n")
     res = _run_generate(f"--model_path={hf_checkpoints['mistral']}", "--prompt=def f(x):",
-                        "--prompt=ab", "--max_tokens=5", "--json")
+                        f"--prompts_file={tmp_path / 'prompts.txt'}", "--max_tokens=5", "--json",
+                        "--temperature=0.7", "--top_k=20", "--seed=3", "--max_model_len=64")
     assert res.returncode == 0, res.stderr
     rows = [json.loads(line) for line in res.stdout.splitlines()]
-    assert [r["prompt"] for r in rows] == ["def f(x):", "ab"]
+    assert [r["prompt"] for r in rows] == ["def f(x):", "ab", "c d"]
     for r in rows:
         assert len(r["token_ids"]) == 5 and r["finish_reason"] == "length" and isinstance(r["text"], str)
 
@@ -63,3 +65,5 @@ def test_generate_tool_default_model_and_errors(tmp_path):
     assert res.returncode != 0 and "does not exist" in res.stderr
     res = _run_generate()
     assert res.returncode != 0 and "give at least one --prompt" in res.stderr
+    res = _run_generate("--prompt=x", "--top_p=1.5")
+    assert res.returncode != 0 and "top_p=1.5 must be in (0, 1]" in res.stderr

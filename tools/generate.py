@@ -1,4 +1,4 @@
-"""Greedy generation from the command line.
+"""Generation from the command line, through the continuous-batching engine.
 
   python tools/generate.py --model_path=/path/to/hf_checkpoint --prompt="def f(x):" --max_tokens=32
   python tools/generate.py --prompt="hello" --json     # no --model_path: tiny random-weight model
@@ -22,9 +22,17 @@ flags.DEFINE_string("model_path", "", "HF checkpoint directory (config.json, saf
 flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for a batch.")
 flags.DEFINE_string("prompts_file", "", "A file with one prompt per line (added after --prompt).")
 flags.DEFINE_integer("max_tokens", 32, "Tokens to generate per prompt.", lower_bound=1)
+flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 = greedy.")
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: keep tokens covering this probability mass.")
+flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens; 0 = all.")
+flags.DEFINE_float("min_p", 0.0, "Drop tokens below min_p × the most likely token's probability.")
+flags.DEFINE_integer("max_num_batched_tokens", 256, "Token budget of one engine step.")
+flags.DEFINE_integer("max_num_seqs", 32, "Sequences in one engine step.")
+flags.DEFINE_integer("max_model_len", 1024, "Longest prompt + output, in tokens.")
+flags.DEFINE_integer("num_pages", 0, "KV pages in the pool; 0 sizes it from device memory.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and activation dtype.")
 flags.DEFINE_integer("page_size", 16, "Tokens per KV-cache page.", lower_bound=1)
-flags.DEFINE_integer("seed", 0, "Seed for the default model's random weights and page shuffling.")
+flags.DEFINE_integer("seed", 0, "Sampling seed (also seeds the default model's random weights).")
 flags.DEFINE_bool("json", False, "Print one JSON object per completion (prompt, token_ids, text, "
                   "finish_reason) instead of text for a person.")
 
@@ -64,32 +72,33 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     prompts = _prompts()
-    from jinfer.greedy import greedy_generate
+    from jinfer.config import CacheConfig, SchedulerConfig
+    from jinfer.engine import Engine
+    from jinfer.sampling_params import SamplingParams
 
     t0 = time.perf_counter()
     try:
+        params = SamplingParams(temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k,
+                                min_p=FLAGS.min_p, seed=FLAGS.seed, max_tokens=FLAGS.max_tokens)
         model, tok = _load()
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    t1 = time.perf_counter()
-    encoded = [tok.encode(p) for p in prompts]
-    try:
-        outputs = greedy_generate(model, encoded, FLAGS.max_tokens, page_size=FLAGS.page_size,
-                                  eos_ids=tok.eos_ids, seed=FLAGS.seed)
+        engine = Engine(model, tok, CacheConfig(page_size=FLAGS.page_size, num_pages=FLAGS.num_pages or None),
+                        SchedulerConfig(max_num_batched_tokens=FLAGS.max_num_batched_tokens,
+                                        max_num_seqs=FLAGS.max_num_seqs, max_model_len=FLAGS.max_model_len))
+        t1 = time.perf_counter()
+        outputs = engine.generate(prompts, params)
     except ValueError as e:
         sys.exit(f"error: {e}")
     t2 = time.perf_counter()
-    for prompt, ids in zip(prompts, outputs):
-        finish = "stop" if ids and ids[-1] in tok.eos_ids else "length"
-        text = tok.decode(ids)
+    for prompt, out in zip(prompts, outputs):
         if FLAGS.json:
-            print(json.dumps({"prompt": prompt, "token_ids": ids, "text": text, "finish_reason": finish}))
+            print(json.dumps({"prompt": prompt, "token_ids": out.token_ids, "text": out.text,
+                              "finish_reason": out.finish_reason}))
         else:
-            print(f"--- {prompt!r}\n{prompt}{text}\n[{len(ids)} tokens, finish={finish}]")
+            print(f"--- {prompt!r}\n{prompt}{out.text}\n[{len(out.token_ids)} tokens, "
+                  f"finish={out.finish_reason}]")
     if not FLAGS.json:
-        n = sum(len(o) for o in outputs)
-        print(f"load {t1 - t0:.2f}s; generate {t2 - t1:.2f}s for {n} tokens "
-              f"(includes compilation)")
+        n = sum(len(o.token_ids) for o in outputs)
+        print(f"load {t1 - t0:.2f}s; generate {t2 - t1:.2f}s for {n} tokens (includes compilation)")
 
 
 if __name__ == "__main__":
