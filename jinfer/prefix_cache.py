@@ -97,9 +97,6 @@ class PrefixCache:
             node = child
         return node
 
-    def evictable_pages(self) -> int:
-        return sum(1 for n in self._nodes() if n.lock_ref == 0)
-
     def _nodes(self):
         stack = list(self.root.children.values())
         while stack:

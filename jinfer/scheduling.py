@@ -69,8 +69,9 @@ class Scheduler:
     def free(self, req: Request) -> None:
         """Returns a finished/aborted/preempted request's pages (indexing full ones first)."""
         if self.prefix_cache is not None:
-            self._cache_computed(req)
-            self.prefix_cache.unlock(req.cache_node)
+            self.prefix_cache.insert(req.all_ids[:req.num_computed_tokens], req.pages)
+            if req.cache_node is not None:
+                self.prefix_cache.unlock(req.cache_node)
             req.cache_node = None
         self.pool.decref(req.pages)
         req.pages = []
