@@ -20,11 +20,15 @@ from jinfer.scheduling import Scheduler, SchedulingPolicy, StepPlan
 DEFAULT_COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jinfer", "xla")
 
 
-def enable_compilation_cache(path: str = DEFAULT_COMPILATION_CACHE) -> None:
-    """JAX's persistent compilation cache: restarts reuse compiled step buckets."""
+def enable_compilation_cache(path: str = DEFAULT_COMPILATION_CACHE, min_compile_secs: float = 0.5) -> None:
+    """JAX's persistent compilation cache: restarts reuse compiled step buckets.
+
+    Programs that compile faster than min_compile_secs are not written (not worth the disk).
+    """
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_secs)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 class Engine:
@@ -32,21 +36,28 @@ class Engine:
 
     add_request() queues work; each step() schedules one batch, runs it and returns the
     requests' new tokens and text; generate() loops step() until a batch of prompts finishes.
+
+    With async_scheduling (the default) step() dispatches step N+1 before reading step N's
+    tokens, so the host's scheduling, array building and detokenizing overlap the device's
+    work. Outputs then arrive one step() call later, and a request that stops on EOS or a
+    stop string computes one token that is thrown away; tokens are the same either way.
     """
 
     def __init__(self, model, tokenizer, cache_config: CacheConfig = CacheConfig(),
                  scheduler_config: SchedulerConfig = SchedulerConfig(),
                  policy: SchedulingPolicy | None = None, *, warmup: bool = False,
-                 compilation_cache: str | None = None):
+                 compilation_cache: str | None = None, async_scheduling: bool = True):
         if compilation_cache:
             enable_compilation_cache(compilation_cache)
         self.tokenizer = tokenizer
         self.model_config = model.config
         self.sched_cfg = scheduler_config
+        self.async_scheduling = async_scheduling
         self.runner = ModelRunner(model, cache_config, scheduler_config)
         self.scheduler = Scheduler(cache_config, scheduler_config, self.runner.num_pages, policy)
-        self.requests: dict[str, Request] = {}
-        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._groups: dict[str, list[Request]] = {}  # public id -> its samples still running
+        self._detok: dict[str, IncrementalDetokenizer] = {}  # per sample (Request.request_id)
+        self._inflight = None  # (plan, its Request objects, runner handle) not yet read back
         self._arrivals = itertools.count()
         self._seed_rng = random.Random(0)
         self.eos_ids = set(tokenizer.eos_ids) | set(model.config.eos_token_ids)
@@ -57,7 +68,7 @@ class Engine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, priority: int = 0) -> str:
-        """Queues a request; raises ValueError naming the bad value. Returns its id."""
+        """Queues a request (params.n samples); raises ValueError naming the bad value."""
         params = params or SamplingParams()
         if isinstance(prompt, str) and not prompt:
             raise ValueError("prompt is empty")
@@ -76,74 +87,102 @@ class Engine:
             raise ValueError(f"prompt + max_tokens = {len(ids) + params.max_tokens} tokens cannot fit "
                              f"in the KV pool ({self.runner.num_pages} pages)")
         request_id = request_id or uuid.uuid4().hex
-        if request_id in self.requests:
-            raise ValueError(f"request_id={request_id!r} is already in use")
+        if request_id in self._groups or "/" in request_id:
+            raise ValueError(f"request_id={request_id!r} is already in use or contains '/'")
         seed = params.seed if params.seed is not None else self._seed_rng.randrange(2**31)
-        req = Request(request_id, ids, params, seed, time.monotonic(), next(self._arrivals),
-                      priority=priority)
-        self.requests[request_id] = req
-        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
-        self.scheduler.add(req)
+        arrival, index = time.monotonic(), next(self._arrivals)
+        samples = [Request(request_id if i == 0 else f"{request_id}/{i}", list(ids), params, seed,
+                           arrival, index, priority=priority, sample_group=i)
+                   for i in range(params.n)]
+        for req in samples:
+            self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
+        self._groups[request_id] = samples
+        # The first sample computes the prompt; the scheduler starts the others on its pages.
+        samples[0].followers = samples[1:]
+        self.scheduler.add(samples[0])
         return request_id
 
     def abort(self, request_id: str) -> bool:
-        """Stops a request and frees its pages; False if it is unknown or already finished."""
-        req = self.requests.pop(request_id, None)
-        if req is None:
+        """Stops all samples of a request and frees their pages; False if unknown or finished."""
+        samples = self._groups.pop(request_id, None)
+        if samples is None:
             return False
-        self._detok.pop(request_id, None)
-        self.scheduler.finish(req)
-        req.status, req.finish_reason = Status.FINISHED, "abort"
+        for req in samples:
+            self._detok.pop(req.request_id, None)
+            self.scheduler.finish(req)
+            req.status, req.finish_reason = Status.FINISHED, "abort"
         return True
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests)
+        return bool(self._groups)
 
     def step(self) -> list[RequestOutput]:
+        """Schedules and dispatches one step; returns what the previous one (async) or this
+        one (sync) produced."""
         plan = self.scheduler.schedule()
-        if not plan.seqs:
-            return []
-        tokens, logprobs = self.runner.execute(plan)
-        return self._postprocess(plan, tokens, logprobs)
+        launched = None
+        if plan.seqs:
+            reqs = [self._sample(seq.request_id) for seq in plan.seqs]
+            launched = (plan, reqs, self.runner.dispatch(plan))
+        done, self._inflight = self._inflight, launched
+        outputs = self._postprocess(*done) if done else []
+        if not self.async_scheduling and self._inflight:
+            done, self._inflight = self._inflight, None
+            outputs += self._postprocess(*done)
+        return outputs
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  ) -> list[RequestOutput]:
-        """Runs prompts to completion; returns each one's final output, in prompt order."""
+        """Runs prompts to completion; returns the final outputs in prompt order (n per prompt,
+        by sample index)."""
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
-        final: dict[str, RequestOutput] = {}
-        while any(i not in final for i in ids):
+        want = {(i, k) for i, sp in zip(ids, params) for k in range((sp or SamplingParams()).n)}
+        final: dict[tuple[str, int], RequestOutput] = {}
+        while len(final) < len(want):
             for out in self.step():
-                if out.finished:
-                    final[out.request_id] = out
-        return [final[i] for i in ids]
+                if out.finished and (out.request_id, out.index) in want:
+                    final[(out.request_id, out.index)] = out
+        return [final[key] for key in sorted(want, key=lambda k: (ids.index(k[0]), k[1]))]
 
     # -- after the device step -----------------------------------------------------------------
 
-    def _postprocess(self, plan: StepPlan, tokens, logprobs) -> list[RequestOutput]:
+    def _sample(self, sample_id: str) -> Request:
+        public, _, index = sample_id.partition("/")
+        return self._groups[public][int(index or 0)]
+
+    def _live(self, req: Request) -> bool:
+        """Not finished or aborted since its step was dispatched (ids may be reused later)."""
+        public = req.request_id.partition("/")[0]
+        samples = self._groups.get(public)
+        return (samples is not None and req.status is not Status.FINISHED
+                and samples[req.sample_group] is req)
+
+    def _postprocess(self, plan: StepPlan, reqs: list[Request], handle) -> list[RequestOutput]:
+        tokens, logprobs = self.runner.fetch(handle)
         now = time.monotonic()
         outputs = []
-        for seq, token, logprob in zip(plan.seqs, tokens, logprobs):
-            req = self.requests[seq.request_id]
-            req.num_computed_tokens += len(seq.token_ids)
-            if not seq.sample:
+        for seq, req, token, logprob in zip(plan.seqs, reqs, tokens, logprobs):
+            if not seq.sample or not self._live(req):
                 continue
+            self.scheduler.append_token(req, int(token))
             if len(seq.token_ids) > 1:
                 self.scheduler.on_prefill_done(req)
-            token = int(token)
-            req.output_ids.append(token)
             req.output_logprobs.append(float(logprob))
             if req.first_token_time is None:
                 req.first_token_time = now
             detok = self._detok[req.request_id]
-            detok.append(token)
-            reason = self._finish_reason(req, token, detok)
+            detok.append(int(token))
+            reason = self._finish_reason(req, int(token), detok)
             if reason:
                 req.status, req.finish_reason, req.finish_time = Status.FINISHED, reason, now
                 self.scheduler.finish(req)
-                del self.requests[req.request_id], self._detok[req.request_id]
+                del self._detok[req.request_id]
+                public = req.request_id.partition("/")[0]
+                if all(r.status is Status.FINISHED for r in self._groups[public]):
+                    del self._groups[public]
             outputs.append(self._output(req, detok, n_new=1))
         return outputs
 
@@ -152,7 +191,7 @@ class Engine:
             return "stop"  # text already cut before the stop string; nothing pending is emitted
         p = req.params
         eos = (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids
-        length = len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.sched_cfg.max_model_len
+        length = len(req.output_ids) >= p.max_tokens or len(req.all_ids) >= self.sched_cfg.max_model_len
         if not (eos or length):
             return None
         detok.flush()
@@ -164,7 +203,7 @@ class Engine:
         finished = req.status is Status.FINISHED
         new_ids = req.output_ids[-n_new:]
         return RequestOutput(
-            request_id=req.request_id, new_token_ids=new_ids, new_text=detok.delta(finished),
+            request_id=req.request_id.partition("/")[0], index=req.sample_group, new_token_ids=new_ids, new_text=detok.delta(finished),
             new_logprobs=req.output_logprobs[-n_new:] if req.params.logprobs else None,
             token_ids=list(req.output_ids), text=detok.text[:detok.emitted], finished=finished,
             finish_reason=req.finish_reason,

@@ -18,7 +18,7 @@ class Status(enum.Enum):
 class Request:
     """One sequence being generated. Only the scheduler and engine touch it; the runner never."""
 
-    request_id: str
+    request_id: str  # unique per sample: "<id>" for the first, "<id>/<i>" for the others
     prompt_ids: list[int]
     params: SamplingParams
     seed: int  # params.seed, or one drawn at admission
@@ -26,7 +26,8 @@ class Request:
     arrival_index: int  # FCFS tie-break
     output_ids: list[int] = dataclasses.field(default_factory=list)
     output_logprobs: list[float] = dataclasses.field(default_factory=list)
-    num_computed_tokens: int = 0  # tokens whose K/V sit in this request's pages
+    num_computed_tokens: int = 0  # tokens whose K/V sit in (or are being written to) its pages
+    num_pending: int = 0  # tokens sampled by dispatched steps whose ids the host has not read yet
     pages: list[int] = dataclasses.field(default_factory=list)
     cache_node: object = None  # deepest prefix-cache node this request holds a lock on
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
@@ -36,11 +37,18 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     priority: int = 0  # policy hint (SLO tier etc.); lower runs first
+    sample_group: int = 0  # which of the prompt's n samples this is (keys its random stream)
+    followers: list["Request"] = dataclasses.field(default_factory=list)
+    """The prompt's other samples: held until this one has computed the shared prompt pages."""
 
     @property
     def num_tokens(self) -> int:
-        """Target: every prompt and output token must be computed before the next sample."""
-        return len(self.prompt_ids) + len(self.output_ids)
+        """Target: every prompt and output token (pending ones too) computed before the next sample."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_pending
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_ids) + self.num_pending
 
     @property
     def all_ids(self) -> list[int]:
@@ -56,9 +64,10 @@ class Usage:
 
 @dataclasses.dataclass(frozen=True)
 class RequestOutput:
-    """What one step produced for one request (deltas), plus its running totals."""
+    """What one step produced for one sample of a request (deltas), plus its running totals."""
 
     request_id: str
+    index: int  # which of the request's n samples
     new_token_ids: list[int]
     new_text: str
     new_logprobs: list[float] | None

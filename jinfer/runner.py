@@ -15,7 +15,7 @@ from jinfer.attention import AttentionMetadata
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.kv_cache import KVCache
 from jinfer.sampling import SamplingArrays, sample
-from jinfer.scheduling import StepPlan
+from jinfer.scheduling import PENDING, StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,14 @@ class ModelRunner:
         dtype = model.embed.get_value().dtype
         self.num_pages = num_pages_for(self.config, cache_cfg, dtype)
         self.kv = KVCache.create(self.config, self.num_pages, self.page_size, dtype=dtype)
-        self._step = jax.jit(functools.partial(_step, self.graphdef), donate_argnums=(1,))
+        self.max_num_seqs = sched_cfg.max_num_seqs
+        self._step = jax.jit(functools.partial(_step, self.graphdef, self.max_num_seqs),
+                             donate_argnums=(1,))
         self._compiled: dict[tuple[int, int], object] = {}
+        # The last dispatched step's sampled ids (on device) and which row each request got:
+        # PENDING tokens in the next plan are read from here without a host round trip.
+        self._prev_tokens = jnp.zeros(self.max_num_seqs, jnp.int32)
+        self._prev_rows: dict[str, int] = {}
 
     def _bucket_pairs(self):
         return [(t, s) for t in self.token_buckets for s in self.seq_buckets if s <= t]
@@ -72,14 +78,15 @@ class ModelRunner:
         for t, s in self._bucket_pairs():
             if (t, s) not in self._compiled:
                 args = self._empty_inputs(t, s)
-                self._compiled[(t, s)] = self._step.lower(self.state, self.kv, *args).compile()
+                self._compiled[(t, s)] = self._step.lower(
+                    self.state, self.kv, self._prev_tokens, *args).compile()
         log.info("compiled %d step buckets", len(self._compiled))
 
     def _empty_inputs(self, t: int, s: int):
         md = AttentionMetadata(np.zeros(s + 1, np.int32), np.zeros(s, np.int32),
                                np.zeros((s, self.pages_per_seq), np.int32), np.zeros(1, np.int32))
-        return (np.zeros(t, np.int32), np.zeros(t, np.int32), md, np.zeros(s, np.int32),
-                SamplingArrays.from_seqs([], s))
+        return (np.zeros(t, np.int32), np.full(t, -1, np.int32), np.zeros(t, np.int32), md,
+                np.zeros(s, np.int32), SamplingArrays.from_seqs([], s))
 
     def prepare(self, plan: StepPlan):
         """Host-side: the plan as padded numpy arrays for its bucket."""
@@ -87,6 +94,7 @@ class ModelRunner:
         t = pick_bucket(plan.num_tokens, self.token_buckets)
         s = pick_bucket(len(seqs), self.seq_buckets)
         ids = np.zeros(t, np.int32)
+        feed = np.full(t, -1, np.int32)  # row of the previous step's output to take the id from
         pos = np.zeros(t, np.int32)
         cu = np.zeros(s + 1, np.int32)
         kv_lens = np.zeros(s, np.int32)
@@ -95,6 +103,8 @@ class ModelRunner:
         for i, seq in enumerate(seqs):
             n = len(seq.token_ids)
             ids[at:at + n] = seq.token_ids
+            if seq.token_ids[-1] == PENDING:
+                feed[at + n - 1] = self._prev_rows[seq.request_id]
             pos[at:at + n] = np.arange(seq.start_pos, seq.start_pos + n)
             at += n
             cu[i + 1] = at
@@ -104,18 +114,34 @@ class ModelRunner:
         logits_idx = np.zeros(s, np.int32)
         logits_idx[:len(seqs)] = cu[1:len(seqs) + 1] - 1
         md = AttentionMetadata(cu, kv_lens, table, np.array([len(seqs)], np.int32))
-        return (t, s), (ids, pos, md, logits_idx, SamplingArrays.from_seqs(seqs, s))
+        return (t, s), (ids, feed, pos, md, logits_idx, SamplingArrays.from_seqs(seqs, s))
 
-    def execute(self, plan: StepPlan) -> tuple[np.ndarray, np.ndarray]:
-        """Runs the plan; returns (token ids, logprobs) per scheduled sequence, in plan order."""
+    def dispatch(self, plan: StepPlan):
+        """Enqueues the plan's step on the device and returns at once (JAX async dispatch).
+
+        The result is a handle for fetch(); the next plan may already use this one's samples.
+        """
         key, args = self.prepare(plan)
         fn = self._compiled.get(key, self._step)
-        ids, logprobs, self.kv = fn(self.state, self.kv, *args)
-        n = len(plan.seqs)
-        return np.asarray(ids)[:n], np.asarray(logprobs)[:n]
+        tokens, logprobs, self.kv = fn(self.state, self.kv, self._prev_tokens, *args)
+        self._prev_tokens = tokens
+        self._prev_rows = {seq.request_id: i for i, seq in enumerate(plan.seqs) if seq.sample}
+        return tokens, logprobs, len(plan.seqs)
+
+    @staticmethod
+    def fetch(handle) -> tuple[np.ndarray, np.ndarray]:
+        """Waits for a dispatched step; (token ids, logprobs) per scheduled sequence, in plan order."""
+        tokens, logprobs, n = handle
+        return np.asarray(tokens)[:n], np.asarray(logprobs)[:n]
+
+    def execute(self, plan: StepPlan) -> tuple[np.ndarray, np.ndarray]:
+        """dispatch + fetch."""
+        return self.fetch(self.dispatch(plan))
 
 
-def _step(graphdef, state, kv, ids, pos, md, logits_idx, samp):
+def _step(graphdef, max_num_seqs, state, kv, prev_tokens, ids, feed, pos, md, logits_idx, samp):
+    ids = jnp.where(feed >= 0, prev_tokens[jnp.maximum(feed, 0)], ids)
     logits, kv = nnx.merge(graphdef, state)(ids, pos, kv, md, logits_idx)
     tokens, logprobs = sample(logits, samp)
-    return tokens, logprobs, kv
+    pad = max_num_seqs - tokens.shape[0]  # fixed shape: the next step takes these as prev_tokens
+    return jnp.pad(tokens, (0, pad)), jnp.pad(logprobs, (0, pad)), kv

@@ -19,6 +19,7 @@ class SamplingArrays:
     top_p: jax.Array  # f32[S]
     min_p: jax.Array  # f32[S]
     seed: jax.Array  # u32[S]
+    group: jax.Array  # i32[S], which of its prompt's n samples
     index: jax.Array  # i32[S], which output token of its request this is
 
     @classmethod
@@ -32,13 +33,14 @@ class SamplingArrays:
                    col(lambda s: s.params.top_p, np.float32, 1.0),
                    col(lambda s: s.params.min_p, np.float32, 0.0),
                    col(lambda s: s.seed, np.uint32, 0),
+                   col(lambda s: s.sample_group, np.int32, 0),
                    col(lambda s: s.sample_index, np.int32, 0))
 
 
 def sample(logits: jax.Array, p: SamplingArrays) -> tuple[jax.Array, jax.Array]:
     """Picks one token per row of logits (f32[S, V]); returns (ids i32[S], logprobs f32[S]).
 
-    Randomness is keyed by (seed, output index) alone, so a seeded request samples the same
+    Randomness is keyed by (seed, sample group, output index) alone, so a seeded request samples the same
     tokens whatever else shares its batch, and again after preemption. Filters apply in the
     order top-k, top-p, min-p to the temperature-scaled distribution; logprobs are of the
     model's unscaled distribution.
@@ -58,11 +60,11 @@ def sample(logits: jax.Array, p: SamplingArrays) -> tuple[jax.Array, jax.Array]:
     keep &= sorted_probs >= p.min_p[:, None] * sorted_probs[:, :1]
     masked = jnp.where(keep, sorted_logits, -jnp.inf)
 
-    def draw(seed, index, row):
-        key = jax.random.fold_in(jax.random.key(seed), index)
+    def draw(seed, group, index, row):
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), group), index)
         return jax.random.categorical(key, row)
 
-    choice = jax.vmap(draw)(p.seed, p.index, masked)
+    choice = jax.vmap(draw)(p.seed, p.group, p.index, masked)
     sampled_ids = jnp.take_along_axis(sorted_ids, choice[:, None], axis=-1)[:, 0]
     ids = jnp.where(p.temperature == 0, greedy_ids, sampled_ids).astype(jnp.int32)
     return ids, jnp.take_along_axis(logprobs_all, ids[:, None], axis=-1)[:, 0]

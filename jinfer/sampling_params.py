@@ -29,6 +29,8 @@ class SamplingParams:
     """Keep generating past the model's EOS ids."""
     logprobs: bool = False
     """Return the log-probability of each sampled token."""
+    n: int = 1
+    """Independent samples of the prompt; they share the prompt's KV pages."""
 
     def __post_init__(self):
         if not self.temperature >= 0:
@@ -39,6 +41,8 @@ class SamplingParams:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p={self.min_p} must be in [0, 1]")
+        if self.n <= 0:
+            raise ValueError(f"n={self.n} must be > 0")
         if self.max_tokens <= 0:
             raise ValueError(f"max_tokens={self.max_tokens} must be > 0")
         if self.seed is not None and not 0 <= self.seed < 2**31:

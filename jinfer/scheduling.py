@@ -11,6 +11,10 @@ from jinfer.prefix_cache import PrefixCache
 from jinfer.request import Request, Status
 from jinfer.sampling_params import SamplingParams
 
+PENDING = -1
+"""Stands in a plan for a token sampled by the previous step that the host has not read yet;
+the runner feeds the real id from device memory."""
+
 
 class SchedulingPolicy(Protocol):
     """Orders requests; the scheduler admits and keeps them in this order."""
@@ -29,13 +33,14 @@ class ScheduledSeq:
     """One sequence's share of a step: compute `token_ids` at positions start_pos, start_pos+1, ..."""
 
     request_id: str
-    token_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]  # may end with PENDING (the previous step's sample)
     start_pos: int
     pages: tuple[int, ...]  # the request's page table after allocation
     sample: bool  # the step reaches the request's last token: sample the next one
     params: SamplingParams
     seed: int
-    sample_index: int  # len(output_ids): keys the per-token random stream
+    sample_group: int  # which of the prompt's n samples: keys the random stream with seed
+    sample_index: int  # output tokens before this one: keys the per-token random stream
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +71,12 @@ class Scheduler:
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
+    def append_token(self, req: Request, token: int) -> None:
+        """The host has read one of the request's pending tokens (oldest first)."""
+        assert req.num_pending > 0, f"{req.request_id} has no pending token"
+        req.num_pending -= 1
+        req.output_ids.append(token)
+
     def free(self, req: Request) -> None:
         """Returns a finished/aborted/preempted request's pages (indexing full ones first)."""
         if self.prefix_cache is not None:
@@ -87,11 +98,30 @@ class Scheduler:
 
     def on_prefill_done(self, req: Request) -> None:
         """Shares the prompt's pages with requests that arrive while this one decodes."""
-        if self.prefix_cache is not None:
+        if self.prefix_cache is not None and req.status is Status.RUNNING:
             self._cache_computed(req)
 
+    @staticmethod
+    def shared_prompt_len(req: Request, page_size: int) -> int:
+        """Prompt tokens in full pages that every sample of the prompt computes identically."""
+        return (len(req.prompt_ids) - 1) // page_size * page_size
+
+    def _fork(self, leader: Request) -> None:
+        """Starts the prompt's other samples on the leader's full prompt pages (refcounted).
+
+        Each follower computes only the prompt's tail (less than a page, plus the last token)
+        itself, so no page is ever written by two requests.
+        """
+        shared = self.shared_prompt_len(leader, self.page_size)
+        pages = leader.pages[:shared // self.page_size]
+        for f in leader.followers:
+            self.pool.incref(pages)
+            f.pages, f.num_computed_tokens = list(pages), shared
+            self.waiting.append(f)
+        leader.followers = []
+
     def _match_prefix(self, req: Request) -> None:
-        if self.prefix_cache is None:
+        if self.prefix_cache is None or req.pages:  # a forked sample already holds its pages
             return
         pages, node = self.prefix_cache.match(req.all_ids)
         # Leave at least the last token to compute: its logits give the next token, and the
@@ -106,6 +136,8 @@ class Scheduler:
         req.num_computed_tokens = len(pages) * self.page_size
 
     def _unmatch(self, req: Request) -> None:
+        if req.cache_node is None and req.pages:  # a forked sample keeps its shared pages
+            return
         if self.prefix_cache is not None and req.cache_node is not None:
             self.prefix_cache.unlock(req.cache_node)
             req.cache_node = None
@@ -113,13 +145,20 @@ class Scheduler:
         req.pages, req.num_computed_tokens = [], 0
 
     def _ensure_pages(self, req: Request, num_tokens: int) -> bool:
+        """Gives req pages for num_tokens: free ones first, then evicted prefix-cache pages,
+        then pages that waiting forked samples hold (they restart from the prefix cache)."""
         need = -(-num_tokens // self.page_size) - len(req.pages)
         if need <= 0:
             return True
-        if need > self.pool.num_free and self.prefix_cache is not None:
-            self.prefix_cache.evict(need - self.pool.num_free)
-        if need > self.pool.num_free:
-            return False
+        while need > self.pool.num_free:
+            if self.prefix_cache is not None and self.prefix_cache.evict(need - self.pool.num_free):
+                continue
+            holders = [w for w in self.waiting if w.pages and w is not req]
+            if not holders:
+                return False
+            victim = max(holders, key=self.policy.priority)
+            self.free(victim)
+            victim.num_computed_tokens = 0
         req.pages += self.pool.allocate(need)
         return True
 
@@ -147,6 +186,8 @@ class Scheduler:
         for req in list(self.running):
             if req.status is not Status.RUNNING or len(seqs) == self.cfg.max_num_seqs or budget == 0:
                 continue
+            if self._done_sampling(req):
+                continue  # its last token is pending; the engine finishes it when read
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self._ensure_pages(req, req.num_computed_tokens + n):
                 victim = self.running[-1]
@@ -160,8 +201,11 @@ class Scheduler:
             budget -= n
 
         self.waiting.sort(key=self.policy.priority)
-        while self.waiting and budget > 0 and len(seqs) < self.cfg.max_num_seqs:
-            req = self.waiting[0]
+        for req in list(self.waiting):
+            if budget == 0 or len(seqs) == self.cfg.max_num_seqs:
+                break
+            if self._done_sampling(req):
+                continue  # preempted with its last token pending: finishes when that is read
             self._match_prefix(req)
             first_admission = req.num_preemptions == 0
             n = min(req.num_tokens - req.num_computed_tokens, budget)
@@ -170,24 +214,42 @@ class Scheduler:
                 break
             if first_admission:
                 req.num_cached_prompt_tokens = req.num_computed_tokens
-            self.waiting.pop(0)
+            self.waiting.remove(req)
             req.status = Status.RUNNING
             self.running.append(req)
             seqs.append(self._plan(req, n))
             budget -= n
+
+        shared = lambda r: self.shared_prompt_len(r, self.page_size)
+        for req in self.running:
+            if req.followers and req.num_computed_tokens >= shared(req):
+                self._fork(req)  # followers join from the next step, after these pages are written
         return StepPlan(tuple(seqs), tuple(preempted))
 
+    def _done_sampling(self, req: Request) -> bool:
+        return (req.num_output_tokens >= req.params.max_tokens
+                or req.num_tokens >= self.cfg.max_model_len)
+
     def _plan(self, req: Request, n: int) -> ScheduledSeq:
+        """Plans n tokens of req and counts them computed (the step will write them)."""
         start = req.num_computed_tokens
-        return ScheduledSeq(
-            request_id=req.request_id, token_ids=tuple(req.all_ids[start:start + n]), start_pos=start,
-            pages=tuple(req.pages), sample=start + n == req.num_tokens, params=req.params,
-            seed=req.seed, sample_index=len(req.output_ids))
+        known = req.all_ids[start:start + n]
+        token_ids = tuple(known) + (PENDING,) * (n - len(known))
+        sample = start + n == req.num_tokens
+        seq = ScheduledSeq(
+            request_id=req.request_id, token_ids=token_ids, start_pos=start,
+            pages=tuple(req.pages), sample=sample, params=req.params, seed=req.seed,
+            sample_group=req.sample_group, sample_index=req.num_output_tokens)
+        req.num_computed_tokens += n
+        req.num_pending += sample
+        return seq
 
     def finish(self, req: Request) -> None:
+        """Releases a finished or aborted request (and any of its samples still held back)."""
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
         self.free(req)
+        req.followers = []
 

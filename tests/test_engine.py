@@ -1,5 +1,7 @@
 """Engine: greedy parity with HF, invariance to caching/chunking/preemption/arrival, API errors."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -20,11 +22,12 @@ def llama(hf_checkpoints):
     return path, load_hf_model(path), Tokenizer.from_dir(path)
 
 
-def _engine(llama, *, page_size=4, num_pages=96, budget=64, max_seqs=8, prefix=True):
+def _engine(llama, *, page_size=4, num_pages=96, budget=64, max_seqs=8, prefix=True, pipelined=True):
     _, model, tok = llama
     return Engine(model, tok, CacheConfig(page_size=page_size, num_pages=num_pages,
                                           enable_prefix_cache=prefix),
-                  SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, max_model_len=96))
+                  SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, max_model_len=96),
+                  async_scheduling=pipelined)
 
 
 def _prompts(seed=0, lengths=(9, 3, 17, 30, 5)):
@@ -72,9 +75,10 @@ def test_greedy_invariant_to_prefix_cache_and_chunk_size(llama, reference, prefi
     assert (cached > 0) == prefix
 
 
-def test_greedy_invariant_to_forced_preemption(llama, reference):
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_greedy_invariant_to_forced_preemption(llama, reference, pipelined):
     # 20 pages of 4 tokens cannot hold all five requests at once: some are preempted and recomputed.
-    eng = _engine(llama, num_pages=20, budget=32)
+    eng = _engine(llama, num_pages=20, budget=32, pipelined=pipelined)
     preempted = []
     orig = eng.scheduler._preempt
     eng.scheduler._preempt = lambda req: (preempted.append(req.request_id), orig(req))
@@ -154,7 +158,63 @@ def test_duplicate_request_id_is_rejected(llama):
     ("max_tokens", 0, "max_tokens=0 must be > 0"),
     ("seed", -3, r"seed=-3 must be in \[0, 2\*\*31\)"),
     ("stop", ("",), "must not contain empty strings"),
+    ("n", 0, "n=0 must be > 0"),
 ])
 def test_sampling_params_name_the_bad_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**{field: value})
+
+
+SAMPLED = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=10, ignore_eos=True, seed=7)
+
+
+def test_async_scheduling_changes_no_token(llama):
+    """Sampled, stopped early and preempted requests: the pipelined engine matches the plain one."""
+    params = [SAMPLED, GREEDY, SamplingParams(temperature=0.8, seed=3, max_tokens=12, stop_token_ids=(5, 77)),
+              dataclasses.replace(SAMPLED, seed=11), GREEDY]
+    runs = [_engine(llama, num_pages=20, budget=32, pipelined=p).generate(_prompts(), params)
+            for p in (True, False)]
+    assert _tokens(runs[0]) == _tokens(runs[1])
+    assert [o.finish_reason for o in runs[0]] == [o.finish_reason for o in runs[1]]
+
+
+def test_n_samples_share_the_prompt_pages(llama, reference):
+    eng = _engine(llama, prefix=False)
+    prompt = _prompts()[3]  # 42 tokens: 10 full pages of 4 are shared, the tail is per sample
+    rid = eng.add_request(prompt, dataclasses.replace(GREEDY, n=3))
+    for _ in range(4):
+        eng.step()
+    samples = eng._groups[rid]
+    shared = samples[0].pages[:10]
+    assert all(s.pages[:10] == shared for s in samples)
+    assert len({p for s in samples for p in s.pages[10:]}) == sum(len(s.pages) - 10 for s in samples)
+    assert all(eng.scheduler.pool.refcount(p) == 3 for p in shared)
+    outs = []
+    while eng.has_unfinished():
+        outs += [o for o in eng.step() if o.finished]
+    assert sorted(o.index for o in outs) == [0, 1, 2]
+    assert all(o.request_id == rid and o.token_ids == reference[3] for o in outs)  # greedy: all equal HF
+    assert {o.usage.cached_prompt_tokens for o in outs} == {0, 40}
+    assert eng.scheduler.pool.num_free == eng.runner.num_pages
+
+
+def test_n_samples_are_independent_and_seeded(llama):
+    eng = _engine(llama)
+    outs = eng.generate([_prompts()[1]], dataclasses.replace(SAMPLED, n=4))
+    assert [o.index for o in outs] == [0, 1, 2, 3]
+    assert len({tuple(o.token_ids) for o in outs}) == 4
+    # The first sample is the n=1 request with the same seed; the others are new streams.
+    single = eng.generate([_prompts()[1]], SAMPLED)[0]
+    assert outs[0].token_ids == single.token_ids
+    again = eng.generate([_prompts()[1]], dataclasses.replace(SAMPLED, n=4))
+    assert _tokens(again) == _tokens(outs)
+
+
+def test_abort_stops_every_sample(llama):
+    eng = _engine(llama, prefix=False)
+    rid = eng.add_request(_prompts()[3], dataclasses.replace(GREEDY, n=3))
+    for _ in range(3):
+        eng.step()
+    assert eng.abort(rid) and not eng.has_unfinished()
+    eng.step()  # reads back the step in flight; nothing is emitted for aborted samples
+    assert eng.scheduler.pool.num_free == eng.runner.num_pages

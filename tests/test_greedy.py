@@ -49,10 +49,11 @@ def test_generate_tool_json_output(hf_checkpoints, tmp_path):
     (tmp_path / "prompts.txt").write_text("ab\n\nc d\n")
     res = _run_generate(f"--model_path={hf_checkpoints['mistral']}", "--prompt=def f(x):",
                         f"--prompts_file={tmp_path / 'prompts.txt'}", "--max_tokens=5", "--json",
-                        "--temperature=0.7", "--top_k=20", "--seed=3", "--max_model_len=64")
+                        "--temperature=0.7", "--top_k=20", "--seed=3", "--max_model_len=64", "--n=2")
     assert res.returncode == 0, res.stderr
     rows = [json.loads(line) for line in res.stdout.splitlines()]
-    assert [r["prompt"] for r in rows] == ["def f(x):", "ab", "c d"]
+    assert [(r["prompt"], r["index"]) for r in rows] == [
+        ("def f(x):", 0), ("def f(x):", 1), ("ab", 0), ("ab", 1), ("c d", 0), ("c d", 1)]
     for r in rows:
         assert len(r["token_ids"]) == 5 and r["finish_reason"] == "length" and isinstance(r["text"], str)
 

@@ -13,7 +13,7 @@ from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import Scheduler
 
 PAGE = 4
-NUM_PAGES = 24
+NUM_PAGES = 12
 
 
 def _check_invariants(s: Scheduler):
@@ -31,56 +31,94 @@ def _check_invariants(s: Scheduler):
     assert s.pool.num_free == expected.count(0)
 
 
-def _fake_step(s: Scheduler, rng):
-    """Mechanism-only step: what Engine._postprocess does, with random tokens in place of a model."""
-    plan = s.schedule()
-    by_id = {r.request_id: r for r in s.running}
-    for seq in plan.seqs:
-        req = by_id[seq.request_id]
-        req.num_computed_tokens += len(seq.token_ids)
-        if seq.sample:
+class FakeEngine:
+    """What Engine does around the scheduler, with random tokens in place of a model.
+
+    In async mode a step's samples are read back only after the next step is scheduled, as in
+    Engine with async_scheduling, so plans carry PENDING tokens and finished requests linger.
+    """
+
+    def __init__(self, s: Scheduler, rng, pipelined: bool):
+        self.s, self.rng, self.pipelined = s, rng, pipelined
+        self.inflight = None
+        self.live: set[str] = set()
+
+    def add(self, req: Request, n: int):
+        followers = [Request(f"{req.request_id}/{i}", list(req.prompt_ids), req.params, 0, 0.0,
+                             req.arrival_index, sample_group=i) for i in range(1, n)]
+        req.followers = followers
+        self.live |= {req.request_id} | {f.request_id for f in followers}
+        self.s.add(req)
+        return [req] + followers
+
+    def finish(self, req: Request):
+        self.s.finish(req)
+        self.live.discard(req.request_id)
+        for f in req.followers:
+            self.live.discard(f.request_id)
+
+    def step(self):
+        plan = self.s.schedule()
+        by_id = {r.request_id: r for r in self.s.running + self.s.waiting}
+        launched = (plan, [by_id[q.request_id] for q in plan.seqs])
+        done, self.inflight = self.inflight, launched
+        if done:
+            self._read(*done)
+        if not self.pipelined:
+            done, self.inflight = self.inflight, None
+            self._read(*done)
+        return plan
+
+    def _read(self, plan, reqs):
+        for seq, req in zip(plan.seqs, reqs):
+            if not seq.sample or req.request_id not in self.live:
+                continue
+            self.s.append_token(req, int(self.rng.integers(0, 8)))  # tiny vocab: shared prefixes
             if len(seq.token_ids) > 1:
-                s.on_prefill_done(req)
-            req.output_ids.append(int(rng.integers(0, 8)))  # tiny vocab: many shared prefixes
-            if len(req.output_ids) >= req.params.max_tokens:
-                s.finish(req)
-    return plan
+                self.s.on_prefill_done(req)
+            if len(req.output_ids) >= req.params.max_tokens or self.rng.random() < 0.05:  # or "EOS"
+                self.finish(req)
 
 
 ops = st.lists(st.one_of(
-    st.tuples(st.just("add"), st.integers(1, 30), st.integers(1, 12)),
-    st.tuples(st.just("step"), st.integers(1, 3), st.just(0)),
-    st.tuples(st.just("abort"), st.integers(0, 50), st.just(0)),
+    st.tuples(st.just("add"), st.integers(1, 30), st.integers(1, 12), st.integers(1, 3)),
+    st.tuples(st.just("step"), st.integers(1, 3), st.just(0), st.just(0)),
+    st.tuples(st.just("abort"), st.integers(0, 50), st.just(0), st.just(0)),
 ), min_size=1, max_size=40)
 
 
+@pytest.mark.parametrize("pipelined", [True, False])
 @pytest.mark.parametrize("prefix", [True, False])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=ops, seed=st.integers(0, 2**16))
-def test_random_add_step_abort_keeps_pages_consistent(prefix, ops, seed):
+def test_random_add_step_abort_keeps_pages_consistent(prefix, pipelined, ops, seed):
     rng = np.random.default_rng(seed)
     s = Scheduler(CacheConfig(page_size=PAGE, num_pages=NUM_PAGES, enable_prefix_cache=prefix),
                   SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=4, max_model_len=NUM_PAGES * PAGE),
                   NUM_PAGES)
+    eng = FakeEngine(s, rng, pipelined)
     made = []
-    for kind, a, b in ops:
+    for kind, a, b, n in ops:
         if kind == "add":
             prompt = rng.integers(0, 4, a).tolist()
-            req = Request(f"r{len(made)}", prompt, SamplingParams(max_tokens=b), 0, 0.0, len(made))
-            made.append(req)
-            s.add(req)
+            made.append(eng.add(Request(f"r{len(made)}", prompt, SamplingParams(max_tokens=b), 0, 0.0,
+                                        len(made)), n))
         elif kind == "step":
             for _ in range(a):
-                _fake_step(s, rng)
+                eng.step()
         elif made:
-            req = made[a % len(made)]
-            if req in s.running or req in s.waiting:
-                s.finish(req)
+            for req in made[a % len(made)]:  # abort every sample of the request
+                if req.request_id in eng.live:
+                    eng.finish(req)
         _check_invariants(s)
-    while s.running or s.waiting:
-        plan = _fake_step(s, rng)
+    idle = 0
+    while eng.live:
+        plan = eng.step()
         _check_invariants(s)
-        assert plan.seqs, "scheduler stalled with work left"
+        idle = 0 if plan.seqs else idle + 1
+        assert idle < 2, "scheduler stalled with work left"
+    eng.step()  # read back the last step
+    assert not s.running and not s.waiting
     if s.prefix_cache is not None:
         assert all(n.lock_ref == 0 for n in s.prefix_cache._nodes())
         s.prefix_cache.clear()

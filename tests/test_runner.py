@@ -1,5 +1,11 @@
 """Runner buckets and ahead-of-time warm-up."""
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 
 from jinfer.config import CacheConfig, SchedulerConfig
@@ -27,3 +33,53 @@ def test_warmup_compiles_every_bucket_and_steps_reuse_them(hf_checkpoints):
     assert [len(o.token_ids) for o in out] == [6, 6]
     assert runner._step._cache_size() == traces, "a step retraced instead of using a warm bucket"
     assert np.isfinite(np.asarray(runner.kv.k[0][:, :4])).all()
+
+
+def test_async_engine_dispatches_the_next_step_before_reading_the_last(hf_checkpoints):
+    path = hf_checkpoints["llama3"]
+    eng = Engine(load_hf_model(path), Tokenizer.from_dir(path), CacheConfig(page_size=4, num_pages=32),
+                 SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=4, max_model_len=48))
+    calls = []
+    dispatch, fetch = eng.runner.dispatch, eng.runner.fetch
+    eng.runner.dispatch = lambda plan: calls.append("dispatch") or dispatch(plan)
+    eng.runner.fetch = lambda handle: calls.append("fetch") or fetch(handle)
+    eng.add_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert eng.step() == []  # step 1 is in flight; its token comes with the next call
+    assert len(eng.step()) == 1
+    assert calls == ["dispatch", "dispatch", "fetch"]  # step 2 was queued before step 1 was read
+
+
+_CACHE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    from jinfer.config import CacheConfig, SchedulerConfig
+    from jinfer.engine import Engine, enable_compilation_cache
+    from jinfer.models.config import preset
+    from jinfer.models.llama import init_model
+    from jinfer.tokenizer import byte_level_tokenizer
+
+    events = []
+    jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))
+    enable_compilation_cache(sys.argv[1], min_compile_secs=0)
+    tok = byte_level_tokenizer()
+    import dataclasses
+    cfg = dataclasses.replace(preset("tiny"), vocab_size=tok.vocab_size, num_layers=1)
+    Engine(init_model(cfg, seed=0), tok, CacheConfig(page_size=4, num_pages=16),
+           SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=2, max_model_len=32), warmup=True)
+    print(json.dumps({"hits": events.count("/jax/compilation_cache/cache_hits"),
+                      "misses": events.count("/jax/compilation_cache/cache_misses")}))
+""")
+
+
+def test_persistent_compilation_cache_serves_a_restart(tmp_path):
+    """A second process compiles no step bucket: all come from the on-disk cache."""
+    cache = tmp_path / "xla"
+    runs = []
+    for _ in range(2):
+        res = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, str(cache)], capture_output=True,
+                             text=True, timeout=300, env={**os.environ, "XLA_FLAGS": ""})
+        assert res.returncode == 0, res.stderr
+        runs.append(json.loads(res.stdout.splitlines()[-1]))
+    assert runs[0]["hits"] == 0 and runs[0]["misses"] >= 2  # the two step buckets at least
+    assert os.listdir(cache)
+    assert runs[1]["hits"] >= 2 and runs[1]["misses"] == 0, runs

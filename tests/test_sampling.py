@@ -14,7 +14,7 @@ from jinfer.tokenizer import Tokenizer, byte_level_tokenizer
 
 
 def _arrays(params_list, seeds, index=0):
-    seqs = [ScheduledSeq("r", (0,), 0, (), True, p, s, index) for p, s in zip(params_list, seeds)]
+    seqs = [ScheduledSeq("r", (0,), 0, (), True, p, s, 0, index) for p, s in zip(params_list, seeds)]
     return SamplingArrays.from_seqs(seqs, len(seqs))
 
 

@@ -32,9 +32,11 @@ flags.DEFINE_integer("max_model_len", 1024, "Longest prompt + output, in tokens.
 flags.DEFINE_integer("num_pages", 0, "KV pages in the pool; 0 sizes it from device memory.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and activation dtype.")
 flags.DEFINE_integer("page_size", 16, "Tokens per KV-cache page.", lower_bound=1)
+flags.DEFINE_integer("n", 1, "Independent samples per prompt (they share the prompt's KV pages).",
+                     lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Sampling seed (also seeds the default model's random weights).")
-flags.DEFINE_bool("json", False, "Print one JSON object per completion (prompt, token_ids, text, "
-                  "finish_reason) instead of text for a person.")
+flags.DEFINE_bool("json", False, "Print one JSON object per completion (prompt, index, token_ids, "
+                  "text, finish_reason) instead of text for a person.")
 
 
 def _prompts() -> list[str]:
@@ -79,7 +81,8 @@ def main(argv):
     t0 = time.perf_counter()
     try:
         params = SamplingParams(temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k,
-                                min_p=FLAGS.min_p, seed=FLAGS.seed, max_tokens=FLAGS.max_tokens)
+                                min_p=FLAGS.min_p, seed=FLAGS.seed, max_tokens=FLAGS.max_tokens,
+                                n=FLAGS.n)
         model, tok = _load()
         engine = Engine(model, tok, CacheConfig(page_size=FLAGS.page_size, num_pages=FLAGS.num_pages or None),
                         SchedulerConfig(max_num_batched_tokens=FLAGS.max_num_batched_tokens,
@@ -89,12 +92,14 @@ def main(argv):
     except ValueError as e:
         sys.exit(f"error: {e}")
     t2 = time.perf_counter()
-    for prompt, out in zip(prompts, outputs):
+    for i, out in enumerate(outputs):  # n per prompt, in prompt order
+        prompt = prompts[i // FLAGS.n]
         if FLAGS.json:
-            print(json.dumps({"prompt": prompt, "token_ids": out.token_ids, "text": out.text,
-                              "finish_reason": out.finish_reason}))
+            print(json.dumps({"prompt": prompt, "index": out.index, "token_ids": out.token_ids,
+                              "text": out.text, "finish_reason": out.finish_reason}))
         else:
-            print(f"--- {prompt!r}\n{prompt}{out.text}\n[{len(out.token_ids)} tokens, "
+            sample = f" (sample {out.index})" if FLAGS.n > 1 else ""
+            print(f"--- {prompt!r}{sample}\n{prompt}{out.text}\n[{len(out.token_ids)} tokens, "
                   f"finish={out.finish_reason}]")
     if not FLAGS.json:
         n = sum(len(o.token_ids) for o in outputs)

@@ -1,0 +1,304 @@
+"""Offline engine benchmark: throughput vs HF generate, host overhead vs a bare loop, prefix TTFT.
+
+  python tools/bench_engine.py                       # full run, prints a markdown report
+  python tools/bench_engine.py --out=benchmarks/engine.md
+  python tools/bench_engine.py --smoke               # tiny sizes, seconds (used by the tests)
+
+Needs the `test` extra (torch, transformers) for the HF baseline. One random-weight Llama
+(≥20M parameters at the default sizes) is saved as an HF checkpoint, then both stacks load the
+same weights:
+
+1. Throughput: N requests with prompt and output lengths drawn uniformly (fixed seed), greedy,
+   EOS ignored so every request emits exactly its output length. The engine gets them all at
+   once; HF `generate` runs them in batches of --hf_batch_size, left-padded, each batch for its
+   longest output (what a transformers user does). Output tokens/s counts only the requested
+   tokens for both.
+2. Host overhead: B requests all decoding; engine.step() throughput against a bare Python loop
+   over the same compiled step (same bucket, same page tables and lengths, tokens fed back on
+   device, no scheduler, no read-back), both over the same number of steps.
+3. Prefix cache: requests sharing a --prefix_len-token prefix arrive one after another; median
+   time to first token with the prefix cache off and on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("num_requests", 64, "Requests in the throughput workload.", lower_bound=1)
+flags.DEFINE_integer("min_prompt", 32, "Shortest prompt, tokens.", lower_bound=1)
+flags.DEFINE_integer("max_prompt", 512, "Longest prompt, tokens.", lower_bound=1)
+flags.DEFINE_integer("min_output", 16, "Shortest output, tokens.", lower_bound=1)
+flags.DEFINE_integer("max_output", 256, "Longest output, tokens.", lower_bound=1)
+flags.DEFINE_integer("seed", 0, "Seed for weights and the workload.")
+flags.DEFINE_integer("hidden_size", 512, "Model width.")
+flags.DEFINE_integer("num_layers", 6, "Decoder layers.")
+flags.DEFINE_integer("vocab_size", 8192, "Vocabulary size.")
+flags.DEFINE_integer("hf_batch_size", 16, "Requests per HF generate call.", lower_bound=1)
+flags.DEFINE_integer("max_num_batched_tokens", 512, "Engine token budget per step.")
+flags.DEFINE_integer("max_num_seqs", 64, "Engine sequences per step.")
+flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
+flags.DEFINE_integer("decode_batch", 64, "Sequences in the host-overhead comparison.")
+flags.DEFINE_integer("decode_steps", 48, "Steps timed in the host-overhead comparison.")
+flags.DEFINE_integer("prefix_len", 1024, "Shared prefix of the TTFT workload, tokens.")
+flags.DEFINE_integer("prefix_requests", 6, "Requests in the TTFT workload.", lower_bound=2)
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and KV dtype (HF too).")
+flags.DEFINE_bool("smoke", False, "Tiny sizes for a quick end-to-end check.")
+flags.DEFINE_string("out", "", "Also write the report to this markdown file.")
+
+
+def _smoke_sizes():
+    for name, value in dict(num_requests=6, min_prompt=4, max_prompt=24, min_output=2, max_output=8,
+                            hidden_size=64, num_layers=2, vocab_size=300, hf_batch_size=3,
+                            max_num_batched_tokens=32, max_num_seqs=8, page_size=4, decode_batch=4,
+                            decode_steps=4, prefix_len=24, prefix_requests=3).items():
+        setattr(FLAGS, name, value)
+
+
+def _hf_model(path: str):
+    """A random Llama saved as an HF checkpoint at path; returns the torch model."""
+    import torch
+    import transformers
+
+    h = FLAGS.hidden_size
+    config = transformers.LlamaConfig(
+        vocab_size=FLAGS.vocab_size, hidden_size=h, intermediate_size=h * 11 // 4 // 64 * 64,
+        num_hidden_layers=FLAGS.num_layers, num_attention_heads=max(1, h // 64),
+        num_key_value_heads=max(1, h // 128), max_position_embeddings=4096,
+        bos_token_id=None, eos_token_id=None, tie_word_embeddings=False)
+    torch.manual_seed(FLAGS.seed)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(path)
+    return model.to(getattr(torch, FLAGS.dtype))
+
+
+def _workload(rng):
+    n = FLAGS.num_requests
+    prompt_lens = rng.integers(FLAGS.min_prompt, FLAGS.max_prompt + 1, n)
+    out_lens = rng.integers(FLAGS.min_output, FLAGS.max_output + 1, n)
+    prompts = [rng.integers(0, FLAGS.vocab_size, int(p)).tolist() for p in prompt_lens]
+    return prompts, [int(o) for o in out_lens]
+
+
+def _hf_throughput(hf, prompts, out_lens) -> float:
+    """Output tokens/s of batched HF greedy generate (left padding, per-batch longest output)."""
+    import torch
+    torch.set_num_threads(os.cpu_count())
+    bs = FLAGS.hf_batch_size
+    start = time.perf_counter()
+    for i in range(0, len(prompts), bs):
+        batch, outs = prompts[i:i + bs], out_lens[i:i + bs]
+        width = max(len(p) for p in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, p in enumerate(batch):
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        with torch.no_grad():
+            hf.generate(ids, attention_mask=mask, max_new_tokens=max(outs), min_new_tokens=max(outs),
+                        do_sample=False, pad_token_id=0, eos_token_id=None)
+    return sum(out_lens) / (time.perf_counter() - start)
+
+
+def _engine(model, tok, *, max_model_len, num_pages, prefix=True, async_scheduling=True):
+    from jinfer.config import CacheConfig, SchedulerConfig
+    from jinfer.engine import Engine
+    return Engine(model, tok, CacheConfig(page_size=FLAGS.page_size, num_pages=num_pages,
+                                          enable_prefix_cache=prefix),
+                  SchedulerConfig(max_num_batched_tokens=FLAGS.max_num_batched_tokens,
+                                  max_num_seqs=FLAGS.max_num_seqs, max_model_len=max_model_len),
+                  async_scheduling=async_scheduling)
+
+
+def _engine_throughput(engine, prompts, out_lens) -> float:
+    from jinfer.sampling_params import SamplingParams
+    params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for o in out_lens]
+    start = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    assert [len(o.token_ids) for o in outs] == out_lens
+    return sum(out_lens) / elapsed
+
+
+def _engine_decode_rate(engine, batch: int, steps: int, prompt_len: int) -> float:
+    """engine.step() tokens/s once `batch` requests are all decoding."""
+    from jinfer.sampling_params import SamplingParams
+    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request([(7 * i + j) % FLAGS.vocab_size for j in range(prompt_len)], params)
+    first = 0
+    while first < batch:  # prefill until every request has its first token
+        first += sum(1 for o in engine.step() if len(o.token_ids) == 1)
+    engine.step()  # settle the pipeline
+    emitted = 0
+    start = time.perf_counter()
+    for _ in range(steps):
+        emitted += sum(len(o.new_token_ids) for o in engine.step())
+    elapsed = time.perf_counter() - start
+    while engine.has_unfinished():
+        engine.step()
+    engine.step()
+    return emitted / elapsed
+
+
+def _bare_decode_rate(runner, batch: int, steps: int, prompt_len: int) -> float:
+    """The same compiled step in a bare loop: no scheduler, ids fed back on device."""
+    import jax
+    import numpy as np
+
+    from jinfer.attention import AttentionMetadata
+    from jinfer.runner import pick_bucket
+    from jinfer.sampling import SamplingArrays
+    from jinfer.sampling_params import SamplingParams
+    from jinfer.scheduling import ScheduledSeq
+
+    t = pick_bucket(batch, runner.token_buckets)
+    s = pick_bucket(batch, runner.seq_buckets)
+    pages_needed = -(-(prompt_len + steps + 2) // runner.page_size)
+    table = np.zeros((s, runner.pages_per_seq), np.int32)
+    table[:batch, :pages_needed] = np.arange(batch * pages_needed).reshape(batch, pages_needed)
+    cu = np.zeros(s + 1, np.int32)
+    cu[1:batch + 1] = np.arange(1, batch + 1)
+    cu[batch + 1:] = batch
+    feed = np.full(t, -1, np.int32)
+    feed[:batch] = np.arange(batch)  # each row takes the id its sequence sampled last step
+    logits_idx = np.zeros(s, np.int32)
+    logits_idx[:batch] = np.arange(batch)
+    seq = ScheduledSeq("x", (0,), 0, (), True, SamplingParams(temperature=0), 0, 0, 0)
+    samp = SamplingArrays.from_seqs([seq] * batch, s)
+    ids = np.zeros(t, np.int32)
+    fn = runner._compiled.get((t, s), runner._step)
+
+    def run(n, start_len):
+        prev = runner._prev_tokens
+        for i in range(n):
+            kv_len = start_len + i + 1
+            pos = np.zeros(t, np.int32)
+            pos[:batch] = kv_len - 1
+            kv_lens = np.zeros(s, np.int32)
+            kv_lens[:batch] = kv_len
+            md = AttentionMetadata(cu, kv_lens, table, np.array([batch], np.int32))
+            prev, _, runner.kv = fn(runner.state, runner.kv, prev, ids, feed, pos, md, logits_idx, samp)
+        jax.block_until_ready(prev)
+
+    run(2, prompt_len)  # compile / warm
+    start = time.perf_counter()
+    run(steps, prompt_len + 2)
+    return batch * steps / (time.perf_counter() - start)
+
+
+def _prefix_ttft(model, tok, rng, prefix: bool) -> float:
+    """Median TTFT (s) of requests sharing a long prefix, sent one after another."""
+    from jinfer.sampling_params import SamplingParams
+    suffix, out = 32, 8
+    max_len = FLAGS.prefix_len + suffix + out
+    pages = 2 * (-(-max_len // FLAGS.page_size)) * (FLAGS.prefix_requests + 2)
+    engine = _engine(model, tok, max_model_len=max_len, num_pages=pages, prefix=prefix)
+    params = SamplingParams(temperature=0, max_tokens=out, ignore_eos=True)
+
+    def prompts(n):
+        shared = rng.integers(0, FLAGS.vocab_size, FLAGS.prefix_len).tolist()
+        return [shared + rng.integers(0, FLAGS.vocab_size, suffix).tolist() for _ in range(n)]
+
+    for p in prompts(2):  # compile the miss and hit paths on another prefix
+        engine.generate([p], params)
+    ttfts = []
+    for p in prompts(FLAGS.prefix_requests):
+        o = engine.generate([p], params)[0]
+        ttfts.append(o.first_token_time - o.arrival_time)
+    return statistics.median(ttfts[1:])  # the first request of the prefix is a miss either way
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.smoke:
+        _smoke_sizes()
+    if FLAGS.min_prompt > FLAGS.max_prompt or FLAGS.min_output > FLAGS.max_output:
+        raise app.UsageError("need min_prompt <= max_prompt and min_output <= max_output")
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jinfer.loader.hf import load_hf_model
+    from jinfer.tokenizer import byte_level_tokenizer
+
+    rng = np.random.default_rng(FLAGS.seed)
+    with tempfile.TemporaryDirectory() as path:
+        hf = _hf_model(path)
+        model = load_hf_model(path, dtype=jnp.dtype(FLAGS.dtype))
+    tok = byte_level_tokenizer()  # ids beyond its 258 tokens decode to nothing; text is unused
+    prompts, out_lens = _workload(rng)
+    max_len = FLAGS.max_prompt + FLAGS.max_output
+    pages_per_seq = -(-max_len // FLAGS.page_size)
+    num_pages = pages_per_seq * max(FLAGS.num_requests, FLAGS.decode_batch) + pages_per_seq
+    rows = []
+
+    def report(name, value, unit):
+        rows.append((name, value, unit))
+        print(f"{name}: {value:.3f} {unit}", file=sys.stderr, flush=True)
+
+    print(f"model: {model.config.num_params() / 1e6:.1f}M parameters", file=sys.stderr)
+    engine = _engine(model, tok, max_model_len=max_len, num_pages=num_pages)
+    t0 = time.perf_counter()
+    engine.runner.warmup()
+    report("engine warm-up (compile every bucket)", time.perf_counter() - t0, "s")
+    engine_tps = _engine_throughput(engine, prompts, out_lens)
+    report("engine output tokens/s", engine_tps, "tok/s")
+    hf_tps = _hf_throughput(hf, prompts, out_lens)
+    report(f"HF generate output tokens/s (batch {FLAGS.hf_batch_size})", hf_tps, "tok/s")
+    report("engine / HF generate", engine_tps / hf_tps, "x")
+
+    b, n = FLAGS.decode_batch, FLAGS.decode_steps
+    plen = max(1, min(32, max_len - n - 10))  # room for the timed steps and the warm-up
+    engine.scheduler.prefix_cache.clear()  # the bare loop writes pages without the scheduler
+    bare = _bare_decode_rate(engine.runner, b, n, plen)
+    report(f"bare jitted decode loop, batch {b}", bare, "tok/s")
+    eng_async = _engine_decode_rate(engine, b, n, plen)
+    report(f"engine decode, batch {b} (async scheduling)", eng_async, "tok/s")
+    report("engine (async) / bare loop", eng_async / bare, "x")
+    sync = _engine(model, tok, max_model_len=max_len, num_pages=num_pages, async_scheduling=False)
+    sync.runner._compiled = engine.runner._compiled  # same executables; no second warm-up
+    eng_sync = _engine_decode_rate(sync, b, n, plen)
+    report(f"engine decode, batch {b} (sync scheduling)", eng_sync, "tok/s")
+    report("engine (sync) / bare loop", eng_sync / bare, "x")
+    del sync, engine
+
+    off = _prefix_ttft(model, tok, rng, prefix=False)
+    report(f"median TTFT, {FLAGS.prefix_len}-token shared prefix, prefix cache off", off * 1e3, "ms")
+    on = _prefix_ttft(model, tok, rng, prefix=True)
+    report(f"median TTFT, {FLAGS.prefix_len}-token shared prefix, prefix cache on", on * 1e3, "ms")
+    report("TTFT off / on", off / on, "x")
+
+    device = jax.devices()[0]
+    lines = [
+        "| measure | value | unit |", "|---|---:|---|",
+        *[f"| {name} | {value:,.2f} | {unit} |" for name, value, unit in rows],
+        "",
+        f"Device: {device.device_kind} ({device.platform}), {os.cpu_count()} CPU cores; "
+        f"jax {jax.__version__}; Python {platform.python_version()}.",
+        f"Model: Llama, {model.config.num_params() / 1e6:.1f}M parameters "
+        f"(hidden {FLAGS.hidden_size}, {FLAGS.num_layers} layers, vocab {FLAGS.vocab_size}), {FLAGS.dtype}.",
+        f"Workload: {FLAGS.num_requests} requests, prompts {FLAGS.min_prompt}-{FLAGS.max_prompt}, "
+        f"outputs {FLAGS.min_output}-{FLAGS.max_output} tokens, seed {FLAGS.seed}; engine budget "
+        f"{FLAGS.max_num_batched_tokens} tokens / {FLAGS.max_num_seqs} sequences per step, "
+        f"page size {FLAGS.page_size}, attention backend xla.",
+    ]
+    report_md = "\n".join(lines)
+    print(report_md)
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            f.write("# Engine benchmark\n\n```sh\npython " + " ".join(["tools/bench_engine.py", *sys.argv[1:]])
+                    + "\n```\n\n" + report_md + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
