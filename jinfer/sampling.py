@@ -40,31 +40,49 @@ class SamplingArrays:
 def sample(logits: jax.Array, p: SamplingArrays) -> tuple[jax.Array, jax.Array]:
     """Picks one token per row of logits (f32[S, V]); returns (ids i32[S], logprobs f32[S]).
 
-    Randomness is keyed by (seed, sample group, output index) alone, so a seeded request samples the same
-    tokens whatever else shares its batch, and again after preemption. Filters apply in the
-    order top-k, top-p, min-p to the temperature-scaled distribution; logprobs are of the
-    model's unscaled distribution.
+    Sampling is Gumbel-max: argmax(filtered logits / temperature + Gumbel noise), the noise
+    drawn per vocabulary id from a key of (seed, sample group, output index) alone. So a seeded
+    request samples the same tokens whatever else shares its batch, again after preemption,
+    and whether or not the batch needed the sorted path. Filters apply in the order top-k,
+    top-p, min-p to the temperature-scaled distribution; logprobs are of the model's unscaled
+    distribution. The vocabulary is sorted only when some row uses top-k or top-p, and nothing
+    random is drawn when every row is greedy.
     """
-    vocab = logits.shape[-1]
     logprobs_all = jax.nn.log_softmax(logits, axis=-1)
-    greedy_ids = jnp.argmax(logits, axis=-1)
-
+    greedy_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits / jnp.maximum(p.temperature, 1e-6)[:, None]
-    sorted_logits, sorted_ids = jax.lax.top_k(scaled, vocab)  # descending
-    sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
-    rank = jnp.arange(vocab)[None, :]
-    keep = (p.top_k[:, None] == 0) | (rank < p.top_k[:, None])
-    # top-p: keep a token if the mass strictly before it is below top_p (the first always stays).
-    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    keep &= mass_before < p.top_p[:, None]
-    keep &= sorted_probs >= p.min_p[:, None] * sorted_probs[:, :1]
-    masked = jnp.where(keep, sorted_logits, -jnp.inf)
+    top = scaled.max(axis=-1, keepdims=True)
+    # min-p in logit space: p_i >= min_p * p_max  <=>  l_i >= l_max + log(min_p)
+    keep_min_p = scaled >= top + jnp.log(p.min_p)[:, None]
 
-    def draw(seed, group, index, row):
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), group), index)
-        return jax.random.categorical(key, row)
+    def noise():
+        def row(seed, group, index):
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), group), index)
+            return jax.random.gumbel(key, logits.shape[-1:], jnp.float32)
+        return jax.vmap(row)(p.seed, p.group, p.index)
 
-    choice = jax.vmap(draw)(p.seed, p.group, p.index, masked)
-    sampled_ids = jnp.take_along_axis(sorted_ids, choice[:, None], axis=-1)[:, 0]
-    ids = jnp.where(p.temperature == 0, greedy_ids, sampled_ids).astype(jnp.int32)
+    def draw(keep):
+        return jnp.argmax(jnp.where(keep, scaled, -jnp.inf) + noise(), axis=-1).astype(jnp.int32)
+
+    def plain():
+        return draw(keep_min_p)
+
+    def filtered():
+        vocab = logits.shape[-1]
+        sorted_logits = -jnp.sort(-scaled, axis=-1)  # descending
+        sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
+        rank = jnp.arange(vocab)[None, :]
+        keep = (p.top_k[:, None] == 0) | (rank < p.top_k[:, None])
+        # top-p: keep a token if the mass strictly before it is below top_p (the first stays).
+        mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+        keep &= mass_before < p.top_p[:, None]
+        # The kept set is every token at or above the smallest kept value (ties stay together).
+        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        return draw(keep_min_p & (scaled >= threshold))
+
+    random_rows = p.temperature > 0
+    needs_sort = jnp.any(random_rows & ((p.top_k > 0) | (p.top_p < 1)))
+    branch = jnp.where(jnp.any(random_rows), jnp.where(needs_sort, 2, 1), 0)
+    sampled = jax.lax.switch(branch, [lambda: greedy_ids, plain, filtered])
+    ids = jnp.where(random_rows, sampled, greedy_ids)
     return ids, jnp.take_along_axis(logprobs_all, ids[:, None], axis=-1)[:, 0]
