@@ -10,7 +10,9 @@ import uuid
 
 import jax
 
+from jinfer.attention import default_attention_backend
 from jinfer.config import CacheConfig, SchedulerConfig
+from jinfer.models.llama import set_attention_backend
 from jinfer.detokenizer import IncrementalDetokenizer
 from jinfer.request import Request, RequestOutput, Status, Usage
 from jinfer.runner import ModelRunner
@@ -46,9 +48,13 @@ class Engine:
     def __init__(self, model, tokenizer, cache_config: CacheConfig = CacheConfig(),
                  scheduler_config: SchedulerConfig = SchedulerConfig(),
                  policy: SchedulingPolicy | None = None, *, warmup: bool = False,
-                 compilation_cache: str | None = None, async_scheduling: bool = True):
+                 compilation_cache: str | None = None, async_scheduling: bool = True,
+                 attention_backend: str | None = None):
         if compilation_cache:
             enable_compilation_cache(compilation_cache)
+        # "xla" or "pallas"; None picks pallas on NVIDIA GPUs and xla elsewhere. Set on the model.
+        self.attention_backend = attention_backend or default_attention_backend()
+        set_attention_backend(model, self.attention_backend)
         self.tokenizer = tokenizer
         self.model_config = model.config
         self.sched_cfg = scheduler_config

@@ -1,2 +1,12 @@
-"""Attention kernels (decode, ragged prefill+decode, KV write), each with a same-signature jnp
-reference. Imports nothing from jinfer."""
+"""Paged-attention kernels in Pallas (Triton lowering on NVIDIA GPUs, interpret mode on CPU),
+each beside a pure-jnp reference with the same signature. Imports nothing from jinfer."""
+
+from pallas_kernels.blocks import TABLE, BlockSizes, block_sizes
+from pallas_kernels.decode_attention import decode_paged_attention
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from pallas_kernels.reference import decode_paged_attention_ref, ragged_paged_attention_ref, write_kv_ref
+from pallas_kernels.validate import static_validate_decode_inputs, static_validate_ragged_inputs
+
+__all__ = ["TABLE", "BlockSizes", "block_sizes", "decode_paged_attention", "decode_paged_attention_ref",
+           "ragged_paged_attention", "ragged_paged_attention_ref", "static_validate_decode_inputs",
+           "static_validate_ragged_inputs", "write_kv_ref"]

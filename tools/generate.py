@@ -31,6 +31,8 @@ flags.DEFINE_integer("max_num_seqs", 32, "Sequences in one engine step.")
 flags.DEFINE_integer("max_model_len", 1024, "Longest prompt + output, in tokens.")
 flags.DEFINE_integer("num_pages", 0, "KV pages in the pool; 0 sizes it from device memory.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and activation dtype.")
+flags.DEFINE_enum("attention_backend", "", ["", "xla", "pallas"],
+                  "Attention implementation; empty: pallas on NVIDIA GPUs, xla elsewhere.")
 flags.DEFINE_integer("page_size", 16, "Tokens per KV-cache page.", lower_bound=1)
 flags.DEFINE_integer("n", 1, "Independent samples per prompt (they share the prompt's KV pages).",
                      lower_bound=1)
@@ -86,7 +88,8 @@ def main(argv):
         model, tok = _load()
         engine = Engine(model, tok, CacheConfig(page_size=FLAGS.page_size, num_pages=FLAGS.num_pages or None),
                         SchedulerConfig(max_num_batched_tokens=FLAGS.max_num_batched_tokens,
-                                        max_num_seqs=FLAGS.max_num_seqs, max_model_len=FLAGS.max_model_len))
+                                        max_num_seqs=FLAGS.max_num_seqs, max_model_len=FLAGS.max_model_len),
+                        attention_backend=FLAGS.attention_backend or None)
         t1 = time.perf_counter()
         outputs = engine.generate(prompts, params)
     except ValueError as e:

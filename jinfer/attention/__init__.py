@@ -1,9 +1,13 @@
-"""Attention backends behind one interface; "xla" ships here, "pallas" with the kernels."""
+"""Attention backends behind one interface: "xla" (plain jnp) and "pallas" (the kernels)."""
 
-from jinfer.attention.backend import AttentionBackend, get_backend, register_backend
+from jinfer.attention.backend import (AttentionBackend, default_attention_backend, get_backend,
+                                      register_backend)
 from jinfer.attention.metadata import AttentionMetadata
+from jinfer.attention.pallas import PallasBackend
 from jinfer.attention.xla import XlaBackend
 
 register_backend("xla", XlaBackend)
+register_backend("pallas", PallasBackend)
 
-__all__ = ["AttentionBackend", "AttentionMetadata", "XlaBackend", "get_backend", "register_backend"]
+__all__ = ["AttentionBackend", "AttentionMetadata", "PallasBackend", "XlaBackend",
+           "default_attention_backend", "get_backend", "register_backend"]

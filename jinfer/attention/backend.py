@@ -42,3 +42,8 @@ def get_backend(name: str) -> AttentionBackend:
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention_backend={name!r}; known: {sorted(_BACKENDS)}")
     return _BACKENDS[name]()
+
+
+def default_attention_backend() -> str:
+    """"pallas" where the kernels compile (NVIDIA GPUs), "xla" elsewhere."""
+    return "pallas" if jax.default_backend() == "gpu" else "xla"

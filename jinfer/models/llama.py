@@ -142,6 +142,13 @@ class LlamaForCausalLM(nnx.Module):
         return logits, KVCache(tuple(new_k), tuple(new_v))
 
 
+def set_attention_backend(model: LlamaForCausalLM, name: str) -> None:
+    """Switches every layer to the attention backend `name` (takes effect at the next trace)."""
+    get_backend(name)  # raises ValueError naming the known backends
+    for layer in model.layers:
+        layer.attn.backend = name
+
+
 def init_model(cfg: ModelConfig, *, seed: int = 0, dtype=jnp.float32,
                attention_backend: str = "xla") -> LlamaForCausalLM:
     """A randomly initialised model (demos, tests, benchmarks)."""

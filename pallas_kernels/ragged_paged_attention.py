@@ -1,0 +1,158 @@
+"""Ragged paged attention: decodes and prefill chunks of many sequences in one Pallas call.
+
+Work is split into (KV head, query block) programs. A query block is up to block_q consecutive
+tokens of ONE sequence; the list of blocks (sequence, first token) is computed in XLA before
+the call, so the grid has a static size: cdiv(num_tokens, block_q) + max_seqs programs per KV
+head, the unused ones exit at once. Each program loads its block's queries for all query heads
+of its KV head (GQA: block_q * group rows share every K/V tile), then walks the sequence's
+pages block_k keys at a time with an online softmax in float32, up to the causal limit of its
+last token. K/V outside the sequence's length are masked in the scores AND in V, so NaN in
+unused page slots never reaches the output.
+
+The body is plain jnp on loaded tiles (`online_softmax_step`) plus Triton-style masked
+loads/stores; a Mosaic GPU variant can reuse the former with its own memory movement.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.blocks import block_sizes
+from pallas_kernels.reference import MASK_VALUE
+from pallas_kernels.validate import static_validate_ragged_inputs
+
+
+def online_softmax_step(carry, q, k, v, q_pos, key_pos, kv_len, *, sm_scale, soft_cap,
+                        sliding_window):
+    """One K/V tile of flash attention. q f[R, D]; k, v f[Bk, D]; q_pos i32[R]; key_pos i32[Bk].
+
+    carry = (acc f32[R, D], m f32[R], l f32[R]). Keys at or past kv_len, after q_pos, or outside
+    the sliding window are masked; masked V rows are zeroed so garbage cannot leak through p*V.
+    """
+    acc, m, l = carry
+    valid_k = key_pos < kv_len
+    mask = valid_k[None, :] & (key_pos[None, :] <= q_pos[:, None])
+    if sliding_window is not None:
+        mask &= key_pos[None, :] > q_pos[:, None] - sliding_window
+    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale
+    if soft_cap is not None:
+        s = jnp.tanh(s / soft_cap) * soft_cap
+    s = jnp.where(mask, s, MASK_VALUE)
+    m_new = jnp.maximum(m, s.max(axis=-1))
+    alpha = jnp.exp(m - m_new)
+    p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+    v = jnp.where(valid_k[:, None], v, jnp.zeros_like(v))
+    acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return acc, m_new, l * alpha + p.sum(axis=-1)
+
+
+def _kernel(work_seq_ref, work_start_ref, cu_q_lens_ref, kv_lens_ref, page_indices_ref,
+            q_ref, k_pages_ref, v_pages_ref, o_ref, *, block_q, group, pages_per_block,
+            sm_scale, soft_cap, sliding_window):
+    # q_ref/o_ref: [T + block_q, H, D] (padded so a block never runs off the end)
+    # k_pages_ref/v_pages_ref: [num_pages, page_size, D] of this program's KV head
+    kv_head, item = pl.program_id(0), pl.program_id(1)
+    seq = work_seq_ref[item]
+    start = work_start_ref[item]  # first token of the block; -1 = no work
+    page_size, head_dim = k_pages_ref.shape[1], k_pages_ref.shape[2]
+    block_k = pages_per_block * page_size
+
+    @pl.when(start >= 0)
+    def _():
+        q_begin, q_end = cu_q_lens_ref[seq], cu_q_lens_ref[seq + 1]
+        kv_len = kv_lens_ref[seq]
+        first_pos = kv_len - (q_end - q_begin) + (start - q_begin)  # the block's first row
+        tok = start + jnp.arange(block_q)
+        row_ok = tok < q_end
+        pos = first_pos + jnp.arange(block_q)  # absolute positions, i32[block_q]
+        heads = pl.ds(kv_head * group, group)
+        q = plgpu.load(q_ref.at[pl.ds(start, block_q), heads, :], mask=row_ok[:, None, None], other=0)
+        q = q.reshape(block_q * group, head_dim)
+        q_pos = jnp.broadcast_to(pos[:, None], (block_q, group)).reshape(block_q * group)
+
+        last = jnp.minimum(kv_len, jnp.max(jnp.where(row_ok, pos, 0)) + 1)  # keys needed
+        first_block = 0
+        if sliding_window is not None:
+            lowest = jnp.maximum(first_pos - sliding_window + 1, 0)
+            first_block = lowest // block_k
+
+        def body(j, carry):
+            pages = page_indices_ref[seq, pl.ds(j * pages_per_block, pages_per_block)]
+            k = k_pages_ref[pages].reshape(block_k, head_dim)
+            v = v_pages_ref[pages].reshape(block_k, head_dim)
+            key_pos = j * block_k + jnp.arange(block_k)
+            return online_softmax_step(carry, q, k, v, q_pos, key_pos, kv_len, sm_scale=sm_scale,
+                                       soft_cap=soft_cap, sliding_window=sliding_window)
+
+        rows = block_q * group
+        init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
+                jnp.zeros((rows,), jnp.float32))
+        acc, _, l = jax.lax.fori_loop(first_block, pl.cdiv(last, block_k), body, init)
+        out = jnp.where(l[:, None] > 0, acc / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
+        plgpu.store(o_ref.at[pl.ds(start, block_q), heads, :],
+                    out.reshape(block_q, group, head_dim).astype(o_ref.dtype),
+                    mask=row_ok[:, None, None])
+
+
+def _work_list(cu_q_lens, num_seqs, num_items: int, block_q: int):
+    """(sequence, first token) of every query block, -1 past the last; i32[num_items] each."""
+    max_seqs = cu_q_lens.shape[0] - 1
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    q_lens = jnp.where(jnp.arange(max_seqs) < num_seqs[0], q_lens, 0)
+    blocks = (q_lens + block_q - 1) // block_q
+    ends = jnp.cumsum(blocks)
+    item = jnp.arange(num_items)
+    seq = jnp.minimum(jnp.searchsorted(ends, item, side="right"), max_seqs - 1).astype(jnp.int32)
+    j = item - (ends[seq] - blocks[seq])
+    start = jnp.where(item < ends[-1], cu_q_lens[seq] + j * block_q, -1).astype(jnp.int32)
+    return seq, start
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window", "block_q",
+                                             "pages_per_block", "num_warps", "num_stages", "interpret"))
+def ragged_paged_attention(q, k_pages, v_pages, cu_q_lens, kv_lens, page_indices, num_seqs, *,
+                           sm_scale: float, soft_cap: float | None = None,
+                           sliding_window: int | None = None, block_q: int | None = None,
+                           pages_per_block: int | None = None, num_warps: int | None = None,
+                           num_stages: int | None = None, interpret: bool = False):
+    """Same contract as reference.ragged_paged_attention_ref; block sizes default to blocks.TABLE."""
+    static_validate_ragged_inputs(q, k_pages, v_pages, cu_q_lens, kv_lens, page_indices, num_seqs,
+                                  soft_cap=soft_cap, sliding_window=sliding_window)
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads, num_pages, page_size, _ = k_pages.shape
+    sizes = block_sizes(head_dim, page_size)
+    block_q = block_q or sizes.block_q
+    pages_per_block = min(pages_per_block or sizes.pages_per_block, page_indices.shape[1])
+    max_seqs, pages_per_seq = page_indices.shape
+    pad_pages = -pages_per_seq % pages_per_block
+    page_indices = jnp.pad(page_indices, ((0, 0), (0, pad_pages)))  # whole blocks, padded with page 0
+    num_items = pl.cdiv(num_tokens, block_q) + max_seqs
+    work_seq, work_start = _work_list(cu_q_lens, num_seqs, num_items, block_q)
+    q_padded = jnp.pad(q, ((0, block_q), (0, 0), (0, 0)))
+
+    kernel = functools.partial(
+        _kernel, block_q=block_q, group=num_heads // num_kv_heads, pages_per_block=pages_per_block,
+        sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
+    whole = lambda shape: pl.BlockSpec(shape, lambda h, i: (0,) * len(shape))
+    pages_spec = pl.BlockSpec((None, num_pages, page_size, head_dim), lambda h, i: (h, 0, 0, 0))
+    out = pl.pallas_call(
+        kernel,
+        grid=(num_kv_heads, num_items),
+        in_specs=[whole(work_seq.shape), whole(work_start.shape), whole(cu_q_lens.shape),
+                  whole(kv_lens.shape), whole(page_indices.shape), whole(q_padded.shape),
+                  pages_spec, pages_spec],
+        out_specs=whole(q_padded.shape),
+        out_shape=jax.ShapeDtypeStruct(q_padded.shape, q.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps or sizes.num_warps,
+                                             num_stages=num_stages or sizes.num_stages),
+        interpret=interpret,
+        name="ragged_paged_attention",
+    )(work_seq, work_start, cu_q_lens, kv_lens, page_indices, q_padded, k_pages, v_pages)
+    # Rows no block covers (padding tokens) were never written: make them zeros, as in the reference.
+    real = jnp.arange(num_tokens) < cu_q_lens[num_seqs[0]]
+    return jnp.where(real[:, None, None], out[:num_tokens], 0).astype(q.dtype)

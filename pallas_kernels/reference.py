@@ -1,0 +1,98 @@
+"""Pure-jnp references with the kernels' signatures (paged layout included). Exact and slow:
+every query gathers its sequence's whole page table."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from pallas_kernels.validate import static_validate_decode_inputs, static_validate_ragged_inputs
+
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _attend(q, k, v, q_pos, kv_len, *, sm_scale, soft_cap, sliding_window):
+    """q f[R, G, D] at positions q_pos i32[R]; k, v f[R, L, D] with kv_len i32[R] valid keys."""
+    key_pos = jnp.arange(k.shape[1])[None, :]
+    mask = (key_pos < kv_len[:, None]) & (key_pos <= q_pos[:, None])
+    if sliding_window is not None:
+        mask &= key_pos > q_pos[:, None] - sliding_window
+    s = jnp.einsum("rgd,rld->rgl", q, k, preferred_element_type=jnp.float32) * sm_scale
+    if soft_cap is not None:
+        s = jnp.tanh(s / soft_cap) * soft_cap
+    s = jnp.where(mask[:, None, :], s, MASK_VALUE)
+    m = s.max(-1, keepdims=True)
+    p = jnp.where(mask[:, None, :], jnp.exp(s - m), 0.0)
+    v = jnp.where(mask[:, :, None], v, 0)  # NaN in unused slots must not reach the output
+    o = jnp.einsum("rgl,rld->rgd", p, v.astype(jnp.float32))
+    denom = p.sum(-1, keepdims=True)
+    return jnp.where(denom > 0, o / jnp.where(denom > 0, denom, 1.0), 0.0)
+
+
+def _gather(pages, page_table, kv_head):
+    """f[R, pages_per_seq * page_size, D] of one KV head for each row's page table."""
+    g = pages[kv_head][page_table]  # [R, pages_per_seq, page_size, D]
+    return g.reshape(g.shape[0], -1, g.shape[-1])
+
+
+def ragged_paged_attention_ref(q, k_pages, v_pages, cu_q_lens, kv_lens, page_indices, num_seqs, *,
+                               sm_scale: float, soft_cap: float | None = None,
+                               sliding_window: int | None = None):
+    """Causal attention of flat query tokens over their sequences' pages.
+
+    q: f[T, num_heads, head_dim]; sequence i owns tokens cu_q_lens[i]:cu_q_lens[i+1], which are
+    its last q_len positions of kv_lens[i] (their K/V already in the pages). Tokens of no valid
+    sequence (index >= cu_q_lens[num_seqs[0]]) get zeros. Returns f[T, num_heads, head_dim].
+    """
+    static_validate_ragged_inputs(q, k_pages, v_pages, cu_q_lens, kv_lens, page_indices, num_seqs,
+                                  soft_cap=soft_cap, sliding_window=sliding_window)
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_pages.shape[0]
+    group = num_heads // num_kv_heads
+    t = jnp.arange(num_tokens)
+    seq = jnp.clip(jnp.searchsorted(cu_q_lens[1:], t, side="right"), 0, page_indices.shape[0] - 1)
+    real = t < cu_q_lens[num_seqs[0]]
+    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
+    q_pos = kv_lens[seq] - q_len + (t - cu_q_lens[seq])
+    kv_len = jnp.where(real, kv_lens[seq], 0)
+    outs = []
+    for h in range(num_kv_heads):
+        k = _gather(k_pages, page_indices[seq], h)
+        v = _gather(v_pages, page_indices[seq], h)
+        qh = q[:, h * group:(h + 1) * group]
+        outs.append(_attend(qh, k, v, q_pos, kv_len, sm_scale=sm_scale, soft_cap=soft_cap,
+                            sliding_window=sliding_window))
+    return jnp.concatenate(outs, axis=1).astype(q.dtype)
+
+
+def decode_paged_attention_ref(q, k_pages, v_pages, kv_lens, page_indices, *, sm_scale: float,
+                               soft_cap: float | None = None, sliding_window: int | None = None):
+    """One query token per sequence (its position kv_lens[i] - 1). q: f[S, num_heads, head_dim].
+
+    Sequences with kv_lens[i] == 0 get zeros.
+    """
+    static_validate_decode_inputs(q, k_pages, v_pages, kv_lens, page_indices, soft_cap=soft_cap,
+                                  sliding_window=sliding_window)
+    num_seqs = q.shape[0]
+    cu = jnp.arange(num_seqs + 1, dtype=jnp.int32)
+    # Decode is the ragged case with q_len = 1; sequences with no keys are zeroed below.
+    out = ragged_paged_attention_ref(q, k_pages, v_pages, cu, kv_lens, page_indices,
+                                     jnp.full((1,), num_seqs, jnp.int32), sm_scale=sm_scale,
+                                     soft_cap=soft_cap, sliding_window=sliding_window)
+    return jnp.where((kv_lens > 0)[:, None, None], out, 0).astype(q.dtype)
+
+
+def write_kv_ref(k_pages, v_pages, k, v, cu_q_lens, kv_lens, page_indices, num_seqs):
+    """Places new K/V (f[T, num_kv_heads, head_dim]) at their sequences' positions; padding
+    tokens write nothing. Returns (k_pages, v_pages)."""
+    num_tokens = k.shape[0]
+    num_pages, page_size = k_pages.shape[1], k_pages.shape[2]
+    t = jnp.arange(num_tokens)
+    seq = jnp.clip(jnp.searchsorted(cu_q_lens[1:], t, side="right"), 0, page_indices.shape[0] - 1)
+    real = t < cu_q_lens[num_seqs[0]]
+    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
+    pos = jnp.clip(kv_lens[seq] - q_len + (t - cu_q_lens[seq]), 0, page_indices.shape[1] * page_size - 1)
+    page = jnp.where(real, page_indices[seq, pos // page_size], num_pages)  # out of range: dropped
+    slot = pos % page_size
+    k_pages = k_pages.at[:, page, slot].set(jnp.swapaxes(k, 0, 1).astype(k_pages.dtype), mode="drop")
+    v_pages = v_pages.at[:, page, slot].set(jnp.swapaxes(v, 0, 1).astype(v_pages.dtype), mode="drop")
+    return k_pages, v_pages

@@ -1,0 +1,36 @@
+"""The engine on the "pallas" backend (interpreted kernels on CPU) against the "xla" backend."""
+
+import pytest
+
+from jinfer.attention import default_attention_backend
+from jinfer.config import CacheConfig, SchedulerConfig
+from jinfer.engine import Engine
+from jinfer.loader.hf import load_hf_model
+from jinfer.sampling_params import SamplingParams
+from jinfer.tokenizer import Tokenizer
+
+
+def _tokens(path, backend, prompts):
+    eng = Engine(load_hf_model(path), Tokenizer.from_dir(path), CacheConfig(page_size=4, num_pages=48),
+                 SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=4, max_model_len=64),
+                 attention_backend=backend)
+    assert eng.attention_backend == backend
+    outs = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    return [o.token_ids for o in outs]
+
+
+@pytest.mark.parametrize("variant", ["llama3", "mistral"])  # GQA 4; sliding window 8 with GQA 2
+def test_engine_greedy_tokens_identical_across_backends(hf_checkpoints, variant):
+    # A chunked 40-token prompt (budget 32), a short one and one sharing its prefix: mixed steps.
+    prompts = [list(range(3, 43)), [5, 6, 7], list(range(3, 23)) + [9, 9]]
+    path = hf_checkpoints[variant]
+    assert _tokens(path, "pallas", prompts) == _tokens(path, "xla", prompts)
+
+
+def test_default_backend_is_xla_on_cpu_and_unknown_names_fail(hf_checkpoints):
+    assert default_attention_backend() == "xla"
+    path = hf_checkpoints["llama3"]
+    with pytest.raises(ValueError, match=r"unknown attention_backend='triton'; known: \['pallas', 'xla'\]"):
+        Engine(load_hf_model(path), Tokenizer.from_dir(path), CacheConfig(page_size=4, num_pages=8),
+               SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=2, max_model_len=32),
+               attention_backend="triton")

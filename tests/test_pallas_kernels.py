@@ -1,0 +1,177 @@
+"""Pallas kernels (interpret mode on CPU) against their jnp references; references by hand."""
+
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import (decode_paged_attention, decode_paged_attention_ref, ragged_paged_attention,
+                            ragged_paged_attention_ref, write_kv_ref)
+
+NUM_KV_HEADS = 2
+
+
+def _ragged_case(rng, *, page_size, group, head_dim, dtype, q_lens, kv_lens, max_seqs=None,
+                 pages_per_seq=None):
+    """A ragged batch over a tiny pool: permuted page tables, NaN in every unused slot."""
+    num_seqs = len(q_lens)
+    max_seqs = max_seqs or num_seqs
+    pages_per_seq = pages_per_seq or max(1, max(-(-n // page_size) for n in kv_lens))
+    num_pages = max_seqs * pages_per_seq + 1
+    k_pages = np.full((NUM_KV_HEADS, num_pages, page_size, head_dim), np.nan, np.float32)
+    v_pages = k_pages.copy()
+    perm = rng.permutation(num_pages)
+    table = np.zeros((max_seqs, pages_per_seq), np.int32)
+    for i, n in enumerate(kv_lens):
+        table[i] = perm[i * pages_per_seq:(i + 1) * pages_per_seq]
+        for pos in range(n):  # only real tokens get finite K/V
+            p, slot = table[i, pos // page_size], pos % page_size
+            k_pages[:, p, slot] = rng.normal(size=(NUM_KV_HEADS, head_dim))
+            v_pages[:, p, slot] = rng.normal(size=(NUM_KV_HEADS, head_dim))
+    cu = np.zeros(max_seqs + 1, np.int32)
+    cu[1:num_seqs + 1] = np.cumsum(q_lens)
+    cu[num_seqs + 1:] = cu[num_seqs]
+    lens = np.zeros(max_seqs, np.int32)
+    lens[:num_seqs] = kv_lens
+    num_tokens = int(cu[-1]) + 3  # padding tokens at the end
+    q = rng.normal(size=(num_tokens, NUM_KV_HEADS * group, head_dim)).astype(np.float32)
+    cast = lambda x: jnp.asarray(x, dtype)
+    return (cast(q), cast(k_pages), cast(v_pages), jnp.asarray(cu), jnp.asarray(lens), jnp.asarray(table),
+            jnp.asarray([num_seqs], jnp.int32))
+
+
+def _tol(dtype):
+    return dict(atol=2e-2, rtol=2e-2) if dtype == jnp.bfloat16 else dict(atol=2e-5, rtol=2e-5)
+
+
+def _close(a, b, dtype):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.isfinite(a).all(), "NaN/inf leaked into the kernel output"
+    np.testing.assert_allclose(a, b, **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("page_size", [8, 16])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_ragged_kernel_matches_reference(dtype, page_size, group, head_dim):
+    rng = np.random.default_rng(page_size * 1000 + group * 10 + head_dim)
+    p = page_size
+    # Decodes at lengths 1, page-1, page, page+1; a chunk with a cached prefix; a whole prompt;
+    # an empty sequence; the longest one spans several key blocks.
+    kv = [1, p - 1, p, p + 1, 2 * p + 5, 19, 0, 4 * p]
+    ql = [1, 1, 1, 1, 9, 19, 0, 3]
+    args = _ragged_case(rng, page_size=p, group=group, head_dim=head_dim, dtype=dtype, q_lens=ql,
+                        kv_lens=kv, max_seqs=10)
+    scale = 1 / math.sqrt(head_dim)
+    out = ragged_paged_attention(*args, sm_scale=scale, interpret=True)
+    ref = ragged_paged_attention_ref(*args, sm_scale=scale)
+    _close(out, ref, dtype)
+    assert not np.asarray(out[-3:], np.float32).any(), "padding tokens must come back as zeros"
+
+
+@pytest.mark.parametrize("soft_cap, window", [(5.0, None), (None, 6)])
+def test_ragged_kernel_soft_cap_and_sliding_window(soft_cap, window):
+    rng = np.random.default_rng(1)
+    args = _ragged_case(rng, page_size=8, group=4, head_dim=64, dtype=jnp.float32,
+                        q_lens=[1, 12, 1], kv_lens=[30, 12, 9])
+    kw = dict(sm_scale=0.125, soft_cap=soft_cap, sliding_window=window)
+    out = ragged_paged_attention(*args, interpret=True, **kw)
+    _close(out, ragged_paged_attention_ref(*args, **kw), jnp.float32)
+    plain = ragged_paged_attention_ref(*args, sm_scale=0.125)
+    assert not np.allclose(np.asarray(plain), np.asarray(out), atol=1e-3), "option had no effect"
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("page_size", [8, 16])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_decode_kernel_matches_reference(dtype, page_size, group, head_dim):
+    rng = np.random.default_rng(page_size * 999 + group * 7 + head_dim)
+    p = page_size
+    kv = [0, 1, p - 1, p, p + 1, 6 * p]
+    q, k_pages, v_pages, _, lens, table, _ = _ragged_case(
+        rng, page_size=p, group=group, head_dim=head_dim, dtype=dtype, q_lens=[1] * len(kv), kv_lens=kv)
+    q = q[:len(kv)]
+    scale = 1 / math.sqrt(head_dim)
+    # Two pages per split: the 6-page sequence needs three splits combined.
+    out = decode_paged_attention(q, k_pages, v_pages, lens, table, sm_scale=scale, pages_per_block=1,
+                                 pages_per_split=2, interpret=True)
+    ref = decode_paged_attention_ref(q, k_pages, v_pages, lens, table, sm_scale=scale)
+    _close(out, ref, dtype)
+    assert not np.asarray(out[0], np.float32).any(), "a sequence with no keys must give zeros"
+
+
+def test_references_on_a_hand_worked_example():
+    # One KV head, head_dim 2, pages of 2 slots. Sequence 0 decodes at position 1; sequence 1
+    # prefills positions 0 and 1. Keys k0=[0,0], k1=[ln 3, 0]; q=[1, 0] -> scores [0, ln 3] ->
+    # softmax [1/4, 3/4]; v0=[4, 0], v1=[0, 8] -> out [1, 6]. Position 0 sees k0 only -> v0.
+    nan = np.nan
+    k = np.array([[[[0, 0], [np.log(3), 0]], [[nan, nan], [nan, nan]], [[0, 0], [np.log(3), 0]]]],
+                 np.float32)
+    v = np.array([[[[4, 0], [0, 8]], [[nan, nan], [nan, nan]], [[4, 0], [0, 8]]]], np.float32)
+    q = np.array([[[1, 0]], [[1, 0]], [[1, 0]]], np.float32)
+    cu, lens = np.array([0, 1, 3], np.int32), np.array([2, 2], np.int32)
+    table, n = np.array([[0], [2]], np.int32), np.array([2], np.int32)
+    out = ragged_paged_attention_ref(q, k, v, cu, lens, table, n, sm_scale=1.0)
+    np.testing.assert_allclose(np.asarray(out)[:, 0], [[1, 6], [4, 0], [1, 6]], atol=1e-6)
+    dec = decode_paged_attention_ref(q[:2], k, v, lens, table, sm_scale=1.0)
+    np.testing.assert_allclose(np.asarray(dec)[:, 0], [[1, 6], [1, 6]], atol=1e-6)
+    # write_kv_ref puts token t of sequence i at position kv_len - q_len + offset of its page table.
+    kp, vp = write_kv_ref(jnp.zeros((1, 3, 2, 2)), jnp.zeros((1, 3, 2, 2)), jnp.ones((3, 1, 2)),
+                          2 * jnp.ones((3, 1, 2)), cu, lens, table, n)
+    written = np.argwhere(np.asarray(kp)[0, :, :, 0] == 1).tolist()
+    assert written == [[0, 1], [2, 0], [2, 1]] and float(vp[0, 2, 1, 0]) == 2
+
+
+@pytest.mark.parametrize("fn, change, message", [
+    ("ragged", dict(q=np.zeros((4, 3, 64), np.float32)), "num_heads 3 is not a multiple of num_kv_heads 2"),
+    ("ragged", dict(kv_lens=np.zeros(4, np.float32)), "kv_lens dtype float32 must be int32"),
+    ("ragged", dict(cu_q_lens=np.zeros(3, np.int32)), r"cu_q_lens shape \(3,\) must be \(5,\)"),
+    ("ragged", dict(k_pages=np.zeros((2, 4, 8, 32), np.float32)), "q head_dim 64 != k_pages head_dim 32"),
+    ("ragged", dict(q=np.zeros((4, 4, 64), np.float16)), "q dtype float16 must be float32 or bfloat16"),
+    ("decode", dict(page_indices=np.zeros((3, 2), np.int32)), r"page_indices must be \[num_seqs=4"),
+])
+def test_static_validation_names_the_bad_input(fn, change, message):
+    args = dict(q=np.zeros((4, 4, 64), np.float32), k_pages=np.zeros((2, 4, 8, 64), np.float32),
+                v_pages=np.zeros((2, 4, 8, 64), np.float32), cu_q_lens=np.zeros(5, np.int32),
+                kv_lens=np.zeros(4, np.int32), page_indices=np.zeros((4, 2), np.int32),
+                num_seqs=np.ones(1, np.int32))
+    args.update(change)
+    if "v_pages" not in change and "k_pages" in change:
+        args["v_pages"] = args["k_pages"]
+    with pytest.raises(ValueError, match=message):
+        if fn == "ragged":
+            ragged_paged_attention(**args, sm_scale=1.0, interpret=True)
+        else:
+            decode_paged_attention(args["q"], args["k_pages"], args["v_pages"], args["kv_lens"],
+                                   args["page_indices"], sm_scale=1.0, interpret=True)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_kernels_lower_to_triton_for_cuda(dtype):
+    """Without a GPU, cross-lower for CUDA: every op in both kernels has a Triton lowering and
+    all tile shapes are legal (the final PTX compile still needs a GPU)."""
+    rng = np.random.default_rng(0)
+    q, kp, vp, cu, lens, table, n = _ragged_case(rng, page_size=16, group=4, head_dim=128, dtype=dtype,
+                                                 q_lens=[1, 9, 20], kv_lens=[40, 9, 60])
+    ragged = lambda *a: ragged_paged_attention(*a, sm_scale=0.1, soft_cap=30.0, sliding_window=32)
+    text = jax.jit(ragged).trace(q, kp, vp, cu, lens, table, n).lower(lowering_platforms=("cuda",)).as_text()
+    assert "ragged_paged_attention" in text and "__gpu$xla.gpu.triton" in text
+    decode = lambda *a: decode_paged_attention(*a, sm_scale=0.1)
+    text = jax.jit(decode).trace(q[:3], kp, vp, lens, table).lower(lowering_platforms=("cuda",)).as_text()
+    assert "decode_paged_attention" in text and "__gpu$xla.gpu.triton" in text
+
+
+def test_kernel_benchmark_smoke_runs_on_cpu():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, os.path.join(root, "tools", "bench_kernels.py"), "--smoke"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| 3 | 64 |")]
+    assert len(rows) == 1 and rows[0].count("|") == 11, res.stdout
