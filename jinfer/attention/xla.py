@@ -69,10 +69,46 @@ def paged_attention(q, k_pages, v_pages, md: AttentionMetadata, *, sm_scale: flo
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
 
 
+def step_attention(q, k, v, md: AttentionMetadata, *, page_size: int, sm_scale: float,
+                   sliding_window: int | None = None):
+    """Causal attention among this step's own tokens only (f[T, heads, head_dim] each).
+
+    Exact when no sequence in the step has cached context (every chunk starts at position 0):
+    then all keys are new, and a dense [T, T] mask (same sequence, not later) replaces the
+    per-token page gather. O(T^2) instead of O(T × max_model_len).
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    seq, pos, real = token_layout(md, num_tokens, page_size)
+    mask = (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None]) & real[None, :] & real[:, None]
+    if sliding_window is not None:
+        mask &= pos[None, :] > pos[:, None] - sliding_window
+    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim)
+    scores = jnp.einsum("tkgd,skd->tkgs", qg, k, preferred_element_type=jnp.float32) * sm_scale
+    scores = jnp.where(mask[:, None, None, :], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("tkgs,skd->tkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+
+
 class XlaBackend:
-    """AttentionBackend in plain jnp: scatter the new K/V, then `paged_attention`."""
+    """AttentionBackend in plain jnp: scatter the new K/V, then attend.
+
+    Steps where some sequence has cached context (decodes, later chunks, prefix hits) gather
+    pages (`paged_attention`); steps of fresh prompts only attend among their own tokens
+    (`step_attention`), chosen at run time by lax.cond.
+    """
 
     def __call__(self, q, k, v, k_pages, v_pages, md, *, sm_scale, sliding_window):
         k_pages, v_pages = write_kv(k_pages, v_pages, k, v, md)
-        out = paged_attention(q, k_pages, v_pages, md, sm_scale=sm_scale, sliding_window=sliding_window)
+        page_size = k_pages.shape[2]
+        seq, pos, real = token_layout(md, q.shape[0], page_size)
+        q_start = md.kv_lens[seq] - (md.cu_q_lens[seq + 1] - md.cu_q_lens[seq])
+        needs_pages = jnp.any(real & (q_start > 0))
+        kw = dict(sm_scale=sm_scale, sliding_window=sliding_window)
+        out = jax.lax.cond(
+            needs_pages,
+            lambda: paged_attention(q, k_pages, v_pages, md, **kw),
+            lambda: step_attention(q, k, v, md, page_size=page_size, **kw))
         return out, k_pages, v_pages
