@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_kernels.validate import static_validate_decode_inputs, static_validate_ragged_inputs
+from pallas_kernels.validate import (static_validate_decode_inputs, static_validate_ragged_inputs,
+                                     static_validate_write_inputs)
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -84,6 +85,7 @@ def decode_paged_attention_ref(q, k_pages, v_pages, kv_lens, page_indices, *, sm
 def write_kv_ref(k_pages, v_pages, k, v, cu_q_lens, kv_lens, page_indices, num_seqs):
     """Places new K/V (f[T, num_kv_heads, head_dim]) at their sequences' positions; padding
     tokens write nothing. Returns (k_pages, v_pages)."""
+    static_validate_write_inputs(k_pages, v_pages, k, v, cu_q_lens, kv_lens, page_indices, num_seqs)
     num_tokens = k.shape[0]
     num_pages, page_size = k_pages.shape[1], k_pages.shape[2]
     t = jnp.arange(num_tokens)

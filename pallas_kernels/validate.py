@@ -59,3 +59,24 @@ def static_validate_decode_inputs(q, k_pages, v_pages, kv_lens, page_indices, *,
     _check(soft_cap is None or soft_cap > 0, f"soft_cap={soft_cap} must be > 0 or None")
     _check(sliding_window is None or sliding_window > 0,
            f"sliding_window={sliding_window} must be > 0 or None")
+
+
+def static_validate_write_inputs(k_pages, v_pages, k, v, cu_q_lens, kv_lens, page_indices,
+                                 num_seqs) -> None:
+    """Raises ValueError naming the bad shape/dtype of a write_kv call."""
+    _check(k.ndim == 3, f"k must be [num_tokens, num_kv_heads, head_dim], got shape {k.shape}")
+    _check(v.shape == k.shape, f"v shape {v.shape} != k shape {k.shape}")
+    _check(k_pages.ndim == 4, f"k_pages must be [num_kv_heads, num_pages, page_size, head_dim], "
+                              f"got shape {k_pages.shape}")
+    _check(v_pages.shape == k_pages.shape, f"v_pages shape {v_pages.shape} != k_pages shape {k_pages.shape}")
+    _check(k_pages.dtype in _FLOATS and v_pages.dtype == k_pages.dtype,
+           f"k_pages/v_pages dtypes {k_pages.dtype}/{v_pages.dtype} must be one of float32, bfloat16")
+    _check(tuple(k.shape[1:]) == (k_pages.shape[0], k_pages.shape[3]),
+           f"k shape {k.shape} does not match k_pages {k_pages.shape} (num_kv_heads, head_dim)")
+    _check(page_indices.ndim == 2, f"page_indices must be [max_seqs, pages_per_seq], got shape "
+                                   f"{page_indices.shape}")
+    max_seqs = page_indices.shape[0]
+    _check_int("page_indices", page_indices, page_indices.shape)
+    _check_int("cu_q_lens", cu_q_lens, (max_seqs + 1,))
+    _check_int("kv_lens", kv_lens, (max_seqs,))
+    _check_int("num_seqs", num_seqs, (1,))
