@@ -49,17 +49,26 @@ class Engine:
                  scheduler_config: SchedulerConfig = SchedulerConfig(),
                  policy: SchedulingPolicy | None = None, *, warmup: bool = False,
                  compilation_cache: str | None = None, async_scheduling: bool = True,
-                 attention_backend: str | None = None):
+                 attention_backend: str | None = None, mesh=None):
+        """mesh: a 1-D `tp` mesh (sharding.tp.make_mesh) to run tensor-parallel; None = one device."""
         if compilation_cache:
             enable_compilation_cache(compilation_cache)
-        # "xla" or "pallas"; None picks pallas on NVIDIA GPUs and xla elsewhere. Set on the model.
-        self.attention_backend = attention_backend or default_attention_backend()
+        layout = None
+        if mesh is not None:
+            from sharding.tp import TPLayout
+            layout = TPLayout.for_model(model.config, mesh)  # ValueError if tp does not fit
+        tp = 1 if mesh is None else mesh.size
+        # "xla" or "pallas"; None picks pallas on NVIDIA GPUs (one device) and xla elsewhere.
+        self.attention_backend = attention_backend or (default_attention_backend() if tp == 1 else "xla")
+        if self.attention_backend == "pallas" and tp > 1:
+            raise ValueError(f"attention_backend='pallas' with tp={tp}: the kernels are not "
+                             "partitioned over a mesh yet; use 'xla'")
         set_attention_backend(model, self.attention_backend)
         self.tokenizer = tokenizer
         self.model_config = model.config
         self.sched_cfg = scheduler_config
         self.async_scheduling = async_scheduling
-        self.runner = ModelRunner(model, cache_config, scheduler_config)
+        self.runner = ModelRunner(model, cache_config, scheduler_config, layout)
         self.scheduler = Scheduler(cache_config, scheduler_config, self.runner.num_pages, policy)
         self._groups: dict[str, list[Request]] = {}  # public id -> its samples still running
         self._detok: dict[str, IncrementalDetokenizer] = {}  # per sample (Request.request_id)

@@ -36,38 +36,51 @@ def pick_bucket(n: int, sizes: tuple[int, ...]) -> int:
     return next(b for b in sizes if b >= n)
 
 
-def num_pages_for(model_cfg, cache_cfg: CacheConfig, dtype, device=None) -> int:
-    """Pages that fit in memory_fraction of the device memory left after the weights."""
+def num_pages_for(model_cfg, cache_cfg: CacheConfig, dtype, device=None, shards: int = 1) -> int:
+    """Pages that fit in memory_fraction of the device memory left after the weights; with the
+    KV heads split over `shards` devices each holds 1/shards of every page."""
     if cache_cfg.num_pages is not None:
         return cache_cfg.num_pages
     stats = (device or jax.devices()[0]).memory_stats() or {}
     free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
     if free <= 0:
         free = _HOST_KV_BUDGET_BYTES
-    page_bytes = model_cfg.kv_bytes_per_token(jnp.dtype(dtype).itemsize) * cache_cfg.page_size
+    page_bytes = model_cfg.kv_bytes_per_token(jnp.dtype(dtype).itemsize) * cache_cfg.page_size // shards
     return max(1, int(free * cache_cfg.memory_fraction) // page_bytes)
 
 
 class ModelRunner:
     """Owns the parameters and the KV cache; executes plans. Never sees Request objects."""
 
-    def __init__(self, model: nnx.Module, cache_cfg: CacheConfig, sched_cfg: SchedulerConfig):
+    def __init__(self, model: nnx.Module, cache_cfg: CacheConfig, sched_cfg: SchedulerConfig,
+                 layout=None):
+        """layout: a sharding.tp.TPLayout to run tensor-parallel on its mesh; None = one device."""
         self.config = model.config
+        self.layout = layout
         self.page_size = cache_cfg.page_size
         self.pages_per_seq = math.ceil(sched_cfg.max_model_len / cache_cfg.page_size)
         self.token_buckets = buckets(sched_cfg.max_num_batched_tokens, smallest=min(16, sched_cfg.max_num_batched_tokens))
         self.seq_buckets = buckets(sched_cfg.max_num_seqs)
         self.graphdef, self.state = nnx.split(model)
         dtype = model.embed.get_value().dtype
-        self.num_pages = num_pages_for(self.config, cache_cfg, dtype)
-        self.kv = KVCache.create(self.config, self.num_pages, self.page_size, dtype=dtype)
+        kv_shards = 1 if layout is None or layout.rules["kv_heads"] is None else layout.mesh.size
+        self.num_pages = num_pages_for(self.config, cache_cfg, dtype, shards=kv_shards)
         self.max_num_seqs = sched_cfg.max_num_seqs
-        self._step = jax.jit(functools.partial(_step, self.graphdef, self.max_num_seqs),
-                             donate_argnums=(1,))
+        step = functools.partial(_step, self.graphdef, self.max_num_seqs)
+        self._prev_tokens = jnp.zeros(self.max_num_seqs, jnp.int32)
+        if layout is None:
+            self.kv = KVCache.create(self.config, self.num_pages, self.page_size, dtype=dtype)
+            self._step = jax.jit(step, donate_argnums=(1,))
+        else:
+            self.state = layout.place_state(self.state)
+            self.kv = layout.create_kv(self.config, self.num_pages, self.page_size, dtype)
+            kv_out = jax.tree.map(lambda _: layout.kv_sharding, self.kv)
+            self._prev_tokens = jax.device_put(self._prev_tokens, layout.replicated)
+            self._step = jax.jit(step, donate_argnums=(1,),
+                                 out_shardings=(layout.replicated, layout.replicated, kv_out))
         self._compiled: dict[tuple[int, int], object] = {}
         # The last dispatched step's sampled ids (on device) and which row each request got:
         # PENDING tokens in the next plan are read from here without a host round trip.
-        self._prev_tokens = jnp.zeros(self.max_num_seqs, jnp.int32)
         self._prev_rows: dict[str, int] = {}
 
     def _bucket_pairs(self):

@@ -59,9 +59,14 @@ def test_generate_tool_json_output(hf_checkpoints, tmp_path):
 
 
 def test_generate_tool_default_model_and_errors(tmp_path):
-    res = _run_generate("--prompt=hello", "--max_tokens=3")
+    res = _run_generate("--prompt=hello", "--max_tokens=3", "--json")
     assert res.returncode == 0, res.stderr
-    assert "[3 tokens, finish=length]" in res.stdout
+    assert len(json.loads(res.stdout)["token_ids"]) == 3
+    sharded = _run_generate("--prompt=hello", "--max_tokens=3", "--json", "--tp=2")  # 8 fake devices
+    assert sharded.returncode == 0, sharded.stderr
+    assert json.loads(sharded.stdout)["token_ids"] == json.loads(res.stdout)["token_ids"]
+    res = _run_generate("--prompt=x", "--tp=16")
+    assert res.returncode != 0 and "tp=16 needs 16 devices, 8 available" in res.stderr
     res = _run_generate(f"--model_path={tmp_path}/nope", "--prompt=x")
     assert res.returncode != 0 and "does not exist" in res.stderr
     res = _run_generate()

@@ -33,6 +33,8 @@ flags.DEFINE_integer("num_pages", 0, "KV pages in the pool; 0 sizes it from devi
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and activation dtype.")
 flags.DEFINE_enum("attention_backend", "", ["", "xla", "pallas"],
                   "Attention implementation; empty: pallas on NVIDIA GPUs, xla elsewhere.")
+flags.DEFINE_integer("tp", 1, "Tensor-parallel degree: a mesh over the first tp devices.",
+                     lower_bound=1)
 flags.DEFINE_integer("page_size", 16, "Tokens per KV-cache page.", lower_bound=1)
 flags.DEFINE_integer("n", 1, "Independent samples per prompt (they share the prompt's KV pages).",
                      lower_bound=1)
@@ -51,7 +53,7 @@ def _prompts() -> list[str]:
     return prompts
 
 
-def _load():
+def _load(mesh):
     import jax.numpy as jnp
 
     from jinfer.loader.hf import load_hf_model
@@ -61,7 +63,11 @@ def _load():
 
     dtype = jnp.dtype(FLAGS.dtype)
     if FLAGS.model_path:
-        model = load_hf_model(FLAGS.model_path, dtype=dtype)
+        if mesh is not None:
+            from sharding.tp import load_sharded
+            model = load_sharded(FLAGS.model_path, mesh, dtype=dtype)  # straight into shards
+        else:
+            model = load_hf_model(FLAGS.model_path, dtype=dtype)
         cfg = model.config
         tok = Tokenizer.from_dir(FLAGS.model_path, bos_id=cfg.bos_token_id, eos_ids=cfg.eos_token_ids)
         return model, tok
@@ -85,11 +91,15 @@ def main(argv):
         params = SamplingParams(temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k,
                                 min_p=FLAGS.min_p, seed=FLAGS.seed, max_tokens=FLAGS.max_tokens,
                                 n=FLAGS.n)
-        model, tok = _load()
+        mesh = None
+        if FLAGS.tp > 1:
+            from sharding.tp import make_mesh
+            mesh = make_mesh(FLAGS.tp)
+        model, tok = _load(mesh)
         engine = Engine(model, tok, CacheConfig(page_size=FLAGS.page_size, num_pages=FLAGS.num_pages or None),
                         SchedulerConfig(max_num_batched_tokens=FLAGS.max_num_batched_tokens,
                                         max_num_seqs=FLAGS.max_num_seqs, max_model_len=FLAGS.max_model_len),
-                        attention_backend=FLAGS.attention_backend or None)
+                        attention_backend=FLAGS.attention_backend or None, mesh=mesh)
         t1 = time.perf_counter()
         outputs = engine.generate(prompts, params)
     except ValueError as e:

@@ -1,0 +1,99 @@
+"""Tensor parallelism: a 1-D `tp` mesh, the rules for a model on it, and placing state and KV.
+
+Megatron layout from sharding.rules.TP_RULES: q/k/v/gate/up split by output columns, o/down by
+input rows (XLA inserts the all-reduce), embedding and LM head split over the vocabulary.
+Adjustments per model:
+- KV heads: split when tp divides num_kv_heads; replicated when num_kv_heads divides tp (every
+  device keeps every KV head and computes K/V for all of them; query heads stay split).
+- Vocabulary: split when tp divides vocab_size, replicated otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jinfer.kv_cache import KV_LOGICAL_AXES, KVCache
+from jinfer.models.config import ModelConfig
+from sharding.rules import TP_RULES, logical_to_spec, state_shardings
+
+AXIS = "tp"
+
+
+def tp_rules(cfg: ModelConfig, tp: int) -> Mapping[str, str | None]:
+    """TP_RULES adjusted to cfg; raises ValueError naming what tp fails to divide."""
+    if tp <= 0:
+        raise ValueError(f"tp={tp} must be > 0")
+    for name in ("num_heads", "intermediate_size"):
+        if getattr(cfg, name) % tp:
+            raise ValueError(f"tp={tp} does not divide {name}={getattr(cfg, name)}")
+    rules = dict(TP_RULES)
+    if cfg.num_kv_heads % tp:
+        if tp % cfg.num_kv_heads:
+            raise ValueError(f"tp={tp} and num_kv_heads={cfg.num_kv_heads}: one must divide the other")
+        rules["kv_heads"] = None  # replicated: fewer KV heads than devices
+    if cfg.vocab_size % tp:
+        rules["vocab"] = None
+    return rules
+
+
+def make_mesh(tp: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh over the first tp devices (or the given ones)."""
+    devices = list(devices if devices is not None else jax.devices())
+    if tp > len(devices):
+        raise ValueError(f"tp={tp} needs {tp} devices, {len(devices)} available")
+    return Mesh(np.array(devices[:tp]), (AXIS,))
+
+
+@dataclasses.dataclass(frozen=True)
+class TPLayout:
+    """Where the model state and the KV cache live for one mesh."""
+
+    mesh: Mesh
+    rules: Mapping[str, str | None]
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, mesh: Mesh) -> "TPLayout":
+        return cls(mesh, tp_rules(cfg, mesh.shape[AXIS]))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    @property
+    def kv_sharding(self) -> NamedSharding:
+        return NamedSharding(self.mesh, logical_to_spec(KV_LOGICAL_AXES, self.rules))
+
+    def state_shardings(self, state: nnx.State):
+        return state_shardings(state, self.mesh, self.rules)
+
+    def place_state(self, state: nnx.State) -> nnx.State:
+        """Moves (or reshards) every parameter onto its shards."""
+        return jax.device_put(state, self.state_shardings(state))
+
+    def create_kv(self, cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> KVCache:
+        """The pool allocated directly in its shards (no full copy on one device)."""
+        shardings = KVCache(*(tuple(self.kv_sharding for _ in range(cfg.num_layers)),) * 2)
+        make = jax.jit(lambda: KVCache.create(cfg, num_pages, page_size, dtype=dtype),
+                       out_shardings=shardings)
+        return make()
+
+
+def load_sharded(model_dir: str, mesh: Mesh, *, dtype=None):
+    """An HF checkpoint loaded straight into its shards on mesh: each parameter goes from the
+    memory-mapped file to its devices, never whole onto one device first."""
+    import jax.numpy as jnp
+
+    from jinfer.loader.hf import load_config, load_hf_model
+    from jinfer.models.llama import abstract_model
+
+    dtype = jnp.float32 if dtype is None else dtype
+    cfg = load_config(model_dir)
+    layout = TPLayout.for_model(cfg, mesh)
+    shardings = layout.state_shardings(nnx.state(abstract_model(cfg, dtype=dtype)))
+    return load_hf_model(model_dir, dtype=dtype, shardings=shardings)

@@ -1,0 +1,91 @@
+"""Tensor parallelism on fake CPU devices: identical greedy tokens for every tp, clear errors."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from jinfer.config import CacheConfig, SchedulerConfig
+from jinfer.engine import Engine
+from jinfer.models.config import preset
+from jinfer.models.llama import init_model
+from jinfer.sampling_params import SamplingParams
+from jinfer.tokenizer import byte_level_tokenizer
+from sharding.tp import make_mesh, tp_rules
+
+TOK = byte_level_tokenizer()
+# 8 query heads, 2 KV heads (GQA 4): tp 4 and 8 replicate KV heads. Vocab 258 is not a
+# multiple of 4 or 8, so the LM head is replicated there and split at tp 2.
+CFG = dataclasses.replace(preset("tiny"), vocab_size=TOK.vocab_size, hidden_size=64, num_heads=8,
+                          num_kv_heads=2, head_dim=8, intermediate_size=128, num_layers=2)
+PROMPTS = [list(range(1, 30)), [7, 8, 9], list(range(1, 20)) + [5]]
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+
+def _run(cfg, tp, **kw):
+    mesh = None if tp is None else make_mesh(tp)
+    eng = Engine(init_model(cfg, seed=3), TOK, CacheConfig(page_size=4, num_pages=64),
+                 SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=4, max_model_len=64),
+                 mesh=mesh, **kw)
+    return eng, [o.token_ids for o in eng.generate(PROMPTS, GREEDY)]
+
+
+@pytest.fixture(scope="module")
+def single():
+    return _run(CFG, None)[1]
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+def test_greedy_tokens_identical_for_every_tp(single, tp):
+    eng, tokens = _run(CFG, tp)
+    assert tokens == single
+    # The state and the KV pool really are split (or replicated where the rules say so).
+    q = eng.runner.state["layers"][0]["attn"]["q_proj"].get_value()
+    assert q.sharding.mesh.size == tp and q.addressable_shards[0].data.shape[1] == 8 // tp
+    k_pages = eng.runner.kv.k[0]
+    assert k_pages.addressable_shards[0].data.shape[0] == (2 // tp if tp <= 2 else 2)
+
+
+def test_kv_heads_split_when_tp_divides_them():
+    cfg = dataclasses.replace(CFG, num_kv_heads=8)
+    base = _run(cfg, None)[1]
+    eng, tokens = _run(cfg, 4)
+    assert tokens == base
+    assert eng.runner.kv.k[0].addressable_shards[0].data.shape[0] == 2
+
+
+@pytest.mark.parametrize("change, tp, message", [
+    (dict(num_heads=6, num_kv_heads=2), 4, "tp=4 does not divide num_heads=6"),
+    (dict(intermediate_size=100), 8, "tp=8 does not divide intermediate_size=100"),
+    (dict(num_kv_heads=4, num_heads=12, intermediate_size=192), 6, "tp=6 and num_kv_heads=4: one must divide the other"),
+])
+def test_tp_that_does_not_fit_the_model_is_rejected(change, tp, message):
+    with pytest.raises(ValueError, match=message):
+        tp_rules(dataclasses.replace(CFG, **change), tp)
+
+
+def test_mesh_errors():
+    with pytest.raises(ValueError, match="tp=16 needs 16 devices, 8 available"):
+        make_mesh(16)
+    with pytest.raises(ValueError, match="attention_backend='pallas' with tp=2"):
+        _run(CFG, 2, attention_backend="pallas")
+    assert len(jax.devices()) == 8 and np.prod(make_mesh(8).devices.shape) == 8
+
+
+def test_hf_checkpoint_loads_straight_into_shards(hf_checkpoints):
+    from jinfer.loader.hf import load_hf_model
+    from jinfer.tokenizer import Tokenizer
+    from sharding.tp import load_sharded
+
+    path = hf_checkpoints["llama2_bias"]  # 4 query heads, 4 KV heads, q/k/v biases
+    mesh = make_mesh(4)
+    model = load_sharded(path, mesh)
+    q = model.layers[0].attn.q_proj.get_value()
+    assert q.sharding.mesh == mesh and q.addressable_shards[0].data.shape == (64, 1, 16)
+    tok = Tokenizer.from_dir(path)
+    cfgs = (CacheConfig(page_size=4, num_pages=32), SchedulerConfig(max_num_batched_tokens=16,
+                                                                    max_num_seqs=2, max_model_len=48))
+    sharded = Engine(model, tok, *cfgs, mesh=mesh).generate(PROMPTS[1:], GREEDY)
+    single = Engine(load_hf_model(path), tok, *cfgs).generate(PROMPTS[1:], GREEDY)
+    assert [o.token_ids for o in sharded] == [o.token_ids for o in single]
