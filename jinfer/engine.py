@@ -73,6 +73,7 @@ class Engine:
         self._groups: dict[str, list[Request]] = {}  # public id -> its samples still running
         self._detok: dict[str, IncrementalDetokenizer] = {}  # per sample (Request.request_id)
         self._inflight = None  # (plan, its Request objects, runner handle) not yet read back
+        self._held_outputs: list[RequestOutput] = []  # read back early (reshard), not yet returned
         self._arrivals = itertools.count()
         self._seed_rng = random.Random(0)
         self.eos_ids = set(tokenizer.eos_ids) | set(model.config.eos_token_ids)
@@ -128,6 +129,22 @@ class Engine:
             req.status, req.finish_reason = Status.FINISHED, "abort"
         return True
 
+    def reshard(self, mesh):
+        """Switches to a new tensor-parallel mesh between steps, requests kept running.
+
+        The step in flight (async scheduling) is finished first; its outputs come with the next
+        step(). Weights move only the slices each device lacks; the KV pool moves with its page
+        tables unchanged. Returns (weights, kv) sharding.reshard.MoveStats.
+        """
+        from sharding.tp import TPLayout
+        layout = TPLayout.for_model(self.model_config, mesh)  # ValueError before anything moves
+        if self.attention_backend == "pallas" and mesh.size > 1:
+            raise ValueError(f"attention_backend='pallas' with tp={mesh.size}: use 'xla'")
+        if self._inflight is not None:
+            done, self._inflight = self._inflight, None
+            self._held_outputs += self._postprocess(*done)
+        return self.runner.reshard(layout)
+
     def has_unfinished(self) -> bool:
         return bool(self._groups)
 
@@ -140,7 +157,8 @@ class Engine:
             reqs = [self._sample(seq.request_id) for seq in plan.seqs]
             launched = (plan, reqs, self.runner.dispatch(plan))
         done, self._inflight = self._inflight, launched
-        outputs = self._postprocess(*done) if done else []
+        outputs, self._held_outputs = self._held_outputs, []
+        outputs += self._postprocess(*done) if done else []
         if not self.async_scheduling and self._inflight:
             done, self._inflight = self._inflight, None
             outputs += self._postprocess(*done)

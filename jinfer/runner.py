@@ -66,21 +66,41 @@ class ModelRunner:
         kv_shards = 1 if layout is None or layout.rules["kv_heads"] is None else layout.mesh.size
         self.num_pages = num_pages_for(self.config, cache_cfg, dtype, shards=kv_shards)
         self.max_num_seqs = sched_cfg.max_num_seqs
-        step = functools.partial(_step, self.graphdef, self.max_num_seqs)
-        self._prev_tokens = jnp.zeros(self.max_num_seqs, jnp.int32)
         if layout is None:
             self.kv = KVCache.create(self.config, self.num_pages, self.page_size, dtype=dtype)
-            self._step = jax.jit(step, donate_argnums=(1,))
         else:
             self.state = layout.place_state(self.state)
             self.kv = layout.create_kv(self.config, self.num_pages, self.page_size, dtype)
+        self._bind(layout)
+
+    def _bind(self, layout) -> None:
+        """(Re)creates the jitted step for a layout; compiled buckets are dropped."""
+        self.layout = layout
+        step = functools.partial(_step, self.graphdef, self.max_num_seqs)
+        # The last dispatched step's sampled ids (on device) and which row each request got:
+        # PENDING tokens in the next plan are read from here without a host round trip.
+        self._prev_tokens = jnp.zeros(self.max_num_seqs, jnp.int32)
+        if layout is None:
+            self._step = jax.jit(step, donate_argnums=(1,))
+        else:
             kv_out = jax.tree.map(lambda _: layout.kv_sharding, self.kv)
             self._prev_tokens = jax.device_put(self._prev_tokens, layout.replicated)
             self._step = jax.jit(step, donate_argnums=(1,),
                                  out_shardings=(layout.replicated, layout.replicated, kv_out))
         self._compiled: dict[tuple[int, int], object] = {}
-        # The last dispatched step's sampled ids (on device) and which row each request got:
-        # PENDING tokens in the next plan are read from here without a host round trip.
+
+    def reshard(self, layout):
+        """Moves weights and the KV pool to a new TP layout (no step may be in flight).
+
+        Page ids and tables are unchanged: the pool keeps its pages, only which device holds
+        which KV heads changes. Returns sharding.reshard.MoveStats for weights and for KV.
+        """
+        from sharding.reshard import reshard_tree
+        self.state, weights = reshard_tree(self.state, layout.state_shardings(self.state))
+        kv_targets = jax.tree.map(lambda _: layout.kv_sharding, self.kv)
+        self.kv, kv = reshard_tree(self.kv, kv_targets)
+        self._bind(layout)
+        return weights, kv
         self._prev_rows: dict[str, int] = {}
 
     def _bucket_pairs(self):
