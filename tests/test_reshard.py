@@ -56,3 +56,16 @@ def test_generation_continues_token_identically_across_reshards():
     assert [final[i] for i in ids] == single
     eng.scheduler.prefix_cache.clear()
     assert eng.scheduler.pool.num_free == eng.runner.num_pages  # no page leaked
+
+
+def test_reshard_benchmark_smoke():
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, os.path.join(root, "tools", "reshard_bench.py"), "--smoke"],
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line.split("|") for line in res.stdout.splitlines() if line.startswith("| 1 → 2")]
+    assert len(rows) == 1 and rows[0][5].strip() == rows[0][6].strip()  # moved == minimum
