@@ -17,8 +17,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.blocks import block_sizes
-from pallas_kernels.ragged_paged_attention import online_softmax_step
-from pallas_kernels.reference import MASK_VALUE
+from pallas_kernels.ragged_paged_attention import attend_pages
 from pallas_kernels.validate import static_validate_decode_inputs
 
 _MIN_ROWS = 16
@@ -28,8 +27,7 @@ def _kernel(kv_lens_ref, page_indices_ref, q_ref, k_pages_ref, v_pages_ref, o_re
             pages_per_block, pages_per_split, sm_scale, soft_cap, sliding_window):
     # q_ref: [rows, D]; k/v_pages_ref: [num_pages, page_size, D]; o_ref: [rows, D]; m/l_ref: [rows]
     seq, split = pl.program_id(1), pl.program_id(2)
-    page_size, head_dim = k_pages_ref.shape[1], k_pages_ref.shape[2]
-    block_k = pages_per_block * page_size
+    block_k = pages_per_block * k_pages_ref.shape[1]
     rows = q_ref.shape[0]
     kv_len = kv_lens_ref[seq]
     q = q_ref[...]
@@ -40,17 +38,9 @@ def _kernel(kv_lens_ref, page_indices_ref, q_ref, k_pages_ref, v_pages_ref, o_re
     if sliding_window is not None:
         first = jnp.maximum(first, jnp.maximum(kv_len - sliding_window, 0) // block_k)
 
-    def body(j, carry):
-        pages = page_indices_ref[seq, pl.ds(j * pages_per_block, pages_per_block)]
-        k = k_pages_ref[pages].reshape(block_k, head_dim)
-        v = v_pages_ref[pages].reshape(block_k, head_dim)
-        key_pos = j * block_k + jnp.arange(block_k)
-        return online_softmax_step(carry, q, k, v, q_pos, key_pos, kv_len, sm_scale=sm_scale,
-                                   soft_cap=soft_cap, sliding_window=sliding_window)
-
-    init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
-            jnp.zeros((rows,), jnp.float32))
-    acc, m, l = jax.lax.fori_loop(first, stop, body, init)
+    acc, m, l = attend_pages(q, q_pos, seq, kv_len, first, stop, page_indices_ref, k_pages_ref,
+                             v_pages_ref, pages_per_block=pages_per_block, sm_scale=sm_scale,
+                             soft_cap=soft_cap, sliding_window=sliding_window)
     o_ref[...] = acc
     m_ref[...] = m
     l_ref[...] = l

@@ -51,6 +51,26 @@ def online_softmax_step(carry, q, k, v, q_pos, key_pos, kv_len, *, sm_scale, sof
     return acc, m_new, l * alpha + p.sum(axis=-1)
 
 
+def attend_pages(q, q_pos, seq, kv_len, first_block, stop_block, page_indices_ref, k_pages_ref,
+                 v_pages_ref, *, pages_per_block, **softmax_kw):
+    """Online softmax of q f[R, D] over key blocks [first_block, stop_block) of sequence seq's
+    pages (pages_per_block pages each). Returns (acc f32[R, D], max f32[R], sum f32[R])."""
+    page_size, head_dim = k_pages_ref.shape[1], k_pages_ref.shape[2]
+    block_k = pages_per_block * page_size
+
+    def body(j, carry):
+        pages = page_indices_ref[seq, pl.ds(j * pages_per_block, pages_per_block)]
+        k = k_pages_ref[pages].reshape(block_k, head_dim)
+        v = v_pages_ref[pages].reshape(block_k, head_dim)
+        key_pos = j * block_k + jnp.arange(block_k)
+        return online_softmax_step(carry, q, k, v, q_pos, key_pos, kv_len, **softmax_kw)
+
+    rows = q.shape[0]
+    init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+    return jax.lax.fori_loop(first_block, stop_block, body, init)
+
+
 def _kernel(work_seq_ref, work_start_ref, cu_q_lens_ref, kv_lens_ref, page_indices_ref,
             q_ref, k_pages_ref, v_pages_ref, o_ref, *, block_q, group, pages_per_block,
             sm_scale, soft_cap, sliding_window):
@@ -81,18 +101,10 @@ def _kernel(work_seq_ref, work_start_ref, cu_q_lens_ref, kv_lens_ref, page_indic
             lowest = jnp.maximum(first_pos - sliding_window + 1, 0)
             first_block = lowest // block_k
 
-        def body(j, carry):
-            pages = page_indices_ref[seq, pl.ds(j * pages_per_block, pages_per_block)]
-            k = k_pages_ref[pages].reshape(block_k, head_dim)
-            v = v_pages_ref[pages].reshape(block_k, head_dim)
-            key_pos = j * block_k + jnp.arange(block_k)
-            return online_softmax_step(carry, q, k, v, q_pos, key_pos, kv_len, sm_scale=sm_scale,
-                                       soft_cap=soft_cap, sliding_window=sliding_window)
-
-        rows = block_q * group
-        init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
-                jnp.zeros((rows,), jnp.float32))
-        acc, _, l = jax.lax.fori_loop(first_block, pl.cdiv(last, block_k), body, init)
+        acc, _, l = attend_pages(q, q_pos, seq, kv_len, first_block, pl.cdiv(last, block_k),
+                                 page_indices_ref, k_pages_ref, v_pages_ref,
+                                 pages_per_block=pages_per_block, sm_scale=sm_scale,
+                                 soft_cap=soft_cap, sliding_window=sliding_window)
         out = jnp.where(l[:, None] > 0, acc / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
         plgpu.store(o_ref.at[pl.ds(start, block_q), heads, :],
                     out.reshape(block_q, group, head_dim).astype(o_ref.dtype),

@@ -22,7 +22,6 @@ same weights:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import platform
 import statistics
