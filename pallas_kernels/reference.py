@@ -82,19 +82,24 @@ def decode_paged_attention_ref(q, k_pages, v_pages, kv_lens, page_indices, *, sm
     return jnp.where((kv_lens > 0)[:, None, None], out, 0).astype(q.dtype)
 
 
-def write_kv_ref(k_pages, v_pages, k, v, cu_q_lens, kv_lens, page_indices, num_seqs):
-    """Places new K/V (f[T, num_kv_heads, head_dim]) at their sequences' positions; padding
-    tokens write nothing. Returns (k_pages, v_pages)."""
-    static_validate_write_inputs(k_pages, v_pages, k, v, cu_q_lens, kv_lens, page_indices, num_seqs)
-    num_tokens = k.shape[0]
-    num_pages, page_size = k_pages.shape[1], k_pages.shape[2]
+def token_slots(cu_q_lens, kv_lens, page_indices, num_seqs, num_tokens: int, page_size: int):
+    """(page i32[T], slot i32[T]) of every flat token; page = -1 for padding tokens."""
     t = jnp.arange(num_tokens)
     seq = jnp.clip(jnp.searchsorted(cu_q_lens[1:], t, side="right"), 0, page_indices.shape[0] - 1)
     real = t < cu_q_lens[num_seqs[0]]
     q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
     pos = jnp.clip(kv_lens[seq] - q_len + (t - cu_q_lens[seq]), 0, page_indices.shape[1] * page_size - 1)
-    page = jnp.where(real, page_indices[seq, pos // page_size], num_pages)  # out of range: dropped
-    slot = pos % page_size
+    page = jnp.where(real, page_indices[seq, pos // page_size], -1).astype(jnp.int32)
+    return page, (pos % page_size).astype(jnp.int32)
+
+
+def write_kv_ref(k_pages, v_pages, k, v, cu_q_lens, kv_lens, page_indices, num_seqs):
+    """Places new K/V (f[T, num_kv_heads, head_dim]) at their sequences' positions; padding
+    tokens write nothing. Returns (k_pages, v_pages)."""
+    static_validate_write_inputs(k_pages, v_pages, k, v, cu_q_lens, kv_lens, page_indices, num_seqs)
+    num_pages, page_size = k_pages.shape[1], k_pages.shape[2]
+    page, slot = token_slots(cu_q_lens, kv_lens, page_indices, num_seqs, k.shape[0], page_size)
+    page = jnp.where(page < 0, num_pages, page)  # out of range: mode="drop" skips padding
     k_pages = k_pages.at[:, page, slot].set(jnp.swapaxes(k, 0, 1).astype(k_pages.dtype), mode="drop")
     v_pages = v_pages.at[:, page, slot].set(jnp.swapaxes(v, 0, 1).astype(v_pages.dtype), mode="drop")
     return k_pages, v_pages

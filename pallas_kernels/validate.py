@@ -30,11 +30,7 @@ def _check_int(name: str, x, shape) -> None:
     _check(tuple(x.shape) == tuple(shape), f"{name} shape {tuple(x.shape)} must be {tuple(shape)}")
 
 
-def static_validate_ragged_inputs(q, k_pages, v_pages, cu_q_lens, kv_lens, page_indices, num_seqs,
-                                  *, soft_cap=None, sliding_window=None) -> None:
-    """Raises ValueError naming the bad shape/dtype/value of a ragged_paged_attention call."""
-    _check(q.ndim == 3, f"q must be [num_tokens, num_heads, head_dim], got shape {q.shape}")
-    _check_pages(q, k_pages, v_pages)
+def _check_ragged_metadata(cu_q_lens, kv_lens, page_indices, num_seqs) -> None:
     _check(page_indices.ndim == 2, f"page_indices must be [max_seqs, pages_per_seq], got shape "
                                    f"{page_indices.shape}")
     max_seqs = page_indices.shape[0]
@@ -42,6 +38,14 @@ def static_validate_ragged_inputs(q, k_pages, v_pages, cu_q_lens, kv_lens, page_
     _check_int("cu_q_lens", cu_q_lens, (max_seqs + 1,))
     _check_int("kv_lens", kv_lens, (max_seqs,))
     _check_int("num_seqs", num_seqs, (1,))
+
+
+def static_validate_ragged_inputs(q, k_pages, v_pages, cu_q_lens, kv_lens, page_indices, num_seqs,
+                                  *, soft_cap=None, sliding_window=None) -> None:
+    """Raises ValueError naming the bad shape/dtype/value of a ragged_paged_attention call."""
+    _check(q.ndim == 3, f"q must be [num_tokens, num_heads, head_dim], got shape {q.shape}")
+    _check_pages(q, k_pages, v_pages)
+    _check_ragged_metadata(cu_q_lens, kv_lens, page_indices, num_seqs)
     _check(soft_cap is None or soft_cap > 0, f"soft_cap={soft_cap} must be > 0 or None")
     _check(sliding_window is None or sliding_window > 0,
            f"sliding_window={sliding_window} must be > 0 or None")
@@ -73,10 +77,4 @@ def static_validate_write_inputs(k_pages, v_pages, k, v, cu_q_lens, kv_lens, pag
            f"k_pages/v_pages dtypes {k_pages.dtype}/{v_pages.dtype} must be one of float32, bfloat16")
     _check(tuple(k.shape[1:]) == (k_pages.shape[0], k_pages.shape[3]),
            f"k shape {k.shape} does not match k_pages {k_pages.shape} (num_kv_heads, head_dim)")
-    _check(page_indices.ndim == 2, f"page_indices must be [max_seqs, pages_per_seq], got shape "
-                                   f"{page_indices.shape}")
-    max_seqs = page_indices.shape[0]
-    _check_int("page_indices", page_indices, page_indices.shape)
-    _check_int("cu_q_lens", cu_q_lens, (max_seqs + 1,))
-    _check_int("kv_lens", kv_lens, (max_seqs,))
-    _check_int("num_seqs", num_seqs, (1,))
+    _check_ragged_metadata(cu_q_lens, kv_lens, page_indices, num_seqs)

@@ -10,22 +10,11 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.reference import token_slots
 from pallas_kernels.validate import static_validate_write_inputs
-
-
-def token_slots(cu_q_lens, kv_lens, page_indices, num_seqs, num_tokens: int, page_size: int):
-    """(page i32[T], slot i32[T]) of every flat token; page = -1 for padding tokens."""
-    t = jnp.arange(num_tokens)
-    seq = jnp.clip(jnp.searchsorted(cu_q_lens[1:], t, side="right"), 0, page_indices.shape[0] - 1)
-    real = t < cu_q_lens[num_seqs[0]]
-    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
-    pos = jnp.clip(kv_lens[seq] - q_len + (t - cu_q_lens[seq]), 0, page_indices.shape[1] * page_size - 1)
-    page = jnp.where(real, page_indices[seq, pos // page_size], -1).astype(jnp.int32)
-    return page, (pos % page_size).astype(jnp.int32)
 
 
 def _kernel(page_ref, slot_ref, k_ref, v_ref, k_pages_ref, v_pages_ref, k_out_ref, v_out_ref):

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jinfer.attention.metadata import AttentionMetadata
+from pallas_kernels.reference import write_kv_ref
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -34,14 +35,7 @@ def token_layout(md: AttentionMetadata, num_tokens: int, page_size: int):
 
 def write_kv(k_pages, v_pages, k, v, md: AttentionMetadata):
     """Scatters new K/V (f[T, num_kv_heads, head_dim]) into their page slots; padding is dropped."""
-    num_pages, page_size = k_pages.shape[1], k_pages.shape[2]
-    seq, pos, real = token_layout(md, k.shape[0], page_size)
-    page = md.page_indices[seq, pos // page_size]
-    page = jnp.where(real, page, num_pages)  # out of range: mode="drop" skips the write
-    slot = pos % page_size
-    k_pages = k_pages.at[:, page, slot].set(jnp.swapaxes(k, 0, 1).astype(k_pages.dtype), mode="drop")
-    v_pages = v_pages.at[:, page, slot].set(jnp.swapaxes(v, 0, 1).astype(v_pages.dtype), mode="drop")
-    return k_pages, v_pages
+    return write_kv_ref(k_pages, v_pages, k, v, md.cu_q_lens, md.kv_lens, md.page_indices, md.num_seqs)
 
 
 def paged_attention(q, k_pages, v_pages, md: AttentionMetadata, *, sm_scale: float,
