@@ -10,7 +10,7 @@ import uuid
 
 import jax
 
-from jinfer.attention import default_attention_backend
+from jinfer.attention import default_attention_backend, get_backend
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.models.llama import set_attention_backend
 from jinfer.detokenizer import IncrementalDetokenizer
@@ -68,7 +68,8 @@ class Engine:
         self.model_config = model.config
         self.sched_cfg = scheduler_config
         self.async_scheduling = async_scheduling
-        self.runner = ModelRunner(model, cache_config, scheduler_config, layout)
+        self.runner = ModelRunner(model, cache_config, scheduler_config, layout,
+                                  decode_steps=get_backend(self.attention_backend).decode_path)
         self.scheduler = Scheduler(cache_config, scheduler_config, self.runner.num_pages, policy)
         self._groups: dict[str, list[Request]] = {}  # public id -> its samples still running
         self._detok: dict[str, IncrementalDetokenizer] = {}  # per sample (Request.request_id)

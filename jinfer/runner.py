@@ -53,8 +53,11 @@ class ModelRunner:
     """Owns the parameters and the KV cache; executes plans. Never sees Request objects."""
 
     def __init__(self, model: nnx.Module, cache_cfg: CacheConfig, sched_cfg: SchedulerConfig,
-                 layout=None):
-        """layout: a sharding.tp.TPLayout to run tensor-parallel on its mesh; None = one device."""
+                 layout=None, *, decode_steps: bool = False):
+        """layout: a sharding.tp.TPLayout to run tensor-parallel on its mesh; None = one device.
+        decode_steps: mark steps where every sequence has one new token (AttentionMetadata.
+        decode_only) so the attention backend can take its decode path; doubles the variants
+        of the buckets that can hold such steps."""
         self.config = model.config
         self.layout = layout
         self.page_size = cache_cfg.page_size
@@ -66,6 +69,7 @@ class ModelRunner:
         kv_shards = 1 if layout is None or layout.rules["kv_heads"] is None else layout.mesh.size
         self.num_pages = num_pages_for(self.config, cache_cfg, dtype, shards=kv_shards)
         self.max_num_seqs = sched_cfg.max_num_seqs
+        self.decode_steps = decode_steps
         if layout is None:
             self.kv = KVCache.create(self.config, self.num_pages, self.page_size, dtype=dtype)
         else:
@@ -87,7 +91,8 @@ class ModelRunner:
             self._prev_tokens = jax.device_put(self._prev_tokens, layout.replicated)
             self._step = jax.jit(step, donate_argnums=(1,),
                                  out_shardings=(layout.replicated, layout.replicated, kv_out))
-        self._compiled: dict[tuple[int, int], object] = {}
+        self._compiled: dict[tuple[int, int, bool], object] = {}
+        self._prev_rows: dict[str, int] = {}
 
     def reshard(self, layout):
         """Moves weights and the KV pool to a new TP layout (no step may be in flight).
@@ -101,23 +106,29 @@ class ModelRunner:
         self.kv, kv = reshard_tree(self.kv, kv_targets)
         self._bind(layout)
         return weights, kv
-        self._prev_rows: dict[str, int] = {}
 
-    def _bucket_pairs(self):
-        return [(t, s) for t in self.token_buckets for s in self.seq_buckets if s <= t]
+    def _bucket_keys(self) -> list[tuple[int, int, bool]]:
+        """Every (tokens, seqs, decode_only) variant a plan can map to."""
+        keys = [(t, s, False) for t in self.token_buckets for s in self.seq_buckets if s <= t]
+        if self.decode_steps:
+            limit = min(self.max_num_seqs, self.token_buckets[-1])
+            keys += sorted({(pick_bucket(n, self.token_buckets), pick_bucket(n, self.seq_buckets), True)
+                            for n in range(1, limit + 1)})
+        return keys
 
     def warmup(self) -> None:
-        """Compiles every (tokens, seqs) bucket ahead of time."""
-        for t, s in self._bucket_pairs():
-            if (t, s) not in self._compiled:
-                args = self._empty_inputs(t, s)
-                self._compiled[(t, s)] = self._step.lower(
+        """Compiles every bucket variant ahead of time."""
+        for key in self._bucket_keys():
+            if key not in self._compiled:
+                args = self._empty_inputs(*key)
+                self._compiled[key] = self._step.lower(
                     self.state, self.kv, self._prev_tokens, *args).compile()
         log.info("compiled %d step buckets", len(self._compiled))
 
-    def _empty_inputs(self, t: int, s: int):
+    def _empty_inputs(self, t: int, s: int, decode_only: bool = False):
         md = AttentionMetadata(np.zeros(s + 1, np.int32), np.zeros(s, np.int32),
-                               np.zeros((s, self.pages_per_seq), np.int32), np.zeros(1, np.int32))
+                               np.zeros((s, self.pages_per_seq), np.int32), np.zeros(1, np.int32),
+                               decode_only)
         return (np.zeros(t, np.int32), np.full(t, -1, np.int32), np.zeros(t, np.int32), md,
                 np.zeros(s, np.int32), SamplingArrays.from_seqs([], s))
 
@@ -146,8 +157,9 @@ class ModelRunner:
         cu[len(seqs) + 1:] = at
         logits_idx = np.zeros(s, np.int32)
         logits_idx[:len(seqs)] = cu[1:len(seqs) + 1] - 1
-        md = AttentionMetadata(cu, kv_lens, table, np.array([len(seqs)], np.int32))
-        return (t, s), (ids, feed, pos, md, logits_idx, SamplingArrays.from_seqs(seqs, s))
+        decode_only = self.decode_steps and plan.num_tokens == len(seqs) > 0
+        md = AttentionMetadata(cu, kv_lens, table, np.array([len(seqs)], np.int32), decode_only)
+        return (t, s, decode_only), (ids, feed, pos, md, logits_idx, SamplingArrays.from_seqs(seqs, s))
 
     def dispatch(self, plan: StepPlan):
         """Enqueues the plan's step on the device and returns at once (JAX async dispatch).

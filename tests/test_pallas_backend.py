@@ -2,6 +2,7 @@
 
 import pytest
 
+import jinfer.attention.pallas as pallas_backend
 from jinfer.attention import default_attention_backend
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.engine import Engine
@@ -20,11 +21,18 @@ def _tokens(path, backend, prompts):
 
 
 @pytest.mark.parametrize("variant", ["llama3", "mistral"])  # GQA 4; sliding window 8 with GQA 2
-def test_engine_greedy_tokens_identical_across_backends(hf_checkpoints, variant):
-    # A chunked 40-token prompt (budget 32), a short one and one sharing its prefix: mixed steps.
+def test_engine_greedy_tokens_identical_across_backends(hf_checkpoints, variant, monkeypatch):
+    # A chunked 40-token prompt (budget 32), a short one and one sharing its prefix: mixed steps
+    # go to the ragged kernel, the decode-only steps at the end to the split-K decode kernel.
+    traced = []
+    for name in ("ragged_paged_attention", "decode_paged_attention"):
+        kernel = getattr(pallas_backend, name)
+        monkeypatch.setattr(pallas_backend, name,
+                            lambda *a, _k=kernel, _n=name, **kw: traced.append(_n) or _k(*a, **kw))
     prompts = [list(range(3, 43)), [5, 6, 7], list(range(3, 23)) + [9, 9]]
     path = hf_checkpoints[variant]
     assert _tokens(path, "pallas", prompts) == _tokens(path, "xla", prompts)
+    assert {"ragged_paged_attention", "decode_paged_attention"} <= set(traced)
 
 
 def test_default_backend_is_xla_on_cpu_and_unknown_names_fail(hf_checkpoints):

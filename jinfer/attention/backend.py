@@ -22,7 +22,12 @@ class AttentionBackend(Protocol):
     Returns:
       (out f[T, num_heads, head_dim], k_pages, v_pages). Rows of padding tokens are unspecified
       but finite; slots outside every sequence's length never reach any output (NaN-safe).
+
+    A backend whose `decode_path` is True has a specialised path for md.decode_only steps; the
+    runner then marks such steps (one more compiled variant per bucket), otherwise it does not.
     """
+
+    decode_path: bool
 
     def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array,
                  v_pages: jax.Array, md: AttentionMetadata, *, sm_scale: float,

@@ -22,6 +22,9 @@ class AttentionMetadata:
     kv_lens: jax.Array  # i32[max_seqs], cached + new tokens
     page_indices: jax.Array  # i32[max_seqs, pages_per_seq]
     num_seqs: jax.Array  # i32[1]
+    # Static: every sequence has exactly one new token (cu_q_lens[s] == s). Backends may take a
+    # decode-specialised path; a jitted step compiles once per value.
+    decode_only: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @classmethod
     def from_lengths(cls, q_lens, kv_lens, page_indices, *, max_seqs: int | None = None,
@@ -38,4 +41,5 @@ class AttentionMetadata:
         table = np.zeros((max_seqs, pages_per_seq), np.int32)
         for s, pages in enumerate(page_indices):
             table[s, :len(pages)] = pages
-        return cls(cu, kv, table, np.array([n], np.int32))
+        return cls(cu, kv, table, np.array([n], np.int32),
+                   decode_only=n > 0 and all(q == 1 for q in q_lens))

@@ -94,6 +94,8 @@ class XlaBackend:
     (`step_attention`), chosen at run time by lax.cond.
     """
 
+    decode_path = False
+
     def __call__(self, q, k, v, k_pages, v_pages, md, *, sm_scale, sliding_window):
         k_pages, v_pages = write_kv(k_pages, v_pages, k, v, md)
         page_size = k_pages.shape[2]
