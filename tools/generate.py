@@ -3,6 +3,10 @@
   python tools/generate.py --model_path=/path/to/hf_checkpoint --prompt="def f(x):" --max_tokens=32
   python tools/generate.py --prompt="hello" --json     # no --model_path: tiny random-weight model
 
+Across hosts (one process per host, the same flags everywhere but --process_id; only process
+0 prints; --tp counts the devices of all processes):
+  python tools/generate.py --tp=16 --coordinator_address=host0:1234 --num_processes=2 --process_id=0 ...
+
 Without --model_path it builds the embedded default model: for now a tiny randomly initialised
 Llama with a byte-level tokenizer (its text is noise; the path it runs is the real one).
 """
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 
@@ -39,6 +44,11 @@ flags.DEFINE_integer("page_size", 16, "Tokens per KV-cache page.", lower_bound=1
 flags.DEFINE_integer("n", 1, "Independent samples per prompt (they share the prompt's KV pages).",
                      lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Sampling seed (also seeds the default model's random weights).")
+flags.DEFINE_string("coordinator_address", "127.0.0.1:12355",
+                    "host:port of process 0, which coordinates a multi-process mesh.")
+flags.DEFINE_integer("num_processes", 1, "Processes (hosts) in the mesh; 1 = this process alone.",
+                     lower_bound=1)
+flags.DEFINE_integer("process_id", 0, "This process's rank in [0, num_processes).", lower_bound=0)
 flags.DEFINE_bool("json", False, "Print one JSON object per completion (prompt, index, token_ids, "
                   "text, finish_reason) instead of text for a person.")
 
@@ -82,6 +92,18 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     prompts = _prompts()
+    report = sys.stdout
+    if FLAGS.num_processes > 1:
+        # Collective libraries log connection chatter to stdout from C++; keep stdout for the
+        # results (--json stays machine-readable) and send everything else to stderr.
+        sys.stdout.flush()
+        report = os.fdopen(os.dup(1), "w")
+        os.dup2(2, 1)
+    from sharding.distributed import initialize
+    try:
+        initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     from jinfer.config import CacheConfig, SchedulerConfig
     from jinfer.engine import Engine
     from jinfer.sampling_params import SamplingParams
@@ -105,18 +127,22 @@ def main(argv):
     except ValueError as e:
         sys.exit(f"error: {e}")
     t2 = time.perf_counter()
+    if FLAGS.process_id != 0:
+        return  # every process computed the same outputs; process 0 reports them
     for i, out in enumerate(outputs):  # n per prompt, in prompt order
         prompt = prompts[i // FLAGS.n]
         if FLAGS.json:
             print(json.dumps({"prompt": prompt, "index": out.index, "token_ids": out.token_ids,
-                              "text": out.text, "finish_reason": out.finish_reason}))
+                              "text": out.text, "finish_reason": out.finish_reason}), file=report)
         else:
             sample = f" (sample {out.index})" if FLAGS.n > 1 else ""
             print(f"--- {prompt!r}{sample}\n{prompt}{out.text}\n[{len(out.token_ids)} tokens, "
-                  f"finish={out.finish_reason}]")
+                  f"finish={out.finish_reason}]", file=report)
     if not FLAGS.json:
         n = sum(len(o.token_ids) for o in outputs)
-        print(f"load {t1 - t0:.2f}s; generate {t2 - t1:.2f}s for {n} tokens (includes compilation)")
+        print(f"load {t1 - t0:.2f}s; generate {t2 - t1:.2f}s for {n} tokens (includes compilation)",
+              file=report)
+    report.flush()
 
 
 if __name__ == "__main__":
