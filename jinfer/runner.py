@@ -67,7 +67,8 @@ class ModelRunner:
         self.graphdef, self.state = nnx.split(model)
         dtype = model.embed.get_value().dtype
         kv_shards = 1 if layout is None or layout.rules["kv_heads"] is None else layout.mesh.size
-        self.num_pages = num_pages_for(self.config, cache_cfg, dtype, shards=kv_shards)
+        device = None if layout is None else layout.mesh.devices.flat[0]
+        self.num_pages = num_pages_for(self.config, cache_cfg, dtype, device, shards=kv_shards)
         self.max_num_seqs = sched_cfg.max_num_seqs
         self.decode_steps = decode_steps
         if layout is None:
