@@ -1,19 +1,18 @@
 """Generation from the command line, through the continuous-batching engine.
 
   python tools/generate.py --model_path=/path/to/hf_checkpoint --prompt="def f(x):" --max_tokens=32
-  python tools/generate.py --prompt="hello" --json     # no --model_path: tiny random-weight model
+  python tools/generate.py --prompt="def f(x):" --json  # no --model_path: the embedded default model
 
 Across hosts (one process per host, the same flags everywhere but --process_id; only process
 0 prints; --tp counts the devices of all processes):
   python tools/generate.py --tp=16 --coordinator_address=host0:1234 --num_processes=2 --process_id=0 ...
 
-Without --model_path it builds the embedded default model: for now a tiny randomly initialised
-Llama with a byte-level tokenizer (its text is noise; the path it runs is the real one).
+Without --model_path it loads the embedded default model (jinfer/default_model: a small Llama
+trained on the Python standard library, HF format) through the same loader.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -23,7 +22,8 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_path", "", "HF checkpoint directory (config.json, safetensors, "
-                    "tokenizer.json). Empty: the embedded default model.")
+                    "tokenizer.json). Empty: the embedded default model "
+                    "(jinfer/default_model).")
 flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for a batch.")
 flags.DEFINE_string("prompts_file", "", "A file with one prompt per line (added after --prompt).")
 flags.DEFINE_integer("max_tokens", 32, "Tokens to generate per prompt.", lower_bound=1)
@@ -43,7 +43,7 @@ flags.DEFINE_integer("tp", 1, "Tensor-parallel degree: a mesh over the first tp 
 flags.DEFINE_integer("page_size", 16, "Tokens per KV-cache page.", lower_bound=1)
 flags.DEFINE_integer("n", 1, "Independent samples per prompt (they share the prompt's KV pages).",
                      lower_bound=1)
-flags.DEFINE_integer("seed", 0, "Sampling seed (also seeds the default model's random weights).")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_string("coordinator_address", "127.0.0.1:12355",
                     "host:port of process 0, which coordinates a multi-process mesh.")
 flags.DEFINE_integer("num_processes", 1, "Processes (hosts) in the mesh; 1 = this process alone.",
@@ -66,25 +66,19 @@ def _prompts() -> list[str]:
 def _load(mesh):
     import jax.numpy as jnp
 
+    from jinfer import DEFAULT_MODEL_DIR
     from jinfer.loader.hf import load_hf_model
-    from jinfer.models.config import preset
-    from jinfer.models.llama import init_model
-    from jinfer.tokenizer import Tokenizer, byte_level_tokenizer
+    from jinfer.tokenizer import Tokenizer
 
     dtype = jnp.dtype(FLAGS.dtype)
-    if FLAGS.model_path:
-        if mesh is not None:
-            from sharding.tp import load_sharded
-            model = load_sharded(FLAGS.model_path, mesh, dtype=dtype)  # straight into shards
-        else:
-            model = load_hf_model(FLAGS.model_path, dtype=dtype)
-        cfg = model.config
-        tok = Tokenizer.from_dir(FLAGS.model_path, bos_id=cfg.bos_token_id, eos_ids=cfg.eos_token_ids)
-        return model, tok
-    tok = byte_level_tokenizer()
-    cfg = dataclasses.replace(preset("tiny"), vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
-                              eos_token_ids=tok.eos_ids)
-    model = init_model(cfg, seed=FLAGS.seed, dtype=dtype)
+    path = FLAGS.model_path or DEFAULT_MODEL_DIR
+    if mesh is not None:
+        from sharding.tp import load_sharded
+        model = load_sharded(path, mesh, dtype=dtype)  # straight into shards
+    else:
+        model = load_hf_model(path, dtype=dtype)
+    cfg = model.config
+    tok = Tokenizer.from_dir(path, bos_id=cfg.bos_token_id, eos_ids=cfg.eos_token_ids)
     return model, tok
 
 

@@ -58,22 +58,27 @@ class Attention(nnx.Module):
         if cfg.o_bias:
             self.o_bias = _param(rngs, (e,), ("norm",), dtype, init="zeros")
 
-    def __call__(self, x, positions, k_pages, v_pages, md: AttentionMetadata):
+    def project(self, x, positions):
+        """q f[T, heads, head_dim] and k, v f[T, kv_heads, head_dim], biases and RoPE applied."""
         q = jnp.einsum("te,enh->tnh", x, self.q_proj[...])
         k = jnp.einsum("te,ekh->tkh", x, self.k_proj[...])
         v = jnp.einsum("te,ekh->tkh", x, self.v_proj[...])
         if self.cfg.qkv_bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         inv_freq = inverse_frequencies(self.cfg)  # numpy constant, folded into the program
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+    def output(self, out):
+        """The heads' outputs f[T, heads, head_dim] back to the residual stream."""
+        y = jnp.einsum("tnh,nhe->te", out, self.o_proj[...])
+        return y + self.o_bias[...] if self.cfg.o_bias else y
+
+    def __call__(self, x, positions, k_pages, v_pages, md: AttentionMetadata):
+        q, k, v = self.project(x, positions)
         out, k_pages, v_pages = get_backend(self.backend)(
             q, k, v, k_pages, v_pages, md, sm_scale=self.cfg.head_dim ** -0.5,
             sliding_window=self.cfg.sliding_window)
-        y = jnp.einsum("tnh,nhe->te", out, self.o_proj[...])
-        if self.cfg.o_bias:
-            y = y + self.o_bias[...]
-        return y, k_pages, v_pages
+        return self.output(out), k_pages, v_pages
 
 
 class MLP(nnx.Module):
@@ -135,11 +140,13 @@ class LlamaForCausalLM(nnx.Module):
         x = self.final_norm(x)
         if logits_indices is not None:
             x = x[logits_indices]
+        return self.logits(x), KVCache(tuple(new_k), tuple(new_v))
+
+    def logits(self, x):
+        """f32[T, vocab] from final-normed hidden states f[T, embed]."""
         if self.config.tie_word_embeddings:
-            logits = jnp.einsum("te,ve->tv", x, self.embed[...], preferred_element_type=jnp.float32)
-        else:
-            logits = jnp.einsum("te,ev->tv", x, self.lm_head[...], preferred_element_type=jnp.float32)
-        return logits, KVCache(tuple(new_k), tuple(new_v))
+            return jnp.einsum("te,ve->tv", x, self.embed[...], preferred_element_type=jnp.float32)
+        return jnp.einsum("te,ev->tv", x, self.lm_head[...], preferred_element_type=jnp.float32)
 
 
 def set_attention_backend(model: LlamaForCausalLM, name: str) -> None:
