@@ -49,20 +49,19 @@ class Engine:
                  scheduler_config: SchedulerConfig = SchedulerConfig(),
                  policy: SchedulingPolicy | None = None, *, warmup: bool = False,
                  compilation_cache: str | None = None, async_scheduling: bool = True,
-                 attention_backend: str | None = None, mesh=None):
-        """mesh: a 1-D `tp` mesh (sharding.tp.make_mesh) to run tensor-parallel; None = one device."""
+                 attention_backend: str | None = None, mesh=None, vocab_parallel: bool = True):
+        """mesh: a 1-D `tp` mesh (sharding.tp.make_mesh) to run tensor-parallel; None = one device.
+        vocab_parallel: on a mesh, split the embedding and LM head over the vocabulary (when tp
+        divides it) rather than keep them whole on every device (benchmarks/tp.md)."""
         if compilation_cache:
             enable_compilation_cache(compilation_cache)
         layout = None
+        self.vocab_parallel = vocab_parallel
         if mesh is not None:
             from sharding.tp import TPLayout
-            layout = TPLayout.for_model(model.config, mesh)  # ValueError if tp does not fit
-        tp = 1 if mesh is None else mesh.size
-        # "xla" or "pallas"; None picks pallas on NVIDIA GPUs (one device) and xla elsewhere.
-        self.attention_backend = attention_backend or (default_attention_backend() if tp == 1 else "xla")
-        if self.attention_backend == "pallas" and tp > 1:
-            raise ValueError(f"attention_backend='pallas' with tp={tp}: the kernels are not "
-                             "partitioned over a mesh yet; use 'xla'")
+            layout = TPLayout.for_model(model.config, mesh, vocab_parallel)  # ValueError if tp does not fit
+        # "xla" or "pallas"; None picks pallas on NVIDIA GPUs and xla elsewhere.
+        self.attention_backend = attention_backend or default_attention_backend()
         set_attention_backend(model, self.attention_backend)
         self.tokenizer = tokenizer
         self.model_config = model.config
@@ -138,9 +137,7 @@ class Engine:
         tables unchanged. Returns (weights, kv) sharding.reshard.MoveStats.
         """
         from sharding.tp import TPLayout
-        layout = TPLayout.for_model(self.model_config, mesh)  # ValueError before anything moves
-        if self.attention_backend == "pallas" and mesh.size > 1:
-            raise ValueError(f"attention_backend='pallas' with tp={mesh.size}: use 'xla'")
+        layout = TPLayout.for_model(self.model_config, mesh, self.vocab_parallel)  # ValueError before anything moves
         if self._inflight is not None:
             done, self._inflight = self._inflight, None
             self._held_outputs += self._postprocess(*done)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -108,6 +109,10 @@ class ModelRunner:
         self._bind(layout)
         return weights, kv
 
+    def _mesh(self):
+        """Steps are traced with the mesh set, so backends that partition by hand see it."""
+        return contextlib.nullcontext() if self.layout is None else jax.set_mesh(self.layout.mesh)
+
     def _bucket_keys(self) -> list[tuple[int, int, bool]]:
         """Every (tokens, seqs, decode_only) variant a plan can map to."""
         keys = [(t, s, False) for t in self.token_buckets for s in self.seq_buckets if s <= t]
@@ -122,8 +127,9 @@ class ModelRunner:
         for key in self._bucket_keys():
             if key not in self._compiled:
                 args = self._empty_inputs(*key)
-                self._compiled[key] = self._step.lower(
-                    self.state, self.kv, self._prev_tokens, *args).compile()
+                with self._mesh():
+                    self._compiled[key] = self._step.lower(
+                        self.state, self.kv, self._prev_tokens, *args).compile()
         log.info("compiled %d step buckets", len(self._compiled))
 
     def _empty_inputs(self, t: int, s: int, decode_only: bool = False):
@@ -168,8 +174,12 @@ class ModelRunner:
         The result is a handle for fetch(); the next plan may already use this one's samples.
         """
         key, args = self.prepare(plan)
-        fn = self._compiled.get(key, self._step)
-        tokens, logprobs, self.kv = fn(self.state, self.kv, self._prev_tokens, *args)
+        fn = self._compiled.get(key)
+        if fn is None:
+            with self._mesh():
+                tokens, logprobs, self.kv = self._step(self.state, self.kv, self._prev_tokens, *args)
+        else:
+            tokens, logprobs, self.kv = fn(self.state, self.kv, self._prev_tokens, *args)
         self._prev_tokens = tokens
         self._prev_rows = {seq.request_id: i for i, seq in enumerate(plan.seqs) if seq.sample}
         return tokens, logprobs, len(plan.seqs)

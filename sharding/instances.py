@@ -129,7 +129,7 @@ class Instances:
 
     def _copy(self, engine, mesh):
         """A new replica on mesh with engine's weights, moving only the slices mesh lacks."""
-        layout = TPLayout.for_model(engine.model_config, mesh)
+        layout = TPLayout.for_model(engine.model_config, mesh, engine.vocab_parallel)
         runner = engine.runner
         state, stats = reshard_tree(runner.state, layout.state_shardings(runner.state))
         model = nnx.merge(runner.graphdef, state)

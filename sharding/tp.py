@@ -5,7 +5,8 @@ input rows (XLA inserts the all-reduce), embedding and LM head split over the vo
 Adjustments per model:
 - KV heads: split when tp divides num_kv_heads; replicated when num_kv_heads divides tp (every
   device keeps every KV head and computes K/V for all of them; query heads stay split).
-- Vocabulary: split when tp divides vocab_size, replicated otherwise.
+- Vocabulary: split when tp divides vocab_size (and vocab_parallel), replicated otherwise.
+  benchmarks/tp.md measures the two (tools/bench_tp.py).
 """
 
 from __future__ import annotations
@@ -25,8 +26,12 @@ from sharding.rules import TP_RULES, logical_to_spec, state_shardings
 AXIS = "tp"
 
 
-def tp_rules(cfg: ModelConfig, tp: int) -> Mapping[str, str | None]:
-    """TP_RULES adjusted to cfg; raises ValueError naming what tp fails to divide."""
+def tp_rules(cfg: ModelConfig, tp: int, vocab_parallel: bool = True) -> Mapping[str, str | None]:
+    """TP_RULES adjusted to cfg; raises ValueError naming what tp fails to divide.
+
+    vocab_parallel=False keeps the embedding and the LM head whole on every device (each
+    computes all logits; no gather of logits) instead of splitting them over the vocabulary.
+    """
     if tp <= 0:
         raise ValueError(f"tp={tp} must be > 0")
     for name in ("num_heads", "intermediate_size"):
@@ -37,7 +42,7 @@ def tp_rules(cfg: ModelConfig, tp: int) -> Mapping[str, str | None]:
         if tp % cfg.num_kv_heads:
             raise ValueError(f"tp={tp} and num_kv_heads={cfg.num_kv_heads}: one must divide the other")
         rules["kv_heads"] = None  # replicated: fewer KV heads than devices
-    if cfg.vocab_size % tp:
+    if cfg.vocab_size % tp or not vocab_parallel:
         rules["vocab"] = None
     return rules
 
@@ -58,8 +63,8 @@ class TPLayout:
     rules: Mapping[str, str | None]
 
     @classmethod
-    def for_model(cls, cfg: ModelConfig, mesh: Mesh) -> "TPLayout":
-        return cls(mesh, tp_rules(cfg, mesh.shape[AXIS]))
+    def for_model(cls, cfg: ModelConfig, mesh: Mesh, vocab_parallel: bool = True) -> "TPLayout":
+        return cls(mesh, tp_rules(cfg, mesh.shape[AXIS], vocab_parallel))
 
     @property
     def replicated(self) -> NamedSharding:

@@ -42,3 +42,22 @@ def test_default_backend_is_xla_on_cpu_and_unknown_names_fail(hf_checkpoints):
         Engine(load_hf_model(path), Tokenizer.from_dir(path), CacheConfig(page_size=4, num_pages=8),
                SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=2, max_model_len=32),
                attention_backend="triton")
+
+
+@pytest.mark.parametrize("variant, tp", [("llama2_bias", 2),  # 4 KV heads split 2 per device
+                                         ("llama3", 4)])  # 1 KV head kept whole on all 4 devices
+def test_pallas_under_tensor_parallelism_matches_one_device(hf_checkpoints, variant, tp):
+    from sharding.tp import make_mesh
+    path = hf_checkpoints[variant]
+    prompts = [list(range(3, 15)), [5, 6, 7]]  # a chunked prompt, then decode-only steps
+
+    def tokens(backend, mesh):
+        eng = Engine(load_hf_model(path), Tokenizer.from_dir(path), CacheConfig(page_size=4, num_pages=16),
+                     SchedulerConfig(max_num_batched_tokens=8, max_num_seqs=2, max_model_len=24),
+                     attention_backend=backend, mesh=mesh)
+        outs = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        return eng, [o.token_ids for o in outs]
+
+    eng, sharded = tokens("pallas", make_mesh(tp))
+    assert sharded == tokens("xla", None)[1]
+    assert eng.runner.kv.k[0].sharding.mesh.size == tp

@@ -174,7 +174,7 @@ def _bare_decode_rate(runner, batch: int, steps: int, prompt_len: int) -> float:
     seq = ScheduledSeq("x", (0,), 0, (), True, SamplingParams(temperature=0), 0, 0, 0)
     samp = SamplingArrays.from_seqs([seq] * batch, s)
     ids = np.zeros(t, np.int32)
-    fn = runner._compiled.get((t, s), runner._step)
+    fn = runner._compiled.get((t, s, False), runner._step)
 
     def run(n, start_len):
         prev = runner._prev_tokens
