@@ -146,6 +146,10 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self._groups)
 
+    def is_unfinished(self, request_id: str) -> bool:
+        """Whether some sample of the request is still queued or running."""
+        return request_id in self._groups
+
     def step(self) -> list[RequestOutput]:
         """Schedules and dispatches one step; returns what the previous one (async) or this
         one (sync) produced."""

@@ -1,0 +1,72 @@
+"""A small Python client for jinfer.v1.Inference."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import grpc
+
+from jinfer.serving import inference_pb2 as pb
+from jinfer.serving import inference_pb2_grpc as pb_grpc
+
+_FIELDS = ("temperature", "top_k", "top_p", "min_p", "seed", "max_tokens", "n", "stop", "stop_token_ids",
+           "ignore_eos", "logprobs", "tier", "session_key", "request_id")
+
+
+class Client:
+    """Client("127.0.0.1:50051", token=..., root_cert=path) -- a channel to one server."""
+
+    def __init__(self, target: str, *, token: str | None = None, root_cert: str | None = None,
+                 max_message_bytes: int = 16 << 20):
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes)]
+        if root_cert is not None:
+            with open(root_cert, "rb") as f:
+                self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(f.read()), options)
+        else:
+            self._channel = grpc.insecure_channel(target, options)
+        self._stub = pb_grpc.InferenceStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @staticmethod
+    def request(prompt: str | list[int], **params) -> pb.GenerateRequest:
+        """A GenerateRequest; params are GenerateRequest fields (temperature, max_tokens, ...)."""
+        unknown = sorted(set(params) - set(_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown GenerateRequest fields {unknown}; known: {list(_FIELDS)}")
+        if isinstance(prompt, str):
+            return pb.GenerateRequest(text=prompt, **params)
+        return pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(prompt)), **params)
+
+    def generate_stream(self, prompt: str | list[int], *, timeout: float | None = None, **params
+                        ) -> Iterator[pb.GenerateResponse]:
+        """The server's stream; cancel it (iterator.cancel()) to abort the request."""
+        return self._stub.Generate(self.request(prompt, **params), timeout=timeout, metadata=self._metadata)
+
+    def generate(self, prompt: str | list[int], **params) -> list[dict]:
+        """Runs one request to completion; per sample: token_ids, text, finish_reason, usage, ttft_s."""
+        samples: dict[int, dict] = {}
+        for msg in self.generate_stream(prompt, **params):
+            s = samples.setdefault(msg.index, {"token_ids": [], "text": "", "logprobs": [], "finish_reason": "",
+                                               "ttft_s": None})
+            s["token_ids"] += list(msg.token_ids)
+            s["text"] += msg.text
+            s["logprobs"] += list(msg.logprobs)
+            if msg.HasField("ttft_s"):
+                s["ttft_s"] = msg.ttft_s
+            s["finish_reason"] = msg.finish_reason
+            s["usage"] = {"prompt_tokens": msg.usage.prompt_tokens, "completion_tokens": msg.usage.completion_tokens,
+                          "cached_prompt_tokens": msg.usage.cached_prompt_tokens}
+        return [samples[i] for i in sorted(samples)]
+
+    def server_info(self) -> pb.ServerInfo:
+        return self._stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=self._metadata)

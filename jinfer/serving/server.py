@@ -1,0 +1,295 @@
+"""The gRPC server: a grpc.aio front end over one Engine driven by its own thread.
+
+The engine is not thread-safe, so one thread owns it (`EngineLoop`): it takes commands (add,
+abort) from a queue between steps and pushes each step's outputs to the asyncio queues of the
+RPCs waiting on them. Requests that fail validation are answered INVALID_ARGUMENT with the
+engine's message (which names the field) and never touch the engine's state; a full queue
+answers RESOURCE_EXHAUSTED; a client that goes away aborts its request, freeing its pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import queue
+import threading
+import time
+import uuid
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+import jinfer
+from jinfer.sampling_params import SamplingParams
+from jinfer.serving import inference_pb2 as pb
+from jinfer.serving import inference_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "jinfer.v1.Inference"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingConfig:
+    """How the server listens and what it admits."""
+
+    host: str = "127.0.0.1"
+    """Interface to bind; 127.0.0.1 keeps the server local unless told otherwise."""
+    port: int = 0
+    """0 picks a free port (see Server.port)."""
+    max_queued_requests: int = 256
+    """Requests admitted but unfinished beyond which Generate answers RESOURCE_EXHAUSTED."""
+    max_request_bytes: int = 4 << 20
+    """Larger GenerateRequests are refused with INVALID_ARGUMENT (gRPC itself refuses 4x this)."""
+    tiers: tuple[str, ...] = ("default",)
+    """SLO tier names, highest priority first; an empty tier field means the first."""
+    auth_token: str | None = None
+    """When set, every Inference call needs metadata `authorization: Bearer <token>`."""
+    tls_cert: str | None = None
+    """PEM certificate chain file; with tls_key, serve TLS instead of plaintext."""
+    tls_key: str | None = None
+    """PEM private key file."""
+    model_name: str = ""
+    """Reported by GetServerInfo."""
+
+    def __post_init__(self):
+        if self.max_queued_requests < 1:
+            raise ValueError(f"max_queued_requests={self.max_queued_requests} must be >= 1")
+        if not self.tiers:
+            raise ValueError("tiers is empty: give at least one tier name")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+
+
+class EngineLoop:
+    """Owns the engine on one thread; other threads talk to it through submit/abort."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._sinks: dict[str, callable] = {}
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._commands.put(("wake",))
+        self._thread.join()
+
+    @property
+    def num_outstanding(self) -> int:
+        return len(self._sinks)
+
+    def submit(self, prompt, params: SamplingParams, request_id: str, priority: int, sink
+               ) -> concurrent.futures.Future:
+        """Queues add_request; the future raises the engine's ValueError if it refuses. `sink`
+        is called on the engine thread with each RequestOutput, or with an Exception."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("add", prompt, params, request_id, priority, sink, fut))
+        return fut
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def _handle(self, cmd) -> None:
+        if cmd[0] == "add":
+            _, prompt, params, request_id, priority, sink, fut = cmd
+            try:
+                self.engine.add_request(prompt, params, request_id=request_id, priority=priority)
+            except ValueError as e:
+                fut.set_exception(e)
+                return
+            self._sinks[request_id] = sink
+            fut.set_result(request_id)
+        elif cmd[0] == "abort":
+            if self._sinks.pop(cmd[1], None) is not None:
+                self.engine.abort(cmd[1])
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            busy = self.engine.has_unfinished()
+            try:  # block for work only when the engine is idle
+                cmd = self._commands.get(block=not busy)
+                self._handle(cmd)
+                while True:
+                    self._handle(self._commands.get_nowait())
+            except queue.Empty:
+                pass
+            if not self.engine.has_unfinished():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # noqa: BLE001 - reported to every waiting request
+                log.exception("engine step failed")
+                for request_id, sink in list(self._sinks.items()):
+                    self.engine.abort(request_id)
+                    sink(e)
+                self._sinks.clear()
+                continue
+            for out in outputs:
+                sink = self._sinks.get(out.request_id)
+                if sink is not None:
+                    sink(out)
+            for request_id in [r for r in self._sinks if not self.engine.is_unfinished(r)]:
+                del self._sinks[request_id]  # every sample finished
+
+
+def _params(req: pb.GenerateRequest) -> SamplingParams:
+    kw = {}
+    for name in ("temperature", "top_k", "top_p", "min_p", "seed", "max_tokens", "n"):
+        if req.HasField(name):
+            kw[name] = getattr(req, name)
+    kw.setdefault("temperature", 0.0)
+    return SamplingParams(stop=tuple(req.stop), stop_token_ids=tuple(req.stop_token_ids),
+                          ignore_eos=req.ignore_eos, logprobs=req.logprobs, **kw)
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(self, loop: EngineLoop, config: ServingConfig):
+        self.loop = loop
+        self.config = config
+
+    async def Generate(self, request, context):
+        cfg = self.config
+        if request.ByteSize() > cfg.max_request_bytes:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"request is {request.ByteSize()} bytes; max_request_bytes={cfg.max_request_bytes}")
+        kind = request.WhichOneof("prompt")
+        if kind is None or (kind == "text" and not request.text) or (kind == "token_ids" and not request.token_ids.ids):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty: set text or token_ids")
+        tier = request.tier or cfg.tiers[0]
+        if tier not in cfg.tiers:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown tier={tier!r}; known: {list(cfg.tiers)}")
+        try:
+            params = _params(request)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if self.loop.num_outstanding >= cfg.max_queued_requests:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"server is full ({cfg.max_queued_requests} requests queued or running); retry later")
+        request_id = request.request_id or uuid.uuid4().hex
+        prompt = request.text if kind == "text" else list(request.token_ids.ids)
+        aio_loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+        sink = lambda item: aio_loop.call_soon_threadsafe(outputs.put_nowait, item)  # noqa: E731
+        try:
+            await asyncio.wrap_future(self.loop.submit(prompt, params, request_id, cfg.tiers.index(tier), sink))
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        finished, done = set(), False
+        try:
+            while len(finished) < params.n:
+                out = await outputs.get()
+                if isinstance(out, Exception):
+                    await context.abort(grpc.StatusCode.INTERNAL, f"engine failed: {out}")
+                first = out.first_token_time is not None and len(out.token_ids) == len(out.new_token_ids)
+                msg = pb.GenerateResponse(
+                    request_id=request_id, index=out.index, token_ids=out.new_token_ids, text=out.new_text,
+                    logprobs=out.new_logprobs or [], finish_reason=out.finish_reason or "",
+                    usage=pb.Usage(prompt_tokens=out.usage.prompt_tokens,
+                                   completion_tokens=out.usage.completion_tokens,
+                                   cached_prompt_tokens=out.usage.cached_prompt_tokens))
+                if first and out.new_token_ids:
+                    msg.ttft_s = out.first_token_time - out.arrival_time
+                if out.finished:
+                    finished.add(out.index)
+                yield msg
+            done = True
+        finally:
+            if not done:  # cancelled, or the stream failed: free the request's pages
+                self.loop.abort(request_id)
+
+    async def GetServerInfo(self, request, context):
+        eng = self.loop.engine
+        sched = eng.sched_cfg
+        layout = eng.runner.layout
+        return pb.ServerInfo(
+            model=self.config.model_name, vocab_size=eng.model_config.vocab_size,
+            max_model_len=sched.max_model_len, max_num_seqs=sched.max_num_seqs,
+            max_num_batched_tokens=sched.max_num_batched_tokens, page_size=eng.runner.page_size,
+            num_pages=eng.runner.num_pages, max_queued_requests=self.config.max_queued_requests,
+            tiers=list(self.config.tiers), attention_backend=eng.attention_backend,
+            tp=1 if layout is None else layout.mesh.size, version=jinfer.__version__)
+
+
+class _BearerAuth(grpc.aio.ServerInterceptor):
+    """Inference calls need `authorization: Bearer <token>`; health and reflection do not."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}"
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+
+    async def intercept_service(self, continuation, details):
+        if not details.method.startswith(f"/{SERVICE}/"):
+            return await continuation(details)
+        if dict(details.invocation_metadata or ()).get("authorization") == self._expected:
+            return await continuation(details)
+        return self._deny_stream if details.method.endswith("/Generate") else self._deny_unary
+
+
+class Server:
+    """The gRPC server and the engine loop, run on a background thread with its own event loop.
+
+    start() returns once the port is bound (self.port); stop(grace) lets in-flight streams
+    finish for up to `grace` seconds, then cancels the rest (their pages are freed).
+    """
+
+    def __init__(self, engine, config: ServingConfig = ServingConfig()):
+        self.config = config
+        self.loop = EngineLoop(engine)
+        self.port: int | None = None
+        self._aio_loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._aio_loop.run_forever, name="grpc", daemon=True)
+        self._server = None
+
+    def start(self) -> "Server":
+        self.loop.start()
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._aio_loop).result()
+        log.info("serving %s on %s:%d", SERVICE, self.config.host, self.port)
+        return self
+
+    async def _start(self) -> None:
+        cfg = self.config
+        limit = 4 * cfg.max_request_bytes
+        self._server = grpc.aio.server(
+            interceptors=[_BearerAuth(cfg.auth_token)] if cfg.auth_token else [],
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.loop, cfg), self._server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert:
+            with open(cfg.tls_key, "rb") as k, open(cfg.tls_cert, "rb") as c:
+                creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+            self.port = self._server.add_secure_port(address, creds)
+        else:
+            self.port = self._server.add_insecure_port(address)
+        await self._server.start()
+        for name in ("", SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float = 5.0) -> None:
+        async def _stop():
+            for name in ("", SERVICE):
+                await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            await self._server.stop(grace)
+
+        start = time.monotonic()
+        asyncio.run_coroutine_threadsafe(_stop(), self._aio_loop).result()
+        self._aio_loop.call_soon_threadsafe(self._aio_loop.stop)
+        self._thread.join()
+        self.loop.stop()
+        log.info("stopped in %.1fs", time.monotonic() - start)

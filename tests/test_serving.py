@@ -1,0 +1,185 @@
+"""The gRPC server on an ephemeral loopback port, with the default model."""
+
+import concurrent.futures
+import filecmp
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from jinfer import DEFAULT_MODEL_DIR
+from jinfer.config import CacheConfig, SchedulerConfig
+from jinfer.engine import Engine
+from jinfer.loader.hf import load_hf_model
+from jinfer.sampling_params import SamplingParams
+from jinfer.serving.client import Client
+from jinfer.serving.server import Server, ServingConfig
+from jinfer.tokenizer import Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_LEN = 96
+
+
+def _engine(**cache):
+    return Engine(load_hf_model(DEFAULT_MODEL_DIR), Tokenizer.from_dir(DEFAULT_MODEL_DIR),
+                  CacheConfig(page_size=16, num_pages=64, **cache),
+                  SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8, max_model_len=MAX_LEN))
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = Server(_engine(enable_prefix_cache=False),
+                 ServingConfig(tiers=("interactive", "batch"), max_request_bytes=4096, model_name="default")).start()
+    yield srv
+    srv.stop(grace=1)
+
+
+@pytest.fixture
+def client(server):
+    with Client(f"127.0.0.1:{server.port}") as c:
+        yield c
+
+
+def test_stream_equals_engine_generate(client):
+    prompts = ["def fibonacci(n):", "import os\n"]
+    greedy = SamplingParams(temperature=0, max_tokens=12)
+    sampled = SamplingParams(temperature=0.8, top_k=50, seed=7, max_tokens=10, n=2, logprobs=True)
+    eng = _engine(enable_prefix_cache=False)
+    want = eng.generate(prompts, greedy) + eng.generate(prompts[:1], sampled)
+    got = (client.generate(prompts[0], temperature=0, max_tokens=12) + client.generate(prompts[1], temperature=0, max_tokens=12)
+           + client.generate(prompts[0], temperature=0.8, top_k=50, seed=7, max_tokens=10, n=2, logprobs=True))
+    assert [g["token_ids"] for g in got] == [w.token_ids for w in want]
+    assert [g["text"] for g in got] == [w.text for w in want]
+    assert [g["finish_reason"] for g in got] == [w.finish_reason for w in want]
+    for g in got[2:]:
+        assert len(g["logprobs"]) == len(g["token_ids"]) and all(lp <= 0 for lp in g["logprobs"])
+    first = got[0]
+    assert first["usage"]["prompt_tokens"] == len(Tokenizer.from_dir(DEFAULT_MODEL_DIR).encode(prompts[0]))
+    assert first["usage"]["completion_tokens"] == len(first["token_ids"]) and first["ttft_s"] > 0
+
+
+@pytest.mark.parametrize("prompt, params, message", [
+    ("", {}, "prompt is empty"),
+    ([], {}, "prompt is empty"),
+    ("x", dict(temperature=-1.0), "temperature=-1.0 must be >= 0"),
+    ("x", dict(top_p=1.5), "top_p=1.5 must be in (0, 1]"),
+    ("x", dict(tier="gold"), "unknown tier='gold'; known: ['interactive', 'batch']"),
+    ("x", dict(max_tokens=0), "max_tokens=0 must be > 0"),
+    ("x", dict(max_tokens=MAX_LEN), f"exceeds max_model_len={MAX_LEN}"),
+    ([7] * (MAX_LEN + 1), {}, f"exceeds max_model_len={MAX_LEN}"),
+    ([1, 2, 99999], {}, "prompt token ids [99999] are outside the vocabulary [0, 4096)"),
+    ("y" * 5000, {}, "max_request_bytes=4096"),
+])
+def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(client, server, prompt, params, message):
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate(prompt, **params)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.value.details()
+    assert client.generate("def f(x):", temperature=0, max_tokens=3)[0]["finish_reason"] in ("length", "stop")
+    assert server.loop.num_outstanding == 0
+
+
+def test_cancel_mid_stream_frees_pages(client, server):
+    pool = server.loop.engine.scheduler.pool
+    stream = client.generate_stream("class A:", temperature=0, max_tokens=60, ignore_eos=True)
+    next(stream)
+    next(stream)
+    assert pool.num_free < pool.num_pages
+    stream.cancel()
+    deadline = time.monotonic() + 30
+    while (pool.num_free < pool.num_pages or server.loop.num_outstanding) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pool.num_free == pool.num_pages and server.loop.num_outstanding == 0
+
+
+def test_fifty_concurrent_streams_complete(client):
+    def one(i):
+        return client.generate(f"def f{i}(x):", temperature=0, max_tokens=4, ignore_eos=True)[0]
+
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        outs = list(pool.map(one, range(50)))
+    assert all(len(o["token_ids"]) == 4 and o["finish_reason"] == "length" for o in outs)
+
+
+def test_health_reflection_and_server_info(client, server):
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        for name in ("", "jinfer.v1.Inference"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=name)).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+    info = client.server_info()
+    assert (info.model, info.vocab_size, info.max_model_len, list(info.tiers)) == ("default", 4096, MAX_LEN,
+                                                                                 ["interactive", "batch"])
+    assert info.num_pages == 64 and info.attention_backend == "xla" and info.tp == 1
+
+
+def test_auth_admission_and_graceful_shutdown():
+    srv = Server(_engine(), ServingConfig(auth_token="s3cret", max_queued_requests=1)).start()
+    target = f"127.0.0.1:{srv.port}"
+    try:
+        with Client(target) as anon:
+            with pytest.raises(grpc.RpcError) as err:
+                anon.generate("x", max_tokens=2)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as err:
+                anon.server_info()
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with Client(target, token="s3cret") as c:
+            long = c.generate_stream("def g():", temperature=0, max_tokens=40, ignore_eos=True)
+            next(long)
+            with pytest.raises(grpc.RpcError) as err:
+                c.generate("x", max_tokens=2)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # Shutdown drains the stream in flight: it still finishes normally.
+            stopper = threading.Thread(target=srv.stop, kwargs=dict(grace=60))
+            stopper.start()
+            rest = list(long)
+            stopper.join()
+            assert rest[-1].finish_reason == "length"
+    finally:
+        if srv.loop._thread.is_alive():
+            srv.stop(grace=0)
+
+
+def test_generated_stubs_are_current(tmp_path):
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gen_protos.py"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    for name in ("inference_pb2.py", "inference_pb2_grpc.py"):
+        assert filecmp.cmp(tmp_path / "jinfer" / "serving" / name, os.path.join(ROOT, "jinfer", "serving", name),
+                           shallow=False), f"{name} is stale: run python tools/gen_protos.py"
+
+
+def test_cli_client_streams_and_reports_errors(server):
+    tool = os.path.join(ROOT, "tools", "client.py")
+    res = subprocess.run([sys.executable, tool, f"--target=127.0.0.1:{server.port}", "--prompt=def f(x):",
+                          "--max_tokens=5"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("def f(x):") and "5 tokens, finish=length" in res.stderr
+    res = subprocess.run([sys.executable, tool, f"--target=127.0.0.1:{server.port}", "--prompt=x",
+                          "--temperature=-2"], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "INVALID_ARGUMENT: temperature=-2.0 must be >= 0" in res.stderr
+
+
+def test_tls(tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True, timeout=60)
+    srv = Server(_engine(), ServingConfig(tls_cert=str(cert), tls_key=str(key))).start()
+    try:
+        with Client(f"127.0.0.1:{srv.port}", root_cert=str(cert)) as c:
+            assert len(c.generate("def f(x):", temperature=0, max_tokens=3)[0]["token_ids"]) == 3
+        with Client(f"127.0.0.1:{srv.port}") as plain:  # plaintext to a TLS port fails, not hangs
+            with pytest.raises(grpc.RpcError) as err:
+                plain.generate_stream("x", max_tokens=2, timeout=10).next()
+            assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    finally:
+        srv.stop(grace=0)
+    with pytest.raises(ValueError, match="tls_cert and tls_key go together"):
+        ServingConfig(tls_cert=str(cert))
