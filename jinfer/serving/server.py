@@ -134,10 +134,11 @@ class EngineLoop:
                 continue
             for out in outputs:
                 sink = self._sinks.get(out.request_id)
-                if sink is not None:
-                    sink(out)
-            for request_id in [r for r in self._sinks if not self.engine.is_unfinished(r)]:
-                del self._sinks[request_id]  # every sample finished
+                if sink is None:
+                    continue
+                if out.finished and not self.engine.is_unfinished(out.request_id):
+                    del self._sinks[out.request_id]  # the last sample: no longer outstanding
+                sink(out)
 
 
 def _params(req: pb.GenerateRequest) -> SamplingParams:
@@ -178,12 +179,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         aio_loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         sink = lambda item: aio_loop.call_soon_threadsafe(outputs.put_nowait, item)  # noqa: E731
-        try:
-            await asyncio.wrap_future(self.loop.submit(prompt, params, request_id, cfg.tiers.index(tier), sink))
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         finished, done = set(), False
         try:
+            try:
+                await asyncio.wrap_future(self.loop.submit(prompt, params, request_id, cfg.tiers.index(tier), sink))
+            except ValueError as e:
+                done = True  # refused: nothing was added
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             while len(finished) < params.n:
                 out = await outputs.get()
                 if isinstance(out, Exception):
@@ -202,7 +204,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 yield msg
             done = True
         finally:
-            if not done:  # cancelled, or the stream failed: free the request's pages
+            if not done:  # cancelled (even while being added), or the stream failed: free its pages
                 self.loop.abort(request_id)
 
     async def GetServerInfo(self, request, context):
