@@ -13,7 +13,6 @@ every device (each computes all logits; no cross-device logits). Timed: a decode
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import sys
 import time
@@ -34,11 +33,8 @@ flags.DEFINE_string("out", "", "Also write the table to this markdown file.")
 
 
 def _config():
-    from jinfer.models.config import preset
-    h = FLAGS.hidden_size
-    return dataclasses.replace(preset("tiny"), vocab_size=FLAGS.vocab_size, hidden_size=h, num_heads=h // 64,
-                               num_kv_heads=max(1, h // 128), head_dim=64, intermediate_size=h * 11 // 4 // 64 * 64,
-                               num_layers=FLAGS.num_layers, max_position_embeddings=4096)
+    from jinfer.models.config import scaled_llama
+    return scaled_llama(FLAGS.hidden_size, FLAGS.num_layers, FLAGS.vocab_size)
 
 
 def _plans(page_size: int):

@@ -14,7 +14,6 @@ and the bytes a full reload places. Weights only; the KV pool moves the same way
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import statistics
 import sys
@@ -35,11 +34,8 @@ flags.DEFINE_string("out", "", "Also write the table to this markdown file.")
 
 
 def _model_config():
-    from jinfer.models.config import preset
-    h = FLAGS.hidden_size
-    return dataclasses.replace(preset("tiny"), vocab_size=FLAGS.vocab_size, hidden_size=h,
-                               num_heads=h // 64, num_kv_heads=max(1, h // 128), head_dim=64,
-                               intermediate_size=h * 11 // 4 // 64 * 64, num_layers=FLAGS.num_layers)
+    from jinfer.models.config import scaled_llama
+    return scaled_llama(FLAGS.hidden_size, FLAGS.num_layers, FLAGS.vocab_size)
 
 
 def _median_time(fn, repeats):

@@ -218,3 +218,12 @@ def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
     return PRESETS[name]
+
+
+def scaled_llama(hidden_size: int, num_layers: int, vocab_size: int) -> ModelConfig:
+    """A Llama-proportioned config of a given width (head dim 64, 2 query heads per 128 of width
+    sharing one KV head per 128, MLP ~2.75x): the random-weight models of the benchmarks."""
+    return dataclasses.replace(preset("tiny"), vocab_size=vocab_size, hidden_size=hidden_size,
+                               num_heads=hidden_size // 64, num_kv_heads=max(1, hidden_size // 128), head_dim=64,
+                               intermediate_size=hidden_size * 11 // 4 // 64 * 64, num_layers=num_layers,
+                               max_position_embeddings=4096)
