@@ -27,6 +27,7 @@ def enable_compilation_cache(path: str = DEFAULT_COMPILATION_CACHE, min_compile_
 
     Programs that compile faster than min_compile_secs are not written (not worth the disk).
     """
+    path = os.path.expanduser(path)
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_secs)
@@ -49,10 +50,12 @@ class Engine:
                  scheduler_config: SchedulerConfig = SchedulerConfig(),
                  policy: SchedulingPolicy | None = None, *, warmup: bool = False,
                  compilation_cache: str | None = None, async_scheduling: bool = True,
-                 attention_backend: str | None = None, mesh=None, vocab_parallel: bool = True):
+                 attention_backend: str | None = None, mesh=None, vocab_parallel: bool = True,
+                 progress: bool = False):
         """mesh: a 1-D `tp` mesh (sharding.tp.make_mesh) to run tensor-parallel; None = one device.
         vocab_parallel: on a mesh, split the embedding and LM head over the vocabulary (when tp
-        divides it) rather than keep them whole on every device (benchmarks/tp.md)."""
+        divides it) rather than keep them whole on every device (benchmarks/tp.md).
+        progress: show a progress bar while warm-up compiles the step buckets."""
         if compilation_cache:
             enable_compilation_cache(compilation_cache)
         layout = None
@@ -78,7 +81,7 @@ class Engine:
         self._seed_rng = random.Random(0)
         self.eos_ids = set(tokenizer.eos_ids) | set(model.config.eos_token_ids)
         if warmup:
-            self.runner.warmup()
+            self.runner.warmup(progress)
 
     # -- API -------------------------------------------------------------------------------
 

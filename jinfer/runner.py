@@ -122,9 +122,13 @@ class ModelRunner:
                             for n in range(1, limit + 1)})
         return keys
 
-    def warmup(self) -> None:
-        """Compiles every bucket variant ahead of time."""
-        for key in self._bucket_keys():
+    def warmup(self, progress: bool = False) -> None:
+        """Compiles every bucket variant ahead of time (progress: a bar on stderr)."""
+        keys = self._bucket_keys()
+        if progress:
+            from tqdm import tqdm
+            keys = tqdm(keys, desc="compiling step buckets", unit="bucket")
+        for key in keys:
             if key not in self._compiled:
                 args = self._empty_inputs(*key)
                 with self._mesh():

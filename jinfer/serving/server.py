@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 import jinfer
 from jinfer.sampling_params import SamplingParams
+from jinfer.serving.metrics import ServerMetrics
 from jinfer.serving import inference_pb2 as pb
 from jinfer.serving import inference_pb2_grpc as pb_grpc
 
@@ -54,6 +55,13 @@ class ServingConfig:
     """PEM private key file."""
     model_name: str = ""
     """Reported by GetServerInfo."""
+    metrics_port: int | None = None
+    """Prometheus /metrics over HTTP on this port (0 picks a free one, see Server.metrics_port);
+    None: no metrics endpoint."""
+    metrics_host: str = "127.0.0.1"
+    """Interface the metrics endpoint binds."""
+    shutdown_grace_s: float = 10.0
+    """On shutdown, in-flight streams get this long to finish before they are cancelled."""
 
     def __post_init__(self):
         if self.max_queued_requests < 1:
@@ -62,13 +70,20 @@ class ServingConfig:
             raise ValueError("tiers is empty: give at least one tier name")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
+        if len(set(self.tiers)) != len(self.tiers) or not all(self.tiers):
+            raise ValueError(f"tiers={self.tiers!r} must be distinct, non-empty names")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port={self.metrics_port} must be in [0, 65535] or None")
+        if self.shutdown_grace_s < 0:
+            raise ValueError(f"shutdown_grace_s={self.shutdown_grace_s} must be >= 0")
 
 
 class EngineLoop:
     """Owns the engine on one thread; other threads talk to it through submit/abort."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, metrics=None):
         self.engine = engine
+        self.metrics = metrics  # ServerMetrics or None; touched only on the engine thread
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, callable] = {}
         self._stopped = threading.Event()
@@ -86,12 +101,12 @@ class EngineLoop:
     def num_outstanding(self) -> int:
         return len(self._sinks)
 
-    def submit(self, prompt, params: SamplingParams, request_id: str, priority: int, sink
+    def submit(self, prompt, params: SamplingParams, request_id: str, priority: int, sink, tier: str = ""
                ) -> concurrent.futures.Future:
         """Queues add_request; the future raises the engine's ValueError if it refuses. `sink`
         is called on the engine thread with each RequestOutput, or with an Exception."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put(("add", prompt, params, request_id, priority, sink, fut))
+        self._commands.put(("add", prompt, params, request_id, priority, sink, fut, tier))
         return fut
 
     def abort(self, request_id: str) -> None:
@@ -99,17 +114,21 @@ class EngineLoop:
 
     def _handle(self, cmd) -> None:
         if cmd[0] == "add":
-            _, prompt, params, request_id, priority, sink, fut = cmd
+            _, prompt, params, request_id, priority, sink, fut, tier = cmd
             try:
                 self.engine.add_request(prompt, params, request_id=request_id, priority=priority)
             except ValueError as e:
                 fut.set_exception(e)
                 return
             self._sinks[request_id] = sink
+            if self.metrics is not None:
+                self.metrics.on_admit(request_id, tier)
             fut.set_result(request_id)
         elif cmd[0] == "abort":
             if self._sinks.pop(cmd[1], None) is not None:
                 self.engine.abort(cmd[1])
+                if self.metrics is not None:
+                    self.metrics.on_done(cmd[1])
 
     def _run(self) -> None:
         while not self._stopped.is_set():
@@ -121,6 +140,8 @@ class EngineLoop:
                     self._handle(self._commands.get_nowait())
             except queue.Empty:
                 pass
+            if self.metrics is not None:
+                self.metrics.update_engine(self.engine)
             if not self.engine.has_unfinished():
                 continue
             try:
@@ -129,15 +150,22 @@ class EngineLoop:
                 log.exception("engine step failed")
                 for request_id, sink in list(self._sinks.items()):
                     self.engine.abort(request_id)
+                    if self.metrics is not None:
+                        self.metrics.on_done(request_id)
                     sink(e)
                 self._sinks.clear()
                 continue
+            if self.metrics is not None:
+                self.metrics.on_outputs(outputs)
+                self.metrics.update_engine(self.engine)
             for out in outputs:
                 sink = self._sinks.get(out.request_id)
                 if sink is None:
                     continue
                 if out.finished and not self.engine.is_unfinished(out.request_id):
                     del self._sinks[out.request_id]  # the last sample: no longer outstanding
+                    if self.metrics is not None:
+                        self.metrics.on_done(out.request_id)
                 sink(out)
 
 
@@ -152,9 +180,10 @@ def _params(req: pb.GenerateRequest) -> SamplingParams:
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, loop: EngineLoop, config: ServingConfig):
+    def __init__(self, loop: EngineLoop, config: ServingConfig, config_json: str = ""):
         self.loop = loop
         self.config = config
+        self.config_json = config_json
 
     async def Generate(self, request, context):
         cfg = self.config
@@ -182,7 +211,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         finished, done = set(), False
         try:
             try:
-                await asyncio.wrap_future(self.loop.submit(prompt, params, request_id, cfg.tiers.index(tier), sink))
+                await asyncio.wrap_future(self.loop.submit(prompt, params, request_id, cfg.tiers.index(tier), sink,
+                                                           tier))
             except ValueError as e:
                 done = True  # refused: nothing was added
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -217,7 +247,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             max_num_batched_tokens=sched.max_num_batched_tokens, page_size=eng.runner.page_size,
             num_pages=eng.runner.num_pages, max_queued_requests=self.config.max_queued_requests,
             tiers=list(self.config.tiers), attention_backend=eng.attention_backend,
-            tp=1 if layout is None else layout.mesh.size, version=jinfer.__version__)
+            tp=1 if layout is None else layout.mesh.size, version=jinfer.__version__,
+            config_json=self.config_json)
 
 
 class _BearerAuth(grpc.aio.ServerInterceptor):
@@ -247,15 +278,22 @@ class Server:
     finish for up to `grace` seconds, then cancels the rest (their pages are freed).
     """
 
-    def __init__(self, engine, config: ServingConfig = ServingConfig()):
+    def __init__(self, engine, config: ServingConfig = ServingConfig(), config_json: str = ""):
+        """config_json: the launch configuration GetServerInfo reports (jinfer.launch)."""
         self.config = config
-        self.loop = EngineLoop(engine)
+        self._config_json = config_json
+        self.metrics = ServerMetrics() if config.metrics_port is not None else None
+        self.loop = EngineLoop(engine, self.metrics)
         self.port: int | None = None
+        self.metrics_port: int | None = None
         self._aio_loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._aio_loop.run_forever, name="grpc", daemon=True)
         self._server = None
 
     def start(self) -> "Server":
+        if self.metrics is not None:
+            self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
+            log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.metrics_port)
         self.loop.start()
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self._aio_loop).result()
@@ -268,7 +306,7 @@ class Server:
         self._server = grpc.aio.server(
             interceptors=[_BearerAuth(cfg.auth_token)] if cfg.auth_token else [],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
-        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.loop, cfg), self._server)
+        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.loop, cfg, self._config_json), self._server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
@@ -283,7 +321,10 @@ class Server:
         for name in ("", SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    def stop(self, grace: float = 5.0) -> None:
+    def stop(self, grace: float | None = None) -> None:
+        """grace: seconds in-flight streams may take to finish; None: config.shutdown_grace_s."""
+        grace = self.config.shutdown_grace_s if grace is None else grace
+
         async def _stop():
             for name in ("", SERVICE):
                 await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -294,4 +335,6 @@ class Server:
         self._aio_loop.call_soon_threadsafe(self._aio_loop.stop)
         self._thread.join()
         self.loop.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
         log.info("stopped in %.1fs", time.monotonic() - start)

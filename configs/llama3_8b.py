@@ -1,0 +1,28 @@
+"""Llama-3.1-8B on one H100/H200, bf16, Pallas attention.
+
+As written it serves random weights of the 8B shape (`model.preset`) with a byte-level
+tokenizer: enough to measure speed and memory without a checkpoint. For the real model:
+  python tools/launch_server.py --config=configs/llama3_8b.py \
+      --config.model.preset= --config.model.path=/checkpoints/Llama-3.1-8B-Instruct
+Tensor parallel over 4 GPUs: --config.model.tp=4.
+"""
+
+from jinfer.launch import default_config
+
+
+def get_config():
+    c = default_config()
+    c.model.preset = "llama-3.1-8b"
+    c.model.dtype = "bfloat16"
+    c.model.attention_backend = ""  # pallas on NVIDIA GPUs
+    c.cache.page_size = 16
+    c.cache.memory_fraction = 0.85  # num_pages unset: sized from what the weights leave
+    c.scheduler.max_num_batched_tokens = 2048
+    c.scheduler.max_num_seqs = 128
+    c.scheduler.max_model_len = 8192
+    c.engine.compilation_cache = "~/.cache/jinfer/xla"
+    c.serving.port = 50051
+    c.serving.tiers = ("interactive", "batch")
+    c.serving.max_queued_requests = 1024
+    c.serving.metrics_port = 9090
+    return c

@@ -1,0 +1,241 @@
+"""Launch configuration: an ml_collections config file plus absl overrides, resolved once.
+
+A config file (configs/*.py) returns `default_config()` with some fields changed. Its sections
+mirror frozen dataclasses: `model` (ModelSpec), `cache` (CacheConfig), `scheduler`
+(SchedulerConfig), `engine` (EngineOptions) and `serving` (ServingConfig). `resolve()` is the
+one place a ConfigDict becomes those dataclasses: unknown fields and bad values raise
+ValueError naming `section.field`. Tools then call `build_engine()` / `build_server()`.
+
+    python tools/launch_server.py --config=configs/default.py --config.cache.page_size=32
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+import typing
+
+import ml_collections
+from ml_collections import config_dict
+
+from jinfer.config import CacheConfig, SchedulerConfig
+from jinfer.serving.server import ServingConfig
+
+DTYPES = ("float32", "bfloat16")
+BACKENDS = ("", "xla", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Which weights to serve, in which dtype, on how many devices."""
+
+    path: str = ""
+    """HF checkpoint directory (config.json, *.safetensors, tokenizer.json); empty with no preset:
+    the embedded default model (jinfer/default_model)."""
+    preset: str = ""
+    """A jinfer.models.config preset name (e.g. llama-3.1-8b): random weights of that shape and a
+    byte-level tokenizer, for shape and speed runs without a checkpoint. Excludes path."""
+    dtype: str = "float32"
+    """Parameter and activation dtype: float32 or bfloat16."""
+    tp: int = 1
+    """Tensor-parallel degree: one mesh over the first tp devices."""
+    attention_backend: str = ""
+    """xla or pallas; empty: pallas on NVIDIA GPUs, xla elsewhere."""
+    vocab_parallel: bool = True
+    """Under tp, split the embedding and LM head over the vocabulary (benchmarks/tp.md)."""
+    seed: int = 0
+    """Seed of the random weights (preset only)."""
+    name: str = ""
+    """Name reported by GetServerInfo; empty: the checkpoint folder's or preset's name."""
+
+    def __post_init__(self):
+        if self.path and self.preset:
+            raise ValueError(f"model.path={self.path!r} and model.preset={self.preset!r}: give one")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype={self.dtype!r}; known: {DTYPES}")
+        if self.tp < 1:
+            raise ValueError(f"model.tp={self.tp} must be >= 1")
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(f"model.attention_backend={self.attention_backend!r}; known: {BACKENDS}")
+        if self.preset:
+            from jinfer.models.config import preset
+            preset(self.preset)  # ValueError listing the known names
+
+    @property
+    def display_name(self) -> str:
+        import os
+
+        from jinfer import DEFAULT_MODEL_DIR
+        if self.name:
+            return self.name
+        if self.preset:
+            return f"{self.preset} (random weights)"
+        return os.path.basename(os.path.normpath(self.path or DEFAULT_MODEL_DIR))
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """How the engine runs its steps."""
+
+    async_scheduling: bool = True
+    """Dispatch step N+1 before reading step N's tokens (host work overlaps the device's)."""
+    warmup: bool = True
+    """Compile every step bucket before serving, so no request waits on a compilation."""
+    compilation_cache: str = ""
+    """JAX persistent compilation cache directory (restarts reuse compiled buckets); empty: off."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    model: ModelSpec
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    engine: EngineOptions
+    serving: ServingConfig
+
+
+_CLASSES = {"model": ModelSpec, "cache": CacheConfig, "scheduler": SchedulerConfig,
+            "engine": EngineOptions, "serving": ServingConfig}
+
+
+def _optional_type(cls, name):
+    """The X of a field typed `X | None`, or None when the field is not optional."""
+    hint = typing.get_type_hints(cls)[name]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return None
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every field of every section at its dataclass default (None fields become typed
+    placeholders, so `--config.cache.num_pages=64` still parses)."""
+    root = ml_collections.ConfigDict()
+    for section, cls in _CLASSES.items():
+        d = ml_collections.ConfigDict()
+        for f in dataclasses.fields(cls):
+            value = f.default
+            if value is None:
+                value = config_dict.placeholder(_optional_type(cls, f.name))
+            setattr(d, f.name, value)
+        setattr(root, section, d)
+    return root
+
+
+def resolve(config: ml_collections.ConfigDict) -> LaunchConfig:
+    """The one place a config becomes frozen dataclasses; ValueError names the bad field."""
+    unknown = sorted(set(config.keys()) - set(_CLASSES))
+    if unknown:
+        raise ValueError(f"unknown config sections {unknown}; known: {list(_CLASSES)}")
+    built = {}
+    for section, cls in _CLASSES.items():
+        values = dict(config.get(section, {}) or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(values) - names)
+        if bad:
+            raise ValueError(f"unknown fields {[f'{section}.{b}' for b in bad]}; known: {sorted(names)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        try:
+            built[section] = cls(**values)
+        except (ValueError, TypeError) as e:
+            msg = str(e)
+            raise ValueError(msg if msg.startswith(f"{section}.") else f"config.{section}: {msg}") from None
+    return LaunchConfig(**built)
+
+
+def to_dict(launch: LaunchConfig) -> dict:
+    """The resolved config as plain data (logged at launch, reported by GetServerInfo); the
+    bearer token is redacted."""
+    out = {s: dataclasses.asdict(getattr(launch, s)) for s in _CLASSES}
+    if out["serving"]["auth_token"]:
+        out["serving"]["auth_token"] = "<redacted>"
+    return out
+
+
+def _bad_override(e: Exception, argv) -> str:
+    bad = [a for a in argv[1:] if a.startswith("--config.")]
+    name = str(e.args[0] if e.args else e).strip("\"'")
+    return f"error: unknown config field {name!r} in {bad}; the sections and their fields are in jinfer/launch.py"
+
+
+def define_config_flag(default_file: str):
+    """The --config flag of a tool (a config file, overridable as --config.<section>.<field>).
+    ml_collections applies overrides to the default file as the flag is defined, so a bad one
+    exits here with one line naming it."""
+    from ml_collections import config_flags
+    try:
+        return config_flags.DEFINE_config_file(
+            "config", default_file,
+            "Launch config file (configs/*.py); override any field with --config.<section>.<field>=value.")
+    except (AttributeError, KeyError) as e:
+        sys.exit(_bad_override(e, sys.argv))
+
+
+def parse_flags(argv):
+    """absl flags_parser for tools with a --config flag: a bad override (unknown field, wrong
+    type) exits with one line naming it instead of a traceback."""
+    from absl import flags
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"error: {e}\nPass --helpfull to see the flags.")
+    except (AttributeError, KeyError) as e:
+        sys.exit(_bad_override(e, argv))
+
+
+def load_model(spec: ModelSpec, mesh=None):
+    """The model and its tokenizer, as the spec says (loaded straight into shards on a mesh)."""
+    import jax.numpy as jnp
+
+    from jinfer import DEFAULT_MODEL_DIR
+    from jinfer.tokenizer import Tokenizer
+
+    dtype = jnp.dtype(spec.dtype)
+    if spec.preset:
+        from jinfer.models.config import preset
+        from jinfer.models.llama import init_model
+        from jinfer.tokenizer import byte_level_tokenizer
+        tok = byte_level_tokenizer()
+        cfg = dataclasses.replace(preset(spec.preset), bos_token_id=tok.bos_id, eos_token_ids=tuple(tok.eos_ids))
+        return init_model(cfg, seed=spec.seed, dtype=dtype), tok
+    path = spec.path or DEFAULT_MODEL_DIR
+    if mesh is not None:
+        from sharding.tp import load_sharded
+        model = load_sharded(path, mesh, dtype=dtype)
+    else:
+        from jinfer.loader.hf import load_hf_model
+        model = load_hf_model(path, dtype=dtype)
+    cfg = model.config
+    return model, Tokenizer.from_dir(path, bos_id=cfg.bos_token_id, eos_ids=cfg.eos_token_ids)
+
+
+def build_engine(launch: LaunchConfig, policy=None, progress: bool = False):
+    """An Engine for the launch config (model loaded, pool sized, buckets compiled if asked;
+    progress: a bar while they compile)."""
+    from jinfer.engine import Engine
+
+    spec = launch.model
+    mesh = None
+    if spec.tp > 1:
+        from sharding.tp import make_mesh
+        mesh = make_mesh(spec.tp)
+    model, tok = load_model(spec, mesh)
+    opts = launch.engine
+    return Engine(model, tok, launch.cache, launch.scheduler, policy, warmup=opts.warmup,
+                  compilation_cache=opts.compilation_cache or None, async_scheduling=opts.async_scheduling,
+                  attention_backend=spec.attention_backend or None, mesh=mesh,
+                  vocab_parallel=spec.vocab_parallel, progress=progress)
+
+
+def build_server(launch: LaunchConfig, engine=None):
+    """A Server (not started) for the launch config; builds the engine unless given one."""
+    from jinfer.serving.server import Server
+    engine = engine if engine is not None else build_engine(launch)
+    serving = launch.serving
+    if not serving.model_name:
+        serving = dataclasses.replace(serving, model_name=launch.model.display_name)
+    launch = dataclasses.replace(launch, serving=serving)
+    return Server(engine, serving, json.dumps(to_dict(launch)))

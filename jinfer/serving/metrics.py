@@ -1,0 +1,120 @@
+"""Prometheus metrics of one server, updated on the engine thread, served over HTTP.
+
+Latency histograms carry a `tier` label (the request's SLO tier). Gauges are read from the
+engine after every loop iteration; counters only grow, so rates come from PromQL `rate()`;
+`jinfer_generation_tokens_per_second` and `jinfer_prefix_cache_hit_rate` are also exported
+directly for people reading /metrics by eye.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# Seconds. TTFT spans a cached decode on a GPU to a long prefill queued behind others on a CPU.
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5)
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+
+
+class ServerMetrics:
+    """One registry per server (several servers can live in one process, as in the tests)."""
+
+    def __init__(self, window_s: float = 10.0):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("jinfer_time_to_first_token_seconds", "Arrival to first token, per sample.",
+                              ["tier"], buckets=TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram("jinfer_time_per_output_token_seconds",
+                              "Mean time between a sample's tokens after the first (samples with >= 2 tokens).",
+                              ["tier"], buckets=TPOT_BUCKETS, registry=r)
+        self.latency = Histogram("jinfer_request_latency_seconds", "Arrival to the last token, per sample.",
+                                 ["tier"], buckets=LATENCY_BUCKETS, registry=r)
+        self.waiting = Gauge("jinfer_requests_waiting", "Sequences queued, not yet running (queue depth).",
+                             registry=r)
+        self.running = Gauge("jinfer_requests_running", "Sequences holding KV pages and being stepped.",
+                             registry=r)
+        self.kv_utilization = Gauge("jinfer_kv_page_utilization",
+                                    "Share of KV pages not free (running sequences and cached prefixes).",
+                                    registry=r)
+        self.prefix_hit_rate = Gauge("jinfer_prefix_cache_hit_rate",
+                                     "Cached prompt tokens / prompt tokens of finished requests, since start.",
+                                     registry=r)
+        self.tokens_per_s = Gauge("jinfer_generation_tokens_per_second",
+                                  f"Output tokens per second over the last {window_s:g} s.", registry=r)
+        self.prompt_tokens = Counter("jinfer_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
+        self.cached_prompt_tokens = Counter("jinfer_cached_prompt_tokens",
+                                            "Prompt tokens of finished requests served from the prefix cache.",
+                                            registry=r)
+        self.generation_tokens = Counter("jinfer_generation_tokens", "Output tokens produced.", registry=r)
+        self.finished = Counter("jinfer_requests_finished", "Finished samples by finish reason.",
+                                ["finish_reason"], registry=r)
+        self._window_s = window_s
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        self._prompt_total = self._cached_total = 0
+        self._tiers: dict[str, str] = {}  # request id -> tier, while it runs
+        self._http = None
+
+    # -- called on the engine thread -------------------------------------------------------
+
+    def on_admit(self, request_id: str, tier: str) -> None:
+        self._tiers[request_id] = tier
+
+    def on_outputs(self, outputs, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        produced = 0
+        for out in outputs:
+            n_new = len(out.new_token_ids)
+            produced += n_new
+            tier = self._tiers.get(out.request_id, "")
+            if n_new and len(out.token_ids) == n_new and out.first_token_time is not None:
+                self.ttft.labels(tier).observe(out.first_token_time - out.arrival_time)
+            if not out.finished:
+                continue
+            self.finished.labels(out.finish_reason or "unknown").inc()
+            if out.finish_time is not None:
+                self.latency.labels(tier).observe(out.finish_time - out.arrival_time)
+                if len(out.token_ids) >= 2 and out.first_token_time is not None:
+                    self.tpot.labels(tier).observe((out.finish_time - out.first_token_time) / (len(out.token_ids) - 1))
+            if out.index == 0:  # the prompt is counted once, with its first sample
+                self.prompt_tokens.inc(out.usage.prompt_tokens)
+                self.cached_prompt_tokens.inc(out.usage.cached_prompt_tokens)
+                self._prompt_total += out.usage.prompt_tokens
+                self._cached_total += out.usage.cached_prompt_tokens
+        if produced:
+            self.generation_tokens.inc(produced)
+            self._recent.append((now, produced))
+        self._refresh_rates(now)
+
+    def on_done(self, request_id: str) -> None:
+        self._tiers.pop(request_id, None)
+
+    def update_engine(self, engine, now: float | None = None) -> None:
+        sched = engine.scheduler
+        self.waiting.set(len(sched.waiting))
+        self.running.set(len(sched.running))
+        pool = sched.pool
+        self.kv_utilization.set(1.0 - pool.num_free / pool.num_pages)
+        self._refresh_rates(time.monotonic() if now is None else now)
+
+    def _refresh_rates(self, now: float) -> None:
+        while self._recent and self._recent[0][0] < now - self._window_s:
+            self._recent.popleft()
+        self.tokens_per_s.set(sum(n for _, n in self._recent) / self._window_s)
+        if self._prompt_total:
+            self.prefix_hit_rate.set(self._cached_total / self._prompt_total)
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        """Starts the /metrics HTTP endpoint on a daemon thread; returns the bound port."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._http.server_address[1]
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

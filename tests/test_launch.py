@@ -1,0 +1,104 @@
+"""Launch configs: files under configs/, absl overrides, resolution into frozen dataclasses."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from jinfer.config import CacheConfig, SchedulerConfig
+from jinfer.launch import EngineOptions, LaunchConfig, ModelSpec, default_config, resolve, to_dict
+from jinfer.serving.server import ServingConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs")
+
+
+def _parse(config_file, *overrides):
+    fv = flags.FlagValues()
+    argv = ["prog", *overrides]
+    config_flags.DEFINE_config_file("config", os.path.join(CONFIGS, config_file), flag_values=fv, sys_argv=argv)
+    fv(argv)
+    return fv.config
+
+
+def test_defaults_resolve_to_the_dataclass_defaults():
+    assert resolve(default_config()) == LaunchConfig(ModelSpec(), CacheConfig(), SchedulerConfig(), EngineOptions(),
+                                                     ServingConfig())
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(CONFIGS) if f.endswith(".py") and f != "__init__.py"))
+def test_every_config_file_resolves(name):
+    launch = resolve(_parse(name))
+    assert isinstance(launch.cache, CacheConfig) and isinstance(launch.serving, ServingConfig)
+    assert launch.serving.host == "127.0.0.1"  # local unless told otherwise
+
+
+def test_llama3_8b_config_has_the_8b_shape():
+    from jinfer.models.config import preset
+    launch = resolve(_parse("llama3_8b.py"))
+    assert launch.model.preset == "llama-3.1-8b" and launch.model.dtype == "bfloat16"
+    assert preset(launch.model.preset).num_params() > 8e9
+    assert launch.scheduler.max_model_len == 8192 and launch.cache.num_pages is None
+
+
+def test_overrides_reach_every_section():
+    launch = resolve(_parse("default.py", "--config.cache.page_size=32", "--config.cache.num_pages=7",
+                            "--config.scheduler.max_num_seqs=4", "--config.model.tp=2",
+                            "--config.serving.tiers=('gold','silver','bronze')", "--config.serving.auth_token=s3cret",
+                            "--config.engine.async_scheduling=false"))
+    assert launch.cache.page_size == 32 and launch.cache.num_pages == 7
+    assert launch.scheduler.max_num_seqs == 4 and launch.model.tp == 2
+    assert launch.serving.tiers == ("gold", "silver", "bronze") and launch.serving.auth_token == "s3cret"
+    assert launch.engine.async_scheduling is False
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        launch.cache.page_size = 8
+    d = to_dict(launch)
+    assert d["serving"]["auth_token"] == "<redacted>" and "s3cret" not in json.dumps(d)
+
+
+@pytest.mark.parametrize("section, field, value, message", [
+    ("cache", "page_size", 0, "page_size=0"),
+    ("scheduler", "max_num_seqs", -1, "max_num_seqs=-1"),
+    ("model", "dtype", "float16", "model.dtype='float16'"),
+    ("model", "preset", "llama-9000", "unknown model preset 'llama-9000'"),
+    ("model", "attention_backend", "cuda", "model.attention_backend='cuda'"),
+    ("serving", "tiers", ("a", "a"), "tiers=('a', 'a')"),
+    ("serving", "metrics_port", 70000, "metrics_port=70000"),
+])
+def test_bad_values_name_the_field(section, field, value, message):
+    cfg = default_config()
+    setattr(cfg[section], field, value)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolve(cfg)
+
+
+def test_unknown_fields_and_sections_are_named():
+    cfg = default_config()
+    cfg.cache.pagesize = 32
+    with pytest.raises(ValueError, match=r"cache\.pagesize"):
+        resolve(cfg)
+    cfg = default_config()
+    cfg.router = {}
+    with pytest.raises(ValueError, match="unknown config sections.*router"):
+        resolve(cfg)
+    cfg = default_config()
+    cfg.model.path, cfg.model.preset = "/ckpt", "tiny"
+    with pytest.raises(ValueError, match="give one"):
+        resolve(cfg)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.cache.bogus=1", "unknown config field"),
+    ("--config.cache.page_size=0", "config.cache: page_size=0 must be > 0"),
+    ("--config.cache.page_size=abc", "invalid literal"),
+])
+def test_launch_server_rejects_bad_overrides_in_one_line(override, message):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "launch_server.py"), override],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr and "Traceback" not in proc.stderr
