@@ -22,7 +22,7 @@ $(VENV)/.test: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.runtime
 
 demo: $(VENV)/.runtime
-	$(BIN)/python tools/generate.py --prompt "def fibonacci(n):" --prompt "import os" --max_tokens 24
+	$(BIN)/python tools/demo.py
 
 test: $(VENV)/.test
 	XLA_FLAGS=$(XLA_TEST_FLAGS) $(BIN)/python -m pytest -q -m "not slow"

@@ -68,5 +68,5 @@ class Client:
                           "cached_prompt_tokens": msg.usage.cached_prompt_tokens}
         return [samples[i] for i in sorted(samples)]
 
-    def server_info(self) -> pb.ServerInfo:
-        return self._stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=self._metadata)
+    def server_info(self, timeout: float | None = None) -> pb.ServerInfo:
+        return self._stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=self._metadata, timeout=timeout)

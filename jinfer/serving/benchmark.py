@@ -1,0 +1,323 @@
+"""Replays a workload (jinfer.workloads) against a running server and measures it.
+
+Every request is one streamed Generate call sent at its arrival time; latencies are taken on the
+client: TTFT = first token − send, TPOT = (last token − first token) / (tokens − 1), latency =
+last token − send. A request that fails (any gRPC error) counts as completed-with-error and
+misses every SLO. SLO attainment is the share of a tier's requests meeting both its TTFT and
+TPOT targets; goodput is how many of them per second of the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import time
+
+import grpc
+import numpy as np
+
+from jinfer.serving import inference_pb2 as pb
+from jinfer.serving import inference_pb2_grpc as pb_grpc
+from jinfer.workloads import WorkItem
+
+PERCENTILES = (50, 90, 99)
+
+
+@dataclasses.dataclass(frozen=True)
+class Slo:
+    """Targets one request of a tier must meet (either may be inf: not judged)."""
+
+    ttft_s: float = math.inf
+    tpot_s: float = math.inf
+
+    def __post_init__(self):
+        if not (self.ttft_s > 0 and self.tpot_s > 0):
+            raise ValueError(f"SLO targets must be > 0, got ttft_s={self.ttft_s} tpot_s={self.tpot_s}")
+
+    @classmethod
+    def parse(cls, spec: str) -> tuple[str, "Slo"]:
+        """'tier:TTFT_MS:TPOT_MS' (e.g. interactive:500:50) -> (tier, Slo)."""
+        parts = spec.split(":")
+        if len(parts) != 3 or not parts[0]:
+            raise ValueError(f"SLO spec {spec!r} must look like tier:ttft_ms:tpot_ms")
+        try:
+            ttft, tpot = float(parts[1]), float(parts[2])
+        except ValueError:
+            raise ValueError(f"SLO spec {spec!r}: ttft_ms and tpot_ms must be numbers") from None
+        return parts[0], cls(ttft / 1e3, tpot / 1e3)
+
+
+@dataclasses.dataclass
+class Result:
+    """One request as the client saw it (times in seconds from the start of the run)."""
+
+    index: int
+    tier: str
+    session: str
+    group: int
+    scheduled_s: float
+    send_s: float = math.nan
+    first_token_s: float = math.nan
+    finish_s: float = math.nan
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    finish_reason: str = ""
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+    @property
+    def ttft_s(self) -> float:
+        return self.first_token_s - self.send_s
+
+    @property
+    def tpot_s(self) -> float:
+        if self.completion_tokens < 2:
+            return math.nan
+        return (self.finish_s - self.first_token_s) / (self.completion_tokens - 1)
+
+    @property
+    def latency_s(self) -> float:
+        return self.finish_s - self.send_s
+
+    def meets(self, slo: Slo) -> bool:
+        if not self.ok:
+            return False
+        tpot = self.tpot_s
+        return self.ttft_s <= slo.ttft_s and (math.isnan(tpot) or tpot <= slo.tpot_s)
+
+
+@dataclasses.dataclass
+class Run:
+    results: list[Result]
+    duration_s: float
+    server: dict
+
+
+def _request(prompt, item: WorkItem, tier: str, ignore_eos: bool, temperature: float, seed: int
+             ) -> pb.GenerateRequest:
+    req = pb.GenerateRequest(max_tokens=item.max_tokens, tier=tier, ignore_eos=ignore_eos,
+                             temperature=temperature, seed=seed, session_key=item.session)
+    if isinstance(prompt, str):
+        req.text = prompt
+    else:
+        req.token_ids.ids.extend(prompt)
+    return req
+
+
+async def _replay(target: str, items: list[WorkItem], *, token, root_cert, ignore_eos, temperature,
+                  max_concurrency, progress, timeout_s) -> Run:
+    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    if root_cert:
+        with open(root_cert, "rb") as f:
+            channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(f.read()), options)
+    else:
+        channel = grpc.aio.insecure_channel(target, options)
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    stub = pb_grpc.InferenceStub(channel)
+    async with channel:
+        info = await stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=metadata, timeout=30)
+        first_tier = info.tiers[0] if info.tiers else ""
+        results = [Result(i, it.tier or first_tier, it.session, it.group, it.arrival_s) for i, it in enumerate(items)]
+        limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+        previous: dict[str, asyncio.Future] = {}  # session -> its last turn (done when it finishes)
+        history: dict[str, object] = {}  # session -> conversation so far (ids or text)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(items), desc="requests", unit="req")
+        start = time.perf_counter()
+
+        async def one(i: int, item: WorkItem, wait_for: asyncio.Future | None, done: asyncio.Future | None):
+            res = results[i]
+            try:
+                await asyncio.sleep(max(0.0, start + item.arrival_s - time.perf_counter()))
+                if wait_for is not None:
+                    await asyncio.shield(wait_for)
+                prompt = item.prompt
+                if item.session and item.session in history:
+                    before = history[item.session]
+                    if isinstance(before, str) != isinstance(prompt, str):
+                        raise ValueError(f"session {item.session!r} mixes text and token-id prompts")
+                    prompt = before + prompt
+                if limit is not None:
+                    await limit.acquire()
+                try:
+                    res.send_s = time.perf_counter() - start
+                    out_ids, out_text = [], []
+                    call = stub.Generate(_request(prompt, item, res.tier, ignore_eos, temperature, i),
+                                         metadata=metadata, timeout=timeout_s)
+                    async for msg in call:
+                        now = time.perf_counter() - start
+                        if msg.token_ids and math.isnan(res.first_token_s):
+                            res.first_token_s = now
+                        out_ids.extend(msg.token_ids)
+                        out_text.append(msg.text)
+                        if msg.finish_reason:
+                            res.finish_s, res.finish_reason = now, msg.finish_reason
+                            res.prompt_tokens = msg.usage.prompt_tokens
+                            res.completion_tokens = msg.usage.completion_tokens
+                            res.cached_prompt_tokens = msg.usage.cached_prompt_tokens
+                finally:
+                    if limit is not None:
+                        limit.release()
+                if item.session:
+                    history[item.session] = prompt + ("".join(out_text) if isinstance(prompt, str)
+                                                      else tuple(out_ids))
+            except grpc.aio.AioRpcError as e:
+                res.error = f"{e.code().name}: {e.details()}"
+            except ValueError as e:
+                res.error = f"CLIENT: {e}"
+            finally:
+                if done is not None:
+                    done.set_result(None)
+                if bar is not None:
+                    bar.update(1)
+
+        loop = asyncio.get_running_loop()
+        tasks = []
+        for i, item in enumerate(items):
+            wait_for = done = None
+            if item.session:
+                wait_for = previous.get(item.session)
+                done = previous[item.session] = loop.create_future()
+            tasks.append(asyncio.create_task(one(i, item, wait_for, done)))
+        await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+        if bar is not None:
+            bar.close()
+    server = {"model": info.model, "tiers": list(info.tiers), "max_model_len": info.max_model_len,
+              "attention_backend": info.attention_backend, "tp": info.tp, "version": info.version}
+    return Run(results, duration, server)
+
+
+def replay(target: str, items: list[WorkItem], *, token: str | None = None, root_cert: str | None = None,
+           ignore_eos: bool = True, temperature: float = 0.0, max_concurrency: int = 0,
+           progress: bool = True, timeout_s: float | None = None) -> Run:
+    """Sends every item at its arrival time; returns what each request saw. max_concurrency > 0
+    caps requests in flight on the client (0: no cap, the server's admission control decides)."""
+    if not items:
+        raise ValueError("the workload is empty")
+    return asyncio.run(_replay(target, items, token=token, root_cert=root_cert, ignore_eos=ignore_eos,
+                               temperature=temperature, max_concurrency=max_concurrency, progress=progress,
+                               timeout_s=timeout_s))
+
+
+def _stats(values) -> dict:
+    v = np.array([x for x in values if not math.isnan(x)], dtype=float) * 1e3
+    if not len(v):
+        return {"mean": None, **{f"p{p}": None for p in PERCENTILES}}
+    return {"mean": float(v.mean()), **{f"p{p}": float(np.percentile(v, p)) for p in PERCENTILES}}
+
+
+def summarize(run: Run, slos: dict[str, Slo] | None = None) -> dict:
+    """Throughput, latency percentiles (ms) overall and per tier, SLO attainment and goodput."""
+    slos = slos or {}
+    res, dur = run.results, run.duration_s
+    ok = [r for r in res if r.ok]
+    errors: dict[str, int] = {}
+    for r in res:
+        if r.error:
+            code = r.error.split(":", 1)[0]
+            errors[code] = errors.get(code, 0) + 1
+    prompt = sum(r.prompt_tokens for r in ok)
+    out = sum(r.completion_tokens for r in ok)
+
+    def block(rs):
+        good = [r for r in rs if r.ok]
+        return {"requests": len(rs), "completed": len(good), "failed": len(rs) - len(good),
+                "ttft_ms": _stats(r.ttft_s for r in good), "tpot_ms": _stats(r.tpot_s for r in good),
+                "latency_ms": _stats(r.latency_s for r in good)}
+
+    summary = {"duration_s": dur, **block(res), "errors": errors,
+               "request_throughput": len(ok) / dur, "output_throughput": out / dur,
+               "total_throughput": (prompt + out) / dur,
+               "prefix_hit_rate": sum(r.cached_prompt_tokens for r in ok) / prompt if prompt else 0.0,
+               "tiers": {}}
+    served = list(run.server.get("tiers", []))
+    order = lambda t: (served.index(t) if t in served else len(served), t)  # noqa: E731 - the server's order
+    for tier in sorted({r.tier for r in res} | set(slos), key=order):
+        rs = [r for r in res if r.tier == tier]
+        t = block(rs)
+        if tier in slos:
+            slo = slos[tier]
+            met = sum(r.meets(slo) for r in rs)
+            t["slo"] = {"ttft_ms": slo.ttft_s * 1e3, "tpot_ms": slo.tpot_s * 1e3}
+            t["attainment"] = met / len(rs) if rs else None
+            t["goodput_rps"] = met / dur
+        summary["tiers"][tier] = t
+    return summary
+
+
+def _fmt(x, digits=1) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def format_report(summary: dict) -> str:
+    s = summary
+    lines = [
+        f"requests: {s['completed']} completed, {s['failed']} failed"
+        + (f" ({', '.join(f'{k} x{v}' for k, v in sorted(s['errors'].items()))})" if s["errors"] else "")
+        + f" in {s['duration_s']:.2f} s",
+        f"throughput: {s['request_throughput']:.2f} req/s, {s['output_throughput']:.1f} output tok/s, "
+        f"{s['total_throughput']:.1f} total tok/s; prefix-cache hit rate {100 * s['prefix_hit_rate']:.1f} %",
+        "",
+        "| tier | requests | metric | mean ms | p50 ms | p90 ms | p99 ms |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for name, block in [("all", s)] + list(s["tiers"].items()):
+        for metric in ("ttft_ms", "tpot_ms", "latency_ms"):
+            st = block[metric]
+            lines.append(f"| {name} | {block['requests']} | {metric[:-3]} | {_fmt(st['mean'])} | {_fmt(st['p50'])} | "
+                         f"{_fmt(st['p90'])} | {_fmt(st['p99'])} |")
+    judged = {k: v for k, v in s["tiers"].items() if "slo" in v}
+    if judged:
+        lines += ["", "| tier | SLO ttft ms | SLO tpot ms | attainment | goodput req/s |", "|---|---:|---:|---:|---:|"]
+        for name, t in judged.items():
+            att = "-" if t["attainment"] is None else f"{100 * t['attainment']:.1f} %"
+            lines.append(f"| {name} | {_fmt(t['slo']['ttft_ms'], 0)} | {_fmt(t['slo']['tpot_ms'], 0)} | {att} | "
+                         f"{t['goodput_rps']:.2f} |")
+    return "\n".join(lines)
+
+
+def result_json(run: Run, summary: dict, settings: dict) -> dict:
+    """What --result_file holds: the settings, the server, the summary and every request."""
+    reqs = []
+    for r in run.results:
+        d = dataclasses.asdict(r)
+        d.update(ttft_s=r.ttft_s, tpot_s=r.tpot_s, latency_s=r.latency_s)
+        reqs.append({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()})
+    return {"settings": settings, "server": run.server, "summary": summary, "requests": reqs}
+
+
+def save_plot(run: Run, path: str) -> None:
+    """CDFs of TTFT, TPOT and latency per tier, and latency over the run (needs matplotlib)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    tiers = sorted({r.tier for r in run.results})
+    for ax, (name, get) in zip(axes, [("TTFT", lambda r: r.ttft_s), ("TPOT", lambda r: r.tpot_s),
+                                      ("latency", lambda r: r.latency_s)]):
+        for tier in tiers:
+            v = np.sort([get(r) * 1e3 for r in run.results if r.ok and r.tier == tier and not math.isnan(get(r))])
+            if len(v):
+                ax.plot(v, np.arange(1, len(v) + 1) / len(v), label=tier)
+        ax.set(xlabel=f"{name} (ms)", ylabel="fraction of requests", title=f"{name} CDF")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    ax = axes[3]
+    for tier in tiers:
+        rs = [r for r in run.results if r.ok and r.tier == tier]
+        ax.scatter([r.send_s for r in rs], [r.latency_s * 1e3 for r in rs], s=8, label=tier)
+    ax.set(xlabel="sent at (s)", ylabel="latency (ms)", title="latency over the run")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

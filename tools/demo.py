@@ -1,0 +1,115 @@
+"""The one-command demo (`make demo`): serve the embedded default model, replay a short workload
+through the benchmark client, print the report, shut the server down cleanly.
+
+  python tools/demo.py                      # configs/default.py on free ports
+  python tools/demo.py --scale=4 --slo=interactive:150:30
+
+Steps: start tools/launch_server.py in a child process (its log and compile progress go to
+stderr), wait until it writes its port file, replay `jinfer.workloads.demo` (interactive
+requests sharing four prefixes + longer batch requests, Poisson arrivals), print the report
+and a few of the server's own Prometheus metrics, then SIGTERM the server and check it exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+from absl import app, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", os.path.join(ROOT, "configs", "default.py"), "Launch config of the server.")
+flags.DEFINE_multi_string("override", [], "Extra server flags, e.g. --override=--config.cache.page_size=32.")
+flags.DEFINE_integer("scale", 1, "Multiplies the demo workload's request counts.", lower_bound=1)
+flags.DEFINE_multi_string("slo", ["interactive:250:50", "batch:2000:100"],
+                          "tier:ttft_ms:tpot_ms targets the report judges.")
+flags.DEFINE_integer("seed", 0, "Seed of the workload.")
+flags.DEFINE_float("start_timeout_s", 900.0, "How long the server may take to load and compile.", lower_bound=1)
+flags.DEFINE_string("result_file", "", "Also write the benchmark's JSON result here.")
+
+SHOWN_METRICS = ("jinfer_prefix_cache_hit_rate", "jinfer_kv_page_utilization", "jinfer_generation_tokens_total",
+                 "jinfer_requests_finished_total", "jinfer_time_to_first_token_seconds_count")
+
+
+def _wait_ready(proc: subprocess.Popen, port_file: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"error: the server exited with code {proc.returncode} before serving (its log is above)")
+        if os.path.exists(port_file):
+            with open(port_file) as f:
+                return json.load(f)
+        time.sleep(0.2)
+    proc.kill()
+    sys.exit(f"error: the server was not serving after {timeout:.0f}s")
+
+
+def _metrics(port: int) -> list[str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return [line for line in text.splitlines() if line.startswith(SHOWN_METRICS)]
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from jinfer import workloads
+    from jinfer.serving import benchmark as bm
+
+    try:
+        slos = dict(bm.Slo.parse(s) for s in FLAGS.slo)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    with tempfile.TemporaryDirectory(prefix="jinfer-demo-") as tmp:
+        port_file = os.path.join(tmp, "ports.json")
+        cmd = [sys.executable, os.path.join(ROOT, "tools", "launch_server.py"), f"--config={FLAGS.config}",
+               "--config.serving.port=0", "--config.serving.metrics_port=0", f"--port_file={port_file}",
+               *FLAGS.override]
+        print("starting the server (loads the model and compiles every step bucket) ...", file=sys.stderr)
+        proc = subprocess.Popen(cmd, stdout=sys.stderr)
+        try:
+            ports = _wait_ready(proc, port_file, FLAGS.start_timeout_s)
+            target = f"127.0.0.1:{ports['port']}"
+            from jinfer.serving.client import Client
+            with Client(target) as c:
+                info = c.server_info(timeout=30)
+            items = workloads.demo((8, info.vocab_size), FLAGS.seed, FLAGS.scale)
+            print(f"replaying {len(items)} requests ({info.model}, tiers {list(info.tiers)}) against {target}",
+                  file=sys.stderr)
+            run = bm.replay(target, items)
+            summary = bm.summarize(run, slos)
+            print(bm.format_report(summary))
+            print("\nserver metrics (Prometheus, http://127.0.0.1:%d/metrics):" % ports["metrics_port"])
+            for line in _metrics(ports["metrics_port"]):
+                print("  " + line)
+            if FLAGS.result_file:
+                with open(FLAGS.result_file, "w") as f:
+                    json.dump(bm.result_json(run, summary, {"workload": "demo", "scale": FLAGS.scale,
+                                                            "seed": FLAGS.seed, "slo": FLAGS.slo}), f, indent=1)
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    if proc.returncode != 0:
+        sys.exit(f"error: the server exited with code {proc.returncode} on shutdown")
+    failed = summary["failed"]
+    print(f"\nserver shut down cleanly; {summary['completed']} requests completed, {failed} failed")
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)
