@@ -51,6 +51,10 @@ class PrefixCache:
         self.strategy = strategy or LRU()
         self.root = Node((), -1, None)
         self.num_nodes = 0
+        self.on_evict = None
+        """Optional callback(tokens, node) for each evicted node: `tokens` run from the root to
+        the node's end, so the cache no longer holds tokens[len(tokens) - page_size:] (a router
+        keeping a global view listens here)."""
 
     def _pages_of(self, tokens) -> list[tuple[int, ...]]:
         ps = self.page_size
@@ -67,6 +71,16 @@ class PrefixCache:
             pages.append(child.page)
             node = child
         return pages, node
+
+    def peek(self, tokens) -> int:
+        """Tokens of the longest cached full-page prefix, without touching access times."""
+        node, n = self.root, 0
+        for key in self._pages_of(tokens):
+            node = node.children.get(key)
+            if node is None:
+                break
+            n += self.page_size
+        return n
 
     def lock(self, node: Node) -> None:
         while node is not self.root:
@@ -116,10 +130,19 @@ class PrefixCache:
             parent = node.parent
             del parent.children[node.key]
             self.num_nodes -= 1
+            if self.on_evict is not None:
+                self.on_evict(self._tokens_to(node), node)
             freed += len(self.pool.decref([node.page]))
             if parent is not self.root and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(heap, (self.strategy.sort_key(parent), next(tie), parent))
         return freed
+
+    def _tokens_to(self, node: Node) -> tuple[int, ...]:
+        keys = []
+        while node is not None and node is not self.root:
+            keys.append(node.key)
+            node = node.parent
+        return tuple(t for key in reversed(keys) for t in key)
 
     def clear(self) -> None:
         """Drops every unlocked node (e.g. after new weights make cached KV stale)."""

@@ -38,6 +38,7 @@ class Request:
     finish_time: float | None = None
     priority: int = 0  # policy hint (SLO tier etc.); lower runs first
     sample_group: int = 0  # which of the prompt's n samples this is (keys its random stream)
+    policy_state: object = None  # owned by the scheduling policy (e.g. its ordering key)
     followers: list["Request"] = dataclasses.field(default_factory=list)
     """The prompt's other samples: held until this one has computed the shared prompt pages."""
 
@@ -53,6 +54,15 @@ class Request:
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def ids(self, start: int, stop: int) -> list[int]:
+        """all_ids[start:stop] without building all_ids (a decode step needs one token)."""
+        p = len(self.prompt_ids)
+        if start >= p:
+            return self.output_ids[start - p:stop - p]
+        if stop <= p:
+            return self.prompt_ids[start:stop]
+        return self.prompt_ids[start:] + self.output_ids[:stop - p]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -226,6 +226,21 @@ class Scheduler:
                 self._fork(req)  # followers join from the next step, after these pages are written
         return StepPlan(tuple(seqs), tuple(preempted))
 
+    def extend_decode(self, req: Request, token_ids: list[int]) -> bool:
+        """Appends decode tokens computed outside a StepPlan, one step each, as if the request
+        had run that many single-token steps alone: KV pages from the free pool only (False, and
+        nothing changed, if they do not fit). The simulator's fast-forward over pure-decode
+        stretches uses it; the engine never does."""
+        assert req.status is Status.RUNNING and req.num_pending == 0, f"{req.request_id} is not decoding"
+        need = -(-(req.num_computed_tokens + len(token_ids)) // self.page_size) - len(req.pages)
+        if need > self.pool.num_free:
+            return False
+        if need > 0:
+            req.pages += self.pool.allocate(need)
+        req.num_computed_tokens += len(token_ids)
+        req.output_ids.extend(token_ids)
+        return True
+
     def _done_sampling(self, req: Request) -> bool:
         return (req.num_output_tokens >= req.params.max_tokens
                 or req.num_tokens >= self.cfg.max_model_len)
@@ -233,7 +248,7 @@ class Scheduler:
     def _plan(self, req: Request, n: int) -> ScheduledSeq:
         """Plans n tokens of req and counts them computed (the step will write them)."""
         start = req.num_computed_tokens
-        known = req.all_ids[start:start + n]
+        known = req.ids(start, start + n)
         token_ids = tuple(known) + (PENDING,) * (n - len(known))
         sample = start + n == req.num_tokens
         seq = ScheduledSeq(
