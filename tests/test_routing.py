@@ -281,3 +281,30 @@ def test_scheduler_hooks_used_by_the_policy_layer():
     assert req.output_ids == [7, 8, 9, 10, 11, 12] and req.num_computed_tokens == 8 and len(req.pages) == 2
     assert not sched.extend_decode(req, list(range(100)))  # 27 pages: more than the pool
     assert req.output_ids == [7, 8, 9, 10, 11, 12]
+
+
+# -- tools -------------------------------------------------------------------------------------
+
+def _run_tool(name, *args):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, os.path.join(root, "tools", name), *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_profile_engine_fits_a_cost_model_the_simulator_loads(tmp_path):
+    out = tmp_path / "cost.json"
+    proc = _run_tool("profile_engine.py", "--prefill=32,64", "--cached=0", "--batch=1,4", "--context=32",
+                     "--repeats=1", "--config.engine.compilation_cache=", f"--out={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| prefill 32 after 0 |" in proc.stdout and "| decode x4 at 32 |" in proc.stdout
+    model = CostModel.load(str(out))
+    assert model.step_time([(64, 0)]) > 0
+    proc = _run_tool("simulate_routing.py", "--workloads=embodied", "--num_requests=60", "--rate_factors=1",
+                     "--scale=16", f"--cost_model={out}", "--num_pages=400")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| embodied |" in proc.stdout and "Ablation" in proc.stdout and "requests/s" in proc.stdout
+    proc = _run_tool("simulate_routing.py", "--workloads=chat")
+    assert proc.returncode != 0 and "unknown workloads ['chat']" in proc.stderr
