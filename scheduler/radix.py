@@ -76,7 +76,11 @@ class GlobalRadixTree:
     def cached_lengths(self, tokens, replicas) -> dict[int, int]:
         """Per replica: how many leading tokens of the prompt it caches (whole nodes only,
         except that a partly matched last node counts its matched part)."""
-        path, matched = self.match(tokens)
+        return self.lengths_on_path(*self.match(tokens), replicas)
+
+    @staticmethod
+    def lengths_on_path(path: list[TreeNode], matched: int, replicas) -> dict[int, int]:
+        """cached_lengths from a match() already made."""
         out = {r: 0 for r in replicas}
         for node in path:
             end = min(node.depth, matched)

@@ -209,18 +209,17 @@ class PrebleE2(_Counting):
         n = len(req.prompt)
         if n == 0:
             raise ValueError(f"request {req.request_id!r} has an empty prompt")
-        lengths = self.tree.cached_lengths(req.prompt, range(self.num_replicas))
+        path, matched = self.tree.match(req.prompt)
+        lengths = self.tree.lengths_on_path(path, matched, range(self.num_replicas))
         loads = [self.load(r, now) for r in range(self.num_replicas)]
         best = max(lengths.values())
-        path, _ = self.tree.match(req.prompt)
         deepest = path[-1] if path and best > 0 else None
         if best > n - best:  # exploit
             holders = [r for r in range(self.num_replicas) if lengths[r] == best]
             r = min(holders, key=lambda r: (loads[r], r))
             kind = "exploit"
-            if self.opt.rebalance and loads[r] > self.opt.rebalance_ratio * min(loads) and min(loads) >= 0 \
-                    and loads[r] > 0:
-                r, kind = self._explore(req, lengths, loads, now)
+            if self.opt.rebalance and loads[r] > self.opt.rebalance_ratio * min(loads):
+                r, _ = self._explore(req, lengths, loads, now)
                 kind = "rebalance"
             elif self.opt.replicate and deepest is not None and self._ttft_doubled(deepest, now):
                 others = [x for x in range(self.num_replicas) if x not in holders]

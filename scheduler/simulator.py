@@ -193,7 +193,7 @@ class Simulator:
     def _plan_stretch(self, rep: _Replica, dt: float) -> None:
         """Extends rep.ends over the pure-decode steps that follow this plan unchanged."""
         sched, plan = rep.sched, rep.plan
-        if sched.waiting or len(plan.seqs) != len(sched.running) or len(plan.seqs) < 1:
+        if sched.waiting or len(plan.seqs) != len(sched.running):
             return
         if any(len(s.token_ids) != 1 or not s.sample for s in plan.seqs):
             return

@@ -113,7 +113,7 @@ def main(argv):
     from jinfer.serving import benchmark as bm
 
     try:
-        slos = dict(bm.Slo.parse(s) for s in FLAGS.slo)
+        slos = bm.Slo.parse_all(FLAGS.slo)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     if FLAGS.plot:

@@ -47,6 +47,11 @@ class Slo:
             raise ValueError(f"SLO spec {spec!r}: ttft_ms and tpot_ms must be numbers") from None
         return parts[0], cls(ttft / 1e3, tpot / 1e3)
 
+    @classmethod
+    def parse_all(cls, specs) -> dict[str, "Slo"]:
+        """Several 'tier:TTFT_MS:TPOT_MS' specs -> {tier: Slo}; ValueError names a bad one."""
+        return dict(cls.parse(s) for s in specs)
+
 
 @dataclasses.dataclass
 class Result:

@@ -86,12 +86,12 @@ class ServerMetrics:
         if produced:
             self.generation_tokens.inc(produced)
             self._recent.append((now, produced))
-        self._refresh_rates(now)
 
     def on_done(self, request_id: str) -> None:
         self._tiers.pop(request_id, None)
 
     def update_engine(self, engine, now: float | None = None) -> None:
+        """Gauges from the engine's state, and the derived rates (after on_outputs)."""
         sched = engine.scheduler
         self.waiting.set(len(sched.waiting))
         self.running.set(len(sched.running))

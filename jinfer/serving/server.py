@@ -132,6 +132,8 @@ class EngineLoop:
 
     def _run(self) -> None:
         while not self._stopped.is_set():
+            if self.metrics is not None:  # once per iteration, before blocking when idle
+                self.metrics.update_engine(self.engine)
             busy = self.engine.has_unfinished()
             try:  # block for work only when the engine is idle
                 cmd = self._commands.get(block=not busy)
@@ -140,8 +142,6 @@ class EngineLoop:
                     self._handle(self._commands.get_nowait())
             except queue.Empty:
                 pass
-            if self.metrics is not None:
-                self.metrics.update_engine(self.engine)
             if not self.engine.has_unfinished():
                 continue
             try:
@@ -157,7 +157,6 @@ class EngineLoop:
                 continue
             if self.metrics is not None:
                 self.metrics.on_outputs(outputs)
-                self.metrics.update_engine(self.engine)
             for out in outputs:
                 sink = self._sinks.get(out.request_id)
                 if sink is None:
