@@ -186,19 +186,30 @@ def parse_flags(argv):
         sys.exit(_bad_override(e, argv))
 
 
+def load_tokenizer(spec: ModelSpec):
+    """The tokenizer a server for this spec uses (a router tokenizes text prompts with it)."""
+    from jinfer import DEFAULT_MODEL_DIR
+    from jinfer.tokenizer import Tokenizer, byte_level_tokenizer
+
+    if spec.preset:
+        return byte_level_tokenizer()
+    from jinfer.loader.hf import load_config
+    path = spec.path or DEFAULT_MODEL_DIR
+    cfg = load_config(path)
+    return Tokenizer.from_dir(path, bos_id=cfg.bos_token_id, eos_ids=cfg.eos_token_ids)
+
+
 def load_model(spec: ModelSpec, mesh=None):
     """The model and its tokenizer, as the spec says (loaded straight into shards on a mesh)."""
     import jax.numpy as jnp
 
     from jinfer import DEFAULT_MODEL_DIR
-    from jinfer.tokenizer import Tokenizer
 
     dtype = jnp.dtype(spec.dtype)
+    tok = load_tokenizer(spec)
     if spec.preset:
         from jinfer.models.config import preset
         from jinfer.models.llama import init_model
-        from jinfer.tokenizer import byte_level_tokenizer
-        tok = byte_level_tokenizer()
         cfg = dataclasses.replace(preset(spec.preset), bos_token_id=tok.bos_id, eos_token_ids=tuple(tok.eos_ids))
         return init_model(cfg, seed=spec.seed, dtype=dtype), tok
     path = spec.path or DEFAULT_MODEL_DIR
@@ -208,8 +219,7 @@ def load_model(spec: ModelSpec, mesh=None):
     else:
         from jinfer.loader.hf import load_hf_model
         model = load_hf_model(path, dtype=dtype)
-    cfg = model.config
-    return model, Tokenizer.from_dir(path, bos_id=cfg.bos_token_id, eos_ids=cfg.eos_token_ids)
+    return model, tok
 
 
 def build_engine(launch: LaunchConfig, policy=None, progress: bool = False):

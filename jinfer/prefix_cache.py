@@ -144,6 +144,7 @@ class PrefixCache:
             node = node.parent
         return tuple(t for key in reversed(keys) for t in key)
 
-    def clear(self) -> None:
-        """Drops every unlocked node (e.g. after new weights make cached KV stale)."""
-        self.evict(self.num_nodes)
+    def clear(self) -> int:
+        """Drops every unlocked node (e.g. after new weights make cached KV stale); returns
+        the pages freed."""
+        return self.evict(self.num_nodes)

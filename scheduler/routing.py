@@ -1,8 +1,9 @@
 """Global routing across replicas: Preble's E2 and the baselines, behind one interface.
 
 A router sees each request once (`route`) and hears back from replicas: the first token
-(`on_first_token`, for TTFT-driven replication), the finish (`on_finish`) and evictions
-(`on_evict`). The simulator and the live router drive the same objects.
+(`on_first_token`, for TTFT-driven replication), the finish (`on_finish`), evictions
+(`on_evict`) and load reports (`on_load`). The simulator and the live router
+(scheduler/live.py) drive the same objects.
 """
 
 from __future__ import annotations
@@ -23,6 +24,24 @@ class RouteRequest:
     max_tokens: int
 
 
+@dataclasses.dataclass(frozen=True)
+class ReplicaLoad:
+    """What a replica reports about itself (the live replicas' WatchReplica stream; the
+    simulator after every step)."""
+
+    waiting: int
+    running: int
+    num_pages: int
+    free_pages: int
+    cached_pages: int
+    page_size: int
+    outstanding: int = 0
+
+    @property
+    def free_tokens(self) -> int:
+        return self.free_pages * self.page_size
+
+
 class Router(Protocol):
     name: str
 
@@ -33,6 +52,8 @@ class Router(Protocol):
     def on_finish(self, replica: int, req: RouteRequest, now: float) -> None: ...
 
     def on_evict(self, replica: int, tokens, keep: int) -> None: ...
+
+    def on_load(self, replica: int, load: ReplicaLoad, now: float) -> None: ...
 
 
 class _Counting:
@@ -45,6 +66,7 @@ class _Counting:
             raise ValueError(f"num_replicas={num_replicas} must be >= 1")
         self.num_replicas = num_replicas
         self.outstanding = [0] * num_replicas
+        self.reported: list[ReplicaLoad | None] = [None] * num_replicas  # last load report
 
     def _assign(self, r: int) -> int:
         self.outstanding[r] += 1
@@ -58,6 +80,9 @@ class _Counting:
 
     def on_evict(self, replica, tokens, keep) -> None:
         pass
+
+    def on_load(self, replica, load, now) -> None:
+        self.reported[replica] = load
 
 
 class RoundRobin(_Counting):
@@ -149,6 +174,7 @@ class PrebleE2(_Counting):
         self._ttft: dict[int, collections.deque] = {}  # id(prefix node) -> (time, ttft)
         self._prefix_of: dict[str, TreeNode] = {}
         self._routes = 0
+        self._since_report = [0] * num_replicas  # tokens routed to each replica since its last report
         self.decisions = collections.Counter()  # exploit / explore / rebalance / replicate / pd
 
     # -- load ------------------------------------------------------------------------------
@@ -165,8 +191,19 @@ class PrebleE2(_Counting):
         p, d = self._sums[r]
         return d / (p + d) if p + d > 0 else 1.0
 
+    def free_tokens(self, r: int) -> int:
+        """KV room replica r has without evicting: its last report's free pages less what was
+        routed there since; before any report, capacity less what the tree says it caches."""
+        if self.reported[r] is None:
+            return self.capacity - self.tree.tokens_on[r]
+        return self.reported[r].free_tokens - self._since_report[r]
+
+    def on_load(self, replica, load, now) -> None:
+        super().on_load(replica, load, now)
+        self._since_report[replica] = 0
+
     def _eviction_cost(self, r: int, new_tokens: int, now: float) -> float:
-        need = new_tokens - (self.capacity - self.tree.tokens_on[r])
+        need = new_tokens - self.free_tokens(r)
         if need <= 0:
             return 0.0
         leaves = [n for n in self.tree.nodes() if r in n.cached_on
@@ -234,6 +271,7 @@ class PrebleE2(_Counting):
         self._history[r].append((now, prefill, decode))
         self._sums[r][0] += prefill
         self._sums[r][1] += decode
+        self._since_report[r] += n - lengths[r] + req.max_tokens
         new_path = self.tree.insert(req.prompt, r, now)
         if deepest is not None and best > 0:
             self._prefix_of[req.request_id] = new_path[_index_at_depth(new_path, min(best, n))]

@@ -3,7 +3,8 @@
 Each replica is jinfer's own Scheduler (token budgets, paged KV pool, prefix cache with its
 eviction, chunked prefill, preemption) with the device replaced by `CostModel.step_time` of the
 plan it produced; no JAX anywhere. Routers are the same objects the live router uses; replicas
-report first tokens, finishes and prefix-cache evictions to them as the engine would.
+report first tokens, finishes and prefix-cache evictions to them as the engine would, and their
+load (free pages, queue) whenever one of their requests finishes.
 Deterministic: the same workload, router and config give the same records.
 """
 
@@ -22,7 +23,7 @@ from jinfer.scheduling import Scheduler
 from jinfer.workloads import WorkItem
 from scheduler.cost_model import CostModel
 from scheduler.local_policy import PriorityGroups
-from scheduler.routing import RouteRequest, Router
+from scheduler.routing import ReplicaLoad, RouteRequest, Router
 
 _ARRIVAL, _STEP_DONE = 0, 1
 
@@ -217,6 +218,7 @@ class Simulator:
         rep = self.replicas[r]
         sched = rep.sched
         extra = len(rep.ends) - 1  # fast-forwarded steps after the plan's own
+        finished = False
         for s in rep.plan.seqs:
             if not s.sample:
                 continue
@@ -241,3 +243,9 @@ class Simulator:
                 sched.finish(req)
                 del rep.reqs[s.request_id]
                 self.router.on_finish(r, rreq, now)
+                finished = True
+        if finished:  # (finishes fall on the same steps with or without fast-forward)
+            cache = sched.prefix_cache
+            self.router.on_load(r, ReplicaLoad(len(sched.waiting), len(sched.running), self.cfg.num_pages,
+                                               sched.pool.num_free, cache.num_nodes if cache else 0,
+                                               self.cfg.page_size, len(rep.reqs)), now)

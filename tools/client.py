@@ -23,6 +23,9 @@ flags.DEFINE_string("token", "", "Bearer token, when the server requires one.")
 flags.DEFINE_string("root_cert", "", "PEM root certificate for a TLS server.")
 flags.DEFINE_float("timeout", 300.0, "Seconds before the call is abandoned.")
 flags.DEFINE_bool("info", False, "Print the server's GetServerInfo and exit.")
+flags.DEFINE_bool("router_stats", False, "Print a router's per-replica view (GetRouterStats) and exit.")
+flags.DEFINE_bool("reset_prefix_cache", False, "Drop the server's unused prefix-cache pages (a router: every "
+                  "replica's) and exit.")
 
 
 def main(argv):
@@ -37,6 +40,12 @@ def main(argv):
         try:
             if FLAGS.info:
                 print(json.dumps(json_format.MessageToDict(client.server_info()), indent=2))
+                return
+            if FLAGS.router_stats:
+                print(json.dumps(json_format.MessageToDict(client.router_stats()), indent=2))
+                return
+            if FLAGS.reset_prefix_cache:
+                print(f"freed {client.reset_prefix_cache()} pages")
                 return
             if not FLAGS.prompt:
                 raise app.UsageError("give --prompt")

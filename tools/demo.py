@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import tempfile
-import time
 import urllib.request
 
 from absl import app, flags
@@ -40,19 +36,6 @@ SHOWN_METRICS = ("jinfer_prefix_cache_hit_rate", "jinfer_kv_page_utilization", "
                  "jinfer_requests_finished_total", "jinfer_time_to_first_token_seconds_count")
 
 
-def _wait_ready(proc: subprocess.Popen, port_file: str, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"error: the server exited with code {proc.returncode} before serving (its log is above)")
-        if os.path.exists(port_file):
-            with open(port_file) as f:
-                return json.load(f)
-        time.sleep(0.2)
-    proc.kill()
-    sys.exit(f"error: the server was not serving after {timeout:.0f}s")
-
-
 def _metrics(port: int) -> list[str]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         text = r.read().decode()
@@ -69,42 +52,38 @@ def main(argv):
         slos = bm.Slo.parse_all(FLAGS.slo)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    with tempfile.TemporaryDirectory(prefix="jinfer-demo-") as tmp:
-        port_file = os.path.join(tmp, "ports.json")
-        cmd = [sys.executable, os.path.join(ROOT, "tools", "launch_server.py"), f"--config={FLAGS.config}",
-               "--config.serving.port=0", "--config.serving.metrics_port=0", f"--port_file={port_file}",
-               *FLAGS.override]
-        print("starting the server (loads the model and compiles every step bucket) ...", file=sys.stderr)
-        proc = subprocess.Popen(cmd, stdout=sys.stderr)
+    from jinfer.serving.process import ServerProcess
+
+    server = ServerProcess([f"--config={FLAGS.config}", "--config.serving.port=0", "--config.serving.metrics_port=0",
+                            *FLAGS.override], stdout=sys.stderr)
+    print("starting the server (loads the model and compiles every step bucket) ...", file=sys.stderr)
+    server.start()
+    try:
         try:
-            ports = _wait_ready(proc, port_file, FLAGS.start_timeout_s)
-            target = f"127.0.0.1:{ports['port']}"
-            from jinfer.serving.client import Client
-            with Client(target) as c:
-                info = c.server_info(timeout=30)
-            items = workloads.demo((8, info.vocab_size), FLAGS.seed, FLAGS.scale)
-            print(f"replaying {len(items)} requests ({info.model}, tiers {list(info.tiers)}) against {target}",
-                  file=sys.stderr)
-            run = bm.replay(target, items)
-            summary = bm.summarize(run, slos)
-            print(bm.format_report(summary))
-            print("\nserver metrics (Prometheus, http://127.0.0.1:%d/metrics):" % ports["metrics_port"])
-            for line in _metrics(ports["metrics_port"]):
-                print("  " + line)
-            if FLAGS.result_file:
-                with open(FLAGS.result_file, "w") as f:
-                    json.dump(bm.result_json(run, summary, {"workload": "demo", "scale": FLAGS.scale,
-                                                            "seed": FLAGS.seed, "slo": FLAGS.slo}), f, indent=1)
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-    if proc.returncode != 0:
-        sys.exit(f"error: the server exited with code {proc.returncode} on shutdown")
+            ports = server.wait_ready(FLAGS.start_timeout_s).ports
+        except RuntimeError as e:
+            sys.exit(f"error: {e}")
+        target = server.target
+        from jinfer.serving.client import Client
+        with Client(target) as c:
+            info = c.server_info(timeout=30)
+        items = workloads.demo((8, info.vocab_size), FLAGS.seed, FLAGS.scale)
+        print(f"replaying {len(items)} requests ({info.model}, tiers {list(info.tiers)}) against {target}",
+              file=sys.stderr)
+        run = bm.replay(target, items)
+        summary = bm.summarize(run, slos)
+        print(bm.format_report(summary))
+        print("\nserver metrics (Prometheus, http://127.0.0.1:%d/metrics):" % ports["metrics_port"])
+        for line in _metrics(ports["metrics_port"]):
+            print("  " + line)
+        if FLAGS.result_file:
+            with open(FLAGS.result_file, "w") as f:
+                json.dump(bm.result_json(run, summary, {"workload": "demo", "scale": FLAGS.scale,
+                                                        "seed": FLAGS.seed, "slo": FLAGS.slo}), f, indent=1)
+    finally:
+        code = server.stop()
+    if code != 0:
+        sys.exit(f"error: the server exited with code {code} on shutdown")
     failed = summary["failed"]
     print(f"\nserver shut down cleanly; {summary['completed']} requests completed, {failed} failed")
     if failed:

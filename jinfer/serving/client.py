@@ -70,3 +70,19 @@ class Client:
 
     def server_info(self, timeout: float | None = None) -> pb.ServerInfo:
         return self._stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=self._metadata, timeout=timeout)
+
+    def watch_replica(self, min_interval_s: float = 0.0) -> Iterator[pb.ReplicaEvent]:
+        """The server's load reports and prefix-cache evictions (a stream; cancel() ends it)."""
+        return self._stub.WatchReplica(pb.WatchReplicaRequest(min_interval_s=min_interval_s),
+                                       metadata=self._metadata)
+
+    def reset_prefix_cache(self, timeout: float | None = 60) -> int:
+        """Drops the server's unused prefix-cache pages (a router: every replica's); returns
+        how many were freed."""
+        return self._stub.ResetPrefixCache(pb.ResetPrefixCacheRequest(), metadata=self._metadata,
+                                           timeout=timeout).freed_pages
+
+    def router_stats(self, timeout: float | None = None) -> pb.RouterStats:
+        """A router's per-replica view (jinfer.v1.Router; plain servers answer UNIMPLEMENTED)."""
+        return pb_grpc.RouterStub(self._channel).GetRouterStats(pb.GetRouterStatsRequest(),
+                                                                metadata=self._metadata, timeout=timeout)

@@ -44,6 +44,16 @@ class InferenceStub:
                 request_serializer=jinfer_dot_serving_dot_inference__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=jinfer_dot_serving_dot_inference__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.WatchReplica = channel.unary_stream(
+                '/jinfer.v1.Inference/WatchReplica',
+                request_serializer=jinfer_dot_serving_dot_inference__pb2.WatchReplicaRequest.SerializeToString,
+                response_deserializer=jinfer_dot_serving_dot_inference__pb2.ReplicaEvent.FromString,
+                _registered_method=True)
+        self.ResetPrefixCache = channel.unary_unary(
+                '/jinfer.v1.Inference/ResetPrefixCache',
+                request_serializer=jinfer_dot_serving_dot_inference__pb2.ResetPrefixCacheRequest.SerializeToString,
+                response_deserializer=jinfer_dot_serving_dot_inference__pb2.ResetPrefixCacheResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -64,6 +74,22 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchReplica(self, request, context):
+        """For routers: the replica's load (on subscribe, then at most every min_interval_s while it
+        changes, and once more when it goes idle) and every prefix-cache eviction, in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetPrefixCache(self, request, context):
+        """Drops every prefix-cache page no running request holds (benchmarks start cold with it);
+        watchers hear the evictions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +102,16 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=jinfer_dot_serving_dot_inference__pb2.GetServerInfoRequest.FromString,
                     response_serializer=jinfer_dot_serving_dot_inference__pb2.ServerInfo.SerializeToString,
+            ),
+            'WatchReplica': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchReplica,
+                    request_deserializer=jinfer_dot_serving_dot_inference__pb2.WatchReplicaRequest.FromString,
+                    response_serializer=jinfer_dot_serving_dot_inference__pb2.ReplicaEvent.SerializeToString,
+            ),
+            'ResetPrefixCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetPrefixCache,
+                    request_deserializer=jinfer_dot_serving_dot_inference__pb2.ResetPrefixCacheRequest.FromString,
+                    response_serializer=jinfer_dot_serving_dot_inference__pb2.ResetPrefixCacheResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +168,138 @@ class Inference:
             '/jinfer.v1.Inference/GetServerInfo',
             jinfer_dot_serving_dot_inference__pb2.GetServerInfoRequest.SerializeToString,
             jinfer_dot_serving_dot_inference__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchReplica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/jinfer.v1.Inference/WatchReplica',
+            jinfer_dot_serving_dot_inference__pb2.WatchReplicaRequest.SerializeToString,
+            jinfer_dot_serving_dot_inference__pb2.ReplicaEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetPrefixCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jinfer.v1.Inference/ResetPrefixCache',
+            jinfer_dot_serving_dot_inference__pb2.ResetPrefixCacheRequest.SerializeToString,
+            jinfer_dot_serving_dot_inference__pb2.ResetPrefixCacheResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class RouterStub:
+    """A router in front of replicas (scheduler/live.py) also serves Inference, forwarding each
+    request to the replica its policy picks; this service shows what the policy sees.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetRouterStats = channel.unary_unary(
+                '/jinfer.v1.Router/GetRouterStats',
+                request_serializer=jinfer_dot_serving_dot_inference__pb2.GetRouterStatsRequest.SerializeToString,
+                response_deserializer=jinfer_dot_serving_dot_inference__pb2.RouterStats.FromString,
+                _registered_method=True)
+
+
+class RouterServicer:
+    """A router in front of replicas (scheduler/live.py) also serves Inference, forwarding each
+    request to the replica its policy picks; this service shows what the policy sees.
+    """
+
+    def GetRouterStats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RouterServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetRouterStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRouterStats,
+                    request_deserializer=jinfer_dot_serving_dot_inference__pb2.GetRouterStatsRequest.FromString,
+                    response_serializer=jinfer_dot_serving_dot_inference__pb2.RouterStats.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'jinfer.v1.Router', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('jinfer.v1.Router', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Router:
+    """A router in front of replicas (scheduler/live.py) also serves Inference, forwarding each
+    request to the replica its policy picks; this service shows what the policy sees.
+    """
+
+    @staticmethod
+    def GetRouterStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jinfer.v1.Router/GetRouterStats',
+            jinfer_dot_serving_dot_inference__pb2.GetRouterStatsRequest.SerializeToString,
+            jinfer_dot_serving_dot_inference__pb2.RouterStats.FromString,
             options,
             channel_credentials,
             insecure,

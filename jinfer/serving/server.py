@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
+import math
 import queue
 import threading
 import time
@@ -78,8 +79,22 @@ class ServingConfig:
             raise ValueError(f"shutdown_grace_s={self.shutdown_grace_s} must be >= 0")
 
 
+class _Watcher:
+    __slots__ = ("sink", "interval", "last_time", "last_load")
+
+    def __init__(self, sink, interval: float):
+        self.sink, self.interval = sink, interval
+        self.last_time, self.last_load = -math.inf, None
+
+
 class EngineLoop:
-    """Owns the engine on one thread; other threads talk to it through submit/abort."""
+    """Owns the engine on one thread; other threads talk to it through submit/abort.
+
+    Watchers (routers) get (load dict, evictions) events: on subscribing, after a step that
+    evicted prefix-cache pages, after changes at most every `interval` seconds, and whenever
+    the loop goes idle with news. Evictions of a leaf and then its parents in one step are
+    merged into one (tokens, keep) entry.
+    """
 
     def __init__(self, engine, metrics=None):
         self.engine = engine
@@ -88,6 +103,18 @@ class EngineLoop:
         self._sinks: dict[str, callable] = {}
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._watchers: list[_Watcher] = []
+        self._watch_lock = threading.Lock()  # the list; unwatch comes from other threads
+        self._evictions: list[list] = []  # [tokens, keep] not yet published
+        self._evicted_parent = None
+        cache = engine.scheduler.prefix_cache
+        if cache is not None:
+            chained = cache.on_evict
+            def on_evict(tokens, node):  # noqa: E306
+                if chained is not None:
+                    chained(tokens, node)
+                self._on_evict(tokens, node)
+            cache.on_evict = on_evict
 
     def start(self) -> None:
         self._thread.start()
@@ -112,6 +139,66 @@ class EngineLoop:
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
+    def watch(self, sink, interval: float) -> _Watcher:
+        """Subscribes `sink` (called on the engine thread with (load, evictions), or None when
+        the loop ends the stream); returns the handle unwatch takes."""
+        w = _Watcher(sink, interval)
+        self._commands.put(("watch", w))
+        return w
+
+    def unwatch(self, watcher: _Watcher) -> None:
+        with self._watch_lock:
+            if watcher in self._watchers:
+                self._watchers.remove(watcher)
+
+    def end_watches(self) -> None:
+        """Ends every watch stream (server shutdown: they would otherwise never finish)."""
+        with self._watch_lock:
+            watchers, self._watchers = self._watchers, []
+        for w in watchers:
+            w.sink(None)
+
+    def reset_prefix_cache(self) -> concurrent.futures.Future:
+        """Evicts every unlocked prefix-cache page between steps; the future gives the count."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("reset", fut))
+        return fut
+
+    def load(self) -> dict:
+        """The engine's load now (engine thread)."""
+        sched = self.engine.scheduler
+        cache = sched.prefix_cache
+        return {"waiting": len(sched.waiting), "running": len(sched.running),
+                "num_pages": self.engine.runner.num_pages, "free_pages": sched.pool.num_free,
+                "cached_pages": cache.num_nodes if cache is not None else 0,
+                "page_size": self.engine.runner.page_size, "outstanding": len(self._sinks)}
+
+    def _on_evict(self, tokens, node) -> None:
+        if not self._watchers:
+            return
+        if self._evictions and node is self._evicted_parent:  # the parent of the last one evicted
+            self._evictions[-1][1] -= len(node.key)
+        else:
+            self._evictions.append([tokens, len(tokens) - len(node.key)])
+        self._evicted_parent = node.parent
+
+    def _publish(self, force: bool) -> None:
+        """Sends news to watchers: evictions always; a changed load when its interval has
+        passed, or at once when `force` (the loop is about to idle)."""
+        with self._watch_lock:
+            if not self._watchers:
+                self._evictions.clear()
+                return
+            now = time.monotonic()
+            load = self.load()
+            evictions = [tuple(e) for e in self._evictions]
+            self._evictions.clear()
+            self._evicted_parent = None
+            for w in self._watchers:
+                if evictions or (load != w.last_load and (force or now - w.last_time >= w.interval)):
+                    w.last_time, w.last_load = now, load
+                    w.sink((load, evictions))
+
     def _handle(self, cmd) -> None:
         if cmd[0] == "add":
             _, prompt, params, request_id, priority, sink, fut, tier = cmd
@@ -129,12 +216,22 @@ class EngineLoop:
                 self.engine.abort(cmd[1])
                 if self.metrics is not None:
                     self.metrics.on_done(cmd[1])
+        elif cmd[0] == "watch":
+            w = cmd[1]
+            with self._watch_lock:
+                self._watchers.append(w)
+                w.last_time, w.last_load = time.monotonic(), self.load()
+            w.sink((w.last_load, []))
+        elif cmd[0] == "reset":
+            cache = self.engine.scheduler.prefix_cache
+            cmd[1].set_result(cache.clear() if cache is not None else 0)
 
     def _run(self) -> None:
         while not self._stopped.is_set():
             if self.metrics is not None:  # once per iteration, before blocking when idle
                 self.metrics.update_engine(self.engine)
             busy = self.engine.has_unfinished()
+            self._publish(force=not busy)
             try:  # block for work only when the engine is idle
                 cmd = self._commands.get(block=not busy)
                 self._handle(cmd)
@@ -168,7 +265,8 @@ class EngineLoop:
                 sink(out)
 
 
-def _params(req: pb.GenerateRequest) -> SamplingParams:
+def sampling_params(req: pb.GenerateRequest) -> SamplingParams:
+    """The request's SamplingParams (ValueError naming a bad field)."""
     kw = {}
     for name in ("temperature", "top_k", "top_p", "min_p", "seed", "max_tokens", "n"):
         if req.HasField(name):
@@ -196,7 +294,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if tier not in cfg.tiers:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown tier={tier!r}; known: {list(cfg.tiers)}")
         try:
-            params = _params(request)
+            params = sampling_params(request)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if self.loop.num_outstanding >= cfg.max_queued_requests:
@@ -236,6 +334,26 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if not done:  # cancelled (even while being added), or the stream failed: free its pages
                 self.loop.abort(request_id)
 
+    async def WatchReplica(self, request, context):
+        interval = request.min_interval_s or 0.05
+        if not 0 < interval <= 3600:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"min_interval_s={request.min_interval_s} must be in (0, 3600]")
+        aio_loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        watcher = self.loop.watch(lambda item: aio_loop.call_soon_threadsafe(events.put_nowait, item), interval)
+        try:
+            while (item := await events.get()) is not None:
+                load, evictions = item
+                yield pb.ReplicaEvent(load=pb.ReplicaLoad(**load), evictions=[
+                    pb.PrefixEviction(token_ids=tokens, keep=keep) for tokens, keep in evictions])
+        finally:
+            self.loop.unwatch(watcher)
+
+    async def ResetPrefixCache(self, request, context):
+        freed = await asyncio.wrap_future(self.loop.reset_prefix_cache())
+        return pb.ResetPrefixCacheResponse(freed_pages=freed)
+
     async def GetServerInfo(self, request, context):
         eng = self.loop.engine
         sched = eng.sched_cfg
@@ -250,8 +368,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             config_json=self.config_json)
 
 
-class _BearerAuth(grpc.aio.ServerInterceptor):
-    """Inference calls need `authorization: Bearer <token>`; health and reflection do not."""
+class BearerAuth(grpc.aio.ServerInterceptor):
+    """Every call but health and reflection needs `authorization: Bearer <token>`."""
 
     def __init__(self, token: str):
         self._expected = f"Bearer {token}"
@@ -263,11 +381,12 @@ class _BearerAuth(grpc.aio.ServerInterceptor):
         self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
 
     async def intercept_service(self, continuation, details):
-        if not details.method.startswith(f"/{SERVICE}/"):
+        if details.method.startswith(("/grpc.health.", "/grpc.reflection.")):
             return await continuation(details)
         if dict(details.invocation_metadata or ()).get("authorization") == self._expected:
             return await continuation(details)
-        return self._deny_stream if details.method.endswith("/Generate") else self._deny_unary
+        streaming = details.method.endswith(("/Generate", "/WatchReplica"))
+        return self._deny_stream if streaming else self._deny_unary
 
 
 class Server:
@@ -303,7 +422,7 @@ class Server:
         cfg = self.config
         limit = 4 * cfg.max_request_bytes
         self._server = grpc.aio.server(
-            interceptors=[_BearerAuth(cfg.auth_token)] if cfg.auth_token else [],
+            interceptors=[BearerAuth(cfg.auth_token)] if cfg.auth_token else [],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
         pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.loop, cfg, self._config_json), self._server)
         self.health = health.aio.HealthServicer()
@@ -327,6 +446,7 @@ class Server:
         async def _stop():
             for name in ("", SERVICE):
                 await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.loop.end_watches()
             await self._server.stop(grace)
 
         start = time.monotonic()

@@ -1,0 +1,86 @@
+"""A jinfer server (tools/launch_server.py) or router (tools/launch_router.py) as a child process:
+started with port 0, ready once it writes its port file, stopped with SIGTERM (it drains and
+exits 0). The demo, the live routing benchmark and the tests start their servers this way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOLS = os.path.join(ROOT, "tools")
+
+
+class ServerProcess:
+    """ServerProcess(["--config=...", "--config.cache.num_pages=64"]).start().wait_ready()
+
+    tool: launch_server.py or launch_router.py (both take --port_file). cpus: pin the process
+    to these CPU cores (os.sched_setaffinity; None: no pinning). stdout/stderr: where its log
+    goes (default: this process's stderr)."""
+
+    def __init__(self, args: list[str], *, tool: str = "launch_server.py", cpus: set[int] | None = None,
+                 stdout=None):
+        self.args, self.tool, self.cpus = list(args), tool, cpus
+        self.stdout = stdout if stdout is not None else sys.stderr
+        self._tmp = tempfile.TemporaryDirectory(prefix="jinfer-proc-")
+        self.port_file = os.path.join(self._tmp.name, "ports.json")
+        self.proc: subprocess.Popen | None = None
+        self.ports: dict = {}
+
+    def start(self) -> "ServerProcess":
+        cmd = [sys.executable, os.path.join(TOOLS, self.tool), f"--port_file={self.port_file}", *self.args]
+        cpus = self.cpus
+        preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+        self.proc = subprocess.Popen(cmd, stdout=self.stdout, stderr=subprocess.STDOUT, preexec_fn=preexec)
+        return self
+
+    def wait_ready(self, timeout: float = 600.0) -> "ServerProcess":
+        """Blocks until the port file appears; RuntimeError if the process exits or time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.tool} exited with code {self.proc.returncode} before serving "
+                                   "(its log is above)")
+            if os.path.exists(self.port_file):
+                with open(self.port_file) as f:
+                    self.ports = json.load(f)
+                return self
+            time.sleep(0.1)
+        self.kill()
+        raise RuntimeError(f"{self.tool} was not serving after {timeout:.0f}s")
+
+    @property
+    def port(self) -> int:
+        return self.ports["port"]
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, wait (kill after timeout); returns the exit code."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._tmp.cleanup()
+        return self.proc.returncode if self.proc is not None else 0
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self):
+        return self if self.proc is not None else self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,0 +1,177 @@
+"""The live router (scheduler/live.py) in front of two replica server processes on loopback."""
+
+import os
+import random
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from jinfer.serving.client import Client
+from jinfer.serving.process import ServerProcess
+from scheduler.cost_model import analytic_7b_h100
+from scheduler.live import RouterConfig, RouterServer
+from scheduler.routing import E2Options
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAGE, PAGES = 16, 24  # 384 tokens of KV per replica: a few prompts fill it
+REPLICA_ARGS = ["--config.serving.port=0", "--config.serving.metrics_port=0", "--config.engine.warmup=False",
+                f"--config.cache.page_size={PAGE}", f"--config.cache.num_pages={PAGES}",
+                "--config.scheduler.max_model_len=256", "--config.scheduler.max_num_batched_tokens=64",
+                "--config.scheduler.max_num_seqs=8", "--config.serving.shutdown_grace_s=2"]
+EXPLOIT_ONLY = E2Options(rebalance=False, replicate=False, pd_balance=False)
+
+
+@pytest.fixture(scope="module")
+def replicas():
+    cpus = sorted(os.sched_getaffinity(0))
+    procs = [ServerProcess(REPLICA_ARGS, cpus={cpus[i % len(cpus)]}).start() for i in range(2)]
+    try:
+        for p in procs:
+            p.wait_ready(600)
+        yield procs
+    finally:
+        codes = [p.stop() for p in procs]
+    assert codes == [0, 0], f"replicas exited with {codes}"
+
+
+def _router(replicas, policy="preble-e2", options=EXPLOIT_ONLY, **cfg):
+    return RouterServer([p.target for p in replicas], policy, analytic_7b_h100(), options,
+                        RouterConfig(report_interval_s=0.01, **cfg), tokenizer="auto").start()
+
+
+@pytest.fixture
+def router(replicas):
+    for p in replicas:  # every test starts with cold replica caches
+        with Client(p.target) as c:
+            c.reset_prefix_cache()
+    r = _router(replicas)
+    yield r
+    r.stop(grace=1)
+
+
+def _ids(rng, n):
+    return [rng.randrange(10, 4000) for _ in range(n)]
+
+
+def _settled(client, replicas=2, timeout=30.0):
+    """Router stats once every replica reports idle (its last reports have arrived)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = client.router_stats()
+        if all(r.connected and r.load.outstanding == 0 and r.load.running == 0 and r.load.waiting == 0
+               and r.outstanding == 0 for r in st.replicas) and len(st.replicas) == replicas:
+            return st
+        time.sleep(0.05)
+    raise AssertionError(f"replicas did not settle: {client.router_stats()}")
+
+
+def test_router_relays_replica_output_and_exploits_the_shared_prefix(replicas, router):
+    rng = random.Random(0)
+    prompt = _ids(rng, 40)
+    with Client(replicas[1].target) as direct:
+        want = direct.generate(prompt, max_tokens=8, ignore_eos=True)[0]
+        want_text = direct.generate("def main():", max_tokens=6)[0]
+        direct.reset_prefix_cache()
+    with Client(f"127.0.0.1:{router.port}") as c:
+        got = c.generate(prompt, max_tokens=8, ignore_eos=True)[0]
+        assert got["token_ids"] == want["token_ids"] and got["text"] == want["text"]
+        got_text = c.generate("def main():", max_tokens=6)[0]  # tokenized by the router, as the replica would
+        assert got_text["token_ids"] == want_text["token_ids"] and got_text["text"] == want_text["text"]
+        shared = _ids(rng, 64)
+        outs = [c.generate(shared + _ids(rng, 8), max_tokens=4, ignore_eos=True)[0] for _ in range(4)]
+        assert [o["usage"]["cached_prompt_tokens"] for o in outs] == [0, 64, 64, 64]
+        st = _settled(c)
+    routed = [r.routed for r in st.replicas]
+    assert sum(routed) == 6 and max(routed) >= 4  # the three followers went where the prefix was
+    assert st.policy == "preble-e2" and st.decisions["exploit"] == 3
+    assert all(r.failed == 0 for r in st.replicas)
+
+
+def test_replica_evictions_keep_the_router_tree_true(replicas, router):
+    rng = random.Random(1)
+    prompts = [_ids(rng, 150) for _ in range(10)]  # 1500 tokens through 2 x 384 tokens of KV
+    with Client(f"127.0.0.1:{router.port}") as c:
+        for p in prompts:
+            c.generate(p, max_tokens=2, ignore_eos=True)
+        st = _settled(c)
+        assert all(r.evicted_tokens > 0 for r in st.replicas), st
+        # The tree holds what the replicas hold: their pools, plus each prompt's partial last page.
+        claimed = router.call(lambda: [router.policy.tree.cached_lengths(p, range(2)) for p in prompts])
+        per_replica = [sum(c_[r] for c_ in claimed) for r in range(2)]
+        assert all(t <= PAGES * PAGE + len(prompts) * PAGE for t in per_replica), per_replica
+        assert sum(r.routed for r in st.replicas) == 10 and sum(per_replica) < 10 * 150
+        router.call(router.policy.tree.check)
+        # A reset through the router empties every replica and, by their reports, the tree.
+        assert c.reset_prefix_cache() > 0
+        deadline = time.monotonic() + 10
+        while router.call(lambda: sum(router.policy.tree.tokens_on.values())) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert router.call(lambda: sum(router.policy.tree.tokens_on.values())) == 0
+
+
+def test_watch_replica_reports_load_and_merged_evictions(replicas):
+    rng = random.Random(2)
+    prompt = _ids(rng, 3 * PAGE + 5)
+    with Client(replicas[0].target) as c:
+        c.reset_prefix_cache()
+        c.generate(prompt, max_tokens=1, ignore_eos=True)  # caches its 3 full prompt pages
+        stream = c.watch_replica(min_interval_s=0.01)
+        first = next(stream)
+        assert first.load.num_pages == PAGES and first.load.page_size == PAGE and first.load.cached_pages >= 3
+        assert first.load.free_pages + first.load.cached_pages == PAGES and not first.evictions
+        assert c.reset_prefix_cache() == first.load.cached_pages
+        ev = next(stream)
+        # Leaf-first page evictions along one path arrive as one entry: (the whole path, keep 0).
+        assert len(ev.evictions) == 1 and ev.evictions[0].keep == 0
+        assert list(ev.evictions[0].token_ids)[:3 * PAGE] == prompt[:3 * PAGE]
+        assert ev.load.cached_pages == 0 and ev.load.free_pages == PAGES
+        stream.cancel()
+        with pytest.raises(grpc.RpcError) as e:
+            next(c.watch_replica(min_interval_s=-1))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "min_interval_s=-1" in e.value.details()
+
+
+def test_bad_input_and_cancellation_leave_router_and_replicas_clean(replicas, router):
+    rng = random.Random(3)
+    with Client(f"127.0.0.1:{router.port}") as c:
+        before = router.call(lambda: dict(router.policy.tree.tokens_on))
+        cases = [([99999], {}, "[99999] are outside the vocabulary"),
+                 (_ids(rng, 250), {"max_tokens": 16}, "exceeds max_model_len=256"),
+                 (_ids(rng, 4), {"max_tokens": 0}, "max_tokens=0"),
+                 ([], {}, "prompt is empty")]
+        for prompt, params, msg in cases:
+            with pytest.raises(grpc.RpcError) as e:
+                c.generate(prompt, **params)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and msg in e.value.details()
+        assert router.call(lambda: dict(router.policy.tree.tokens_on)) == before  # refused prompts never routed
+        stream = c.generate_stream(_ids(rng, 20), max_tokens=200, ignore_eos=True)
+        next(stream)
+        stream.cancel()  # the replica aborts the request and returns its pages
+        st = _settled(c)
+        assert all(r.load.free_pages + r.load.cached_pages == PAGES for r in st.replicas)
+        assert c.generate(_ids(rng, 10), max_tokens=3, ignore_eos=True)[0]["finish_reason"] == "length"
+        with pytest.raises(grpc.RpcError) as e:
+            next(c.watch_replica())
+        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_launch_router_tool_serves_and_exits_cleanly(replicas):
+    targets = ",".join(p.target for p in replicas)
+    with ServerProcess([f"--replicas={targets}", "--policy=round-robin", "--port=0", "--shutdown_grace_s=2"],
+                       tool="launch_router.py") as proc:
+        proc.wait_ready(120)
+        with Client(proc.target) as c:
+            outs = [c.generate("import os", max_tokens=3, ignore_eos=True)[0] for _ in range(2)]
+            assert outs[0]["token_ids"] == outs[1]["token_ids"] and len(outs[0]["token_ids"]) == 3
+            st = c.router_stats()
+            assert st.policy == "round-robin" and [r.routed for r in st.replicas] == [1, 1]
+    assert proc.proc.returncode == 0
+    tool = os.path.join(ROOT, "tools", "launch_router.py")
+    for args, msg in [(["--replicas="], "--replicas is empty"),
+                      ([f"--replicas={targets}", "--policy=preble-e2"], "needs a cost model"),
+                      ([f"--replicas={targets}", "--cost_model=/nonexistent.json"], "--cost_model='/nonexistent.json'")]:
+        res = subprocess.run([sys.executable, tool, *args], capture_output=True, text=True, timeout=120)
+        assert res.returncode != 0 and msg in res.stderr, res.stderr[-2000:]
