@@ -37,6 +37,16 @@ SPECS = {
 }
 
 
+def base_rate(spec: WorkloadSpec, cost, replicas: int, scale: float = 1.0, batch: int = 64) -> float:
+    """Requests/s that `replicas` replicas would serve if every key portion were cached and
+    decodes ran `batch` at a time (CostModel `cost`): the unit the benchmarks' rates are given in."""
+    own = spec.prompt_mean * (1 - spec.shared_fraction) / scale
+    ctx = spec.prompt_mean / scale
+    out = max(1.0, spec.output_mean / scale)
+    per_request = cost.prefill_time(round(own), round(ctx - own)) + out * cost.step_time([(1, round(ctx))] * batch) / batch
+    return replicas / per_request
+
+
 def _lognormal(rng, mean: float, sd: float, size) -> np.ndarray:
     sigma2 = np.log(1 + (sd / mean) ** 2)
     return rng.lognormal(np.log(mean) - sigma2 / 2, np.sqrt(sigma2), size)

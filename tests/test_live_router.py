@@ -175,3 +175,19 @@ def test_launch_router_tool_serves_and_exits_cleanly(replicas):
                       ([f"--replicas={targets}", "--cost_model=/nonexistent.json"], "--cost_model='/nonexistent.json'")]:
         res = subprocess.run([sys.executable, tool, *args], capture_output=True, text=True, timeout=120)
         assert res.returncode != 0 and msg in res.stderr, res.stderr[-2000:]
+
+
+def test_live_routing_benchmark_runs_end_to_end(tmp_path):
+    out = tmp_path / "live.md"
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_live_routing.py"), "--replicas=2",
+                          "--workloads=toolbench", "--num_requests=8", "--rate_factors=0.05",
+                          "--policies=round-robin,preble-e2", "--num_pages=32", "--scales=toolbench:16",
+                          "--override=--config.engine.warmup=False", f"--out={out}"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    table = out.read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| toolbench | 16 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    rr, e2, ratio = float(cells[3]), float(cells[4]), float(cells[5])
+    assert rr > 0 and e2 > 0 and abs(ratio - rr / e2) < 0.02 and cells[-1] == "0"  # nothing failed
+    assert "Median simulated/measured average latency" in table

@@ -16,7 +16,8 @@ from scheduler import preble_workloads as pw
 from scheduler.cost_model import CostModel, analytic_7b_h100
 from scheduler.local_policy import PriorityGroups
 from scheduler.radix import GlobalRadixTree
-from scheduler.routing import E2Options, LeastLoad, PrebleE2, RoundRobin, RouteRequest, SGLangCacheAware
+from scheduler.routing import (E2Options, LeastLoad, PrebleE2, ReplicaLoad, RoundRobin, RouteRequest,
+                               SGLangCacheAware)
 from scheduler.simulator import ReplicaConfig, Simulator
 
 # -- global radix tree -------------------------------------------------------------------------
@@ -108,6 +109,25 @@ def test_e2_explore_avoids_evicting_a_hot_prefix():
     e2.tree.insert(cold, 1, now=0.0)
     # Equal loads (none recorded); a 200-token miss needs 100 tokens evicted on either replica.
     assert e2.route(_req(0, tuple(range(5000, 5200))), now=10.0) == 1
+
+
+def test_e2_eviction_cost_follows_the_replicas_load_reports():
+    e2 = PrebleE2(2, COST, capacity_tokens=100_000, options=PLAIN)
+    hot = tuple(range(1, 201))
+    for t in range(6):
+        e2.tree.insert(hot, 0, now=float(t))
+    miss = _req(0, tuple(range(5000, 5200)))
+    assert e2.free_tokens(0) == 100_000 - 200 and e2._eviction_cost(0, 216, 10.0) == 0
+    # Replica 0 reports its pool full (running requests hold what the tree does not show):
+    # admitting the miss there would evict the hot prefix, so it goes to replica 1.
+    e2.on_load(0, ReplicaLoad(waiting=0, running=3, num_pages=6250, free_pages=0, cached_pages=13, page_size=16), 10.0)
+    e2.on_load(1, ReplicaLoad(waiting=0, running=0, num_pages=6250, free_pages=6250, cached_pages=0, page_size=16), 10.0)
+    assert e2.free_tokens(0) == 0 and e2._eviction_cost(0, 216, 10.0) > 0
+    assert e2.route(miss, now=10.0) == 1
+    # Until the next report, what was routed there counts against the reported room.
+    assert e2.free_tokens(1) == 6250 * 16 - 201  # its 200-token prompt + 1 output token
+    e2.on_load(1, ReplicaLoad(0, 1, 6250, 6237, 0, 16), 10.5)
+    assert e2.free_tokens(1) == 6237 * 16
 
 
 def test_e2_rebalances_away_from_an_overloaded_holder():

@@ -34,14 +34,6 @@ flags.DEFINE_integer("seed", 0, "Workload seed.")
 flags.DEFINE_string("out", "", "Write the tables (markdown) here too.")
 
 
-def base_rate(spec, cost, replicas: int, scale: float) -> float:
-    own = spec.prompt_mean * (1 - spec.shared_fraction) / scale
-    ctx = spec.prompt_mean / scale
-    out = max(1.0, spec.output_mean / scale)
-    per_request = cost.prefill_time(round(own), round(ctx - own)) + out * cost.step_time([(1, round(ctx))] * 64) / 64
-    return replicas / per_request
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -83,7 +75,7 @@ def main(argv):
                 "|---|---:|---:|---:|---:|"]
     for name in FLAGS.workloads:
         spec = pw.SPECS[name]
-        base = base_rate(spec, cost, n, FLAGS.scale)
+        base = pw.base_rate(spec, cost, n, FLAGS.scale)
         for f in factors:
             rate = base * f
             items = pw.generate(name, FLAGS.num_requests, rate=rate, zipf_a=FLAGS.zipf_a, scale=FLAGS.scale,
