@@ -85,6 +85,14 @@ class EngineOptions:
     """Compile every step bucket before serving, so no request waits on a compilation."""
     compilation_cache: str = ""
     """JAX persistent compilation cache directory (restarts reuse compiled buckets); empty: off."""
+    scheduling_policy: str = ""
+    """The engine queue's order: empty = FCFS within tiers; else `module:Class` of a
+    SchedulingPolicy built with no arguments (and bound to the scheduler when it has `bind`),
+    e.g. scheduler.local_policy:PriorityGroups (Preble's priority groups)."""
+
+    def __post_init__(self):
+        if self.scheduling_policy and ":" not in self.scheduling_policy:
+            raise ValueError(f"scheduling_policy={self.scheduling_policy!r} must be module:Class")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,12 +240,32 @@ def build_engine(launch: LaunchConfig, policy=None, progress: bool = False):
     if spec.tp > 1:
         from sharding.tp import make_mesh
         mesh = make_mesh(spec.tp)
-    model, tok = load_model(spec, mesh)
     opts = launch.engine
-    return Engine(model, tok, launch.cache, launch.scheduler, policy, warmup=opts.warmup,
-                  compilation_cache=opts.compilation_cache or None, async_scheduling=opts.async_scheduling,
-                  attention_backend=spec.attention_backend or None, mesh=mesh,
-                  vocab_parallel=spec.vocab_parallel, progress=progress)
+    if policy is None and opts.scheduling_policy:
+        policy = scheduling_policy(opts.scheduling_policy)
+    model, tok = load_model(spec, mesh)
+    engine = Engine(model, tok, launch.cache, launch.scheduler, policy, warmup=opts.warmup,
+                    compilation_cache=opts.compilation_cache or None, async_scheduling=opts.async_scheduling,
+                    attention_backend=spec.attention_backend or None, mesh=mesh,
+                    vocab_parallel=spec.vocab_parallel, progress=progress)
+    if hasattr(policy, "bind"):
+        policy.bind(engine.scheduler)
+    return engine
+
+
+def scheduling_policy(spec: str):
+    """A SchedulingPolicy from `module:Class` (engine.scheduling_policy); ValueError naming it."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"engine.scheduling_policy={spec!r} cannot be loaded: {e}") from None
+    policy = cls()
+    if not callable(getattr(policy, "priority", None)):
+        raise ValueError(f"engine.scheduling_policy={spec!r} has no priority(request) method")
+    return policy
 
 
 def build_server(launch: LaunchConfig, engine=None):

@@ -69,12 +69,30 @@ def test_overrides_reach_every_section():
     ("model", "attention_backend", "cuda", "model.attention_backend='cuda'"),
     ("serving", "tiers", ("a", "a"), "tiers=('a', 'a')"),
     ("serving", "metrics_port", 70000, "metrics_port=70000"),
+    ("engine", "scheduling_policy", "PriorityGroups", "scheduling_policy='PriorityGroups' must be module:Class"),
 ])
 def test_bad_values_name_the_field(section, field, value, message):
     cfg = default_config()
     setattr(cfg[section], field, value)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         resolve(cfg)
+
+
+def test_engine_scheduling_policy_is_built_and_bound_from_the_config():
+    from jinfer.launch import build_engine, scheduling_policy
+    from scheduler.local_policy import PriorityGroups
+
+    launch = resolve(_parse("default.py", "--config.engine.warmup=False", "--config.engine.compilation_cache=",
+                            "--config.engine.scheduling_policy=scheduler.local_policy:PriorityGroups"))
+    engine = build_engine(launch)
+    policy = engine.scheduler.policy
+    assert isinstance(policy, PriorityGroups) and policy.prefix_cache is engine.scheduler.prefix_cache
+    assert engine.generate([[5, 6, 7]])[0].finish_reason == "length"
+    for spec, message in [("scheduler.local_policy:Nope", "cannot be loaded"),
+                          ("no_such_module:X", "cannot be loaded"),
+                          ("jinfer.config:CacheConfig", "has no priority")]:
+        with pytest.raises(ValueError, match=f"engine.scheduling_policy='{spec}'.*{message}"):
+            scheduling_policy(spec)
 
 
 def test_unknown_fields_and_sections_are_named():
