@@ -84,11 +84,13 @@ class _Replica:
 def _replica_tokenizer(info: pb.ServerInfo):
     """The tokenizer of the model a replica's launch config names; None (text prompts refused)
     when the replica was built in code without one."""
-    if not info.config_json:
+    config = json.loads(info.config_json or "{}")
+    model = config.get("model") or config.get("replica", {}).get("model")  # a replica, or a router's
+    if model is None:
         log.warning("the replicas report no launch config: text prompts will be refused (send token ids)")
         return None
     from jinfer.launch import ModelSpec, load_tokenizer
-    return load_tokenizer(ModelSpec(**json.loads(info.config_json)["model"]))
+    return load_tokenizer(ModelSpec(**model))
 
 
 def _load(msg: pb.ReplicaLoad) -> ReplicaLoad:
