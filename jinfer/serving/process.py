@@ -35,9 +35,10 @@ class ServerProcess:
 
     def start(self) -> "ServerProcess":
         cmd = [sys.executable, os.path.join(TOOLS, self.tool), f"--port_file={self.port_file}", *self.args]
-        cpus = self.cpus
-        preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-        self.proc = subprocess.Popen(cmd, stdout=self.stdout, stderr=subprocess.STDOUT, preexec_fn=preexec)
+        if self.cpus:  # pinned by the child itself before it execs the tool (no fork-time hook in a threaded parent)
+            pin = f"import os, sys; os.sched_setaffinity(0, {sorted(self.cpus)}); os.execv(sys.argv[1], sys.argv[1:])"
+            cmd = [sys.executable, "-c", pin, *cmd]
+        self.proc = subprocess.Popen(cmd, stdout=self.stdout, stderr=subprocess.STDOUT)
         return self
 
     def wait_ready(self, timeout: float = 600.0) -> "ServerProcess":
