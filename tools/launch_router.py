@@ -4,9 +4,9 @@ until SIGINT/SIGTERM. Clients talk to the router as to one server (jinfer.v1.Inf
 
   python tools/launch_server.py --config.serving.port=50061 &      # replica 0
   python tools/launch_server.py --config.serving.port=50062 &      # replica 1
-  python tools/profile_engine.py --out=/tmp/cost.json              # the replicas' step costs
+  python tools/profile_engine.py --out=cost.json # the replicas' step costs
   python tools/launch_router.py --replicas=127.0.0.1:50061,127.0.0.1:50062 \
-      --policy=preble-e2 --cost_model=/tmp/cost.json --port=50051
+      --policy=preble-e2 --cost_model=cost.json --port=50051
 
 Policies (scheduler/routing.py): round-robin, least-load, sglang (SGLang's cache-aware router),
 preble-e2 (Preble's E2 over a global radix tree; needs --cost_model). Replicas report their load
