@@ -2,9 +2,9 @@
 until SIGINT/SIGTERM. Clients talk to the router as to one server (jinfer.v1.Inference);
 `tools/client.py --router_stats` shows what the policy sees.
 
-  python tools/launch_server.py --config.serving.port=50061 &      # replica 0
-  python tools/launch_server.py --config.serving.port=50062 &      # replica 1
-  python tools/profile_engine.py --out=cost.json # the replicas' step costs
+  python tools/launch_server.py --config.serving.port=50061 --config.serving.metrics_port=9091 &
+  python tools/launch_server.py --config.serving.port=50062 --config.serving.metrics_port=9092 &
+  python tools/profile_engine.py --out=cost.json                   # the replicas' step costs
   python tools/launch_router.py --replicas=127.0.0.1:50061,127.0.0.1:50062 \
       --policy=preble-e2 --cost_model=cost.json --port=50051
 
