@@ -52,9 +52,9 @@ class PrefixCache:
         self.root = Node((), -1, None)
         self.num_nodes = 0
         self.on_evict = None
-        """Optional callback(tokens, node) for each evicted node: `tokens` run from the root to
-        the node's end, so the cache no longer holds tokens[len(tokens) - page_size:] (a router
-        keeping a global view listens here)."""
+        """Optional callback(node) for each evicted node, leaf first (its parent link is kept;
+        `tokens_to(node)` gives its tokens). Routers keeping a global view listen here, usually
+        through an EvictionLog."""
 
     def _pages_of(self, tokens) -> list[tuple[int, ...]]:
         ps = self.page_size
@@ -131,13 +131,14 @@ class PrefixCache:
             del parent.children[node.key]
             self.num_nodes -= 1
             if self.on_evict is not None:
-                self.on_evict(self._tokens_to(node), node)
+                self.on_evict(node)
             freed += len(self.pool.decref([node.page]))
             if parent is not self.root and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(heap, (self.strategy.sort_key(parent), next(tie), parent))
         return freed
 
-    def _tokens_to(self, node: Node) -> tuple[int, ...]:
+    def tokens_to(self, node: Node) -> tuple[int, ...]:
+        """The token ids from the root to the end of `node`."""
         keys = []
         while node is not None and node is not self.root:
             keys.append(node.key)
@@ -148,3 +149,33 @@ class PrefixCache:
         """Drops every unlocked node (e.g. after new weights make cached KV stale); returns
         the pages freed."""
         return self.evict(self.num_nodes)
+
+
+class EvictionLog:
+    """Evictions since the last drain() as (tokens, keep) entries: the cache no longer holds
+    tokens[keep:]. A node evicted right after its child (the cache evicts leaf first, so a
+    whole path goes page by page) extends the child's entry instead of adding one, so a
+    long prompt's eviction costs one token path, not one per page. Use as the hook:
+    `cache.on_evict = log.record`."""
+
+    def __init__(self, cache: PrefixCache):
+        self.cache = cache
+        self._entries: list[list] = []
+        self._parent = None  # parent of the node recorded last
+
+    def record(self, node: Node) -> None:
+        if self._entries and node is self._parent:
+            self._entries[-1][1] -= len(node.key)
+        else:
+            tokens = self.cache.tokens_to(node)
+            self._entries.append([tokens, len(tokens) - len(node.key)])
+        self._parent = node.parent
+
+    def __bool__(self) -> bool:
+        return bool(self._entries)
+
+    def drain(self) -> list[tuple[tuple[int, ...], int]]:
+        out = [(tokens, keep) for tokens, keep in self._entries]
+        self._entries.clear()
+        self._parent = None
+        return out

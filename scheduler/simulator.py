@@ -17,6 +17,7 @@ import math
 import numpy as np
 
 from jinfer.config import CacheConfig, SchedulerConfig
+from jinfer.prefix_cache import EvictionLog
 from jinfer.request import Request, Status
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import Scheduler
@@ -104,8 +105,8 @@ class _Replica:
                                cfg.num_pages, policy)
         if policy is not None:
             policy.bind(self.sched)
-        page = cfg.page_size
-        self.sched.prefix_cache.on_evict = lambda tokens, node: router.on_evict(index, tokens, len(tokens) - page)
+        self.evictions = EvictionLog(self.sched.prefix_cache)
+        self.sched.prefix_cache.on_evict = self.evictions.record
         self.busy = False
         self.plan = None
         self.ends: list[float] = []  # end times of the steps the current event covers (> 1: fast-forward)
@@ -180,6 +181,9 @@ class Simulator:
     def _start(self, r: int, now: float, events, seq: int) -> int:
         rep = self.replicas[r]
         plan = rep.sched.schedule()
+        if rep.evictions:  # scheduling is where the cache evicts; report as a replica would
+            for tokens, keep in rep.evictions.drain():
+                self.router.on_evict(r, tokens, keep)
         if not plan.seqs:
             rep.busy, rep.plan = False, None
             return seq

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jinfer.config import CacheConfig, SchedulerConfig
+from jinfer.prefix_cache import EvictionLog
 from jinfer.request import Request
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import Scheduler
@@ -287,12 +288,14 @@ def test_simulator_rejects_what_cannot_fit_and_text_prompts():
 def test_scheduler_hooks_used_by_the_policy_layer():
     sched = Scheduler(CacheConfig(page_size=4, num_pages=8), SchedulerConfig(16, 4, 64), 8)
     seen = []
-    sched.prefix_cache.on_evict = lambda tokens, node: seen.append(tokens)
+    sched.prefix_cache.on_evict = lambda node: (seen.append(sched.prefix_cache.tokens_to(node)), log.record(node))
+    log = EvictionLog(sched.prefix_cache)
     sched.prefix_cache.insert(list(range(8)), sched.pool.allocate(2))
     assert sched.prefix_cache.peek(list(range(10))) == 8 and sched.prefix_cache.peek([9]) == 0
     sched.pool.decref(list(range(2)))
     sched.prefix_cache.evict(2)
     assert seen == [tuple(range(8)), tuple(range(4))]
+    assert log.drain() == [(tuple(range(8)), 0)] and not log  # the leaf, then its parent: one entry
     req = Request("x", [1, 2, 3], SamplingParams(max_tokens=10), 0, 0.0, 0)
     sched.add(req)
     plan = sched.schedule()

@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import jinfer
+from jinfer.prefix_cache import EvictionLog
 from jinfer.sampling_params import SamplingParams
 from jinfer.serving.metrics import ServerMetrics
 from jinfer.serving import inference_pb2 as pb
@@ -92,8 +93,8 @@ class EngineLoop:
 
     Watchers (routers) get (load dict, evictions) events: on subscribing, after a step that
     evicted prefix-cache pages, after changes at most every `interval` seconds, and whenever
-    the loop goes idle with news. Evictions of a leaf and then its parents in one step are
-    merged into one (tokens, keep) entry.
+    the loop goes idle with news. Evictions come as jinfer.prefix_cache.EvictionLog entries
+    (a leaf and its parents evicted in one step: one (tokens, keep) entry).
     """
 
     def __init__(self, engine, metrics=None):
@@ -105,16 +106,10 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._watchers: list[_Watcher] = []
         self._watch_lock = threading.Lock()  # the list; unwatch comes from other threads
-        self._evictions: list[list] = []  # [tokens, keep] not yet published
-        self._evicted_parent = None
         cache = engine.scheduler.prefix_cache
-        if cache is not None:
-            chained = cache.on_evict
-            def on_evict(tokens, node):  # noqa: E306
-                if chained is not None:
-                    chained(tokens, node)
-                self._on_evict(tokens, node)
-            cache.on_evict = on_evict
+        self._evictions = EvictionLog(cache) if cache is not None else None  # not yet published
+        if cache is not None:  # the loop owns the cache's eviction hook
+            cache.on_evict = self._on_evict
 
     def start(self) -> None:
         self._thread.start()
@@ -173,27 +168,19 @@ class EngineLoop:
                 "cached_pages": cache.num_nodes if cache is not None else 0,
                 "page_size": self.engine.runner.page_size, "outstanding": len(self._sinks)}
 
-    def _on_evict(self, tokens, node) -> None:
-        if not self._watchers:
-            return
-        if self._evictions and node is self._evicted_parent:  # the parent of the last one evicted
-            self._evictions[-1][1] -= len(node.key)
-        else:
-            self._evictions.append([tokens, len(tokens) - len(node.key)])
-        self._evicted_parent = node.parent
+    def _on_evict(self, node) -> None:
+        if self._watchers:  # nobody listening: not even the token path is built
+            self._evictions.record(node)
 
     def _publish(self, force: bool) -> None:
         """Sends news to watchers: evictions always; a changed load when its interval has
         passed, or at once when `force` (the loop is about to idle)."""
         with self._watch_lock:
+            evictions = self._evictions.drain() if self._evictions is not None else []
             if not self._watchers:
-                self._evictions.clear()
                 return
             now = time.monotonic()
             load = self.load()
-            evictions = [tuple(e) for e in self._evictions]
-            self._evictions.clear()
-            self._evicted_parent = None
             for w in self._watchers:
                 if evictions or (load != w.last_load and (force or now - w.last_time >= w.interval)):
                     w.last_time, w.last_load = now, load
