@@ -19,17 +19,14 @@ import asyncio
 import dataclasses
 import json
 import logging
-import threading
 import time
 import uuid
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from jinfer.serving import inference_pb2 as pb
 from jinfer.serving import inference_pb2_grpc as pb_grpc
-from jinfer.serving.server import SERVICE, BearerAuth, sampling_params
+from jinfer.serving.server import SERVICE, GrpcHost, sampling_params
 from scheduler.cost_model import CostModel
 from scheduler.routing import E2Options, ReplicaLoad, RouteRequest, Router, make_router
 
@@ -206,9 +203,7 @@ class RouterServer:
         self.port: int | None = None
         self._t0 = time.monotonic()
         self._closing = False
-        self._aio_loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._aio_loop.run_forever, name="router", daemon=True)
-        self._server = None
+        self._host = GrpcHost("router")
 
     def now(self) -> float:
         return time.monotonic() - self._t0
@@ -218,11 +213,10 @@ class RouterServer:
     def start(self) -> "RouterServer":
         """Connects to every replica (waiting up to connect_timeout_s), builds the policy, starts
         the watch streams and binds the port. Raises ValueError / ConnectionError on failure."""
-        self._thread.start()
         try:
-            asyncio.run_coroutine_threadsafe(self._start(), self._aio_loop).result()
+            self._host.run(self._start())
         except BaseException:
-            self._shutdown_loop()
+            self._host.close()
             raise
         log.info("routing %s across %d replicas with %s on %s:%d", SERVICE, len(self.replicas),
                  self.policy.name, self.config.host, self.port)
@@ -260,18 +254,12 @@ class RouterServer:
                                  f"{len(self.replicas)} targets given")
         for i, rep in enumerate(self.replicas):
             rep.watch_task = asyncio.create_task(self._watch(i))
-        self._server = grpc.aio.server(
-            interceptors=[BearerAuth(cfg.auth_token)] if cfg.auth_token else [], options=options)
-        pb_grpc.add_InferenceServicer_to_server(_RouterInference(self), self._server)
-        pb_grpc.add_RouterServicer_to_server(_RouterStats(self), self._server)
-        self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection((SERVICE, ROUTER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
-                                            self._server)
-        self.port = self._server.add_insecure_port(f"{cfg.host}:{cfg.port}")
-        await self._server.start()
-        for name in ("", SERVICE, ROUTER_SERVICE):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        def register(server):
+            pb_grpc.add_InferenceServicer_to_server(_RouterInference(self), server)
+            pb_grpc.add_RouterServicer_to_server(_RouterStats(self), server)
+
+        self.port = await self._host.serve(register, (SERVICE, ROUTER_SERVICE), f"{cfg.host}:{cfg.port}",
+                                           auth_token=cfg.auth_token, options=options)
 
     async def _watch(self, i: int) -> None:
         """Follows replica i's WatchReplica stream, reconnecting while the router runs."""
@@ -301,21 +289,14 @@ class RouterServer:
 
         async def _stop():
             self._closing = True
-            if self._server is not None:
-                for name in ("", SERVICE, ROUTER_SERVICE):
-                    await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-                await self._server.stop(grace)
+            await self._host.drain(grace)
             for rep in self.replicas:
                 if rep.watch_task is not None:
                     rep.watch_task.cancel()
                 await rep.channel.close()
 
-        asyncio.run_coroutine_threadsafe(_stop(), self._aio_loop).result()
-        self._shutdown_loop()
-
-    def _shutdown_loop(self) -> None:
-        self._aio_loop.call_soon_threadsafe(self._aio_loop.stop)
-        self._thread.join()
+        self._host.run(_stop())
+        self._host.close()
 
     # -- what the policy sees --------------------------------------------------------------
 
@@ -358,4 +339,4 @@ class RouterServer:
         inspect the policy this way without racing it)."""
         async def run():
             return fn()
-        return asyncio.run_coroutine_threadsafe(run(), self._aio_loop).result()
+        return self._host.run(run())

@@ -376,6 +376,63 @@ class BearerAuth(grpc.aio.ServerInterceptor):
         return self._deny_stream if streaming else self._deny_unary
 
 
+class GrpcHost:
+    """A grpc.aio server on its own event-loop thread: bearer auth on every call but health and
+    reflection, grpc.health.v1 and reflection for the services given. The jinfer server and
+    the router (scheduler/live.py) both run on one."""
+
+    def __init__(self, name: str):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.server = None
+        self.health = None
+        self.services: tuple[str, ...] = ()
+
+    def run(self, coro):
+        """Runs a coroutine on the host's loop (started on first use) and returns its result."""
+        if not self._thread.is_alive():
+            self._thread.start()
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    async def serve(self, register, services: tuple[str, ...], address: str, *, auth_token: str | None = None,
+                    options=(), credentials=None) -> int:
+        """Builds the server, lets `register(server)` add the servicers, binds `address`
+        (TLS with `credentials`), starts it and marks `services` SERVING; returns the port."""
+        self.server = grpc.aio.server(interceptors=[BearerAuth(auth_token)] if auth_token else [],
+                                      options=list(options))
+        register(self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.services = tuple(services)
+        reflection.enable_server_reflection(self.services + (health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                            self.server)
+        port = (self.server.add_secure_port(address, credentials) if credentials is not None
+                else self.server.add_insecure_port(address))
+        await self.server.start()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        return port
+
+    async def _set_health(self, status) -> None:
+        for name in ("",) + self.services:
+            await self.health.set(name, status)
+
+    async def drain(self, grace: float, before_stop=None) -> None:
+        """Marks the services NOT_SERVING, runs before_stop(), then stops the server letting
+        in-flight calls finish for up to `grace` seconds."""
+        if self.server is None:
+            return
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if before_stop is not None:
+            before_stop()
+        await self.server.stop(grace)
+
+    def close(self) -> None:
+        """Stops the event loop and joins its thread."""
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join()
+
+
 class Server:
     """The gRPC server and the engine loop, run on a background thread with its own event loop.
 
@@ -391,55 +448,33 @@ class Server:
         self.loop = EngineLoop(engine, self.metrics)
         self.port: int | None = None
         self.metrics_port: int | None = None
-        self._aio_loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._aio_loop.run_forever, name="grpc", daemon=True)
-        self._server = None
+        self._host = GrpcHost("grpc")
 
     def start(self) -> "Server":
         if self.metrics is not None:
             self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
             log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.metrics_port)
         self.loop.start()
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._aio_loop).result()
-        log.info("serving %s on %s:%d", SERVICE, self.config.host, self.port)
-        return self
-
-    async def _start(self) -> None:
         cfg = self.config
         limit = 4 * cfg.max_request_bytes
-        self._server = grpc.aio.server(
-            interceptors=[BearerAuth(cfg.auth_token)] if cfg.auth_token else [],
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
-        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.loop, cfg, self._config_json), self._server)
-        self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
-        address = f"{cfg.host}:{cfg.port}"
+        creds = None
         if cfg.tls_cert:
             with open(cfg.tls_key, "rb") as k, open(cfg.tls_cert, "rb") as c:
                 creds = grpc.ssl_server_credentials([(k.read(), c.read())])
-            self.port = self._server.add_secure_port(address, creds)
-        else:
-            self.port = self._server.add_insecure_port(address)
-        await self._server.start()
-        for name in ("", SERVICE):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        servicer = InferenceServicer(self.loop, cfg, self._config_json)
+        self.port = self._host.run(self._host.serve(
+            lambda server: pb_grpc.add_InferenceServicer_to_server(servicer, server), (SERVICE,),
+            f"{cfg.host}:{cfg.port}", auth_token=cfg.auth_token, credentials=creds,
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]))
+        log.info("serving %s on %s:%d", SERVICE, cfg.host, self.port)
+        return self
 
     def stop(self, grace: float | None = None) -> None:
         """grace: seconds in-flight streams may take to finish; None: config.shutdown_grace_s."""
         grace = self.config.shutdown_grace_s if grace is None else grace
-
-        async def _stop():
-            for name in ("", SERVICE):
-                await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-            self.loop.end_watches()
-            await self._server.stop(grace)
-
         start = time.monotonic()
-        asyncio.run_coroutine_threadsafe(_stop(), self._aio_loop).result()
-        self._aio_loop.call_soon_threadsafe(self._aio_loop.stop)
-        self._thread.join()
+        self._host.run(self._host.drain(grace, before_stop=self.loop.end_watches))  # watch streams never end alone
+        self._host.close()
         self.loop.stop()
         if self.metrics is not None:
             self.metrics.stop()
