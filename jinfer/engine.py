@@ -22,10 +22,12 @@ from jinfer.scheduling import Scheduler, SchedulingPolicy, StepPlan
 DEFAULT_COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jinfer", "xla")
 
 
-def enable_compilation_cache(path: str = DEFAULT_COMPILATION_CACHE, min_compile_secs: float = 0.5) -> None:
+def enable_compilation_cache(path: str = DEFAULT_COMPILATION_CACHE, min_compile_secs: float = 0.0) -> None:
     """JAX's persistent compilation cache: restarts reuse compiled step buckets.
 
-    Programs that compile faster than min_compile_secs are not written (not worth the disk).
+    Programs that compile faster than min_compile_secs are not written. The default keeps
+    every program: a restart's many small ones (pool allocation, weight placement) add up to
+    seconds, which the start-to-first-token budget does not have.
     """
     path = os.path.expanduser(path)
     os.makedirs(path, exist_ok=True)

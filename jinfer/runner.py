@@ -63,8 +63,10 @@ class ModelRunner:
         self.layout = layout
         self.page_size = cache_cfg.page_size
         self.pages_per_seq = math.ceil(sched_cfg.max_model_len / cache_cfg.page_size)
+        # Token buckets are powers of two; the sequence bucket is tied to the token bucket
+        # (min(tokens, max_num_seqs)), so there is one compiled program per token bucket (two
+        # where the backend has a decode path), compiled on first use.
         self.token_buckets = buckets(sched_cfg.max_num_batched_tokens, smallest=min(16, sched_cfg.max_num_batched_tokens))
-        self.seq_buckets = buckets(sched_cfg.max_num_seqs)
         self.graphdef, self.state = nnx.split(model)
         dtype = model.embed.get_value().dtype
         kv_shards = 1 if layout is None or layout.rules["kv_heads"] is None else layout.mesh.size
@@ -113,17 +115,24 @@ class ModelRunner:
         """Steps are traced with the mesh set, so backends that partition by hand see it."""
         return contextlib.nullcontext() if self.layout is None else jax.set_mesh(self.layout.mesh)
 
+    def bucket(self, num_tokens: int) -> tuple[int, int]:
+        """(tokens, seqs) padded shape of a step with num_tokens tokens (and so at most that
+        many sequences)."""
+        t = pick_bucket(num_tokens, self.token_buckets)
+        return t, min(t, self.max_num_seqs)
+
     def _bucket_keys(self) -> list[tuple[int, int, bool]]:
         """Every (tokens, seqs, decode_only) variant a plan can map to."""
-        keys = [(t, s, False) for t in self.token_buckets for s in self.seq_buckets if s <= t]
-        if self.decode_steps:
+        keys = [(*self.bucket(t), False) for t in self.token_buckets]
+        if self.decode_steps:  # n decodes: n tokens and n sequences, n <= max_num_seqs
             limit = min(self.max_num_seqs, self.token_buckets[-1])
-            keys += sorted({(pick_bucket(n, self.token_buckets), pick_bucket(n, self.seq_buckets), True)
-                            for n in range(1, limit + 1)})
+            keys += sorted({(*self.bucket(n), True) for n in range(1, limit + 1)})
         return keys
 
     def warmup(self, progress: bool = False) -> None:
-        """Compiles every bucket variant ahead of time (progress: a bar on stderr)."""
+        """Compiles every bucket variant ahead of time (progress: a bar on stderr). Without it
+        each variant compiles on its first step (JAX's persistent compilation cache, when
+        enabled, makes that a disk read after the first run)."""
         keys = self._bucket_keys()
         if progress:
             from tqdm import tqdm
@@ -146,8 +155,7 @@ class ModelRunner:
     def prepare(self, plan: StepPlan):
         """Host-side: the plan as padded numpy arrays for its bucket."""
         seqs = plan.seqs
-        t = pick_bucket(plan.num_tokens, self.token_buckets)
-        s = pick_bucket(len(seqs), self.seq_buckets)
+        t, s = self.bucket(plan.num_tokens)
         ids = np.zeros(t, np.int32)
         feed = np.full(t, -1, np.int32)  # row of the previous step's output to take the id from
         pos = np.zeros(t, np.int32)

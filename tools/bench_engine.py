@@ -1,30 +1,38 @@
-"""Offline engine benchmark: throughput vs HF generate, host overhead vs a bare loop, prefix TTFT.
+"""Offline engine benchmark: throughput vs HF generate, start-up time, memory, distance to the
+machine's matmul limit, host overhead vs a bare loop, prefix TTFT.
 
   python tools/bench_engine.py                       # full run, prints a markdown report
   python tools/bench_engine.py --out=benchmarks/engine.md
-  python tools/bench_engine.py --smoke               # tiny sizes, seconds (used by the tests)
+  python tools/bench_engine.py --smoke               # tiny sizes, under a minute (tests)
 
-Needs the `test` extra (torch, transformers) for the HF baseline. One random-weight Llama
-(≥20M parameters at the default sizes) is saved as an HF checkpoint, then both stacks load the
-same weights:
+Needs the `test` extra (torch, transformers) for the HF baseline. Two models, each loaded by
+both stacks from the same HF checkpoint: a random-weight Llama (26M parameters at the default
+sizes) and the embedded default model (jinfer/default_model).
 
-1. Throughput: N requests with prompt and output lengths drawn uniformly (fixed seed), greedy,
+1. Start-up (benchmark model): wall time from spawning a fresh Python process to its first
+   generated token, once with an empty JAX compilation cache and once with that cache warm.
+2. Throughput: N requests with prompt and output lengths drawn uniformly (fixed seed), greedy,
    EOS ignored so every request emits exactly its output length. The engine gets them all at
-   once; HF `generate` runs them in batches of --hf_batch_size, left-padded, each batch for its
-   longest output (what a transformers user does). Output tokens/s counts only the requested
-   tokens for both.
-2. Host overhead: B requests all decoding; engine.step() throughput against a bare Python loop
-   over the same compiled step (same bucket, same page tables and lengths, tokens fed back on
-   device, no scheduler, no read-back), both over the same number of steps.
-3. Prefix cache: requests sharing a --prefix_len-token prefix arrive one after another; median
+   once, in a process of its own (its peak resident memory is reported); HF `generate` runs
+   them in batches of --hf_batch_size, left-padded, each batch for its longest output (what a
+   transformers user does). Output tokens/s counts only the requested tokens for both. The
+   two alternate --repeats times; medians are reported.
+3. Host overhead: B requests all decoding; engine.step() throughput against a bare Python loop
+   over the same compiled step (same bucket, page tables and lengths, tokens fed back on
+   device, no scheduler, no read-back). The bare step's FLOP/s is printed beside the FLOP/s of
+   the same matmuls run alone (plain jnp), the machine's limit for this step.
+4. Prefix cache: requests sharing a --prefix_len-token prefix arrive one after another; median
    time to first token with the prefix cache off and on.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,9 +46,9 @@ flags.DEFINE_integer("max_prompt", 512, "Longest prompt, tokens.", lower_bound=1
 flags.DEFINE_integer("min_output", 16, "Shortest output, tokens.", lower_bound=1)
 flags.DEFINE_integer("max_output", 256, "Longest output, tokens.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Seed for weights and the workload.")
-flags.DEFINE_integer("hidden_size", 512, "Model width.")
-flags.DEFINE_integer("num_layers", 6, "Decoder layers.")
-flags.DEFINE_integer("vocab_size", 8192, "Vocabulary size.")
+flags.DEFINE_integer("hidden_size", 512, "Benchmark model width.")
+flags.DEFINE_integer("num_layers", 6, "Benchmark model decoder layers.")
+flags.DEFINE_integer("vocab_size", 8192, "Benchmark model vocabulary size.")
 flags.DEFINE_integer("hf_batch_size", 16, "Requests per HF generate call.", lower_bound=1)
 flags.DEFINE_integer("max_num_batched_tokens", 512, "Engine token budget per step.")
 flags.DEFINE_integer("max_num_seqs", 64, "Engine sequences per step.")
@@ -49,20 +57,36 @@ flags.DEFINE_integer("decode_batch", 64, "Sequences in the host-overhead compari
 flags.DEFINE_integer("decode_steps", 48, "Steps timed in the host-overhead comparison.")
 flags.DEFINE_integer("prefix_len", 1024, "Shared prefix of the TTFT workload, tokens.")
 flags.DEFINE_integer("prefix_requests", 6, "Requests in the TTFT workload.", lower_bound=2)
+flags.DEFINE_integer("repeats", 3, "Alternating engine / HF throughput runs; medians reported.",
+                     lower_bound=1)
+flags.DEFINE_bool("default_model", True, "Also measure the embedded default model.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and KV dtype (HF too).")
 flags.DEFINE_bool("smoke", False, "Tiny sizes for a quick end-to-end check.")
 flags.DEFINE_string("out", "", "Also write the report to this markdown file.")
+# Internal: the benchmark runs the engine in child processes of itself.
+flags.DEFINE_enum("child", "", ["", "first_token", "throughput"], "Internal: run one engine part.")
+flags.DEFINE_string("child_model", "", "Internal: checkpoint the child loads.")
+flags.DEFINE_string("child_cache", "", "Internal: the child's compilation cache directory.")
 
 
 def _smoke_sizes():
     for name, value in dict(num_requests=6, min_prompt=4, max_prompt=24, min_output=2, max_output=8,
                             hidden_size=64, num_layers=2, vocab_size=300, hf_batch_size=3,
                             max_num_batched_tokens=32, max_num_seqs=8, page_size=4, decode_batch=4,
-                            decode_steps=4, prefix_len=24, prefix_requests=3).items():
+                            decode_steps=4, prefix_len=24, prefix_requests=3, repeats=1).items():
         setattr(FLAGS, name, value)
 
 
-def _hf_model(path: str):
+def _max_len() -> int:
+    return FLAGS.max_prompt + FLAGS.max_output
+
+
+def _num_pages() -> int:
+    pages_per_seq = -(-_max_len() // FLAGS.page_size)
+    return pages_per_seq * (max(FLAGS.num_requests, FLAGS.decode_batch) + 1)
+
+
+def _save_bench_model(path: str):
     """A random Llama saved as an HF checkpoint at path; returns the torch model."""
     import torch
     import transformers
@@ -79,11 +103,13 @@ def _hf_model(path: str):
     return model.to(getattr(torch, FLAGS.dtype))
 
 
-def _workload(rng):
+def _workload(seed: int, vocab_size: int):
+    import numpy as np
+    rng = np.random.default_rng(seed)
     n = FLAGS.num_requests
     prompt_lens = rng.integers(FLAGS.min_prompt, FLAGS.max_prompt + 1, n)
     out_lens = rng.integers(FLAGS.min_output, FLAGS.max_output + 1, n)
-    prompts = [rng.integers(0, FLAGS.vocab_size, int(p)).tolist() for p in prompt_lens]
+    prompts = [rng.integers(0, vocab_size, int(p)).tolist() for p in prompt_lens]
     return prompts, [int(o) for o in out_lens]
 
 
@@ -117,6 +143,17 @@ def _engine(model, tok, *, max_model_len, num_pages, prefix=True, async_scheduli
                   async_scheduling=async_scheduling)
 
 
+def _load(path: str):
+    import jax.numpy as jnp
+
+    from jinfer.loader.hf import load_hf_model
+    from jinfer.tokenizer import Tokenizer, byte_level_tokenizer
+    model = load_hf_model(path, dtype=jnp.dtype(FLAGS.dtype))
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+        return model, Tokenizer.from_dir(path)
+    return model, byte_level_tokenizer()  # ids past its 258 tokens decode to nothing; text unused
+
+
 def _engine_throughput(engine, prompts, out_lens) -> float:
     from jinfer.sampling_params import SamplingParams
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for o in out_lens]
@@ -127,12 +164,73 @@ def _engine_throughput(engine, prompts, out_lens) -> float:
     return sum(out_lens) / elapsed
 
 
+# -- children: the engine in a fresh process ------------------------------------------------
+
+def _child_first_token():
+    """Loads the checkpoint, generates until the first token, says so on stdout at once."""
+    from jinfer.engine import enable_compilation_cache
+    from jinfer.sampling_params import SamplingParams
+    if FLAGS.child_cache:
+        enable_compilation_cache(FLAGS.child_cache)
+    model, tok = _load(FLAGS.child_model)
+    engine = _engine(model, tok, max_model_len=_max_len(), num_pages=_num_pages())
+    engine.add_request(list(range(1, 65)), SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    while not any(o.new_token_ids for o in engine.step()):
+        pass
+    print("FIRST_TOKEN", flush=True)
+
+
+def _child_throughput():
+    """The throughput workload in this process; prints tok/s and peak resident memory (JSON)."""
+    from jinfer.engine import enable_compilation_cache
+    if FLAGS.child_cache:
+        enable_compilation_cache(FLAGS.child_cache)
+    model, tok = _load(FLAGS.child_model)
+    prompts, out_lens = _workload(FLAGS.seed, model.config.vocab_size)
+    engine = _engine(model, tok, max_model_len=_max_len(), num_pages=_num_pages())
+    engine.runner.warmup()  # every bucket; compiled (or read from the cache) before timing
+    tps = _engine_throughput(engine, prompts, out_lens)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps({"tok_s": tps, "peak_rss_mib": peak}), flush=True)
+
+
+def _spawn(mode: str, model_path: str, cache: str) -> subprocess.Popen:
+    args = [sys.executable, os.path.abspath(__file__), f"--child={mode}", f"--child_model={model_path}",
+            f"--child_cache={cache}", *[a for a in sys.argv[1:] if not a.startswith("--out")]]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _start_to_first_token(model_path: str, cache: str) -> float:
+    """Seconds from spawning a process to its first token."""
+    start = time.perf_counter()
+    proc = _spawn("first_token", model_path, cache)
+    for line in proc.stdout:
+        if line.startswith("FIRST_TOKEN"):
+            elapsed = time.perf_counter() - start
+            break
+    else:
+        raise RuntimeError(f"first-token child exited with {proc.wait()} before a token")
+    proc.wait()
+    return elapsed
+
+
+def _child_engine_throughput(model_path: str, cache: str) -> dict:
+    proc = _spawn("throughput", model_path, cache)
+    out, _ = proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"throughput child exited with {proc.returncode}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# -- host overhead and distance to the matmul limit ------------------------------------------
+
 def _engine_decode_rate(engine, batch: int, steps: int, prompt_len: int) -> float:
     """engine.step() tokens/s once `batch` requests are all decoding."""
     from jinfer.sampling_params import SamplingParams
     params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
     for i in range(batch):
-        engine.add_request([(7 * i + j) % FLAGS.vocab_size for j in range(prompt_len)], params)
+        engine.add_request([(7 * i + j) % engine.model_config.vocab_size for j in range(prompt_len)], params)
     first = 0
     while first < batch:  # prefill until every request has its first token
         first += sum(1 for o in engine.step() if len(o.token_ids) == 1)
@@ -148,19 +246,18 @@ def _engine_decode_rate(engine, batch: int, steps: int, prompt_len: int) -> floa
     return emitted / elapsed
 
 
-def _bare_decode_rate(runner, batch: int, steps: int, prompt_len: int) -> float:
-    """The same compiled step in a bare loop: no scheduler, ids fed back on device."""
+def _bare_decode_rate(runner, batch: int, steps: int, prompt_len: int) -> tuple[float, float]:
+    """The same compiled step in a bare loop: no scheduler, ids fed back on device.
+    Returns (tokens/s, median seconds per step)."""
     import jax
     import numpy as np
 
     from jinfer.attention import AttentionMetadata
-    from jinfer.runner import pick_bucket
     from jinfer.sampling import SamplingArrays
     from jinfer.sampling_params import SamplingParams
     from jinfer.scheduling import ScheduledSeq
 
-    t = pick_bucket(batch, runner.token_buckets)
-    s = pick_bucket(batch, runner.seq_buckets)
+    t, s = runner.bucket(batch)
     pages_needed = -(-(prompt_len + steps + 2) // runner.page_size)
     table = np.zeros((s, runner.pages_per_seq), np.int32)
     table[:batch, :pages_needed] = np.arange(batch * pages_needed).reshape(batch, pages_needed)
@@ -175,10 +272,12 @@ def _bare_decode_rate(runner, batch: int, steps: int, prompt_len: int) -> float:
     samp = SamplingArrays.from_seqs([seq] * batch, s)
     ids = np.zeros(t, np.int32)
     fn = runner._compiled.get((t, s, False), runner._step)
+    times = []
 
     def run(n, start_len):
         prev = runner._prev_tokens
         for i in range(n):
+            t0 = time.perf_counter()
             kv_len = start_len + i + 1
             pos = np.zeros(t, np.int32)
             pos[:batch] = kv_len - 1
@@ -186,12 +285,46 @@ def _bare_decode_rate(runner, batch: int, steps: int, prompt_len: int) -> float:
             kv_lens[:batch] = kv_len
             md = AttentionMetadata(cu, kv_lens, table, np.array([batch], np.int32))
             prev, _, runner.kv = fn(runner.state, runner.kv, prev, ids, feed, pos, md, logits_idx, samp)
-        jax.block_until_ready(prev)
+            jax.block_until_ready(prev)
+            times.append(time.perf_counter() - t0)
 
     run(2, prompt_len)  # compile / warm
+    times.clear()
     start = time.perf_counter()
     run(steps, prompt_len + 2)
-    return batch * steps / (time.perf_counter() - start)
+    return batch * steps / (time.perf_counter() - start), statistics.median(times)
+
+
+def step_matmul_flops(cfg, rows: int, context: int) -> tuple[float, float]:
+    """(matmul FLOPs, attention FLOPs) of one step of `rows` single-token sequences that each
+    attend over `context` keys: 2 per multiply-add; LM head on every row."""
+    e, h, n, k = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    per_layer = e * (n + 2 * k) * h + n * h * e + 3 * e * cfg.intermediate_size
+    matmul = 2 * rows * (cfg.num_layers * per_layer + e * cfg.vocab_size)
+    attention = 2 * 2 * rows * context * n * h * cfg.num_layers
+    return float(matmul), float(attention)
+
+
+def _matmul_limit_seconds(cfg, rows: int, dtype) -> float:
+    """Median time of the step's matmuls alone, plain jnp on this device (the same shapes)."""
+    import jax
+    import jax.numpy as jnp
+    e, h, n, k, m = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
+    shapes = [(e, n * h), (e, k * h), (e, k * h), (n * h, e), (e, m), (e, m), (m, e)] * cfg.num_layers
+    weights = [jnp.full(s, 0.01, dtype) for s in shapes] + [jnp.full((e, cfg.vocab_size), 0.01, dtype)]
+    inputs = {d: jnp.ones((rows, d), dtype) for d in {w.shape[0] for w in weights}}
+
+    @jax.jit
+    def chain(inputs, weights):
+        return [inputs[w.shape[0]] @ w for w in weights]
+
+    jax.block_until_ready(chain(inputs, weights))
+    times = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        jax.block_until_ready(chain(inputs, weights))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def _prefix_ttft(model, tok, rng, prefix: bool) -> float:
@@ -223,54 +356,79 @@ def main(argv):
         _smoke_sizes()
     if FLAGS.min_prompt > FLAGS.max_prompt or FLAGS.min_output > FLAGS.max_output:
         raise app.UsageError("need min_prompt <= max_prompt and min_output <= max_output")
+    if FLAGS.child == "first_token":
+        return _child_first_token()
+    if FLAGS.child == "throughput":
+        return _child_throughput()
     import jax
-    import jax.numpy as jnp
     import numpy as np
+    import transformers
 
-    from jinfer.loader.hf import load_hf_model
-    from jinfer.tokenizer import byte_level_tokenizer
+    from jinfer import DEFAULT_MODEL_DIR
 
-    rng = np.random.default_rng(FLAGS.seed)
-    with tempfile.TemporaryDirectory() as path:
-        hf = _hf_model(path)
-        model = load_hf_model(path, dtype=jnp.dtype(FLAGS.dtype))
-    tok = byte_level_tokenizer()  # ids beyond its 258 tokens decode to nothing; text is unused
-    prompts, out_lens = _workload(rng)
-    max_len = FLAGS.max_prompt + FLAGS.max_output
-    pages_per_seq = -(-max_len // FLAGS.page_size)
-    num_pages = pages_per_seq * max(FLAGS.num_requests, FLAGS.decode_batch) + pages_per_seq
     rows = []
 
     def report(name, value, unit):
         rows.append((name, value, unit))
         print(f"{name}: {value:.3f} {unit}", file=sys.stderr, flush=True)
 
-    print(f"model: {model.config.num_params() / 1e6:.1f}M parameters", file=sys.stderr)
-    engine = _engine(model, tok, max_model_len=max_len, num_pages=num_pages)
-    t0 = time.perf_counter()
-    engine.runner.warmup()
-    report("engine warm-up (compile every bucket)", time.perf_counter() - t0, "s")
-    engine_tps = _engine_throughput(engine, prompts, out_lens)
-    report("engine output tokens/s", engine_tps, "tok/s")
-    hf_tps = _hf_throughput(hf, prompts, out_lens)
-    report(f"HF generate output tokens/s (batch {FLAGS.hf_batch_size})", hf_tps, "tok/s")
-    report("engine / HF generate", engine_tps / hf_tps, "x")
+    with tempfile.TemporaryDirectory() as tmp:
+        bench_path = os.path.join(tmp, "bench_model")
+        hf_bench = _save_bench_model(bench_path)
+        cache = os.path.join(tmp, "xla_cache")
+        report("start to first token, empty compilation cache", _start_to_first_token(bench_path, cache), "s")
+        report("start to first token, compilation cache warm", _start_to_first_token(bench_path, cache), "s")
 
+        models = [("benchmark model", bench_path, hf_bench)]
+        if FLAGS.default_model:
+            import torch
+            hf_default = transformers.LlamaForCausalLM.from_pretrained(
+                DEFAULT_MODEL_DIR, torch_dtype=getattr(torch, FLAGS.dtype)).eval()
+            models.append(("default model", DEFAULT_MODEL_DIR, hf_default))
+        for label, path, hf in models:
+            prompts, out_lens = _workload(FLAGS.seed, hf.config.vocab_size)
+            eng, hfs, ratios, peaks = [], [], [], []
+            for _ in range(FLAGS.repeats):
+                res = _child_engine_throughput(path, cache)
+                eng.append(res["tok_s"])
+                peaks.append(res["peak_rss_mib"])
+                hfs.append(_hf_throughput(hf, prompts, out_lens))
+                ratios.append(eng[-1] / hfs[-1])
+            report(f"{label}: engine output tokens/s", statistics.median(eng), "tok/s")
+            report(f"{label}: HF generate output tokens/s (batch {FLAGS.hf_batch_size})",
+                   statistics.median(hfs), "tok/s")
+            report(f"{label}: engine / HF generate", statistics.median(ratios), "x")
+            report(f"{label}: engine process peak resident memory", max(peaks), "MiB")
+        del models, hf_bench
+
+        model, tok = _load(bench_path)
+    cfg = model.config
     b, n = FLAGS.decode_batch, FLAGS.decode_steps
+    max_len = _max_len()
+    engine = _engine(model, tok, max_model_len=max_len, num_pages=_num_pages())
     plen = max(1, min(32, max_len - n - 10))  # room for the timed steps and the warm-up
-    engine.scheduler.prefix_cache.clear()  # the bare loop writes pages without the scheduler
-    bare = _bare_decode_rate(engine.runner, b, n, plen)
+    bare, bare_step = _bare_decode_rate(engine.runner, b, n, plen)
+    engine.scheduler.prefix_cache.clear()  # the bare loop wrote pages without the scheduler
     report(f"bare jitted decode loop, batch {b}", bare, "tok/s")
+    matmul, attention = step_matmul_flops(cfg, b, plen + n // 2)
+    limit = _matmul_limit_seconds(cfg, b, jax.numpy.dtype(FLAGS.dtype))
+    report(f"bare decode step, batch {b}: achieved FLOP/s (matmuls + attention)",
+           (matmul + attention) / bare_step / 1e9, "GFLOP/s")
+    report(f"the step's matmuls alone (plain jnp, same shapes): FLOP/s", matmul / limit / 1e9, "GFLOP/s")
+    report("bare step time / its matmuls' time", bare_step / limit, "x")
     eng_async = _engine_decode_rate(engine, b, n, plen)
     report(f"engine decode, batch {b} (async scheduling)", eng_async, "tok/s")
     report("engine (async) / bare loop", eng_async / bare, "x")
-    sync = _engine(model, tok, max_model_len=max_len, num_pages=num_pages, async_scheduling=False)
-    sync.runner._compiled = engine.runner._compiled  # same executables; no second warm-up
+    report("host overhead per step (async)", max(0.0, b / eng_async - b / bare) * 1e3, "ms")
+    sync = _engine(model, tok, max_model_len=max_len, num_pages=_num_pages(), async_scheduling=False)
+    sync.runner._compiled = engine.runner._compiled  # same executables
     eng_sync = _engine_decode_rate(sync, b, n, plen)
     report(f"engine decode, batch {b} (sync scheduling)", eng_sync, "tok/s")
     report("engine (sync) / bare loop", eng_sync / bare, "x")
+    report("host overhead per step (sync)", max(0.0, b / eng_sync - b / bare) * 1e3, "ms")
     del sync, engine
 
+    rng = np.random.default_rng(FLAGS.seed + 1)
     off = _prefix_ttft(model, tok, rng, prefix=False)
     report(f"median TTFT, {FLAGS.prefix_len}-token shared prefix, prefix cache off", off * 1e3, "ms")
     on = _prefix_ttft(model, tok, rng, prefix=True)
@@ -283,13 +441,16 @@ def main(argv):
         *[f"| {name} | {value:,.2f} | {unit} |" for name, value, unit in rows],
         "",
         f"Device: {device.device_kind} ({device.platform}), {os.cpu_count()} CPU cores; "
-        f"jax {jax.__version__}; Python {platform.python_version()}.",
-        f"Model: Llama, {model.config.num_params() / 1e6:.1f}M parameters "
-        f"(hidden {FLAGS.hidden_size}, {FLAGS.num_layers} layers, vocab {FLAGS.vocab_size}), {FLAGS.dtype}.",
+        f"jax {jax.__version__}; torch {__import__('torch').__version__}; "
+        f"transformers {transformers.__version__}; Python {platform.python_version()}.",
+        f"Benchmark model: Llama, {cfg.num_params() / 1e6:.1f}M parameters (hidden {FLAGS.hidden_size}, "
+        f"{FLAGS.num_layers} layers, vocab {FLAGS.vocab_size}), random weights, {FLAGS.dtype}. "
+        "Default model: jinfer/default_model (5.1M parameters, vocab 4096).",
         f"Workload: {FLAGS.num_requests} requests, prompts {FLAGS.min_prompt}-{FLAGS.max_prompt}, "
         f"outputs {FLAGS.min_output}-{FLAGS.max_output} tokens, seed {FLAGS.seed}; engine budget "
         f"{FLAGS.max_num_batched_tokens} tokens / {FLAGS.max_num_seqs} sequences per step, "
-        f"page size {FLAGS.page_size}, attention backend xla.",
+        f"page size {FLAGS.page_size}, attention backend {jax.default_backend() == 'gpu' and 'pallas' or 'xla'}; "
+        f"throughput medians of {FLAGS.repeats} alternating runs.",
     ]
     report_md = "\n".join(lines)
     print(report_md)

@@ -49,6 +49,9 @@ flags.DEFINE_string("coordinator_address", "127.0.0.1:12355",
 flags.DEFINE_integer("num_processes", 1, "Processes (hosts) in the mesh; 1 = this process alone.",
                      lower_bound=1)
 flags.DEFINE_integer("process_id", 0, "This process's rank in [0, num_processes).", lower_bound=0)
+flags.DEFINE_string("compilation_cache", "~/.cache/jinfer/xla",
+                    "JAX persistent compilation cache directory, so a second run of the same command "
+                    "skips compiling; empty: off.")
 flags.DEFINE_bool("json", False, "Print one JSON object per completion (prompt, index, token_ids, "
                   "text, finish_reason) instead of text for a person.")
 
@@ -99,8 +102,11 @@ def main(argv):
     except ValueError as e:
         sys.exit(f"error: {e}")
     from jinfer.config import CacheConfig, SchedulerConfig
-    from jinfer.engine import Engine
+    from jinfer.engine import Engine, enable_compilation_cache
     from jinfer.sampling_params import SamplingParams
+
+    if FLAGS.compilation_cache:
+        enable_compilation_cache(FLAGS.compilation_cache)  # before loading: its programs are cached too
 
     t0 = time.perf_counter()
     try:

@@ -1,7 +1,20 @@
-"""Pure-XLA paged attention: gather each token's pages, mask, softmax.
+"""Pure-XLA paged attention over a ragged batch: the CPU path, and fast enough to be one.
 
-The reference path: simple and exact, memory O(tokens × context). The Pallas kernels are the
-fast path on GPU.
+Work is proportional to the keys each sequence actually has, never to max_model_len and never
+per query token times context:
+
+- decode rows (sequences with one new token): all of them at once, one row per sequence, over
+  blocks of `kv_block` keys, for as many blocks as the longest of them needs;
+- chunks (sequences with two or more new tokens: prefill, chunked prefill, prefix hits): tiles
+  of `q_tile` consecutive query rows of one sequence, each over the key blocks up to its last
+  row's position (causal: later blocks are never touched).
+
+Both loops have trip counts read from the batch at run time (`lax.fori_loop` with traced
+bounds), so padding rows and sequences of a bucket cost almost nothing, and one compiled
+program serves a step of any mix. Keys are gathered per sequence (decodes) or per tile
+(chunks) a block at a time, never as a [tokens, context] array. Softmax is online (running
+max and sum in f32, as flash attention does), so the result equals the plain softmax up to
+float rounding.
 """
 
 from __future__ import annotations
@@ -15,96 +28,183 @@ from pallas_kernels.reference import write_kv_ref
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def token_layout(md: AttentionMetadata, num_tokens: int, page_size: int):
-    """Per flat token: its sequence, absolute position, and whether it is real (not padding).
-
-    Returns (seq i32[T], pos i32[T], real bool[T]); seq and pos are clamped in range for padding.
-    """
-    max_seqs = md.kv_lens.shape[0]
-    t = jnp.arange(num_tokens, dtype=jnp.int32)
-    seq = jnp.searchsorted(md.cu_q_lens[1:], t, side="right").astype(jnp.int32)
-    real = t < md.cu_q_lens[md.num_seqs[0]]
-    seq = jnp.minimum(seq, max_seqs - 1)
-    q_start = md.cu_q_lens[seq]
-    q_len = md.cu_q_lens[seq + 1] - q_start
-    pos = md.kv_lens[seq] - q_len + (t - q_start)
-    max_pos = md.page_indices.shape[1] * page_size - 1
-    pos = jnp.where(real, jnp.clip(pos, 0, max_pos), 0)
-    return seq, pos, real
-
-
 def write_kv(k_pages, v_pages, k, v, md: AttentionMetadata):
     """Scatters new K/V (f[T, num_kv_heads, head_dim]) into their page slots; padding is dropped."""
     return write_kv_ref(k_pages, v_pages, k, v, md.cu_q_lens, md.kv_lens, md.page_indices, md.num_seqs)
 
 
-def paged_attention(q, k_pages, v_pages, md: AttentionMetadata, *, sm_scale: float,
-                    sliding_window: int | None = None):
-    """Causal attention of flat queries (f[T, num_heads, head_dim]) over their sequences' pages."""
+def _online_update(state, scores, mask, v_blk, pv_spec: str):
+    """One key block of online softmax. state = (m f32[..., 1], l f32[..., 1], acc f32[..., D]);
+    scores f32[..., L] already scaled; mask broadcastable to scores; v_blk the block's values."""
+    m, l, acc = state
+    scores = jnp.where(mask, scores, _MASK_VALUE)
+    m_new = jnp.maximum(m, scores.max(-1, keepdims=True))
+    p = jnp.where(mask, jnp.exp(scores - m_new), 0.0)
+    alpha = jnp.exp(m - m_new)
+    pv = jnp.einsum(pv_spec, p.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32)
+    return m_new, l * alpha + p.sum(-1, keepdims=True), acc * alpha + pv
+
+
+def _finish(state):
+    _, l, acc = state
+    return jnp.where(l > 0, acc / jnp.where(l > 0, l, 1.0), 0.0)
+
+
+def _init_state(shape, head_dim):
+    return (jnp.full(shape + (1,), _MASK_VALUE, jnp.float32), jnp.zeros(shape + (1,), jnp.float32),
+            jnp.zeros(shape + (head_dim,), jnp.float32))
+
+
+def _decode_rows(q, k_pages, v_pages, md, q_len, *, sm_scale, sliding_window, pages_per_block):
+    """Attention of each one-token sequence's row over its pages. Returns f32[S, K, G, D] (rows of
+    other sequences: zeros).
+
+    The pages of all decoding sequences are laid end to end in one list (sequence by sequence)
+    and taken pages_per_block at a time, so a step reads each page its sequences use once and
+    no page past a sequence's length: decodes of very different lengths cost their sum, not
+    the batch size times the longest. Each block's partial softmax is merged into its
+    sequences' running (max, sum, output) by segment max / add.
+    """
+    num_kv_heads, _, page_size, head_dim = k_pages.shape
+    max_seqs, pages_per_seq = md.page_indices.shape
+    group = q.shape[1] // num_kv_heads
+    live = (jnp.arange(max_seqs) < md.num_seqs[0]) & (q_len == 1)
+    kv_len = jnp.where(live, md.kv_lens, 0)  # i32[S]
+    q_pos = kv_len - 1
+    rows = jnp.minimum(md.cu_q_lens[:max_seqs], q.shape[0] - 1)
+    qr = q[rows].reshape(max_seqs, num_kv_heads, group, head_dim)  # [S, K, G, D]
+    # The flat page list: entry i is page j of sequence seq (both i32[max_seqs * pages_per_seq]).
+    num_pages = -(-kv_len // page_size)
+    ends = jnp.cumsum(num_pages)
+    total = ends[-1]
+    bound = -(-max_seqs * pages_per_seq // pages_per_block) * pages_per_block
+    flat = jnp.arange(bound)
+    seq = jnp.minimum(jnp.searchsorted(ends, flat, side="right"), max_seqs - 1)
+    page_no = flat - (ends[seq] - num_pages[seq])
+    page_id = md.page_indices[seq, jnp.clip(page_no, 0, pages_per_seq - 1)]
+    seq = jnp.where(flat < total, seq, max_seqs)  # past the list: a dropped segment
+
+    def body(c, state):
+        m, l, acc = state  # f32[S, K, G, 1 / 1 / D]
+        take = lambda a: jax.lax.dynamic_slice_in_dim(a, c * pages_per_block, pages_per_block)
+        sid, pno, pid = take(seq), take(page_no), take(page_id)  # i32[C]
+        k_blk = jnp.swapaxes(k_pages[:, pid], 0, 1)  # [C, K, page, D]
+        v_blk = jnp.swapaxes(v_pages[:, pid], 0, 1)
+        safe = jnp.minimum(sid, max_seqs - 1)
+        key_pos = pno[:, None] * page_size + jnp.arange(page_size)[None, :]  # [C, page]
+        mask = (key_pos < kv_len[safe][:, None]) & (sid < max_seqs)[:, None]
+        if sliding_window is not None:
+            mask &= key_pos > q_pos[safe][:, None] - sliding_window
+        # Garbage (even NaN) in unused slots must not reach the output: mask V as well as scores.
+        v_blk = jnp.where(mask[:, None, :, None], v_blk, 0)
+        scores = jnp.einsum("ckgd,ckld->ckgl", qr[safe], k_blk, preferred_element_type=jnp.float32) * sm_scale
+        scores = jnp.where(mask[:, None, None, :], scores, _MASK_VALUE)
+        m_blk = scores.max(-1, keepdims=True)  # [C, K, G, 1]
+        p = jnp.where(mask[:, None, None, :], jnp.exp(scores - m_blk), 0.0)
+        pv = jnp.einsum("ckgl,ckld->ckgd", p.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32)
+        m_new = jnp.maximum(m, m.at[sid].max(m_blk, mode="drop"))
+        alpha, w = jnp.exp(m - m_new), jnp.exp(m_blk - m_new[safe])
+        l = l * alpha + jnp.zeros_like(l).at[sid].add(p.sum(-1, keepdims=True) * w, mode="drop")
+        acc = acc * alpha + jnp.zeros_like(acc).at[sid].add(pv * w, mode="drop")
+        return m_new, l, acc
+
+    state = jax.lax.fori_loop(0, -(-total // pages_per_block), body,
+                              _init_state((max_seqs, num_kv_heads, group), head_dim))
+    return _finish(state)
+
+
+def _chunk_tiles(q, k_pages, v_pages, md, q_len, *, sm_scale, sliding_window, q_tile,
+                 pages_per_block):
+    """Attention of every multi-token sequence's rows, q_tile rows of one sequence at a time.
+    Returns f32[T + q_tile, K, G, D]: rows of no chunk are zeros."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
+    max_seqs = md.kv_lens.shape[0]
     group = num_heads // num_kv_heads
-    seq, pos, real = token_layout(md, num_tokens, page_size)
-    pages = md.page_indices[seq]  # i32[T, pages_per_seq]
-    ctx = pages.shape[1] * page_size
-    k = k_pages[:, pages].reshape(num_kv_heads, num_tokens, ctx, head_dim)  # [K, T, L, D]
-    v = v_pages[:, pages].reshape(num_kv_heads, num_tokens, ctx, head_dim)
-    key_pos = jnp.arange(ctx, dtype=jnp.int32)[None, :]  # [1, L]
-    mask = (key_pos <= pos[:, None]) & (key_pos < md.kv_lens[seq][:, None]) & real[:, None]
-    if sliding_window is not None:
-        mask &= key_pos > pos[:, None] - sliding_window
-    # Garbage (even NaN) in unused slots must not reach the output: mask V as well as the scores.
-    v = jnp.where(mask[None, :, :, None], v, 0)
-    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim)
-    scores = jnp.einsum("tkgd,ktld->tkgl", qg, k, preferred_element_type=jnp.float32) * sm_scale
-    scores = jnp.where(mask[:, None, None, :], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("tkgl,ktld->tkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+    block = pages_per_block * page_size
+    live = (jnp.arange(max_seqs) < md.num_seqs[0]) & (q_len >= 2)
+    tiles = jnp.where(live, -(-q_len // q_tile), 0)  # i32[S]
+    ends = jnp.cumsum(tiles)
+    num_items = ends[-1]
+    qp = jnp.pad(q, ((0, q_tile), (0, 0), (0, 0))).reshape(num_tokens + q_tile, num_kv_heads, group, head_dim)
+    out0 = jnp.zeros((num_tokens + q_tile, num_kv_heads, group, head_dim), jnp.float32)
+
+    def item(i, out):
+        seq = jnp.searchsorted(ends, i, side="right")
+        tile = i - (ends[seq] - tiles[seq])
+        start = md.cu_q_lens[seq] + tile * q_tile
+        n_rows = jnp.minimum(q_tile, md.cu_q_lens[seq + 1] - start)
+        first_pos = md.kv_lens[seq] - q_len[seq] + tile * q_tile
+        q_pos = first_pos + jnp.arange(q_tile)  # i32[Q]
+        rows_ok = jnp.arange(q_tile) < n_rows
+        qt = jax.lax.dynamic_slice_in_dim(qp, start, q_tile)  # [Q, K, G, D]
+        qt = jnp.transpose(qt, (1, 0, 2, 3)).reshape(num_kv_heads, q_tile * group, head_dim)  # [K, Q*G, D]
+        kv_end = first_pos + n_rows  # keys past the tile's last row are never needed (causal)
+        row_pos = jnp.repeat(q_pos, group)  # i32[Q*G], the position of each (row, head in group)
+        row_ok = jnp.repeat(rows_ok, group)
+
+        def body(j, state):
+            pages = jax.lax.dynamic_slice_in_dim(md.page_indices[seq], j * pages_per_block, pages_per_block)
+            k_blk = k_pages[:, pages].reshape(num_kv_heads, block, head_dim)  # [K, L, D]
+            v_blk = v_pages[:, pages].reshape(num_kv_heads, block, head_dim)
+            key_pos = j * block + jnp.arange(block)[None, :]  # [1, L]
+            mask = (key_pos <= row_pos[:, None]) & (key_pos < kv_end) & row_ok[:, None]  # [Q*G, L]
+            if sliding_window is not None:
+                mask &= key_pos > row_pos[:, None] - sliding_window
+            v_blk = jnp.where((key_pos[0] < kv_end)[None, :, None], v_blk, 0)
+            scores = jnp.einsum("kmd,kld->kml", qt, k_blk, preferred_element_type=jnp.float32) * sm_scale
+            return _online_update(state, scores, mask[None], v_blk, "kml,kld->kmd")
+
+        first = 0
+        if sliding_window is not None:
+            first = jnp.maximum(first_pos - sliding_window + 1, 0) // block
+        state = jax.lax.fori_loop(first, -(-kv_end // block), body,
+                                  _init_state((num_kv_heads, q_tile * group), head_dim))
+        tile_out = jnp.transpose(_finish(state).reshape(num_kv_heads, q_tile, group, head_dim), (1, 0, 2, 3))
+        old = jax.lax.dynamic_slice_in_dim(out, start, q_tile)
+        new = jnp.where(rows_ok[:, None, None, None], tile_out, old)
+        return jax.lax.dynamic_update_slice_in_dim(out, new, start, axis=0)
+
+    return jax.lax.fori_loop(0, num_items, item, out0)
 
 
-def step_attention(q, k, v, md: AttentionMetadata, *, page_size: int, sm_scale: float,
-                   sliding_window: int | None = None):
-    """Causal attention among this step's own tokens only (f[T, heads, head_dim] each).
+def paged_attention(q, k_pages, v_pages, md: AttentionMetadata, *, sm_scale: float,
+                    sliding_window: int | None = None, q_tile: int = 64, kv_block: int = 64,
+                    decode_block: int = 2048):
+    """Causal attention of flat queries (f[T, num_heads, head_dim]) over their sequences' pages
+    (this step's keys already written). Rows of padding tokens come back as zeros.
 
-    Exact when no sequence in the step has cached context (every chunk starts at position 0):
-    then all keys are new, and a dense [T, T] mask (same sequence, not later) replaces the
-    per-token page gather. O(T^2) instead of O(T × max_model_len).
+    q_tile: query rows per chunk tile; kv_block: keys per block of a tile, decode_block: keys per
+    block of the decodes' page list (both rounded to whole pages). The defaults were the fastest
+    on a 2-core x86 CPU for a 26M-parameter model (benchmarks/engine.md).
     """
     num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    group = num_heads // num_kv_heads
-    seq, pos, real = token_layout(md, num_tokens, page_size)
-    mask = (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None]) & real[None, :] & real[:, None]
-    if sliding_window is not None:
-        mask &= pos[None, :] > pos[:, None] - sliding_window
-    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim)
-    scores = jnp.einsum("tkgd,skd->tkgs", qg, k, preferred_element_type=jnp.float32) * sm_scale
-    scores = jnp.where(mask[:, None, None, :], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("tkgs,skd->tkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+    num_kv_heads, _, page_size, _ = k_pages.shape
+    max_seqs, pages_per_seq = md.page_indices.shape
+    pages_per_block = max(1, kv_block // page_size)
+    # Pad the page table to whole blocks so a block's slice never runs past it (the padded
+    # entries point at page 0 and are masked by length).
+    padded = -(-pages_per_seq // pages_per_block) * pages_per_block
+    md = AttentionMetadata(jnp.asarray(md.cu_q_lens), jnp.asarray(md.kv_lens),
+                           jnp.pad(md.page_indices, ((0, 0), (0, padded - pages_per_seq))),
+                           jnp.asarray(md.num_seqs), md.decode_only)
+    q_len = md.cu_q_lens[1:] - md.cu_q_lens[:-1]  # i32[S]
+    kw = dict(sm_scale=sm_scale, sliding_window=sliding_window)
+    out = _chunk_tiles(q, k_pages, v_pages, md, q_len, q_tile=q_tile, pages_per_block=pages_per_block, **kw)
+    dec = _decode_rows(q, k_pages, v_pages, md, q_len, pages_per_block=max(1, decode_block // page_size), **kw)
+    is_dec = (jnp.arange(max_seqs) < md.num_seqs[0]) & (q_len == 1)
+    rows = jnp.where(is_dec, md.cu_q_lens[:max_seqs], num_tokens + q_tile)  # out of range: dropped
+    out = out.at[rows].set(dec, mode="drop")
+    return out[:num_tokens].reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
 
 
 class XlaBackend:
-    """AttentionBackend in plain jnp: scatter the new K/V, then attend.
-
-    Steps where some sequence has cached context (decodes, later chunks, prefix hits) gather
-    pages (`paged_attention`); steps of fresh prompts only attend among their own tokens
-    (`step_attention`), chosen at run time by lax.cond.
-    """
+    """AttentionBackend in plain jnp: scatter the new K/V into their pages, then attend over
+    pages (`paged_attention`), decodes and chunks in one program."""
 
     decode_path = False
 
     def __call__(self, q, k, v, k_pages, v_pages, md, *, sm_scale, sliding_window):
         k_pages, v_pages = write_kv(k_pages, v_pages, k, v, md)
-        page_size = k_pages.shape[2]
-        seq, pos, real = token_layout(md, q.shape[0], page_size)
-        q_start = md.kv_lens[seq] - (md.cu_q_lens[seq + 1] - md.cu_q_lens[seq])
-        needs_pages = jnp.any(real & (q_start > 0))
-        kw = dict(sm_scale=sm_scale, sliding_window=sliding_window)
-        out = jax.lax.cond(
-            needs_pages,
-            lambda: paged_attention(q, k_pages, v_pages, md, **kw),
-            lambda: step_attention(q, k, v, md, page_size=page_size, **kw))
+        out = paged_attention(q, k_pages, v_pages, md, sm_scale=sm_scale, sliding_window=sliding_window)
         return out, k_pages, v_pages
