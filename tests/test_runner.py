@@ -87,3 +87,34 @@ def test_persistent_compilation_cache_serves_a_restart(tmp_path):
     assert runs[0]["hits"] == 0 and runs[0]["misses"] >= 2  # the two step buckets at least
     assert os.listdir(cache)
     assert runs[1]["hits"] >= 2 and runs[1]["misses"] == 0, runs
+
+
+def test_buckets_compile_lazily_one_program_per_token_bucket(hf_checkpoints):
+    path = hf_checkpoints["llama3"]
+    eng = Engine(load_hf_model(path), Tokenizer.from_dir(path), CacheConfig(page_size=4, num_pages=64),
+                 SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8, max_model_len=64))
+    runner = eng.runner
+    assert runner._step._cache_size() == 0  # nothing compiled up front
+    assert [runner.bucket(n) for n in (1, 16, 17, 40, 64)] == [(16, 8), (16, 8), (32, 8), (64, 8), (64, 8)]
+    prompts = [list(range(1, 1 + n)) for n in (3, 20, 45, 7, 2, 33, 9, 12, 5)]
+    out = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    assert [len(o.token_ids) for o in out] == [5] * len(prompts)
+    assert 1 <= runner._step._cache_size() <= len(runner.token_buckets)  # decodes and mixes alike
+
+
+def test_engine_benchmark_smoke_reports_every_measure():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, os.path.join(root, "tools", "bench_engine.py"), "--smoke"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): float(line.split("|")[2].replace(",", ""))
+            for line in res.stdout.splitlines() if line.startswith("| ") and "---" not in line
+            and not line.startswith("| measure")}
+    for name in ("start to first token, empty compilation cache", "start to first token, compilation cache warm",
+                 "benchmark model: engine / HF generate", "default model: engine / HF generate",
+                 "benchmark model: engine process peak resident memory", "bare step time / its matmuls' time",
+                 "engine (async) / bare loop, worst of 1", "host overhead per step (sync)", "TTFT off / on"):
+        assert name in rows, f"{name!r} missing from the report: {sorted(rows)}"
+    assert all(v >= 0 for v in rows.values())
+    assert rows["benchmark model: engine process peak resident memory"] > 50  # MiB: a real process
+    assert rows["start to first token, empty compilation cache"] > 0

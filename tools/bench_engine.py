@@ -57,7 +57,8 @@ flags.DEFINE_integer("decode_batch", 64, "Sequences in the host-overhead compari
 flags.DEFINE_integer("decode_steps", 48, "Steps timed in the host-overhead comparison.")
 flags.DEFINE_integer("prefix_len", 1024, "Shared prefix of the TTFT workload, tokens.")
 flags.DEFINE_integer("prefix_requests", 6, "Requests in the TTFT workload.", lower_bound=2)
-flags.DEFINE_integer("repeats", 3, "Alternating engine / HF throughput runs; medians reported.",
+flags.DEFINE_integer("repeats", 3, "Alternating runs of each comparison (engine / HF, bare loop / "
+                     "engine); medians reported.",
                      lower_bound=1)
 flags.DEFINE_bool("default_model", True, "Also measure the embedded default model.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and KV dtype (HF too).")
@@ -174,7 +175,8 @@ def _child_first_token():
         enable_compilation_cache(FLAGS.child_cache)
     model, tok = _load(FLAGS.child_model)
     engine = _engine(model, tok, max_model_len=_max_len(), num_pages=_num_pages())
-    engine.add_request(list(range(1, 65)), SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    prompt = [i % model.config.vocab_size for i in range(1, min(64, _max_len() - 2) + 1)]
+    engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
     while not any(o.new_token_ids for o in engine.step()):
         pass
     print("FIRST_TOKEN", flush=True)
@@ -197,7 +199,7 @@ def _child_throughput():
 def _spawn(mode: str, model_path: str, cache: str) -> subprocess.Popen:
     args = [sys.executable, os.path.abspath(__file__), f"--child={mode}", f"--child_model={model_path}",
             f"--child_cache={cache}", *[a for a in sys.argv[1:] if not a.startswith("--out")]]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -210,16 +212,17 @@ def _start_to_first_token(model_path: str, cache: str) -> float:
             elapsed = time.perf_counter() - start
             break
     else:
-        raise RuntimeError(f"first-token child exited with {proc.wait()} before a token")
-    proc.wait()
+        raise RuntimeError(f"first-token child exited with {proc.wait()} before a token:\n"
+                           f"{proc.stderr.read()[-3000:]}")
+    proc.communicate()
     return elapsed
 
 
 def _child_engine_throughput(model_path: str, cache: str) -> dict:
     proc = _spawn("throughput", model_path, cache)
-    out, _ = proc.communicate()
+    out, err = proc.communicate()
     if proc.returncode:
-        raise RuntimeError(f"throughput child exited with {proc.returncode}")
+        raise RuntimeError(f"throughput child exited with {proc.returncode}:\n{err[-3000:]}")
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -274,7 +277,7 @@ def _bare_decode_rate(runner, batch: int, steps: int, prompt_len: int) -> tuple[
     fn = runner._compiled.get((t, s, False), runner._step)
     times = []
 
-    def run(n, start_len):
+    def run(n, start_len, block_each=False):
         prev = runner._prev_tokens
         for i in range(n):
             t0 = time.perf_counter()
@@ -285,14 +288,17 @@ def _bare_decode_rate(runner, batch: int, steps: int, prompt_len: int) -> tuple[
             kv_lens[:batch] = kv_len
             md = AttentionMetadata(cu, kv_lens, table, np.array([batch], np.int32))
             prev, _, runner.kv = fn(runner.state, runner.kv, prev, ids, feed, pos, md, logits_idx, samp)
-            jax.block_until_ready(prev)
-            times.append(time.perf_counter() - t0)
+            if block_each:
+                jax.block_until_ready(prev)
+                times.append(time.perf_counter() - t0)
+        jax.block_until_ready(prev)
 
     run(2, prompt_len)  # compile / warm
-    times.clear()
     start = time.perf_counter()
-    run(steps, prompt_len + 2)
-    return batch * steps / (time.perf_counter() - start), statistics.median(times)
+    run(steps, prompt_len + 2)  # dispatched back to back, as a serving loop would
+    rate = batch * steps / (time.perf_counter() - start)
+    run(steps, prompt_len + 2, block_each=True)  # the same steps again, each timed alone
+    return rate, statistics.median(times)
 
 
 def step_matmul_flops(cfg, rows: int, context: int) -> tuple[float, float]:
@@ -406,26 +412,30 @@ def main(argv):
     b, n = FLAGS.decode_batch, FLAGS.decode_steps
     max_len = _max_len()
     engine = _engine(model, tok, max_model_len=max_len, num_pages=_num_pages())
+    sync = _engine(model, tok, max_model_len=max_len, num_pages=_num_pages(), async_scheduling=False)
     plen = max(1, min(32, max_len - n - 10))  # room for the timed steps and the warm-up
-    bare, bare_step = _bare_decode_rate(engine.runner, b, n, plen)
-    engine.scheduler.prefix_cache.clear()  # the bare loop wrote pages without the scheduler
+    bares, steps, asyncs, syncs = [], [], [], []
+    for _ in range(FLAGS.repeats):  # alternating, so drifts of a noisy machine hit all three
+        rate, step = _bare_decode_rate(engine.runner, b, n, plen)
+        bares.append(rate)
+        steps.append(step)
+        engine.scheduler.prefix_cache.clear()  # the bare loop wrote pages without the scheduler
+        asyncs.append(_engine_decode_rate(engine, b, n, plen))
+        syncs.append(_engine_decode_rate(sync, b, n, plen))
+    bare, bare_step = statistics.median(bares), statistics.median(steps)
     report(f"bare jitted decode loop, batch {b}", bare, "tok/s")
     matmul, attention = step_matmul_flops(cfg, b, plen + n // 2)
     limit = _matmul_limit_seconds(cfg, b, jax.numpy.dtype(FLAGS.dtype))
     report(f"bare decode step, batch {b}: achieved FLOP/s (matmuls + attention)",
            (matmul + attention) / bare_step / 1e9, "GFLOP/s")
-    report(f"the step's matmuls alone (plain jnp, same shapes): FLOP/s", matmul / limit / 1e9, "GFLOP/s")
+    report("the step's matmuls alone (plain jnp, same shapes): FLOP/s", matmul / limit / 1e9, "GFLOP/s")
     report("bare step time / its matmuls' time", bare_step / limit, "x")
-    eng_async = _engine_decode_rate(engine, b, n, plen)
-    report(f"engine decode, batch {b} (async scheduling)", eng_async, "tok/s")
-    report("engine (async) / bare loop", eng_async / bare, "x")
-    report("host overhead per step (async)", max(0.0, b / eng_async - b / bare) * 1e3, "ms")
-    sync = _engine(model, tok, max_model_len=max_len, num_pages=_num_pages(), async_scheduling=False)
-    sync.runner._compiled = engine.runner._compiled  # same executables
-    eng_sync = _engine_decode_rate(sync, b, n, plen)
-    report(f"engine decode, batch {b} (sync scheduling)", eng_sync, "tok/s")
-    report("engine (sync) / bare loop", eng_sync / bare, "x")
-    report("host overhead per step (sync)", max(0.0, b / eng_sync - b / bare) * 1e3, "ms")
+    for name, rates in (("async", asyncs), ("sync", syncs)):
+        rate = statistics.median(rates)
+        report(f"engine decode, batch {b} ({name} scheduling)", rate, "tok/s")
+        report(f"engine ({name}) / bare loop, worst of {FLAGS.repeats}",
+               min(r / x for r, x in zip(rates, bares)), "x")
+        report(f"host overhead per step ({name})", max(0.0, b / rate - b / bare) * 1e3, "ms")
     del sync, engine
 
     rng = np.random.default_rng(FLAGS.seed + 1)
@@ -450,7 +460,7 @@ def main(argv):
         f"outputs {FLAGS.min_output}-{FLAGS.max_output} tokens, seed {FLAGS.seed}; engine budget "
         f"{FLAGS.max_num_batched_tokens} tokens / {FLAGS.max_num_seqs} sequences per step, "
         f"page size {FLAGS.page_size}, attention backend {jax.default_backend() == 'gpu' and 'pallas' or 'xla'}; "
-        f"throughput medians of {FLAGS.repeats} alternating runs.",
+        f"medians of {FLAGS.repeats} alternating runs.",
     ]
     report_md = "\n".join(lines)
     print(report_md)
