@@ -333,6 +333,63 @@ def _matmul_limit_seconds(cfg, rows: int, dtype) -> float:
     return statistics.median(times)
 
 
+class _NoAttention:
+    """Attention replaced by its queries (K/V still written): the step without attention, to
+    show attention's share of it. Benchmark-only; outputs are meaningless."""
+
+    decode_path = False
+
+    def __call__(self, q, k, v, k_pages, v_pages, md, *, sm_scale, sliding_window):
+        from jinfer.attention.xla import write_kv
+        k_pages, v_pages = write_kv(k_pages, v_pages, k, v, md)
+        return q, k_pages, v_pages
+
+
+def _step_breakdown(model, tok, prompts, out_lens) -> list[tuple[str, int, float, float]]:
+    """The throughput workload again, each step timed alone (sync scheduling, read back before
+    the next): (kind and bucket, steps, total s, median ms per step), kind = mixed (some
+    sequence computes several tokens) or decode."""
+    from jinfer.sampling_params import SamplingParams
+    engine = _engine(model, tok, max_model_len=_max_len(), num_pages=_num_pages(), async_scheduling=False)
+    runner, times = engine.runner, {}
+    dispatch = runner.dispatch
+
+    def timed(plan):
+        key = ("mixed" if plan.num_tokens > len(plan.seqs) else "decode", runner.bucket(plan.num_tokens)[0])
+        t0 = time.perf_counter()
+        handle = dispatch(plan)
+        handle[0].block_until_ready()
+        times.setdefault(key, []).append(time.perf_counter() - t0)
+        return handle
+
+    engine.generate(prompts[:4], [SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)] * 4)
+    runner.warmup()
+    engine.scheduler.prefix_cache.clear()
+    runner.dispatch = timed
+    engine.generate(prompts, [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for o in out_lens])
+    return [(f"{kind} steps, {t}-token bucket", len(v), sum(v), statistics.median(v) * 1e3)
+            for (kind, t), v in sorted(times.items())]
+
+
+def _attention_share(model, tok, batch: int, steps: int, prompt_len: int) -> tuple[float, float]:
+    """Median bare decode step (s) with the xla backend and with attention off."""
+    from jinfer.attention import register_backend
+    register_backend("none", _NoAttention)
+    out = []
+    for backend in ("xla", "none"):
+        from jinfer.config import CacheConfig, SchedulerConfig
+        from jinfer.engine import Engine
+        engine = Engine(model, tok, CacheConfig(page_size=FLAGS.page_size, num_pages=_num_pages()),
+                        SchedulerConfig(max_num_batched_tokens=FLAGS.max_num_batched_tokens,
+                                        max_num_seqs=FLAGS.max_num_seqs, max_model_len=_max_len()),
+                        attention_backend=backend)
+        out.append(_bare_decode_rate(engine.runner, batch, steps, prompt_len)[1])
+        del engine
+    from jinfer.models.llama import set_attention_backend
+    set_attention_backend(model, "xla")
+    return out[0], out[1]
+
+
 def _prefix_ttft(model, tok, rng, prefix: bool) -> float:
     """Median TTFT (s) of requests sharing a long prefix, sent one after another."""
     from jinfer.sampling_params import SamplingParams
@@ -437,6 +494,12 @@ def main(argv):
                min(r / x for r, x in zip(rates, bares)), "x")
         report(f"host overhead per step ({name})", max(0.0, b / rate - b / bare) * 1e3, "ms")
     del sync, engine
+    ctx = _max_len() // 2
+    with_attn, without = _attention_share(model, tok, b, n, max(1, min(ctx, max_len - 2 * n - 10)))
+    report(f"bare decode step, batch {b}, context ~{ctx}: with attention", with_attn * 1e3, "ms")
+    report(f"bare decode step, batch {b}, context ~{ctx}: attention off (K/V still written)", without * 1e3, "ms")
+    prompts, out_lens = _workload(FLAGS.seed, cfg.vocab_size)
+    breakdown = _step_breakdown(model, tok, prompts, out_lens)
 
     rng = np.random.default_rng(FLAGS.seed + 1)
     off = _prefix_ttft(model, tok, rng, prefix=False)
@@ -462,6 +525,9 @@ def main(argv):
         f"page size {FLAGS.page_size}, attention backend {jax.default_backend() == 'gpu' and 'pallas' or 'xla'}; "
         f"medians of {FLAGS.repeats} alternating runs.",
     ]
+    lines += ["", "Where the time goes (benchmark model, the throughput workload with each step timed alone, "
+              "sync scheduling):", "", "| steps | count | total s | median ms/step |", "|---|---:|---:|---:|",
+              *[f"| {name} | {count} | {total:.2f} | {median:.1f} |" for name, count, total, median in breakdown]]
     report_md = "\n".join(lines)
     print(report_md)
     if FLAGS.out:
