@@ -130,8 +130,7 @@ class Engine:
             return False
         for req in samples:
             self._detok.pop(req.request_id, None)
-            self.scheduler.finish(req)
-            req.status, req.finish_reason = Status.FINISHED, "abort"
+            self.scheduler.abort(req)
         return True
 
     def reshard(self, mesh):
@@ -161,7 +160,7 @@ class Engine:
         plan = self.scheduler.schedule()
         launched = None
         if plan.seqs:
-            reqs = [self._sample(seq.request_id) for seq in plan.seqs]
+            reqs = [self._request(seq.request_id) for seq in plan.seqs]
             launched = (plan, reqs, self.runner.dispatch(plan))
         done, self._inflight = self._inflight, launched
         outputs, self._held_outputs = self._held_outputs, []
@@ -189,55 +188,44 @@ class Engine:
 
     # -- after the device step -----------------------------------------------------------------
 
-    def _sample(self, sample_id: str) -> Request:
+    def _request(self, sample_id: str) -> Request:
+        """The Request object of one sample ("<id>" or "<id>/<i>")."""
         public, _, index = sample_id.partition("/")
         return self._groups[public][int(index or 0)]
-
-    def _live(self, req: Request) -> bool:
-        """Not finished or aborted since its step was dispatched (ids may be reused later)."""
-        public = req.request_id.partition("/")[0]
-        samples = self._groups.get(public)
-        return (samples is not None and req.status is not Status.FINISHED
-                and samples[req.sample_group] is req)
 
     def _postprocess(self, plan: StepPlan, reqs: list[Request], handle) -> list[RequestOutput]:
         tokens, logprobs = self.runner.fetch(handle)
         now = time.monotonic()
+        settled = self.scheduler.update(plan, reqs, [int(t) for t in tokens], eos_ids=self.eos_ids,
+                                        finish_hook=self._text_stop)
         outputs = []
-        for seq, req, token, logprob in zip(plan.seqs, reqs, tokens, logprobs):
-            if not seq.sample or not self._live(req):
-                continue
-            self.scheduler.append_token(req, int(token))
-            if len(seq.token_ids) > 1:
-                self.scheduler.on_prefill_done(req)
-            req.output_logprobs.append(float(logprob))
+        for s in settled:
+            req = s.req
+            req.output_logprobs.append(float(logprobs[s.index]))
             if req.first_token_time is None:
                 req.first_token_time = now
             detok = self._detok[req.request_id]
-            detok.append(int(token))
-            reason = self._finish_reason(req, int(token), detok)
-            if reason:
-                req.status, req.finish_reason, req.finish_time = Status.FINISHED, reason, now
-                self.scheduler.finish(req)
+            if s.finish_reason:
+                req.finish_time = now
                 del self._detok[req.request_id]
                 public = req.request_id.partition("/")[0]
-                if all(r.status is Status.FINISHED for r in self._groups[public]):
+                samples = self._groups.get(public, ())  # gone if a sibling settled it this step
+                if samples and all(r.status is Status.FINISHED for r in samples):
                     del self._groups[public]
             outputs.append(self._output(req, detok, n_new=1))
         return outputs
 
-    def _finish_reason(self, req: Request, token: int, detok: IncrementalDetokenizer) -> str | None:
-        if detok.find_stop():
-            return "stop"  # text already cut before the stop string; nothing pending is emitted
-        p = req.params
-        eos = (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids
-        length = len(req.output_ids) >= p.max_tokens or len(req.all_ids) >= self.sched_cfg.max_model_len
-        if not (eos or length):
-            return None
-        detok.flush()
+    def _text_stop(self, req: Request, token: int, reason: str | None) -> str | None:
+        """The scheduler's finish hook: feeds the detokenizer and applies stop strings (text is
+        cut before a stop string; at any other finish the held-back text is flushed first)."""
+        detok = self._detok[req.request_id]
+        detok.append(token)
         if detok.find_stop():
             return "stop"
-        return "stop" if eos else "length"
+        if reason is None:
+            return None
+        detok.flush()
+        return "stop" if detok.find_stop() else reason
 
     def _output(self, req: Request, detok: IncrementalDetokenizer, n_new: int) -> RequestOutput:
         finished = req.status is Status.FINISHED

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
+from typing import Callable, Collection, Protocol, Sequence
 
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.page_pool import PagePool
@@ -44,6 +44,21 @@ class ScheduledSeq:
 
 
 @dataclasses.dataclass(frozen=True)
+class Settled:
+    """One token a step sampled for a running request, as Scheduler.update settled it."""
+
+    index: int  # the sequence's position in the plan (and in the step's outputs)
+    req: Request
+    token: int
+    finish_reason: str | None  # "stop" | "length" | None: still running
+
+
+# (request, token just appended, the scheduler's finish reason or None) -> the final reason:
+# finish rules the scheduler cannot see (stop strings need the detokenizer).
+FinishHook = Callable[[Request, int, "str | None"], "str | None"]
+
+
+@dataclasses.dataclass(frozen=True)
 class StepPlan:
     """The only thing the runner sees of a step."""
 
@@ -77,8 +92,57 @@ class Scheduler:
         req.num_pending -= 1
         req.output_ids.append(token)
 
-    def free(self, req: Request) -> None:
-        """Returns a finished/aborted/preempted request's pages (indexing full ones first)."""
+    # -- settling a step ---------------------------------------------------------------------
+
+    def update(self, plan: StepPlan, reqs: Sequence[Request], tokens: Sequence[int], *,
+               eos_ids: Collection[int] = (), finish_hook: FinishHook | None = None) -> list[Settled]:
+        """Settles a step once its sampled tokens are read (vLLM v1's update_from_output).
+
+        reqs and tokens are parallel to plan.seqs. For every sequence that sampled, of a
+        request not finished or aborted since the step was planned: appends the token, shares
+        the prompt's pages once its prefill is done, applies the finish rules (EOS / stop token
+        ids, then length), then `finish_hook` (rules the scheduler cannot see); a finished
+        request gets its status and reason and releases its pages. The engine, the simulator
+        and the tests all settle steps here.
+        """
+        settled = []
+        for i, (seq, req, token) in enumerate(zip(plan.seqs, reqs, tokens)):
+            if not seq.sample or req.status is Status.FINISHED:
+                continue
+            self.append_token(req, token)
+            if len(seq.token_ids) > 1:
+                self.on_prefill_done(req)
+            reason = self.finish_reason(req, token, eos_ids)
+            if finish_hook is not None:
+                reason = finish_hook(req, token, reason)
+            if reason:
+                req.status, req.finish_reason = Status.FINISHED, reason
+                self.finish(req)
+            settled.append(Settled(i, req, token, reason))
+        return settled
+
+    def finish_reason(self, req: Request, token: int | None = None, eos_ids: Collection[int] = ()) -> str | None:
+        """"stop" if `token` ends the request (EOS unless ignored, or a stop token id), "length"
+        if its read tokens reached max_tokens or max_model_len, else None."""
+        p = req.params
+        if token is not None and ((token in eos_ids and not p.ignore_eos) or token in p.stop_token_ids):
+            return "stop"
+        return "length" if self.reached_length(req, pending=False) else None
+
+    def reached_length(self, req: Request, *, pending: bool) -> bool:
+        """The length rule: max_tokens outputs, or max_model_len tokens in all. pending: count
+        tokens sampled but not read yet (planning) or only read ones (finishing)."""
+        out = len(req.output_ids) + (req.num_pending if pending else 0)
+        return out >= req.params.max_tokens or len(req.prompt_ids) + out >= self.cfg.max_model_len
+
+    def abort(self, req: Request) -> None:
+        """Stops a request wherever it is; its pages are released, its steps in flight ignored."""
+        req.status, req.finish_reason = Status.FINISHED, "abort"
+        self.finish(req)
+
+    def release(self, req: Request) -> None:
+        """Indexes a finished/aborted/preempted request's full computed pages in the prefix cache,
+        then returns its pages to the pool."""
         if self.prefix_cache is not None:
             self.prefix_cache.insert(req.all_ids[:req.num_computed_tokens], req.pages)
             if req.cache_node is not None:
@@ -157,14 +221,14 @@ class Scheduler:
             if not holders:
                 return False
             victim = max(holders, key=self.policy.priority)
-            self.free(victim)
+            self.release(victim)
             victim.num_computed_tokens = 0
         req.pages += self.pool.allocate(need)
         return True
 
     def _preempt(self, req: Request) -> None:
         """Recompute-style preemption: drop the KV, keep the tokens, go back to waiting first."""
-        self.free(req)
+        self.release(req)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         req.status = Status.WAITING
@@ -242,8 +306,7 @@ class Scheduler:
         return True
 
     def _done_sampling(self, req: Request) -> bool:
-        return (req.num_output_tokens >= req.params.max_tokens
-                or req.num_tokens >= self.cfg.max_model_len)
+        return self.reached_length(req, pending=True)
 
     def _plan(self, req: Request, n: int) -> ScheduledSeq:
         """Plans n tokens of req and counts them computed (the step will write them)."""
@@ -265,6 +328,6 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.free(req)
+        self.release(req)
         req.followers = []
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.prefix_cache import EvictionLog
-from jinfer.request import Request, Status
+from jinfer.request import Request
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import Scheduler
 from jinfer.workloads import WorkItem
@@ -222,30 +222,32 @@ class Simulator:
         rep = self.replicas[r]
         sched = rep.sched
         extra = len(rep.ends) - 1  # fast-forwarded steps after the plan's own
+        plan = rep.plan
+        reqs = [rep.reqs[s.request_id][0] for s in plan.seqs]
+        tokens = [1_000_000_000 + rep.reqs[s.request_id][2].index * 100_000 + len(req.output_ids)
+                  for s, req in zip(plan.seqs, reqs)]
+
+        def fast_forward(req, token, reason):
+            """The fast-forwarded decode tokens join before the finish rules apply (length only:
+            the simulator has no EOS)."""
+            if not extra:
+                return reason
+            ok = sched.extend_decode(req, list(range(token + 1, token + 1 + extra)))
+            assert ok, "fast-forward pages were checked free"
+            return sched.finish_reason(req)
+
         finished = False
-        for s in rep.plan.seqs:
-            if not s.sample:
-                continue
-            req, rreq, rec = rep.reqs[s.request_id]
-            if req.status is Status.FINISHED:
-                continue
-            sched.append_token(req, 1_000_000_000 + rec.index * 100_000 + len(req.output_ids))
-            if len(s.token_ids) > 1:
-                sched.on_prefill_done(req)
+        for done in sched.update(plan, reqs, tokens, finish_hook=fast_forward):
+            req, request_id = done.req, plan.seqs[done.index].request_id
+            _, rreq, rec = rep.reqs[request_id]
             if req.first_token_time is None:
                 req.first_token_time = rec.first_token_s = now
                 rec.cached_tokens = req.num_cached_prompt_tokens
                 self.router.on_first_token(r, rreq, now, now - rec.arrival_s)
-            if extra:
-                base = 1_000_000_000 + rec.index * 100_000 + len(req.output_ids)
-                ok = sched.extend_decode(req, list(range(base, base + extra)))
-                assert ok, "fast-forward pages were checked free"
-            if (len(req.output_ids) >= req.params.max_tokens
-                    or len(req.prompt_ids) + len(req.output_ids) >= self.cfg.max_model_len):
-                req.status, req.finish_time = Status.FINISHED, now
+            if done.finish_reason:
+                req.finish_time = now
                 rec.finish_s, rec.output_tokens = now, len(req.output_ids)
-                sched.finish(req)
-                del rep.reqs[s.request_id]
+                del rep.reqs[request_id]
                 self.router.on_finish(r, rreq, now)
                 finished = True
         if finished:  # (finishes fall on the same steps with or without fast-forward)

@@ -32,7 +32,8 @@ def _check_invariants(s: Scheduler):
 
 
 class FakeEngine:
-    """What Engine does around the scheduler, with random tokens in place of a model.
+    """What Engine does around the scheduler, with random tokens in place of a model: steps are
+    settled by the scheduler's own Scheduler.update, as the engine and simulator settle them.
 
     In async mode a step's samples are read back only after the next step is scheduled, as in
     Engine with async_scheduling, so plans carry PENDING tokens and finished requests linger.
@@ -51,11 +52,11 @@ class FakeEngine:
         self.s.add(req)
         return [req] + followers
 
-    def finish(self, req: Request):
-        self.s.finish(req)
-        self.live.discard(req.request_id)
+    def abort(self, req: Request):
         for f in req.followers:
             self.live.discard(f.request_id)
+        self.s.abort(req)
+        self.live.discard(req.request_id)
 
     def step(self):
         plan = self.s.schedule()
@@ -70,14 +71,13 @@ class FakeEngine:
         return plan
 
     def _read(self, plan, reqs):
-        for seq, req in zip(plan.seqs, reqs):
-            if not seq.sample or req.request_id not in self.live:
-                continue
-            self.s.append_token(req, int(self.rng.integers(0, 8)))  # tiny vocab: shared prefixes
-            if len(seq.token_ids) > 1:
-                self.s.on_prefill_done(req)
-            if len(req.output_ids) >= req.params.max_tokens or self.rng.random() < 0.05:  # or "EOS"
-                self.finish(req)
+        tokens = [int(self.rng.integers(0, 8)) for _ in plan.seqs]  # tiny vocab: shared prefixes
+        eos = lambda req, token, reason: reason or ("stop" if self.rng.random() < 0.05 else None)
+        for done in self.s.update(plan, reqs, tokens, finish_hook=eos):
+            if done.finish_reason:
+                for f in done.req.followers:
+                    self.live.discard(f.request_id)
+                self.live.discard(done.req.request_id)
 
 
 ops = st.lists(st.one_of(
@@ -109,7 +109,7 @@ def test_random_add_step_abort_keeps_pages_consistent(prefix, pipelined, ops, se
         elif made:
             for req in made[a % len(made)]:  # abort every sample of the request
                 if req.request_id in eng.live:
-                    eng.finish(req)
+                    eng.abort(req)
         _check_invariants(s)
     idle = 0
     while eng.live:
