@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import random
@@ -14,6 +15,7 @@ from jinfer.attention import default_attention_backend, get_backend
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.models.llama import set_attention_backend
 from jinfer.detokenizer import IncrementalDetokenizer
+from jinfer.prefix_cache import EvictionLog
 from jinfer.request import Request, RequestOutput, Status, Usage
 from jinfer.runner import ModelRunner
 from jinfer.sampling_params import SamplingParams
@@ -34,6 +36,32 @@ def enable_compilation_cache(path: str = DEFAULT_COMPILATION_CACHE, min_compile_
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_secs)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineLoad:
+    """What the engine holds now: the front door for servers, metrics and routers."""
+
+    waiting: int  # requests (samples) queued, preempted ones included
+    running: int
+    num_pages: int  # KV pool size
+    free_pages: int  # pages in no request and no prefix-cache node
+    cached_pages: int  # pages the prefix cache indexes
+    page_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineInfo:
+    """What the engine is: fixed from construction (or the last reshard, for tp)."""
+
+    vocab_size: int
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    page_size: int
+    num_pages: int
+    attention_backend: str
+    tp: int
 
 
 class Engine:
@@ -149,6 +177,34 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return bool(self._groups)
+
+    def load(self) -> EngineLoad:
+        sched, cache = self.scheduler, self.scheduler.prefix_cache
+        return EngineLoad(len(sched.waiting), len(sched.running), self.runner.num_pages,
+                          sched.pool.num_free, cache.num_nodes if cache is not None else 0,
+                          self.runner.page_size)
+
+    def info(self) -> EngineInfo:
+        cfg, layout = self.sched_cfg, self.runner.layout
+        return EngineInfo(self.model_config.vocab_size, cfg.max_model_len, cfg.max_num_seqs,
+                          cfg.max_num_batched_tokens, self.runner.page_size, self.runner.num_pages,
+                          self.attention_backend, 1 if layout is None else layout.mesh.size)
+
+    def eviction_log(self, wanted=lambda: True) -> EvictionLog | None:
+        """Records this engine's prefix-cache evictions from now on, while `wanted()` is true
+        (building an entry costs a token path), into the returned EvictionLog; drain it between
+        steps. None when the prefix cache is off. One log per engine: a new one replaces it."""
+        cache = self.scheduler.prefix_cache
+        if cache is None:
+            return None
+        log = EvictionLog(cache)
+        cache.on_evict = lambda node: log.record(node) if wanted() else None
+        return log
+
+    def reset_prefix_cache(self) -> int:
+        """Drops every prefix-cache page no request holds (between steps); returns how many."""
+        cache = self.scheduler.prefix_cache
+        return cache.clear() if cache is not None else 0
 
     def is_unfinished(self, request_id: str) -> bool:
         """Whether some sample of the request is still queued or running."""

@@ -92,11 +92,10 @@ class ServerMetrics:
 
     def update_engine(self, engine, now: float | None = None) -> None:
         """Gauges from the engine's state, and the derived rates (after on_outputs)."""
-        sched = engine.scheduler
-        self.waiting.set(len(sched.waiting))
-        self.running.set(len(sched.running))
-        pool = sched.pool
-        self.kv_utilization.set(1.0 - pool.num_free / pool.num_pages)
+        load = engine.load()
+        self.waiting.set(load.waiting)
+        self.running.set(load.running)
+        self.kv_utilization.set(1.0 - load.free_pages / load.num_pages)
         self._refresh_rates(time.monotonic() if now is None else now)
 
     def _refresh_rates(self, now: float) -> None:

@@ -24,7 +24,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import jinfer
-from jinfer.prefix_cache import EvictionLog
 from jinfer.sampling_params import SamplingParams
 from jinfer.serving.metrics import ServerMetrics
 from jinfer.serving import inference_pb2 as pb
@@ -88,6 +87,37 @@ class _Watcher:
         self.last_time, self.last_load = -math.inf, None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Add:
+    prompt: object  # str | list[int]
+    params: SamplingParams
+    request_id: str
+    priority: int
+    sink: object  # called with each RequestOutput, or with an Exception
+    done: concurrent.futures.Future  # the request id, or the engine's ValueError
+    tier: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Watch:
+    watcher: "_Watcher"
+
+
+@dataclasses.dataclass(frozen=True)
+class _ResetPrefixCache:
+    done: concurrent.futures.Future  # pages freed
+
+
+@dataclasses.dataclass(frozen=True)
+class _Wake:
+    """Unblocks an idle loop (stop)."""
+
+
 class EngineLoop:
     """Owns the engine on one thread; other threads talk to it through submit/abort.
 
@@ -106,17 +136,15 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._watchers: list[_Watcher] = []
         self._watch_lock = threading.Lock()  # the list; unwatch comes from other threads
-        cache = engine.scheduler.prefix_cache
-        self._evictions = EvictionLog(cache) if cache is not None else None  # not yet published
-        if cache is not None:  # the loop owns the cache's eviction hook
-            cache.on_evict = self._on_evict
+        # Not yet published; nobody listening: not even the token path of an eviction is built.
+        self._evictions = engine.eviction_log(wanted=lambda: bool(self._watchers))
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
         self._stopped.set()
-        self._commands.put(("wake",))
+        self._commands.put(_Wake())
         self._thread.join()
 
     @property
@@ -128,17 +156,17 @@ class EngineLoop:
         """Queues add_request; the future raises the engine's ValueError if it refuses. `sink`
         is called on the engine thread with each RequestOutput, or with an Exception."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put(("add", prompt, params, request_id, priority, sink, fut, tier))
+        self._commands.put(_Add(prompt, params, request_id, priority, sink, fut, tier))
         return fut
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
+        self._commands.put(_Abort(request_id))
 
     def watch(self, sink, interval: float) -> _Watcher:
         """Subscribes `sink` (called on the engine thread with (load, evictions), or None when
         the loop ends the stream); returns the handle unwatch takes."""
         w = _Watcher(sink, interval)
-        self._commands.put(("watch", w))
+        self._commands.put(_Watch(w))
         return w
 
     def unwatch(self, watcher: _Watcher) -> None:
@@ -156,21 +184,12 @@ class EngineLoop:
     def reset_prefix_cache(self) -> concurrent.futures.Future:
         """Evicts every unlocked prefix-cache page between steps; the future gives the count."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put(("reset", fut))
+        self._commands.put(_ResetPrefixCache(fut))
         return fut
 
     def load(self) -> dict:
-        """The engine's load now (engine thread)."""
-        sched = self.engine.scheduler
-        cache = sched.prefix_cache
-        return {"waiting": len(sched.waiting), "running": len(sched.running),
-                "num_pages": self.engine.runner.num_pages, "free_pages": sched.pool.num_free,
-                "cached_pages": cache.num_nodes if cache is not None else 0,
-                "page_size": self.engine.runner.page_size, "outstanding": len(self._sinks)}
-
-    def _on_evict(self, node) -> None:
-        if self._watchers:  # nobody listening: not even the token path is built
-            self._evictions.record(node)
+        """The engine's load now, with the requests this server has outstanding (engine thread)."""
+        return {**dataclasses.asdict(self.engine.load()), "outstanding": len(self._sinks)}
 
     def _publish(self, force: bool) -> None:
         """Sends news to watchers: evictions always; a changed load when its interval has
@@ -187,31 +206,35 @@ class EngineLoop:
                     w.sink((load, evictions))
 
     def _handle(self, cmd) -> None:
-        if cmd[0] == "add":
-            _, prompt, params, request_id, priority, sink, fut, tier = cmd
-            try:
-                self.engine.add_request(prompt, params, request_id=request_id, priority=priority)
-            except ValueError as e:
-                fut.set_exception(e)
-                return
-            self._sinks[request_id] = sink
-            if self.metrics is not None:
-                self.metrics.on_admit(request_id, tier)
-            fut.set_result(request_id)
-        elif cmd[0] == "abort":
-            if self._sinks.pop(cmd[1], None) is not None:
-                self.engine.abort(cmd[1])
+        match cmd:
+            case _Add():
+                try:
+                    self.engine.add_request(cmd.prompt, cmd.params, request_id=cmd.request_id,
+                                            priority=cmd.priority)
+                except ValueError as e:
+                    cmd.done.set_exception(e)
+                    return
+                self._sinks[cmd.request_id] = cmd.sink
                 if self.metrics is not None:
-                    self.metrics.on_done(cmd[1])
-        elif cmd[0] == "watch":
-            w = cmd[1]
-            with self._watch_lock:
-                self._watchers.append(w)
-                w.last_time, w.last_load = time.monotonic(), self.load()
-            w.sink((w.last_load, []))
-        elif cmd[0] == "reset":
-            cache = self.engine.scheduler.prefix_cache
-            cmd[1].set_result(cache.clear() if cache is not None else 0)
+                    self.metrics.on_admit(cmd.request_id, cmd.tier)
+                cmd.done.set_result(cmd.request_id)
+            case _Abort():
+                if self._sinks.pop(cmd.request_id, None) is not None:
+                    self.engine.abort(cmd.request_id)
+                    if self.metrics is not None:
+                        self.metrics.on_done(cmd.request_id)
+            case _Watch():
+                w = cmd.watcher
+                with self._watch_lock:
+                    self._watchers.append(w)
+                    w.last_time, w.last_load = time.monotonic(), self.load()
+                w.sink((w.last_load, []))
+            case _ResetPrefixCache():
+                cmd.done.set_result(self.engine.reset_prefix_cache())
+            case _Wake():
+                pass
+            case _:
+                raise TypeError(f"unknown engine-loop command {cmd!r}")
 
     def _run(self) -> None:
         while not self._stopped.is_set():
@@ -342,16 +365,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return pb.ResetPrefixCacheResponse(freed_pages=freed)
 
     async def GetServerInfo(self, request, context):
-        eng = self.loop.engine
-        sched = eng.sched_cfg
-        layout = eng.runner.layout
+        info = self.loop.engine.info()
         return pb.ServerInfo(
-            model=self.config.model_name, vocab_size=eng.model_config.vocab_size,
-            max_model_len=sched.max_model_len, max_num_seqs=sched.max_num_seqs,
-            max_num_batched_tokens=sched.max_num_batched_tokens, page_size=eng.runner.page_size,
-            num_pages=eng.runner.num_pages, max_queued_requests=self.config.max_queued_requests,
-            tiers=list(self.config.tiers), attention_backend=eng.attention_backend,
-            tp=1 if layout is None else layout.mesh.size, version=jinfer.__version__,
+            model=self.config.model_name, vocab_size=info.vocab_size, max_model_len=info.max_model_len,
+            max_num_seqs=info.max_num_seqs, max_num_batched_tokens=info.max_num_batched_tokens,
+            page_size=info.page_size, num_pages=info.num_pages,
+            max_queued_requests=self.config.max_queued_requests, tiers=list(self.config.tiers),
+            attention_backend=info.attention_backend, tp=info.tp, version=jinfer.__version__,
             config_json=self.config_json)
 
 
