@@ -17,7 +17,7 @@ from jinfer.page_pool import PagePool
 
 
 class Node:
-    __slots__ = ("key", "page", "parent", "children", "lock_ref", "last_access", "priority")
+    __slots__ = ("key", "page", "parent", "children", "lock_ref", "last_access")
 
     def __init__(self, key: tuple[int, ...], page: int, parent: "Node | None"):
         self.key = key  # the page's token ids
@@ -26,7 +26,6 @@ class Node:
         self.children: dict[tuple[int, ...], Node] = {}
         self.lock_ref = 0  # requests currently using this node (or a descendant)
         self.last_access = time.monotonic()
-        self.priority = 0  # for priority-aware eviction; higher survives longer
 
 
 class EvictionStrategy(Protocol):
@@ -37,11 +36,6 @@ class EvictionStrategy(Protocol):
 class LRU:
     def sort_key(self, node: Node):
         return node.last_access
-
-
-class PriorityThenLRU:
-    def sort_key(self, node: Node):
-        return (node.priority, node.last_access)
 
 
 class PrefixCache:

@@ -158,13 +158,6 @@ class GlobalRadixTree:
         self.tokens_on[replica] -= dropped
         return dropped
 
-    def drop_replica(self, replica: int) -> None:
-        """Forgets a replica everywhere (it left, or flushed its cache)."""
-        for n in list(self.nodes()):
-            n.cached_on.discard(replica)
-            n.hits.pop(replica, None)
-        self.tokens_on.pop(replica, None)
-
     def prune(self, now: float) -> int:
         """Drops nodes no replica caches and no request used within the window (with their
         subtrees, which then hold nothing either). Returns how many nodes were removed."""

@@ -72,7 +72,7 @@ def test_causal_forward_matches_the_serving_forward():
 
     from jinfer.attention import AttentionMetadata
     from jinfer.kv_cache import KVCache
-    from jinfer.models.forward import jit_forward
+    from tests.model_forward import jit_forward
     from jinfer.models.training import causal_forward
     model = load_hf_model(DEFAULT_MODEL_DIR)
     ids = np.array([Tokenizer.from_dir(DEFAULT_MODEL_DIR).encode("def f(x):\n    return x + 1\n")], np.int32)

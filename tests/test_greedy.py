@@ -1,4 +1,4 @@
-"""The minimal greedy loop against HF generate, and tools/generate.py end to end."""
+"""Greedy generation through the engine against HF generate, and tools/generate.py end to end."""
 
 import json
 import os
@@ -10,7 +10,10 @@ import pytest
 import torch
 import transformers
 
-from jinfer.greedy import greedy_generate
+from jinfer.config import CacheConfig, SchedulerConfig
+from jinfer.engine import Engine
+from jinfer.sampling_params import SamplingParams
+from jinfer.tokenizer import Tokenizer
 from jinfer.loader.hf import load_hf_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,7 +23,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_greedy_tokens_match_hf_generate(hf_checkpoints, variant):
     path = hf_checkpoints[variant]
     prompts = [np.random.default_rng(s).integers(0, 256, n).tolist() for s, n in [(0, 9), (1, 3), (2, 17)]]
-    ours = greedy_generate(load_hf_model(path), prompts, max_tokens=12, page_size=4)
+    engine = Engine(load_hf_model(path), Tokenizer.from_dir(path), CacheConfig(page_size=4, num_pages=32),
+                    SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=4, max_model_len=64))
+    ours = [o.token_ids for o in engine.generate(prompts, SamplingParams(temperature=0, max_tokens=12,
+                                                                        ignore_eos=True))]
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
     for prompt, got in zip(prompts, ours):
         with torch.no_grad():
@@ -31,13 +37,15 @@ def test_greedy_tokens_match_hf_generate(hf_checkpoints, variant):
 
 
 def test_greedy_rejects_bad_input(hf_checkpoints):
-    model = load_hf_model(hf_checkpoints["llama3"])
-    with pytest.raises(ValueError, match="every prompt needs at least one token"):
-        greedy_generate(model, [[1], []], 4)
-    with pytest.raises(ValueError, match="max_tokens=0 must be > 0"):
-        greedy_generate(model, [[1]], 0)
-    with pytest.raises(ValueError, match="exceeds max_position_embeddings=256"):
-        greedy_generate(model, [[1] * 250], 10)
+    path = hf_checkpoints["llama3"]
+    engine = Engine(load_hf_model(path), Tokenizer.from_dir(path), CacheConfig(page_size=4, num_pages=32),
+                    SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=4, max_model_len=64))
+    with pytest.raises(ValueError, match="prompt is empty"):
+        engine.generate([[1], []], SamplingParams(temperature=0, max_tokens=4))
+    with pytest.raises(ValueError, match="max_tokens=0"):
+        SamplingParams(temperature=0, max_tokens=0)
+    with pytest.raises(ValueError, match="exceeds max_model_len=64"):
+        engine.generate([[1] * 60], SamplingParams(temperature=0, max_tokens=10))
 
 
 def _run_generate(*args):

@@ -6,7 +6,7 @@ import pytest
 from jinfer.attention import AttentionMetadata
 from jinfer.kv_cache import KVCache
 from jinfer.loader.hf import load_hf_model
-from jinfer.models.forward import jit_forward
+from tests.model_forward import jit_forward
 from tests import hf_models
 
 VARIANTS = list(hf_models.VARIANTS)

@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.engine import Engine
@@ -102,14 +103,16 @@ def test_buckets_compile_lazily_one_program_per_token_bucket(hf_checkpoints):
     assert 1 <= runner._step._cache_size() <= len(runner.token_buckets)  # decodes and mixes alike
 
 
+@pytest.mark.slow  # ~35 s of child processes; the engine paths it runs are covered in-process
 def test_engine_benchmark_smoke_reports_every_measure():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     res = subprocess.run([sys.executable, os.path.join(root, "tools", "bench_engine.py"), "--smoke"],
                          capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
     assert res.returncode == 0, res.stderr[-3000:]
+    table, _, breakdown = res.stdout.partition("Where the time goes")
     rows = {line.split("|")[1].strip(): float(line.split("|")[2].replace(",", ""))
-            for line in res.stdout.splitlines() if line.startswith("| ") and "---" not in line
-            and not line.startswith("| measure")}
+            for line in table.splitlines() if line.startswith("| ") and not line.startswith("| measure")}
+    assert "| decode steps, 16-token bucket |" in breakdown  # the step-kind breakdown table
     for name in ("start to first token, empty compilation cache", "start to first token, compilation cache warm",
                  "benchmark model: engine / HF generate", "default model: engine / HF generate",
                  "benchmark model: engine process peak resident memory", "bare step time / its matmuls' time",

@@ -150,7 +150,9 @@ class LlamaForCausalLM(nnx.Module):
 
 
 def set_attention_backend(model: LlamaForCausalLM, name: str) -> None:
-    """Switches every layer to the attention backend `name` (takes effect at the next trace)."""
+    """Sets every layer's attention backend on this model object. Engines built from the model
+    afterwards use it; a runner already built keeps the graph it split (Engine calls this
+    before building its runner)."""
     get_backend(name)  # raises ValueError naming the known backends
     for layer in model.layers:
         layer.attn.backend = name

@@ -1,4 +1,5 @@
-"""A jitted forward over (params, ragged batch, paged cache) with the cache donated."""
+"""Test helper: the model alone as a jitted forward over (params, ragged batch, paged cache),
+the cache donated; the engine runs the same model through jinfer.runner."""
 
 from __future__ import annotations
 
