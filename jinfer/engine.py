@@ -20,6 +20,7 @@ from jinfer.request import Request, RequestOutput, Status, Usage
 from jinfer.runner import ModelRunner
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import Scheduler, SchedulingPolicy, StepPlan
+from sharding.tp import TPLayout
 
 DEFAULT_COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jinfer", "xla")
 
@@ -91,7 +92,6 @@ class Engine:
         layout = None
         self.vocab_parallel = vocab_parallel
         if mesh is not None:
-            from sharding.tp import TPLayout
             layout = TPLayout.for_model(model.config, mesh, vocab_parallel)  # ValueError if tp does not fit
         # "xla" or "pallas"; None picks pallas on NVIDIA GPUs and xla elsewhere.
         self.attention_backend = attention_backend or default_attention_backend()
@@ -168,7 +168,6 @@ class Engine:
         step(). Weights move only the slices each device lacks; the KV pool moves with its page
         tables unchanged. Returns (weights, kv) sharding.reshard.MoveStats.
         """
-        from sharding.tp import TPLayout
         layout = TPLayout.for_model(self.model_config, mesh, self.vocab_parallel)  # ValueError before anything moves
         if self._inflight is not None:
             done, self._inflight = self._inflight, None

@@ -8,9 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jinfer.models.config import ModelConfig
-
-# Logical axes of one K or V page array, resolved to mesh axes by sharding/rules.py.
-KV_LOGICAL_AXES = ("kv_heads", None, None, "head_dim")
+from sharding.rules import KV_LOGICAL_AXES  # noqa: F401  (re-exported: where the pool's axes are named)
 
 
 @jax.tree_util.register_dataclass
@@ -49,6 +47,13 @@ class KVCache:
         shape = cls.shape(config, num_pages, page_size)
         layers = lambda: tuple(jnp.full(shape, fill, dtype) for _ in range(config.num_layers))
         return cls(layers(), layers())
+
+    @classmethod
+    def create_sharded(cls, config: ModelConfig, num_pages: int, page_size: int, dtype, sharding) -> "KVCache":
+        """The pool allocated directly in its shards (no full copy on one device)."""
+        shardings = cls(*(tuple(sharding for _ in range(config.num_layers)),) * 2)
+        return jax.jit(lambda: cls.create(config, num_pages, page_size, dtype=dtype),
+                       out_shardings=shardings)()
 
     def nbytes(self) -> int:
         return sum(a.size * a.dtype.itemsize for a in self.k + self.v)

@@ -220,12 +220,11 @@ def load_model(spec: ModelSpec, mesh=None):
         from jinfer.models.llama import init_model
         cfg = dataclasses.replace(preset(spec.preset), bos_token_id=tok.bos_id, eos_token_ids=tuple(tok.eos_ids))
         return init_model(cfg, seed=spec.seed, dtype=dtype), tok
+    from jinfer.loader.hf import load_hf_model, load_sharded
     path = spec.path or DEFAULT_MODEL_DIR
     if mesh is not None:
-        from sharding.tp import load_sharded
         model = load_sharded(path, mesh, dtype=dtype)
     else:
-        from jinfer.loader.hf import load_hf_model
         model = load_hf_model(path, dtype=dtype)
     return model, tok
 
@@ -233,12 +232,12 @@ def load_model(spec: ModelSpec, mesh=None):
 def build_engine(launch: LaunchConfig, policy=None, progress: bool = False):
     """An Engine for the launch config (model loaded, pool sized, buckets compiled if asked;
     progress: a bar while they compile)."""
-    from jinfer.engine import Engine
+    from jinfer.engine import Engine  # jax loads here, not when a tool only parses its config
+    from sharding.tp import make_mesh
 
     spec = launch.model
     mesh = None
     if spec.tp > 1:
-        from sharding.tp import make_mesh
         mesh = make_mesh(spec.tp)
     opts = launch.engine
     if policy is None and opts.scheduling_policy:

@@ -17,6 +17,7 @@ from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.kv_cache import KVCache
 from jinfer.sampling import SamplingArrays, sample
 from jinfer.scheduling import PENDING, StepPlan
+from sharding.reshard import reshard_tree
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,8 @@ class ModelRunner:
             self.kv = KVCache.create(self.config, self.num_pages, self.page_size, dtype=dtype)
         else:
             self.state = layout.place_state(self.state)
-            self.kv = layout.create_kv(self.config, self.num_pages, self.page_size, dtype)
+            self.kv = KVCache.create_sharded(self.config, self.num_pages, self.page_size, dtype,
+                                             layout.kv_sharding)
         self._bind(layout)
 
     def _bind(self, layout) -> None:
@@ -104,7 +106,6 @@ class ModelRunner:
         Page ids and tables are unchanged: the pool keeps its pages, only which device holds
         which KV heads changes. Returns sharding.reshard.MoveStats for weights and for KV.
         """
-        from sharding.reshard import reshard_tree
         self.state, weights = reshard_tree(self.state, layout.state_shardings(self.state))
         kv_targets = jax.tree.map(lambda _: layout.kv_sharding, self.kv)
         self.kv, kv = reshard_tree(self.kv, kv_targets)

@@ -8,6 +8,9 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+# Logical axes of one K or V page array [num_kv_heads, num_pages, page_size, head_dim].
+KV_LOGICAL_AXES = ("kv_heads", None, None, "head_dim")
+
 # Megatron layout: heads and MLP columns split over `tp`; the residual stream replicated.
 TP_RULES: Mapping[str, str | None] = {
     "embed": None,

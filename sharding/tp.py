@@ -12,21 +12,28 @@ Adjustments per model:
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Sequence
+from typing import Mapping, Protocol, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jinfer.kv_cache import KV_LOGICAL_AXES, KVCache
-from jinfer.models.config import ModelConfig
-from sharding.rules import TP_RULES, logical_to_spec, state_shardings
+from sharding.rules import KV_LOGICAL_AXES, TP_RULES, logical_to_spec, state_shardings
 
 AXIS = "tp"
 
 
-def tp_rules(cfg: ModelConfig, tp: int, vocab_parallel: bool = True) -> Mapping[str, str | None]:
+class ModelDims(Protocol):
+    """The sizes tensor parallelism must divide (a jinfer ModelConfig has them)."""
+
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vocab_size: int
+
+
+def tp_rules(cfg: ModelDims, tp: int, vocab_parallel: bool = True) -> Mapping[str, str | None]:
     """TP_RULES adjusted to cfg; raises ValueError naming what tp fails to divide.
 
     vocab_parallel=False keeps the embedding and the LM head whole on every device (each
@@ -63,7 +70,7 @@ class TPLayout:
     rules: Mapping[str, str | None]
 
     @classmethod
-    def for_model(cls, cfg: ModelConfig, mesh: Mesh, vocab_parallel: bool = True) -> "TPLayout":
+    def for_model(cls, cfg: ModelDims, mesh: Mesh, vocab_parallel: bool = True) -> "TPLayout":
         return cls(mesh, tp_rules(cfg, mesh.shape[AXIS], vocab_parallel))
 
     @property
@@ -80,25 +87,3 @@ class TPLayout:
     def place_state(self, state: nnx.State) -> nnx.State:
         """Moves (or reshards) every parameter onto its shards."""
         return jax.device_put(state, self.state_shardings(state))
-
-    def create_kv(self, cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> KVCache:
-        """The pool allocated directly in its shards (no full copy on one device)."""
-        shardings = KVCache(*(tuple(self.kv_sharding for _ in range(cfg.num_layers)),) * 2)
-        make = jax.jit(lambda: KVCache.create(cfg, num_pages, page_size, dtype=dtype),
-                       out_shardings=shardings)
-        return make()
-
-
-def load_sharded(model_dir: str, mesh: Mesh, *, dtype=None):
-    """An HF checkpoint loaded straight into its shards on mesh: each parameter goes from the
-    memory-mapped file to its devices, never whole onto one device first."""
-    import jax.numpy as jnp
-
-    from jinfer.loader.hf import load_config, load_hf_model
-    from jinfer.models.llama import abstract_model
-
-    dtype = jnp.float32 if dtype is None else dtype
-    cfg = load_config(model_dir)
-    layout = TPLayout.for_model(cfg, mesh)
-    shardings = layout.state_shardings(nnx.state(abstract_model(cfg, dtype=dtype)))
-    return load_hf_model(model_dir, dtype=dtype, shardings=shardings)

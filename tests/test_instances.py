@@ -5,7 +5,8 @@ import pytest
 
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.models.llama import init_model
-from sharding.instances import Instances, partition_devices
+from jinfer.instances import Instances
+from sharding.devices import partition_devices
 from tests.test_tp import CFG, GREEDY, PROMPTS, TOK
 
 KW = dict(cache_config=CacheConfig(page_size=4, num_pages=64),

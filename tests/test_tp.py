@@ -74,7 +74,7 @@ def test_mesh_errors():
 def test_hf_checkpoint_loads_straight_into_shards(hf_checkpoints):
     from jinfer.loader.hf import load_hf_model
     from jinfer.tokenizer import Tokenizer
-    from sharding.tp import load_sharded
+    from jinfer.loader.hf import load_sharded
 
     path = hf_checkpoints["llama2_bias"]  # 4 query heads, 4 KV heads, q/k/v biases
     mesh = make_mesh(4)

@@ -76,7 +76,7 @@ def _load(mesh):
     dtype = jnp.dtype(FLAGS.dtype)
     path = FLAGS.model_path or DEFAULT_MODEL_DIR
     if mesh is not None:
-        from sharding.tp import load_sharded
+        from jinfer.loader.hf import load_sharded
         model = load_sharded(path, mesh, dtype=dtype)  # straight into shards
     else:
         model = load_hf_model(path, dtype=dtype)

@@ -15,6 +15,7 @@ from flax import nnx
 from jinfer.loader.safetensors_io import open_tensors
 from jinfer.models.config import ModelConfig
 from jinfer.models.llama import LlamaForCausalLM, abstract_model
+from sharding.tp import TPLayout
 
 log = logging.getLogger(__name__)
 
@@ -154,3 +155,14 @@ def load_hf_model(model_dir: str, *, dtype=jnp.float32, attention_backend: str =
         value = jax.device_put(arrays.pop(key), target) if target is not None else jnp.asarray(arrays.pop(key))
         leaves.append((path, var.replace(value)))
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+def load_sharded(model_dir: str, mesh, *, dtype=None, vocab_parallel: bool = True) -> LlamaForCausalLM:
+    """An HF checkpoint loaded straight into its shards on a tp mesh (sharding.tp.make_mesh):
+    each parameter goes from the memory-mapped file to its devices, never whole onto one
+    device first."""
+    dtype = jnp.float32 if dtype is None else dtype
+    cfg = load_config(model_dir)
+    layout = TPLayout.for_model(cfg, mesh, vocab_parallel)  # ValueError naming what tp fails to divide
+    shardings = layout.state_shardings(nnx.state(abstract_model(cfg, dtype=dtype)))
+    return load_hf_model(model_dir, dtype=dtype, shardings=shardings)

@@ -23,27 +23,10 @@ from typing import Sequence
 import jax
 from flax import nnx
 
+from jinfer.engine import Engine
+from sharding.devices import partition_devices
 from sharding.reshard import MoveStats, reshard_tree
-from sharding.tp import TPLayout, make_mesh
-
-
-def partition_devices(sizes: Sequence[int], devices: Sequence[jax.Device] | None = None) -> list:
-    """Consecutive groups of `sizes` devices, one 1-D tp mesh each; raises ValueError naming
-    the bad size or the shortfall."""
-    devices = list(jax.devices() if devices is None else devices)
-    sizes = list(sizes)
-    if not sizes:
-        raise ValueError("sizes is empty: give at least one instance size")
-    for s in sizes:
-        if not isinstance(s, int) or s < 1:
-            raise ValueError(f"instance size {s!r} must be a positive integer")
-    if sum(sizes) > len(devices):
-        raise ValueError(f"sizes {sizes} need {sum(sizes)} devices, {len(devices)} available")
-    meshes, at = [], 0
-    for s in sizes:
-        meshes.append(make_mesh(s, devices[at:at + s]))
-        at += s
-    return meshes
+from sharding.tp import TPLayout
 
 
 def _device_set(mesh) -> set:
@@ -72,9 +55,7 @@ class Instances:
     def __init__(self, model, tokenizer, sizes: Sequence[int], *, devices=None, **engine_kwargs):
         """model: the weights (anywhere: each replica copies them onto its own shards). For a
         model too large for one device, load it sharded onto the first group's mesh
-        (sharding.tp.load_sharded): the others then copy only the slices they lack."""
-        from jinfer.engine import Engine
-        self._engine_cls = Engine
+        (jinfer.loader.hf.load_sharded): the others then copy only the slices they lack."""
         self.devices = list(jax.devices() if devices is None else devices)
         self.tokenizer = tokenizer
         self.engine_kwargs = engine_kwargs
@@ -133,4 +114,4 @@ class Instances:
         runner = engine.runner
         state, stats = reshard_tree(runner.state, layout.state_shardings(runner.state))
         model = nnx.merge(runner.graphdef, state)
-        return self._engine_cls(model, self.tokenizer, mesh=mesh, **self.engine_kwargs), stats
+        return Engine(model, self.tokenizer, mesh=mesh, **self.engine_kwargs), stats
