@@ -1,4 +1,7 @@
-"""Engine configuration: frozen dataclasses per subsystem, each field checked in __post_init__."""
+"""Every configuration dataclass, frozen, one per subsystem, each field checked in __post_init__:
+what the model is (ModelSpec), its KV cache (CacheConfig), the scheduler's budgets
+(SchedulerConfig), how the engine runs (EngineOptions) and how a server serves (ServingConfig).
+jinfer.launch builds them from a config file and flags in one place."""
 
 from __future__ import annotations
 
@@ -45,3 +48,120 @@ class SchedulerConfig:
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
                              f"max_num_seqs={self.max_num_seqs} (each sequence needs a token)")
+
+
+DTYPES = ("float32", "bfloat16")
+BACKENDS = ("", "xla", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Which weights to serve, in which dtype, on how many devices."""
+
+    path: str = ""
+    """HF checkpoint directory (config.json, *.safetensors, tokenizer.json); empty with no preset:
+    the embedded default model (jinfer/default_model)."""
+    preset: str = ""
+    """A jinfer.models.config preset name (e.g. llama-3.1-8b): random weights of that shape and a
+    byte-level tokenizer, for shape and speed runs without a checkpoint. Excludes path."""
+    dtype: str = "float32"
+    """Parameter and activation dtype: float32 or bfloat16."""
+    tp: int = 1
+    """Tensor-parallel degree: one mesh over the first tp devices."""
+    attention_backend: str = ""
+    """xla or pallas; empty: pallas on NVIDIA GPUs, xla elsewhere."""
+    vocab_parallel: bool = True
+    """Under tp, split the embedding and LM head over the vocabulary (benchmarks/tp.md)."""
+    seed: int = 0
+    """Seed of the random weights (preset only)."""
+    name: str = ""
+    """Name reported by GetServerInfo; empty: the checkpoint folder's or preset's name."""
+
+    def __post_init__(self):
+        if self.path and self.preset:
+            raise ValueError(f"model.path={self.path!r} and model.preset={self.preset!r}: give one")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype={self.dtype!r}; known: {DTYPES}")
+        if self.tp < 1:
+            raise ValueError(f"model.tp={self.tp} must be >= 1")
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(f"model.attention_backend={self.attention_backend!r}; known: {BACKENDS}")
+        if self.preset:
+            from jinfer.models.config import preset
+            preset(self.preset)  # ValueError listing the known names
+
+    @property
+    def display_name(self) -> str:
+        import os
+
+        from jinfer import DEFAULT_MODEL_DIR
+        if self.name:
+            return self.name
+        if self.preset:
+            return f"{self.preset} (random weights)"
+        return os.path.basename(os.path.normpath(self.path or DEFAULT_MODEL_DIR))
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """How the engine runs its steps."""
+
+    async_scheduling: bool = True
+    """Dispatch step N+1 before reading step N's tokens (host work overlaps the device's)."""
+    warmup: bool = True
+    """Compile every step bucket before serving, so no request waits on a compilation."""
+    compilation_cache: str = ""
+    """JAX persistent compilation cache directory (restarts reuse compiled buckets); empty: off."""
+    scheduling_policy: str = ""
+    """The engine queue's order: empty = FCFS within tiers; else `module:Class` of a
+    SchedulingPolicy built with no arguments (and bound to the scheduler when it has `bind`),
+    e.g. scheduler.local_policy:PriorityGroups (Preble's priority groups)."""
+
+    def __post_init__(self):
+        if self.scheduling_policy and ":" not in self.scheduling_policy:
+            raise ValueError(f"scheduling_policy={self.scheduling_policy!r} must be module:Class")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingConfig:
+    """How the server listens and what it admits."""
+
+    host: str = "127.0.0.1"
+    """Interface to bind; 127.0.0.1 keeps the server local unless told otherwise."""
+    port: int = 0
+    """0 picks a free port (see Server.port)."""
+    max_queued_requests: int = 256
+    """Requests admitted but unfinished beyond which Generate answers RESOURCE_EXHAUSTED."""
+    max_request_bytes: int = 4 << 20
+    """Larger GenerateRequests are refused with INVALID_ARGUMENT (gRPC itself refuses 4x this)."""
+    tiers: tuple[str, ...] = ("default",)
+    """SLO tier names, highest priority first; an empty tier field means the first."""
+    auth_token: str | None = None
+    """When set, every Inference call needs metadata `authorization: Bearer <token>`."""
+    tls_cert: str | None = None
+    """PEM certificate chain file; with tls_key, serve TLS instead of plaintext."""
+    tls_key: str | None = None
+    """PEM private key file."""
+    model_name: str = ""
+    """Reported by GetServerInfo."""
+    metrics_port: int | None = None
+    """Prometheus /metrics over HTTP on this port (0 picks a free one, see Server.metrics_port);
+    None: no metrics endpoint."""
+    metrics_host: str = "127.0.0.1"
+    """Interface the metrics endpoint binds."""
+    shutdown_grace_s: float = 10.0
+    """On shutdown, in-flight streams get this long to finish before they are cancelled."""
+
+    def __post_init__(self):
+        if self.max_queued_requests < 1:
+            raise ValueError(f"max_queued_requests={self.max_queued_requests} must be >= 1")
+        if not self.tiers:
+            raise ValueError("tiers is empty: give at least one tier name")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if len(set(self.tiers)) != len(self.tiers) or not all(self.tiers):
+            raise ValueError(f"tiers={self.tiers!r} must be distinct, non-empty names")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port={self.metrics_port} must be in [0, 65535] or None")
+        if self.shutdown_grace_s < 0:
+            raise ValueError(f"shutdown_grace_s={self.shutdown_grace_s} must be >= 0")

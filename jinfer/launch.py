@@ -20,80 +20,8 @@ import typing
 import ml_collections
 from ml_collections import config_dict
 
-from jinfer.config import CacheConfig, SchedulerConfig
-from jinfer.serving.server import ServingConfig
-
-DTYPES = ("float32", "bfloat16")
-BACKENDS = ("", "xla", "pallas")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """Which weights to serve, in which dtype, on how many devices."""
-
-    path: str = ""
-    """HF checkpoint directory (config.json, *.safetensors, tokenizer.json); empty with no preset:
-    the embedded default model (jinfer/default_model)."""
-    preset: str = ""
-    """A jinfer.models.config preset name (e.g. llama-3.1-8b): random weights of that shape and a
-    byte-level tokenizer, for shape and speed runs without a checkpoint. Excludes path."""
-    dtype: str = "float32"
-    """Parameter and activation dtype: float32 or bfloat16."""
-    tp: int = 1
-    """Tensor-parallel degree: one mesh over the first tp devices."""
-    attention_backend: str = ""
-    """xla or pallas; empty: pallas on NVIDIA GPUs, xla elsewhere."""
-    vocab_parallel: bool = True
-    """Under tp, split the embedding and LM head over the vocabulary (benchmarks/tp.md)."""
-    seed: int = 0
-    """Seed of the random weights (preset only)."""
-    name: str = ""
-    """Name reported by GetServerInfo; empty: the checkpoint folder's or preset's name."""
-
-    def __post_init__(self):
-        if self.path and self.preset:
-            raise ValueError(f"model.path={self.path!r} and model.preset={self.preset!r}: give one")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"model.dtype={self.dtype!r}; known: {DTYPES}")
-        if self.tp < 1:
-            raise ValueError(f"model.tp={self.tp} must be >= 1")
-        if self.attention_backend not in BACKENDS:
-            raise ValueError(f"model.attention_backend={self.attention_backend!r}; known: {BACKENDS}")
-        if self.preset:
-            from jinfer.models.config import preset
-            preset(self.preset)  # ValueError listing the known names
-
-    @property
-    def display_name(self) -> str:
-        import os
-
-        from jinfer import DEFAULT_MODEL_DIR
-        if self.name:
-            return self.name
-        if self.preset:
-            return f"{self.preset} (random weights)"
-        return os.path.basename(os.path.normpath(self.path or DEFAULT_MODEL_DIR))
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineOptions:
-    """How the engine runs its steps."""
-
-    async_scheduling: bool = True
-    """Dispatch step N+1 before reading step N's tokens (host work overlaps the device's)."""
-    warmup: bool = True
-    """Compile every step bucket before serving, so no request waits on a compilation."""
-    compilation_cache: str = ""
-    """JAX persistent compilation cache directory (restarts reuse compiled buckets); empty: off."""
-    scheduling_policy: str = ""
-    """The engine queue's order: empty = FCFS within tiers; else `module:Class` of a
-    SchedulingPolicy built with no arguments (and bound to the scheduler when it has `bind`),
-    e.g. scheduler.local_policy:PriorityGroups (Preble's priority groups)."""
-
-    def __post_init__(self):
-        if self.scheduling_policy and ":" not in self.scheduling_policy:
-            raise ValueError(f"scheduling_policy={self.scheduling_policy!r} must be module:Class")
-
+from jinfer.config import (BACKENDS, DTYPES, CacheConfig, EngineOptions, ModelSpec,  # noqa: F401
+                           SchedulerConfig, ServingConfig)
 
 @dataclasses.dataclass(frozen=True)
 class LaunchConfig:

@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import jinfer
+from jinfer.config import ServingConfig  # noqa: F401  (part of this module's API)
 from jinfer.sampling_params import SamplingParams
 from jinfer.serving.metrics import ServerMetrics
 from jinfer.serving import inference_pb2 as pb
@@ -32,51 +33,6 @@ from jinfer.serving import inference_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "jinfer.v1.Inference"
-
-
-@dataclasses.dataclass(frozen=True)
-class ServingConfig:
-    """How the server listens and what it admits."""
-
-    host: str = "127.0.0.1"
-    """Interface to bind; 127.0.0.1 keeps the server local unless told otherwise."""
-    port: int = 0
-    """0 picks a free port (see Server.port)."""
-    max_queued_requests: int = 256
-    """Requests admitted but unfinished beyond which Generate answers RESOURCE_EXHAUSTED."""
-    max_request_bytes: int = 4 << 20
-    """Larger GenerateRequests are refused with INVALID_ARGUMENT (gRPC itself refuses 4x this)."""
-    tiers: tuple[str, ...] = ("default",)
-    """SLO tier names, highest priority first; an empty tier field means the first."""
-    auth_token: str | None = None
-    """When set, every Inference call needs metadata `authorization: Bearer <token>`."""
-    tls_cert: str | None = None
-    """PEM certificate chain file; with tls_key, serve TLS instead of plaintext."""
-    tls_key: str | None = None
-    """PEM private key file."""
-    model_name: str = ""
-    """Reported by GetServerInfo."""
-    metrics_port: int | None = None
-    """Prometheus /metrics over HTTP on this port (0 picks a free one, see Server.metrics_port);
-    None: no metrics endpoint."""
-    metrics_host: str = "127.0.0.1"
-    """Interface the metrics endpoint binds."""
-    shutdown_grace_s: float = 10.0
-    """On shutdown, in-flight streams get this long to finish before they are cancelled."""
-
-    def __post_init__(self):
-        if self.max_queued_requests < 1:
-            raise ValueError(f"max_queued_requests={self.max_queued_requests} must be >= 1")
-        if not self.tiers:
-            raise ValueError("tiers is empty: give at least one tier name")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key go together")
-        if len(set(self.tiers)) != len(self.tiers) or not all(self.tiers):
-            raise ValueError(f"tiers={self.tiers!r} must be distinct, non-empty names")
-        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
-            raise ValueError(f"metrics_port={self.metrics_port} must be in [0, 65535] or None")
-        if self.shutdown_grace_s < 0:
-            raise ValueError(f"shutdown_grace_s={self.shutdown_grace_s} must be >= 0")
 
 
 class _Watcher:
