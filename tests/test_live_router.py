@@ -161,7 +161,7 @@ def test_bad_input_and_cancellation_leave_router_and_replicas_clean(replicas, ro
 def test_launch_router_tool_serves_and_exits_cleanly(replicas):
     targets = ",".join(p.target for p in replicas)
     with ServerProcess([f"--replicas={targets}", "--policy=round-robin", "--port=0", "--shutdown_grace_s=2"],
-                       tool="launch_router.py") as proc:
+                       module="scheduler.router_main") as proc:
         proc.wait_ready(120)
         with Client(proc.target) as c:
             outs = [c.generate("import os", max_tokens=3, ignore_eos=True)[0] for _ in range(2)]

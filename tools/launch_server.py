@@ -14,74 +14,7 @@ On SIGINT or SIGTERM the server stops admitting, lets in-flight streams finish f
 serving.shutdown_grace_s, cancels the rest (freeing their pages) and exits 0.
 """
 
-from __future__ import annotations
-
-import json
-import logging
-import os
-import signal
-import sys
-import threading
-import time
-
-from absl import app, flags
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # configs/ and jinfer/ importable from anywhere
-
-from jinfer.launch import define_config_flag, parse_flags  # noqa: E402 - after the path
-
-FLAGS = flags.FLAGS
-CONFIG = define_config_flag(os.path.join(ROOT, "configs", "default.py"))
-flags.DEFINE_string("port_file", "", "Once serving, write {\"port\", \"metrics_port\", \"pid\"} as JSON here "
-                    "(for scripts that start the server with port 0).")
-
-log = logging.getLogger("jinfer.launch_server")
-
-
-def _write_port_file(path: str, server) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"port": server.port, "metrics_port": server.metrics_port, "pid": os.getpid()}, f)
-    os.replace(tmp, path)  # readers never see half a file
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr, force=True)
-    from jinfer.launch import build_engine, build_server, resolve, to_dict
-
-    try:
-        launch = resolve(CONFIG.value)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    log.info("resolved config:\n%s", json.dumps(to_dict(launch), indent=2))
-    t0 = time.perf_counter()
-    try:
-        engine = build_engine(launch, progress=True)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    log.info("engine ready in %.1fs: %d KV pages of %d tokens, attention %s", time.perf_counter() - t0,
-             engine.runner.num_pages, engine.runner.page_size, engine.attention_backend)
-    server = build_server(launch, engine)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.set())
-    try:
-        server.start()
-    except RuntimeError as e:  # grpc could not bind the port
-        sys.exit(f"error: {e}")
-    if FLAGS.port_file:
-        _write_port_file(FLAGS.port_file, server)
-    while not stop.wait(0.5):
-        pass
-    log.info("shutting down (grace %.1fs)", launch.serving.shutdown_grace_s)
-    server.stop()
-    if FLAGS.port_file and os.path.exists(FLAGS.port_file):
-        os.remove(FLAGS.port_file)
-
+from jinfer.serving.main import run
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    run()

@@ -1,4 +1,5 @@
-"""A jinfer server (tools/launch_server.py) or router (tools/launch_router.py) as a child process:
+"""A jinfer server (python -m jinfer.serving.main) or router (python -m scheduler.router_main) as a
+child process:
 started with port 0, ready once it writes its port file, stopped with SIGTERM (it drains and
 exits 0). The demo, the live routing benchmark and the tests start their servers this way.
 """
@@ -13,20 +14,20 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TOOLS = os.path.join(ROOT, "tools")
+SERVER = "jinfer.serving.main"
 
 
 class ServerProcess:
     """ServerProcess(["--config=...", "--config.cache.num_pages=64"]).start().wait_ready()
 
-    tool: launch_server.py or launch_router.py (both take --port_file). cpus: pin the process
+    module: the entry point run as `python -m module` (jinfer.serving.main, or a router's such as
+    scheduler.router_main; both take --port_file). cpus: pin the process
     to these CPU cores (os.sched_setaffinity; None: no pinning). stdout/stderr: where its log
     goes (default: this process's stderr)."""
 
-    def __init__(self, args: list[str], *, tool: str = "launch_server.py", cpus: set[int] | None = None,
+    def __init__(self, args: list[str], *, module: str = SERVER, cpus: set[int] | None = None,
                  stdout=None):
-        self.args, self.tool, self.cpus = list(args), tool, cpus
+        self.args, self.module, self.cpus = list(args), module, cpus
         self.stdout = stdout if stdout is not None else sys.stderr
         self._tmp = tempfile.TemporaryDirectory(prefix="jinfer-proc-")
         self.port_file = os.path.join(self._tmp.name, "ports.json")
@@ -34,7 +35,7 @@ class ServerProcess:
         self.ports: dict = {}
 
     def start(self) -> "ServerProcess":
-        cmd = [sys.executable, os.path.join(TOOLS, self.tool), f"--port_file={self.port_file}", *self.args]
+        cmd = [sys.executable, "-m", self.module, f"--port_file={self.port_file}", *self.args]
         if self.cpus:  # pinned by the child itself before it execs the tool (no fork-time hook in a threaded parent)
             pin = f"import os, sys; os.sched_setaffinity(0, {sorted(self.cpus)}); os.execv(sys.argv[1], sys.argv[1:])"
             cmd = [sys.executable, "-c", pin, *cmd]
@@ -46,7 +47,7 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.tool} exited with code {self.proc.returncode} before serving "
+                raise RuntimeError(f"{self.module} exited with code {self.proc.returncode} before serving "
                                    "(its log is above)")
             if os.path.exists(self.port_file):
                 with open(self.port_file) as f:
@@ -54,7 +55,7 @@ class ServerProcess:
                 return self
             time.sleep(0.1)
         self.kill()
-        raise RuntimeError(f"{self.tool} was not serving after {timeout:.0f}s")
+        raise RuntimeError(f"{self.module} was not serving after {timeout:.0f}s")
 
     @property
     def port(self) -> int:

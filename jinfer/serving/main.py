@@ -1,0 +1,91 @@
+"""Serves a model over gRPC (jinfer.v1.Inference) with Prometheus metrics, until SIGINT/SIGTERM.
+
+  python -m jinfer.serving.main                                   # configs/default.py
+  python tools/launch_server.py --config=configs/llama3_8b.py --config.model.tp=2
+  python tools/launch_server.py --config.cache.page_size=32 --config.serving.port=0 \
+      --port_file=/tmp/jinfer.json                               # scripts read the bound ports
+
+Every field of the config file can be overridden as --config.<section>.<field>=value; the
+sections and their fields are documented in jinfer/launch.py (model, engine) and
+jinfer/config.py / jinfer/serving/server.py (cache, scheduler, serving). The resolved config is
+logged at start and reported by GetServerInfo (the bearer token redacted).
+
+On SIGINT or SIGTERM the server stops admitting, lets in-flight streams finish for
+serving.shutdown_grace_s, cancels the rest (freeing their pages) and exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from absl import app, flags
+
+import configs
+from jinfer.launch import define_config_flag, parse_flags
+
+FLAGS = flags.FLAGS
+CONFIG = define_config_flag(os.path.join(os.path.dirname(configs.__file__), "default.py"))
+flags.DEFINE_string("port_file", "", "Once serving, write {\"port\", \"metrics_port\", \"pid\"} as JSON here "
+                    "(for scripts that start the server with port 0).")
+
+log = logging.getLogger("jinfer.launch_server")
+
+
+def _write_port_file(path: str, server) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"port": server.port, "metrics_port": server.metrics_port, "pid": os.getpid()}, f)
+    os.replace(tmp, path)  # readers never see half a file
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr, force=True)
+    from jinfer.launch import build_engine, build_server, resolve, to_dict
+
+    try:
+        launch = resolve(CONFIG.value)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    log.info("resolved config:\n%s", json.dumps(to_dict(launch), indent=2))
+    t0 = time.perf_counter()
+    try:
+        engine = build_engine(launch, progress=True)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    info = engine.info()
+    log.info("engine ready in %.1fs: %d KV pages of %d tokens, attention %s", time.perf_counter() - t0,
+             info.num_pages, info.page_size, info.attention_backend)
+    server = build_server(launch, engine)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    try:
+        server.start()
+    except RuntimeError as e:  # grpc could not bind the port
+        sys.exit(f"error: {e}")
+    if FLAGS.port_file:
+        _write_port_file(FLAGS.port_file, server)
+    while not stop.wait(0.5):
+        pass
+    log.info("shutting down (grace %.1fs)", launch.serving.shutdown_grace_s)
+    server.stop()
+    if FLAGS.port_file and os.path.exists(FLAGS.port_file):
+        os.remove(FLAGS.port_file)
+
+
+def run() -> None:
+    """The entry point (python -m jinfer.serving.main, tools/launch_server.py)."""
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()
