@@ -6,8 +6,7 @@ import dataclasses
 from typing import Callable, Collection, Protocol, Sequence
 
 from jinfer.config import CacheConfig, SchedulerConfig
-from jinfer.page_pool import PagePool
-from jinfer.prefix_cache import PrefixCache
+from jinfer.kv_manager import KVManager
 from jinfer.request import Request, Status
 from jinfer.sampling_params import SamplingParams
 
@@ -75,8 +74,8 @@ class Scheduler:
                  policy: SchedulingPolicy | None = None):
         self.cfg = sched_cfg
         self.page_size = cache_cfg.page_size
-        self.pool = PagePool(num_pages)
-        self.prefix_cache = PrefixCache(self.pool, self.page_size) if cache_cfg.enable_prefix_cache else None
+        self.kv = KVManager(num_pages, cache_cfg.page_size, cache_cfg.enable_prefix_cache)
+        self.pool, self.prefix_cache = self.kv.pool, self.kv.prefix_cache  # read-only views
         self.policy = policy or FCFS()
         self.waiting: list[Request] = []
         self.running: list[Request] = []
@@ -141,89 +140,25 @@ class Scheduler:
         self.finish(req)
 
     def release(self, req: Request) -> None:
-        """Indexes a finished/aborted/preempted request's full computed pages in the prefix cache,
-        then returns its pages to the pool."""
-        if self.prefix_cache is not None:
-            self.prefix_cache.insert(req.all_ids[:req.num_computed_tokens], req.pages)
-            if req.cache_node is not None:
-                self.prefix_cache.unlock(req.cache_node)
-            req.cache_node = None
-        self.pool.decref(req.pages)
-        req.pages = []
-
-    def _cache_computed(self, req: Request) -> None:
-        """Indexes the request's fully computed pages and moves its lock to the deepest one."""
-        computed = req.all_ids[:req.num_computed_tokens]
-        node = self.prefix_cache.insert(computed, req.pages)
-        self.prefix_cache.lock(node)
-        if req.cache_node is not None:
-            self.prefix_cache.unlock(req.cache_node)
-        req.cache_node = node
+        """Returns a finished/aborted/preempted request's pages (its full computed ones indexed
+        in the prefix cache first)."""
+        self.kv.release(req)
 
     def on_prefill_done(self, req: Request) -> None:
         """Shares the prompt's pages with requests that arrive while this one decodes."""
-        if self.prefix_cache is not None and req.status is Status.RUNNING:
-            self._cache_computed(req)
-
-    @staticmethod
-    def shared_prompt_len(req: Request, page_size: int) -> int:
-        """Prompt tokens in full pages that every sample of the prompt computes identically."""
-        return (len(req.prompt_ids) - 1) // page_size * page_size
-
-    def _fork(self, leader: Request) -> None:
-        """Starts the prompt's other samples on the leader's full prompt pages (refcounted).
-
-        Each follower computes only the prompt's tail (less than a page, plus the last token)
-        itself, so no page is ever written by two requests.
-        """
-        shared = self.shared_prompt_len(leader, self.page_size)
-        pages = leader.pages[:shared // self.page_size]
-        for f in leader.followers:
-            self.pool.incref(pages)
-            f.pages, f.num_computed_tokens = list(pages), shared
-            self.waiting.append(f)
-        leader.followers = []
-
-    def _match_prefix(self, req: Request) -> None:
-        if self.prefix_cache is None or req.pages:  # a forked sample already holds its pages
-            return
-        pages, node = self.prefix_cache.match(req.all_ids)
-        # Leave at least the last token to compute: its logits give the next token, and the
-        # shared page it would rewrite stays untouched.
-        keep = min(len(pages), (req.num_tokens - 1) // self.page_size)
-        for _ in range(len(pages) - keep):
-            node = node.parent
-        pages = pages[:keep]
-        self.pool.incref(pages)
-        self.prefix_cache.lock(node)
-        req.pages, req.cache_node = list(pages), node
-        req.num_computed_tokens = len(pages) * self.page_size
-
-    def _unmatch(self, req: Request) -> None:
-        if req.cache_node is None and req.pages:  # a forked sample keeps its shared pages
-            return
-        if self.prefix_cache is not None and req.cache_node is not None:
-            self.prefix_cache.unlock(req.cache_node)
-            req.cache_node = None
-        self.pool.decref(req.pages)
-        req.pages, req.num_computed_tokens = [], 0
+        if req.status is Status.RUNNING:
+            self.kv.cache_computed(req)
 
     def _ensure_pages(self, req: Request, num_tokens: int) -> bool:
         """Gives req pages for num_tokens: free ones first, then evicted prefix-cache pages,
         then pages that waiting forked samples hold (they restart from the prefix cache)."""
-        need = -(-num_tokens // self.page_size) - len(req.pages)
-        if need <= 0:
-            return True
-        while need > self.pool.num_free:
-            if self.prefix_cache is not None and self.prefix_cache.evict(need - self.pool.num_free):
-                continue
+        while not self.kv.grow(req, num_tokens):
             holders = [w for w in self.waiting if w.pages and w is not req]
             if not holders:
                 return False
             victim = max(holders, key=self.policy.priority)
             self.release(victim)
             victim.num_computed_tokens = 0
-        req.pages += self.pool.allocate(need)
         return True
 
     def _preempt(self, req: Request) -> None:
@@ -270,11 +205,11 @@ class Scheduler:
                 break
             if self._done_sampling(req):
                 continue  # preempted with its last token pending: finishes when that is read
-            self._match_prefix(req)
+            self.kv.match_prefix(req)
             first_admission = req.num_preemptions == 0
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self._ensure_pages(req, req.num_computed_tokens + n):
-                self._unmatch(req)
+                self.kv.unmatch(req)
                 break
             if first_admission:
                 req.num_cached_prompt_tokens = req.num_computed_tokens
@@ -284,10 +219,10 @@ class Scheduler:
             seqs.append(self._plan(req, n))
             budget -= n
 
-        shared = lambda r: self.shared_prompt_len(r, self.page_size)
         for req in self.running:
-            if req.followers and req.num_computed_tokens >= shared(req):
-                self._fork(req)  # followers join from the next step, after these pages are written
+            if req.followers and req.num_computed_tokens >= self.kv.shared_prompt_len(req):
+                # Followers join from the next step, after these pages are written.
+                self.waiting += self.kv.fork(req)
         return StepPlan(tuple(seqs), tuple(preempted))
 
     def extend_decode(self, req: Request, token_ids: list[int]) -> bool:
@@ -296,11 +231,8 @@ class Scheduler:
         nothing changed, if they do not fit). The simulator's fast-forward over pure-decode
         stretches uses it; the engine never does."""
         assert req.status is Status.RUNNING and req.num_pending == 0, f"{req.request_id} is not decoding"
-        need = -(-(req.num_computed_tokens + len(token_ids)) // self.page_size) - len(req.pages)
-        if need > self.pool.num_free:
+        if not self.kv.extend(req, req.num_computed_tokens + len(token_ids)):
             return False
-        if need > 0:
-            req.pages += self.pool.allocate(need)
         req.num_computed_tokens += len(token_ids)
         req.output_ids.extend(token_ids)
         return True
