@@ -14,12 +14,13 @@ def get_config():
     c = default_config()
     c.model.preset = "llama-3.1-8b"
     c.model.dtype = "bfloat16"
-    c.model.attention_backend = ""  # pallas on NVIDIA GPUs
+    c.engine.attention_backend = ""  # pallas on NVIDIA GPUs
     c.cache.page_size = 16
     c.cache.memory_fraction = 0.85  # num_pages unset: sized from what the weights leave
     c.scheduler.max_num_batched_tokens = 2048
     c.scheduler.max_num_seqs = 128
     c.scheduler.max_model_len = 8192
+    c.engine.warmup = True  # every bucket compiled before the first request
     c.engine.compilation_cache = "~/.cache/jinfer/xla"
     c.serving.port = 50051
     c.serving.tiers = ("interactive", "batch")

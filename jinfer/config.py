@@ -68,10 +68,6 @@ class ModelSpec:
     """Parameter and activation dtype: float32 or bfloat16."""
     tp: int = 1
     """Tensor-parallel degree: one mesh over the first tp devices."""
-    attention_backend: str = ""
-    """xla or pallas; empty: pallas on NVIDIA GPUs, xla elsewhere."""
-    vocab_parallel: bool = True
-    """Under tp, split the embedding and LM head over the vocabulary (benchmarks/tp.md)."""
     seed: int = 0
     """Seed of the random weights (preset only)."""
     name: str = ""
@@ -84,8 +80,6 @@ class ModelSpec:
             raise ValueError(f"model.dtype={self.dtype!r}; known: {DTYPES}")
         if self.tp < 1:
             raise ValueError(f"model.tp={self.tp} must be >= 1")
-        if self.attention_backend not in BACKENDS:
-            raise ValueError(f"model.attention_backend={self.attention_backend!r}; known: {BACKENDS}")
         if self.preset:
             from jinfer.models.config import preset
             preset(self.preset)  # ValueError listing the known names
@@ -104,18 +98,25 @@ class ModelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class EngineOptions:
-    """How the engine runs its steps."""
+    """How the engine runs its steps (Engine takes this object)."""
 
     async_scheduling: bool = True
     """Dispatch step N+1 before reading step N's tokens (host work overlaps the device's)."""
-    warmup: bool = True
-    """Compile every step bucket before serving, so no request waits on a compilation."""
+    warmup: bool = False
+    """Compile every step bucket at construction, so no request waits on a compilation (servers
+    set it: configs/*.py); false: each bucket compiles on its first step."""
     compilation_cache: str = ""
     """JAX persistent compilation cache directory (restarts reuse compiled buckets); empty: off."""
+    attention_backend: str = ""
+    """A registered backend (jinfer.attention: xla, pallas); empty: pallas on NVIDIA GPUs, xla
+    elsewhere. The Engine raises ValueError listing the known ones."""
+    vocab_parallel: bool = True
+    """Under tp, split the embedding and LM head over the vocabulary (benchmarks/tp.md)."""
     scheduling_policy: str = ""
     """The engine queue's order: empty = FCFS within tiers; else `module:Class` of a
     SchedulingPolicy built with no arguments (and bound to the scheduler when it has `bind`),
-    e.g. scheduler.local_policy:PriorityGroups (Preble's priority groups)."""
+    e.g. scheduler.local_policy:PriorityGroups (Preble's priority groups). Read by
+    jinfer.launch.build_engine; an Engine takes the policy object itself."""
 
     def __post_init__(self):
         if self.scheduling_policy and ":" not in self.scheduling_policy:

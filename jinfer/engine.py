@@ -12,7 +12,7 @@ import uuid
 import jax
 
 from jinfer.attention import default_attention_backend, get_backend
-from jinfer.config import CacheConfig, SchedulerConfig
+from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig
 from jinfer.models.llama import set_attention_backend
 from jinfer.detokenizer import IncrementalDetokenizer
 from jinfer.prefix_cache import EvictionLog
@@ -79,27 +79,27 @@ class Engine:
 
     def __init__(self, model, tokenizer, cache_config: CacheConfig = CacheConfig(),
                  scheduler_config: SchedulerConfig = SchedulerConfig(),
-                 policy: SchedulingPolicy | None = None, *, warmup: bool = False,
-                 compilation_cache: str | None = None, async_scheduling: bool = True,
-                 attention_backend: str | None = None, mesh=None, vocab_parallel: bool = True,
-                 progress: bool = False):
-        """mesh: a 1-D `tp` mesh (sharding.tp.make_mesh) to run tensor-parallel; None = one device.
-        vocab_parallel: on a mesh, split the embedding and LM head over the vocabulary (when tp
-        divides it) rather than keep them whole on every device (benchmarks/tp.md).
-        progress: show a progress bar while warm-up compiles the step buckets."""
-        if compilation_cache:
-            enable_compilation_cache(compilation_cache)
+                 policy: SchedulingPolicy | None = None, options: EngineOptions = EngineOptions(), *,
+                 mesh=None, progress: bool = False):
+        """options: how steps run (async scheduling, warm-up, compilation cache, attention
+        backend, vocabulary-parallel embedding under tp). mesh: a 1-D `tp` mesh
+        (sharding.tp.make_mesh) to run tensor-parallel; None = one device. progress: show a
+        progress bar while warm-up compiles the step buckets."""
+        self.options = options
+        if options.compilation_cache:
+            enable_compilation_cache(options.compilation_cache)
+        vocab_parallel = options.vocab_parallel
         layout = None
         self.vocab_parallel = vocab_parallel
         if mesh is not None:
             layout = TPLayout.for_model(model.config, mesh, vocab_parallel)  # ValueError if tp does not fit
-        # "xla" or "pallas"; None picks pallas on NVIDIA GPUs and xla elsewhere.
-        self.attention_backend = attention_backend or default_attention_backend()
+        # "xla" or "pallas"; empty picks pallas on NVIDIA GPUs and xla elsewhere.
+        self.attention_backend = options.attention_backend or default_attention_backend()
         set_attention_backend(model, self.attention_backend)
         self.tokenizer = tokenizer
         self.model_config = model.config
         self.sched_cfg = scheduler_config
-        self.async_scheduling = async_scheduling
+        self.async_scheduling = options.async_scheduling
         self.runner = ModelRunner(model, cache_config, scheduler_config, layout,
                                   decode_steps=get_backend(self.attention_backend).decode_path)
         self.scheduler = Scheduler(cache_config, scheduler_config, self.runner.num_pages, policy)
@@ -110,7 +110,7 @@ class Engine:
         self._arrivals = itertools.count()
         self._seed_rng = random.Random(0)
         self.eos_ids = set(tokenizer.eos_ids) | set(model.config.eos_token_ids)
-        if warmup:
+        if options.warmup:
             self.runner.warmup(progress)
 
     # -- API -------------------------------------------------------------------------------

@@ -79,6 +79,8 @@ def resolve(config: ml_collections.ConfigDict) -> LaunchConfig:
         except (ValueError, TypeError) as e:
             msg = str(e)
             raise ValueError(msg if msg.startswith(f"{section}.") else f"config.{section}: {msg}") from None
+    if built["engine"].attention_backend not in BACKENDS:  # checked here: the registry needs jax
+        raise ValueError(f"engine.attention_backend={built['engine'].attention_backend!r}; known: {BACKENDS}")
     return LaunchConfig(**built)
 
 
@@ -171,10 +173,7 @@ def build_engine(launch: LaunchConfig, policy=None, progress: bool = False):
     if policy is None and opts.scheduling_policy:
         policy = scheduling_policy(opts.scheduling_policy)
     model, tok = load_model(spec, mesh)
-    engine = Engine(model, tok, launch.cache, launch.scheduler, policy, warmup=opts.warmup,
-                    compilation_cache=opts.compilation_cache or None, async_scheduling=opts.async_scheduling,
-                    attention_backend=spec.attention_backend or None, mesh=mesh,
-                    vocab_parallel=spec.vocab_parallel, progress=progress)
+    engine = Engine(model, tok, launch.cache, launch.scheduler, policy, opts, mesh=mesh, progress=progress)
     if hasattr(policy, "bind"):
         policy.bind(engine.scheduler)
     return engine

@@ -230,7 +230,7 @@ class Simulator:
         def fast_forward(req, token, reason):
             """The fast-forwarded decode tokens join before the finish rules apply (length only:
             the simulator has no EOS)."""
-            if not extra:
+            if not extra or reason:
                 return reason
             ok = sched.extend_decode(req, list(range(token + 1, token + 1 + extra)))
             assert ok, "fast-forward pages were checked free"

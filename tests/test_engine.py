@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from jinfer.config import CacheConfig, SchedulerConfig
+from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig
 from jinfer.engine import Engine
 from jinfer.loader.hf import load_hf_model
 from jinfer.sampling_params import SamplingParams
@@ -27,7 +27,7 @@ def _engine(llama, *, page_size=4, num_pages=96, budget=64, max_seqs=8, prefix=T
     return Engine(model, tok, CacheConfig(page_size=page_size, num_pages=num_pages,
                                           enable_prefix_cache=prefix),
                   SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, max_model_len=96),
-                  async_scheduling=pipelined)
+                  options=EngineOptions(async_scheduling=pipelined))
 
 
 def _prompts(seed=0, lengths=(9, 3, 17, 30, 5)):

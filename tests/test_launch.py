@@ -66,7 +66,7 @@ def test_overrides_reach_every_section():
     ("scheduler", "max_num_seqs", -1, "max_num_seqs=-1"),
     ("model", "dtype", "float16", "model.dtype='float16'"),
     ("model", "preset", "llama-9000", "unknown model preset 'llama-9000'"),
-    ("model", "attention_backend", "cuda", "model.attention_backend='cuda'"),
+    ("engine", "attention_backend", "cuda", "engine.attention_backend='cuda'"),
     ("serving", "tiers", ("a", "a"), "tiers=('a', 'a')"),
     ("serving", "metrics_port", 70000, "metrics_port=70000"),
     ("engine", "scheduling_policy", "PriorityGroups", "scheduling_policy='PriorityGroups' must be module:Class"),

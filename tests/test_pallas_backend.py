@@ -7,6 +7,7 @@ from jinfer.attention import default_attention_backend
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.engine import Engine
 from jinfer.loader.hf import load_hf_model
+from jinfer.config import EngineOptions
 from jinfer.sampling_params import SamplingParams
 from jinfer.tokenizer import Tokenizer
 
@@ -14,7 +15,7 @@ from jinfer.tokenizer import Tokenizer
 def _tokens(path, backend, prompts):
     eng = Engine(load_hf_model(path), Tokenizer.from_dir(path), CacheConfig(page_size=4, num_pages=48),
                  SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=4, max_model_len=64),
-                 attention_backend=backend)
+                 options=EngineOptions(attention_backend=backend))
     assert eng.attention_backend == backend
     outs = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     return [o.token_ids for o in outs]
@@ -41,7 +42,7 @@ def test_default_backend_is_xla_on_cpu_and_unknown_names_fail(hf_checkpoints):
     with pytest.raises(ValueError, match=r"unknown attention_backend='triton'; known: \['pallas', 'xla'\]"):
         Engine(load_hf_model(path), Tokenizer.from_dir(path), CacheConfig(page_size=4, num_pages=8),
                SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=2, max_model_len=32),
-               attention_backend="triton")
+               options=EngineOptions(attention_backend="triton"))
 
 
 @pytest.mark.parametrize("variant, tp", [("llama2_bias", 2),  # 4 KV heads split 2 per device
@@ -54,7 +55,7 @@ def test_pallas_under_tensor_parallelism_matches_one_device(hf_checkpoints, vari
     def tokens(backend, mesh):
         eng = Engine(load_hf_model(path), Tokenizer.from_dir(path), CacheConfig(page_size=4, num_pages=16),
                      SchedulerConfig(max_num_batched_tokens=8, max_num_seqs=2, max_model_len=24),
-                     attention_backend=backend, mesh=mesh)
+                     options=EngineOptions(attention_backend=backend), mesh=mesh)
         outs = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
         return eng, [o.token_ids for o in outs]
 

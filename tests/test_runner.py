@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from jinfer.config import CacheConfig, SchedulerConfig
+from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig
 from jinfer.engine import Engine
 from jinfer.loader.hf import load_hf_model
 from jinfer.runner import buckets, pick_bucket
@@ -26,7 +26,8 @@ def test_buckets_are_powers_of_two_capped_by_the_limit():
 def test_warmup_compiles_every_bucket_and_steps_reuse_them(hf_checkpoints):
     path = hf_checkpoints["llama3"]
     eng = Engine(load_hf_model(path), Tokenizer.from_dir(path), CacheConfig(page_size=4, num_pages=32),
-                 SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=4, max_model_len=48), warmup=True)
+                 SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=4, max_model_len=48),
+                 options=EngineOptions(warmup=True))
     runner = eng.runner
     plain = {(16, 4, False), (32, 4, False)}  # one program per token bucket; seqs tied to it
     assert set(runner._compiled) == plain  # the xla backend has no decode path
@@ -57,7 +58,7 @@ def test_async_engine_dispatches_the_next_step_before_reading_the_last(hf_checkp
 _CACHE_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax
-    from jinfer.config import CacheConfig, SchedulerConfig
+    from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig
     from jinfer.engine import Engine, enable_compilation_cache
     from jinfer.models.config import preset
     from jinfer.models.llama import init_model
@@ -70,7 +71,7 @@ _CACHE_SCRIPT = textwrap.dedent("""
     import dataclasses
     cfg = dataclasses.replace(preset("tiny"), vocab_size=tok.vocab_size, num_layers=1)
     Engine(init_model(cfg, seed=0), tok, CacheConfig(page_size=4, num_pages=16),
-           SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=2, max_model_len=32), warmup=True)
+           SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=2, max_model_len=32), options=EngineOptions(warmup=True))
     print(json.dumps({"hits": events.count("/jax/compilation_cache/cache_hits"),
                       "misses": events.count("/jax/compilation_cache/cache_misses")}))
 """)

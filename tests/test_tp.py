@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from jinfer.config import CacheConfig, SchedulerConfig
+from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig
 from jinfer.engine import Engine
 from jinfer.models.config import preset
 from jinfer.models.llama import init_model
@@ -93,7 +93,7 @@ def test_vocab_parallel_knob_and_bench_smoke(single):
     import os
     import subprocess
     import sys
-    eng, tokens = _run(CFG, 2, vocab_parallel=False)
+    eng, tokens = _run(CFG, 2, options=EngineOptions(vocab_parallel=False))
     assert tokens == single
     assert eng.runner.state["embed"].get_value().addressable_shards[0].data.shape[0] == CFG.vocab_size
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

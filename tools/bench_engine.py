@@ -135,13 +135,13 @@ def _hf_throughput(hf, prompts, out_lens) -> float:
 
 
 def _engine(model, tok, *, max_model_len, num_pages, prefix=True, async_scheduling=True):
-    from jinfer.config import CacheConfig, SchedulerConfig
+    from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig
     from jinfer.engine import Engine
     return Engine(model, tok, CacheConfig(page_size=FLAGS.page_size, num_pages=num_pages,
                                           enable_prefix_cache=prefix),
                   SchedulerConfig(max_num_batched_tokens=FLAGS.max_num_batched_tokens,
                                   max_num_seqs=FLAGS.max_num_seqs, max_model_len=max_model_len),
-                  async_scheduling=async_scheduling)
+                  options=EngineOptions(async_scheduling=async_scheduling))
 
 
 def _load(path: str):
@@ -377,12 +377,12 @@ def _attention_share(model, tok, batch: int, steps: int, prompt_len: int) -> tup
     register_backend("none", _NoAttention)
     out = []
     for backend in ("xla", "none"):
-        from jinfer.config import CacheConfig, SchedulerConfig
+        from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig
         from jinfer.engine import Engine
         engine = Engine(model, tok, CacheConfig(page_size=FLAGS.page_size, num_pages=_num_pages()),
                         SchedulerConfig(max_num_batched_tokens=FLAGS.max_num_batched_tokens,
                                         max_num_seqs=FLAGS.max_num_seqs, max_model_len=_max_len()),
-                        attention_backend=backend)
+                        options=EngineOptions(attention_backend=backend))
         out.append(_bare_decode_rate(engine.runner, batch, steps, prompt_len)[1])
         del engine
     from jinfer.models.llama import set_attention_backend

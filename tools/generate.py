@@ -101,7 +101,7 @@ def main(argv):
         initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    from jinfer.config import CacheConfig, SchedulerConfig
+    from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig
     from jinfer.engine import Engine, enable_compilation_cache
     from jinfer.sampling_params import SamplingParams
 
@@ -121,7 +121,7 @@ def main(argv):
         engine = Engine(model, tok, CacheConfig(page_size=FLAGS.page_size, num_pages=FLAGS.num_pages or None),
                         SchedulerConfig(max_num_batched_tokens=FLAGS.max_num_batched_tokens,
                                         max_num_seqs=FLAGS.max_num_seqs, max_model_len=FLAGS.max_model_len),
-                        attention_backend=FLAGS.attention_backend or None, mesh=mesh)
+                        options=EngineOptions(attention_backend=FLAGS.attention_backend), mesh=mesh)
         t1 = time.perf_counter()
         outputs = engine.generate(prompts, params)
     except ValueError as e:

@@ -13,7 +13,12 @@ preble-e2 (Preble's E2 over a global radix tree; needs --cost_model). Replicas r
 and prefix-cache evictions to the router over WatchReplica.
 """
 
-from scheduler.router_main import run
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the source tree
+
+from scheduler.router_main import run  # noqa: E402 - after the path
 
 if __name__ == "__main__":
     run()

@@ -14,7 +14,12 @@ On SIGINT or SIGTERM the server stops admitting, lets in-flight streams finish f
 serving.shutdown_grace_s, cancels the rest (freeing their pages) and exits 0.
 """
 
-from jinfer.serving.main import run
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the source tree
+
+from jinfer.serving.main import run  # noqa: E402 - after the path
 
 if __name__ == "__main__":
     run()

@@ -15,6 +15,8 @@ import tempfile
 import time
 
 SERVER = "jinfer.serving.main"
+# The source tree holding jinfer/, scheduler/ and configs/: children find them without an install.
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class ServerProcess:
@@ -39,7 +41,9 @@ class ServerProcess:
         if self.cpus:  # pinned by the child itself before it execs the tool (no fork-time hook in a threaded parent)
             pin = f"import os, sys; os.sched_setaffinity(0, {sorted(self.cpus)}); os.execv(sys.argv[1], sys.argv[1:])"
             cmd = [sys.executable, "-c", pin, *cmd]
-        self.proc = subprocess.Popen(cmd, stdout=self.stdout, stderr=subprocess.STDOUT)
+        path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+        self.proc = subprocess.Popen(cmd, stdout=self.stdout, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONPATH": path})
         return self
 
     def wait_ready(self, timeout: float = 600.0) -> "ServerProcess":
