@@ -178,10 +178,9 @@ class Engine:
         return bool(self._groups)
 
     def load(self) -> EngineLoad:
-        sched, cache = self.scheduler, self.scheduler.prefix_cache
+        sched = self.scheduler
         return EngineLoad(len(sched.waiting), len(sched.running), self.runner.num_pages,
-                          sched.pool.num_free, cache.num_nodes if cache is not None else 0,
-                          self.runner.page_size)
+                          sched.kv.num_free, sched.kv.num_cached, self.runner.page_size)
 
     def info(self) -> EngineInfo:
         cfg, layout = self.sched_cfg, self.runner.layout
@@ -190,15 +189,8 @@ class Engine:
                           self.attention_backend, 1 if layout is None else layout.mesh.size)
 
     def eviction_log(self, wanted=lambda: True) -> EvictionLog | None:
-        """Records this engine's prefix-cache evictions from now on, while `wanted()` is true
-        (building an entry costs a token path), into the returned EvictionLog; drain it between
-        steps. None when the prefix cache is off. One log per engine: a new one replaces it."""
-        cache = self.scheduler.prefix_cache
-        if cache is None:
-            return None
-        log = EvictionLog(cache)
-        cache.on_evict = lambda node: log.record(node) if wanted() else None
-        return log
+        """This engine's prefix-cache evictions (KVManager.eviction_log): drain it between steps."""
+        return self.scheduler.kv.eviction_log(wanted)
 
     def reset_prefix_cache(self) -> int:
         """Drops every prefix-cache page no request holds (between steps); returns how many."""

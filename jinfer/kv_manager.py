@@ -6,7 +6,7 @@ runs; this module only keeps the pages right (refcounts, cache locks)."""
 from __future__ import annotations
 
 from jinfer.page_pool import PagePool
-from jinfer.prefix_cache import PrefixCache
+from jinfer.prefix_cache import EvictionLog, PrefixCache
 from jinfer.request import Request
 
 
@@ -15,6 +15,26 @@ class KVManager:
         self.page_size = page_size
         self.pool = PagePool(num_pages)
         self.prefix_cache = PrefixCache(self.pool, page_size) if enable_prefix_cache else None
+
+    @property
+    def num_free(self) -> int:
+        """Pages in no request and no prefix-cache node."""
+        return self.pool.num_free
+
+    @property
+    def num_cached(self) -> int:
+        """Pages the prefix cache indexes (0 when it is off)."""
+        return self.prefix_cache.num_nodes if self.prefix_cache is not None else 0
+
+    def eviction_log(self, wanted=lambda: True) -> EvictionLog | None:
+        """Records prefix-cache evictions from now on, while `wanted()` is true (an entry costs
+        a token path), into the returned EvictionLog; None when the prefix cache is off. One
+        log at a time: a new one replaces the last."""
+        if self.prefix_cache is None:
+            return None
+        log = EvictionLog(self.prefix_cache)
+        self.prefix_cache.on_evict = lambda node: log.record(node) if wanted() else None
+        return log
 
     def shared_prompt_len(self, req: Request) -> int:
         """Prompt tokens in full pages that every sample of the prompt computes identically."""

@@ -17,7 +17,6 @@ import math
 import numpy as np
 
 from jinfer.config import CacheConfig, SchedulerConfig
-from jinfer.prefix_cache import EvictionLog
 from jinfer.request import Request
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import Scheduler
@@ -105,8 +104,7 @@ class _Replica:
                                cfg.num_pages, policy)
         if policy is not None:
             policy.bind(self.sched)
-        self.evictions = EvictionLog(self.sched.prefix_cache)
-        self.sched.prefix_cache.on_evict = self.evictions.record
+        self.evictions = self.sched.kv.eviction_log()
         self.busy = False
         self.plan = None
         self.ends: list[float] = []  # end times of the steps the current event covers (> 1: fast-forward)
@@ -206,7 +204,7 @@ class Simulator:
         # Steps until the first request finishes (this plan's step included).
         k = min(min(r.params.max_tokens - len(r.output_ids), self.cfg.max_model_len - len(r.prompt_ids) - len(r.output_ids) + 1)
                 for r in reqs)
-        page, free = self.cfg.page_size, sched.pool.num_free
+        page, free = self.cfg.page_size, sched.kv.num_free
         while k > 1:  # pages for the extra steps must come from the free pool (no eviction)
             need = sum(-(-(r.num_computed_tokens + k - 1) // page) - len(r.pages) for r in reqs)
             if need <= free:
@@ -251,7 +249,6 @@ class Simulator:
                 self.router.on_finish(r, rreq, now)
                 finished = True
         if finished:  # (finishes fall on the same steps with or without fast-forward)
-            cache = sched.prefix_cache
             self.router.on_load(r, ReplicaLoad(len(sched.waiting), len(sched.running), self.cfg.num_pages,
-                                               sched.pool.num_free, cache.num_nodes if cache else 0,
+                                               sched.kv.num_free, sched.kv.num_cached,
                                                self.cfg.page_size, len(rep.reqs)), now)
