@@ -55,9 +55,10 @@ def _run_generate(*args):
 
 def test_generate_tool_json_output(hf_checkpoints, tmp_path):
     (tmp_path / "prompts.txt").write_text("ab\n\nc d\n")
-    res = _run_generate(f"--model_path={hf_checkpoints['mistral']}", "--prompt=def f(x):",
+    res = _run_generate(f"--config.model.path={hf_checkpoints['mistral']}", "--prompt=def f(x):",
                         f"--prompts_file={tmp_path / 'prompts.txt'}", "--max_tokens=5", "--json",
-                        "--temperature=0.7", "--top_k=20", "--seed=3", "--max_model_len=64", "--n=2")
+                        "--temperature=0.7", "--top_k=20", "--seed=3", "--config.scheduler.max_model_len=64",
+                        "--config.cache.num_pages=64", "--n=2")
     assert res.returncode == 0, res.stderr
     rows = [json.loads(line) for line in res.stdout.splitlines()]
     assert [(r["prompt"], r["index"]) for r in rows] == [
@@ -70,14 +71,16 @@ def test_generate_tool_default_model_and_errors(tmp_path):
     res = _run_generate("--prompt=hello", "--max_tokens=3", "--json")
     assert res.returncode == 0, res.stderr
     assert len(json.loads(res.stdout)["token_ids"]) == 3
-    sharded = _run_generate("--prompt=hello", "--max_tokens=3", "--json", "--tp=2")  # 8 fake devices
+    sharded = _run_generate("--prompt=hello", "--max_tokens=3", "--json", "--config.model.tp=2")  # 8 fake devices
     assert sharded.returncode == 0, sharded.stderr
     assert json.loads(sharded.stdout)["token_ids"] == json.loads(res.stdout)["token_ids"]
-    res = _run_generate("--prompt=x", "--tp=16")
+    res = _run_generate("--prompt=x", "--config.model.tp=16")
     assert res.returncode != 0 and "tp=16 needs 16 devices, 8 available" in res.stderr
-    res = _run_generate(f"--model_path={tmp_path}/nope", "--prompt=x")
+    res = _run_generate(f"--config.model.path={tmp_path}/nope", "--prompt=x")
     assert res.returncode != 0 and "does not exist" in res.stderr
     res = _run_generate()
     assert res.returncode != 0 and "give at least one --prompt" in res.stderr
     res = _run_generate("--prompt=x", "--top_p=1.5")
     assert res.returncode != 0 and "top_p=1.5 must be in (0, 1]" in res.stderr
+    res = _run_generate("--prompt=x", "--config.cache.page_sise=8")  # a typo in a config field
+    assert res.returncode != 0 and "page_sise" in res.stderr and "Traceback" not in res.stderr

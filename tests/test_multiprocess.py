@@ -29,8 +29,9 @@ def _outputs(proc: subprocess.Popen) -> tuple[int, list[dict], str]:
 def test_tp4_over_two_processes_matches_one_process(hf_checkpoints):
     # Vocabulary 300 is split over the 4 devices, the one KV head replicated: the step's
     # all-reduces and the LM head's all-gather cross the process boundary.
-    common = [f"--model_path={hf_checkpoints['llama3']}", "--prompt=def f(x):", "--prompt=hello",
-              "--max_tokens=6", "--json", "--tp=4", "--max_model_len=64", "--num_pages=32"]
+    common = [f"--config.model.path={hf_checkpoints['llama3']}", "--prompt=def f(x):", "--prompt=hello",
+              "--max_tokens=6", "--json", "--config.model.tp=4", "--config.scheduler.max_model_len=64",
+              "--config.cache.num_pages=32", "--config.engine.compilation_cache="]
     cluster = [f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2"]
     procs = [_generate(2, *common, *cluster, f"--process_id={i}") for i in range(2)]
     results = [_outputs(p) for p in procs]

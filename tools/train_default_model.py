@@ -230,7 +230,7 @@ def _write_card(cfg, n_params, n_train_files, n_held_files, n_train, n_held, hel
     card = f"""# jinfer default model: a {n_params / 1e6:.1f}M-parameter Llama trained on the Python standard library
 
 The embedded default model of jinfer (used by `tools/generate.py`, the demo and the
-benchmarks when no `--model_path` is given). It is small and weak, but real: it has learnt the
+benchmarks when no model path is given). It is small and weak, but real: it has learnt the
 shape of Python source, so it repeats itself the way real models do (prefix caching and
 speculative drafting see realistic behaviour) and its greedy text is recognisably code.
 
