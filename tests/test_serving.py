@@ -185,3 +185,64 @@ def test_tls(tmp_path):
         srv.stop(grace=0)
     with pytest.raises(ValueError, match="tls_cert and tls_key go together"):
         ServingConfig(tls_cert=str(cert))
+
+
+@pytest.mark.parametrize("n, temperature", [(3, 1.0), (3, 0.0), (8, 1.0)])
+def test_streams_of_n_samples_end_with_every_sample(client, server, n, temperature):
+    """Samples finishing in the same step each get their final message, and the stream ends."""
+    outs = client.generate("def f(x):", temperature=temperature, max_tokens=4, ignore_eos=True, n=n, seed=1,
+                           timeout=60)  # a lost final message would hang the stream: fail instead
+    assert len(outs) == n and all(o["finish_reason"] == "length" and len(o["token_ids"]) == 4 for o in outs)
+    assert server.loop.num_outstanding == 0
+
+
+def test_a_one_ms_deadline_leaves_the_server_serving(client, server):
+    """Cancelled while its add is still queued to the engine thread: later requests still run."""
+    for _ in range(5):
+        with pytest.raises(grpc.RpcError) as err:
+            list(client.generate_stream("def g(y):", temperature=0, max_tokens=40, ignore_eos=True, timeout=0.001))
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert client.generate("import os", temperature=0, max_tokens=3, timeout=60)[0]["finish_reason"] in ("length", "stop")
+    deadline = time.monotonic() + 30
+    while server.loop.num_outstanding and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.loop.num_outstanding == 0
+
+
+def test_a_cancelled_duplicate_id_neither_kills_the_loop_nor_aborts_the_original(client, server):
+    original = client.generate_stream("class A:", temperature=0, max_tokens=30, ignore_eos=True,
+                                      request_id="dup-1", timeout=60)
+    first = next(original)  # running
+    with pytest.raises(grpc.RpcError) as err:  # refused (id in use) or cancelled: either way not added
+        list(client.generate_stream("class B:", temperature=0, max_tokens=3, request_id="dup-1", timeout=0.001))
+    assert err.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INVALID_ARGUMENT)
+    with pytest.raises(grpc.RpcError) as err:
+        list(client.generate_stream("class C:", temperature=0, max_tokens=3, request_id="dup-1"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "dup-1" in err.value.details()
+    rest = list(original)  # the original runs to its end
+    assert rest[-1].finish_reason == "length"
+    assert len(first.token_ids) + sum(len(m.token_ids) for m in rest) == 30
+    assert client.generate("import os", temperature=0, max_tokens=3)[0]["finish_reason"] in ("length", "stop")
+
+
+def test_adds_cancelled_before_the_engine_thread_takes_them_are_dropped_cleanly(client, server):
+    """The race a 1 ms deadline hits, made certain: the add's future is cancelled before the
+    engine thread handles it (a new id, and a duplicate of a running id followed by the
+    cancelled stream's abort). The loop serves on, and the original request is not aborted."""
+    from jinfer.serving.server import _Abort, _Add
+
+    original = client.generate_stream("class A:", temperature=0, max_tokens=30, ignore_eos=True,
+                                      request_id="dup-2", timeout=60)  # a dead loop fails, not hangs
+    first = next(original)
+    for request_id in ("fresh-1", "dup-2"):
+        fut = concurrent.futures.Future()
+        fut.cancel()
+        sink = lambda item: None  # noqa: E731 - the stream that gave up
+        server.loop._commands.put(_Add("def h():", SamplingParams(temperature=0, max_tokens=3), request_id, 0,
+                                       sink, fut, "interactive"))
+        server.loop._commands.put(_Abort(request_id, sink))
+    rest = list(original)
+    assert rest[-1].finish_reason == "length"
+    assert len(first.token_ids) + sum(len(m.token_ids) for m in rest) == 30
+    out = client.generate("import os", temperature=0, max_tokens=3, timeout=30)
+    assert out[0]["finish_reason"] in ("length", "stop")

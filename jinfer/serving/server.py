@@ -57,6 +57,7 @@ class _Add:
 @dataclasses.dataclass(frozen=True)
 class _Abort:
     request_id: str
+    sink: object  # the stream giving up: a later request that reused the id is not aborted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,8 +116,9 @@ class EngineLoop:
         self._commands.put(_Add(prompt, params, request_id, priority, sink, fut, tier))
         return fut
 
-    def abort(self, request_id: str) -> None:
-        self._commands.put(_Abort(request_id))
+    def abort(self, request_id: str, sink) -> None:
+        """Aborts the request `sink` was submitted with (if it is still that stream's)."""
+        self._commands.put(_Abort(request_id, sink))
 
     def watch(self, sink, interval: float) -> _Watcher:
         """Subscribes `sink` (called on the engine thread with (load, evictions), or None when
@@ -161,9 +163,18 @@ class EngineLoop:
                     w.last_time, w.last_load = now, load
                     w.sink((load, evictions))
 
+    def _handle_safely(self, cmd) -> None:
+        """One command; whatever goes wrong with it is logged and the loop serves on."""
+        try:
+            self._handle(cmd)
+        except Exception:  # noqa: BLE001 - the engine thread must outlive any one request
+            log.exception("engine loop: command %s failed", type(cmd).__name__)
+
     def _handle(self, cmd) -> None:
         match cmd:
             case _Add():
+                if not cmd.done.set_running_or_notify_cancel():
+                    return  # the client went away before its request was added: add nothing
                 try:
                     self.engine.add_request(cmd.prompt, cmd.params, request_id=cmd.request_id,
                                             priority=cmd.priority)
@@ -175,7 +186,8 @@ class EngineLoop:
                     self.metrics.on_admit(cmd.request_id, cmd.tier)
                 cmd.done.set_result(cmd.request_id)
             case _Abort():
-                if self._sinks.pop(cmd.request_id, None) is not None:
+                if self._sinks.get(cmd.request_id) is cmd.sink:
+                    del self._sinks[cmd.request_id]
                     self.engine.abort(cmd.request_id)
                     if self.metrics is not None:
                         self.metrics.on_done(cmd.request_id)
@@ -200,9 +212,9 @@ class EngineLoop:
             self._publish(force=not busy)
             try:  # block for work only when the engine is idle
                 cmd = self._commands.get(block=not busy)
-                self._handle(cmd)
+                self._handle_safely(cmd)
                 while True:
-                    self._handle(self._commands.get_nowait())
+                    self._handle_safely(self._commands.get_nowait())
             except queue.Empty:
                 pass
             if not self.engine.has_unfinished():
@@ -220,12 +232,16 @@ class EngineLoop:
                 continue
             if self.metrics is not None:
                 self.metrics.on_outputs(outputs)
-            for out in outputs:
+            # A request's stream ends with the last of its outputs that step: samples finishing
+            # together are all delivered, and it stops counting as outstanding before that last
+            # message goes out.
+            last = {out.request_id: i for i, out in enumerate(outputs)}
+            for i, out in enumerate(outputs):
                 sink = self._sinks.get(out.request_id)
                 if sink is None:
                     continue
-                if out.finished and not self.engine.is_unfinished(out.request_id):
-                    del self._sinks[out.request_id]  # the last sample: no longer outstanding
+                if last[out.request_id] == i and not self.engine.is_unfinished(out.request_id):
+                    del self._sinks[out.request_id]
                     if self.metrics is not None:
                         self.metrics.on_done(out.request_id)
                 sink(out)
@@ -298,7 +314,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             done = True
         finally:
             if not done:  # cancelled (even while being added), or the stream failed: free its pages
-                self.loop.abort(request_id)
+                self.loop.abort(request_id, sink)
 
     async def WatchReplica(self, request, context):
         interval = request.min_interval_s or 0.05
