@@ -1,32 +1,57 @@
-"""Tokenizer: a `tokenizers` tokenizer.json plus BOS/EOS ids from the checkpoint's config files."""
+"""Tokenizer: a `tokenizers` tokenizer.json plus the checkpoint's config files, read the way
+transformers' AutoTokenizer reads them (special tokens, chat template)."""
 
 from __future__ import annotations
 
 import json
 import os
+from datetime import datetime
 
+import jinja2
+import jinja2.ext
+import jinja2.nodes
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import decoders, models, pre_tokenizers, processors
+
+# Tokenizer classes whose constructor rewrites tokenizer.json's post-processor in transformers 5:
+# True adds BOS (when bos_token is set), False adds nothing. Every other class keeps the file's.
+_CLASS_ADDS_BOS = {"CodeLlamaTokenizer": True, "GPTNeoXTokenizer": False}
+# The named special tokens HF passes to chat templates (PreTrainedTokenizerBase.SPECIAL_TOKENS_ATTRIBUTES).
+_NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # HF's aliases, first one standard
 
 
 class Tokenizer:
-    """Encodes text to ids and back; knows the model's BOS and EOS ids."""
+    """Encodes text to ids and back; knows the model's BOS and EOS ids and its chat template."""
 
     def __init__(self, tok: tokenizers.Tokenizer, *, bos_id: int | None, eos_ids: tuple[int, ...],
-                 add_bos: bool = True):
+                 chat_template: str | None = None, template_tokens: dict[str, str] | None = None):
         self._tok = tok
         self.bos_id = bos_id
         self.eos_ids = tuple(eos_ids)
-        self.add_bos = add_bos and bos_id is not None
+        self.chat_template = chat_template  # jinja source; None when the model has none
+        self.template_tokens = dict(template_tokens or {})  # variables a template sees: {"bos_token": "<s>", ...}
+        # Whether encode(text) starts with BOS, i.e. the post-processor adds it.
+        self.add_bos = bos_id is not None and tok.encode("").ids[:1] == [bos_id]
+        self._compiled: jinja2.Template | None = None
 
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
-        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
-            ids = [self.bos_id] + ids
+    def encode(self, text: str, *, add_special_tokens: bool = True, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`. By default the ids HF's `AutoTokenizer(text)["input_ids"]` gives:
+        the post-processor adds BOS/EOS or not. add_special_tokens=False gives the bare ids, which
+        is how HF tokenizes a rendered chat template. add_bos, when given, forces whether the ids
+        start with BOS (a no-op without bos_id)."""
+        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        has_bos = add_special_tokens and self.add_bos
+        want_bos = has_bos if add_bos is None else add_bos and self.bos_id is not None
+        if has_bos and not want_bos:
+            return ids[1:]
+        if want_bos and not has_bos:
+            return [self.bos_id] + ids
         return ids
 
     def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
@@ -35,10 +60,34 @@ class Tokenizer:
     def save(self, path: str) -> None:
         self._tok.save(path)
 
+    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+        """The chat as text, rendered as HF's `apply_chat_template(messages, tokenize=False)` does.
+
+        The text already holds the template's special tokens (BOS included, if the template
+        writes it): tokenize it with `encode(text, add_special_tokens=False)` to get HF's
+        `apply_chat_template(..., tokenize=True)` ids."""
+        if self.chat_template is None:
+            raise ValueError("this model has no chat template (no chat_template in tokenizer_config.json "
+                             "and no chat_template.jinja)")
+        if not messages:
+            raise ValueError("cannot apply the chat template to an empty conversation")
+        messages = _template_messages(messages)
+        try:
+            if self._compiled is None:
+                self._compiled = _compile_template(self.chat_template)
+            return self._compiled.render(messages=messages, tools=None, documents=None,
+                                         add_generation_prompt=add_generation_prompt, **self.template_tokens)
+        except Exception as e:  # syntax errors, raise_exception(), bad message fields: all template problems
+            raise ValueError(f"chat template failed: {type(e).__name__}: {e}") from e
+
     @classmethod
     def from_dir(cls, model_dir: str, *, bos_id: int | None = None,
                  eos_ids: tuple[int, ...] = ()) -> "Tokenizer":
-        """Loads tokenizer.json; ids not given come from tokenizer_config.json's token strings."""
+        """Loads tokenizer.json, tokenizer_config.json and chat_template.jinja as transformers 5's
+        AutoTokenizer does. Whether encode adds BOS/EOS is up to tokenizer.json's post-processor:
+        HF ignores tokenizer_config.json's add_bos_token/add_eos_token when tokenizer.json exists;
+        only a tokenizer_class of CodeLlamaTokenizer (BOS) or GPTNeoXTokenizer (nothing) replaces
+        it. bos_id/eos_ids not given come from tokenizer_config.json's token strings."""
         path = os.path.join(model_dir, "tokenizer.json")
         if not os.path.exists(path):
             raise ValueError(f"missing file {path}")
@@ -46,23 +95,121 @@ class Tokenizer:
             tok = tokenizers.Tokenizer.from_file(path)
         except Exception as e:  # the Rust library raises its own exception type
             raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from None
-        tc_path = os.path.join(model_dir, "tokenizer_config.json")
+        tok.no_truncation()  # HF turns the file's truncation and padding off unless a call asks
+        tok.no_padding()
         tc = {}
+        tc_path = os.path.join(model_dir, "tokenizer_config.json")
         if os.path.exists(tc_path):
             with open(tc_path) as f:
                 tc = json.load(f)
+        tok.encode_special_tokens = bool(tc.get("split_special_tokens", False))
+        tokens = _template_tokens(tc)
+        class_adds_bos = _CLASS_ADDS_BOS.get((tc.get("tokenizer_class") or "").removesuffix("Fast"))
+        if class_adds_bos is not None:
+            tok.post_processor = _bos_processor(tok, tokens.get("bos_token") if class_adds_bos else None)
         if bos_id is None:
-            bos_id = _token_id(tok, tc.get("bos_token"))
+            bos_id = _token_id(tok, tokens.get("bos_token"))
         if not eos_ids:
-            eos = _token_id(tok, tc.get("eos_token"))
+            eos = _token_id(tok, tokens.get("eos_token"))
             eos_ids = (eos,) if eos is not None else ()
-        return cls(tok, bos_id=bos_id, eos_ids=eos_ids, add_bos=tc.get("add_bos_token", True))
+        return cls(tok, bos_id=bos_id, eos_ids=eos_ids, chat_template=_read_chat_template(model_dir, tc),
+                   template_tokens=tokens)
 
 
-def _token_id(tok: tokenizers.Tokenizer, token) -> int | None:
-    if isinstance(token, dict):  # AddedToken serialised as {"content": ...}
-        token = token.get("content")
+def _token_id(tok: tokenizers.Tokenizer, token: str | None) -> int | None:
     return tok.token_to_id(token) if token else None
+
+
+def _bos_processor(tok: tokenizers.Tokenizer, bos: str | None) -> processors.TemplateProcessing:
+    """The post-processor HF's update_post_processor builds: BOS then the text, or the text alone."""
+    bos_id = _token_id(tok, bos)
+    if bos_id is None:
+        return processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1")
+    return processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                         special_tokens=[(bos, bos_id)])
+
+
+def _template_tokens(tc: dict) -> dict[str, str]:
+    """Special-token strings from tokenizer_config.json, as HF's special_tokens_map: the named ones
+    (string or serialised AddedToken), model-specific "*_token" strings and extra_special_tokens."""
+    out = {}
+    for key, value in tc.items():
+        if isinstance(value, dict) and key in _NAMED_TOKENS:
+            value = value.get("content")  # AddedToken serialised as {"content": ...}
+        if key.endswith("_token") and isinstance(value, str):
+            out[key] = value
+    extra = tc.get("extra_special_tokens")
+    if isinstance(extra, dict):
+        out.update({k: v for k, v in extra.items() if isinstance(v, str)})
+    return out
+
+
+def _read_chat_template(model_dir: str, tc: dict) -> str | None:
+    """HF's default template: chat_template.jinja (or additional_chat_templates/default.jinja),
+    which override tokenizer_config.json's chat_template (a string, or a list of named ones)."""
+    files = {}
+    if os.path.exists(os.path.join(model_dir, "chat_template.jinja")):
+        files["default"] = os.path.join(model_dir, "chat_template.jinja")
+    extra_dir = os.path.join(model_dir, "additional_chat_templates")
+    if os.path.isdir(extra_dir):
+        files.update({n.removesuffix(".jinja"): os.path.join(extra_dir, n)
+                      for n in os.listdir(extra_dir) if n.endswith(".jinja")})
+    if files:
+        if "default" not in files:
+            return None
+        with open(files["default"], encoding="utf-8") as f:
+            return f.read()
+    template = tc.get("chat_template")
+    if isinstance(template, list):
+        template = {t["name"]: t["template"] for t in template}.get("default")
+    return template
+
+
+def _template_messages(messages: list[dict]) -> list[dict]:
+    """Messages as HF hands them to the template: keys whose value is None dropped (templates test
+    for a missing key), the reasoning text under both "thinking" and "reasoning_content"."""
+    out = []
+    for message in messages:
+        if not isinstance(message, dict):
+            raise ValueError(f"chat messages must be dicts, got {message!r}")
+        message = {k: v for k, v in message.items() if v is not None}
+        reasoning = next((message[k] for k in _REASONING_FIELDS if k in message), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
+    return out
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (HF marks assistant text with it): renders the body."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+def _raise_exception(message):
+    raise jinja2.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # HF's override: jinja's own tojson escapes HTML characters and takes no separators
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _compile_template(template: str) -> jinja2.Template:
+    """The template in HF's environment: sandboxed, trim_blocks, lstrip_blocks, loop controls."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
 
 
 BOS, EOS = "<s>", "</s>"
@@ -84,10 +231,13 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def byte_level_tokenizer() -> Tokenizer:
-    """A 258-token byte-level tokenizer (256 bytes + BOS + EOS) for models with no tokenizer.json."""
+    """A 258-token byte-level tokenizer (256 bytes + BOS + EOS) for models with no tokenizer.json.
+    encode adds BOS (its post-processor does, so a saved copy does the same under HF)."""
     vocab = {char: byte for byte, char in _bytes_to_unicode().items()}
     tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([BOS, EOS])
-    return Tokenizer(tok, bos_id=tok.token_to_id(BOS), eos_ids=(tok.token_to_id(EOS),))
+    tok.post_processor = _bos_processor(tok, BOS)
+    return Tokenizer(tok, bos_id=tok.token_to_id(BOS), eos_ids=(tok.token_to_id(EOS),),
+                     template_tokens={"bos_token": BOS, "eos_token": EOS})
