@@ -132,7 +132,15 @@ class ServingConfig:
     port: int = 0
     """0 picks a free port (see Server.port)."""
     max_queued_requests: int = 256
-    """Requests admitted but unfinished beyond which Generate answers RESOURCE_EXHAUSTED."""
+    """Samples admitted but unfinished beyond which Generate answers RESOURCE_EXHAUSTED (a
+    request of n samples counts n)."""
+    max_n: int = 64
+    """Most samples one request may ask for (`n`); more (or more than max_queued_requests) is
+    INVALID_ARGUMENT."""
+    engine_stall_timeout_s: float = 300.0
+    """An engine step running longer than this marks the engine stalled: health turns
+    NOT_SERVING and waiting streams fail with UNAVAILABLE (it turns SERVING again if the step
+    ends). Above the longest compile a step may need (servers warm up by default)."""
     max_request_bytes: int = 4 << 20
     """Larger GenerateRequests are refused with INVALID_ARGUMENT (gRPC itself refuses 4x this)."""
     tiers: tuple[str, ...] = ("default",)
@@ -156,6 +164,10 @@ class ServingConfig:
     def __post_init__(self):
         if self.max_queued_requests < 1:
             raise ValueError(f"max_queued_requests={self.max_queued_requests} must be >= 1")
+        if self.max_n < 1:
+            raise ValueError(f"max_n={self.max_n} must be >= 1")
+        if not self.engine_stall_timeout_s > 0:
+            raise ValueError(f"engine_stall_timeout_s={self.engine_stall_timeout_s} must be > 0")
         if not self.tiers:
             raise ValueError("tiers is empty: give at least one tier name")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -15,6 +15,7 @@ from jinfer.attention import default_attention_backend, get_backend
 from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig
 from jinfer.models.llama import set_attention_backend
 from jinfer.detokenizer import IncrementalDetokenizer
+from jinfer.errors import shorten
 from jinfer.prefix_cache import EvictionLog
 from jinfer.request import Request, RequestOutput, Status, Usage
 from jinfer.runner import ModelRunner
@@ -137,7 +138,7 @@ class Engine:
                              f"in the KV pool ({self.runner.num_pages} pages)")
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._groups or "/" in request_id:
-            raise ValueError(f"request_id={request_id!r} is already in use or contains '/'")
+            raise ValueError(f"request_id={shorten(request_id)} is already in use or contains '/'")
         seed = params.seed if params.seed is not None else self._seed_rng.randrange(2**31)
         arrival, index = time.monotonic(), next(self._arrivals)
         samples = [Request(request_id if i == 0 else f"{request_id}/{i}", list(ids), params, seed,
@@ -158,7 +159,7 @@ class Engine:
             return False
         for req in samples:
             self._detok.pop(req.request_id, None)
-            self.scheduler.abort(req)
+        self.scheduler.abort(samples)
         return True
 
     def reshard(self, mesh):

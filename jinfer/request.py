@@ -14,7 +14,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # identity: the scheduler's lists find a request by `is`, not by its fields
 class Request:
     """One sequence being generated. Only the scheduler and engine touch it; the runner never."""
 

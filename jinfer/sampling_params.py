@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +34,8 @@ class SamplingParams:
     """Independent samples of the prompt; they share the prompt's KV pages."""
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0")
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature={self.temperature} must be finite and >= 0")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables it)")
         if not 0 < self.top_p <= 1:
@@ -47,8 +48,9 @@ class SamplingParams:
             raise ValueError(f"max_tokens={self.max_tokens} must be > 0")
         if self.seed is not None and not 0 <= self.seed < 2**31:
             raise ValueError(f"seed={self.seed} must be in [0, 2**31)")
-        if any(not s for s in self.stop):
-            raise ValueError(f"stop={self.stop!r} must not contain empty strings")
+        empty = [i for i, s in enumerate(self.stop) if not s]
+        if empty:
+            raise ValueError(f"stop[{empty[0]}] is an empty string: stop strings must not be empty")
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 

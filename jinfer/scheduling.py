@@ -134,10 +134,16 @@ class Scheduler:
         out = len(req.output_ids) + (req.num_pending if pending else 0)
         return out >= req.params.max_tokens or len(req.prompt_ids) + out >= self.cfg.max_model_len
 
-    def abort(self, req: Request) -> None:
-        """Stops a request wherever it is; its pages are released, its steps in flight ignored."""
-        req.status, req.finish_reason = Status.FINISHED, "abort"
-        self.finish(req)
+    def abort(self, reqs: Sequence[Request]) -> None:
+        """Stops requests (a request's n samples) wherever they are; their pages are released,
+        their steps in flight ignored. One pass over the queues, whatever len(reqs)."""
+        gone = {id(r) for r in reqs}
+        self.running = [r for r in self.running if id(r) not in gone]
+        self.waiting = [r for r in self.waiting if id(r) not in gone]
+        for req in reqs:
+            req.status, req.finish_reason = Status.FINISHED, "abort"
+            self.release(req)
+            req.followers = []
 
     def release(self, req: Request) -> None:
         """Returns a finished/aborted/preempted request's pages (its full computed ones indexed

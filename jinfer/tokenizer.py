@@ -22,6 +22,10 @@ _NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token"
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # HF's aliases, first one standard
 
 
+_GIL_FREE_CHARS = 4096
+"""Texts this long are tokenized with the GIL released (a 4 MB prompt takes seconds)."""
+
+
 class Tokenizer:
     """Encodes text to ids and back; knows the model's BOS and EOS ids and its chat template."""
 
@@ -45,7 +49,10 @@ class Tokenizer:
         the post-processor adds BOS/EOS or not. add_special_tokens=False gives the bare ids, which
         is how HF tokenizes a rendered chat template. add_bos, when given, forces whether the ids
         start with BOS (a no-op without bos_id)."""
-        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if len(text) < _GIL_FREE_CHARS:
+            ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        else:  # encode_batch lets other threads run meanwhile (a server's engine thread); encode holds the GIL
+            ids = self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         has_bos = add_special_tokens and self.add_bos
         want_bos = has_bos if add_bos is None else add_bos and self.bos_id is not None
         if has_bos and not want_bos:

@@ -150,14 +150,16 @@ def test_duplicate_request_id_is_rejected(llama):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("temperature", -0.5, "temperature=-0.5 must be >= 0"),
+    ("temperature", -0.5, "temperature=-0.5 must be finite and >= 0"),
+    ("temperature", float("inf"), "temperature=inf must be finite and >= 0"),
+    ("temperature", float("nan"), "temperature=nan must be finite and >= 0"),
     ("top_p", 0.0, r"top_p=0.0 must be in \(0, 1\]"),
     ("top_p", 1.5, r"top_p=1.5 must be in \(0, 1\]"),
     ("top_k", -1, "top_k=-1 must be >= 0"),
     ("min_p", 2.0, r"min_p=2.0 must be in \[0, 1\]"),
     ("max_tokens", 0, "max_tokens=0 must be > 0"),
     ("seed", -3, r"seed=-3 must be in \[0, 2\*\*31\)"),
-    ("stop", ("",), "must not contain empty strings"),
+    ("stop", ("a", ""), r"stop\[1\] is an empty string"),
     ("n", 0, "n=0 must be > 0"),
 ])
 def test_sampling_params_name_the_bad_field(field, value, message):

@@ -55,7 +55,7 @@ class FakeEngine:
     def abort(self, req: Request):
         for f in req.followers:
             self.live.discard(f.request_id)
-        self.s.abort(req)
+        self.s.abort([req])
         self.live.discard(req.request_id)
 
     def step(self):

@@ -66,7 +66,7 @@ def test_stream_equals_engine_generate(client):
 @pytest.mark.parametrize("prompt, params, message", [
     ("", {}, "prompt is empty"),
     ([], {}, "prompt is empty"),
-    ("x", dict(temperature=-1.0), "temperature=-1.0 must be >= 0"),
+    ("x", dict(temperature=-1.0), "temperature=-1.0 must be finite and >= 0"),
     ("x", dict(top_p=1.5), "top_p=1.5 must be in (0, 1]"),
     ("x", dict(tier="gold"), "unknown tier='gold'; known: ['interactive', 'batch']"),
     ("x", dict(max_tokens=0), "max_tokens=0 must be > 0"),
@@ -165,7 +165,7 @@ def test_cli_client_streams_and_reports_errors(server):
     assert res.stdout.startswith("def f(x):") and "5 tokens, finish=length" in res.stderr
     res = subprocess.run([sys.executable, tool, f"--target=127.0.0.1:{server.port}", "--prompt=x",
                           "--temperature=-2"], capture_output=True, text=True, timeout=120)
-    assert res.returncode != 0 and "INVALID_ARGUMENT: temperature=-2.0 must be >= 0" in res.stderr
+    assert res.returncode != 0 and "INVALID_ARGUMENT: temperature=-2.0 must be finite and >= 0" in res.stderr
 
 
 def test_tls(tmp_path):
@@ -229,7 +229,7 @@ def test_adds_cancelled_before_the_engine_thread_takes_them_are_dropped_cleanly(
     """The race a 1 ms deadline hits, made certain: the add's future is cancelled before the
     engine thread handles it (a new id, and a duplicate of a running id followed by the
     cancelled stream's abort). The loop serves on, and the original request is not aborted."""
-    from jinfer.serving.server import _Abort, _Add
+    from jinfer.serving.engine_loop import _Abort, _Add
 
     original = client.generate_stream("class A:", temperature=0, max_tokens=30, ignore_eos=True,
                                       request_id="dup-2", timeout=60)  # a dead loop fails, not hangs

@@ -18,7 +18,8 @@ transformers.logging.set_verbosity_error()
 CORPUS = ["the quick brown fox jumps over the lazy dog", "hello world, hello tokenizer",
           "a naïve café serves crème brûlée", "def f(x):\n    return x + 1\n"]
 TEXTS = ["", "hello world", "The quick brown fox jumps over the lazy dog.", "naïve café — 日本語 🙂",
-         "  two spaces\nand a newline", "<s> a literal special token </s>"]
+         "  two spaces\nand a newline", "<s> a literal special token </s>",
+         "a long text, tokenized with the GIL released: naïve café <s> 🙂\n" * 200]
 SPECIALS = ["<unk>", "<s>", "</s>"]
 CHAT_SPECIALS = ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>",
                  "<|im_start|>", "<|im_end|>"]

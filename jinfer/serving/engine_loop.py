@@ -1,0 +1,303 @@
+"""The engine loop: the one thread that owns an Engine, and the commands other threads send it.
+
+The engine is not thread-safe, so one thread (`EngineLoop`) drives it: between steps it takes
+commands (add, abort, watch, reset) from a queue, and it pushes each step's outputs to the sink
+of the request's stream. Whatever one command does wrong is logged and the loop serves on; a
+step that fails is reported to every waiting stream. The loop also says whether it is alive
+(`health()`): a loop whose thread died, or whose step has run past the stall timeout, is not,
+and the server turns NOT_SERVING and fails the streams waiting on it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import enum
+import logging
+import math
+import queue
+import threading
+import time
+
+from jinfer.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine loop is dead or wedged: nothing submitted to it will be served."""
+
+
+class Health(enum.Enum):
+    SERVING = "serving"
+    STALLED = "stalled"  # one step has run past the stall timeout
+    DEAD = "dead"  # the loop's thread ended without stop()
+
+
+class _Watcher:
+    __slots__ = ("sink", "interval", "last_time", "last_load")
+
+    def __init__(self, sink, interval: float):
+        self.sink, self.interval = sink, interval
+        self.last_time, self.last_load = -math.inf, None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Add:
+    prompt: object  # str | list[int]
+    params: SamplingParams
+    request_id: str
+    priority: int
+    sink: object  # called with each RequestOutput, or with an Exception
+    done: concurrent.futures.Future  # the request id, or the engine's ValueError
+    tier: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Abort:
+    request_id: str
+    sink: object  # the stream giving up: a later request that reused the id is not aborted
+
+
+@dataclasses.dataclass(frozen=True)
+class _Watch:
+    watcher: _Watcher
+
+
+@dataclasses.dataclass(frozen=True)
+class _ResetPrefixCache:
+    done: concurrent.futures.Future  # pages freed
+
+
+@dataclasses.dataclass(frozen=True)
+class _Wake:
+    """Unblocks an idle loop (stop)."""
+
+
+class EngineLoop:
+    """Owns the engine on one thread; other threads talk to it through submit/abort/watch.
+
+    Watchers (routers) get (load dict, evictions) events: on subscribing, after a step that
+    evicted prefix-cache pages, after changes at most every `interval` seconds, and whenever
+    the loop goes idle with news. Evictions come as jinfer.prefix_cache.EvictionLog entries
+    (a leaf and its parents evicted in one step: one (tokens, keep) entry).
+    """
+
+    def __init__(self, engine, metrics=None, stall_timeout_s: float = math.inf):
+        self.engine = engine
+        self.metrics = metrics  # ServerMetrics or None; touched only on the engine thread
+        self.stall_timeout_s = stall_timeout_s
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._sinks: dict[str, callable] = {}
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._watchers: list[_Watcher] = []
+        self._watch_lock = threading.Lock()  # the list; unwatch comes from other threads
+        self._dead: BaseException | None = None  # why the thread ended, once it has
+        self._dead_lock = threading.Lock()  # orders "is it dead?" + put against death's last drain
+        self._step_started: float | None = None  # monotonic time the running step began
+        # Not yet published; nobody listening: not even the token path of an eviction is built.
+        self._evictions = engine.eviction_log(wanted=lambda: bool(self._watchers))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._commands.put(_Wake())
+        self._thread.join()
+
+    @property
+    def num_outstanding(self) -> int:
+        return len(self._sinks)
+
+    def health(self) -> Health:
+        """DEAD once the thread has ended unasked; STALLED while a step runs past the timeout."""
+        if self._dead is not None:
+            return Health.DEAD
+        started = self._step_started
+        if started is not None and time.monotonic() - started > self.stall_timeout_s:
+            return Health.STALLED
+        return Health.SERVING
+
+    def _put(self, cmd) -> None:
+        """Queues cmd; once the loop is dead, refuses it at once (futures fail, sinks hear)."""
+        with self._dead_lock:
+            if self._dead is None:
+                self._commands.put(cmd)
+                return
+        self._refuse(cmd)
+
+    def _refuse(self, cmd) -> None:
+        error = EngineUnavailable(f"the engine loop has stopped ({self._dead!r})")
+        match cmd:
+            case _Add() | _ResetPrefixCache():
+                if cmd.done.set_running_or_notify_cancel():
+                    cmd.done.set_exception(error)
+            case _Watch():
+                cmd.watcher.sink(None)
+
+    def submit(self, prompt, params: SamplingParams, request_id: str, priority: int, sink, tier: str = ""
+               ) -> concurrent.futures.Future:
+        """Queues add_request; the future raises the engine's ValueError if it refuses, or
+        EngineUnavailable. `sink` is called on the engine thread with each RequestOutput, or
+        with an Exception (the step failed, or the loop died)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._put(_Add(prompt, params, request_id, priority, sink, fut, tier))
+        return fut
+
+    def abort(self, request_id: str, sink) -> None:
+        """Aborts the request `sink` was submitted with (if it is still that stream's)."""
+        self._put(_Abort(request_id, sink))
+
+    def watch(self, sink, interval: float) -> _Watcher:
+        """Subscribes `sink` (called on the engine thread with (load, evictions), or None when
+        the loop ends the stream); returns the handle unwatch takes."""
+        w = _Watcher(sink, interval)
+        self._put(_Watch(w))
+        return w
+
+    def unwatch(self, watcher: _Watcher) -> None:
+        with self._watch_lock:
+            if watcher in self._watchers:
+                self._watchers.remove(watcher)
+
+    def end_watches(self) -> None:
+        """Ends every watch stream (server shutdown: they would otherwise never finish)."""
+        with self._watch_lock:
+            watchers, self._watchers = self._watchers, []
+        for w in watchers:
+            w.sink(None)
+
+    def reset_prefix_cache(self) -> concurrent.futures.Future:
+        """Evicts every unlocked prefix-cache page between steps; the future gives the count."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._put(_ResetPrefixCache(fut))
+        return fut
+
+    def load(self) -> dict:
+        """The engine's load now, with the requests this server has outstanding (engine thread)."""
+        return {**dataclasses.asdict(self.engine.load()), "outstanding": len(self._sinks)}
+
+    def _publish(self, force: bool) -> None:
+        """Sends news to watchers: evictions always; a changed load when its interval has
+        passed, or at once when `force` (the loop is about to idle)."""
+        with self._watch_lock:
+            evictions = self._evictions.drain() if self._evictions is not None else []
+            if not self._watchers:
+                return
+            now = time.monotonic()
+            load = self.load()
+            for w in self._watchers:
+                if evictions or (load != w.last_load and (force or now - w.last_time >= w.interval)):
+                    w.last_time, w.last_load = now, load
+                    w.sink((load, evictions))
+
+    def _handle_safely(self, cmd) -> None:
+        """One command; whatever goes wrong with it is logged and the loop serves on."""
+        try:
+            self._handle(cmd)
+        except Exception:  # noqa: BLE001 - the engine thread must outlive any one request
+            log.exception("engine loop: command %s failed", type(cmd).__name__)
+
+    def _handle(self, cmd) -> None:
+        match cmd:
+            case _Add():
+                if not cmd.done.set_running_or_notify_cancel():
+                    return  # the client went away before its request was added: add nothing
+                try:
+                    self.engine.add_request(cmd.prompt, cmd.params, request_id=cmd.request_id,
+                                            priority=cmd.priority)
+                except ValueError as e:
+                    cmd.done.set_exception(e)
+                    return
+                self._sinks[cmd.request_id] = cmd.sink
+                if self.metrics is not None:
+                    self.metrics.on_admit(cmd.request_id, cmd.tier)
+                cmd.done.set_result(cmd.request_id)
+            case _Abort():
+                if self._sinks.get(cmd.request_id) is cmd.sink:
+                    del self._sinks[cmd.request_id]
+                    self.engine.abort(cmd.request_id)
+                    if self.metrics is not None:
+                        self.metrics.on_done(cmd.request_id)
+            case _Watch():
+                w = cmd.watcher
+                with self._watch_lock:
+                    self._watchers.append(w)
+                    w.last_time, w.last_load = time.monotonic(), self.load()
+                w.sink((w.last_load, []))
+            case _ResetPrefixCache():
+                if cmd.done.set_running_or_notify_cancel():
+                    cmd.done.set_result(self.engine.reset_prefix_cache())
+            case _Wake():
+                pass
+            case _:
+                raise TypeError(f"unknown engine-loop command {cmd!r}")
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped.is_set():
+                self._iterate()
+        except BaseException as e:  # noqa: BLE001 - recorded, then every waiting stream hears
+            log.exception("engine loop died")
+            self._die(e)
+
+    def _die(self, cause: BaseException) -> None:
+        """The loop is gone: fail every stream it served and everything still queued."""
+        with self._dead_lock:
+            self._dead = cause
+        error = EngineUnavailable(f"the engine loop has stopped ({cause!r})")
+        sinks, self._sinks = list(self._sinks.values()), {}
+        for sink in sinks:
+            sink(error)
+        self.end_watches()
+        while True:
+            try:
+                self._refuse(self._commands.get_nowait())
+            except queue.Empty:
+                return
+
+    def _iterate(self) -> None:
+        if self.metrics is not None:  # once per iteration, before blocking when idle
+            self.metrics.update_engine(self.engine)
+        busy = self.engine.has_unfinished()
+        self._publish(force=not busy)
+        try:  # block for work only when the engine is idle
+            cmd = self._commands.get(block=not busy)
+            self._handle_safely(cmd)
+            while True:
+                self._handle_safely(self._commands.get_nowait())
+        except queue.Empty:
+            pass
+        if not self.engine.has_unfinished():
+            return
+        self._step_started = time.monotonic()
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # noqa: BLE001 - reported to every waiting request
+            log.exception("engine step failed")
+            for request_id, sink in list(self._sinks.items()):
+                self.engine.abort(request_id)
+                if self.metrics is not None:
+                    self.metrics.on_done(request_id)
+                sink(e)
+            self._sinks.clear()
+            return
+        finally:
+            self._step_started = None
+        if self.metrics is not None:
+            self.metrics.on_outputs(outputs)
+        # A request's stream ends with the last of its outputs that step: samples finishing
+        # together are all delivered, and it stops counting as outstanding before that last
+        # message goes out.
+        last = {out.request_id: i for i, out in enumerate(outputs)}
+        for i, out in enumerate(outputs):
+            sink = self._sinks.get(out.request_id)
+            if sink is None:
+                continue
+            if last[out.request_id] == i and not self.engine.is_unfinished(out.request_id):
+                del self._sinks[out.request_id]
+                if self.metrics is not None:
+                    self.metrics.on_done(out.request_id)
+            sink(out)

@@ -1,0 +1,148 @@
+"""The front door every serving protocol shares: admission, tokenization, one request's stream.
+
+`Frontend.generate` is what a gRPC Generate or an HTTP completion does once the protocol has
+parsed its request: check the tier and `n`, admit the request against the queue limit (counted
+in samples: a request of n samples takes n places, reserved at once so a burst cannot overshoot),
+tokenize a text prompt on a worker thread (never on the engine thread; the tokenizer releases
+the GIL there), submit it to the engine loop and yield its RequestOutputs until every sample
+has finished. A stream that ends early (client gone, deadline, error) aborts its request, so
+its pages go back to the pool. Failures come as ServingError with a gRPC status code name and
+a message that names the bad value (shortened).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import uuid
+from typing import AsyncIterator
+
+from jinfer.config import ServingConfig
+from jinfer.errors import shorten
+from jinfer.request import RequestOutput
+from jinfer.sampling_params import SamplingParams
+from jinfer.serving.engine_loop import EngineLoop, EngineUnavailable, Health
+
+
+class ServingError(Exception):
+    """A request the server will not serve; `code` is a grpc.StatusCode name."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class Frontend:
+    """Admits requests and streams their outputs; shared by every protocol a server speaks.
+
+    Thread-safe: the gRPC and HTTP servers call it from their own event loops.
+    """
+
+    def __init__(self, loop: EngineLoop, config: ServingConfig, tokenizer):
+        self.loop = loop
+        self.config = config
+        self.tokenizer = tokenizer
+        self._lock = threading.Lock()
+        self._queued = 0  # samples admitted whose streams have not ended
+        self._streams: dict[int, callable] = {}  # live stream -> its sink (fail_all reaches them)
+        self._tokenize = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+
+    @property
+    def num_queued_samples(self) -> int:
+        return self._queued
+
+    def close(self) -> None:
+        self._tokenize.shutdown(wait=False, cancel_futures=True)
+
+    def check_healthy(self) -> None:
+        health = self.loop.health()
+        if health is not Health.SERVING:
+            raise ServingError("UNAVAILABLE", f"the engine is {health.value}: this server cannot serve now")
+
+    def fail_all(self, message: str) -> None:
+        """Ends every open stream with UNAVAILABLE (the engine loop died or stalled)."""
+        with self._lock:
+            sinks = list(self._streams.values())
+        for sink in sinks:
+            sink(EngineUnavailable(message))
+
+    def resolve_tier(self, tier: str | None) -> str:
+        tiers = self.config.tiers
+        tier = tier or tiers[0]
+        if tier not in tiers:
+            raise ServingError("INVALID_ARGUMENT", f"unknown tier={shorten(tier)}; known: {list(tiers)}")
+        return tier
+
+    def _admit(self, n: int) -> None:
+        cfg = self.config
+        if n > cfg.max_n:
+            raise ServingError("INVALID_ARGUMENT", f"n={n} exceeds max_n={cfg.max_n}")
+        if n > cfg.max_queued_requests:
+            raise ServingError("INVALID_ARGUMENT", f"n={n} exceeds max_queued_requests={cfg.max_queued_requests}")
+        with self._lock:
+            if self._queued + n > cfg.max_queued_requests:
+                raise ServingError("RESOURCE_EXHAUSTED",
+                                   f"server is full ({self._queued} of max_queued_requests="
+                                   f"{cfg.max_queued_requests} samples queued or running, this request has {n}); "
+                                   "retry later")
+            self._queued += n
+
+    def _release(self, n: int) -> None:
+        with self._lock:
+            self._queued -= n
+
+    async def encode(self, text: str) -> list[int]:
+        """The prompt's ids, tokenized on a worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize, self.tokenizer.encode, text)
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams, *, request_id: str | None = None,
+                       tier: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yields the request's outputs (all samples, interleaved) until every sample finished.
+
+        Raises ServingError: INVALID_ARGUMENT (bad tier, n, prompt or request id),
+        RESOURCE_EXHAUSTED (queue full), UNAVAILABLE (engine dead or stalled), INTERNAL (a step
+        failed). Close the generator (contextlib.aclosing) to abort a request mid-stream.
+        """
+        self.check_healthy()
+        tier = self.resolve_tier(tier)
+        self._admit(params.n)
+        request_id = request_id or uuid.uuid4().hex
+        aio_loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+        sink = lambda item: aio_loop.call_soon_threadsafe(outputs.put_nowait, item)  # noqa: E731
+        key = id(sink)
+        with self._lock:
+            self._streams[key] = sink
+        submitted = finished = False
+        try:
+            ids = await self.encode(prompt) if isinstance(prompt, str) else prompt
+            if not ids:
+                raise ServingError("INVALID_ARGUMENT", "prompt is empty: set text or token_ids")
+            submitted = True
+            try:
+                await asyncio.wrap_future(self.loop.submit(ids, params, request_id, self.config.tiers.index(tier),
+                                                           sink, tier))
+            except ValueError as e:
+                submitted = False  # refused: nothing was added
+                raise ServingError("INVALID_ARGUMENT", str(e)) from None
+            except EngineUnavailable as e:
+                submitted = False
+                raise ServingError("UNAVAILABLE", str(e)) from None
+            done = set()
+            while len(done) < params.n:
+                out = await outputs.get()
+                if isinstance(out, EngineUnavailable):
+                    raise ServingError("UNAVAILABLE", str(out))
+                if isinstance(out, Exception):
+                    raise ServingError("INTERNAL", f"engine failed: {out}")
+                if out.finished:
+                    done.add(out.index)
+                yield out
+            finished = True
+        finally:
+            with self._lock:
+                self._streams.pop(key, None)
+            if submitted and not finished:  # cancelled (even while being added), or failed: free its pages
+                self.loop.abort(request_id, sink)
+            self._release(params.n)
