@@ -123,19 +123,7 @@ class Engine:
         if isinstance(prompt, str) and not prompt:
             raise ValueError("prompt is empty")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise ValueError("prompt is empty")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        limit = self.sched_cfg.max_model_len
-        if len(ids) + params.max_tokens > limit:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                             f"max_model_len={limit}")
-        if len(ids) + params.max_tokens > self.runner.num_pages * self.runner.page_size:
-            raise ValueError(f"prompt + max_tokens = {len(ids) + params.max_tokens} tokens cannot fit "
-                             f"in the KV pool ({self.runner.num_pages} pages)")
+        self.check_prompt(ids, params)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._groups or "/" in request_id:
             raise ValueError(f"request_id={shorten(request_id)} is already in use or contains '/'")
@@ -151,6 +139,24 @@ class Engine:
         samples[0].followers = samples[1:]
         self.scheduler.add(samples[0])
         return request_id
+
+    def check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        """Raises ValueError naming the problem if add_request would refuse these prompt ids for
+        their length or vocabulary. Reads only fixed configuration: safe from any thread (a
+        server checks before it admits)."""
+        if not ids:
+            raise ValueError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        limit = self.sched_cfg.max_model_len
+        if len(ids) + params.max_tokens > limit:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                             f"max_model_len={limit}")
+        if len(ids) + params.max_tokens > self.runner.num_pages * self.runner.page_size:
+            raise ValueError(f"prompt + max_tokens = {len(ids) + params.max_tokens} tokens cannot fit "
+                             f"in the KV pool ({self.runner.num_pages} pages)")
 
     def abort(self, request_id: str) -> bool:
         """Stops all samples of a request and frees their pages; False if unknown or finished."""

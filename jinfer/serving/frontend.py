@@ -92,6 +92,14 @@ class Frontend:
         with self._lock:
             self._queued -= n
 
+    def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ServingError("INVALID_ARGUMENT", "prompt is empty: set text or token_ids")
+        try:
+            self.loop.engine.check_prompt(ids, params)
+        except ValueError as e:
+            raise ServingError("INVALID_ARGUMENT", str(e)) from None
+
     async def encode(self, text: str) -> list[int]:
         """The prompt's ids, tokenized on a worker thread."""
         return await asyncio.get_running_loop().run_in_executor(self._tokenize, self.tokenizer.encode, text)
@@ -106,6 +114,8 @@ class Frontend:
         """
         self.check_healthy()
         tier = self.resolve_tier(tier)
+        if not isinstance(prompt, str):  # a bad prompt is INVALID_ARGUMENT however full the server is
+            self._check_prompt(prompt, params)
         self._admit(params.n)
         request_id = request_id or uuid.uuid4().hex
         aio_loop = asyncio.get_running_loop()
@@ -116,9 +126,11 @@ class Frontend:
             self._streams[key] = sink
         submitted = finished = False
         try:
-            ids = await self.encode(prompt) if isinstance(prompt, str) else prompt
-            if not ids:
-                raise ServingError("INVALID_ARGUMENT", "prompt is empty: set text or token_ids")
+            if isinstance(prompt, str):
+                ids = await self.encode(prompt)
+                self._check_prompt(ids, params)
+            else:
+                ids = prompt
             submitted = True
             try:
                 await asyncio.wrap_future(self.loop.submit(ids, params, request_id, self.config.tiers.index(tier),
