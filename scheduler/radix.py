@@ -6,8 +6,9 @@ token). Every node records
   - `cached_on`: replicas holding the node's tokens in their KV cache. A replica that caches a
     node caches all its ancestors too (`cached_on` of a child is a subset of its parent's);
   - `hits`: per replica, the times requests routed there used the node, kept for `window_s`.
-Replicas report evictions (`evict`), so the tree stays close to what they really hold. `prune`
-drops nodes no replica caches and no request used within the window.
+Replicas report evictions (`evict`), so the tree stays close to what they really hold; a replica
+that goes down is forgotten everywhere (`drop_replica`). `prune` drops nodes no replica caches
+and no request used within the window.
 """
 
 from __future__ import annotations
@@ -156,6 +157,19 @@ class GlobalRadixTree:
                 dropped += n.num_tokens
                 stack.extend(n.children.values())  # below a node it lacks, it lacks everything
         self.tokens_on[replica] -= dropped
+        return dropped
+
+    def drop_replica(self, replica: int) -> int:
+        """Forgets `replica` everywhere: what it caches and its window hits (it went down; it
+        comes back cold). Returns how many cached tokens that took from it."""
+        dropped = 0
+        for n in self.nodes():
+            if replica in n.cached_on:
+                n.cached_on.discard(replica)
+                dropped += n.num_tokens
+            n.hits.pop(replica, None)
+        assert dropped == self.tokens_on[replica], f"tokens_on[{replica}]={self.tokens_on[replica]} drifted"
+        self.tokens_on.pop(replica, None)
         return dropped
 
     def prune(self, now: float) -> int:

@@ -10,7 +10,10 @@ until SIGINT/SIGTERM. Clients talk to the router as to one server (jinfer.v1.Inf
 
 Policies (scheduler/routing.py): round-robin, least-load, sglang (SGLang's cache-aware router),
 preble-e2 (Preble's E2 over a global radix tree; needs --cost_model). Replicas report their load
-and prefix-cache evictions to the router over WatchReplica.
+and prefix-cache evictions to the router over WatchReplica. A replica whose watch stream ends,
+whose Generate fails with UNAVAILABLE or whose health checks fail is routed around until it
+answers again (--health_interval_s, --health_timeout_s, --health_failures); a request it failed
+before streaming anything goes to another replica (--max_reroutes).
 """
 
 from __future__ import annotations
@@ -43,6 +46,12 @@ flags.DEFINE_float("report_interval_s", 0.05, "Replicas report load at most this
 flags.DEFINE_float("connect_timeout_s", 300.0, "Wait this long for the replicas to answer at start.",
                    lower_bound=0.1)
 flags.DEFINE_float("shutdown_grace_s", 10.0, "In-flight streams get this long on shutdown.", lower_bound=0)
+flags.DEFINE_float("health_interval_s", 1.0, "Check every replica's health this often (and reconnect a down one).",
+                   lower_bound=1e-3)
+flags.DEFINE_float("health_timeout_s", 1.0, "Deadline of one health check.", lower_bound=1e-3)
+flags.DEFINE_integer("health_failures", 3, "Failed health checks in a row that mark a replica down.", lower_bound=1)
+flags.DEFINE_integer("max_reroutes", 2, "Route a request again at most this many times when its replica fails before "
+                     "streaming anything.", lower_bound=0)
 flags.DEFINE_float("window_s", 180.0, "preble-e2: history window H for loads and prefix hits.", lower_bound=1e-3)
 flags.DEFINE_bool("rebalance", True, "preble-e2: leave an overloaded cache holder (1.5x the lightest load).")
 flags.DEFINE_bool("replicate", True, "preble-e2: copy a prefix whose TTFT doubled to another replica.")
@@ -80,7 +89,9 @@ def main(argv):
     try:
         config = RouterConfig(host=FLAGS.host, port=FLAGS.port, auth_token=FLAGS.auth_token,
                               replica_token=FLAGS.replica_token, report_interval_s=FLAGS.report_interval_s,
-                              connect_timeout_s=FLAGS.connect_timeout_s, shutdown_grace_s=FLAGS.shutdown_grace_s)
+                              connect_timeout_s=FLAGS.connect_timeout_s, shutdown_grace_s=FLAGS.shutdown_grace_s,
+                              health_interval_s=FLAGS.health_interval_s, health_timeout_s=FLAGS.health_timeout_s,
+                              health_failures=FLAGS.health_failures, max_reroutes=FLAGS.max_reroutes)
         options = E2Options(window_s=FLAGS.window_s, rebalance=FLAGS.rebalance, replicate=FLAGS.replicate,
                             pd_balance=FLAGS.pd_balance)
         router = RouterServer(FLAGS.replicas, FLAGS.policy, cost, options, config, tokenizer)

@@ -2,8 +2,10 @@
 
 A router sees each request once (`route`) and hears back from replicas: the first token
 (`on_first_token`, for TTFT-driven replication), the finish (`on_finish`), evictions
-(`on_evict`) and load reports (`on_load`). The simulator and the live router
-(scheduler/live.py) drive the same objects.
+(`on_evict`) and load reports (`on_load`). The live router (scheduler/live.py) also says when a
+replica stops answering (`on_replica_down`: never routed to again, its tree entries and
+outstanding requests forgotten) and when it answers again (`on_replica_up`: taken back cold).
+The simulator and the live router drive the same objects.
 """
 
 from __future__ import annotations
@@ -42,10 +44,16 @@ class ReplicaLoad:
         return self.free_pages * self.page_size
 
 
+class NoReplicaUp(RuntimeError):
+    """Every replica is down: a request has nowhere to go."""
+
+
 class Router(Protocol):
     name: str
 
-    def route(self, req: RouteRequest, now: float) -> int: ...
+    def route(self, req: RouteRequest, now: float) -> int:
+        """The replica (index) the request goes to; never one that is down (NoReplicaUp when all
+        are). ValueError when the request cannot be routed at all."""
 
     def on_first_token(self, replica: int, req: RouteRequest, now: float, ttft_s: float) -> None: ...
 
@@ -54,6 +62,15 @@ class Router(Protocol):
     def on_evict(self, replica: int, tokens, keep: int) -> None: ...
 
     def on_load(self, replica: int, load: ReplicaLoad, now: float) -> None: ...
+
+    def on_replica_down(self, replica: int, now: float) -> None:
+        """The replica stopped answering: never route there until on_replica_up; drop its tree
+        entries, load history and outstanding count (the caller sends no on_finish for the
+        requests routed there before)."""
+
+    def on_replica_up(self, replica: int, now: float) -> None:
+        """The replica answers again: route to it again, cold (nothing cached; its load from
+        its next report)."""
 
 
 class _Counting:
@@ -67,8 +84,17 @@ class _Counting:
         self.num_replicas = num_replicas
         self.outstanding = [0] * num_replicas
         self.reported: list[ReplicaLoad | None] = [None] * num_replicas  # last load report
+        self.up = [True] * num_replicas
+
+    def live(self) -> list[int]:
+        """The replicas a request may go to (those not down); NoReplicaUp when none is."""
+        live = [r for r in range(self.num_replicas) if self.up[r]]
+        if not live:
+            raise NoReplicaUp(f"all {self.num_replicas} replicas are down")
+        return live
 
     def _assign(self, r: int) -> int:
+        assert self.up[r], f"routed to replica {r}, which is down"
         self.outstanding[r] += 1
         return r
 
@@ -84,6 +110,14 @@ class _Counting:
     def on_load(self, replica, load, now) -> None:
         self.reported[replica] = load
 
+    def on_replica_down(self, replica, now) -> None:
+        self.up[replica] = False
+        self.outstanding[replica] = 0
+        self.reported[replica] = None
+
+    def on_replica_up(self, replica, now) -> None:
+        self.up[replica] = True
+
 
 class RoundRobin(_Counting):
     name = "round-robin"
@@ -93,7 +127,11 @@ class RoundRobin(_Counting):
         self._next = itertools.cycle(range(num_replicas))
 
     def route(self, req, now) -> int:
-        return self._assign(next(self._next))
+        self.live()  # NoReplicaUp when every replica is down
+        r = next(self._next)
+        while not self.up[r]:  # skip the down ones, keeping the turn order of the rest
+            r = next(self._next)
+        return self._assign(r)
 
 
 class LeastLoad(_Counting):
@@ -102,7 +140,7 @@ class LeastLoad(_Counting):
     name = "least-load"
 
     def route(self, req, now) -> int:
-        return self._assign(min(range(self.num_replicas), key=lambda r: (self.outstanding[r], r)))
+        return self._assign(min(self.live(), key=lambda r: (self.outstanding[r], r)))
 
 
 class SGLangCacheAware(_Counting):
@@ -120,16 +158,21 @@ class SGLangCacheAware(_Counting):
         self.tree = GlobalRadixTree()
 
     def route(self, req, now) -> int:
-        load = self.outstanding
-        least = min(range(self.num_replicas), key=lambda r: (load[r], r))
-        if max(load) - min(load) > self.balance_abs and max(load) > self.balance_rel * min(load):
+        live, load = self.live(), self.outstanding
+        least = min(live, key=lambda r: (load[r], r))
+        most = max(load[r] for r in live)
+        if most - load[least] > self.balance_abs and most > self.balance_rel * load[least]:
             r = least
         else:
-            lengths = self.tree.cached_lengths(req.prompt, range(self.num_replicas))
-            best = max(range(self.num_replicas), key=lambda r: (lengths[r], -load[r], -r))
+            lengths = self.tree.cached_lengths(req.prompt, live)
+            best = max(live, key=lambda r: (lengths[r], -load[r], -r))
             r = best if lengths[best] / len(req.prompt) > self.cache_threshold else least
         self.tree.insert(req.prompt, r, now, record_hit=False)
         return self._assign(r)
+
+    def on_replica_down(self, replica, now) -> None:
+        super().on_replica_down(replica, now)
+        self.tree.drop_replica(replica)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +245,13 @@ class PrebleE2(_Counting):
         super().on_load(replica, load, now)
         self._since_report[replica] = 0
 
+    def on_replica_down(self, replica, now) -> None:
+        super().on_replica_down(replica, now)
+        self.tree.drop_replica(replica)
+        self._history[replica].clear()  # the requests sent there are gone: so is their load
+        self._sums[replica] = [0.0, 0.0]
+        self._since_report[replica] = 0
+
     def _eviction_cost(self, r: int, new_tokens: int, now: float) -> float:
         need = new_tokens - self.free_tokens(r)
         if need <= 0:
@@ -224,8 +274,7 @@ class PrebleE2(_Counting):
         decode = self.cost.decode_time(req.max_tokens, n, batch=max(1, self.outstanding[r]))
         return prefill, decode
 
-    def _explore(self, req, lengths, loads, now, among=None) -> tuple[int, str]:
-        cands = list(among if among is not None else range(self.num_replicas))
+    def _explore(self, req, lengths, loads, now, cands) -> tuple[int, str]:
         n = len(req.prompt)
         total = {}
         for r in cands:
@@ -246,26 +295,27 @@ class PrebleE2(_Counting):
         n = len(req.prompt)
         if n == 0:
             raise ValueError(f"request {req.request_id!r} has an empty prompt")
+        live = self.live()
         path, matched = self.tree.match(req.prompt)
-        lengths = self.tree.lengths_on_path(path, matched, range(self.num_replicas))
-        loads = [self.load(r, now) for r in range(self.num_replicas)]
+        lengths = self.tree.lengths_on_path(path, matched, live)
+        loads = {r: self.load(r, now) for r in live}
         best = max(lengths.values())
         deepest = path[-1] if path and best > 0 else None
         if best > n - best:  # exploit
-            holders = [r for r in range(self.num_replicas) if lengths[r] == best]
+            holders = [r for r in live if lengths[r] == best]
             r = min(holders, key=lambda r: (loads[r], r))
             kind = "exploit"
-            if self.opt.rebalance and loads[r] > self.opt.rebalance_ratio * min(loads):
-                r, _ = self._explore(req, lengths, loads, now)
+            if self.opt.rebalance and loads[r] > self.opt.rebalance_ratio * min(loads.values()):
+                r, _ = self._explore(req, lengths, loads, now, live)
                 kind = "rebalance"
             elif self.opt.replicate and deepest is not None and self._ttft_doubled(deepest, now):
-                others = [x for x in range(self.num_replicas) if x not in holders]
+                others = [x for x in live if x not in holders]
                 if others:
-                    r, _ = self._explore(req, lengths, loads, now, among=others)
+                    r, _ = self._explore(req, lengths, loads, now, others)
                     kind = "replicate"
                     self._ttft.pop(id(deepest), None)
         else:
-            r, kind = self._explore(req, lengths, loads, now)
+            r, kind = self._explore(req, lengths, loads, now, live)
         self.decisions[kind] += 1
         prefill, decode = self._request_cost(r, req, lengths[r])
         self._history[r].append((now, prefill, decode))

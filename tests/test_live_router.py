@@ -1,9 +1,12 @@
-"""The live router (scheduler/live.py) in front of two replica server processes on loopback."""
+"""The live router (scheduler/live.py) in front of two replica server processes on loopback (a
+third, killed and restarted, for failover)."""
 
 import os
 import random
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -22,6 +25,10 @@ REPLICA_ARGS = ["--config.serving.port=0", "--config.serving.metrics_port=0", "-
                 "--config.scheduler.max_model_len=256", "--config.scheduler.max_num_batched_tokens=64",
                 "--config.scheduler.max_num_seqs=8", "--config.serving.shutdown_grace_s=2"]
 EXPLOIT_ONLY = E2Options(rebalance=False, replicate=False, pd_balance=False)
+# The victim runs 4 requests at once (more queue) and has room for them without preemption.
+VICTIM_ARGS = [a for a in REPLICA_ARGS if not a.startswith(("--config.cache.num_pages=", "--config.scheduler.max_num_seqs="))]
+VICTIM_ARGS += ["--config.cache.num_pages=80", "--config.scheduler.max_num_seqs=4"]
+FAST_FAILOVER = dict(report_interval_s=0.01, health_interval_s=0.1, health_timeout_s=1.0, health_failures=2)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +167,8 @@ def test_bad_input_and_cancellation_leave_router_and_replicas_clean(replicas, ro
 
 def test_launch_router_tool_serves_and_exits_cleanly(replicas):
     targets = ",".join(p.target for p in replicas)
-    with ServerProcess([f"--replicas={targets}", "--policy=round-robin", "--port=0", "--shutdown_grace_s=2"],
+    with ServerProcess([f"--replicas={targets}", "--policy=round-robin", "--port=0", "--shutdown_grace_s=2",
+                        "--health_interval_s=0.5", "--health_timeout_s=0.5", "--health_failures=2", "--max_reroutes=1"],
                        module="scheduler.router_main") as proc:
         proc.wait_ready(120)
         with Client(proc.target) as c:
@@ -175,6 +183,109 @@ def test_launch_router_tool_serves_and_exits_cleanly(replicas):
                       ([f"--replicas={targets}", "--cost_model=/nonexistent.json"], "--cost_model='/nonexistent.json'")]:
         res = subprocess.run([sys.executable, tool, *args], capture_output=True, text=True, timeout=120)
         assert res.returncode != 0 and msg in res.stderr, res.stderr[-2000:]
+
+
+def _until(cond, what: str, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while not (value := cond()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+    return value
+
+
+def _stream(client, prompt, max_tokens, out: dict) -> None:
+    """One Generate stream: out["tokens"] grows as tokens arrive; out["error"] = (code, details)."""
+    out.update(tokens=[], error=None)
+    try:
+        for msg in client.generate_stream(prompt, max_tokens=max_tokens, ignore_eos=True):
+            out["tokens"] += msg.token_ids
+    except grpc.RpcError as e:
+        out["error"] = (e.code(), e.details())
+
+
+def _streams(client, prompts, max_tokens):
+    outs = [{"tokens": []} for _ in prompts]
+    threads = [threading.Thread(target=_stream, args=(client, p, max_tokens, o)) for p, o in zip(prompts, outs)]
+    for t in threads:
+        t.start()
+    return outs, threads
+
+
+def test_router_fails_over_when_a_replica_hangs_or_dies_and_takes_it_back(replicas):
+    with pytest.raises(ValueError, match="health_interval_s=0 must be in"):
+        RouterConfig(health_interval_s=0)
+    rng = random.Random(4)
+    cpus = sorted(os.sched_getaffinity(0))
+    victim = ServerProcess(VICTIM_ARGS, cpus={cpus[2 % len(cpus)]}).start()
+    routers, restarted = [], None
+    try:
+        victim.wait_ready(600)
+        for p in replicas:
+            with Client(p.target) as c:
+                c.reset_prefix_cache()
+        # The victim is replica 0: ties go to it, so E2 sends each new prefix there first.
+        a = RouterServer([victim.target] + [p.target for p in replicas], "preble-e2", analytic_7b_h100(), EXPLOIT_ONLY,
+                         RouterConfig(**FAST_FAILOVER)).start()
+        routers.append(a)
+        b = RouterServer([victim.target], "round-robin", config=RouterConfig(**FAST_FAILOVER)).start()
+        routers.append(b)
+        with Client(f"127.0.0.1:{a.port}") as c, Client(f"127.0.0.1:{b.port}") as cb:
+            routed = lambda: [r.routed for r in c.router_stats().replicas]  # noqa: E731
+            up = lambda client: client.router_stats().replicas[0].connected  # noqa: E731
+
+            # Hung (SIGSTOP): its watch stream stays open, its health checks time out.
+            shared = _ids(rng, 64)
+            c.generate(shared + _ids(rng, 8), max_tokens=2, ignore_eos=True)
+            assert routed() == [1, 0, 0]
+            os.kill(victim.proc.pid, signal.SIGSTOP)
+            (out,), (t,) = _streams(c, [shared + _ids(rng, 8)], 4)  # exploits the victim, which never answers
+            _until(lambda: not up(c), "the hung replica marked down")
+            t.join(30)
+            assert out["error"] is None and len(out["tokens"]) == 4  # routed again once marked down
+            assert routed()[0] == 2 and sum(routed()[1:]) == 1
+            os.kill(victim.proc.pid, signal.SIGCONT)
+            _until(lambda: up(c), "the resumed replica taken back")
+
+            # Killed (SIGKILL) with 4 long requests streaming there and 2 short ones queued behind them.
+            prefix = _ids(rng, 16)  # 16 cached > 4 missed: E2 exploits the victim for all six
+            long, long_threads = _streams(c, [prefix + _ids(rng, 4) for _ in range(4)], 236)  # to max_model_len
+            _until(lambda: all(o["tokens"] for o in long), "4 streams started on the victim")
+            short, short_threads = _streams(c, [prefix + _ids(rng, 4) for _ in range(2)], 8)
+            _until(lambda: c.router_stats().replicas[0].load.waiting == 2, "2 requests queued on the victim")
+            victim.kill()
+            for t in long_threads + short_threads:
+                t.join(60)
+            for o in long:
+                code, details = o["error"]
+                assert 0 < len(o["tokens"]) < 236 and code == grpc.StatusCode.UNAVAILABLE, (o, code)
+                assert f"replica {victim.target}" in details, details
+            assert [(o["error"], len(o["tokens"])) for o in short] == [(None, 8)] * 2  # routed again
+            assert routed()[0] == 8 and sum(routed()[1:]) == 3
+            _until(lambda: not up(c), "the killed replica marked down")
+            st = c.router_stats().replicas[0]
+            assert st.cached_tokens == 0 and st.outstanding == 0
+            assert a.call(lambda: [n for n in a.policy.tree.nodes() if 0 in n.cached_on or 0 in n.hits]) == []
+            with pytest.raises(grpc.RpcError) as e:
+                cb.generate(_ids(rng, 5), max_tokens=2)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert f"no replica is up: {victim.target} is down" in e.value.details()
+
+            # Restarted on the same port: taken back cold, and routed to (it has no load history).
+            args = [x for x in VICTIM_ARGS if not x.startswith("--config.serving.port=")]
+            restarted = ServerProcess(args + [f"--config.serving.port={victim.port}"], cpus=victim.cpus).start()
+            restarted.wait_ready(600)
+            _until(lambda: up(c) and up(cb), "the restarted replica taken back")
+            assert c.router_stats().replicas[0].cached_tokens == 0
+            c.generate(_ids(rng, 20), max_tokens=2, ignore_eos=True)
+            assert routed()[0] == 9
+            assert cb.generate(_ids(rng, 5), max_tokens=2, ignore_eos=True)[0]["finish_reason"] == "length"
+    finally:
+        for r in routers:
+            r.stop(grace=1)
+        victim.stop()
+        if restarted is not None:
+            assert restarted.stop() == 0
 
 
 def test_live_routing_benchmark_runs_end_to_end(tmp_path):

@@ -17,8 +17,8 @@ from scheduler import preble_workloads as pw
 from scheduler.cost_model import CostModel, analytic_7b_h100
 from scheduler.local_policy import PriorityGroups
 from scheduler.radix import GlobalRadixTree
-from scheduler.routing import (E2Options, LeastLoad, PrebleE2, ReplicaLoad, RoundRobin, RouteRequest,
-                               SGLangCacheAware)
+from scheduler.routing import (ROUTERS, E2Options, LeastLoad, NoReplicaUp, PrebleE2, ReplicaLoad, RoundRobin,
+                               RouteRequest, SGLangCacheAware, make_router)
 from scheduler.simulator import ReplicaConfig, Simulator
 
 # -- global radix tree -------------------------------------------------------------------------
@@ -27,6 +27,7 @@ seqs = st.lists(st.integers(0, 2), min_size=1, max_size=7).map(tuple)
 ops = st.lists(st.one_of(
     st.tuples(st.just("insert"), seqs, st.integers(0, 2)),
     st.tuples(st.just("evict"), seqs, st.integers(0, 6), st.integers(0, 2)),
+    st.tuples(st.just("drop"), st.integers(0, 2)),
     st.tuples(st.just("prune"))), max_size=40)
 
 
@@ -49,6 +50,10 @@ def test_tree_matches_a_set_of_cached_prefixes_per_replica(operations, queries):
             gone = {p for p in model[r] if len(p) > keep and p[:keep + 1] == seq[:keep + 1]} if keep < len(seq) else set()
             assert dropped == len(gone & model[r])
             model[r] -= gone
+        elif op[0] == "drop":
+            assert tree.drop_replica(op[1]) == len(model[op[1]])
+            assert not any(op[1] in n.cached_on or op[1] in n.hits for n in tree.nodes())
+            model[op[1]] = set()
         else:
             tree.prune(now + 100.0)  # every hit is out of the window: only cached nodes survive
         tree.check()
@@ -168,6 +173,51 @@ def test_baselines():
     assert sg.route(_req(2, (9, 9, 9)), 0.0) == 1  # no match: least load
     sg.outstanding = [5, 1]  # imbalanced: 5 - 1 > 2 and 5 > 1.5
     assert sg.route(_req(3, prefix + (3,)), 0.0) == 1
+
+
+@pytest.mark.parametrize("name", ROUTERS)
+def test_routers_skip_a_down_replica_and_take_it_back_cold(name):
+    router = make_router(name, 3, COST, capacity_tokens=10_000, options=PLAIN)
+    shared = tuple(range(100, 160))
+    held = router.route(_req(0, shared + (1,)), now=0.0)
+    for i in range(1, 6):
+        router.route(_req(i, shared + (1 + i,) if i % 2 else tuple(range(1000 * i, 1000 * i + 30))), now=0.0)
+    router.on_load(held, ReplicaLoad(0, 2, 100, 50, 10, 16), now=0.0)
+    router.on_replica_down(held, now=1.0)
+    assert router.outstanding[held] == 0 and router.reported[held] is None
+    tree = getattr(router, "tree", None)
+    if tree is not None:  # the tree forgets it: nothing cached there, no window hits
+        assert tree.tokens_on[held] == 0 and tree.cached_lengths(shared, [held]) == {held: 0}
+        assert not any(held in n.cached_on or held in n.hits for n in tree.nodes())
+        tree.check()
+    routed = [router.route(_req(10 + i, shared + (50 + i,) if i % 2 else (7, 7, i)), now=1.0) for i in range(12)]
+    assert held not in routed and set(routed) == {0, 1, 2} - {held}
+    for r in {0, 1, 2} - {held}:
+        router.on_replica_down(r, now=2.0)
+    with pytest.raises(NoReplicaUp, match="all 3 replicas are down"):
+        router.route(_req(30, shared), now=2.0)
+    router.on_replica_up(held, now=3.0)
+    assert router.route(_req(31, shared + (9,)), now=3.0) == held  # the only one up
+    for r in range(3):
+        router.on_replica_up(r, now=3.0)
+    fresh = [tuple(range(9000 + 100 * i, 9030 + 100 * i)) for i in range(6)]
+    assert held in {router.route(_req(40 + i, p), now=3.0) for i, p in enumerate(fresh)}
+
+
+def test_e2_takes_a_replica_back_with_no_load_and_the_prefix_it_held_forgotten():
+    e2 = PrebleE2(2, COST, capacity_tokens=10_000, options=PLAIN)
+    shared = tuple(range(100, 160))
+    assert e2.route(_req(0, shared + (1,)), now=0.0) == 0
+    assert e2.route(_req(1, shared + (2,)), now=0.0) == 0  # exploit: 60 cached > 1 missed
+    assert e2.route(_req(2, tuple(range(2000, 2100))), now=0.0) == 1  # replica 0 is the loaded one
+    e2.on_load(0, ReplicaLoad(0, 2, 625, 0, 0, 16), now=0.0)
+    e2.on_replica_down(0, now=1.0)
+    assert e2.load(0, 1.0) == 0 and e2.free_tokens(0) == 10_000  # cold: no history, no report
+    assert e2.route(_req(3, shared + (3,)), now=1.0) == 1  # the prefix's only holder is down
+    e2.on_replica_up(0, now=2.0)
+    # Back, and lighter than replica 1, the prefix now lives on 1 only: 61 cached > 1 missed.
+    assert e2.route(_req(4, shared + (3, 4)), now=2.0) == 1 and e2.decisions["exploit"] == 2
+    assert e2.route(_req(5, tuple(range(3000, 3050))), now=2.0) == 0  # explore: the idle replica
 
 
 # -- local priority groups ---------------------------------------------------------------------
