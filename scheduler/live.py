@@ -109,7 +109,7 @@ class _Replica:
         self.info: pb.ServerInfo | None = None
         self.up = True  # the policy starts with every replica up
         self.watching = False  # the current watch stream delivered its first report
-        self.healthy = True
+        self.healthy = True  # a health check answered SERVING since it was last marked down
         self.health_failures = 0  # in a row
         self.down_reason = ""
         self.epoch = 0  # times marked down: requests routed in an earlier epoch are forgotten
@@ -453,8 +453,7 @@ class RouterServer:
             self._maybe_up(i)
             return
         rep.health_failures += 1
-        if rep.health_failures >= cfg.health_failures and rep.healthy:
-            rep.healthy = False
+        if rep.health_failures == cfg.health_failures:  # once per failing streak
             # A replica that stopped answering never ends its streams: cancel them (those not yet
             # relaying are routed again). One that says NOT_SERVING is draining: let them finish.
             self.mark_down(i, f"{rep.health_failures} health checks in a row failed: {status}", cancel_calls=hung)
@@ -467,7 +466,7 @@ class RouterServer:
         rep = self.replicas[i]
         if epoch is not None and epoch != rep.epoch:
             return
-        rep.watching = False
+        rep.watching = rep.healthy = False  # back only with a fresh report and a SERVING check
         if rep.watch_call is not None:
             rep.watch_call.cancel()
         if cancel_calls:
