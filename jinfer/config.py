@@ -131,6 +131,9 @@ class ServingConfig:
     """Interface to bind; 127.0.0.1 keeps the server local unless told otherwise."""
     port: int = 0
     """0 picks a free port (see Server.port)."""
+    http_port: int | None = None
+    """The OpenAI-compatible HTTP API (jinfer/serving/openai) on this port of `host`, beside gRPC
+    (0 picks a free one, see Server.http_port); None: no HTTP API."""
     max_queued_requests: int = 256
     """Samples admitted but unfinished beyond which Generate answers RESOURCE_EXHAUSTED (a
     request of n samples counts n)."""
@@ -142,17 +145,19 @@ class ServingConfig:
     NOT_SERVING and waiting streams fail with UNAVAILABLE (it turns SERVING again if the step
     ends). Above the longest compile a step may need (servers warm up by default)."""
     max_request_bytes: int = 4 << 20
-    """Larger GenerateRequests are refused with INVALID_ARGUMENT (gRPC itself refuses 4x this)."""
+    """Larger GenerateRequests are refused with INVALID_ARGUMENT (gRPC itself refuses 4x this),
+    larger HTTP request bodies with 413."""
     tiers: tuple[str, ...] = ("default",)
     """SLO tier names, highest priority first; an empty tier field means the first."""
     auth_token: str | None = None
-    """When set, every Inference call needs metadata `authorization: Bearer <token>`."""
+    """When set, every Inference call needs metadata `authorization: Bearer <token>`, and every
+    HTTP request but GET /health the header `Authorization: Bearer <token>`."""
     tls_cert: str | None = None
-    """PEM certificate chain file; with tls_key, serve TLS instead of plaintext."""
+    """PEM certificate chain file; with tls_key, serve TLS instead of plaintext (HTTP too)."""
     tls_key: str | None = None
     """PEM private key file."""
     model_name: str = ""
-    """Reported by GetServerInfo."""
+    """Reported by GetServerInfo; the HTTP API's model id (empty there: "jinfer")."""
     metrics_port: int | None = None
     """Prometheus /metrics over HTTP on this port (0 picks a free one, see Server.metrics_port);
     None: no metrics endpoint."""
@@ -174,6 +179,10 @@ class ServingConfig:
             raise ValueError("tls_cert and tls_key go together")
         if len(set(self.tiers)) != len(self.tiers) or not all(self.tiers):
             raise ValueError(f"tiers={self.tiers!r} must be distinct, non-empty names")
+        if self.http_port is not None and not 0 <= self.http_port < 65536:
+            raise ValueError(f"http_port={self.http_port} must be in [0, 65535] or None")
+        if self.http_port and self.http_port == self.port:
+            raise ValueError(f"http_port={self.http_port} is the gRPC port: give them different ports")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port={self.metrics_port} must be in [0, 65535] or None")
         if self.shutdown_grace_s < 0:

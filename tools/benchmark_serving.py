@@ -1,9 +1,11 @@
-"""Replays a workload against a running jinfer server over gRPC and reports what it measured.
+"""Replays a workload against a running jinfer server (gRPC, or its OpenAI-compatible HTTP API)
+and reports what it measured.
 
   python tools/benchmark_serving.py --target=127.0.0.1:50051 --workload=shared_prefix \
       --num_requests=200 --rate=8 --tiers=interactive:0.7,batch:0.3 \
       --slo=interactive:500:50 --slo=batch:5000:200 --result_file=run.json --plot=run.png
   python tools/benchmark_serving.py --workload=trace --trace=requests.jsonl --rate=0   # trace times
+  python tools/benchmark_serving.py --target=http://127.0.0.1:8000 --workload=random  # the HTTP API
   python tools/benchmark_serving.py --workload=demo --save_trace=demo.jsonl --dry_run   # write, don't send
 
 Workloads (jinfer/workloads.py): random (independent prompts), shared_prefix (groups of a shared
@@ -28,7 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("target", "127.0.0.1:50051", "host:port of the server.")
+flags.DEFINE_string("target", "127.0.0.1:50051", "host:port of the server (gRPC), or http(s)://host:port of its "
+                    "OpenAI-compatible HTTP API (serving.http_port): streamed completions, timed the same way.")
 flags.DEFINE_string("token", "", "Bearer token, if the server requires one.")
 flags.DEFINE_string("root_cert", "", "PEM root certificate: connect with TLS.")
 flags.DEFINE_enum("workload", "shared_prefix", ["random", "shared_prefix", "multi_turn", "demo", "trace"],
@@ -123,18 +126,14 @@ def main(argv):
             raise app.UsageError("--plot needs matplotlib: pip install 'jinfer[plot]'") from None
     vocab_size = 4096
     if not FLAGS.dry_run:
-        import grpc
-
-        from jinfer.serving.client import Client
         try:
-            with Client(FLAGS.target, token=FLAGS.token or None, root_cert=FLAGS.root_cert or None) as c:
-                info = c.server_info(timeout=30)
-        except grpc.RpcError as e:
-            sys.exit(f"error: cannot reach {FLAGS.target}: {e.code().name}: {e.details()}")
-        vocab_size = info.vocab_size
-        unknown = sorted((set(slos) | set(_tier_mix(FLAGS.tiers) or ())) - set(info.tiers))
+            info = bm.server_info(FLAGS.target, token=FLAGS.token or None, root_cert=FLAGS.root_cert or None)
+        except bm.RequestFailed as e:
+            sys.exit(f"error: cannot reach {FLAGS.target}: {e}")
+        vocab_size = info["vocab_size"]
+        unknown = sorted((set(slos) | set(_tier_mix(FLAGS.tiers) or ())) - set(info["tiers"]))
         if unknown:
-            raise app.UsageError(f"tiers {unknown} are not served by {FLAGS.target}; it has {list(info.tiers)}")
+            raise app.UsageError(f"tiers {unknown} are not served by {FLAGS.target}; it has {info['tiers']}")
     try:
         items = build_workload(vocab_size)
     except (ValueError, OSError) as e:

@@ -1,10 +1,12 @@
 """Replays a workload (jinfer.workloads) against a running server and measures it.
 
-Every request is one streamed Generate call sent at its arrival time; latencies are taken on the
-client: TTFT = first token − send, TPOT = (last token − first token) / (tokens − 1), latency =
-last token − send. A request that fails (any gRPC error) counts as completed-with-error and
-misses every SLO. SLO attainment is the share of a tier's requests meeting both its TTFT and
-TPOT targets; goodput is how many of them per second of the run.
+Every request is one streamed call sent at its arrival time: a gRPC Generate, or against an
+http(s):// target a streamed completion of the OpenAI-compatible API (bench_targets.py).
+Latencies are taken on the client: TTFT = first token − send, TPOT = (last token − first
+token) / (tokens − 1), latency = last token − send. A request that fails (any gRPC or HTTP
+error) counts as completed-with-error and misses every SLO. SLO attainment is the share of a
+tier's requests meeting both its TTFT and TPOT targets; goodput is how many of them per second
+of the run.
 """
 
 from __future__ import annotations
@@ -14,11 +16,9 @@ import dataclasses
 import math
 import time
 
-import grpc
 import numpy as np
 
-from jinfer.serving import inference_pb2 as pb
-from jinfer.serving import inference_pb2_grpc as pb_grpc
+from jinfer.serving.bench_targets import RequestFailed, connect
 from jinfer.workloads import WorkItem
 
 PERCENTILES = (50, 90, 99)
@@ -103,30 +103,24 @@ class Run:
     server: dict
 
 
-def _request(prompt, item: WorkItem, tier: str, ignore_eos: bool, temperature: float, seed: int
-             ) -> pb.GenerateRequest:
-    req = pb.GenerateRequest(max_tokens=item.max_tokens, tier=tier, ignore_eos=ignore_eos,
-                             temperature=temperature, seed=seed, session_key=item.session)
-    if isinstance(prompt, str):
-        req.text = prompt
-    else:
-        req.token_ids.ids.extend(prompt)
-    return req
+def server_info(target: str, *, token: str | None = None, root_cert: str | None = None) -> dict:
+    """What the server says it serves (model, tiers, max_model_len, vocab_size, ...);
+    RequestFailed if it cannot be asked."""
+    async def ask():
+        client = connect(target, token, root_cert)
+        try:
+            return await client.info()
+        finally:
+            await client.close()
+    return asyncio.run(ask())
 
 
 async def _replay(target: str, items: list[WorkItem], *, token, root_cert, ignore_eos, temperature,
                   max_concurrency, progress, timeout_s) -> Run:
-    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-    if root_cert:
-        with open(root_cert, "rb") as f:
-            channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(f.read()), options)
-    else:
-        channel = grpc.aio.insecure_channel(target, options)
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    stub = pb_grpc.InferenceStub(channel)
-    async with channel:
-        info = await stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=metadata, timeout=30)
-        first_tier = info.tiers[0] if info.tiers else ""
+    client = connect(target, token, root_cert)
+    try:
+        info = await client.info()
+        first_tier = info["tiers"][0] if info["tiers"] else ""
         results = [Result(i, it.tier or first_tier, it.session, it.group, it.arrival_s) for i, it in enumerate(items)]
         limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         previous: dict[str, asyncio.Future] = {}  # session -> its last turn (done when it finishes)
@@ -154,27 +148,27 @@ async def _replay(target: str, items: list[WorkItem], *, token, root_cert, ignor
                 try:
                     res.send_s = time.perf_counter() - start
                     out_ids, out_text = [], []
-                    call = stub.Generate(_request(prompt, item, res.tier, ignore_eos, temperature, i),
-                                         metadata=metadata, timeout=timeout_s)
-                    async for msg in call:
-                        now = time.perf_counter() - start
-                        if msg.token_ids and math.isnan(res.first_token_s):
-                            res.first_token_s = now
-                        out_ids.extend(msg.token_ids)
-                        out_text.append(msg.text)
-                        if msg.finish_reason:
-                            res.finish_s, res.finish_reason = now, msg.finish_reason
-                            res.prompt_tokens = msg.usage.prompt_tokens
-                            res.completion_tokens = msg.usage.completion_tokens
-                            res.cached_prompt_tokens = msg.usage.cached_prompt_tokens
+                    async with asyncio.timeout(timeout_s):
+                        async for d in client.stream(prompt, item, res.tier, ignore_eos, temperature, i, timeout_s):
+                            now = time.perf_counter() - start
+                            if d.token_ids and math.isnan(res.first_token_s):
+                                res.first_token_s = now
+                            out_ids.extend(d.token_ids)
+                            out_text.append(d.text)
+                            if d.finish_reason:
+                                res.finish_s, res.finish_reason = now, d.finish_reason
+                            if d.usage:
+                                res.prompt_tokens, res.completion_tokens, res.cached_prompt_tokens = d.usage
                 finally:
                     if limit is not None:
                         limit.release()
                 if item.session:
                     history[item.session] = prompt + ("".join(out_text) if isinstance(prompt, str)
                                                       else tuple(out_ids))
-            except grpc.aio.AioRpcError as e:
-                res.error = f"{e.code().name}: {e.details()}"
+            except RequestFailed as e:
+                res.error = str(e)
+            except TimeoutError:
+                res.error = f"DEADLINE_EXCEEDED: no answer within {timeout_s} s"
             except ValueError as e:
                 res.error = f"CLIENT: {e}"
             finally:
@@ -195,16 +189,18 @@ async def _replay(target: str, items: list[WorkItem], *, token, root_cert, ignor
         duration = time.perf_counter() - start
         if bar is not None:
             bar.close()
-    server = {"model": info.model, "tiers": list(info.tiers), "max_model_len": info.max_model_len,
-              "attention_backend": info.attention_backend, "tp": info.tp, "version": info.version}
-    return Run(results, duration, server)
+    finally:
+        await client.close()
+    return Run(results, duration, info)
 
 
 def replay(target: str, items: list[WorkItem], *, token: str | None = None, root_cert: str | None = None,
            ignore_eos: bool = True, temperature: float = 0.0, max_concurrency: int = 0,
            progress: bool = True, timeout_s: float | None = None) -> Run:
-    """Sends every item at its arrival time; returns what each request saw. max_concurrency > 0
-    caps requests in flight on the client (0: no cap, the server's admission control decides)."""
+    """Sends every item at its arrival time; returns what each request saw. `target`: host:port
+    of a gRPC server (or router), or the http(s):// URL of a server's OpenAI-compatible API.
+    max_concurrency > 0 caps requests in flight on the client (0: no cap, the server's
+    admission control decides). RequestFailed if the server cannot be asked what it serves."""
     if not items:
         raise ValueError("the workload is empty")
     return asyncio.run(_replay(target, items, token=token, root_cert=root_cert, ignore_eos=ignore_eos,

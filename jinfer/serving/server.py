@@ -1,4 +1,6 @@
-"""The gRPC server: jinfer.v1.Inference over one Engine driven by its own thread.
+"""The gRPC server: jinfer.v1.Inference over one Engine driven by its own thread, and beside it
+(ServingConfig.http_port) the OpenAI-compatible HTTP API (jinfer/serving/openai) on the same
+frontend.
 
 The engine loop (engine_loop.py) owns the engine; the frontend (frontend.py) admits requests
 and streams their outputs; this file turns Generate calls into frontend calls and hosts them
@@ -27,6 +29,7 @@ from jinfer.serving.engine_loop import EngineLoop, Health
 from jinfer.serving.frontend import Frontend, ServingError
 from jinfer.serving.grpc_host import GrpcHost, add_service, clip_details  # noqa: F401  (GrpcHost: the router's)
 from jinfer.serving.metrics import ServerMetrics
+from jinfer.serving.openai import HttpHost, OpenAIApi
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +122,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
 
 class Server:
-    """The gRPC server and the engine loop, run on a background thread with its own event loop.
+    """The gRPC server and the engine loop, run on a background thread with its own event loop,
+    and with config.http_port the HTTP API on another (uvicorn's).
 
-    start() returns once the port is bound (self.port); stop(grace) lets in-flight streams
-    finish for up to `grace` seconds, then cancels the rest (their pages are freed).
+    start() returns once the ports are bound (self.port, self.http_port); stop(grace) lets
+    in-flight streams of both finish for up to `grace` seconds, then cancels the rest (their
+    pages are freed).
     """
 
     def __init__(self, engine, config: ServingConfig = ServingConfig(), config_json: str = ""):
@@ -135,14 +140,20 @@ class Server:
         self._watchdog: asyncio.Task | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
         self._host = GrpcHost("grpc")
+        self._http: HttpHost | None = None
 
     def start(self) -> "Server":
+        cfg = self.config
+        if cfg.http_port is not None:  # bound first: a taken port fails before anything runs
+            self._http = HttpHost(OpenAIApi(self.frontend, cfg).app, cfg.host, cfg.http_port,
+                                  ssl_certfile=cfg.tls_cert, ssl_keyfile=cfg.tls_key)
+            self.http_port = self._http.port
         if self.metrics is not None:
             self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
             log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.metrics_port)
         self.loop.start()
-        cfg = self.config
         limit = 4 * cfg.max_request_bytes
         creds = None
         if cfg.tls_cert:
@@ -155,15 +166,23 @@ class Server:
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]))
         self._host.run(self._start_watchdog())
         log.info("serving %s on %s:%d", SERVICE, cfg.host, self.port)
+        if self._http is not None:
+            self._http.start()
+            log.info("serving the OpenAI-compatible API on %s://%s:%d/v1", "https" if cfg.tls_cert else "http",
+                     cfg.host, self.http_port)
         return self
 
     def stop(self, grace: float | None = None) -> None:
         """grace: seconds in-flight streams may take to finish; None: config.shutdown_grace_s."""
         grace = self.config.shutdown_grace_s if grace is None else grace
         start = time.monotonic()
+        if self._http is not None:  # drains beside gRPC, within the same grace
+            self._http.begin_stop(grace)
         self._host.run(self._stop_watchdog())
         self._host.run(self._host.drain(grace, before_stop=self.loop.end_watches))  # watch streams never end alone
         self._host.close()
+        if self._http is not None:
+            self._http.join()
         self.loop.stop()
         self.frontend.close()
         if self.metrics is not None:

@@ -1,0 +1,199 @@
+"""The OpenAI-compatible HTTP API as a Starlette app over a Frontend (the gRPC server's).
+
+  GET  /health                200 while the engine loop is healthy, else 503 (no auth)
+  GET  /v1/models             the served model (and /v1/models/{id})
+  POST /v1/completions        one prompt: text or token ids
+  POST /v1/chat/completions   messages rendered with the tokenizer's chat template
+
+Requests go through `Frontend.generate`, as gRPC's do: the same admission, checks and
+tokenization off the engine thread. A generation runs while the response listens for the
+client: a client that goes away cancels it, and closing the frontend's stream aborts the
+request, freeing its pages. Errors are OpenAI's bodies with their HTTP status; a stream that
+fails after it started ends with an `error` event and `[DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+import uuid
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from jinfer.config import ServingConfig
+from jinfer.errors import shorten
+from jinfer.serving.frontend import Frontend, ServingError
+from jinfer.serving.openai.protocol import ApiError, ChatRequest, CompletionRequest, parse
+from jinfer.serving.openai.views import ChatView, CompletionView
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    headers = {"www-authenticate": "Bearer"} if error.status == 401 else None
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+class _BearerAuth:
+    """Every path but /health needs `Authorization: Bearer <token>` (401 otherwise)."""
+
+    def __init__(self, app, token: str):
+        self.app, self._expected = app, f"Bearer {token}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health":
+            got = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(got, self._expected):
+                error = ApiError(401, "missing or wrong bearer token: send Authorization: Bearer <token>",
+                                 code="invalid_api_key")
+                return await error_response(error)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class _Generation:
+    """The ASGI response of a generation: runs it while listening for the client, so that a
+    disconnect cancels it (the views close the frontend's stream, which aborts the request).
+    An error before anything was sent is answered with its status; in a stream that has
+    started, with an error event. `fields`: the request's field names (an error's `param`)."""
+
+    def __init__(self, view, outputs, stream: bool, fields):
+        self.view, self.outputs, self.stream, self.fields = view, outputs, stream, fields
+
+    async def __call__(self, scope, receive, send):
+        async with anyio.create_task_group() as tasks:
+            async def watch():
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                tasks.cancel_scope.cancel()
+
+            tasks.start_soon(watch)
+            if self.stream:
+                await self._send_stream(scope, receive, send)
+            else:
+                await self._send_whole(scope, receive, send)
+            tasks.cancel_scope.cancel()
+
+    def _error(self, e: Exception) -> ApiError:
+        return e if isinstance(e, ApiError) else ApiError.from_serving(e.code, e.message, self.fields)
+
+    async def _send_whole(self, scope, receive, send):
+        try:
+            response = JSONResponse(await self.view.collect(self.outputs))
+        except (ApiError, ServingError) as e:
+            response = error_response(self._error(e))
+        await response(scope, receive, send)
+
+    async def _send_stream(self, scope, receive, send):
+        started = False
+        try:  # closed at once however it ends (a cancel may land in send, between chunks)
+            async with contextlib.aclosing(self.view.stream(self.outputs)) as chunks:
+                async for chunk in chunks:
+                    if not started:
+                        await send({"type": "http.response.start", "status": 200,
+                                    "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
+                                                (b"cache-control", b"no-cache")]})
+                        started = True
+                    await send({"type": "http.response.body", "body": _event(chunk), "more_body": True})
+        except (ApiError, ServingError) as e:
+            if not started:
+                return await error_response(self._error(e))(scope, receive, send)
+            await send({"type": "http.response.body", "body": _event(self._error(e).body()), "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+
+def _event(data: dict) -> bytes:
+    return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+class OpenAIApi:
+    """The routes over one Frontend; `app` is the ASGI application."""
+
+    def __init__(self, frontend: Frontend, config: ServingConfig):
+        self.frontend, self.config = frontend, config
+        self.model = config.model_name or "jinfer"
+        self.created = int(time.time())
+        routes = [Route("/health", self.health), Route("/v1/models", self.models),
+                  Route("/v1/models/{model:path}", self.model_card),
+                  Route("/v1/completions", self.completions, methods=["POST"]),
+                  Route("/v1/chat/completions", self.chat, methods=["POST"])]
+        middleware = [Middleware(_BearerAuth, token=config.auth_token)] if config.auth_token else []
+        self.app = Starlette(routes=routes, middleware=middleware, exception_handlers={
+            ApiError: lambda request, e: error_response(e),
+            HTTPException: lambda request, e: error_response(ApiError(e.status_code, e.detail)),
+            Exception: lambda request, e: error_response(ApiError(500, f"internal error: {type(e).__name__}")),
+        })
+
+    async def health(self, request: Request) -> Response:
+        try:
+            self.frontend.check_healthy()
+        except ServingError as e:
+            return error_response(ApiError.from_serving(e.code, e.message))
+        return JSONResponse({"status": "serving"})
+
+    def _card(self) -> dict:
+        info = self.frontend.loop.engine.info()
+        return {"id": self.model, "object": "model", "created": self.created, "owned_by": "jinfer",
+                "max_model_len": info.max_model_len, "vocab_size": info.vocab_size, "tiers": list(self.config.tiers)}
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [self._card()]})
+
+    async def model_card(self, request: Request) -> Response:
+        self._check_model(request.path_params["model"])
+        return JSONResponse(self._card())
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model:
+            raise ApiError(404, f"the model {shorten(model)} does not exist; this server serves {self.model!r}",
+                           param="model", code="model_not_found")
+
+    async def _body(self, request: Request) -> bytes:
+        """The request body, refused (413) past max_request_bytes before more is read."""
+        limit = self.config.max_request_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"the request body is {int(declared)} bytes; max_request_bytes={limit}")
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise ApiError(413, f"the request body is over max_request_bytes={limit}")
+        return bytes(body)
+
+    async def completions(self, request: Request) -> Response:
+        body = parse(CompletionRequest, await self._body(request))
+        self._check_model(body.model)
+        prompt, params = body.single_prompt(), body.params()
+        request_id = uuid.uuid4().hex
+        outputs = self.frontend.generate(prompt, params, request_id=request_id, tier=body.tier)
+        view = CompletionView(f"cmpl-{request_id}", self.model, body, self.frontend.tokenizer)
+        return _Generation(view, outputs, body.stream, CompletionRequest.model_fields)
+
+    async def chat(self, request: Request) -> Response:
+        body = parse(ChatRequest, await self._body(request))
+        self._check_model(body.model)
+        messages = body.template_messages()
+        try:  # off this event loop: a long chat takes a while to render and tokenize
+            ids = await asyncio.to_thread(self._chat_ids, messages)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        info = self.frontend.loop.engine.info()
+        room = min(info.max_model_len, info.num_pages * info.page_size) - len(ids)
+        params = body.params(room)
+        request_id = uuid.uuid4().hex
+        outputs = self.frontend.generate(ids, params, request_id=request_id, tier=body.tier)
+        view = ChatView(f"chatcmpl-{request_id}", self.model, body, self.frontend.tokenizer)
+        return _Generation(view, outputs, body.stream, ChatRequest.model_fields)
+
+    def _chat_ids(self, messages: list[dict]) -> list[int]:
+        """HF's apply_chat_template(..., tokenize=True): the rendered text's bare ids."""
+        tokenizer = self.frontend.tokenizer
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
