@@ -21,6 +21,7 @@ from jinfer.request import Request, RequestOutput, Status, Usage
 from jinfer.runner import ModelRunner
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import Scheduler, SchedulingPolicy, StepPlan
+from jinfer.speculation import Drafter
 from sharding.tp import TPLayout
 
 DEFAULT_COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jinfer", "xla")
@@ -81,11 +82,18 @@ class Engine:
     def __init__(self, model, tokenizer, cache_config: CacheConfig = CacheConfig(),
                  scheduler_config: SchedulerConfig = SchedulerConfig(),
                  policy: SchedulingPolicy | None = None, options: EngineOptions = EngineOptions(), *,
-                 mesh=None, progress: bool = False):
+                 mesh=None, progress: bool = False, drafter: Drafter | None = None,
+                 max_spec_tokens: int = 8):
         """options: how steps run (async scheduling, warm-up, compilation cache, attention
         backend, vocabulary-parallel embedding under tp). mesh: a 1-D `tp` mesh
         (sharding.tp.make_mesh) to run tensor-parallel; None = one device. progress: show a
-        progress bar while warm-up compiles the step buckets."""
+        progress bar while warm-up compiles the step buckets. drafter: speculative decoding
+        (jinfer.speculation) with drafts of up to max_spec_tokens tokens; None: off. A
+        speculating engine runs its steps synchronously (a draft needs the tokens of the step
+        before)."""
+        max_spec_tokens = max_spec_tokens if drafter is not None else 0
+        if max_spec_tokens < 0:
+            raise ValueError(f"max_spec_tokens={max_spec_tokens} must be >= 0")
         self.options = options
         if options.compilation_cache:
             enable_compilation_cache(options.compilation_cache)
@@ -100,10 +108,12 @@ class Engine:
         self.tokenizer = tokenizer
         self.model_config = model.config
         self.sched_cfg = scheduler_config
-        self.async_scheduling = options.async_scheduling
+        self.async_scheduling = options.async_scheduling and not max_spec_tokens
         self.runner = ModelRunner(model, cache_config, scheduler_config, layout,
-                                  decode_steps=get_backend(self.attention_backend).decode_path)
-        self.scheduler = Scheduler(cache_config, scheduler_config, self.runner.num_pages, policy)
+                                  decode_steps=get_backend(self.attention_backend).decode_path,
+                                  max_spec_tokens=max_spec_tokens)
+        self.scheduler = Scheduler(cache_config, scheduler_config, self.runner.num_pages, policy,
+                                   drafter, max_spec_tokens)
         self._groups: dict[str, list[Request]] = {}  # public id -> its samples still running
         self._detok: dict[str, IncrementalDetokenizer] = {}  # per sample (Request.request_id)
         self._inflight = None  # (plan, its Request objects, runner handle) not yet read back
@@ -250,12 +260,13 @@ class Engine:
     def _postprocess(self, plan: StepPlan, reqs: list[Request], handle) -> list[RequestOutput]:
         tokens, logprobs = self.runner.fetch(handle)
         now = time.monotonic()
-        settled = self.scheduler.update(plan, reqs, [int(t) for t in tokens], eos_ids=self.eos_ids,
-                                        finish_hook=self._text_stop)
+        new, first_row = _verify(plan, tokens)
+        settled = self.scheduler.update(plan, reqs, new, eos_ids=self.eos_ids, finish_hook=self._text_stop)
         outputs = []
         for s in settled:
             req = s.req
-            req.output_logprobs.append(float(logprobs[s.index]))
+            row = first_row[s.index]
+            req.output_logprobs.extend(float(lp) for lp in logprobs[row:row + len(s.tokens)])
             if req.first_token_time is None:
                 req.first_token_time = now
             detok = self._detok[req.request_id]
@@ -266,7 +277,7 @@ class Engine:
                 samples = self._groups.get(public, ())  # gone if a sibling settled it this step
                 if samples and all(r.status is Status.FINISHED for r in samples):
                     del self._groups[public]
-            outputs.append(self._output(req, detok, n_new=1))
+            outputs.append(self._output(req, detok, n_new=len(s.tokens)))
         return outputs
 
     def _text_stop(self, req: Request, token: int, reason: str | None) -> str | None:
@@ -289,6 +300,36 @@ class Engine:
             new_logprobs=req.output_logprobs[-n_new:] if req.params.logprobs else None,
             token_ids=list(req.output_ids), text=detok.text[:detok.emitted], finished=finished,
             finish_reason=req.finish_reason,
-            usage=Usage(len(req.prompt_ids), len(req.output_ids), req.num_cached_prompt_tokens),
+            usage=Usage(len(req.prompt_ids), len(req.output_ids), req.num_cached_prompt_tokens,
+                        req.num_draft_tokens, req.num_accepted_tokens, req.num_spec_steps),
             arrival_time=req.arrival_time, first_token_time=req.first_token_time,
             finish_time=req.finish_time)
+
+
+def _verify(plan: StepPlan, tokens) -> tuple[list, list[int]]:
+    """Per scheduled sequence, the tokens its step produced, and its first sampling row.
+
+    A sequence without a draft has one row: its next token. A sequence with a draft d_1..d_k
+    has rows 0..k: row j is the token the model samples after the last known token and
+    d_1..d_j, keyed by output index exactly as plain decoding keys it (jinfer.sampling: Gumbel
+    max over (seed, sample, index)). The draft is accepted up to its first d_j that differs
+    from row j-1; the rows up to there are the output: accepted draft tokens (equal to what
+    plain decoding samples) and the model's own next token. So speculation emits the very
+    tokens plain decoding would, greedy or sampled; for a sampled row a draft token x is kept
+    with probability p(x), and otherwise the row's token comes from p with x excluded and
+    renormalised, which is lossless rejection sampling for a one-token (model-free) proposal.
+    """
+    out, first_row, row = [], [], 0
+    for seq in plan.seqs:
+        k = seq.num_draft
+        first_row.append(row)
+        if k == 0:
+            out.append(int(tokens[row]))
+        else:
+            draft, verified = seq.token_ids[-k:], [int(t) for t in tokens[row:row + k + 1]]
+            accepted = 0
+            while accepted < k and draft[accepted] == verified[accepted]:
+                accepted += 1
+            out.append(verified[:accepted + 1])
+        row += 1 + k
+    return out, first_row

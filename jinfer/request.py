@@ -39,6 +39,9 @@ class Request:
     priority: int = 0  # policy hint (SLO tier etc.); lower runs first
     sample_group: int = 0  # which of the prompt's n samples this is (keys its random stream)
     policy_state: object = None  # owned by the scheduling policy (e.g. its ordering key)
+    num_draft_tokens: int = 0  # speculation: draft tokens verified for this request
+    num_accepted_tokens: int = 0  # of them, accepted
+    num_spec_steps: int = 0  # steps that verified a draft for it
     followers: list["Request"] = dataclasses.field(default_factory=list)
     """The prompt's other samples: held until this one has computed the shared prompt pages."""
 
@@ -70,6 +73,9 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_prompt_tokens: int
+    draft_tokens: int = 0  # speculation: draft tokens verified
+    accepted_draft_tokens: int = 0  # of them, accepted (each one a token without its own step)
+    spec_steps: int = 0  # steps that verified a draft
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,11 +55,13 @@ class ModelRunner:
     """Owns the parameters and the KV cache; executes plans. Never sees Request objects."""
 
     def __init__(self, model: nnx.Module, cache_cfg: CacheConfig, sched_cfg: SchedulerConfig,
-                 layout=None, *, decode_steps: bool = False):
+                 layout=None, *, decode_steps: bool = False, max_spec_tokens: int = 0):
         """layout: a sharding.tp.TPLayout to run tensor-parallel on its mesh; None = one device.
         decode_steps: mark steps where every sequence has one new token (AttentionMetadata.
         decode_only) so the attention backend can take its decode path; doubles the variants
-        of the buckets that can hold such steps."""
+        of the buckets that can hold such steps. max_spec_tokens: the longest draft a sequence
+        may carry (speculative decoding); each step then samples at every draft position."""
+        self.max_spec_tokens = max_spec_tokens
         self.config = model.config
         self.layout = layout
         self.page_size = cache_cfg.page_size
@@ -83,13 +85,19 @@ class ModelRunner:
                                              layout.kv_sharding)
         self._bind(layout)
 
+    def rows(self, t: int, s: int) -> int:
+        """Sampling rows of a (tokens, seqs) bucket: one per sequence, or with speculation one
+        per token a sequence's draft adds (at most t)."""
+        return min(t, s * (1 + self.max_spec_tokens))
+
     def _bind(self, layout) -> None:
         """(Re)creates the jitted step for a layout; compiled buckets are dropped."""
         self.layout = layout
-        step = functools.partial(_step, self.graphdef, self.max_num_seqs)
+        max_rows = max(self.rows(*self.bucket(t)) for t in self.token_buckets)
+        step = functools.partial(_step, self.graphdef, max_rows)
         # The last dispatched step's sampled ids (on device) and which row each request got:
         # PENDING tokens in the next plan are read from here without a host round trip.
-        self._prev_tokens = jnp.zeros(self.max_num_seqs, jnp.int32)
+        self._prev_tokens = jnp.zeros(max_rows, jnp.int32)
         if layout is None:
             self._step = jax.jit(step, donate_argnums=(1,))
         else:
@@ -150,8 +158,9 @@ class ModelRunner:
         md = AttentionMetadata(np.zeros(s + 1, np.int32), np.zeros(s, np.int32),
                                np.zeros((s, self.pages_per_seq), np.int32), np.zeros(1, np.int32),
                                decode_only)
+        r = self.rows(t, s)
         return (np.zeros(t, np.int32), np.full(t, -1, np.int32), np.zeros(t, np.int32), md,
-                np.zeros(s, np.int32), SamplingArrays.from_seqs([], s))
+                np.zeros(r, np.int32), SamplingArrays.from_rows([], r))
 
     def prepare(self, plan: StepPlan):
         """Host-side: the plan as padded numpy arrays for its bucket."""
@@ -175,11 +184,16 @@ class ModelRunner:
             kv_lens[i] = seq.start_pos + n
             table[i, :len(seq.pages)] = seq.pages
         cu[len(seqs) + 1:] = at
-        logits_idx = np.zeros(s, np.int32)
-        logits_idx[:len(seqs)] = cu[1:len(seqs) + 1] - 1
+        # Sampling rows: each sequence's last token, and with a draft every draft position too
+        # (row j of a sequence samples its output token sample_index + j).
+        r = self.rows(t, s)
+        rows = [(seq, j) for seq in seqs for j in range(1 + seq.num_draft)]
+        logits_idx = np.zeros(r, np.int32)
+        logits_idx[:len(rows)] = [cu[i + 1] - 1 - seq.num_draft + j
+                                  for i, seq in enumerate(seqs) for j in range(1 + seq.num_draft)]
         decode_only = self.decode_steps and plan.num_tokens == len(seqs) > 0
         md = AttentionMetadata(cu, kv_lens, table, np.array([len(seqs)], np.int32), decode_only)
-        return (t, s, decode_only), (ids, feed, pos, md, logits_idx, SamplingArrays.from_seqs(seqs, s))
+        return (t, s, decode_only), (ids, feed, pos, md, logits_idx, SamplingArrays.from_rows(rows, r))
 
     def dispatch(self, plan: StepPlan):
         """Enqueues the plan's step on the device and returns at once (JAX async dispatch).
@@ -194,12 +208,14 @@ class ModelRunner:
         else:
             tokens, logprobs, self.kv = fn(self.state, self.kv, self._prev_tokens, *args)
         self._prev_tokens = tokens
-        self._prev_rows = {seq.request_id: i for i, seq in enumerate(plan.seqs) if seq.sample}
-        return tokens, logprobs, len(plan.seqs)
+        firsts = np.cumsum([0] + [1 + seq.num_draft for seq in plan.seqs])
+        self._prev_rows = {seq.request_id: int(firsts[i]) for i, seq in enumerate(plan.seqs) if seq.sample}
+        return tokens, logprobs, int(firsts[-1])
 
     @staticmethod
     def fetch(handle) -> tuple[np.ndarray, np.ndarray]:
-        """Waits for a dispatched step; (token ids, logprobs) per scheduled sequence, in plan order."""
+        """Waits for a dispatched step; (token ids, logprobs) per sampling row, in plan order:
+        one row per scheduled sequence, 1 + num_draft for a sequence with a draft."""
         tokens, logprobs, n = handle
         return np.asarray(tokens)[:n], np.asarray(logprobs)[:n]
 
@@ -208,9 +224,9 @@ class ModelRunner:
         return self.fetch(self.dispatch(plan))
 
 
-def _step(graphdef, max_num_seqs, state, kv, prev_tokens, ids, feed, pos, md, logits_idx, samp):
+def _step(graphdef, max_rows, state, kv, prev_tokens, ids, feed, pos, md, logits_idx, samp):
     ids = jnp.where(feed >= 0, prev_tokens[jnp.maximum(feed, 0)], ids)
     logits, kv = nnx.merge(graphdef, state)(ids, pos, kv, md, logits_idx)
     tokens, logprobs = sample(logits, samp)
-    pad = max_num_seqs - tokens.shape[0]  # fixed shape: the next step takes these as prev_tokens
+    pad = max_rows - tokens.shape[0]  # fixed shape: the next step takes these as prev_tokens
     return jnp.pad(tokens, (0, pad)), jnp.pad(logprobs, (0, pad)), kv

@@ -24,17 +24,26 @@ class SamplingArrays:
 
     @classmethod
     def from_seqs(cls, seqs, size: int) -> "SamplingArrays":
+        """One row per scheduled sequence (its next token), padded to size rows."""
+        return cls.from_rows([(s, 0) for s in seqs], size)
+
+    @classmethod
+    def from_rows(cls, rows, size: int) -> "SamplingArrays":
+        """rows: (scheduled sequence, offset) pairs: the row samples that sequence's output
+        token sample_index + offset (speculation verifies several positions of one sequence)."""
         def col(fn, dtype, pad):
             out = np.full(size, pad, dtype)
-            out[:len(seqs)] = [fn(s) for s in seqs]
+            out[:len(rows)] = [fn(s) for s, _ in rows]
             return out
+        index = np.zeros(size, np.int32)
+        index[:len(rows)] = [s.sample_index + j for s, j in rows]
         return cls(col(lambda s: s.params.temperature, np.float32, 0.0),
                    col(lambda s: s.params.top_k, np.int32, 0),
                    col(lambda s: s.params.top_p, np.float32, 1.0),
                    col(lambda s: s.params.min_p, np.float32, 0.0),
                    col(lambda s: s.seed, np.uint32, 0),
                    col(lambda s: s.sample_group, np.int32, 0),
-                   col(lambda s: s.sample_index, np.int32, 0))
+                   index)
 
 
 def sample(logits: jax.Array, p: SamplingArrays) -> tuple[jax.Array, jax.Array]:

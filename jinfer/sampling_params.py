@@ -32,6 +32,8 @@ class SamplingParams:
     """Return the log-probability of each sampled token."""
     n: int = 1
     """Independent samples of the prompt; they share the prompt's KV pages."""
+    speculate: bool = True
+    """Let the engine's drafter (if it has one) speculate for this request; False opts out."""
 
     def __post_init__(self):
         if not 0 <= self.temperature < math.inf:

@@ -9,6 +9,7 @@ from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.kv_manager import KVManager
 from jinfer.request import Request, Status
 from jinfer.sampling_params import SamplingParams
+from jinfer.speculation import Drafter
 
 PENDING = -1
 """Stands in a plan for a token sampled by the previous step that the host has not read yet;
@@ -40,6 +41,7 @@ class ScheduledSeq:
     seed: int
     sample_group: int  # which of the prompt's n samples: keys the random stream with seed
     sample_index: int  # output tokens before this one: keys the per-token random stream
+    num_draft: int = 0  # the last num_draft of token_ids are a draft to verify (a chain)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +50,12 @@ class Settled:
 
     index: int  # the sequence's position in the plan (and in the step's outputs)
     req: Request
-    token: int
+    tokens: tuple[int, ...]  # appended this step: one, or accepted draft tokens + the model's
     finish_reason: str | None  # "stop" | "length" | None: still running
+
+    @property
+    def token(self) -> int:
+        return self.tokens[-1]
 
 
 # (request, token just appended, the scheduler's finish reason or None) -> the final reason:
@@ -71,8 +77,14 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, cache_cfg: CacheConfig, sched_cfg: SchedulerConfig, num_pages: int,
-                 policy: SchedulingPolicy | None = None):
+                 policy: SchedulingPolicy | None = None, drafter: Drafter | None = None,
+                 max_spec_tokens: int = 0):
+        """drafter, max_spec_tokens: speculative decoding (jinfer.speculation): decoding
+        requests get drafts of up to max_spec_tokens tokens to verify in their step."""
         self.cfg = sched_cfg
+        self.drafter = drafter if max_spec_tokens > 0 else None
+        self.max_spec_tokens = max_spec_tokens if drafter is not None else 0
+        self._drafting: set[str] = set()  # requests the drafter has been told about (start)
         self.page_size = cache_cfg.page_size
         self.kv = KVManager(num_pages, cache_cfg.page_size, cache_cfg.enable_prefix_cache)
         self.pool, self.prefix_cache = self.kv.pool, self.kv.prefix_cache  # read-only views
@@ -105,19 +117,39 @@ class Scheduler:
         and the tests all settle steps here.
         """
         settled = []
-        for i, (seq, req, token) in enumerate(zip(plan.seqs, reqs, tokens)):
+        for i, (seq, req, new) in enumerate(zip(plan.seqs, reqs, tokens)):
             if not seq.sample or req.status is Status.FINISHED:
                 continue
-            self.append_token(req, token)
-            if len(seq.token_ids) > 1:
+            new = (new,) if isinstance(new, int) else tuple(new)
+            if seq.num_draft:
+                # new = the accepted draft tokens + the model's own: the K/V of the step's last
+                # known token and of the accepted draft tokens stay; the rejected rest is rolled
+                # back (its slots are rewritten by later steps; its pages are kept for them).
+                req.num_computed_tokens = seq.start_pos + len(new) + (len(seq.token_ids) - seq.num_draft - 1)
+                req.num_draft_tokens += seq.num_draft
+                req.num_accepted_tokens += len(new) - 1
+                req.num_spec_steps += 1
+            appended, reason = [], None
+            for token in new:
+                appended.append(token)
+                if len(appended) > 1:
+                    req.num_pending += 1  # accepted draft tokens arrive beyond the one planned
+                self.append_token(req, token)
+                reason = self.finish_reason(req, token, eos_ids)
+                if finish_hook is not None:
+                    reason = finish_hook(req, token, reason)
+                if reason:
+                    break
+            if seq.num_draft and len(appended) < len(new):  # finished mid-draft: its K/V too
+                req.num_computed_tokens = seq.start_pos + len(appended) + (len(seq.token_ids) - seq.num_draft - 1)
+            if len(seq.token_ids) - seq.num_draft > 1:
                 self.on_prefill_done(req)
-            reason = self.finish_reason(req, token, eos_ids)
-            if finish_hook is not None:
-                reason = finish_hook(req, token, reason)
+            if req.request_id in self._drafting:
+                self.drafter.observe(req.request_id, appended)
             if reason:
                 req.status, req.finish_reason = Status.FINISHED, reason
                 self.finish(req)
-            settled.append(Settled(i, req, token, reason))
+            settled.append(Settled(i, req, tuple(appended), reason))
         return settled
 
     def finish_reason(self, req: Request, token: int | None = None, eos_ids: Collection[int] = ()) -> str | None:
@@ -144,6 +176,7 @@ class Scheduler:
             req.status, req.finish_reason = Status.FINISHED, "abort"
             self.release(req)
             req.followers = []
+            self._end_drafting(req, aborted=True)
 
     def release(self, req: Request) -> None:
         """Returns a finished/aborted/preempted request's pages (its full computed ones indexed
@@ -202,8 +235,9 @@ class Scheduler:
                     break
             if req.status is not Status.RUNNING:
                 continue
-            seqs.append(self._plan(req, n))
-            budget -= n
+            draft = self._draft(req, budget)
+            seqs.append(self._plan(req, n, draft))
+            budget -= n + len(draft)
 
         self.waiting.sort(key=self.policy.priority)
         for req in list(self.waiting):
@@ -219,6 +253,9 @@ class Scheduler:
                 break
             if first_admission:
                 req.num_cached_prompt_tokens = req.num_computed_tokens
+                if self.drafter is not None:  # it hears every token the request gets from now on
+                    self._drafting.add(req.request_id)
+                    self.drafter.start(req.request_id, req.prompt_ids)
             self.waiting.remove(req)
             req.status = Status.RUNNING
             self.running.append(req)
@@ -246,17 +283,18 @@ class Scheduler:
     def _done_sampling(self, req: Request) -> bool:
         return self.reached_length(req, pending=True)
 
-    def _plan(self, req: Request, n: int) -> ScheduledSeq:
-        """Plans n tokens of req and counts them computed (the step will write them)."""
+    def _plan(self, req: Request, n: int, draft: tuple[int, ...] = ()) -> ScheduledSeq:
+        """Plans n tokens of req (and a draft after them) and counts them computed (the step
+        will write them; update rolls back the rejected part of a draft)."""
         start = req.num_computed_tokens
         known = req.ids(start, start + n)
-        token_ids = tuple(known) + (PENDING,) * (n - len(known))
+        token_ids = tuple(known) + (PENDING,) * (n - len(known)) + draft
         sample = start + n == req.num_tokens
         seq = ScheduledSeq(
             request_id=req.request_id, token_ids=token_ids, start_pos=start,
             pages=tuple(req.pages), sample=sample, params=req.params, seed=req.seed,
-            sample_group=req.sample_group, sample_index=req.num_output_tokens)
-        req.num_computed_tokens += n
+            sample_group=req.sample_group, sample_index=req.num_output_tokens, num_draft=len(draft))
+        req.num_computed_tokens += n + len(draft)
         req.num_pending += sample
         return seq
 
@@ -268,4 +306,28 @@ class Scheduler:
             self.waiting.remove(req)
         self.release(req)
         req.followers = []
+        self._end_drafting(req, aborted=False)
+
+    def _end_drafting(self, req: Request, aborted: bool) -> None:
+        if req.request_id in self._drafting:
+            self._drafting.discard(req.request_id)
+            self.drafter.finish(req.request_id, req.output_ids, aborted)
+
+    def _draft(self, req: Request, budget: int) -> tuple[int, ...]:
+        """A draft for a decoding request (its only uncomputed token is its last known one),
+        within the step's budget, its length limits and the free pages; () for none."""
+        if (self.drafter is None or not req.params.speculate or req.num_pending
+                or req.num_tokens - req.num_computed_tokens != 1):
+            return ()
+        room = min(self.max_spec_tokens, budget - 1, req.params.max_tokens - len(req.output_ids) - 1,
+                   self.cfg.max_model_len - req.num_tokens - 1)
+        if room <= 0 or req.request_id not in self._drafting:
+            return ()
+        draft = self.drafter.propose(req.request_id, req.output_ids, room)
+        assert draft.is_chain and len(draft) <= room, f"drafter gave {draft} for room {room}"
+        # Pages for the draft come from free (or evictable cached) pages only: a draft never
+        # preempts a request.
+        if not draft.tokens or not self.kv.grow(req, req.num_computed_tokens + 1 + len(draft)):
+            return ()
+        return draft.tokens
 
