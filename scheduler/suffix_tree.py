@@ -122,7 +122,7 @@ class SuffixTree:
             # can be a prefix of a longer one's, and the count tests below assume this order.
             for item in active:
                 s, node = item
-                d = n - 1 - s  # the suffix's length before t (node.depth == d)
+                d1 = n - s  # the suffix's length with t (node.depth == d1 - 1)
                 child = node.children.get(t)
                 if child is None:
                     if track and node is not root:
@@ -135,20 +135,22 @@ class SuffixTree:
                     continue
                 cend = child.depth
                 if cend < 0:
-                    cend = min(len(child.seq) - child.start, md)
-                    if cend == d + 1:
+                    cend = len(child.seq) - child.start
+                    if cend > md:
+                        cend = md
+                    if cend == d1:
                         self._close(child, cend, seq_id)
                 if node.count == child.count + 1 and node is not root:
                     # This suffix is node's only endpoint and child its only child: once the suffix
                     # moves on, node's boundary would mark nothing, so it moves down with it.
-                    if cend > d + 1:  # the common case in repeated text
+                    if cend > d1:  # the common case in repeated text
                         children = node.children
                         del children[t]
-                        children[child.seq[child.start + d + 1]] = child
-                        node.depth = d + 1
+                        children[child.seq[child.start + d1]] = child
+                        node.depth = d1
                         if node.start != s or node.seq is not seq:
                             node.seq, node.sid, node.start = seq, seq_id, s
-                        if d + 1 < md:
+                        if d1 < md:
                             kept.append(item)
                         continue
                     parent = node.parent
@@ -157,12 +159,12 @@ class SuffixTree:
                     child.count += 1
                     node.count, node.forward = 0, child
                     target = child
-                elif cend == d + 1:
+                elif cend == d1:
                     child.count += 1
                     target = child
                 else:
-                    target = _Node(child.count + 1, node, seq, seq_id, s, d + 1)
-                    target.children[child.seq[child.start + d + 1]] = child
+                    target = _Node(child.count + 1, node, seq, seq_id, s, d1)
+                    target.children[child.seq[child.start + d1]] = child
                     child.parent = target
                     node.children[t] = target
                 if track:
@@ -171,7 +173,7 @@ class SuffixTree:
                     if target.ends is None:
                         target.ends = {}
                     target.ends[seq_id] = s
-                if d + 1 < md:
+                if d1 < md:
                     item[1] = target
                     kept.append(item)
             active = kept
@@ -473,11 +475,17 @@ def speculate(sources: Sequence[tuple[SuffixTree, Sequence[Position], int]], max
     for rank, (st, positions, known) in enumerate(sources):
         md = st.max_depth
         for node, m in positions:
-            n = min(spec_budget(m, max_tokens, max_spec_factor, max_spec_offset), md - m)
+            # spec_budget inlined (hot): int() truncates where floor() would, or both give <= 0.
+            n = int(max_spec_factor * m + max_spec_offset + 1e-6)
+            if n > max_tokens:
+                n = max_tokens
+            if n > md - m:
+                n = md - m
             count = node.count
             if n > 0 and count > known:
                 cands.append((n * (count - known) / count, -rank, m, n, node, md))
-    cands.sort(key=_RANK, reverse=True)
+    if len(cands) > 1:
+        cands.sort(key=_RANK, reverse=True)
     grow = _grow_tree if tree else _grow_chain
     best, best_score, best_rank = NO_SUFFIX_DRAFT, 0.0, None
     for bound, rank, m, n, node, md in cands:
