@@ -7,7 +7,9 @@ head, the unused ones exit at once. Each program loads its block's queries for a
 of its KV head (GQA: block_q * group rows share every K/V tile), then walks the sequence's
 pages block_k keys at a time with an online softmax in float32, up to the causal limit of its
 last token. K/V outside the sequence's length are masked in the scores AND in V, so NaN in
-unused page slots never reaches the output.
+unused page slots never reaches the output. With tree_bits (speculative decoding with draft
+trees) a row also masks the new tokens of its sequence that are not its tree ancestors; the
+key range stays the causal one.
 
 The body is plain jnp on loaded tiles (`online_softmax_step`) plus Triton-style masked
 loads/stores; a Mosaic GPU variant can reuse the former with its own memory movement.
@@ -23,22 +25,27 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.blocks import block_sizes
-from pallas_kernels.reference import MASK_VALUE
+from pallas_kernels.reference import MASK_VALUE, tree_visible
 from pallas_kernels.validate import static_validate_ragged_inputs
 
 
 def online_softmax_step(carry, q, k, v, q_pos, key_pos, kv_len, *, sm_scale, soft_cap,
-                        sliding_window):
+                        sliding_window, tree=None):
     """One K/V tile of flash attention. q f[R, D]; k, v f[Bk, D]; q_pos i32[R]; key_pos i32[Bk].
 
-    carry = (acc f32[R, D], m f32[R], l f32[R]). Keys at or past kv_len, after q_pos, or outside
-    the sliding window are masked; masked V rows are zeroed so garbage cannot leak through p*V.
+    carry = (acc f32[R, D], m f32[R], l f32[R]). Keys at or past kv_len, after q_pos, outside
+    the sliding window or, with tree = (words, new_start) (the rows' tree_bits as one i32[R]
+    per word; the sequence's first new slot), outside the row's draft tree are masked; masked
+    V rows are zeroed so garbage cannot leak through p*V.
     """
     acc, m, l = carry
     valid_k = key_pos < kv_len
     mask = valid_k[None, :] & (key_pos[None, :] <= q_pos[:, None])
     if sliding_window is not None:
         mask &= key_pos[None, :] > q_pos[:, None] - sliding_window
+    if tree is not None:
+        words, new_start = tree
+        mask &= tree_visible(words, key_pos[None, :] - new_start)
     s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale
     if soft_cap is not None:
         s = jnp.tanh(s / soft_cap) * soft_cap
@@ -72,10 +79,15 @@ def attend_pages(q, q_pos, seq, kv_len, first_block, stop_block, page_indices_re
 
 
 def _kernel(work_seq_ref, work_start_ref, cu_q_lens_ref, kv_lens_ref, page_indices_ref,
-            q_ref, k_pages_ref, v_pages_ref, o_ref, *, block_q, group, pages_per_block,
+            q_ref, k_pages_ref, v_pages_ref, *rest, block_q, group, pages_per_block,
             sm_scale, soft_cap, sliding_window):
-    # q_ref/o_ref: [T + block_q, H, D] (padded so a block never runs off the end)
-    # k_pages_ref/v_pages_ref: [num_pages, page_size, D] of this program's KV head
+    # work_seq_ref/work_start_ref: i32[num_items]; cu_q_lens_ref: i32[max_seqs + 1];
+    # kv_lens_ref: i32[max_seqs]; page_indices_ref: i32[max_seqs, padded pages_per_seq]
+    # q_ref/o_ref: f[T + block_q, H, D] (padded so a block never runs off the end)
+    # k_pages_ref/v_pages_ref: f[num_pages, page_size, D] of this program's KV head
+    # rest: (o_ref,), or (tree_ref i32[words, T + block_q] (tree_bits transposed, padded with -1),
+    # o_ref) with trees
+    tree_ref, o_ref = rest if len(rest) == 2 else (None, rest[0])
     kv_head, item = pl.program_id(0), pl.program_id(1)
     seq = work_seq_ref[item]
     start = work_start_ref[item]  # first token of the block; -1 = no work
@@ -93,7 +105,14 @@ def _kernel(work_seq_ref, work_start_ref, cu_q_lens_ref, kv_lens_ref, page_indic
         heads = pl.ds(kv_head * group, group)
         q = plgpu.load(q_ref.at[pl.ds(start, block_q), heads, :], mask=row_ok[:, None, None], other=0)
         q = q.reshape(block_q * group, head_dim)
-        q_pos = jnp.broadcast_to(pos[:, None], (block_q, group)).reshape(block_q * group)
+        per_row = lambda x: jnp.broadcast_to(x[:, None], (block_q, group)).reshape(block_q * group)
+        q_pos = per_row(pos)
+        tree = None
+        if tree_ref is not None:
+            load_word = lambda w: plgpu.load(tree_ref.at[pl.ds(w, 1), pl.ds(start, block_q)],
+                                             mask=row_ok[None, :], other=-1).reshape(block_q)
+            words = [per_row(load_word(w)) for w in range(tree_ref.shape[0])]  # i32[block_q * group] each
+            tree = (words, kv_len - (q_end - q_begin))
 
         last = jnp.minimum(kv_len, jnp.max(jnp.where(row_ok, pos, 0)) + 1)  # keys needed
         first_block = 0
@@ -104,7 +123,7 @@ def _kernel(work_seq_ref, work_start_ref, cu_q_lens_ref, kv_lens_ref, page_indic
         acc, _, l = attend_pages(q, q_pos, seq, kv_len, first_block, pl.cdiv(last, block_k),
                                  page_indices_ref, k_pages_ref, v_pages_ref,
                                  pages_per_block=pages_per_block, sm_scale=sm_scale,
-                                 soft_cap=soft_cap, sliding_window=sliding_window)
+                                 soft_cap=soft_cap, sliding_window=sliding_window, tree=tree)
         out = jnp.where(l[:, None] > 0, acc / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
         plgpu.store(o_ref.at[pl.ds(start, block_q), heads, :],
                     out.reshape(block_q, group, head_dim).astype(o_ref.dtype),
@@ -131,10 +150,11 @@ def ragged_paged_attention(q, k_pages, v_pages, cu_q_lens, kv_lens, page_indices
                            sm_scale: float, soft_cap: float | None = None,
                            sliding_window: int | None = None, block_q: int | None = None,
                            pages_per_block: int | None = None, num_warps: int | None = None,
-                           num_stages: int | None = None, interpret: bool = False):
-    """Same contract as reference.ragged_paged_attention_ref; block sizes default to blocks.TABLE."""
+                           num_stages: int | None = None, interpret: bool = False, tree_bits=None):
+    """Same contract as reference.ragged_paged_attention_ref (tree_bits included); block sizes
+    default to blocks.TABLE."""
     static_validate_ragged_inputs(q, k_pages, v_pages, cu_q_lens, kv_lens, page_indices, num_seqs,
-                                  soft_cap=soft_cap, sliding_window=sliding_window)
+                                  soft_cap=soft_cap, sliding_window=sliding_window, tree_bits=tree_bits)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, num_pages, page_size, _ = k_pages.shape
     sizes = block_sizes(head_dim, page_size)
@@ -152,19 +172,25 @@ def ragged_paged_attention(q, k_pages, v_pages, cu_q_lens, kv_lens, page_indices
         sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
     whole = lambda shape: pl.BlockSpec(shape, lambda h, i: (0,) * len(shape))
     pages_spec = pl.BlockSpec((None, num_pages, page_size, head_dim), lambda h, i: (h, 0, 0, 0))
+    in_specs = [whole(work_seq.shape), whole(work_start.shape), whole(cu_q_lens.shape),
+                whole(kv_lens.shape), whole(page_indices.shape), whole(q_padded.shape),
+                pages_spec, pages_spec]
+    args = [work_seq, work_start, cu_q_lens, kv_lens, page_indices, q_padded, k_pages, v_pages]
+    if tree_bits is not None:  # an extra input only with trees: steps without keep their program
+        tree_padded = jnp.pad(tree_bits.T, ((0, 0), (0, block_q)), constant_values=-1)  # rows contiguous
+        in_specs.append(whole(tree_padded.shape))
+        args.append(tree_padded)
     out = pl.pallas_call(
         kernel,
         grid=(num_kv_heads, num_items),
-        in_specs=[whole(work_seq.shape), whole(work_start.shape), whole(cu_q_lens.shape),
-                  whole(kv_lens.shape), whole(page_indices.shape), whole(q_padded.shape),
-                  pages_spec, pages_spec],
+        in_specs=in_specs,
         out_specs=whole(q_padded.shape),
         out_shape=jax.ShapeDtypeStruct(q_padded.shape, q.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps or sizes.num_warps,
                                              num_stages=num_stages or sizes.num_stages),
         interpret=interpret,
         name="ragged_paged_attention",
-    )(work_seq, work_start, cu_q_lens, kv_lens, page_indices, q_padded, k_pages, v_pages)
+    )(*args)
     # Rows no block covers (padding tokens) were never written: make them zeros, as in the reference.
     real = jnp.arange(num_tokens) < cu_q_lens[num_seqs[0]]
     return jnp.where(real[:, None, None], out[:num_tokens], 0).astype(q.dtype)

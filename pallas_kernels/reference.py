@@ -11,12 +11,30 @@ from pallas_kernels.validate import (static_validate_decode_inputs, static_valid
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def _attend(q, k, v, q_pos, kv_len, *, sm_scale, soft_cap, sliding_window):
-    """q f[R, G, D] at positions q_pos i32[R]; k, v f[R, L, D] with kv_len i32[R] valid keys."""
+def tree_visible(words, new_index):
+    """Which keys each query row's draft tree lets it see: bool[R, L].
+
+    words: the rows' tree_bits as one i32[R] per word (bit j of word w: new token 32 * w + j is
+    visible); new_index: i32[R, L] or i32[1, L], each key's index among its sequence's new
+    tokens (negative for cached keys). Cached keys and indices past the words are visible.
+    """
+    visible = (new_index < 0) | (new_index >= 32 * len(words))
+    shift, word_of = new_index & 31, new_index >> 5
+    for w, word in enumerate(words):
+        visible |= (word_of == w) & (((word[:, None] >> shift) & 1) == 1)
+    return visible
+
+
+def _attend(q, k, v, q_pos, kv_len, *, sm_scale, soft_cap, sliding_window, tree=None):
+    """q f[R, G, D] at positions q_pos i32[R]; k, v f[R, L, D] with kv_len i32[R] valid keys.
+    tree: None, or (tree_bits i32[R, W], first new slot i32[R]) of each row."""
     key_pos = jnp.arange(k.shape[1])[None, :]
     mask = (key_pos < kv_len[:, None]) & (key_pos <= q_pos[:, None])
     if sliding_window is not None:
         mask &= key_pos > q_pos[:, None] - sliding_window
+    if tree is not None:
+        bits, new_start = tree
+        mask &= tree_visible([bits[:, w] for w in range(bits.shape[1])], key_pos - new_start[:, None])
     s = jnp.einsum("rgd,rld->rgl", q, k, preferred_element_type=jnp.float32) * sm_scale
     if soft_cap is not None:
         s = jnp.tanh(s / soft_cap) * soft_cap
@@ -37,15 +55,20 @@ def _gather(pages, page_table, kv_head):
 
 def ragged_paged_attention_ref(q, k_pages, v_pages, cu_q_lens, kv_lens, page_indices, num_seqs, *,
                                sm_scale: float, soft_cap: float | None = None,
-                               sliding_window: int | None = None):
+                               sliding_window: int | None = None, tree_bits=None):
     """Causal attention of flat query tokens over their sequences' pages.
 
     q: f[T, num_heads, head_dim]; sequence i owns tokens cu_q_lens[i]:cu_q_lens[i+1], which are
     its last q_len positions of kv_lens[i] (their K/V already in the pages). Tokens of no valid
     sequence (index >= cu_q_lens[num_seqs[0]]) get zeros. Returns f[T, num_heads, head_dim].
+
+    tree_bits: None, or i32[T, words]: bit j of row t (word j // 32, bit j % 32) set iff new
+    token j of t's sequence (counted from its first new token) is visible to t; new tokens at
+    j >= 32 * words are visible, cached keys always are, and the causal rule still applies.
+    A row of -1s is plain causal. Not with sliding_window (ValueError).
     """
     static_validate_ragged_inputs(q, k_pages, v_pages, cu_q_lens, kv_lens, page_indices, num_seqs,
-                                  soft_cap=soft_cap, sliding_window=sliding_window)
+                                  soft_cap=soft_cap, sliding_window=sliding_window, tree_bits=tree_bits)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_pages.shape[0]
     group = num_heads // num_kv_heads
@@ -55,13 +78,14 @@ def ragged_paged_attention_ref(q, k_pages, v_pages, cu_q_lens, kv_lens, page_ind
     q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
     q_pos = kv_lens[seq] - q_len + (t - cu_q_lens[seq])
     kv_len = jnp.where(real, kv_lens[seq], 0)
+    tree = None if tree_bits is None else (tree_bits, kv_lens[seq] - q_len)
     outs = []
     for h in range(num_kv_heads):
         k = _gather(k_pages, page_indices[seq], h)
         v = _gather(v_pages, page_indices[seq], h)
         qh = q[:, h * group:(h + 1) * group]
         outs.append(_attend(qh, k, v, q_pos, kv_len, sm_scale=sm_scale, soft_cap=soft_cap,
-                            sliding_window=sliding_window))
+                            sliding_window=sliding_window, tree=tree))
     return jnp.concatenate(outs, axis=1).astype(q.dtype)
 
 

@@ -40,8 +40,20 @@ def _check_ragged_metadata(cu_q_lens, kv_lens, page_indices, num_seqs) -> None:
     _check_int("num_seqs", num_seqs, (1,))
 
 
+def static_validate_tree_bits(tree_bits, num_tokens: int, *, sliding_window=None) -> None:
+    """Raises ValueError unless tree_bits is None or i32[num_tokens, words >= 1] without a
+    sliding window (a tree token's position is not its slot, so the window would be wrong)."""
+    if tree_bits is None:
+        return
+    _check(tree_bits.ndim == 2 and tree_bits.shape[0] == num_tokens and tree_bits.shape[1] >= 1,
+           f"tree_bits must be [num_tokens={num_tokens}, words], got shape {tuple(tree_bits.shape)}")
+    _check(tree_bits.dtype == jnp.int32, f"tree_bits dtype {tree_bits.dtype} must be int32")
+    _check(sliding_window is None, f"tree_bits with sliding_window={sliding_window} is not "
+                                   f"supported: tree tokens' positions are not their slots")
+
+
 def static_validate_ragged_inputs(q, k_pages, v_pages, cu_q_lens, kv_lens, page_indices, num_seqs,
-                                  *, soft_cap=None, sliding_window=None) -> None:
+                                  *, soft_cap=None, sliding_window=None, tree_bits=None) -> None:
     """Raises ValueError naming the bad shape/dtype/value of a ragged_paged_attention call."""
     _check(q.ndim == 3, f"q must be [num_tokens, num_heads, head_dim], got shape {q.shape}")
     _check_pages(q, k_pages, v_pages)
@@ -49,6 +61,7 @@ def static_validate_ragged_inputs(q, k_pages, v_pages, cu_q_lens, kv_lens, page_
     _check(soft_cap is None or soft_cap > 0, f"soft_cap={soft_cap} must be > 0 or None")
     _check(sliding_window is None or sliding_window > 0,
            f"sliding_window={sliding_window} must be > 0 or None")
+    static_validate_tree_bits(tree_bits, q.shape[0], sliding_window=sliding_window)
 
 
 def static_validate_decode_inputs(q, k_pages, v_pages, kv_lens, page_indices, *, soft_cap=None,

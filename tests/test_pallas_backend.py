@@ -1,9 +1,15 @@
-"""The engine on the "pallas" backend (interpreted kernels on CPU) against the "xla" backend."""
+"""The engine on the "pallas" backend (interpreted kernels on CPU) against the "xla" backend;
+a draft-tree step through both backends, also under tensor parallelism."""
 
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jinfer.attention.pallas as pallas_backend
-from jinfer.attention import default_attention_backend
+from jinfer.attention import AttentionMetadata, PallasBackend, XlaBackend, default_attention_backend
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.engine import Engine
 from jinfer.loader.hf import load_hf_model
@@ -62,3 +68,51 @@ def test_pallas_under_tensor_parallelism_matches_one_device(hf_checkpoints, vari
     eng, sharded = tokens("pallas", make_mesh(tp))
     assert sharded == tokens("xla", None)[1]
     assert eng.runner.kv.k[0].sharding.mesh.size == tp
+
+
+def _tree_step(rng, *, num_heads=8, num_kv_heads=2, head_dim=16, page=4):
+    """One step of draft trees mixed with a decode and a prefill chunk: (q, k, v, k_pages,
+    v_pages, md) with cached slots filled and every other slot NaN."""
+    q_lens, kv_lens = [5, 1, 12, 7], [9, 7, 12, 7]
+    parents = [[-1, 0, 0, 1, 1], None, None, [-1, 0, 1, 1, 0, 4, -1]]
+    pages_per_seq = 4
+    perm = rng.permutation(len(q_lens) * pages_per_seq)
+    tables = [perm[i * pages_per_seq:(i + 1) * pages_per_seq].tolist() for i in range(len(q_lens))]
+    num_tokens = sum(q_lens) + 3
+    md = AttentionMetadata.from_lengths(q_lens, kv_lens, tables, max_seqs=5, parents=parents,
+                                        num_tokens=num_tokens)
+    shape = (num_kv_heads, len(perm), page, head_dim)
+    k_pages, v_pages = np.full(shape, np.nan, np.float32), np.full(shape, np.nan, np.float32)
+    for table, q_len, kv_len in zip(tables, q_lens, kv_lens):
+        for pos in range(kv_len - q_len):
+            k_pages[:, table[pos // page], pos % page] = rng.normal(size=(num_kv_heads, head_dim))
+            v_pages[:, table[pos // page], pos % page] = rng.normal(size=(num_kv_heads, head_dim))
+    q = rng.normal(size=(num_tokens, num_heads, head_dim)).astype(np.float32)
+    k, v = (rng.normal(size=(num_tokens, num_kv_heads, head_dim)).astype(np.float32) for _ in range(2))
+    return tuple(map(jnp.asarray, (q, k, v, k_pages, v_pages))) + (md,)
+
+
+@pytest.mark.parametrize("tp", [2, 4])  # 2 KV heads split one per device; kept whole on 4 devices
+def test_pallas_tree_step_under_tensor_parallelism_matches_xla(tp):
+    from sharding.tp import make_mesh
+    q, k, v, kp, vp, md = _tree_step(np.random.default_rng(tp))
+    kw = dict(sm_scale=0.25, sliding_window=None)
+    want = XlaBackend()(q, k, v, kp, vp, md, **kw)
+    with jax.set_mesh(make_mesh(tp)):
+        got = jax.jit(lambda *a: PallasBackend(interpret=True)(*a, **kw))(q, k, v, kp, vp, md)
+    real = int(md.cu_q_lens[-1])
+    np.testing.assert_allclose(np.asarray(got[0])[:real], np.asarray(want[0])[:real], atol=2e-5, rtol=2e-5)
+    for a, b in zip(got[1:], want[1:]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_pallas_tree_step_never_takes_the_decode_kernel(monkeypatch):
+    """A step of one-token trees marked decode_only still goes to the ragged kernel."""
+    monkeypatch.setattr(pallas_backend, "decode_paged_attention",
+                        lambda *a, **kw: pytest.fail("a tree step reached the decode kernel"))
+    q, k, v = (jnp.ones((2, h, 16)) for h in (4, 2, 2))
+    kp = vp = jnp.zeros((2, 3, 4, 16))
+    one = AttentionMetadata.from_lengths([1, 1], [3, 5], [[0], [1, 2]], parents=[[-1], [-1]])
+    md = dataclasses.replace(one, decode_only=True)
+    out = PallasBackend(interpret=True)(q, k, v, kp, vp, md, sm_scale=0.25, sliding_window=None)
+    assert np.isfinite(np.asarray(out[0])).all()

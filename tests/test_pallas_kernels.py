@@ -1,5 +1,7 @@
-"""Pallas kernels (interpret mode on CPU) against their jnp references; references by hand."""
+"""Pallas kernels (interpret mode on CPU) against their jnp references; references by hand and
+(draft trees) against a brute-force dense computation."""
 
+import functools
 import math
 import os
 import subprocess
@@ -10,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jinfer.attention.metadata import MAX_TREE_TOKENS, tree_bits_from_parents
 from pallas_kernels import (decode_paged_attention, decode_paged_attention_ref, ragged_paged_attention,
                             ragged_paged_attention_ref, write_kv, write_kv_ref)
 
@@ -192,3 +195,189 @@ def test_write_kernel_matches_reference(dtype, page_size):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
     cross = jax.jit(lambda *a: write_kv(*a)).trace(kp, vp, k, v, cu, lens, table, n)
     assert "__gpu$xla.gpu.triton" in cross.lower(lowering_platforms=("cuda",)).as_text()
+
+
+# ---- Draft trees (speculative decoding): tree_bits restricts a row's new-token keys. ----
+
+TREE_KINDS = ("chain", "star", "deep", "wide", "random", "forest")
+
+
+def random_parents(rng, n: int, kind: str) -> list[int]:
+    """Parents of an n-token draft tree in topological order; token 0 is the root (parent -1)."""
+    parents = [-1]
+    for i in range(1, n):
+        if kind == "chain":
+            parents.append(i - 1)
+        elif kind == "star":
+            parents.append(0)
+        elif kind == "deep":  # long paths with a few forks
+            parents.append(int(rng.integers(max(0, i - 2), i)))
+        elif kind == "wide":  # many children of the first tokens
+            parents.append(int(rng.integers(0, min(i, 3))))
+        elif kind == "random":
+            parents.append(int(rng.integers(0, i)))
+        else:  # forest: some tokens have no new-token ancestor
+            parents.append(int(rng.integers(-1, i)))
+    return parents[:n]
+
+
+def tree_mix(rng, sizes, page_size: int):
+    """(q_lens, kv_lens, parents) of trees of the given sizes (kinds cycling, cached prefixes
+    around page edges) mixed with a prefill chunk longer than MAX_TREE_TOKENS, a plain decode
+    and an empty sequence."""
+    prefixes = [0, page_size - 1, page_size, page_size + 1, 2 * page_size + 3]
+    q_lens, kv_lens, parents = [], [], []
+    for i, n in enumerate(sizes):
+        q_lens.append(n)
+        kv_lens.append(n + prefixes[i % len(prefixes)])
+        parents.append(random_parents(rng, n, TREE_KINDS[i % len(TREE_KINDS)]))
+    for q, kv in [(MAX_TREE_TOKENS + 6, MAX_TREE_TOKENS + 6 + page_size), (1, 2 * page_size + 1), (0, 0)]:
+        q_lens.append(q)
+        kv_lens.append(kv)
+        parents.append(None)
+    order = rng.permutation(len(q_lens))
+    return [q_lens[i] for i in order], [kv_lens[i] for i in order], [parents[i] for i in order]
+
+
+def ancestors(parents, i: int) -> set[int]:
+    """Token i and its ancestors among the new tokens."""
+    seen = {i}
+    while parents[i] >= 0:
+        i = parents[i]
+        seen.add(i)
+    return seen
+
+
+def dense_attention(q, k_pages, v_pages, q_lens, kv_lens, table, sm_scale, visible):
+    """Brute force in float64: each new token's softmax over its sequence's cached keys and the
+    new tokens visible(s, i) (a set of new-token indices) lists. Returns f64[T, H, D]."""
+    q, k_pages, v_pages = (np.asarray(x, np.float64) for x in (q, k_pages, v_pages))
+    table = np.asarray(table)
+    num_kv_heads, _, page_size, head_dim = k_pages.shape
+    group = q.shape[1] // num_kv_heads
+    out = np.zeros_like(q)
+    row = 0
+    for s, (q_len, kv_len) in enumerate(zip(q_lens, kv_lens)):
+        cached = kv_len - q_len
+        for i in range(q_len):
+            slots = np.array(list(range(cached)) + sorted(cached + j for j in visible(s, i)))
+            k = k_pages[:, table[s, slots // page_size], slots % page_size]  # [K, n, D]
+            v = v_pages[:, table[s, slots // page_size], slots % page_size]
+            qh = q[row + i].reshape(num_kv_heads, group, head_dim)
+            scores = np.einsum("kgd,knd->kgn", qh, k) * sm_scale
+            w = np.exp(scores - scores.max(-1, keepdims=True))
+            w /= w.sum(-1, keepdims=True)
+            out[row + i] = np.einsum("kgn,knd->kgd", w, v).reshape(-1, head_dim)
+        row += q_len
+    return out
+
+
+def tree_visible_sets(parents_per_seq):
+    """visible(s, i) for dense_attention: ancestors in a tree, every earlier token otherwise."""
+    return lambda s, i: (set(range(i + 1)) if parents_per_seq[s] is None
+                         else ancestors(parents_per_seq[s], i))
+
+
+def _tree_case(rng, sizes, *, page_size, group, head_dim, dtype, max_seqs=None):
+    q_lens, kv_lens, parents = tree_mix(rng, sizes, page_size)
+    args = _ragged_case(rng, page_size=page_size, group=group, head_dim=head_dim, dtype=dtype,
+                        q_lens=q_lens, kv_lens=kv_lens, max_seqs=max_seqs)
+    bits = jnp.asarray(tree_bits_from_parents(q_lens, parents, args[0].shape[0]))
+    return args, bits, (q_lens, kv_lens, parents)
+
+
+@pytest.mark.parametrize("page_size, group", [(4, 1), (8, 2)])
+def test_tree_reference_matches_dense_brute_force(page_size, group):
+    rng = np.random.default_rng(page_size + group)
+    sizes = [1, 2, 5, 9, 17, 31, 32, 33, MAX_TREE_TOKENS]  # word edges included
+    args, bits, (q_lens, kv_lens, parents) = _tree_case(rng, sizes, page_size=page_size, group=group,
+                                                        head_dim=16, dtype=jnp.float32, max_seqs=14)
+    out = ragged_paged_attention_ref(*args, sm_scale=0.3, tree_bits=bits)
+    want = dense_attention(args[0], args[1], args[2], q_lens, kv_lens, args[5], 0.3, tree_visible_sets(parents))
+    real = sum(q_lens)
+    _close(out[:real], want[:real], jnp.float32)
+    assert not np.asarray(out[real:]).any(), "padding tokens must come back as zeros"
+
+
+def test_tree_reference_on_a_hand_worked_example():
+    # One KV head, head_dim 2, a page of 4 slots: one cached key, then a root (new token 0) with
+    # two children (1 and 2). q = [1, 0] everywhere (scale 1), keys kc = k0 = [0, 0],
+    # k1 = [ln 4, 0], k2 = [ln 2, 0]; values vc = [4, 0], v0 = [0, 8], v1 = [6, 6], v2 = [2, 2].
+    # Token 0 sees kc, k0: weights [1/2, 1/2] -> [2, 4]. Token 1 sees kc, k0, k1: [1, 1, 4] / 6
+    # -> [14/3, 16/3]. Token 2 sees kc, k0, k2 but not its sibling k1: [1, 1, 2] / 4 -> [2, 3].
+    k = np.array([[[[0, 0], [0, 0], [np.log(4), 0], [np.log(2), 0]], [[np.nan] * 2] * 4]], np.float32)
+    v = np.array([[[[4, 0], [0, 8], [6, 6], [2, 2]], [[np.nan] * 2] * 4]], np.float32)
+    q = np.tile(np.array([1, 0], np.float32), (4, 1, 1))  # 3 tokens and a padding row
+    cu, lens = np.array([0, 3], np.int32), np.array([4], np.int32)
+    table, n = np.array([[0]], np.int32), np.array([1], np.int32)
+    bits = tree_bits_from_parents([3], [[-1, 0, 0]], 4)
+    np.testing.assert_array_equal(bits, [[1, 0], [3, 0], [5, 0], [-1, -1]])
+    out = ragged_paged_attention_ref(q, k, v, cu, lens, table, n, sm_scale=1.0, tree_bits=jnp.asarray(bits))
+    np.testing.assert_allclose(np.asarray(out)[:, 0], [[2, 4], [14 / 3, 16 / 3], [2, 3], [0, 0]], atol=1e-5)
+
+
+def test_tree_new_tokens_past_max_tree_tokens_are_visible():
+    """Rows whose bits are all clear still see cached keys and the new tokens at index >=
+    MAX_TREE_TOKENS (causally); a row of -1s is plain causal."""
+    rng = np.random.default_rng(7)
+    q_len = MAX_TREE_TOKENS + 3
+    args = _ragged_case(rng, page_size=8, group=2, head_dim=16, dtype=jnp.float32, q_lens=[q_len, 5],
+                        kv_lens=[q_len + 4, 5])
+    bits = np.full((args[0].shape[0], 2), -1, np.int32)
+    bits[:q_len] = 0
+    out = ragged_paged_attention_ref(*args, sm_scale=0.3, tree_bits=jnp.asarray(bits))
+    visible = lambda s, i: (set(range(MAX_TREE_TOKENS, i + 1)) if s == 0 else set(range(i + 1)))
+    want = dense_attention(args[0], args[1], args[2], [q_len, 5], [q_len + 4, 5], args[5], 0.3, visible)
+    _close(out[:q_len + 5], want[:q_len + 5], jnp.float32)
+
+
+@pytest.mark.parametrize("dtype, page_size, group", [(jnp.float32, 8, 1), (jnp.bfloat16, 16, 4),
+                                                     (jnp.float32, 4, 8)], ids=["f32-8-1", "bf16-16-4", "f32-4-8"])
+def test_ragged_kernel_with_trees_matches_reference(dtype, page_size, group):
+    rng = np.random.default_rng(page_size * 10 + group)
+    args, bits, (q_lens, _, _) = _tree_case(rng, [1, 3, 20, MAX_TREE_TOKENS], page_size=page_size,
+                                            group=group, head_dim=64, dtype=dtype, max_seqs=9)
+    out = ragged_paged_attention(*args, sm_scale=0.125, tree_bits=bits, interpret=True)
+    _close(out, ragged_paged_attention_ref(*args, sm_scale=0.125, tree_bits=bits), dtype)
+    plain = ragged_paged_attention_ref(*args, sm_scale=0.125)
+    assert not np.allclose(np.asarray(out, np.float32), np.asarray(plain, np.float32), atol=1e-2), \
+        "the trees had no effect"
+
+
+def test_chain_trees_and_all_set_bits_equal_causal_attention():
+    rng = np.random.default_rng(3)
+    q_lens, kv_lens = [1, 4, 40, 2], [9, 4, 45, 20]
+    args = _ragged_case(rng, page_size=8, group=2, head_dim=64, dtype=jnp.float32, q_lens=q_lens,
+                        kv_lens=kv_lens, max_seqs=5)
+    chains = jnp.asarray(tree_bits_from_parents(q_lens, [list(range(-1, q - 1)) for q in q_lens],
+                                                args[0].shape[0]))
+    ones = jnp.full(chains.shape, -1, jnp.int32)
+    causal = ragged_paged_attention_ref(*args, sm_scale=0.125)
+    for bits in (chains, ones):
+        _close(ragged_paged_attention_ref(*args, sm_scale=0.125, tree_bits=bits), causal, jnp.float32)
+    _close(ragged_paged_attention(*args, sm_scale=0.125, tree_bits=chains, interpret=True), causal, jnp.float32)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(tree_bits=np.zeros((4, 2), np.uint32)), "tree_bits dtype uint32 must be int32"),
+    (dict(tree_bits=np.zeros((3, 2), np.int32)), r"tree_bits must be \[num_tokens=4, words\], got shape \(3, 2\)"),
+    (dict(tree_bits=np.zeros(4, np.int32)), r"tree_bits must be \[num_tokens=4, words\], got shape \(4,\)"),
+    (dict(tree_bits=np.zeros((4, 2), np.int32), sliding_window=8),
+     "tree_bits with sliding_window=8 is not supported"),
+])
+def test_tree_bits_validation_names_the_bad_input(change, message):
+    args = dict(q=np.zeros((4, 4, 64), np.float32), k_pages=np.zeros((2, 4, 8, 64), np.float32),
+                v_pages=np.zeros((2, 4, 8, 64), np.float32), cu_q_lens=np.zeros(5, np.int32),
+                kv_lens=np.zeros(4, np.int32), page_indices=np.zeros((4, 2), np.int32),
+                num_seqs=np.ones(1, np.int32))
+    for fn in (ragged_paged_attention_ref, functools.partial(ragged_paged_attention, interpret=True)):
+        with pytest.raises(ValueError, match=message):
+            fn(**args, **change, sm_scale=1.0)
+
+
+def test_ragged_kernel_with_trees_lowers_to_triton_for_cuda():
+    rng = np.random.default_rng(0)
+    args, bits, _ = _tree_case(rng, [5, 33], page_size=16, group=4, head_dim=128, dtype=jnp.bfloat16)
+    fn = lambda *a: ragged_paged_attention(*a[:-1], sm_scale=0.1, soft_cap=30.0, tree_bits=a[-1])
+    text = jax.jit(fn).trace(*args, bits).lower(lowering_platforms=("cuda",)).as_text()
+    assert "ragged_paged_attention" in text and "__gpu$xla.gpu.triton" in text

@@ -16,9 +16,11 @@ class AttentionBackend(Protocol):
       q: f[T, num_heads, head_dim], RoPE applied.
       k, v: f[T, num_kv_heads, head_dim], the new tokens' keys and values.
       k_pages, v_pages: f[num_kv_heads, num_pages, page_size, head_dim], donated.
-      md: the ragged batch.
+      md: the ragged batch; md.tree_bits (optional) restricts each row's new-token keys to its
+        draft-tree ancestors (speculative decoding). A step with trees is never decode_only.
       sm_scale: softmax scale, usually head_dim ** -0.5.
       sliding_window: attend only to keys with position > query position - window; None = all.
+        Not with md.tree_bits (ValueError).
     Returns:
       (out f[T, num_heads, head_dim], k_pages, v_pages). Rows of padding tokens are unspecified
       but finite; slots outside every sequence's length never reach any output (NaN-safe).

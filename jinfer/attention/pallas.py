@@ -6,7 +6,8 @@ slow, for tests).
 Under tensor parallelism (the runner traces the step inside `jax.set_mesh`) the kernels run
 per device in a shard_map over the mesh's one axis: query heads are split; KV heads are split
 too when the axis divides them, otherwise every device keeps (and writes) all KV heads and
-attends only with the one its query heads belong to.
+attends only with the one its query heads belong to. The metadata (draft-tree bits included)
+is replicated.
 """
 
 from __future__ import annotations
@@ -62,11 +63,11 @@ class PallasBackend:
         if kv_head is not None:
             k_att = jax.lax.dynamic_slice_in_dim(k_pages, kv_head, 1, axis=0)
             v_att = jax.lax.dynamic_slice_in_dim(v_pages, kv_head, 1, axis=0)
-        if md.decode_only:
+        if md.decode_only and md.tree_bits is None:  # a tree step never takes the decode kernel
             return _decode(q, k_att, v_att, md, sm_scale, sliding_window, self.interpret), k_pages, v_pages
         out = ragged_paged_attention(q, k_att, v_att, md.cu_q_lens, md.kv_lens, md.page_indices,
                                      md.num_seqs, sm_scale=sm_scale, sliding_window=sliding_window,
-                                     interpret=self.interpret)
+                                     interpret=self.interpret, tree_bits=md.tree_bits)
         return out, k_pages, v_pages
 
 

@@ -5,9 +5,10 @@ per query token times context:
 
 - decode rows (sequences with one new token): all of them at once, one row per sequence, over
   blocks of `kv_block` keys, for as many blocks as the longest of them needs;
-- chunks (sequences with two or more new tokens: prefill, chunked prefill, prefix hits): tiles
-  of `q_tile` consecutive query rows of one sequence, each over the key blocks up to its last
-  row's position (causal: later blocks are never touched).
+- chunks (sequences with two or more new tokens: prefill, chunked prefill, prefix hits, draft
+  trees): tiles of `q_tile` consecutive query rows of one sequence, each over the key blocks up
+  to its last row's position (causal: later blocks are never touched). With md.tree_bits a
+  row's mask also drops the new tokens that are not its tree ancestors.
 
 Both loops have trip counts read from the batch at run time (`lax.fori_loop` with traced
 bounds), so padding rows and sequences of a bucket cost almost nothing, and one compiled
@@ -23,7 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from jinfer.attention.metadata import AttentionMetadata
-from pallas_kernels.reference import write_kv_ref
+from pallas_kernels.reference import tree_visible, write_kv_ref
+from pallas_kernels.validate import static_validate_tree_bits
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -128,6 +130,9 @@ def _chunk_tiles(q, k_pages, v_pages, md, q_len, *, sm_scale, sliding_window, q_
     num_items = ends[-1]
     qp = jnp.pad(q, ((0, q_tile), (0, 0), (0, 0))).reshape(num_tokens + q_tile, num_kv_heads, group, head_dim)
     out0 = jnp.zeros((num_tokens + q_tile, num_kv_heads, group, head_dim), jnp.float32)
+    tree_bits = md.tree_bits
+    if tree_bits is not None:  # i32[T + q_tile, W], padded like qp
+        tree_bits = jnp.pad(tree_bits, ((0, q_tile), (0, 0)), constant_values=-1)
 
     def item(i, out):
         seq = jnp.searchsorted(ends, i, side="right")
@@ -142,6 +147,10 @@ def _chunk_tiles(q, k_pages, v_pages, md, q_len, *, sm_scale, sliding_window, q_
         kv_end = first_pos + n_rows  # keys past the tile's last row are never needed (causal)
         row_pos = jnp.repeat(q_pos, group)  # i32[Q*G], the position of each (row, head in group)
         row_ok = jnp.repeat(rows_ok, group)
+        if tree_bits is not None:
+            bits = jax.lax.dynamic_slice_in_dim(tree_bits, start, q_tile)  # i32[Q, W]
+            words = [jnp.repeat(bits[:, w], group) for w in range(bits.shape[1])]  # i32[Q*G] each
+            new_start = md.kv_lens[seq] - q_len[seq]  # the sequence's first new slot
 
         def body(j, state):
             pages = jax.lax.dynamic_slice_in_dim(md.page_indices[seq], j * pages_per_block, pages_per_block)
@@ -151,6 +160,8 @@ def _chunk_tiles(q, k_pages, v_pages, md, q_len, *, sm_scale, sliding_window, q_
             mask = (key_pos <= row_pos[:, None]) & (key_pos < kv_end) & row_ok[:, None]  # [Q*G, L]
             if sliding_window is not None:
                 mask &= key_pos > row_pos[:, None] - sliding_window
+            if tree_bits is not None:
+                mask &= tree_visible(words, key_pos - new_start)
             v_blk = jnp.where((key_pos[0] < kv_end)[None, :, None], v_blk, 0)
             scores = jnp.einsum("kmd,kld->kml", qt, k_blk, preferred_element_type=jnp.float32) * sm_scale
             return _online_update(state, scores, mask[None], v_blk, "kml,kld->kmd")
@@ -172,7 +183,8 @@ def paged_attention(q, k_pages, v_pages, md: AttentionMetadata, *, sm_scale: flo
                     sliding_window: int | None = None, q_tile: int = 64, kv_block: int = 64,
                     decode_block: int = 2048):
     """Causal attention of flat queries (f[T, num_heads, head_dim]) over their sequences' pages
-    (this step's keys already written). Rows of padding tokens come back as zeros.
+    (this step's keys already written), restricted to each row's draft tree where md.tree_bits
+    is given (not with sliding_window: ValueError). Rows of padding tokens come back as zeros.
 
     q_tile: query rows per chunk tile; kv_block: keys per block of a tile, decode_block: keys per
     block of the decodes' page list (both rounded to whole pages). The defaults were the fastest
@@ -181,13 +193,15 @@ def paged_attention(q, k_pages, v_pages, md: AttentionMetadata, *, sm_scale: flo
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
     max_seqs, pages_per_seq = md.page_indices.shape
+    static_validate_tree_bits(md.tree_bits, num_tokens, sliding_window=sliding_window)
     pages_per_block = max(1, kv_block // page_size)
     # Pad the page table to whole blocks so a block's slice never runs past it (the padded
     # entries point at page 0 and are masked by length).
     padded = -(-pages_per_seq // pages_per_block) * pages_per_block
     md = AttentionMetadata(jnp.asarray(md.cu_q_lens), jnp.asarray(md.kv_lens),
                            jnp.pad(md.page_indices, ((0, 0), (0, padded - pages_per_seq))),
-                           jnp.asarray(md.num_seqs), md.decode_only)
+                           jnp.asarray(md.num_seqs), md.decode_only,
+                           None if md.tree_bits is None else jnp.asarray(md.tree_bits))
     q_len = md.cu_q_lens[1:] - md.cu_q_lens[:-1]  # i32[S]
     kw = dict(sm_scale=sm_scale, sliding_window=sliding_window)
     out = _chunk_tiles(q, k_pages, v_pages, md, q_len, q_tile=q_tile, pages_per_block=pages_per_block, **kw)
