@@ -1,6 +1,7 @@
 """Every configuration dataclass, frozen, one per subsystem, each field checked in __post_init__:
 what the model is (ModelSpec), its KV cache (CacheConfig), the scheduler's budgets
-(SchedulerConfig), how the engine runs (EngineOptions) and how a server serves (ServingConfig).
+(SchedulerConfig), speculative decoding (SpeculationConfig), how the engine runs (EngineOptions)
+and how a server serves (ServingConfig).
 jinfer.launch builds them from a config file and flags in one place."""
 
 from __future__ import annotations
@@ -52,6 +53,51 @@ class SchedulerConfig:
 
 DTYPES = ("float32", "bfloat16")
 BACKENDS = ("", "xla", "pallas")
+
+
+DRAFTERS = {"ngram": "scheduler.drafters:NgramDrafter", "suffix": "scheduler.drafters:SuffixDrafter"}
+"""speculation.method short names -> the Drafter class (built by jinfer.launch.build_drafter)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculationConfig:
+    """Speculative decoding (jinfer.speculation): which drafter proposes, and how much."""
+
+    method: str = ""
+    """Empty: off. "ngram" (prompt lookup), "suffix" (SuffixDecoding), or `module:Class` of a
+    Drafter built as Class(this config)."""
+    max_spec_tokens: int = 8
+    """Most draft tokens a request carries into one step (the drafter may propose fewer)."""
+    tree: bool = False
+    """Tree drafts (several continuations verified at once) instead of chains (suffix only)."""
+    ngram_max: int = 4
+    """ngram: the longest context tail looked up in the request's own tokens."""
+    ngram_min: int = 1
+    """ngram: the shortest tail worth a draft."""
+    suffix_max_depth: int = 64
+    """suffix: depth cap of the suffix trees (longest match and draft considered)."""
+    suffix_max_cached_requests: int = 10000
+    """suffix: finished requests whose outputs the global tree keeps (oldest out first)."""
+    suffix_max_spec_factor: float = 1.0
+    """suffix: a match of m tokens drafts at most floor(factor * m + offset) tokens."""
+    suffix_max_spec_offset: float = 0.0
+    """suffix: see suffix_max_spec_factor."""
+    suffix_min_token_prob: float = 0.1
+    """suffix: draft tokens whose path probability falls below this are pruned."""
+
+    def __post_init__(self):
+        if self.method and self.method not in DRAFTERS and ":" not in self.method:
+            raise ValueError(f"method={self.method!r}; known: {sorted(DRAFTERS)} or module:Class")
+        if not 1 <= self.max_spec_tokens <= 63:
+            raise ValueError(f"max_spec_tokens={self.max_spec_tokens} must be in [1, 63]")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"ngram_min={self.ngram_min}, ngram_max={self.ngram_max}: need 1 <= min <= max")
+        if self.suffix_max_depth < 1 or self.suffix_max_cached_requests < 0:
+            raise ValueError(f"suffix_max_depth={self.suffix_max_depth} must be >= 1 and "
+                             f"suffix_max_cached_requests={self.suffix_max_cached_requests} >= 0")
+        if self.suffix_max_spec_factor < 0 or not 0 <= self.suffix_min_token_prob <= 1:
+            raise ValueError(f"suffix_max_spec_factor={self.suffix_max_spec_factor} must be >= 0 and "
+                             f"suffix_min_token_prob={self.suffix_min_token_prob} in [0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,7 @@ from jinfer.prefix_cache import EvictionLog
 from jinfer.request import Request, RequestOutput, Status, Usage
 from jinfer.runner import ModelRunner
 from jinfer.sampling_params import SamplingParams
-from jinfer.scheduling import Scheduler, SchedulingPolicy, StepPlan
+from jinfer.scheduling import Scheduler, SchedulingPolicy, SpecStats, StepPlan
 from jinfer.speculation import Drafter
 from sharding.tp import TPLayout
 
@@ -204,6 +204,11 @@ class Engine:
         return EngineInfo(self.model_config.vocab_size, cfg.max_model_len, cfg.max_num_seqs,
                           cfg.max_num_batched_tokens, self.runner.page_size, self.runner.num_pages,
                           self.attention_backend, 1 if layout is None else layout.mesh.size)
+
+    def spec_stats(self) -> SpecStats:
+        """Speculation since start (all zero without a drafter): drafted, accepted, verifying
+        steps, drafter time. A snapshot."""
+        return dataclasses.replace(self.scheduler.spec)
 
     def eviction_log(self, wanted=lambda: True) -> EvictionLog | None:
         """This engine's prefix-cache evictions (KVManager.eviction_log): drain it between steps."""

@@ -2,7 +2,8 @@
 
 A config file (configs/*.py) returns `default_config()` with some fields changed. Its sections
 mirror frozen dataclasses: `model` (ModelSpec), `cache` (CacheConfig), `scheduler`
-(SchedulerConfig), `engine` (EngineOptions) and `serving` (ServingConfig). `resolve()` is the
+(SchedulerConfig), `speculation` (SpeculationConfig), `engine` (EngineOptions) and `serving`
+(ServingConfig). `resolve()` is the
 one place a ConfigDict becomes those dataclasses: unknown fields and bad values raise
 ValueError naming `section.field`. Tools then call `build_engine()` / `build_server()`.
 
@@ -20,8 +21,8 @@ import typing
 import ml_collections
 from ml_collections import config_dict
 
-from jinfer.config import (BACKENDS, DTYPES, CacheConfig, EngineOptions, ModelSpec,  # noqa: F401
-                           SchedulerConfig, ServingConfig)
+from jinfer.config import (BACKENDS, DRAFTERS, DTYPES, CacheConfig, EngineOptions, ModelSpec,  # noqa: F401
+                           SchedulerConfig, ServingConfig, SpeculationConfig)
 
 @dataclasses.dataclass(frozen=True)
 class LaunchConfig:
@@ -30,10 +31,11 @@ class LaunchConfig:
     scheduler: SchedulerConfig
     engine: EngineOptions
     serving: ServingConfig
+    speculation: SpeculationConfig = SpeculationConfig()
 
 
 _CLASSES = {"model": ModelSpec, "cache": CacheConfig, "scheduler": SchedulerConfig,
-            "engine": EngineOptions, "serving": ServingConfig}
+            "engine": EngineOptions, "serving": ServingConfig, "speculation": SpeculationConfig}
 
 
 def _optional_type(cls, name):
@@ -173,10 +175,32 @@ def build_engine(launch: LaunchConfig, policy=None, progress: bool = False):
     if policy is None and opts.scheduling_policy:
         policy = scheduling_policy(opts.scheduling_policy)
     model, tok = load_model(spec, mesh)
-    engine = Engine(model, tok, launch.cache, launch.scheduler, policy, opts, mesh=mesh, progress=progress)
+    spec_cfg = launch.speculation
+    engine = Engine(model, tok, launch.cache, launch.scheduler, policy, opts, mesh=mesh, progress=progress,
+                    drafter=build_drafter(spec_cfg), max_spec_tokens=spec_cfg.max_spec_tokens)
     if hasattr(policy, "bind"):
         policy.bind(engine.scheduler)
     return engine
+
+
+def build_drafter(config: SpeculationConfig):
+    """The Drafter speculation.method names (None when off); ValueError naming it. The classes
+    live in scheduler/ and are named by string (config.DRAFTERS), as scheduling policies are."""
+    if not config.method:
+        return None
+    import importlib
+
+    target = DRAFTERS.get(config.method, config.method)
+    module, _, name = target.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"speculation.method={config.method!r} cannot be loaded: {e}") from None
+    drafter = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    for method in ("start", "propose", "observe", "finish"):
+        if not callable(getattr(drafter, method, None)):
+            raise ValueError(f"speculation.method={config.method!r} has no {method}() (jinfer.speculation.Drafter)")
+    return drafter
 
 
 def scheduling_policy(spec: str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable, Collection, Protocol, Sequence
 
 from jinfer.config import CacheConfig, SchedulerConfig
@@ -63,6 +64,25 @@ class Settled:
 FinishHook = Callable[[Request, int, "str | None"], "str | None"]
 
 
+@dataclasses.dataclass
+class SpecStats:
+    """Speculation since start, over every request (per request: Request.num_draft_tokens...)."""
+
+    draft_tokens: int = 0  # draft tokens verified
+    accepted_tokens: int = 0  # of them, accepted
+    spec_steps: int = 0  # (request, step) pairs that verified a draft
+    drafter_seconds: float = 0.0  # host time in the drafter (start, propose, observe, finish)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Accepted draft tokens per verification."""
+        return self.accepted_tokens / self.spec_steps if self.spec_steps else 0.0
+
+
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
     """The only thing the runner sees of a step."""
@@ -85,6 +105,7 @@ class Scheduler:
         self.drafter = drafter if max_spec_tokens > 0 else None
         self.max_spec_tokens = max_spec_tokens if drafter is not None else 0
         self._drafting: set[str] = set()  # requests the drafter has been told about (start)
+        self.spec = SpecStats()
         self.page_size = cache_cfg.page_size
         self.kv = KVManager(num_pages, cache_cfg.page_size, cache_cfg.enable_prefix_cache)
         self.pool, self.prefix_cache = self.kv.pool, self.kv.prefix_cache  # read-only views
@@ -122,6 +143,9 @@ class Scheduler:
                 continue
             new = (new,) if isinstance(new, int) else tuple(new)
             if seq.num_draft:
+                self.spec.draft_tokens += seq.num_draft
+                self.spec.accepted_tokens += len(new) - 1
+                self.spec.spec_steps += 1
                 # new = the accepted draft tokens + the model's own: the K/V of the step's last
                 # known token and of the accepted draft tokens stay; the rejected rest is rolled
                 # back (its slots are rewritten by later steps; its pages are kept for them).
@@ -145,7 +169,9 @@ class Scheduler:
             if len(seq.token_ids) - seq.num_draft > 1:
                 self.on_prefill_done(req)
             if req.request_id in self._drafting:
+                t0 = time.perf_counter()
                 self.drafter.observe(req.request_id, appended)
+                self.spec.drafter_seconds += time.perf_counter() - t0
             if reason:
                 req.status, req.finish_reason = Status.FINISHED, reason
                 self.finish(req)
@@ -255,7 +281,9 @@ class Scheduler:
                 req.num_cached_prompt_tokens = req.num_computed_tokens
                 if self.drafter is not None:  # it hears every token the request gets from now on
                     self._drafting.add(req.request_id)
+                    t0 = time.perf_counter()
                     self.drafter.start(req.request_id, req.prompt_ids)
+                    self.spec.drafter_seconds += time.perf_counter() - t0
             self.waiting.remove(req)
             req.status = Status.RUNNING
             self.running.append(req)
@@ -311,7 +339,9 @@ class Scheduler:
     def _end_drafting(self, req: Request, aborted: bool) -> None:
         if req.request_id in self._drafting:
             self._drafting.discard(req.request_id)
+            t0 = time.perf_counter()
             self.drafter.finish(req.request_id, req.output_ids, aborted)
+            self.spec.drafter_seconds += time.perf_counter() - t0
 
     def _draft(self, req: Request, budget: int) -> tuple[int, ...]:
         """A draft for a decoding request (its only uncomputed token is its last known one),
@@ -323,7 +353,9 @@ class Scheduler:
                    self.cfg.max_model_len - req.num_tokens - 1)
         if room <= 0 or req.request_id not in self._drafting:
             return ()
+        t0 = time.perf_counter()
         draft = self.drafter.propose(req.request_id, req.output_ids, room)
+        self.spec.drafter_seconds += time.perf_counter() - t0
         assert draft.is_chain and len(draft) <= room, f"drafter gave {draft} for room {room}"
         # Pages for the draft come from free (or evictable cached) pages only: a draft never
         # preempts a request.

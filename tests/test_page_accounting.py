@@ -11,6 +11,7 @@ from jinfer.prefix_cache import PrefixCache
 from jinfer.request import Request
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import Scheduler
+from jinfer.speculation import Draft
 
 PAGE = 4
 NUM_PAGES = 12
@@ -29,6 +30,27 @@ def _check_invariants(s: Scheduler):
             assert node.lock_ref >= 0
     assert refs == expected, "refcounts disagree with holders"
     assert s.pool.num_free == expected.count(0)
+
+
+class RandomDrafter:
+    """Drafts of random length and tokens; checks the scheduler's calls come in order."""
+
+    def __init__(self, rng):
+        self.rng, self.live = rng, set()
+
+    def start(self, request_id, prompt_ids):
+        assert request_id not in self.live
+        self.live.add(request_id)
+
+    def propose(self, request_id, output_ids, max_tokens):
+        assert request_id in self.live and max_tokens > 0
+        return Draft.chain(self.rng.integers(0, 8, int(self.rng.integers(0, max_tokens + 1))).tolist())
+
+    def observe(self, request_id, new_tokens):
+        assert request_id in self.live and new_tokens
+
+    def finish(self, request_id, output_ids, aborted):
+        self.live.remove(request_id)
 
 
 class FakeEngine:
@@ -71,7 +93,13 @@ class FakeEngine:
         return plan
 
     def _read(self, plan, reqs):
-        tokens = [int(self.rng.integers(0, 8)) for _ in plan.seqs]  # tiny vocab: shared prefixes
+        tokens = []  # tiny vocab: shared prefixes
+        for seq in plan.seqs:
+            token = int(self.rng.integers(0, 8))
+            if seq.num_draft:  # verification: a random prefix of the draft, then the model's token
+                accepted = int(self.rng.integers(0, seq.num_draft + 1))
+                token = list(seq.token_ids[-seq.num_draft:][:accepted]) + [token]
+            tokens.append(token)
         eos = lambda req, token, reason: reason or ("stop" if self.rng.random() < 0.05 else None)
         for done in self.s.update(plan, reqs, tokens, finish_hook=eos):
             if done.finish_reason:
@@ -87,15 +115,16 @@ ops = st.lists(st.one_of(
 ), min_size=1, max_size=40)
 
 
-@pytest.mark.parametrize("pipelined", [True, False])
+@pytest.mark.parametrize("pipelined, drafts", [(True, False), (False, False), (False, True)])
 @pytest.mark.parametrize("prefix", [True, False])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=ops, seed=st.integers(0, 2**16))
-def test_random_add_step_abort_keeps_pages_consistent(prefix, pipelined, ops, seed):
+def test_random_add_step_abort_keeps_pages_consistent(prefix, pipelined, drafts, ops, seed):
     rng = np.random.default_rng(seed)
+    drafter = RandomDrafter(rng) if drafts else None
     s = Scheduler(CacheConfig(page_size=PAGE, num_pages=NUM_PAGES, enable_prefix_cache=prefix),
                   SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=4, max_model_len=NUM_PAGES * PAGE),
-                  NUM_PAGES)
+                  NUM_PAGES, drafter=drafter, max_spec_tokens=3 if drafts else 0)
     eng = FakeEngine(s, rng, pipelined)
     made = []
     for kind, a, b, n in ops:
@@ -123,6 +152,8 @@ def test_random_add_step_abort_keeps_pages_consistent(prefix, pipelined, ops, se
         assert all(n.lock_ref == 0 for n in s.prefix_cache._nodes())
         s.prefix_cache.clear()
     assert s.pool.num_free == NUM_PAGES
+    if drafts:
+        assert not drafter.live  # every request the drafter heard of ended
 
 
 def test_pool_rejects_double_free_and_overdraw():

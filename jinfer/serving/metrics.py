@@ -51,6 +51,19 @@ class ServerMetrics:
         self.generation_tokens = Counter("jinfer_generation_tokens", "Output tokens produced.", registry=r)
         self.finished = Counter("jinfer_requests_finished", "Finished samples by finish reason.",
                                 ["finish_reason"], registry=r)
+        self.spec_draft_tokens = Counter("jinfer_spec_draft_tokens", "Speculation: draft tokens verified.",
+                                         registry=r)
+        self.spec_accepted_tokens = Counter("jinfer_spec_accepted_tokens",
+                                            "Speculation: draft tokens accepted.", registry=r)
+        self.spec_steps = Counter("jinfer_spec_verifications", "Speculation: (request, step) pairs that "
+                                  "verified a draft.", registry=r)
+        self.spec_drafter_seconds = Counter("jinfer_spec_drafter_seconds",
+                                            "Speculation: host time spent in the drafter.", registry=r)
+        self.spec_acceptance = Gauge("jinfer_spec_acceptance_rate",
+                                     "Accepted / drafted tokens since start.", registry=r)
+        self.spec_mean_accepted = Gauge("jinfer_spec_mean_accepted_tokens",
+                                        "Accepted draft tokens per verification since start.", registry=r)
+        self._spec_seen = None  # the engine's last SpecStats, for counter increments
         self._window_s = window_s
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._prompt_total = self._cached_total = 0
@@ -96,6 +109,21 @@ class ServerMetrics:
         self.waiting.set(load.waiting)
         self.running.set(load.running)
         self.kv_utilization.set(1.0 - load.free_pages / load.num_pages)
+        spec = engine.spec_stats()
+        last = self._spec_seen
+        if last is not None:
+            self.spec_draft_tokens.inc(spec.draft_tokens - last.draft_tokens)
+            self.spec_accepted_tokens.inc(spec.accepted_tokens - last.accepted_tokens)
+            self.spec_steps.inc(spec.spec_steps - last.spec_steps)
+            self.spec_drafter_seconds.inc(spec.drafter_seconds - last.drafter_seconds)
+        else:
+            self.spec_draft_tokens.inc(spec.draft_tokens)
+            self.spec_accepted_tokens.inc(spec.accepted_tokens)
+            self.spec_steps.inc(spec.spec_steps)
+            self.spec_drafter_seconds.inc(spec.drafter_seconds)
+        self._spec_seen = spec
+        self.spec_acceptance.set(spec.acceptance_rate)
+        self.spec_mean_accepted.set(spec.mean_accepted)
         self._refresh_rates(time.monotonic() if now is None else now)
 
     def _refresh_rates(self, now: float) -> None:

@@ -43,6 +43,8 @@ def sampling_params(req: pb.GenerateRequest) -> SamplingParams:
         if req.HasField(name):
             kw[name] = getattr(req, name)
     kw.setdefault("temperature", 0.0)
+    if req.HasField("speculate"):
+        kw["speculate"] = req.speculate
     return SamplingParams(stop=tuple(req.stop), stop_token_ids=tuple(req.stop_token_ids),
                           ignore_eos=req.ignore_eos, logprobs=req.logprobs, **kw)
 
@@ -52,7 +54,8 @@ def _response(request_id: str, out) -> pb.GenerateResponse:
         request_id=request_id, index=out.index, token_ids=out.new_token_ids, text=out.new_text,
         logprobs=out.new_logprobs or [], finish_reason=out.finish_reason or "",
         usage=pb.Usage(prompt_tokens=out.usage.prompt_tokens, completion_tokens=out.usage.completion_tokens,
-                       cached_prompt_tokens=out.usage.cached_prompt_tokens))
+                       cached_prompt_tokens=out.usage.cached_prompt_tokens, draft_tokens=out.usage.draft_tokens,
+                       accepted_draft_tokens=out.usage.accepted_draft_tokens, spec_steps=out.usage.spec_steps))
     first = out.first_token_time is not None and len(out.token_ids) == len(out.new_token_ids)
     if first and out.new_token_ids:
         msg.ttft_s = out.first_token_time - out.arrival_time
