@@ -2,7 +2,8 @@
 (n-gram) and SuffixDecoding (Oliaro et al., NeurIPS'25).
 
 Both run on the engine's host thread between steps, in pure Python, so both keep incremental
-indexes: a proposal costs about the same for a 10-token and a 10k-token context.
+indexes: their work per token does not grow with the context (tools/bench_drafters.py measures
+it).
 
 A request's tokens reach a drafter twice, through observe(new_tokens) and through propose's
 output_ids; each drafter takes whichever shows a token first and ignores the second sighting, so
@@ -29,7 +30,7 @@ class _Progress:
         self.taken = 0     # output tokens ingested
         self.reported = 0  # output tokens announced through observe
 
-    def from_observe(self, request_id: str, new_tokens: Sequence[int]) -> list[int]:
+    def from_observe(self, new_tokens: Sequence[int]) -> list[int]:
         new = [int(t) for t in new_tokens]
         self.reported += len(new)
         fresh = self.reported - self.taken  # <= len(new): taken >= reported before this call
@@ -103,7 +104,7 @@ class NgramDrafter:
 
     def observe(self, request_id: str, new_tokens: Sequence[int]) -> None:
         st = self._state(request_id)
-        st.tokens.extend(st.progress.from_observe(request_id, new_tokens))
+        st.tokens.extend(st.progress.from_observe(new_tokens))
 
     def propose(self, request_id: str, output_ids: Sequence[int], max_tokens: int) -> Draft:
         st = self._state(request_id)
@@ -140,11 +141,12 @@ class NgramDrafter:
 @dataclasses.dataclass(frozen=True)
 class SuffixConfig:
     """SuffixDecoding's knobs. Defaults are the paper's reference implementation's
-    (ArcticInference's SuffixDecodingCache.speculate) except max_cached_requests (vLLM's)."""
+    (ArcticInference's SuffixDecodingCache.speculate), except max_cached_requests, which it leaves
+    unbounded (vLLM: 10000; here the global tree costs ~0.3-0.6 KB per cached token)."""
 
     max_depth: int = 64
     """Depth cap of both suffix trees: a match plus its draft spans at most this many tokens."""
-    max_cached_requests: int = 10000
+    max_cached_requests: int = 1000
     """Finished requests whose outputs the global tree keeps, oldest out first; 0: no global tree."""
     max_spec_factor: float = 1.0
     """A match of m tokens may draft floor(max_spec_factor * m + max_spec_offset) tokens."""
@@ -211,7 +213,7 @@ class SuffixDrafter:
 
     def observe(self, request_id: str, new_tokens: Sequence[int]) -> None:
         st = self._state(request_id)
-        self._take(st, st.progress.from_observe(request_id, new_tokens))
+        self._take(st, st.progress.from_observe(new_tokens))
 
     def propose(self, request_id: str, output_ids: Sequence[int], max_tokens: int) -> Draft:
         st = self._state(request_id)

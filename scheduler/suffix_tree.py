@@ -25,14 +25,13 @@ forward (`TailMatcher` does this).
 from __future__ import annotations
 
 import bisect
-import dataclasses
+import functools
 import heapq
 import math
 import operator
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 _START = operator.itemgetter(0)
-_RANK = operator.itemgetter(0, 1, 2)
 _TIE = 1e-9
 
 
@@ -371,7 +370,7 @@ class TailMatcher:
     def positions(self) -> list[Position]:
         """Positions for m = 1..L (shortest first)."""
         self._sync()
-        return [(node, i + 1) for i, node in enumerate(self.nodes)]
+        return list(zip(self.nodes, range(1, len(self.nodes) + 1)))
 
     def advance(self, token: int) -> None:
         """The context grew by `token` (already appended to it)."""
@@ -431,8 +430,7 @@ class TailMatcher:
 # -- drafting -------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class SuffixDraft:
+class SuffixDraft(NamedTuple):
     """A draft grown from one match: tokens in topological order, their parents (-1: the last
     context token), each token's path probability, and the length of the match it continues."""
 
@@ -464,47 +462,66 @@ def speculate(sources: Sequence[tuple[SuffixTree, Sequence[Position], int]], max
     tail in its own tree, else 0); it only tightens the bound that skips hopeless matches.
 
     Every match is a candidate that may draft spec_budget(m) tokens (and max_depth - m at most,
-    all the tree holds below it): the chain of most frequent children, or (tree=True) the
-    subtree grown best-first by path probability; tokens below min_token_prob are never drafted.
-    Its score is the sum of its path probabilities; the best wins, ties going to the earlier
-    source, then the longer match. Matches are tried in order of an upper bound on their score
-    (budget x the first token's best probability) and the search stops when no bound can win, so
-    a call usually grows one or two drafts.
+    all the tree holds below it): the chain of most frequent children (ties: the smallest
+    token), or (tree=True) the subtree grown best-first by path probability; tokens below
+    min_token_prob are never drafted. Its score is the sum of its path probabilities; the best
+    wins, ties going to the earlier source, then the longer match. Matches are tried in order of
+    an upper bound on their score (budget x the first token's best probability) and the search
+    stops when no bound can win, so a call usually grows one or two drafts.
     """
     cands = []
     for rank, (st, positions, known) in enumerate(sources):
         md = st.max_depth
+        budgets = _budgets(max_tokens, max_spec_factor, max_spec_offset, md)
+        if not known:  # the bound is the budget: every continuation may be certain
+            cands += [(budgets[m], -rank, m, budgets[m], node, md) for node, m in positions if budgets[m] > 0]
+            continue
         for node, m in positions:
-            # spec_budget inlined (hot): int() truncates where floor() would, or both give <= 0.
-            n = int(max_spec_factor * m + max_spec_offset + 1e-6)
-            if n > max_tokens:
-                n = max_tokens
-            if n > md - m:
-                n = md - m
-            count = node.count
+            n, count = budgets[m], node.count
             if n > 0 and count > known:
                 cands.append((n * (count - known) / count, -rank, m, n, node, md))
-    if len(cands) > 1:
-        cands.sort(key=_RANK, reverse=True)
+    if not cands:
+        return NO_SUFFIX_DRAFT
     grow = _grow_tree if tree else _grow_chain
+    # Candidates order by (bound, rank, m), unique per candidate, so tuples compare without
+    # reaching the nodes. The top one usually scores its bound (its continuation is certain):
+    # then nothing can beat it and the others are never sorted.
+    top = max(cands)
+    first = grow(top[4], top[2], top[3], min_token_prob, top[5])
+    first_score = sum(first[2])
+    if first[0] and first_score >= top[0] - _TIE * max(1.0, top[0]):
+        return SuffixDraft(tuple(first[0]), tuple(first[1]), tuple(first[2]), first_score, top[2])
+    cands.sort(reverse=True)
     best, best_score, best_rank = NO_SUFFIX_DRAFT, 0.0, None
-    for bound, rank, m, n, node, md in cands:
-        # Scores within _TIE of each other are a tie (sums of the same ratios in another order).
-        tol = _TIE * max(1.0, best_score)
+    for cand in cands:
+        bound, rank, m, n, node, md = cand
         if best_rank is not None:
-            if bound < best_score - tol:
-                break  # sorted by bound: nothing after this can even tie
-            if bound <= best_score + tol and (rank, m) < best_rank:
-                continue
-        tokens, parents, probs = grow(node, m, n, min_token_prob, md)
+            # Scores within _TIE of each other tie (sums of the same ratios in another order).
+            # Once a bound cannot beat the best, or can only tie it from a worse (rank, m),
+            # nothing after it can (and distinct bounds are never that close).
+            tol = _TIE * max(1.0, best_score)
+            if bound < best_score - tol or (bound <= best_score + tol and (rank, m) < best_rank):
+                break
+        if cand is top:
+            (tokens, parents, probs), score = first, first_score
+        else:
+            tokens, parents, probs = grow(node, m, n, min_token_prob, md)
+            score = sum(probs)
         if not tokens:
             continue
-        score = sum(probs)
+        tol = _TIE * max(1.0, best_score)
         if best_rank is None or score > best_score + tol or (
                 score >= best_score - tol and (rank, m) > best_rank):
             best_score, best_rank = score, (rank, m)
             best = SuffixDraft(tuple(tokens), tuple(parents), tuple(probs), score, m)
     return best
+
+
+@functools.lru_cache(maxsize=256)
+def _budgets(max_tokens: int, factor: float, offset: float, max_depth: int) -> tuple[int, ...]:
+    """Per match length m (index), the tokens it may draft: spec_budget and the room below it."""
+    return tuple(min(spec_budget(m, max_tokens, factor, offset), max_depth - m)
+                 for m in range(max_depth + 1))
 
 
 def _grow_chain(node: _Node, m: int, n: int, min_prob: float, md: int):

@@ -173,27 +173,33 @@ def test_drafts_are_valid_and_within_max_tokens(name, finished, prompt, output, 
 
 
 @settings(max_examples=60, deadline=None)
-@given(finished=st.lists(CONTEXTS, max_size=4), prompt=CONTEXTS, output=CONTEXTS,
-       max_tokens=st.integers(1, 8), tree=st.booleans())
+@given(finished=st.lists(st.tuples(st.integers(0, 40), CONTEXTS), max_size=4), prompt=CONTEXTS,
+       output=CONTEXTS, max_tokens=st.integers(1, 8), tree=st.booleans())
 def test_suffix_drafter_equals_speculating_from_fresh_trees(finished, prompt, output, max_tokens, tree):
-    cfg = SuffixConfig(max_depth=6, max_cached_requests=2, tree=tree)
-    drafter = SuffixDrafter(cfg)
-    for i, done in enumerate(finished):
-        drafter.start(f"old{i}", [0])
-        drafter.finish(f"old{i}", done, aborted=False)
+    """Other requests finish (and get evicted) while one runs: its proposals equal speculating
+    from trees built afresh from what it has seen and what the global tree keeps."""
+    drafter = SuffixDrafter(SuffixConfig(max_depth=6, max_cached_requests=2, tree=tree))
     drafter.start("r", prompt)
-    drafter.observe("r", output)
-    got = drafter.propose("r", output, max_tokens)
-    local, cached = SuffixTree(6), SuffixTree(6)
-    context = prompt + output
-    local.extend(0, context)
-    for i, done in enumerate(finished[-2:]):
-        cached.extend(i, done)
-    want = speculate([(local, local.match(context), 0), (cached, cached.match(context), 0)],
-                     max_tokens, tree=tree)
-    assert got.score == pytest.approx(want.score, abs=1e-9)
-    if not tree:
-        assert got.tokens == want.tokens
+    done = []
+    for i in range(len(output) + 1):
+        for j, (when, other) in enumerate(finished):
+            if when == i:
+                drafter.start(f"o{j}", [0])
+                drafter.finish(f"o{j}", other, aborted=False)
+                done.append(other)
+        got = drafter.propose("r", output[:i], max_tokens)
+        local, cached = SuffixTree(6), SuffixTree(6)
+        context = prompt + output[:i]
+        local.extend(0, context)
+        for k, other in enumerate(done[-2:]):
+            cached.extend(k, other)
+        want = speculate([(local, local.match(context), 0), (cached, cached.match(context), 0)],
+                         max_tokens, tree=tree)
+        assert got.score == pytest.approx(want.score, abs=1e-9)
+        if not tree:
+            assert got.tokens == want.tokens
+        if i < len(output):
+            drafter.observe("r", output[i:i + 1])
 
 
 @pytest.mark.parametrize("make, message", [

@@ -7,8 +7,8 @@ Each workload is a list of requests (prompt, the output the model will write); a
 the engine drives a drafter: propose a draft of at most --max_tokens, keep the longest prefix that
 greedy verification accepts plus the model's token, observe them, and finish with the output.
 Workloads: `stdlib` (Python standard library files cut into words: prompt = a file's start,
-output = what follows), `repeat` (agent-like: each output redoes an earlier one with 5% of its
-tokens changed), `random` (uniform tokens from 32k: nothing to find, the pure overhead).
+output = what follows), `repeat` (agent-like: each output redoes an earlier one with
+--repeat_change of its tokens changed), `random` (uniform tokens from 32k: nothing to find, the pure overhead).
 Reported per drafter, medians over --repeats runs (wall time of each call, less the cost of
 reading the clock; drafters alternate between runs so a busy spell hits all alike): microseconds
 per propose call, per drafted token, per observed token, per prompt token at start and per output
@@ -40,6 +40,7 @@ flags.DEFINE_integer("requests", 40, "Requests per workload.", lower_bound=1)
 flags.DEFINE_integer("prompt_len", 800, "Prompt tokens (stdlib, random).", lower_bound=1)
 flags.DEFINE_integer("output_len", 400, "Output tokens per request.", lower_bound=1)
 flags.DEFINE_integer("repeats", 3, "Runs per drafter and workload (medians reported).", lower_bound=1)
+flags.DEFINE_float("repeat_change", 0.05, "Share of an output's tokens changed in `repeat`.", lower_bound=0)
 flags.DEFINE_integer("seed", 0, "Workload seed.")
 
 
@@ -59,13 +60,15 @@ def stdlib_requests(n, prompt_len, output_len, seed):
 
 
 def repeat_requests(n, output_len, seed, vocab=32000, templates=4, change=0.05):
+    """Requests of `templates` kinds: a kind's prompts end with the same instruction and its
+    outputs redo the same text, each with `change` of its tokens replaced."""
     rng = random.Random(seed)
     bases = [[rng.randrange(vocab) for _ in range(output_len)] for _ in range(templates)]
+    instructions = [[rng.randrange(vocab) for _ in range(32)] for _ in range(templates)]
     out = []
     for i in range(n):
-        base = bases[i % templates]
-        prompt = [rng.randrange(vocab) for _ in range(64)] + base[:32]
-        output = [rng.randrange(vocab) if rng.random() < change else t for t in base]
+        prompt = [rng.randrange(vocab) for _ in range(64)] + instructions[i % templates]
+        output = [rng.randrange(vocab) if rng.random() < change else t for t in bases[i % templates]]
         out.append((prompt, output))
     return out
 
@@ -149,7 +152,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     makers = {
         "stdlib": lambda: stdlib_requests(FLAGS.requests, FLAGS.prompt_len, FLAGS.output_len, FLAGS.seed),
-        "repeat": lambda: repeat_requests(FLAGS.requests, FLAGS.output_len, FLAGS.seed),
+        "repeat": lambda: repeat_requests(FLAGS.requests, FLAGS.output_len, FLAGS.seed,
+                                          change=FLAGS.repeat_change),
         "random": lambda: random_requests(FLAGS.requests, FLAGS.prompt_len, FLAGS.output_len, FLAGS.seed),
     }
     for workload in FLAGS.workloads:
