@@ -1,12 +1,13 @@
 """Routes requests across jinfer replica servers (tools/launch_server.py) with a routing policy,
-until SIGINT/SIGTERM. Clients talk to the router as to one server (jinfer.v1.Inference);
+until SIGINT/SIGTERM. Clients talk to the router as to one server (jinfer.v1.Inference, and with
+--http_port the OpenAI-compatible HTTP API, each request routed as a Generate is);
 `tools/client.py --router_stats` shows what the policy sees.
 
   python tools/launch_server.py --config.serving.port=50061 --config.serving.metrics_port=9091 &
   python tools/launch_server.py --config.serving.port=50062 --config.serving.metrics_port=9092 &
   python tools/profile_engine.py --out=cost.json                   # the replicas' step costs
   python tools/launch_router.py --replicas=127.0.0.1:50061,127.0.0.1:50062 \
-      --policy=preble-e2 --cost_model=cost.json --port=50051
+      --policy=preble-e2 --cost_model=cost.json --port=50051 --http_port=8000
 
 Policies (scheduler/routing.py): round-robin, least-load, sglang (SGLang's cache-aware router),
 preble-e2 (Preble's E2 over a global radix tree; needs --cost_model). Replicas report their load
@@ -37,7 +38,10 @@ flags.DEFINE_string("cost_model", "", "Cost model JSON for preble-e2 (tools/prof
 flags.DEFINE_string("host", "127.0.0.1", "Interface the router binds.")
 flags.DEFINE_integer("port", 50051, "Router port (0 picks a free one; see --port_file).", lower_bound=0,
                      upper_bound=65535)
-flags.DEFINE_string("port_file", "", "Once serving, write {\"port\", \"pid\"} as JSON here.")
+flags.DEFINE_integer("http_port", None, "Serve the OpenAI-compatible HTTP API on this port too (0 picks a free "
+                     "one; unset: no HTTP API).", lower_bound=0, upper_bound=65535)
+flags.DEFINE_string("port_file", "", "Once serving, write {\"port\", \"http_port\", \"pid\"} as JSON here "
+                    "(http_port null without --http_port).")
 flags.DEFINE_string("tokenizer", "auto", "Encodes text prompts: auto = the model the replicas' launch config "
                     "names; a model directory with tokenizer.json; none = token-id prompts only.")
 flags.DEFINE_string("auth_token", None, "Clients must send `authorization: Bearer <token>`.")
@@ -87,8 +91,9 @@ def main(argv):
         except ValueError as e:
             sys.exit(f"error: --tokenizer: {e}")
     try:
-        config = RouterConfig(host=FLAGS.host, port=FLAGS.port, auth_token=FLAGS.auth_token,
-                              replica_token=FLAGS.replica_token, report_interval_s=FLAGS.report_interval_s,
+        config = RouterConfig(host=FLAGS.host, port=FLAGS.port, http_port=FLAGS.http_port,
+                              auth_token=FLAGS.auth_token, replica_token=FLAGS.replica_token,
+                              report_interval_s=FLAGS.report_interval_s,
                               connect_timeout_s=FLAGS.connect_timeout_s, shutdown_grace_s=FLAGS.shutdown_grace_s,
                               health_interval_s=FLAGS.health_interval_s, health_timeout_s=FLAGS.health_timeout_s,
                               health_failures=FLAGS.health_failures, max_reroutes=FLAGS.max_reroutes)
@@ -103,7 +108,7 @@ def main(argv):
     if FLAGS.port_file:
         tmp = f"{FLAGS.port_file}.tmp"
         with open(tmp, "w") as f:
-            json.dump({"port": router.port, "pid": os.getpid()}, f)
+            json.dump({"port": router.port, "http_port": router.http_port, "pid": os.getpid()}, f)
         os.replace(tmp, FLAGS.port_file)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

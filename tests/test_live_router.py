@@ -3,6 +3,7 @@ third, killed and restarted, for failover)."""
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,10 +11,14 @@ import threading
 import time
 
 import grpc
+import httpx
+import openai
 import pytest
 
+from jinfer import DEFAULT_MODEL_DIR
 from jinfer.serving.client import Client
 from jinfer.serving.process import ServerProcess
+from jinfer.tokenizer import Tokenizer
 from scheduler.cost_model import analytic_7b_h100
 from scheduler.live import RouterConfig, RouterServer
 from scheduler.routing import E2Options
@@ -168,12 +173,18 @@ def test_bad_input_and_cancellation_leave_router_and_replicas_clean(replicas, ro
 def test_launch_router_tool_serves_and_exits_cleanly(replicas):
     targets = ",".join(p.target for p in replicas)
     with ServerProcess([f"--replicas={targets}", "--policy=round-robin", "--port=0", "--shutdown_grace_s=2",
-                        "--health_interval_s=0.5", "--health_timeout_s=0.5", "--health_failures=2", "--max_reroutes=1"],
-                       module="scheduler.router_main") as proc:
+                        "--health_interval_s=0.5", "--health_timeout_s=0.5", "--health_failures=2", "--max_reroutes=1",
+                        "--http_port=0"], module="scheduler.router_main") as proc:
         proc.wait_ready(120)
+        assert replicas[0].http_port is None and proc.http_port not in (None, proc.port)
         with Client(proc.target) as c:
             outs = [c.generate("import os", max_tokens=3, ignore_eos=True)[0] for _ in range(2)]
             assert outs[0]["token_ids"] == outs[1]["token_ids"] and len(outs[0]["token_ids"]) == 3
+            # The replicas' model has no chat template: chat is refused, clearly, before routing.
+            response = httpx.post(f"http://{proc.http_target}/v1/chat/completions",
+                                  json={"messages": [{"role": "user", "content": "hi"}]}, timeout=60)
+            assert response.status_code == 400, response.text
+            assert response.json()["error"]["message"].startswith("this model has no chat template")
             st = c.router_stats()
             assert st.policy == "round-robin" and [r.routed for r in st.replicas] == [1, 1]
     assert proc.proc.returncode == 0
@@ -183,6 +194,117 @@ def test_launch_router_tool_serves_and_exits_cleanly(replicas):
                       ([f"--replicas={targets}", "--cost_model=/nonexistent.json"], "--cost_model='/nonexistent.json'")]:
         res = subprocess.run([sys.executable, tool, *args], capture_output=True, text=True, timeout=120)
         assert res.returncode != 0 and msg in res.stderr, res.stderr[-2000:]
+
+
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def _raw_code(target: str, method: str, payload: bytes):
+    """(code, details) of a call whose request is `payload`, raw bytes."""
+    streaming = method.endswith("/Generate")
+    with grpc.insecure_channel(target) as ch:
+        call = (ch.unary_stream if streaming else ch.unary_unary)(method, request_serializer=None,
+                                                                  response_deserializer=None)
+        try:
+            result = call(payload, timeout=30)
+            if streaming:
+                list(result)
+        except grpc.RpcError as e:
+            return e.code(), e.details()
+    return grpc.StatusCode.OK, ""
+
+
+def test_router_answers_undecodable_bytes_invalid_argument(router):
+    target = f"127.0.0.1:{router.port}"
+    for method, payload in [("/jinfer.v1.Inference/Generate", b"\x0a\x02\xff\xfe"),  # text = invalid UTF-8
+                            ("/jinfer.v1.Inference/Generate", b"\xff\xff\xff\xff"),  # not protobuf
+                            ("/jinfer.v1.Router/GetRouterStats", b"\xff\xff\xff\xff")]:
+        code, details = _raw_code(target, method, payload)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("request could not be decoded"), \
+            (method, payload, code)
+    with Client(target) as c:
+        assert c.generate([5, 6, 7], max_tokens=2, ignore_eos=True)[0]["finish_reason"] == "length"
+
+
+def _generated(replicas) -> float:
+    """Output tokens the replicas produced so far (their Prometheus counters)."""
+    total = 0.0
+    for p in replicas:
+        text = httpx.get(f"http://127.0.0.1:{p.ports['metrics_port']}/metrics", timeout=10).text
+        total += sum(float(line.split()[1]) for line in text.splitlines()
+                     if line.startswith("jinfer_generation_tokens_total "))
+    return total
+
+
+def test_router_serves_the_openai_api_routed_as_generate(replicas, tmp_path):
+    """The router's HTTP API: every request routed by its policy (GetRouterStats counts them),
+    the replicas' own tokens, OpenAI's error bodies, and a client that goes away aborting."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the replicas' tokenizer, with a chat template
+        shutil.copy(os.path.join(DEFAULT_MODEL_DIR, name), tmp_path / name)
+    (tmp_path / "chat_template.jinja").write_text(TEMPLATE)
+    tok = Tokenizer.from_dir(str(tmp_path))
+    chat = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "def add(a, b):"}]
+    chat_ids = tok.encode(tok.apply_chat_template(chat), add_special_tokens=False)
+    prompt = "def fibonacci(n):"
+    with Client(replicas[0].target) as direct:
+        want = direct.generate(prompt, temperature=0, max_tokens=8, logprobs=True)[0]
+        want_chat = direct.generate(chat_ids, temperature=0, max_tokens=8)[0]
+    targets = ",".join(p.target for p in replicas)
+    with ServerProcess([f"--replicas={targets}", "--policy=round-robin", "--port=0", "--http_port=0",
+                        f"--tokenizer={tmp_path}", "--shutdown_grace_s=2", "--report_interval_s=0.01"],
+                       module="scheduler.router_main") as proc:
+        proc.wait_ready(120)
+        base = f"http://{proc.http_target}"
+        with openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60) as client, \
+                Client(proc.target) as c:
+            card = client.models.list().data[0]
+            assert card.model_extra["max_model_len"] == 256 and card.model_extra["vocab_size"] == 4096
+            assert httpx.get(f"{base}/health").json() == {"status": "serving"}
+            ids = lambda choice: choice.model_extra["token_ids"]  # noqa: E731
+            greedy = dict(model=card.id, max_tokens=8, temperature=0, extra_body={"return_token_ids": True})
+
+            got = client.completions.create(prompt=prompt, logprobs=0, **greedy)
+            choice = got.choices[0]
+            assert (ids(choice), choice.text, choice.finish_reason) == (want["token_ids"], want["text"], "length")
+            assert choice.logprobs.token_logprobs == pytest.approx(want["logprobs"], abs=1e-5)
+            assert got.usage.completion_tokens == 8 and got.usage.prompt_tokens == want["usage"]["prompt_tokens"]
+            chunks = list(client.completions.create(prompt=prompt, stream=True,
+                                                    stream_options={"include_usage": True}, **greedy))
+            assert sum((ids(ch.choices[0]) for ch in chunks if ch.choices), []) == want["token_ids"]
+            assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == want["text"]
+            assert chunks[-1].usage.completion_tokens == 8
+
+            got = client.chat.completions.create(messages=chat, **greedy).choices[0]
+            assert (ids(got), got.message.content) == (want_chat["token_ids"], want_chat["text"])
+            chunks = list(client.chat.completions.create(messages=chat, stream=True, **greedy))
+            assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == want_chat["text"]
+
+            # Refused before routing, as OpenAI does: the router's checks and the API's.
+            for body, message, param in [
+                    ({"prompt": [99999]}, "prompt token ids [99999] are outside the vocabulary", None),
+                    ({"prompt": "x", "tier": "gold"}, "unknown tier='gold'", "tier"),
+                    ({"prompt": [5] * 250, "max_tokens": 16}, "exceeds max_model_len=256", None),
+                    ({"prompt": "x", "temperature": "hot"}, "temperature: Input should be a valid number",
+                     "temperature")]:
+                response = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+                assert response.status_code == 400, response.text
+                error = response.json()["error"]
+                assert message in error["message"], error
+                assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, None)
+
+            # A client that goes away: the relay is cancelled, so the replica aborts the request
+            # (long before its 200 tokens) and frees its pages.
+            before = _generated(replicas)
+            stream = client.completions.create(model=card.id, prompt=prompt, max_tokens=200, stream=True,
+                                               extra_body={"ignore_eos": True})
+            next(iter(stream))
+            stream.close()
+            st = _settled(c)
+            assert all(r.load.free_pages + r.load.cached_pages == PAGES for r in st.replicas)
+            assert _generated(replicas) - before < 200
+            assert sum(r.routed for r in st.replicas) == 5 and all(r.routed and not r.failed for r in st.replicas)
+    assert proc.proc.returncode == 0
 
 
 def _until(cond, what: str, timeout: float = 30.0):

@@ -55,6 +55,10 @@ class Frontend:
     def close(self) -> None:
         self._tokenize.shutdown(wait=False, cancel_futures=True)
 
+    def info(self):
+        """The engine's EngineInfo (vocab size, max_model_len, KV pages and page size)."""
+        return self.loop.engine.info()
+
     def check_healthy(self) -> None:
         health = self.loop.health()
         if health is not Health.SERVING:

@@ -31,8 +31,8 @@ from jinfer.launch import define_config_flag, parse_flags
 
 FLAGS = flags.FLAGS
 CONFIG = define_config_flag(os.path.join(os.path.dirname(configs.__file__), "default.py"))
-flags.DEFINE_string("port_file", "", "Once serving, write {\"port\", \"metrics_port\", \"pid\"} as JSON here "
-                    "(for scripts that start the server with port 0).")
+flags.DEFINE_string("port_file", "", "Once serving, write {\"port\", \"http_port\", \"metrics_port\", \"pid\"} as "
+                    "JSON here (for scripts that start the server with port 0; null: not served).")
 
 log = logging.getLogger("jinfer.launch_server")
 
@@ -40,7 +40,8 @@ log = logging.getLogger("jinfer.launch_server")
 def _write_port_file(path: str, server) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump({"port": server.port, "metrics_port": server.metrics_port, "pid": os.getpid()}, f)
+        json.dump({"port": server.port, "http_port": server.http_port, "metrics_port": server.metrics_port,
+                   "pid": os.getpid()}, f)
     os.replace(tmp, path)  # readers never see half a file
 
 

@@ -69,6 +69,16 @@ class ServerProcess:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def http_port(self) -> int | None:
+        """The OpenAI-compatible HTTP API's port (None: the process serves none)."""
+        return self.ports.get("http_port")
+
+    @property
+    def http_target(self) -> str | None:
+        """host:port of the HTTP API (its base URL is http://<http_target>/v1), or None."""
+        return None if self.http_port is None else f"127.0.0.1:{self.http_port}"
+
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM, wait (kill after timeout); returns the exit code."""
         if self.proc is not None and self.proc.poll() is None:

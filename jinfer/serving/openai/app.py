@@ -1,11 +1,13 @@
-"""The OpenAI-compatible HTTP API as a Starlette app over a Frontend (the gRPC server's).
+"""The OpenAI-compatible HTTP API as a Starlette app over a frontend: the gRPC server's
+Frontend, or a router's (scheduler/router_http.py), each behind the narrow `ApiFrontend`.
 
-  GET  /health                200 while the engine loop is healthy, else 503 (no auth)
+  GET  /health                200 while the frontend can serve (engine loop healthy; a router:
+                              some replica up), else 503 (no auth)
   GET  /v1/models             the served model (and /v1/models/{id})
   POST /v1/completions        one prompt: text or token ids
   POST /v1/chat/completions   messages rendered with the tokenizer's chat template
 
-Requests go through `Frontend.generate`, as gRPC's do: the same admission, checks and
+Requests go through the frontend's `generate`, as gRPC's do: the same admission, checks and
 tokenization off the engine thread. A generation runs while the response listens for the
 client: a client that goes away cancels it, and closing the frontend's stream aborts the
 request, freeing its pages. Errors are OpenAI's bodies with their HTTP status; a stream that
@@ -20,6 +22,7 @@ import hmac
 import json
 import time
 import uuid
+from typing import AsyncIterator, Protocol
 
 import anyio
 from starlette.applications import Starlette
@@ -31,9 +34,29 @@ from starlette.routing import Route
 
 from jinfer.config import ServingConfig
 from jinfer.errors import shorten
-from jinfer.serving.frontend import Frontend, ServingError
+from jinfer.request import RequestOutput
+from jinfer.sampling_params import SamplingParams
+from jinfer.serving.frontend import ServingError
 from jinfer.serving.openai.protocol import ApiError, ChatRequest, CompletionRequest, parse
 from jinfer.serving.openai.views import ChatView, CompletionView
+
+
+class ApiFrontend(Protocol):
+    """What the API needs of a server (jinfer.serving.frontend.Frontend is one)."""
+
+    tokenizer: object
+    """encode, decode and apply_chat_template, as jinfer.tokenizer.Tokenizer's."""
+
+    def generate(self, prompt: str | list[int], params: SamplingParams, *, request_id: str,
+                 tier: str | None) -> AsyncIterator[RequestOutput]:
+        """The request's outputs (samples interleaved) until every sample finished; ServingError
+        (a gRPC status name) if it is refused or fails; closing it aborts the request."""
+
+    def check_healthy(self) -> None:
+        """ServingError unless the server can serve now."""
+
+    def info(self):
+        """An object with vocab_size, max_model_len, page_size and num_pages (KV pages)."""
 
 
 def error_response(error: ApiError) -> JSONResponse:
@@ -113,9 +136,10 @@ def _event(data: dict) -> bytes:
 
 
 class OpenAIApi:
-    """The routes over one Frontend; `app` is the ASGI application."""
+    """The routes over one frontend; `app` is the ASGI application. config: the server's
+    (model_name, tiers, auth_token, max_request_bytes)."""
 
-    def __init__(self, frontend: Frontend, config: ServingConfig):
+    def __init__(self, frontend: ApiFrontend, config: ServingConfig):
         self.frontend, self.config = frontend, config
         self.model = config.model_name or "jinfer"
         self.created = int(time.time())
@@ -138,7 +162,7 @@ class OpenAIApi:
         return JSONResponse({"status": "serving"})
 
     def _card(self) -> dict:
-        info = self.frontend.loop.engine.info()
+        info = self.frontend.info()
         return {"id": self.model, "object": "model", "created": self.created, "owned_by": "jinfer",
                 "max_model_len": info.max_model_len, "vocab_size": info.vocab_size, "tiers": list(self.config.tiers)}
 
@@ -184,7 +208,7 @@ class OpenAIApi:
             ids = await asyncio.to_thread(self._chat_ids, messages)
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from None
-        info = self.frontend.loop.engine.info()
+        info = self.frontend.info()
         room = min(info.max_model_len, info.num_pages * info.page_size) - len(ids)
         params = body.params(room)
         request_id = uuid.uuid4().hex
