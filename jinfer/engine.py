@@ -265,13 +265,13 @@ class Engine:
     def _postprocess(self, plan: StepPlan, reqs: list[Request], handle) -> list[RequestOutput]:
         tokens, logprobs = self.runner.fetch(handle)
         now = time.monotonic()
-        new, first_row = _verify(plan, tokens)
+        new, rows, moves = _verify(plan, tokens, self.runner.page_size)
+        self.runner.move_kv(moves)
         settled = self.scheduler.update(plan, reqs, new, eos_ids=self.eos_ids, finish_hook=self._text_stop)
         outputs = []
         for s in settled:
             req = s.req
-            row = first_row[s.index]
-            req.output_logprobs.extend(float(lp) for lp in logprobs[row:row + len(s.tokens)])
+            req.output_logprobs.extend(float(logprobs[r]) for r in rows[s.index][:len(s.tokens)])
             if req.first_token_time is None:
                 req.first_token_time = now
             detok = self._detok[req.request_id]
@@ -311,30 +311,48 @@ class Engine:
             finish_time=req.finish_time)
 
 
-def _verify(plan: StepPlan, tokens) -> tuple[list, list[int]]:
-    """Per scheduled sequence, the tokens its step produced, and its first sampling row.
+def _verify(plan: StepPlan, tokens, page_size: int) -> tuple[list, list[list[int]], list]:
+    """Per scheduled sequence, the tokens its step produced and the sampling rows they came
+    from; and the
+    K/V moves that put tree drafts' accepted paths in place ((src page, slot, dst page, slot)).
 
-    A sequence without a draft has one row: its next token. A sequence with a draft d_1..d_k
-    has rows 0..k: row j is the token the model samples after the last known token and
-    d_1..d_j, keyed by output index exactly as plain decoding keys it (jinfer.sampling: Gumbel
-    max over (seed, sample, index)). The draft is accepted up to its first d_j that differs
-    from row j-1; the rows up to there are the output: accepted draft tokens (equal to what
-    plain decoding samples) and the model's own next token. So speculation emits the very
-    tokens plain decoding would, greedy or sampled; for a sampled row a draft token x is kept
-    with probability p(x), and otherwise the row's token comes from p with x excluded and
-    renormalised, which is lossless rejection sampling for a one-token (model-free) proposal.
+    A sequence without a draft has one row: its next token. With a draft, row 0 is the token the
+    model samples after the last known token, and the row of draft token i the token it samples
+    after i's path, keyed by output index exactly as plain decoding keys it (jinfer.sampling:
+    Gumbel max over (seed, sample, index)). From the root, the draft is followed while some
+    child of the current token equals the model's sample there; the output is that path plus
+    the model's sample at its end. So speculation emits the very tokens plain decoding would,
+    greedy or sampled: for a sampled row, a draft token x is kept with probability p(x), else
+    the next child is tried with p renormalised without x, and the token finally taken comes
+    from p without the rejected ones: lossless rejection sampling for model-free (one-hot)
+    proposals, chains and trees alike.
     """
-    out, first_row, row = [], [], 0
+    out, rows, moves, row = [], [], [], 0
     for seq in plan.seqs:
         k = seq.num_draft
-        first_row.append(row)
         if k == 0:
             out.append(int(tokens[row]))
-        else:
-            draft, verified = seq.token_ids[-k:], [int(t) for t in tokens[row:row + k + 1]]
-            accepted = 0
-            while accepted < k and draft[accepted] == verified[accepted]:
-                accepted += 1
-            out.append(verified[:accepted + 1])
+            rows.append([row])
+            row += 1
+            continue
+        draft = seq.token_ids[-k:]
+        parents = seq.draft_parents or tuple(range(-1, k - 1))
+        sampled = [int(t) for t in tokens[row:row + k + 1]]  # [root, draft 0, ..., draft k-1]
+        path, node = [], -1
+        while True:
+            want = sampled[node + 1]
+            child = next((i for i in range(node + 1, k) if parents[i] == node and draft[i] == want), None)
+            if child is None:
+                break
+            path.append(child)
+            node = child
+        out.append([draft[i] for i in path] + [sampled[node + 1]])
+        rows.append([row] + [row + 1 + i for i in path])
+        base = seq.start_pos + len(seq.token_ids) - k  # slot of draft token 0
+        for m, i in enumerate(path):
+            if i != m:  # off the leading chain: move its K/V down to the path's slot
+                src, dst = base + i, base + m
+                moves.append((seq.pages[src // page_size], src % page_size,
+                              seq.pages[dst // page_size], dst % page_size))
         row += 1 + k
-    return out, first_row
+    return out, rows, moves

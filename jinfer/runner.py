@@ -12,11 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jinfer.attention import AttentionMetadata
+from jinfer.attention import TREE_WORDS, AttentionMetadata, tree_bits_from_parents
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.kv_cache import KVCache
 from jinfer.sampling import SamplingArrays, sample
 from jinfer.scheduling import PENDING, StepPlan
+from jinfer.speculation import Draft
 from sharding.reshard import reshard_tree
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,9 @@ class ModelRunner:
         of the buckets that can hold such steps. max_spec_tokens: the longest draft a sequence
         may carry (speculative decoding); each step then samples at every draft position."""
         self.max_spec_tokens = max_spec_tokens
+        # Tree drafts need the attention mask of jinfer.attention.tree_bits (every non-decode
+        # step of a speculating runner carries one, so there is one program per bucket).
+        self.trees = max_spec_tokens > 0 and model.config.sliding_window is None
         self.config = model.config
         self.layout = layout
         self.page_size = cache_cfg.page_size
@@ -155,9 +159,10 @@ class ModelRunner:
         log.info("compiled %d step buckets", len(self._compiled))
 
     def _empty_inputs(self, t: int, s: int, decode_only: bool = False):
+        tree_bits = np.full((t, TREE_WORDS), -1, np.int32) if self.trees and not decode_only else None
         md = AttentionMetadata(np.zeros(s + 1, np.int32), np.zeros(s, np.int32),
                                np.zeros((s, self.pages_per_seq), np.int32), np.zeros(1, np.int32),
-                               decode_only)
+                               decode_only, tree_bits)
         r = self.rows(t, s)
         return (np.zeros(t, np.int32), np.full(t, -1, np.int32), np.zeros(t, np.int32), md,
                 np.zeros(r, np.int32), SamplingArrays.from_rows([], r))
@@ -173,12 +178,22 @@ class ModelRunner:
         kv_lens = np.zeros(s, np.int32)
         table = np.zeros((s, self.pages_per_seq), np.int32)
         at = 0
+        offsets = []  # per sequence: each sampling row's output-index offset (draft depths)
+        parents = []  # per sequence: None (causal), or its new tokens' parents (a tree draft)
         for i, seq in enumerate(seqs):
             n = len(seq.token_ids)
             ids[at:at + n] = seq.token_ids
             if seq.token_ids[-1] == PENDING:
                 feed[at + n - 1] = self._prev_rows[seq.request_id]
             pos[at:at + n] = np.arange(seq.start_pos, seq.start_pos + n)
+            depths, tree = list(range(1, seq.num_draft + 1)), None
+            if seq.draft_parents:  # a tree: RoPE positions by depth, attention to ancestors only
+                known = n - seq.num_draft
+                depths = Draft(seq.token_ids[known:], seq.draft_parents).depths()
+                pos[at + known:at + n] = seq.start_pos + known - 1 + np.array(depths)
+                tree = list(range(-1, known - 1)) + [known - 1 if p < 0 else known + p for p in seq.draft_parents]
+            parents.append(tree)
+            offsets.append([0] + depths)
             at += n
             cu[i + 1] = at
             kv_lens[i] = seq.start_pos + n
@@ -187,12 +202,15 @@ class ModelRunner:
         # Sampling rows: each sequence's last token, and with a draft every draft position too
         # (row j of a sequence samples its output token sample_index + j).
         r = self.rows(t, s)
-        rows = [(seq, j) for seq in seqs for j in range(1 + seq.num_draft)]
+        rows = [(seq, d) for seq, depths in zip(seqs, offsets) for d in depths]
         logits_idx = np.zeros(r, np.int32)
         logits_idx[:len(rows)] = [cu[i + 1] - 1 - seq.num_draft + j
                                   for i, seq in enumerate(seqs) for j in range(1 + seq.num_draft)]
         decode_only = self.decode_steps and plan.num_tokens == len(seqs) > 0
-        md = AttentionMetadata(cu, kv_lens, table, np.array([len(seqs)], np.int32), decode_only)
+        tree_bits = None
+        if self.trees and not decode_only:
+            tree_bits = tree_bits_from_parents([len(q.token_ids) for q in seqs], parents, t)
+        md = AttentionMetadata(cu, kv_lens, table, np.array([len(seqs)], np.int32), decode_only, tree_bits)
         return (t, s, decode_only), (ids, feed, pos, md, logits_idx, SamplingArrays.from_rows(rows, r))
 
     def dispatch(self, plan: StepPlan):
@@ -212,6 +230,15 @@ class ModelRunner:
         self._prev_rows = {seq.request_id: int(firsts[i]) for i, seq in enumerate(plan.seqs) if seq.sample}
         return tokens, logprobs, int(firsts[-1])
 
+    def move_kv(self, moves: list[tuple[int, int, int, int]]) -> None:
+        """Copies K/V rows (src page, src slot) -> (dst page, dst slot) in every layer, in order
+        (a tree draft's accepted path moves into place). No step may be in flight."""
+        if not moves:
+            return
+        size = 1 << (len(moves) - 1).bit_length()  # few padded sizes, few compilations
+        arr = np.array(moves + [moves[-1]] * (size - len(moves)), np.int32).T
+        self.kv = _move_kv(self.kv, *arr)
+
     @staticmethod
     def fetch(handle) -> tuple[np.ndarray, np.ndarray]:
         """Waits for a dispatched step; (token ids, logprobs) per sampling row, in plan order:
@@ -230,3 +257,12 @@ def _step(graphdef, max_rows, state, kv, prev_tokens, ids, feed, pos, md, logits
     tokens, logprobs = sample(logits, samp)
     pad = max_rows - tokens.shape[0]  # fixed shape: the next step takes these as prev_tokens
     return jnp.pad(tokens, (0, pad)), jnp.pad(logprobs, (0, pad)), kv
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _move_kv(kv: KVCache, src_page, src_slot, dst_page, dst_slot) -> KVCache:
+    """i32[M] each; repeated moves are idempotent. Sources never overlap later destinations
+    (an accepted path moves down into slots it has passed), so one gather then scatter is exact."""
+    def move(pages):  # f[num_kv_heads, num_pages, page_size, head_dim]
+        return pages.at[:, dst_page, dst_slot].set(pages[:, src_page, src_slot])
+    return KVCache(tuple(move(k) for k in kv.k), tuple(move(v) for v in kv.v))

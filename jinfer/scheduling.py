@@ -10,7 +10,7 @@ from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.kv_manager import KVManager
 from jinfer.request import Request, Status
 from jinfer.sampling_params import SamplingParams
-from jinfer.speculation import Drafter
+from jinfer.speculation import NO_DRAFT, Draft, Drafter
 
 PENDING = -1
 """Stands in a plan for a token sampled by the previous step that the host has not read yet;
@@ -42,7 +42,9 @@ class ScheduledSeq:
     seed: int
     sample_group: int  # which of the prompt's n samples: keys the random stream with seed
     sample_index: int  # output tokens before this one: keys the per-token random stream
-    num_draft: int = 0  # the last num_draft of token_ids are a draft to verify (a chain)
+    num_draft: int = 0  # the last num_draft of token_ids are a draft to verify
+    draft_parents: tuple[int, ...] = ()  # a tree draft: each draft token's parent (-1: the last
+    # known token), as jinfer.speculation.Draft; empty for a chain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +106,7 @@ class Scheduler:
         self.cfg = sched_cfg
         self.drafter = drafter if max_spec_tokens > 0 else None
         self.max_spec_tokens = max_spec_tokens if drafter is not None else 0
+        self.trees = self.max_spec_tokens > 0  # tree drafts welcome (the runner masks them)
         self._drafting: set[str] = set()  # requests the drafter has been told about (start)
         self.spec = SpecStats()
         self.page_size = cache_cfg.page_size
@@ -263,7 +266,7 @@ class Scheduler:
                 continue
             draft = self._draft(req, budget)
             seqs.append(self._plan(req, n, draft))
-            budget -= n + len(draft)
+            budget -= n + len(draft.tokens)
 
         self.waiting.sort(key=self.policy.priority)
         for req in list(self.waiting):
@@ -311,17 +314,18 @@ class Scheduler:
     def _done_sampling(self, req: Request) -> bool:
         return self.reached_length(req, pending=True)
 
-    def _plan(self, req: Request, n: int, draft: tuple[int, ...] = ()) -> ScheduledSeq:
+    def _plan(self, req: Request, n: int, draft: Draft = NO_DRAFT) -> ScheduledSeq:
         """Plans n tokens of req (and a draft after them) and counts them computed (the step
         will write them; update rolls back the rejected part of a draft)."""
         start = req.num_computed_tokens
         known = req.ids(start, start + n)
-        token_ids = tuple(known) + (PENDING,) * (n - len(known)) + draft
+        token_ids = tuple(known) + (PENDING,) * (n - len(known)) + draft.tokens
         sample = start + n == req.num_tokens
         seq = ScheduledSeq(
             request_id=req.request_id, token_ids=token_ids, start_pos=start,
             pages=tuple(req.pages), sample=sample, params=req.params, seed=req.seed,
-            sample_group=req.sample_group, sample_index=req.num_output_tokens, num_draft=len(draft))
+            sample_group=req.sample_group, sample_index=req.num_output_tokens, num_draft=len(draft),
+            draft_parents=() if draft.is_chain else draft.parents)
         req.num_computed_tokens += n + len(draft)
         req.num_pending += sample
         return seq
@@ -343,23 +347,25 @@ class Scheduler:
             self.drafter.finish(req.request_id, req.output_ids, aborted)
             self.spec.drafter_seconds += time.perf_counter() - t0
 
-    def _draft(self, req: Request, budget: int) -> tuple[int, ...]:
+    def _draft(self, req: Request, budget: int) -> Draft:
         """A draft for a decoding request (its only uncomputed token is its last known one),
-        within the step's budget, its length limits and the free pages; () for none."""
+        within the step's budget, its length limits and the free pages; NO_DRAFT for none."""
         if (self.drafter is None or not req.params.speculate or req.num_pending
                 or req.num_tokens - req.num_computed_tokens != 1):
-            return ()
+            return NO_DRAFT
         room = min(self.max_spec_tokens, budget - 1, req.params.max_tokens - len(req.output_ids) - 1,
                    self.cfg.max_model_len - req.num_tokens - 1)
         if room <= 0 or req.request_id not in self._drafting:
-            return ()
+            return NO_DRAFT
         t0 = time.perf_counter()
         draft = self.drafter.propose(req.request_id, req.output_ids, room)
         self.spec.drafter_seconds += time.perf_counter() - t0
-        assert draft.is_chain and len(draft) <= room, f"drafter gave {draft} for room {room}"
+        assert len(draft) <= room, f"drafter gave {draft} for room {room}"
+        if not self.trees and not draft.is_chain:
+            draft = draft.first_chain()
         # Pages for the draft come from free (or evictable cached) pages only: a draft never
         # preempts a request.
         if not draft.tokens or not self.kv.grow(req, req.num_computed_tokens + 1 + len(draft)):
-            return ()
-        return draft.tokens
+            return NO_DRAFT
+        return draft
 

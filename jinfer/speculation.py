@@ -47,6 +47,23 @@ class Draft:
     def is_chain(self) -> bool:
         return all(p == i - 1 for i, p in enumerate(self.parents))
 
+    def depths(self) -> list[int]:
+        """Each token's depth: 1 for the root's children."""
+        out: list[int] = []
+        for p in self.parents:
+            out.append(1 if p < 0 else out[p] + 1)
+        return out
+
+    def first_chain(self) -> "Draft":
+        """The chain from the root through each node's first child (a tree's leading path)."""
+        path, node = [], -1
+        while True:
+            child = next((i for i, p in enumerate(self.parents) if p == node), None)
+            if child is None:
+                return Draft.chain([self.tokens[i] for i in path], self.score)
+            path.append(child)
+            node = child
+
     def depth(self) -> int:
         """Tokens on the longest root-to-leaf path (the most a verification can accept)."""
         depths: list[int] = []

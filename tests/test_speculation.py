@@ -9,7 +9,7 @@ import pytest
 
 from jinfer import DEFAULT_MODEL_DIR
 from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig
-from jinfer.engine import Engine
+from jinfer.engine import Engine, enable_compilation_cache
 from jinfer.loader.hf import load_hf_model
 from jinfer.sampling_params import SamplingParams
 from jinfer.speculation import NO_DRAFT, Draft
@@ -45,8 +45,33 @@ class OracleDrafter:
         self.finished[request_id] = (list(output_ids), aborted)
 
 
+class TreeOracleDrafter(OracleDrafter):
+    """Tree drafts: at random points the right token is the second of two children (so the
+    accepted path leaves the leading chain and its K/V must move into place)."""
+
+    def propose(self, request_id, output_ids, max_tokens):
+        assert list(output_ids) == self.observed[request_id]
+        tokens, parents, node = [], [], -1
+        for t in self.reference.get(request_id, [])[len(output_ids):len(output_ids) + max_tokens]:
+            if len(tokens) + 2 > max_tokens:
+                break
+            if self.rng.random() < 0.4:
+                tokens += [(t + 7) % 4096, t]
+                parents += [node, node]
+            else:
+                tokens.append(t if self.rng.random() >= self.wrong else (t + 1) % 4096)
+                parents.append(node)
+            node = len(tokens) - 1
+        return Draft(tuple(tokens), tuple(parents)) if tokens else NO_DRAFT
+
+
+DRAFTERS = {"chain": OracleDrafter, "tree": TreeOracleDrafter}
+
+
 @pytest.fixture(scope="module")
-def model():
+def model(tmp_path_factory):
+    # The engines here compile the same step programs over and over: keep them on disk.
+    enable_compilation_cache(str(tmp_path_factory.mktemp("xla-cache")))
     return load_hf_model(DEFAULT_MODEL_DIR), Tokenizer.from_dir(DEFAULT_MODEL_DIR)
 
 
@@ -80,12 +105,13 @@ GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 SAMPLED = SamplingParams(temperature=1.0, top_p=0.9, seed=3, max_tokens=40, ignore_eos=True, n=2, logprobs=True)
 
 
+@pytest.mark.parametrize("kind", list(DRAFTERS))
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
 @pytest.mark.parametrize("prefix, budget, num_pages", [(True, 64, 128), (False, 16, 128), (True, 64, 14)],
                          ids=["prefix", "small-budget", "preempting"])
-def test_speculation_emits_the_tokens_plain_decoding_does(model, params, prefix, budget, num_pages):
+def test_speculation_emits_the_tokens_plain_decoding_does(model, kind, params, prefix, budget, num_pages):
     want, plain_steps, ref = _reference(model, params, prefix=prefix, budget=budget, num_pages=num_pages)
-    drafter = OracleDrafter(ref)
+    drafter = DRAFTERS[kind](ref)
     engine = _engine(model, drafter, prefix=prefix, budget=budget, num_pages=num_pages)
     got, steps = _run(engine, PROMPTS, params)
     assert {k: o.token_ids for k, o in got.items()} == {k: o.token_ids for k, o in want.items()}
@@ -99,7 +125,8 @@ def test_speculation_emits_the_tokens_plain_decoding_does(model, params, prefix,
         assert not aborted and output == ref[rid] == drafter.observed[rid]
 
 
-def test_logprobs_match_plain_decoding(model):
+@pytest.mark.parametrize("kind", list(DRAFTERS))
+def test_logprobs_match_plain_decoding(model, kind):
     params = SamplingParams(temperature=0.8, seed=5, max_tokens=24, ignore_eos=True, logprobs=True)
     plain = _engine(model)
     plain.add_request(PROMPTS[0], params, request_id="r0")
@@ -108,7 +135,7 @@ def test_logprobs_match_plain_decoding(model):
         for out in plain.step():
             final[out.request_id] = out
     ref = {"r0": list(final["r0"].token_ids)}
-    engine = _engine(model, OracleDrafter(ref, wrong=0.3))
+    engine = _engine(model, DRAFTERS[kind](ref, wrong=0.3))
     engine.add_request(PROMPTS[0], params, request_id="r0")
     chunks = []
     while engine.has_unfinished():
