@@ -17,6 +17,7 @@ import dataclasses
 import math
 from typing import Sequence
 
+from jinfer.config import SpeculationConfig
 from jinfer.speculation import NO_DRAFT, Draft
 from scheduler.suffix_tree import SuffixTree, TailMatcher, speculate
 
@@ -92,6 +93,11 @@ class NgramDrafter:
     def __init__(self, config: NgramConfig = NgramConfig()):
         self.config = config
         self._requests: dict[str, _NgramRequest] = {}
+
+    @classmethod
+    def from_config(cls, spec: SpeculationConfig) -> "NgramDrafter":
+        """From the launch config's speculation section (jinfer.launch.build_drafter)."""
+        return cls(NgramConfig(max_ngram=spec.ngram_max, min_ngram=spec.ngram_min))
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._requests
@@ -197,6 +203,15 @@ class SuffixDrafter:
         self.cached: collections.deque[int] = collections.deque()
         self._next_seq_id = 0
         self._requests: dict[str, _SuffixRequest] = {}
+
+    @classmethod
+    def from_config(cls, spec: SpeculationConfig) -> "SuffixDrafter":
+        """From the launch config's speculation section (jinfer.launch.build_drafter)."""
+        return cls(SuffixConfig(max_depth=spec.suffix_max_depth,
+                                max_cached_requests=spec.suffix_max_cached_requests,
+                                max_spec_factor=spec.suffix_max_spec_factor,
+                                max_spec_offset=spec.suffix_max_spec_offset,
+                                min_token_prob=spec.suffix_min_token_prob, tree=spec.tree))
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._requests

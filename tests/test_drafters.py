@@ -6,6 +6,8 @@ import random
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from jinfer.config import SpeculationConfig
+from jinfer.launch import build_drafter
 from jinfer.speculation import NO_DRAFT, Draft, Drafter
 from scheduler.drafters import NgramConfig, NgramDrafter, SuffixConfig, SuffixDrafter
 from scheduler.suffix_tree import SuffixTree, speculate
@@ -200,6 +202,18 @@ def test_suffix_drafter_equals_speculating_from_fresh_trees(finished, prompt, ou
             assert got.tokens == want.tokens
         if i < len(output):
             drafter.observe("r", output[i:i + 1])
+
+
+def test_launch_config_builds_the_drafters_with_its_knobs():
+    ngram = build_drafter(SpeculationConfig(method="ngram", ngram_max=3, ngram_min=2))
+    assert isinstance(ngram, NgramDrafter) and ngram.config == NgramConfig(max_ngram=3, min_ngram=2)
+    suffix = build_drafter(SpeculationConfig(
+        method="suffix", tree=True, suffix_max_depth=32, suffix_max_cached_requests=5,
+        suffix_max_spec_factor=2.0, suffix_max_spec_offset=-1.0, suffix_min_token_prob=0.2))
+    assert isinstance(suffix, SuffixDrafter) and suffix.config == SuffixConfig(
+        max_depth=32, max_cached_requests=5, max_spec_factor=2.0, max_spec_offset=-1.0,
+        min_token_prob=0.2, tree=True)
+    assert SuffixDrafter.from_config(SpeculationConfig()).config == SuffixConfig()
 
 
 @pytest.mark.parametrize("make, message", [
