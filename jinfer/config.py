@@ -76,8 +76,9 @@ class SpeculationConfig:
     """ngram: the shortest tail worth a draft."""
     suffix_max_depth: int = 64
     """suffix: depth cap of the suffix trees (longest match and draft considered)."""
-    suffix_max_cached_requests: int = 10000
-    """suffix: finished requests whose outputs the global tree keeps (oldest out first)."""
+    suffix_max_cached_requests: int = 1000
+    """suffix: finished requests whose outputs the global tree keeps (oldest out first; 0: no
+    global tree)."""
     suffix_max_spec_factor: float = 1.0
     """suffix: a match of m tokens drafts at most floor(factor * m + offset) tokens."""
     suffix_max_spec_offset: float = 0.0
@@ -92,8 +93,8 @@ class SpeculationConfig:
             raise ValueError(f"max_spec_tokens={self.max_spec_tokens} must be in [1, 63]")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError(f"ngram_min={self.ngram_min}, ngram_max={self.ngram_max}: need 1 <= min <= max")
-        if self.suffix_max_depth < 1 or self.suffix_max_cached_requests < 0:
-            raise ValueError(f"suffix_max_depth={self.suffix_max_depth} must be >= 1 and "
+        if self.suffix_max_depth < 2 or self.suffix_max_cached_requests < 0:
+            raise ValueError(f"suffix_max_depth={self.suffix_max_depth} must be >= 2 and "
                              f"suffix_max_cached_requests={self.suffix_max_cached_requests} >= 0")
         if self.suffix_max_spec_factor < 0 or not 0 <= self.suffix_min_token_prob <= 1:
             raise ValueError(f"suffix_max_spec_factor={self.suffix_max_spec_factor} must be >= 0 and "

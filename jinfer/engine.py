@@ -205,6 +205,15 @@ class Engine:
                           cfg.max_num_batched_tokens, self.runner.page_size, self.runner.num_pages,
                           self.attention_backend, 1 if layout is None else layout.mesh.size)
 
+    def set_drafter(self, drafter: Drafter | None) -> None:
+        """Swaps the drafter (e.g. a fresh one per experiment) while no request is unfinished.
+        An engine built without one stays without (its steps were compiled for plain decoding)."""
+        if self.has_unfinished():
+            raise ValueError("set_drafter: requests are still running; wait until has_unfinished() is False")
+        if drafter is not None and not self.runner.max_spec_tokens:
+            raise ValueError("set_drafter: this engine was built without a drafter (max_spec_tokens=0)")
+        self.scheduler.drafter = drafter
+
     def spec_stats(self) -> SpecStats:
         """Speculation since start (all zero without a drafter): drafted, accepted, verifying
         steps, drafter time. A snapshot."""
