@@ -2,14 +2,17 @@
 decoding emits (greedy and seeded sampling), under prefix caching, chunking, preemption and n
 samples; the drafter hears every request's tokens and its end; pages come back."""
 
+import dataclasses
+import math
 import random
 
 import numpy as np
 import pytest
 
 from jinfer import DEFAULT_MODEL_DIR
-from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig
+from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig, SpeculationConfig
 from jinfer.engine import Engine, enable_compilation_cache
+from jinfer.launch import build_drafter
 from jinfer.loader.hf import load_hf_model
 from jinfer.sampling_params import SamplingParams
 from jinfer.speculation import NO_DRAFT, Draft
@@ -198,3 +201,153 @@ def test_requests_can_opt_out_and_drafts_respect_the_budget(model):
     # An always-right drafter of 3 tokens: 4 tokens per verifying step, all drafts accepted.
     assert u0.draft_tokens == u0.accepted_draft_tokens > 0 and u0.draft_tokens <= 3 * u0.spec_steps
     assert u0.spec_steps < 40 / 3
+
+
+# -- the real drafters, other backends and layouts, and the sampled distribution ---------------
+
+
+@pytest.mark.parametrize("method, tree", [("ngram", False), ("suffix", False), ("suffix", True)],
+                         ids=["ngram", "suffix-chain", "suffix-tree"])
+def test_real_drafters_keep_the_tokens_and_save_steps(model, method, tree):
+    """Each prompt twice (as repeated generations are): the suffix drafter drafts the second
+    from the first's output, the n-gram one from the request's own repeats."""
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    prompts = PROMPTS[:3] * 2
+    want, plain_steps = _run(_engine(model), prompts, params)
+    engine = _engine(model, build_drafter(SpeculationConfig(method=method, tree=tree)))
+    got, steps = _run(engine, prompts[:3], params)
+    more, more_steps = _run(engine, prompts[3:], params)  # ids r0..r2 again, after the first ones ended
+    got.update({(f"r{int(rid[1:]) + 3}", k): o for (rid, k), o in more.items()})
+    assert {k: o.token_ids for k, o in got.items()} == {k: o.token_ids for k, o in want.items()}
+    stats = engine.spec_stats()
+    assert stats.accepted_tokens > 0 and steps + more_steps < plain_steps * 2
+    load = engine.load()
+    assert load.free_pages + load.cached_pages == load.num_pages
+
+
+def test_tree_drafts_on_the_pallas_backend_and_under_tensor_parallelism(model):
+    """The interpreted Pallas kernel and a tp=2 mesh (fake devices) verify tree drafts to the
+    same tokens as plain decoding on one device."""
+    from sharding.tp import make_mesh
+
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    want, _, ref = _reference(model, params)
+    m, tok = model
+    for options, mesh in [(EngineOptions(attention_backend="pallas"), None), (EngineOptions(), make_mesh(2))]:
+        engine = Engine(m, tok, CacheConfig(page_size=16, num_pages=64),
+                        SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8, max_model_len=256),
+                        options=options, mesh=mesh, drafter=TreeOracleDrafter(ref), max_spec_tokens=6)
+        got, _ = _run(engine, PROMPTS[:2], params)
+        assert {k: o.token_ids for k, o in got.items()} == {k: want[k].token_ids for k in got}
+        assert engine.spec_stats().accepted_tokens > 0
+
+
+class RandomDrafter:
+    """Random chains or trees over a tiny vocabulary: most drafts are rejected, many accepted
+    by chance, so verification's rejection path is exercised at every position."""
+
+    def __init__(self, vocab: int, tree: bool, seed: int = 0):
+        self.vocab, self.tree, self.rng = vocab, tree, random.Random(seed)
+
+    def start(self, request_id, prompt_ids):
+        pass
+
+    def propose(self, request_id, output_ids, max_tokens):
+        k = self.rng.randint(1, max_tokens)
+        tokens = tuple(self.rng.randrange(self.vocab) for _ in range(k))
+        if not self.tree:
+            return Draft.chain(tokens)
+        return Draft(tokens, tuple(self.rng.randint(-1, i - 1) for i in range(k)))
+
+    def observe(self, request_id, new_tokens):
+        pass
+
+    def finish(self, request_id, output_ids, aborted):
+        pass
+
+
+def _chi2_sf(x: float, df: int) -> float:
+    """P(chi-square with df degrees of freedom > x): 1 - the regularized lower gamma (series)."""
+    a, t = df / 2, x / 2
+    term = total = 1.0 / a
+    for n in range(1, 500):
+        term *= t / (a + n)
+        total += term
+    return max(0.0, 1.0 - math.exp(-t + a * math.log(t) - math.lgamma(a)) * total) if t > 0 else 1.0
+
+
+@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
+def test_sampled_tokens_follow_the_plain_distribution(tree):
+    """A 16-token vocabulary at temperature 1.5 with random drafts (mostly rejected, often
+    accepted by chance): every seed gives the tokens plain sampling gives, and with disjoint
+    seeds (independent samples) a chi-square test finds the 4th token's frequencies with
+    speculation no different from plain sampling's."""
+    from jinfer.models.config import preset
+    from jinfer.models.llama import init_model
+    from jinfer.tokenizer import byte_level_tokenizer
+
+    cfg = dataclasses.replace(preset("tiny"), vocab_size=16, bos_token_id=None, eos_token_ids=())
+    m, tok = init_model(cfg, seed=3), byte_level_tokenizer()
+    n = 400
+
+    def run(drafter, seeds):
+        engine = Engine(m, tok, CacheConfig(page_size=8, num_pages=512),
+                        SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=64, max_model_len=32),
+                        drafter=drafter, max_spec_tokens=4)
+        for seed in seeds:
+            engine.add_request([1, 2, 3], SamplingParams(temperature=1.5, seed=seed, max_tokens=6, ignore_eos=True),
+                               request_id=f"s{seed}")
+        out = {}
+        while engine.has_unfinished():
+            out.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+        return [out[f"s{seed}"] for seed in seeds], engine.spec_stats()
+
+    plain, _ = run(None, range(n))
+    spec, stats = run(RandomDrafter(16, tree), range(n))
+    assert stats.draft_tokens > 500 and 0 < stats.accepted_tokens < stats.draft_tokens
+    assert spec == plain
+    other, _ = run(RandomDrafter(16, tree, seed=1), range(n, 2 * n))
+    counts = np.array([[sum(1 for t in toks if t[3] == v) for v in range(16)] for toks in (plain, other)])
+    counts = counts[:, counts.sum(0) > 0]
+    expected = counts.sum(1, keepdims=True) * counts.sum(0, keepdims=True) / counts.sum()
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert _chi2_sf(chi2, counts.shape[1] - 1) > 0.001, (chi2, counts)
+
+
+def test_launch_config_builds_drafters_and_names_bad_values():
+    from jinfer.launch import default_config, resolve
+
+    cfg = default_config()
+    cfg.speculation.method = "suffix"
+    cfg.speculation.tree = True
+    launch = resolve(cfg)
+    drafter = build_drafter(launch.speculation)
+    assert type(drafter).__name__ == "SuffixDrafter" and drafter.config.tree
+    assert build_drafter(SpeculationConfig()) is None
+    with pytest.raises(ValueError, match="method='eagle'; known: \\['ngram', 'suffix'\\]"):
+        SpeculationConfig(method="eagle")
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        build_drafter(SpeculationConfig(method="no.such.module:Drafter"))
+    with pytest.raises(ValueError, match="max_spec_tokens=0 must be in"):
+        SpeculationConfig(max_spec_tokens=0)
+
+
+def test_grpc_reports_speculation_and_lets_a_request_opt_out(model):
+    from jinfer.serving.client import Client
+    from jinfer.serving.server import Server, ServingConfig
+
+    engine = _engine(model, build_drafter(SpeculationConfig(method="ngram")))
+    srv = Server(engine, ServingConfig()).start()
+    try:
+        with Client(f"127.0.0.1:{srv.port}") as c:
+            prompt = "x = 1\nx = 1\nx = 1\nx = 1\n"
+            stream = list(c.generate_stream(prompt, temperature=0, max_tokens=24, ignore_eos=True, timeout=120))
+            plain = list(c.generate_stream(prompt, temperature=0, max_tokens=24, ignore_eos=True, speculate=False,
+                                           timeout=120))
+    finally:
+        srv.stop(grace=0)
+    ids = lambda msgs: [t for m in msgs for t in m.token_ids]  # noqa: E731
+    assert ids(stream) == ids(plain) and len(ids(stream)) == 24
+    assert stream[-1].usage.draft_tokens > 0 and stream[-1].usage.accepted_draft_tokens > 0
+    assert any(len(m.token_ids) > 1 for m in stream)  # several tokens in one message
+    assert plain[-1].usage.draft_tokens == plain[-1].usage.spec_steps == 0
