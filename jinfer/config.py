@@ -57,6 +57,8 @@ BACKENDS = ("", "xla", "pallas")
 
 DRAFTERS = {"ngram": "scheduler.drafters:NgramDrafter", "suffix": "scheduler.drafters:SuffixDrafter"}
 """speculation.method short names -> the Drafter class (built by jinfer.launch.build_drafter)."""
+DRAFT_BUDGET = "scheduler.spec_budget:CostAwareBudget"
+"""The DraftBudget speculation.adaptive uses (jinfer.launch.build_draft_budget)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +72,9 @@ class SpeculationConfig:
     """Most draft tokens a request carries into one step (the drafter may propose fewer)."""
     tree: bool = False
     """Tree drafts (several continuations verified at once) instead of chains (suffix only)."""
+    adaptive: bool = True
+    """Trim drafts to what pays (scheduler/spec_budget.py: a step-cost model fitted online and
+    each request's acceptance); false: always up to max_spec_tokens."""
     ngram_max: int = 4
     """ngram: the longest context tail looked up in the request's own tokens."""
     ngram_min: int = 1

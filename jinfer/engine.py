@@ -21,7 +21,7 @@ from jinfer.request import Request, RequestOutput, Status, Usage
 from jinfer.runner import ModelRunner
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import Scheduler, SchedulingPolicy, SpecStats, StepPlan
-from jinfer.speculation import Drafter
+from jinfer.speculation import DraftBudget, Drafter
 from sharding.tp import TPLayout
 
 DEFAULT_COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jinfer", "xla")
@@ -83,12 +83,13 @@ class Engine:
                  scheduler_config: SchedulerConfig = SchedulerConfig(),
                  policy: SchedulingPolicy | None = None, options: EngineOptions = EngineOptions(), *,
                  mesh=None, progress: bool = False, drafter: Drafter | None = None,
-                 max_spec_tokens: int = 8):
+                 max_spec_tokens: int = 8, draft_budget: DraftBudget | None = None):
         """options: how steps run (async scheduling, warm-up, compilation cache, attention
         backend, vocabulary-parallel embedding under tp). mesh: a 1-D `tp` mesh
         (sharding.tp.make_mesh) to run tensor-parallel; None = one device. progress: show a
         progress bar while warm-up compiles the step buckets. drafter: speculative decoding
-        (jinfer.speculation) with drafts of up to max_spec_tokens tokens; None: off. A
+        (jinfer.speculation) with drafts of up to max_spec_tokens tokens, trimmed by
+        draft_budget when given (it hears every step's size and time); None: off. A
         speculating engine runs its steps synchronously (a draft needs the tokens of the step
         before)."""
         max_spec_tokens = max_spec_tokens if drafter is not None else 0
@@ -113,7 +114,7 @@ class Engine:
                                   decode_steps=get_backend(self.attention_backend).decode_path,
                                   max_spec_tokens=max_spec_tokens)
         self.scheduler = Scheduler(cache_config, scheduler_config, self.runner.num_pages, policy,
-                                   drafter, max_spec_tokens)
+                                   drafter, max_spec_tokens, draft_budget if max_spec_tokens else None)
         self._groups: dict[str, list[Request]] = {}  # public id -> its samples still running
         self._detok: dict[str, IncrementalDetokenizer] = {}  # per sample (Request.request_id)
         self._inflight = None  # (plan, its Request objects, runner handle) not yet read back
@@ -205,14 +206,15 @@ class Engine:
                           cfg.max_num_batched_tokens, self.runner.page_size, self.runner.num_pages,
                           self.attention_backend, 1 if layout is None else layout.mesh.size)
 
-    def set_drafter(self, drafter: Drafter | None) -> None:
-        """Swaps the drafter (e.g. a fresh one per experiment) while no request is unfinished.
-        An engine built without one stays without (its steps were compiled for plain decoding)."""
+    def set_drafter(self, drafter: Drafter | None, budget: DraftBudget | None = None) -> None:
+        """Swaps the drafter and its budget (e.g. fresh ones per experiment) while no request is
+        unfinished. An engine built without a drafter stays without (its steps were compiled
+        for plain decoding)."""
         if self.has_unfinished():
             raise ValueError("set_drafter: requests are still running; wait until has_unfinished() is False")
         if drafter is not None and not self.runner.max_spec_tokens:
             raise ValueError("set_drafter: this engine was built without a drafter (max_spec_tokens=0)")
-        self.scheduler.drafter = drafter
+        self.scheduler.drafter, self.scheduler.budget = drafter, budget
 
     def spec_stats(self) -> SpecStats:
         """Speculation since start (all zero without a drafter): drafted, accepted, verifying
@@ -235,6 +237,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Schedules and dispatches one step; returns what the previous one (async) or this
         one (sync) produced."""
+        start = time.perf_counter()
         plan = self.scheduler.schedule()
         launched = None
         if plan.seqs:
@@ -246,6 +249,8 @@ class Engine:
         if not self.async_scheduling and self._inflight:
             done, self._inflight = self._inflight, None
             outputs += self._postprocess(*done)
+            if self.scheduler.budget is not None:  # synchronous: the wall time is the step's
+                self.scheduler.budget.observe_step(done[0].num_tokens, time.perf_counter() - start)
         return outputs
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,

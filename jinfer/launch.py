@@ -21,7 +21,7 @@ import typing
 import ml_collections
 from ml_collections import config_dict
 
-from jinfer.config import (BACKENDS, DRAFTERS, DTYPES, CacheConfig, EngineOptions, ModelSpec,  # noqa: F401
+from jinfer.config import (BACKENDS, DRAFT_BUDGET, DRAFTERS, DTYPES, CacheConfig, EngineOptions, ModelSpec,  # noqa: F401
                            SchedulerConfig, ServingConfig, SpeculationConfig)
 
 @dataclasses.dataclass(frozen=True)
@@ -177,10 +177,28 @@ def build_engine(launch: LaunchConfig, policy=None, progress: bool = False):
     model, tok = load_model(spec, mesh)
     spec_cfg = launch.speculation
     engine = Engine(model, tok, launch.cache, launch.scheduler, policy, opts, mesh=mesh, progress=progress,
-                    drafter=build_drafter(spec_cfg), max_spec_tokens=spec_cfg.max_spec_tokens)
+                    drafter=build_drafter(spec_cfg), max_spec_tokens=spec_cfg.max_spec_tokens,
+                    draft_budget=build_draft_budget(spec_cfg))
     if hasattr(policy, "bind"):
         policy.bind(engine.scheduler)
     return engine
+
+
+def _load(field: str, value: str, target: str):
+    import importlib
+
+    module, _, name = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{field}={value!r} cannot be loaded: {e}") from None
+
+
+def build_draft_budget(config: SpeculationConfig):
+    """The DraftBudget of speculation.adaptive (None when off or not speculating)."""
+    if not (config.method and config.adaptive):
+        return None
+    return _load("speculation.adaptive", True, DRAFT_BUDGET).from_config(config)
 
 
 def build_drafter(config: SpeculationConfig):
@@ -188,14 +206,7 @@ def build_drafter(config: SpeculationConfig):
     live in scheduler/ and are named by string (config.DRAFTERS), as scheduling policies are."""
     if not config.method:
         return None
-    import importlib
-
-    target = DRAFTERS.get(config.method, config.method)
-    module, _, name = target.partition(":")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"speculation.method={config.method!r} cannot be loaded: {e}") from None
+    cls = _load("speculation.method", config.method, DRAFTERS.get(config.method, config.method))
     drafter = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
     for method in ("start", "propose", "observe", "finish"):
         if not callable(getattr(drafter, method, None)):

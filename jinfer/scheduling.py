@@ -10,7 +10,7 @@ from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.kv_manager import KVManager
 from jinfer.request import Request, Status
 from jinfer.sampling_params import SamplingParams
-from jinfer.speculation import NO_DRAFT, Draft, Drafter
+from jinfer.speculation import NO_DRAFT, Draft, DraftBudget, Drafter
 
 PENDING = -1
 """Stands in a plan for a token sampled by the previous step that the host has not read yet;
@@ -100,14 +100,17 @@ class StepPlan:
 class Scheduler:
     def __init__(self, cache_cfg: CacheConfig, sched_cfg: SchedulerConfig, num_pages: int,
                  policy: SchedulingPolicy | None = None, drafter: Drafter | None = None,
-                 max_spec_tokens: int = 0):
+                 max_spec_tokens: int = 0, budget: DraftBudget | None = None):
         """drafter, max_spec_tokens: speculative decoding (jinfer.speculation): decoding
-        requests get drafts of up to max_spec_tokens tokens to verify in their step."""
+        requests get drafts of up to max_spec_tokens tokens to verify in their step; budget
+        (optional) trims each request's draft to what is worth its cost."""
+        self.budget = budget
         self.cfg = sched_cfg
         self.drafter = drafter if max_spec_tokens > 0 else None
         self.max_spec_tokens = max_spec_tokens if drafter is not None else 0
         self.trees = self.max_spec_tokens > 0  # tree drafts welcome (the runner masks them)
         self._drafting: set[str] = set()  # requests the drafter has been told about (start)
+        self._num_decoding = 0  # running requests with one token to compute (this step)
         self.spec = SpecStats()
         self.page_size = cache_cfg.page_size
         self.kv = KVManager(num_pages, cache_cfg.page_size, cache_cfg.enable_prefix_cache)
@@ -156,6 +159,8 @@ class Scheduler:
                 req.num_draft_tokens += seq.num_draft
                 req.num_accepted_tokens += len(new) - 1
                 req.num_spec_steps += 1
+                if self.budget is not None:
+                    self.budget.observe_verify(req.request_id, seq.num_draft, len(new) - 1)
             appended, reason = [], None
             for token in new:
                 appended.append(token)
@@ -250,6 +255,7 @@ class Scheduler:
         seqs: list[ScheduledSeq] = []
         preempted: list[str] = []
         self.running.sort(key=self.policy.priority)
+        self._num_decoding = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
         for req in list(self.running):
             if req.status is not Status.RUNNING or len(seqs) == self.cfg.max_num_seqs or budget == 0:
                 continue
@@ -341,6 +347,8 @@ class Scheduler:
         self._end_drafting(req, aborted=False)
 
     def _end_drafting(self, req: Request, aborted: bool) -> None:
+        if self.budget is not None and req.request_id in self._drafting:
+            self.budget.finish(req.request_id)
         if req.request_id in self._drafting:
             self._drafting.discard(req.request_id)
             t0 = time.perf_counter()
@@ -355,12 +363,14 @@ class Scheduler:
             return NO_DRAFT
         room = min(self.max_spec_tokens, budget - 1, req.params.max_tokens - len(req.output_ids) - 1,
                    self.cfg.max_model_len - req.num_tokens - 1)
+        if room > 0 and self.budget is not None:
+            room = self.budget.limit(req.request_id, self._num_decoding, room)
         if room <= 0 or req.request_id not in self._drafting:
             return NO_DRAFT
         t0 = time.perf_counter()
         draft = self.drafter.propose(req.request_id, req.output_ids, room)
         self.spec.drafter_seconds += time.perf_counter() - t0
-        assert len(draft) <= room, f"drafter gave {draft} for room {room}"
+        draft = draft.truncate(room)
         if not self.trees and not draft.is_chain:
             draft = draft.first_chain()
         # Pages for the draft come from free (or evictable cached) pages only: a draft never

@@ -64,6 +64,10 @@ class Draft:
             path.append(child)
             node = child
 
+    def truncate(self, k: int) -> "Draft":
+        """The first k tokens (a prefix in topological order is still a tree)."""
+        return self if len(self.tokens) <= k else Draft(self.tokens[:k], self.parents[:k], self.score)
+
     def depth(self) -> int:
         """Tokens on the longest root-to-leaf path (the most a verification can accept)."""
         depths: list[int] = []
@@ -96,3 +100,26 @@ class Drafter(Protocol):
 
     def finish(self, request_id: str, output_ids: Sequence[int], aborted: bool) -> None:
         """The request ended (its full output); forget per-request state, learn from it."""
+
+
+class DraftBudget(Protocol):
+    """How many draft tokens a request may carry into a step: the cost side of speculation.
+
+    A draft token costs the step its compute whether or not it is accepted; it pays only when
+    accepted. The scheduler asks `limit` before it asks the drafter (0: no draft, and no drafter
+    call), trims the draft to it, and reports what it learns: each verification and each step's
+    size and time. Implementations live in scheduler/ (scheduler/spec_budget.py).
+    """
+
+    def limit(self, request_id: str, num_decoding: int, max_tokens: int) -> int:
+        """Draft tokens allowed (<= max_tokens) for a request in a step where num_decoding
+        requests decode."""
+
+    def observe_verify(self, request_id: str, drafted: int, accepted: int) -> None:
+        """A verification of `drafted` draft tokens (a chain or tree) accepted `accepted`."""
+
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        """A step of num_tokens tokens took seconds (synchronous wall time)."""
+
+    def finish(self, request_id: str) -> None:
+        """The request ended."""

@@ -1,0 +1,121 @@
+"""How much to speculate: a draft budget from a step-cost model and each request's acceptance.
+
+A draft token costs its step's compute whether or not it is accepted. With B requests decoding,
+a step costs t(B) = c_base + c_tok * B and yields B tokens, so a token is worth t(B) / B of
+time; one more draft token adds c_tok and yields, at draft depth j, alpha^j expected tokens
+(alpha: the request's chance that a draft token is accepted, given its parent was). It pays
+when alpha^j * t(B) / B >= c_tok, i.e. alpha^j >= tau = c_tok * B / t(B). So at batch 1 on a
+machine where a step's fixed cost dominates, tau is small and drafts run long; at a large batch
+where every token costs compute, tau nears 1 and only near-certain drafts survive.
+
+c_base and c_tok are fitted online (least squares over recent synchronous steps' token counts
+and wall times), so the budget follows the machine it runs on, CPU or GPU. alpha is estimated
+per request (accepted tokens / (accepted + rejections), with the pool of all requests as a
+prior), so a request whose text the drafter predicts keeps long drafts and one it does not
+stops drafting, probing with one token now and then in case its text turns repetitive.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetConfig:
+    """Knobs of CostAwareBudget."""
+
+    window: int = 128
+    """Recent steps the cost model is fitted to."""
+    prior_weight: float = 4.0
+    """How many verifications' worth the pooled acceptance counts in a request's estimate."""
+    probe_every: int = 16
+    """A request denied drafts gets a one-token probe after this many steps."""
+    min_steps: int = 8
+    """Steps (with at least two token counts) before the cost model is trusted; until then drafts are allowed."""
+
+    def __post_init__(self):
+        if self.window < 2 or self.min_steps < 2 or self.prior_weight < 0 or self.probe_every < 1:
+            raise ValueError(f"{self}: need window >= 2, min_steps >= 2, prior_weight >= 0, probe_every >= 1")
+
+
+class CostAwareBudget:
+    """jinfer.speculation.DraftBudget: draft tokens only while they are expected to pay."""
+
+    def __init__(self, config: BudgetConfig = BudgetConfig()):
+        self.config = config
+        self._steps: collections.deque[tuple[int, float]] = collections.deque(maxlen=config.window)
+        self._fit: tuple[float, float] | None = None
+        self._requests: dict[str, list[float]] = {}  # id -> [accepted, rejections, steps since a draft]
+        self._pool = [1.0, 1.0]  # accepted, rejections over every request (a uniform prior)
+
+    @classmethod
+    def from_config(cls, spec) -> "CostAwareBudget":
+        """From the launch config's speculation section (jinfer.launch.build_draft_budget)."""
+        return cls()
+
+    # -- the cost model --------------------------------------------------------------------
+
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        self._steps.append((num_tokens, seconds))
+        self._fit = None
+
+    def cost_model(self) -> tuple[float, float] | None:
+        """(c_base, c_tok) in seconds, or None until enough varied steps were seen."""
+        if self._fit is None and len(self._steps) >= self.config.min_steps:
+            xs = [t for t, _ in self._steps]
+            ys = [s for _, s in self._steps]
+            mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+            var = sum((x - mx) ** 2 for x in xs)
+            if var > 0:
+                slope = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var)
+                self._fit = (max(0.0, my - slope * mx), slope)
+        return self._fit
+
+    # -- acceptance ------------------------------------------------------------------------
+
+    def alpha(self, request_id: str) -> float:
+        """The request's estimated chance that a draft token is accepted (given its parent)."""
+        pool_acc, pool_rej = self._pool
+        w = self.config.prior_weight
+        prior = pool_acc / (pool_acc + pool_rej)
+        acc, rej, _ = self._requests.get(request_id, (0.0, 0.0, 0.0))
+        return (acc + w * prior) / (acc + rej + w)
+
+    def observe_verify(self, request_id: str, drafted: int, accepted: int) -> None:
+        rejected = 1.0 if accepted < drafted else 0.0  # the walk stopped at a rejection, or ran out
+        st = self._requests.setdefault(request_id, [0.0, 0.0, 0.0])
+        st[0] += accepted
+        st[1] += rejected
+        self._pool[0] += accepted
+        self._pool[1] += rejected
+
+    def finish(self, request_id: str) -> None:
+        self._requests.pop(request_id, None)
+
+    # -- the decision ----------------------------------------------------------------------
+
+    def limit(self, request_id: str, num_decoding: int, max_tokens: int) -> int:
+        fit = self.cost_model()
+        if fit is None:
+            return max_tokens  # no cost model yet: let drafts run (and teach it)
+        c_base, c_tok = fit
+        batch = max(1, num_decoding)
+        step = c_base + c_tok * batch
+        tau = c_tok * batch / step if step > 0 else 1.0
+        alpha = self.alpha(request_id)
+        k, p = 0, 1.0
+        while k < max_tokens:
+            p *= alpha
+            if p < tau:
+                break
+            k += 1
+        st = self._requests.setdefault(request_id, [0.0, 0.0, 0.0])
+        if k == 0:
+            st[2] += 1
+            if st[2] >= self.config.probe_every:  # text may have turned predictable
+                st[2] = 0
+                return 1
+        else:
+            st[2] = 0
+        return k

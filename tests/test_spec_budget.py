@@ -1,0 +1,54 @@
+"""The adaptive draft budget (scheduler/spec_budget.py): its cost model and its decisions."""
+
+import pytest
+
+from scheduler.spec_budget import BudgetConfig, CostAwareBudget
+
+
+def _calibrated(c_base=0.010, c_tok=0.0005):
+    b = CostAwareBudget(BudgetConfig(min_steps=4))
+    for tokens in (1, 9, 33, 64, 17, 120, 8, 40):
+        b.observe_step(tokens, c_base + c_tok * tokens)
+    return b
+
+
+def test_the_cost_model_is_fitted_from_step_sizes_and_times():
+    b = _calibrated()
+    c_base, c_tok = b.cost_model()
+    assert c_base == pytest.approx(0.010) and c_tok == pytest.approx(0.0005)
+    same = CostAwareBudget(BudgetConfig(min_steps=4))
+    for _ in range(10):
+        same.observe_step(8, 0.01)
+    assert same.cost_model() is None  # one token count: no slope to fit
+    assert same.limit("r", 8, 6) == 6  # and until there is one, drafts run
+
+
+def test_drafts_run_long_where_steps_are_fixed_cost_and_shrink_where_tokens_cost():
+    b = _calibrated()
+    for _ in range(20):  # a request whose drafts are mostly accepted: alpha ~ 0.9
+        b.observe_verify("good", 8, 8)
+        b.observe_verify("good", 8, 5)
+    # batch 1: tau = 0.0005 / 0.0105 ~ 0.05: alpha^k >= tau for long drafts
+    assert b.limit("good", 1, 8) == 8
+    # batch 64: tau = 0.032 / 0.042 ~ 0.76: only the first couple of tokens pay
+    assert 1 <= b.limit("good", 64, 8) <= 3
+    # a compute-bound machine (no fixed cost): nothing pays
+    compute = _calibrated(c_base=0.0, c_tok=0.001)
+    compute._requests, compute._pool = b._requests, b._pool
+    assert compute.limit("good", 1, 8) == 0
+
+
+def test_a_request_the_drafter_cannot_predict_stops_drafting_but_probes():
+    b = _calibrated()
+    for _ in range(30):
+        b.observe_verify("bad", 8, 0)
+    assert b.alpha("bad") < 0.1
+    got = [b.limit("bad", 16, 8) for _ in range(32)]
+    assert got.count(0) == 30 and got.count(1) == 2  # one probe every probe_every (16) steps
+    b.finish("bad")
+    assert b.alpha("bad") == pytest.approx(b.alpha("new"))  # forgotten: back to the pooled prior
+
+
+def test_bad_knobs_are_named():
+    with pytest.raises(ValueError, match="window >= 2"):
+        BudgetConfig(window=1)
