@@ -101,11 +101,16 @@ def main(argv):
         prompt = prompts[i // FLAGS.n]
         if FLAGS.json:
             print(json.dumps({"prompt": prompt, "index": out.index, "token_ids": out.token_ids,
-                              "text": out.text, "finish_reason": out.finish_reason}), file=report)
+                              "text": out.text, "finish_reason": out.finish_reason,
+                              "draft_tokens": out.usage.draft_tokens,
+                              "accepted_draft_tokens": out.usage.accepted_draft_tokens}), file=report)
         else:
             sample = f" (sample {out.index})" if FLAGS.n > 1 else ""
+            u = out.usage
+            spec = (f", {u.accepted_draft_tokens}/{u.draft_tokens} draft tokens accepted in {u.spec_steps} steps"
+                    if u.draft_tokens else "")
             print(f"--- {prompt!r}{sample}\n{prompt}{out.text}\n[{len(out.token_ids)} tokens, "
-                  f"finish={out.finish_reason}]", file=report)
+                  f"finish={out.finish_reason}{spec}]", file=report)
     if not FLAGS.json:
         n = sum(len(o.token_ids) for o in outputs)
         print(f"load {t1 - t0:.2f}s; generate {t2 - t1:.2f}s for {n} tokens (includes compilation)",
