@@ -108,10 +108,20 @@ GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 SAMPLED = SamplingParams(temperature=1.0, top_p=0.9, seed=3, max_tokens=40, ignore_eos=True, n=2, logprobs=True)
 
 
-@pytest.mark.parametrize("kind", list(DRAFTERS))
-@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
-@pytest.mark.parametrize("prefix, budget, num_pages", [(True, 64, 128), (False, 16, 128), (True, 64, 14)],
-                         ids=["prefix", "small-budget", "preempting"])
+def _cases():
+    """Every drafter x sampling x (prefix cache, small budget, preemption); the default run
+    keeps four that between them cover each value, the rest are in the slow set."""
+    fast = {("chain", "greedy", "prefix"), ("tree", "sampled", "prefix"), ("chain", "sampled", "small-budget"),
+            ("tree", "greedy", "preempting")}
+    for kind in DRAFTERS:
+        for pname, params in (("greedy", GREEDY), ("sampled", SAMPLED)):
+            for name, setup in (("prefix", (True, 64, 128)), ("small-budget", (False, 16, 128)),
+                                ("preempting", (True, 64, 14))):
+                marks = () if (kind, pname, name) in fast else (pytest.mark.slow,)
+                yield pytest.param(kind, params, *setup, id=f"{name}-{pname}-{kind}", marks=marks)
+
+
+@pytest.mark.parametrize("kind, params, prefix, budget, num_pages", list(_cases()))
 def test_speculation_emits_the_tokens_plain_decoding_does(model, kind, params, prefix, budget, num_pages):
     want, plain_steps, ref = _reference(model, params, prefix=prefix, budget=budget, num_pages=num_pages)
     drafter = DRAFTERS[kind](ref)
