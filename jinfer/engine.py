@@ -11,7 +11,7 @@ import uuid
 
 import jax
 
-from jinfer.attention import default_attention_backend, get_backend
+from jinfer.attention import MAX_TREE_TOKENS, default_attention_backend, get_backend
 from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig
 from jinfer.models.llama import set_attention_backend
 from jinfer.detokenizer import IncrementalDetokenizer
@@ -21,7 +21,7 @@ from jinfer.request import Request, RequestOutput, Status, Usage
 from jinfer.runner import ModelRunner
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import Scheduler, SchedulingPolicy, SpecStats, StepPlan
-from jinfer.speculation import DraftBudget, Drafter
+from jinfer.speculation import DraftBudget, Drafter, accept
 from sharding.tp import TPLayout
 
 DEFAULT_COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jinfer", "xla")
@@ -93,8 +93,8 @@ class Engine:
         speculating engine runs its steps synchronously (a draft needs the tokens of the step
         before)."""
         max_spec_tokens = max_spec_tokens if drafter is not None else 0
-        if max_spec_tokens < 0:
-            raise ValueError(f"max_spec_tokens={max_spec_tokens} must be >= 0")
+        if not 0 <= max_spec_tokens < MAX_TREE_TOKENS:
+            raise ValueError(f"max_spec_tokens={max_spec_tokens} must be in [0, {MAX_TREE_TOKENS})")
         self.options = options
         if options.compilation_cache:
             enable_compilation_cache(options.compilation_cache)
@@ -115,6 +115,7 @@ class Engine:
                                   max_spec_tokens=max_spec_tokens)
         self.scheduler = Scheduler(cache_config, scheduler_config, self.runner.num_pages, policy,
                                    drafter, max_spec_tokens, draft_budget if max_spec_tokens else None)
+        self.scheduler.trees = self.runner.trees  # a model the tree mask cannot serve gets chains
         self._groups: dict[str, list[Request]] = {}  # public id -> its samples still running
         self._detok: dict[str, IncrementalDetokenizer] = {}  # per sample (Request.request_id)
         self._inflight = None  # (plan, its Request objects, runner handle) not yet read back
@@ -249,7 +250,8 @@ class Engine:
         if not self.async_scheduling and self._inflight:
             done, self._inflight = self._inflight, None
             outputs += self._postprocess(*done)
-            if self.scheduler.budget is not None:  # synchronous: the wall time is the step's
+            if self.scheduler.budget is not None and not self.runner.compiled_last:
+                # synchronous: the wall time is the step's (a step that compiled is not one)
                 self.scheduler.budget.observe_step(done[0].num_tokens, time.perf_counter() - start)
         return outputs
 
@@ -327,20 +329,9 @@ class Engine:
 
 def _verify(plan: StepPlan, tokens, page_size: int) -> tuple[list, list[list[int]], list]:
     """Per scheduled sequence, the tokens its step produced and the sampling rows they came
-    from; and the
-    K/V moves that put tree drafts' accepted paths in place ((src page, slot, dst page, slot)).
-
-    A sequence without a draft has one row: its next token. With a draft, row 0 is the token the
-    model samples after the last known token, and the row of draft token i the token it samples
-    after i's path, keyed by output index exactly as plain decoding keys it (jinfer.sampling:
-    Gumbel max over (seed, sample, index)). From the root, the draft is followed while some
-    child of the current token equals the model's sample there; the output is that path plus
-    the model's sample at its end. So speculation emits the very tokens plain decoding would,
-    greedy or sampled: for a sampled row, a draft token x is kept with probability p(x), else
-    the next child is tried with p renormalised without x, and the token finally taken comes
-    from p without the rejected ones: lossless rejection sampling for model-free (one-hot)
-    proposals, chains and trees alike.
-    """
+    from; and the K/V moves (src page, slot, dst page, slot) that put tree drafts' accepted
+    paths in place. A sequence without a draft has one row, its next token; one with a draft of
+    k tokens has k + 1 rows, settled by jinfer.speculation.accept."""
     out, rows, moves, row = [], [], [], 0
     for seq in plan.seqs:
         k = seq.num_draft
@@ -350,17 +341,9 @@ def _verify(plan: StepPlan, tokens, page_size: int) -> tuple[list, list[list[int
             row += 1
             continue
         draft = seq.token_ids[-k:]
-        parents = seq.draft_parents or tuple(range(-1, k - 1))
-        sampled = [int(t) for t in tokens[row:row + k + 1]]  # [root, draft 0, ..., draft k-1]
-        path, node = [], -1
-        while True:
-            want = sampled[node + 1]
-            child = next((i for i in range(node + 1, k) if parents[i] == node and draft[i] == want), None)
-            if child is None:
-                break
-            path.append(child)
-            node = child
-        out.append([draft[i] for i in path] + [sampled[node + 1]])
+        sampled = [int(t) for t in tokens[row:row + k + 1]]  # [after the root, after draft 0, ...]
+        path = accept(draft, seq.draft_parents or tuple(range(-1, k - 1)), sampled)
+        out.append([draft[i] for i in path] + [sampled[path[-1] + 1 if path else 0]])
         rows.append([row] + [row + 1 + i for i in path])
         base = seq.start_pos + len(seq.token_ids) - k  # slot of draft token 0
         for m, i in enumerate(path):

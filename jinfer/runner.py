@@ -111,6 +111,10 @@ class ModelRunner:
                                  out_shardings=(layout.replicated, layout.replicated, kv_out))
         self._compiled: dict[tuple[int, int, bool], object] = {}
         self._prev_rows: dict[str, int] = {}
+        self._seen: set = set()  # bucket keys and K/V move sizes run since the last bind
+        self.compiled_last = False
+        kv_out = None if layout is None else jax.tree.map(lambda _: layout.kv_sharding, self.kv)
+        self._move = jax.jit(_move_kv, donate_argnums=(0,), out_shardings=kv_out)
 
     def reshard(self, layout):
         """Moves weights and the KV pool to a new TP layout (no step may be in flight).
@@ -220,6 +224,8 @@ class ModelRunner:
         """
         key, args = self.prepare(plan)
         fn = self._compiled.get(key)
+        self.compiled_last = key not in self._seen  # this step (likely) compiled: its time is not a step's
+        self._seen.add(key)
         if fn is None:
             with self._mesh():
                 tokens, logprobs, self.kv = self._step(self.state, self.kv, self._prev_tokens, *args)
@@ -236,8 +242,11 @@ class ModelRunner:
         if not moves:
             return
         size = 1 << (len(moves) - 1).bit_length()  # few padded sizes, few compilations
+        self.compiled_last |= ("move", size) not in self._seen
+        self._seen.add(("move", size))
         arr = np.array(moves + [moves[-1]] * (size - len(moves)), np.int32).T
-        self.kv = _move_kv(self.kv, *arr)
+        with self._mesh():
+            self.kv = self._move(self.kv, *arr)
 
     @staticmethod
     def fetch(handle) -> tuple[np.ndarray, np.ndarray]:
@@ -259,10 +268,10 @@ def _step(graphdef, max_rows, state, kv, prev_tokens, ids, feed, pos, md, logits
     return jnp.pad(tokens, (0, pad)), jnp.pad(logprobs, (0, pad)), kv
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
 def _move_kv(kv: KVCache, src_page, src_slot, dst_page, dst_slot) -> KVCache:
-    """i32[M] each; repeated moves are idempotent. Sources never overlap later destinations
-    (an accepted path moves down into slots it has passed), so one gather then scatter is exact."""
+    """i32[M] each; a repeated move is idempotent. All sources are read before any destination
+    is written: in order, no move reads a slot an earlier one wrote (an accepted path's later
+    sources lie past its earlier destinations), so this equals moving one by one."""
     def move(pages):  # f[num_kv_heads, num_pages, page_size, head_dim]
         return pages.at[:, dst_page, dst_slot].set(pages[:, src_page, src_slot])
     return KVCache(tuple(move(k) for k in kv.k), tuple(move(v) for v in kv.v))

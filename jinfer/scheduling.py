@@ -108,7 +108,8 @@ class Scheduler:
         self.cfg = sched_cfg
         self.drafter = drafter if max_spec_tokens > 0 else None
         self.max_spec_tokens = max_spec_tokens if drafter is not None else 0
-        self.trees = self.max_spec_tokens > 0  # tree drafts welcome (the runner masks them)
+        self.trees = self.max_spec_tokens > 0  # tree drafts verified as trees (the engine sets
+        # False where the runner cannot mask them: each tree's leading chain is drafted instead)
         self._drafting: set[str] = set()  # requests the drafter has been told about (start)
         self._num_decoding = 0  # running requests with one token to compute (this step)
         self.spec = SpecStats()
@@ -148,19 +149,8 @@ class Scheduler:
             if not seq.sample or req.status is Status.FINISHED:
                 continue
             new = (new,) if isinstance(new, int) else tuple(new)
-            if seq.num_draft:
-                self.spec.draft_tokens += seq.num_draft
-                self.spec.accepted_tokens += len(new) - 1
-                self.spec.spec_steps += 1
-                # new = the accepted draft tokens + the model's own: the K/V of the step's last
-                # known token and of the accepted draft tokens stay; the rejected rest is rolled
-                # back (its slots are rewritten by later steps; its pages are kept for them).
-                req.num_computed_tokens = seq.start_pos + len(new) + (len(seq.token_ids) - seq.num_draft - 1)
-                req.num_draft_tokens += seq.num_draft
-                req.num_accepted_tokens += len(new) - 1
-                req.num_spec_steps += 1
-                if self.budget is not None:
-                    self.budget.observe_verify(req.request_id, seq.num_draft, len(new) - 1)
+            if seq.num_draft and self.budget is not None:
+                self.budget.observe_verify(req.request_id, len(new) - 1, _walk_stopped(seq, new))
             appended, reason = [], None
             for token in new:
                 appended.append(token)
@@ -172,8 +162,19 @@ class Scheduler:
                     reason = finish_hook(req, token, reason)
                 if reason:
                     break
-            if seq.num_draft and len(appended) < len(new):  # finished mid-draft: its K/V too
-                req.num_computed_tokens = seq.start_pos + len(appended) + (len(seq.token_ids) - seq.num_draft - 1)
+            if seq.num_draft:
+                # appended = accepted draft tokens + the model's own (or fewer, if one of them
+                # finished the request): the K/V of the step's token and of the accepted draft
+                # tokens stay; the rejected rest is rolled back (its slots are rewritten by later
+                # steps; its pages are kept for them).
+                req.num_computed_tokens = seq.start_pos + len(appended)
+                accepted = min(len(new) - 1, len(appended))  # emitted draft tokens
+                self.spec.draft_tokens += seq.num_draft
+                self.spec.accepted_tokens += accepted
+                self.spec.spec_steps += 1
+                req.num_draft_tokens += seq.num_draft
+                req.num_accepted_tokens += accepted
+                req.num_spec_steps += 1
             if len(seq.token_ids) - seq.num_draft > 1:
                 self.on_prefill_done(req)
             if req.request_id in self._drafting:
@@ -255,7 +256,10 @@ class Scheduler:
         seqs: list[ScheduledSeq] = []
         preempted: list[str] = []
         self.running.sort(key=self.policy.priority)
-        self._num_decoding = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
+        decoders: list[tuple[int, Request]] = []  # (index in seqs, request) that may get a draft
+        if self.drafter is not None:
+            assert not any(r.num_pending for r in self.running + self.waiting), (
+                "a speculating scheduler's steps must be settled before the next is planned")
         for req in list(self.running):
             if req.status is not Status.RUNNING or len(seqs) == self.cfg.max_num_seqs or budget == 0:
                 continue
@@ -270,9 +274,10 @@ class Scheduler:
                     break
             if req.status is not Status.RUNNING:
                 continue
-            draft = self._draft(req, budget)
-            seqs.append(self._plan(req, n, draft))
-            budget -= n + len(draft.tokens)
+            if self._may_draft(req, n):
+                decoders.append((len(seqs), req))
+            seqs.append(self._plan(req, n))
+            budget -= n
 
         self.waiting.sort(key=self.policy.priority)
         for req in list(self.waiting):
@@ -299,6 +304,17 @@ class Scheduler:
             seqs.append(self._plan(req, n))
             budget -= n
 
+        # Drafts last, from what the step left: budget and free pages (no eviction), so a draft
+        # never preempts a request, delays an admission or evicts a prefix someone could match.
+        self._num_decoding = len(decoders)
+        for i, req in decoders:
+            if budget == 0:
+                break
+            draft = self._draft(req, budget)
+            if draft.tokens:
+                seqs[i] = self._add_draft(seqs[i], req, draft)
+                budget -= len(draft)
+
         for req in self.running:
             if req.followers and req.num_computed_tokens >= self.kv.shared_prompt_len(req):
                 # Followers join from the next step, after these pages are written.
@@ -320,19 +336,18 @@ class Scheduler:
     def _done_sampling(self, req: Request) -> bool:
         return self.reached_length(req, pending=True)
 
-    def _plan(self, req: Request, n: int, draft: Draft = NO_DRAFT) -> ScheduledSeq:
-        """Plans n tokens of req (and a draft after them) and counts them computed (the step
-        will write them; update rolls back the rejected part of a draft)."""
+    def _plan(self, req: Request, n: int) -> ScheduledSeq:
+        """Plans n tokens of req and counts them computed (the step will write them; update
+        rolls back the rejected part of a draft added later by _add_draft)."""
         start = req.num_computed_tokens
         known = req.ids(start, start + n)
-        token_ids = tuple(known) + (PENDING,) * (n - len(known)) + draft.tokens
+        token_ids = tuple(known) + (PENDING,) * (n - len(known))
         sample = start + n == req.num_tokens
         seq = ScheduledSeq(
             request_id=req.request_id, token_ids=token_ids, start_pos=start,
             pages=tuple(req.pages), sample=sample, params=req.params, seed=req.seed,
-            sample_group=req.sample_group, sample_index=req.num_output_tokens, num_draft=len(draft),
-            draft_parents=() if draft.is_chain else draft.parents)
-        req.num_computed_tokens += n + len(draft)
+            sample_group=req.sample_group, sample_index=req.num_output_tokens)
+        req.num_computed_tokens += n
         req.num_pending += sample
         return seq
 
@@ -355,17 +370,22 @@ class Scheduler:
             self.drafter.finish(req.request_id, req.output_ids, aborted)
             self.spec.drafter_seconds += time.perf_counter() - t0
 
+    def _may_draft(self, req: Request, n: int) -> bool:
+        """Before planning: a decoding request (its one uncomputed token is its last known one)."""
+        return (self.drafter is not None and req.params.speculate and not req.num_pending and n == 1
+                and req.num_tokens - req.num_computed_tokens == 1 and req.request_id in self._drafting)
+
     def _draft(self, req: Request, budget: int) -> Draft:
-        """A draft for a decoding request (its only uncomputed token is its last known one),
-        within the step's budget, its length limits and the free pages; NO_DRAFT for none."""
-        if (self.drafter is None or not req.params.speculate or req.num_pending
-                or req.num_tokens - req.num_computed_tokens != 1):
-            return NO_DRAFT
-        room = min(self.max_spec_tokens, budget - 1, req.params.max_tokens - len(req.output_ids) - 1,
-                   self.cfg.max_model_len - req.num_tokens - 1)
+        """A draft for a request planned to decode this step, within the step's remaining budget,
+        its length limits and the free pages; NO_DRAFT for none."""
+        # Planned: its sample is pending; the draft may reach its length limits less one (the
+        # model's own token after an accepted draft).
+        out = len(req.output_ids)
+        room = min(self.max_spec_tokens, budget, req.params.max_tokens - out - 1,
+                   self.cfg.max_model_len - len(req.prompt_ids) - out - 1)
         if room > 0 and self.budget is not None:
             room = self.budget.limit(req.request_id, self._num_decoding, room)
-        if room <= 0 or req.request_id not in self._drafting:
+        if room <= 0:
             return NO_DRAFT
         t0 = time.perf_counter()
         draft = self.drafter.propose(req.request_id, req.output_ids, room)
@@ -373,9 +393,26 @@ class Scheduler:
         draft = draft.truncate(room)
         if not self.trees and not draft.is_chain:
             draft = draft.first_chain()
-        # Pages for the draft come from free (or evictable cached) pages only: a draft never
-        # preempts a request.
-        if not draft.tokens or not self.kv.grow(req, req.num_computed_tokens + 1 + len(draft)):
+        if not draft.tokens or not self.kv.extend(req, req.num_computed_tokens + len(draft)):
             return NO_DRAFT
         return draft
 
+    def _add_draft(self, seq: ScheduledSeq, req: Request, draft: Draft) -> ScheduledSeq:
+        """The planned decode `seq` with the draft after its token (its pages now cover it)."""
+        req.num_computed_tokens += len(draft)
+        return dataclasses.replace(seq, token_ids=seq.token_ids + draft.tokens, pages=tuple(req.pages),
+                                   num_draft=len(draft), draft_parents=() if draft.is_chain else draft.parents)
+
+
+
+def _walk_stopped(seq: ScheduledSeq, new: Sequence[int]) -> bool:
+    """Whether verification stopped at a draft token the model disagreed with (True) or ran
+    out of draft (a leaf reached). new = the accepted draft tokens + the model's own token;
+    the accepted path is re-walked by token, first matching child first, as verification does."""
+    k = seq.num_draft
+    draft = seq.token_ids[-k:]
+    parents = seq.draft_parents or tuple(range(-1, k - 1))
+    node = -1
+    for token in new[:-1]:
+        node = next(i for i in range(node + 1, k) if parents[i] == node and draft[i] == token)
+    return any(p == node for p in parents)

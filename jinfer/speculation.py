@@ -70,13 +70,33 @@ class Draft:
 
     def depth(self) -> int:
         """Tokens on the longest root-to-leaf path (the most a verification can accept)."""
-        depths: list[int] = []
-        for p in self.parents:
-            depths.append(1 if p < 0 else depths[p] + 1)
-        return max(depths, default=0)
+        return max(self.depths(), default=0)
 
 
 NO_DRAFT = Draft()
+
+
+def accept(draft: Sequence[int], parents: Sequence[int], sampled: Sequence[int]) -> list[int]:
+    """The draft tokens verification keeps: the path from the root that follows, at each node,
+    the first child equal to the model's sample there. sampled[0] is the sample after the root
+    (the last known token), sampled[i + 1] the sample after draft token i. Returns the path's
+    draft indices; the emitted tokens are their tokens, then sampled[path[-1] + 1] (or
+    sampled[0] for an empty path): the model's own next token.
+
+    With samples keyed by output index (jinfer.sampling), the emitted tokens are those plain
+    decoding emits, greedy or sampled. For a sampled position, a draft token x is kept with
+    probability p(x), else the next child is tried with p renormalised without x, and the token
+    finally taken comes from p without the rejected ones: the lossless rejection sampling of
+    Leviathan et al. for one-hot (model-free) proposals, chains and trees alike.
+    """
+    path, node = [], -1
+    while True:
+        want = sampled[node + 1]
+        child = next((i for i in range(node + 1, len(draft)) if parents[i] == node and draft[i] == want), None)
+        if child is None:
+            return path
+        path.append(child)
+        node = child
 
 
 class Drafter(Protocol):
@@ -115,8 +135,9 @@ class DraftBudget(Protocol):
         """Draft tokens allowed (<= max_tokens) for a request in a step where num_decoding
         requests decode."""
 
-    def observe_verify(self, request_id: str, drafted: int, accepted: int) -> None:
-        """A verification of `drafted` draft tokens (a chain or tree) accepted `accepted`."""
+    def observe_verify(self, request_id: str, accepted: int, rejected: bool) -> None:
+        """A verification accepted `accepted` draft tokens, then stopped at a token the model
+        disagreed with (rejected) or at the end of the draft (a leaf: not rejected)."""
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         """A step of num_tokens tokens took seconds (synchronous wall time)."""

@@ -8,8 +8,8 @@ when alpha^j * t(B) / B >= c_tok, i.e. alpha^j >= tau = c_tok * B / t(B). So at 
 machine where a step's fixed cost dominates, tau is small and drafts run long; at a large batch
 where every token costs compute, tau nears 1 and only near-certain drafts survive.
 
-c_base and c_tok are fitted online (least squares over recent synchronous steps' token counts
-and wall times), so the budget follows the machine it runs on, CPU or GPU. alpha is estimated
+c_base and c_tok are fitted online (a robust line through recent synchronous steps' token
+counts and wall times; steps that compiled are not reported), so the budget follows the machine it runs on, CPU or GPU. alpha is estimated
 per request (accepted tokens / (accepted + rejections), with the pool of all requests as a
 prior), so a request whose text the drafter predicts keeps long drafts and one it does not
 stops drafting, probing with one token now and then in case its text turns repetitive.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import statistics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,7 @@ class CostAwareBudget:
         self.config = config
         self._steps: collections.deque[tuple[int, float]] = collections.deque(maxlen=config.window)
         self._fit: tuple[float, float] | None = None
+        self._stale = False
         self._requests: dict[str, list[float]] = {}  # id -> [accepted, rejections, steps since a draft]
         self._pool = [1.0, 1.0]  # accepted, rejections over every request (a uniform prior)
 
@@ -58,18 +60,24 @@ class CostAwareBudget:
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         self._steps.append((num_tokens, seconds))
-        self._fit = None
+        self._stale = True
 
     def cost_model(self) -> tuple[float, float] | None:
-        """(c_base, c_tok) in seconds, or None until enough varied steps were seen."""
-        if self._fit is None and len(self._steps) >= self.config.min_steps:
-            xs = [t for t, _ in self._steps]
-            ys = [s for _, s in self._steps]
-            mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-            var = sum((x - mx) ** 2 for x in xs)
-            if var > 0:
-                slope = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var)
-                self._fit = (max(0.0, my - slope * mx), slope)
+        """(c_base, c_tok) in seconds, or None until enough varied steps were seen. Fitted by
+        Theil-Sen (the median of pairwise slopes over distinct token counts), so one slow step
+        (a stray compile, a busy machine) does not move it; the last fit stays while the window
+        holds a single token count."""
+        if getattr(self, "_stale", False) and len(self._steps) >= self.config.min_steps:
+            self._stale = False
+            by_count: dict[int, list[float]] = collections.defaultdict(list)
+            for t, sec in self._steps:
+                by_count[t].append(sec)
+            points = sorted((t, statistics.median(v)) for t, v in by_count.items())
+            slopes = [(y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(points) for x2, y2 in points[i + 1:]]
+            if slopes:
+                slope = max(0.0, statistics.median(slopes))
+                base = statistics.median(y - slope * x for x, y in points)
+                self._fit = (max(0.0, base), slope)
         return self._fit
 
     # -- acceptance ------------------------------------------------------------------------
@@ -82,8 +90,7 @@ class CostAwareBudget:
         acc, rej, _ = self._requests.get(request_id, (0.0, 0.0, 0.0))
         return (acc + w * prior) / (acc + rej + w)
 
-    def observe_verify(self, request_id: str, drafted: int, accepted: int) -> None:
-        rejected = 1.0 if accepted < drafted else 0.0  # the walk stopped at a rejection, or ran out
+    def observe_verify(self, request_id: str, accepted: int, rejected: bool) -> None:
         st = self._requests.setdefault(request_id, [0.0, 0.0, 0.0])
         st[0] += accepted
         st[1] += rejected

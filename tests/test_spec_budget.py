@@ -26,8 +26,8 @@ def test_the_cost_model_is_fitted_from_step_sizes_and_times():
 def test_drafts_run_long_where_steps_are_fixed_cost_and_shrink_where_tokens_cost():
     b = _calibrated()
     for _ in range(20):  # a request whose drafts are mostly accepted: alpha ~ 0.9
-        b.observe_verify("good", 8, 8)
-        b.observe_verify("good", 8, 5)
+        b.observe_verify("good", 8, False)
+        b.observe_verify("good", 5, True)
     # batch 1: tau = 0.0005 / 0.0105 ~ 0.05: alpha^k >= tau for long drafts
     assert b.limit("good", 1, 8) == 8
     # batch 64: tau = 0.032 / 0.042 ~ 0.76: only the first couple of tokens pay
@@ -41,7 +41,7 @@ def test_drafts_run_long_where_steps_are_fixed_cost_and_shrink_where_tokens_cost
 def test_a_request_the_drafter_cannot_predict_stops_drafting_but_probes():
     b = _calibrated()
     for _ in range(30):
-        b.observe_verify("bad", 8, 0)
+        b.observe_verify("bad", 0, True)
     assert b.alpha("bad") < 0.1
     got = [b.limit("bad", 16, 8) for _ in range(32)]
     assert got.count(0) == 30 and got.count(1) == 2  # one probe every probe_every (16) steps
@@ -52,3 +52,18 @@ def test_a_request_the_drafter_cannot_predict_stops_drafting_but_probes():
 def test_bad_knobs_are_named():
     with pytest.raises(ValueError, match="window >= 2"):
         BudgetConfig(window=1)
+
+
+def test_a_slow_outlier_step_does_not_stop_drafts():
+    b = _calibrated()
+    b.observe_step(64, 2.0)  # a step that compiled, or a busy spell
+    c_base, c_tok = b.cost_model()
+    assert c_tok == pytest.approx(0.0005, rel=0.2)
+    assert b.limit("new", 1, 8) > 0
+
+
+def test_tree_walks_that_reach_a_leaf_count_as_accepted():
+    b = _calibrated()
+    for _ in range(20):
+        b.observe_verify("tree", 2, False)  # a depth-2 path fully accepted, though the tree had 4 tokens
+    assert b.alpha("tree") > 0.9

@@ -18,15 +18,17 @@ from jinfer.sampling_params import SamplingParams
 from jinfer.speculation import NO_DRAFT, Draft
 from jinfer.tokenizer import Tokenizer
 
-PROMPTS = ["def fibonacci(n):", "import os\n", "class A:", "hello world", "for i in range(10):"]
+SHARED = "import os\nimport sys\nimport json\nimport time\nimport random\nimport collections\n"
+# Two prompts share a prefix of full pages: the prefix cache serves the second.
+PROMPTS = ["def fibonacci(n):", SHARED + "def main():", "class A:", "hello world", SHARED + "class Config:"]
 
 
 class OracleDrafter:
     """Proposes the reference continuation of each request (its plain-decoding output), with a
     fraction of the tokens replaced by wrong ones; records what the engine tells it."""
 
-    def __init__(self, reference: dict[str, list[int]], wrong: float = 0.25, seed: int = 0):
-        self.reference, self.wrong, self.rng = reference, wrong, random.Random(seed)
+    def __init__(self, reference: dict[str, list[int]], wrong: float = 0.25, seed: int = 0, vocab: int = 4096):
+        self.reference, self.wrong, self.rng, self.vocab = reference, wrong, random.Random(seed), vocab
         self.started, self.observed, self.finished = {}, {}, {}
 
     def start(self, request_id, prompt_ids):
@@ -37,7 +39,7 @@ class OracleDrafter:
     def propose(self, request_id, output_ids, max_tokens):
         assert 0 < max_tokens and list(output_ids) == self.observed[request_id]
         nxt = self.reference.get(request_id, [])[len(output_ids):len(output_ids) + max_tokens]
-        toks = [t if self.rng.random() >= self.wrong else (t + 1) % 4096 for t in nxt]
+        toks = [t if self.rng.random() >= self.wrong else (t + 1) % self.vocab for t in nxt]
         return Draft.chain(toks) if toks else NO_DRAFT
 
     def observe(self, request_id, new_tokens):
@@ -59,10 +61,10 @@ class TreeOracleDrafter(OracleDrafter):
             if len(tokens) + 2 > max_tokens:
                 break
             if self.rng.random() < 0.4:
-                tokens += [(t + 7) % 4096, t]
+                tokens += [(t + 7) % self.vocab, t]
                 parents += [node, node]
             else:
-                tokens.append(t if self.rng.random() >= self.wrong else (t + 1) % 4096)
+                tokens.append(t if self.rng.random() >= self.wrong else (t + 1) % self.vocab)
                 parents.append(node)
             node = len(tokens) - 1
         return Draft(tuple(tokens), tuple(parents)) if tokens else NO_DRAFT
@@ -86,11 +88,14 @@ def _engine(model, drafter=None, *, prefix=True, budget=64, num_pages=128, max_s
 
 
 def _run(engine, prompts, params):
-    """Final outputs keyed (request id, sample index), and the number of steps taken."""
-    for i, p in enumerate(prompts):
+    """Final outputs keyed (request id, sample index), and the number of steps taken. The last
+    prompt arrives after three steps (so a prefix it shares is cached by then)."""
+    for i, p in enumerate(prompts[:-1]):
         engine.add_request(p, params, request_id=f"r{i}")
     outs, steps = {}, 0
-    while engine.has_unfinished():
+    while engine.has_unfinished() or steps < 3:
+        if steps == 3:
+            engine.add_request(prompts[-1], params, request_id=f"r{len(prompts) - 1}")
         steps += 1
         for out in engine.step():
             if out.finished:
@@ -116,7 +121,7 @@ def _cases():
     for kind in DRAFTERS:
         for pname, params in (("greedy", GREEDY), ("sampled", SAMPLED)):
             for name, setup in (("prefix", (True, 64, 128)), ("small-budget", (False, 16, 128)),
-                                ("preempting", (True, 64, 14))):
+                                ("preempting", (True, 64, 10))):
                 marks = () if (kind, pname, name) in fast else (pytest.mark.slow,)
                 yield pytest.param(kind, params, *setup, id=f"{name}-{pname}-{kind}", marks=marks)
 
@@ -126,7 +131,11 @@ def test_speculation_emits_the_tokens_plain_decoding_does(model, kind, params, p
     want, plain_steps, ref = _reference(model, params, prefix=prefix, budget=budget, num_pages=num_pages)
     drafter = DRAFTERS[kind](ref)
     engine = _engine(model, drafter, prefix=prefix, budget=budget, num_pages=num_pages)
+    preempt, preemptions = engine.scheduler._preempt, []
+    engine.scheduler._preempt = lambda req: preemptions.append(req.request_id) or preempt(req)
     got, steps = _run(engine, PROMPTS, params)
+    assert bool(preemptions) == (num_pages < 64)  # the small pool does preempt
+    assert (got[("r4", 0)].usage.cached_prompt_tokens > 0) == prefix  # a prefix-cache hit
     assert {k: o.token_ids for k, o in got.items()} == {k: o.token_ids for k, o in want.items()}
     assert {k: o.text for k, o in got.items()} == {k: o.text for k, o in want.items()}
     assert steps < plain_steps
@@ -164,16 +173,23 @@ def test_logprobs_match_plain_decoding(model, kind):
 
 
 def test_a_speculating_engine_runs_synchronously_and_stops_mid_draft(model):
-    params = SamplingParams(temperature=0, max_tokens=60, stop=("\n\n",))
-    want, _, ref = _reference(model, params)
+    """Drafts run past a stop string and an EOS-like stop id: the output ends where plain
+    decoding's does, and the drafted tokens past it are dropped."""
+    unstopped = SamplingParams(temperature=0, max_tokens=60)
+    _, _, ref = _reference(model, unstopped)  # drafts know the text past the stops
+    stop_id = ref["r2"][5]
+    params = SamplingParams(temperature=0, max_tokens=60, stop=("\n\n",), stop_token_ids=(stop_id,))
+    want, _ = _run(_engine(model), PROMPTS, params)
     engine = _engine(model, OracleDrafter(ref, wrong=0.0), pipelined=True)
     assert not engine.async_scheduling
     got, _ = _run(engine, PROMPTS, params)
     assert {k: (o.token_ids, o.text, o.finish_reason) for k, o in got.items()} == {
         k: (o.token_ids, o.text, o.finish_reason) for k, o in want.items()}
+    assert sum(o.finish_reason == "stop" for o in got.values()) >= 2
+    assert all(o.usage.accepted_draft_tokens <= len(o.token_ids) for o in got.values())
 
 
-def test_abort_mid_speculation_tells_the_drafter_and_frees_pages(model):
+def test_abort_between_speculating_steps_tells_the_drafter_and_frees_pages(model):
     _, _, ref = _reference(model, GREEDY)
     drafter = OracleDrafter(ref, wrong=0.0)
     engine = _engine(model, drafter)
@@ -361,3 +377,36 @@ def test_grpc_reports_speculation_and_lets_a_request_opt_out(model):
     assert stream[-1].usage.draft_tokens > 0 and stream[-1].usage.accepted_draft_tokens > 0
     assert any(len(m.token_ids) > 1 for m in stream)  # several tokens in one message
     assert plain[-1].usage.draft_tokens == plain[-1].usage.spec_steps == 0
+
+
+def test_sliding_window_models_verify_each_tree_as_its_leading_chain():
+    """The tree mask does not combine with a sliding window: such a model's tree drafts are cut
+    to their leading chains, and the tokens stay plain decoding's."""
+    from jinfer.models.config import preset
+    from jinfer.models.llama import init_model
+    from jinfer.tokenizer import byte_level_tokenizer
+
+    cfg = dataclasses.replace(preset("tiny"), sliding_window=8)
+    m, tok = init_model(cfg, seed=1), byte_level_tokenizer()
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [40, 41, 42]]
+    want, _ = _run(_engine((m, tok)), prompts, params)
+    ref = {rid: list(o.token_ids) for (rid, _), o in want.items()}
+    engine = _engine((m, tok), TreeOracleDrafter(ref, vocab=512))
+    assert not engine.scheduler.trees
+    got, _ = _run(engine, prompts, params)
+    assert {k: o.token_ids for k, o in got.items()} == {k: o.token_ids for k, o in want.items()}
+    assert engine.spec_stats().accepted_tokens > 0
+
+
+def test_a_speculating_scheduler_refuses_to_plan_over_an_unsettled_step():
+    from jinfer.request import Request
+    from jinfer.scheduling import Scheduler
+
+    s = Scheduler(CacheConfig(page_size=4, num_pages=16), SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=4,
+                                                                          max_model_len=64),
+                  16, drafter=RandomDrafter(8, tree=False), max_spec_tokens=3)
+    s.add(Request("a", [1, 2, 3], SamplingParams(max_tokens=8), 0, 0.0, 0))
+    s.schedule()  # its sample is now pending
+    with pytest.raises(AssertionError, match="must be settled"):
+        s.schedule()

@@ -116,23 +116,28 @@ def _decode_rows(q, k_pages, v_pages, md, q_len, *, sm_scale, sliding_window, pa
 
 
 def _chunk_tiles(q, k_pages, v_pages, md, q_len, *, sm_scale, sliding_window, q_tile,
-                 pages_per_block):
-    """Attention of every multi-token sequence's rows, q_tile rows of one sequence at a time.
-    Returns f32[T + q_tile, K, G, D]: rows of no chunk are zeros."""
+                 pages_per_block, min_len=2, max_len=None, out0=None):
+    """Attention of the rows of every sequence with min_len <= q_len (<= max_len), q_tile rows of
+    one sequence at a time, written into out0 (f32[T + pad, K, G, D], pad >= q_tile; zeros if
+    None). Returns it: rows of no such sequence keep what they had."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
     max_seqs = md.kv_lens.shape[0]
     group = num_heads // num_kv_heads
     block = pages_per_block * page_size
-    live = (jnp.arange(max_seqs) < md.num_seqs[0]) & (q_len >= 2)
+    live = (jnp.arange(max_seqs) < md.num_seqs[0]) & (q_len >= min_len)
+    if max_len is not None:
+        live &= q_len <= max_len
     tiles = jnp.where(live, -(-q_len // q_tile), 0)  # i32[S]
     ends = jnp.cumsum(tiles)
     num_items = ends[-1]
-    qp = jnp.pad(q, ((0, q_tile), (0, 0), (0, 0))).reshape(num_tokens + q_tile, num_kv_heads, group, head_dim)
-    out0 = jnp.zeros((num_tokens + q_tile, num_kv_heads, group, head_dim), jnp.float32)
+    if out0 is None:
+        out0 = jnp.zeros((num_tokens + q_tile, num_kv_heads, group, head_dim), jnp.float32)
+    pad = out0.shape[0] - num_tokens
+    qp = jnp.pad(q, ((0, pad), (0, 0), (0, 0))).reshape(num_tokens + pad, num_kv_heads, group, head_dim)
     tree_bits = md.tree_bits
-    if tree_bits is not None:  # i32[T + q_tile, W], padded like qp
-        tree_bits = jnp.pad(tree_bits, ((0, q_tile), (0, 0)), constant_values=-1)
+    if tree_bits is not None:  # i32[T + pad, W], padded like qp
+        tree_bits = jnp.pad(tree_bits, ((0, pad), (0, 0)), constant_values=-1)
 
     def item(i, out):
         seq = jnp.searchsorted(ends, i, side="right")
@@ -181,14 +186,16 @@ def _chunk_tiles(q, k_pages, v_pages, md, q_len, *, sm_scale, sliding_window, q_
 
 def paged_attention(q, k_pages, v_pages, md: AttentionMetadata, *, sm_scale: float,
                     sliding_window: int | None = None, q_tile: int = 64, kv_block: int = 64,
-                    decode_block: int = 2048):
+                    decode_block: int = 2048, short_tile: int = 8, short_len: int = 16):
     """Causal attention of flat queries (f[T, num_heads, head_dim]) over their sequences' pages
     (this step's keys already written), restricted to each row's draft tree where md.tree_bits
     is given (not with sliding_window: ValueError). Rows of padding tokens come back as zeros.
 
     q_tile: query rows per chunk tile; kv_block: keys per block of a tile, decode_block: keys per
     block of the decodes' page list (both rounded to whole pages). The defaults were the fastest
-    on a 2-core x86 CPU for a 26M-parameter model (benchmarks/engine.md).
+    on a 2-core x86 CPU for a 26M-parameter model (benchmarks/engine.md). Sequences of 2 to
+    short_len new tokens (a decode with its speculative draft) take tiles of short_tile rows:
+    a q_tile-row tile would compute mostly padding for them.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
@@ -204,7 +211,10 @@ def paged_attention(q, k_pages, v_pages, md: AttentionMetadata, *, sm_scale: flo
                            None if md.tree_bits is None else jnp.asarray(md.tree_bits))
     q_len = md.cu_q_lens[1:] - md.cu_q_lens[:-1]  # i32[S]
     kw = dict(sm_scale=sm_scale, sliding_window=sliding_window)
-    out = _chunk_tiles(q, k_pages, v_pages, md, q_len, q_tile=q_tile, pages_per_block=pages_per_block, **kw)
+    out = _chunk_tiles(q, k_pages, v_pages, md, q_len, q_tile=q_tile, pages_per_block=pages_per_block,
+                       min_len=short_len + 1, **kw)
+    out = _chunk_tiles(q, k_pages, v_pages, md, q_len, q_tile=short_tile, pages_per_block=pages_per_block,
+                       min_len=2, max_len=short_len, out0=out, **kw)
     dec = _decode_rows(q, k_pages, v_pages, md, q_len, pages_per_block=max(1, decode_block // page_size), **kw)
     is_dec = (jnp.arange(max_seqs) < md.num_seqs[0]) & (q_len == 1)
     rows = jnp.where(is_dec, md.cu_q_lens[:max_seqs], num_tokens + q_tile)  # out of range: dropped
