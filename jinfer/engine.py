@@ -89,9 +89,8 @@ class Engine:
         (sharding.tp.make_mesh) to run tensor-parallel; None = one device. progress: show a
         progress bar while warm-up compiles the step buckets. drafter: speculative decoding
         (jinfer.speculation) with drafts of up to max_spec_tokens tokens, trimmed by
-        draft_budget when given (it hears every step's size and time); None: off. A
-        speculating engine runs its steps synchronously (a draft needs the tokens of the step
-        before)."""
+        draft_budget when given (it hears every step's size and time); None: off. Steps that
+        carry drafts run synchronously (a draft needs the tokens of the step before)."""
         max_spec_tokens = max_spec_tokens if drafter is not None else 0
         if not 0 <= max_spec_tokens < MAX_TREE_TOKENS:
             raise ValueError(f"max_spec_tokens={max_spec_tokens} must be in [0, {MAX_TREE_TOKENS})")
@@ -109,7 +108,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.model_config = model.config
         self.sched_cfg = scheduler_config
-        self.async_scheduling = options.async_scheduling and not max_spec_tokens
+        self.async_scheduling = options.async_scheduling
         self.runner = ModelRunner(model, cache_config, scheduler_config, layout,
                                   decode_steps=get_backend(self.attention_backend).decode_path,
                                   max_spec_tokens=max_spec_tokens)
@@ -237,22 +236,34 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Schedules and dispatches one step; returns what the previous one (async) or this
-        one (sync) produced."""
+        one (sync) produced.
+
+        With a drafter, a step that carries drafts runs synchronously (the next draft needs its
+        tokens); when the draft budget wants no drafts, steps pipeline as plain decoding does
+        (async scheduling, when on), and a step in flight is settled before drafts resume."""
         start = time.perf_counter()
-        plan = self.scheduler.schedule()
+        drafts = self.scheduler.drafter is not None and self.scheduler.wants_drafts()
+        outputs, self._held_outputs = self._held_outputs, []
+        if drafts and self._inflight is not None:  # drafts are planned on read tokens
+            done, self._inflight = self._inflight, None
+            outputs += self._postprocess(*done)
+        plan = self.scheduler.schedule(drafts=drafts)
         launched = None
         if plan.seqs:
             reqs = [self._request(seq.request_id) for seq in plan.seqs]
             launched = (plan, reqs, self.runner.dispatch(plan))
         done, self._inflight = self._inflight, launched
-        outputs, self._held_outputs = self._held_outputs, []
         outputs += self._postprocess(*done) if done else []
-        if not self.async_scheduling and self._inflight:
+        sync = not self.async_scheduling or any(seq.num_draft for seq in plan.seqs)
+        if sync and self._inflight:
             done, self._inflight = self._inflight, None
             outputs += self._postprocess(*done)
-            if self.scheduler.budget is not None and not self.runner.compiled_last:
-                # synchronous: the wall time is the step's (a step that compiled is not one)
-                self.scheduler.budget.observe_step(done[0].num_tokens, time.perf_counter() - start)
+        budget = self.scheduler.budget
+        if budget is not None and plan.seqs and not self.runner.compiled_last:
+            # the wall time of a step call: the step itself (sync), or one pipeline stage (async)
+            emitted = sum(len(o.new_token_ids) for o in outputs)
+            budget.observe_step(plan.num_tokens, time.perf_counter() - start, emitted,
+                                any(seq.num_draft for seq in plan.seqs))
         return outputs
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,

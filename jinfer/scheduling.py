@@ -112,6 +112,7 @@ class Scheduler:
         # False where the runner cannot mask them: each tree's leading chain is drafted instead)
         self._drafting: set[str] = set()  # requests the drafter has been told about (start)
         self._num_decoding = 0  # running requests with one token to compute (this step)
+        self._unsettled_draft = False  # a planned step carries drafts and update has not seen it
         self.spec = SpecStats()
         self.page_size = cache_cfg.page_size
         self.kv = KVManager(num_pages, cache_cfg.page_size, cache_cfg.enable_prefix_cache)
@@ -145,6 +146,8 @@ class Scheduler:
         and the tests all settle steps here.
         """
         settled = []
+        if any(seq.num_draft for seq in plan.seqs):
+            self._unsettled_draft = False
         for i, (seq, req, new) in enumerate(zip(plan.seqs, reqs, tokens)):
             if not seq.sample or req.status is Status.FINISHED:
                 continue
@@ -246,7 +249,14 @@ class Scheduler:
 
     # -- one step --------------------------------------------------------------------------
 
-    def schedule(self) -> StepPlan:
+    def wants_drafts(self) -> bool:
+        """Whether the next step should carry drafts (the budget's call; always, without one)."""
+        if self.drafter is None:
+            return False
+        decoding = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens <= 1)
+        return self.budget is None or self.budget.wants_drafts(decoding)
+
+    def schedule(self, drafts: bool = True) -> StepPlan:
         # Every request has num_computed_tokens and a target num_tokens (prompt + output).
         # Each step hands out a token budget so the first catches up with the second: running
         # requests first (in policy order; decodes and ongoing chunks), then waiting ones.
@@ -257,9 +267,11 @@ class Scheduler:
         preempted: list[str] = []
         self.running.sort(key=self.policy.priority)
         decoders: list[tuple[int, Request]] = []  # (index in seqs, request) that may get a draft
-        if self.drafter is not None:
+        drafts = drafts and self.drafter is not None
+        assert not self._unsettled_draft, "a step with drafts must be settled before the next is planned"
+        if drafts:
             assert not any(r.num_pending for r in self.running + self.waiting), (
-                "a speculating scheduler's steps must be settled before the next is planned")
+                "drafts are planned on read tokens: settle the step in flight first")
         for req in list(self.running):
             if req.status is not Status.RUNNING or len(seqs) == self.cfg.max_num_seqs or budget == 0:
                 continue
@@ -274,7 +286,7 @@ class Scheduler:
                     break
             if req.status is not Status.RUNNING:
                 continue
-            if self._may_draft(req, n):
+            if drafts and self._may_draft(req, n):
                 decoders.append((len(seqs), req))
             seqs.append(self._plan(req, n))
             budget -= n
@@ -314,6 +326,7 @@ class Scheduler:
             if draft.tokens:
                 seqs[i] = self._add_draft(seqs[i], req, draft)
                 budget -= len(draft)
+                self._unsettled_draft = True
 
         for req in self.running:
             if req.followers and req.num_computed_tokens >= self.kv.shared_prompt_len(req):

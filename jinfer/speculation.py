@@ -139,8 +139,14 @@ class DraftBudget(Protocol):
         """A verification accepted `accepted` draft tokens, then stopped at a token the model
         disagreed with (rejected) or at the end of the draft (a leaf: not rejected)."""
 
-    def observe_step(self, num_tokens: int, seconds: float) -> None:
-        """A step of num_tokens tokens took seconds (synchronous wall time)."""
+    def wants_drafts(self, num_decoding: int) -> bool:
+        """Whether the next step should carry drafts at all (a step without them may pipeline
+        with the one before, as plain decoding does)."""
+
+    def observe_step(self, num_tokens: int, seconds: float, emitted: int, drafted: bool) -> None:
+        """An Engine.step call planned num_tokens tokens, took seconds of wall time (a whole
+        step when synchronous, one pipeline stage when not), returned `emitted` tokens, and
+        carried drafts or not."""
 
     def finish(self, request_id: str) -> None:
         """The request ended."""

@@ -8,6 +8,10 @@ when alpha^j * t(B) / B >= c_tok, i.e. alpha^j >= tau = c_tok * B / t(B). So at 
 machine where a step's fixed cost dominates, tau is small and drafts run long; at a large batch
 where every token costs compute, tau nears 1 and only near-certain drafts survive.
 
+Whether to draft at all is measured rather than modelled: per batch-size class the budget
+compares the output tokens per second of steps with drafts and without (which pipeline, as
+plain decoding does) and keeps the better, re-trying the other now and then.
+
 c_base and c_tok are fitted online (a robust line through recent synchronous steps' token
 counts and wall times; steps that compiled are not reported), so the budget follows the machine it runs on, CPU or GPU. alpha is estimated
 per request (accepted tokens / (accepted + rejections), with the pool of all requests as a
@@ -34,10 +38,20 @@ class BudgetConfig:
     """A request denied drafts gets a one-token probe after this many steps."""
     min_steps: int = 8
     """Steps (with at least two token counts) before the cost model is trusted; until then drafts are allowed."""
+    arm_samples: int = 6
+    """Steps each way (with drafts, without) per batch-size class before their throughputs are compared."""
+    explore_every: int = 64
+    """After this many steps of the better way, the other gets explore_len steps (the machine,
+    the text, the batch may have changed)."""
+    explore_len: int = 6
+    ema: float = 0.2
+    """Weight of the newest step in each way's throughput average."""
 
     def __post_init__(self):
         if self.window < 2 or self.min_steps < 2 or self.prior_weight < 0 or self.probe_every < 1:
             raise ValueError(f"{self}: need window >= 2, min_steps >= 2, prior_weight >= 0, probe_every >= 1")
+        if self.arm_samples < 1 or self.explore_every < 1 or self.explore_len < 1 or not 0 < self.ema <= 1:
+            raise ValueError(f"{self}: need arm_samples, explore_every, explore_len >= 1 and ema in (0, 1]")
 
 
 class CostAwareBudget:
@@ -48,6 +62,11 @@ class CostAwareBudget:
         self._steps: collections.deque[tuple[int, float]] = collections.deque(maxlen=config.window)
         self._fit: tuple[float, float] | None = None
         self._stale = False
+        # batch-size class -> {drafted: [tokens/s average, steps]}; the class of the last ask
+        self._arms: dict[int, dict[bool, list[float]]] = collections.defaultdict(
+            lambda: {False: [0.0, 0], True: [0.0, 0]})
+        self._calls: collections.Counter = collections.Counter()
+        self._arm_key = 1
         self._requests: dict[str, list[float]] = {}  # id -> [accepted, rejections, steps since a draft]
         self._pool = [1.0, 1.0]  # accepted, rejections over every request (a uniform prior)
 
@@ -58,9 +77,33 @@ class CostAwareBudget:
 
     # -- the cost model --------------------------------------------------------------------
 
-    def observe_step(self, num_tokens: int, seconds: float) -> None:
-        self._steps.append((num_tokens, seconds))
-        self._stale = True
+    def observe_step(self, num_tokens: int, seconds: float, emitted: int = 0, drafted: bool = True) -> None:
+        if drafted:  # the cost model is of steps that carry drafts (synchronous ones)
+            self._steps.append((num_tokens, seconds))
+            self._stale = True
+        if seconds > 0:
+            arm = self._arms[self._arm_key][drafted]
+            rate = emitted / seconds
+            arm[0] = rate if arm[1] == 0 else (1 - self.config.ema) * arm[0] + self.config.ema * rate
+            arm[1] += 1
+
+    # -- drafts at all? ------------------------------------------------------------------------
+
+    def wants_drafts(self, num_decoding: int) -> bool:
+        """Per batch-size class (powers of two), the way (drafts or none) whose measured output
+        tokens per second is higher, each tried until it has arm_samples steps and the loser
+        again for explore_len steps after every explore_every. This catches costs the cost
+        model cannot see: the pipelining a step without drafts keeps, kernel shapes, host work."""
+        key = 1 << max(0, num_decoding - 1).bit_length()
+        self._arm_key = key
+        arms = self._arms[key]
+        plain, draft = arms[False], arms[True]
+        if draft[1] < self.config.arm_samples or plain[1] < self.config.arm_samples:
+            return draft[1] <= plain[1]
+        best = draft[0] >= plain[0]
+        self._calls[key] += 1
+        period = self.config.explore_every + self.config.explore_len
+        return best if self._calls[key] % period < self.config.explore_every else not best
 
     def cost_model(self) -> tuple[float, float] | None:
         """(c_base, c_tok) in seconds, or None until enough varied steps were seen. Fitted by

@@ -67,3 +67,20 @@ def test_tree_walks_that_reach_a_leaf_count_as_accepted():
     for _ in range(20):
         b.observe_verify("tree", 2, False)  # a depth-2 path fully accepted, though the tree had 4 tokens
     assert b.alpha("tree") > 0.9
+
+
+def test_drafts_stop_where_steps_without_them_deliver_more_tokens_per_second():
+    b = CostAwareBudget(BudgetConfig(arm_samples=3, explore_every=10, explore_len=2))
+    chosen = []
+    for _ in range(60):
+        drafts = b.wants_drafts(32)
+        chosen.append(drafts)
+        # at this batch a drafted step emits 2x the tokens but takes 3x as long
+        b.observe_step(96 if drafts else 32, 0.030 if drafts else 0.010, 64 if drafts else 32, drafts)
+    assert chosen[:6].count(True) == 3  # both ways tried first
+    assert chosen[6:].count(True) == 54 // 12 * 2 + min(2, max(0, 54 % 12 - 10))  # only exploring
+    # at batch 1 the same budget keeps its own measurements: drafts pay there
+    for _ in range(12):
+        drafts = b.wants_drafts(1)
+        b.observe_step(5 if drafts else 1, 0.011 if drafts else 0.010, 3 if drafts else 1, drafts)
+    assert b.wants_drafts(1)

@@ -172,7 +172,7 @@ def test_logprobs_match_plain_decoding(model, kind):
     np.testing.assert_allclose(got_lp, want_lp, rtol=1e-4, atol=1e-5)
 
 
-def test_a_speculating_engine_runs_synchronously_and_stops_mid_draft(model):
+def test_drafts_past_a_stop_are_dropped(model):
     """Drafts run past a stop string and an EOS-like stop id: the output ends where plain
     decoding's does, and the drafted tokens past it are dropped."""
     unstopped = SamplingParams(temperature=0, max_tokens=60)
@@ -181,7 +181,6 @@ def test_a_speculating_engine_runs_synchronously_and_stops_mid_draft(model):
     params = SamplingParams(temperature=0, max_tokens=60, stop=("\n\n",), stop_token_ids=(stop_id,))
     want, _ = _run(_engine(model), PROMPTS, params)
     engine = _engine(model, OracleDrafter(ref, wrong=0.0), pipelined=True)
-    assert not engine.async_scheduling
     got, _ = _run(engine, PROMPTS, params)
     assert {k: (o.token_ids, o.text, o.finish_reason) for k, o in got.items()} == {
         k: (o.token_ids, o.text, o.finish_reason) for k, o in want.items()}
@@ -408,5 +407,40 @@ def test_a_speculating_scheduler_refuses_to_plan_over_an_unsettled_step():
                   16, drafter=RandomDrafter(8, tree=False), max_spec_tokens=3)
     s.add(Request("a", [1, 2, 3], SamplingParams(max_tokens=8), 0, 0.0, 0))
     s.schedule()  # its sample is now pending
-    with pytest.raises(AssertionError, match="must be settled"):
+    with pytest.raises(AssertionError, match="settle the step in flight first"):
         s.schedule()
+
+
+def test_the_budget_pipelines_plain_steps_when_drafts_do_not_pay(model):
+    """A budget that never wants drafts: the engine runs as plain async decoding (steps
+    dispatched before the last is read), with the same tokens and no draft."""
+    class Never:
+        def wants_drafts(self, num_decoding):
+            return False
+
+        def limit(self, request_id, num_decoding, max_tokens):
+            raise AssertionError("no draft was wanted")
+
+        def observe_verify(self, request_id, accepted, rejected):
+            raise AssertionError("no draft was verified")
+
+        def observe_step(self, num_tokens, seconds, emitted, drafted):
+            assert not drafted
+            self.steps = getattr(self, "steps", 0) + 1
+
+        def finish(self, request_id):
+            pass
+
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    want, _ = _run(_engine(model), PROMPTS, params)
+    budget = Never()
+    m, tok = model
+    engine = Engine(m, tok, CacheConfig(page_size=16, num_pages=128),
+                    SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8, max_model_len=256),
+                    drafter=OracleDrafter({}), max_spec_tokens=4, draft_budget=budget)
+    dispatch, fetch, calls = engine.runner.dispatch, engine.runner.fetch, []
+    engine.runner.dispatch = lambda plan: calls.append("dispatch") or dispatch(plan)
+    engine.runner.fetch = lambda handle: calls.append("fetch") or fetch(handle)
+    got, _ = _run(engine, PROMPTS, params)
+    assert {k: o.token_ids for k, o in got.items()} == {k: o.token_ids for k, o in want.items()}
+    assert calls[:3] == ["dispatch", "dispatch", "fetch"] and budget.steps > 0  # pipelined

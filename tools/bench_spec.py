@@ -7,7 +7,8 @@ suffix with a fixed budget.
 For each model (the embedded default model, trained on Python's standard library; and a
 larger random-weight Llama where a step's cost is dominated by the weights), each workload,
 each batch size and each method, the same requests run through an Engine that keeps `batch`
-of them in flight (a new one joins as one finishes). Methods alternate within each of
+of them in flight (a new one joins as one finishes). Each method first runs the workload once
+untimed (every step shape it meets compiles then); then methods alternate within each of
 --repeats rounds (a busy spell of a noisy machine hits all alike); medians are reported.
 
 Workloads:
@@ -198,9 +199,9 @@ def main(argv):
             for batch in batches:
                 reqs = _requests(workload, model_name, batch, tok, model.config.vocab_size)
                 results = {m: [] for m in FLAGS.methods}
-                for method, engine in engines.items():  # warm: compile this batch's buckets
+                for method, engine in engines.items():  # warm: compile every shape the run meets
                     engine.set_drafter(*_drafter(method))
-                    _run(engine, reqs[:batch], batch)
+                    _run(engine, reqs, batch)
                 for r in range(FLAGS.repeats):
                     order = FLAGS.methods[r % len(FLAGS.methods):] + FLAGS.methods[:r % len(FLAGS.methods)]
                     for method in order:
