@@ -38,6 +38,9 @@ class WorkItem:
     """Multi-turn session id; empty: a single-turn request."""
     group: int = -1
     """Shared-prefix group it was drawn from (-1: none); for analysis only."""
+    output: tuple[int, ...] = ()
+    """The tokens the model will write, when known (a recorded rollout): the simulator emits
+    them and verifies speculative drafts against them; empty: distinct synthetic ids."""
 
     def __post_init__(self):
         if self.arrival_s < 0 or not math.isfinite(self.arrival_s):

@@ -20,6 +20,7 @@ from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.request import Request
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import Scheduler
+from jinfer.speculation import Draft, accept
 from jinfer.workloads import WorkItem
 from scheduler.cost_model import CostModel
 from scheduler.local_policy import PriorityGroups
@@ -96,12 +97,13 @@ class SimResult:
 
 
 class _Replica:
-    def __init__(self, index: int, cfg: ReplicaConfig, router: Router):
+    def __init__(self, index: int, cfg: ReplicaConfig, router: Router, speculation=None):
         policy = PriorityGroups() if cfg.priority_groups else None
+        drafter, max_spec, budget = speculation() if speculation is not None else (None, 0, None)
         self.sched = Scheduler(CacheConfig(page_size=cfg.page_size, num_pages=cfg.num_pages),
                                SchedulerConfig(max_num_batched_tokens=cfg.max_num_batched_tokens,
                                                max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len),
-                               cfg.num_pages, policy)
+                               cfg.num_pages, policy, drafter, max_spec, budget)
         if policy is not None:
             policy.bind(self.sched)
         self.evictions = self.sched.kv.eviction_log()
@@ -118,10 +120,15 @@ class Simulator:
     a request arrives there meanwhile); records equal step-by-step simulation (tested)."""
 
     def __init__(self, router: Router, num_replicas: int, cost: CostModel, replica: ReplicaConfig = ReplicaConfig(),
-                 fast_forward: bool = True):
+                 fast_forward: bool = True, speculation=None):
+        """speculation: a callable returning (drafter, max_spec_tokens, draft budget or None)
+        for each replica (jinfer.speculation): drafts ride in the replicas' steps exactly as
+        in the engine, costed by the cost model, and are verified against each request's
+        WorkItem.output (the tokens the model will write). Steps then run one by one."""
         self.router, self.cost, self.cfg = router, cost, replica
-        self.fast_forward = fast_forward
-        self.replicas = [_Replica(i, replica, router) for i in range(num_replicas)]
+        self.fast_forward = fast_forward and speculation is None
+        self.replicas = [_Replica(i, replica, router, speculation) for i in range(num_replicas)]
+        self._outputs: dict[int, tuple[int, ...]] = {}
         self._params: dict[int, SamplingParams] = {}
 
     def _sampling(self, max_tokens: int) -> SamplingParams:
@@ -155,6 +162,8 @@ class Simulator:
                 rec = records[data] = RequestRecord(data, r, now, n)
                 rep = self.replicas[r]
                 req = Request(rreq.request_id, list(it.prompt), self._sampling(it.max_tokens), 0, now, data)
+                if it.output:
+                    self._outputs[data] = it.output
                 rep.reqs[req.request_id] = (req, rreq, rec)
                 rep.sched.add(req)
                 if not rep.busy:
@@ -178,7 +187,7 @@ class Simulator:
 
     def _start(self, r: int, now: float, events, seq: int) -> int:
         rep = self.replicas[r]
-        plan = rep.sched.schedule()
+        plan = rep.sched.schedule(drafts=rep.sched.wants_drafts())
         if rep.evictions:  # scheduling is where the cache evicts; report as a replica would
             for tokens, keep in rep.evictions.drain():
                 self.router.on_evict(r, tokens, keep)
@@ -216,14 +225,31 @@ class Simulator:
             end += dt + grow * j
             rep.ends.append(end)
 
+    def _truth(self, index: int, position: int) -> int:
+        """The token the model writes at output position `position` of request `index`."""
+        out = self._outputs.get(index, ())
+        return out[position] if position < len(out) else 1_000_000_000 + index * 100_000 + position
+
+    def _emitted(self, seq, req: Request, index: int):
+        """What a step gives a sequence: its next true token, or with a draft the accepted draft
+        tokens and the true token after them (jinfer.speculation.accept, as the engine does)."""
+        at = len(req.output_ids)
+        if not seq.num_draft:
+            return self._truth(index, at)
+        k = seq.num_draft
+        draft, parents = seq.token_ids[-k:], seq.draft_parents or tuple(range(-1, k - 1))
+        depths = Draft(tuple(draft), tuple(parents)).depths()
+        sampled = [self._truth(index, at)] + [self._truth(index, at + d) for d in depths]
+        path = accept(draft, parents, sampled)
+        return [draft[i] for i in path] + [sampled[path[-1] + 1 if path else 0]]
+
     def _finish_step(self, r: int, now: float) -> None:
         rep = self.replicas[r]
         sched = rep.sched
         extra = len(rep.ends) - 1  # fast-forwarded steps after the plan's own
         plan = rep.plan
         reqs = [rep.reqs[s.request_id][0] for s in plan.seqs]
-        tokens = [1_000_000_000 + rep.reqs[s.request_id][2].index * 100_000 + len(req.output_ids)
-                  for s, req in zip(plan.seqs, reqs)]
+        tokens = [self._emitted(s, req, rep.reqs[s.request_id][2].index) for s, req in zip(plan.seqs, reqs)]
 
         def fast_forward(req, token, reason):
             """The fast-forwarded decode tokens join before the finish rules apply (length only:
@@ -234,6 +260,10 @@ class Simulator:
             assert ok, "fast-forward pages were checked free"
             return sched.finish_reason(req)
 
+        if sched.budget is not None and plan.seqs:
+            dt = self.cost.step_time((len(s.token_ids), s.start_pos) for s in plan.seqs)  # (no fast-forward)
+            sched.budget.observe_step(plan.num_tokens, dt, sum(len(t) if isinstance(t, list) else 1 for t in tokens),
+                                      any(s.num_draft for s in plan.seqs))
         finished = False
         for done in sched.update(plan, reqs, tokens, finish_hook=fast_forward):
             req, request_id = done.req, plan.seqs[done.index].request_id
