@@ -383,3 +383,12 @@ def test_the_serving_benchmark_replays_over_http(server):
                            "--output_len=3", "--rate=inf", "--progress=false"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and "requests: 3 completed, 0 failed" in proc.stdout, proc.stderr
+
+
+def test_the_speculate_extension_opts_a_request_out():
+    from jinfer.serving.openai.protocol import ChatRequest, CompletionRequest, parse
+
+    assert parse(CompletionRequest, b'{"prompt": "x"}').params().speculate
+    assert not parse(CompletionRequest, b'{"prompt": "x", "speculate": false}').params().speculate
+    chat = parse(ChatRequest, b'{"messages": [{"role": "user", "content": "hi"}], "speculate": false}')
+    assert not chat.params(64).speculate

@@ -2,8 +2,8 @@
 
 Names and defaults follow OpenAI's API: temperature 1.0; max_tokens 16 for completions (its
 legacy API's default), the rest of the context for chat. jinfer's extensions: top_k (-1 or 0:
-off), min_p, ignore_eos, stop_token_ids, tier (the SLO tier) and return_token_ids (each choice
-and chunk also carries its token ids). Types are strict (a string is not a number). Unknown
+off), min_p, ignore_eos, stop_token_ids, tier (the SLO tier), speculate (false: no speculative
+drafts for this request) and return_token_ids (each choice and chunk also carries its token ids). Types are strict (a string is not a number). Unknown
 fields are ignored; known ones jinfer cannot honour (penalties, logit_bias, best_of, echo,
 suffix, tools, a non-text response_format, logprobs alternatives beyond the sampled token) are
 refused unless they ask for nothing.
@@ -81,6 +81,7 @@ class _Sampling(BaseModel):
     stop_token_ids: list[Int] | None = None
     tier: str | None = None
     return_token_ids: bool = False
+    speculate: bool = True
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
@@ -103,7 +104,8 @@ class _Sampling(BaseModel):
                 top_p=1.0 if self.top_p is None else self.top_p,
                 top_k=0 if self.top_k in (None, -1) else self.top_k,
                 min_p=self.min_p or 0.0, seed=self.seed, max_tokens=max_tokens, n=self.n, stop=stop,
-                stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos, logprobs=logprobs)
+                stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos, logprobs=logprobs,
+                speculate=self.speculate)
         except ValueError as e:
             raise ApiError(400, str(e), param=_param(str(e), type(self).model_fields)) from None
 
