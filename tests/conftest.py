@@ -15,3 +15,11 @@ def hf_checkpoints(tmp_path_factory):
     """Variant name -> directory holding config.json, model.safetensors and tokenizer files."""
     root = tmp_path_factory.mktemp("hf")
     return {name: hf_models.save_tiny(name, str(root / name)) for name in hf_models.VARIANTS}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One persistent compilation cache for the session: the many engines the tests build
+    compile the same step programs; after the first, each is a disk read."""
+    from jinfer.engine import enable_compilation_cache
+    enable_compilation_cache(str(tmp_path_factory.mktemp("xla-cache")))

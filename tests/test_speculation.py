@@ -11,7 +11,7 @@ import pytest
 
 from jinfer import DEFAULT_MODEL_DIR
 from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig, SpeculationConfig
-from jinfer.engine import Engine, enable_compilation_cache
+from jinfer.engine import Engine
 from jinfer.launch import build_drafter
 from jinfer.loader.hf import load_hf_model
 from jinfer.sampling_params import SamplingParams
@@ -74,9 +74,7 @@ DRAFTERS = {"chain": OracleDrafter, "tree": TreeOracleDrafter}
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    # The engines here compile the same step programs over and over: keep them on disk.
-    enable_compilation_cache(str(tmp_path_factory.mktemp("xla-cache")))
+def model():
     return load_hf_model(DEFAULT_MODEL_DIR), Tokenizer.from_dir(DEFAULT_MODEL_DIR)
 
 
@@ -231,8 +229,8 @@ def test_requests_can_opt_out_and_drafts_respect_the_budget(model):
 # -- the real drafters, other backends and layouts, and the sampled distribution ---------------
 
 
-@pytest.mark.parametrize("method, tree", [("ngram", False), ("suffix", False), ("suffix", True)],
-                         ids=["ngram", "suffix-chain", "suffix-tree"])
+@pytest.mark.parametrize("method, tree", [pytest.param("ngram", False, marks=pytest.mark.slow), ("suffix", False),
+                                           ("suffix", True)], ids=["ngram", "suffix-chain", "suffix-tree"])
 def test_real_drafters_keep_the_tokens_and_save_steps(model, method, tree):
     """Each prompt twice (as repeated generations are): the suffix drafter drafts the second
     from the first's output, the n-gram one from the request's own repeats."""
@@ -301,7 +299,7 @@ def _chi2_sf(x: float, df: int) -> float:
     return max(0.0, 1.0 - math.exp(-t + a * math.log(t) - math.lgamma(a)) * total) if t > 0 else 1.0
 
 
-@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
+@pytest.mark.parametrize("tree", [pytest.param(False, marks=pytest.mark.slow), True], ids=["chain", "tree"])
 def test_sampled_tokens_follow_the_plain_distribution(tree):
     """A 16-token vocabulary at temperature 1.5 with random drafts (mostly rejected, often
     accepted by chance): every seed gives the tokens plain sampling gives, and with disjoint
