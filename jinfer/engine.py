@@ -254,7 +254,8 @@ class Engine:
             launched = (plan, reqs, self.runner.dispatch(plan))
         done, self._inflight = self._inflight, launched
         outputs += self._postprocess(*done) if done else []
-        sync = not self.async_scheduling or any(seq.num_draft for seq in plan.seqs)
+        drafted = any(seq.num_draft for seq in plan.seqs)
+        sync = not self.async_scheduling or drafted
         if sync and self._inflight:
             done, self._inflight = self._inflight, None
             outputs += self._postprocess(*done)
@@ -262,8 +263,7 @@ class Engine:
         if budget is not None and plan.seqs and not self.runner.compiled_last:
             # the wall time of a step call: the step itself (sync), or one pipeline stage (async)
             emitted = sum(len(o.new_token_ids) for o in outputs)
-            budget.observe_step(plan.num_tokens, time.perf_counter() - start, emitted,
-                                any(seq.num_draft for seq in plan.seqs))
+            budget.observe_step(plan.num_tokens, time.perf_counter() - start, emitted, drafted)
         return outputs
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,

@@ -26,6 +26,7 @@ from jinfer.serving.engine_loop import Health
 from jinfer.serving.openai import HttpHost
 from jinfer.serving.server import Server, ServingConfig
 from jinfer.tokenizer import Tokenizer
+from tests.serving_util import settled as _settled
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_LEN = 96
@@ -82,18 +83,6 @@ def http(server):
     with httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", headers={"authorization": f"Bearer {TOKEN}"},
                       timeout=60) as c:
         yield c
-
-
-def _settled(server, timeout=30.0):
-    """Waits until nothing is outstanding and every page is free or cached; True if so."""
-    engine, deadline = server.loop.engine, time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        load = engine.load()
-        if (server.loop.num_outstanding == 0 and server.frontend.num_queued_samples == 0
-                and load.free_pages + load.cached_pages == load.num_pages):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _ids(choice):

@@ -18,6 +18,7 @@ from jinfer.sampling_params import SamplingParams
 from jinfer.serving.client import Client
 from jinfer.serving.server import Server, ServingConfig
 from jinfer.tokenizer import Tokenizer
+from tests.serving_util import settled as _settled
 
 MAX_LEN = 96
 QUEUE = 8
@@ -41,18 +42,6 @@ def server():
 def client(server):
     with Client(f"127.0.0.1:{server.port}") as c:
         yield c
-
-
-def _settled(server, timeout=30.0):
-    """Waits until nothing is outstanding and every page is free or cached; True if so."""
-    engine, deadline = server.loop.engine, time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        load = engine.load()
-        if (server.loop.num_outstanding == 0 and server.frontend.num_queued_samples == 0
-                and load.free_pages + load.cached_pages == load.num_pages):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _still_serves(client):
