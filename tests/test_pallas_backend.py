@@ -43,7 +43,7 @@ def test_engine_greedy_tokens_identical_across_backends(hf_checkpoints, variant,
 
 
 def test_default_backend_is_xla_on_cpu_and_unknown_names_fail(hf_checkpoints):
-    assert default_attention_backend() == "xla"
+    assert default_attention_backend() == ("pallas" if jax.default_backend() == "gpu" else "xla")
     path = hf_checkpoints["llama3"]
     with pytest.raises(ValueError, match=r"unknown attention_backend='triton'; known: \['pallas', 'xla'\]"):
         Engine(load_hf_model(path), Tokenizer.from_dir(path), CacheConfig(page_size=4, num_pages=8),
@@ -99,7 +99,7 @@ def test_pallas_tree_step_under_tensor_parallelism_matches_xla(tp):
     kw = dict(sm_scale=0.25, sliding_window=None)
     want = XlaBackend()(q, k, v, kp, vp, md, **kw)
     with jax.set_mesh(make_mesh(tp)):
-        got = jax.jit(lambda *a: PallasBackend(interpret=True)(*a, **kw))(q, k, v, kp, vp, md)
+        got = jax.jit(lambda *a: PallasBackend()(*a, **kw))(q, k, v, kp, vp, md)
     real = int(md.cu_q_lens[-1])
     np.testing.assert_allclose(np.asarray(got[0])[:real], np.asarray(want[0])[:real], atol=2e-5, rtol=2e-5)
     for a, b in zip(got[1:], want[1:]):
@@ -114,5 +114,5 @@ def test_pallas_tree_step_never_takes_the_decode_kernel(monkeypatch):
     kp = vp = jnp.zeros((2, 3, 4, 16))
     one = AttentionMetadata.from_lengths([1, 1], [3, 5], [[0], [1, 2]], parents=[[-1], [-1]])
     md = dataclasses.replace(one, decode_only=True)
-    out = PallasBackend(interpret=True)(q, k, v, kp, vp, md, sm_scale=0.25, sliding_window=None)
+    out = PallasBackend()(q, k, v, kp, vp, md, sm_scale=0.25, sliding_window=None)
     assert np.isfinite(np.asarray(out[0])).all()

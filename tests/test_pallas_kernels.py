@@ -17,6 +17,7 @@ from pallas_kernels import (decode_paged_attention, decode_paged_attention_ref, 
                             ragged_paged_attention_ref, write_kv, write_kv_ref)
 
 NUM_KV_HEADS = 2
+INTERPRET = jax.default_backend() != "gpu"  # compiled through Triton on a GPU
 
 
 def _ragged_case(rng, *, page_size, group, head_dim, dtype, q_lens, kv_lens, max_seqs=None,
@@ -72,7 +73,7 @@ def test_ragged_kernel_matches_reference(dtype, page_size, group, head_dim):
     args = _ragged_case(rng, page_size=p, group=group, head_dim=head_dim, dtype=dtype, q_lens=ql,
                         kv_lens=kv, max_seqs=10)
     scale = 1 / math.sqrt(head_dim)
-    out = ragged_paged_attention(*args, sm_scale=scale, interpret=True)
+    out = ragged_paged_attention(*args, sm_scale=scale, interpret=INTERPRET)
     ref = ragged_paged_attention_ref(*args, sm_scale=scale)
     _close(out, ref, dtype)
     assert not np.asarray(out[-3:], np.float32).any(), "padding tokens must come back as zeros"
@@ -84,7 +85,7 @@ def test_ragged_kernel_soft_cap_and_sliding_window(soft_cap, window):
     args = _ragged_case(rng, page_size=8, group=4, head_dim=64, dtype=jnp.float32,
                         q_lens=[1, 12, 1], kv_lens=[30, 12, 9])
     kw = dict(sm_scale=0.125, soft_cap=soft_cap, sliding_window=window)
-    out = ragged_paged_attention(*args, interpret=True, **kw)
+    out = ragged_paged_attention(*args, interpret=INTERPRET, **kw)
     _close(out, ragged_paged_attention_ref(*args, **kw), jnp.float32)
     plain = ragged_paged_attention_ref(*args, sm_scale=0.125)
     assert not np.allclose(np.asarray(plain), np.asarray(out), atol=1e-3), "option had no effect"
@@ -104,7 +105,7 @@ def test_decode_kernel_matches_reference(dtype, page_size, group, head_dim):
     scale = 1 / math.sqrt(head_dim)
     # Two pages per split: the 6-page sequence needs three splits combined.
     out = decode_paged_attention(q, k_pages, v_pages, lens, table, sm_scale=scale, pages_per_block=1,
-                                 pages_per_split=2, interpret=True)
+                                 pages_per_split=2, interpret=INTERPRET)
     ref = decode_paged_attention_ref(q, k_pages, v_pages, lens, table, sm_scale=scale)
     _close(out, ref, dtype)
     assert not np.asarray(out[0], np.float32).any(), "a sequence with no keys must give zeros"
@@ -150,10 +151,10 @@ def test_static_validation_names_the_bad_input(fn, change, message):
         args["v_pages"] = args["k_pages"]
     with pytest.raises(ValueError, match=message):
         if fn == "ragged":
-            ragged_paged_attention(**args, sm_scale=1.0, interpret=True)
+            ragged_paged_attention(**args, sm_scale=1.0, interpret=INTERPRET)
         else:
             decode_paged_attention(args["q"], args["k_pages"], args["v_pages"], args["kv_lens"],
-                                   args["page_indices"], sm_scale=1.0, interpret=True)
+                                   args["page_indices"], sm_scale=1.0, interpret=INTERPRET)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
@@ -190,7 +191,7 @@ def test_write_kernel_matches_reference(dtype, page_size):
     k = jnp.asarray(rng.normal(size=q.shape), dtype)  # q has num_kv_heads heads when group == 1
     v = jnp.asarray(rng.normal(size=q.shape), dtype)
     want = write_kv_ref(kp, vp, k, v, cu, lens, table, n)
-    got = write_kv(jnp.array(kp), jnp.array(vp), k, v, cu, lens, table, n, interpret=True)
+    got = write_kv(jnp.array(kp), jnp.array(vp), k, v, cu, lens, table, n, interpret=INTERPRET)
     for a, b in zip(got, want):  # NaN stays NaN in untouched slots; written slots are equal
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
     cross = jax.jit(lambda *a: write_kv(*a)).trace(kp, vp, k, v, cu, lens, table, n)
@@ -337,7 +338,7 @@ def test_ragged_kernel_with_trees_matches_reference(dtype, page_size, group):
     rng = np.random.default_rng(page_size * 10 + group)
     args, bits, (q_lens, _, _) = _tree_case(rng, [1, 3, 20, MAX_TREE_TOKENS], page_size=page_size,
                                             group=group, head_dim=64, dtype=dtype, max_seqs=9)
-    out = ragged_paged_attention(*args, sm_scale=0.125, tree_bits=bits, interpret=True)
+    out = ragged_paged_attention(*args, sm_scale=0.125, tree_bits=bits, interpret=INTERPRET)
     _close(out, ragged_paged_attention_ref(*args, sm_scale=0.125, tree_bits=bits), dtype)
     plain = ragged_paged_attention_ref(*args, sm_scale=0.125)
     assert not np.allclose(np.asarray(out, np.float32), np.asarray(plain, np.float32), atol=1e-2), \
@@ -355,7 +356,7 @@ def test_chain_trees_and_all_set_bits_equal_causal_attention():
     causal = ragged_paged_attention_ref(*args, sm_scale=0.125)
     for bits in (chains, ones):
         _close(ragged_paged_attention_ref(*args, sm_scale=0.125, tree_bits=bits), causal, jnp.float32)
-    _close(ragged_paged_attention(*args, sm_scale=0.125, tree_bits=chains, interpret=True), causal, jnp.float32)
+    _close(ragged_paged_attention(*args, sm_scale=0.125, tree_bits=chains, interpret=INTERPRET), causal, jnp.float32)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -370,7 +371,7 @@ def test_tree_bits_validation_names_the_bad_input(change, message):
                 v_pages=np.zeros((2, 4, 8, 64), np.float32), cu_q_lens=np.zeros(5, np.int32),
                 kv_lens=np.zeros(4, np.int32), page_indices=np.zeros((4, 2), np.int32),
                 num_seqs=np.ones(1, np.int32))
-    for fn in (ragged_paged_attention_ref, functools.partial(ragged_paged_attention, interpret=True)):
+    for fn in (ragged_paged_attention_ref, functools.partial(ragged_paged_attention, interpret=INTERPRET)):
         with pytest.raises(ValueError, match=message):
             fn(**args, **change, sm_scale=1.0)
 

@@ -23,6 +23,12 @@ sizes) and the embedded default model (jinfer/default_model).
    the same matmuls run alone (plain jnp), the machine's limit for this step.
 4. Prefix cache: requests sharing a --prefix_len-token prefix arrive one after another; median
    time to first token with the prefix cache off and on.
+
+With --backends (e.g. --backends=xla,pallas on a GPU) only one comparison runs, on a
+random-weight Llama built in place (--hidden_size, --num_layers, --vocab_size, --dtype; no HF
+checkpoint, no baseline): for each attention backend and each --backend_contexts length,
+--decode_batch requests decode; engine.step() tokens/s against the bare loop over the same
+compiled step (as in 3.), medians of --repeats alternating runs.
 """
 
 from __future__ import annotations
@@ -60,6 +66,9 @@ flags.DEFINE_integer("prefix_requests", 6, "Requests in the TTFT workload.", low
 flags.DEFINE_integer("repeats", 3, "Alternating runs of each comparison (engine / HF, bare loop / "
                      "engine); medians reported.",
                      lower_bound=1)
+flags.DEFINE_list("backends", [], "Only compare these attention backends (e.g. xla,pallas): engine vs "
+                  "bare decode loop on a random-weight model built in place.")
+flags.DEFINE_list("backend_contexts", ["128", "2048"], "Prompt lengths of the --backends comparison.")
 flags.DEFINE_bool("default_model", True, "Also measure the embedded default model.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and KV dtype (HF too).")
 flags.DEFINE_bool("smoke", False, "Tiny sizes for a quick end-to-end check.")
@@ -274,7 +283,8 @@ def _bare_decode_rate(runner, batch: int, steps: int, prompt_len: int) -> tuple[
     seq = ScheduledSeq("x", (0,), 0, (), True, SamplingParams(temperature=0), 0, 0, 0)
     samp = SamplingArrays.from_seqs([seq] * batch, s)
     ids = np.zeros(t, np.int32)
-    fn = runner._compiled.get((t, s, False), runner._step)
+    decode_only = bool(runner.decode_steps)  # the variant the engine's decode-only steps take
+    fn = runner._compiled.get((t, s, decode_only), runner._step)
     times = []
 
     def run(n, start_len, block_each=False):
@@ -286,7 +296,7 @@ def _bare_decode_rate(runner, batch: int, steps: int, prompt_len: int) -> tuple[
             pos[:batch] = kv_len - 1
             kv_lens = np.zeros(s, np.int32)
             kv_lens[:batch] = kv_len
-            md = AttentionMetadata(cu, kv_lens, table, np.array([batch], np.int32))
+            md = AttentionMetadata(cu, kv_lens, table, np.array([batch], np.int32), decode_only)
             prev, _, runner.kv = fn(runner.state, runner.kv, prev, ids, feed, pos, md, logits_idx, samp)
             if block_each:
                 jax.block_until_ready(prev)
@@ -412,6 +422,66 @@ def _prefix_ttft(model, tok, rng, prefix: bool) -> float:
     return statistics.median(ttfts[1:])  # the first request of the prefix is a miss either way
 
 
+def _backend_comparison() -> str:
+    """Engine vs bare decode loop per attention backend and context (see the module doc)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig
+    from jinfer.engine import Engine
+    from jinfer.models.config import scaled_llama
+    from jinfer.models.llama import init_model
+    from jinfer.tokenizer import byte_level_tokenizer
+
+    cfg = scaled_llama(FLAGS.hidden_size, FLAGS.num_layers, FLAGS.vocab_size)
+    start = time.perf_counter()
+    model = init_model(cfg, seed=FLAGS.seed, dtype=jnp.dtype(FLAGS.dtype))
+    jax.block_until_ready(jax.tree.leaves(__import__("flax").nnx.state(model)))
+    print(f"model: {cfg.num_params() / 1e9:.2f}B parameters, built in {time.perf_counter() - start:.1f} s",
+          file=sys.stderr, flush=True)
+    tok = byte_level_tokenizer()
+    b, n = FLAGS.decode_batch, FLAGS.decode_steps
+    contexts = [int(c) for c in FLAGS.backend_contexts]
+    max_len = max(contexts) + n + 16
+    pages = b * -(-max_len // FLAGS.page_size) + 1
+    lines = ["| backend | context | bare loop tok/s | engine tok/s | engine / bare | bare step ms | "
+             "first pass s (compiles) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for backend in FLAGS.backends:
+        engine = Engine(model, tok, CacheConfig(page_size=FLAGS.page_size, num_pages=pages,
+                                                enable_prefix_cache=False),
+                        SchedulerConfig(max_num_batched_tokens=FLAGS.max_num_batched_tokens,
+                                        max_num_seqs=b, max_model_len=max_len),
+                        options=EngineOptions(attention_backend=backend))
+        for plen in contexts:
+            try:
+                t0 = time.perf_counter()
+                _engine_decode_rate(engine, b, 4, plen)  # compiles the prefill and decode steps
+                first = time.perf_counter() - t0
+                bares, engs, steps = [], [], []
+                for _ in range(FLAGS.repeats):
+                    rate, step = _bare_decode_rate(engine.runner, b, n, plen)
+                    bares.append(rate)
+                    steps.append(step)
+                    engs.append(_engine_decode_rate(engine, b, n, plen))
+                ratio = statistics.median(e / x for e, x in zip(engs, bares))
+                lines.append(f"| {backend} | {plen} | {statistics.median(bares):,.0f} | "
+                             f"{statistics.median(engs):,.0f} | {ratio:.2f} | "
+                             f"{statistics.median(steps) * 1e3:.2f} | {first:.1f} |")
+            except Exception as err:  # noqa: BLE001 - reported, the other backends still run
+                lines.append(f"| {backend} | {plen} | error: {type(err).__name__}: "
+                             f"{str(err)[:300].replace(chr(10), ' ')} | | | | |")
+            print(lines[-1], file=sys.stderr, flush=True)
+        del engine
+    device = jax.devices()[0]
+    lines += ["", f"Device: {device.device_kind} ({device.platform}); jax {jax.__version__}. Model: random-weight "
+                  f"Llama, {cfg.num_params() / 1e9:.2f}B parameters (hidden {cfg.hidden_size}, {cfg.num_layers} "
+                  f"layers, {cfg.num_heads} heads, {cfg.num_kv_heads} KV heads, head_dim {cfg.head_dim}, vocab "
+                  f"{cfg.vocab_size}), {FLAGS.dtype}; batch {b}, {n} timed decode steps, page size "
+                  f"{FLAGS.page_size}, step budget {FLAGS.max_num_batched_tokens} tokens; medians of "
+                  f"{FLAGS.repeats} alternating runs."]
+    return "\n".join(lines)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -423,6 +493,14 @@ def main(argv):
         return _child_first_token()
     if FLAGS.child == "throughput":
         return _child_throughput()
+    if FLAGS.backends:
+        table = _backend_comparison()
+        print(table)
+        if FLAGS.out:
+            with open(FLAGS.out, "w") as f:
+                f.write("```sh\npython " + " ".join(["tools/bench_engine.py", *sys.argv[1:]]) + "\n```\n\n"
+                        + table + "\n")
+        return None
     import jax
     import numpy as np
     import transformers

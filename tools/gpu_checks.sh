@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The GPU checks in one pass, each stage under its own time limit so one that hangs or fails
+# leaves the others' results: the kernel and engine tests with the kernels compiled, the kernel
+# grid (tools/bench_kernels.py) with the KV-write comparison, the engine's backends on a ~1B
+# random-weight Llama (tools/bench_engine.py --backends), and the block-size sweep.
+#
+#   OUT=results tools/gpu_checks.sh          # logs and tables land in $OUT
+#
+# Runs from the repository root under the machine's python3 (JAX with CUDA); PYTHON overrides.
+# Packages the machine lacks can sit as wheels in .whl/ (installed into /tmp/site first).
+set -u
+OUT=${OUT:-gpu_results}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+start=$SECONDS
+stage() { echo "== $1 at $((SECONDS - start)) s" | tee -a "$OUT/env.txt"; }
+
+stage env
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  $PY - <<'EOF'
+import importlib
+import jax
+for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "numpy", "torch", "transformers", "grpc",
+             "google.protobuf"):
+    try:
+        print(name, getattr(importlib.import_module(name), "__version__", "?"))
+    except Exception as err:  # noqa: BLE001
+        print(name, "import failed:", err)
+print(jax.devices(), jax.default_backend())
+import jinfer.engine  # noqa: F401  the package imports here
+print("jinfer imports")
+EOF
+} >>"$OUT/env.txt" 2>&1
+
+stage tests
+# Tests need no timing: the kernel tests and the engine-level ones run side by side. Tensor-
+# parallel cases need several devices (this machine has one GPU) and are left out.
+PYTEST="$PY -m pytest -p no:cacheprovider -v -rfE"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest
+timeout 120 $PYTEST -n 6 tests/test_pallas_kernels.py >"$OUT/tests_kernels.log" 2>&1 &
+timeout 120 $PYTEST -n 6 -k "not tensor_parallelism" tests/test_pallas_backend.py \
+  tests/test_engine.py tests/test_greedy.py tests/test_runner.py tests/test_xla_attention.py \
+  >"$OUT/tests_engine.log" 2>&1 &
+wait
+unset XLA_PYTHON_CLIENT_PREALLOCATE JAX_DEFAULT_MATMUL_PRECISION
+
+stage kernels
+timeout 150 $PY tools/bench_kernels.py --write --out="$OUT/kernels.md" >"$OUT/kernels.log" 2>&1
+
+stage engine
+timeout 130 $PY tools/bench_engine.py --backends=xla,pallas --hidden_size=2048 --num_layers=16 \
+  --vocab_size=32000 --dtype=bfloat16 --decode_batch=64 --decode_steps=64 --backend_contexts=128,2048 \
+  --max_num_batched_tokens=2048 --repeats=3 --out="$OUT/engine.md" >"$OUT/engine.log" 2>&1
+
+stage sweep
+timeout ${SWEEP_S:-60} $PY tools/bench_kernels.py --sweep >"$OUT/sweep.log" 2>&1
+stage done
