@@ -32,6 +32,18 @@ TABLE: dict[tuple[int, int], BlockSizes] = {
 }
 
 
+MIN_BLOCK_K = 16  # Triton's smallest dot dimension: a narrower K/V tile gave wrong bf16 results on an H200
+
+
+def fit_pages_per_block(pages: int, page_size: int, pages_per_seq: int) -> int:
+    """Pages per inner-loop block, from a requested count: no more than a sequence's page table
+    needs (rounded up), at least MIN_BLOCK_K keys, and a power of two, since the Triton lowering
+    takes only power-of-two arrays (the table is padded to whole blocks). Both kernels use it."""
+    pages = min(pages, 1 << max(0, pages_per_seq - 1).bit_length())
+    pages = max(pages, -(-MIN_BLOCK_K // page_size))
+    return 1 << max(0, pages - 1).bit_length()
+
+
 def block_sizes(head_dim: int, page_size: int) -> BlockSizes:
     """The table's row, or a derived one for shapes it lacks (64 keys per block)."""
     if (head_dim, page_size) in TABLE:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.blocks import block_sizes
+from pallas_kernels.blocks import block_sizes, fit_pages_per_block
 from pallas_kernels.ragged_paged_attention import attend_pages
 from pallas_kernels.validate import static_validate_decode_inputs
 
@@ -61,7 +61,7 @@ def decode_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, *, sm_sca
     group = num_heads // num_kv_heads
     sizes = block_sizes(head_dim, page_size)
     pages_per_seq = page_indices.shape[1]
-    pages_per_block = min(pages_per_block or sizes.pages_per_block, pages_per_seq)
+    pages_per_block = fit_pages_per_block(pages_per_block or sizes.pages_per_block, page_size, pages_per_seq)
     pages_per_split = pages_per_split or sizes.decode_pages_per_split
     pages_per_split = max(pages_per_block, pages_per_split // pages_per_block * pages_per_block)
     num_splits = pl.cdiv(pages_per_seq, pages_per_split)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.blocks import block_sizes
+from pallas_kernels.blocks import block_sizes, fit_pages_per_block
 from pallas_kernels.reference import MASK_VALUE, tree_visible
 from pallas_kernels.validate import static_validate_ragged_inputs
 
@@ -159,7 +159,8 @@ def ragged_paged_attention(q, k_pages, v_pages, cu_q_lens, kv_lens, page_indices
     num_kv_heads, num_pages, page_size, _ = k_pages.shape
     sizes = block_sizes(head_dim, page_size)
     block_q = block_q or sizes.block_q
-    pages_per_block = min(pages_per_block or sizes.pages_per_block, page_indices.shape[1])
+    pages_per_block = fit_pages_per_block(pages_per_block or sizes.pages_per_block, page_size,
+                                          page_indices.shape[1])
     max_seqs, pages_per_seq = page_indices.shape
     pad_pages = -pages_per_seq % pages_per_block
     page_indices = jnp.pad(page_indices, ((0, 0), (0, pad_pages)))  # whole blocks, padded with page 0
