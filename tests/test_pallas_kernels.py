@@ -172,13 +172,37 @@ def test_kernels_lower_to_triton_for_cuda(dtype):
     assert "decode_paged_attention" in text and "__gpu$xla.gpu.triton" in text
 
 
-def test_kernel_benchmark_smoke_runs_on_cpu():
+def _bench_kernels(*args):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, os.path.join(root, "tools", "bench_kernels.py"), "--smoke"],
+    res = subprocess.run([sys.executable, os.path.join(root, "tools", "bench_kernels.py"), "--smoke", *args],
                          capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = [line for line in res.stdout.splitlines() if line.startswith("| 3 | 64 |")]
-    assert len(rows) == 1 and rows[0].count("|") == 11, res.stdout
+    return res.stdout
+
+
+def test_kernel_benchmark_smoke_runs_on_cpu():
+    out = _bench_kernels("--write")
+    grid, _, writes = out.partition("KV write of one decode step")
+    rows = [line for line in grid.splitlines() if line.startswith("| 3 | 64 |")]
+    assert len(rows) == 1 and rows[0].count("|") == 11 and "error" not in rows[0], out
+    rows = [line.split("|")[1:-1] for line in writes.splitlines() if line.startswith("| 3 | 64 |")]
+    assert len(rows) == 1 and all(float(x.replace(",", "")) > 0 for x in rows[0][2:]), out  # both strategies
+
+
+def test_kernel_benchmark_sweep_times_the_table_row_and_alternatives():
+    out = _bench_kernels("--sweep")
+    assert out.count("configurations ran; table row") == 2, out  # the decode and prefill points
+    assert out.count("| table row |") == 2 and "pages_per_block" in out and "block_q" in out, out
+
+
+@pytest.mark.parametrize("pages, page_size, pages_per_seq, want", [
+    (4, 16, 100, 4),  # the table's row stands
+    (16, 8, 6, 8),  # no more than the table needs, rounded up to a power of two
+    (1, 8, 6, 2),  # at least 16 keys: 8-key tiles gave wrong bf16 results compiled
+    (4, 16, 3, 4), (4, 16, 1, 1), (2, 32, 1, 1), (3, 16, 100, 4)])
+def test_pages_per_block_is_a_power_of_two_of_at_least_16_keys(pages, page_size, pages_per_seq, want):
+    from pallas_kernels.blocks import fit_pages_per_block
+    assert fit_pages_per_block(pages, page_size, pages_per_seq) == want
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])

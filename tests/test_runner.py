@@ -122,3 +122,21 @@ def test_engine_benchmark_smoke_reports_every_measure():
     assert all(v >= 0 for v in rows.values())
     assert rows["benchmark model: engine process peak resident memory"] > 50  # MiB: a real process
     assert rows["start to first token, empty compilation cache"] > 0
+
+
+def test_engine_benchmark_backend_comparison_reports_each_backend_and_context():
+    """--backends: engine vs bare loop per attention backend and context (a tiny model on CPU;
+    on a GPU the same flags measured benchmarks/engine.md's GPU section)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = ["--backends=xla,pallas", "--hidden_size=64", "--num_layers=1", "--vocab_size=300",
+            "--decode_batch=2", "--decode_steps=3", "--backend_contexts=5,20", "--page_size=4",
+            "--max_num_batched_tokens=16", "--repeats=1"]
+    res = subprocess.run([sys.executable, os.path.join(root, "tools", "bench_engine.py"), *args],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in res.stdout.splitlines() if line.startswith(("| xla", "| pallas"))]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [("xla", "5"), ("xla", "20"), ("pallas", "5"),
+                                                             ("pallas", "20")], res.stdout
+    for r in rows:
+        bare, engine, ratio = (float(x.replace(",", "")) for x in r[2:5])
+        assert bare > 0 and engine > 0 and ratio == pytest.approx(engine / bare, rel=0.05)
