@@ -55,7 +55,8 @@ DTYPES = ("float32", "bfloat16")
 BACKENDS = ("", "xla", "pallas")
 
 
-DRAFTERS = {"ngram": "scheduler.drafters:NgramDrafter", "suffix": "scheduler.drafters:SuffixDrafter"}
+DRAFTERS = {"ngram": "scheduler.drafters:NgramDrafter", "suffix": "scheduler.drafters:SuffixDrafter",
+            "das": "scheduler.das:RolloutDrafter"}
 """speculation.method short names -> the Drafter class (built by jinfer.launch.build_drafter)."""
 DRAFT_BUDGET = "scheduler.spec_budget:CostAwareBudget"
 """The DraftBudget speculation.adaptive uses (jinfer.launch.build_draft_budget)."""
@@ -66,15 +67,17 @@ class SpeculationConfig:
     """Speculative decoding (jinfer.speculation): which drafter proposes, and how much."""
 
     method: str = ""
-    """Empty: off. "ngram" (prompt lookup), "suffix" (SuffixDecoding), or `module:Class` of a
-    Drafter built as Class(this config)."""
+    """Empty: off. "ngram" (prompt lookup), "suffix" (SuffixDecoding), "das" (RL rollouts: a
+    suffix tree per prompt over its last das_window outputs and a length-aware budget;
+    scheduler/das.py), or `module:Class` of a Drafter built as Class(this config)."""
     max_spec_tokens: int = 8
     """Most draft tokens a request carries into one step (the drafter may propose fewer)."""
     tree: bool = False
     """Tree drafts (several continuations verified at once) instead of chains (suffix only)."""
     adaptive: bool = True
     """Trim drafts to what pays (scheduler/spec_budget.py: a step-cost model fitted online and
-    each request's acceptance); false: always up to max_spec_tokens."""
+    each request's acceptance; with das, its length-aware budget); false: always up to
+    max_spec_tokens."""
     ngram_max: int = 4
     """ngram: the longest context tail looked up in the request's own tokens."""
     ngram_min: int = 1
@@ -90,6 +93,8 @@ class SpeculationConfig:
     """suffix: see suffix_max_spec_factor."""
     suffix_min_token_prob: float = 0.1
     """suffix: draft tokens whose path probability falls below this are pruned."""
+    das_window: int = 16
+    """das: rollouts per prompt its suffix tree keeps (the suffix_* knobs above apply too)."""
 
     def __post_init__(self):
         if self.method and self.method not in DRAFTERS and ":" not in self.method:
@@ -101,6 +106,8 @@ class SpeculationConfig:
         if self.suffix_max_depth < 2 or self.suffix_max_cached_requests < 0:
             raise ValueError(f"suffix_max_depth={self.suffix_max_depth} must be >= 2 and "
                              f"suffix_max_cached_requests={self.suffix_max_cached_requests} >= 0")
+        if self.das_window < 1:
+            raise ValueError(f"das_window={self.das_window} must be >= 1")
         if self.suffix_max_spec_factor < 0 or not 0 <= self.suffix_min_token_prob <= 1:
             raise ValueError(f"suffix_max_spec_factor={self.suffix_max_spec_factor} must be >= 0 and "
                              f"suffix_min_token_prob={self.suffix_min_token_prob} in [0, 1]")

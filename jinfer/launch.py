@@ -176,9 +176,10 @@ def build_engine(launch: LaunchConfig, policy=None, progress: bool = False):
         policy = scheduling_policy(opts.scheduling_policy)
     model, tok = load_model(spec, mesh)
     spec_cfg = launch.speculation
+    drafter = build_drafter(spec_cfg)
     engine = Engine(model, tok, launch.cache, launch.scheduler, policy, opts, mesh=mesh, progress=progress,
-                    drafter=build_drafter(spec_cfg), max_spec_tokens=spec_cfg.max_spec_tokens,
-                    draft_budget=build_draft_budget(spec_cfg))
+                    drafter=drafter, max_spec_tokens=spec_cfg.max_spec_tokens,
+                    draft_budget=build_draft_budget(spec_cfg, drafter))
     if hasattr(policy, "bind"):
         policy.bind(engine.scheduler)
     return engine
@@ -194,10 +195,13 @@ def _load(field: str, value: str, target: str):
         raise ValueError(f"{field}={value!r} cannot be loaded: {e}") from None
 
 
-def build_draft_budget(config: SpeculationConfig):
-    """The DraftBudget of speculation.adaptive (None when off or not speculating)."""
+def build_draft_budget(config: SpeculationConfig, drafter=None):
+    """The DraftBudget of speculation.adaptive (None when off or not speculating): the
+    drafter's own (`drafter.draft_budget(config)`, as DAS has) or CostAwareBudget."""
     if not (config.method and config.adaptive):
         return None
+    if callable(getattr(drafter, "draft_budget", None)):
+        return drafter.draft_budget(config)
     return _load("speculation.adaptive", True, DRAFT_BUDGET).from_config(config)
 
 
