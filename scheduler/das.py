@@ -255,9 +255,10 @@ class LengthAwareBudget(CostAwareBudget):
     """jinfer.speculation.DraftBudget of DAS: a draft length per length class (module doc).
 
     The step-cost model (c_base, c_tok) is CostAwareBudget's online fit. Acceptance is kept per
-    problem. Whether a step carries drafts at all is decided per request by its class (short
-    requests never draft; a step whose requests all get 0 pipelines as plain decoding does), so
-    the measured drafts-or-not arms of CostAwareBudget are not used.
+    problem. Whether a step carries drafts at all stays CostAwareBudget's measured choice per
+    batch-size class (the output tokens per second of steps with drafts and without): the cost
+    model cannot see what a drafted step loses by not pipelining with the one before, which on
+    a CPU can outweigh what the drafts save.
     """
 
     def __init__(self, drafter: RolloutDrafter, config: BudgetConfig = BudgetConfig()):
@@ -266,9 +267,6 @@ class LengthAwareBudget(CostAwareBudget):
         self._by_problem: dict[Hashable, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
         self.class_counts: collections.Counter = collections.Counter()
         """Draft-length decisions per class (for reports)."""
-
-    def wants_drafts(self, num_decoding: int) -> bool:
-        return True
 
     def length_class(self, request_id: str) -> str:
         cfg = self.drafter.config

@@ -206,3 +206,18 @@ def test_the_simulator_runs_das_on_recorded_rollouts():
     assert [r.output_tokens for r in spec.records] == [len(it.output) for it in items]
     assert spec.steps < plain.steps * 0.8
     assert spec.sim_time_s < plain.sim_time_s
+
+
+@pytest.mark.slow  # ~100 s: four engines, two RL epochs, the simulator replay
+def test_rollout_benchmark_smoke_reports_identical_rollouts_for_every_method():
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, os.path.join(root, "tools", "bench_rollouts.py"), "--smoke"],
+                         capture_output=True, text=True, timeout=900, env={**os.environ, "XLA_FLAGS": ""})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "identical across methods in every epoch: **yes**" in res.stdout
+    for method in ("none", "suffix", "per_problem", "das"):
+        assert f"| {method} |" in res.stdout, res.stdout
+    assert "Rollout lengths" in res.stdout and "in the simulator" in res.stdout

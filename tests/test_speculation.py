@@ -347,7 +347,7 @@ def test_launch_config_builds_drafters_and_names_bad_values():
     drafter = build_drafter(launch.speculation)
     assert type(drafter).__name__ == "SuffixDrafter" and drafter.config.tree
     assert build_drafter(SpeculationConfig()) is None
-    with pytest.raises(ValueError, match="method='eagle'; known: \\['ngram', 'suffix'\\]"):
+    with pytest.raises(ValueError, match="method='eagle'; known: \\['das', 'ngram', 'suffix'\\]"):
         SpeculationConfig(method="eagle")
     with pytest.raises(ValueError, match="cannot be loaded"):
         build_drafter(SpeculationConfig(method="no.such.module:Drafter"))
