@@ -52,11 +52,10 @@ class PallasBackend:
 
     def _local(self, q, k, v, k_pages, v_pages, md, *, sm_scale, sliding_window, kv_head=None):
         """One device's heads. kv_head: attend with that KV head only (KV replicated under tp)."""
-        # The write is an XLA scatter of T rows (pallas_kernels.write_kv_ref). The Pallas write
-        # kernel (pallas_kernels.write_kv, one program per token and head) is not wired in: it
-        # has only run interpreted on CPU, and whether it beats XLA's in-place scatter on a GPU
-        # is unmeasured (tools/bench_kernels.py is where that comparison belongs). The
-        # attention kernel then reads this step's keys from the pages like any others.
+        # The write is an XLA scatter of T rows (pallas_kernels.write_kv_ref), which XLA fuses
+        # into the step. The Pallas write kernel (pallas_kernels.write_kv) is not wired in: on an
+        # H200, run standalone, neither was clearly faster (benchmarks/kernels.md). The attention
+        # kernel then reads this step's keys from the pages like any others.
         k_pages, v_pages = write_kv_ref(k_pages, v_pages, k, v, md.cu_q_lens, md.kv_lens,
                                         md.page_indices, md.num_seqs)
         k_att, v_att = k_pages, v_pages
