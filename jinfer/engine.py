@@ -187,9 +187,7 @@ class Engine:
         tables unchanged. Returns (weights, kv) sharding.reshard.MoveStats.
         """
         layout = TPLayout.for_model(self.model_config, mesh, self.vocab_parallel)  # ValueError before anything moves
-        if self._inflight is not None:
-            done, self._inflight = self._inflight, None
-            self._held_outputs += self._postprocess(*done)
+        self._settle_inflight()
         return self.runner.reshard(layout)
 
     def update_weights(self, state) -> None:
@@ -209,12 +207,16 @@ class Engine:
         mismatch = _first_mismatch(old, new)
         if mismatch:
             raise ValueError(f"update_weights: {mismatch}")
-        if self._inflight is not None:
-            done, self._inflight = self._inflight, None
-            self._held_outputs += self._postprocess(*done)
+        self._settle_inflight()
         placed = [_place_like(got, want) for (_, want), (_, got) in zip(old, new)]
         self.runner.state = jax.tree_util.tree_unflatten(treedef, placed)
         self.reset_prefix_cache()
+
+    def _settle_inflight(self) -> None:
+        """Reads back the step in flight (async scheduling); its outputs come with the next step()."""
+        if self._inflight is not None:
+            done, self._inflight = self._inflight, None
+            self._held_outputs += self._postprocess(*done)
 
     def has_unfinished(self) -> bool:
         return bool(self._groups)

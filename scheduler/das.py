@@ -50,10 +50,9 @@ import statistics
 from typing import Callable, Hashable, Sequence
 
 from jinfer.config import SpeculationConfig
-from jinfer.speculation import NO_DRAFT, Draft
-from scheduler.drafters import SuffixConfig, _Progress, _SuffixRequest, _unknown
+from scheduler.drafters import SuffixConfig, SuffixDrafter, _SuffixRequest, _unknown
 from scheduler.spec_budget import BudgetConfig, CostAwareBudget
-from scheduler.suffix_tree import SuffixTree, TailMatcher, speculate
+from scheduler.suffix_tree import SuffixTree, TailMatcher
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,24 +92,26 @@ class DasConfig:
 class _Problem:
     __slots__ = ("tree", "window", "lengths", "next_seq")
 
-    def __init__(self, max_depth: int):
+    def __init__(self, max_depth: int, window: int):
         self.tree = SuffixTree(max_depth)  # removable: rollouts leave as the window slides
         self.window: collections.deque[int] = collections.deque()  # sequence ids, oldest first
-        self.lengths: collections.deque[int] = collections.deque()  # their output lengths
+        self.lengths: collections.deque[int] = collections.deque(maxlen=window)  # output lengths
         self.next_seq = 0
 
 
-class RolloutDrafter:
-    """jinfer.speculation.Drafter over per-problem rollout histories (see the module doc)."""
+class RolloutDrafter(SuffixDrafter):
+    """jinfer.speculation.Drafter over per-problem rollout histories (see the module doc):
+    SuffixDrafter's per-request trees and search, with its request's problem tree in place of
+    the global tree."""
 
     def __init__(self, config: DasConfig = DasConfig(),
                  problem_key: Callable[[tuple[int, ...]], Hashable] | None = None):
         """problem_key: the problem of a prompt (its token ids); default: the ids themselves,
         so the samples of one prompt, and the same prompt in later epochs, share a tree."""
+        super().__init__(config.suffix)
         self.config = config
         self.problem_key = problem_key or (lambda ids: ids)
         self.problems: dict[Hashable, _Problem] = {}
-        self._requests: dict[str, _SuffixRequest] = {}
         self._problem_of: dict[str, Hashable] = {}
         self._anchor: dict[str, list[int]] = {}
         self.recent_lengths: collections.deque[int] = collections.deque(maxlen=config.history)
@@ -126,9 +127,6 @@ class RolloutDrafter:
     def draft_budget(self, spec: SpeculationConfig | None = None) -> "LengthAwareBudget":
         """The budget that goes with this drafter (jinfer.launch.build_draft_budget)."""
         return LengthAwareBudget(self)
-
-    def __contains__(self, request_id: str) -> bool:
-        return request_id in self._requests
 
     # -- what the budget asks --------------------------------------------------------------
 
@@ -152,7 +150,7 @@ class RolloutDrafter:
         key = self.problem_key(prompt)
         problem = self.problems.get(key)
         if problem is None:
-            problem = self.problems[key] = _Problem(self.config.suffix.max_depth)
+            problem = self.problems[key] = _Problem(self.config.suffix.max_depth, self.config.window)
         own = SuffixTree(self.config.suffix.max_depth, removable=False)
         own.extend(0, prompt)
         # The problem's tree holds rollouts, each after its prompt's last `anchor` tokens: the
@@ -161,23 +159,8 @@ class RolloutDrafter:
         self._problem_of[request_id] = key
         self._anchor[request_id] = list(prompt[len(prompt) - self.config.anchor:]) if self.config.anchor else []
 
-    def observe(self, request_id: str, new_tokens: Sequence[int]) -> None:
-        st = self._state(request_id)
-        self._take(st, st.progress.from_observe(new_tokens))
-
-    def propose(self, request_id: str, output_ids: Sequence[int], max_tokens: int) -> Draft:
-        st = self._state(request_id)
-        self._take(st, st.progress.from_output(request_id, output_ids))
-        if max_tokens <= 0:
-            return NO_DRAFT
-        problem = self.problems[self._problem_of[request_id]]
-        cfg = self.config.suffix
-        sources = [(st.tree, st.tree.tail_positions(0), 1), (problem.tree, st.matcher.positions(), 0)]
-        best = speculate(sources, max_tokens, max_spec_factor=cfg.max_spec_factor,
-                         max_spec_offset=cfg.max_spec_offset, min_token_prob=cfg.min_token_prob, tree=cfg.tree)
-        if not best.tokens:
-            return NO_DRAFT
-        return Draft(best.tokens, best.parents, best.score)
+    def _shared_tree(self, request_id: str) -> SuffixTree:
+        return self.problems[self._problem_of[request_id]].tree
 
     def finish(self, request_id: str, output_ids: Sequence[int], aborted: bool) -> None:
         """The rollout joins its problem's window (an aborted one's output too: the model wrote
@@ -189,8 +172,6 @@ class RolloutDrafter:
         anchor = self._anchor.pop(request_id)
         if not aborted:
             problem.lengths.append(len(output_ids))
-            if len(problem.lengths) > self.config.window:
-                problem.lengths.popleft()
             self.recent_lengths.append(len(output_ids))
         if not output_ids:
             return
@@ -199,18 +180,6 @@ class RolloutDrafter:
         problem.window.append(seq_id)
         while len(problem.window) > self.config.window:
             problem.tree.remove(problem.window.popleft())
-
-    def _take(self, st: _SuffixRequest, tokens: list[int]) -> None:
-        if tokens:
-            st.tree.extend(0, tokens)
-            for t in tokens:
-                st.matcher.advance(t)
-
-    def _state(self, request_id: str) -> _SuffixRequest:
-        st = self._requests.get(request_id)
-        if st is None:
-            raise _unknown(request_id)
-        return st
 
 
 SHORT, MEDIUM, LONG = "short", "medium", "long"

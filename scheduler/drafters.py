@@ -198,6 +198,8 @@ class SuffixDrafter:
 
     def __init__(self, config: SuffixConfig = SuffixConfig()):
         self.config = config
+        self.search = config
+        """The knobs of the suffix-tree search (a subclass may keep its own `config` beside)."""
         self.global_tree = SuffixTree(config.max_depth)
         """Outputs of the last max_cached_requests finished requests (sequence ids in `cached`)."""
         self.cached: collections.deque[int] = collections.deque()
@@ -238,14 +240,18 @@ class SuffixDrafter:
         # The request's own tail always ends where it matches in its own tree (known_ends=1).
         sources = [(st.tree, st.tree.tail_positions(0), 1)]
         if st.matcher is not None:
-            sources.append((self.global_tree, st.matcher.positions(), 0))
-        cfg = self.config
+            sources.append((self._shared_tree(request_id), st.matcher.positions(), 0))
+        cfg = self.search
         best = speculate(sources, max_tokens, max_spec_factor=cfg.max_spec_factor,
                          max_spec_offset=cfg.max_spec_offset, min_token_prob=cfg.min_token_prob,
                          tree=cfg.tree)
         if not best.tokens:
             return NO_DRAFT
         return Draft(best.tokens, best.parents, best.score)
+
+    def _shared_tree(self, request_id: str) -> SuffixTree:
+        """The tree of other requests' outputs the request's matcher follows."""
+        return self.global_tree
 
     def finish(self, request_id: str, output_ids: Sequence[int], aborted: bool) -> None:
         """Forget the request; its output (even an aborted one's: the model wrote it) joins the
