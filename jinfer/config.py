@@ -7,6 +7,66 @@ jinfer.launch builds them from a config file and flags in one place."""
 from __future__ import annotations
 
 import dataclasses
+import math
+
+
+@dataclasses.dataclass(frozen=True)
+class Tier:
+    """An SLO tier: what one of its requests must meet to count toward goodput.
+
+    A request meets its SLO when its time to first token is at most ttft_s and its mean time
+    per output token after the first at most tpot_s (inf: not judged on that one). weight:
+    importance, larger first, when requests of several tiers are at risk at once. best_effort:
+    a background tier with no targets the scheduler defends (never judged, runs last)."""
+
+    name: str
+    ttft_s: float = math.inf
+    tpot_s: float = math.inf
+    weight: float = 1.0
+    best_effort: bool = False
+
+    def __post_init__(self):
+        if not self.name or ":" in self.name:
+            raise ValueError(f"tier name {self.name!r} must be non-empty and without ':'")
+        for field in ("ttft_s", "tpot_s"):
+            if not getattr(self, field) > 0:
+                raise ValueError(f"tier {self.name!r}: {field}={getattr(self, field)} must be > 0")
+        if not (self.weight > 0 and math.isfinite(self.weight)):
+            raise ValueError(f"tier {self.name!r}: weight={self.weight} must be finite and > 0")
+
+    @classmethod
+    def parse(cls, spec: str) -> "Tier":
+        """'name[:TTFT_MS:TPOT_MS[:WEIGHT]][:best_effort]', e.g. 'interactive:500:50:4',
+        'batch:60000:1000', 'background:best_effort'; 'inf' leaves a target unjudged."""
+        if not isinstance(spec, str):
+            raise ValueError(f"tier spec {spec!r} must be a string like 'interactive:500:50:4'")
+        parts = spec.split(":")
+        best_effort = parts[-1] == "best_effort"
+        if best_effort:
+            parts.pop()
+        name, nums = parts[0], parts[1:]
+        if len(nums) not in (0, 2, 3):
+            raise ValueError(f"tier spec {spec!r} must look like name[:ttft_ms:tpot_ms[:weight]][:best_effort]")
+        try:
+            values = [float(x) for x in nums]
+        except ValueError:
+            raise ValueError(f"tier spec {spec!r}: targets and weight must be numbers (or inf)") from None
+        if best_effort and values[:2] and any(math.isfinite(v) for v in values[:2]):
+            raise ValueError(f"tier spec {spec!r}: a best-effort tier has no targets")
+        kw = dict(zip(("ttft_s", "tpot_s"), (v / 1e3 for v in values[:2])))
+        if len(values) == 3:
+            kw["weight"] = values[2]
+        return cls(name, best_effort=best_effort, **kw)
+
+    @property
+    def judged(self) -> bool:
+        """Whether its requests count toward goodput (a target to meet, not best-effort)."""
+        return not self.best_effort and (math.isfinite(self.ttft_s) or math.isfinite(self.tpot_s))
+
+    def met(self, ttft_s: float, tpot_s: float) -> bool:
+        """Whether a finished request with this TTFT and TPOT (nan: one output token, no TPOT)
+        met both targets."""
+        return ttft_s <= self.ttft_s and (math.isnan(tpot_s) or tpot_s <= self.tpot_s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +118,9 @@ BACKENDS = ("", "xla", "pallas")
 DRAFTERS = {"ngram": "scheduler.drafters:NgramDrafter", "suffix": "scheduler.drafters:SuffixDrafter",
             "das": "scheduler.das:RolloutDrafter"}
 """speculation.method short names -> the Drafter class (built by jinfer.launch.build_drafter)."""
+POLICIES = {"first_come": "scheduler.slo:FirstCome", "strict_priority": "scheduler.slo:StrictPriority",
+            "slo": "scheduler.slo:SloAware", "priority_groups": "scheduler.local_policy:PriorityGroups"}
+"""engine.scheduling_policy short names -> the SchedulingPolicy class (jinfer.launch.scheduling_policy)."""
 DRAFT_BUDGET = "scheduler.spec_budget:CostAwareBudget"
 """The DraftBudget speculation.adaptive uses (jinfer.launch.build_draft_budget)."""
 
@@ -172,14 +235,20 @@ class EngineOptions:
     vocab_parallel: bool = True
     """Under tp, split the embedding and LM head over the vocabulary (benchmarks/tp.md)."""
     scheduling_policy: str = ""
-    """The engine queue's order: empty = FCFS within tiers; else `module:Class` of a
-    SchedulingPolicy built with no arguments (and bound to the scheduler when it has `bind`),
-    e.g. scheduler.local_policy:PriorityGroups (Preble's priority groups). Read by
-    jinfer.launch.build_engine; an Engine takes the policy object itself."""
+    """The engine queue's order: empty = FCFS within tiers (running requests first); a short
+    name: first_come (arrival order, tiers ignored), strict_priority (higher tier first,
+    preemptive), slo (scheduler.slo.SloAware: deadlines from the tiers' TTFT/TPOT targets,
+    importance, preemption, demotion), priority_groups (Preble's priority groups); else
+    `module:Class` of a SchedulingPolicy built with no arguments (and bound to the scheduler
+    when it has `bind`). Read by jinfer.launch.build_engine; an Engine takes the policy object."""
+    slo_admission: bool = False
+    """With scheduling_policy=slo: refuse (RESOURCE_EXHAUSTED) a request whose tier's TTFT target
+    cannot be met given the prefill queued ahead of it. Off: every request is queued."""
 
     def __post_init__(self):
-        if self.scheduling_policy and ":" not in self.scheduling_policy:
-            raise ValueError(f"scheduling_policy={self.scheduling_policy!r} must be module:Class")
+        if self.scheduling_policy and ":" not in self.scheduling_policy and self.scheduling_policy not in POLICIES:
+            raise ValueError(f"scheduling_policy={self.scheduling_policy!r} must be one of {sorted(POLICIES)} "
+                             "or module:Class")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +276,10 @@ class ServingConfig:
     """Larger GenerateRequests are refused with INVALID_ARGUMENT (gRPC itself refuses 4x this),
     larger HTTP request bodies with 413."""
     tiers: tuple[str, ...] = ("default",)
-    """SLO tier names, highest priority first; an empty tier field means the first."""
+    """SLO tiers, highest priority first; a request naming none is in the first. Each a name or
+    a Tier spec 'name[:TTFT_MS:TPOT_MS[:WEIGHT]][:best_effort]' (e.g. 'interactive:500:50:4',
+    'batch:20000:500', 'background:best_effort'): the targets its requests must meet to count
+    as goodput (Tier). GetServerInfo lists them; the server's stats judge requests by them."""
     auth_token: str | None = None
     """When set, every Inference call needs metadata `authorization: Bearer <token>`, and every
     HTTP request but GET /health the header `Authorization: Bearer <token>`."""
@@ -236,8 +308,13 @@ class ServingConfig:
             raise ValueError("tiers is empty: give at least one tier name")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
-        if len(set(self.tiers)) != len(self.tiers) or not all(self.tiers):
+        try:
+            table = tuple(Tier.parse(t) for t in self.tiers)
+        except ValueError as e:
+            raise ValueError(f"tiers: {e}") from None
+        if len({t.name for t in table}) != len(table):
             raise ValueError(f"tiers={self.tiers!r} must be distinct, non-empty names")
+        object.__setattr__(self, "_tier_table", table)
         if self.http_port is not None and not 0 <= self.http_port < 65536:
             raise ValueError(f"http_port={self.http_port} must be in [0, 65535] or None")
         if self.http_port and self.http_port == self.port:
@@ -246,3 +323,19 @@ class ServingConfig:
             raise ValueError(f"metrics_port={self.metrics_port} must be in [0, 65535] or None")
         if self.shutdown_grace_s < 0:
             raise ValueError(f"shutdown_grace_s={self.shutdown_grace_s} must be >= 0")
+
+    @property
+    def tier_table(self) -> tuple[Tier, ...]:
+        """The tiers as Tier objects, in priority order."""
+        return self._tier_table
+
+    @property
+    def tier_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self._tier_table)
+
+    def tier(self, name: str) -> Tier:
+        """The Tier called `name` (KeyError naming it if none)."""
+        for t in self._tier_table:
+            if t.name == name:
+                return t
+        raise KeyError(name)

@@ -12,7 +12,7 @@ import uuid
 import jax
 
 from jinfer.attention import MAX_TREE_TOKENS, default_attention_backend, get_backend
-from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig
+from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig, Tier
 from jinfer.models.llama import set_attention_backend
 from jinfer.detokenizer import IncrementalDetokenizer
 from jinfer.errors import shorten
@@ -128,8 +128,10 @@ class Engine:
     # -- API -------------------------------------------------------------------------------
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, priority: int = 0) -> str:
-        """Queues a request (params.n samples); raises ValueError naming the bad value."""
+                    request_id: str | None = None, priority: int = 0, tier: Tier | None = None) -> str:
+        """Queues a request (params.n samples); raises ValueError naming the bad value, or
+        jinfer.scheduling.AdmissionRefused when the scheduling policy's admission check refuses
+        it. priority: the policy's hint (a tier's rank, lower first); tier: its SLO targets."""
         params = params or SamplingParams()
         if isinstance(prompt, str) and not prompt:
             raise ValueError("prompt is empty")
@@ -141,8 +143,9 @@ class Engine:
         seed = params.seed if params.seed is not None else self._seed_rng.randrange(2**31)
         arrival, index = time.monotonic(), next(self._arrivals)
         samples = [Request(request_id if i == 0 else f"{request_id}/{i}", list(ids), params, seed,
-                           arrival, index, priority=priority, sample_group=i)
+                           arrival, index, priority=priority, tier=tier, sample_group=i)
                    for i in range(params.n)]
+        self.scheduler.admit(samples[0])
         for req in samples:
             self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
         self._groups[request_id] = samples
@@ -286,10 +289,13 @@ class Engine:
             done, self._inflight = self._inflight, None
             outputs += self._postprocess(*done)
         budget = self.scheduler.budget
-        if budget is not None and plan.seqs and not self.runner.compiled_last:
+        if plan.seqs and not self.runner.compiled_last:
             # the wall time of a step call: the step itself (sync), or one pipeline stage (async)
-            emitted = sum(len(o.new_token_ids) for o in outputs)
-            budget.observe_step(plan.num_tokens, time.perf_counter() - start, emitted, drafted)
+            seconds = time.perf_counter() - start
+            self.scheduler.observe_step(plan.num_tokens, seconds)
+            if budget is not None:
+                emitted = sum(len(o.new_token_ids) for o in outputs)
+                budget.observe_step(plan.num_tokens, seconds, emitted, drafted)
         return outputs
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,

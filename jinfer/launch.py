@@ -21,7 +21,7 @@ import typing
 import ml_collections
 from ml_collections import config_dict
 
-from jinfer.config import (BACKENDS, DRAFT_BUDGET, DRAFTERS, DTYPES, CacheConfig, EngineOptions, ModelSpec,  # noqa: F401
+from jinfer.config import (BACKENDS, DRAFT_BUDGET, DRAFTERS, DTYPES, POLICIES, CacheConfig, EngineOptions, ModelSpec,  # noqa: F401
                            SchedulerConfig, ServingConfig, SpeculationConfig)
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +174,11 @@ def build_engine(launch: LaunchConfig, policy=None, progress: bool = False):
     opts = launch.engine
     if policy is None and opts.scheduling_policy:
         policy = scheduling_policy(opts.scheduling_policy)
+    if opts.slo_admission:
+        if not hasattr(policy, "admission"):
+            raise ValueError(f"engine.slo_admission needs a policy with an admission check "
+                             f"(engine.scheduling_policy=slo), not {opts.scheduling_policy or 'FCFS'!r}")
+        policy.admission = True
     model, tok = load_model(spec, mesh)
     spec_cfg = launch.speculation
     drafter = build_drafter(spec_cfg)
@@ -219,10 +224,11 @@ def build_drafter(config: SpeculationConfig):
 
 
 def scheduling_policy(spec: str):
-    """A SchedulingPolicy from `module:Class` (engine.scheduling_policy); ValueError naming it."""
+    """A SchedulingPolicy from a short name (config.POLICIES) or `module:Class`
+    (engine.scheduling_policy); ValueError naming it."""
     import importlib
 
-    module, _, name = spec.partition(":")
+    module, _, name = POLICIES.get(spec, spec).partition(":")
     try:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:

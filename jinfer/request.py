@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from jinfer.config import Tier
 from jinfer.sampling_params import SamplingParams
 
 
@@ -37,6 +38,7 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     priority: int = 0  # policy hint (SLO tier etc.); lower runs first
+    tier: Tier | None = None  # its SLO tier's targets (None: no targets; policies judge by it)
     sample_group: int = 0  # which of the prompt's n samples this is (keys its random stream)
     policy_state: object = None  # owned by the scheduling policy (e.g. its ordering key)
     num_draft_tokens: int = 0  # speculation: draft tokens verified for this request

@@ -18,10 +18,31 @@ the runner feeds the real id from device memory."""
 
 
 class SchedulingPolicy(Protocol):
-    """Orders requests; the scheduler admits and keeps them in this order."""
+    """Orders requests; the scheduler admits and keeps them in this order.
+
+    Only `priority` is required. A policy may also have (the Scheduler looks them up):
+      - `interleave` (bool attribute, default False): running and waiting requests share one
+        order for the step's token budget and sequence slots, so a waiting request may go
+        before a running one (which then sits out the step, keeping its pages); without it
+        running requests always go first.
+      - `may_preempt(req, victim) -> bool`: `req` cannot get KV pages; may it preempt the
+        running request `victim` (the lowest-priority one, recompute-style)? Default: no
+        (a waiting request then waits; a running one still preempts as always).
+      - `on_schedule(scheduler)`: called at the start of every `schedule()` (read the clock
+        once, revise per-request state).
+      - `admit(req, scheduler) -> str | None`: called by `Scheduler.admit` before a new
+        request is queued: a reason to refuse it (AdmissionRefused), or None.
+      - `observe_step(num_tokens, seconds)`: the engine or simulator reports each step's
+        size and duration.
+    """
 
     def priority(self, req: Request):
-        """Smaller runs first and is preempted last."""
+        """Smaller runs first and is preempted last (a key compared with <)."""
+
+
+class AdmissionRefused(RuntimeError):
+    """The scheduling policy refuses a new request (e.g. its TTFT target cannot be met given
+    the queue): a server answers RESOURCE_EXHAUSTED with the message."""
 
 
 class FCFS:
@@ -123,8 +144,21 @@ class Scheduler:
 
     # -- admission and release -------------------------------------------------------------
 
+    def admit(self, req: Request) -> None:
+        """Raises AdmissionRefused if the policy's admission check refuses req (not queued)."""
+        check = getattr(self.policy, "admit", None)
+        reason = check(req, self) if check is not None else None
+        if reason:
+            raise AdmissionRefused(reason)
+
     def add(self, req: Request) -> None:
         self.waiting.append(req)
+
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        """A step of num_tokens took `seconds` (the policy hears it, if it listens)."""
+        hook = getattr(self.policy, "observe_step", None)
+        if hook is not None:
+            hook(num_tokens, seconds)
 
     def append_token(self, req: Request, token: int) -> None:
         """The host has read one of the request's pending tokens (oldest first)."""
@@ -258,63 +292,82 @@ class Scheduler:
 
     def schedule(self, drafts: bool = True) -> StepPlan:
         # Every request has num_computed_tokens and a target num_tokens (prompt + output).
-        # Each step hands out a token budget so the first catches up with the second: running
-        # requests first (in policy order; decodes and ongoing chunks), then waiting ones.
-        # A running request that cannot get pages preempts the lowest-priority running one.
+        # Each step hands out a token budget so the first catches up with the second, in
+        # policy order: running requests first (decodes and ongoing chunks), then waiting ones;
+        # or, when the policy interleaves, one order over both. A running request that cannot
+        # get pages preempts the lowest-priority running one not yet planned this step; a
+        # waiting one may preempt too when the policy allows it (interleaved orders only).
         # Prefill, chunked prefill, prefix hits and decode are the same path.
+        hook = getattr(self.policy, "on_schedule", None)
+        if hook is not None:
+            hook(self)
         budget = self.cfg.max_num_batched_tokens
         seqs: list[ScheduledSeq] = []
         preempted: list[str] = []
-        self.running.sort(key=self.policy.priority)
+        planned: set[int] = set()  # id() of the requests this plan covers
         decoders: list[tuple[int, Request]] = []  # (index in seqs, request) that may get a draft
         drafts = drafts and self.drafter is not None
+        interleave = bool(getattr(self.policy, "interleave", False))
         assert not self._unsettled_draft, "a step with drafts must be settled before the next is planned"
         if drafts:
             assert not any(r.num_pending for r in self.running + self.waiting), (
                 "drafts are planned on read tokens: settle the step in flight first")
-        for req in list(self.running):
-            if req.status is not Status.RUNNING or len(seqs) == self.cfg.max_num_seqs or budget == 0:
-                continue
-            if self._done_sampling(req):
-                continue  # its last token is pending; the engine finishes it when read
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self._ensure_pages(req, req.num_computed_tokens + n):
-                victim = self.running[-1]
-                self._preempt(victim)
-                preempted.append(victim.request_id)
-                if victim is req:
-                    break
-            if req.status is not Status.RUNNING:
-                continue
-            if drafts and self._may_draft(req, n):
-                decoders.append((len(seqs), req))
-            seqs.append(self._plan(req, n))
-            budget -= n
-
-        self.waiting.sort(key=self.policy.priority)
-        for req in list(self.waiting):
+        blocked = False  # a waiting request could not get pages: the ones after it wait too
+        for req, was_running in self._order(interleave):
             if budget == 0 or len(seqs) == self.cfg.max_num_seqs:
                 break
+            if was_running:
+                if req.status is not Status.RUNNING:
+                    continue  # preempted by this step
+                if self._done_sampling(req):
+                    continue  # its last token is pending; the engine finishes it when read
+                n = min(req.num_tokens - req.num_computed_tokens, budget)
+                while not self._ensure_pages(req, req.num_computed_tokens + n):
+                    victim = next(r for r in reversed(self.running) if r is req or id(r) not in planned)
+                    self._preempt(victim)
+                    preempted.append(victim.request_id)
+                    if victim is req:
+                        break
+                if req.status is not Status.RUNNING:
+                    continue
+                if drafts and self._may_draft(req, n):
+                    decoders.append((len(seqs), req))
+                seqs.append(self._plan(req, n))
+                planned.add(id(req))
+                budget -= n
+                continue
+            if blocked or req.status is not Status.WAITING:
+                continue
             if self._done_sampling(req):
                 continue  # preempted with its last token pending: finishes when that is read
             self.kv.match_prefix(req)
             first_admission = req.num_preemptions == 0
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self._ensure_pages(req, req.num_computed_tokens + n):
-                self.kv.unmatch(req)
+            while not self._ensure_pages(req, req.num_computed_tokens + n):
+                victim = self._preemptable(req, planned) if interleave else None
+                if victim is None:
+                    break
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+            else:
+                if first_admission:
+                    req.num_cached_prompt_tokens = req.num_computed_tokens
+                    if self.drafter is not None:  # it hears every token the request gets from now on
+                        self._drafting.add(req.request_id)
+                        t0 = time.perf_counter()
+                        self.drafter.start(req.request_id, req.prompt_ids)
+                        self.spec.drafter_seconds += time.perf_counter() - t0
+                self.waiting.remove(req)
+                req.status = Status.RUNNING
+                self.running.append(req)
+                seqs.append(self._plan(req, n))
+                planned.add(id(req))
+                budget -= n
+                continue
+            self.kv.unmatch(req)
+            if not interleave:
                 break
-            if first_admission:
-                req.num_cached_prompt_tokens = req.num_computed_tokens
-                if self.drafter is not None:  # it hears every token the request gets from now on
-                    self._drafting.add(req.request_id)
-                    t0 = time.perf_counter()
-                    self.drafter.start(req.request_id, req.prompt_ids)
-                    self.spec.drafter_seconds += time.perf_counter() - t0
-            self.waiting.remove(req)
-            req.status = Status.RUNNING
-            self.running.append(req)
-            seqs.append(self._plan(req, n))
-            budget -= n
+            blocked = True
 
         # Drafts last, from what the step left: budget and free pages (no eviction), so a draft
         # never preempts a request, delays an admission or evicts a prefix someone could match.
@@ -333,6 +386,33 @@ class Scheduler:
                 # Followers join from the next step, after these pages are written.
                 self.waiting += self.kv.fork(req)
         return StepPlan(tuple(seqs), tuple(preempted))
+
+    def _order(self, interleave: bool):
+        """(request, whether it was running) for every request one step considers, in the
+        order it considers them."""
+        if interleave:
+            self.running.sort(key=self.policy.priority)
+            both = [(r, True) for r in self.running] + [(r, False) for r in self.waiting]
+            yield from sorted(both, key=lambda p: self.policy.priority(p[0]))
+            return
+        self.running.sort(key=self.policy.priority)
+        yield from ((r, True) for r in list(self.running))
+        self.waiting.sort(key=self.policy.priority)  # after the running ones' preemptions
+        yield from ((r, False) for r in list(self.waiting))
+
+    def _preemptable(self, req: Request, planned: set[int]) -> Request | None:
+        """The running request `req` (short of pages) may preempt: the lowest-priority one not
+        planned this step, if it ranks below req and the policy allows it; else None."""
+        allow = getattr(self.policy, "may_preempt", None)
+        if allow is None:
+            return None
+        candidates = [r for r in self.running if id(r) not in planned]
+        if not candidates:
+            return None
+        victim = max(candidates, key=self.policy.priority)
+        if not self.policy.priority(req) < self.policy.priority(victim) or not allow(req, victim):
+            return None
+        return victim
 
     def extend_decode(self, req: Request, token_ids: list[int]) -> bool:
         """Appends decode tokens computed outside a StepPlan, one step each, as if the request

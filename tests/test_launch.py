@@ -69,7 +69,8 @@ def test_overrides_reach_every_section():
     ("engine", "attention_backend", "cuda", "engine.attention_backend='cuda'"),
     ("serving", "tiers", ("a", "a"), "tiers=('a', 'a')"),
     ("serving", "metrics_port", 70000, "metrics_port=70000"),
-    ("engine", "scheduling_policy", "PriorityGroups", "scheduling_policy='PriorityGroups' must be module:Class"),
+    ("engine", "scheduling_policy", "PriorityGroups", "scheduling_policy='PriorityGroups' must be one of"),
+    ("serving", "tiers", ("a:500",), "tier spec 'a:500' must look like"),
 ])
 def test_bad_values_name_the_field(section, field, value, message):
     cfg = default_config()

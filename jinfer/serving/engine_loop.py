@@ -19,7 +19,9 @@ import queue
 import threading
 import time
 
+from jinfer.config import Tier
 from jinfer.sampling_params import SamplingParams
+from jinfer.scheduling import AdmissionRefused
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +51,8 @@ class _Add:
     request_id: str
     priority: int
     sink: object  # called with each RequestOutput, or with an Exception
-    done: concurrent.futures.Future  # the request id, or the engine's ValueError
-    tier: str
+    done: concurrent.futures.Future  # the request id, or the engine's ValueError / AdmissionRefused
+    tier: Tier | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,10 +139,10 @@ class EngineLoop:
             case _Watch():
                 cmd.watcher.sink(None)
 
-    def submit(self, prompt, params: SamplingParams, request_id: str, priority: int, sink, tier: str = ""
-               ) -> concurrent.futures.Future:
-        """Queues add_request; the future raises the engine's ValueError if it refuses, or
-        EngineUnavailable. `sink` is called on the engine thread with each RequestOutput, or
+    def submit(self, prompt, params: SamplingParams, request_id: str, priority: int, sink,
+               tier: Tier | None = None) -> concurrent.futures.Future:
+        """Queues add_request; the future raises the engine's ValueError if it refuses the
+        request, AdmissionRefused if the scheduling policy does, or EngineUnavailable. `sink` is called on the engine thread with each RequestOutput, or
         with an Exception (the step failed, or the loop died)."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._put(_Add(prompt, params, request_id, priority, sink, fut, tier))
@@ -207,13 +209,13 @@ class EngineLoop:
                     return  # the client went away before its request was added: add nothing
                 try:
                     self.engine.add_request(cmd.prompt, cmd.params, request_id=cmd.request_id,
-                                            priority=cmd.priority)
-                except ValueError as e:
+                                            priority=cmd.priority, tier=cmd.tier)
+                except (ValueError, AdmissionRefused) as e:
                     cmd.done.set_exception(e)
                     return
                 self._sinks[cmd.request_id] = cmd.sink
                 if self.metrics is not None:
-                    self.metrics.on_admit(cmd.request_id, cmd.tier)
+                    self.metrics.on_admit(cmd.request_id, cmd.tier.name if cmd.tier else "")
                 cmd.done.set_result(cmd.request_id)
             case _Abort():
                 if self._sinks.get(cmd.request_id) is cmd.sink:

@@ -22,6 +22,7 @@ from jinfer.config import ServingConfig
 from jinfer.errors import shorten
 from jinfer.request import RequestOutput
 from jinfer.sampling_params import SamplingParams
+from jinfer.scheduling import AdmissionRefused
 from jinfer.serving.engine_loop import EngineLoop, EngineUnavailable, Health
 
 
@@ -72,7 +73,7 @@ class Frontend:
             sink(EngineUnavailable(message))
 
     def resolve_tier(self, tier: str | None) -> str:
-        tiers = self.config.tiers
+        tiers = self.config.tier_names
         tier = tier or tiers[0]
         if tier not in tiers:
             raise ServingError("INVALID_ARGUMENT", f"unknown tier={shorten(tier)}; known: {list(tiers)}")
@@ -113,7 +114,7 @@ class Frontend:
         """Yields the request's outputs (all samples, interleaved) until every sample finished.
 
         Raises ServingError: INVALID_ARGUMENT (bad tier, n, prompt or request id),
-        RESOURCE_EXHAUSTED (queue full), UNAVAILABLE (engine dead or stalled), INTERNAL (a step
+        RESOURCE_EXHAUSTED (queue full, or the policy's admission check refused it), UNAVAILABLE (engine dead or stalled), INTERNAL (a step
         failed). Close the generator (contextlib.aclosing) to abort a request mid-stream.
         """
         self.check_healthy()
@@ -137,11 +138,15 @@ class Frontend:
                 ids = prompt
             submitted = True
             try:
-                await asyncio.wrap_future(self.loop.submit(ids, params, request_id, self.config.tiers.index(tier),
-                                                           sink, tier))
+                await asyncio.wrap_future(self.loop.submit(ids, params, request_id,
+                                                           self.config.tier_names.index(tier), sink,
+                                                           self.config.tier(tier)))
             except ValueError as e:
                 submitted = False  # refused: nothing was added
                 raise ServingError("INVALID_ARGUMENT", str(e)) from None
+            except AdmissionRefused as e:
+                submitted = False
+                raise ServingError("RESOURCE_EXHAUSTED", str(e)) from None
             except EngineUnavailable as e:
                 submitted = False
                 raise ServingError("UNAVAILABLE", str(e)) from None

@@ -119,7 +119,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             model=self.config.model_name, vocab_size=info.vocab_size, max_model_len=info.max_model_len,
             max_num_seqs=info.max_num_seqs, max_num_batched_tokens=info.max_num_batched_tokens,
             page_size=info.page_size, num_pages=info.num_pages,
-            max_queued_requests=self.config.max_queued_requests, tiers=list(self.config.tiers),
+            max_queued_requests=self.config.max_queued_requests, tiers=list(self.config.tier_names),
             attention_backend=info.attention_backend, tp=info.tp, version=jinfer.__version__,
             config_json=self.config_json)
 

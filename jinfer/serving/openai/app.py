@@ -164,7 +164,7 @@ class OpenAIApi:
     def _card(self) -> dict:
         info = self.frontend.info()
         return {"id": self.model, "object": "model", "created": self.created, "owned_by": "jinfer",
-                "max_model_len": info.max_model_len, "vocab_size": info.vocab_size, "tiers": list(self.config.tiers)}
+                "max_model_len": info.max_model_len, "vocab_size": info.vocab_size, "tiers": list(self.config.tier_names)}
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [self._card()]})
