@@ -189,6 +189,7 @@ def test_kernel_benchmark_smoke_runs_on_cpu():
     assert len(rows) == 1 and all(float(x.replace(",", "")) > 0 for x in rows[0][2:]), out  # both strategies
 
 
+@pytest.mark.slow  # the tool's main path runs in the smoke test above; fit_pages_per_block has its own
 def test_kernel_benchmark_sweep_times_the_table_row_and_alternatives():
     out = _bench_kernels("--sweep")
     assert out.count("configurations ran; table row") == 2, out  # the decode and prefill points
