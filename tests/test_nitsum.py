@@ -1,0 +1,124 @@
+"""The adaptive-TP controller (scheduler/nitsum.py) on hand-built load shifts: its choice, its
+hysteresis, and routing."""
+
+import pytest
+
+from jinfer.config import Tier
+from scheduler.nitsum import Controller, InstancePlan, Partition, Profile, predicted_goodput, route
+
+# Interactive requests need tp >= 2 to meet their TPOT; batch throughput per device is best at tp 1.
+PROFILE = Profile({"interactive": {1: 0, 2: 4, 4: 10, 8: 16}, "batch": {1: 3, 2: 5, 4: 8, 8: 12},
+                   "agent": {1: 1, 2: 3, 4: 6, 8: 9}})
+TIERS = [Tier("interactive", 0.5, 0.05, 4), Tier("agent", 3.0, 0.2, 2), Tier("batch", 20.0, 1.0, 1),
+         Tier("background", best_effort=True)]
+
+
+def _controller(**kw):
+    kw = {"confirm": 2, "min_dwell_s": 3.0, "horizon_s": 10.0, "reconfig_s": lambda old, new: 0.5, **kw}
+    return Controller(PROFILE, TIERS, 8, **kw)
+
+
+def test_partition_strings_round_trip_and_name_bad_parts():
+    p = Partition.parse("tp4:interactive + tp2:batch + tp1:* + tp1:*")
+    assert p.sizes == (4, 2, 1, 1) and p.instances[2] == InstancePlan(1, "")
+    assert Partition.parse(str(p)) == p
+    with pytest.raises(ValueError, match="'x4:batch'"):
+        Partition.parse("tp4:a + x4:batch")
+
+
+@pytest.mark.parametrize("rates, want", [
+    # An interactive burst: most devices in high-degree interactive instances.
+    ({"interactive": 12, "batch": 1}, "tp4:interactive + tp2:batch + tp2:interactive"),
+    # A batch phase: tp-1 batch instances, but the small interactive stream keeps a tp-2 one
+    # (tp 1 cannot serve it at all; a greedy pass by efficiency would have given it nothing).
+    ({"interactive": 0.5, "batch": 20}, "tp2:interactive + " + " + ".join(["tp1:batch"] * 6)),
+    # Three tiers at once.
+    ({"interactive": 3, "batch": 6, "agent": 4}, "tp4:agent + tp2:interactive + tp1:batch + tp1:batch"),
+    # No demand: every device a shared tp-1 instance.
+    ({}, " + ".join(["tp1:*"] * 8)),
+])
+def test_plan_follows_the_load(rates, want):
+    c = _controller()
+    plan = c.plan(rates, {})
+    assert str(plan) == want and plan.num_devices == 8
+    # No other partition serves more weighted goodput (what the controller maximises).
+    others = ["tp8:interactive", "tp8:batch", "tp4:interactive + tp4:batch", " + ".join(["tp2:batch"] * 4),
+              "tp2:interactive + tp2:interactive + tp4:batch", " + ".join(["tp1:batch"] * 8)]
+    assert all(_weighted(plan, rates) >= _weighted(Partition.parse(s), rates) for s in others)
+
+
+def _weighted(partition, rates):
+    weight = {t.name: t.weight for t in TIERS}
+    return sum(weight[t] * predicted_goodput(partition, PROFILE, {t: r}) for t, r in rates.items())
+
+
+def test_a_starving_tier_weighs_more():
+    c = _controller()
+    rates = {"interactive": 6, "batch": 9}
+    assert str(c.plan(rates, {})) == "tp4:interactive + tp1:batch + tp1:batch + tp1:batch + tp1:batch"
+    # batch served a quarter of its arrivals lately: it gets capacity for all of them
+    starved = c.plan(rates, {"batch": 4.0})
+    assert sum(PROFILE.rate("batch", i.tp) for i in starved.instances if i.tier == "batch") >= 9
+
+
+def _feed(c, rates, windows, t0):
+    out = []
+    for k in range(windows):
+        c.observe({t: int(r) for t, r in rates.items()})
+        out.append(c.decide(t0 + k))
+    return out
+
+
+def test_a_load_shift_switches_once_after_confirmation_and_dwell():
+    c = _controller(smoothing=1.0)
+    burst = _feed(c, {"interactive": 12, "batch": 1}, 3, t0=10.0)
+    assert burst[0] is None and str(burst[1]) == "tp4:interactive + tp2:batch + tp2:interactive"
+    assert burst[2] is None and c.history[2].reason == "same partition"
+    # A shift within the dwell time waits, then switches once confirmed.
+    shift = _feed(c, {"interactive": 1, "batch": 20}, 5, t0=12.0)
+    assert [d is not None for d in shift] == [False, False, True, False, False]
+    assert "seen 1 of 2" in c.history[3].reason and "dwell" in c.history[4].reason
+    assert str(c.current).startswith("tp2:interactive + tp1:batch")
+
+
+def test_hysteresis_ignores_small_gains_and_costly_reconfigurations():
+    c = _controller(smoothing=1.0, hysteresis=0.5)
+    _feed(c, {"interactive": 8, "batch": 4}, 2, t0=0.0)
+    current = c.current
+    # A mild change whose best partition gains < 50%: kept.
+    assert _feed(c, {"interactive": 9, "batch": 6}, 4, t0=10.0) == [None] * 4
+    assert c.current == current and any("gain too small" in d.reason for d in c.history[-4:])
+    # A reconfiguration pause that eats more than the gain over the horizon: kept.
+    slow = _controller(smoothing=1.0, reconfig_s=lambda old, new: 60.0)
+    _feed(slow, {"interactive": 8, "batch": 4}, 2, t0=0.0)
+    before = slow.current
+    assert _feed(slow, {"interactive": 0.5, "batch": 20}, 3, t0=10.0) == [None] * 3
+    assert slow.current == before and "reconfiguration" in slow.history[-1].reason
+
+
+def test_alternating_load_does_not_thrash():
+    c = _controller(smoothing=1.0, confirm=2)
+    switches = 0
+    for k in range(20):
+        rates = {"interactive": 12, "batch": 1} if k % 2 else {"interactive": 0.5, "batch": 20}
+        c.observe({t: int(r) for t, r in rates.items()})
+        switches += c.decide(float(k)) is not None
+    assert switches == 0  # no partition was the best two windows running
+
+
+def test_route_prefers_the_tiers_least_loaded_instance_else_best_effort():
+    p = Partition.parse("tp4:interactive + tp2:interactive + tp1:batch + tp1:batch")
+    assert route(p, "interactive", [5, 2, 0, 0]) == (1, True)
+    assert route(p, "batch", [0, 0, 3, 1]) == (3, True)
+    assert route(p, "agent", [5, 2, 3, 1]) == (3, False)  # no instance of its tier: least loaded of all
+    shared = Partition.parse("tp4:* + tp4:*")
+    assert route(shared, "interactive", [2, 1]) == (1, True)
+
+
+def test_bad_controller_settings_are_named():
+    with pytest.raises(ValueError, match=r"degrees=\[16\]"):
+        Controller(PROFILE, TIERS, 8, degrees=(16,))
+    with pytest.raises(ValueError, match="initial partition tp8:batch \\+ tp4:batch needs 12 devices"):
+        Controller(PROFILE, TIERS, 8, initial=Partition.parse("tp8:batch + tp4:batch"))
+    with pytest.raises(ValueError, match="tp=0"):
+        Profile({"batch": {0: 1.0}})
