@@ -112,3 +112,24 @@ def analytic_7b_h100() -> CostModel:
     (52 ns); 30 µs of per-sequence host and kernel overhead."""
     return CostModel("analytic-7b-h100", fixed_s=6.4e-3, per_token_s=2.7e-5, per_attn_s=0.9e-9,
                      per_kv_s=5.2e-8, per_seq_s=3.0e-5, notes=analytic_7b_h100.__doc__.split("\n\n")[0])
+
+
+def analytic_8b_h100_tp(tp: int, allreduce_latency_s: float = 8e-6, allreduce_bw: float = 300e9) -> CostModel:
+    """analytic_7b_h100 (the Llama-3-8B shape) on `tp` H100s of one NVLink node, tensor
+    parallel: weights, FLOPs, attention pairs and KV reads split over tp devices (the per-
+    sequence overhead does not); every layer adds two all-reduces of the step's activations
+    (hidden 4096, bf16: 8 KiB per token), each `allreduce_latency_s` plus a ring's
+    2(tp-1)/tp of the bytes at `allreduce_bw` bytes/s per device. The defaults (8 µs, 300 GB/s)
+    are assumptions for NVLink 4 through NVSwitch, not measurements."""
+    if tp < 1:
+        raise ValueError(f"tp={tp} must be >= 1")
+    base = analytic_7b_h100()
+    layers, hidden_bytes = 32, 4096 * 2
+    comm_fixed = comm_token = 0.0
+    if tp > 1:
+        comm_fixed = 2 * layers * allreduce_latency_s
+        comm_token = 2 * layers * 2 * (tp - 1) / tp * hidden_bytes / allreduce_bw
+    return CostModel(f"analytic-8b-h100-tp{tp}", fixed_s=base.fixed_s / tp + comm_fixed,
+                     per_token_s=base.per_token_s / tp + comm_token, per_attn_s=base.per_attn_s / tp,
+                     per_kv_s=base.per_kv_s / tp, per_seq_s=base.per_seq_s,
+                     notes=f"tp={tp}: " + analytic_8b_h100_tp.__doc__.split("\n\n")[0].replace("\n", " "))
