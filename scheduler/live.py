@@ -91,6 +91,11 @@ class _RouterInference(pb_grpc.InferenceServicer):
     async def GetServerInfo(self, request, context):
         return self.o.info()
 
+    async def GetServerStats(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            "a router judges no SLOs itself: ask each replica's GetServerStats "
+                            "(GetRouterStats lists them)")
+
     async def WatchReplica(self, request, context):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED,
                             "a router has no KV cache of its own: watch its replicas (GetRouterStats lists them)")

@@ -71,6 +71,11 @@ class Client:
     def server_info(self, timeout: float | None = None) -> pb.ServerInfo:
         return self._stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=self._metadata, timeout=timeout)
 
+    def server_stats(self, timeout: float | None = None) -> pb.ServerStats:
+        """Goodput per SLO tier since the server started (GetServerStats; a router answers
+        UNIMPLEMENTED)."""
+        return self._stub.GetServerStats(pb.GetServerStatsRequest(), metadata=self._metadata, timeout=timeout)
+
     def watch_replica(self, min_interval_s: float = 0.0) -> Iterator[pb.ReplicaEvent]:
         """The server's load reports and prefix-cache evictions (a stream; cancel() ends it)."""
         return self._stub.WatchReplica(pb.WatchReplicaRequest(min_interval_s=min_interval_s),

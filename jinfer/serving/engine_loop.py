@@ -6,6 +6,11 @@ of the request's stream. Whatever one command does wrong is logged and the loop 
 step that fails is reported to every waiting stream. The loop also says whether it is alive
 (`health()`): a loop whose thread died, or whose step has run past the stall timeout, is not,
 and the server turns NOT_SERVING and fails the streams waiting on it.
+
+Listeners (the server's Goodput ledger, its Prometheus metrics) hear the engine's life on this
+thread, each through the hooks it has: on_admit(request_id, tier, n), on_refused(tier, n) (the
+policy's admission check said no), on_outputs(outputs) after each step, on_done(request_id)
+when a request leaves (finished or aborted), and update_engine(engine) once per iteration.
 """
 
 from __future__ import annotations
@@ -85,9 +90,9 @@ class EngineLoop:
     (a leaf and its parents evicted in one step: one (tokens, keep) entry).
     """
 
-    def __init__(self, engine, metrics=None, stall_timeout_s: float = math.inf):
+    def __init__(self, engine, listeners=(), stall_timeout_s: float = math.inf):
         self.engine = engine
-        self.metrics = metrics  # ServerMetrics or None; touched only on the engine thread
+        self.listeners = tuple(listeners)  # Goodput, ServerMetrics; touched only on the engine thread
         self.stall_timeout_s = stall_timeout_s
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, callable] = {}
@@ -181,6 +186,13 @@ class EngineLoop:
         """The engine's load now, with the requests this server has outstanding (engine thread)."""
         return {**dataclasses.asdict(self.engine.load()), "outstanding": len(self._sinks)}
 
+    def _tell(self, hook: str, *args) -> None:
+        """Calls `hook` on every listener that has it (engine thread)."""
+        for listener in self.listeners:
+            method = getattr(listener, hook, None)
+            if method is not None:
+                method(*args)
+
     def _publish(self, force: bool) -> None:
         """Sends news to watchers: evictions always; a changed load when its interval has
         passed, or at once when `force` (the loop is about to idle)."""
@@ -211,18 +223,18 @@ class EngineLoop:
                     self.engine.add_request(cmd.prompt, cmd.params, request_id=cmd.request_id,
                                             priority=cmd.priority, tier=cmd.tier)
                 except (ValueError, AdmissionRefused) as e:
+                    if isinstance(e, AdmissionRefused):
+                        self._tell("on_refused", cmd.tier, cmd.params.n)
                     cmd.done.set_exception(e)
                     return
                 self._sinks[cmd.request_id] = cmd.sink
-                if self.metrics is not None:
-                    self.metrics.on_admit(cmd.request_id, cmd.tier.name if cmd.tier else "")
+                self._tell("on_admit", cmd.request_id, cmd.tier, cmd.params.n)
                 cmd.done.set_result(cmd.request_id)
             case _Abort():
                 if self._sinks.get(cmd.request_id) is cmd.sink:
                     del self._sinks[cmd.request_id]
                     self.engine.abort(cmd.request_id)
-                    if self.metrics is not None:
-                        self.metrics.on_done(cmd.request_id)
+                    self._tell("on_done", cmd.request_id)
             case _Watch():
                 w = cmd.watcher
                 with self._watch_lock:
@@ -261,8 +273,7 @@ class EngineLoop:
                 return
 
     def _iterate(self) -> None:
-        if self.metrics is not None:  # once per iteration, before blocking when idle
-            self.metrics.update_engine(self.engine)
+        self._tell("update_engine", self.engine)  # once per iteration, before blocking when idle
         busy = self.engine.has_unfinished()
         self._publish(force=not busy)
         try:  # block for work only when the engine is idle
@@ -281,15 +292,13 @@ class EngineLoop:
             log.exception("engine step failed")
             for request_id, sink in list(self._sinks.items()):
                 self.engine.abort(request_id)
-                if self.metrics is not None:
-                    self.metrics.on_done(request_id)
+                self._tell("on_done", request_id)
                 sink(e)
             self._sinks.clear()
             return
         finally:
             self._step_started = None
-        if self.metrics is not None:
-            self.metrics.on_outputs(outputs)
+        self._tell("on_outputs", outputs)
         # A request's stream ends with the last of its outputs that step: samples finishing
         # together are all delivered, and it stops counting as outstanding before that last
         # message goes out.
@@ -300,6 +309,5 @@ class EngineLoop:
                 continue
             if last[out.request_id] == i and not self.engine.is_unfinished(out.request_id):
                 del self._sinks[out.request_id]
-                if self.metrics is not None:
-                    self.metrics.on_done(out.request_id)
+                self._tell("on_done", out.request_id)
             sink(out)

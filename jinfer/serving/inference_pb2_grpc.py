@@ -44,6 +44,11 @@ class InferenceStub:
                 request_serializer=jinfer_dot_serving_dot_inference__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=jinfer_dot_serving_dot_inference__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.GetServerStats = channel.unary_unary(
+                '/jinfer.v1.Inference/GetServerStats',
+                request_serializer=jinfer_dot_serving_dot_inference__pb2.GetServerStatsRequest.SerializeToString,
+                response_deserializer=jinfer_dot_serving_dot_inference__pb2.ServerStats.FromString,
+                _registered_method=True)
         self.WatchReplica = channel.unary_stream(
                 '/jinfer.v1.Inference/WatchReplica',
                 request_serializer=jinfer_dot_serving_dot_inference__pb2.WatchReplicaRequest.SerializeToString,
@@ -69,6 +74,16 @@ class InferenceServicer:
 
     def GetServerInfo(self, request, context):
         """The model, the engine's limits and the server's configuration.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetServerStats(self, request, context):
+        """Goodput per SLO tier since the server started, as the server measures it: samples
+        finished, within their tier's targets or over them, aborted, refused and demoted, and the
+        samples (and their output tokens) that met their SLO per second. A router answers
+        UNIMPLEMENTED: ask its replicas.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,6 +117,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=jinfer_dot_serving_dot_inference__pb2.GetServerInfoRequest.FromString,
                     response_serializer=jinfer_dot_serving_dot_inference__pb2.ServerInfo.SerializeToString,
+            ),
+            'GetServerStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerStats,
+                    request_deserializer=jinfer_dot_serving_dot_inference__pb2.GetServerStatsRequest.FromString,
+                    response_serializer=jinfer_dot_serving_dot_inference__pb2.ServerStats.SerializeToString,
             ),
             'WatchReplica': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchReplica,
@@ -168,6 +188,33 @@ class Inference:
             '/jinfer.v1.Inference/GetServerInfo',
             jinfer_dot_serving_dot_inference__pb2.GetServerInfoRequest.SerializeToString,
             jinfer_dot_serving_dot_inference__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jinfer.v1.Inference/GetServerStats',
+            jinfer_dot_serving_dot_inference__pb2.GetServerStatsRequest.SerializeToString,
+            jinfer_dot_serving_dot_inference__pb2.ServerStats.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,15 +3,21 @@
 Latency histograms carry a `tier` label (the request's SLO tier). Gauges are read from the
 engine after every loop iteration; counters only grow, so rates come from PromQL `rate()`;
 `jinfer_generation_tokens_per_second` and `jinfer_prefix_cache_hit_rate` are also exported
-directly for people reading /metrics by eye.
+directly for people reading /metrics by eye. The per-tier goodput counters are read from the
+server's Goodput ledger (goodput.py) when scraped, so they are the numbers GetServerStats gives.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from jinfer.config import Tier
+from jinfer.serving.goodput import Goodput, sample_times
 
 # Seconds. TTFT spans a cached decode on a GPU to a long prefill queued behind others on a CPU.
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -19,12 +25,55 @@ TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 
 
-class ServerMetrics:
-    """One registry per server (several servers can live in one process, as in the tests)."""
+# Prometheus name (without _total) -> (TierGoodput field, help). Counters, labelled by tier.
+GOODPUT_COUNTERS = {
+    "jinfer_tier_requests_finished": ("finished", "Samples that finished (stop or length), judged or not."),
+    "jinfer_slo_met": ("slo_met", "Finished samples within both of their tier's TTFT and TPOT targets."),
+    "jinfer_ttft_miss": ("ttft_missed", "Finished samples over their tier's TTFT target."),
+    "jinfer_tpot_miss": ("tpot_missed", "Finished samples over their tier's TPOT target."),
+    "jinfer_goodput_tokens": ("goodput_tokens", "Output tokens of the samples that met their SLO."),
+    "jinfer_requests_aborted": ("aborted", "Samples ended early (cancelled, past deadline, failed step)."),
+    "jinfer_requests_refused": ("refused", "Samples the scheduling policy's admission check refused."),
+    "jinfer_requests_demoted": ("demoted", "Samples the scheduling policy demoted to best effort."),
+}
 
-    def __init__(self, window_s: float = 10.0):
+
+class _GoodputCollector:
+    """The goodput ledger as Prometheus counters and gauges, read at scrape time."""
+
+    def __init__(self, goodput: Goodput):
+        self.goodput = goodput
+
+    def collect(self):
+        stats = self.goodput.snapshot()
+        families = []
+        for name, (field, doc) in GOODPUT_COUNTERS.items():
+            family = CounterMetricFamily(name, doc, labels=["tier"])
+            for t in stats.tiers:
+                family.add_metric([t.tier.name], getattr(t, field))
+            families.append(family)
+        rps = GaugeMetricFamily("jinfer_goodput_requests_per_second",
+                                f"Samples meeting their SLO per second over the last {stats.window_s:g} s.",
+                                labels=["tier"])
+        tps = GaugeMetricFamily("jinfer_goodput_tokens_per_second",
+                                f"Output tokens of samples meeting their SLO per second over the last "
+                                f"{stats.window_s:g} s.", labels=["tier"])
+        for t in stats.tiers:
+            rps.add_metric([t.tier.name], t.recent_goodput_rps)
+            tps.add_metric([t.tier.name], t.recent_goodput_tokens_per_s)
+        return families + [rps, tps]
+
+
+class ServerMetrics:
+    """One registry per server (several servers can live in one process, as in the tests).
+
+    goodput: the server's ledger, exported as the per-tier goodput counters (none without)."""
+
+    def __init__(self, goodput: Goodput | None = None, window_s: float = 10.0):
         self.registry = CollectorRegistry()
         r = self.registry
+        if goodput is not None:
+            r.register(_GoodputCollector(goodput))
         self.ttft = Histogram("jinfer_time_to_first_token_seconds", "Arrival to first token, per sample.",
                               ["tier"], buckets=TTFT_BUCKETS, registry=r)
         self.tpot = Histogram("jinfer_time_per_output_token_seconds",
@@ -72,8 +121,8 @@ class ServerMetrics:
 
     # -- called on the engine thread -------------------------------------------------------
 
-    def on_admit(self, request_id: str, tier: str) -> None:
-        self._tiers[request_id] = tier
+    def on_admit(self, request_id: str, tier: Tier | None, n: int) -> None:
+        self._tiers[request_id] = tier.name if tier is not None else ""
 
     def on_outputs(self, outputs, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
@@ -89,8 +138,9 @@ class ServerMetrics:
             self.finished.labels(out.finish_reason or "unknown").inc()
             if out.finish_time is not None:
                 self.latency.labels(tier).observe(out.finish_time - out.arrival_time)
-                if len(out.token_ids) >= 2 and out.first_token_time is not None:
-                    self.tpot.labels(tier).observe((out.finish_time - out.first_token_time) / (len(out.token_ids) - 1))
+                _, tpot = sample_times(out)
+                if not math.isnan(tpot):
+                    self.tpot.labels(tier).observe(tpot)
             if out.index == 0:  # the prompt is counted once, with its first sample
                 self.prompt_tokens.inc(out.usage.prompt_tokens)
                 self.cached_prompt_tokens.inc(out.usage.cached_prompt_tokens)

@@ -15,18 +15,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 
 import grpc
 
 import jinfer
-from jinfer.config import ServingConfig  # noqa: F401  (part of this module's API)
+from jinfer.config import ServingConfig, Tier
 from jinfer.sampling_params import SamplingParams
 from jinfer.serving import inference_pb2 as pb
 from jinfer.serving import inference_pb2_grpc as pb_grpc
 from jinfer.serving.engine_loop import EngineLoop, Health
 from jinfer.serving.frontend import Frontend, ServingError
+from jinfer.serving.goodput import Goodput, GoodputStats
 from jinfer.serving.grpc_host import GrpcHost, add_service, clip_details  # noqa: F401  (GrpcHost: the router's)
 from jinfer.serving.metrics import ServerMetrics
 from jinfer.serving.openai import HttpHost, OpenAIApi
@@ -62,11 +64,32 @@ def _response(request_id: str, out) -> pb.GenerateResponse:
     return msg
 
 
+def tier_info(tier: Tier) -> pb.TierInfo:
+    """A tier's targets as GetServerInfo and GetServerStats give them (0 ms: no target)."""
+    ms = lambda s: 0.0 if math.isinf(s) else s * 1e3  # noqa: E731
+    return pb.TierInfo(name=tier.name, ttft_ms=ms(tier.ttft_s), tpot_ms=ms(tier.tpot_s), weight=tier.weight,
+                       best_effort=tier.best_effort, judged=tier.judged)
+
+
+def server_stats(stats: GoodputStats) -> pb.ServerStats:
+    """GetServerStats' answer: a goodput snapshot, tier by tier."""
+    msg = pb.ServerStats(uptime_s=stats.uptime_s, window_s=stats.window_s)
+    for t in stats.tiers:
+        msg.tiers.add(tier=tier_info(t.tier), finished=t.finished, slo_met=t.slo_met, ttft_missed=t.ttft_missed,
+                      tpot_missed=t.tpot_missed, goodput_tokens=t.goodput_tokens, aborted=t.aborted,
+                      refused=t.refused, demoted=t.demoted, goodput_rps=t.goodput_rps,
+                      goodput_tokens_per_s=t.goodput_tokens_per_s, recent_goodput_rps=t.recent_goodput_rps,
+                      recent_goodput_tokens_per_s=t.recent_goodput_tokens_per_s)
+    return msg
+
+
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, frontend: Frontend, config: ServingConfig, config_json: str = ""):
+    def __init__(self, frontend: Frontend, config: ServingConfig, goodput: Goodput, config_json: str = ""):
+        """goodput: the ledger the engine loop feeds (GetServerStats reads it)."""
         self.frontend = frontend
         self.loop = frontend.loop
         self.config = config
+        self.goodput = goodput
         self.config_json = config_json
 
     def _prompt(self, request):
@@ -121,7 +144,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             page_size=info.page_size, num_pages=info.num_pages,
             max_queued_requests=self.config.max_queued_requests, tiers=list(self.config.tier_names),
             attention_backend=info.attention_backend, tp=info.tp, version=jinfer.__version__,
-            config_json=self.config_json)
+            config_json=self.config_json, tier_info=[tier_info(t) for t in self.config.tier_table])
+
+    async def GetServerStats(self, request, context):
+        return server_stats(self.goodput.snapshot())
 
 
 class Server:
@@ -137,8 +163,12 @@ class Server:
         """config_json: the launch configuration GetServerInfo reports (jinfer.launch)."""
         self.config = config
         self._config_json = config_json
-        self.metrics = ServerMetrics() if config.metrics_port is not None else None
-        self.loop = EngineLoop(engine, self.metrics, config.engine_stall_timeout_s)
+        # Goodput accounting is always on (GetServerStats); Prometheus only with a metrics port.
+        # The policy's demotion counts are reported when it keeps them (scheduler.slo.SloAware).
+        self.goodput = Goodput(config.tier_table, policy=getattr(engine.scheduler, "policy", None))
+        self.metrics = ServerMetrics(self.goodput) if config.metrics_port is not None else None
+        self.loop = EngineLoop(engine, [lis for lis in (self.goodput, self.metrics) if lis is not None],
+                               config.engine_stall_timeout_s)
         self.frontend = Frontend(self.loop, config, engine.tokenizer)
         self._watchdog: asyncio.Task | None = None
         self.port: int | None = None
@@ -162,7 +192,7 @@ class Server:
         if cfg.tls_cert:
             with open(cfg.tls_key, "rb") as k, open(cfg.tls_cert, "rb") as c:
                 creds = grpc.ssl_server_credentials([(k.read(), c.read())])
-        servicer = InferenceServicer(self.frontend, cfg, self._config_json)
+        servicer = InferenceServicer(self.frontend, cfg, self.goodput, self._config_json)
         self.port = self._host.run(self._host.serve(
             lambda server: add_service(server, servicer, pb.DESCRIPTOR.services_by_name["Inference"]), (SERVICE,),
             f"{cfg.host}:{cfg.port}", auth_token=cfg.auth_token, credentials=creds,
