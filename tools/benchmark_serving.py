@@ -14,7 +14,9 @@ demo (the short mix `make demo` runs), trace (a JSONL file; format in jinfer/wor
 Synthetic prompts are random token ids from the server's vocabulary, so lengths are exact.
 
 Reports throughput, TTFT / TPOT / latency mean and p50/p90/p99 overall and per tier, and per
-tier with an --slo the SLO attainment and goodput (requests meeting both targets per second).
+tier with an --slo (or, without one, the targets the server gives the tier) the SLO attainment
+and goodput (requests meeting both targets per second). Against a gRPC server it also prints
+the server's own count over the run (GetServerStats): finished, met and missed per tier.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ flags.DEFINE_string("tiers", "", "Tier mix of synthetic requests, e.g. interacti
 flags.DEFINE_float("rate", 4.0, "Poisson arrival rate in requests/s; inf: all at once. With a trace: 0 keeps "
                    "its times, > 0 rescales them to this average rate.", lower_bound=0)
 flags.DEFINE_multi_string("slo", [], "tier:ttft_ms:tpot_ms (repeat per tier): report SLO attainment and "
-                          "goodput for that tier.")
+                          "goodput for that tier. A tier of the workload without one is judged by the targets "
+                          "the server gives it (GetServerInfo; serving.tiers), if any.")
 flags.DEFINE_bool("ignore_eos", True, "Generate exactly max_tokens (synthetic prompts would stop at random "
                   "EOS otherwise).")
 flags.DEFINE_float("temperature", 0.0, "Sampling temperature of every request (0: greedy).", lower_bound=0)
@@ -124,7 +127,7 @@ def main(argv):
             import matplotlib  # noqa: F401 - checked before the run, not after it
         except ImportError:
             raise app.UsageError("--plot needs matplotlib: pip install 'jinfer[plot]'") from None
-    vocab_size = 4096
+    vocab_size, info = 4096, None
     if not FLAGS.dry_run:
         try:
             info = bm.server_info(FLAGS.target, token=FLAGS.token or None, root_cert=FLAGS.root_cert or None)
@@ -144,6 +147,9 @@ def main(argv):
         print(f"wrote {len(items)} requests to {FLAGS.save_trace}", file=sys.stderr)
     if FLAGS.dry_run:
         return
+    first = info["tiers"][0] if info["tiers"] else ""
+    used = {it.tier or first for it in items}
+    slos = {**{t: slo for t, slo in bm.server_slos(info).items() if t in used}, **slos}
     run = bm.replay(FLAGS.target, items, token=FLAGS.token or None, root_cert=FLAGS.root_cert or None,
                     ignore_eos=FLAGS.ignore_eos, temperature=FLAGS.temperature,
                     max_concurrency=FLAGS.max_concurrency, progress=FLAGS.progress,

@@ -1,7 +1,8 @@
 """How the serving benchmark (benchmark.py) talks to a server: streamed gRPC Generate calls, or
 streamed completions of the OpenAI-compatible HTTP API. Both give the same account of a
 request (new token ids and text per message, usage at the end) and fail the same way
-(RequestFailed, 'CODE: message').
+(RequestFailed, 'CODE: message'). Over gRPC the server also says its tiers' targets and its own
+goodput count (GetServerStats); the HTTP API says neither.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ import httpx
 from jinfer.serving import inference_pb2 as pb
 from jinfer.serving import inference_pb2_grpc as pb_grpc
 from jinfer.workloads import WorkItem
+
+
+SERVER_COUNTS = ("finished", "slo_met", "ttft_missed", "tpot_missed", "goodput_tokens", "aborted", "refused",
+                 "demoted")
+"""The per-tier counts of GetServerStats (TierStats fields) the benchmark reads."""
 
 
 class RequestFailed(Exception):
@@ -56,7 +62,20 @@ class _GrpcTarget:
             raise RequestFailed(f"{e.code().name}: {e.details()}") from None
         return {"model": info.model, "tiers": list(info.tiers), "max_model_len": info.max_model_len,
                 "attention_backend": info.attention_backend, "tp": info.tp, "version": info.version,
-                "vocab_size": info.vocab_size}
+                "vocab_size": info.vocab_size, "tier_targets": {
+                    t.name: {"ttft_ms": t.ttft_ms, "tpot_ms": t.tpot_ms, "weight": t.weight,
+                             "best_effort": t.best_effort, "judged": t.judged} for t in info.tier_info}}
+
+    async def stats(self) -> dict | None:
+        """The server's goodput count per tier since it started (GetServerStats): {"uptime_s",
+        "tiers": {name: {"judged", "finished", "slo_met", ...}}}; None when it cannot say (a
+        router answers UNIMPLEMENTED) or the call fails: the report then leaves it out."""
+        try:
+            stats = await self._stub.GetServerStats(pb.GetServerStatsRequest(), metadata=self._metadata, timeout=30)
+        except grpc.aio.AioRpcError:
+            return None
+        return {"uptime_s": stats.uptime_s, "tiers": {t.tier.name: {
+            "judged": t.tier.judged, **{k: getattr(t, k) for k in SERVER_COUNTS}} for t in stats.tiers}}
 
     async def stream(self, prompt, item: WorkItem, tier: str, ignore_eos: bool, temperature: float, seed: int,
                      timeout_s: float | None):
@@ -109,6 +128,10 @@ class _HttpTarget:
         self._model = card["id"]
         return {"model": card["id"], "tiers": card.get("tiers", []), "max_model_len": card.get("max_model_len"),
                 "vocab_size": card.get("vocab_size"), "protocol": "http"}
+
+    async def stats(self) -> None:
+        """The HTTP API keeps no goodput count of its own: ask the server over gRPC."""
+        return None
 
     async def stream(self, prompt, item: WorkItem, tier: str, ignore_eos: bool, temperature: float, seed: int,
                      timeout_s: float | None):

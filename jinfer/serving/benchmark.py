@@ -7,6 +7,11 @@ token) / (tokens − 1), latency = last token − send. A request that fails (an
 error) counts as completed-with-error and misses every SLO. SLO attainment is the share of a
 tier's requests meeting both its TTFT and TPOT targets; goodput is how many of them per second
 of the run.
+
+Over gRPC the server's own count is read too (GetServerStats before and after the run, the
+difference): what it finished, met and missed per tier by its own clock and its tiers'
+targets. Its TTFT starts at the engine's queue and ends before the network, so it is shorter
+than the client's.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import time
 
 import numpy as np
 
-from jinfer.serving.bench_targets import RequestFailed, connect
+from jinfer.serving.bench_targets import SERVER_COUNTS, RequestFailed, connect
 from jinfer.workloads import WorkItem
 
 PERCENTILES = (50, 90, 99)
@@ -51,6 +56,14 @@ class Slo:
     def parse_all(cls, specs) -> dict[str, "Slo"]:
         """Several 'tier:TTFT_MS:TPOT_MS' specs -> {tier: Slo}; ValueError names a bad one."""
         return dict(cls.parse(s) for s in specs)
+
+
+def server_slos(info: dict) -> dict[str, Slo]:
+    """The targets of the server's judged tiers (GetServerInfo's tier_info; 0 ms: none), as
+    {tier: Slo}: what a report may judge a tier by when the client gives it no --slo."""
+    seconds = lambda ms: ms / 1e3 if ms else math.inf  # noqa: E731
+    return {name: Slo(seconds(t["ttft_ms"]), seconds(t["tpot_ms"]))
+            for name, t in info.get("tier_targets", {}).items() if t["judged"]}
 
 
 @dataclasses.dataclass
@@ -101,6 +114,23 @@ class Run:
     results: list[Result]
     duration_s: float
     server: dict
+    server_stats: dict | None = None  # tier -> the server's counts over the run (server_delta); None: not asked
+
+
+def server_delta(before: dict | None, after: dict | None, duration_s: float) -> dict | None:
+    """What the server counted between two GetServerStats reads (bench_targets stats()), per
+    tier: the counts' differences, and SLO-met samples and their tokens per second of
+    duration_s. None if either read is missing."""
+    if before is None or after is None:
+        return None
+    out = {}
+    for tier, a in after["tiers"].items():
+        b = before["tiers"].get(tier, {})
+        d = {"judged": a["judged"], **{k: a[k] - b.get(k, 0) for k in SERVER_COUNTS}}
+        d["goodput_rps"] = d["slo_met"] / duration_s
+        d["goodput_tokens_per_s"] = d["goodput_tokens"] / duration_s
+        out[tier] = d
+    return out
 
 
 def server_info(target: str, *, token: str | None = None, root_cert: str | None = None) -> dict:
@@ -120,6 +150,7 @@ async def _replay(target: str, items: list[WorkItem], *, token, root_cert, ignor
     client = connect(target, token, root_cert)
     try:
         info = await client.info()
+        stats_before = await client.stats()
         first_tier = info["tiers"][0] if info["tiers"] else ""
         results = [Result(i, it.tier or first_tier, it.session, it.group, it.arrival_s) for i, it in enumerate(items)]
         limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
@@ -189,9 +220,10 @@ async def _replay(target: str, items: list[WorkItem], *, token, root_cert, ignor
         duration = time.perf_counter() - start
         if bar is not None:
             bar.close()
+        stats = server_delta(stats_before, await client.stats(), duration)
     finally:
         await client.close()
-    return Run(results, duration, info)
+    return Run(results, duration, info, stats)
 
 
 def replay(target: str, items: list[WorkItem], *, token: str | None = None, root_cert: str | None = None,
@@ -251,6 +283,8 @@ def summarize(run: Run, slos: dict[str, Slo] | None = None) -> dict:
             t["attainment"] = met / len(rs) if rs else None
             t["goodput_rps"] = met / dur
         summary["tiers"][tier] = t
+    if run.server_stats is not None:
+        summary["server"] = run.server_stats
     return summary
 
 
@@ -282,6 +316,16 @@ def format_report(summary: dict) -> str:
             att = "-" if t["attainment"] is None else f"{100 * t['attainment']:.1f} %"
             lines.append(f"| {name} | {_fmt(t['slo']['ttft_ms'], 0)} | {_fmt(t['slo']['tpot_ms'], 0)} | {att} | "
                          f"{t['goodput_rps']:.2f} |")
+    active = {k: v for k, v in s.get("server", {}).items() if v["finished"] or v["aborted"] or v["refused"]}
+    if active:
+        lines += ["", "server's count over the run (GetServerStats; its own clock and its tiers' targets):",
+                  "| tier | finished | SLO met | TTFT missed | TPOT missed | aborted | refused | demoted | "
+                  "goodput req/s | goodput tok/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, t in active.items():
+            judged = [t["slo_met"], t["ttft_missed"], t["tpot_missed"]] if t["judged"] else ["-"] * 3
+            rates = [f"{t['goodput_rps']:.2f}", f"{t['goodput_tokens_per_s']:.1f}"] if t["judged"] else ["-"] * 2
+            cells = [t["finished"], *judged, t["aborted"], t["refused"], t["demoted"], *rates]
+            lines.append(f"| {name} | " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
