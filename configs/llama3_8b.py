@@ -23,7 +23,12 @@ def get_config():
     c.engine.warmup = True  # every bucket compiled before the first request
     c.engine.compilation_cache = "~/.cache/jinfer/xla"
     c.serving.port = 50051
-    c.serving.tiers = ("interactive", "batch")
+    # Chat-style targets for an 8B model on one H100/H200 (TTFT ms : TPOT ms [: weight]): a first
+    # token within half a second and 50 ms a token (a decode step of 128 sequences of 2k tokens
+    # reads ~50 GB of weights and KV: ~15-20 ms at H100 bandwidth, room for prefill chunks);
+    # offline batch work within 10 s and 200 ms. Goodput (GetServerStats, /metrics) is counted
+    # by them; --config.engine.scheduling_policy=slo schedules by them.
+    c.serving.tiers = ("interactive:500:50:4", "batch:10000:200")
     c.serving.max_queued_requests = 1024
     c.serving.metrics_port = 9090
     return c
