@@ -16,6 +16,7 @@ from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig, Tier
 from jinfer.models.llama import set_attention_backend
 from jinfer.detokenizer import IncrementalDetokenizer
 from jinfer.errors import shorten
+from jinfer.kv_cache import KVCache
 from jinfer.prefix_cache import EvictionLog
 from jinfer.request import Request, RequestOutput, Status, Usage
 from jinfer.runner import ModelRunner
@@ -65,6 +66,23 @@ class EngineInfo:
     num_pages: int
     attention_backend: str
     tp: int
+
+
+@dataclasses.dataclass
+class Migration:
+    """Requests on their way from one engine to another (Engine.export_requests ->
+    import_requests), with the K/V of their computed tokens, so they continue where they were
+    instead of recomputing."""
+
+    groups: dict[str, list[Request]]  # public id -> its samples, as the engine holds them
+    detoks: dict[str, IncrementalDetokenizer]  # sample id -> its detokenizer
+    carried: list[tuple[str, int]]  # (sample id, leading pages of it in kv), in kv's page order
+    kv: KVCache | None  # those pages' K/V, on the exporting engine's devices
+    outputs: list[RequestOutput]  # read back from the device but not yet returned by step()
+
+    @property
+    def num_pages(self) -> int:
+        return sum(n for _, n in self.carried)
 
 
 class Engine:
@@ -214,6 +232,84 @@ class Engine:
         placed = [_place_like(got, want) for (_, want), (_, got) in zip(old, new)]
         self.runner.state = jax.tree_util.tree_unflatten(treedef, placed)
         self.reset_prefix_cache()
+
+    def export_requests(self, request_ids=None) -> Migration:
+        """Takes requests out of this engine, unfinished, for import_requests on another (an
+        instance being dropped hands its requests to one that stays). request_ids: public ids
+        (None: every unfinished request); ValueError naming an unknown one, before anything
+        changes. The step in flight is read back first; what it produced for these requests
+        travels with them (Migration.outputs). Their K/V pages are gathered in one batch; their
+        pages here are released (into the prefix cache, like a finished request's)."""
+        ids = list(self._groups) if request_ids is None else list(request_ids)
+        unknown = [i for i in ids if i not in self._groups]
+        if unknown:
+            raise ValueError(f"request ids {[shorten(i) for i in unknown[:3]]} are not unfinished in this engine")
+        self._settle_inflight()
+        groups = {i: self._groups.pop(i) for i in ids}
+        samples = [r for g in groups.values() for r in g if r.status is not Status.FINISHED]
+        carried, pages = [], []
+        for r in samples:
+            n = min(len(r.pages), -(-r.num_computed_tokens // self.runner.page_size))
+            if n:
+                carried.append((r.request_id, n))
+                pages += r.pages[:n]
+        kv = self.runner.read_pages(pages) if pages else None
+        self.scheduler.detach(samples)
+        detoks = {r.request_id: self._detok.pop(r.request_id) for g in groups.values() for r in g
+                  if r.request_id in self._detok}
+        mine = set(ids)
+        outputs = [o for o in self._held_outputs if o.request_id in mine]
+        self._held_outputs = [o for o in self._held_outputs if o.request_id not in mine]
+        return Migration(groups, detoks, carried, kv, outputs)
+
+    def import_requests(self, migration: Migration):
+        """Takes in requests another engine exported; they continue from their computed tokens
+        with their K/V written into pages of this pool (the data moving onto this engine's
+        devices and sharding), or, for samples the pool cannot hold now, recompute them like a
+        preempted request. Outputs they produced in flight come with this engine's next step().
+        ValueError (nothing changes) if a request id is already in use here. Returns the
+        sharding.reshard.MoveStats of the K/V move (None when no page was carried)."""
+        clash = [i for i in migration.groups if i in self._groups]
+        if clash:
+            raise ValueError(f"request ids {[shorten(i) for i in clash[:3]]} are already in use in this engine")
+        page = self.runner.page_size
+        by_id = {r.request_id: r for g in migration.groups.values() for r in g}
+        held = {f.request_id for r in by_id.values() for f in r.followers}  # unforked: their leader starts them
+        src, dst, at = [], [], 0
+        kv = self.scheduler.kv
+        for sample_id, n in migration.carried:
+            req = by_id[sample_id]
+            req.pages, req.cache_node = [], None
+            if kv.grow(req, n * page):
+                src += range(at, at + n)
+                dst += req.pages
+            else:  # no room now: recompute it when it is admitted again
+                req.num_computed_tokens, req.status = 0, Status.WAITING
+                req.num_preemptions += 1
+            at += n
+        stats = None
+        if dst:
+            data = migration.kv
+            if len(src) < migration.num_pages:
+                idx = src + [src[-1]] * ((1 << (len(src) - 1).bit_length()) - len(src))
+                data = jax.tree.map(lambda a: a[:, idx], data)
+            stats = self.runner.write_pages(dst, data)
+        carried = {sid for sid, _ in migration.carried}
+        for req in by_id.values():
+            req.policy_state = None
+            if req.status is Status.FINISHED or req.request_id in held:
+                continue
+            if req.request_id not in carried:
+                req.pages, req.cache_node = [], None
+                if req.status is Status.RUNNING:  # nothing computed yet: starts over as waiting
+                    req.status, req.num_computed_tokens = Status.WAITING, 0
+            (self.scheduler.running if req.status is Status.RUNNING else self.scheduler.waiting).append(req)
+            if self.scheduler.drafter is not None and (req.status is Status.RUNNING or req.num_preemptions):
+                self.scheduler.resume_drafting(req)
+        self._groups.update(migration.groups)
+        self._detok.update(migration.detoks)
+        self._held_outputs += migration.outputs
+        return stats
 
     def _settle_inflight(self) -> None:
         """Reads back the step in flight (async scheduling); its outputs come with the next step()."""

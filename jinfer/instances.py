@@ -5,7 +5,10 @@ requests run.
 Regrouping maps old instances onto new device groups so that as many devices as possible keep
 what they hold:
 - instances with unfinished requests are placed first, each on the free group it overlaps most,
-  then idle ones; an old instance left without a group is dropped (it must be idle);
+  then idle ones; an old instance left without a group is dropped, its unfinished requests
+  handed to the new instance it overlaps most (Engine.export_requests / import_requests: the
+  K/V of their computed tokens gathered in one batch and written into the receiver's pool,
+  so they continue, token for token, where they were);
 - a kept instance reshards onto its group (Engine.reshard: weights move only the slices each
   device lacks, KV pages migrate with their tables, running requests continue);
 - a group left without an instance gets a new replica whose weights are copied from the old
@@ -42,6 +45,8 @@ class RegroupReport:
     dropped: list[int]  # old
     weights: dict[int, MoveStats]  # new -> bytes its weights moved (kept or created)
     kv: dict[int, MoveStats]  # new -> bytes its KV pool moved (kept only)
+    migrated: dict[int, tuple[int, int, MoveStats | None]] = dataclasses.field(default_factory=dict)
+    """old (dropped) -> (new instance that took its requests, requests moved, K/V bytes moved)"""
 
 
 class Instances:
@@ -88,11 +93,12 @@ class Instances:
             if i not in kept and j not in kept.values():
                 kept[i] = j
         dropped = [i for i in range(len(self.engines)) if i not in kept]
+        report = RegroupReport(kept=kept, created={}, dropped=dropped, weights={}, kv={})
+        leaving = {}  # dropped old instance -> (new instance taking its requests, its Migration)
         for i in dropped:
             if busy[i]:
-                raise ValueError(f"regroup to {list(sizes)} drops instance {i} (tp={self.sizes[i]}), "
-                                 "which has unfinished requests; let them finish or abort them first")
-        report = RegroupReport(kept=kept, created={}, dropped=dropped, weights={}, kv={})
+                j = max(range(len(new_sets)), key=lambda j: (len(old_sets[i] & new_sets[j]), -j))
+                leaving[i] = (j, self.engines[i].export_requests())
         engines: list = [None] * len(meshes)
         for j in range(len(meshes)):
             if j in kept.values():
@@ -105,6 +111,8 @@ class Instances:
         for i, j in kept.items():
             engines[j] = self.engines[i]
             report.weights[j], report.kv[j] = engines[j].reshard(meshes[j])
+        for i, (j, migration) in leaving.items():
+            report.migrated[i] = (j, len(migration.groups), engines[j].import_requests(migration))
         self.engines, self.meshes = engines, meshes
         return report
 

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 import math
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -115,6 +116,8 @@ class ModelRunner:
         self.compiled_last = False
         kv_out = None if layout is None else jax.tree.map(lambda _: layout.kv_sharding, self.kv)
         self._move = jax.jit(_move_kv, donate_argnums=(0,), out_shardings=kv_out)
+        self._gather = jax.jit(_gather_pages, out_shardings=kv_out)
+        self._scatter = jax.jit(_scatter_pages, donate_argnums=(0,), out_shardings=kv_out)
 
     def reshard(self, layout):
         """Moves weights and the KV pool to a new TP layout (no step may be in flight).
@@ -127,6 +130,22 @@ class ModelRunner:
         self.kv, kv = reshard_tree(self.kv, kv_targets)
         self._bind(layout)
         return weights, kv
+
+    def read_pages(self, pages: Sequence[int]) -> KVCache:
+        """The K/V of `pages`, every layer, gathered into a pool of their own on this runner's
+        devices (padded to a power of two by repeating the last page). No step may be in flight."""
+        with self._mesh():
+            return self._gather(self.kv, _padded(pages, 1 << (len(pages) - 1).bit_length()))
+
+    def write_pages(self, pages: Sequence[int], data: KVCache):
+        """Writes read_pages output (from this runner or another, on any devices) into `pages`
+        of this pool: the data moves onto this pool's sharding first, each device receiving
+        only the heads it holds. Returns sharding.reshard.MoveStats of that move."""
+        target = self.kv.k[0].sharding
+        data, stats = reshard_tree(data, jax.tree.map(lambda _: target, data))
+        with self._mesh():
+            self.kv = self._scatter(self.kv, data, _padded(pages, data.num_pages))
+        return stats
 
     def _mesh(self):
         """Steps are traced with the mesh set, so backends that partition by hand see it."""
@@ -266,6 +285,21 @@ def _step(graphdef, max_rows, state, kv, prev_tokens, ids, feed, pos, md, logits
     tokens, logprobs = sample(logits, samp)
     pad = max_rows - tokens.shape[0]  # fixed shape: the next step takes these as prev_tokens
     return jnp.pad(tokens, (0, pad)), jnp.pad(logprobs, (0, pad)), kv
+
+
+def _padded(pages: Sequence[int], n: int) -> np.ndarray:
+    pages = list(pages)
+    return np.array(pages + [pages[-1]] * (n - len(pages)), np.int32)
+
+
+def _gather_pages(kv: KVCache, pages) -> KVCache:
+    return KVCache(tuple(k[:, pages] for k in kv.k), tuple(v[:, pages] for v in kv.v))
+
+
+def _scatter_pages(kv: KVCache, data: KVCache, pages) -> KVCache:
+    """A repeated page gets the same data again (read_pages pads by repeating the last)."""
+    return KVCache(tuple(k.at[:, pages].set(d) for k, d in zip(kv.k, data.k)),
+                   tuple(v.at[:, pages].set(d) for v, d in zip(kv.v, data.v)))
 
 
 def _move_kv(kv: KVCache, src_page, src_slot, dst_page, dst_slot) -> KVCache:

@@ -250,6 +250,28 @@ class Scheduler:
             req.followers = []
             self._end_drafting(req, aborted=True)
 
+    def detach(self, reqs: Sequence[Request]) -> None:
+        """Takes requests out of this scheduler unfinished (they move to another engine:
+        Engine.export_requests): off the queues, pages released, the drafter told they ended."""
+        gone = {id(r) for r in reqs}
+        self.running = [r for r in self.running if id(r) not in gone]
+        self.waiting = [r for r in self.waiting if id(r) not in gone]
+        for req in reqs:
+            self.release(req)
+            self._end_drafting(req, aborted=True)
+
+    def resume_drafting(self, req: Request) -> None:
+        """Tells the drafter about a request that arrives already started (imported from another
+        engine): its prompt, then the tokens it has."""
+        if self.drafter is None or req.request_id in self._drafting:
+            return
+        self._drafting.add(req.request_id)
+        t0 = time.perf_counter()
+        self.drafter.start(req.request_id, req.prompt_ids)
+        if req.output_ids:
+            self.drafter.observe(req.request_id, list(req.output_ids))
+        self.spec.drafter_seconds += time.perf_counter() - t0
+
     def release(self, req: Request) -> None:
         """Returns a finished/aborted/preempted request's pages (its full computed ones indexed
         in the prefix cache first)."""

@@ -52,10 +52,6 @@ def test_mixed_instances_regroup_while_requests_run():
             inst.engines[k].step()
     busy0, busy1 = inst.engines[0], inst.engines[1]
 
-    with pytest.raises(ValueError, match="drops instance 1 .tp=2., which has unfinished requests"):
-        inst.regroup([8])
-    assert inst.sizes == [4, 2, 1, 1]  # nothing moved
-
     # 4+2+1+1 -> 4+4: the busy TP2 instance grows onto devices 4-7, the idle TP1 ones go.
     report = inst.regroup([4, 4])
     assert report.kept == {0: 0, 1: 1} and report.dropped == [2, 3] and report.created == {}
@@ -77,3 +73,72 @@ def test_mixed_instances_regroup_while_requests_run():
     for e in inst.engines:
         e.scheduler.prefix_cache.clear()
         assert e.scheduler.pool.num_free == e.runner.num_pages  # no page leaked
+
+
+def _collect(engine, ids, got):
+    """Steps `engine` until it has nothing left; records every finished sample's tokens."""
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.finished:
+                got[(o.request_id, o.index)] = o.token_ids
+    for _ in range(2):
+        for o in engine.step():
+            if o.finished:
+                got[(o.request_id, o.index)] = o.token_ids
+    return [[got[(i, k)] for k in range(n)] for i, n in ids]
+
+
+def test_busy_instances_merge_into_one_and_their_requests_continue_token_identically():
+    import dataclasses
+    from jinfer.engine import Engine
+    from jinfer.sampling_params import SamplingParams
+    from tests.test_tp import _run
+    sampled = SamplingParams(temperature=0.9, top_k=20, seed=11, n=2, max_tokens=10, ignore_eos=True)
+    ref = Engine(init_model(CFG, seed=3), TOK, **KW)
+    want = {}
+    rids = [(ref.add_request(p, GREEDY), 1) for p in PROMPTS] + [(ref.add_request(PROMPTS[0], sampled), 2)]
+    expected = _collect(ref, rids, want)
+    assert expected[:3] == [[t] for t in _run(CFG, None)[1]]
+
+    inst = Instances(init_model(CFG, seed=3), TOK, [2, 2, 2, 2], **KW)
+    ids = {k: [(inst.engines[k].add_request(p, GREEDY), 1) for p in PROMPTS]
+           + [(inst.engines[k].add_request(PROMPTS[0], sampled), 2)] for k in range(4)}
+    for k in range(4):  # every instance mid-way: prompts computed, some tokens out, a step in flight
+        for _ in range(2 + k):
+            inst.engines[k].step()
+    early: dict = {}
+    report = inst.regroup([8])
+    assert report.kept == {0: 0} and report.dropped == [1, 2, 3]
+    assert {i: (j, n) for i, (j, n, _) in report.migrated.items()} == {1: (0, 4), 2: (0, 4), 3: (0, 4)}
+    for i, (_, _, kv) in report.migrated.items():
+        assert kv.moved > 0 and kv.moved == kv.minimum  # each device got only the heads it lacks
+    merged = inst.engines[0]
+    assert len(merged._groups) == 16
+    results = _collect(merged, [r for k in range(4) for r in ids[k]], early)
+    for k in range(4):
+        assert results[4 * k:4 * k + 4] == expected
+    merged.scheduler.prefix_cache.clear()
+    assert merged.scheduler.pool.num_free == merged.runner.num_pages
+
+
+def test_a_migration_the_pool_cannot_hold_recomputes_and_still_matches():
+    from jinfer.engine import Engine
+    ref = Engine(init_model(CFG, seed=3), TOK, **KW)
+    expected = [o.token_ids for o in ref.generate(PROMPTS, GREEDY)]
+    src = Engine(init_model(CFG, seed=3), TOK, **KW)
+    small = dict(KW, cache_config=CacheConfig(page_size=4, num_pages=12))
+    dst = Engine(init_model(CFG, seed=3), TOK, **small)
+    ids = [src.add_request(p, GREEDY) for p in PROMPTS]
+    for _ in range(4):
+        src.step()
+    migration = src.export_requests()
+    assert not src.has_unfinished() and migration.num_pages > 12 - 4
+    with pytest.raises(ValueError, match="not unfinished in this engine"):
+        src.export_requests(["nope"])
+    dst.import_requests(migration)
+    assert any(r.num_preemptions for g in dst._groups.values() for r in g)  # some had no room: recompute
+    with pytest.raises(ValueError, match="already in use in this engine"):
+        dst.import_requests(migration)
+    assert _collect(dst, [(i, 1) for i in ids], {}) == [[t] for t in expected]
+    dst.scheduler.prefix_cache.clear()
+    assert dst.scheduler.pool.num_free == 12
