@@ -318,7 +318,9 @@ class Engine:
             self._held_outputs += self._postprocess(*done)
 
     def has_unfinished(self) -> bool:
-        return bool(self._groups)
+        """Whether a request is unfinished, or outputs read back early (reshard, migration)
+        wait for the next step() to return them."""
+        return bool(self._groups or self._held_outputs)
 
     def load(self) -> EngineLoad:
         sched = self.scheduler

@@ -20,13 +20,19 @@ old and its new shards.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from typing import Sequence
+import math
+import time
+from typing import Mapping, Protocol, Sequence
 
 import jax
 from flax import nnx
 
-from jinfer.engine import Engine
+from jinfer.config import Tier
+from jinfer.engine import Engine, EngineLoad
+from jinfer.request import RequestOutput
+from jinfer.scheduling import SpecStats
 from sharding.devices import partition_devices
 from sharding.reshard import MoveStats, reshard_tree
 from sharding.tp import TPLayout
@@ -57,17 +63,28 @@ class Instances:
     queue; a router in front decides which replica gets a request.
     """
 
-    def __init__(self, model, tokenizer, sizes: Sequence[int], *, devices=None, **engine_kwargs):
+    def __init__(self, model, tokenizer, sizes: Sequence[int], *, devices=None, policy_factory=None,
+                 **engine_kwargs):
         """model: the weights (anywhere: each replica copies them onto its own shards). For a
         model too large for one device, load it sharded onto the first group's mesh
-        (jinfer.loader.hf.load_sharded): the others then copy only the slices they lack."""
+        (jinfer.loader.hf.load_sharded): the others then copy only the slices they lack.
+        policy_factory: builds each replica's own SchedulingPolicy (policies keep per-engine
+        state), bound to its scheduler when it has `bind`; None: the engines' default."""
         self.devices = list(jax.devices() if devices is None else devices)
         self.tokenizer = tokenizer
         self.engine_kwargs = engine_kwargs
+        self.policy_factory = policy_factory
         self.meshes = partition_devices(sizes, self.devices)
         for mesh in self.meshes:  # ValueError naming what tp fails to divide, before any copy
             TPLayout.for_model(model.config, mesh)
-        self.engines = [Engine(model, tokenizer, mesh=mesh, **engine_kwargs) for mesh in self.meshes]
+        self.engines = [self._engine(model, mesh) for mesh in self.meshes]
+
+    def _engine(self, model, mesh) -> Engine:
+        policy = self.policy_factory() if self.policy_factory is not None else None
+        engine = Engine(model, self.tokenizer, mesh=mesh, policy=policy, **self.engine_kwargs)
+        if hasattr(policy, "bind"):
+            policy.bind(engine.scheduler)
+        return engine
 
     @property
     def sizes(self) -> list[int]:
@@ -122,4 +139,176 @@ class Instances:
         runner = engine.runner
         state, stats = reshard_tree(runner.state, layout.state_shardings(runner.state))
         model = nnx.merge(runner.graphdef, state)
-        return Engine(model, self.tokenizer, mesh=mesh, **self.engine_kwargs), stats
+        return self._engine(model, mesh), stats
+
+
+class TopologyControl(Protocol):
+    """What InstanceGroup asks of an adaptive-TP controller (scheduler.nitsum.NitsumControl)."""
+
+    window_s: float
+
+    def route(self, tier: str, outstanding: Sequence[int]) -> int:
+        """The instance a new request of `tier` goes to, given each instance's unfinished requests."""
+
+    def observe(self, arrived: Mapping[str, int], served: Mapping[str, int]) -> None:
+        """One window's arrivals per tier and its finished requests that met their SLO."""
+
+    def decide(self, now: float) -> Sequence[int] | None:
+        """New instance sizes to regroup into now (instance i then serves what the controller
+        routes to i), or None to keep the current ones."""
+
+
+@dataclasses.dataclass
+class Reconfiguration:
+    """One regroup an InstanceGroup made: when, from and to which sizes, how long the pause
+    took, and what moved."""
+
+    time_s: float
+    old: tuple[int, ...]
+    new: tuple[int, ...]
+    seconds: float
+    weights_moved: int
+    weights_minimum: int
+    weights_full_reload: int
+    kv_moved: int
+    requests_migrated: int
+
+
+class InstanceGroup:
+    """Instances behind one engine interface (what EngineLoop and Server drive), so one server
+    endpoint serves every instance: a request goes to the instance `control.route` picks,
+    every busy instance steps in turn, and once per control window the controller hears the
+    window's arrivals and SLO-met finishes per tier and may regroup the devices (between steps:
+    requests keep running, KV migrates, only missing weight slices move). `control=None`: a
+    static partition, requests to the least-loaded instance."""
+
+    def __init__(self, instances: Instances, control: TopologyControl | None = None, clock=time.monotonic):
+        self.instances, self.control, self.clock = instances, control, clock
+        self.tokenizer = instances.tokenizer
+        self.scheduler = None  # no single scheduler (and policy) to report
+        self._where: dict[str, Engine] = {}  # public request id -> the engine serving it
+        self._tier: dict[str, Tier | None] = {}
+        self._arrived: collections.Counter = collections.Counter()
+        self._served: collections.Counter = collections.Counter()
+        self._window_start = clock()
+        self.reconfigurations: list[Reconfiguration] = []
+
+    @property
+    def engines(self) -> list[Engine]:
+        return self.instances.engines
+
+    def _outstanding(self) -> list[int]:
+        counts = collections.Counter(id(e) for e in self._where.values())
+        return [counts[id(e)] for e in self.engines]
+
+    # -- the Engine interface the serving layer uses ---------------------------------------------
+
+    def add_request(self, prompt, params=None, request_id: str | None = None, priority: int = 0,
+                    tier: Tier | None = None) -> str:
+        if request_id is not None and request_id in self._where:
+            raise ValueError(f"request_id={request_id!r} is already in use or contains '/'")
+        outstanding = self._outstanding()
+        if self.control is None:
+            k = min(range(len(self.engines)), key=lambda i: (outstanding[i], i))
+        else:
+            k = self.control.route(tier.name if tier else "", outstanding)
+        engine = self.engines[k]
+        request_id = engine.add_request(prompt, params, request_id=request_id, priority=priority, tier=tier)
+        self._where[request_id] = engine
+        self._tier[request_id] = tier
+        self._arrived[tier.name if tier else ""] += 1
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        engine = self._where.pop(request_id, None)
+        self._tier.pop(request_id, None)
+        return engine.abort(request_id) if engine is not None else False
+
+    def step(self) -> list[RequestOutput]:
+        self._maybe_reconfigure()
+        outputs = []
+        for engine in self.engines:
+            if engine.has_unfinished():
+                outputs += engine.step()
+        for out in outputs:
+            engine = self._where.get(out.request_id)
+            if out.finished and engine is not None and not engine.is_unfinished(out.request_id):
+                self._where.pop(out.request_id)
+                tier = self._tier.pop(out.request_id)
+                if tier is not None and out.first_token_time is not None and out.finish_reason != "abort":
+                    n = len(out.token_ids)
+                    tpot = (out.finish_time - out.first_token_time) / (n - 1) if n > 1 else math.nan
+                    if tier.met(out.first_token_time - out.arrival_time, tpot):
+                        self._served[tier.name] += 1
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return bool(self._where)
+
+    def is_unfinished(self, request_id: str) -> bool:
+        engine = self._where.get(request_id)
+        return engine is not None and engine.is_unfinished(request_id)
+
+    def check_prompt(self, ids, params) -> None:
+        self.engines[0].check_prompt(ids, params)
+
+    def info(self):
+        return dataclasses.replace(self.engines[0].info(), tp=max(self.instances.sizes))
+
+    def load(self) -> EngineLoad:
+        loads = [e.load() for e in self.engines]
+        return EngineLoad(*(sum(getattr(x, f.name) for x in loads) for f in dataclasses.fields(EngineLoad)
+                            if f.name != "page_size"), loads[0].page_size)
+
+    def spec_stats(self) -> SpecStats:
+        total = SpecStats()
+        for e in self.engines:
+            s = e.spec_stats()
+            for f in dataclasses.fields(SpecStats):
+                setattr(total, f.name, getattr(total, f.name) + getattr(s, f.name))
+        return total
+
+    def eviction_log(self, wanted=lambda: True):
+        return None  # routers watch single engines; a group is routed inside
+
+    def reset_prefix_cache(self) -> int:
+        return sum(e.reset_prefix_cache() for e in self.engines)
+
+    # -- control -------------------------------------------------------------------------------
+
+    def _maybe_reconfigure(self) -> None:
+        if self.control is None:
+            return
+        now = self.clock()
+        if now - self._window_start < self.control.window_s:
+            return
+        self.control.observe(dict(self._arrived), dict(self._served))
+        self._arrived.clear()
+        self._served.clear()
+        self._window_start = now
+        sizes = self.control.decide(now)
+        if sizes is not None and list(sizes) != self.instances.sizes:
+            self.regroup(sizes, now)
+
+    def regroup(self, sizes: Sequence[int], now: float | None = None) -> Reconfiguration:
+        """Regroups the instances now (between steps) and records what it cost."""
+        old = tuple(self.instances.sizes)
+        by_engine = {}
+        for rid, engine in self._where.items():
+            by_engine.setdefault(id(engine), []).append(rid)
+        t0 = time.perf_counter()
+        report = self.instances.regroup(sizes)
+        for engine in self.engines:  # requests follow their engine (kept) or their migration
+            for rid in list(self._where):
+                if engine.is_unfinished(rid):
+                    self._where[rid] = engine
+        jax.block_until_ready([e.runner.kv for e in self.engines])
+        seconds = time.perf_counter() - t0
+        w = [report.weights[j] for j in report.weights]
+        rec = Reconfiguration(self.clock() if now is None else now, old, tuple(self.instances.sizes), seconds,
+                              sum(x.moved for x in w), sum(x.minimum for x in w), sum(x.full_reload for x in w),
+                              sum(x.moved for x in report.kv.values())
+                              + sum(m.moved for _, _, m in report.migrated.values() if m is not None),
+                              sum(n for _, n, _ in report.migrated.values()))
+        self.reconfigurations.append(rec)
+        return rec

@@ -26,8 +26,8 @@ all, every device is an instance of the smallest degree serving every tier.
 Hysteresis (`Controller.decide`): a new partition replaces the current one only when
   - the same partition came out of `confirm` consecutive windows,
   - at least `min_dwell_s` has passed since the last change,
-  - its predicted goodput (sum over tiers of min(capacity, arrivals)) beats the current one's
-    by at least `hysteresis` (relative), and
+  - its objective (the weighted goodput `plan` maximises) beats the current one's by at least
+    `hysteresis` (relative), and
   - the gain over `horizon_s` pays for the reconfiguration: (new - current) * horizon_s >
     current * reconfig_s(current, new), with reconfig_s the measured (or modelled) pause.
 """
@@ -221,14 +221,21 @@ class Controller:
                     best, best_key = assignment, key
         return Partition(tuple(InstancePlan(tp, tier) for tp, tier in best)).canonical()
 
+    def objective(self, partition: Partition, rates: Mapping[str, float], starvation: Mapping[str, float]) -> float:
+        """What plan maximises and decide compares: sum over tiers of weight * starvation *
+        min(capacity, arrivals)."""
+        cap = capacity(partition, self.profile)
+        return sum(t.weight * starvation.get(t.name, 1.0) * min(cap.get(t.name, 0.0), rates.get(t.name, 0.0))
+                   for t in self.tiers.values() if t.judged)
+
     def decide(self, now: float) -> Partition | None:
         """The partition to switch to now, or None to keep the current one (module docstring)."""
         starvation = self.starvation()
         candidate = self.plan(self.rates, starvation)
         streak = self._streak[1] + 1 if candidate == self._streak[0] else 1
         self._streak = (candidate, streak)
-        cur_g = predicted_goodput(self.current, self.profile, self.rates)
-        new_g = predicted_goodput(candidate, self.profile, self.rates)
+        cur_g = self.objective(self.current, self.rates, starvation)
+        new_g = self.objective(candidate, self.rates, starvation)
         if candidate == self.current:
             reason = "same partition"
         elif streak < self.confirm:
@@ -236,13 +243,13 @@ class Controller:
         elif now - self._last_change < self.min_dwell_s:
             reason = f"dwell: {now - self._last_change:.1f} s < {self.min_dwell_s} s since the last change"
         elif new_g < (1 + self.hysteresis) * cur_g or new_g <= cur_g:
-            reason = f"gain too small: {new_g:.2f} vs {cur_g:.2f} req/s"
+            reason = f"gain too small: {new_g:.2f} vs {cur_g:.2f} weighted req/s"
         elif (new_g - cur_g) * self.horizon_s <= cur_g * self.reconfig_s(self.current, candidate):
             reason = (f"reconfiguration ({self.reconfig_s(self.current, candidate):.2f} s) costs more than "
                       f"the gain over {self.horizon_s} s")
         else:
-            reason = f"goodput {cur_g:.2f} -> {new_g:.2f} req/s"
-        switched = reason.startswith("goodput")
+            reason = f"weighted goodput {cur_g:.2f} -> {new_g:.2f} req/s"
+        switched = reason.startswith("weighted goodput")
         self.history.append(Decision(now, dict(self.rates), starvation, candidate, self.current, switched, reason))
         if not switched:
             return None
@@ -293,3 +300,26 @@ def route(partition: Partition, tier: str, outstanding: Sequence[int]) -> tuple[
     pool = own or range(len(partition.instances))
     k = min(pool, key=lambda i: (outstanding[i], i))
     return k, bool(own)
+
+
+class NitsumControl:
+    """A Controller as jinfer.instances.TopologyControl: InstanceGroup routes with it and asks
+    it for new instance sizes once per window (instance i serves controller.current's i-th)."""
+
+    def __init__(self, controller: Controller):
+        self.controller = controller
+        self.window_s = controller.window_s
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return self.controller.current.sizes
+
+    def route(self, tier: str, outstanding: Sequence[int]) -> int:
+        return route(self.controller.current, tier, outstanding)[0]
+
+    def observe(self, arrived: Mapping[str, int], served: Mapping[str, int]) -> None:
+        self.controller.observe(arrived, served)
+
+    def decide(self, now: float) -> tuple[int, ...] | None:
+        new = self.controller.decide(now)
+        return None if new is None else new.sizes
