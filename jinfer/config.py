@@ -244,8 +244,24 @@ class EngineOptions:
     slo_admission: bool = False
     """With scheduling_policy=slo: refuse (RESOURCE_EXHAUSTED) a request whose tier's TTFT target
     cannot be met given the prefill queued ahead of it. Off: every request is queued."""
+    instances: tuple[int, ...] = ()
+    """Split the devices into engine instances of these TP degrees behind one server
+    (jinfer.instances.InstanceGroup; e.g. (4, 2, 1, 1)); a request goes to the least-loaded one
+    (or where adaptive_tp routes it). Empty: one engine on model.tp devices."""
+    adaptive_tp: str = ""
+    """With instances: a profile JSON (scheduler.nitsum.Profile: SLO-safe req/s per tier and TP
+    degree; tools/bench_nitsum.py writes one) for the Nitsum controller, which re-partitions the
+    devices by tier load every adaptive_window_s (docs/sharding.md). Empty: the partition stays."""
+    adaptive_window_s: float = 1.0
+    """The controller's window: how often it observes the tiers' load and may regroup."""
 
     def __post_init__(self):
+        if any(not isinstance(n, int) or n < 1 for n in self.instances):
+            raise ValueError(f"instances={self.instances!r} must be positive TP degrees")
+        if self.adaptive_tp and not self.instances:
+            raise ValueError("adaptive_tp needs instances: the partition it starts from (e.g. (2, 2, 2, 2))")
+        if not self.adaptive_window_s > 0:
+            raise ValueError(f"adaptive_window_s={self.adaptive_window_s} must be > 0")
         if self.scheduling_policy and ":" not in self.scheduling_policy and self.scheduling_policy not in POLICIES:
             raise ValueError(f"scheduling_policy={self.scheduling_policy!r} must be one of {sorted(POLICIES)} "
                              "or module:Class")

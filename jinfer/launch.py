@@ -167,11 +167,12 @@ def build_engine(launch: LaunchConfig, policy=None, progress: bool = False):
     from jinfer.engine import Engine  # jax loads here, not when a tool only parses its config
     from sharding.tp import make_mesh
 
-    spec = launch.model
+    spec, opts = launch.model, launch.engine
+    if opts.instances:
+        return _build_instances(launch, policy, progress)
     mesh = None
     if spec.tp > 1:
         mesh = make_mesh(spec.tp)
-    opts = launch.engine
     if policy is None and opts.scheduling_policy:
         policy = scheduling_policy(opts.scheduling_policy)
     if opts.slo_admission:
@@ -188,6 +189,54 @@ def build_engine(launch: LaunchConfig, policy=None, progress: bool = False):
     if hasattr(policy, "bind"):
         policy.bind(engine.scheduler)
     return engine
+
+
+def _build_instances(launch: LaunchConfig, policy, progress: bool):
+    """engine.instances: an InstanceGroup (one engine per device group; each its own policy
+    object, built from engine.scheduling_policy), adaptive when engine.adaptive_tp names a
+    profile."""
+    import jax
+
+    from jinfer.instances import InstanceGroup, Instances
+
+    opts, spec = launch.engine, launch.model
+    if policy is not None:
+        raise ValueError("engine.instances builds one policy per instance from engine.scheduling_policy; "
+                         "pass no policy object")
+    if launch.speculation.method:
+        raise ValueError("speculation.method with engine.instances is not supported: drafters keep per-engine "
+                         "state; serve speculation on a single engine")
+    if spec.tp != 1:
+        raise ValueError(f"model.tp={spec.tp} with engine.instances={opts.instances}: the instances set the "
+                         "TP degrees; leave model.tp at 1")
+    if sum(opts.instances) > jax.device_count():
+        raise ValueError(f"engine.instances={opts.instances} needs {sum(opts.instances)} devices, "
+                         f"{jax.device_count()} available")
+    def factory():
+        made = scheduling_policy(opts.scheduling_policy)
+        if opts.slo_admission:
+            if not hasattr(made, "admission"):
+                raise ValueError(f"engine.slo_admission needs a policy with an admission check "
+                                 f"(engine.scheduling_policy=slo), not {opts.scheduling_policy!r}")
+            made.admission = True
+        return made
+
+    if opts.slo_admission and not opts.scheduling_policy:
+        raise ValueError("engine.slo_admission needs engine.scheduling_policy=slo")
+    if opts.scheduling_policy:
+        factory()  # a bad name fails here, before any model loads
+    else:
+        factory = None
+    control = None
+    if opts.adaptive_tp:  # a bad profile fails before the model loads
+        build = _load("engine.adaptive_tp", opts.adaptive_tp, "scheduler.nitsum:build_control")
+        control = build(opts.adaptive_tp, launch.serving.tier_table, opts.instances, jax.device_count(),
+                        opts.adaptive_window_s)
+    model, tok = load_model(spec)
+    instances = Instances(model, tok, list(control.sizes if control else opts.instances), policy_factory=factory,
+                          cache_config=launch.cache, scheduler_config=launch.scheduler, options=opts,
+                          progress=progress)
+    return InstanceGroup(instances, control)
 
 
 def _load(field: str, value: str, target: str):

@@ -323,3 +323,20 @@ class NitsumControl:
     def decide(self, now: float) -> tuple[int, ...] | None:
         new = self.controller.decide(now)
         return None if new is None else new.sizes
+
+
+def build_control(profile_path: str, tiers: Sequence[Tier], sizes: Sequence[int], num_devices: int,
+                  window_s: float = 1.0) -> NitsumControl:
+    """The controller a server runs (engine.adaptive_tp): the profile from its JSON file, the
+    server's tiers, starting from `sizes` with every instance shared (the first window's
+    arrivals decide the rest). ValueError naming a bad file."""
+    import json
+
+    try:
+        with open(profile_path) as f:
+            profile = Profile.from_dict(json.load(f))
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"engine.adaptive_tp={profile_path!r}: not a readable profile ({e})") from None
+    degrees = [d for d in profile.degrees if d <= num_devices] or [1]
+    initial = Partition(tuple(InstancePlan(int(n)) for n in sizes)).canonical()
+    return NitsumControl(Controller(profile, tiers, num_devices, degrees=degrees, initial=initial, window_s=window_s))

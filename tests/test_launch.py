@@ -71,6 +71,8 @@ def test_overrides_reach_every_section():
     ("serving", "metrics_port", 70000, "metrics_port=70000"),
     ("engine", "scheduling_policy", "PriorityGroups", "scheduling_policy='PriorityGroups' must be one of"),
     ("serving", "tiers", ("a:500",), "tier spec 'a:500' must look like"),
+    ("engine", "instances", (4, 0), r"instances=(4, 0) must be positive TP degrees"),
+    ("engine", "adaptive_tp", "profile.json", "adaptive_tp needs instances"),
 ])
 def test_bad_values_name_the_field(section, field, value, message):
     cfg = default_config()
@@ -121,3 +123,20 @@ def test_launch_server_rejects_bad_overrides_in_one_line(override, message):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_instances_refuse_what_they_cannot_serve(tmp_path):
+    from jinfer.launch import build_engine
+    cfg = default_config()
+    cfg.engine.instances = (4, 4)
+    cfg.speculation.method = "suffix"
+    with pytest.raises(ValueError, match="speculation.method with engine.instances is not supported"):
+        build_engine(resolve(cfg))
+    cfg.speculation.method = ""
+    cfg.engine.instances = (8, 8)
+    with pytest.raises(ValueError, match=r"engine.instances=\(8, 8\) needs 16 devices"):
+        build_engine(resolve(cfg))
+    cfg.engine.instances = (4, 4)
+    cfg.engine.adaptive_tp = str(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="engine.adaptive_tp=.*missing.json.*not a readable profile"):
+        build_engine(resolve(cfg))
