@@ -88,6 +88,7 @@ def _collect(engine, ids, got):
     return [[got[(i, k)] for k in range(n)] for i, n in ids]
 
 
+@pytest.mark.slow  # tests/test_adaptive_tp.py regroups 2+2+2+2 -> 8 under load in the default run
 def test_busy_instances_merge_into_one_and_their_requests_continue_token_identically():
     import dataclasses
     from jinfer.engine import Engine
