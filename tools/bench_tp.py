@@ -13,9 +13,7 @@ every device (each computes all logits; no cross-device logits). Timed: a decode
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 
 from absl import app, flags
 
@@ -37,30 +35,6 @@ def _config():
     return scaled_llama(FLAGS.hidden_size, FLAGS.num_layers, FLAGS.vocab_size)
 
 
-def _plans(page_size: int):
-    from jinfer.sampling_params import SamplingParams
-    from jinfer.scheduling import ScheduledSeq, StepPlan
-    greedy = SamplingParams(temperature=0)
-    per_seq = -(-(FLAGS.context + 1) // page_size)
-    decode = StepPlan(tuple(
-        ScheduledSeq(f"d{i}", (7,), FLAGS.context, tuple(range(i * per_seq, (i + 1) * per_seq)), True, greedy, 0, 0, 0)
-        for i in range(FLAGS.batch)))
-    pages = -(-FLAGS.prefill // page_size)
-    prefill = StepPlan((ScheduledSeq("p", tuple(range(1, FLAGS.prefill + 1)), 0, tuple(range(pages)), True,
-                                     greedy, 0, 0, 0),))
-    return decode, prefill
-
-
-def _median_ms(runner, plan) -> float:
-    runner.execute(plan)  # compile + warm
-    times = []
-    for _ in range(FLAGS.repeats):
-        start = time.perf_counter()
-        runner.execute(plan)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -69,37 +43,24 @@ def main(argv):
         FLAGS.tp, FLAGS.batch, FLAGS.context, FLAGS.prefill, FLAGS.repeats = ["2"], 4, 16, 32, 2
     import jax
 
-    from jinfer.config import CacheConfig, SchedulerConfig
+    from jinfer.experiments.tensor_parallel import StepShapes, measure_layouts
     from jinfer.models.llama import init_model
-    from jinfer.runner import ModelRunner
-    from sharding.tp import TPLayout, make_mesh
 
     degrees = [int(t) for t in FLAGS.tp]
     if max(degrees) > len(jax.devices()):
         raise app.UsageError(f"tp={max(degrees)} needs {max(degrees)} devices, {len(jax.devices())} available "
                              f"(set XLA_FLAGS=--xla_force_host_platform_device_count={max(degrees)} on CPU)")
     cfg = _config()
-    page_size = 16
-    ctx = max(FLAGS.context + 1, FLAGS.prefill)
-    cache = CacheConfig(page_size=page_size, num_pages=FLAGS.batch * (-(-ctx // page_size)) + 8)
-    sched = SchedulerConfig(max_num_batched_tokens=max(FLAGS.prefill, FLAGS.batch), max_num_seqs=FLAGS.batch,
-                            max_model_len=ctx)
-    decode, prefill = _plans(page_size)
+    shapes = StepShapes(batch=FLAGS.batch, context=FLAGS.context, prefill=FLAGS.prefill)
     model = init_model(cfg, seed=0)
     print(f"model: {cfg.num_params() / 1e6:.1f}M parameters, vocab {cfg.vocab_size}; device: "
           f"{jax.devices()[0].device_kind} x{len(jax.devices())}", file=sys.stderr)
     rows = []
     for tp in degrees:
-        result = {}
-        for split in (True, False):
-            layout = TPLayout.for_model(cfg, make_mesh(tp), vocab_parallel=split)
-            runner = ModelRunner(model, cache, sched, layout)
-            per_device = sum(s.data.nbytes for x in jax.tree.leaves(runner.state)
-                             for s in x.addressable_shards if s.device == layout.mesh.devices.flat[0])
-            result[split] = (_median_ms(runner, decode), _median_ms(runner, prefill), per_device)
-            del runner
-        (d_s, p_s, b_s), (d_r, p_r, b_r) = result[True], result[False]
-        rows.append((tp, d_s, d_r, p_s, p_r, b_s, b_r))
+        split, whole = measure_layouts(model, shapes, [(tp, True), (tp, False)], repeats=FLAGS.repeats,
+                                       traffic=False)
+        rows.append((tp, split.decode_ms[FLAGS.batch], whole.decode_ms[FLAGS.batch], split.prefill_ms,
+                     whole.prefill_ms, split.param_bytes, whole.param_bytes))
     lines = [
         f"Model: {cfg.num_params() / 1e6:.1f}M parameters (hidden {cfg.hidden_size}, {cfg.num_layers} layers, "
         f"vocab {cfg.vocab_size}), float32; decode step = {FLAGS.batch} sequences at {FLAGS.context} cached "
