@@ -14,7 +14,6 @@ and p99 latency per router and their ratios to Preble E2, then an ablation of E2
 from __future__ import annotations
 
 import sys
-import time
 
 from absl import app, flags
 
@@ -38,9 +37,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from scheduler import preble_workloads as pw
-    from scheduler.cost_model import CostModel, analytic_7b_h100
-    from scheduler.routing import E2Options, make_router
-    from scheduler.simulator import ReplicaConfig, Simulator
+    from scheduler.cost_model import CostModel
+    from scheduler.experiments import RoutingRuns, RoutingSetup
+    from scheduler.routing import ROUTERS as routers
 
     unknown = sorted(set(FLAGS.workloads) - set(pw.SPECS))
     if unknown:
@@ -49,19 +48,10 @@ def main(argv):
         factors = [float(f) for f in FLAGS.rate_factors]
     except ValueError:
         raise app.UsageError(f"--rate_factors={FLAGS.rate_factors} must be numbers") from None
-    cost = CostModel.load(FLAGS.cost_model) if FLAGS.cost_model else analytic_7b_h100()
-    cfg = ReplicaConfig(page_size=FLAGS.page_size, num_pages=FLAGS.num_pages)
-    n = FLAGS.replicas
-    routers = ("round-robin", "least-load", "sglang", "preble-e2")
-    total_requests, total_wall = 0, 0.0
-
-    def simulate(router, items, replica_cfg=cfg):
-        nonlocal total_requests, total_wall
-        t0 = time.perf_counter()
-        res = Simulator(router, n, cost, replica_cfg).run(items)
-        total_wall += time.perf_counter() - t0
-        total_requests += len(items)
-        return res.stats()
+    setup = RoutingSetup(replicas=FLAGS.replicas, num_requests=FLAGS.num_requests, zipf_a=FLAGS.zipf_a,
+                         scale=FLAGS.scale, num_pages=FLAGS.num_pages, page_size=FLAGS.page_size, seed=FLAGS.seed)
+    runs = RoutingRuns(setup, CostModel.load(FLAGS.cost_model) if FLAGS.cost_model else None)
+    cfg, cost, n = setup.replica, runs.cost, setup.replicas
 
     lines = [f"Simulator: {n} replicas x {cfg.num_pages} pages of {cfg.page_size} tokens, cost model "
              f"`{cost.name}`, {FLAGS.num_requests} requests per run, key portions "
@@ -74,17 +64,13 @@ def main(argv):
                 "| workload | E2 alone | + rebalance & replication | + P/D balance | + priority groups |",
                 "|---|---:|---:|---:|---:|"]
     for name in FLAGS.workloads:
-        spec = pw.SPECS[name]
-        base = pw.base_rate(spec, cost, n, FLAGS.scale)
         for f in factors:
-            rate = base * f
-            items = pw.generate(name, FLAGS.num_requests, rate=rate, zipf_a=FLAGS.zipf_a, scale=FLAGS.scale,
-                                max_len=cfg.max_model_len, seed=FLAGS.seed)
-            st = {r: simulate(make_router(r, n, cost, cfg.capacity_tokens), items) for r in routers}
+            run = runs.compare(name, f, routers)
+            st = {r: run.stats(r) for r in routers}
             lat = {r: st[r]["latency"] for r in routers}
             e2 = lat["preble-e2"]
             lines.append(
-                f"| {name} | {rate:.1f} | {lat['round-robin']['avg']:.2f} | {lat['least-load']['avg']:.2f} | "
+                f"| {name} | {run.rate:.1f} | {lat['round-robin']['avg']:.2f} | {lat['least-load']['avg']:.2f} | "
                 f"{lat['sglang']['avg']:.2f} | {e2['avg']:.2f} | {lat['round-robin']['avg'] / e2['avg']:.2f} | "
                 f"{lat['least-load']['avg'] / e2['avg']:.2f} | {lat['sglang']['avg'] / e2['avg']:.2f} | "
                 f"{lat['round-robin']['p99']:.2f} | {e2['p99']:.2f} | {lat['round-robin']['p99'] / e2['p99']:.2f} | "
@@ -92,21 +78,10 @@ def main(argv):
                 f"{st['preble-e2']['cache_hit_rate']:.2f} | {st['round-robin']['cache_hit_rate']:.2f} |")
             print(lines[-1], file=sys.stderr)
         if FLAGS.ablation:
-            rate = base * max(factors)
-            items = pw.generate(name, FLAGS.num_requests, rate=rate, zipf_a=FLAGS.zipf_a, scale=FLAGS.scale,
-                                max_len=cfg.max_model_len, seed=FLAGS.seed)
-            variants = [
-                (E2Options(rebalance=False, replicate=False, pd_balance=False), cfg),
-                (E2Options(pd_balance=False), cfg),
-                (E2Options(), cfg),
-                (E2Options(), ReplicaConfig(page_size=cfg.page_size, num_pages=cfg.num_pages, priority_groups=True)),
-            ]
-            cells = []
-            for opt, rcfg in variants:
-                s = simulate(make_router("preble-e2", n, cost, cfg.capacity_tokens, opt), items, rcfg)
-                cells.append(f"{s['latency']['avg']:.2f} / {s['latency']['p99']:.2f}")
+            cells = [f"{s['latency']['avg']:.2f} / {s['latency']['p99']:.2f}" for s in runs.ablation(name, max(factors))]
             ablation.append(f"| {name} | " + " | ".join(cells) + " |")
             print(ablation[-1], file=sys.stderr)
+    total_requests, total_wall = runs.requests, runs.wall_s
     speed = f"\nSimulated {total_requests} requests in {total_wall:.1f} s of wall time ({total_requests / total_wall:.0f} requests/s, one core)."
     report = "\n".join(lines + (ablation if FLAGS.ablation else []) + [speed])
     print(report)
