@@ -219,6 +219,42 @@ def merge(*workloads: list[WorkItem]) -> list[WorkItem]:
     return sorted((it for w in workloads for it in w), key=lambda it: it.arrival_s)
 
 
+SLO_CLASSES = {"interactive": (0, 512, 128), "agent": (4096, 512, 256), "batch": (0, 1024, 1024)}
+"""slo_mix's request classes: (shared prefix, own prompt, output) mean tokens at a 7B-class
+model's scale. interactive: chat turns (tight TTFT and TPOT targets); agent: tool-using agents
+whose long context (system prompt, tool specs, history) is one of a few shared prefixes
+(medium targets); batch: offline jobs with long outputs (loose targets)."""
+
+
+def slo_mix(num_requests: int, *, rate: float, mix: dict[str, float] | None = None, scale: float = 1.0,
+            num_agents: int = 8, spread: float = 0.5, vocab: tuple[int, int], seed: int = 0) -> list[WorkItem]:
+    """A mixed-SLO workload: each request's class (SLO_CLASSES) drawn with `mix` probabilities
+    (default interactive 0.5, agent 0.2, batch 0.3) is its tier; arrivals are Poisson at `rate`
+    requests/s over all classes. Agent prompts start with one of `num_agents` shared prefixes
+    (even popularity). Lengths are uniform within ±spread of the class means divided by
+    `scale` (1: thousands of tokens, for the simulator at 7B scale; 12 fits the default model's
+    512-token context), prefixes exactly their mean / scale."""
+    mix = mix or {"interactive": 0.5, "agent": 0.2, "batch": 0.3}
+    unknown = sorted(set(mix) - set(SLO_CLASSES))
+    if unknown:
+        raise ValueError(f"slo_mix classes {unknown} are unknown; known: {sorted(SLO_CLASSES)}")
+    if not scale >= 1:
+        raise ValueError(f"scale={scale} must be >= 1 (it divides the class lengths)")
+    if num_agents < 1:
+        raise ValueError(f"num_agents={num_agents} must be >= 1")
+    rng = np.random.default_rng(seed)
+    shape = {name: tuple(max(1, round(n / scale)) if n else 0 for n in SLO_CLASSES[name]) for name in mix}
+    prefix_len = shape.get("agent", (0,))[0]
+    prefixes = [_ids(rng, prefix_len, vocab) for _ in range(num_agents)] if prefix_len else []
+    items = []
+    for name in _tiers(rng, num_requests, mix):
+        prefix, own, out = shape[name]
+        group = int(rng.integers(num_agents)) if prefix else -1
+        prompt = (prefixes[group] if prefix else ()) + _ids(rng, int(_lengths(rng, own, spread, 1)[0]), vocab)
+        items.append(WorkItem(0.0, prompt, int(_lengths(rng, out, spread, 1)[0]), name, group=group))
+    return poisson_arrivals(items, rate, seed)
+
+
 def demo(vocab: tuple[int, int], seed: int = 0, scale: int = 1) -> list[WorkItem]:
     """The short built-in workload of `make demo`: interactive requests sharing 4 system-prompt
     prefixes (Zipf 1.0) at 5 req/s, mixed with longer batch requests at 1.5 req/s. scale

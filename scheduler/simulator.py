@@ -5,6 +5,11 @@ eviction, chunked prefill, preemption) with the device replaced by `CostModel.st
 plan it produced; no JAX anywhere. Routers are the same objects the live router uses; replicas
 report first tokens, finishes and prefix-cache evictions to them as the engine would, and their
 load (free pages, queue) whenever one of their requests finishes.
+
+SLO tiers (jinfer.config.Tier): given the tier table, each request carries its WorkItem's tier
+and that tier's rank as its priority, as the server gives them, and a scheduling policy per
+replica (scheduler/slo.py) reads the simulation clock; `SimResult.tier_stats` then judges every
+request by its tier's TTFT and TPOT targets (attainment, goodput).
 Deterministic: the same workload, router and config give the same records.
 """
 
@@ -16,10 +21,10 @@ import math
 
 import numpy as np
 
-from jinfer.config import CacheConfig, SchedulerConfig
+from jinfer.config import CacheConfig, SchedulerConfig, Tier
 from jinfer.request import Request
 from jinfer.sampling_params import SamplingParams
-from jinfer.scheduling import Scheduler
+from jinfer.scheduling import AdmissionRefused, Scheduler
 from jinfer.speculation import Draft, accept
 from jinfer.workloads import WorkItem
 from scheduler.cost_model import CostModel
@@ -56,6 +61,9 @@ class RequestRecord:
     first_token_s: float = math.nan
     finish_s: float = math.nan
     error: str = ""
+    tier: str = ""
+    """Its SLO tier's name (empty when the simulator has no tiers)."""
+    preemptions: int = 0  # times it was preempted (recompute) before it finished
 
     @property
     def ttft_s(self) -> float:
@@ -77,6 +85,8 @@ class SimResult:
     records: list[RequestRecord]
     sim_time_s: float
     steps: int
+    tiers: tuple[Tier, ...] = ()
+    """The simulator's SLO tiers, highest first (what tier_stats judges by)."""
 
     def stats(self) -> dict:
         ok = [r for r in self.records if not r.error]
@@ -95,20 +105,51 @@ class SimResult:
                 "cache_hit_rate": sum(r.cached_tokens for r in ok) / prompt if prompt else 0.0,
                 "per_replica": counts.tolist(), "sim_time_s": self.sim_time_s, "steps": self.steps}
 
+    def tier_stats(self) -> dict:
+        """Per SLO tier (in the tiers' order) and over all judged tiers: requests, finished
+        (rejected and refused requests are not), met (finished within both targets, Tier.met),
+        ttft_misses and tpot_misses (finished requests over each target; one may miss both),
+        attainment (met / requests), goodput_rps and goodput_tps (met requests and their output
+        tokens per second of `span_s`, from the first arrival to the last finish). A tier
+        without targets (or best effort) counts its finished requests as met and stays out of
+        "all": goodput is what met a target someone set."""
+        finished = [r for r in self.records if not r.error]
+        start = min((r.arrival_s for r in self.records), default=0.0)
+        span = max((r.finish_s for r in finished), default=start) - start
+        per = lambda n: n / span if span > 0 else 0.0  # noqa: E731 - a rate over the span
+
+        def block(tier: Tier | None, rs: list[RequestRecord]) -> dict:
+            done = [r for r in rs if not r.error]
+            ttft = [r for r in done if tier is not None and tier.judged and r.ttft_s > tier.ttft_s]
+            tpot = [r for r in done if tier is not None and tier.judged and r.tpot_s > tier.tpot_s]
+            met = [r for r in done if tier is None or not tier.judged or tier.met(r.ttft_s, r.tpot_s)]
+            return {"requests": len(rs), "finished": len(done), "met": len(met), "ttft_misses": len(ttft),
+                    "tpot_misses": len(tpot), "attainment": len(met) / len(rs) if rs else math.nan,
+                    "goodput_rps": per(len(met)), "goodput_tps": per(sum(r.output_tokens for r in met))}
+
+        tiers = {t.name: block(t, [r for r in self.records if r.tier == t.name]) for t in self.tiers}
+        judged = [t for t in self.tiers if t.judged]
+        total = {k: sum(tiers[t.name][k] for t in judged)
+                 for k in ("requests", "finished", "met", "ttft_misses", "tpot_misses", "goodput_rps", "goodput_tps")}
+        total["attainment"] = total["met"] / total["requests"] if total["requests"] else math.nan
+        return {"span_s": span, "tiers": tiers, "all": total}
+
 
 class _Replica:
-    def __init__(self, index: int, cfg: ReplicaConfig, router: Router, speculation=None):
-        policy = PriorityGroups() if cfg.priority_groups else None
+    def __init__(self, index: int, cfg: ReplicaConfig, router: Router, speculation=None, policy=None):
+        if cfg.priority_groups:
+            policy = PriorityGroups()
         drafter, max_spec, budget = speculation() if speculation is not None else (None, 0, None)
         self.sched = Scheduler(CacheConfig(page_size=cfg.page_size, num_pages=cfg.num_pages),
                                SchedulerConfig(max_num_batched_tokens=cfg.max_num_batched_tokens,
                                                max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len),
                                cfg.num_pages, policy, drafter, max_spec, budget)
-        if policy is not None:
+        if hasattr(policy, "bind"):
             policy.bind(self.sched)
         self.evictions = self.sched.kv.eviction_log()
         self.busy = False
         self.plan = None
+        self.step_s = 0.0  # the cost model's time of the plan's own step
         self.ends: list[float] = []  # end times of the steps the current event covers (> 1: fast-forward)
         self.gen = 0  # bumps when the current event is replaced; stale events are skipped
         self.reqs: dict[str, tuple[Request, RouteRequest, RequestRecord]] = {}
@@ -120,16 +161,49 @@ class Simulator:
     a request arrives there meanwhile); records equal step-by-step simulation (tested)."""
 
     def __init__(self, router: Router, num_replicas: int, cost: CostModel, replica: ReplicaConfig = ReplicaConfig(),
-                 fast_forward: bool = True, speculation=None):
+                 fast_forward: bool = True, speculation=None, tiers: tuple[Tier, ...] = (), policy=None):
         """speculation: a callable returning (drafter, max_spec_tokens, draft budget or None)
         for each replica (jinfer.speculation): drafts ride in the replicas' steps exactly as
         in the engine, costed by the cost model, and are verified against each request's
-        WorkItem.output (the tokens the model will write). Steps then run one by one."""
-        self.router, self.cost, self.cfg = router, cost, replica
-        self.fast_forward = fast_forward and speculation is None
-        self.replicas = [_Replica(i, replica, router, speculation) for i in range(num_replicas)]
+        WorkItem.output (the tokens the model will write). Steps then run one by one.
+
+        tiers: SLO tiers, highest first (e.g. ServingConfig.tier_table): a request gets the Tier
+        its WorkItem.tier names (the first when empty) and its rank as priority, as the server
+        gives them; a name not among them is a ValueError. Empty: tiers ignored.
+        policy: a callable(clock) -> SchedulingPolicy, called once per replica, e.g.
+        `lambda clock: SloAware(clock=clock)`; clock() is the simulation time (the time base of
+        Request.arrival_time and first_token_time). The replicas report every step's size and
+        cost-model time to it (Scheduler.observe_step) and run its admission check. A policy
+        that revises itself every step (on_schedule) or learns from the steps (observe_step)
+        turns fast-forward off, since a fast-forwarded stretch has steps it would not see.
+        None: FCFS within tiers (or ReplicaConfig.priority_groups)."""
+        if policy is not None and replica.priority_groups:
+            raise ValueError("give either policy= or ReplicaConfig(priority_groups=True), not both")
+        names = [t.name for t in tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tier names {names} must be distinct")
+        self.router, self.cost, self.cfg, self.tiers = router, cost, replica, tuple(tiers)
+        self._tier_rank = {t.name: (rank, t) for rank, t in enumerate(self.tiers)}
+        self.now = 0.0  # simulation time, what a policy's clock reads
+        clock = lambda: self.now  # noqa: E731
+        self.replicas = [_Replica(i, replica, router, speculation, policy(clock) if policy is not None else None)
+                         for i in range(num_replicas)]
+        per_step = any(hasattr(rep.sched.policy, hook) for rep in self.replicas
+                       for hook in ("on_schedule", "observe_step"))
+        self.fast_forward = fast_forward and speculation is None and not per_step
         self._outputs: dict[int, tuple[int, ...]] = {}
         self._params: dict[int, SamplingParams] = {}
+
+    def _tier(self, index: int, name: str) -> tuple[int, Tier | None]:
+        """(priority, Tier) of a request whose WorkItem names tier `name`."""
+        if not self.tiers:
+            return 0, None
+        if not name:
+            return 0, self.tiers[0]
+        if name not in self._tier_rank:
+            raise ValueError(f"request {index}: tier={name!r} is not one of the simulator's tiers "
+                             f"{[t.name for t in self.tiers]}")
+        return self._tier_rank[name]
 
     def _sampling(self, max_tokens: int) -> SamplingParams:
         p = self._params.get(max_tokens)
@@ -140,6 +214,7 @@ class Simulator:
     def run(self, items: list[WorkItem]) -> SimResult:
         if any(isinstance(it.prompt, str) for it in items):
             raise ValueError("the simulator needs token-id prompts (text has no token count without a tokenizer)")
+        tiers = [self._tier(i, it.tier) for i, it in enumerate(items)]
         events: list = []
         seq = 0
         for i, it in enumerate(items):
@@ -151,17 +226,28 @@ class Simulator:
         cfg = self.cfg
         while events:
             now, _, kind, data = heapq.heappop(events)
+            self.now = now
             if kind == _ARRIVAL:
                 it = items[data]
                 n = len(it.prompt)
+                priority, tier = tiers[data]
+                name = tier.name if tier is not None else ""
                 rreq = RouteRequest(str(data), tuple(it.prompt), it.max_tokens)
                 if n + it.max_tokens > min(cfg.max_model_len, cfg.capacity_tokens):
-                    records[data] = RequestRecord(data, -1, now, n, error="prompt + max_tokens exceeds the replica")
+                    records[data] = RequestRecord(data, -1, now, n, error="prompt + max_tokens exceeds the replica",
+                                                  tier=name)
                     continue
                 r = self.router.route(rreq, now)
-                rec = records[data] = RequestRecord(data, r, now, n)
+                rec = records[data] = RequestRecord(data, r, now, n, tier=name)
                 rep = self.replicas[r]
-                req = Request(rreq.request_id, list(it.prompt), self._sampling(it.max_tokens), 0, now, data)
+                req = Request(rreq.request_id, list(it.prompt), self._sampling(it.max_tokens), 0, now, data,
+                              priority=priority, tier=tier)
+                try:
+                    rep.sched.admit(req)
+                except AdmissionRefused as e:
+                    rec.error = f"refused: {e}"
+                    self.router.on_finish(r, rreq, now)
+                    continue
                 if it.output:
                     self._outputs[data] = it.output
                 rep.reqs[req.request_id] = (req, rreq, rec)
@@ -183,7 +269,7 @@ class Simulator:
                 steps += len(rep.ends)
                 self._finish_step(r, now)
                 seq = self._start(r, now, events, seq)
-        return SimResult(records, now, steps)
+        return SimResult(records, now, steps, self.tiers)
 
     def _start(self, r: int, now: float, events, seq: int) -> int:
         rep = self.replicas[r]
@@ -195,7 +281,7 @@ class Simulator:
             rep.busy, rep.plan = False, None
             return seq
         dt = self.cost.step_time((len(s.token_ids), s.start_pos) for s in plan.seqs)
-        rep.busy, rep.plan, rep.ends = True, plan, [now + dt]
+        rep.busy, rep.plan, rep.ends, rep.step_s = True, plan, [now + dt], dt
         if self.fast_forward:
             self._plan_stretch(rep, dt)
         rep.gen += 1
@@ -260,9 +346,11 @@ class Simulator:
             assert ok, "fast-forward pages were checked free"
             return sched.finish_reason(req)
 
+        if not extra:  # (a policy or budget that listens runs without fast-forward)
+            sched.observe_step(plan.num_tokens, rep.step_s)
         if sched.budget is not None and plan.seqs:
-            dt = self.cost.step_time((len(s.token_ids), s.start_pos) for s in plan.seqs)  # (no fast-forward)
-            sched.budget.observe_step(plan.num_tokens, dt, sum(len(t) if isinstance(t, list) else 1 for t in tokens),
+            sched.budget.observe_step(plan.num_tokens, rep.step_s,
+                                      sum(len(t) if isinstance(t, list) else 1 for t in tokens),
                                       any(s.num_draft for s in plan.seqs))
         finished = False
         for done in sched.update(plan, reqs, tokens, finish_hook=fast_forward):
@@ -274,7 +362,7 @@ class Simulator:
                 self.router.on_first_token(r, rreq, now, now - rec.arrival_s)
             if done.finish_reason:
                 req.finish_time = now
-                rec.finish_s, rec.output_tokens = now, len(req.output_ids)
+                rec.finish_s, rec.output_tokens, rec.preemptions = now, len(req.output_ids), req.num_preemptions
                 del rep.reqs[request_id]
                 self.router.on_finish(r, rreq, now)
                 finished = True
