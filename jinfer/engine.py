@@ -343,6 +343,12 @@ class Engine:
             raise ValueError("set_drafter: this engine was built without a drafter (max_spec_tokens=0)")
         self.scheduler.drafter, self.scheduler.budget = drafter, budget
 
+    @property
+    def policy(self) -> SchedulingPolicy:
+        """The scheduling policy ordering this engine's queue (its counters, e.g. SloAware's
+        demotions, are what servers report)."""
+        return self.scheduler.policy
+
     def spec_stats(self) -> SpecStats:
         """Speculation since start (all zero without a drafter): drafted, accepted, verifying
         steps, drafter time. A snapshot."""

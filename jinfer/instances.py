@@ -185,7 +185,7 @@ class InstanceGroup:
     def __init__(self, instances: Instances, control: TopologyControl | None = None, clock=time.monotonic):
         self.instances, self.control, self.clock = instances, control, clock
         self.tokenizer = instances.tokenizer
-        self.scheduler = None  # no single scheduler (and policy) to report
+        self.scheduler = self.policy = None  # no single scheduler (and policy) to report
         self._where: dict[str, Engine] = {}  # public request id -> the engine serving it
         self._tier: dict[str, Tier | None] = {}
         self._arrived: collections.Counter = collections.Counter()
