@@ -1,7 +1,11 @@
 """SLO tiers in the simulator: tiers and policies per replica, per-tier attainment and goodput,
-the mixed SLO workload."""
+the mixed SLO workload, and tools/bench_slo.py."""
 
 import collections
+import os
+import subprocess
+import sys
+
 import pytest
 
 from jinfer.config import ServingConfig, Tier
@@ -11,6 +15,7 @@ from scheduler.routing import make_router
 from scheduler.simulator import ReplicaConfig, Simulator
 from scheduler.slo import FirstCome, SloAware, StrictPriority
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIERS = ServingConfig(tiers=("interactive:100:30:4", "agent:500:60:2", "batch:5000:200:1")).tier_table
 POLICIES = {"first_come": lambda clock: FirstCome(), "strict_priority": lambda clock: StrictPriority(),
             "slo": lambda clock: SloAware(clock=clock)}
@@ -134,3 +139,25 @@ def test_slo_mix_classes_lengths_and_prefixes():
         slo_mix(10, rate=1.0, mix={"chat": 1.0}, vocab=(10, 100))
     with pytest.raises(ValueError, match="scale=0.5 must be >= 1"):
         slo_mix(10, rate=1.0, scale=0.5, vocab=(10, 100))
+
+
+def _tool(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_slo.py"), *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_bench_slo_simulated_part_runs_at_tiny_size(tmp_path):
+    out = tmp_path / "slo.md"
+    proc = _tool("--smoke", "--parts=sim", f"--out={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = out.read_text()
+    assert "## Simulated: 1 replica" in text and "| 16 | slo |" in text and "| 4 | first_come |" in text
+    proc = _tool("--parts=sim", "--policies=slo")
+    assert proc.returncode != 0 and "must include first_come" in proc.stderr
+
+
+@pytest.mark.slow  # ~80 s: three server processes start and serve two loads each
+def test_bench_slo_live_part_runs_at_tiny_size():
+    proc = _tool("--smoke", "--parts=live")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "## Live: default_model" in proc.stdout and "| 16 | strict_priority |" in proc.stdout
