@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 XLA_TEST_FLAGS := --xla_force_host_platform_device_count=8
 
-.PHONY: demo test test-slow clean
+.PHONY: demo test test-slow bazel-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,17 @@ test: $(VENV)/.test
 
 test-slow: $(VENV)/.test
 	XLA_FLAGS=$(XLA_TEST_FLAGS) $(BIN)/python -m pytest -q -m slow
+
+# The default set through Bazel 4, one target per test file (docs/testing.md#bazel):
+# `make bazel-test TARGETS=//tests:test_launch` runs some. Without `bazel` on PATH it installs
+# Debian's bazel-bootstrap and rules_java with apt-get, which needs root (or sudo).
+TARGETS ?= //...
+SUDO = $(if $(filter 0,$(shell id -u)),,sudo)
+
+bazel-test: $(VENV)/.test
+	command -v bazel >/dev/null && [ -d /usr/share/bazel/rules/java ] || \
+		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q bazel-bootstrap bazel-rules-java; }
+	bazel test $(if $(filter-out .venv,$(VENV)),--repo_env=JINFER_VENV=$(abspath $(VENV))) $(TARGETS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
