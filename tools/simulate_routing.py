@@ -78,7 +78,8 @@ def main(argv):
                 f"{st['preble-e2']['cache_hit_rate']:.2f} | {st['round-robin']['cache_hit_rate']:.2f} |")
             print(lines[-1], file=sys.stderr)
         if FLAGS.ablation:
-            cells = [f"{s['latency']['avg']:.2f} / {s['latency']['p99']:.2f}" for s in runs.ablation(name, max(factors))]
+            cells = [f"{s['latency']['avg']:.2f} / {s['latency']['p99']:.2f}"
+                     for s in runs.ablation(name, max(factors))]
             ablation.append(f"| {name} | " + " | ".join(cells) + " |")
             print(ablation[-1], file=sys.stderr)
     total_requests, total_wall = runs.requests, runs.wall_s

@@ -158,7 +158,10 @@ def collective_traffic(hlo_text: str) -> CollectiveTraffic:
         for operand in operands:
             ref = _NAME.search(operand)
             inline = operand[:ref.start()] if ref else operand
-            total += shape_bytes(inline) if _ARRAY.search(inline) else shape_bytes(shapes.get(ref.group(1), "") if ref else "")
+            if _ARRAY.search(inline):  # the operand's shape is printed beside its name
+                total += shape_bytes(inline)
+            elif ref:
+                total += shape_bytes(shapes.get(ref.group(1), ""))
         ops.append(Collective(kind, name, computation, total, context.get(computation, STEP)))
     return CollectiveTraffic(tuple(ops))
 

@@ -286,7 +286,8 @@ def findings(result: StudyResult, study: PartitionStudy) -> str:
         w, moved = ev.total("weights"), ev.moved
         migrated = sum(n for _, n, _ in ev.report.migrated.values())
         out.append(
-            f"- Regroup {partition_name(ev.before)} -> {partition_name(ev.after)} with {ev.unfinished} requests in flight: "
+            f"- Regroup {partition_name(ev.before)} -> {partition_name(ev.after)} with {ev.unfinished} requests in "
+            "flight: "
             f"{ev.seconds:.2f} s, then {ev.resume_s:.2f} s to the next token; it moved {moved.moved / 2**20:.1f} MiB "
             f"({'exactly' if moved.moved == moved.minimum else f'{moved.moved / moved.minimum:.2f}x'} the minimum "
             f"{moved.minimum / 2**20:.1f} MiB) where reloading every new shard would place "
