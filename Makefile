@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 XLA_TEST_FLAGS := --xla_force_host_platform_device_count=8
 
-.PHONY: demo test test-slow bazel-test clean
+.PHONY: demo test test-slow notebooks bazel-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: $(VENV)/.test
 
 test-slow: $(VENV)/.test
 	XLA_FLAGS=$(XLA_TEST_FLAGS) $(BIN)/python -m pytest -q -m slow
+
+# Re-executes notebooks/ at full size and saves their outputs (docs/notebooks.md).
+notebooks: $(VENV)/.test
+	$(BIN)/python tools/run_notebooks.py --size=full
 
 # The default set through Bazel 4, one target per test file (docs/testing.md#bazel):
 # `make bazel-test TARGETS=//tests:test_launch` runs some. Without `bazel` on PATH it installs
