@@ -89,13 +89,17 @@ def test_hf_checkpoint_loads_straight_into_shards(hf_checkpoints):
     assert [o.token_ids for o in sharded] == [o.token_ids for o in single]
 
 
-def test_vocab_parallel_knob_and_bench_smoke(single):
-    import os
-    import subprocess
-    import sys
+def test_vocab_parallel_knob(single):
     eng, tokens = _run(CFG, 2, options=EngineOptions(vocab_parallel=False))
     assert tokens == single
     assert eng.runner.state["embed"].get_value().addressable_shards[0].data.shape[0] == CFG.vocab_size
+
+
+@pytest.mark.slow  # the sharding_strategies notebook (tests/test_notebooks.py) runs the same measurement
+def test_bench_tp_smoke():
+    import os
+    import subprocess
+    import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     res = subprocess.run([sys.executable, os.path.join(root, "tools", "bench_tp.py"), "--smoke"],
                          capture_output=True, text=True, timeout=300, cwd=root)
