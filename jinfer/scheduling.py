@@ -318,7 +318,9 @@ class Scheduler:
         # policy order: running requests first (decodes and ongoing chunks), then waiting ones;
         # or, when the policy interleaves, one order over both. A running request that cannot
         # get pages preempts the lowest-priority running one not yet planned this step; a
-        # waiting one may preempt too when the policy allows it (interleaved orders only).
+        # waiting one may preempt too when the policy allows it (interleaved orders only, where
+        # the running set is also held within max_num_seqs: requests sitting a step out keep
+        # their seats).
         # Prefill, chunked prefill, prefix hits and decode are the same path.
         hook = getattr(self.policy, "on_schedule", None)
         if hook is not None:
@@ -362,6 +364,16 @@ class Scheduler:
                 continue
             if self._done_sampling(req):
                 continue  # preempted with its last token pending: finishes when that is read
+            if interleave and len(self.running) >= self.cfg.max_num_seqs:
+                # Running requests that sit a step out keep their seats: the running set stays
+                # within max_num_seqs (as running-first orders keep it), or a lower-ranked one
+                # makes room if the policy allows.
+                victim = self._preemptable(req, planned)
+                if victim is None:
+                    blocked = True
+                    continue
+                self._preempt(victim)
+                preempted.append(victim.request_id)
             self.kv.match_prefix(req)
             first_admission = req.num_preemptions == 0
             n = min(req.num_tokens - req.num_computed_tokens, budget)

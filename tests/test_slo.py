@@ -88,27 +88,47 @@ def test_tier_specs_parse_and_judge():
             Tier.parse(bad)
 
 
-@pytest.mark.parametrize("policy, jumps", [(FirstCome(), False), (FCFS(), False), (_slo(), True),
-                                           (StrictPriority(), True)])
-def test_interactive_request_jumps_a_full_batch_queue(policy, jumps):
+@pytest.mark.parametrize("policy, jumps", [(FirstCome(), "never"), (FCFS(), "never"), (_slo(), "at risk"),
+                                           (StrictPriority(), "at once")])
+def test_interactive_request_takes_a_seat_from_a_full_batch_queue(policy, jumps):
     # Four batch requests decode in all four sequence slots; an interactive request arrives.
-    # Running-first policies keep it waiting for a slot; the SLO-aware and strict-priority ones
-    # give it the next step (a batch request sits the step out, keeping its pages).
-    d = Driver(policy, seqs=4)
+    # Running-first policies keep it waiting for a slot. Strict priority preempts a batch
+    # request for it at once; the SLO-aware policy does so once it is at risk of missing its
+    # TTFT (a fresh request with slack to spare waits: preemption costs a recompute).
+    d = Driver(policy, seqs=4, pages=128)  # room for every request's pages: seats are what is short
     batch = [d.add(BATCH, max_tokens=60) for _ in range(4)]
     for _ in range(3):
         d.step()
     assert all(r.status is Status.RUNNING for r in batch)
     inter = d.add(INTERACTIVE, max_tokens=5)
     plan = d.step()
-    assert (inter.request_id in d.planned(plan)) is jumps
-    assert not plan.preempted and all(r.status is Status.RUNNING for r in batch)
+    assert (inter.request_id in d.planned(plan)) is (jumps == "at once")
+    assert bool(plan.preempted) is (jumps == "at once")
+    if jumps == "at risk":
+        d.clock.t = inter.arrival_time + INTERACTIVE.ttft_s - 2 * STEP_S
+        plan = d.step()
+        assert inter.request_id in d.planned(plan) and len(plan.preempted) == 1
     while any(r.status is not Status.FINISHED for r in d.reqs.values()):
         d.step()
-    if jumps:
+    if jumps != "never":
         assert inter.first_token_time - inter.arrival_time <= INTERACTIVE.ttft_s
+        assert sum(r.num_preemptions for r in batch) == 1  # the victim recomputed and finished
     assert all(len(r.output_ids) == r.params.max_tokens for r in d.reqs.values())
-    assert d.s.kv.num_free + d.s.kv.num_cached == 64
+    assert d.s.kv.num_free + d.s.kv.num_cached == 128
+
+
+def test_requests_sitting_out_keep_their_seats_within_max_num_seqs():
+    policy = _slo()
+    d = Driver(policy, seqs=3, budget=8)  # budget < prompt: admissions cannot all proceed at once
+    for _ in range(3):
+        d.add(BATCH, max_tokens=30)
+    for _ in range(4):
+        d.step()
+    for _ in range(5):
+        d.add(INTERACTIVE, max_tokens=3)  # fresh, on track: earlier deadlines than the batch ones
+    for _ in range(6):
+        d.step()
+        assert len(d.s.running) <= 3
 
 
 def test_edf_orders_on_track_requests_and_weight_orders_at_risk_ones():
