@@ -15,7 +15,8 @@ Live: one server process per policy (tools/launch_server.py's server on --config
 embedded default model, with --live_tiers), started once and kept; for each load
 (--live_rates) the same requests, the mix scaled by --live_scale to the model's 512-token
 context, are replayed through each server in turn (jinfer.serving.benchmark, latencies on the
-client), every prefix cache reset first.
+client), every prefix cache reset first; --live_rounds rounds of that, the policies' order
+rotated each round (the machine's noise hits them alike), and the means reported.
 
 Reported per load and policy: each tier's SLO attainment (requests meeting both its TTFT and
 TPOT targets / requests) and goodput (those requests per second from the first arrival to the
@@ -57,6 +58,8 @@ flags.DEFINE_list("sim_tiers", ["interactive:250:100:4", "agent:1000:150:2", "ba
 flags.DEFINE_list("sim_rates", ["8", "10", "11", "12", "13", "14", "16", "20"],
                   "Simulated loads, requests/s per replica.")
 flags.DEFINE_float("sim_duration_s", 120.0, "Seconds of arrivals per simulated run.", lower_bound=1)
+flags.DEFINE_float("sim_scale", 1.0, "slo_mix length divisor of the simulated runs (1: 7B-scale lengths).",
+                   lower_bound=1)
 flags.DEFINE_list("replicas", ["1"], "Simulated replica counts (the loads scale with it).")
 flags.DEFINE_string("router", "least-load", "Router over several simulated replicas (scheduler/routing.py).")
 flags.DEFINE_string("cost_model", "", "Cost model JSON (tools/profile_engine.py); empty: analytic 7B on H100.")
@@ -72,7 +75,9 @@ flags.DEFINE_multi_string("override", [], "Extra --config.<section>.<field>=valu
 flags.DEFINE_list("live_tiers", ["interactive:300:60:4", "agent:3000:150:2", "batch:20000:1000:1"],
                   "Live tiers, highest first (the servers' serving.tiers).")
 flags.DEFINE_list("live_rates", ["16", "40", "52", "64"], "Live loads, requests/s.")
-flags.DEFINE_float("live_duration_s", 20.0, "Seconds of arrivals per live run.", lower_bound=1)
+flags.DEFINE_float("live_duration_s", 15.0, "Seconds of arrivals per live run.", lower_bound=1)
+flags.DEFINE_integer("live_rounds", 2, "Live rounds: each runs every load and policy (the policies' order rotated); "
+                     "the tables show the means, and the range of the overall goodput.", lower_bound=1)
 flags.DEFINE_float("live_scale", 12.0, "slo_mix length divisor of the live runs (12 fits 512 tokens).",
                    lower_bound=1)
 
@@ -120,7 +125,7 @@ def _sim_policy(name: str):
 
 
 def simulate(tiers, mix, rates, replicas: int, cost):
-    """[(rate, {policy: (tier_stats, demotions)})] for `replicas` simulated replicas."""
+    """[(rate, {policy: SimResult.tier_stats + demoted, preempted})] for `replicas` replicas."""
     from jinfer.workloads import slo_mix
     from scheduler.routing import make_router
     from scheduler.simulator import ReplicaConfig, Simulator
@@ -130,16 +135,17 @@ def simulate(tiers, mix, rates, replicas: int, cost):
     rows = []
     for rate in rates:
         total = rate * replicas
-        items = slo_mix(round(total * FLAGS.sim_duration_s), rate=total, mix=mix, vocab=(10, 32_000),
-                        seed=FLAGS.seed)
+        items = slo_mix(round(total * FLAGS.sim_duration_s), rate=total, mix=mix, scale=FLAGS.sim_scale,
+                        vocab=(10, 32_000), seed=FLAGS.seed)
         cells = {}
         for policy in FLAGS.policies:
             t0 = time.perf_counter()
             sim = Simulator(make_router(FLAGS.router, replicas, cost, cfg.capacity_tokens), replicas, cost, cfg,
                             tiers=tiers, policy=_sim_policy(policy))
-            stats = sim.run(items).tier_stats()
-            demoted = sum(sum(getattr(rep.sched.policy, "demotions", {}).values()) for rep in sim.replicas)
-            cells[policy] = (stats, demoted)
+            res = sim.run(items)
+            stats = cells[policy] = res.tier_stats()
+            stats["demoted"] = sum(sum(getattr(rep.sched.policy, "demotions", {}).values()) for rep in sim.replicas)
+            stats["preempted"] = sum(r.preemptions for r in res.records)
             print(f"sim x{replicas} {total:g} req/s {policy:16s} goodput {stats['all']['goodput_rps']:6.2f} req/s, "
                   f"attainment {stats['all']['attainment']:.3f} ({time.perf_counter() - t0:.0f} s)",
                   file=sys.stderr, flush=True)
@@ -149,9 +155,9 @@ def simulate(tiers, mix, rates, replicas: int, cost):
 
 # -- live --------------------------------------------------------------------------------------
 
-def _live_stats(run, tiers) -> tuple[dict, int]:
+def _live_stats(run, tiers) -> dict:
     """tier_stats' shape from what the client measured (jinfer.serving.benchmark), and the
-    requests the server's policy demoted during the run."""
+    requests the server's policy demoted during the run (its own count)."""
     from jinfer.serving import benchmark as bm
 
     slos = {t.name: bm.Slo(t.ttft_s, t.tpot_s) for t in tiers if t.judged}
@@ -172,11 +178,20 @@ def _live_stats(run, tiers) -> tuple[dict, int]:
     total["attainment"] = total["met"] / total["requests"] if total["requests"] else float("nan")
     out["all"] = total
     server = summary.get("server") or {}  # the server's own count over the run (GetServerStats)
-    return out, sum(t.get("demoted", 0) for t in server.values())
+    out["demoted"] = sum(t.get("demoted", 0) for t in server.values())
+    return out
+
+
+def _mean(values):
+    """Element-wise mean of the rounds' stats (nested dicts of numbers; None where one is None)."""
+    if isinstance(values[0], dict):
+        return {k: _mean([v[k] for v in values]) for k in values[0]}
+    return None if any(v is None for v in values) else sum(values) / len(values)
 
 
 def live(tiers, mix, rates):
-    """[(rate, {policy: (stats, demotions)})] measured against one server process per policy."""
+    """[(rate, {policy: stats, the mean of --live_rounds runs})] measured against one server process
+    per policy."""
     from jinfer.serving import benchmark as bm
     from jinfer.serving.client import Client
     from jinfer.serving.process import ServerProcess
@@ -198,19 +213,27 @@ def live(tiers, mix, rates):
             p.wait_ready(900)
         with Client(procs[FLAGS.policies[0]].target) as c:
             info = c.server_info(timeout=30)
+        runs = {(rate, policy): [] for rate in rates for policy in procs}
+        for k in range(FLAGS.live_rounds):  # each round: every load, the policies in turn (rotated)
+            order = FLAGS.policies[k % len(procs):] + FLAGS.policies[:k % len(procs)]
+            for rate in rates:
+                items = slo_mix(round(rate * FLAGS.live_duration_s), rate=rate, mix=mix, scale=FLAGS.live_scale,
+                                vocab=(10, info.vocab_size), seed=FLAGS.seed)
+                for policy in order:
+                    with Client(procs[policy].target) as c:
+                        c.reset_prefix_cache()
+                    run = bm.replay(procs[policy].target, items, progress=False)
+                    runs[(rate, policy)].append(_live_stats(run, tiers))
+                    a = runs[(rate, policy)][-1]["all"]
+                    print(f"live round {k} {rate:g} req/s {policy:16s} goodput {a['goodput_rps']:6.2f} req/s, "
+                          f"attainment {a['attainment']:.3f}, failed {a['failed']} ({run.duration_s:.0f} s)",
+                          file=sys.stderr, flush=True)
         for rate in rates:
-            items = slo_mix(round(rate * FLAGS.live_duration_s), rate=rate, mix=mix, scale=FLAGS.live_scale,
-                            vocab=(10, info.vocab_size), seed=FLAGS.seed)
             cells = {}
-            for policy, p in procs.items():  # the policies take turns at each load
-                with Client(p.target) as c:
-                    c.reset_prefix_cache()
-                run = bm.replay(p.target, items, progress=False)
-                cells[policy] = _live_stats(run, tiers)
-                a = cells[policy][0]["all"]
-                print(f"live {rate:g} req/s {policy:16s} goodput {a['goodput_rps']:6.2f} req/s, attainment "
-                      f"{a['attainment']:.3f}, failed {a['failed']} ({run.duration_s:.0f} s)", file=sys.stderr,
-                      flush=True)
+            for policy in FLAGS.policies:
+                cells[policy] = _mean(runs[(rate, policy)])
+                goodputs = [st["all"]["goodput_rps"] for st in runs[(rate, policy)]]
+                cells[policy]["all"]["goodput_range"] = (min(goodputs), max(goodputs))
             rows.append((rate, cells))
     finally:
         codes = [p.stop() for p in procs.values()]
@@ -229,20 +252,25 @@ def table(rows, tiers, live_extra: bool = False) -> str:
     names = [t.name for t in tiers]
     head = (["rate req/s", "policy"] + [f"{n} att." for n in names] + ["all att."]
             + [f"{n} goodput" for n in names] + ["all goodput req/s", "all goodput tok/s", "vs first_come"]
-            + ["demoted"] + ([f"{names[0]} TTFT p90 ms", f"{names[0]} TPOT p90 ms", "failed"] if live_extra else []))
+            + ["demoted"] + (["all goodput range", f"{names[0]} TTFT p90 ms", f"{names[0]} TPOT p90 ms", "failed"]
+                             if live_extra
+                             else ["preempted", f"{names[0]} TTFT / TPOT misses"]))
     lines = ["| " + " | ".join(head) + " |", "|---:|---|" + "---:|" * (len(head) - 2)]
     for rate, cells in rows:
-        base = cells["first_come"][0]
-        for policy, (st, demoted) in cells.items():
+        base = cells["first_come"]
+        for policy, st in cells.items():
             t, a = st["tiers"], st["all"]
             row = ([f"{rate:g}", policy] + [_pct(t[n]["attainment"]) for n in names] + [_pct(a["attainment"])]
                    + [f"{t[n]['goodput_rps']:.2f}" for n in names]
                    + [f"{a['goodput_rps']:.2f}", f"{a['goodput_tps']:.0f}", f"{_ratio(st, base):.2f}x"])
-            row.append(str(demoted))
+            row.append(f"{st['demoted']:g}")
+            first = t[names[0]]
             if live_extra:
-                first = t[names[0]]
-                row += [f"{first['ttft_p90_ms']:.0f}" if first["ttft_p90_ms"] is not None else "-",
-                        f"{first['tpot_p90_ms']:.1f}" if first["tpot_p90_ms"] is not None else "-", str(a["failed"])]
+                ttft, tpot = first["ttft_p90_ms"], first["tpot_p90_ms"]
+                row += ["{:.2f}-{:.2f}".format(*a["goodput_range"]), "-" if ttft is None else f"{ttft:.0f}",
+                        "-" if tpot is None else f"{tpot:.1f}", f"{a['failed']:g}"]
+            else:
+                row += [str(st["preempted"]), f"{first['ttft_misses']} / {first['tpot_misses']}"]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -254,20 +282,20 @@ def _ratio(st: dict, base: dict) -> float:
 def verdict(rows, tiers) -> str:
     """Where first_come starts missing, and how the others do there against the target."""
     first = tiers[0].name
-    missing = [(rate, cells) for rate, cells in rows if cells["first_come"][0]["all"]["attainment"] < FLAGS.floor]
+    missing = [(rate, cells) for rate, cells in rows if cells["first_come"]["all"]["attainment"] < FLAGS.floor]
     if not missing:
         return (f"first_come's overall attainment stays at or above {_pct(FLAGS.floor)} at every load: "
                 "no point where it starts missing.")
     rate, cells = missing[0]
-    fcfs = cells["first_come"][0]
+    fcfs = cells["first_come"]
     parts = [f"first_come's overall attainment first drops below {_pct(FLAGS.floor)} at {rate:g} req/s "
              f"({_pct(fcfs['all']['attainment'])}, goodput {fcfs['all']['goodput_rps']:.2f} req/s)."]
     for policy in (p for p in FLAGS.policies if p != "first_come"):
-        st = cells[policy][0]
+        st = cells[policy]
         parts.append(f"{policy}: goodput {st['all']['goodput_rps']:.2f} req/s = {_ratio(st, fcfs):.2f}x, {first} "
                      f"attainment {_pct(st['tiers'][first]['attainment'])}.")
     if "slo" in cells:
-        st = cells["slo"][0]
+        st = cells["slo"]
         met = _ratio(st, fcfs) >= 1.5 and st["tiers"][first]["attainment"] >= 0.9
         parts.append(f"Target (slo >= 1.5x first_come's goodput there, {first} attainment >= 90 %): "
                      f"{'met' if met else 'missed'}.")
@@ -284,7 +312,9 @@ def sim_section(mix) -> list[str]:
     for n in (int(r) for r in FLAGS.replicas):
         t0 = time.perf_counter()
         rows = simulate(tiers, mix, rates, n, cost)
-        setup = (f"Tiers {', '.join(FLAGS.sim_tiers)}; mix {FLAGS.mix}; {FLAGS.sim_duration_s:g} s of Poisson "
+        setup = (f"Tiers {', '.join(FLAGS.sim_tiers)}; mix {FLAGS.mix}"
+                 + (f" with lengths / {FLAGS.sim_scale:g}" if FLAGS.sim_scale != 1 else "")
+                 + f"; {FLAGS.sim_duration_s:g} s of Poisson "
                  f"arrivals per run, seed {FLAGS.seed}; {FLAGS.kv_tokens} KV tokens in pages of {FLAGS.page_size}, "
                  f"token budget {FLAGS.max_num_batched_tokens}, {FLAGS.max_num_seqs} sequences per step"
                  + (f", router {FLAGS.router}" if n > 1 else ""))
@@ -297,11 +327,13 @@ def sim_section(mix) -> list[str]:
 def live_section(mix) -> list[str]:
     tiers, rates = _tiers("live_tiers"), _numbers("live_rates")
     _check_tiers(tiers, mix, "live_tiers")
-    t0 = time.perf_counter()
+    t0, load = time.perf_counter(), os.getloadavg()[0]
     rows, info = live(tiers, mix, rates)
     setup = (f"Tiers {', '.join(FLAGS.live_tiers)}; mix {FLAGS.mix} with lengths / {FLAGS.live_scale:g} "
              f"(max_model_len {info.max_model_len}); {FLAGS.live_duration_s:g} s of Poisson arrivals per run, "
-             f"seed {FLAGS.seed}; {os.cpu_count()} CPU cores shared by the servers and the client")
+             f"seed {FLAGS.seed}; means of {FLAGS.live_rounds} rounds (policies in rotated order); "
+             f"{os.cpu_count()} CPU cores shared by the servers and the client, load average "
+             f"{load:.1f} before the run and {os.getloadavg()[0]:.1f} after")
     return [f"## Live: {info.model}, one server process per policy", "",
             f"{setup}. {time.perf_counter() - t0:.0f} s of wall time.", "", table(rows, tiers, live_extra=True), "",
             verdict(rows, tiers), ""]
@@ -316,7 +348,7 @@ def main(argv):
                              f"--parts only sim and live; got unknown {unknown}")
     if FLAGS.smoke:
         FLAGS.sim_rates, FLAGS.sim_duration_s = ["4", "16"], 5.0
-        FLAGS.live_rates, FLAGS.live_duration_s = ["4", "16"], 3.0
+        FLAGS.live_rates, FLAGS.live_duration_s, FLAGS.live_rounds = ["4", "16"], 3.0, 1
     mix = _mix()
     out = (sim_section(mix) if "sim" in FLAGS.parts else []) + (live_section(mix) if "live" in FLAGS.parts else [])
     report = f"Command: `python tools/bench_slo.py {' '.join(sys.argv[1:])}`\n\n" + "\n".join(out)
