@@ -67,6 +67,8 @@ class StrictPriority:
 @dataclasses.dataclass
 class _State:
     demoted: bool = False
+    key: tuple = ()  # its priority key, as computed in step `key_step`
+    key_step: int = -1
 
 
 class SloAware:
@@ -88,6 +90,7 @@ class SloAware:
         self.typical_s = step_s  # decayed mean of the observed step times
         self._sums = [0.0] * 5  # decayed sums of 1, n, n^2, t, n*t over observed steps
         self.now = clock()
+        self._step = 0  # bumps in on_schedule: a request's key is computed once per step
         self.budget = 0  # tokens per step (the bound scheduler's max_num_batched_tokens)
         self.demotions: collections.Counter = collections.Counter()  # tier name -> requests demoted
         self.refusals: collections.Counter = collections.Counter()  # tier name -> admissions refused
@@ -158,6 +161,7 @@ class SloAware:
 
     def on_schedule(self, scheduler) -> None:
         self.now = self.clock()
+        self._step += 1
         if not self.budget:
             self.bind(scheduler)
         for req in scheduler.running + scheduler.waiting:
@@ -166,6 +170,14 @@ class SloAware:
                 self.demotions[req.tier.name] += 1
 
     def priority(self, req: Request):
+        """The request's key, computed once per step (a step sorts and compares it several
+        times; its order within the step stays fixed)."""
+        state = self._state(req)
+        if state.key_step != self._step:
+            state.key, state.key_step = self._key(req), self._step
+        return state.key
+
+    def _key(self, req: Request):
         if not self._judged(req):
             return (2, 0.0, 0.0, req.arrival_index)
         deadline = self.deadline(req)
@@ -191,7 +203,7 @@ class SloAware:
         self.now = self.clock()
         if not self.budget:
             self.bind(scheduler)
-        mine = self.priority(req)
+        mine = self._key(req)
         ahead = sum(w.num_tokens - w.num_computed_tokens for w in scheduler.waiting
                     if self.priority(w) < mine)
         tokens = ahead + len(req.prompt_ids)
