@@ -39,6 +39,8 @@ def test_partition_devices_and_errors():
         Instances(init_model(CFG, seed=3), TOK, [3, 1], **KW)
 
 
+@pytest.mark.slow  # the default run regroups under load in tests/test_adaptive_tp.py and the
+# instances_and_resharding notebook (bytes against the minimum, outputs unchanged)
 def test_mixed_instances_regroup_while_requests_run():
     from tests.test_tp import _run
     expected = _run(CFG, None)[1]  # one device, no instances
