@@ -3,7 +3,9 @@ on one node's devices, a topology controller that re-partitions them while reque
 
 Each instance is jinfer's own Scheduler (as in scheduler/simulator.py) clocked by the cost
 model of its TP degree. Requests go where the control routes them (NitsumControl: the tier's
-least-loaded instance; StaticControl: a fixed partition). Every `window_s` the control hears
+least-loaded instance; StaticControl: a fixed partition), where the instance's policy may
+refuse them at admission as the engine's does (SloAware(admission=True): the record then holds
+the reason as its error and counts as a miss). Every `window_s` the control hears
 the window's arrivals and SLO-met finishes per tier and may return new sizes; the simulator
 then applies them as InstanceGroup.regroup does live:
   - instances are matched to the new device groups as Instances.regroup matches them (busy
@@ -13,7 +15,10 @@ then applies them as InstanceGroup.regroup does live:
     tokens where the receiver has KV room (else they recompute, like a preemption);
   - every instance touched (kept with a new degree or group, created, or receiving migrants)
     finishes the step it is running, then pauses for the reconfiguration time
-    `ReconfigModel.seconds` of the bytes that move, then resumes.
+    `ReconfigModel.seconds` of the bytes that move, then resumes;
+  - requests arriving while the running steps finish are held and routed once the new
+    partition is in place (the control already routes by it, as InstanceGroup's does after
+    its regroup).
 The KV room of an instance is `ReplicaConfig.num_pages` whatever its degree (at 8B on 80 GB
 devices KV room does not bind at these loads: an assumption, written here). Deterministic: the
 same items, control and models give the same records.
@@ -29,7 +34,7 @@ from typing import Callable, Mapping, Sequence
 from jinfer.config import CacheConfig, SchedulerConfig, Tier
 from jinfer.request import Request, Status
 from jinfer.sampling_params import SamplingParams
-from jinfer.scheduling import Scheduler
+from jinfer.scheduling import AdmissionRefused, Scheduler
 from jinfer.workloads import WorkItem
 from scheduler.cost_model import CostModel
 from scheduler.nitsum import Partition, route
@@ -185,6 +190,8 @@ class AdaptiveSimulator:
         self._arrived: dict[str, int] = {}
         self._served: dict[str, int] = {}
         self._pending = None  # sizes waiting for the instances to finish their steps
+        self._held: list[int] = []  # items that arrived meanwhile
+        self._items, self._records = items, records
         steps = 0
         while events:
             now, _, kind, data = heapq.heappop(events)
@@ -219,7 +226,8 @@ class AdaptiveSimulator:
         heapq.heappush(self._events, (t, self._seq, kind, data))
         self._seq += 1
 
-    def _arrive(self, items, i: int, records) -> None:
+    def _arrive(self, items, i: int, records, counted: bool = False) -> None:
+        """Routes item i now (at its arrival, or when a reconfiguration that held it applies)."""
         it = items[i]
         rank, tier = self._rank.get(it.tier or (self.tiers[0].name if self.tiers else ""), (0, None))
         name = tier.name if tier is not None else ""
@@ -227,12 +235,22 @@ class AdaptiveSimulator:
         if n + it.max_tokens > min(self.cfg.max_model_len, self.cfg.capacity_tokens):
             records[i] = RequestRecord(i, -1, self.now, n, error="prompt + max_tokens exceeds the instance", tier=name)
             return
-        self._arrived[name] = self._arrived.get(name, 0) + 1
+        if not counted:
+            self._arrived[name] = self._arrived.get(name, 0) + 1
+        if self._pending is not None:  # the control routes by the partition it just chose: wait for it
+            self._held.append(i)
+            return
         outstanding = [len(inst.reqs) for inst in self.instances]
         k = self.control.route(name, outstanding)
         inst = self.instances[k]
-        rec = records[i] = RequestRecord(i, k, self.now, n, tier=name)
-        req = Request(str(i), list(it.prompt), self._sampling(it.max_tokens), 0, self.now, i, priority=rank, tier=tier)
+        rec = records[i] = RequestRecord(i, k, it.arrival_s, n, tier=name)
+        req = Request(str(i), list(it.prompt), self._sampling(it.max_tokens), 0, it.arrival_s, i, priority=rank,
+                      tier=tier)
+        try:  # the policy's admission check, as the engine runs it (SloAware(admission=True))
+            inst.sched.admit(req)
+        except AdmissionRefused as e:
+            rec.error = f"refused: {e}"
+            return
         inst.reqs[req.request_id] = (req, rec)
         inst.sched.add(req)
         if not inst.busy:
@@ -318,6 +336,9 @@ class AdaptiveSimulator:
         for j, inst in enumerate(new):  # the touched ones pause; every one resumes stepping
             inst.paused_until = self.now + pause if j in touched else self.now
             self._push(inst.paused_until, _RESUME, inst)
+        held, self._held = self._held, []
+        for i in held:
+            self._arrive(self._items, i, self._records, counted=True)
 
     def _migrate(self, src: _Instance, dst: _Instance, j: int) -> int:
         """Moves src's requests into dst (KV kept where dst has room); returns KV tokens moved."""
