@@ -45,6 +45,9 @@ class PrefixCache:
         self.strategy = strategy or LRU()
         self.root = Node((), -1, None)
         self.num_nodes = 0
+        # Unlocked nodes without children: what evict() chooses from, kept up to date so that
+        # an eviction looks at the leaves, not the whole tree.
+        self._leaves: dict[Node, None] = {}  # insertion-ordered: ties evict deterministically
         self.on_evict = None
         """Optional callback(node) for each evicted node, leaf first (its parent link is kept;
         `tokens_to(node)` gives its tokens). Routers keeping a global view listen here, usually
@@ -79,12 +82,15 @@ class PrefixCache:
     def lock(self, node: Node) -> None:
         while node is not self.root:
             node.lock_ref += 1
+            self._leaves.pop(node, None)
             node = node.parent
 
     def unlock(self, node: Node) -> None:
         while node is not self.root:
             assert node.lock_ref > 0, "unlock below zero"
             node.lock_ref -= 1
+            if node.lock_ref == 0 and not node.children:
+                self._leaves[node] = None
             node = node.parent
 
     def insert(self, tokens, pages: list[int]) -> Node:
@@ -99,6 +105,8 @@ class PrefixCache:
             if child is None:
                 child = Node(key, page, node)
                 node.children[key] = child
+                self._leaves.pop(node, None)
+                self._leaves[child] = None
                 self.pool.incref([page])
                 self.num_nodes += 1
             child.last_access = now
@@ -115,12 +123,12 @@ class PrefixCache:
     def evict(self, num_pages: int) -> int:
         """Frees up to num_pages pages from unlocked leaves; returns how many were freed."""
         tie = itertools.count()
-        heap = [(self.strategy.sort_key(n), next(tie), n) for n in self._nodes()
-                if not n.children and n.lock_ref == 0]
+        heap = [(self.strategy.sort_key(n), next(tie), n) for n in self._leaves]
         heapq.heapify(heap)
         freed = 0
         while heap and freed < num_pages:
             _, _, node = heapq.heappop(heap)
+            self._leaves.pop(node, None)
             parent = node.parent
             del parent.children[node.key]
             self.num_nodes -= 1
@@ -128,6 +136,7 @@ class PrefixCache:
                 self.on_evict(node)
             freed += len(self.pool.decref([node.page]))
             if parent is not self.root and not parent.children and parent.lock_ref == 0:
+                self._leaves[parent] = None
                 heapq.heappush(heap, (self.strategy.sort_key(parent), next(tie), parent))
         return freed
 

@@ -28,6 +28,9 @@ def _check_invariants(s: Scheduler):
         for node in s.prefix_cache._nodes():
             expected[node.page] += 1
             assert node.lock_ref >= 0
+        # evict() chooses among the cache's running set of unlocked leaves: it must be exact.
+        leaves = [n for n in s.prefix_cache._nodes() if not n.children and n.lock_ref == 0]
+        assert set(s.prefix_cache._leaves) == set(leaves)
     assert refs == expected, "refcounts disagree with holders"
     assert s.pool.num_free == expected.count(0)
 
