@@ -205,11 +205,16 @@ class Engine:
 
         The step in flight (async scheduling) is finished first; its outputs come with the next
         step(). Weights move only the slices each device lacks; the KV pool moves with its page
-        tables unchanged. Returns (weights, kv) sharding.reshard.MoveStats.
+        tables unchanged. With options.warmup the step buckets compile for the new mesh before
+        it returns (Instances.precompile makes that a cache read), as when the engine was built.
+        Returns (weights, kv) sharding.reshard.MoveStats.
         """
         layout = TPLayout.for_model(self.model_config, mesh, self.vocab_parallel)  # ValueError before anything moves
         self._settle_inflight()
-        return self.runner.reshard(layout)
+        moved = self.runner.reshard(layout)
+        if self.options.warmup:
+            self.runner.warmup()
+        return moved
 
     def update_weights(self, state) -> None:
         """Swaps new weights into the running engine in place (an RL loop's updated policy).

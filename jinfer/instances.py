@@ -93,6 +93,36 @@ class Instances:
     def __len__(self) -> int:
         return len(self.engines)
 
+    def precompile(self, degrees: Sequence[int], progress: bool = False) -> int:
+        """Compiles the step programs of every device group a partition into `degrees`
+        (largest first, each degree dividing the next: the aligned groups) can use and no
+        instance uses now, so that regroup() loads them from JAX's persistent compilation
+        cache instead of compiling while requests wait. Nothing is placed on those devices.
+        Returns the programs compiled. ValueError when the cache is off (the programs would be
+        thrown away) or a degree does not fit the model or the devices."""
+        if not jax.config.jax_compilation_cache_dir:
+            raise ValueError("precompile keeps programs only in JAX's persistent compilation cache, which is off: "
+                             "set engine.compilation_cache")
+        engine = self.engines[0]
+        held = {tuple(d.id for d in m.devices.flat) for m in self.meshes}
+        groups = {}
+        for d in sorted(set(degrees), reverse=True):
+            if d < 1 or len(self.devices) % d:
+                raise ValueError(f"degree {d!r} does not divide the {len(self.devices)} devices")
+            for mesh in partition_devices([d] * (len(self.devices) // d), self.devices):
+                key = tuple(x.id for x in mesh.devices.flat)
+                if key not in held:
+                    groups.setdefault(key, mesh)
+        meshes = list(groups.values())
+        if progress:
+            from tqdm import tqdm
+            meshes = tqdm(meshes, desc="precompiling device groups", unit="group")
+        compiled = 0
+        for mesh in meshes:
+            layout = TPLayout.for_model(engine.model_config, mesh, engine.vocab_parallel)
+            compiled += engine.runner.precompile(layout)
+        return compiled
+
     def regroup(self, sizes: Sequence[int]) -> RegroupReport:
         """Re-partitions the devices into `sizes` (module docstring). Checks everything first:
         on ValueError nothing has moved."""
@@ -146,6 +176,7 @@ class TopologyControl(Protocol):
     """What InstanceGroup asks of an adaptive-TP controller (scheduler.nitsum.NitsumControl)."""
 
     window_s: float
+    degrees: Sequence[int]  # the TP degrees its partitions may use (what Instances.precompile takes)
 
     def route(self, tier: str, outstanding: Sequence[int]) -> int:
         """The instance a new request of `tier` goes to, given each instance's unfinished requests."""

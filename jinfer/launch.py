@@ -236,6 +236,9 @@ def _build_instances(launch: LaunchConfig, policy, progress: bool):
     instances = Instances(model, tok, list(control.sizes if control else opts.instances), policy_factory=factory,
                           cache_config=launch.cache, scheduler_config=launch.scheduler, options=opts,
                           progress=progress)
+    if control is not None and opts.warmup and opts.compilation_cache:
+        # Every device group a partition may use compiles now, not when a regroup first uses it.
+        instances.precompile(control.degrees, progress)
     return InstanceGroup(instances, control)
 
 

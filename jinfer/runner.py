@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
 import math
@@ -68,6 +69,7 @@ class ModelRunner:
         # step of a speculating runner carries one, so there is one program per bucket).
         self.trees = max_spec_tokens > 0 and model.config.sliding_window is None
         self.config = model.config
+        self.cache_cfg = cache_cfg
         self.layout = layout
         self.page_size = cache_cfg.page_size
         self.pages_per_seq = math.ceil(sched_cfg.max_model_len / cache_cfg.page_size)
@@ -180,6 +182,26 @@ class ModelRunner:
                     self._compiled[key] = self._step.lower(
                         self.state, self.kv, self._prev_tokens, *args).compile()
         log.info("compiled %d step buckets", len(self._compiled))
+
+    def precompile(self, layout) -> int:
+        """Compiles every step bucket for another layout (another mesh) without placing
+        anything there: the weights and a pool of the size a runner on that mesh would get
+        enter as shapes with shardings. Only JAX's persistent compilation cache keeps the
+        programs, so a runner later built or resharded onto that mesh loads them from disk
+        instead of compiling (where the pool size is set by memory, a different size there is
+        a cache miss: it compiles then, as without this). Returns the programs compiled."""
+        kv_shards = 1 if layout.rules["kv_heads"] is None else layout.mesh.size
+        dtype = self.kv.k[0].dtype
+        num_pages = num_pages_for(self.config, self.cache_cfg, dtype, layout.mesh.devices.flat[0], shards=kv_shards)
+        abstract = lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
+        pool = jax.eval_shape(lambda: KVCache.create(self.config, num_pages, self.page_size, dtype=dtype))
+        shadow = copy.copy(self)
+        shadow.state = jax.tree.map(lambda sharding, sub: jax.tree.map(lambda x: abstract(x, sharding), sub),
+                                    layout.state_shardings(self.state), self.state)
+        shadow.kv = jax.tree.map(lambda x: abstract(x, layout.kv_sharding), pool)
+        shadow._bind(layout)
+        shadow.warmup()
+        return len(shadow._compiled)
 
     def _empty_inputs(self, t: int, s: int, decode_only: bool = False):
         tree_bits = np.full((t, TREE_WORDS), -1, np.int32) if self.trees and not decode_only else None

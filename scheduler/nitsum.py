@@ -309,6 +309,7 @@ class NitsumControl:
     def __init__(self, controller: Controller):
         self.controller = controller
         self.window_s = controller.window_s
+        self.degrees = tuple(controller.degrees)
 
     @property
     def sizes(self) -> tuple[int, ...]:

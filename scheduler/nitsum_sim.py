@@ -80,6 +80,7 @@ class StaticControl:
 
     def __init__(self, partition: Partition, window_s: float = 1.0):
         self.partition, self.window_s = partition, window_s
+        self.degrees = tuple(sorted(set(partition.sizes)))  # it never regroups: nothing else to compile
 
     @property
     def sizes(self) -> tuple[int, ...]:

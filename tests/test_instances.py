@@ -145,3 +145,42 @@ def test_a_migration_the_pool_cannot_hold_recomputes_and_still_matches():
     assert _collect(dst, [(i, 1) for i in ids], {}) == [[t] for t in expected]
     dst.scheduler.prefix_cache.clear()
     assert dst.scheduler.pool.num_free == 12
+
+
+def test_precompile_fills_the_compilation_cache_for_later_regroups(caplog):
+    import dataclasses
+    import logging
+
+    import jax
+
+    from jinfer.config import EngineOptions
+    from tests.test_tp import _run
+
+    # A token budget no other test uses: every step program here is new to the session's cache.
+    kw = dict(KW, options=EngineOptions(warmup=True),
+              scheduler_config=dataclasses.replace(KW["scheduler_config"], max_num_batched_tokens=24))
+    inst = Instances(init_model(CFG, seed=3), TOK, [2, 2, 2, 2], **kw)
+    per_group = len(inst.engines[0].runner._bucket_keys())
+    with pytest.raises(ValueError, match="degree 3 does not divide the 8 devices"):
+        inst.precompile([3])
+    saved = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)
+    try:
+        with pytest.raises(ValueError, match="set engine.compilation_cache"):
+            inst.precompile([4])
+    finally:
+        jax.config.update("jax_compilation_cache_dir", saved)
+    assert inst.precompile([4, 2]) == 2 * per_group  # devices 0-3 and 4-7; the tp2 groups are in use
+    caplog.set_level(logging.DEBUG, logger="jax._src.compiler")
+
+    def step_misses():
+        misses = [r for r in caplog.records if "CACHE MISS for 'jit__step'" in r.getMessage()]
+        caplog.clear()
+        return len(misses)
+
+    caplog.clear()
+    inst.regroup([4, 4])  # the new engines warm up from the cache
+    assert step_misses() == 0
+    inst.regroup([1] * 8)  # not precompiled: each group compiles its steps
+    assert step_misses() == 8 * per_group
+    assert [o.token_ids for o in inst.engines[5].generate(PROMPTS, GREEDY)] == _run(CFG, None)[1]
