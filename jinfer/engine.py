@@ -244,13 +244,18 @@ class Engine:
         (None: every unfinished request); ValueError naming an unknown one, before anything
         changes. The step in flight is read back first; what it produced for these requests
         travels with them (Migration.outputs). Their K/V pages are gathered in one batch; their
-        pages here are released (into the prefix cache, like a finished request's)."""
-        ids = list(self._groups) if request_ids is None else list(request_ids)
-        unknown = [i for i in ids if i not in self._groups]
-        if unknown:
-            raise ValueError(f"request ids {[shorten(i) for i in unknown[:3]]} are not unfinished in this engine")
-        self._settle_inflight()
-        groups = {i: self._groups.pop(i) for i in ids}
+        pages here are released (into the prefix cache, like a finished request's). A request
+        the step in flight finishes travels as its held output only; with request_ids None every
+        held output goes, so an engine emptied this way has nothing left to return."""
+        if request_ids is not None:
+            ids = list(request_ids)
+            unknown = [i for i in ids if i not in self._groups]
+            if unknown:
+                raise ValueError(f"request ids {[shorten(i) for i in unknown[:3]]} are not unfinished in this engine")
+        self._settle_inflight()  # may finish some of them
+        if request_ids is None:
+            ids = list(self._groups) + [o.request_id for o in self._held_outputs]
+        groups = {i: self._groups.pop(i) for i in ids if i in self._groups}
         samples = [r for g in groups.values() for r in g if r.status is not Status.FINISHED]
         carried, pages = [], []
         for r in samples:

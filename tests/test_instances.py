@@ -147,6 +147,28 @@ def test_a_migration_the_pool_cannot_hold_recomputes_and_still_matches():
     assert dst.scheduler.pool.num_free == 12
 
 
+def test_exporting_while_the_step_in_flight_finishes_a_request_keeps_its_output():
+    from jinfer.engine import Engine
+    from jinfer.sampling_params import SamplingParams
+
+    src = Engine(init_model(CFG, seed=3), TOK, **KW)
+    dst = Engine(init_model(CFG, seed=3), TOK, **KW)
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    short, long = src.add_request(PROMPTS[1], one), src.add_request(PROMPTS[0], GREEDY)
+    assert src.step() == [] and src._inflight is not None  # the step that finishes `short` is in flight
+    migration = src.export_requests()  # reads it back: `short` travels as its final output only
+    assert list(migration.groups) == [long] and not src.has_unfinished()
+    dst.import_requests(migration)
+    got = {}
+    while dst.has_unfinished():
+        for o in dst.step():
+            if o.finished:
+                got[o.request_id] = o.token_ids
+    ref = Engine(init_model(CFG, seed=3), TOK, **KW)
+    assert got == {short: ref.generate([PROMPTS[1]], [one])[0].token_ids,
+                   long: ref.generate([PROMPTS[0]], [GREEDY])[0].token_ids}
+
+
 def test_precompile_fills_the_compilation_cache_for_later_regroups(caplog):
     import dataclasses
     import logging
