@@ -19,7 +19,7 @@ from typing import Callable, Mapping, Sequence
 from jinfer.config import Tier
 from jinfer.workloads import WorkItem
 from scheduler.cost_model import CostModel
-from scheduler.nitsum import Controller, InstancePlan, NitsumControl, Partition, Profile
+from scheduler.nitsum import Controller, InstancePlan, NitsumControl, Partition, Profile, predicted_goodput
 from scheduler.nitsum_profile import Phase, average_rates
 from scheduler.nitsum_sim import AdaptiveSimulator, ReconfigModel, StaticControl
 from scheduler.simulator import ReplicaConfig
@@ -83,6 +83,31 @@ def static_partitions(controller: Controller, phases: Sequence[Phase]) -> list[t
     for k, phase in enumerate(phases):
         add(f"plan for phase {phase.name or k + 1}", controller.plan(phase.rates, {}))
     return out
+
+
+def dedicated_partitions(controller: Controller) -> list[Partition]:
+    """Every partition of the controller's devices into instances of its degrees, each
+    dedicated to one of its judged tiers (equal ones once)."""
+    tiers = sorted(t.name for t in controller.tiers.values() if t.judged)
+    out = set()
+    for sizes in size_multisets(controller.num_devices, controller.degrees):
+        for names in itertools.product(tiers, repeat=len(sizes)):
+            out.add(Partition(tuple(InstancePlan(d, t) for d, t in zip(sizes, names))).canonical())
+    return sorted(out, key=str)
+
+
+def profile_bound(controller: Controller, phases: Sequence[Phase]) -> tuple[float, Partition, float]:
+    """What the profile alone promises (predicted goodput: sum over tiers of min(profile
+    capacity, arrivals), dedicated instances, no interference, switches free): (the best single
+    partition's req/s averaged over the phases, that partition, the req/s of the best partition
+    for each phase, averaged). Their ratio bounds what switching partitions can gain."""
+    parts = dedicated_partitions(controller)
+    total = sum(p.duration_s for p in phases)
+    per_phase = [[predicted_goodput(part, controller.profile, p.rates) for part in parts] for p in phases]
+    static = [sum(g[k] * p.duration_s for g, p in zip(per_phase, phases)) / total for k in range(len(parts))]
+    best = max(range(len(parts)), key=lambda k: static[k])
+    switching = sum(max(g) * p.duration_s for g, p in zip(per_phase, phases)) / total
+    return static[best], parts[best], switching
 
 
 @dataclasses.dataclass

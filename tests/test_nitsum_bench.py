@@ -166,7 +166,7 @@ def test_arrivals_while_a_reconfiguration_waits_are_routed_by_the_new_partition(
 
 @pytest.mark.slow  # builds every instance of two partitions on 8 fake CPU devices (minutes)
 def test_the_tool_serves_the_live_workload_statically_and_adaptively(tmp_path):
-    out = _tool("--parts=live", "--nofcfs", "--nodefault_knobs", f"--live_profile_out={tmp_path / 'cpu.json'}",
+    out = _tool("--parts=live", "--nofcfs", "--noslow_knobs", f"--live_profile_out={tmp_path / 'cpu.json'}",
                 "--config.engine.warmup=false")
     profile = Profile.from_dict(json.loads((tmp_path / "cpu.json").read_text()))
     assert set(profile.rates) == {"interactive", "agent", "batch"} and profile.degrees == [1, 2, 4, 8]
