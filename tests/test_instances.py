@@ -178,10 +178,11 @@ def test_precompile_fills_the_compilation_cache_for_later_regroups(caplog):
     from jinfer.config import EngineOptions
     from tests.test_tp import _run
 
-    # A token budget no other test uses: every step program here is new to the session's cache.
+    # A max_model_len no other test uses (13 pages per sequence): every step program here is new
+    # to the session's compilation cache.
     kw = dict(KW, options=EngineOptions(warmup=True),
-              scheduler_config=dataclasses.replace(KW["scheduler_config"], max_num_batched_tokens=24))
-    inst = Instances(init_model(CFG, seed=3), TOK, [2, 2, 2, 2], **kw)
+              scheduler_config=dataclasses.replace(KW["scheduler_config"], max_model_len=52))
+    inst = Instances(init_model(CFG, seed=3), TOK, [4, 4], **kw)
     per_group = len(inst.engines[0].runner._bucket_keys())
     with pytest.raises(ValueError, match="degree 3 does not divide the 8 devices"):
         inst.precompile([3])
@@ -189,10 +190,10 @@ def test_precompile_fills_the_compilation_cache_for_later_regroups(caplog):
     jax.config.update("jax_compilation_cache_dir", None)
     try:
         with pytest.raises(ValueError, match="set engine.compilation_cache"):
-            inst.precompile([4])
+            inst.precompile([8])
     finally:
         jax.config.update("jax_compilation_cache_dir", saved)
-    assert inst.precompile([4, 2]) == 2 * per_group  # devices 0-3 and 4-7; the tp2 groups are in use
+    assert inst.precompile([8, 4]) == per_group  # devices 0-7; the tp4 groups are in use
     caplog.set_level(logging.DEBUG, logger="jax._src.compiler")
 
     def step_misses():
@@ -201,8 +202,8 @@ def test_precompile_fills_the_compilation_cache_for_later_regroups(caplog):
         return len(misses)
 
     caplog.clear()
-    inst.regroup([4, 4])  # the new engines warm up from the cache
+    inst.regroup([8])  # the resharded engine warms up from the cache
     assert step_misses() == 0
-    inst.regroup([1] * 8)  # not precompiled: each group compiles its steps
-    assert step_misses() == 8 * per_group
-    assert [o.token_ids for o in inst.engines[5].generate(PROMPTS, GREEDY)] == _run(CFG, None)[1]
+    inst.regroup([2, 2, 2, 2])  # not precompiled: each group compiles its steps
+    assert step_misses() == 4 * per_group
+    assert [o.token_ids for o in inst.engines[3].generate(PROMPTS, GREEDY)] == _run(CFG, None)[1]
