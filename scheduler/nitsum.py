@@ -209,7 +209,7 @@ class Controller:
             d = self.degrees[0]
             return Partition(tuple(InstancePlan(d) for _ in range(self.num_devices // d)))
         best, best_key = None, None
-        for sizes in _size_multisets(self.num_devices, self.degrees[::-1]):
+        for sizes in size_multisets(self.num_devices, self.degrees):
             for assignment in _assignments(sizes, active):
                 cap: dict[str, float] = collections.defaultdict(float)
                 for tp, tier in assignment:
@@ -257,15 +257,18 @@ class Controller:
         return candidate
 
 
-def _size_multisets(n: int, degrees: Sequence[int]):
-    """Every multiset of degrees (largest first) summing to n, as a tuple of degrees."""
-    if n == 0:
-        yield ()
-        return
-    for k, d in enumerate(degrees):
-        if d <= n:
-            for rest in _size_multisets(n - d, degrees[k:]):
-                yield (d,) + rest
+def size_multisets(num_devices: int, degrees: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every multiset of `degrees` summing to num_devices, largest degrees first."""
+    def walk(n, allowed):
+        if n == 0:
+            yield ()
+            return
+        for k, d in enumerate(allowed):
+            if d <= n:
+                for rest in walk(n - d, allowed[k:]):
+                    yield (d,) + rest
+
+    return list(walk(num_devices, sorted(set(degrees), reverse=True)))
 
 
 def _assignments(sizes: tuple[int, ...], tiers: Sequence[str]):

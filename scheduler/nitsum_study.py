@@ -19,26 +19,11 @@ from typing import Callable, Mapping, Sequence
 from jinfer.config import Tier
 from jinfer.workloads import WorkItem
 from scheduler.cost_model import CostModel
-from scheduler.nitsum import Controller, InstancePlan, NitsumControl, Partition, Profile, predicted_goodput
+from scheduler.nitsum import (Controller, InstancePlan, NitsumControl, Partition, Profile, predicted_goodput,
+                             size_multisets)
 from scheduler.nitsum_profile import Phase, average_rates
 from scheduler.nitsum_sim import AdaptiveSimulator, ReconfigModel, StaticControl
 from scheduler.simulator import ReplicaConfig
-
-
-def size_multisets(num_devices: int, degrees: Sequence[int]) -> list[tuple[int, ...]]:
-    """Every multiset of `degrees` summing to num_devices, largest degrees first."""
-    degrees = sorted(set(degrees), reverse=True)
-
-    def walk(n, allowed):
-        if n == 0:
-            yield ()
-            return
-        for k, d in enumerate(allowed):
-            if d <= n:
-                for rest in walk(n - d, allowed[k:]):
-                    yield (d,) + rest
-
-    return list(walk(num_devices, degrees))
 
 
 def best_assignment(controller: Controller, sizes: Sequence[int], rates: Mapping[str, float]) -> Partition:
