@@ -54,18 +54,8 @@ def minimum_bytes(x: jax.Array, target: jax.sharding.Sharding) -> int:
     return total
 
 
-def reshard_array(x: jax.Array, target: jax.sharding.Sharding, on_host: bool | None = None,
-                  ) -> tuple[jax.Array, MoveStats]:
-    """x on `target`, built from local pieces first; returns the array and its move stats.
-
-    On accelerators each piece is sliced, copied and placed by device ops. CPU devices keep
-    their buffers in host memory, where those small ops would each compile once per device:
-    there the new shard is assembled with host copies of the same pieces and placed once
-    (the same bytes are counted as moved). on_host: force one way (None: host on CPU only)."""
-    if on_host is None:
-        on_host = all(d.platform == "cpu" for d in target.device_set | x.sharding.device_set)
-    if on_host:
-        return _reshard_on_host(x, target)
+def reshard_array(x: jax.Array, target: jax.sharding.Sharding) -> tuple[jax.Array, MoveStats]:
+    """x on `target`, built from local pieces first; returns the array and its move stats."""
     shards = {s.device: s for s in x.addressable_shards}
     sources: dict[tuple, list] = {}  # each distinct old box -> devices holding it
     for d, index in x.sharding.devices_indices_map(x.shape).items():
@@ -111,34 +101,3 @@ def reshard_tree(tree, targets) -> tuple[object, MoveStats]:
         return jax.tree.map(leaf, subtree)
 
     return jax.tree.map(one, targets, tree), total
-
-
-def _reshard_on_host(x: jax.Array, target: jax.sharding.Sharding) -> tuple[jax.Array, MoveStats]:
-    """reshard_array for CPU devices: the same pieces and accounting, copied in host memory."""
-    shards = {s.device: s for s in x.addressable_shards}
-    sources: dict[tuple, list] = {}
-    for d, index in x.sharding.devices_indices_map(x.shape).items():
-        sources.setdefault(_box(index, x.shape), []).append(d)
-    stats = MoveStats(minimum=minimum_bytes(x, target))
-    pieces_per_device = []
-    for d, index in target.devices_indices_map(x.shape).items():
-        box = _box(index, x.shape)
-        stats.full_reload += _size(box) * x.dtype.itemsize
-        if box in sources and d in sources[box]:  # it holds exactly this shard already
-            pieces_per_device.append(shards[d].data)
-            continue
-        out = np.empty([hi - lo for lo, hi in box], x.dtype)
-        for src_box, holders in sources.items():
-            part = _intersect(box, src_box)
-            if part is None:
-                continue
-            src = d if d in holders else holders[0]
-            local = tuple(slice(lo - s_lo, hi - s_lo) for (lo, hi), (s_lo, _) in zip(part, src_box))
-            at = tuple(slice(lo - b_lo, hi - b_lo) for (lo, hi), (b_lo, _) in zip(part, box))
-            out[at] = np.asarray(shards[src].data)[local]
-            if src != d:
-                stats.moved += _size(part) * x.dtype.itemsize
-            if part == box:
-                break
-        pieces_per_device.append(jax.device_put(out, d))
-    return jax.make_array_from_single_device_arrays(x.shape, target, pieces_per_device), stats
