@@ -48,9 +48,9 @@ def test_greedy_rejects_bad_input(hf_checkpoints):
         engine.generate([[1] * 60], SamplingParams(temperature=0, max_tokens=10))
 
 
-def _run_generate(*args):
+def _run_generate(*args, env=None):
     return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate.py"), *args],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
 
 
 def test_generate_tool_json_output(hf_checkpoints, tmp_path):
@@ -68,13 +68,14 @@ def test_generate_tool_json_output(hf_checkpoints, tmp_path):
 
 
 def test_generate_tool_default_model_and_errors(tmp_path):
-    res = _run_generate("--prompt=hello", "--max_tokens=3", "--json")
+    cpus = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the 8 fake devices, also on a one-GPU machine
+    res = _run_generate("--prompt=hello", "--max_tokens=3", "--json", env=cpus)
     assert res.returncode == 0, res.stderr
     assert len(json.loads(res.stdout)["token_ids"]) == 3
-    sharded = _run_generate("--prompt=hello", "--max_tokens=3", "--json", "--config.model.tp=2")  # 8 fake devices
+    sharded = _run_generate("--prompt=hello", "--max_tokens=3", "--json", "--config.model.tp=2", env=cpus)
     assert sharded.returncode == 0, sharded.stderr
     assert json.loads(sharded.stdout)["token_ids"] == json.loads(res.stdout)["token_ids"]
-    res = _run_generate("--prompt=x", "--config.model.tp=16")
+    res = _run_generate("--prompt=x", "--config.model.tp=16", env=cpus)
     assert res.returncode != 0 and "tp=16 needs 16 devices, 8 available" in res.stderr
     res = _run_generate(f"--config.model.path={tmp_path}/nope", "--prompt=x")
     assert res.returncode != 0 and "does not exist" in res.stderr

@@ -27,7 +27,7 @@ def test_warmup_compiles_every_bucket_and_steps_reuse_them(hf_checkpoints):
     path = hf_checkpoints["llama3"]
     eng = Engine(load_hf_model(path), Tokenizer.from_dir(path), CacheConfig(page_size=4, num_pages=32),
                  SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=4, max_model_len=48),
-                 options=EngineOptions(warmup=True))
+                 options=EngineOptions(warmup=True, attention_backend="xla"))  # "" picks pallas on a GPU
     runner = eng.runner
     plain = {(16, 4, False), (32, 4, False)}  # one program per token bucket; seqs tied to it
     assert set(runner._compiled) == plain  # the xla backend has no decode path
