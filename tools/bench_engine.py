@@ -237,24 +237,47 @@ def _child_engine_throughput(model_path: str, cache: str) -> dict:
 
 # -- host overhead and distance to the matmul limit ------------------------------------------
 
+def _prefill_lead(batch: int, prompt_len: int) -> int:
+    """Steps the first request can decode before the last one has its first token: the batch's
+    prompts go through in chunks of the step budget (plus slack for the pipeline)."""
+    return -(-batch * prompt_len // FLAGS.max_num_batched_tokens) + 4
+
+
 def _engine_decode_rate(engine, batch: int, steps: int, prompt_len: int) -> float:
-    """engine.step() tokens/s once `batch` requests are all decoding."""
+    """engine.step() tokens/s once `batch` requests are all decoding. Requests ask for as many
+    tokens as max_model_len allows, so the ones prefilled first are still running when the last
+    gets its first token; every timed step is checked to carry exactly the `batch` one-token
+    decodes (ValueError otherwise), and the requests are aborted after timing."""
     from jinfer.sampling_params import SamplingParams
-    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request([(7 * i + j) % engine.model_config.vocab_size for j in range(prompt_len)], params)
-    first = 0
-    while first < batch:  # prefill until every request has its first token
-        first += sum(1 for o in engine.step() if len(o.token_ids) == 1)
+    max_tokens = engine.sched_cfg.max_model_len - prompt_len
+    if max_tokens < steps + 2 + _prefill_lead(batch, prompt_len):
+        raise ValueError(f"max_model_len={engine.sched_cfg.max_model_len} leaves {max_tokens} tokens after a "
+                         f"{prompt_len}-token prompt; {batch} requests decoding together for {steps} steps need "
+                         f"{steps + 2 + _prefill_lead(batch, prompt_len)}")
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    ids = [engine.add_request([(7 * i + j) % engine.model_config.vocab_size for j in range(prompt_len)], params)
+           for i in range(batch)]
+    first = set()
+    while len(first) < batch:  # prefill until every request has its first token
+        first.update(o.request_id for o in engine.step() if o.token_ids)
     engine.step()  # settle the pipeline
+    shapes, dispatch = [], engine.runner.dispatch
+    engine.runner.dispatch = lambda plan: shapes.append((plan.num_tokens, len(plan.seqs))) or dispatch(plan)
     emitted = 0
-    start = time.perf_counter()
-    for _ in range(steps):
-        emitted += sum(len(o.new_token_ids) for o in engine.step())
-    elapsed = time.perf_counter() - start
+    try:
+        start = time.perf_counter()
+        for _ in range(steps):
+            emitted += sum(len(o.new_token_ids) for o in engine.step())
+        elapsed = time.perf_counter() - start
+    finally:
+        engine.runner.dispatch = dispatch
+    for rid in ids:
+        engine.abort(rid)
     while engine.has_unfinished():
         engine.step()
     engine.step()
+    if any(shape != (batch, batch) for shape in shapes):
+        raise ValueError(f"timed steps were not {batch} decodes each: (tokens, sequences) = {shapes}")
     return emitted / elapsed
 
 
@@ -442,7 +465,7 @@ def _backend_comparison() -> str:
     tok = byte_level_tokenizer()
     b, n = FLAGS.decode_batch, FLAGS.decode_steps
     contexts = [int(c) for c in FLAGS.backend_contexts]
-    max_len = max(contexts) + n + 16
+    max_len = max(contexts) + n + 16 + _prefill_lead(b, max(contexts))
     pages = b * -(-max_len // FLAGS.page_size) + 1
     lines = ["| backend | context | bare loop tok/s | engine tok/s | engine / bare | bare step ms | "
              "first pass s (compiles) |", "|---|---:|---:|---:|---:|---:|---:|"]
@@ -548,7 +571,7 @@ def main(argv):
     max_len = _max_len()
     engine = _engine(model, tok, max_model_len=max_len, num_pages=_num_pages())
     sync = _engine(model, tok, max_model_len=max_len, num_pages=_num_pages(), async_scheduling=False)
-    plen = max(1, min(32, max_len - n - 10))  # room for the timed steps and the warm-up
+    plen = max(1, min(32, max_len - n - 2 - _prefill_lead(b, 32)))  # room for the prefill lead and timed steps
     bares, steps, asyncs, syncs = [], [], [], []
     for _ in range(FLAGS.repeats):  # alternating, so drifts of a noisy machine hit all three
         rate, step = _bare_decode_rate(engine.runner, b, n, plen)
