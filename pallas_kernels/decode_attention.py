@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.blocks import block_sizes, fit_pages_per_block
+from pallas_kernels.blocks import block_sizes, decode_pages_per_split, fit_pages_per_block
 from pallas_kernels.ragged_paged_attention import attend_pages
 from pallas_kernels.validate import static_validate_decode_inputs
 
@@ -53,7 +53,8 @@ def decode_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, *, sm_sca
                            pages_per_block: int | None = None, pages_per_split: int | None = None,
                            num_warps: int | None = None, num_stages: int | None = None,
                            interpret: bool = False):
-    """Same contract as reference.decode_paged_attention_ref; block sizes default to blocks.TABLE."""
+    """Same contract as reference.decode_paged_attention_ref; block sizes default to blocks.TABLE,
+    the split size to blocks.decode_pages_per_split."""
     static_validate_decode_inputs(q, k_pages, v_pages, kv_lens, page_indices, soft_cap=soft_cap,
                                   sliding_window=sliding_window)
     num_seqs, num_heads, head_dim = q.shape
@@ -62,7 +63,7 @@ def decode_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, *, sm_sca
     sizes = block_sizes(head_dim, page_size)
     pages_per_seq = page_indices.shape[1]
     pages_per_block = fit_pages_per_block(pages_per_block or sizes.pages_per_block, page_size, pages_per_seq)
-    pages_per_split = pages_per_split or sizes.decode_pages_per_split
+    pages_per_split = pages_per_split or decode_pages_per_split(num_seqs, num_kv_heads, pages_per_seq, page_size)
     pages_per_split = max(pages_per_block, pages_per_split // pages_per_block * pages_per_block)
     num_splits = pl.cdiv(pages_per_seq, pages_per_split)
     page_indices = jnp.pad(page_indices, ((0, 0), (0, num_splits * pages_per_split - pages_per_seq)))

@@ -111,6 +111,29 @@ def test_decode_kernel_matches_reference(dtype, page_size, group, head_dim):
     assert not np.asarray(out[0], np.float32).any(), "a sequence with no keys must give zeros"
 
 
+def test_decode_split_size_follows_the_batch():
+    from pallas_kernels.blocks import decode_pages_per_split
+    # About 1024 (KV head, sequence, split) programs; a power of two within 256..2048 keys.
+    assert decode_pages_per_split(1, 8, 512, 16) == 16  # 128 splits wanted: the 256-key floor
+    assert decode_pages_per_split(32, 8, 128, 16) == 32  # 4 splits of 512 keys
+    assert decode_pages_per_split(64, 8, 128, 16) == 64  # 2 splits
+    assert decode_pages_per_split(128, 8, 256, 16) == 128  # 1 split wanted: the 2048-key cap
+    assert decode_pages_per_split(4, 2, 100, 8) == 32  # 128 splits wanted: the floor, 32 pages of 8
+    assert decode_pages_per_split(256, 8, 5000, 1) == 2048  # one split wanted: the cap, 2048 one-key pages
+
+
+def test_decode_kernel_default_split_matches_reference():
+    # Page size 4: the default split is 64 pages (256 keys), so a 300-token sequence spans two
+    # splits and a 60-token one a single split.
+    rng = np.random.default_rng(5)
+    kv = [300, 60, 1]
+    q, k_pages, v_pages, _, lens, table, _ = _ragged_case(
+        rng, page_size=4, group=2, head_dim=64, dtype=jnp.float32, q_lens=[1] * len(kv), kv_lens=kv)
+    q = q[:len(kv)]
+    out = decode_paged_attention(q, k_pages, v_pages, lens, table, sm_scale=0.125, interpret=INTERPRET)
+    _close(out, decode_paged_attention_ref(q, k_pages, v_pages, lens, table, sm_scale=0.125), jnp.float32)
+
+
 def test_references_on_a_hand_worked_example():
     # One KV head, head_dim 2, pages of 2 slots. Sequence 0 decodes at position 1; sequence 1
     # prefills positions 0 and 1. Keys k0=[0,0], k1=[ln 3, 0]; q=[1, 0] -> scores [0, ln 3] ->
@@ -192,8 +215,8 @@ def test_kernel_benchmark_smoke_runs_on_cpu():
 @pytest.mark.slow  # the tool's main path runs in the smoke test above; fit_pages_per_block has its own
 def test_kernel_benchmark_sweep_times_the_table_row_and_alternatives():
     out = _bench_kernels("--sweep")
-    assert out.count("configurations ran; table row") == 2, out  # the decode and prefill points
-    assert out.count("| table row |") == 2 and "pages_per_block" in out and "block_q" in out, out
+    assert out.count("configurations ran; defaults") == 2, out  # the decode and prefill points
+    assert out.count("| defaults |") == 2 and "pages_per_block" in out and "block_q" in out, out
 
 
 @pytest.mark.parametrize("pages, page_size, pages_per_seq, want", [

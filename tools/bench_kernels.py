@@ -24,7 +24,8 @@ loop dispatches); the median of 5 such runs. So launch latency overlaps the prev
     (pallas_kernels.write_kv), both jitted with the pools donated, fed back call to call.
   --sweep: block sizes of both attention kernels at a few decode and prefill points
     (pages_per_block, pages_per_split, block_q, num_warps, num_stages), fastest first, against
-    the current blocks.TABLE row; the numbers to retune the table from.
+    the defaults (the blocks.TABLE row; for decode, blocks.decode_pages_per_split's split size);
+    the numbers to retune them from.
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ def _write_point(batch: int, context: int, interpret: bool):
 
 
 def _sweep(interpret: bool):
-    """Block sizes of both kernels at a few points, each against the current TABLE row."""
+    """Block sizes of both kernels at a few points, each against the defaults (TABLE row, split rule)."""
     import itertools
 
     import jax
@@ -199,6 +200,7 @@ def _sweep(interpret: bool):
     import numpy as np
 
     from pallas_kernels import block_sizes, decode_paged_attention, ragged_paged_attention
+    from pallas_kernels.blocks import decode_pages_per_split
 
     dtype = jnp.dtype(FLAGS.dtype)
     kvh, d, ps, h = FLAGS.num_kv_heads, FLAGS.head_dim, FLAGS.page_size, FLAGS.num_heads
@@ -245,11 +247,13 @@ def _sweep(interpret: bool):
             except Exception as err:  # noqa: BLE001 - an illegal tile is a result, not a stop
                 print(f"  {kind} {cfg}: {_short(err)[:160]}", file=sys.stderr, flush=True)
         base = next(t for t, c in timed if not c) if timed and not timed[0][1] else None
+        split = (f" (split: {decode_pages_per_split(batch, kvh, pages_per_seq, ps)} pages)"
+                 if kind == "decode" else "")
         print(f"\n{kind}, batch {batch}, context {context}: {len(timed)} configurations ran; "
-              f"table row {base * 1e6:,.1f} µs" if base else f"\n{kind}, batch {batch}, context {context}")
-        print("| µs | vs table row | configuration |\n|---:|---:|---|")
+              f"defaults{split} {base * 1e6:,.1f} µs" if base else f"\n{kind}, batch {batch}, context {context}")
+        print("| µs | vs defaults | configuration |\n|---:|---:|---|")
         for t, cfg in sorted(timed, key=lambda x: x[0])[:FLAGS.sweep_top]:
-            print(f"| {t * 1e6:,.1f} | {base / t if base else float('nan'):.2f}x | {cfg or 'table row'} |",
+            print(f"| {t * 1e6:,.1f} | {base / t if base else float('nan'):.2f}x | {cfg or 'defaults'} |",
                   flush=True)
 
 
