@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -140,3 +141,6 @@ def test_engine_benchmark_backend_comparison_reports_each_backend_and_context():
     for r in rows:
         bare, engine, ratio = (float(x.replace(",", "")) for x in r[2:5])
         assert bare > 0 and engine > 0 and ratio == pytest.approx(engine / bare, rel=0.05)
+    parts = re.search(r"attention off \(K/V still written\) ([\d.]+) ms; .* alone \(plain jnp, same shapes\) "
+                      r"([\d.]+) ms", res.stdout)
+    assert parts and float(parts[1]) > 0 and float(parts[2]) > 0, res.stdout

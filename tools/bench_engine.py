@@ -28,7 +28,8 @@ With --backends (e.g. --backends=xla,pallas on a GPU) only one comparison runs, 
 random-weight Llama built in place (--hidden_size, --num_layers, --vocab_size, --dtype; no HF
 checkpoint, no baseline): for each attention backend and each --backend_contexts length,
 --decode_batch requests decode; engine.step() tokens/s against the bare loop over the same
-compiled step (as in 3.), medians of --repeats alternating runs.
+compiled step (as in 3.), medians of --repeats alternating runs. Then the parts of a bare
+decode step: the same step with attention off (K/V still written) and its matmuls alone.
 """
 
 from __future__ import annotations
@@ -469,12 +470,15 @@ def _backend_comparison() -> str:
     pages = b * -(-max_len // FLAGS.page_size) + 1
     lines = ["| backend | context | bare loop tok/s | engine tok/s | engine / bare | bare step ms | "
              "first pass s (compiles) |", "|---|---:|---:|---:|---:|---:|---:|"]
+
+    def build(backend):
+        return Engine(model, tok, CacheConfig(page_size=FLAGS.page_size, num_pages=pages, enable_prefix_cache=False),
+                      SchedulerConfig(max_num_batched_tokens=FLAGS.max_num_batched_tokens, max_num_seqs=b,
+                                      max_model_len=max_len),
+                      options=EngineOptions(attention_backend=backend))
+
     for backend in FLAGS.backends:
-        engine = Engine(model, tok, CacheConfig(page_size=FLAGS.page_size, num_pages=pages,
-                                                enable_prefix_cache=False),
-                        SchedulerConfig(max_num_batched_tokens=FLAGS.max_num_batched_tokens,
-                                        max_num_seqs=b, max_model_len=max_len),
-                        options=EngineOptions(attention_backend=backend))
+        engine = build(backend)
         for plen in contexts:
             try:
                 t0 = time.perf_counter()
@@ -502,6 +506,22 @@ def _backend_comparison() -> str:
                   f"{cfg.vocab_size}), {FLAGS.dtype}; batch {b}, {n} timed decode steps, page size "
                   f"{FLAGS.page_size}, step budget {FLAGS.max_num_batched_tokens} tokens; medians of "
                   f"{FLAGS.repeats} alternating runs."]
+    # Where a bare step's time goes: the same step with attention replaced by its queries (K/V
+    # still written), and the step's matmuls alone as plain jnp.
+    from jinfer.attention import register_backend
+    from jinfer.models.llama import set_attention_backend
+    register_backend("none", _NoAttention)
+    try:
+        engine = build("none")
+        off = _bare_decode_rate(engine.runner, b, n, contexts[0])[1]
+        del engine
+        matmuls = _matmul_limit_seconds(cfg, b, jnp.dtype(FLAGS.dtype))
+        lines += ["", f"Parts of the batch-{b} decode step (bare loop): attention off (K/V still written) "
+                      f"{off * 1e3:.2f} ms; the step's matmuls alone (plain jnp, same shapes) {matmuls * 1e3:.2f} ms."]
+    except Exception as err:  # noqa: BLE001 - the table above stands without it
+        lines += ["", f"Parts of the decode step: error: {type(err).__name__}: {str(err)[:300]}"]
+    set_attention_backend(model, FLAGS.backends[-1])
+    print(lines[-1], file=sys.stderr, flush=True)
     return "\n".join(lines)
 
 
