@@ -47,10 +47,14 @@ stage tests
 # workers per set did not finish either set in 120 s; one run with 14 workers takes both.
 PYTEST="$PY -m pytest -p no:cacheprovider -v -rfE"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest
-timeout ${TESTS_S:-170} $PYTEST -n 14 -k "not tensor_parallelism" tests/test_pallas_kernels.py \
+# In a session of its own, so that the workers of a run that hits its limit (they outlive
+# pytest) are ended with it instead of holding the GPU through the benchmarks.
+setsid timeout ${TESTS_S:-170} $PYTEST -n 14 -k "not tensor_parallelism" tests/test_pallas_kernels.py \
   tests/test_pallas_backend.py tests/test_engine.py tests/test_greedy.py tests/test_runner.py \
-  tests/test_xla_attention.py >"$OUT/tests.log" 2>&1
-pkill -f "pytest" 2>/dev/null  # workers of a run that hit its limit would hold the GPU
+  tests/test_xla_attention.py >"$OUT/tests.log" 2>&1 &
+tests_pid=$!
+wait $tests_pid
+kill -- -$tests_pid 2>/dev/null
 unset XLA_PYTHON_CLIENT_PREALLOCATE JAX_DEFAULT_MATMUL_PRECISION
 
 stage kernels
