@@ -250,11 +250,10 @@ def _engine_decode_rate(engine, batch: int, steps: int, prompt_len: int) -> floa
     gets its first token; every timed step is checked to carry exactly the `batch` one-token
     decodes (ValueError otherwise), and the requests are aborted after timing."""
     from jinfer.sampling_params import SamplingParams
-    max_tokens = engine.sched_cfg.max_model_len - prompt_len
-    if max_tokens < steps + 2 + _prefill_lead(batch, prompt_len):
+    max_tokens, need = engine.sched_cfg.max_model_len - prompt_len, steps + 2 + _prefill_lead(batch, prompt_len)
+    if max_tokens < need:
         raise ValueError(f"max_model_len={engine.sched_cfg.max_model_len} leaves {max_tokens} tokens after a "
-                         f"{prompt_len}-token prompt; {batch} requests decoding together for {steps} steps need "
-                         f"{steps + 2 + _prefill_lead(batch, prompt_len)}")
+                         f"{prompt_len}-token prompt; {batch} requests decoding together for {steps} steps need {need}")
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     ids = [engine.add_request([(7 * i + j) % engine.model_config.vocab_size for j in range(prompt_len)], params)
            for i in range(batch)]
@@ -405,21 +404,27 @@ def _step_breakdown(model, tok, prompts, out_lens) -> list[tuple[str, int, float
             for (kind, t), v in sorted(times.items())]
 
 
-def _attention_share(model, tok, batch: int, steps: int, prompt_len: int) -> tuple[float, float]:
-    """Median bare decode step (s) with the xla backend and with attention off."""
+def _bare_step(build, backend: str, batch: int, steps: int, prompt_len: int) -> float:
+    """Median bare decode step (s) of the engine build(backend) returns; backend "none" is the
+    step with attention off (_NoAttention)."""
     from jinfer.attention import register_backend
     register_backend("none", _NoAttention)
-    out = []
-    for backend in ("xla", "none"):
-        from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig
-        from jinfer.engine import Engine
-        engine = Engine(model, tok, CacheConfig(page_size=FLAGS.page_size, num_pages=_num_pages()),
-                        SchedulerConfig(max_num_batched_tokens=FLAGS.max_num_batched_tokens,
-                                        max_num_seqs=FLAGS.max_num_seqs, max_model_len=_max_len()),
-                        options=EngineOptions(attention_backend=backend))
-        out.append(_bare_decode_rate(engine.runner, batch, steps, prompt_len)[1])
-        del engine
+    return _bare_decode_rate(build(backend).runner, batch, steps, prompt_len)[1]
+
+
+def _attention_share(model, tok, batch: int, steps: int, prompt_len: int) -> tuple[float, float]:
+    """Median bare decode step (s) with the xla backend and with attention off."""
+    from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig
+    from jinfer.engine import Engine
     from jinfer.models.llama import set_attention_backend
+
+    def build(backend):
+        return Engine(model, tok, CacheConfig(page_size=FLAGS.page_size, num_pages=_num_pages()),
+                      SchedulerConfig(max_num_batched_tokens=FLAGS.max_num_batched_tokens,
+                                      max_num_seqs=FLAGS.max_num_seqs, max_model_len=_max_len()),
+                      options=EngineOptions(attention_backend=backend))
+
+    out = [_bare_step(build, backend, batch, steps, prompt_len) for backend in ("xla", "none")]
     set_attention_backend(model, "xla")
     return out[0], out[1]
 
@@ -508,19 +513,13 @@ def _backend_comparison() -> str:
                   f"{FLAGS.repeats} alternating runs."]
     # Where a bare step's time goes: the same step with attention replaced by its queries (K/V
     # still written), and the step's matmuls alone as plain jnp.
-    from jinfer.attention import register_backend
-    from jinfer.models.llama import set_attention_backend
-    register_backend("none", _NoAttention)
     try:
-        engine = build("none")
-        off = _bare_decode_rate(engine.runner, b, n, contexts[0])[1]
-        del engine
+        off = _bare_step(build, "none", b, n, contexts[0])
         matmuls = _matmul_limit_seconds(cfg, b, jnp.dtype(FLAGS.dtype))
         lines += ["", f"Parts of the batch-{b} decode step (bare loop): attention off (K/V still written) "
                       f"{off * 1e3:.2f} ms; the step's matmuls alone (plain jnp, same shapes) {matmuls * 1e3:.2f} ms."]
     except Exception as err:  # noqa: BLE001 - the table above stands without it
         lines += ["", f"Parts of the decode step: error: {type(err).__name__}: {str(err)[:300]}"]
-    set_attention_backend(model, FLAGS.backends[-1])
     print(lines[-1], file=sys.stderr, flush=True)
     return "\n".join(lines)
 
