@@ -135,12 +135,22 @@ def test_engine_benchmark_backend_comparison_reports_each_backend_and_context():
     res = subprocess.run([sys.executable, os.path.join(root, "tools", "bench_engine.py"), *args],
                          capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = [line.split("|")[1:-1] for line in res.stdout.splitlines() if line.startswith(("| xla", "| pallas"))]
-    assert [(r[0].strip(), r[1].strip()) for r in rows] == [("xla", "5"), ("xla", "20"), ("pallas", "5"),
-                                                             ("pallas", "20")], res.stdout
-    for r in rows:
+    rates, _, host = res.stdout.partition("The engine's timed steps on the host")
+
+    def rows(text):
+        return [line.split("|")[1:-1] for line in text.splitlines() if line.startswith(("| xla", "| pallas"))]
+    want = [("xla", "5"), ("xla", "20"), ("pallas", "5"), ("pallas", "20")]
+    assert [(r[0].strip(), r[1].strip()) for r in rows(rates)] == want, res.stdout
+    for r in rows(rates):
         bare, engine, ratio = (float(x.replace(",", "")) for x in r[2:5])
         assert bare > 0 and engine > 0 and ratio == pytest.approx(engine / bare, rel=0.05)
+    # Per backend and context, the engine step split on the host: every phase timed, the parts
+    # no larger than the step, host work = step less the wait.
+    assert [(r[0].strip(), r[1].strip()) for r in rows(host)] == want, res.stdout
+    for r in rows(host):
+        step, dispatch, wait, post, rest, work = (float(x) for x in r[3:9])
+        assert step > 0 and dispatch > 0 and post > 0 and wait >= 0 and rest >= 0, r
+        assert max(dispatch, wait, post, work) <= step + 0.01, r
     parts = re.search(r"attention off \(K/V still written\) ([\d.]+) ms; .* alone \(plain jnp, same shapes\) "
                       r"([\d.]+) ms", res.stdout)
     assert parts and float(parts[1]) > 0 and float(parts[2]) > 0, res.stdout

@@ -28,8 +28,11 @@ With --backends (e.g. --backends=xla,pallas on a GPU) only one comparison runs, 
 random-weight Llama built in place (--hidden_size, --num_layers, --vocab_size, --dtype; no HF
 checkpoint, no baseline): for each attention backend and each --backend_contexts length,
 --decode_batch requests decode; engine.step() tokens/s against the bare loop over the same
-compiled step (as in 3.), medians of --repeats alternating runs. Then the parts of a bare
-decode step: the same step with attention off (K/V still written) and its matmuls alone.
+compiled step (as in 3.), medians of --repeats alternating runs; beside it the engine's timed
+steps split on the host (dispatch, the wait for the device, postprocess, the rest: PHASES),
+which tells whether the host work hides behind the device step or adds to it. Then the parts
+of a bare decode step: the same step with attention off (K/V still written) and its matmuls
+alone.
 """
 
 from __future__ import annotations
@@ -244,11 +247,14 @@ def _prefill_lead(batch: int, prompt_len: int) -> int:
     return -(-batch * prompt_len // FLAGS.max_num_batched_tokens) + 4
 
 
-def _engine_decode_rate(engine, batch: int, steps: int, prompt_len: int) -> float:
+def _engine_decode_rate(engine, batch: int, steps: int, prompt_len: int, phases: dict | None = None) -> float:
     """engine.step() tokens/s once `batch` requests are all decoding. Requests ask for as many
     tokens as max_model_len allows, so the ones prefilled first are still running when the last
     gets its first token; every timed step is checked to carry exactly the `batch` one-token
-    decodes (ValueError otherwise), and the requests are aborted after timing."""
+    decodes (ValueError otherwise), and the requests are aborted after timing.
+
+    With `phases`, each timed step's seconds are appended under PHASES' keys: the whole call,
+    dispatch (prepare + launch), the wait for the step read back, and the rest of postprocess."""
     from jinfer.sampling_params import SamplingParams
     max_tokens, need = engine.sched_cfg.max_model_len - prompt_len, steps + 2 + _prefill_lead(batch, prompt_len)
     if max_tokens < need:
@@ -261,16 +267,35 @@ def _engine_decode_rate(engine, batch: int, steps: int, prompt_len: int) -> floa
     while len(first) < batch:  # prefill until every request has its first token
         first.update(o.request_id for o in engine.step() if o.token_ids)
     engine.step()  # settle the pipeline
-    shapes, dispatch = [], engine.runner.dispatch
-    engine.runner.dispatch = lambda plan: shapes.append((plan.num_tokens, len(plan.seqs))) or dispatch(plan)
-    emitted = 0
+    shapes, runner = [], engine.runner
+    dispatch, fetch, postprocess = runner.dispatch, runner.fetch, engine._postprocess
+    spent = dict.fromkeys(PHASES, 0.0)
+
+    def timed(name, fn):
+        def call(*args):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                spent[name] += time.perf_counter() - t0
+        return call
+
+    runner.dispatch = timed("dispatch", lambda plan: shapes.append((plan.num_tokens, len(plan.seqs))) or dispatch(plan))
+    runner.fetch = timed("wait", fetch)
+    engine._postprocess = timed("postprocess", postprocess)
+    emitted, elapsed = 0, 0.0
     try:
-        start = time.perf_counter()
         for _ in range(steps):
+            spent.update(dict.fromkeys(PHASES, 0.0))
+            t0 = time.perf_counter()
             emitted += sum(len(o.new_token_ids) for o in engine.step())
-        elapsed = time.perf_counter() - start
+            spent["step"] = time.perf_counter() - t0
+            elapsed += spent["step"]
+            spent["postprocess"] -= spent["wait"]
+            for name in PHASES if phases is not None else ():
+                phases.setdefault(name, []).append(spent[name])
     finally:
-        engine.runner.dispatch = dispatch
+        runner.dispatch, runner.fetch, engine._postprocess = dispatch, fetch, postprocess
     for rid in ids:
         engine.abort(rid)
     while engine.has_unfinished():
@@ -279,6 +304,26 @@ def _engine_decode_rate(engine, batch: int, steps: int, prompt_len: int) -> floa
     if any(shape != (batch, batch) for shape in shapes):
         raise ValueError(f"timed steps were not {batch} decodes each: (tokens, sequences) = {shapes}")
     return emitted / elapsed
+
+
+# engine.step() split into: the whole call; dispatch (prepare the arrays, launch the step); the
+# wait for the previous step's tokens (async scheduling: the step launched one call earlier);
+# the rest of postprocess (verify, scheduler update, detokenize, outputs). Schedule and the
+# step's own bookkeeping are what is left of "step".
+PHASES = ("step", "dispatch", "wait", "postprocess")
+
+
+def _phase_row(phases: dict) -> str:
+    """Median ms per timed step of each phase, and the host work left beside the wait."""
+    med = {name: statistics.median(phases[name]) * 1e3 for name in PHASES}
+    rest = statistics.median(s - d - w - p for s, d, w, p in zip(*(phases[name] for name in PHASES))) * 1e3
+    host = statistics.median(s - w for s, w in zip(phases["step"], phases["wait"])) * 1e3
+    return (f"{med['step']:.2f} | {med['dispatch']:.2f} | {med['wait']:.2f} | {med['postprocess']:.2f} | "
+            f"{rest:.2f} | {host:.2f}")
+
+
+PHASE_HEADER = ("step ms | dispatch ms | wait ms | postprocess ms | rest ms | host ms (step - wait)",
+                "---:|---:|---:|---:|---:|---:")
 
 
 def _bare_decode_rate(runner, batch: int, steps: int, prompt_len: int) -> tuple[float, float]:
@@ -482,6 +527,7 @@ def _backend_comparison() -> str:
                                       max_model_len=max_len),
                       options=EngineOptions(attention_backend=backend))
 
+    host_lines = ["| backend | context | bare step ms | " + PHASE_HEADER[0] + " |", "|---|---:|---:|" + PHASE_HEADER[1] + "|"]
     for backend in FLAGS.backends:
         engine = build(backend)
         for plen in contexts:
@@ -489,16 +535,18 @@ def _backend_comparison() -> str:
                 t0 = time.perf_counter()
                 _engine_decode_rate(engine, b, 4, plen)  # compiles the prefill and decode steps
                 first = time.perf_counter() - t0
-                bares, engs, steps = [], [], []
+                bares, engs, steps, phases = [], [], [], {}
                 for _ in range(FLAGS.repeats):
                     rate, step = _bare_decode_rate(engine.runner, b, n, plen)
                     bares.append(rate)
                     steps.append(step)
-                    engs.append(_engine_decode_rate(engine, b, n, plen))
+                    engs.append(_engine_decode_rate(engine, b, n, plen, phases))
                 ratio = statistics.median(e / x for e, x in zip(engs, bares))
+                bare_ms = statistics.median(steps) * 1e3
                 lines.append(f"| {backend} | {plen} | {statistics.median(bares):,.0f} | "
-                             f"{statistics.median(engs):,.0f} | {ratio:.2f} | "
-                             f"{statistics.median(steps) * 1e3:.2f} | {first:.1f} |")
+                             f"{statistics.median(engs):,.0f} | {ratio:.2f} | {bare_ms:.2f} | {first:.1f} |")
+                host_lines.append(f"| {backend} | {plen} | {bare_ms:.2f} | {_phase_row(phases)} |")
+                print(host_lines[-1], file=sys.stderr, flush=True)
             except Exception as err:  # noqa: BLE001 - reported, the other backends still run
                 lines.append(f"| {backend} | {plen} | error: {type(err).__name__}: "
                              f"{str(err)[:300].replace(chr(10), ' ')} | | | | |")
@@ -511,6 +559,10 @@ def _backend_comparison() -> str:
                   f"{cfg.vocab_size}), {FLAGS.dtype}; batch {b}, {n} timed decode steps, page size "
                   f"{FLAGS.page_size}, step budget {FLAGS.max_num_batched_tokens} tokens; medians of "
                   f"{FLAGS.repeats} alternating runs."]
+    lines += ["", "The engine's timed steps on the host (medians per step; see PHASES in the script): dispatch = "
+                  "prepare + launch, wait = reading back the step launched one call earlier, postprocess = the "
+                  "rest of it, rest = schedule and bookkeeping. With the host hidden behind the device, step is "
+                  "about the bare step and wait takes up the difference.", "", *host_lines]
     # Where a bare step's time goes: the same step with attention replaced by its queries (K/V
     # still written), and the step's matmuls alone as plain jnp.
     try:
@@ -591,14 +643,14 @@ def main(argv):
     engine = _engine(model, tok, max_model_len=max_len, num_pages=_num_pages())
     sync = _engine(model, tok, max_model_len=max_len, num_pages=_num_pages(), async_scheduling=False)
     plen = max(1, min(32, max_len - n - 2 - _prefill_lead(b, 32)))  # room for the prefill lead and timed steps
-    bares, steps, asyncs, syncs = [], [], [], []
+    bares, steps, asyncs, syncs, phases = [], [], [], [], {"async": {}, "sync": {}}
     for _ in range(FLAGS.repeats):  # alternating, so drifts of a noisy machine hit all three
         rate, step = _bare_decode_rate(engine.runner, b, n, plen)
         bares.append(rate)
         steps.append(step)
         engine.scheduler.prefix_cache.clear()  # the bare loop wrote pages without the scheduler
-        asyncs.append(_engine_decode_rate(engine, b, n, plen))
-        syncs.append(_engine_decode_rate(sync, b, n, plen))
+        asyncs.append(_engine_decode_rate(engine, b, n, plen, phases["async"]))
+        syncs.append(_engine_decode_rate(sync, b, n, plen, phases["sync"]))
     bare, bare_step = statistics.median(bares), statistics.median(steps)
     report(f"bare jitted decode loop, batch {b}", bare, "tok/s")
     matmul, attention = step_matmul_flops(cfg, b, plen + n // 2)
@@ -614,6 +666,9 @@ def main(argv):
         report(f"engine ({name}) / bare loop, median of {FLAGS.repeats}", statistics.median(ratios), "x")
         report(f"engine ({name}) / bare loop, worst of {FLAGS.repeats}", min(ratios), "x")
         report(f"host overhead per step ({name})", max(0.0, b / rate - b / bare) * 1e3, "ms")
+        host = statistics.median(s - w for s, w in zip(phases[name]["step"], phases[name]["wait"]))
+        report(f"engine step ({name}): host work, the step call less its wait for the device", host * 1e3, "ms")
+        report(f"engine step ({name}): waiting for the device", statistics.median(phases[name]["wait"]) * 1e3, "ms")
     del sync, engine
     ctx = _max_len() // 2
     with_attn, without = _attention_share(model, tok, b, n, max(1, min(ctx, max_len - 2 * n - 10)))
