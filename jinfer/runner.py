@@ -273,6 +273,13 @@ class ModelRunner:
         else:
             tokens, logprobs, self.kv = fn(self.state, self.kv, self._prev_tokens, *args)
         self._prev_tokens = tokens
+        # Start reading the samples back now, while this step is the last one queued. With
+        # async scheduling fetch() comes after the next step is dispatched; a copy asked for
+        # only then can be queued behind that step, so the read-back of step N waits for step
+        # N+1 and the host work adds to the device time instead of hiding behind it (on GPUs
+        # the engine's steps measured as device + host time: benchmarks/engine.md).
+        tokens.copy_to_host_async()
+        logprobs.copy_to_host_async()
         firsts = np.cumsum([0] + [1 + seq.num_draft for seq in plan.seqs])
         self._prev_rows = {seq.request_id: int(firsts[i]) for i, seq in enumerate(plan.seqs) if seq.sample}
         return tokens, logprobs, int(firsts[-1])
