@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import itertools
 import logging
 import math
 from typing import Sequence
@@ -213,49 +214,66 @@ class ModelRunner:
                 np.zeros(r, np.int32), SamplingArrays.from_rows([], r))
 
     def prepare(self, plan: StepPlan):
-        """Host-side: the plan as padded numpy arrays for its bucket."""
+        """Host-side: the plan as padded numpy arrays for its bucket.
+
+        The per-token columns are built with whole-array operations over the plan (one pass
+        of Python over the sequences gathers their lengths, ids and pages); only sequences
+        carrying a draft take a per-sequence path. A decode step of a large batch is mostly
+        host time on a fast device, so this runs every step."""
         seqs = plan.seqs
         t, s = self.bucket(plan.num_tokens)
+        n_seqs = len(seqs)
+        lens = np.fromiter((len(q.token_ids) for q in seqs), np.int64, n_seqs)
+        counts = np.fromiter((len(q.pages) for q in seqs), np.int64, n_seqs)
+        starts = np.fromiter((q.start_pos for q in seqs), np.int64, n_seqs)
+        at = int(lens.sum())
         ids = np.zeros(t, np.int32)
-        feed = np.full(t, -1, np.int32)  # row of the previous step's output to take the id from
-        pos = np.zeros(t, np.int32)
+        ids[:at] = np.fromiter(itertools.chain.from_iterable(q.token_ids for q in seqs), np.int32, at)
         cu = np.zeros(s + 1, np.int32)
+        cu[1:n_seqs + 1] = np.cumsum(lens)
+        cu[n_seqs + 1:] = at
+        owner = np.repeat(np.arange(n_seqs), lens)  # each token's sequence
+        pos = np.zeros(t, np.int32)
+        pos[:at] = starts[owner] + np.arange(at) - cu[owner]
         kv_lens = np.zeros(s, np.int32)
+        kv_lens[:n_seqs] = starts + lens
         table = np.zeros((s, self.pages_per_seq), np.int32)
-        at = 0
-        offsets = []  # per sequence: each sampling row's output-index offset (draft depths)
-        parents = []  # per sequence: None (causal), or its new tokens' parents (a tree draft)
+        total = int(counts.sum())
+        first = np.cumsum(counts) - counts
+        table[np.repeat(np.arange(n_seqs), counts), np.arange(total) - np.repeat(first, counts)] = np.fromiter(
+            itertools.chain.from_iterable(q.pages for q in seqs), np.int32, total)
+        feed = np.full(t, -1, np.int32)  # row of the previous step's output to take the id from
+        last = cu[1:n_seqs + 1] - 1
+        pending = np.flatnonzero(ids[last] == PENDING)
+        feed[last[pending]] = [self._prev_rows[seqs[i].request_id] for i in pending]
+        offsets = [[0]] * n_seqs  # per sequence: each sampling row's output-index offset (draft depths)
+        parents = [None] * n_seqs  # per sequence: None (causal), or its new tokens' parents (a tree draft)
         for i, seq in enumerate(seqs):
-            n = len(seq.token_ids)
-            ids[at:at + n] = seq.token_ids
-            if seq.token_ids[-1] == PENDING:
-                feed[at + n - 1] = self._prev_rows[seq.request_id]
-            pos[at:at + n] = np.arange(seq.start_pos, seq.start_pos + n)
-            depths, tree = list(range(1, seq.num_draft + 1)), None
+            if not seq.num_draft:
+                continue
+            n, depths = len(seq.token_ids), list(range(1, seq.num_draft + 1))
             if seq.draft_parents:  # a tree: RoPE positions by depth, attention to ancestors only
                 known = n - seq.num_draft
                 depths = Draft(seq.token_ids[known:], seq.draft_parents).depths()
-                pos[at + known:at + n] = seq.start_pos + known - 1 + np.array(depths)
-                tree = list(range(-1, known - 1)) + [known - 1 if p < 0 else known + p for p in seq.draft_parents]
-            parents.append(tree)
-            offsets.append([0] + depths)
-            at += n
-            cu[i + 1] = at
-            kv_lens[i] = seq.start_pos + n
-            table[i, :len(seq.pages)] = seq.pages
-        cu[len(seqs) + 1:] = at
+                pos[cu[i] + known:cu[i] + n] = seq.start_pos + known - 1 + np.array(depths)
+                parents[i] = list(range(-1, known - 1)) + [known - 1 if p < 0 else known + p
+                                                           for p in seq.draft_parents]
+            offsets[i] = [0] + depths
         # Sampling rows: each sequence's last token, and with a draft every draft position too
         # (row j of a sequence samples its output token sample_index + j).
         r = self.rows(t, s)
         rows = [(seq, d) for seq, depths in zip(seqs, offsets) for d in depths]
         logits_idx = np.zeros(r, np.int32)
-        logits_idx[:len(rows)] = [cu[i + 1] - 1 - seq.num_draft + j
-                                  for i, seq in enumerate(seqs) for j in range(1 + seq.num_draft)]
-        decode_only = self.decode_steps and plan.num_tokens == len(seqs) > 0
+        if len(rows) == n_seqs:  # no drafts: one row per sequence, its last token
+            logits_idx[:n_seqs] = last
+        else:
+            logits_idx[:len(rows)] = [cu[i + 1] - 1 - seq.num_draft + j
+                                      for i, seq in enumerate(seqs) for j in range(1 + seq.num_draft)]
+        decode_only = self.decode_steps and plan.num_tokens == n_seqs > 0
         tree_bits = None
         if self.trees and not decode_only:
-            tree_bits = tree_bits_from_parents([len(q.token_ids) for q in seqs], parents, t)
-        md = AttentionMetadata(cu, kv_lens, table, np.array([len(seqs)], np.int32), decode_only, tree_bits)
+            tree_bits = tree_bits_from_parents(lens.tolist(), parents, t)
+        md = AttentionMetadata(cu, kv_lens, table, np.array([n_seqs], np.int32), decode_only, tree_bits)
         return (t, s, decode_only), (ids, feed, pos, md, logits_idx, SamplingArrays.from_rows(rows, r))
 
     def dispatch(self, plan: StepPlan):
