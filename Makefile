@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 XLA_TEST_FLAGS := --xla_force_host_platform_device_count=8
+# `make test` runs in this many pytest processes (pytest-xdist), each taking whole test files
+# (--dist loadfile keeps a file's shared engines and module fixtures in one process).
+# PYTEST_WORKERS=0 runs everything in one process.
+PYTEST_WORKERS ?= 2
 
 .PHONY: demo test test-slow notebooks bazel-test clean
 
@@ -16,7 +20,7 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
 
-# Runtime plus the `test` extra (pytest, hypothesis, torch CPU, transformers).
+# Runtime plus the `test` extra (pytest, pytest-xdist, hypothesis, torch CPU, transformers).
 $(VENV)/.test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@ $(VENV)/.runtime
@@ -25,7 +29,7 @@ demo: $(VENV)/.runtime
 	$(BIN)/python tools/demo.py
 
 test: $(VENV)/.test
-	XLA_FLAGS=$(XLA_TEST_FLAGS) $(BIN)/python -m pytest -q -m "not slow"
+	XLA_FLAGS=$(XLA_TEST_FLAGS) $(BIN)/python -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile
 
 test-slow: $(VENV)/.test
 	XLA_FLAGS=$(XLA_TEST_FLAGS) $(BIN)/python -m pytest -q -m slow
