@@ -216,10 +216,10 @@ class ModelRunner:
     def prepare(self, plan: StepPlan):
         """Host-side: the plan as padded numpy arrays for its bucket.
 
-        The per-token columns are built with whole-array operations over the plan (one pass
-        of Python over the sequences gathers their lengths, ids and pages); only sequences
-        carrying a draft take a per-sequence path. A decode step of a large batch is mostly
-        host time on a fast device, so this runs every step."""
+        Python only gathers each sequence's lengths, ids and pages; the per-token columns and
+        the page table are built with whole-array operations, and only sequences carrying a
+        draft take a per-sequence path. It runs on the host every step, so at large batches
+        its cost is part of every step's host time."""
         seqs = plan.seqs
         t, s = self.bucket(plan.num_tokens)
         n_seqs = len(seqs)
