@@ -4,16 +4,20 @@
 # grid (tools/bench_kernels.py) with the KV-write comparison, the engine's backends on a ~1B
 # random-weight Llama (tools/bench_engine.py --backends), and the block-size sweep.
 #
-#   OUT=results tools/gpu_checks.sh          # logs and tables land in $OUT
+#   OUT=results tools/gpu_checks.sh                    # logs and tables land in $OUT
+#   OUT=results STAGES="suite" tools/gpu_checks.sh      # the whole default test run instead
 #
-# Stage limits (seconds; TESTS_S, KERNELS_S, ENGINE_S, SWEEP_S override them) add up to about
-# 9.5 minutes, inside one 10-minute device command; each test also has a limit of its own
-# (TEST_TIMEOUT_S) so that the test stage ends with its failure summary.
+# STAGES names the stages to run, in order (default "tests kernels engine sweep"; env always runs
+# first). "suite" is the whole `make test` selection (not slow) in 14 workers, under SUITE_S
+# (540 s): one device command of its own. Stage limits (seconds; TESTS_S, KERNELS_S, ENGINE_S,
+# SWEEP_S override them) of the default stages add up to about 9.5 minutes, inside one
+# 10-minute device command; each test also has a limit of its own (TEST_TIMEOUT_S) so that a
+# test stage ends with its failure summary.
 #
 # Runs from the repository root under the machine's python3 (JAX with CUDA); PYTHON overrides.
-# Packages the machine lacks can sit as wheels in .whl/ (installed into /tmp/site first). The
-# H200 image of 2026-12 lacks ml_collections (tools/generate.py's tests import it):
-#   python3 -m pip download --no-deps --only-binary=:all: -d .whl "ml_collections>=1.0,<2"
+# Packages the machine lacks can sit as wheels in .whl/ (installed into /tmp/site first):
+# tools/gpu_wheels.sh, run here, writes the ones the H200 image of 2026-11 lacks (ml_collections
+# for tools/generate.py's tests; the serving, HTTP and notebook packages for the suite).
 set -u
 OUT=${OUT:-gpu_results}
 PY=${PYTHON:-python3}
@@ -26,6 +30,10 @@ fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 start=$SECONDS
 stage() { echo "== $1 at $((SECONDS - start)) s" | tee -a "$OUT/env.txt"; }
+STAGES=${STAGES:-tests kernels engine sweep}
+for name in $STAGES; do
+  case $name in tests|suite|kernels|engine|sweep) ;; *) echo "unknown stage '$name' in STAGES (tests suite kernels engine sweep)" >&2; exit 2;; esac
+done
 
 stage env
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
@@ -33,7 +41,8 @@ stage env
 import importlib
 import jax
 for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "numpy", "torch", "transformers", "grpc",
-             "google.protobuf", "ml_collections", "xdist", "pytest_timeout"):
+             "google.protobuf", "ml_collections", "starlette", "uvicorn", "pydantic", "openai", "nbclient",
+             "ipykernel", "jupytext", "xdist", "pytest_timeout"):
     try:
         print(name, getattr(importlib.import_module(name), "__version__", "?"))
     except Exception as err:  # noqa: BLE001
@@ -44,35 +53,57 @@ print("jinfer imports")
 EOF
 } >>"$OUT/env.txt" 2>&1
 
-stage tests
-# Tests need no timing: the kernel tests and the engine-level ones in one run. Tensor-parallel
-# cases need several devices (this machine has one GPU) and are left out. On an H100 six
-# workers per set did not finish either set in 120 s; one run with 14 workers takes both. On an
-# H200, 14 workers finished 138 of the 162 cases in 130 s and 161 in 215 s (the benchmark
-# tests, which spawn processes, are the slowest).
-PYTEST="$PY -m pytest -p no:cacheprovider -v -rfE --timeout=${TEST_TIMEOUT_S:-120}"
-export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest
-# In a session of its own, so that the workers of a run that hits its limit (they outlive
-# pytest) are ended with it instead of holding the GPU through the benchmarks.
-setsid timeout ${TESTS_S:-150} $PYTEST -n 14 -k "not tensor_parallelism" tests/test_pallas_kernels.py \
-  tests/test_pallas_backend.py tests/test_engine.py tests/test_greedy.py tests/test_runner.py \
-  tests/test_xla_attention.py >"$OUT/tests.log" 2>&1 &
-tests_pid=$!
-wait $tests_pid
-kill -- -$tests_pid 2>/dev/null
-unset XLA_PYTHON_CLIENT_PREALLOCATE JAX_DEFAULT_MATMUL_PRECISION
+# A test stage's pytest runs in a session of its own, so that the workers of a run that hits
+# its limit (they outlive pytest) are ended with it instead of holding the GPU through the
+# benchmarks. Tests need no timing; their compiles are exact (matmul precision highest).
+pytest_stage() {  # limit log pytest-args...
+  local limit=$1 log=$2
+  shift 2
+  local per_test=()  # pytest-timeout is on the GPU images, not in the test extra
+  $PY -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout="${TEST_TIMEOUT_S:-120}")
+  XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest setsid timeout "$limit" \
+    $PY -m pytest -p no:cacheprovider -v -rfE "${per_test[@]}" -n 14 "$@" >"$OUT/$log" 2>&1 &
+  local pid=$!
+  wait $pid
+  kill -- -$pid 2>/dev/null
+}
 
-stage kernels
-timeout ${KERNELS_S:-140} $PY tools/bench_kernels.py --write --out="$OUT/kernels.md" >"$OUT/kernels.log" 2>&1
+run_tests() {
+  # The kernel tests and the engine-level ones in one run. Tensor-parallel cases need several
+  # devices (this machine has one GPU) and are left out. On an H100 six workers per set did
+  # not finish either set in 120 s; one run with 14 workers takes both. On an H200, 14 workers
+  # finished 138 of the 162 cases in 130 s and 161 in 215 s (the benchmark tests, which spawn
+  # processes, are the slowest).
+  pytest_stage ${TESTS_S:-150} tests.log -k "not tensor_parallelism" tests/test_pallas_kernels.py \
+    tests/test_pallas_backend.py tests/test_engine.py tests/test_greedy.py tests/test_runner.py \
+    tests/test_xla_attention.py
+}
 
-stage engine
-# Pallas first: its rows are the ones the GPU section lacks. A step budget of 1024 tokens
-# compiled in 18 s on an H100 where 2048 took 88 s. All four rows and the parts line took
-# 246 s on an H200.
-timeout ${ENGINE_S:-260} $PY tools/bench_engine.py --backends=pallas,xla --hidden_size=2048 --num_layers=16 \
-  --vocab_size=32000 --dtype=bfloat16 --decode_batch=64 --decode_steps=32 --backend_contexts=2048,128 \
-  --max_num_batched_tokens=1024 --repeats=3 --out="$OUT/engine.md" >"$OUT/engine.log" 2>&1
+run_suite() {
+  # What `make test` selects, every file. Not yet run on a GPU: its length there is unknown
+  # (on the 2-core CPU machine two workers take about 11 minutes).
+  pytest_stage ${SUITE_S:-540} suite.log -m "not slow" --dist loadfile tests
+}
 
-stage sweep
-timeout ${SWEEP_S:-20} $PY tools/bench_kernels.py --sweep >"$OUT/sweep.log" 2>&1
+run_kernels() {
+  timeout ${KERNELS_S:-140} $PY tools/bench_kernels.py --write --out="$OUT/kernels.md" >"$OUT/kernels.log" 2>&1
+}
+
+run_engine() {
+  # Pallas first: its rows are the ones the GPU section lacks. A step budget of 1024 tokens
+  # compiled in 18 s on an H100 where 2048 took 88 s. All four rows and the parts line took
+  # 246 s on an H200.
+  timeout ${ENGINE_S:-260} $PY tools/bench_engine.py --backends=pallas,xla --hidden_size=2048 --num_layers=16 \
+    --vocab_size=32000 --dtype=bfloat16 --decode_batch=64 --decode_steps=32 --backend_contexts=2048,128 \
+    --max_num_batched_tokens=1024 --repeats=3 --out="$OUT/engine.md" >"$OUT/engine.log" 2>&1
+}
+
+run_sweep() {
+  timeout ${SWEEP_S:-20} $PY tools/bench_kernels.py --sweep >"$OUT/sweep.log" 2>&1
+}
+
+for name in $STAGES; do
+  stage "$name"
+  "run_$name"
+done
 stage done
