@@ -136,6 +136,7 @@ def test_engine_benchmark_backend_comparison_reports_each_backend_and_context():
                          capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
     assert res.returncode == 0, res.stderr[-3000:]
     rates, _, host = res.stdout.partition("The engine's timed steps on the host")
+    host, _, probe = host.partition("Pipeline probe")
 
     def rows(text):
         return [line.split("|")[1:-1] for line in text.splitlines() if line.startswith(("| xla", "| pallas"))]
@@ -151,6 +152,13 @@ def test_engine_benchmark_backend_comparison_reports_each_backend_and_context():
         step, dispatch, wait, post, rest, work = (float(x) for x in r[3:9])
         assert step > 0 and dispatch > 0 and post > 0 and wait >= 0 and rest >= 0, r
         assert max(dispatch, wait, post, work) <= step + 0.01, r
+    # The pipeline probe: the bare loop per step, plain, with the engine's late read-back (two
+    # ways), and with its host work spent after each launch, so never shorter than that work.
+    assert [(r[0].strip(), r[1].strip()) for r in rows(probe)] == want, res.stdout
+    for r, h in zip(rows(probe), rows(host)):
+        bare, late, launch, with_work, work = (float(x) for x in r[2:7])
+        assert min(bare, late, launch) > 0 and work == float(h[8]), (r, h)
+        assert with_work >= work - 0.01, r
     parts = re.search(r"attention off \(K/V still written\) ([\d.]+) ms; .* alone \(plain jnp, same shapes\) "
                       r"([\d.]+) ms", res.stdout)
     assert parts and float(parts[1]) > 0 and float(parts[2]) > 0, res.stdout

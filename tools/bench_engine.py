@@ -30,9 +30,10 @@ checkpoint, no baseline): for each attention backend and each --backend_contexts
 --decode_batch requests decode; engine.step() tokens/s against the bare loop over the same
 compiled step (as in 3.), medians of --repeats alternating runs; beside it the engine's timed
 steps split on the host (dispatch, the wait for the device, postprocess, the rest: PHASES),
-which tells whether the host work hides behind the device step or adds to it. Then the parts
-of a bare decode step: the same step with attention off (K/V still written) and its matmuls
-alone.
+which tells whether the host work hides behind the device step or adds to it; and a pipeline
+probe, the bare loop again with the engine's read-back of each step one step late and then with
+its host work as busy time, which tells what of the two delays the device. Then the parts of a
+bare decode step: the same step with attention off (K/V still written) and its matmuls alone.
 """
 
 from __future__ import annotations
@@ -322,9 +323,17 @@ def _phase_row(phases: dict) -> str:
             f"{rest:.2f} | {host:.2f}")
 
 
-def _bare_decode_rate(runner, batch: int, steps: int, prompt_len: int) -> tuple[float, float]:
+def _bare_decode_rate(runner, batch: int, steps: int, prompt_len: int, read_back: str = "",
+                      host_s: float = 0.0, each: bool = True) -> tuple[float, float]:
     """The same compiled step in a bare loop: no scheduler, ids fed back on device.
-    Returns (tokens/s, median seconds per step)."""
+    Returns (tokens/s, median seconds per step); each=False skips the second pass that times
+    each step alone (the median is then NaN).
+
+    read_back: "" none; "late" reads each step's ids and logprobs on the host after the next
+    step is launched, as the engine's async pipeline does, the copy asked for only then;
+    "launch" the same with the copy started as each step is launched (what the runner does).
+    host_s: seconds of busy host work (holding the GIL, as the engine's Python does) after each
+    launch. Together they tell whether a read-back or host work delays the device steps."""
     import jax
     import numpy as np
 
@@ -352,7 +361,7 @@ def _bare_decode_rate(runner, batch: int, steps: int, prompt_len: int) -> tuple[
     times = []
 
     def run(n, start_len, block_each=False):
-        prev = runner._prev_tokens
+        prev, pending = runner._prev_tokens, None
         for i in range(n):
             t0 = time.perf_counter()
             kv_len = start_len + i + 1
@@ -361,7 +370,15 @@ def _bare_decode_rate(runner, batch: int, steps: int, prompt_len: int) -> tuple[
             kv_lens = np.zeros(s, np.int32)
             kv_lens[:batch] = kv_len
             md = AttentionMetadata(cu, kv_lens, table, np.array([batch], np.int32), decode_only)
-            prev, _, runner.kv = fn(runner.state, runner.kv, prev, ids, feed, pos, md, logits_idx, samp)
+            prev, logprobs, runner.kv = fn(runner.state, runner.kv, prev, ids, feed, pos, md, logits_idx, samp)
+            if read_back == "launch":
+                prev.copy_to_host_async()
+                logprobs.copy_to_host_async()
+            if pending is not None:  # the step launched one iteration earlier
+                np.asarray(pending[0]), np.asarray(pending[1])
+            pending = (prev, logprobs) if read_back else None
+            while time.perf_counter() - t0 < host_s:
+                pass
             if block_each:
                 jax.block_until_ready(prev)
                 times.append(time.perf_counter() - t0)
@@ -371,6 +388,8 @@ def _bare_decode_rate(runner, batch: int, steps: int, prompt_len: int) -> tuple[
     start = time.perf_counter()
     run(steps, prompt_len + 2)  # dispatched back to back, as a serving loop would
     rate = batch * steps / (time.perf_counter() - start)
+    if not each:
+        return rate, float("nan")
     run(steps, prompt_len + 2, block_each=True)  # the same steps again, each timed alone
     return rate, statistics.median(times)
 
@@ -525,6 +544,8 @@ def _backend_comparison() -> str:
 
     host_lines = ["| backend | context | bare step ms | step ms | dispatch ms | wait ms | postprocess ms | rest ms | "
                   "host ms (step - wait) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    probe_lines = ["| backend | context | bare ms | read back late ms | read back from launch ms | "
+                   "the same + host work ms | host work ms |", "|---|---:|---:|---:|---:|---:|---:|"]
     for backend in FLAGS.backends:
         engine = build(backend)
         for plen in contexts:
@@ -544,6 +565,14 @@ def _backend_comparison() -> str:
                              f"{statistics.median(engs):,.0f} | {ratio:.2f} | {bare_ms:.2f} | {first:.1f} |")
                 host_lines.append(f"| {backend} | {plen} | {bare_ms:.2f} | {_phase_row(phases)} |")
                 print(host_lines[-1], file=sys.stderr, flush=True)
+                host_s = statistics.median(s - w for s, w in zip(phases["step"], phases["wait"]))
+                variants = (("", 0.0), ("late", 0.0), ("launch", 0.0), ("launch", host_s))
+                probes = [[b / _bare_decode_rate(engine.runner, b, n, plen, mode, work, each=False)[0] * 1e3
+                           for mode, work in variants] for _ in range(FLAGS.repeats)]
+                probe = [statistics.median(ms) for ms in zip(*probes)]
+                probe_lines.append(f"| {backend} | {plen} | " + " | ".join(f"{ms:.2f}" for ms in probe)
+                                   + f" | {host_s * 1e3:.2f} |")
+                print(probe_lines[-1], file=sys.stderr, flush=True)
             except Exception as err:  # noqa: BLE001 - reported, the other backends still run
                 lines.append(f"| {backend} | {plen} | error: {type(err).__name__}: "
                              f"{str(err)[:300].replace(chr(10), ' ')} | | | | |")
@@ -560,6 +589,13 @@ def _backend_comparison() -> str:
                   "prepare + launch, wait = reading back the step launched one call earlier, postprocess = the "
                   "rest of it, rest = schedule and bookkeeping. With the host hidden behind the device, step is "
                   "about the bare step and wait takes up the difference.", "", *host_lines]
+    lines += ["", "Pipeline probe (medians of --repeats alternating runs): the bare loop's steps back to back "
+                  "(ms per step, run beside the others), then the same loop reading "
+                  "each step's ids and logprobs on the host one step late as the engine does (the copy asked for "
+                  "at the read, or started at launch as the runner does), then with the engine's host work (its "
+                  "median step - wait above) spent as busy Python time after each launch. A read-back or host "
+                  "work that hides behind the device leaves the bare time (max(bare, host work) with both).",
+              "", *probe_lines]
     # Where a bare step's time goes: the same step with attention replaced by its queries (K/V
     # still written), and the step's matmuls alone as plain jnp.
     try:
