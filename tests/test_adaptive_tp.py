@@ -17,6 +17,8 @@ from scheduler.nitsum import Controller, NitsumControl, Partition, Profile
 from tests.serving_util import settled
 from tests.test_tp import CFG, TOK
 
+pytestmark = pytest.mark.multi_device  # instance groups over the 8 fake devices
+
 KW = dict(cache_config=CacheConfig(page_size=4, num_pages=64),
           scheduler_config=SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=4, max_model_len=64))
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)

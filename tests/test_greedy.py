@@ -68,7 +68,8 @@ def test_generate_tool_json_output(hf_checkpoints, tmp_path):
 
 
 def test_generate_tool_default_model_and_errors(tmp_path):
-    cpus = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the 8 fake devices, also on a one-GPU machine
+    cpus = {**os.environ, "JAX_PLATFORMS": "cpu",  # the 8 fake devices, also on a one-GPU machine
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     res = _run_generate("--prompt=hello", "--max_tokens=3", "--json", env=cpus)
     assert res.returncode == 0, res.stderr
     assert len(json.loads(res.stdout)["token_ids"]) == 3

@@ -16,7 +16,8 @@ def _free_port() -> int:
 
 
 def _generate(devices: int, *args: str) -> subprocess.Popen:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu")  # gloo collectives between CPU processes, also on a GPU machine
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", "generate.py"), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
 

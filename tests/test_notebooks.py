@@ -39,20 +39,30 @@ EXPECTED = {
 }
 
 
+# Notebooks that shard over several devices (the 8 fake CPU devices their kernels inherit).
+MULTI_DEVICE = ("sharding_strategies", "instances_and_resharding")
+
+
 @pytest.fixture(scope="module")
-def small_runs():
-    """Every notebook run at the small size, two kernels at a time (each compiles on one core
-    for most of its run): name -> the executed notebook, or the exception its run raised."""
+def small_runs(request):
+    """Every selected notebook run at the small size, two kernels at a time (each compiles on
+    one core for most of its run): name -> the executed notebook, or the exception its run
+    raised. A notebook whose test was deselected (-m, -k) is not run."""
+    selected = {item.callspec.params["name"] for item in request.session.items
+                if item.originalname == "test_notebook_runs_at_small_size"}
+    names = [name for name in notebooks.NAMES if name in selected]
+
     def run(name):
         try:
             return notebooks.execute(notebooks.read(_script(name)), "small", timeout=600)
         except Exception as e:  # noqa: BLE001 - handed to that notebook's test
             return e
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        return dict(zip(notebooks.NAMES, pool.map(run, notebooks.NAMES)))
+        return dict(zip(names, pool.map(run, names)))
 
 
-@pytest.mark.parametrize("name", notebooks.NAMES)
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.multi_device) if name in MULTI_DEVICE
+                                  else name for name in notebooks.NAMES])
 def test_notebook_runs_at_small_size(name, small_runs):
     nb = small_runs[name]
     if isinstance(nb, Exception):

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -15,6 +16,7 @@ from jinfer.engine import Engine
 from jinfer.models.llama import init_model
 
 
+@pytest.mark.multi_device  # needs several devices (conftest's 8 fake CPU devices)
 def test_each_device_receives_only_what_it_lacks():
     x = jnp.arange(8 * 6 * 4, dtype=jnp.float32).reshape(8, 6, 4)
     at2 = jax.device_put(x, NamedSharding(make_mesh(2), P("tp")))
@@ -29,6 +31,7 @@ def test_each_device_receives_only_what_it_lacks():
     np.testing.assert_array_equal(np.asarray(split), np.asarray(x))
 
 
+@pytest.mark.multi_device  # needs several devices (conftest's 8 fake CPU devices)
 def test_generation_continues_token_identically_across_reshards():
     single = _run(CFG, None)[1]
     eng = Engine(init_model(CFG, seed=3), TOK, CacheConfig(page_size=4, num_pages=64),
@@ -65,7 +68,8 @@ def test_reshard_benchmark_smoke():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     res = subprocess.run([sys.executable, os.path.join(root, "tools", "reshard_bench.py"), "--smoke"],
                          capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+                         env={**os.environ, "JAX_PLATFORMS": "cpu",  # 2 fake devices, also on a one-GPU machine
+                              "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [line.split("|") for line in res.stdout.splitlines() if line.startswith("| 1 → 2")]
     assert len(rows) == 1 and rows[0][5].strip() == rows[0][6].strip()  # moved == minimum

@@ -8,32 +8,37 @@
 #   OUT=results STAGES="suite" tools/gpu_checks.sh      # the whole default test run instead
 #
 # STAGES names the stages to run, in order (default "tests kernels engine sweep"; env always runs
-# first). "suite" is the whole `make test` selection (not slow) in 14 workers, under SUITE_S
-# (540 s): one device command of its own. Stage limits (seconds; TESTS_S, KERNELS_S, ENGINE_S,
-# SWEEP_S override them) of the default stages add up to about 9.5 minutes, inside one
-# 10-minute device command; each test also has a limit of its own (TEST_TIMEOUT_S) so that a
-# test stage ends with its failure summary.
+# first). "suite" is the whole `make test` selection (not slow) less the tests marked
+# multi_device, in 14 workers, under SUITE_S (540 s): one device command of its own. Stage limits (seconds; TESTS_S, KERNELS_S, ENGINE_S,
+# SWEEP_S override them) of the default stages add up to 580 s; with the wheels' install and
+# the env stage (about 15 s) that is inside one 10-minute device command, with little to spare
+# (the sweep is last: it is the stage a slow run cuts). Each test also has a limit of its own
+# (TEST_TIMEOUT_S, where pytest-timeout is installed) so that one hung test cannot hold a test
+# stage; a stage that reaches its own limit is killed without pytest's summary, so the
+# per-test lines of the log (-v) are the record.
 #
 # Runs from the repository root under the machine's python3 (JAX with CUDA); PYTHON overrides.
 # Packages the machine lacks can sit as wheels in .whl/ (installed into /tmp/site first):
-# tools/gpu_wheels.sh, run here, writes the ones the H200 image of 2026-11 lacks (ml_collections
-# for tools/generate.py's tests; the serving, HTTP and notebook packages for the suite).
+# tools/gpu_wheels.sh, run here, writes the ones the H200 image (2026-11, 2026-12) lacks
+# (ml_collections for tools/generate.py's tests; the serving, HTTP and notebook packages for
+# the suite).
 set -u
 OUT=${OUT:-gpu_results}
 PY=${PYTHON:-python3}
-mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
-start=$SECONDS
-stage() { echo "== $1 at $((SECONDS - start)) s" | tee -a "$OUT/env.txt"; }
 STAGES=${STAGES:-tests kernels engine sweep}
 for name in $STAGES; do
   case $name in tests|suite|kernels|engine|sweep) ;; *) echo "unknown stage '$name' in STAGES (tests suite kernels engine sweep)" >&2; exit 2;; esac
 done
+mkdir -p "$OUT"
+start=$SECONDS
+stage() { echo "== $1 at $((SECONDS - start)) s" | tee -a "$OUT/env.txt"; }
+if ls .whl/*.whl >/dev/null 2>&1; then
+  stage wheels
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >>"$OUT/env.txt" 2>&1 && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 
 stage env
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
@@ -42,7 +47,7 @@ import importlib
 import jax
 for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "numpy", "torch", "transformers", "grpc",
              "google.protobuf", "ml_collections", "starlette", "uvicorn", "pydantic", "openai", "nbclient",
-             "ipykernel", "jupytext", "xdist", "pytest_timeout"):
+             "ipykernel", "jupytext", "hypothesis", "prometheus_client", "httpx", "xdist", "pytest_timeout"):
     try:
         print(name, getattr(importlib.import_module(name), "__version__", "?"))
     except Exception as err:  # noqa: BLE001
@@ -62,27 +67,29 @@ pytest_stage() {  # limit log pytest-args...
   local per_test=()  # pytest-timeout is on the GPU images, not in the test extra
   $PY -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout="${TEST_TIMEOUT_S:-120}")
   XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest setsid timeout "$limit" \
-    $PY -m pytest -p no:cacheprovider -v -rfE "${per_test[@]}" -n 14 "$@" >"$OUT/$log" 2>&1 &
+    $PY -m pytest -p no:cacheprovider -v -rfE ${per_test[@]+"${per_test[@]}"} -n 14 "$@" >"$OUT/$log" 2>&1 &
   local pid=$!
   wait $pid
   kill -- -$pid 2>/dev/null
 }
 
 run_tests() {
-  # The kernel tests and the engine-level ones in one run. Tensor-parallel cases need several
-  # devices (this machine has one GPU) and are left out. On an H100 six workers per set did
+  # The kernel tests and the engine-level ones in one run. Tests marked multi_device (tensor
+  # parallelism over several devices; this machine has one GPU) are left out. On an H100 six workers per set did
   # not finish either set in 120 s; one run with 14 workers takes both. On an H200, 14 workers
   # finished 138 of the 162 cases in 130 s and 161 in 215 s (the benchmark tests, which spawn
-  # processes, are the slowest).
-  pytest_stage ${TESTS_S:-130} tests.log -k "not tensor_parallelism" tests/test_pallas_kernels.py \
+  # processes, are the slowest); that run included the slow set, which this one leaves out as
+  # make test does.
+  pytest_stage ${TESTS_S:-130} tests.log -m "not slow and not multi_device" tests/test_pallas_kernels.py \
     tests/test_pallas_backend.py tests/test_engine.py tests/test_greedy.py tests/test_runner.py \
     tests/test_xla_attention.py
 }
 
 run_suite() {
-  # What `make test` selects, every file. Not yet run on a GPU: its length there is unknown
-  # (on the 2-core CPU machine two workers take about 11 minutes).
-  pytest_stage ${SUITE_S:-540} suite.log -m "not slow" --dist loadfile tests
+  # What `make test` selects, every file, less the 24 multi_device cases (they need several
+  # devices; CI runs them on 8 fake CPU devices). Not yet run on a GPU: its length there is
+  # unknown (on the 2-core CPU machine two workers take about 11 minutes for all 687).
+  pytest_stage ${SUITE_S:-540} suite.log -m "not slow and not multi_device" --dist loadfile tests
 }
 
 run_kernels() {
@@ -92,7 +99,7 @@ run_kernels() {
 run_engine() {
   # Pallas first: its rows are the ones the GPU section lacks. A step budget of 1024 tokens
   # compiled in 18 s on an H100 where 2048 took 88 s. All four rows and the parts line took
-  # 246 s on an H200, before the pipeline probe was added (three more back-to-back bare loops
+  # 246 s on an H200, before the pipeline probe was added (four more back-to-back bare loops
   # per row and repeat: about 20 s more at xla 2048, a few seconds at the other rows).
   timeout ${ENGINE_S:-290} $PY tools/bench_engine.py --backends=pallas,xla --hidden_size=2048 --num_layers=16 \
     --vocab_size=32000 --dtype=bfloat16 --decode_batch=64 --decode_steps=32 --backend_contexts=2048,128 \
