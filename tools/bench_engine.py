@@ -323,6 +323,18 @@ def _phase_row(phases: dict) -> str:
             f"{rest:.2f} | {host:.2f}")
 
 
+def _probe_row(runner, backend: str, batch: int, steps: int, prompt_len: int, phases: dict) -> str:
+    """The pipeline probe's row: ms per step of the bare loop plain, with the late read-back
+    (asked at the read, started at launch), and the latter with the engine's host work (its
+    median step - wait from `phases`); medians of --repeats alternating runs."""
+    host_s = statistics.median(s - w for s, w in zip(phases["step"], phases["wait"]))
+    variants = (("", 0.0), ("late", 0.0), ("launch", 0.0), ("launch", host_s))
+    runs = [[batch / _bare_decode_rate(runner, batch, steps, prompt_len, mode, work, each=False)[0] * 1e3
+             for mode, work in variants] for _ in range(FLAGS.repeats)]
+    cells = [f"{statistics.median(ms):.2f}" for ms in zip(*runs)] + [f"{host_s * 1e3:.2f}"]
+    return f"| {backend} | {prompt_len} | " + " | ".join(cells) + " |"
+
+
 def _bare_decode_rate(runner, batch: int, steps: int, prompt_len: int, read_back: str = "",
                       host_s: float = 0.0, each: bool = True) -> tuple[float, float]:
     """The same compiled step in a bare loop: no scheduler, ids fed back on device.
@@ -332,8 +344,10 @@ def _bare_decode_rate(runner, batch: int, steps: int, prompt_len: int, read_back
     read_back: "" none; "late" reads each step's ids and logprobs on the host after the next
     step is launched, as the engine's async pipeline does, the copy asked for only then;
     "launch" the same with the copy started as each step is launched (what the runner does).
-    host_s: seconds of busy host work (holding the GIL, as the engine's Python does) after each
-    launch. Together they tell whether a read-back or host work delays the device steps."""
+    host_s: seconds of host work per step, the wait for the read-back not counted (as the
+    engine's step - wait): after the read, busy Python time (holding the GIL, as the engine's
+    postprocess does) tops the step's host time up to host_s while the step just launched runs.
+    Together they tell whether a read-back or host work delays the device steps."""
     import jax
     import numpy as np
 
@@ -374,10 +388,12 @@ def _bare_decode_rate(runner, batch: int, steps: int, prompt_len: int, read_back
             if read_back == "launch":
                 prev.copy_to_host_async()
                 logprobs.copy_to_host_async()
+            waited = time.perf_counter()
             if pending is not None:  # the step launched one iteration earlier
                 np.asarray(pending[0]), np.asarray(pending[1])
+            waited = time.perf_counter() - waited
             pending = (prev, logprobs) if read_back else None
-            while time.perf_counter() - t0 < host_s:
+            while time.perf_counter() - t0 - waited < host_s:  # host time, as the engine's step - wait
                 pass
             if block_each:
                 jax.block_until_ready(prev)
@@ -565,18 +581,18 @@ def _backend_comparison() -> str:
                              f"{statistics.median(engs):,.0f} | {ratio:.2f} | {bare_ms:.2f} | {first:.1f} |")
                 host_lines.append(f"| {backend} | {plen} | {bare_ms:.2f} | {_phase_row(phases)} |")
                 print(host_lines[-1], file=sys.stderr, flush=True)
-                host_s = statistics.median(s - w for s, w in zip(phases["step"], phases["wait"]))
-                variants = (("", 0.0), ("late", 0.0), ("launch", 0.0), ("launch", host_s))
-                probes = [[b / _bare_decode_rate(engine.runner, b, n, plen, mode, work, each=False)[0] * 1e3
-                           for mode, work in variants] for _ in range(FLAGS.repeats)]
-                probe = [statistics.median(ms) for ms in zip(*probes)]
-                probe_lines.append(f"| {backend} | {plen} | " + " | ".join(f"{ms:.2f}" for ms in probe)
-                                   + f" | {host_s * 1e3:.2f} |")
-                print(probe_lines[-1], file=sys.stderr, flush=True)
             except Exception as err:  # noqa: BLE001 - reported, the other backends still run
                 lines.append(f"| {backend} | {plen} | error: {type(err).__name__}: "
                              f"{str(err)[:300].replace(chr(10), ' ')} | | | | |")
+                print(lines[-1], file=sys.stderr, flush=True)
+                continue
             print(lines[-1], file=sys.stderr, flush=True)
+            try:
+                probe_lines.append(_probe_row(engine.runner, backend, b, n, plen, phases))
+            except Exception as err:  # noqa: BLE001 - the tables above stand without it
+                probe_lines.append(f"| {backend} | {plen} | error: {type(err).__name__}: "
+                                   f"{str(err)[:300].replace(chr(10), ' ')} | | | | |")
+            print(probe_lines[-1], file=sys.stderr, flush=True)
         del engine
     device = jax.devices()[0]
     lines += ["", f"Device: {device.device_kind} ({device.platform}); jax {jax.__version__}. Model: random-weight "
@@ -593,8 +609,9 @@ def _backend_comparison() -> str:
                   "(ms per step, run beside the others), then the same loop reading "
                   "each step's ids and logprobs on the host one step late as the engine does (the copy asked for "
                   "at the read, or started at launch as the runner does), then with the engine's host work (its "
-                  "median step - wait above) spent as busy Python time after each launch. A read-back or host "
-                  "work that hides behind the device leaves the bare time (max(bare, host work) with both).",
+                  "median step - wait above): after each read, busy Python time tops the step's host time (the read's "
+                  "wait not counted) up to that. A read-back or host work that hides behind the device leaves the "
+                  "bare time (max(bare, host work) with both).",
               "", *probe_lines]
     # Where a bare step's time goes: the same step with attention replaced by its queries (K/V
     # still written), and the step's matmuls alone as plain jnp.

@@ -8,7 +8,7 @@
 #
 # The machine has no package index, so the wheels travel with the working tree (the device
 # tool's limit for that is 64 MiB in all; these come to about 30 MiB). PACKAGES lists what the
-# H200 image of 2026-11 lacks: ml_collections, the serving packages (grpcio there is older
+# H200 image (as seen in 2026-11 and 2026-12) lacks: ml_collections, the serving packages (grpcio there is older
 # than 1.85.1), the HTTP API's, and the notebook runners' with their needs, and a few small
 # ones the image has at versions not known to be new enough (anyio, idna, h11, psutil). The
 # image has JAX, flax, torch, transformers, pytest, pytest-xdist and pytest-timeout.
@@ -41,6 +41,7 @@ EOF
   exit 1
 fi
 mkdir -p "$DEST"
+rm -f "$DEST"/*.whl  # a wheel left from another version would stop the whole install there
 PLATFORMS=()
 for tag in manylinux_2_35 manylinux_2_34 manylinux_2_31 manylinux_2_28 manylinux_2_27 manylinux_2_26 \
     manylinux_2_24 manylinux_2_17 manylinux2014 manylinux2010 manylinux1; do
