@@ -26,7 +26,7 @@ def test_orbax_round_trip_is_exact(hf_checkpoints, tmp_path):
         np.testing.assert_array_equal(got[k], want[k])
 
 
-@pytest.mark.multi_device  # needs several devices (conftest's 8 fake CPU devices)
+@pytest.mark.multi_device
 def test_restore_places_params_into_target_shards(hf_checkpoints, tmp_path):
     model = load_hf_model(hf_checkpoints["llama2_bias"])  # 4 KV heads: shardable over tp=4
     save_state(str(tmp_path / "ckpt"), model)
@@ -50,7 +50,7 @@ def test_save_refuses_to_overwrite(hf_checkpoints, tmp_path):
         restore_state(str(tmp_path / "missing"), abstract_model(model.config))
 
 
-@pytest.mark.multi_device  # needs several devices (conftest's 8 fake CPU devices)
+@pytest.mark.multi_device
 def test_hf_load_places_params_into_target_shards(hf_checkpoints):
     mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
     path = hf_checkpoints["mistral"]  # 2 KV heads: shardable over tp=2

@@ -89,7 +89,7 @@ def test_shape_bytes():
     assert hlo.shape_bytes("token[]") == 0
 
 
-@pytest.mark.multi_device  # needs several devices (conftest's 8 fake CPU devices)
+@pytest.mark.multi_device
 def test_collective_traffic_of_a_sharded_matmul():
     # x @ w with the contracted dimension split over 4 devices: each device holds a partial
     # [8, 4] f32 product, and one all-reduce of those 128 bytes makes it whole.

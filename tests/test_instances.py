@@ -26,7 +26,7 @@ def _finish(engine, ids):
     return [out[i] for i in ids]
 
 
-@pytest.mark.multi_device  # needs several devices (conftest's 8 fake CPU devices)
+@pytest.mark.multi_device
 def test_partition_devices_and_errors():
     assert [_ids(m) for m in partition_devices([4, 2, 1, 1])] == [[0, 1, 2, 3], [4, 5], [6], [7]]
     assert [m.size for m in partition_devices([2] * 4)] == [2, 2, 2, 2]
@@ -170,7 +170,7 @@ def test_exporting_while_the_step_in_flight_finishes_a_request_keeps_its_output(
                    long: ref.generate([PROMPTS[0]], [GREEDY])[0].token_ids}
 
 
-@pytest.mark.multi_device  # needs several devices (conftest's 8 fake CPU devices)
+@pytest.mark.multi_device
 def test_precompile_fills_the_compilation_cache_for_later_regroups(caplog):
     import dataclasses
     import logging

@@ -125,7 +125,7 @@ def test_launch_server_rejects_bad_overrides_in_one_line(override, message):
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.multi_device  # needs several devices (conftest's 8 fake CPU devices)
+@pytest.mark.multi_device
 def test_instances_refuse_what_they_cannot_serve(tmp_path):
     from jinfer.launch import build_engine
     cfg = default_config()

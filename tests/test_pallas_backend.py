@@ -51,7 +51,7 @@ def test_default_backend_is_xla_on_cpu_and_unknown_names_fail(hf_checkpoints):
                options=EngineOptions(attention_backend="triton"))
 
 
-@pytest.mark.multi_device  # needs several devices (conftest's 8 fake CPU devices)
+@pytest.mark.multi_device
 @pytest.mark.parametrize("variant, tp", [("llama2_bias", 2),  # 4 KV heads split 2 per device
                                          ("llama3", 4)])  # 1 KV head kept whole on all 4 devices
 def test_pallas_under_tensor_parallelism_matches_one_device(hf_checkpoints, variant, tp):
@@ -93,7 +93,7 @@ def _tree_step(rng, *, num_heads=8, num_kv_heads=2, head_dim=16, page=4):
     return tuple(map(jnp.asarray, (q, k, v, k_pages, v_pages))) + (md,)
 
 
-@pytest.mark.multi_device  # needs several devices (conftest's 8 fake CPU devices)
+@pytest.mark.multi_device
 @pytest.mark.parametrize("tp", [2, 4])  # 2 KV heads split one per device; kept whole on 4 devices
 def test_pallas_tree_step_under_tensor_parallelism_matches_xla(tp):
     from sharding.tp import make_mesh

@@ -16,7 +16,7 @@ from jinfer.engine import Engine
 from jinfer.models.llama import init_model
 
 
-@pytest.mark.multi_device  # needs several devices (conftest's 8 fake CPU devices)
+@pytest.mark.multi_device
 def test_each_device_receives_only_what_it_lacks():
     x = jnp.arange(8 * 6 * 4, dtype=jnp.float32).reshape(8, 6, 4)
     at2 = jax.device_put(x, NamedSharding(make_mesh(2), P("tp")))
@@ -31,7 +31,7 @@ def test_each_device_receives_only_what_it_lacks():
     np.testing.assert_array_equal(np.asarray(split), np.asarray(x))
 
 
-@pytest.mark.multi_device  # needs several devices (conftest's 8 fake CPU devices)
+@pytest.mark.multi_device
 def test_generation_continues_token_identically_across_reshards():
     single = _run(CFG, None)[1]
     eng = Engine(init_model(CFG, seed=3), TOK, CacheConfig(page_size=4, num_pages=64),

@@ -153,7 +153,7 @@ def test_engine_benchmark_backend_comparison_reports_each_backend_and_context():
         assert step > 0 and dispatch > 0 and post > 0 and wait >= 0 and rest >= 0, r
         assert max(dispatch, wait, post, work) <= step + 0.01, r
     # The pipeline probe: the bare loop per step, plain, with the engine's late read-back (two
-    # ways), and with its host work spent after each launch, so never shorter than that work.
+    # ways), and with its host work spent while the next step runs, so never shorter than it.
     assert [(r[0].strip(), r[1].strip()) for r in rows(probe)] == want, res.stdout
     for r, h in zip(rows(probe), rows(host)):
         bare, late, launch, with_work, work = (float(x) for x in r[2:7])

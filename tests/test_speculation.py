@@ -248,7 +248,7 @@ def test_real_drafters_keep_the_tokens_and_save_steps(model, method, tree):
     assert load.free_pages + load.cached_pages == load.num_pages
 
 
-@pytest.mark.multi_device  # needs several devices (conftest's 8 fake CPU devices)
+@pytest.mark.multi_device
 def test_tree_drafts_on_the_pallas_backend_and_under_tensor_parallelism(model):
     """The interpreted Pallas kernel and a tp=2 mesh (fake devices) verify tree drafts to the
     same tokens as plain decoding on one device."""

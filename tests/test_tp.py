@@ -47,7 +47,7 @@ def test_greedy_tokens_identical_for_every_tp(single, tp):
     assert k_pages.addressable_shards[0].data.shape[0] == (2 // tp if tp <= 2 else 2)
 
 
-@pytest.mark.multi_device  # needs several devices (conftest's 8 fake CPU devices)
+@pytest.mark.multi_device
 def test_kv_heads_split_when_tp_divides_them():
     cfg = dataclasses.replace(CFG, num_kv_heads=8)
     base = _run(cfg, None)[1]
@@ -66,14 +66,14 @@ def test_tp_that_does_not_fit_the_model_is_rejected(change, tp, message):
         tp_rules(dataclasses.replace(CFG, **change), tp)
 
 
-@pytest.mark.multi_device  # needs several devices (conftest's 8 fake CPU devices)
+@pytest.mark.multi_device
 def test_mesh_errors():
     with pytest.raises(ValueError, match="tp=16 needs 16 devices, 8 available"):
         make_mesh(16)
     assert len(jax.devices()) == 8 and np.prod(make_mesh(8).devices.shape) == 8
 
 
-@pytest.mark.multi_device  # needs several devices (conftest's 8 fake CPU devices)
+@pytest.mark.multi_device
 def test_hf_checkpoint_loads_straight_into_shards(hf_checkpoints):
     from jinfer.loader.hf import load_hf_model
     from jinfer.tokenizer import Tokenizer
@@ -92,7 +92,7 @@ def test_hf_checkpoint_loads_straight_into_shards(hf_checkpoints):
     assert [o.token_ids for o in sharded] == [o.token_ids for o in single]
 
 
-@pytest.mark.multi_device  # needs several devices (conftest's 8 fake CPU devices)
+@pytest.mark.multi_device
 def test_vocab_parallel_knob(single):
     eng, tokens = _run(CFG, 2, options=EngineOptions(vocab_parallel=False))
     assert tokens == single

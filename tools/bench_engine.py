@@ -314,11 +314,20 @@ def _engine_decode_rate(engine, batch: int, steps: int, prompt_len: int, phases:
 PHASES = ("step", "dispatch", "wait", "postprocess")
 
 
+def _host_seconds(phases: dict) -> float:
+    """Median host work per timed step: the step call less its wait for the device."""
+    return statistics.median(s - w for s, w in zip(phases["step"], phases["wait"]))
+
+
+def _error_row(backend: str, context: int, err: Exception) -> str:
+    return f"| {backend} | {context} | error: {type(err).__name__}: {str(err)[:300].replace(chr(10), ' ')} | | | | |"
+
+
 def _phase_row(phases: dict) -> str:
     """Median ms per timed step of each phase, and the host work left beside the wait."""
     med = {name: statistics.median(phases[name]) * 1e3 for name in PHASES}
     rest = statistics.median(s - d - w - p for s, d, w, p in zip(*(phases[name] for name in PHASES))) * 1e3
-    host = statistics.median(s - w for s, w in zip(phases["step"], phases["wait"])) * 1e3
+    host = _host_seconds(phases) * 1e3
     return (f"{med['step']:.2f} | {med['dispatch']:.2f} | {med['wait']:.2f} | {med['postprocess']:.2f} | "
             f"{rest:.2f} | {host:.2f}")
 
@@ -327,7 +336,7 @@ def _probe_row(runner, backend: str, batch: int, steps: int, prompt_len: int, ph
     """The pipeline probe's row: ms per step of the bare loop plain, with the late read-back
     (asked at the read, started at launch), and the latter with the engine's host work (its
     median step - wait from `phases`); medians of --repeats alternating runs."""
-    host_s = statistics.median(s - w for s, w in zip(phases["step"], phases["wait"]))
+    host_s = _host_seconds(phases)
     variants = (("", 0.0), ("late", 0.0), ("launch", 0.0), ("launch", host_s))
     runs = [[batch / _bare_decode_rate(runner, batch, steps, prompt_len, mode, work, each=False)[0] * 1e3
              for mode, work in variants] for _ in range(FLAGS.repeats)]
@@ -582,16 +591,14 @@ def _backend_comparison() -> str:
                 host_lines.append(f"| {backend} | {plen} | {bare_ms:.2f} | {_phase_row(phases)} |")
                 print(host_lines[-1], file=sys.stderr, flush=True)
             except Exception as err:  # noqa: BLE001 - reported, the other backends still run
-                lines.append(f"| {backend} | {plen} | error: {type(err).__name__}: "
-                             f"{str(err)[:300].replace(chr(10), ' ')} | | | | |")
+                lines.append(_error_row(backend, plen, err))
                 print(lines[-1], file=sys.stderr, flush=True)
                 continue
             print(lines[-1], file=sys.stderr, flush=True)
             try:
                 probe_lines.append(_probe_row(engine.runner, backend, b, n, plen, phases))
             except Exception as err:  # noqa: BLE001 - the tables above stand without it
-                probe_lines.append(f"| {backend} | {plen} | error: {type(err).__name__}: "
-                                   f"{str(err)[:300].replace(chr(10), ' ')} | | | | |")
+                probe_lines.append(_error_row(backend, plen, err))
             print(probe_lines[-1], file=sys.stderr, flush=True)
         del engine
     device = jax.devices()[0]
@@ -716,8 +723,8 @@ def main(argv):
         report(f"engine ({name}) / bare loop, median of {FLAGS.repeats}", statistics.median(ratios), "x")
         report(f"engine ({name}) / bare loop, worst of {FLAGS.repeats}", min(ratios), "x")
         report(f"host overhead per step ({name})", max(0.0, b / rate - b / bare) * 1e3, "ms")
-        host = statistics.median(s - w for s, w in zip(phases[name]["step"], phases[name]["wait"]))
-        report(f"engine step ({name}): host work, the step call less its wait for the device", host * 1e3, "ms")
+        report(f"engine step ({name}): host work, the step call less its wait for the device",
+               _host_seconds(phases[name]) * 1e3, "ms")
         report(f"engine step ({name}): waiting for the device", statistics.median(phases[name]["wait"]) * 1e3, "ms")
     del sync, engine
     ctx = _max_len() // 2

@@ -75,8 +75,8 @@ pytest_stage() {  # limit log pytest-args...
 
 run_tests() {
   # The kernel tests and the engine-level ones in one run. Tests marked multi_device (tensor
-  # parallelism over several devices; this machine has one GPU) are left out. On an H100 six workers per set did
-  # not finish either set in 120 s; one run with 14 workers takes both. On an H200, 14 workers
+  # parallelism over several devices; this machine has one GPU) are left out. On an H100 six
+  # workers per set did not finish either set in 120 s; one run with 14 workers takes both. On an H200, 14 workers
   # finished 138 of the 162 cases in 130 s and 161 in 215 s (the benchmark tests, which spawn
   # processes, are the slowest); that run included the slow set, which this one leaves out as
   # make test does.
