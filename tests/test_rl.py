@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jinfer import DEFAULT_MODEL_DIR, rl
+from jinfer import TEST_MODEL_DIR, rl
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.engine import Engine
 from jinfer.loader.hf import load_hf_model
@@ -23,7 +23,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def model():
-    return load_hf_model(DEFAULT_MODEL_DIR), Tokenizer.from_dir(DEFAULT_MODEL_DIR)
+    return load_hf_model(TEST_MODEL_DIR), Tokenizer.from_dir(TEST_MODEL_DIR)
 
 
 def _engine(model, **kw):

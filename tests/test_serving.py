@@ -12,7 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from jinfer import DEFAULT_MODEL_DIR
+from jinfer import TEST_MODEL_DIR
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.engine import Engine
 from jinfer.loader.hf import load_hf_model
@@ -26,7 +26,7 @@ MAX_LEN = 96
 
 
 def _engine(**cache):
-    return Engine(load_hf_model(DEFAULT_MODEL_DIR), Tokenizer.from_dir(DEFAULT_MODEL_DIR),
+    return Engine(load_hf_model(TEST_MODEL_DIR), Tokenizer.from_dir(TEST_MODEL_DIR),
                   CacheConfig(page_size=16, num_pages=64, **cache),
                   SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8, max_model_len=MAX_LEN))
 
@@ -59,7 +59,7 @@ def test_stream_equals_engine_generate(client):
     for g in got[2:]:
         assert len(g["logprobs"]) == len(g["token_ids"]) and all(lp <= 0 for lp in g["logprobs"])
     first = got[0]
-    assert first["usage"]["prompt_tokens"] == len(Tokenizer.from_dir(DEFAULT_MODEL_DIR).encode(prompts[0]))
+    assert first["usage"]["prompt_tokens"] == len(Tokenizer.from_dir(TEST_MODEL_DIR).encode(prompts[0]))
     assert first["usage"]["completion_tokens"] == len(first["token_ids"]) and first["ttft_s"] > 0
 
 

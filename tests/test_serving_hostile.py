@@ -10,7 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from jinfer import DEFAULT_MODEL_DIR
+from jinfer import TEST_MODEL_DIR
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.engine import Engine
 from jinfer.loader.hf import load_hf_model
@@ -25,7 +25,7 @@ QUEUE = 8
 
 
 def _engine():
-    return Engine(load_hf_model(DEFAULT_MODEL_DIR), Tokenizer.from_dir(DEFAULT_MODEL_DIR),
+    return Engine(load_hf_model(TEST_MODEL_DIR), Tokenizer.from_dir(TEST_MODEL_DIR),
                   CacheConfig(page_size=16, num_pages=64),
                   SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8, max_model_len=MAX_LEN))
 
@@ -224,7 +224,7 @@ def test_a_dead_engine_loop_fails_streams_and_health_instead_of_hanging():
 def test_aborting_a_request_of_many_samples_is_linear():
     """2000 samples queued behind 2000 others: one abort settles in one pass (it took 1.4 s
     when each sample was looked up by a field-by-field scan of the waiting queue)."""
-    engine = Engine(load_hf_model(DEFAULT_MODEL_DIR), Tokenizer.from_dir(DEFAULT_MODEL_DIR),
+    engine = Engine(load_hf_model(TEST_MODEL_DIR), Tokenizer.from_dir(TEST_MODEL_DIR),
                     CacheConfig(page_size=16, num_pages=256),
                     SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=64, max_model_len=MAX_LEN))
     params = SamplingParams(n=2000, max_tokens=4, temperature=1.0)

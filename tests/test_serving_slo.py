@@ -12,7 +12,7 @@ import urllib.request
 import grpc
 import pytest
 
-from jinfer import DEFAULT_MODEL_DIR
+from jinfer import TEST_MODEL_DIR
 from jinfer import workloads as w
 from jinfer.config import CacheConfig, SchedulerConfig, Tier
 from jinfer.engine import Engine
@@ -34,7 +34,7 @@ COUNTS = ("finished", "slo_met", "ttft_missed", "tpot_missed", "goodput_tokens",
 
 
 def _engine(policy=None):
-    return Engine(load_hf_model(DEFAULT_MODEL_DIR), Tokenizer.from_dir(DEFAULT_MODEL_DIR),
+    return Engine(load_hf_model(TEST_MODEL_DIR), Tokenizer.from_dir(TEST_MODEL_DIR),
                   CacheConfig(page_size=16, num_pages=64),
                   SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8, max_model_len=MAX_LEN), policy)
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from jinfer import DEFAULT_MODEL_DIR
+from jinfer import TEST_MODEL_DIR
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.engine import Engine
 from jinfer.loader.hf import load_hf_model
@@ -17,7 +17,7 @@ from jinfer.tokenizer import Tokenizer
 
 
 def test_a_short_soak_ends_every_call_as_allowed_and_leaks_no_page():
-    engine = Engine(load_hf_model(DEFAULT_MODEL_DIR), Tokenizer.from_dir(DEFAULT_MODEL_DIR),
+    engine = Engine(load_hf_model(TEST_MODEL_DIR), Tokenizer.from_dir(TEST_MODEL_DIR),
                     CacheConfig(page_size=16, num_pages=64),
                     SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8, max_model_len=96))
     engine.runner.warmup()  # compiling buckets mid-soak would leave little time for serving

@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from jinfer import DEFAULT_MODEL_DIR
+from jinfer import TEST_MODEL_DIR
 from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig, SpeculationConfig
 from jinfer.engine import Engine
 from jinfer.launch import build_drafter
@@ -75,7 +75,7 @@ DRAFTERS = {"chain": OracleDrafter, "tree": TreeOracleDrafter}
 
 @pytest.fixture(scope="module")
 def model():
-    return load_hf_model(DEFAULT_MODEL_DIR), Tokenizer.from_dir(DEFAULT_MODEL_DIR)
+    return load_hf_model(TEST_MODEL_DIR), Tokenizer.from_dir(TEST_MODEL_DIR)
 
 
 def _engine(model, drafter=None, *, prefix=True, budget=64, num_pages=128, max_spec=6, pipelined=True):

@@ -656,7 +656,7 @@ def main(argv):
     import numpy as np
     import transformers
 
-    from jinfer import DEFAULT_MODEL_DIR
+    from jinfer import TEST_MODEL_DIR
 
     rows = []
 
@@ -675,8 +675,8 @@ def main(argv):
         if FLAGS.default_model:
             import torch
             hf_default = transformers.LlamaForCausalLM.from_pretrained(
-                DEFAULT_MODEL_DIR, torch_dtype=getattr(torch, FLAGS.dtype)).eval()
-            models.append(("default model", DEFAULT_MODEL_DIR, hf_default))
+                TEST_MODEL_DIR, torch_dtype=getattr(torch, FLAGS.dtype)).eval()
+            models.append(("default model", TEST_MODEL_DIR, hf_default))
         for label, path, hf in models:
             prompts, out_lens = _workload(FLAGS.seed, hf.config.vocab_size)
             eng, hfs, ratios, peaks = [], [], [], []

@@ -143,7 +143,7 @@ def main(argv):
     import jax
     import numpy as np
 
-    from jinfer import DEFAULT_MODEL_DIR
+    from jinfer import TEST_MODEL_DIR
     from jinfer import rl
     from jinfer.loader.hf import load_hf_model
     from jinfer.tokenizer import Tokenizer
@@ -152,13 +152,13 @@ def main(argv):
     if methods[0] != "none":
         raise app.UsageError("the first method must be none (the baseline)")
     problems = rl.PROBLEMS[:FLAGS.problems] if FLAGS.problems else rl.PROBLEMS
-    tok = Tokenizer.from_dir(DEFAULT_MODEL_DIR)
+    tok = Tokenizer.from_dir(TEST_MODEL_DIR)
     num_seqs = len(problems) * FLAGS.group_size
     runs = {}
     for method in methods:
-        model = load_hf_model(DEFAULT_MODEL_DIR)
+        model = load_hf_model(TEST_MODEL_DIR)
         engine, budget = _engine(model, tok, method, num_seqs)
-        runs[method] = dict(engine=engine, budget=budget, trainer=rl.PolicyTrainer(load_hf_model(DEFAULT_MODEL_DIR),
+        runs[method] = dict(engine=engine, budget=budget, trainer=rl.PolicyTrainer(load_hf_model(TEST_MODEL_DIR),
                                                                   learning_rate=FLAGS.learning_rate,
                                                                   temperature=FLAGS.temperature),
                             epochs=[])

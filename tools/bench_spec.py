@@ -155,13 +155,13 @@ def _run(engine, requests, batch: int) -> dict:
 
 
 def _model(name: str):
-    from jinfer import DEFAULT_MODEL_DIR
+    from jinfer import TEST_MODEL_DIR
     from jinfer.loader.hf import load_hf_model
     from jinfer.tokenizer import Tokenizer
 
     if name == "default":
-        model = load_hf_model(DEFAULT_MODEL_DIR)
-        return model, Tokenizer.from_dir(DEFAULT_MODEL_DIR), "the embedded default model"
+        model = load_hf_model(TEST_MODEL_DIR)
+        return model, Tokenizer.from_dir(TEST_MODEL_DIR), "the embedded default model"
     from jinfer.models.config import scaled_llama
     from jinfer.models.llama import init_model
     from jinfer.tokenizer import byte_level_tokenizer

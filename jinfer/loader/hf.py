@@ -137,11 +137,18 @@ def load_hf_model(model_dir: str, *, dtype=jnp.float32, attention_backend: str =
     a jax.sharding.Sharding in place of each Variable (sharding.rules.state_shardings); each
     parameter goes from the memory-mapped file straight into its shards.
     """
+    cfg = load_config(model_dir)
+    return build_model(cfg, checkpoint_tensors(model_dir), dtype=dtype, attention_backend=attention_backend,
+                       shardings=shardings)
+
+
+def build_model(cfg: ModelConfig, tensors: dict[str, np.ndarray], *, dtype=jnp.float32,
+                attention_backend: str = "xla", shardings=None) -> LlamaForCausalLM:
+    """The model from HF-named host tensors (memory-mapped or in memory); see load_hf_model."""
     dtype = jnp.dtype(dtype)
     if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
         raise ValueError(f"dtype={dtype} must be float32 or bfloat16")
-    cfg = load_config(model_dir)
-    arrays = load_state_arrays(cfg, checkpoint_tensors(model_dir), dtype)
+    arrays = load_state_arrays(cfg, tensors, dtype)
     abstract = abstract_model(cfg, dtype=dtype, attention_backend=attention_backend)
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
@@ -158,11 +165,16 @@ def load_hf_model(model_dir: str, *, dtype=jnp.float32, attention_backend: str =
 
 
 def load_sharded(model_dir: str, mesh, *, dtype=None, vocab_parallel: bool = True) -> LlamaForCausalLM:
-    """An HF checkpoint loaded straight into its shards on a tp mesh (sharding.tp.make_mesh):
-    each parameter goes from the memory-mapped file to its devices, never whole onto one
-    device first."""
+    """A checkpoint (HF directory or GGUF file) loaded straight into its shards on a tp mesh
+    (sharding.tp.make_mesh): each parameter goes from the host to its devices, never whole onto
+    one device first."""
+    from jinfer.loader import gguf
+
     dtype = jnp.float32 if dtype is None else dtype
-    cfg = load_config(model_dir)
+    gguf_file = gguf.find_gguf(model_dir)
+    cfg = gguf.config_from_gguf(gguf.open_gguf(gguf_file)) if gguf_file else load_config(model_dir)
     layout = TPLayout.for_model(cfg, mesh, vocab_parallel)  # ValueError naming what tp fails to divide
     shardings = layout.state_shardings(nnx.state(abstract_model(cfg, dtype=dtype)))
+    if gguf_file:
+        return gguf.load_gguf_model(gguf_file, dtype=dtype, shardings=shardings)
     return load_hf_model(model_dir, dtype=dtype, shardings=shardings)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import transformers
 
-from jinfer import DEFAULT_MODEL_DIR
+from jinfer import TEST_MODEL_DIR
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.engine import Engine
 from jinfer.loader.hf import load_hf_model
@@ -43,17 +43,17 @@ def _hf_greedy(path, prompt_ids, max_tokens):
 
 
 def test_default_model_is_real_hf_format_and_matches_transformers():
-    files = set(os.listdir(DEFAULT_MODEL_DIR))
+    files = set(os.listdir(TEST_MODEL_DIR))
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
             "tokenizer_config.json", "README.md"} <= files
-    size = sum(os.path.getsize(os.path.join(DEFAULT_MODEL_DIR, f)) for f in files)
+    size = sum(os.path.getsize(os.path.join(TEST_MODEL_DIR, f)) for f in files)
     assert size <= 25 * 2**20
-    tok = Tokenizer.from_dir(DEFAULT_MODEL_DIR)
-    hf_tok = transformers.AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
+    tok = Tokenizer.from_dir(TEST_MODEL_DIR)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(TEST_MODEL_DIR)
     for p in PROMPTS:
         assert hf_tok(p)["input_ids"] == tok.encode(p)  # BOS + the same BPE ids
-    ours = _jinfer_greedy(DEFAULT_MODEL_DIR, PROMPTS, 24)
-    theirs = _hf_greedy(DEFAULT_MODEL_DIR, [tok.encode(p) for p in PROMPTS], 24)
+    ours = _jinfer_greedy(TEST_MODEL_DIR, PROMPTS, 24)
+    theirs = _hf_greedy(TEST_MODEL_DIR, [tok.encode(p) for p in PROMPTS], 24)
     assert ours == theirs
     # A trained model, not noise: a method body continues with indented code using self.
     text = tok.decode(ours[2])
@@ -61,7 +61,7 @@ def test_default_model_is_real_hf_format_and_matches_transformers():
 
 
 def test_model_card_records_training():
-    card = open(os.path.join(DEFAULT_MODEL_DIR, "README.md")).read()
+    card = open(os.path.join(TEST_MODEL_DIR, "README.md")).read()
     for part in ("## Training", "| step | train loss | held-out loss |", "nats/byte", "## Greedy samples",
                  "python tools/train_default_model.py"):
         assert part in card
@@ -74,8 +74,8 @@ def test_causal_forward_matches_the_serving_forward():
     from jinfer.kv_cache import KVCache
     from tests.model_forward import jit_forward
     from jinfer.models.training import causal_forward
-    model = load_hf_model(DEFAULT_MODEL_DIR)
-    ids = np.array([Tokenizer.from_dir(DEFAULT_MODEL_DIR).encode("def f(x):\n    return x + 1\n")], np.int32)
+    model = load_hf_model(TEST_MODEL_DIR)
+    ids = np.array([Tokenizer.from_dir(TEST_MODEL_DIR).encode("def f(x):\n    return x + 1\n")], np.int32)
     n = ids.shape[1]
     dense = np.asarray(causal_forward(model, jnp.asarray(ids)))[0]
     cache = KVCache.create(model.config, 4, 16)

@@ -1,0 +1,51 @@
+"""The default model, SmolLM2-135M-Instruct from its GGUF file: fetched (or read from the cache),
+loaded by jinfer exactly as transformers loads the same file."""
+
+import json
+import os
+
+import pytest
+import torch
+import transformers
+
+from jinfer.config import CacheConfig, SchedulerConfig
+from jinfer.engine import Engine
+from jinfer.launch import ModelSpec, load_model
+from jinfer.model_store import SMOLLM2, resolve_model_path
+from jinfer.sampling_params import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    path = resolve_model_path("")
+    d, name = os.path.split(path)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=name)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
+    return path, load_model(ModelSpec()), hf_model, hf_tok
+
+
+def test_default_model_is_smollm2_in_the_cache(smollm2):
+    path = smollm2[0]
+    assert os.path.basename(path) == SMOLLM2.filename and os.path.getsize(path) > 90e6
+    model, tok = smollm2[1]
+    cfg = model.config
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size) == (30, 576, 9, 3, 49152)
+    assert cfg.tie_word_embeddings and tok.eos_ids == (2,) and not tok.add_bos
+
+
+def test_default_model_greedy_tokens_and_chat_template_match_transformers(smollm2):
+    _, (model, tok), hf_model, hf_tok = smollm2
+    assert json.loads(tok._tok.to_str()) == json.loads(hf_tok.backend_tokenizer.to_str())
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    text = tok.apply_chat_template(chat)
+    assert text == hf_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    prompts = [tok.encode(text, add_special_tokens=False), tok.encode("The quick brown fox")]
+    engine = Engine(model, tok, CacheConfig(page_size=16, num_pages=32),
+                    SchedulerConfig(max_num_batched_tokens=128, max_num_seqs=2, max_model_len=256))
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=16))
+    for prompt, out in zip(prompts, outs):
+        x = torch.tensor([prompt])
+        y = hf_model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=16,
+                              pad_token_id=2, eos_token_id=2)
+        assert list(out.token_ids) == y[0, len(prompt):].tolist()
+    assert "Paris" in tok.decode(outs[0].token_ids)
