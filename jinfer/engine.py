@@ -129,7 +129,7 @@ class Engine:
         self.async_scheduling = options.async_scheduling
         self.runner = ModelRunner(model, cache_config, scheduler_config, layout,
                                   decode_steps=get_backend(self.attention_backend).decode_path,
-                                  max_spec_tokens=max_spec_tokens)
+                                  max_spec_tokens=max_spec_tokens, min_token_bucket=options.min_token_bucket)
         self.scheduler = Scheduler(cache_config, scheduler_config, self.runner.num_pages, policy,
                                    drafter, max_spec_tokens, draft_budget if max_spec_tokens else None)
         self.scheduler.trees = self.runner.trees  # a model the tree mask cannot serve gets chains

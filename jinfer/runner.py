@@ -59,12 +59,14 @@ class ModelRunner:
     """Owns the parameters and the KV cache; executes plans. Never sees Request objects."""
 
     def __init__(self, model: nnx.Module, cache_cfg: CacheConfig, sched_cfg: SchedulerConfig,
-                 layout=None, *, decode_steps: bool = False, max_spec_tokens: int = 0):
+                 layout=None, *, decode_steps: bool = False, max_spec_tokens: int = 0,
+                 min_token_bucket: int = 16):
         """layout: a sharding.tp.TPLayout to run tensor-parallel on its mesh; None = one device.
         decode_steps: mark steps where every sequence has one new token (AttentionMetadata.
         decode_only) so the attention backend can take its decode path; doubles the variants
         of the buckets that can hold such steps. max_spec_tokens: the longest draft a sequence
-        may carry (speculative decoding); each step then samples at every draft position."""
+        may carry (speculative decoding); each step then samples at every draft position.
+        min_token_bucket: the smallest token bucket (EngineOptions.min_token_bucket)."""
         self.max_spec_tokens = max_spec_tokens
         # Tree drafts need the attention mask of jinfer.attention.tree_bits (every non-decode
         # step of a speculating runner carries one, so there is one program per bucket).
@@ -77,7 +79,8 @@ class ModelRunner:
         # Token buckets are powers of two; the sequence bucket is tied to the token bucket
         # (min(tokens, max_num_seqs)), so there is one compiled program per token bucket (two
         # where the backend has a decode path), compiled on first use.
-        self.token_buckets = buckets(sched_cfg.max_num_batched_tokens, smallest=min(16, sched_cfg.max_num_batched_tokens))
+        self.token_buckets = buckets(sched_cfg.max_num_batched_tokens,
+                                     smallest=min(min_token_bucket, sched_cfg.max_num_batched_tokens))
         self.graphdef, self.state = nnx.split(model)
         dtype = model.embed.get_value().dtype
         kv_shards = 1 if layout is None or layout.rules["kv_heads"] is None else layout.mesh.size

@@ -1,13 +1,17 @@
-"""The one-command demo (`make demo`): serve the embedded default model, replay a short workload
-through the benchmark client, print the report, shut the server down cleanly.
+"""The one-command demo (`make demo`): serve the default model (SmolLM2-135M-Instruct), chat
+with it, replay a short workload through the benchmark client, print the report, shut the
+server down cleanly.
 
   python tools/demo.py                      # configs/default.py on free ports
-  python tools/demo.py --scale=4 --slo=interactive:150:30
+  python tools/demo.py --scale=4 --slo=interactive:500:100
+  python tools/demo.py --config=configs/test_5m.py --slo=interactive:250:50 --slo=batch:2000:100
 
 Steps: start tools/launch_server.py in a child process (its log and compile progress go to
-stderr), wait until it writes its port file, replay `jinfer.workloads.demo` (interactive
-requests sharing four prefixes + longer batch requests, Poisson arrivals), print the report
-and a few of the server's own Prometheus metrics, then SIGTERM the server and check it exits 0.
+stderr), wait until it writes its port file, ask the OpenAI-compatible chat endpoint a few
+questions (the chat template applied by the server; the last answer streamed token by token as
+it arrives), replay `jinfer.workloads.demo` (interactive requests sharing four prefixes +
+longer batch requests, Poisson arrivals), print the report and a few of the server's own
+Prometheus metrics, then SIGTERM the server and check it exits 0.
 """
 
 from __future__ import annotations
@@ -26,7 +30,10 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("config", os.path.join(ROOT, "configs", "default.py"), "Launch config of the server.")
 flags.DEFINE_multi_string("override", [], "Extra server flags, e.g. --override=--config.cache.page_size=32.")
 flags.DEFINE_integer("scale", 1, "Multiplies the demo workload's request counts.", lower_bound=1)
-flags.DEFINE_multi_string("slo", ["interactive:250:50", "batch:2000:100"],
+flags.DEFINE_multi_string("chat", ["What is the capital of France?", "Give me three tips for writing clear code."],
+                          "Questions asked through /v1/chat/completions before the workload; the last is streamed.")
+flags.DEFINE_integer("chat_max_tokens", 96, "Longest answer to each question.", lower_bound=1)
+flags.DEFINE_multi_string("slo", ["interactive:1000:150", "batch:8000:400"],
                           "tier:ttft_ms:tpot_ms targets the report judges.")
 flags.DEFINE_integer("seed", 0, "Seed of the workload.")
 flags.DEFINE_float("start_timeout_s", 900.0, "How long the server may take to load and compile.", lower_bound=1)
@@ -42,6 +49,33 @@ def _metrics(port: int) -> list[str]:
     return [line for line in text.splitlines() if line.startswith(SHOWN_METRICS)]
 
 
+def _chat(http_target: str, model: str) -> None:
+    """Asks each --chat question (greedy); the last answer is streamed as its tokens arrive."""
+    import httpx
+
+    url = f"http://{http_target}/v1/chat/completions"
+    questions = FLAGS.chat
+    with httpx.Client(timeout=300) as http:
+        for i, question in enumerate(questions):
+            body = {"model": model, "messages": [{"role": "user", "content": question}],
+                    "max_tokens": FLAGS.chat_max_tokens, "temperature": 0}
+            print(f"\n> {question}")
+            if i < len(questions) - 1:
+                r = http.post(url, json=body)
+                r.raise_for_status()
+                print(r.json()["choices"][0]["message"]["content"].strip())
+                continue
+            print("(streamed) ", end="", flush=True)
+            with http.stream("POST", url, json={**body, "stream": True}) as r:
+                r.raise_for_status()
+                for line in r.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    delta = json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                    print(delta, end="", flush=True)
+            print()
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -55,7 +89,7 @@ def main(argv):
     from jinfer.serving.process import ServerProcess
 
     server = ServerProcess([f"--config={FLAGS.config}", "--config.serving.port=0", "--config.serving.metrics_port=0",
-                            *FLAGS.override], stdout=sys.stderr)
+                            "--config.serving.http_port=0", *FLAGS.override], stdout=sys.stderr)
     print("starting the server (loads the model and compiles every step bucket) ...", file=sys.stderr)
     server.start()
     try:
@@ -67,8 +101,11 @@ def main(argv):
         from jinfer.serving.client import Client
         with Client(target) as c:
             info = c.server_info(timeout=30)
+        if FLAGS.chat:
+            print(f"chatting with {info.model} over http://{server.http_target}/v1/chat/completions")
+            _chat(server.http_target, info.model)
         items = workloads.demo((8, info.vocab_size), FLAGS.seed, FLAGS.scale)
-        print(f"replaying {len(items)} requests ({info.model}, tiers {list(info.tiers)}) against {target}",
+        print(f"\nreplaying {len(items)} requests ({info.model}, tiers {list(info.tiers)}) against {target}",
               file=sys.stderr)
         run = bm.replay(target, items)
         summary = bm.summarize(run, slos)
