@@ -62,6 +62,9 @@ def _chat(http_target: str, model: str) -> None:
             print(f"\n> {question}")
             if i < len(questions) - 1:
                 r = http.post(url, json=body)
+                if r.status_code == 400:  # e.g. a model with no chat template (configs/test_5m.py)
+                    print(f"(no chat: {r.json()['error']['message']})")
+                    return
                 r.raise_for_status()
                 print(r.json()["choices"][0]["message"]["content"].strip())
                 continue
