@@ -17,6 +17,7 @@ from jinfer.tokenizer import Tokenizer
 from jinfer.loader.hf import load_hf_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEST_CONFIG = f"--config={os.path.join(ROOT, 'configs', 'test_5m.py')}"  # the 5.1M test model, not the default
 
 
 @pytest.mark.parametrize("variant", ["llama3", "qwen2"])
@@ -67,22 +68,22 @@ def test_generate_tool_json_output(hf_checkpoints, tmp_path):
         assert len(r["token_ids"]) == 5 and r["finish_reason"] == "length" and isinstance(r["text"], str)
 
 
-def test_generate_tool_default_model_and_errors(tmp_path):
+def test_generate_tool_test_model_and_errors(tmp_path):
     cpus = {**os.environ, "JAX_PLATFORMS": "cpu",  # the 8 fake devices, also on a one-GPU machine
             "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    res = _run_generate("--prompt=hello", "--max_tokens=3", "--json", env=cpus)
+    res = _run_generate(TEST_CONFIG, "--prompt=hello", "--max_tokens=3", "--json", env=cpus)
     assert res.returncode == 0, res.stderr
     assert len(json.loads(res.stdout)["token_ids"]) == 3
-    sharded = _run_generate("--prompt=hello", "--max_tokens=3", "--json", "--config.model.tp=2", env=cpus)
+    sharded = _run_generate(TEST_CONFIG, "--prompt=hello", "--max_tokens=3", "--json", "--config.model.tp=2", env=cpus)
     assert sharded.returncode == 0, sharded.stderr
     assert json.loads(sharded.stdout)["token_ids"] == json.loads(res.stdout)["token_ids"]
-    res = _run_generate("--prompt=x", "--config.model.tp=16", env=cpus)
+    res = _run_generate(TEST_CONFIG, "--prompt=x", "--config.model.tp=16", env=cpus)
     assert res.returncode != 0 and "tp=16 needs 16 devices, 8 available" in res.stderr
     res = _run_generate(f"--config.model.path={tmp_path}/nope", "--prompt=x")
     assert res.returncode != 0 and "does not exist" in res.stderr
-    res = _run_generate()
+    res = _run_generate(TEST_CONFIG)
     assert res.returncode != 0 and "give at least one --prompt" in res.stderr
-    res = _run_generate("--prompt=x", "--top_p=1.5")
+    res = _run_generate(TEST_CONFIG, "--prompt=x", "--top_p=1.5")
     assert res.returncode != 0 and "top_p=1.5 must be in (0, 1]" in res.stderr
-    res = _run_generate("--prompt=x", "--config.cache.page_sise=8")  # a typo in a config field
+    res = _run_generate(TEST_CONFIG, "--prompt=x", "--config.cache.page_sise=8")  # a typo in a config field
     assert res.returncode != 0 and "page_sise" in res.stderr and "Traceback" not in res.stderr

@@ -85,7 +85,7 @@ def test_engine_scheduling_policy_is_built_and_bound_from_the_config():
     from jinfer.launch import build_engine, scheduling_policy
     from scheduler.local_policy import PriorityGroups
 
-    launch = resolve(_parse("default.py", "--config.engine.warmup=False", "--config.engine.compilation_cache=",
+    launch = resolve(_parse("test_5m.py", "--config.engine.warmup=False", "--config.engine.compilation_cache=",
                             "--config.engine.scheduling_policy=scheduler.local_policy:PriorityGroups"))
     engine = build_engine(launch)
     policy = engine.scheduler.policy

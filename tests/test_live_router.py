@@ -25,8 +25,9 @@ from scheduler.routing import E2Options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGE, PAGES = 16, 24  # 384 tokens of KV per replica: a few prompts fill it
-REPLICA_ARGS = ["--config.serving.port=0", "--config.serving.metrics_port=0", "--config.engine.warmup=False",
-                f"--config.cache.page_size={PAGE}", f"--config.cache.num_pages={PAGES}",
+TEST_CONFIG = f"--config={os.path.join(ROOT, 'configs', 'test_5m.py')}"  # the 5.1M test model, not the default
+REPLICA_ARGS = [TEST_CONFIG, "--config.serving.port=0", "--config.serving.metrics_port=0",
+                "--config.engine.warmup=False", f"--config.cache.page_size={PAGE}", f"--config.cache.num_pages={PAGES}",
                 "--config.scheduler.max_model_len=256", "--config.scheduler.max_num_batched_tokens=64",
                 "--config.scheduler.max_num_seqs=8", "--config.serving.shutdown_grace_s=2"]
 EXPLOIT_ONLY = E2Options(rebalance=False, replicate=False, pd_balance=False)
@@ -414,7 +415,7 @@ def test_live_routing_benchmark_runs_end_to_end(tmp_path):
     out = tmp_path / "live.md"
     res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_live_routing.py"), "--replicas=2",
                           "--workloads=toolbench", "--num_requests=8", "--rate_factors=0.05",
-                          "--policies=round-robin,preble-e2", "--num_pages=32", "--scales=toolbench:16",
+                          "--policies=round-robin,preble-e2", "--num_pages=32", "--scales=toolbench:16", TEST_CONFIG,
                           "--override=--config.engine.warmup=False", f"--out={out}"],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

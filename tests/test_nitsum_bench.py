@@ -166,8 +166,9 @@ def test_arrivals_while_a_reconfiguration_waits_are_routed_by_the_new_partition(
 
 @pytest.mark.slow  # builds every instance of two partitions on 8 fake CPU devices (minutes)
 def test_the_tool_serves_the_live_workload_statically_and_adaptively(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = _tool("--parts=live", "--nofcfs", "--noslow_knobs", f"--live_profile_out={tmp_path / 'cpu.json'}",
-                "--config.engine.warmup=false")
+                f"--config={os.path.join(root, 'configs', 'test_5m.py')}", "--config.engine.warmup=false")
     profile = Profile.from_dict(json.loads((tmp_path / "cpu.json").read_text()))
     assert set(profile.rates) == {"interactive", "agent", "batch"} and profile.degrees == [1, 2, 4, 8]
     assert "### Live" in out and "| `adaptive` | live | slo |" in out

@@ -368,9 +368,11 @@ def _run_tool(name, *args):
 
 
 def test_profile_engine_fits_a_cost_model_the_simulator_loads(tmp_path):
+    import os
     out = tmp_path / "cost.json"
+    test_config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "test_5m.py")
     proc = _run_tool("profile_engine.py", "--prefill=32,64", "--cached=0", "--batch=1,4", "--context=32",
-                     "--repeats=1", "--config.engine.compilation_cache=", f"--out={out}")
+                     "--repeats=1", f"--config={test_config}", "--config.engine.compilation_cache=", f"--out={out}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| prefill 32 after 0 |" in proc.stdout and "| decode x4 at 32 |" in proc.stdout
     model = CostModel.load(str(out))

@@ -4,12 +4,14 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import urllib.request
 
 import pytest
 
+from jinfer import TEST_MODEL_DIR
 from jinfer import workloads as w
 from jinfer.launch import build_server, default_config, resolve
 from jinfer.serving import benchmark as bm
@@ -17,11 +19,14 @@ from jinfer.serving.client import Client
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = (8, 4096)
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
 @pytest.fixture(scope="module")
 def server():
     cfg = default_config()
+    cfg.model.path = "test-5m"
     cfg.cache.num_pages, cfg.scheduler.max_num_batched_tokens, cfg.scheduler.max_num_seqs = 96, 64, 8
     cfg.scheduler.max_model_len = 192
     cfg.engine.warmup = False
@@ -62,7 +67,7 @@ def test_server_info_reports_the_resolved_config(server):
         info = c.server_info()
     cfg = json.loads(info.config_json)
     assert cfg["cache"]["num_pages"] == 96 and cfg["serving"]["tiers"] == ["interactive", "batch"]
-    assert info.model == "default_model"
+    assert info.model == "test-5m"
 
 
 def test_replay_multi_turn_shared_prefix_and_slos(server, tmp_path):
@@ -134,9 +139,17 @@ def test_benchmark_tool_end_to_end_and_its_errors(server, tmp_path):
     assert proc.returncode != 0 and "cannot reach 127.0.0.1:1" in proc.stderr
 
 
-def test_demo_serves_replays_reports_and_shuts_down_cleanly():
-    """`make demo`, minus the warm-up compilation (the first steps compile what they need)."""
+def test_demo_serves_replays_reports_and_shuts_down_cleanly(tmp_path):
+    """`make demo` on the test model (given a chat template, which it ships without, for the
+    demo's chat) with configs/test_5m.py's tier targets, minus the warm-up compilation (the first
+    steps compile what they need)."""
+    model = tmp_path / "test_model"
+    shutil.copytree(TEST_MODEL_DIR, model)
+    (model / "chat_template.jinja").write_text(TEMPLATE)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "demo.py"),
+                           f"--config={os.path.join(ROOT, 'configs', 'test_5m.py')}",
+                           "--slo=interactive:250:50", "--slo=batch:2000:100",
+                           f"--override=--config.model.path={model}",
                            "--override=--config.engine.warmup=false", "--override=--config.engine.compilation_cache="],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -158,6 +158,6 @@ def test_bench_slo_simulated_part_runs_at_tiny_size(tmp_path):
 
 @pytest.mark.slow  # ~80 s: three server processes start and serve two loads each
 def test_bench_slo_live_part_runs_at_tiny_size():
-    proc = _tool("--smoke", "--parts=live")
+    proc = _tool("--smoke", "--parts=live", f"--config={os.path.join(ROOT, 'configs', 'test_5m.py')}")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "## Live: default_model" in proc.stdout and "| 16 | strict_priority |" in proc.stdout
+    assert "## Live: test-5m" in proc.stdout and "| 16 | strict_priority |" in proc.stdout

@@ -3,6 +3,7 @@ as its action allows, and the server settles with no page held. A short run in t
 the full one (200 streams, 60 s, a server process whose memory is watched) in the slow set."""
 
 import asyncio
+import os
 
 import pytest
 
@@ -14,6 +15,8 @@ from jinfer.serving.process import ServerProcess
 from jinfer.serving.server import Server, ServingConfig
 from jinfer.serving.soak import soak
 from jinfer.tokenizer import Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_a_short_soak_ends_every_call_as_allowed_and_leaks_no_page():
@@ -37,9 +40,9 @@ def test_a_short_soak_ends_every_call_as_allowed_and_leaks_no_page():
 
 @pytest.mark.slow
 def test_soak_200_streams_for_60_s_against_a_server_process():
-    args = ["--config.serving.port=0", "--config.serving.metrics_port=0", "--config.engine.warmup=True",
-            "--config.engine.compilation_cache=", "--config.serving.max_request_bytes=8388608",
-            "--config.serving.max_n=4"]
+    args = [f"--config={os.path.join(ROOT, 'configs', 'test_5m.py')}", "--config.serving.port=0",
+            "--config.serving.metrics_port=0", "--config.engine.warmup=True", "--config.engine.compilation_cache=",
+            "--config.serving.max_request_bytes=8388608", "--config.serving.max_n=4"]
     with ServerProcess(args) as proc:
         proc.wait_ready(600)
         report = asyncio.run(soak(proc.target, concurrency=200, duration_s=60, seed=0,
