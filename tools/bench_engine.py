@@ -7,7 +7,7 @@ machine's matmul limit, host overhead vs a bare loop, prefix TTFT.
 
 Needs the `test` extra (torch, transformers) for the HF baseline. Two models, each loaded by
 both stacks from the same HF checkpoint: a random-weight Llama (26M parameters at the default
-sizes) and the embedded default model (jinfer/default_model).
+sizes) and the embedded test model (jinfer/test_model).
 
 1. Start-up (benchmark model): wall time from spawning a fresh Python process to its first
    generated token, once with an empty JAX compilation cache and once with that cache warm.
@@ -74,7 +74,7 @@ flags.DEFINE_integer("repeats", 3, "Alternating runs of each comparison (engine 
 flags.DEFINE_list("backends", [], "Only compare these attention backends (e.g. xla,pallas): engine vs "
                   "bare decode loop on a random-weight model built in place.")
 flags.DEFINE_list("backend_contexts", ["128", "2048"], "Prompt lengths of the --backends comparison.")
-flags.DEFINE_bool("default_model", True, "Also measure the embedded default model.")
+flags.DEFINE_bool("test_model", True, "Also measure the embedded test model.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and KV dtype (HF too).")
 flags.DEFINE_bool("smoke", False, "Tiny sizes for a quick end-to-end check.")
 flags.DEFINE_string("out", "", "Also write the report to this markdown file.")
@@ -672,11 +672,11 @@ def main(argv):
         report("start to first token, compilation cache warm", _start_to_first_token(bench_path, cache), "s")
 
         models = [("benchmark model", bench_path, hf_bench)]
-        if FLAGS.default_model:
+        if FLAGS.test_model:
             import torch
-            hf_default = transformers.LlamaForCausalLM.from_pretrained(
+            hf_test = transformers.LlamaForCausalLM.from_pretrained(
                 TEST_MODEL_DIR, torch_dtype=getattr(torch, FLAGS.dtype)).eval()
-            models.append(("default model", TEST_MODEL_DIR, hf_default))
+            models.append(("test model", TEST_MODEL_DIR, hf_test))
         for label, path, hf in models:
             prompts, out_lens = _workload(FLAGS.seed, hf.config.vocab_size)
             eng, hfs, ratios, peaks = [], [], [], []
@@ -751,7 +751,7 @@ def main(argv):
         f"transformers {transformers.__version__}; Python {platform.python_version()}.",
         f"Benchmark model: Llama, {cfg.num_params() / 1e6:.1f}M parameters (hidden {FLAGS.hidden_size}, "
         f"{FLAGS.num_layers} layers, vocab {FLAGS.vocab_size}), random weights, {FLAGS.dtype}. "
-        "Default model: jinfer/default_model (5.1M parameters, vocab 4096).",
+        "Test model: jinfer/test_model (5.1M parameters, vocab 4096).",
         f"Workload: {FLAGS.num_requests} requests, prompts {FLAGS.min_prompt}-{FLAGS.max_prompt}, "
         f"outputs {FLAGS.min_output}-{FLAGS.max_output} tokens, seed {FLAGS.seed}; engine budget "
         f"{FLAGS.max_num_batched_tokens} tokens / {FLAGS.max_num_seqs} sequences per step, "
