@@ -1,4 +1,4 @@
-"""The embedded default model: real HF files (transformers agrees on greedy tokens), within its
+"""The embedded test model: real HF files (transformers agrees on greedy tokens), within its
 size budget, with a model card; and the training tool that makes it, end to end at toy size."""
 
 import json
@@ -42,7 +42,7 @@ def _hf_greedy(path, prompt_ids, max_tokens):
     return out
 
 
-def test_default_model_is_real_hf_format_and_matches_transformers():
+def test_test_model_is_real_hf_format_and_matches_transformers():
     files = set(os.listdir(TEST_MODEL_DIR))
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
             "tokenizer_config.json", "README.md"} <= files

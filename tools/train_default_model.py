@@ -1,8 +1,8 @@
-"""Trains the embedded default model: a byte-level BPE tokenizer and a small Llama on the Python
+"""Trains the embedded test model (jinfer/test_model): a byte-level BPE tokenizer and a small Llama on the Python
 standard library's own source files (text every machine with Python has), written as an HF
 checkpoint with a model card.
 
-  python tools/train_default_model.py                      # -> jinfer/default_model/, ~25 min on 2 cores
+  python tools/train_default_model.py                      # -> jinfer/test_model/, ~25 min on 2 cores
   python tools/train_default_model.py --steps=20 --out=/tmp/m   # a quick smoke run
 
 Deterministic: files are sorted, the held-out split is a hash of each file's path, batches
@@ -23,7 +23,7 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                        "jinfer", "default_model"), "Output directory (HF format).")
+                                        "jinfer", "test_model"), "Output directory (HF format).")
 flags.DEFINE_string("stdlib", "", "Directory of .py files to train on; empty: this Python's stdlib.")
 flags.DEFINE_integer("vocab_size", 4096, "BPE vocabulary size, special tokens included.", lower_bound=300)
 flags.DEFINE_integer("hidden_size", 256, "Residual width.")
@@ -227,12 +227,13 @@ def _write_card(cfg, n_params, n_train_files, n_held_files, n_train, n_held, hel
                                                                      if f.present and f.name != "out"])
     rows = "\n".join(f"| {s} | {tr:.3f} | {ho:.3f} |" for s, tr, ho in curve)
     sample_md = "\n\n".join(f"Prompt `{p!r}`:\n\n```python\n{p}{t}\n```" for p, t in samples)
-    card = f"""# jinfer default model: a {n_params / 1e6:.1f}M-parameter Llama trained on the Python standard library
+    card = f"""# jinfer test model: a {n_params / 1e6:.1f}M-parameter Llama trained on the Python standard library
 
-The embedded default model of jinfer (used by `tools/generate.py`, the demo and the
-benchmarks when no model path is given). It is small and weak, but real: it has learnt the
-shape of Python source, so it repeats itself the way real models do (prefix caching and
-speculative drafting see realistic behaviour) and its greedy text is recognisably code.
+The embedded test model of jinfer (`--config.model.path=test-5m`, or `configs/test_5m.py`):
+what the tests and several benchmarks run, fast to compile and to run. It is small and weak,
+but real: it has learnt the shape of Python source, so it repeats itself the way real models
+do (prefix caching and speculative drafting see realistic behaviour) and its greedy text is
+recognisably code.
 
 Made by `{command}` ({total_secs / 60:.1f} min in all on
 {os.cpu_count()} CPU cores, {platform.machine()}, Python {platform.python_version()}; training itself
