@@ -26,7 +26,7 @@ from flax import nnx
 from jinfer.models.training import causal_forward
 from jinfer.sampling_params import SamplingParams
 
-# Python prompts for the default model (trained on the standard library's source). None
+# Python prompts for the test model (trained on the standard library's source). None
 # compiles alone; those that leave one expression open tend to close in a few tokens, class
 # and block bodies run long.
 PROBLEMS: tuple[str, ...] = (

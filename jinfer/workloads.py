@@ -232,7 +232,7 @@ def slo_mix(num_requests: int, *, rate: float, mix: dict[str, float] | None = No
     (default interactive 0.5, agent 0.2, batch 0.3) is its tier; arrivals are Poisson at `rate`
     requests/s over all classes. Agent prompts start with one of `num_agents` shared prefixes
     (even popularity). Lengths are uniform within ±spread of the class means divided by
-    `scale` (1: thousands of tokens, for the simulator at 7B scale; 12 fits the default model's
+    `scale` (1: thousands of tokens, for the simulator at 7B scale; 12 fits the test model's
     512-token context), prefixes exactly their mean / scale."""
     mix = mix or {"interactive": 0.5, "agent": 0.2, "batch": 0.3}
     unknown = sorted(set(mix) - set(SLO_CLASSES))

@@ -10,7 +10,7 @@
 # running partition into others while requests are in flight, and checks that no request's
 # output changes.
 #
-# The model is the embedded default model (a 5.1M-parameter Llama trained by the project), the
+# The model is the embedded test model (a 5.1M-parameter Llama trained by the project), the
 # workload random token-id prompts generated greedily with EOS ignored, so every run produces
 # the same number of tokens. Requests go to the instance with the fewest unfinished requests
 # when they arrive. One Python thread drives every instance; the engines' async scheduling

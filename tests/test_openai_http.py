@@ -44,7 +44,7 @@ def _engine(model_dir):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """The default model with a chat template (it ships none)."""
+    """The test model with a chat template (it ships none)."""
     path = tmp_path_factory.mktemp("model") / "chat_model"
     shutil.copytree(TEST_MODEL_DIR, path)
     (path / "chat_template.jinja").write_text(TEMPLATE)

@@ -1,4 +1,4 @@
-"""The gRPC server on an ephemeral loopback port, with the default model."""
+"""The gRPC server on an ephemeral loopback port, with the test model."""
 
 import concurrent.futures
 import filecmp

@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 from scheduler.routing import ROUTERS  # noqa: E402 - after the path
 
 DEFAULT_SCALE = {"toolbench": 8, "embodied": 8, "programming": 16, "videoqa": 32, "loogle": 64}
-"""Length divisors that fit each workload in the default model's 512-token context."""
+"""Length divisors that fit each workload in the test model's 512-token context."""
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("replicas", 2, "Replica server processes.", lower_bound=1)

@@ -3,7 +3,7 @@
   python tools/bench_rollouts.py --out=benchmarks/das.md
   python tools/bench_rollouts.py --smoke                  # tiny sizes, a check that it runs
 
-A small on-policy RL loop (jinfer/rl.py) on the embedded default model: every epoch each of
+A small on-policy RL loop (jinfer/rl.py) on the embedded test model: every epoch each of
 the problems (Python-code prompts) is sampled --group_size times with seeds fixed by (epoch,
 problem, sample), rewarded (does the completion compile), and a GRPO-style policy-gradient
 step updates the weights, which are swapped into the running engine (Engine.update_weights).
@@ -69,7 +69,7 @@ def _engine(model, tok, method: str, num_seqs: int):
         budget = LengthAwareBudget(drafter) if method == "das" else None
     elif method != "none":
         raise app.UsageError(f"unknown method {method!r}; known: none, suffix, per_problem, das")
-    max_len = 256  # the default model's trained context
+    max_len = 256  # the test model's trained context
     pages = num_seqs * -(-max_len // 16) + 8
     engine = Engine(model, tok, CacheConfig(page_size=16, num_pages=pages),
                     SchedulerConfig(max_num_batched_tokens=max(FLAGS.max_num_batched_tokens, num_seqs),

@@ -4,7 +4,7 @@ suffix with a fixed budget.
   python tools/bench_spec.py --out=benchmarks/spec.md
   python tools/bench_spec.py --smoke                      # tiny sizes, a check that it runs
 
-For each model (the embedded default model, trained on Python's standard library; and a
+For each model (the embedded test model, trained on Python's standard library; and a
 larger random-weight Llama where a step's cost is dominated by the weights), each workload,
 each batch size and each method, the same requests run through an Engine that keeps `batch`
 of them in flight (a new one joins as one finishes). Each method first runs the workload once
@@ -161,7 +161,7 @@ def _model(name: str):
 
     if name == "default":
         model = load_hf_model(TEST_MODEL_DIR)
-        return model, Tokenizer.from_dir(TEST_MODEL_DIR), "the embedded default model"
+        return model, Tokenizer.from_dir(TEST_MODEL_DIR), "the embedded test model"
     from jinfer.models.config import scaled_llama
     from jinfer.models.llama import init_model
     from jinfer.tokenizer import byte_level_tokenizer

@@ -180,7 +180,7 @@ def serve(instances: Instances, items: Sequence[WorkItem], *, regroups: Sequence
 
 @dataclasses.dataclass(frozen=True)
 class PartitionStudy:
-    """notebooks/instances_and_resharding at one size: the embedded default model on `partitions`
+    """notebooks/instances_and_resharding at one size: the embedded test model on `partitions`
     of 8 devices, each serving `num_requests` requests (prompts of ~input_len random token ids,
     output_len tokens each, lengths ±50%) arriving at `rate` req/s; then the workload again on
     regroup_from, regrouped at the given shares of its output tokens."""
