@@ -117,6 +117,7 @@ def test_engine_benchmark_smoke_reports_every_measure():
     assert "| decode steps, 16-token bucket |" in breakdown  # the step-kind breakdown table
     for name in ("start to first token, empty compilation cache", "start to first token, compilation cache warm",
                  "benchmark model: engine / HF generate", "test model: engine / HF generate",
+                 "benchmark model: engine / HF generate with sorted batches",
                  "benchmark model: engine process peak resident memory", "bare step time / its matmuls' time",
                  "engine (async) / bare loop, worst of 1", "host overhead per step (sync)", "TTFT off / on"):
         assert name in rows, f"{name!r} missing from the report: {sorted(rows)}"

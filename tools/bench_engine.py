@@ -75,6 +75,8 @@ flags.DEFINE_list("backends", [], "Only compare these attention backends (e.g. x
                   "bare decode loop on a random-weight model built in place.")
 flags.DEFINE_list("backend_contexts", ["128", "2048"], "Prompt lengths of the --backends comparison.")
 flags.DEFINE_bool("test_model", True, "Also measure the embedded test model.")
+flags.DEFINE_bool("real_model", True, "Also measure the default model, SmolLM2-135M-Instruct (its GGUF file, "
+                  "dequantized; HF loads the same file).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and KV dtype (HF too).")
 flags.DEFINE_bool("smoke", False, "Tiny sizes for a quick end-to-end check.")
 flags.DEFINE_string("out", "", "Also write the report to this markdown file.")
@@ -88,7 +90,7 @@ def _smoke_sizes():
     for name, value in dict(num_requests=6, min_prompt=4, max_prompt=24, min_output=2, max_output=8,
                             hidden_size=64, num_layers=2, vocab_size=300, hf_batch_size=3,
                             max_num_batched_tokens=32, max_num_seqs=8, page_size=4, decode_batch=4,
-                            decode_steps=4, prefix_len=24, prefix_requests=3, repeats=1).items():
+                            decode_steps=4, prefix_len=24, prefix_requests=3, repeats=1, real_model=False).items():
         setattr(FLAGS, name, value)
 
 
@@ -128,11 +130,16 @@ def _workload(seed: int, vocab_size: int):
     return prompts, [int(o) for o in out_lens]
 
 
-def _hf_throughput(hf, prompts, out_lens) -> float:
-    """Output tokens/s of batched HF greedy generate (left padding, per-batch longest output)."""
+def _hf_throughput(hf, prompts, out_lens, sort: bool = False) -> float:
+    """Output tokens/s of batched HF greedy generate (left padding; each batch generates its
+    longest output for every row, and only the requested tokens count). sort: batches formed
+    in order of output length, so a batch wastes little on rows that are already done."""
     import torch
     torch.set_num_threads(os.cpu_count())
     bs = FLAGS.hf_batch_size
+    if sort:
+        order = sorted(range(len(prompts)), key=lambda i: out_lens[i])
+        prompts, out_lens = [prompts[i] for i in order], [out_lens[i] for i in order]
     start = time.perf_counter()
     for i in range(0, len(prompts), bs):
         batch, outs = prompts[i:i + bs], out_lens[i:i + bs]
@@ -161,8 +168,12 @@ def _engine(model, tok, *, max_model_len, num_pages, prefix=True, async_scheduli
 def _load(path: str):
     import jax.numpy as jnp
 
+    from jinfer.loader.gguf import find_gguf
     from jinfer.loader.hf import load_hf_model
     from jinfer.tokenizer import Tokenizer, byte_level_tokenizer
+    if find_gguf(path):
+        from jinfer.launch import ModelSpec, load_model
+        return load_model(ModelSpec(path=path, dtype=FLAGS.dtype))
     model = load_hf_model(path, dtype=jnp.dtype(FLAGS.dtype))
     if os.path.exists(os.path.join(path, "tokenizer.json")):
         return model, Tokenizer.from_dir(path)
@@ -672,6 +683,15 @@ def main(argv):
         report("start to first token, compilation cache warm", _start_to_first_token(bench_path, cache), "s")
 
         models = [("benchmark model", bench_path, hf_bench)]
+        if FLAGS.real_model:
+            import torch
+
+            from jinfer.model_store import resolve_model_path
+            gguf_path = resolve_model_path("")
+            hf_real = transformers.AutoModelForCausalLM.from_pretrained(
+                os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path),
+                dtype=getattr(torch, FLAGS.dtype)).eval()
+            models.append(("SmolLM2-135M-Instruct", gguf_path, hf_real))
         if FLAGS.test_model:
             import torch
             hf_test = transformers.LlamaForCausalLM.from_pretrained(
@@ -679,17 +699,22 @@ def main(argv):
             models.append(("test model", TEST_MODEL_DIR, hf_test))
         for label, path, hf in models:
             prompts, out_lens = _workload(FLAGS.seed, hf.config.vocab_size)
-            eng, hfs, ratios, peaks = [], [], [], []
+            eng, hfs, sorted_hfs, ratios, sorted_ratios, peaks = [], [], [], [], [], []
             for _ in range(FLAGS.repeats):
                 res = _child_engine_throughput(path, cache)
                 eng.append(res["tok_s"])
                 peaks.append(res["peak_rss_mib"])
                 hfs.append(_hf_throughput(hf, prompts, out_lens))
+                sorted_hfs.append(_hf_throughput(hf, prompts, out_lens, sort=True))
                 ratios.append(eng[-1] / hfs[-1])
+                sorted_ratios.append(eng[-1] / sorted_hfs[-1])
             report(f"{label}: engine output tokens/s", statistics.median(eng), "tok/s")
             report(f"{label}: HF generate output tokens/s (batch {FLAGS.hf_batch_size})",
                    statistics.median(hfs), "tok/s")
+            report(f"{label}: HF generate output tokens/s (batch {FLAGS.hf_batch_size}, batches sorted by "
+                   "output length)", statistics.median(sorted_hfs), "tok/s")
             report(f"{label}: engine / HF generate", statistics.median(ratios), "x")
+            report(f"{label}: engine / HF generate with sorted batches", statistics.median(sorted_ratios), "x")
             report(f"{label}: engine process peak resident memory", max(peaks), "MiB")
         del models, hf_bench
 

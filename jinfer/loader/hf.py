@@ -119,7 +119,7 @@ def load_state_arrays(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype) -
         w = tensors[name]
         if tuple(w.shape) != shape:
             raise ValueError(f"tensor {name!r} has shape {tuple(w.shape)}, expected {shape}")
-        out[path] = np.asarray(fn(w)).astype(dtype)
+        out[path] = np.asarray(fn(w)).astype(dtype, copy=False)  # no copy when only a view changed
     expected = {name for name, _, _ in mapping.values()}
     if cfg.tie_word_embeddings:
         expected.add("lm_head.weight")  # some tied checkpoints still save it
