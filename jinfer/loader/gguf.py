@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import struct
 
 import numpy as np
 
@@ -59,7 +60,7 @@ class GGUFFile:
     """One GGUF file's metadata and tensors (memory-mapped), with errors that name the file."""
 
     def __init__(self, path: str):
-        import gguf  # the reader; imported here so HF-only users never load it
+        from jinfer.loader import gguf_format
 
         if not os.path.isfile(path):
             raise ValueError(f"GGUF file {path!r} does not exist")
@@ -67,19 +68,10 @@ class GGUFFile:
             raise ValueError(f"{path} is not a GGUF file (it does not start with the GGUF magic)")
         self.path = path
         try:
-            self._reader = gguf.GGUFReader(path)
-        except Exception as e:  # the reader raises ValueError, IndexError, struct errors on bad bytes
+            self.metadata, self.tensors = gguf_format.read(path)
+        except (ValueError, IndexError, struct.error, UnicodeDecodeError) as e:
             raise ValueError(f"{path} is not a readable GGUF file (truncated or corrupt?): "
                              f"{type(e).__name__}: {e}") from None
-        self.metadata = {name: self._value(field) for name, field in self._reader.fields.items()}
-        self.tensors = {t.name: t for t in self._reader.tensors}
-
-    @staticmethod
-    def _value(field):
-        try:
-            return field.contents()
-        except Exception:  # a field gguf cannot decode is never one the loader reads
-            return None
 
     def get(self, key: str, default=None):
         return self.metadata.get(key, default)
