@@ -163,3 +163,20 @@ def test_engine_benchmark_backend_comparison_reports_each_backend_and_context():
     parts = re.search(r"attention off \(K/V still written\) ([\d.]+) ms; .* alone \(plain jnp, same shapes\) "
                       r"([\d.]+) ms", res.stdout)
     assert parts and float(parts[1]) > 0 and float(parts[2]) > 0, res.stdout
+
+
+def test_min_token_bucket_one_pads_a_lone_decode_to_one_token_with_the_same_tokens(hf_checkpoints):
+    path = hf_checkpoints["llama3"]
+    sched = SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=4, max_model_len=48)
+    prompts = [[1, 2, 3], list(range(5, 25))]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outs = {}
+    for smallest in (16, 1):
+        eng = Engine(load_hf_model(path), Tokenizer.from_dir(path), CacheConfig(page_size=4, num_pages=32), sched,
+                     options=EngineOptions(min_token_bucket=smallest))
+        assert eng.runner.token_buckets[0] == smallest
+        assert eng.runner.bucket(1) == (smallest, min(smallest, 4))
+        outs[smallest] = [o.token_ids for o in eng.generate(prompts, params)]
+    assert outs[1] == outs[16]
+    with pytest.raises(ValueError, match="min_token_bucket=3 must be a power of two"):
+        EngineOptions(min_token_bucket=3)
