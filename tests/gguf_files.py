@@ -45,8 +45,10 @@ def gpt2_vocab(size: int = 400) -> dict:
     spec = json.loads(model)["model"]
     tokens = [t for t, _ in sorted(spec["vocab"].items(), key=lambda kv: kv[1])]
     merges = [" ".join(m) if isinstance(m, list) else m for m in spec["merges"]]
-    tokens.append("<think>")  # a user-defined token
-    types = [3 if t in CONTROL_GPT2 else 4 if t == "<think>" else 1 for t in tokens]
+    # user-defined tokens: one in the byte alphabet, and a run of spaces as llama.cpp stores it
+    # (in plain text, which a byte-level vocabulary cannot hold: left out, as HF leaves it out)
+    tokens += ["<think>", "    "]
+    types = [3 if t in CONTROL_GPT2 else 4 if t in ("<think>", "    ") else 1 for t in tokens]
     return dict(model="gpt2", pre="smollm", tokens=tokens, types=types, merges=merges, scores=None,
                 bos=1, eos=2, unk=0, pad=2, add_bos=False)
 

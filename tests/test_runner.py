@@ -180,3 +180,55 @@ def test_min_token_bucket_one_pads_a_lone_decode_to_one_token_with_the_same_toke
     assert outs[1] == outs[16]
     with pytest.raises(ValueError, match="min_token_bucket=3 must be a power of two"):
         EngineOptions(min_token_bucket=3)
+
+
+def test_background_warmup_serves_within_compiled_buckets_until_the_rest_compile(hf_checkpoints):
+    """warmup_background: the smallest bucket compiles before the engine returns; while a larger
+    one is still compiling (held here by an event), steps stay within the compiled buckets (a
+    long prompt is prefilled in chunks) and nothing compiles on the serving path; the tokens
+    equal a fully warmed engine's."""
+    import threading
+
+    path = hf_checkpoints["llama3"]
+    sched = SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4, max_model_len=96)
+    prompts = [list(range(1, 41)), [3, 4, 5]]
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    want = [o.token_ids for o in Engine(load_hf_model(path), Tokenizer.from_dir(path),
+                                        CacheConfig(page_size=4, num_pages=64), sched,
+                                        options=EngineOptions(warmup=True)).generate(prompts, params)]
+    from jinfer import runner as runner_mod
+    release, compile_key = threading.Event(), runner_mod.ModelRunner._compile_key
+
+    def held(self, key, into):
+        if key[0] > 16:
+            assert release.wait(120), "the test never released the background compile"
+        compile_key(self, key, into)
+
+    runner_mod.ModelRunner._compile_key = held
+    try:
+        eng = Engine(load_hf_model(path), Tokenizer.from_dir(path), CacheConfig(page_size=4, num_pages=64), sched,
+                     options=EngineOptions(warmup=True, warmup_background=True))
+        runner = eng.runner
+        assert set(runner._compiled) == {(16, 4, False)} and runner.ready_tokens() == 16
+        sizes = []
+        dispatch = runner.dispatch
+        runner.dispatch = lambda plan: sizes.append(plan.num_tokens) or dispatch(plan)
+        ids = [eng.add_request(p, params) for p in prompts]
+        outs = []
+        while len(outs) < 2 and max(sizes, default=0) <= 16 and len(sizes) < 12:
+            outs += [o for o in eng.step() if o.finished]
+        assert max(sizes) <= 16 and sizes[0] == 16  # the 40-token prompt went in 16-token chunks
+        assert runner._step._cache_size() == 0  # no step compiled on the serving path
+        release.set()
+        eng._warmup_thread.join(120)
+        assert set(runner._compiled) == {(16, 4, False), (32, 4, False), (64, 4, False)}
+        for _ in range(50):
+            if len(outs) == 2:
+                break
+            outs += [o for o in eng.step() if o.finished]
+        eng.generate([list(range(100, 150))], params)  # no prefix hit: 50 new tokens in one step
+        assert runner.ready_tokens() == 64 and eng.scheduler.token_limit is None and max(sizes) > 16
+    finally:
+        release.set()
+        runner_mod.ModelRunner._compile_key = compile_key
+    assert [o.token_ids for o in sorted(outs, key=lambda o: ids.index(o.request_id))] == want

@@ -21,6 +21,7 @@ Rounds alternate between engines (engine order rotates each round); the table gi
 from __future__ import annotations
 
 import asyncio
+import logging
 import json
 import os
 import statistics
@@ -117,9 +118,11 @@ class Engine:
         self.port = _free_port()
         self.proc: subprocess.Popen | None = None
         self.ready_s = float("nan")
+        self.model = ""  # the id /v1/models gives (jinfer checks it; llama.cpp ignores it)
 
     def start(self, extra: list[str] = ()) -> "Engine":
-        log = open(os.path.join(tempfile.gettempdir(), f"bench_cpu_peer.{self.name}.log"), "w")
+        self.log = os.path.join(tempfile.gettempdir(), f"bench_cpu_peer.{self.name}.log")
+        log = open(self.log, "w")
         t0 = time.perf_counter()
         self.proc = subprocess.Popen([a.format(port=self.port) for a in self.cmd + list(extra)], stdout=log,
                                      stderr=subprocess.STDOUT)
@@ -128,7 +131,8 @@ class Engine:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with code {self.proc.returncode}; see {log.name}")
             try:
-                asyncio.run(_one(self.port, 0, 2, stream=False))
+                self.model = _model_id(self.port)
+                asyncio.run(_one(self.port, self.model, 0, 2, stream=False))
                 break
             except Exception:
                 if time.perf_counter() > deadline:
@@ -136,6 +140,17 @@ class Engine:
                 time.sleep(0.05)
         self.ready_s = time.perf_counter() - t0
         return self
+
+    def wait_warm(self) -> None:
+        """Until a jinfer server's background bucket compilation is done (it would share the
+        CPU with every engine's rounds)."""
+        if self.name != "jinfer" or any("warmup_background=false" in a.lower() for a in self.cmd):
+            return
+        deadline = time.perf_counter() + FLAGS.start_timeout_s
+        while "step buckets in the background" not in open(self.log).read():
+            if self.proc.poll() is not None or time.perf_counter() > deadline:
+                raise RuntimeError(f"{self.name}: background compilation did not finish; see {self.log}")
+            time.sleep(0.5)
 
     def stop(self) -> float:
         peak = _peak_rss_mib(self.proc.pid)
@@ -147,11 +162,18 @@ class Engine:
         return peak
 
 
-async def _one(port: int, i: int, tokens: int, *, stream: bool, client=None) -> dict:
+def _model_id(port: int) -> str:
+    import httpx
+    r = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10)
+    r.raise_for_status()
+    return r.json()["data"][0]["id"]
+
+
+async def _one(port: int, model: str, i: int, tokens: int, *, stream: bool, client=None) -> dict:
     """One greedy completion; with stream, the arrival time of every chunk that carries text."""
     import httpx
 
-    body = {"model": "m", "prompt": PROMPT.format(i=i), "max_tokens": tokens, "temperature": 0,
+    body = {"model": model, "prompt": PROMPT.format(i=i), "max_tokens": tokens, "temperature": 0,
             "ignore_eos": True, "stream": stream}
     own = client is None
     client = client or httpx.AsyncClient(timeout=600)
@@ -176,17 +198,18 @@ async def _one(port: int, i: int, tokens: int, *, stream: bool, client=None) -> 
             await client.aclose()
 
 
-async def _batch(port: int, n: int, tokens: int, stream: bool, offset: int) -> list[dict]:
+async def _batch(engine: "Engine", n: int, tokens: int, stream: bool, offset: int) -> list[dict]:
     import httpx
 
     limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        return await asyncio.gather(*[_one(port, offset + k, tokens, stream=stream, client=client) for k in range(n)])
+        return await asyncio.gather(*[_one(engine.port, engine.model, offset + k, tokens, stream=stream, client=client)
+                                      for k in range(n)])
 
 
 def throughput(engine: Engine, offset: int) -> float:
     t0 = time.perf_counter()
-    results = asyncio.run(_batch(engine.port, FLAGS.concurrency, FLAGS.tokens, False, offset))
+    results = asyncio.run(_batch(engine, FLAGS.concurrency, FLAGS.tokens, False, offset))
     wall = time.perf_counter() - t0
     got = sum(r["tokens"] for r in results)
     if got != FLAGS.concurrency * FLAGS.tokens:
@@ -196,7 +219,7 @@ def throughput(engine: Engine, offset: int) -> float:
 
 def per_token_ms(engine: Engine, streams: int, offset: int) -> float:
     """Median over streams of (last chunk - first chunk) / (chunks - 1), in ms."""
-    results = asyncio.run(_batch(engine.port, streams, FLAGS.tokens, True, offset))
+    results = asyncio.run(_batch(engine, streams, FLAGS.tokens, True, offset))
     per = [(r["chunks"][-1] - r["chunks"][0]) / (len(r["chunks"]) - 1) for r in results if len(r["chunks"]) > 1]
     return 1000 * statistics.median(per)
 
@@ -227,6 +250,7 @@ def main(argv):
         return
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     streams = [int(s) for s in FLAGS.streams]
     from jinfer.model_store import resolve_model_path
     path = os.path.abspath(FLAGS.gguf or resolve_model_path(""))
@@ -243,6 +267,7 @@ def main(argv):
             e.start()
         results[e.name]["ready_s"] = e.ready_s
         print(f"{e.name}: ready in {e.ready_s:.1f} s", file=sys.stderr)
+        e.wait_warm()
     try:
         for rnd in range(FLAGS.rounds):
             order = engines[rnd % len(engines):] + engines[:rnd % len(engines)]

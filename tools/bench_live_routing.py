@@ -4,7 +4,8 @@ prediction for the same requests with the replicas' fitted cost model.
 
   python tools/bench_live_routing.py --out=benchmarks/routing_live.md
 
-Replicas: tools/launch_server.py with --config (default configs/default.py: the embedded model)
+Replicas: tools/launch_server.py with --config (default configs/test_5m.py: the test model, which
+the committed results and cost models were measured on)
 and --num_pages of KV each, started once, compiled at start, pinned one per CPU core when
 --pin (the bench process itself, router and client, shares the cores). Before every run each
 replica's prefix cache is reset, so every policy starts cold on the same requests. Rates are
@@ -30,7 +31,7 @@ DEFAULT_SCALE = {"toolbench": 8, "embodied": 8, "programming": 16, "videoqa": 32
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("replicas", 2, "Replica server processes.", lower_bound=1)
-flags.DEFINE_string("config", os.path.join(ROOT, "configs", "default.py"), "Launch config of every replica.")
+flags.DEFINE_string("config", os.path.join(ROOT, "configs", "test_5m.py"), "Launch config of every replica.")
 flags.DEFINE_multi_string("override", [], "Extra --config.<section>.<field>=value for the replicas.")
 flags.DEFINE_integer("num_pages", 256, "KV pages per replica (x page_size tokens): small enough that the "
                      "workloads' key portions do not all fit in one replica.", lower_bound=8)

@@ -18,7 +18,7 @@ controller's plan for each phase), by the best of them with FCFS inside the inst
 the adaptive controller (from --initial; its knobs: --window_s, --confirm, --dwell_s, --hysteresis,
 --horizon_s, --smoothing).
 
-Live (scheduler/nitsum_live.py): the model of --config (default: the embedded default model)
+Live (scheduler/nitsum_live.py): the model of --config (default: the test model, configs/test_5m.py)
 as an InstanceGroup on --num_devices devices (XLA is asked for that many CPU devices), the
 SLO-aware policy in every instance. The profile comes from the cost models of
 --live_cost_models (one per degree, tools/profile_engine.py --config.model.tp=N), by the same
@@ -48,7 +48,7 @@ sys.path.insert(0, ROOT)
 from jinfer.launch import define_config_flag, parse_flags  # noqa: E402 - after the path
 
 FLAGS = flags.FLAGS
-CONFIG = define_config_flag(os.path.join(ROOT, "configs", "default.py"))
+CONFIG = define_config_flag(os.path.join(ROOT, "configs", "test_5m.py"))
 flags.DEFINE_string("out", "", "Write the Markdown report here (else stdout only).")
 flags.DEFINE_list("parts", ["sim", "live"], "sim (the simulator at 8B-on-H100 cost) and/or live (this host).")
 flags.DEFINE_integer("num_devices", 8, "Devices to partition.", lower_bound=1)
@@ -473,7 +473,7 @@ def live_section():
     launch, costs, replica = _live_setup()
     t0, load_before = time.perf_counter(), os.getloadavg()[0]
     profile, how = _profile(costs, tiers, shapes, replica, FLAGS.live_profile_out, True,
-                            "default model on fake CPU devices, cost models from tools/profile_engine.py")
+                            "test model on fake CPU devices, cost models from tools/profile_engine.py")
     vocab = (2, load_tokenizer(launch.model).vocab_size)  # above BOS and EOS
     items, runs, best, extra, sim_adaptive = _study(costs, tiers, shapes, phases, profile, replica, vocab,
                                                      limit=4 if FLAGS.smoke else None)

@@ -12,7 +12,7 @@ times from the cost model (default: the analytic 7B-class model on one H100), th
 --sim_duration_s) every policy serves the same requests.
 
 Live: one server process per policy (tools/launch_server.py's server on --config, default the
-embedded default model, with --live_tiers), started once and kept; for each load
+test model (configs/test_5m.py), with --live_tiers), started once and kept; for each load
 (--live_rates) the same requests, the mix scaled by --live_scale to the model's 512-token
 context, are replayed through each server in turn (jinfer.serving.benchmark, latencies on the
 client), every prefix cache reset first; --live_rounds rounds of that, the policies' order
@@ -70,7 +70,7 @@ flags.DEFINE_integer("kv_tokens", 400_000, "Simulated KV room per replica, token
 flags.DEFINE_integer("max_num_batched_tokens", 4096, "Simulated token budget per step.", lower_bound=1)
 flags.DEFINE_integer("max_num_seqs", 256, "Simulated sequences per step.", lower_bound=1)
 # -- live --
-flags.DEFINE_string("config", os.path.join(ROOT, "configs", "default.py"), "Launch config of the live servers.")
+flags.DEFINE_string("config", os.path.join(ROOT, "configs", "test_5m.py"), "Launch config of the live servers.")
 flags.DEFINE_multi_string("override", [], "Extra --config.<section>.<field>=value for the live servers.")
 flags.DEFINE_list("live_tiers", ["interactive:300:60:4", "agent:3000:150:2", "batch:20000:1000:1"],
                   "Live tiers, highest first (the servers' serving.tiers).")

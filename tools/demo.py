@@ -70,6 +70,9 @@ def _chat(http_target: str, model: str) -> None:
                 continue
             print("(streamed) ", end="", flush=True)
             with http.stream("POST", url, json={**body, "stream": True}) as r:
+                if r.status_code == 400:
+                    print(f"(no chat: {json.loads(r.read())['error']['message']})")
+                    return
                 r.raise_for_status()
                 for line in r.iter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
@@ -93,7 +96,7 @@ def main(argv):
 
     server = ServerProcess([f"--config={FLAGS.config}", "--config.serving.port=0", "--config.serving.metrics_port=0",
                             "--config.serving.http_port=0", *FLAGS.override], stdout=sys.stderr)
-    print("starting the server (loads the model and compiles every step bucket) ...", file=sys.stderr)
+    print("starting the server (loads the model and compiles its step buckets) ...", file=sys.stderr)
     server.start()
     try:
         try:

@@ -1,6 +1,6 @@
 """Generation from the command line, through the continuous-batching engine.
 
-  python tools/generate.py --prompt="def f(x):" --json      # the embedded default model
+  python tools/generate.py --prompt="The capital of France is" --json   # the default model (SmolLM2-135M-Instruct)
   python tools/generate.py --config.model.path=/path/to/hf_checkpoint --prompt="def f(x):" --max_tokens=32
   python tools/generate.py --config.scheduler.max_model_len=1024 --config.model.tp=2 --prompt=...
 

@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 from jinfer.launch import define_config_flag, parse_flags  # noqa: E402 - after the path
 
 FLAGS = flags.FLAGS
-CONFIG = define_config_flag(os.path.join(ROOT, "configs", "default.py"))
+CONFIG = define_config_flag(os.path.join(ROOT, "configs", "test_5m.py"))
 flags.DEFINE_list("prefill", ["16", "64", "128", "256"], "Prefill chunk lengths (tokens).")
 flags.DEFINE_list("cached", ["0", "128"], "Cached tokens before a prefill chunk.")
 flags.DEFINE_list("batch", ["1", "4", "16", "32"], "Decode batch sizes.")

@@ -39,12 +39,14 @@ _IGNORED = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short
 
 
 def find_gguf(path: str) -> str | None:
-    """The GGUF file `path` names: the file itself, or the one .gguf in a directory; None when
-    `path` is neither (an HF checkpoint directory)."""
+    """The GGUF file `path` names: the file itself, or the one .gguf in a directory without a
+    config.json; None when `path` is neither (an HF checkpoint directory wins)."""
     if os.path.isfile(path):
         return path if _has_gguf_magic(path) or path.endswith(".gguf") else None
     if not os.path.isdir(path):
         return None
+    if os.path.exists(os.path.join(path, "config.json")):
+        return None  # an HF checkpoint directory, whatever else it holds
     files = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
     if len(files) > 1:
         raise ValueError(f"{path} holds {len(files)} GGUF files ({', '.join(files)}): name one")
@@ -106,7 +108,9 @@ class GGUFFile:
 
 
 def config_from_gguf(f: GGUFFile) -> ModelConfig:
-    """ModelConfig from the file's metadata, read as transformers' GGUF loading reads it."""
+    """ModelConfig from the file's metadata, read as transformers' GGUF loading reads it, with
+    one departure: linear RoPE scaling ({arch}.rope.scaling.type) is applied (transformers drops
+    it for llama files, which changes such a model's positions), and other scalings are refused."""
     arch = f.architecture
     a = lambda key, default=None: f.get(f"{arch}.{key}", default)  # noqa: E731
     tokens = f.get("tokenizer.ggml.tokens")
@@ -191,8 +195,11 @@ def load_gguf_model(path: str, *, dtype=None, attention_backend: str = "xla", sh
 
     f = open_gguf(path)
     cfg = config_from_gguf(f)
-    return build_model(cfg, gguf_tensors(f, cfg), dtype=jnp.float32 if dtype is None else dtype,
-                       attention_backend=attention_backend, shardings=shardings)
+    try:
+        return build_model(cfg, gguf_tensors(f, cfg), dtype=jnp.float32 if dtype is None else dtype,
+                           attention_backend=attention_backend, shardings=shardings)
+    except ValueError as e:  # a missing or misshapen tensor: say which file
+        raise ValueError(f"{f.path}: {e}") from None
 
 
 def open_gguf(path: str) -> GGUFFile:
@@ -201,6 +208,8 @@ def open_gguf(path: str) -> GGUFFile:
     tokenizer, then the model, from the same file)."""
     file = find_gguf(path)
     if file is None:
+        if path.endswith(".gguf") and not os.path.exists(path):
+            raise ValueError(f"GGUF file {path!r} does not exist")
         raise ValueError(f"{path!r} is neither a GGUF file nor a directory holding one")
     st = os.stat(file)
     return _open_cached(os.path.realpath(file), st.st_mtime_ns, st.st_size)

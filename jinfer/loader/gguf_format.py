@@ -47,7 +47,7 @@ class _Cursor:
         n = self.scalar("<Q")
         if self.at + n > len(self.buf):
             raise ValueError(f"a string of {n} bytes runs past the end of the file")
-        s = bytes(self.buf[self.at:self.at + n]).decode("utf-8", errors="replace")
+        s = bytes(self.buf[self.at:self.at + n]).decode("utf-8")
         self.at += n
         return s
 
@@ -94,7 +94,9 @@ def read(path: str) -> tuple[dict, dict[str, TensorInfo]]:
         name = c.string()
         dims = [c.scalar("<Q") for _ in range(c.scalar("<I"))]
         infos.append((name, dims, c.scalar("<I"), c.scalar("<Q")))
-    align = int(meta.get("general.alignment", 32))
+    align = meta.get("general.alignment", 32)
+    if not isinstance(align, int) or align < 1 or align & (align - 1):
+        raise ValueError(f"general.alignment={align!r} is not a power of two")
     start = -(-c.at // align) * align
     tensors = {}
     for name, dims, ttype, offset in infos:

@@ -22,17 +22,27 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+_QWEN35_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+                 r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_UPPER, _LOWER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
+_TEKKEN_SPLIT = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*"
                  r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_CONTRACTION = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+_GPT4O_SPLIT = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTION}"
+                rf"|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_CONTRACTION}"
+                r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 # tokenizer.ggml.pre -> the split regex its merges were learned with; other values (SmolLM2's
 # "smollm", "default", "gpt2") keep byte-level BPE's own GPT-2 regex, as transformers does.
 PRE_TOKENIZER_SPLITS = {
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx", "pixtral"), _LLAMA3_SPLIT),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2_SPLIT),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+                     "jina-v5-nano", "dbrx", "smaug-bpe"), _LLAMA3_SPLIT),
     "tekken": _TEKKEN_SPLIT,
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), _QWEN2_SPLIT),
+    "qwen35": _QWEN35_SPLIT,
+    **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O_SPLIT),
 }
-# Whether encode adds BOS when the file has no tokenizer.ggml.add_bos_token (llama.cpp's defaults).
+# Whether encode adds BOS when the file has no tokenizer.ggml.add_bos_token (transformers' defaults:
+# a SentencePiece vocabulary adds it, as llama.cpp does for one that does not say otherwise).
 _DEFAULT_ADD_BOS = {"gpt2": False, "llama": True}
 
 
@@ -54,7 +64,7 @@ def tokenizer_from_gguf(f: GGUFFile) -> Tokenizer:
     if kind == "llama":  # LlamaTokenizer's own defaults, added when the vocabulary has them
         control += [t for t in ("<unk>", "<s>", "</s>") if t in set(tokens) and t not in control]
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
-    vocab = set(tokens)
+    vocab = tok.get_vocab()  # byte-level spellings: a user-defined token spelled otherwise is left out, as HF does
     tok.add_tokens([AddedToken(t, normalized=False, special=False)
                     for t, ty in zip(tokens, types) if ty == _USER_DEFINED and t in vocab])
     named_present = [t for t in named.values() if t is not None and t not in control]
@@ -103,7 +113,7 @@ def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str
     transformers' generate_merges orders them."""
     index = {t: i for i, t in enumerate(tokens)}
     found = []
-    for token, score in zip(tokens, scores):
+    for token, score in dict(zip(tokens, scores)).items():  # a repeated token counts once, as in HF
         splits = [(token[:k], token[k:]) for k in range(1, len(token)) if token[:k] in index and token[k:] in index]
         splits.sort(key=lambda lr: (index[lr[0]], index[lr[1]]))
         found.extend((left, right, score) for left, right in splits)

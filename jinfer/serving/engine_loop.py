@@ -113,6 +113,7 @@ class EngineLoop:
         self._stopped.set()
         self._commands.put(_Wake())
         self._thread.join()
+        self.engine.stop_warmup(timeout=120)
 
     @property
     def num_outstanding(self) -> int:
