@@ -234,7 +234,7 @@ class EngineOptions:
     """Compile every step bucket at construction, so no request waits on a compilation (servers
     set it: configs/*.py); false: each bucket compiles on its first step."""
     warmup_background: bool = False
-    """With warmup: compile only the smallest token bucket before serving and the others,
+    """With warmup (without it, nothing to do: tools that turn warm-up off leave this be): compile only the smallest token bucket before serving and the others,
     smallest first, in a background thread; until a bucket is compiled, steps stay within the
     compiled ones (prompts are prefilled in smaller chunks), so no request waits on a
     compilation and start-up does not grow with the number of buckets."""
@@ -277,8 +277,6 @@ class EngineOptions:
             raise ValueError("adaptive_tp needs instances: the partition it starts from (e.g. (2, 2, 2, 2))")
         if not self.adaptive_window_s > 0:
             raise ValueError(f"adaptive_window_s={self.adaptive_window_s} must be > 0")
-        if self.warmup_background and not self.warmup:
-            raise ValueError("warmup_background=True needs warmup=True (it is how warm-up runs)")
         if self.min_token_bucket < 1 or self.min_token_bucket & (self.min_token_bucket - 1):
             raise ValueError(f"min_token_bucket={self.min_token_bucket} must be a power of two >= 1")
         if self.scheduling_policy and ":" not in self.scheduling_policy and self.scheduling_policy not in POLICIES:

@@ -44,6 +44,8 @@ def find_gguf(path: str) -> str | None:
     if os.path.isfile(path):
         return path if _has_gguf_magic(path) or path.endswith(".gguf") else None
     if not os.path.isdir(path):
+        if path.endswith(".gguf"):
+            raise ValueError(f"GGUF file {path!r} does not exist")
         return None
     if os.path.exists(os.path.join(path, "config.json")):
         return None  # an HF checkpoint directory, whatever else it holds
@@ -208,8 +210,6 @@ def open_gguf(path: str) -> GGUFFile:
     tokenizer, then the model, from the same file)."""
     file = find_gguf(path)
     if file is None:
-        if path.endswith(".gguf") and not os.path.exists(path):
-            raise ValueError(f"GGUF file {path!r} does not exist")
         raise ValueError(f"{path!r} is neither a GGUF file nor a directory holding one")
     st = os.stat(file)
     return _open_cached(os.path.realpath(file), st.st_mtime_ns, st.st_size)
