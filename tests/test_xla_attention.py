@@ -69,6 +69,21 @@ def test_xla_attention_matches_reference(name, group, page, window):
     assert not np.asarray(out[real:]).any(), "padding rows must come back as zeros"
 
 
+@pytest.mark.parametrize("per_seq_pages", [1, 3])
+def test_decode_blocks_sized_by_the_batch_give_the_same_rows(per_seq_pages):
+    """decode_block_per_seq caps the decodes' block by the bucket's sequences: a one-page block
+    per sequence walks the page list in many trips and gives the reference's rows."""
+    rng = np.random.default_rng(per_seq_pages)
+    q_lens, kv_lens = [1, 1, 1], [3, 30, 17]
+    q, kp, vp, md = _batch(rng, q_lens, kv_lens, page=4, num_kv_heads=2, group=2, head_dim=16, extra_seqs=1,
+                           extra_tokens=2)
+    ref = ragged_paged_attention_ref(q, kp, vp, md.cu_q_lens, md.kv_lens, md.page_indices, md.num_seqs,
+                                     sm_scale=0.25)
+    out = jax.jit(lambda q, kp, vp, md: paged_attention(
+        q, kp, vp, md, sm_scale=0.25, decode_block=2048, decode_block_per_seq=4 * per_seq_pages))(q, kp, vp, md)
+    np.testing.assert_allclose(np.asarray(out[:3]), np.asarray(ref[:3]), atol=2e-5, rtol=2e-5)
+
+
 def test_hand_worked_decode_value():
     """One query over two keys: softmax weights by hand."""
     q = jnp.array([[[1.0, 0.0]]])  # [T=1, heads=1, D=2]

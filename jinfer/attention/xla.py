@@ -186,13 +186,16 @@ def _chunk_tiles(q, k_pages, v_pages, md, q_len, *, sm_scale, sliding_window, q_
 
 def paged_attention(q, k_pages, v_pages, md: AttentionMetadata, *, sm_scale: float,
                     sliding_window: int | None = None, q_tile: int = 64, kv_block: int = 64,
-                    decode_block: int = 2048, short_tile: int = 8, short_len: int = 16):
+                    decode_block: int = 2048, decode_block_per_seq: int = 64, short_tile: int = 8,
+                    short_len: int = 16):
     """Causal attention of flat queries (f[T, num_heads, head_dim]) over their sequences' pages
     (this step's keys already written), restricted to each row's draft tree where md.tree_bits
     is given (not with sliding_window: ValueError). Rows of padding tokens come back as zeros.
 
     q_tile: query rows per chunk tile; kv_block: keys per block of a tile, decode_block: keys per
-    block of the decodes' page list (both rounded to whole pages). The defaults were the fastest
+    block of the decodes' page list, at most decode_block_per_seq per sequence of the bucket (all
+    rounded to whole pages; on 2 CPU cores one stream of the 135M default model took 44 ms per
+    token at 64 keys per sequence against 59 ms at 2048, benchmarks/cpu_peer.md). The defaults were the fastest
     on a 2-core x86 CPU for a 26M-parameter model (benchmarks/engine.md). Sequences of 2 to
     short_len new tokens (a decode with its speculative draft) take tiles of short_tile rows:
     a q_tile-row tile would compute mostly padding for them.
@@ -215,7 +218,10 @@ def paged_attention(q, k_pages, v_pages, md: AttentionMetadata, *, sm_scale: flo
                        min_len=short_len + 1, **kw)
     out = _chunk_tiles(q, k_pages, v_pages, md, q_len, q_tile=short_tile, pages_per_block=pages_per_block,
                        min_len=2, max_len=short_len, out0=out, **kw)
-    dec = _decode_rows(q, k_pages, v_pages, md, q_len, pages_per_block=max(1, decode_block // page_size), **kw)
+    # Keys per block of the decodes' page list: decode_block for a full batch, fewer for a few
+    # sequences (a lone decode would otherwise gather and mask decode_block keys per step).
+    decode_keys = min(decode_block, max(page_size, decode_block_per_seq * max_seqs))
+    dec = _decode_rows(q, k_pages, v_pages, md, q_len, pages_per_block=max(1, decode_keys // page_size), **kw)
     is_dec = (jnp.arange(max_seqs) < md.num_seqs[0]) & (q_len == 1)
     rows = jnp.where(is_dec, md.cu_q_lens[:max_seqs], num_tokens + q_tile)  # out of range: dropped
     out = out.at[rows].set(dec, mode="drop")
