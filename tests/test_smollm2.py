@@ -13,6 +13,7 @@ from jinfer.engine import Engine
 from jinfer.launch import ModelSpec, load_model
 from jinfer.model_store import SMOLLM2, resolve_model_path
 from jinfer.sampling_params import SamplingParams
+from tests.hf_models import hf_greedy
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +45,5 @@ def test_default_model_greedy_tokens_and_chat_template_match_transformers(smollm
                     SchedulerConfig(max_num_batched_tokens=128, max_num_seqs=2, max_model_len=256))
     outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=16))
     for prompt, out in zip(prompts, outs):
-        x = torch.tensor([prompt])
-        y = hf_model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=16,
-                              pad_token_id=2, eos_token_id=2)
-        assert list(out.token_ids) == y[0, len(prompt):].tolist()
+        assert list(out.token_ids) == hf_greedy(hf_model, prompt, 16, eos_id=2)
     assert "Paris" in tok.decode(outs[0].token_ids)
