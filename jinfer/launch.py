@@ -158,9 +158,10 @@ def load_model(spec: ModelSpec, mesh=None):
     from jinfer.loader.hf import load_hf_model, load_sharded
     from jinfer.model_store import resolve_model_path
     path = resolve_model_path(spec.path)
+    is_gguf = gguf.find_gguf(path) is not None
     if mesh is not None:
-        model = load_sharded(path, mesh, dtype=dtype)
-    elif gguf.find_gguf(path):
+        model = (gguf.load_sharded if is_gguf else load_sharded)(path, mesh, dtype=dtype)
+    elif is_gguf:
         model = gguf.load_gguf_model(path, dtype=dtype)
     else:
         model = load_hf_model(path, dtype=dtype)

@@ -199,3 +199,15 @@ def test_missing_metadata_and_unsupported_tensors_are_named(small, tmp_path):
     assert "rope_freqs" in _error(rope)
     odd = _rewrite(path, str(tmp_path / "odd.gguf"), extra_tensor="blk.0.ssm_in.weight")
     assert "cannot use: ['blk.0.ssm_in.weight']" in _error(odd)
+
+
+@pytest.mark.multi_device
+def test_a_gguf_file_loads_straight_into_tp_shards(small):
+    from sharding.tp import make_mesh
+    path = small[0]
+    plain, _ = load_model(ModelSpec(path=path))
+    sharded, _ = load_model(ModelSpec(path=path, tp=2), make_mesh(2))
+    for get in (lambda m: m.layers[0].attn.q_proj, lambda m: m.layers[1].mlp.down_proj, lambda m: m.embed):
+        w = get(sharded).get_value()
+        assert len(w.sharding.device_set) == 2
+        np.testing.assert_array_equal(np.asarray(w), np.asarray(get(plain).get_value()))

@@ -193,7 +193,7 @@ def load_gguf_model(path: str, *, dtype=None, attention_backend: str = "xla", sh
     jinfer.loader.hf.load_hf_model takes them."""
     import jax.numpy as jnp
 
-    from jinfer.loader.hf import build_model
+    from jinfer.loader.hf import build_model  # jax loads with a model, not with a tokenizer (routers)
 
     f = open_gguf(path)
     cfg = config_from_gguf(f)
@@ -202,6 +202,18 @@ def load_gguf_model(path: str, *, dtype=None, attention_backend: str = "xla", sh
                            attention_backend=attention_backend, shardings=shardings)
     except ValueError as e:  # a missing or misshapen tensor: say which file
         raise ValueError(f"{f.path}: {e}") from None
+
+
+def load_sharded(path: str, mesh, *, dtype=None, vocab_parallel: bool = True):
+    """A GGUF file's model loaded straight into its shards on a tp mesh (as
+    jinfer.loader.hf.load_sharded does for an HF checkpoint)."""
+    import jax.numpy as jnp
+
+    from jinfer.loader.hf import tp_shardings  # as in load_gguf_model
+
+    dtype = jnp.float32 if dtype is None else dtype
+    shardings = tp_shardings(config_from_gguf(open_gguf(path)), mesh, dtype, vocab_parallel)
+    return load_gguf_model(path, dtype=dtype, shardings=shardings)
 
 
 def open_gguf(path: str) -> GGUFFile:

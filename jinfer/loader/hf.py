@@ -164,17 +164,17 @@ def build_model(cfg: ModelConfig, tensors: dict[str, np.ndarray], *, dtype=jnp.f
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
-def load_sharded(model_dir: str, mesh, *, dtype=None, vocab_parallel: bool = True) -> LlamaForCausalLM:
-    """A checkpoint (HF directory or GGUF file) loaded straight into its shards on a tp mesh
-    (sharding.tp.make_mesh): each parameter goes from the host to its devices, never whole onto
-    one device first."""
-    from jinfer.loader import gguf
+def tp_shardings(cfg: ModelConfig, mesh, dtype, vocab_parallel: bool = True):
+    """The nnx.State of target shardings for this model on a tp mesh (ValueError naming what
+    tp fails to divide)."""
+    layout = TPLayout.for_model(cfg, mesh, vocab_parallel)
+    return layout.state_shardings(nnx.state(abstract_model(cfg, dtype=dtype)))
 
+
+def load_sharded(model_dir: str, mesh, *, dtype=None, vocab_parallel: bool = True) -> LlamaForCausalLM:
+    """An HF checkpoint loaded straight into its shards on a tp mesh (sharding.tp.make_mesh):
+    each parameter goes from the memory-mapped file to its devices, never whole onto one
+    device first (jinfer.loader.gguf.load_sharded: the same for a GGUF file)."""
     dtype = jnp.float32 if dtype is None else dtype
-    gguf_file = gguf.find_gguf(model_dir)
-    cfg = gguf.config_from_gguf(gguf.open_gguf(gguf_file)) if gguf_file else load_config(model_dir)
-    layout = TPLayout.for_model(cfg, mesh, vocab_parallel)  # ValueError naming what tp fails to divide
-    shardings = layout.state_shardings(nnx.state(abstract_model(cfg, dtype=dtype)))
-    if gguf_file:
-        return gguf.load_gguf_model(gguf_file, dtype=dtype, shardings=shardings)
+    shardings = tp_shardings(load_config(model_dir), mesh, dtype, vocab_parallel)
     return load_hf_model(model_dir, dtype=dtype, shardings=shardings)
