@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from jinfer.config import CacheConfig, SchedulerConfig
+from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig
 from jinfer.engine import Engine
 from jinfer.launch import ModelSpec, load_model
 from jinfer.model_store import SMOLLM2, resolve_model_path
@@ -41,8 +41,10 @@ def test_default_model_greedy_tokens_and_chat_template_match_transformers(smollm
     text = tok.apply_chat_template(chat)
     assert text == hf_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     prompts = [tok.encode(text, add_special_tokens=False), tok.encode("The quick brown fox")]
+    # One 64-token bucket for the whole run: a 30-layer step takes ~10 s to compile on 2 cores.
     engine = Engine(model, tok, CacheConfig(page_size=16, num_pages=32),
-                    SchedulerConfig(max_num_batched_tokens=128, max_num_seqs=2, max_model_len=256))
+                    SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=2, max_model_len=256),
+                    options=EngineOptions(min_token_bucket=64))
     outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=16))
     for prompt, out in zip(prompts, outs):
         assert list(out.token_ids) == hf_greedy(hf_model, prompt, 16, eos_id=2)
