@@ -215,16 +215,17 @@ class ModelRunner:
         compiled, first = self._compiled, keys[0][0]
         for key in (k for k in keys if k[0] == first):
             self._compile_key(key, compiled)
-        warming = self._warming = set(keys) - set(compiled)
-        stop = self._warm_stop = threading.Event()
+        todo = [k for k in keys if k not in compiled]  # ascending: ready_tokens() grows bucket by bucket
+        warming, stop = self._warming, self._warm_stop
+        warming.update(todo)
 
         def rest():
-            todo = [k for k in keys if k not in compiled]
+            items = todo
             if progress:
                 from tqdm import tqdm
-                todo = tqdm(todo, desc="compiling the other step buckets (serving meanwhile)", unit="bucket")
+                items = tqdm(todo, desc="compiling the other step buckets (serving meanwhile)", unit="bucket")
             try:
-                for key in todo:
+                for key in items:
                     if stop.is_set():  # rebound to another layout, or shutting down
                         return
                     self._compile_key(key, compiled)

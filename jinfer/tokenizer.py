@@ -129,11 +129,15 @@ def _token_id(tok: tokenizers.Tokenizer, token: str | None) -> int | None:
 
 def _bos_processor(tok: tokenizers.Tokenizer, bos: str | None) -> processors.TemplateProcessing:
     """The post-processor HF's update_post_processor builds: BOS then the text, or the text alone."""
-    bos_id = _token_id(tok, bos)
-    if bos_id is None:
-        return processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1")
-    return processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
-                                         special_tokens=[(bos, bos_id)])
+    return template_processor(tok, bos if _token_id(tok, bos) is not None else None, None)
+
+
+def template_processor(tok: tokenizers.Tokenizer, bos: str | None, eos: str | None) -> processors.TemplateProcessing:
+    """HF's update_post_processor: [BOS] text [EOS] (each when given), pairs likewise."""
+    single = " ".join(([f"{bos}:0"] if bos else []) + ["$A:0"] + ([f"{eos}:0"] if eos else []))
+    pair = " ".join([single] + ([f"{bos}:1"] if bos else []) + ["$B:1"] + ([f"{eos}:1"] if eos else []))
+    special = [(t, tok.token_to_id(t)) for t in dict.fromkeys((bos, eos)) if t]
+    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
 
 
 def _template_tokens(tc: dict) -> dict[str, str]:

@@ -10,10 +10,10 @@ recovered from the token scores).
 from __future__ import annotations
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 from jinfer.loader.gguf import GGUFFile
-from jinfer.tokenizer import Tokenizer, _bytes_to_unicode
+from jinfer.tokenizer import Tokenizer, _bytes_to_unicode, template_processor
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
 _CONTROL, _USER_DEFINED = 3, 4
@@ -76,7 +76,7 @@ def tokenizer_from_gguf(f: GGUFFile) -> Tokenizer:
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     add_bos = bool(f.get("tokenizer.ggml.add_bos_token", _DEFAULT_ADD_BOS[kind])) and named["bos_token"] is not None
     add_eos = bool(f.get("tokenizer.ggml.add_eos_token", False)) and named["eos_token"] is not None
-    tok.post_processor = _post_processor(tok, named["bos_token"] if add_bos else None,
+    tok.post_processor = template_processor(tok, named["bos_token"] if add_bos else None,
                                          named["eos_token"] if add_eos else None)
     bos_id, eos_id = f.get("tokenizer.ggml.bos_token_id"), f.get("tokenizer.ggml.eos_token_id")
     return Tokenizer(tok, bos_id=int(bos_id) if bos_id is not None else None,
@@ -144,10 +144,3 @@ def _sentencepiece(f: GGUFFile, tokens: list[str]) -> tokenizers.Tokenizer:
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(content=" ", left=1)])
     return tok
-
-
-def _post_processor(tok: tokenizers.Tokenizer, bos: str | None, eos: str | None) -> processors.TemplateProcessing:
-    single = " ".join(([f"{bos}:0"] if bos else []) + ["$A:0"] + ([f"{eos}:0"] if eos else []))
-    pair = " ".join([single] + ([f"{bos}:1"] if bos else []) + ["$B:1"] + ([f"{eos}:1"] if eos else []))
-    special = [(t, tok.token_to_id(t)) for t in (bos, eos) if t]
-    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
