@@ -10,7 +10,8 @@ and the server turns NOT_SERVING and fails the streams waiting on it.
 Listeners (the server's Goodput ledger, its Prometheus metrics) hear the engine's life on this
 thread, each through the hooks it has: on_admit(request_id, tier, n), on_refused(tier, n) (the
 policy's admission check said no), on_outputs(outputs) after each step, on_done(request_id)
-when a request leaves (finished or aborted), and update_engine(engine) once per iteration.
+when a request leaves (finished or aborted), and update_engine(engine) after each step (before
+its outputs go out) and before the loop waits for work.
 """
 
 from __future__ import annotations
@@ -274,8 +275,9 @@ class EngineLoop:
                 return
 
     def _iterate(self) -> None:
-        self._tell("update_engine", self.engine)  # once per iteration, before blocking when idle
         busy = self.engine.has_unfinished()
+        if not busy:  # after a step the gauges were set before its outputs went out
+            self._tell("update_engine", self.engine)
         self._publish(force=not busy)
         try:  # block for work only when the engine is idle
             cmd = self._commands.get(block=not busy)
@@ -300,6 +302,9 @@ class EngineLoop:
         finally:
             self._step_started = None
         self._tell("on_outputs", outputs)
+        # Gauges follow the step before any client sees its outputs, so a client that has its
+        # answer reads metrics that count it.
+        self._tell("update_engine", self.engine)
         # A request's stream ends with the last of its outputs that step: samples finishing
         # together are all delivered, and it stops counting as outstanding before that last
         # message goes out.
