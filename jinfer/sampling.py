@@ -82,9 +82,10 @@ def sample(logits: jax.Array, p: SamplingArrays) -> tuple[jax.Array, jax.Array]:
         sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
         rank = jnp.arange(vocab)[None, :]
         keep = (p.top_k[:, None] == 0) | (rank < p.top_k[:, None])
-        # top-p: keep a token if the mass strictly before it is below top_p (the first stays).
+        # top-p: keep a token if the mass strictly before it is below top_p. The most likely
+        # token always stays (as in HF): a top_p that underflows float32 keeps it alone.
         mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-        keep &= mass_before < p.top_p[:, None]
+        keep &= (mass_before < p.top_p[:, None]) | (rank == 0)
         # The kept set is every token at or above the smallest kept value (ties stay together).
         threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         return draw(keep_min_p & (scaled >= threshold))

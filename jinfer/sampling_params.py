@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import math
+import numbers
+
+INT32_MAX = 2**31 - 1
+"""The step holds integer parameters (top_k, seeds, sample indices) in int32 arrays."""
+FLOAT32_MAX = 3.4028234663852886e38
+"""...and float ones in float32: a larger temperature would become inf there."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,20 +41,41 @@ class SamplingParams:
     """Let the engine's drafter (if it has one) speculate for this request; False opts out."""
 
     def __post_init__(self):
-        if not 0 <= self.temperature < math.inf:
-            raise ValueError(f"temperature={self.temperature} must be finite and >= 0")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables it)")
+        # Every value the jitted step reads is checked against what its arrays hold (int32,
+        # finite float32), so no request can reach a step that fails for everyone in it.
+        for name in ("temperature", "top_p", "min_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name}={value!r} must be a number")
+            object.__setattr__(self, name, float(value))
+        for name in ("top_k", "n", "max_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name}={value!r} must be an integer")
+            object.__setattr__(self, name, int(value))
+        if not 0 <= self.temperature <= FLOAT32_MAX:
+            raise ValueError(f"temperature={self.temperature} must be finite, >= 0 and <= {FLOAT32_MAX:.4g} "
+                             "(the float32 range the sampler computes in)")
+        if not 0 <= self.top_k <= INT32_MAX:
+            raise ValueError(f"top_k={self.top_k} must be in [0, 2**31) (0 disables it)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p={self.min_p} must be in [0, 1]")
-        if self.n <= 0:
-            raise ValueError(f"n={self.n} must be > 0")
-        if self.max_tokens <= 0:
-            raise ValueError(f"max_tokens={self.max_tokens} must be > 0")
-        if self.seed is not None and not 0 <= self.seed < 2**31:
-            raise ValueError(f"seed={self.seed} must be in [0, 2**31)")
+        if not 0 < self.n <= INT32_MAX:
+            raise ValueError(f"n={self.n} must be in [1, 2**31)")
+        if not 0 < self.max_tokens <= INT32_MAX:
+            raise ValueError(f"max_tokens={self.max_tokens} must be in [1, 2**31)")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
+                                      or not 0 <= self.seed <= INT32_MAX):
+            raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2**31)")
+        bad = [i for i, t in enumerate(self.stop_token_ids)
+               if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t <= INT32_MAX]
+        if bad:
+            raise ValueError(f"stop_token_ids[{bad[0]}]={self.stop_token_ids[bad[0]]!r} must be a token id, "
+                             "an integer in [0, 2**31)")
+        if isinstance(self.stop, str) or any(not isinstance(s, str) for s in self.stop):
+            raise ValueError(f"stop={self.stop!r} must be a sequence of strings")
         empty = [i for i, s in enumerate(self.stop) if not s]
         if empty:
             raise ValueError(f"stop[{empty[0]}] is an empty string: stop strings must not be empty")

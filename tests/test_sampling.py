@@ -3,6 +3,8 @@
 import jax
 import numpy as np
 import pytest
+import torch
+from transformers.generation.logits_process import TopPLogitsWarper
 
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.detokenizer import IncrementalDetokenizer
@@ -40,6 +42,40 @@ def test_top_k_only_emits_the_k_most_likely():
 def test_top_p_only_emits_the_nucleus():
     # 0.4 + 0.25 = 0.65 < 0.7, so token 2 is needed to reach 0.7; token 3 never is.
     assert _draw(LOGITS, SamplingParams(temperature=1.0, top_p=0.7)) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("top_p", [1e-39, 1e-45, 1e-300])
+def test_a_top_p_that_underflows_float32_keeps_the_most_likely_token(top_p):
+    # The argmax is not token 0, so "nothing kept" (which returned token 0) cannot pass.
+    logits = LOGITS[::-1].copy()
+    assert _draw(logits, SamplingParams(temperature=1.0, top_p=top_p)) == {6}
+    # HF's top-p warper keeps the same single token.
+    kept = TopPLogitsWarper(top_p)(None, torch.tensor(logits[None], dtype=torch.float32))
+    assert set(np.flatnonzero(np.isfinite(kept.numpy()[0]))) == {6}
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("top_k", 2**31, "top_k=2147483648 must be in [0, 2**31)"),
+    ("temperature", 1e300, "temperature=1e+300 must be finite"),
+    ("temperature", float("nan"), "temperature=nan"),
+    ("seed", 2**31, "seed=2147483648"),
+    ("n", 2**40, "n=1099511627776"),
+    ("max_tokens", 2**31, "max_tokens=2147483648"),
+    ("top_k", 1.5, "top_k=1.5 must be an integer"),
+    ("temperature", "1", "temperature='1' must be a number"),
+    ("stop_token_ids", (5, 2**31), "stop_token_ids[1]=2147483648"),
+    ("stop", "ab", "stop='ab' must be a sequence of strings"),
+])
+def test_values_the_step_cannot_hold_are_refused_naming_the_field(field, value, message):
+    with pytest.raises(ValueError) as e:
+        SamplingParams(**{field: value})
+    assert str(e.value).startswith(message) or message in str(e.value)
+
+
+def test_numpy_numbers_are_taken_as_python_ones():
+    p = SamplingParams(temperature=np.float32(0.5), top_k=np.int64(3), max_tokens=np.int32(4),
+                       stop_token_ids=(np.int64(7),))
+    assert (type(p.temperature), type(p.top_k), type(p.max_tokens), type(p.stop_token_ids[0])) == (float, int, int, int)
 
 
 def test_min_p_drops_tokens_below_the_threshold():
