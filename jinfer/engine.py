@@ -15,7 +15,7 @@ from jinfer.attention import MAX_TREE_TOKENS, default_attention_backend, get_bac
 from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig, Tier
 from jinfer.models.llama import set_attention_backend
 from jinfer.detokenizer import IncrementalDetokenizer
-from jinfer.errors import shorten
+from jinfer.errors import StepFailed, shorten
 from jinfer.kv_cache import KVCache
 from jinfer.prefix_cache import EvictionLog
 from jinfer.request import Request, RequestOutput, Status, Usage
@@ -407,7 +407,13 @@ class Engine:
         launched = None
         if plan.seqs:
             reqs = [self._request(seq.request_id) for seq in plan.seqs]
-            launched = (plan, reqs, self.runner.dispatch(plan))
+            try:
+                prepared = self.runner.prepare(plan)
+            except Exception as e:
+                self._held_outputs = outputs + self._held_outputs  # the next step returns them
+                self.scheduler.unplan(plan, reqs)
+                raise self._blame(plan, e) from e
+            launched = (plan, reqs, self.runner.dispatch(plan, prepared))
         done, self._inflight = self._inflight, launched
         outputs += self._postprocess(*done) if done else []
         drafted = any(seq.num_draft for seq in plan.seqs)
@@ -440,6 +446,19 @@ class Engine:
                 if out.finished and (out.request_id, out.index) in want:
                     final[(out.request_id, out.index)] = out
         return [final[key] for key in sorted(want, key=lambda k: (ids.index(k[0]), k[1]))]
+
+    def _blame(self, plan: StepPlan, cause: Exception) -> StepFailed:
+        """The requests whose own sequence cannot be built into a step (each tried alone, on
+        the host); every request of the plan if none fails alone."""
+        culprits = {}
+        for seq in plan.seqs:
+            try:
+                self.runner.prepare(StepPlan((seq,)))
+            except Exception as e:  # noqa: BLE001 - the reason this request is failed
+                culprits.setdefault(seq.request_id.partition("/")[0], e)
+        if not culprits:
+            culprits = {seq.request_id.partition("/")[0]: cause for seq in plan.seqs}
+        return StepFailed(culprits, cause)
 
     # -- after the device step -----------------------------------------------------------------
 

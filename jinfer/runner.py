@@ -340,12 +340,13 @@ class ModelRunner:
         md = AttentionMetadata(cu, kv_lens, table, np.array([n_seqs], np.int32), decode_only, tree_bits)
         return (t, s, decode_only), (ids, feed, pos, md, logits_idx, SamplingArrays.from_rows(rows, r))
 
-    def dispatch(self, plan: StepPlan):
+    def dispatch(self, plan: StepPlan, prepared=None):
         """Enqueues the plan's step on the device and returns at once (JAX async dispatch).
 
         The result is a handle for fetch(); the next plan may already use this one's samples.
+        prepared: prepare(plan), if the caller already built it.
         """
-        key, args = self.prepare(plan)
+        key, args = prepared if prepared is not None else self.prepare(plan)
         fn = self._compiled.get(key)
         self.compiled_last = key not in self._seen  # this step (likely) compiled: its time is not a step's
         self._seen.add(key)

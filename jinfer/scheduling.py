@@ -424,6 +424,15 @@ class Scheduler:
                 self.waiting += self.kv.fork(req)
         return StepPlan(tuple(seqs), tuple(preempted))
 
+    def unplan(self, plan: StepPlan, reqs: Sequence[Request]) -> None:
+        """Undoes schedule() for a plan that never ran (building it failed): its tokens count
+        as not computed again and its samples as not pending. Pages the plan gave stay with
+        their requests; requests it admitted stay running, to be planned again next step."""
+        for seq, req in zip(plan.seqs, reqs):
+            req.num_computed_tokens = seq.start_pos
+            req.num_pending -= seq.sample
+        self._unsettled_draft = False
+
     def _order(self, interleave: bool):
         """(request, whether it was running) for every request one step considers, in the
         order it considers them."""
