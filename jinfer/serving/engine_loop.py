@@ -26,6 +26,7 @@ import threading
 import time
 
 from jinfer.config import Tier
+from jinfer.errors import StepFailed
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import AdmissionRefused
 
@@ -291,6 +292,16 @@ class EngineLoop:
         self._step_started = time.monotonic()
         try:
             outputs = self.engine.step()
+        except StepFailed as e:  # the step was rolled back: only the requests it names fail
+            log.warning("%s; failing them alone, the others carry on", e)
+            for request_id, cause in e.culprits.items():
+                self.engine.abort(request_id)
+                self._tell("on_done", request_id)
+                sink = self._sinks.pop(request_id, None)
+                if sink is not None:
+                    sink(RuntimeError(f"this request could not be stepped and was removed ({cause!r}); "
+                                      "other requests were not affected"))
+            return
         except Exception as e:  # noqa: BLE001 - reported to every waiting request
             log.exception("engine step failed")
             for request_id, sink in list(self._sinks.items()):
