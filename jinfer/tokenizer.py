@@ -3,7 +3,9 @@ transformers' AutoTokenizer reads them (special tokens, chat template)."""
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 from datetime import datetime
 
@@ -60,6 +62,19 @@ class Tokenizer:
         if want_bos and not has_bos:
             return [self.bos_id] + ids
         return ids
+
+    @functools.cached_property
+    def max_bytes_per_token(self) -> int | None:
+        """The most UTF-8 bytes of input text one token can stand for; None where this
+        tokenizer can drop or shrink text without bound (then no byte bound is safe)."""
+        return _max_bytes_per_token(self._tok)
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on len(encode(text, add_special_tokens=False)) from the text's byte
+        length alone, without tokenizing (0 where max_bytes_per_token is None): a server
+        refuses a prompt that cannot fit before it spends time and memory tokenizing it."""
+        per_token = self.max_bytes_per_token
+        return -(-len(text.encode("utf-8", "surrogatepass")) // per_token) if per_token else 0
 
     def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -121,6 +136,47 @@ class Tokenizer:
             eos_ids = (eos,) if eos is not None else ()
         return cls(tok, bos_id=bos_id, eos_ids=eos_ids, chat_template=_read_chat_template(model_dir, tc),
                    template_tokens=tokens)
+
+
+# Pieces of a tokenizer that never drop input text, and how much at most the normalizers
+# among them shrink it (Unicode composition: three Hangul jamo, 9 bytes, become one 3-byte
+# syllable). Anything else (Strip, BERT's whitespace split, fused unknowns, ...) can drop text
+# without bound, so no byte bound is taken for it.
+_KEEPING_NORMALIZERS = {"Prepend": 1, "NFC": 3, "NFKC": 3, "NFD": 1, "NFKD": 3, "Lowercase": 3}
+_KEEPING_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "Punctuation", "UnicodeScripts"}
+
+
+def _max_bytes_per_token(tok: tokenizers.Tokenizer) -> int | None:
+    spec = json.loads(tok.to_str())
+
+    def shrink(norm) -> int | None:
+        if norm is None:
+            return 1
+        kind = norm["type"]
+        if kind == "Sequence":
+            factors = [shrink(n) for n in norm["normalizers"]]
+            return None if None in factors else math.prod(factors)
+        if kind == "Replace":  # replacing with nothing drops text
+            return 1 if norm["content"] else None
+        return _KEEPING_NORMALIZERS.get(kind)
+
+    def keeps(pre) -> bool:
+        if pre is None:
+            return True
+        if pre["type"] == "Sequence":
+            return all(keeps(p) for p in pre["pretokenizers"])
+        if pre["type"] == "Split":
+            return pre["behavior"] != "Removed"
+        return pre["type"] in _KEEPING_PRE_TOKENIZERS
+
+    model = spec["model"]
+    factor = shrink(spec.get("normalizer"))
+    fuses = model.get("unk_token") is not None and model["type"] != "BPE" or (
+        model.get("fuse_unk") and not model.get("byte_fallback"))
+    if factor is None or not keeps(spec.get("pre_tokenizer")) or fuses:
+        return None
+    longest = max(len(t.encode("utf-8")) for t in tok.get_vocab(with_added_tokens=True))
+    return longest * factor
 
 
 def _token_id(tok: tokenizers.Tokenizer, token: str | None) -> int | None:

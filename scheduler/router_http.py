@@ -22,7 +22,7 @@ from typing import AsyncIterator, Callable
 from jinfer.request import RequestOutput, Usage
 from jinfer.sampling_params import SamplingParams
 from jinfer.serving import inference_pb2 as pb
-from jinfer.serving.frontend import ServingError
+from jinfer.serving.frontend import ServingError, check_prompt_text
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +113,19 @@ class RouterFrontend:
         if not any(rep.up for rep in links):
             raise ServingError("UNAVAILABLE", links.why_none_up())
 
+    def check_prompt_text(self, text: str, max_tokens: int) -> None:
+        """ServingError if the text cannot fit, from its bytes alone (before tokenizing)."""
+        check_prompt_text(self.tokenizer, text, max_tokens, self.info())
+
+    async def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+
     async def generate(self, prompt: str | list[int], params: SamplingParams, *, request_id: str | None = None,
                        tier: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yields the request's outputs (all samples, interleaved) until every sample finished;
         raises ServingError as RouterServer.generate does. Close it to abort the request."""
+        if isinstance(prompt, str):
+            self.check_prompt_text(prompt, params.max_tokens)
         request = generate_request(prompt, params, request_id or uuid.uuid4().hex, tier)
         http_loop = asyncio.get_running_loop()
         replies: asyncio.Queue = asyncio.Queue()

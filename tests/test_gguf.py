@@ -211,3 +211,12 @@ def test_a_gguf_file_loads_straight_into_tp_shards(small):
         w = get(sharded).get_value()
         assert len(w.sharding.device_set) == 2
         np.testing.assert_array_equal(np.asarray(w), np.asarray(get(plain).get_value()))
+
+
+def test_the_byte_bound_on_tokens_never_exceeds_the_token_count(files):
+    """Servers refuse prompts too long to fit from their bytes (Tokenizer.min_tokens); a bound
+    above the real count would refuse a valid prompt."""
+    tok = tokenizer_from_gguf(jg.open_gguf(files[1]))
+    assert tok.max_bytes_per_token is not None
+    for text in TEXTS + [t * 7 for t in TEXTS[:20]]:
+        assert tok.min_tokens(text) <= len(tok.encode(text, add_special_tokens=False)), text

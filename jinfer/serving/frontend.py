@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import threading
 import uuid
 from typing import AsyncIterator
@@ -25,6 +26,9 @@ from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import AdmissionRefused
 from jinfer.serving.engine_loop import EngineLoop, EngineUnavailable, Health
 
+BIG_PROMPT_CHARS = 32768
+"""Text prompts longer than this are tokenized apart from the others."""
+
 
 class ServingError(Exception):
     """A request the server will not serve; `code` is a grpc.StatusCode name."""
@@ -32,6 +36,19 @@ class ServingError(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code, self.message = code, message
+
+
+def check_prompt_text(tokenizer, text: str, max_tokens: int, info) -> None:
+    """Refuses (INVALID_ARGUMENT) a text prompt too long to fit, from its bytes alone, before
+    it is tokenized. No valid prompt is refused: no token stands for more than the tokenizer's
+    max_bytes_per_token bytes of text. info: max_model_len, num_pages and page_size."""
+    limit = min(info.max_model_len, info.num_pages * info.page_size)
+    at_least = tokenizer.min_tokens(text)
+    if at_least + max_tokens > limit:
+        raise ServingError("INVALID_ARGUMENT",
+                           f"prompt is {len(text.encode('utf-8', 'surrogatepass'))} bytes, so at least {at_least} "
+                           f"tokens (a token stands for at most {tokenizer.max_bytes_per_token} bytes): with "
+                           f"max_tokens={max_tokens} it cannot fit {limit} tokens (max_model_len or the KV pool)")
 
 
 class Frontend:
@@ -47,7 +64,10 @@ class Frontend:
         self._lock = threading.Lock()
         self._queued = 0  # samples admitted whose streams have not ended
         self._streams: dict[int, callable] = {}  # live stream -> its sink (fail_all reaches them)
+        # Small prompts never queue behind big ones: those take a pool of their own (one thread,
+        # which also bounds the memory big tokenizations hold at once).
         self._tokenize = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+        self._tokenize_big = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize-big")
 
     @property
     def num_queued_samples(self) -> int:
@@ -55,6 +75,7 @@ class Frontend:
 
     def close(self) -> None:
         self._tokenize.shutdown(wait=False, cancel_futures=True)
+        self._tokenize_big.shutdown(wait=False, cancel_futures=True)
 
     def info(self):
         """The engine's EngineInfo (vocab size, max_model_len, KV pages and page size)."""
@@ -105,9 +126,16 @@ class Frontend:
         except ValueError as e:
             raise ServingError("INVALID_ARGUMENT", str(e)) from None
 
-    async def encode(self, text: str) -> list[int]:
-        """The prompt's ids, tokenized on a worker thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._tokenize, self.tokenizer.encode, text)
+    def check_prompt_text(self, text: str, max_tokens: int) -> None:
+        """check_prompt_text against this engine's limits."""
+        check_prompt_text(self.tokenizer, text, max_tokens, self.info())
+
+    async def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """The prompt's ids, tokenized on a worker thread (prompts over BIG_PROMPT_CHARS on a
+        pool of their own)."""
+        pool = self._tokenize_big if len(text) > BIG_PROMPT_CHARS else self._tokenize
+        return await asyncio.get_running_loop().run_in_executor(
+            pool, functools.partial(self.tokenizer.encode, text, add_special_tokens=add_special_tokens))
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, *, request_id: str | None = None,
                        tier: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -119,7 +147,9 @@ class Frontend:
         """
         self.check_healthy()
         tier = self.resolve_tier(tier)
-        if not isinstance(prompt, str):  # a bad prompt is INVALID_ARGUMENT however full the server is
+        if isinstance(prompt, str):  # a bad prompt is INVALID_ARGUMENT however full the server is
+            self.check_prompt_text(prompt, params.max_tokens)
+        else:
             self._check_prompt(prompt, params)
         self._admit(params.n)
         request_id = request_id or uuid.uuid4().hex

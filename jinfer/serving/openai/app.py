@@ -55,6 +55,12 @@ class ApiFrontend(Protocol):
     def check_healthy(self) -> None:
         """ServingError unless the server can serve now."""
 
+    def check_prompt_text(self, text: str, max_tokens: int) -> None:
+        """ServingError if a text prompt cannot fit, judged from its bytes before tokenizing."""
+
+    async def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """The text's ids, tokenized off the caller's event loop."""
+
     def info(self):
         """An object with vocab_size, max_model_len, page_size and num_pages (KV pages)."""
 
@@ -204,10 +210,19 @@ class OpenAIApi:
         body = parse(ChatRequest, await self._body(request))
         self._check_model(body.model)
         messages = body.template_messages()
-        try:  # off this event loop: a long chat takes a while to render and tokenize
-            ids = await asyncio.to_thread(self._chat_ids, messages)
+        try:  # off this event loop: a long chat takes a while to render
+            text = await asyncio.to_thread(self.frontend.tokenizer.apply_chat_template, messages,
+                                           add_generation_prompt=True)
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from None
+        # A chat too long to fit is refused from its bytes, before it is tokenized; then the
+        # rendered text's bare ids, as HF's apply_chat_template(..., tokenize=True).
+        asked = next((m for m in (body.max_completion_tokens, body.max_tokens) if m is not None), 1)
+        try:
+            self.frontend.check_prompt_text(text, asked)
+        except ServingError as e:
+            raise ApiError(400, e.message, param="messages") from None
+        ids = await self.frontend.encode(text, add_special_tokens=False)
         info = self.frontend.info()
         room = min(info.max_model_len, info.num_pages * info.page_size) - len(ids)
         params = body.params(room)
@@ -216,8 +231,3 @@ class OpenAIApi:
         view = ChatView(f"chatcmpl-{request_id}", self.model, body, self.frontend.tokenizer)
         return _Generation(view, outputs, body.stream, ChatRequest.model_fields)
 
-    def _chat_ids(self, messages: list[dict]) -> list[int]:
-        """HF's apply_chat_template(..., tokenize=True): the rendered text's bare ids."""
-        tokenizer = self.frontend.tokenizer
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return tokenizer.encode(text, add_special_tokens=False)

@@ -47,7 +47,7 @@ class ApiError(Exception):
 
 
 def _param(message: str, fields) -> str | None:
-    match = re.match(r"(?:unknown )?([a-z_]+)[=\[]", message)
+    match = re.match(r"(?:unknown )?([a-z_]+)(?:[=\[]| is )", message)
     return match.group(1) if match and match.group(1) in fields else None
 
 
