@@ -54,21 +54,25 @@ class SamplingParams:
                 raise ValueError(f"{name}={value!r} must be an integer")
             object.__setattr__(self, name, int(value))
         if not 0 <= self.temperature <= FLOAT32_MAX:
-            raise ValueError(f"temperature={self.temperature} must be finite, >= 0 and <= {FLOAT32_MAX:.4g} "
+            raise ValueError(f"temperature={self.temperature} must be finite and >= 0, at most {FLOAT32_MAX:.4g} "
                              "(the float32 range the sampler computes in)")
-        if not 0 <= self.top_k <= INT32_MAX:
-            raise ValueError(f"top_k={self.top_k} must be in [0, 2**31) (0 disables it)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables it)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p={self.min_p} must be in [0, 1]")
-        if not 0 < self.n <= INT32_MAX:
-            raise ValueError(f"n={self.n} must be in [1, 2**31)")
-        if not 0 < self.max_tokens <= INT32_MAX:
-            raise ValueError(f"max_tokens={self.max_tokens} must be in [1, 2**31)")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
-                                      or not 0 <= self.seed <= INT32_MAX):
-            raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2**31)")
+        for name in ("n", "max_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        for name in ("top_k", "n", "max_tokens"):
+            if getattr(self, name) > INT32_MAX:
+                raise ValueError(f"{name}={getattr(self, name)} must be < 2**31 (the step holds it in int32)")
+        if self.seed is not None:
+            if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+                raise ValueError(f"seed={self.seed!r} must be an integer")
+            if not 0 <= self.seed <= INT32_MAX:
+                raise ValueError(f"seed={self.seed} must be in [0, 2**31)")
         bad = [i for i, t in enumerate(self.stop_token_ids)
                if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t <= INT32_MAX]
         if bad:

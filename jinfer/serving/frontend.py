@@ -42,13 +42,15 @@ def check_prompt_text(tokenizer, text: str, max_tokens: int, info) -> None:
     """Refuses (INVALID_ARGUMENT) a text prompt too long to fit, from its bytes alone, before
     it is tokenized. No valid prompt is refused: no token stands for more than the tokenizer's
     max_bytes_per_token bytes of text. info: max_model_len, num_pages and page_size."""
-    limit = min(info.max_model_len, info.num_pages * info.page_size)
+    pool = info.num_pages * info.page_size
+    limit = min(info.max_model_len, pool)
     at_least = tokenizer.min_tokens(text)
     if at_least + max_tokens > limit:
+        what = f"max_model_len={info.max_model_len}" if limit == info.max_model_len else f"the KV pool ({pool} tokens)"
         raise ServingError("INVALID_ARGUMENT",
                            f"prompt is {len(text.encode('utf-8', 'surrogatepass'))} bytes, so at least {at_least} "
                            f"tokens (a token stands for at most {tokenizer.max_bytes_per_token} bytes): with "
-                           f"max_tokens={max_tokens} it cannot fit {limit} tokens (max_model_len or the KV pool)")
+                           f"max_tokens={max_tokens} it exceeds {what}; refused before tokenizing")
 
 
 class Frontend:
