@@ -329,6 +329,15 @@ class ServingConfig:
     """Interface the metrics endpoint binds."""
     shutdown_grace_s: float = 10.0
     """On shutdown, in-flight streams get this long to finish before they are cancelled."""
+    http_header_timeout_s: float = 10.0
+    """An HTTP connection that has not sent a request's complete headers this long after it
+    opened (or after the request's first byte, on a kept-alive one) is closed."""
+    http_keep_alive_timeout_s: float = 15.0
+    """An idle kept-alive HTTP connection is closed after this long (above the 5 s after which
+    httpx, and so the openai client, drops its own idle ones, so the client closes first)."""
+    http_max_connections: int = 1024
+    """Open HTTP connections beyond this many are answered 503 (OpenAI error body,
+    `too_many_connections`) and closed; keep the process's open-file limit above it."""
 
     def __post_init__(self):
         if self.max_queued_requests < 1:
@@ -356,6 +365,11 @@ class ServingConfig:
             raise ValueError(f"metrics_port={self.metrics_port} must be in [0, 65535] or None")
         if self.shutdown_grace_s < 0:
             raise ValueError(f"shutdown_grace_s={self.shutdown_grace_s} must be >= 0")
+        for name in ("http_header_timeout_s", "http_keep_alive_timeout_s"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name}={getattr(self, name)} must be a finite number of seconds > 0")
+        if self.http_max_connections < 1:
+            raise ValueError(f"http_max_connections={self.http_max_connections} must be >= 1")
 
     @property
     def tier_table(self) -> tuple[Tier, ...]:

@@ -16,7 +16,9 @@ Synthetic prompts are random token ids from the server's vocabulary, so lengths 
 Reports throughput, TTFT / TPOT / latency mean and p50/p90/p99 overall and per tier, and per
 tier with an --slo (or, without one, the targets the server gives the tier) the SLO attainment
 and goodput (requests meeting both targets per second). Against a gRPC server it also prints
-the server's own count over the run (GetServerStats): finished, met and missed per tier.
+the server's own count over the run (GetServerStats): finished, met and missed per tier. Over
+HTTP it first times --small_requests 1-token completions on one kept-alive connection (the
+`small_request` row): a few ms on a healthy server, +40 ms when responses wait behind Nagle.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ flags.DEFINE_bool("ignore_eos", True, "Generate exactly max_tokens (synthetic pr
 flags.DEFINE_float("temperature", 0.0, "Sampling temperature of every request (0: greedy).", lower_bound=0)
 flags.DEFINE_integer("max_concurrency", 0, "Cap on requests in flight from this client; 0: none.", lower_bound=0)
 flags.DEFINE_float("timeout_s", 600.0, "Deadline of each request.", lower_bound=0)
+flags.DEFINE_integer("small_requests", 20, "Over HTTP: 1-token completions timed one after another on one "
+                     "kept-alive connection before the run (0: none).", lower_bound=0)
 flags.DEFINE_integer("seed", 0, "Seed of the workload (lengths, ids, groups, tiers, arrivals).")
 flags.DEFINE_string("result_file", "", "Write settings, server info, summary and every request as JSON.")
 flags.DEFINE_string("plot", "", "Write latency CDFs per tier to this image (needs matplotlib: "
@@ -153,13 +157,13 @@ def main(argv):
     run = bm.replay(FLAGS.target, items, token=FLAGS.token or None, root_cert=FLAGS.root_cert or None,
                     ignore_eos=FLAGS.ignore_eos, temperature=FLAGS.temperature,
                     max_concurrency=FLAGS.max_concurrency, progress=FLAGS.progress,
-                    timeout_s=FLAGS.timeout_s or None)
+                    timeout_s=FLAGS.timeout_s or None, small_requests=FLAGS.small_requests)
     summary = bm.summarize(run, slos)
     print(bm.format_report(summary))
     if FLAGS.result_file:
         settings = {name: FLAGS[name].value for name in ("workload", "trace", "num_requests", "input_len",
                     "output_len", "spread", "num_groups", "prefix_len", "zipf_a", "turns", "system_len", "tiers",
-                    "rate", "slo", "ignore_eos", "temperature", "max_concurrency", "seed")}
+                    "rate", "slo", "ignore_eos", "temperature", "max_concurrency", "seed", "small_requests")}
         settings["rate"] = None if math.isinf(settings["rate"]) else settings["rate"]
         with open(FLAGS.result_file, "w") as f:
             json.dump(bm.result_json(run, summary, settings), f, indent=1)

@@ -8,6 +8,11 @@ error) counts as completed-with-error and misses every SLO. SLO attainment is th
 tier's requests meeting both its TTFT and TPOT targets; goodput is how many of them per second
 of the run.
 
+Over HTTP it first times `small_requests` 1-token completions, not streamed, one after another
+on one kept-alive connection (the `small_request` row of the report): what a short call costs
+beyond the engine's step, where a server that holds a response's body back for the client's
+delayed ACK (Nagle) shows as +40 ms.
+
 Over gRPC the server's own count is read too (GetServerStats before and after the run, the
 difference): what it finished, met and missed per tier by its own clock and its tiers'
 targets. Its TTFT starts at the engine's queue and ends before the network, so it is shorter
@@ -19,8 +24,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import ssl
 import time
 
+import httpx
 import numpy as np
 
 from jinfer.serving.bench_targets import SERVER_COUNTS, RequestFailed, connect
@@ -115,6 +122,7 @@ class Run:
     duration_s: float
     server: dict
     server_stats: dict | None = None  # tier -> the server's counts over the run (server_delta); None: not asked
+    small_request_s: list[float] = dataclasses.field(default_factory=list)  # each small request's seconds
 
 
 def server_delta(before: dict | None, after: dict | None, duration_s: float) -> dict | None:
@@ -145,11 +153,35 @@ def server_info(target: str, *, token: str | None = None, root_cert: str | None 
     return asyncio.run(ask())
 
 
+async def _small_requests(target: str, model: str, n: int, *, token, root_cert) -> list[float]:
+    """Seconds each of n 1-token completions (not streamed) took, sent one after another on one
+    kept-alive connection of the HTTP API (after one more that opens it); RequestFailed if one
+    is refused."""
+    verify = ssl.create_default_context(cafile=root_cert) if root_cert else True
+    body = {"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
+    times = []
+    async with httpx.AsyncClient(base_url=target.rstrip("/"), verify=verify, limits=httpx.Limits(max_connections=1),
+                                 headers={"authorization": f"Bearer {token}"} if token else {}, timeout=30) as client:
+        for _ in range(n + 1):
+            start = time.perf_counter()
+            try:
+                response = await client.post("/v1/completions", json=body)
+            except httpx.HTTPError as e:
+                raise RequestFailed(f"{type(e).__name__}: {e}") from None
+            times.append(time.perf_counter() - start)
+            if response.status_code != 200:
+                raise RequestFailed(f"HTTP {response.status_code}: {response.text[:200]}")
+    return times[1:]
+
+
 async def _replay(target: str, items: list[WorkItem], *, token, root_cert, ignore_eos, temperature,
-                  max_concurrency, progress, timeout_s) -> Run:
+                  max_concurrency, progress, timeout_s, small_requests) -> Run:
     client = connect(target, token, root_cert)
     try:
         info = await client.info()
+        small = []
+        if small_requests and info.get("protocol") == "http":
+            small = await _small_requests(target, info["model"], small_requests, token=token, root_cert=root_cert)
         stats_before = await client.stats()
         first_tier = info["tiers"][0] if info["tiers"] else ""
         results = [Result(i, it.tier or first_tier, it.session, it.group, it.arrival_s) for i, it in enumerate(items)]
@@ -223,21 +255,25 @@ async def _replay(target: str, items: list[WorkItem], *, token, root_cert, ignor
         stats = server_delta(stats_before, await client.stats(), duration)
     finally:
         await client.close()
-    return Run(results, duration, info, stats)
+    return Run(results, duration, info, stats, small)
 
 
 def replay(target: str, items: list[WorkItem], *, token: str | None = None, root_cert: str | None = None,
            ignore_eos: bool = True, temperature: float = 0.0, max_concurrency: int = 0,
-           progress: bool = True, timeout_s: float | None = None) -> Run:
+           progress: bool = True, timeout_s: float | None = None, small_requests: int = 20) -> Run:
     """Sends every item at its arrival time; returns what each request saw. `target`: host:port
     of a gRPC server (or router), or the http(s):// URL of a server's OpenAI-compatible API.
     max_concurrency > 0 caps requests in flight on the client (0: no cap, the server's
-    admission control decides). RequestFailed if the server cannot be asked what it serves."""
+    admission control decides). small_requests: over HTTP, how many 1-token completions to
+    time on one kept-alive connection before the run (0: none). RequestFailed if the server
+    cannot be asked what it serves or refuses a small request."""
     if not items:
         raise ValueError("the workload is empty")
+    if small_requests < 0:
+        raise ValueError(f"{small_requests=} must be >= 0")
     return asyncio.run(_replay(target, items, token=token, root_cert=root_cert, ignore_eos=ignore_eos,
                                temperature=temperature, max_concurrency=max_concurrency, progress=progress,
-                               timeout_s=timeout_s))
+                               timeout_s=timeout_s, small_requests=small_requests))
 
 
 def _stats(values) -> dict:
@@ -283,6 +319,8 @@ def summarize(run: Run, slos: dict[str, Slo] | None = None) -> dict:
             t["attainment"] = met / len(rs) if rs else None
             t["goodput_rps"] = met / dur
         summary["tiers"][tier] = t
+    if run.small_request_s:
+        summary["small_request_ms"] = {"requests": len(run.small_request_s), **_stats(run.small_request_s)}
     if run.server_stats is not None:
         summary["server"] = run.server_stats
     return summary
@@ -309,6 +347,10 @@ def format_report(summary: dict) -> str:
             st = block[metric]
             lines.append(f"| {name} | {block['requests']} | {metric[:-3]} | {_fmt(st['mean'])} | {_fmt(st['p50'])} | "
                          f"{_fmt(st['p90'])} | {_fmt(st['p99'])} |")
+    if "small_request_ms" in s:  # 1-token completions on one kept-alive connection, before the run
+        st = s["small_request_ms"]
+        lines.append(f"| one connection | {st['requests']} | small_request | {_fmt(st['mean'])} | {_fmt(st['p50'])} | "
+                     f"{_fmt(st['p90'])} | {_fmt(st['p99'])} |")
     judged = {k: v for k, v in s["tiers"].items() if "slo" in v}
     if judged:
         lines += ["", "| tier | SLO ttft ms | SLO tpot ms | attainment | goodput req/s |", "|---|---:|---:|---:|---:|"]

@@ -180,8 +180,7 @@ class Server:
     def start(self) -> "Server":
         cfg = self.config
         if cfg.http_port is not None:  # bound first: a taken port fails before anything runs
-            self._http = HttpHost(OpenAIApi(self.frontend, cfg).app, cfg.host, cfg.http_port,
-                                  ssl_certfile=cfg.tls_cert, ssl_keyfile=cfg.tls_key)
+            self._http = HttpHost.from_config(OpenAIApi(self.frontend, cfg).app, cfg)
             self.http_port = self._http.port
         if self.metrics is not None:
             self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.metrics_host)

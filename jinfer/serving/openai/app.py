@@ -71,15 +71,20 @@ def error_response(error: ApiError) -> JSONResponse:
 
 
 class _BearerAuth:
-    """Every path but /health needs `Authorization: Bearer <token>` (401 otherwise)."""
+    """Every path but /health needs exactly one `Authorization: Bearer <token>` header (401
+    otherwise; 400 for several, which proxies and frameworks would each judge by a different one)."""
 
     def __init__(self, app, token: str):
         self.app, self._expected = app, f"Bearer {token}".encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] != "/health":
-            got = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(got, self._expected):
+            got = [value for name, value in scope["headers"] if name == b"authorization"]
+            if len(got) > 1:
+                error = ApiError(400, f"the request has {len(got)} Authorization headers; send exactly one",
+                                 code="invalid_api_key")
+                return await error_response(error)(scope, receive, send)
+            if not hmac.compare_digest(got[0] if got else b"", self._expected):
                 error = ApiError(401, "missing or wrong bearer token: send Authorization: Bearer <token>",
                                  code="invalid_api_key")
                 return await error_response(error)(scope, receive, send)
