@@ -381,6 +381,28 @@ class Engine:
         cache = self.scheduler.prefix_cache
         return cache.clear() if cache is not None else 0
 
+    def reset(self) -> None:
+        """Forgets every request and the prefix cache: no request queued or running, every KV
+        page free. The weights, the KV pool's arrays, the compiled steps, the policy and the
+        speculation counters stay, so nothing recompiles. A step in flight is dropped unread.
+
+        For a server whose engine loop crashed: the books may be half-updated, so they are
+        replaced by a fresh scheduler rather than unwound request by request (a new prefix
+        cache has no eviction log: take a new one with eviction_log())."""
+        old = self.scheduler
+        try:  # the drafter and draft budget hear that these requests ended, if the old books allow
+            old.abort([r for group in self._groups.values() for r in group])
+        except Exception:  # noqa: BLE001 - their pages go with the old scheduler anyway
+            pass
+        fresh = Scheduler(self.runner.cache_cfg, self.sched_cfg, self.runner.num_pages, old.policy,
+                          old.drafter, old.max_spec_tokens, old.budget)
+        fresh.trees, fresh.token_limit, fresh.spec = old.trees, old.token_limit, old.spec
+        if hasattr(old.policy, "bind"):  # a policy reading the books (its prefix cache) follows them
+            old.policy.bind(fresh)
+        self.scheduler = fresh
+        self._groups, self._detok = {}, {}
+        self._inflight, self._held_outputs = None, []
+
     def is_unfinished(self, request_id: str) -> bool:
         """Whether some sample of the request is still queued or running."""
         return request_id in self._groups

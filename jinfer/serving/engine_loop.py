@@ -7,15 +7,25 @@ step that fails is reported to every waiting stream. The loop also says whether 
 (`health()`): a loop whose thread died, or whose step has run past the stall timeout, is not,
 and the server turns NOT_SERVING and fails the streams waiting on it.
 
+A loop that raises (a bug outside any one request: a listener, the engine's books) is restarted:
+every stream it served and every queued command fail with EngineUnavailable saying so, the
+engine is reset (Engine.reset: no request, every page free, the prefix cache empty; weights and
+compiled steps kept) and a new thread takes over; health stays SERVING. Past `max_restarts`
+crashes within `restart_window_s` it stays DEAD, so a crash that recurs does not spin. A
+KeyboardInterrupt or SystemExit ends it DEAD at once, and a step that never returns (STALLED)
+cannot be restarted: the thread is still inside it.
+
 Listeners (the server's Goodput ledger, its Prometheus metrics) hear the engine's life on this
 thread, each through the hooks it has: on_admit(request_id, tier, n), on_refused(tier, n) (the
 policy's admission check said no), on_outputs(outputs) after each step, on_done(request_id)
-when a request leaves (finished or aborted), and update_engine(engine) after each step (before
-its outputs go out) and before the loop waits for work.
+when a request leaves (finished or aborted), update_engine(engine) after each step (before
+its outputs go out) and before the loop waits for work, and on_restart(reason) when the loop
+restarts after a crash (reason: the exception's class name).
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import enum
@@ -32,15 +42,20 @@ from jinfer.scheduling import AdmissionRefused
 
 log = logging.getLogger(__name__)
 
+MAX_RESTARTS = 3
+"""Restarts a crashed loop gets within any RESTART_WINDOW_S seconds; the crash after them ends it DEAD."""
+RESTART_WINDOW_S = 600.0
+
 
 class EngineUnavailable(RuntimeError):
-    """The engine loop is dead or wedged: nothing submitted to it will be served."""
+    """The engine loop is dead or wedged, or restarted while the request was in it: it will not
+    be served."""
 
 
 class Health(enum.Enum):
     SERVING = "serving"
     STALLED = "stalled"  # one step has run past the stall timeout
-    DEAD = "dead"  # the loop's thread ended without stop()
+    DEAD = "dead"  # the loop's thread ended without stop() and was not restarted
 
 
 class _Watcher:
@@ -92,18 +107,25 @@ class EngineLoop:
     (a leaf and its parents evicted in one step: one (tokens, keep) entry).
     """
 
-    def __init__(self, engine, listeners=(), stall_timeout_s: float = math.inf):
+    def __init__(self, engine, listeners=(), stall_timeout_s: float = math.inf,
+                 max_restarts: int = MAX_RESTARTS, restart_window_s: float = RESTART_WINDOW_S):
+        """max_restarts, restart_window_s: a crashed loop restarts unless it has already been
+        restarted max_restarts times in the last restart_window_s seconds (0: never restarts)."""
         self.engine = engine
         self.listeners = tuple(listeners)  # Goodput, ServerMetrics; touched only on the engine thread
         self.stall_timeout_s = stall_timeout_s
+        self.max_restarts, self.restart_window_s = max_restarts, restart_window_s
+        self.restarts = 0  # since start
+        self._restarted_at: collections.deque[float] = collections.deque()  # monotonic, within the window
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, callable] = {}
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._watchers: list[_Watcher] = []
         self._watch_lock = threading.Lock()  # the list; unwatch comes from other threads
-        self._dead: BaseException | None = None  # why the thread ended, once it has
+        self._dead: EngineUnavailable | None = None  # what everything hears once the thread has ended
         self._dead_lock = threading.Lock()  # orders "is it dead?" + put against death's last drain
+        self._thread_lock = threading.Lock()  # orders a restart's new thread against stop()
         self._step_started: float | None = None  # monotonic time the running step began
         # Not yet published; nobody listening: not even the token path of an eviction is built.
         self._evictions = engine.eviction_log(wanted=lambda: bool(self._watchers))
@@ -112,7 +134,8 @@ class EngineLoop:
         self._thread.start()
 
     def stop(self) -> None:
-        self._stopped.set()
+        with self._thread_lock:  # a restart under way now starts no thread, or one joined here
+            self._stopped.set()
         self._commands.put(_Wake())
         self._thread.join()
         self.engine.stop_warmup(timeout=120)
@@ -122,7 +145,8 @@ class EngineLoop:
         return len(self._sinks)
 
     def health(self) -> Health:
-        """DEAD once the thread has ended unasked; STALLED while a step runs past the timeout."""
+        """DEAD once the thread has ended unasked and was not restarted; STALLED while a step
+        runs past the timeout."""
         if self._dead is not None:
             return Health.DEAD
         started = self._step_started
@@ -136,10 +160,10 @@ class EngineLoop:
             if self._dead is None:
                 self._commands.put(cmd)
                 return
-        self._refuse(cmd)
+        self._refuse(cmd, self._dead)
 
-    def _refuse(self, cmd) -> None:
-        error = EngineUnavailable(f"the engine loop has stopped ({self._dead!r})")
+    @staticmethod
+    def _refuse(cmd, error: EngineUnavailable) -> None:
         match cmd:
             case _Add() | _ResetPrefixCache():
                 if cmd.done.set_running_or_notify_cancel():
@@ -256,24 +280,83 @@ class EngineLoop:
         try:
             while not self._stopped.is_set():
                 self._iterate()
-        except BaseException as e:  # noqa: BLE001 - recorded, then every waiting stream hears
+        except Exception as e:  # noqa: BLE001 - a bug outside any one request: start over, if allowed
+            self._crashed(e)
+        except BaseException as e:  # noqa: BLE001 - asked to end (KeyboardInterrupt, SystemExit): not restarted
             log.exception("engine loop died")
             self._die(e)
 
-    def _die(self, cause: BaseException) -> None:
+    def _crashed(self, cause: Exception) -> None:
+        """The loop raised: restart it on a fresh engine, or end it DEAD past the restart bound."""
+        now = time.monotonic()
+        while self._restarted_at and now - self._restarted_at[0] > self.restart_window_s:
+            self._restarted_at.popleft()
+        if len(self._restarted_at) >= self.max_restarts:
+            log.exception("engine loop crashed after %d restart(s) within %g s: not restarting it; health "
+                          "stays NOT_SERVING until the server is restarted", len(self._restarted_at),
+                          self.restart_window_s)
+            self._die(cause, f"; it crashed after {len(self._restarted_at)} restart(s) within "
+                             f"{self.restart_window_s:g} s, so it was not restarted")
+            return
+        if not hasattr(self.engine, "reset"):
+            log.exception("engine loop crashed and %s cannot be reset: not restarting it",
+                          type(self.engine).__name__)
+            self._die(cause)
+            return
+        log.exception("engine loop crashed: failing its requests and restarting it on a fresh engine state")
+        try:
+            self._restart(cause)
+        except Exception as e:  # noqa: BLE001 - the engine would not reset: nothing left to serve with
+            log.exception("engine loop could not restart")
+            self._die(e)
+
+    def _restart(self, cause: Exception) -> None:
+        """Resets the engine, fails what the crashed loop held and starts a new thread (on the
+        crashed one, which ends after)."""
+        self.engine.reset()  # first: if it raises, the requests hear that the loop stopped
+        self._fail_everything(EngineUnavailable(
+            f"the engine loop restarted after an internal error ({cause!r}) while this request was in it; "
+            "retry it"))
+        # The new prefix cache needs its own log; the watchers that knew the old one were ended.
+        self._evictions = self.engine.eviction_log(wanted=lambda: bool(self._watchers))
+        self._restarted_at.append(time.monotonic())
+        self.restarts += 1
+        self._guarded(self._tell, "on_restart", type(cause).__name__)
+        with self._thread_lock:
+            if self._stopped.is_set():
+                return
+            self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+            self._thread.start()
+        log.warning("engine loop restarted on a fresh engine state (%d restart(s) since start)", self.restarts)
+
+    def _die(self, cause: BaseException, why: str = "") -> None:
         """The loop is gone: fail every stream it served and everything still queued."""
+        error = EngineUnavailable(f"the engine loop has stopped ({cause!r}){why}")
         with self._dead_lock:
-            self._dead = cause
-        error = EngineUnavailable(f"the engine loop has stopped ({cause!r})")
-        sinks, self._sinks = list(self._sinks.values()), {}
-        for sink in sinks:
-            sink(error)
-        self.end_watches()
+            self._dead = error
+        self._fail_everything(error)
+
+    def _fail_everything(self, error: EngineUnavailable) -> None:
+        """Fails every stream the loop serves and every queued command with `error`, and ends
+        the watch streams. A listener or sink that raises is logged; the rest still hear."""
+        sinks, self._sinks = self._sinks, {}
+        for request_id, sink in sinks.items():
+            self._guarded(self._tell, "on_done", request_id)
+            self._guarded(sink, error)
+        self._guarded(self.end_watches)
         while True:
             try:
-                self._refuse(self._commands.get_nowait())
+                cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
+            self._guarded(self._refuse, cmd, error)
+
+    @staticmethod
+    def _guarded(fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception:  # noqa: BLE001 - failing the others matters more
+            log.exception("engine loop: %s failed while failing requests", getattr(fn, "__name__", fn))
 
     def _iterate(self) -> None:
         busy = self.engine.has_unfinished()

@@ -29,6 +29,22 @@ def clip_details(details: str) -> str:
     return details[:MAX_DETAILS_CHARS] + f"... ({len(details)} chars)"
 
 
+async def abort(context, code: grpc.StatusCode, details: str) -> None:
+    """context.abort(code, details), quiet when the call has already ended.
+
+    A call whose deadline passes (or whose client leaves) just as the handler answers has no
+    one to send a status to: gRPC fails the send and, unless the news of the call's end reached
+    Python first, logs that as an ERROR with a traceback. It is an expected event, so it is
+    logged here at DEBUG and the handler ends as a cancelled call does (gRPC logs that at DEBUG
+    too). Like context.abort, this never returns."""
+    try:
+        await context.abort(code, details)
+    except grpc.aio.InternalError as e:  # the core refused to send the status: the call is over
+        why = "its deadline had passed" if context.time_remaining() == 0 else "its client had left"
+        log.debug("%s not sent, %s (%s)", code.name, why, e)
+        raise asyncio.CancelledError from None
+
+
 class Undecodable:
     """What a handler receives instead of a request whose bytes did not parse."""
 
@@ -50,8 +66,8 @@ def _safe_parser(cls):
 def _guarded(method, streaming: bool):
     """method, answering an Undecodable request INVALID_ARGUMENT before it runs."""
     async def refuse(request, context):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                            clip_details(f"request could not be decoded: {request.error}"))
+        await abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                    clip_details(f"request could not be decoded: {request.error}"))
 
     if streaming:
         async def stream(request, context):
@@ -94,7 +110,7 @@ class BearerAuth(grpc.aio.ServerInterceptor):
         self._expected = f"Bearer {token}"
 
         async def deny(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+            await abort(context, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
         self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
         self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)

@@ -112,6 +112,8 @@ class ServerMetrics:
                                      "Accepted / drafted tokens since start.", registry=r)
         self.spec_mean_accepted = Gauge("jinfer_spec_mean_accepted_tokens",
                                         "Accepted draft tokens per verification since start.", registry=r)
+        self.engine_restarts = Counter("jinfer_engine_restarts", "Engine-loop restarts after a crash, by the "
+                                       "class of the exception that crashed it.", ["reason"], registry=r)
         self._spec_seen = None  # the engine's last SpecStats, for counter increments
         self._window_s = window_s
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
@@ -152,6 +154,9 @@ class ServerMetrics:
 
     def on_done(self, request_id: str) -> None:
         self._tiers.pop(request_id, None)
+
+    def on_restart(self, reason: str) -> None:
+        self.engine_restarts.labels(reason).inc()
 
     def update_engine(self, engine, now: float | None = None) -> None:
         """Gauges from the engine's state, and the derived rates (after on_outputs)."""

@@ -6,8 +6,9 @@ The engine loop (engine_loop.py) owns the engine; the frontend (frontend.py) adm
 and streams their outputs; this file turns Generate calls into frontend calls and hosts them
 (grpc_host.py). Requests that fail validation are answered INVALID_ARGUMENT with a message that
 names the field and never touch the engine's state; a full queue answers RESOURCE_EXHAUSTED;
-a dead or stalled engine turns health NOT_SERVING and answers UNAVAILABLE; a client that goes
-away aborts its request, freeing its pages.
+a dead or stalled engine turns health NOT_SERVING and answers UNAVAILABLE (an engine loop that
+crashes is restarted and serves on, its requests in flight failed UNAVAILABLE: engine_loop.py);
+a client that goes away aborts its request, freeing its pages.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from jinfer.serving import inference_pb2_grpc as pb_grpc
 from jinfer.serving.engine_loop import EngineLoop, Health
 from jinfer.serving.frontend import Frontend, ServingError
 from jinfer.serving.goodput import Goodput, GoodputStats
-from jinfer.serving.grpc_host import GrpcHost, add_service, clip_details  # noqa: F401  (GrpcHost: the router's)
+from jinfer.serving.grpc_host import GrpcHost, abort, add_service, clip_details  # noqa: F401  (GrpcHost: the router's)
 from jinfer.serving.metrics import ServerMetrics
 from jinfer.serving.openai import HttpHost, OpenAIApi
 
@@ -115,12 +116,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 async for out in stream:
                     yield _response(request_id, out)
         except ServingError as e:
-            await context.abort(grpc.StatusCode[e.code], clip_details(e.message))
+            await abort(context, grpc.StatusCode[e.code], clip_details(e.message))
     async def WatchReplica(self, request, context):
         interval = request.min_interval_s or 0.05
         if not 0 < interval <= 3600:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"min_interval_s={request.min_interval_s} must be in (0, 3600]")
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                        f"min_interval_s={request.min_interval_s} must be in (0, 3600]")
         aio_loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         watcher = self.loop.watch(lambda item: aio_loop.call_soon_threadsafe(events.put_nowait, item), interval)
@@ -232,7 +233,8 @@ class Server:
 
     async def _watch_engine(self) -> None:
         """Health follows the engine loop: NOT_SERVING (and every open stream fails with
-        UNAVAILABLE) while it is dead or stalled; SERVING again when a stalled step ends."""
+        UNAVAILABLE) while it is dead or stalled; SERVING again when a stalled step ends. A loop
+        that crashed and restarted never reads dead here: it failed its own streams."""
         period = min(1.0, self.config.engine_stall_timeout_s / 4)
         serving = True
         while True:
