@@ -15,7 +15,7 @@ from jinfer.attention import MAX_TREE_TOKENS, default_attention_backend, get_bac
 from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig, Tier
 from jinfer.models.llama import set_attention_backend
 from jinfer.detokenizer import IncrementalDetokenizer
-from jinfer.errors import StepFailed, shorten
+from jinfer.errors import PlanRejected, StepFailed, shorten
 from jinfer.kv_cache import KVCache
 from jinfer.prefix_cache import EvictionLog
 from jinfer.request import Request, RequestOutput, Status, Usage
@@ -430,12 +430,11 @@ class Engine:
         if plan.seqs:
             reqs = [self._request(seq.request_id) for seq in plan.seqs]
             try:
-                prepared = self.runner.prepare(plan)
-            except Exception as e:
+                launched = (plan, reqs, self.runner.dispatch(plan))
+            except PlanRejected as e:
                 self._held_outputs = outputs + self._held_outputs  # the next step returns them
                 self.scheduler.unplan(plan, reqs)
-                raise self._blame(plan, e) from e
-            launched = (plan, reqs, self.runner.dispatch(plan, prepared))
+                raise self._blame(plan, e.__cause__) from e
         done, self._inflight = self._inflight, launched
         outputs += self._postprocess(*done) if done else []
         drafted = any(seq.num_draft for seq in plan.seqs)

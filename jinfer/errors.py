@@ -12,6 +12,11 @@ def shorten(value, limit: int = 80) -> str:
     return f"{text[:limit]}... ({len(text)} chars)"
 
 
+class PlanRejected(RuntimeError):
+    """The runner could not build a step from a plan (its host arrays); nothing was launched,
+    so the plan can be undone. The cause is chained (__cause__)."""
+
+
 class StepFailed(RuntimeError):
     """A step failed on the host before it was launched, and the requests it was built from
     are named: `culprits` maps each public request id to why it cannot be stepped. The step

@@ -18,6 +18,7 @@ from flax import nnx
 
 from jinfer.attention import TREE_WORDS, AttentionMetadata, tree_bits_from_parents
 from jinfer.config import CacheConfig, SchedulerConfig
+from jinfer.errors import PlanRejected
 from jinfer.kv_cache import KVCache
 from jinfer.sampling import SamplingArrays, sample
 from jinfer.scheduling import PENDING, StepPlan
@@ -340,13 +341,16 @@ class ModelRunner:
         md = AttentionMetadata(cu, kv_lens, table, np.array([n_seqs], np.int32), decode_only, tree_bits)
         return (t, s, decode_only), (ids, feed, pos, md, logits_idx, SamplingArrays.from_rows(rows, r))
 
-    def dispatch(self, plan: StepPlan, prepared=None):
+    def dispatch(self, plan: StepPlan):
         """Enqueues the plan's step on the device and returns at once (JAX async dispatch).
 
         The result is a handle for fetch(); the next plan may already use this one's samples.
-        prepared: prepare(plan), if the caller already built it.
+        PlanRejected if the plan cannot be built into a step's arrays (nothing was launched).
         """
-        key, args = prepared if prepared is not None else self.prepare(plan)
+        try:
+            key, args = self.prepare(plan)
+        except Exception as e:
+            raise PlanRejected(f"the plan could not be built into a step: {e!r}") from e
         fn = self._compiled.get(key)
         self.compiled_last = key not in self._seen  # this step (likely) compiled: its time is not a step's
         self._seen.add(key)
