@@ -106,7 +106,19 @@ def test_one_grpc_endpoint_serves_an_adaptive_group(expected, instances):
                             initial=Partition.parse(" + ".join(["tp2:batch"] * 4)))
     control = NitsumControl(controller)
     assert list(control.sizes) == instances.sizes
-    group = InstanceGroup(instances, control)
+    # Windows close on arrivals, not on a clock a fast machine could finish every request
+    # within: time stands still until an interactive request arrives, then moves one window
+    # on, so the step after its arrival closes the (only) window, which counts it.
+    now = [0.0]
+    group = InstanceGroup(instances, control, clock=lambda: now[0])
+    add = group.add_request
+
+    def add_request(prompt, params=None, request_id=None, priority=0, tier=None):
+        if tier is not None and tier.name == "interactive":
+            now[0] = controller.window_s
+        return add(prompt, params, request_id=request_id, priority=priority, tier=tier)
+
+    group.add_request = add_request
     srv = Server(group, ServingConfig(tiers=("interactive:10000:1000:4", "batch:60000:5000"))).start()
     try:
         with Client(f"127.0.0.1:{srv.port}") as c:

@@ -22,6 +22,7 @@ from jinfer.tokenizer import Tokenizer
 from scheduler.cost_model import analytic_7b_h100
 from scheduler.live import RouterConfig, RouterServer
 from scheduler.routing import E2Options
+from tests.serving_util import HANG_S, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGE, PAGES = 16, 24  # 384 tokens of KV per replica: a few prompts fill it
@@ -34,7 +35,9 @@ EXPLOIT_ONLY = E2Options(rebalance=False, replicate=False, pd_balance=False)
 # The victim runs 4 requests at once (more queue) and has room for them without preemption.
 VICTIM_ARGS = [a for a in REPLICA_ARGS if not a.startswith(("--config.cache.num_pages=", "--config.scheduler.max_num_seqs="))]
 VICTIM_ARGS += ["--config.cache.num_pages=80", "--config.scheduler.max_num_seqs=4"]
-FAST_FAILOVER = dict(report_interval_s=0.01, health_interval_s=0.1, health_timeout_s=1.0, health_failures=2)
+# Health checks often, so a hung replica is found in seconds; each may take 3 s, so a healthy
+# replica on a loaded machine is never taken for a hung one.
+FAST_FAILOVER = dict(report_interval_s=0.01, health_interval_s=0.1, health_timeout_s=3.0, health_failures=2)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +72,7 @@ def _ids(rng, n):
     return [rng.randrange(10, 4000) for _ in range(n)]
 
 
-def _settled(client, replicas=2, timeout=30.0):
+def _settled(client, replicas=2, timeout=HANG_S):
     """Router stats once every replica reports idle (its last reports have arrived)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -119,9 +122,7 @@ def test_replica_evictions_keep_the_router_tree_true(replicas, router):
         router.call(router.policy.tree.check)
         # A reset through the router empties every replica and, by their reports, the tree.
         assert c.reset_prefix_cache() > 0
-        deadline = time.monotonic() + 10
-        while router.call(lambda: sum(router.policy.tree.tokens_on.values())) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: not router.call(lambda: sum(router.policy.tree.tokens_on.values())))
         assert router.call(lambda: sum(router.policy.tree.tokens_on.values())) == 0
 
 
@@ -174,7 +175,7 @@ def test_bad_input_and_cancellation_leave_router_and_replicas_clean(replicas, ro
 def test_launch_router_tool_serves_and_exits_cleanly(replicas):
     targets = ",".join(p.target for p in replicas)
     with ServerProcess([f"--replicas={targets}", "--policy=round-robin", "--port=0", "--shutdown_grace_s=2",
-                        "--health_interval_s=0.5", "--health_timeout_s=0.5", "--health_failures=2", "--max_reroutes=1",
+                        "--health_interval_s=0.5", "--health_timeout_s=5", "--health_failures=2", "--max_reroutes=1",
                         "--http_port=0"], module="scheduler.router_main") as proc:
         proc.wait_ready(120)
         assert replicas[0].http_port is None and proc.http_port not in (None, proc.port)
@@ -308,7 +309,7 @@ def test_router_serves_the_openai_api_routed_as_generate(replicas, tmp_path):
     assert proc.proc.returncode == 0
 
 
-def _until(cond, what: str, timeout: float = 30.0):
+def _until(cond, what: str, timeout: float = HANG_S):
     deadline = time.monotonic() + timeout
     while not (value := cond()):
         if time.monotonic() > deadline:
@@ -364,7 +365,7 @@ def test_router_fails_over_when_a_replica_hangs_or_dies_and_takes_it_back(replic
             os.kill(victim.proc.pid, signal.SIGSTOP)
             (out,), (t,) = _streams(c, [shared + _ids(rng, 8)], 4)  # exploits the victim, which never answers
             _until(lambda: not up(c), "the hung replica marked down")
-            t.join(30)
+            t.join(HANG_S)
             assert out["error"] is None and len(out["tokens"]) == 4  # routed again once marked down
             assert routed()[0] == 2 and sum(routed()[1:]) == 1
             os.kill(victim.proc.pid, signal.SIGCONT)
@@ -378,7 +379,7 @@ def test_router_fails_over_when_a_replica_hangs_or_dies_and_takes_it_back(replic
             _until(lambda: c.router_stats().replicas[0].load.waiting == 2, "2 requests queued on the victim")
             victim.kill()
             for t in long_threads + short_threads:
-                t.join(60)
+                t.join(HANG_S)
             for o in long:
                 code, details = o["error"]
                 assert 0 < len(o["tokens"]) < 236 and code == grpc.StatusCode.UNAVAILABLE, (o, code)

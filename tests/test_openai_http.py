@@ -2,13 +2,14 @@
 client for what works, plain httpx for what must be refused, and the gRPC API of the same
 server (or Engine.generate) for what the tokens should be."""
 
+import json
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import openai
@@ -26,6 +27,7 @@ from jinfer.serving.engine_loop import Health
 from jinfer.serving.openai import HttpHost
 from jinfer.serving.server import Server, ServingConfig
 from jinfer.tokenizer import Tokenizer
+from tests.serving_util import HANG_S, StepGate, wait_for
 from tests.serving_util import settled as _settled
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,7 +129,15 @@ def test_completion_tokens_equal_the_grpc_api(client, grpc_client, tokenizer):
     assert got.usage.completion_tokens == 20 and got.usage.prompt_tokens == prompt_len
 
 
-def test_engine_generate_and_the_http_api_of_a_second_server_agree_and_stop_is_graceful(model_dir):
+def _refuses_connections(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=HANG_S).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_engine_generate_and_the_http_api_of_a_second_server_agree_and_stop_is_graceful(model_dir, monkeypatch):
     engine = _engine(model_dir)
     params = SamplingParams(temperature=0.8, top_k=50, seed=7, max_tokens=10, n=2)
     want = engine.generate(["import os\n"], params)
@@ -139,12 +149,15 @@ def test_engine_generate_and_the_http_api_of_a_second_server_agree_and_stop_is_g
             got = c.completions.create(model="jinfer", prompt="import os\n", temperature=0.8, seed=7, max_tokens=10,
                                        n=2, extra_body={"top_k": 50, "return_token_ids": True})
             assert [_ids(x) for x in got.choices] == [x.token_ids for x in want]
+            gate = StepGate(monkeypatch, srv.loop)  # the stream is held after its first chunk...
             stream = c.completions.create(model="jinfer", prompt="def g():", temperature=0, max_tokens=40,
                                           stream=True, extra_body={"ignore_eos": True, "return_token_ids": True})
             chunks = [next(iter(stream))]
             # Shutdown lets the stream in flight finish; nothing new is accepted meanwhile.
             stopper = threading.Thread(target=srv.stop, kwargs=dict(grace=60))
             stopper.start()
+            assert wait_for(lambda: _refuses_connections(srv.http_port))
+            gate.release()  # ...until the shutdown is under way
             chunks += list(stream)
             stopper.join()
             assert sum(len(_ids(x.choices[0])) for x in chunks) == 40
@@ -297,6 +310,7 @@ def test_a_full_queue_is_429_and_disconnected_streams_free_their_pages(client, s
     engine, aborted, abort = server.loop.engine, [], server.loop.abort
     monkeypatch.setattr(server.loop, "abort", lambda request_id, sink: (aborted.append(request_id),
                                                                         abort(request_id, sink)))
+    StepGate(monkeypatch, server.loop)  # each request is held once it has its first tokens: both stay running
     streams = [client.completions.create(model="default", prompt=f"def f{i}(x):", temperature=0, max_tokens=70, n=4,
                                          stream=True, extra_body={"ignore_eos": True}) for i in range(2)]
     ids = [next(iter(s)).id for s in streams]  # both running: 8 samples, the queue's limit
@@ -311,13 +325,18 @@ def test_a_full_queue_is_429_and_disconnected_streams_free_their_pages(client, s
     assert sorted(f"cmpl-{request_id}" for request_id in aborted) == sorted(ids)  # aborted, not run to the end
 
 
-def test_a_client_gone_before_a_whole_response_aborts_its_request(http, server, monkeypatch):
+def test_a_client_gone_before_a_whole_response_aborts_its_request(server, monkeypatch):
     aborted, abort = [], server.loop.abort
     monkeypatch.setattr(server.loop, "abort", lambda request_id, sink: (aborted.append(request_id),
                                                                         abort(request_id, sink)))
-    with pytest.raises(httpx.ReadTimeout):
-        http.post("/v1/completions", json={"prompt": "def h():", "max_tokens": 80, "n": 4, "ignore_eos": True},
-                  timeout=httpx.Timeout(60, read=0.3))
+    gate = StepGate(monkeypatch, server.loop)  # held once it has its first tokens: far from its 80
+    body = json.dumps({"prompt": "def h():", "max_tokens": 80, "n": 4, "ignore_eos": True}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {TOKEN}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=HANG_S) as conn:
+        conn.sendall(head.encode() + body)
+        assert gate.held.wait(HANG_S)  # generating; nothing of the response is sent before its end
+    # The client closed the connection mid-generation: the request is aborted, not run to its end.
     assert _settled(server) and len(aborted) == 1
 
 

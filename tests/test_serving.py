@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import grpc
 import pytest
@@ -20,6 +19,7 @@ from jinfer.sampling_params import SamplingParams
 from jinfer.serving.client import Client
 from jinfer.serving.server import Server, ServingConfig
 from jinfer.tokenizer import Tokenizer
+from tests.serving_util import HANG_S, StepGate, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_LEN = 96
@@ -84,18 +84,17 @@ def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(client, serv
     assert server.loop.num_outstanding == 0
 
 
-def test_cancel_mid_stream_frees_pages(client, server):
+def test_cancel_mid_stream_frees_pages(client, server, monkeypatch):
     engine = server.loop.engine
+    StepGate(monkeypatch, server.loop, outputs=2)  # held after its second message: it cannot finish alone
     stream = client.generate_stream("class A:", temperature=0, max_tokens=60, ignore_eos=True)
     next(stream)
     next(stream)
     load = engine.load()
     assert load.free_pages + load.cached_pages < load.num_pages  # the running request holds pages
     stream.cancel()
-    deadline = time.monotonic() + 30
     held = lambda: engine.load().num_pages - engine.load().free_pages - engine.load().cached_pages
-    while (held() or server.loop.num_outstanding) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: not (held() or server.loop.num_outstanding))
     assert held() == 0 and server.loop.num_outstanding == 0
 
 
@@ -120,9 +119,20 @@ def test_health_reflection_and_server_info(client, server):
     assert info.num_pages == 64 and info.attention_backend == "xla" and info.tp == 1
 
 
-def test_auth_admission_and_graceful_shutdown():
+def _stopping(port: int) -> bool:
+    """Whether the server on `port` has begun to shut down (health NOT_SERVING, or gone)."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        try:
+            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=HANG_S).status
+        except grpc.RpcError:
+            return True
+    return status != health_pb2.HealthCheckResponse.SERVING
+
+
+def test_auth_admission_and_graceful_shutdown(monkeypatch):
     srv = Server(_engine(), ServingConfig(auth_token="s3cret", max_queued_requests=1)).start()
     target = f"127.0.0.1:{srv.port}"
+    gate = StepGate(monkeypatch, srv.loop)  # the long stream is held after its first message...
     try:
         with Client(target) as anon:
             with pytest.raises(grpc.RpcError) as err:
@@ -140,6 +150,8 @@ def test_auth_admission_and_graceful_shutdown():
             # Shutdown drains the stream in flight: it still finishes normally.
             stopper = threading.Thread(target=srv.stop, kwargs=dict(grace=60))
             stopper.start()
+            assert wait_for(lambda: _stopping(srv.port))
+            gate.release()  # ...until the shutdown is under way
             rest = list(long)
             stopper.join()
             assert rest[-1].finish_reason == "length"
@@ -203,13 +215,18 @@ def test_a_one_ms_deadline_leaves_the_server_serving(client, server):
             list(client.generate_stream("def g(y):", temperature=0, max_tokens=40, ignore_eos=True, timeout=0.001))
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert client.generate("import os", temperature=0, max_tokens=3, timeout=60)[0]["finish_reason"] in ("length", "stop")
-    deadline = time.monotonic() + 30
-    while server.loop.num_outstanding and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: server.loop.num_outstanding == 0)
     assert server.loop.num_outstanding == 0
 
 
-def test_a_cancelled_duplicate_id_neither_kills_the_loop_nor_aborts_the_original(client, server):
+def _handled_queued_commands(server) -> None:
+    """Returns once the engine loop has handled every command queued before this call (it
+    handles them in order; a prefix-cache reset is one more, with a future)."""
+    server.loop.reset_prefix_cache().result(HANG_S)
+
+
+def test_a_cancelled_duplicate_id_neither_kills_the_loop_nor_aborts_the_original(client, server, monkeypatch):
+    gate = StepGate(monkeypatch, server.loop)  # the original is held after its first message...
     original = client.generate_stream("class A:", temperature=0, max_tokens=30, ignore_eos=True,
                                       request_id="dup-1", timeout=60)
     first = next(original)  # running
@@ -219,18 +236,23 @@ def test_a_cancelled_duplicate_id_neither_kills_the_loop_nor_aborts_the_original
     with pytest.raises(grpc.RpcError) as err:
         list(client.generate_stream("class C:", temperature=0, max_tokens=3, request_id="dup-1"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "dup-1" in err.value.details()
+    # ...until the cancelled stream has ended on the server and its abort (if any) was handled.
+    assert wait_for(lambda: server.frontend.num_queued_samples == 1)
+    _handled_queued_commands(server)
+    gate.release()
     rest = list(original)  # the original runs to its end
     assert rest[-1].finish_reason == "length"
     assert len(first.token_ids) + sum(len(m.token_ids) for m in rest) == 30
     assert client.generate("import os", temperature=0, max_tokens=3)[0]["finish_reason"] in ("length", "stop")
 
 
-def test_adds_cancelled_before_the_engine_thread_takes_them_are_dropped_cleanly(client, server):
+def test_adds_cancelled_before_the_engine_thread_takes_them_are_dropped_cleanly(client, server, monkeypatch):
     """The race a 1 ms deadline hits, made certain: the add's future is cancelled before the
     engine thread handles it (a new id, and a duplicate of a running id followed by the
     cancelled stream's abort). The loop serves on, and the original request is not aborted."""
     from jinfer.serving.engine_loop import _Abort, _Add
 
+    gate = StepGate(monkeypatch, server.loop)  # the original is held after its first message...
     original = client.generate_stream("class A:", temperature=0, max_tokens=30, ignore_eos=True,
                                       request_id="dup-2", timeout=60)  # a dead loop fails, not hangs
     first = next(original)
@@ -241,6 +263,8 @@ def test_adds_cancelled_before_the_engine_thread_takes_them_are_dropped_cleanly(
         server.loop._commands.put(_Add("def h():", SamplingParams(temperature=0, max_tokens=3), request_id, 0,
                                        sink, fut, "interactive"))
         server.loop._commands.put(_Abort(request_id, sink))
+    _handled_queued_commands(server)
+    gate.release()  # ...until those were handled
     rest = list(original)
     assert rest[-1].finish_reason == "length"
     assert len(first.token_ids) + sum(len(m.token_ids) for m in rest) == 30

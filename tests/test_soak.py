@@ -3,7 +3,9 @@ as its action allows, and the server settles with no page held. A short run in t
 the full one (200 streams, 60 s, a server process whose memory is watched) in the slow set."""
 
 import asyncio
+import itertools
 import os
+import types
 
 import pytest
 
@@ -11,6 +13,7 @@ from jinfer import TEST_MODEL_DIR
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.engine import Engine
 from jinfer.loader.hf import load_hf_model
+from jinfer.serving import soak as soak_module
 from jinfer.serving.process import ServerProcess
 from jinfer.serving.server import Server, ServingConfig
 from jinfer.serving.soak import soak
@@ -19,14 +22,18 @@ from jinfer.tokenizer import Tokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_a_short_soak_ends_every_call_as_allowed_and_leaks_no_page():
+def test_a_short_soak_ends_every_call_as_allowed_and_leaks_no_page(monkeypatch):
     engine = Engine(load_hf_model(TEST_MODEL_DIR), Tokenizer.from_dir(TEST_MODEL_DIR),
                     CacheConfig(page_size=16, num_pages=64),
                     SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8, max_model_len=96))
     engine.runner.warmup()  # compiling buckets mid-soak would leave little time for serving
     srv = Server(engine, ServingConfig(max_queued_requests=24, max_n=4, max_request_bytes=8 << 20)).start()
+    # A run of 600 calls, not of some seconds (which a loaded machine fills with fewer): the
+    # soak's clock moves on 10 ms each time it is read, once by each worker before each call.
+    ticks = itertools.count()
+    monkeypatch.setattr(soak_module, "time", types.SimpleNamespace(monotonic=lambda: next(ticks) * 0.01))
     try:
-        report = asyncio.run(soak(f"127.0.0.1:{srv.port}", concurrency=40, duration_s=8, seed=1))
+        report = asyncio.run(soak(f"127.0.0.1:{srv.port}", concurrency=40, duration_s=6, seed=1))
     finally:
         srv.stop(grace=0)
     print(report.table())

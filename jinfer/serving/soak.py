@@ -26,6 +26,8 @@ import grpc
 from jinfer.serving import inference_pb2 as pb
 from jinfer.serving import inference_pb2_grpc as pb_grpc
 
+SETTLE_S = 60.0
+"""After the run, how long the server may take to free its last pages (a bound on a hang)."""
 ACTIONS = ("normal", "normal", "normal", "sampled_n", "cancel", "tight_deadline", "duplicate_id", "bad")
 BAD = ("temperature", "tier", "n", "empty", "vocab", "undecodable", "stop")
 
@@ -180,7 +182,8 @@ async def soak(target: str, *, concurrency: int = 200, duration_s: float = 60.0,
     await asyncio.gather(*tasks)
     elapsed = time.monotonic() - start
     load, settled = {}, False
-    for _ in range(100):  # aborts of the last cancelled streams may still be queued
+    deadline = time.monotonic() + SETTLE_S
+    while time.monotonic() < deadline:  # aborts of the last cancelled streams may still be queued
         events = stub.WatchReplica(pb.WatchReplicaRequest(min_interval_s=0.05), metadata=metadata)
         ev = await events.read()
         events.cancel()
