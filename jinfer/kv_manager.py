@@ -93,6 +93,15 @@ class KVManager:
             f.pages, f.num_computed_tokens = list(pages), shared
         return followers
 
+    def unfork(self, leader: Request, followers: list[Request]) -> None:
+        """Undoes fork: the leader's pages were not written after all (the step that was to
+        write them was never launched). The followers hold nothing again; the leader will
+        start them."""
+        for f in followers:
+            self.pool.decref(f.pages)
+            f.pages, f.num_computed_tokens = [], 0
+        leader.followers = followers
+
     def cache_computed(self, req: Request) -> None:
         """Indexes the request's fully computed pages and moves its lock to the deepest one."""
         if self.prefix_cache is None:

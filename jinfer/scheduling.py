@@ -135,6 +135,7 @@ class Scheduler:
         self._drafting: set[str] = set()  # requests the drafter has been told about (start)
         self._num_decoding = 0  # running requests with one token to compute (this step)
         self._unsettled_draft = False  # a planned step carries drafts and update has not seen it
+        self._forked: list[tuple[Request, list[Request]]] = []  # the last plan's forks (unplan undoes them)
         self.spec = SpecStats()
         self.page_size = cache_cfg.page_size
         self.kv = KVManager(num_pages, cache_cfg.page_size, cache_cfg.enable_prefix_cache)
@@ -418,19 +419,30 @@ class Scheduler:
                 budget -= len(draft)
                 self._unsettled_draft = True
 
+        self._forked = []  # this plan's forks, which unplan undoes
         for req in self.running:
             if req.followers and req.num_computed_tokens >= self.kv.shared_prompt_len(req):
                 # Followers join from the next step, after these pages are written.
-                self.waiting += self.kv.fork(req)
+                followers = self.kv.fork(req)
+                self._forked.append((req, followers))
+                self.waiting += followers
         return StepPlan(tuple(seqs), tuple(preempted))
 
     def unplan(self, plan: StepPlan, reqs: Sequence[Request]) -> None:
-        """Undoes schedule() for a plan that never ran (building it failed): its tokens count
-        as not computed again and its samples as not pending. Pages the plan gave stay with
-        their requests; requests it admitted stay running, to be planned again next step."""
+        """Takes back the last schedule()'s plan, which never ran (building it failed): its
+        tokens count as not computed again, its samples as not pending, and the followers it
+        forked onto pages it was to write hold nothing again. What stays is consistent without
+        it: pages the plan gave stay with their requests, requests it admitted stay running
+        and those it preempted waiting, prefix-cache evictions stay done, and a drafter that
+        proposed for the plan hears nothing of it (its next observe is the next settled step)."""
         for seq, req in zip(plan.seqs, reqs):
             req.num_computed_tokens = seq.start_pos
             req.num_pending -= seq.sample
+        for leader, followers in self._forked:
+            gone = {id(f) for f in followers}
+            self.waiting = [r for r in self.waiting if id(r) not in gone]
+            self.kv.unfork(leader, followers)
+        self._forked = []
         self._unsettled_draft = False
 
     def _order(self, interleave: bool):

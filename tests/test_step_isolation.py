@@ -79,3 +79,19 @@ def test_through_the_server_a_request_the_step_cannot_hold_fails_alone(server):
         # ... and the server serves on, to the same tokens.
         assert c.generate("def f(x):", **VICTIM)[0]["token_ids"] == alone
     assert settled(server)
+
+
+def test_a_rolled_back_plan_takes_back_the_samples_it_forked():
+    """A culprit of n=2 whose prompt fills a page: the failed plan forked its second sample onto
+    pages the step was to write. Rolled back and aborted, those pages must not reach the prefix
+    cache, or the next request with that prompt starts from K/V never written."""
+    prompt = list(range(100, 125))  # 25 tokens: one full shared page of 16
+    fresh = _engine().generate([prompt], SamplingParams(**VICTIM))[0].token_ids
+    engine = _engine()
+    engine.add_request(prompt, _poisoned(top_k=2**40, n=2), request_id="bad")
+    with pytest.raises(StepFailed):
+        engine.step()
+    engine.abort("bad")
+    load = engine.load()
+    assert load.running == load.waiting == 0 and load.free_pages + load.cached_pages == load.num_pages
+    assert engine.generate([prompt], SamplingParams(**VICTIM))[0].token_ids == fresh
