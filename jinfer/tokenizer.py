@@ -139,25 +139,28 @@ class Tokenizer:
 
 
 # Pieces of a tokenizer that never drop input text, and how much at most the normalizers
-# among them shrink it (Unicode composition: three Hangul jamo, 9 bytes, become one 3-byte
-# syllable). Anything else (Strip, BERT's whitespace split, fused unknowns, ...) can drop text
-# without bound, so no byte bound is taken for it.
-_KEEPING_NORMALIZERS = {"Prepend": 1, "NFC": 3, "NFKC": 3, "NFD": 1, "NFKD": 3, "Lowercase": 3}
+# among them shrink it: Unicode normalization maps one character to fewer bytes (NFD/NFC: the
+# 3-byte Kelvin sign to "K"; NFKC/NFKD: the 4-byte U+1D400 to "A"; composition: three 3-byte
+# Hangul jamo to one 3-byte syllable), lowercasing the Kelvin sign gives "k". Anything else
+# (Strip, a Regex Replace, BERT's whitespace split, fused unknowns, added tokens that swallow
+# whitespace, ...) can drop text without bound, so no byte bound is taken for it.
+_KEEPING_NORMALIZERS = {"Prepend": 1, "NFC": 3, "NFD": 3, "NFKC": 4, "NFKD": 4, "Lowercase": 3}
 _KEEPING_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "Punctuation", "UnicodeScripts"}
 
 
 def _max_bytes_per_token(tok: tokenizers.Tokenizer) -> int | None:
     spec = json.loads(tok.to_str())
 
-    def shrink(norm) -> int | None:
+    def shrink(norm) -> float | None:
         if norm is None:
             return 1
         kind = norm["type"]
         if kind == "Sequence":
             factors = [shrink(n) for n in norm["normalizers"]]
             return None if None in factors else math.prod(factors)
-        if kind == "Replace":  # replacing with nothing drops text
-            return 1 if norm["content"] else None
+        if kind == "Replace":  # a literal pattern shrinks text by its length over the content's
+            pattern, content = norm["pattern"].get("String"), norm["content"].encode()
+            return max(1, len(pattern.encode()) / len(content)) if pattern and content else None
         return _KEEPING_NORMALIZERS.get(kind)
 
     def keeps(pre) -> bool:
@@ -170,13 +173,17 @@ def _max_bytes_per_token(tok: tokenizers.Tokenizer) -> int | None:
         return pre["type"] in _KEEPING_PRE_TOKENIZERS
 
     model = spec["model"]
+    if model["type"] == "Unigram":  # unknown characters always fuse into one token
+        fuses = not model.get("byte_fallback")
+    else:
+        fuses = model.get("unk_token") is not None and model["type"] != "BPE" or (
+            model.get("fuse_unk") and not model.get("byte_fallback"))
+    strips = any(t.get("lstrip") or t.get("rstrip") for t in spec.get("added_tokens") or ())
     factor = shrink(spec.get("normalizer"))
-    fuses = model.get("unk_token") is not None and model["type"] != "BPE" or (
-        model.get("fuse_unk") and not model.get("byte_fallback"))
-    if factor is None or not keeps(spec.get("pre_tokenizer")) or fuses:
+    if factor is None or fuses or strips or not keeps(spec.get("pre_tokenizer")):
         return None
     longest = max(len(t.encode("utf-8")) for t in tok.get_vocab(with_added_tokens=True))
-    return longest * factor
+    return math.ceil(longest * factor)
 
 
 def _token_id(tok: tokenizers.Tokenizer, token: str | None) -> int | None:

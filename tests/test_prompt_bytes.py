@@ -21,7 +21,7 @@ from jinfer.loader.hf import load_hf_model
 from jinfer.serving import frontend as frontend_module
 from jinfer.serving.client import Client
 from jinfer.serving.server import Server, ServingConfig
-from jinfer.tokenizer import Tokenizer
+from jinfer.tokenizer import Tokenizer, _bytes_to_unicode
 from tests.serving_util import settled
 
 MAX_LEN = 96
@@ -136,8 +136,29 @@ def _with(normalizer=None, pre_tokenizer=None) -> Tokenizer:
 def test_tokenizers_that_can_drop_text_take_no_byte_bound():
     plain = Tokenizer.from_dir(TEST_MODEL_DIR).max_bytes_per_token
     assert _with(normalizers.NFC()).max_bytes_per_token == 3 * plain
-    assert _with(normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])).max_bytes_per_token == 9 * plain
-    assert _with(normalizers.Strip()).max_bytes_per_token is None
-    assert _with(normalizers.Replace(" ", "")).max_bytes_per_token is None
+    assert _with(normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])).max_bytes_per_token == 12 * plain
+    assert _with(normalizers.Replace("aaaa", "a")).max_bytes_per_token == 4 * plain
+    for dropping in (normalizers.Strip(), normalizers.Replace(" ", ""), normalizers.Replace(tokenizers.Regex("a+"), "a")):
+        assert _with(dropping).max_bytes_per_token is None
     assert _with(pre_tokenizer=pre_tokenizers.Whitespace()).max_bytes_per_token is None
     assert _with(normalizers.Strip()).min_tokens("x" * 10_000) == 0
+    stripping = _with()
+    stripping._tok.add_special_tokens([tokenizers.AddedToken("<mask>", lstrip=True)])
+    assert Tokenizer(stripping._tok, bos_id=None, eos_ids=()).max_bytes_per_token is None
+    unigram = tokenizers.Tokenizer(tokenizers.models.Unigram([("<unk>", 0.0), ("a", -1.0)], unk_id=0))
+    assert Tokenizer(unigram, bos_id=None, eos_ids=()).max_bytes_per_token is None
+
+
+@pytest.mark.parametrize("normalizer, text", [
+    (normalizers.NFKC(), "\U0001D400" * 300), (normalizers.NFD(), "\u212A" * 300),
+    (normalizers.NFC(), "\u1100\u1161\u11A8" * 200), (normalizers.Lowercase(), "\u212A" * 300),
+    (normalizers.Replace("aaaa", "a"), "a" * 4000)])
+def test_normalizers_that_shrink_text_are_bounded_by_their_factor(normalizer, text):
+    # One token per byte (at most 2 UTF-8 bytes in the vocabulary), so a factor too small
+    # for the normalizer puts the bound above the real count.
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={c: b for b, c in _bytes_to_unicode().items()}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.normalizer = normalizer
+    tok = Tokenizer(tok, bos_id=None, eos_ids=())
+    assert tok.max_bytes_per_token is not None
+    assert tok.min_tokens(text) <= len(tok.encode(text, add_special_tokens=False))
