@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from collections.abc import Sequence
 
 INT32_MAX = 2**31 - 1
 """The step holds integer parameters (top_k, seeds, sample indices) in int32 arrays."""
@@ -47,7 +48,10 @@ class SamplingParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ValueError(f"{name}={value!r} must be a number")
-            object.__setattr__(self, name, float(value))
+            try:
+                object.__setattr__(self, name, float(value))
+            except OverflowError:  # an integer past float range
+                raise ValueError(f"{name}={value} is out of range") from None
         for name in ("top_k", "n", "max_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -73,12 +77,16 @@ class SamplingParams:
                 raise ValueError(f"seed={self.seed!r} must be an integer")
             if not 0 <= self.seed <= INT32_MAX:
                 raise ValueError(f"seed={self.seed} must be in [0, 2**31)")
+        if isinstance(self.stop_token_ids, (str, bytes)) or not isinstance(self.stop_token_ids, Sequence):
+            raise ValueError(f"stop_token_ids={self.stop_token_ids!r} must be a sequence of token ids")
+        if isinstance(self.stop, (str, bytes)) or not isinstance(self.stop, Sequence):
+            raise ValueError(f"stop={self.stop!r} must be a sequence of strings")
         bad = [i for i, t in enumerate(self.stop_token_ids)
                if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t <= INT32_MAX]
         if bad:
             raise ValueError(f"stop_token_ids[{bad[0]}]={self.stop_token_ids[bad[0]]!r} must be a token id, "
                              "an integer in [0, 2**31)")
-        if isinstance(self.stop, str) or any(not isinstance(s, str) for s in self.stop):
+        if any(not isinstance(s, str) for s in self.stop):
             raise ValueError(f"stop={self.stop!r} must be a sequence of strings")
         empty = [i for i, s in enumerate(self.stop) if not s]
         if empty:

@@ -38,7 +38,7 @@ from jinfer.config import ServingConfig
 from jinfer.errors import shorten
 from jinfer.serving import inference_pb2 as pb
 from jinfer.serving import inference_pb2_grpc as pb_grpc
-from jinfer.serving.frontend import ServingError
+from jinfer.serving.frontend import ServingError, check_prompt_text
 from jinfer.serving.grpc_host import GrpcHost, add_service, clip_details
 from jinfer.serving.openai import HttpHost, OpenAIApi
 from jinfer.serving.server import SERVICE, sampling_params
@@ -287,7 +287,10 @@ class RouterServer:
             if self.tokenizer is None:
                 raise ServingError("INVALID_ARGUMENT", "this router has no tokenizer: send token_ids, or start "
                                                        "it with one")
-            ids = await asyncio.to_thread(self.tokenizer.encode, request.text)  # a long text takes a while
+            # Too long to fit is refused from its bytes, before a long text takes a while to tokenize.
+            check_prompt_text(self.tokenizer, request.text, request.max_tokens if request.HasField("max_tokens")
+                              else 1, self.info())
+            ids = await asyncio.to_thread(self.tokenizer.encode, request.text)
         else:
             ids = list(request.token_ids.ids) if kind == "token_ids" else []
         if not ids:

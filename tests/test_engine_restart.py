@@ -8,7 +8,6 @@ import concurrent.futures
 import logging
 import random
 import re
-import time
 import urllib.request
 
 import grpc
@@ -26,7 +25,7 @@ from jinfer.serving.engine_loop import MAX_RESTARTS, Health
 from jinfer.serving.grpc_host import abort
 from jinfer.serving.server import Server, ServingConfig
 from jinfer.tokenizer import Tokenizer
-from tests.serving_util import settled
+from tests.serving_util import settled, wait_for
 
 MAX_LEN = 96
 PROMPT = "def fibonacci(n):"
@@ -69,16 +68,6 @@ def _health(port):
                                                     timeout=10).status
 
 
-def _wait_for(pred, timeout=30.0):
-    """Polls pred until it holds; the deadline only bounds a hang."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def _metrics(srv) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10) as r:
         text = r.read().decode()
@@ -108,10 +97,10 @@ def test_a_crashed_loop_fails_its_streams_and_serves_again_on_a_fresh_engine(ser
         code, details = _code(lambda: list(stream))
         assert code == grpc.StatusCode.UNAVAILABLE, details
         assert "engine loop restarted" in details and "RuntimeError('injected fault')" in details
-    assert _wait_for(lambda: server.loop.restarts == 1)
+    assert wait_for(lambda: server.loop.restarts == 1)
     load = engine.load()
     assert (load.running, load.waiting, load.cached_pages, load.free_pages) == (0, 0, 0, load.num_pages)
-    assert _wait_for(lambda: _health(server.port) == SERVING)
+    assert wait_for(lambda: _health(server.port) == SERVING)
     assert httpx.get(f"http://127.0.0.1:{server.http_port}/health", timeout=10).status_code == 200
     assert server.loop.health() is Health.SERVING
     assert client.generate(PROMPT, temperature=0, max_tokens=8)[0]["token_ids"] == want
@@ -128,11 +117,11 @@ def test_a_loop_that_keeps_crashing_stays_dead_instead_of_spinning(caplog):
     srv.metrics.update_engine = update_engine  # runs each time the loop goes idle, its first act
     srv.start()
     try:
-        assert _wait_for(lambda: srv.loop.health() is Health.DEAD)
+        assert wait_for(lambda: srv.loop.health() is Health.DEAD)
         assert srv.loop.restarts == MAX_RESTARTS
         assert _metrics(srv)['jinfer_engine_restarts_total{reason="RuntimeError"}'] == MAX_RESTARTS
         assert any(r.levelno == logging.ERROR and "not restarting it" in r.getMessage() for r in caplog.records)
-        assert _wait_for(lambda: _health(srv.port) == NOT_SERVING)
+        assert wait_for(lambda: _health(srv.port) == NOT_SERVING)
         with Client(f"127.0.0.1:{srv.port}") as c:
             code, details = _code(lambda: c.generate("x", max_tokens=2, timeout=10))
         assert code == grpc.StatusCode.UNAVAILABLE and "dead" in details
@@ -149,6 +138,12 @@ class _EndedCall:
 
     def time_remaining(self):
         return 0
+
+    def done(self):
+        return False
+
+    def cancelled(self):
+        return False
 
 
 def test_an_abort_the_call_outlived_is_logged_at_debug_and_ends_the_call_as_cancelled(caplog):

@@ -283,9 +283,10 @@ def test_router_serves_the_openai_api_routed_as_generate(replicas, tmp_path):
 
             # Refused before routing, as OpenAI does: the router's checks and the API's.
             for body, message, param in [
-                    ({"prompt": [99999]}, "prompt token ids [99999] are outside the vocabulary", None),
+                    ({"prompt": [99999]}, "prompt token ids [99999] are outside the vocabulary", "prompt"),
                     ({"prompt": "x", "tier": "gold"}, "unknown tier='gold'", "tier"),
-                    ({"prompt": [5] * 250, "max_tokens": 16}, "exceeds max_model_len=256", None),
+                    ({"prompt": [5] * 250, "max_tokens": 16}, "exceeds max_model_len=256", "prompt"),
+                    ({"prompt": "y " * 40_000}, "refused before tokenizing", "prompt"),
                     ({"prompt": "x", "temperature": "hot"}, "temperature: Input should be a valid number",
                      "temperature")]:
                 response = httpx.post(f"{base}/v1/completions", json=body, timeout=60)

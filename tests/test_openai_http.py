@@ -251,7 +251,11 @@ def test_prefix_cache_hits_are_reported_as_cached_tokens(client):
     ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt is a list of 2 prompts"),
     ("/v1/completions", {"prompt": ""}, 400, "prompt is empty"),
     ("/v1/completions", {"prompt": [1, 2, 99999]}, 400, "prompt token ids [99999] are outside the vocabulary"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": MAX_LEN}, 400, f"exceeds max_model_len={MAX_LEN}"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": MAX_LEN}, 400,
+     f"max_tokens={MAX_LEN} leaves no room for a prompt within max_model_len={MAX_LEN}"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": MAX_LEN - 1}, 400, f"exceeds max_model_len={MAX_LEN}"),
+    ("/v1/chat/completions", {"messages": CHAT, "max_tokens": MAX_LEN}, 400,
+     f"max_tokens={MAX_LEN} leaves no room for a prompt"),
     ("/v1/completions", {"prompt": "x", "logprobs": 3}, 400, "logprobs=3: this server returns only the sampled"),
     ("/v1/completions", {"prompt": "x", "presence_penalty": 1}, 400, "presence_penalty=1.0 is not supported"),
     ("/v1/completions", {"prompt": "x", "stop_token_ids": [1, "a"]}, 400, "stop_token_ids[1]: Input should be a"),
@@ -275,6 +279,11 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(http, serve
 def test_bad_fields_are_named_in_param(http):
     response = http.post("/v1/completions", json={"prompt": "x", "top_p": 1.5})
     assert response.json()["error"]["param"] == "top_p" and "top_p=1.5 must be in (0, 1]" in response.text
+    for path, body in (("/v1/completions", {"prompt": "x"}), ("/v1/chat/completions", {"messages": CHAT})):
+        response = http.post(path, json={**body, "max_tokens": 10**6})
+        assert response.json()["error"]["param"] == "max_tokens", response.text
+    response = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "y" * 5000}]})
+    assert response.json()["error"]["param"] == "messages", response.text
     response = http.post("/v1/completions", json={"prompt": "x", "model": "nope"})
     assert response.json()["error"] | {"message": ""} == {"message": "", "type": "invalid_request_error",
                                                           "param": "model", "code": "model_not_found"}

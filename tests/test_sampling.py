@@ -65,6 +65,9 @@ def test_a_top_p_that_underflows_float32_keeps_the_most_likely_token(top_p):
     ("temperature", "1", "temperature='1' must be a number"),
     ("stop_token_ids", (5, 2**31), "stop_token_ids[1]=2147483648"),
     ("stop", "ab", "stop='ab' must be a sequence of strings"),
+    ("stop", (b"x",), "stop=(b'x',) must be a sequence of strings"),
+    ("temperature", 10**400, "temperature=1000"),
+    ("stop_token_ids", 5, "stop_token_ids=5 must be a sequence of token ids"),
 ])
 def test_values_the_step_cannot_hold_are_refused_naming_the_field(field, value, message):
     with pytest.raises(ValueError) as e:

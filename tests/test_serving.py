@@ -16,6 +16,8 @@ from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.engine import Engine
 from jinfer.loader.hf import load_hf_model
 from jinfer.sampling_params import SamplingParams
+from jinfer.serving import inference_pb2 as pb
+from jinfer.serving import inference_pb2_grpc as pb_grpc
 from jinfer.serving.client import Client
 from jinfer.serving.server import Server, ServingConfig
 from jinfer.tokenizer import Tokenizer
@@ -70,7 +72,8 @@ def test_stream_equals_engine_generate(client):
     ("x", dict(top_p=1.5), "top_p=1.5 must be in (0, 1]"),
     ("x", dict(tier="gold"), "unknown tier='gold'; known: ['interactive', 'batch']"),
     ("x", dict(max_tokens=0), "max_tokens=0 must be > 0"),
-    ("x", dict(max_tokens=MAX_LEN), f"exceeds max_model_len={MAX_LEN}"),
+    ("x", dict(max_tokens=MAX_LEN), f"max_tokens={MAX_LEN} leaves no room for a prompt within max_model_len={MAX_LEN}"),
+    ("x", dict(max_tokens=MAX_LEN - 1), f"exceeds max_model_len={MAX_LEN}"),
     ([7] * (MAX_LEN + 1), {}, f"exceeds max_model_len={MAX_LEN}"),
     ([1, 2, 99999], {}, "prompt token ids [99999] are outside the vocabulary [0, 4096)"),
     ("y" * 5000, {}, "max_request_bytes=4096"),
@@ -141,6 +144,13 @@ def test_auth_admission_and_graceful_shutdown(monkeypatch):
             with pytest.raises(grpc.RpcError) as err:
                 anon.server_info()
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            # Two authorization entries are refused whichever comes last.
+            with grpc.insecure_channel(target) as channel:
+                stub = pb_grpc.InferenceStub(channel)
+                for pair in (("Bearer s3cret", "Bearer wrong"), ("Bearer wrong", "Bearer s3cret")):
+                    with pytest.raises(grpc.RpcError) as err:
+                        stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=[("authorization", v) for v in pair])
+                    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         with Client(target, token="s3cret") as c:
             long = c.generate_stream("def g():", temperature=0, max_tokens=40, ignore_eos=True)
             next(long)

@@ -44,9 +44,11 @@ def check_prompt_text(tokenizer, text: str, max_tokens: int, info) -> None:
     max_bytes_per_token bytes of text. info: max_model_len, num_pages and page_size."""
     pool = info.num_pages * info.page_size
     limit = min(info.max_model_len, pool)
+    what = f"max_model_len={info.max_model_len}" if limit == info.max_model_len else f"the KV pool ({pool} tokens)"
+    if max_tokens >= limit:  # no prompt fits: the fault is max_tokens'
+        raise ServingError("INVALID_ARGUMENT", f"max_tokens={max_tokens} leaves no room for a prompt within {what}")
     at_least = tokenizer.min_tokens(text)
     if at_least + max_tokens > limit:
-        what = f"max_model_len={info.max_model_len}" if limit == info.max_model_len else f"the KV pool ({pool} tokens)"
         raise ServingError("INVALID_ARGUMENT",
                            f"prompt is {len(text.encode('utf-8', 'surrogatepass'))} bytes, so at least {at_least} "
                            f"tokens (a token stands for at most {tokenizer.max_bytes_per_token} bytes): with "
@@ -63,6 +65,7 @@ class Frontend:
         self.loop = loop
         self.config = config
         self.tokenizer = tokenizer
+        tokenizer.max_bytes_per_token  # noqa: B018 - worked out now, not on the first request's event loop
         self._lock = threading.Lock()
         self._queued = 0  # samples admitted whose streams have not ended
         self._streams: dict[int, callable] = {}  # live stream -> its sink (fail_all reaches them)

@@ -95,10 +95,12 @@ class _Generation:
     """The ASGI response of a generation: runs it while listening for the client, so that a
     disconnect cancels it (the views close the frontend's stream, which aborts the request).
     An error before anything was sent is answered with its status; in a stream that has
-    started, with an error event. `fields`: the request's field names (an error's `param`)."""
+    started, with an error event. `fields`: the request's field names (an error's `param`);
+    `prompt_field`: the one a complaint about the prompt names (a chat's is `messages`)."""
 
-    def __init__(self, view, outputs, stream: bool, fields):
+    def __init__(self, view, outputs, stream: bool, fields, prompt_field: str = "prompt"):
         self.view, self.outputs, self.stream, self.fields = view, outputs, stream, fields
+        self.prompt_field = prompt_field
 
     async def __call__(self, scope, receive, send):
         async with anyio.create_task_group() as tasks:
@@ -115,7 +117,12 @@ class _Generation:
             tasks.cancel_scope.cancel()
 
     def _error(self, e: Exception) -> ApiError:
-        return e if isinstance(e, ApiError) else ApiError.from_serving(e.code, e.message, self.fields)
+        if isinstance(e, ApiError):
+            return e
+        error = ApiError.from_serving(e.code, e.message, self.fields)
+        if error.param is None and e.message.startswith("prompt"):
+            error.param = self.prompt_field
+        return error
 
     async def _send_whole(self, scope, receive, send):
         try:
@@ -215,6 +222,10 @@ class OpenAIApi:
         body = parse(ChatRequest, await self._body(request))
         self._check_model(body.model)
         messages = body.template_messages()
+        try:  # nothing is rendered or tokenized for a server that cannot serve now
+            self.frontend.check_healthy()
+        except ServingError as e:
+            raise ApiError.from_serving(e.code, e.message) from None
         try:  # off this event loop: a long chat takes a while to render
             text = await asyncio.to_thread(self.frontend.tokenizer.apply_chat_template, messages,
                                            add_generation_prompt=True)
@@ -225,8 +236,10 @@ class OpenAIApi:
         asked = next((m for m in (body.max_completion_tokens, body.max_tokens) if m is not None), 1)
         try:
             self.frontend.check_prompt_text(text, asked)
-        except ServingError as e:
-            raise ApiError(400, e.message, param="messages") from None
+        except ServingError as e:  # names max_tokens when it alone leaves no room, else the messages
+            error = ApiError.from_serving(e.code, e.message, ChatRequest.model_fields)
+            error.param = error.param or "messages"
+            raise error from None
         ids = await self.frontend.encode(text, add_special_tokens=False)
         info = self.frontend.info()
         room = min(info.max_model_len, info.num_pages * info.page_size) - len(ids)
@@ -234,5 +247,5 @@ class OpenAIApi:
         request_id = uuid.uuid4().hex
         outputs = self.frontend.generate(ids, params, request_id=request_id, tier=body.tier)
         view = ChatView(f"chatcmpl-{request_id}", self.model, body, self.frontend.tokenizer)
-        return _Generation(view, outputs, body.stream, ChatRequest.model_fields)
+        return _Generation(view, outputs, body.stream, ChatRequest.model_fields, prompt_field="messages")
 
