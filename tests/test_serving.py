@@ -19,6 +19,7 @@ from jinfer.sampling_params import SamplingParams
 from jinfer.serving import inference_pb2 as pb
 from jinfer.serving import inference_pb2_grpc as pb_grpc
 from jinfer.serving.client import Client
+from jinfer.serving.loop_commands import Abort, Add
 from jinfer.serving.server import Server, ServingConfig
 from jinfer.tokenizer import Tokenizer
 from tests.serving_util import HANG_S, StepGate, wait_for
@@ -260,8 +261,6 @@ def test_adds_cancelled_before_the_engine_thread_takes_them_are_dropped_cleanly(
     """The race a 1 ms deadline hits, made certain: the add's future is cancelled before the
     engine thread handles it (a new id, and a duplicate of a running id followed by the
     cancelled stream's abort). The loop serves on, and the original request is not aborted."""
-    from jinfer.serving.engine_loop import _Abort, _Add
-
     gate = StepGate(monkeypatch, server.loop)  # the original is held after its first message...
     original = client.generate_stream("class A:", temperature=0, max_tokens=30, ignore_eos=True,
                                       request_id="dup-2", timeout=60)  # a dead loop fails, not hangs
@@ -270,9 +269,9 @@ def test_adds_cancelled_before_the_engine_thread_takes_them_are_dropped_cleanly(
         fut = concurrent.futures.Future()
         fut.cancel()
         sink = lambda item: None  # noqa: E731 - the stream that gave up
-        server.loop._commands.put(_Add("def h():", SamplingParams(temperature=0, max_tokens=3), request_id, 0,
+        server.loop._commands.put(Add("def h():", SamplingParams(temperature=0, max_tokens=3), request_id, 0,
                                        sink, fut, "interactive"))
-        server.loop._commands.put(_Abort(request_id, sink))
+        server.loop._commands.put(Abort(request_id, sink))
     _handled_queued_commands(server)
     gate.release()  # ...until those were handled
     rest = list(original)

@@ -39,6 +39,7 @@ from jinfer.config import Tier
 from jinfer.errors import StepFailed
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import AdmissionRefused
+from jinfer.serving.loop_commands import Abort, Add, ResetPrefixCache, Wake, Watch, Watcher
 
 log = logging.getLogger(__name__)
 
@@ -56,46 +57,6 @@ class Health(enum.Enum):
     SERVING = "serving"
     STALLED = "stalled"  # one step has run past the stall timeout
     DEAD = "dead"  # the loop's thread ended without stop() and was not restarted
-
-
-class _Watcher:
-    __slots__ = ("sink", "interval", "last_time", "last_load")
-
-    def __init__(self, sink, interval: float):
-        self.sink, self.interval = sink, interval
-        self.last_time, self.last_load = -math.inf, None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Add:
-    prompt: object  # str | list[int]
-    params: SamplingParams
-    request_id: str
-    priority: int
-    sink: object  # called with each RequestOutput, or with an Exception
-    done: concurrent.futures.Future  # the request id, or the engine's ValueError / AdmissionRefused
-    tier: Tier | None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Abort:
-    request_id: str
-    sink: object  # the stream giving up: a later request that reused the id is not aborted
-
-
-@dataclasses.dataclass(frozen=True)
-class _Watch:
-    watcher: _Watcher
-
-
-@dataclasses.dataclass(frozen=True)
-class _ResetPrefixCache:
-    done: concurrent.futures.Future  # pages freed
-
-
-@dataclasses.dataclass(frozen=True)
-class _Wake:
-    """Unblocks an idle loop (stop)."""
 
 
 class EngineLoop:
@@ -121,7 +82,7 @@ class EngineLoop:
         self._sinks: dict[str, callable] = {}
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-        self._watchers: list[_Watcher] = []
+        self._watchers: list[Watcher] = []
         self._watch_lock = threading.Lock()  # the list; unwatch comes from other threads
         self._dead: EngineUnavailable | None = None  # what everything hears once the thread has ended
         self._dead_lock = threading.Lock()  # orders "is it dead?" + put against death's last drain
@@ -136,7 +97,7 @@ class EngineLoop:
     def stop(self) -> None:
         with self._thread_lock:  # a restart under way now starts no thread, or one joined here
             self._stopped.set()
-        self._commands.put(_Wake())
+        self._commands.put(Wake())
         self._thread.join()
         self.engine.stop_warmup(timeout=120)
 
@@ -165,10 +126,10 @@ class EngineLoop:
     @staticmethod
     def _refuse(cmd, error: EngineUnavailable) -> None:
         match cmd:
-            case _Add() | _ResetPrefixCache():
+            case Add() | ResetPrefixCache():
                 if cmd.done.set_running_or_notify_cancel():
                     cmd.done.set_exception(error)
-            case _Watch():
+            case Watch():
                 cmd.watcher.sink(None)
 
     def submit(self, prompt, params: SamplingParams, request_id: str, priority: int, sink,
@@ -177,21 +138,21 @@ class EngineLoop:
         request, AdmissionRefused if the scheduling policy does, or EngineUnavailable. `sink` is called on the engine thread with each RequestOutput, or
         with an Exception (the step failed, or the loop died)."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._put(_Add(prompt, params, request_id, priority, sink, fut, tier))
+        self._put(Add(prompt, params, request_id, priority, sink, fut, tier))
         return fut
 
     def abort(self, request_id: str, sink) -> None:
         """Aborts the request `sink` was submitted with (if it is still that stream's)."""
-        self._put(_Abort(request_id, sink))
+        self._put(Abort(request_id, sink))
 
-    def watch(self, sink, interval: float) -> _Watcher:
+    def watch(self, sink, interval: float) -> Watcher:
         """Subscribes `sink` (called on the engine thread with (load, evictions), or None when
         the loop ends the stream); returns the handle unwatch takes."""
-        w = _Watcher(sink, interval)
-        self._put(_Watch(w))
+        w = Watcher(sink, interval)
+        self._put(Watch(w))
         return w
 
-    def unwatch(self, watcher: _Watcher) -> None:
+    def unwatch(self, watcher: Watcher) -> None:
         with self._watch_lock:
             if watcher in self._watchers:
                 self._watchers.remove(watcher)
@@ -206,7 +167,7 @@ class EngineLoop:
     def reset_prefix_cache(self) -> concurrent.futures.Future:
         """Evicts every unlocked prefix-cache page between steps; the future gives the count."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._put(_ResetPrefixCache(fut))
+        self._put(ResetPrefixCache(fut))
         return fut
 
     def load(self) -> dict:
@@ -243,7 +204,7 @@ class EngineLoop:
 
     def _handle(self, cmd) -> None:
         match cmd:
-            case _Add():
+            case Add():
                 if not cmd.done.set_running_or_notify_cancel():
                     return  # the client went away before its request was added: add nothing
                 try:
@@ -257,21 +218,21 @@ class EngineLoop:
                 self._sinks[cmd.request_id] = cmd.sink
                 self._tell("on_admit", cmd.request_id, cmd.tier, cmd.params.n)
                 cmd.done.set_result(cmd.request_id)
-            case _Abort():
+            case Abort():
                 if self._sinks.get(cmd.request_id) is cmd.sink:
                     del self._sinks[cmd.request_id]
                     self.engine.abort(cmd.request_id)
                     self._tell("on_done", cmd.request_id)
-            case _Watch():
+            case Watch():
                 w = cmd.watcher
                 with self._watch_lock:
                     self._watchers.append(w)
                     w.last_time, w.last_load = time.monotonic(), self.load()
                 w.sink((w.last_load, []))
-            case _ResetPrefixCache():
+            case ResetPrefixCache():
                 if cmd.done.set_running_or_notify_cancel():
                     cmd.done.set_result(self.engine.reset_prefix_cache())
-            case _Wake():
+            case Wake():
                 pass
             case _:
                 raise TypeError(f"unknown engine-loop command {cmd!r}")
