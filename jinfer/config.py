@@ -332,6 +332,9 @@ class ServingConfig:
     http_header_timeout_s: float = 10.0
     """An HTTP connection that has not sent a request's complete headers this long after it
     opened (or after the request's first byte, on a kept-alive one) is closed."""
+    http_body_timeout_s: float = 30.0
+    """An HTTP request whose body has not fully arrived this long after its headers is dropped
+    and its connection closed (a body sent a trickle at a time cannot hold a connection)."""
     http_keep_alive_timeout_s: float = 15.0
     """An idle kept-alive HTTP connection is closed after this long (above the 5 s after which
     httpx, and so the openai client, drops its own idle ones, so the client closes first)."""
@@ -365,7 +368,7 @@ class ServingConfig:
             raise ValueError(f"metrics_port={self.metrics_port} must be in [0, 65535] or None")
         if self.shutdown_grace_s < 0:
             raise ValueError(f"shutdown_grace_s={self.shutdown_grace_s} must be >= 0")
-        for name in ("http_header_timeout_s", "http_keep_alive_timeout_s"):
+        for name in ("http_header_timeout_s", "http_body_timeout_s", "http_keep_alive_timeout_s"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"{name}={getattr(self, name)} must be a finite number of seconds > 0")
         if self.http_max_connections < 1:

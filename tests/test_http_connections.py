@@ -24,7 +24,7 @@ from jinfer.tokenizer import Tokenizer
 TOKEN = "s3cret"
 CAP = 6
 CONFIG = ServingConfig(http_port=0, auth_token=TOKEN, model_name="default", http_header_timeout_s=0.5,
-                       http_keep_alive_timeout_s=1.0, http_max_connections=CAP)
+                       http_body_timeout_s=3.0, http_keep_alive_timeout_s=1.0, http_max_connections=CAP)
 DEADLINE_S = 10.0  # for events expected within a second: generous, so a loaded machine still passes
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 COMPLETION = json.dumps({"prompt": "def f(x):", "max_tokens": 1, "temperature": 0}).encode()
@@ -110,6 +110,15 @@ def test_complete_headers_stop_the_header_timer(host):
         time.sleep(2 * CONFIG.http_header_timeout_s)  # the header timer would have fired by now
         sock.sendall(COMPLETION)
         assert sock.recv(4096).startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_a_body_that_stops_half_way_is_dropped_after_the_body_timeout(host):
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(COMPLETION)}\r\n\r\n").encode()
+    with _raw(host) as sock:
+        sock.sendall(head + COMPLETION[:5])  # then nothing
+        assert _closed_by_server(sock)
+    assert _until(lambda: host.num_connections == 0)
 
 
 def test_an_idle_kept_alive_connection_is_closed_after_the_keep_alive_timeout(host):

@@ -6,7 +6,8 @@ requests in flight get `grace` seconds to finish, then their tasks are cancelled
 generation aborts its request) and the thread ends.
 
 Each accepted connection (`_Connection`, uvicorn's HTTP/1.1 protocol) gets TCP_NODELAY, must
-send each request's headers within `header_timeout_s`, is closed after `keep_alive_timeout_s`
+send each request's headers within `header_timeout_s` and its body within `body_timeout_s`
+after them, is closed after `keep_alive_timeout_s`
 idle between requests, and beyond `max_connections` open ones is answered 503 and closed.
 """
 
@@ -77,10 +78,11 @@ class _Gate:
 class _Connection(H11Protocol):
     """uvicorn's HTTP/1.1 connection with what a public server needs around it."""
 
-    def __init__(self, gate: _Gate, header_timeout_s: float, **kwargs):
+    def __init__(self, gate: _Gate, header_timeout_s: float, body_timeout_s: float, **kwargs):
         super().__init__(**kwargs)
-        self._gate, self._header_timeout_s = gate, header_timeout_s
+        self._gate, self._header_timeout_s, self._body_timeout_s = gate, header_timeout_s, body_timeout_s
         self._header_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
         self._admitted = False
 
     def connection_made(self, transport) -> None:
@@ -102,11 +104,18 @@ class _Connection(H11Protocol):
         if self._header_timer is None and self.conn.their_state is h11.IDLE:
             self._arm_header_timer()  # the first bytes of the next request on a kept-alive connection
         super().data_received(data)
-        if self.conn.their_state is not h11.IDLE:  # its headers are complete (or it is closing)
+        state = self.conn.their_state
+        if state is not h11.IDLE:  # its headers are complete (or it is closing)
             self._cancel_header_timer()
+        if state is h11.SEND_BODY:  # its body is on the way: it must arrive in time too
+            if self._body_timer is None:
+                self._body_timer = self.loop.call_later(self._body_timeout_s, self._on_body_timeout)
+        else:
+            self._cancel_body_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
+        self._cancel_body_timer()
         if self._admitted:
             self._admitted = False
             self._gate.release()
@@ -121,6 +130,18 @@ class _Connection(H11Protocol):
             self._header_timer.cancel()
             self._header_timer = None
 
+    def _cancel_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _on_body_timeout(self) -> None:
+        self._body_timer = None
+        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+            log.debug("closed an HTTP connection from %s: its request body did not arrive within %.3g s",
+                      self.client, self._body_timeout_s)
+            self.transport.close()  # the request in the app hears a disconnect
+
     def _on_header_timeout(self) -> None:
         self._header_timer = None
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
@@ -132,19 +153,21 @@ class _Connection(H11Protocol):
 class HttpHost:
     """uvicorn serving `app` on host:port. header_timeout_s: a connection's request headers must
     be complete this long after it opens (or after the next request's first byte);
+    body_timeout_s: its body this long after its headers;
     keep_alive_timeout_s: an idle kept-alive connection is closed after this long;
     max_connections: connections beyond this many open ones are answered 503 and closed."""
 
     def __init__(self, app, host: str, port: int, *, ssl_certfile: str | None = None,
                  ssl_keyfile: str | None = None, name: str = "http",
                  header_timeout_s: float = _DEFAULTS.http_header_timeout_s,
+                 body_timeout_s: float = _DEFAULTS.http_body_timeout_s,
                  keep_alive_timeout_s: float = _DEFAULTS.http_keep_alive_timeout_s,
                  max_connections: int = _DEFAULTS.http_max_connections):
-        assert header_timeout_s > 0 and keep_alive_timeout_s > 0 and max_connections >= 1
+        assert header_timeout_s > 0 and body_timeout_s > 0 and keep_alive_timeout_s > 0 and max_connections >= 1
         self._socket = _listen(host, port)
         self.port: int = self._socket.getsockname()[1]
         self._gate = _Gate(max_connections)
-        connection = functools.partial(_Connection, self._gate, header_timeout_s)
+        connection = functools.partial(_Connection, self._gate, header_timeout_s, body_timeout_s)
         # ws="none": every connection stays a _Connection (an upgrade would leave the cap's count)
         config = uvicorn.Config(app, http=connection, ws="none", lifespan="off", log_config=None,
                                 log_level="warning", access_log=False, timeout_keep_alive=keep_alive_timeout_s,
@@ -160,7 +183,7 @@ class HttpHost:
         if config.http_port is None:
             raise ValueError("http_port is None: this config serves no HTTP API")
         return cls(app, config.host, config.http_port, ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key,
-                   name=name, header_timeout_s=config.http_header_timeout_s,
+                   name=name, header_timeout_s=config.http_header_timeout_s, body_timeout_s=config.http_body_timeout_s,
                    keep_alive_timeout_s=config.http_keep_alive_timeout_s,
                    max_connections=config.http_max_connections)
 
