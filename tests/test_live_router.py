@@ -296,12 +296,20 @@ def test_router_serves_the_openai_api_routed_as_generate(replicas, tmp_path):
                 assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, None)
 
             # A client that goes away: the relay is cancelled, so the replica aborts the request
-            # (it ends unfinished, however fast the replica is) and frees its pages.
-            before = _aborted(replicas)
+            # and frees its pages. The replica is stopped while the close travels (it cannot
+            # finish the request first, however fast it is) and resumed once the router has let
+            # go of it.
+            before, routed = _aborted(replicas), [r.routed for r in c.router_stats().replicas]
             stream = client.completions.create(model=card.id, prompt=prompt, max_tokens=200, stream=True,
                                                extra_body={"ignore_eos": True})
             next(iter(stream))
-            stream.close()
+            serving = next(i for i, r in enumerate(c.router_stats().replicas) if r.routed > routed[i])
+            os.kill(replicas[serving].proc.pid, signal.SIGSTOP)
+            try:
+                stream.close()
+                _until(lambda: c.router_stats().replicas[serving].outstanding == 0, "the relay let go")
+            finally:
+                os.kill(replicas[serving].proc.pid, signal.SIGCONT)
             st = _settled(c)
             assert all(r.load.free_pages + r.load.cached_pages == PAGES for r in st.replicas)
             assert _until(lambda: _aborted(replicas) == before + 1, "the replica counts the request aborted")
