@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny HF checkpoints built locally with transformers' save_pretrained."""
+"""Shared fixtures: tiny HF checkpoints built locally with transformers' save_pretrained, and a
+gRPC client of a module's server."""
 
 import os
 
@@ -7,6 +8,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import pytest  # noqa: E402
 
+from jinfer.serving.client import Client  # noqa: E402
 from tests import hf_models  # noqa: E402
 
 
@@ -15,6 +17,13 @@ def hf_checkpoints(tmp_path_factory):
     """Variant name -> directory holding config.json, model.safetensors and tokenizer files."""
     root = tmp_path_factory.mktemp("hf")
     return {name: hf_models.save_tiny(name, str(root / name)) for name in hf_models.VARIANTS}
+
+
+@pytest.fixture
+def client(server):
+    """A gRPC client of the test module's `server` fixture (a module may define its own)."""
+    with Client(f"127.0.0.1:{server.port}") as c:
+        yield c
 
 
 @pytest.fixture(scope="session", autouse=True)

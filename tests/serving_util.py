@@ -5,8 +5,13 @@ for a loaded 2-core machine), and a request a test must see running is held by a
 """
 
 import collections
+import shutil
 import threading
 import time
+
+import grpc
+
+from jinfer import TEST_MODEL_DIR
 
 HANG_S = 60.0
 """How long a test waits for something that must happen: a bound on a hang, not a verdict."""
@@ -63,3 +68,24 @@ class StepGate:
 
     def release(self) -> None:
         self._released.set()
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def chat_model_dir(tmp_path_factory) -> str:
+    """A copy of the test model with a chat template (it ships none)."""
+    path = tmp_path_factory.mktemp("model") / "chat_model"
+    shutil.copytree(TEST_MODEL_DIR, path)
+    (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return str(path)
+
+
+def rpc_error(fn) -> tuple:
+    """(code, details) of the grpc.RpcError fn() raises; AssertionError if it raises none."""
+    try:
+        fn()
+    except grpc.RpcError as e:
+        return e.code(), e.details()
+    raise AssertionError("the call succeeded; an RPC error was expected")

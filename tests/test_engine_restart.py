@@ -25,7 +25,7 @@ from jinfer.serving.engine_loop import MAX_RESTARTS, Health
 from jinfer.serving.grpc_host import abort
 from jinfer.serving.server import Server, ServingConfig
 from jinfer.tokenizer import Tokenizer
-from tests.serving_util import settled, wait_for
+from tests.serving_util import rpc_error, settled, wait_for
 
 MAX_LEN = 96
 PROMPT = "def fibonacci(n):"
@@ -49,17 +49,6 @@ def server():
     yield srv
     srv.stop(grace=1)
 
-
-@pytest.fixture
-def client(server):
-    with Client(f"127.0.0.1:{server.port}") as c:
-        yield c
-
-
-def _code(fn):
-    with pytest.raises(grpc.RpcError) as err:
-        fn()
-    return err.value.code(), err.value.details()
 
 
 def _health(port):
@@ -94,7 +83,7 @@ def test_a_crashed_loop_fails_its_streams_and_serves_again_on_a_fresh_engine(ser
     next(bystander)
     victim = client.generate_stream(PROMPT, request_id="victim", **long)
     for stream in (victim, bystander):
-        code, details = _code(lambda: list(stream))
+        code, details = rpc_error(lambda: list(stream))
         assert code == grpc.StatusCode.UNAVAILABLE, details
         assert "engine loop restarted" in details and "RuntimeError('injected fault')" in details
     assert wait_for(lambda: server.loop.restarts == 1)
@@ -123,7 +112,7 @@ def test_a_loop_that_keeps_crashing_stays_dead_instead_of_spinning(caplog):
         assert any(r.levelno == logging.ERROR and "not restarting it" in r.getMessage() for r in caplog.records)
         assert wait_for(lambda: _health(srv.port) == NOT_SERVING)
         with Client(f"127.0.0.1:{srv.port}") as c:
-            code, details = _code(lambda: c.generate("x", max_tokens=2, timeout=10))
+            code, details = rpc_error(lambda: c.generate("x", max_tokens=2, timeout=10))
         assert code == grpc.StatusCode.UNAVAILABLE and "dead" in details
     finally:
         srv.stop(grace=0)

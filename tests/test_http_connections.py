@@ -20,6 +20,7 @@ from jinfer.serving import benchmark as bm
 from jinfer.serving.openai import HttpHost, OpenAIApi
 from jinfer.serving.server import Server, ServingConfig
 from jinfer.tokenizer import Tokenizer
+from tests.serving_util import wait_for
 
 TOKEN = "s3cret"
 CAP = 6
@@ -69,15 +70,6 @@ def _closed_by_server(sock) -> bool:
     return True
 
 
-def _until(condition) -> bool:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def test_every_accepted_connection_has_tcp_nodelay(host):
     # Without it a response's body waits behind its head for the client's delayed ACK: +40 ms each.
     conn = _connect(host)
@@ -118,7 +110,7 @@ def test_a_body_that_stops_half_way_is_dropped_after_the_body_timeout(host):
     with _raw(host) as sock:
         sock.sendall(head + COMPLETION[:5])  # then nothing
         assert _closed_by_server(sock)
-    assert _until(lambda: host.num_connections == 0)
+    assert wait_for(lambda: host.num_connections == 0, DEADLINE_S)
 
 
 def test_an_idle_kept_alive_connection_is_closed_after_the_keep_alive_timeout(host):
@@ -128,7 +120,7 @@ def test_an_idle_kept_alive_connection_is_closed_after_the_keep_alive_timeout(ho
 
 
 def test_connections_over_the_cap_get_503_and_are_closed_while_the_others_keep_working(host):
-    assert _until(lambda: host.num_connections == 0)  # the earlier tests' connections are gone
+    assert wait_for(lambda: host.num_connections == 0, DEADLINE_S)  # the earlier tests' connections are gone
     admitted = [_connect(host) for _ in range(CAP)]
     for conn in admitted:
         assert _request(conn, "GET", "/v1/models")[0] == 200
@@ -147,7 +139,7 @@ def test_connections_over_the_cap_get_503_and_are_closed_while_the_others_keep_w
     for conn in admitted:
         assert _request(conn, "POST", "/v1/completions", COMPLETION)[0] == 200
     admitted.pop().close()
-    assert _until(lambda: host.num_connections == CAP - 1)
+    assert wait_for(lambda: host.num_connections == CAP - 1, DEADLINE_S)
     admitted.append(_connect(host))
     assert _request(admitted[-1], "GET", "/v1/models")[0] == 200
     for conn in admitted:

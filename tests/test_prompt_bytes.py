@@ -2,7 +2,6 @@
 small request never waits behind a big one's tokenization: through the real server (HTTP
 and gRPC), with the tokenizer watched to see what it was asked to do."""
 
-import shutil
 import threading
 import time
 
@@ -22,11 +21,9 @@ from jinfer.serving import frontend as frontend_module
 from jinfer.serving.client import Client
 from jinfer.serving.server import Server, ServingConfig
 from jinfer.tokenizer import Tokenizer, _bytes_to_unicode
-from tests.serving_util import settled
+from tests.serving_util import chat_model_dir, settled
 
 MAX_LEN = 96
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
 class _Watched:
@@ -47,10 +44,8 @@ class _Watched:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "chat_model"
-    shutil.copytree(TEST_MODEL_DIR, path)
-    (path / "chat_template.jinja").write_text(TEMPLATE)
-    engine = Engine(load_hf_model(str(path)), Tokenizer.from_dir(str(path)), CacheConfig(page_size=16, num_pages=32),
+    path = chat_model_dir(tmp_path_factory)
+    engine = Engine(load_hf_model(path), Tokenizer.from_dir(path), CacheConfig(page_size=16, num_pages=32),
                     SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=4, max_model_len=MAX_LEN))
     srv = Server(engine, ServingConfig(http_port=0, max_request_bytes=8 << 20, model_name="m")).start()
     srv.frontend.tokenizer = _Watched(srv.frontend.tokenizer)

@@ -42,12 +42,6 @@ def server():
     srv.stop(grace=1)
 
 
-@pytest.fixture
-def client(server):
-    with Client(f"127.0.0.1:{server.port}") as c:
-        yield c
-
-
 def test_stream_equals_engine_generate(client):
     prompts = ["def fibonacci(n):", "import os\n"]
     greedy = SamplingParams(temperature=0, max_tokens=12)

@@ -18,7 +18,7 @@ from jinfer.sampling_params import SamplingParams
 from jinfer.serving.client import Client
 from jinfer.serving.server import Server, ServingConfig
 from jinfer.tokenizer import Tokenizer
-from tests.serving_util import HANG_S, StepGate, wait_for
+from tests.serving_util import HANG_S, StepGate, rpc_error, wait_for
 from tests.serving_util import settled as _settled
 
 MAX_LEN = 96
@@ -39,21 +39,10 @@ def server():
     srv.stop(grace=1)
 
 
-@pytest.fixture
-def client(server):
-    with Client(f"127.0.0.1:{server.port}") as c:
-        yield c
-
-
 def _still_serves(client):
     assert client.generate("def f(x):", temperature=0, max_tokens=3, timeout=60)[0]["finish_reason"] in ("length",
                                                                                                         "stop")
 
-
-def _code(fn):
-    with pytest.raises(grpc.RpcError) as err:
-        fn()
-    return err.value.code(), err.value.details()
 
 
 @pytest.mark.parametrize("n", [5, 20000, 2**31 - 1])
@@ -62,7 +51,7 @@ def test_n_above_max_n_is_refused_at_once(client, server, monkeypatch, n):
     encode, submit = server.frontend.encode, server.loop.submit
     monkeypatch.setattr(server.frontend, "encode", lambda *a, **kw: work.append("encode") or encode(*a, **kw))
     monkeypatch.setattr(server.loop, "submit", lambda *a, **kw: work.append("submit") or submit(*a, **kw))
-    code, details = _code(lambda: client.generate("x", max_tokens=2, n=n, timeout=30))
+    code, details = rpc_error(lambda: client.generate("x", max_tokens=2, n=n, timeout=30))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and details == f"n={n} exceeds max_n=4"
     assert work == []  # at once: refused at the door, before any work for its n samples
     _still_serves(client)
@@ -135,7 +124,7 @@ def test_a_long_text_prompt_is_tokenized_without_stalling_other_streams(client, 
 
     reader = threading.Thread(target=drain)
     reader.start()
-    code, details = _code(lambda: client.generate(long, max_tokens=2, timeout=120))
+    code, details = rpc_error(lambda: client.generate(long, max_tokens=2, timeout=120))
     gate.release()  # (a no-op once the long prompt was tokenized)
     reader.join()
     assert code == grpc.StatusCode.INVALID_ARGUMENT and f"exceeds max_model_len={MAX_LEN}" in details
@@ -149,7 +138,7 @@ def _raw_generate(server, payload: bytes):
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
         call = ch.unary_stream("/jinfer.v1.Inference/Generate", request_serializer=None,
                                response_deserializer=None)
-        return _code(lambda: list(call(payload, timeout=30)))
+        return rpc_error(lambda: list(call(payload, timeout=30)))
 
 
 @pytest.mark.parametrize("payload", [
@@ -171,7 +160,7 @@ def test_undecodable_bytes_are_invalid_argument(server, client, payload):
     (dict(temperature=float("inf")), "temperature=inf must be finite and >= 0"),
 ])
 def test_long_bad_values_are_quoted_short_and_stay_invalid_argument(client, server, params, message):
-    code, details = _code(lambda: client.generate("x", max_tokens=2, timeout=30, **params))
+    code, details = rpc_error(lambda: client.generate("x", max_tokens=2, timeout=30, **params))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and message in details and len(details) < 2048
     _still_serves(client)
     assert _settled(server)
@@ -198,10 +187,10 @@ def test_a_stalled_engine_turns_health_not_serving_and_fails_streams_until_it_re
             srv.loop.stall_timeout_s = 1.0  # here, not at start: a step that compiles may take longer
             engine.step = stuck_step
             stream = c.generate_stream("class A:", temperature=0, max_tokens=20, timeout=60)
-            code, details = _code(lambda: list(stream))
+            code, details = rpc_error(lambda: list(stream))
             assert code == grpc.StatusCode.UNAVAILABLE and "stalled" in details
             assert _health(srv.port) == health_pb2.HealthCheckResponse.NOT_SERVING
-            code, _ = _code(lambda: c.generate("x", max_tokens=2, timeout=HANG_S))
+            code, _ = rpc_error(lambda: c.generate("x", max_tokens=2, timeout=HANG_S))
             assert code == grpc.StatusCode.UNAVAILABLE
             engine.step = real_step
             srv.loop.stall_timeout_s = 60.0
@@ -225,10 +214,10 @@ def test_a_dead_engine_loop_fails_streams_and_health_instead_of_hanging():
         with Client(f"127.0.0.1:{srv.port}") as c:
             _still_serves(c)
             engine.step = fatal_step
-            code, details = _code(lambda: c.generate("class A:", max_tokens=5, timeout=60))
+            code, details = rpc_error(lambda: c.generate("class A:", max_tokens=5, timeout=60))
             assert code == grpc.StatusCode.UNAVAILABLE and "engine loop has stopped" in details
             assert wait_for(lambda: _health(srv.port) == health_pb2.HealthCheckResponse.NOT_SERVING)
-            code, _ = _code(lambda: c.generate("x", max_tokens=2, timeout=HANG_S))
+            code, _ = rpc_error(lambda: c.generate("x", max_tokens=2, timeout=HANG_S))
             assert code == grpc.StatusCode.UNAVAILABLE
             assert c.server_info(timeout=HANG_S).max_model_len > 0  # the process still answers
     finally:

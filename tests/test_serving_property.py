@@ -5,7 +5,6 @@ and every victim gets exactly the tokens it gets alone."""
 import json
 import math
 import re
-import shutil
 import threading
 
 import grpc
@@ -14,18 +13,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jinfer import TEST_MODEL_DIR
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.engine import Engine
 from jinfer.loader.hf import load_hf_model
 from jinfer.serving.client import Client
 from jinfer.serving.server import Server, ServingConfig
 from jinfer.tokenizer import Tokenizer
-from tests.serving_util import settled
+from tests.serving_util import chat_model_dir, settled
 
 MAX_LEN = 96
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 VICTIM = dict(temperature=0, max_tokens=48, ignore_eos=True)
 BOUNDS = [0, 1, -1, 2, 3, 95, 96, 97, 2**31 - 1, 2**31, -(2**31), 2**32, 2**53, 2**63 - 1, 2**63, -(2**63), 10**30]
 FLOATS = [0.0, 1e-45, 1e-39, 1e-300, 0.5, 1.0, 1.5, 2.0, 1e30, 3.4e38, 3.5e38, 1e300, -0.0, -1.0]
@@ -74,10 +70,8 @@ def _body_json(body: dict) -> bytes:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "chat_model"
-    shutil.copytree(TEST_MODEL_DIR, path)
-    (path / "chat_template.jinja").write_text(TEMPLATE)
-    engine = Engine(load_hf_model(str(path)), Tokenizer.from_dir(str(path)), CacheConfig(page_size=16, num_pages=64),
+    path = chat_model_dir(tmp_path_factory)
+    engine = Engine(load_hf_model(path), Tokenizer.from_dir(path), CacheConfig(page_size=16, num_pages=64),
                     SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=8, max_model_len=MAX_LEN))
     srv = Server(engine, ServingConfig(http_port=0, tiers=("interactive", "batch"), max_queued_requests=16, max_n=4,
                                        max_request_bytes=1 << 16, model_name="m")).start()

@@ -45,12 +45,6 @@ def server():
     srv.stop(grace=1)
 
 
-@pytest.fixture
-def client(server):
-    with Client(f"127.0.0.1:{server.port}") as c:
-        yield c
-
-
 def _counts(stats) -> dict[str, dict[str, int]]:
     return {t.tier.name: {k: getattr(t, k) for k in COUNTS} for t in stats.tiers}
 
