@@ -8,8 +8,9 @@ the problems (Python-code prompts) is sampled --group_size times with seeds fixe
 problem, sample), rewarded (does the completion compile), and a GRPO-style policy-gradient
 step updates the weights, which are swapped into the running engine (Engine.update_weights).
 The same loop runs once per method, each with its own engine and optimizer from the same
-initial weights, epochs interleaved (epoch e of every method, then e + 1), so a busy spell
-of the machine hits all methods alike:
+initial weights, epochs interleaved (epoch e of every method, then e + 1, the methods' order
+rotated each epoch so none always runs first), so a busy spell of the machine hits all methods
+alike:
 
 - none: no speculation.
 - suffix: SuffixDecoding, a per-request tree and one global tree over finished outputs.
@@ -168,7 +169,8 @@ def main(argv):
     identical = True
     for epoch in range(FLAGS.epochs):
         reference = None
-        for method in methods:
+        shift = epoch % len(methods)  # rotated each epoch: no method always runs first (a cold cache)
+        for method in methods[shift:] + methods[:shift]:
             run = runs[method]
             engine, trainer = run["engine"], run["trainer"]
             before = _spec_counts(engine)
@@ -184,12 +186,13 @@ def main(argv):
                                       verifications=verifications, host=host,
                                       reward=float(np.mean([r.reward for r in rollouts])), loss=float(loss)))
             key = ([r.token_ids for r in rollouts], [r.reward for r in rollouts], float(loss))
-            if reference is None:
-                reference = key
+            if method == "none":
                 recorded.append(rollouts)
+            if reference is None:
+                reference, first = key, method
             elif key != reference:
                 identical = False
-                print(f"epoch {epoch}: {method} differs from none", file=sys.stderr, flush=True)
+                print(f"epoch {epoch}: {method} differs from {first}", file=sys.stderr, flush=True)
             e = run["epochs"][-1]
             print(f"epoch {epoch} {method}: makespan {seconds:.2f} s, {tokens / seconds:,.0f} tok/s, "
                   f"reward {e['reward']:.3f}, loss {e['loss']:.4f}, accepted {accepted}/{drafted}",
