@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import os
 import random
 import time
@@ -24,6 +25,8 @@ from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import Scheduler, SchedulingPolicy, SpecStats, StepPlan
 from jinfer.speculation import DraftBudget, Drafter, accept
 from sharding.tp import TPLayout
+
+log = logging.getLogger(__name__)
 
 DEFAULT_COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jinfer", "xla")
 
@@ -393,7 +396,7 @@ class Engine:
         try:  # the drafter and draft budget hear that these requests ended, if the old books allow
             old.abort([r for group in self._groups.values() for r in group])
         except Exception:  # noqa: BLE001 - their pages go with the old scheduler anyway
-            pass
+            log.exception("reset: the old scheduler could not abort its requests; dropping it as it is")
         fresh = Scheduler(self.runner.cache_cfg, self.sched_cfg, self.runner.num_pages, old.policy,
                           old.drafter, old.max_spec_tokens, old.budget)
         fresh.trees, fresh.token_limit, fresh.spec = old.trees, old.token_limit, old.spec

@@ -79,14 +79,13 @@ class SamplingParams:
                 raise ValueError(f"seed={self.seed} must be in [0, 2**31)")
         if isinstance(self.stop_token_ids, (str, bytes)) or not isinstance(self.stop_token_ids, Sequence):
             raise ValueError(f"stop_token_ids={self.stop_token_ids!r} must be a sequence of token ids")
-        if isinstance(self.stop, (str, bytes)) or not isinstance(self.stop, Sequence):
-            raise ValueError(f"stop={self.stop!r} must be a sequence of strings")
         bad = [i for i, t in enumerate(self.stop_token_ids)
                if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t <= INT32_MAX]
         if bad:
             raise ValueError(f"stop_token_ids[{bad[0]}]={self.stop_token_ids[bad[0]]!r} must be a token id, "
                              "an integer in [0, 2**31)")
-        if any(not isinstance(s, str) for s in self.stop):
+        if (isinstance(self.stop, (str, bytes)) or not isinstance(self.stop, Sequence)
+                or any(not isinstance(s, str) for s in self.stop)):
             raise ValueError(f"stop={self.stop!r} must be a sequence of strings")
         empty = [i for i, s in enumerate(self.stop) if not s]
         if empty:

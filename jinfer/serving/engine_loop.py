@@ -312,6 +312,14 @@ class EngineLoop:
                 return
             self._guarded(self._refuse, cmd, error)
 
+    def _fail_request(self, request_id: str, error: Exception) -> None:
+        """Aborts one request in the engine and ends its stream with `error`."""
+        self.engine.abort(request_id)
+        self._tell("on_done", request_id)
+        sink = self._sinks.pop(request_id, None)
+        if sink is not None:
+            sink(error)
+
     @staticmethod
     def _guarded(fn, *args) -> None:
         try:
@@ -339,20 +347,13 @@ class EngineLoop:
         except StepFailed as e:  # the step was rolled back: only the requests it names fail
             log.warning("%s; failing them alone, the others carry on", e)
             for request_id, cause in e.culprits.items():
-                self.engine.abort(request_id)
-                self._tell("on_done", request_id)
-                sink = self._sinks.pop(request_id, None)
-                if sink is not None:
-                    sink(RuntimeError(f"this request could not be stepped and was removed ({cause!r}); "
-                                      "other requests were not affected"))
+                self._fail_request(request_id, RuntimeError(
+                    f"this request could not be stepped and was removed ({cause!r}); other requests were not affected"))
             return
         except Exception as e:  # noqa: BLE001 - reported to every waiting request
             log.exception("engine step failed")
-            for request_id, sink in list(self._sinks.items()):
-                self.engine.abort(request_id)
-                self._tell("on_done", request_id)
-                sink(e)
-            self._sinks.clear()
+            for request_id in list(self._sinks):
+                self._fail_request(request_id, e)
             return
         finally:
             self._step_started = None
