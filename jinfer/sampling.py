@@ -57,12 +57,13 @@ def sample(logits: jax.Array, p: SamplingArrays) -> tuple[jax.Array, jax.Array]:
     distribution. The vocabulary is sorted only when some row uses top-k or top-p, and nothing
     random is drawn when every row is greedy.
     """
-    logprobs_all = jax.nn.log_softmax(logits, axis=-1)
-    greedy_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.maximum(p.temperature, 1e-6)[:, None]
-    top = scaled.max(axis=-1, keepdims=True)
-    # min-p in logit space: p_i >= min_p * p_max  <=>  l_i >= l_max + log(min_p)
-    keep_min_p = scaled >= top + jnp.log(p.min_p)[:, None]
+    greedy_ids = first_argmax(logits)
+
+    def prepare():  # only the random branches read these (a greedy step never builds them)
+        scaled = logits / jnp.maximum(p.temperature, 1e-6)[:, None]
+        top = scaled.max(axis=-1, keepdims=True)
+        # min-p in logit space: p_i >= min_p * p_max  <=>  l_i >= l_max + log(min_p)
+        return scaled, scaled >= top + jnp.log(p.min_p)[:, None]
 
     def noise():
         def row(seed, group, index):
@@ -70,13 +71,14 @@ def sample(logits: jax.Array, p: SamplingArrays) -> tuple[jax.Array, jax.Array]:
             return jax.random.gumbel(key, logits.shape[-1:], jnp.float32)
         return jax.vmap(row)(p.seed, p.group, p.index)
 
-    def draw(keep):
-        return jnp.argmax(jnp.where(keep, scaled, -jnp.inf) + noise(), axis=-1).astype(jnp.int32)
+    def draw(scaled, keep):
+        return first_argmax(jnp.where(keep, scaled, -jnp.inf) + noise())
 
     def plain():
-        return draw(keep_min_p)
+        return draw(*prepare())
 
     def filtered():
+        scaled, keep_min_p = prepare()
         vocab = logits.shape[-1]
         sorted_logits = -jnp.sort(-scaled, axis=-1)  # descending
         sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
@@ -88,11 +90,31 @@ def sample(logits: jax.Array, p: SamplingArrays) -> tuple[jax.Array, jax.Array]:
         keep &= (mass_before < p.top_p[:, None]) | (rank == 0)
         # The kept set is every token at or above the smallest kept value (ties stay together).
         threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        return draw(keep_min_p & (scaled >= threshold))
+        return draw(scaled, keep_min_p & (scaled >= threshold))
 
     random_rows = p.temperature > 0
     needs_sort = jnp.any(random_rows & ((p.top_k > 0) | (p.top_p < 1)))
     branch = jnp.where(jnp.any(random_rows), jnp.where(needs_sort, 2, 1), 0)
     sampled = jax.lax.switch(branch, [lambda: greedy_ids, plain, filtered])
     ids = jnp.where(random_rows, sampled, greedy_ids)
-    return ids, jnp.take_along_axis(logprobs_all, ids[:, None], axis=-1)[:, 0]
+    return ids, token_logprobs(logits, ids)
+
+
+def first_argmax(x: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (the first index of the maximum; of the first NaN where
+    a row has one), as i32, in two plain reductions: XLA's CPU backend runs argmax's paired
+    (value, index) reduction several times slower (a batch-64 x 49,152 vocabulary: ~5 ms
+    against ~2.4 ms on 2 cores)."""
+    top = jnp.max(x, axis=-1, keepdims=True)  # NaN where the row has one
+    hit = (x == top) | (jnp.isnan(x) & jnp.isnan(top))
+    index = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(hit, index, x.shape[-1] - 1), axis=-1)
+
+
+def token_logprobs(logits: jax.Array, ids: jax.Array) -> jax.Array:
+    """log_softmax(logits)[row, ids[row]] as jax.nn.log_softmax rounds it (shifted by the row's
+    max, minus the log of the shifted exponentials' sum), without writing the [S, V] result."""
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    log_sum = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))
+    picked = jnp.take_along_axis(logits, ids[:, None], axis=-1)[:, 0]
+    return (picked - top[:, 0]) - log_sum

@@ -70,7 +70,10 @@ class Attention(nnx.Module):
 
     def output(self, out):
         """The heads' outputs f[T, heads, head_dim] back to the residual stream."""
-        y = jnp.einsum("tnh,nhe->te", out, self.o_proj[...])
+        # One contracting dimension (heads x head_dim flattened, a free reshape): contracting
+        # (n, h) directly made XLA's CPU backend copy the weight into another layout every step.
+        n, h, e = self.o_proj.shape
+        y = jnp.dot(out.reshape(-1, n * h), self.o_proj[...].reshape(n * h, e))
         return y + self.o_bias[...] if self.cfg.o_bias else y
 
     def __call__(self, x, positions, k_pages, v_pages, md: AttentionMetadata):
