@@ -64,6 +64,9 @@ class RequestRecord:
     tier: str = ""
     """Its SLO tier's name (empty when the simulator has no tiers)."""
     preemptions: int = 0  # times it was preempted (recompute) before it finished
+    output_ids: tuple[int, ...] = ()
+    """The tokens it was given, for a work item with a recorded output in a run without
+    fast-forward (a fast-forwarded stretch emits placeholders); empty otherwise."""
 
     @property
     def ttft_s(self) -> float:
@@ -363,6 +366,8 @@ class Simulator:
             if done.finish_reason:
                 req.finish_time = now
                 rec.finish_s, rec.output_tokens, rec.preemptions = now, len(req.output_ids), req.num_preemptions
+                if rec.index in self._outputs and not self.fast_forward:
+                    rec.output_ids = tuple(req.output_ids)
                 del rep.reqs[request_id]
                 self.router.on_finish(r, rreq, now)
                 finished = True

@@ -203,7 +203,7 @@ def test_the_simulator_runs_das_on_recorded_rollouts():
         return drafter, 8, LengthAwareBudget(drafter)
 
     plain, spec = run(None), run(das)
-    assert [r.output_tokens for r in spec.records] == [len(it.output) for it in items]
+    assert [r.output_ids for r in spec.records] == [it.output for it in items]
     assert spec.steps < plain.steps * 0.8
     assert spec.sim_time_s < plain.sim_time_s
 

@@ -32,10 +32,16 @@ def _script(name):
 EXPECTED = {
     "sharding_strategies": ("Bytes crossing devices per decode step", "| all-reduce | all-gather | reduce-scatter",
                             "Head at tp 8: replicated"),
-    "instances_and_resharding": ("outputs unchanged: all", "| 4+4 → 8 | weights |",
-                                 "- Outputs: every request of the regrouped run"),
+    "instances_and_resharding": ("outputs unchanged: all", "- Outputs: every request of the regrouped run"),
     "prefix_routing": ("| round-robin | least-load | sglang | preble-e2 |", "| toolbench |", "| embodied |",
                        "| programming |", "| videoqa |", "| loogle |"),
+}
+
+
+# And what each shows at one size only (the sizes regroup over different partitions).
+BY_SIZE = {
+    ("instances_and_resharding", "small"): ("| 4+4 → 8 | weights |",),
+    ("instances_and_resharding", "full"): ("| 4+4 → 2+2+2+2 | weights |", "| 4+2+1+1 → 4+4 | kv |"),
 }
 
 
@@ -69,7 +75,7 @@ def test_notebook_runs_at_small_size(name, small_runs):
         raise nb
     text, images = _outputs(nb)
     assert "size small" in text
-    for expected in EXPECTED[name]:
+    for expected in EXPECTED[name] + BY_SIZE.get((name, "small"), ()):
         assert expected in text, f"{name} does not show {expected!r}"
     assert images >= 2
 
@@ -80,8 +86,10 @@ def test_committed_notebook_is_its_script_run_at_full_size(name):
     assert notebooks.sources(committed) == notebooks.sources(notebooks.read(_script(name))), (
         f"notebooks/{name}.ipynb and .py differ: run tools/run_notebooks.py --notebooks={name}")
     assert all(c.execution_count for c in committed.cells if c.cell_type == "code"), "a cell was not run"
-    text, images = _outputs(committed)
+    text, images = _outputs(committed)  # (no cell's output is an error)
     assert "size full" in text and images >= 2
+    for expected in EXPECTED[name] + BY_SIZE.get((name, "full"), ()):  # what the notebook is for
+        assert expected in text, f"notebooks/{name}.ipynb does not show {expected!r}: rerun it"
 
 
 def test_execute_refuses_an_unknown_size():
