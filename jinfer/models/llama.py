@@ -7,6 +7,8 @@ n query heads, k kv heads, h head_dim, m mlp, v vocab.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -136,8 +138,9 @@ class LlamaForCausalLM(nnx.Module):
         x = self.embed[...][input_ids]  # [T, E]
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
+            graphdef, state = nnx.split(layer)
             with jax.named_scope(f"layer_{i}"):
-                x, k_pages, v_pages = layer(x, positions, kv_cache.k[i], kv_cache.v[i], md)
+                x, k_pages, v_pages = _layer(graphdef, state, x, positions, kv_cache.k[i], kv_cache.v[i], md)
             new_k.append(k_pages)
             new_v.append(v_pages)
         x = self.final_norm(x)
@@ -150,6 +153,16 @@ class LlamaForCausalLM(nnx.Module):
         if self.config.tie_word_embeddings:
             return jnp.einsum("te,ve->tv", x, self.embed[...], preferred_element_type=jnp.float32)
         return jnp.einsum("te,ev->tv", x, self.lm_head[...], preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), inline=True)
+def _layer(graphdef, state, x, positions, k_pages, v_pages, md):
+    """One decoder layer as a function of its weights. The layers share one graphdef, so JAX
+    traces and lowers the layer once per step shape and the step calls it num_layers times
+    (XLA inlines the calls: the compiled step is the same as with the layers written out).
+    Tracing each layer anew took ~80 ms per layer of the default model's 30 on 2 CPU cores, a
+    warm start's largest part after loading."""
+    return nnx.merge(graphdef, state)(x, positions, k_pages, v_pages, md)
 
 
 def set_attention_backend(model: LlamaForCausalLM, name: str) -> None:
