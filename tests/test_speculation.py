@@ -303,15 +303,15 @@ def _chi2_sf(x: float, df: int) -> float:
     return max(0.0, 1.0 - math.exp(-t + a * math.log(t) - math.lgamma(a)) * total) if t > 0 else 1.0
 
 
-def _next_token_probs(model, ids, temperature: float) -> np.ndarray:
+def _next_token_probs(model, fwd, ids, temperature: float) -> np.ndarray:
     """The model's distribution of the token after `ids` at `temperature` (float64), from one
-    forward pass of the model alone (no engine, no sampler)."""
+    forward pass of the model alone (fwd = jit_forward(model); no engine, no sampler)."""
     n, page_size = len(ids), 8
     pages = -(-n // page_size)
     md = AttentionMetadata(np.array([0, n], np.int32), np.array([n], np.int32),
                            np.arange(pages, dtype=np.int32)[None], np.array([1], np.int32), False, None)
     kv = KVCache.create(model.config, pages, page_size)
-    logits, _ = jit_forward(model)(np.array(ids, np.int32), np.arange(n, dtype=np.int32), kv, md,
+    logits, _ = fwd(np.array(ids, np.int32), np.arange(n, dtype=np.int32), kv, md,
                                    np.array([n - 1], np.int32))
     z = np.asarray(logits[0], np.float64) / temperature
     p = np.exp(z - z.max())
@@ -349,10 +349,10 @@ def test_sampled_tokens_follow_the_model_distribution(tree):
     spec, stats = run(RandomDrafter(16, tree))
     assert stats.draft_tokens > 500 and 0 < stats.accepted_tokens < stats.draft_tokens
     assert spec == plain
-    chi2, df = 0.0, 0
+    chi2, df, fwd = 0.0, 0, jit_forward(m)
     for first in sorted({t[0] for t in spec}):
         seconds = [t[1] for t in spec if t[0] == first]
-        expected = len(seconds) * _next_token_probs(m, prompt + [first], temperature)
+        expected = len(seconds) * _next_token_probs(m, fwd, prompt + [first], temperature)
         observed = np.bincount(seconds, minlength=16).astype(np.float64)
         big = expected >= 5
         bins_o = np.append(observed[big], observed[~big].sum())
