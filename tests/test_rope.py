@@ -42,10 +42,11 @@ def test_sliding_window_changes_logits_past_the_window(hf_checkpoints):
     model = load_hf_model(hf_checkpoints["mistral"])
     prompt = _prompts(1, [21])
     windowed = _ragged_forward(model, prompt)[0]
-    object.__setattr__(model.config, "sliding_window", None)  # same weights, full attention
-    try:
-        full = _ragged_forward(model, prompt)[0]
-    finally:
-        object.__setattr__(model.config, "sliding_window", 8)
+    # The same weights with full attention: a second copy whose own config drops the window
+    # before it is ever traced (a config changed in place after tracing would meet the layer
+    # program JAX cached for it).
+    unwindowed = load_hf_model(hf_checkpoints["mistral"])
+    object.__setattr__(unwindowed.config, "sliding_window", None)
+    full = _ragged_forward(unwindowed, prompt)[0]
     np.testing.assert_allclose(windowed[:8], full[:8], atol=1e-5)
     assert np.abs(windowed[8:] - full[8:]).max() > 1e-2
