@@ -10,7 +10,7 @@ from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.detokenizer import IncrementalDetokenizer
 from jinfer.engine import Engine
 from jinfer.loader.hf import load_hf_model
-from jinfer.sampling import SamplingArrays
+from jinfer.sampling import SamplingArrays, first_argmax, token_logprobs
 from jinfer.sampling import sample as _sample_eager
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import ScheduledSeq
@@ -113,6 +113,30 @@ def test_a_row_samples_the_same_whether_or_not_its_batch_needs_sorting():
 def test_logprobs_are_of_the_model_distribution():
     ids, logprobs = sample(LOGITS[None].astype(np.float32), _arrays([SamplingParams(temperature=0)], [0]))
     assert int(ids[0]) == 0 and abs(float(logprobs[0]) - np.log(0.4)) < 1e-5
+
+
+def test_greedy_ids_and_logprobs_match_argmax_and_log_softmax_in_torch_and_jax():
+    """The greedy path's own reductions (sampling.first_argmax, token_logprobs) against
+    jnp.argmax / jax.nn.log_softmax and torch's argmax / log_softmax (what HF's greedy search
+    and output scores use), on a real-size vocabulary with ties, NaN and infinite rows."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 49152)).astype(np.float32)
+    x[1, [7, 300]] = x[1].max() + 1  # a tie: the first index wins
+    x[2, 11] = np.inf
+    x[3, [5, 9]] = np.nan  # argmax's rule: the first NaN
+    x[4] = -np.inf
+    x[5, :] = 0.0
+    ids = np.asarray(jax.jit(first_argmax)(x))
+    np.testing.assert_array_equal(ids, np.asarray(jax.numpy.argmax(x, axis=-1)))
+    assert ids[1] == 7 and ids[2] == 11 and ids[3] == 5 and ids[5] == 0
+    finite = np.isfinite(x).all(axis=1)
+    np.testing.assert_array_equal(ids[finite], torch.from_numpy(x[finite]).argmax(-1).numpy())
+    picked = rng.integers(0, x.shape[1], x.shape[0]).astype(np.int32)
+    got = np.asarray(jax.jit(token_logprobs)(x[finite], picked[finite]))
+    want = np.take_along_axis(np.asarray(jax.nn.log_softmax(x[finite], axis=-1)), picked[finite, None], -1)[:, 0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    torch_lp = torch.log_softmax(torch.from_numpy(x[finite]), -1).numpy()
+    np.testing.assert_allclose(got, np.take_along_axis(torch_lp, picked[finite, None], -1)[:, 0], atol=1e-5)
 
 
 @pytest.fixture(scope="module")
