@@ -53,16 +53,31 @@ def _tol(dtype):
     return dict(atol=2e-2, rtol=2e-2) if dtype == jnp.bfloat16 else dict(atol=2e-5, rtol=2e-5)
 
 
+# The kernels' grid: head_dim x group x page_size x dtype. The default run takes six points
+# that hold every pair of values (a pairwise covering set); the other 18 are in the slow set.
+PAIRWISE = {(64, 1, 8, "f32"), (128, 1, 16, "bf16"), (128, 4, 16, "f32"), (64, 4, 8, "bf16"),
+            (128, 8, 8, "f32"), (64, 8, 16, "bf16")}
+
+
+def _kernel_grid():
+    dtypes = {"f32": jnp.float32, "bf16": jnp.bfloat16}
+    for head_dim in (64, 128):
+        for group in (1, 4, 8):
+            for page_size in (8, 16):
+                for name, dtype in dtypes.items():
+                    point = (head_dim, group, page_size, name)
+                    marks = () if point in PAIRWISE else (pytest.mark.slow,)
+                    yield pytest.param(dtype, page_size, group, head_dim, marks=marks,
+                                       id="-".join(map(str, point)))
+
+
 def _close(a, b, dtype):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     assert np.isfinite(a).all(), "NaN/inf leaked into the kernel output"
     np.testing.assert_allclose(a, b, **_tol(dtype))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("page_size", [8, 16])
-@pytest.mark.parametrize("group", [1, 4, 8])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype, page_size, group, head_dim", list(_kernel_grid()))
 def test_ragged_kernel_matches_reference(dtype, page_size, group, head_dim):
     rng = np.random.default_rng(page_size * 1000 + group * 10 + head_dim)
     p = page_size
@@ -91,10 +106,7 @@ def test_ragged_kernel_soft_cap_and_sliding_window(soft_cap, window):
     assert not np.allclose(np.asarray(plain), np.asarray(out), atol=1e-3), "option had no effect"
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("page_size", [8, 16])
-@pytest.mark.parametrize("group", [1, 4, 8])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype, page_size, group, head_dim", list(_kernel_grid()))
 def test_decode_kernel_matches_reference(dtype, page_size, group, head_dim):
     rng = np.random.default_rng(page_size * 999 + group * 7 + head_dim)
     p = page_size

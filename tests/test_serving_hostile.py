@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jinfer import TEST_MODEL_DIR
-from jinfer.config import CacheConfig, SchedulerConfig
+from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig
 from jinfer.engine import Engine
 from jinfer.loader.hf import load_hf_model
 from jinfer.sampling_params import SamplingParams
@@ -230,7 +230,8 @@ def test_aborting_a_request_of_many_samples_is_linear():
     waiting queue: a Python __eq__ call per queued request per sample)."""
     engine = Engine(load_hf_model(TEST_MODEL_DIR), Tokenizer.from_dir(TEST_MODEL_DIR),
                     CacheConfig(page_size=16, num_pages=256),
-                    SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=64, max_model_len=MAX_LEN))
+                    SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=64, max_model_len=MAX_LEN),
+                    options=EngineOptions(min_token_bucket=512))  # one bucket: compiling more was most of the time
     params = SamplingParams(n=2000, max_tokens=4, temperature=1.0)
     engine.add_request("hello", params, request_id="a")
     for _ in range(3):

@@ -252,6 +252,7 @@ def test_real_drafters_keep_the_tokens_and_save_steps(model, method, tree):
 
 
 @pytest.mark.multi_device
+@pytest.mark.slow  # the Pallas tree step vs its reference (one device) and vs XLA (tp=2, 4): test_pallas_*
 def test_tree_drafts_on_the_pallas_backend_and_under_tensor_parallelism(model):
     """The interpreted Pallas kernel and a tp=2 mesh (fake devices) verify tree drafts to the
     same tokens as plain decoding on one device."""
@@ -334,9 +335,11 @@ def test_sampled_tokens_follow_the_model_distribution(tree):
     n, prompt, temperature = 600, [1, 2, 3], 1.5
 
     def run(drafter):
+        # One 512-token bucket: the run's steps vary in size, and a program per bucket size
+        # was most of the test's time.
         engine = Engine(m, tok, CacheConfig(page_size=8, num_pages=512),
                         SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=64, max_model_len=32),
-                        drafter=drafter, max_spec_tokens=4)
+                        options=EngineOptions(min_token_bucket=512), drafter=drafter, max_spec_tokens=4)
         for seed in range(n):
             engine.add_request(prompt, SamplingParams(temperature=temperature, seed=seed, max_tokens=4,
                                                       ignore_eos=True), request_id=f"s{seed}")
