@@ -1,8 +1,12 @@
 """Pure-jnp references with the kernels' signatures (paged layout included). Exact and slow:
-every query gathers its sequence's whole page table."""
+every query gathers its sequence's whole page table. The attention references are jitted (one
+compilation per shape; run op by op they compiled each of their ~40 operations)."""
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels.validate import (static_validate_decode_inputs, static_validate_ragged_inputs,
@@ -53,6 +57,10 @@ def _gather(pages, page_table, kv_head):
     return g.reshape(g.shape[0], -1, g.shape[-1])
 
 
+_SOFTMAX_ARGS = ("sm_scale", "soft_cap", "sliding_window")
+
+
+@functools.partial(jax.jit, static_argnames=_SOFTMAX_ARGS)
 def ragged_paged_attention_ref(q, k_pages, v_pages, cu_q_lens, kv_lens, page_indices, num_seqs, *,
                                sm_scale: float, soft_cap: float | None = None,
                                sliding_window: int | None = None, tree_bits=None):
@@ -89,6 +97,7 @@ def ragged_paged_attention_ref(q, k_pages, v_pages, cu_q_lens, kv_lens, page_ind
     return jnp.concatenate(outs, axis=1).astype(q.dtype)
 
 
+@functools.partial(jax.jit, static_argnames=_SOFTMAX_ARGS)
 def decode_paged_attention_ref(q, k_pages, v_pages, kv_lens, page_indices, *, sm_scale: float,
                                soft_cap: float | None = None, sliding_window: int | None = None):
     """One query token per sequence (its position kv_lens[i] - 1). q: f[S, num_heads, head_dim].
