@@ -34,6 +34,11 @@ class SchedulingPolicy(Protocol):
         request is queued: a reason to refuse it (AdmissionRefused), or None.
       - `observe_step(num_tokens, seconds)`: the engine or simulator reports each step's
         size and duration.
+    And one the Scheduler never calls:
+      - `bind(scheduler) -> policy`: whoever builds a Scheduler with this policy calls it once
+        the Scheduler exists (jinfer.launch, jinfer.instances.Instances, the simulators), and
+        `Engine.reset` calls it again with the fresh Scheduler, so a policy that reads the
+        scheduler's state (its prefix cache, its token budget) follows it. Returns the policy.
     """
 
     def priority(self, req: Request):

@@ -88,9 +88,6 @@ class SuffixTree:
     def __contains__(self, seq_id: int) -> bool:
         return seq_id in self._seqs
 
-    def seq_ids(self) -> list[int]:
-        return list(self._seqs)
-
     def sequence(self, seq_id: int) -> list[int]:
         """The tokens of a sequence (the tree's own list: read it, never change it)."""
         return self._seqs[seq_id]

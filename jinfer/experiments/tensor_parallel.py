@@ -178,12 +178,6 @@ def run_sharding_study(study: ShardingStudy, log: Callable[[str], None] = lambda
     return results
 
 
-def decode_speedup(results: Sequence[LayoutResult], batch: int) -> dict[int, float]:
-    """tp -> decode step time at tp 1 / at tp (split head), at `batch`."""
-    base = next(r for r in results if r.tp == 1 and r.vocab_parallel)
-    return {r.tp: base.decode_ms[batch] / r.decode_ms[batch] for r in results if r.vocab_parallel}
-
-
 def megatron_bytes(cfg, tokens: int, tp: int, vocab_parallel: bool = True, itemsize: int = 4) -> int:
     """The all-reduce bytes per device that the Megatron layout needs in a step of `tokens`
     (padded) tokens: the [tokens, hidden] activations after each layer's attention output and
