@@ -3,7 +3,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-XLA_TEST_FLAGS := --xla_force_host_platform_device_count=8
+# 8 fake CPU devices for the sharding tests; LLVM's optimisation passes off (XLA's own HLO
+# passes still run): compiling is most of the suite's time (docs/testing.md).
+XLA_TEST_FLAGS := --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0
 # `make test` runs in this many pytest processes (pytest-xdist), each taking whole test files
 # (--dist loadfile keeps a file's shared engines and module fixtures in one process).
 # PYTEST_WORKERS=0 runs everything in one process.

@@ -3,8 +3,9 @@ gRPC client of a module's server."""
 
 import os
 
-# 8 fake CPU devices for sharding tests; must be set before JAX initialises its backend.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# 8 fake CPU devices for sharding tests, and the Makefile's faster compiles; must be set before
+# JAX initialises its backend.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 
 import pytest  # noqa: E402
 
