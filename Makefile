@@ -31,10 +31,10 @@ demo: $(VENV)/.runtime
 	$(BIN)/python tools/demo.py
 
 test: $(VENV)/.test
-	XLA_FLAGS=$(XLA_TEST_FLAGS) $(BIN)/python -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile
+	XLA_FLAGS="$(XLA_TEST_FLAGS)" $(BIN)/python -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile
 
 test-slow: $(VENV)/.test
-	XLA_FLAGS=$(XLA_TEST_FLAGS) $(BIN)/python -m pytest -q -m slow
+	XLA_FLAGS="$(XLA_TEST_FLAGS)" $(BIN)/python -m pytest -q -m slow
 
 # Re-executes notebooks/ at full size and saves their outputs (docs/notebooks.md).
 notebooks: $(VENV)/.test
