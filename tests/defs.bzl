@@ -2,7 +2,7 @@
 does (`-m "not slow"`, 8 fake CPU devices). The targets come from a glob, so a new test file
 needs no BUILD edit; only a file too slow for the default timeout needs an entry in SLOW."""
 
-XLA_FLAGS = "--xla_force_host_platform_device_count=8"
+XLA_FLAGS = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"  # as the Makefile
 
 # Files whose default run took over 100 s alone on 2 busy CPU cores (test_speculation about
 # 8 minutes): the "eternal" timeout (3600 s), since targets run side by side and share the
