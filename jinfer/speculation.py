@@ -111,8 +111,10 @@ class Drafter(Protocol):
     def start(self, request_id: str, prompt_ids: Sequence[int]) -> None:
         """A request begins (its prompt is all it has so far)."""
 
-    def propose(self, request_id: str, output_ids: Sequence[int], max_tokens: int) -> Draft:
-        """A draft of at most max_tokens tokens to follow prompt + output_ids (NO_DRAFT: none)."""
+    def propose(self, request_id: str, output_ids: Sequence[int], max_draft_tokens: int) -> Draft:
+        """A draft of at most max_draft_tokens tokens to follow prompt + output_ids (NO_DRAFT: none).
+        max_draft_tokens: the step's room for this draft (the scheduler passes >= 1), not the
+        request's output cap (SamplingParams.max_tokens, already counted in that room)."""
 
     def observe(self, request_id: str, new_tokens: Sequence[int]) -> None:
         """Tokens appended to the request's output since the last call (accepted draft tokens
@@ -131,8 +133,8 @@ class DraftBudget(Protocol):
     size and time. Implementations live in scheduler/ (scheduler/spec_budget.py).
     """
 
-    def limit(self, request_id: str, num_decoding: int, max_tokens: int) -> int:
-        """Draft tokens allowed (<= max_tokens) for a request in a step where num_decoding
+    def limit(self, request_id: str, num_decoding: int, max_draft_tokens: int) -> int:
+        """Draft tokens allowed (<= max_draft_tokens) for a request in a step where num_decoding
         requests decode."""
 
     def observe_verify(self, request_id: str, accepted: int, rejected: bool) -> None:

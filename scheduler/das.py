@@ -192,12 +192,12 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
-def makespan_draft_len(alpha: float, c_base: float, c_tok: float, batch: int, max_tokens: int) -> int:
-    """The long class's draft length: the largest k (<= max_tokens) such that every step from
+def makespan_draft_len(alpha: float, c_base: float, c_tok: float, batch: int, max_draft_tokens: int) -> int:
+    """The long class's draft length: the largest k (<= max_draft_tokens) such that every step from
     0 to k satisfies t(B) * (1/E(j-1) - 1/E(j)) >= c_tok * (j/E(j) - (j-1)/E(j-1))."""
     step = c_base + c_tok * batch
     k = 0
-    while k < max_tokens:
+    while k < max_draft_tokens:
         prev, nxt = expected_tokens(alpha, k), expected_tokens(alpha, k + 1)
         saved = step * (1.0 / prev - 1.0 / nxt)
         added = c_tok * ((k + 1) / nxt - k / prev)
@@ -207,12 +207,12 @@ def makespan_draft_len(alpha: float, c_base: float, c_tok: float, batch: int, ma
     return k
 
 
-def throughput_draft_len(alpha: float, c_base: float, c_tok: float, batch: int, max_tokens: int) -> int:
+def throughput_draft_len(alpha: float, c_base: float, c_tok: float, batch: int, max_draft_tokens: int) -> int:
     """The medium class's draft length: the largest k with alpha^k >= c_tok * B / t(B)."""
     step = c_base + c_tok * batch
     tau = c_tok * batch / step if step > 0 else 1.0
     k, p = 0, 1.0
-    while k < max_tokens:
+    while k < max_draft_tokens:
         p *= alpha
         if p < tau:
             break
@@ -266,7 +266,7 @@ class LengthAwareBudget(CostAwareBudget):
             st[0] += accepted
             st[1] += rejected
 
-    def limit(self, request_id: str, num_decoding: int, max_tokens: int) -> int:
+    def limit(self, request_id: str, num_decoding: int, max_draft_tokens: int) -> int:
         if request_id not in self.drafter:
             return 0
         cls = self.length_class(request_id)
@@ -275,7 +275,7 @@ class LengthAwareBudget(CostAwareBudget):
             return 0
         fit = self.cost_model()
         if fit is None:
-            return max_tokens  # no cost model yet: let drafts run (and teach it)
+            return max_draft_tokens  # no cost model yet: let drafts run (and teach it)
         rule = makespan_draft_len if cls == LONG else throughput_draft_len
-        return rule(self.alpha(request_id), fit[0], fit[1], max(1, num_decoding), max_tokens)
+        return rule(self.alpha(request_id), fit[0], fit[1], max(1, num_decoding), max_draft_tokens)
 

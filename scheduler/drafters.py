@@ -112,10 +112,10 @@ class NgramDrafter:
         st = self._state(request_id)
         st.tokens.extend(st.progress.from_observe(new_tokens))
 
-    def propose(self, request_id: str, output_ids: Sequence[int], max_tokens: int) -> Draft:
+    def propose(self, request_id: str, output_ids: Sequence[int], max_draft_tokens: int) -> Draft:
         st = self._state(request_id)
         st.tokens.extend(st.progress.from_output(request_id, output_ids))
-        if max_tokens <= 0:
+        if max_draft_tokens <= 0:
             return NO_DRAFT
         tokens, lo, hi = st.tokens, self.config.min_ngram, self.config.max_ngram
         n_ctx = len(tokens)
@@ -127,7 +127,7 @@ class NgramDrafter:
         for n in range(min(hi, n_ctx - 1), lo - 1, -1):
             end = st.index[n - lo].get(tuple(tokens[n_ctx - n:]))
             if end is not None:
-                return Draft.chain(tokens[end:end + max_tokens])
+                return Draft.chain(tokens[end:end + max_draft_tokens])
         return NO_DRAFT
 
     def finish(self, request_id: str, output_ids: Sequence[int], aborted: bool) -> None:
@@ -232,17 +232,17 @@ class SuffixDrafter:
         st = self._state(request_id)
         self._take(st, st.progress.from_observe(new_tokens))
 
-    def propose(self, request_id: str, output_ids: Sequence[int], max_tokens: int) -> Draft:
+    def propose(self, request_id: str, output_ids: Sequence[int], max_draft_tokens: int) -> Draft:
         st = self._state(request_id)
         self._take(st, st.progress.from_output(request_id, output_ids))
-        if max_tokens <= 0:
+        if max_draft_tokens <= 0:
             return NO_DRAFT
         # The request's own tail always ends where it matches in its own tree (known_ends=1).
         sources = [(st.tree, st.tree.tail_positions(0), 1)]
         if st.matcher is not None:
             sources.append((self._shared_tree(request_id), st.matcher.positions(), 0))
         cfg = self.search
-        best = speculate(sources, max_tokens, max_spec_factor=cfg.max_spec_factor,
+        best = speculate(sources, max_draft_tokens, max_spec_factor=cfg.max_spec_factor,
                          max_spec_offset=cfg.max_spec_offset, min_token_prob=cfg.min_token_prob,
                          tree=cfg.tree)
         if not best.tokens:

@@ -145,17 +145,17 @@ class CostAwareBudget:
 
     # -- the decision ----------------------------------------------------------------------
 
-    def limit(self, request_id: str, num_decoding: int, max_tokens: int) -> int:
+    def limit(self, request_id: str, num_decoding: int, max_draft_tokens: int) -> int:
         fit = self.cost_model()
         if fit is None:
-            return max_tokens  # no cost model yet: let drafts run (and teach it)
+            return max_draft_tokens  # no cost model yet: let drafts run (and teach it)
         c_base, c_tok = fit
         batch = max(1, num_decoding)
         step = c_base + c_tok * batch
         tau = c_tok * batch / step if step > 0 else 1.0
         alpha = self.alpha(request_id)
         k, p = 0, 1.0
-        while k < max_tokens:
+        while k < max_draft_tokens:
             p *= alpha
             if p < tau:
                 break

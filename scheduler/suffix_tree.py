@@ -276,9 +276,9 @@ class SuffixTree:
             out.append(pos)
         return out
 
-    def speculate(self, pattern: Sequence[int], max_tokens: int, **knobs) -> "SuffixDraft":
+    def speculate(self, pattern: Sequence[int], max_draft_tokens: int, **knobs) -> "SuffixDraft":
         """The best draft to follow `pattern` from this tree alone (see `speculate`)."""
-        return speculate([(self, self.match(pattern), 0)], max_tokens, **knobs)
+        return speculate([(self, self.match(pattern), 0)], max_draft_tokens, **knobs)
 
     def longest_match(self, pattern: Sequence[int]) -> int:
         """Length of the longest suffix of pattern that occurs in the tree (at most max_depth)."""
@@ -442,13 +442,13 @@ class SuffixDraft(NamedTuple):
 NO_SUFFIX_DRAFT = SuffixDraft()
 
 
-def spec_budget(match_len: int, max_tokens: int, max_spec_factor: float, max_spec_offset: float) -> int:
-    """Tokens a match of match_len tokens may draft: min(max_tokens, floor(factor * m + offset))."""
+def spec_budget(match_len: int, max_draft_tokens: int, max_spec_factor: float, max_spec_offset: float) -> int:
+    """Tokens a match of match_len tokens may draft: min(max_draft_tokens, floor(factor * m + offset))."""
     # The epsilon keeps 0.29 * 100 at 29, as the reference implementation's does.
-    return max(0, min(max_tokens, math.floor(max_spec_factor * match_len + max_spec_offset + 1e-6)))
+    return max(0, min(max_draft_tokens, math.floor(max_spec_factor * match_len + max_spec_offset + 1e-6)))
 
 
-def speculate(sources: Sequence[tuple[SuffixTree, Sequence[Position], int]], max_tokens: int, *,
+def speculate(sources: Sequence[tuple[SuffixTree, Sequence[Position], int]], max_draft_tokens: int, *,
               max_spec_factor: float = 1.0, max_spec_offset: float = 0.0,
               min_token_prob: float = 0.1, tree: bool = False) -> SuffixDraft:
     """The best-scoring draft over the matches of a pattern in one or more trees.
@@ -469,7 +469,7 @@ def speculate(sources: Sequence[tuple[SuffixTree, Sequence[Position], int]], max
     cands = []
     for rank, (st, positions, known) in enumerate(sources):
         md = st.max_depth
-        budgets = _budgets(max_tokens, max_spec_factor, max_spec_offset, md)
+        budgets = _budgets(max_draft_tokens, max_spec_factor, max_spec_offset, md)
         if not known:  # the bound is the budget: every continuation may be certain
             cands += [(budgets[m], -rank, m, budgets[m], node, md) for node, m in positions if budgets[m] > 0]
             continue
@@ -515,9 +515,9 @@ def speculate(sources: Sequence[tuple[SuffixTree, Sequence[Position], int]], max
 
 
 @functools.lru_cache(maxsize=256)
-def _budgets(max_tokens: int, factor: float, offset: float, max_depth: int) -> tuple[int, ...]:
+def _budgets(max_draft_tokens: int, factor: float, offset: float, max_depth: int) -> tuple[int, ...]:
     """Per match length m (index), the tokens it may draft: spec_budget and the room below it."""
-    return tuple(min(spec_budget(m, max_tokens, factor, offset), max_depth - m)
+    return tuple(min(spec_budget(m, max_draft_tokens, factor, offset), max_depth - m)
                  for m in range(max_depth + 1))
 
 

@@ -66,7 +66,7 @@ def test_expected_tokens_and_the_two_rules_by_hand():
     assert expected_tokens(0.5, 0) == 1 and expected_tokens(0.5, 2) == pytest.approx(1.75)
     assert expected_tokens(1.0, 3) == 4
     # GPU-like: the fixed cost dominates a step (10 ms + 0.05 ms a token, batch 32).
-    gpu = dict(c_base=10e-3, c_tok=5e-5, batch=32, max_tokens=16)
+    gpu = dict(c_base=10e-3, c_tok=5e-5, batch=32, max_draft_tokens=16)
     assert makespan_draft_len(0.8, **gpu) == 16  # a long rollout drafts all it may
     # tau = 1.6 ms / 11.6 ms = 0.138: 0.8^8 = 0.168 >= tau > 0.8^9 = 0.134; 0.5^2 >= tau > 0.5^3
     assert throughput_draft_len(0.8, **gpu) == 8
@@ -74,11 +74,11 @@ def test_expected_tokens_and_the_two_rules_by_hand():
     assert makespan_draft_len(0.5, **gpu) > throughput_draft_len(0.5, **gpu)
     # CPU-like: every token costs the same and nothing is fixed: a draft token costs what a
     # decoded one does, so neither rule drafts below certainty.
-    cpu = dict(c_base=0.0, c_tok=1e-3, batch=1, max_tokens=8)
+    cpu = dict(c_base=0.0, c_tok=1e-3, batch=1, max_draft_tokens=8)
     assert makespan_draft_len(0.9, **cpu) == 0 and throughput_draft_len(0.9, **cpu) == 0
     # Hand check of the makespan inequality at k = 1 (alpha 0.3, t = 1, c_tok = 0.5):
     # saved = 1 * (1 - 1/1.3) = 0.2308, added = 0.5 * (1/1.3) = 0.3846 -> no draft.
-    assert makespan_draft_len(0.3, c_base=0.5, c_tok=0.5, batch=1, max_tokens=4) == 0
+    assert makespan_draft_len(0.3, c_base=0.5, c_tok=0.5, batch=1, max_draft_tokens=4) == 0
 
 
 def _history(d: RolloutDrafter):

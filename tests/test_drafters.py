@@ -30,14 +30,14 @@ def accepted(draft: Draft, truth) -> int:
     return k
 
 
-def generate(drafter: Drafter, request_id, prompt, target, max_tokens):
+def generate(drafter: Drafter, request_id, prompt, target, max_draft_tokens):
     """Run a request whose model output is `target` with greedy verification; the tokens accepted
     at each step."""
     drafter.start(request_id, prompt)
     output, steps = [], []
     while len(output) < len(target):
-        draft = drafter.propose(request_id, output, max_tokens)
-        assert len(draft) <= max_tokens
+        draft = drafter.propose(request_id, output, max_draft_tokens)
+        assert len(draft) <= max_draft_tokens
         k = accepted(draft, target[len(output):])
         steps.append(k)
         new = target[len(output):len(output) + k + 1]
@@ -73,7 +73,7 @@ def test_repeated_generation_gets_long_correct_drafts(name):
     piece = [rng.randrange(1000) for _ in range(60)]
     prompt = [rng.randrange(1000) for _ in range(20)]
     target = piece * 3
-    steps = generate(DRAFTERS[name](), "r", prompt, target, max_tokens=8)
+    steps = generate(DRAFTERS[name](), "r", prompt, target, max_draft_tokens=8)
     starts = [sum(k + 1 for k in steps[:i]) for i in range(len(steps))]
     assert all(k == 0 for start, k in zip(starts, steps) if start < 60)  # nothing to copy yet
     # A few tokens into the second repetition, every draft is full and right.
@@ -86,8 +86,8 @@ def test_suffix_drafter_learns_across_requests(tree):
     rng = random.Random(1)
     output = [rng.randrange(1000) for _ in range(80)]
     drafter = SuffixDrafter(SuffixConfig(tree=tree))
-    first = generate(drafter, "a", [1, 2, 3], output, max_tokens=8)
-    second = generate(drafter, "b", [4, 5, 6], output, max_tokens=8)
+    first = generate(drafter, "a", [1, 2, 3], output, max_draft_tokens=8)
+    second = generate(drafter, "b", [4, 5, 6], output, max_draft_tokens=8)
     assert sum(first) == 0
     # The budget is the match length (max_spec_factor 1): no match before the first output
     # token, then 1 token matched (budget 1), 3, 7; from then on every draft is full and right.
@@ -154,8 +154,8 @@ CONTEXTS = st.lists(st.integers(0, 3), min_size=1, max_size=40)
 
 @settings(max_examples=60, deadline=None)
 @given(name=st.sampled_from(sorted(DRAFTERS)), finished=st.lists(CONTEXTS, max_size=3),
-       prompt=CONTEXTS, output=CONTEXTS, max_tokens=st.integers(0, 10))
-def test_drafts_are_valid_and_within_max_tokens(name, finished, prompt, output, max_tokens):
+       prompt=CONTEXTS, output=CONTEXTS, max_draft_tokens=st.integers(0, 10))
+def test_drafts_are_valid_and_within_max_draft_tokens(name, finished, prompt, output, max_draft_tokens):
     drafter = DRAFTERS[name]()
     for i, done in enumerate(finished):
         drafter.start(f"old{i}", [0])
@@ -163,8 +163,8 @@ def test_drafts_are_valid_and_within_max_tokens(name, finished, prompt, output, 
     drafter.start("r", prompt)
     for i, token in enumerate(output):
         drafter.observe("r", [token])
-        draft = drafter.propose("r", output[:i + 1], max_tokens)
-        assert len(draft) <= max_tokens
+        draft = drafter.propose("r", output[:i + 1], max_draft_tokens)
+        assert len(draft) <= max_draft_tokens
         children = set()
         for j, (token_j, parent) in enumerate(zip(draft.tokens, draft.parents)):
             assert -1 <= parent < j  # parents first
@@ -176,8 +176,8 @@ def test_drafts_are_valid_and_within_max_tokens(name, finished, prompt, output, 
 
 @settings(max_examples=60, deadline=None)
 @given(finished=st.lists(st.tuples(st.integers(0, 40), CONTEXTS), max_size=4), prompt=CONTEXTS,
-       output=CONTEXTS, max_tokens=st.integers(1, 8), tree=st.booleans())
-def test_suffix_drafter_equals_speculating_from_fresh_trees(finished, prompt, output, max_tokens, tree):
+       output=CONTEXTS, max_draft_tokens=st.integers(1, 8), tree=st.booleans())
+def test_suffix_drafter_equals_speculating_from_fresh_trees(finished, prompt, output, max_draft_tokens, tree):
     """Other requests finish (and get evicted) while one runs: its proposals equal speculating
     from trees built afresh from what it has seen and what the global tree keeps."""
     drafter = SuffixDrafter(SuffixConfig(max_depth=6, max_cached_requests=2, tree=tree))
@@ -189,14 +189,14 @@ def test_suffix_drafter_equals_speculating_from_fresh_trees(finished, prompt, ou
                 drafter.start(f"o{j}", [0])
                 drafter.finish(f"o{j}", other, aborted=False)
                 done.append(other)
-        got = drafter.propose("r", output[:i], max_tokens)
+        got = drafter.propose("r", output[:i], max_draft_tokens)
         local, cached = SuffixTree(6), SuffixTree(6)
         context = prompt + output[:i]
         local.extend(0, context)
         for k, other in enumerate(done[-2:]):
             cached.extend(k, other)
         want = speculate([(local, local.match(context), 0), (cached, cached.match(context), 0)],
-                         max_tokens, tree=tree)
+                         max_draft_tokens, tree=tree)
         assert got.score == pytest.approx(want.score, abs=1e-9)
         if not tree:
             assert got.tokens == want.tokens

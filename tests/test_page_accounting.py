@@ -45,9 +45,9 @@ class RandomDrafter:
         assert request_id not in self.live
         self.live.add(request_id)
 
-    def propose(self, request_id, output_ids, max_tokens):
-        assert request_id in self.live and max_tokens > 0
-        return Draft.chain(self.rng.integers(0, 8, int(self.rng.integers(0, max_tokens + 1))).tolist())
+    def propose(self, request_id, output_ids, max_draft_tokens):
+        assert request_id in self.live and max_draft_tokens > 0
+        return Draft.chain(self.rng.integers(0, 8, int(self.rng.integers(0, max_draft_tokens + 1))).tolist())
 
     def observe(self, request_id, new_tokens):
         assert request_id in self.live and new_tokens

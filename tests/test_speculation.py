@@ -39,9 +39,9 @@ class OracleDrafter:
         self.started[request_id] = list(prompt_ids)
         self.observed[request_id] = []
 
-    def propose(self, request_id, output_ids, max_tokens):
-        assert 0 < max_tokens and list(output_ids) == self.observed[request_id]
-        nxt = self.reference.get(request_id, [])[len(output_ids):len(output_ids) + max_tokens]
+    def propose(self, request_id, output_ids, max_draft_tokens):
+        assert 0 < max_draft_tokens and list(output_ids) == self.observed[request_id]
+        nxt = self.reference.get(request_id, [])[len(output_ids):len(output_ids) + max_draft_tokens]
         toks = [t if self.rng.random() >= self.wrong else (t + 1) % self.vocab for t in nxt]
         return Draft.chain(toks) if toks else NO_DRAFT
 
@@ -57,11 +57,11 @@ class TreeOracleDrafter(OracleDrafter):
     """Tree drafts: at random points the right token is the second of two children (so the
     accepted path leaves the leading chain and its K/V must move into place)."""
 
-    def propose(self, request_id, output_ids, max_tokens):
+    def propose(self, request_id, output_ids, max_draft_tokens):
         assert list(output_ids) == self.observed[request_id]
         tokens, parents, node = [], [], -1
-        for t in self.reference.get(request_id, [])[len(output_ids):len(output_ids) + max_tokens]:
-            if len(tokens) + 2 > max_tokens:
+        for t in self.reference.get(request_id, [])[len(output_ids):len(output_ids) + max_draft_tokens]:
+            if len(tokens) + 2 > max_draft_tokens:
                 break
             if self.rng.random() < 0.4:
                 tokens += [(t + 7) % self.vocab, t]
@@ -209,9 +209,9 @@ def test_requests_can_opt_out_and_drafts_respect_the_budget(model):
     _, _, ref = _reference(model, GREEDY)
 
     class Greedy(OracleDrafter):
-        def propose(self, request_id, output_ids, max_tokens):
-            assert max_tokens <= 3
-            return super().propose(request_id, output_ids, max_tokens)
+        def propose(self, request_id, output_ids, max_draft_tokens):
+            assert max_draft_tokens <= 3
+            return super().propose(request_id, output_ids, max_draft_tokens)
 
     drafter = Greedy(ref, wrong=0.0)
     engine = _engine(model, drafter, max_spec=3)
@@ -280,8 +280,8 @@ class RandomDrafter:
     def start(self, request_id, prompt_ids):
         pass
 
-    def propose(self, request_id, output_ids, max_tokens):
-        k = self.rng.randint(1, max_tokens)
+    def propose(self, request_id, output_ids, max_draft_tokens):
+        k = self.rng.randint(1, max_draft_tokens)
         tokens = tuple(self.rng.randrange(self.vocab) for _ in range(k))
         if not self.tree:
             return Draft.chain(tokens)
@@ -446,7 +446,7 @@ def test_the_budget_pipelines_plain_steps_when_drafts_do_not_pay(model):
         def wants_drafts(self, num_decoding):
             return False
 
-        def limit(self, request_id, num_decoding, max_tokens):
+        def limit(self, request_id, num_decoding, max_draft_tokens):
             raise AssertionError("no draft was wanted")
 
         def observe_verify(self, request_id, accepted, rejected):

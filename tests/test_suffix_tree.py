@@ -29,7 +29,7 @@ def brute_longest(counts, pattern, max_depth):
     return m
 
 
-def brute_draft(counts, pattern, max_depth, max_tokens, factor, offset, min_prob, tree):
+def brute_draft(counts, pattern, max_depth, max_draft_tokens, factor, offset, min_prob, tree):
     """(score, match length, chain tokens) of the best candidate, by definition: per match m,
     chain = greedy most frequent child (ties: smallest token); tree = top-n path probabilities."""
     best = (0.0, 0, None)
@@ -38,7 +38,7 @@ def brute_draft(counts, pattern, max_depth, max_tokens, factor, offset, min_prob
         if tail not in counts:
             break
         base = counts[tail]
-        n = min(spec_budget(m, max_tokens, factor, offset), max_depth - m)
+        n = min(spec_budget(m, max_draft_tokens, factor, offset), max_depth - m)
         tokens = None
         if tree:
             probs = sorted((c / base for path, c in counts.items()
@@ -110,26 +110,26 @@ def test_hand_worked_counts_and_draft():
     # After "b": "ab" ended once at the tail, continued once with "c" -> "c" has probability 1/2,
     # and "ca" (depth 3 after "b") too; a match of 1 token may draft 1 token, so the best is the
     # match "b" (m=1) drafting "c", or m=2 "ab" drafting "c" (budget 2, room 1): a tie -> longer.
-    draft = tree.speculate([1, 2], max_tokens=4, min_token_prob=0.1)
+    draft = tree.speculate([1, 2], max_draft_tokens=4, min_token_prob=0.1)
     assert (draft.tokens, draft.probs, draft.match_len) == ((3,), (0.5,), 2)
 
 
 @SETTINGS
 @given(max_depth=st.integers(2, 7), ops=OPS, pattern=st.lists(st.integers(0, 2), min_size=1, max_size=9),
-       max_tokens=st.integers(1, 8), factor=st.sampled_from([0.5, 1.0, 2.0]),
+       max_draft_tokens=st.integers(1, 8), factor=st.sampled_from([0.5, 1.0, 2.0]),
        offset=st.sampled_from([-1.0, 0.0, 1.0]), min_prob=st.sampled_from([0.0, 0.1, 0.3, 0.5]),
        tree_mode=st.booleans())
-def test_drafts_match_brute_force(max_depth, ops, pattern, max_tokens, factor, offset, min_prob, tree_mode):
+def test_drafts_match_brute_force(max_depth, ops, pattern, max_draft_tokens, factor, offset, min_prob, tree_mode):
     tree, seqs = SuffixTree(max_depth), {}
     for op in ops:
         apply(tree, seqs, op)
     counts = brute_counts(seqs.values(), max_depth)
-    draft = tree.speculate(pattern, max_tokens, max_spec_factor=factor, max_spec_offset=offset,
+    draft = tree.speculate(pattern, max_draft_tokens, max_spec_factor=factor, max_spec_offset=offset,
                            min_token_prob=min_prob, tree=tree_mode)
-    score, match_len, chain = brute_draft(counts, pattern, max_depth, max_tokens, factor, offset,
+    score, match_len, chain = brute_draft(counts, pattern, max_depth, max_draft_tokens, factor, offset,
                                           min_prob, tree_mode)
     assert draft.score == pytest.approx(score, abs=1e-9)
-    assert len(draft.tokens) <= max_tokens
+    assert len(draft.tokens) <= max_draft_tokens
     if not draft.tokens:
         return
     assert draft.match_len == match_len
@@ -167,16 +167,16 @@ def test_tail_matcher_equals_matching_from_scratch(max_depth, script):
 
 @SETTINGS
 @given(max_depth=st.integers(2, 7), tokens=st.lists(st.integers(0, 2), min_size=1, max_size=30),
-       max_tokens=st.integers(1, 8), tree_mode=st.booleans())
-def test_tail_positions_draft_like_matching_the_tail(max_depth, tokens, max_tokens, tree_mode):
+       max_draft_tokens=st.integers(1, 8), tree_mode=st.booleans())
+def test_tail_positions_draft_like_matching_the_tail(max_depth, tokens, max_draft_tokens, tree_mode):
     tree = SuffixTree(max_depth, removable=False)
     for token in tokens:  # one at a time, as a request grows
         tree.append(0, token)
     tree.check()
     expected = {m: node for node, m in tree.match(tokens) if node.count > 1}
     assert {m: node for node, m in tree.tail_positions(0)} == expected
-    fast = speculate([(tree, tree.tail_positions(0), 1)], max_tokens, tree=tree_mode)
-    slow = tree.speculate(tokens, max_tokens, tree=tree_mode)
+    fast = speculate([(tree, tree.tail_positions(0), 1)], max_draft_tokens, tree=tree_mode)
+    slow = tree.speculate(tokens, max_draft_tokens, tree=tree_mode)
     assert (fast.tokens, fast.parents, fast.match_len) == (slow.tokens, slow.parents, slow.match_len)
 
 

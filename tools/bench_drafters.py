@@ -1,10 +1,10 @@
 """Host cost and acceptance of the model-free drafters (scheduler/drafters.py).
 
   python tools/bench_drafters.py
-  python tools/bench_drafters.py --workloads=repeat --max_tokens=16 --repeats=5
+  python tools/bench_drafters.py --workloads=repeat --max_draft_tokens=16 --repeats=5
 
 Each workload is a list of requests (prompt, the output the model will write); a request runs as
-the engine drives a drafter: propose a draft of at most --max_tokens, keep the longest prefix that
+the engine drives a drafter: propose a draft of at most --max_draft_tokens, keep the longest prefix that
 greedy verification accepts plus the model's token, observe them, and finish with the output.
 Workloads: `stdlib` (Python standard library files cut into words: prompt = a file's start,
 output = what follows), `repeat` (agent-like: each output redoes an earlier one with
@@ -35,7 +35,7 @@ from scheduler.drafters import NgramDrafter, SuffixConfig, SuffixDrafter  # noqa
 FLAGS = flags.FLAGS
 flags.DEFINE_list("workloads", ["stdlib", "repeat", "random"], "Workloads to run.")
 flags.DEFINE_list("drafters", ["ngram", "suffix", "suffix_tree"], "Drafters to compare.")
-flags.DEFINE_integer("max_tokens", 8, "Draft budget the engine grants per step.", lower_bound=1)
+flags.DEFINE_integer("max_draft_tokens", 8, "Draft budget the engine grants per step.", lower_bound=1)
 flags.DEFINE_integer("requests", 40, "Requests per workload.", lower_bound=1)
 flags.DEFINE_integer("prompt_len", 800, "Prompt tokens (stdlib, random).", lower_bound=1)
 flags.DEFINE_integer("output_len", 400, "Output tokens per request.", lower_bound=1)
@@ -104,7 +104,7 @@ def clock_cost_ns() -> float:
     return statistics.median(samples)
 
 
-def run(drafter, requests, max_tokens):
+def run(drafter, requests, max_draft_tokens):
     clock = time.perf_counter_ns
     t = dict(start=0, propose=0, observe=0, finish=0)
     n = dict(prompt=0, propose=0, drafted=0, accepted=0, observed=0)
@@ -117,7 +117,7 @@ def run(drafter, requests, max_tokens):
         output = []
         while len(output) < len(target):
             t0 = clock()
-            draft = drafter.propose(rid, output, max_tokens)
+            draft = drafter.propose(rid, output, max_draft_tokens)
             t["propose"] += clock() - t0
             k = accepted(draft, target[len(output):])
             new = target[len(output):len(output) + k + 1]
@@ -158,12 +158,12 @@ def main(argv):
     }
     for workload in FLAGS.workloads:
         requests = makers[workload]()
-        print(f"\n{workload}: {len(requests)} requests, max_tokens={FLAGS.max_tokens}, "
+        print(f"\n{workload}: {len(requests)} requests, max_draft_tokens={FLAGS.max_draft_tokens}, "
               f"medians of {FLAGS.repeats} runs")
         rows = {name: [] for name in FLAGS.drafters}
         for _ in range(FLAGS.repeats):  # drafters alternate, so a busy spell hits all alike
             for name in FLAGS.drafters:
-                rows[name].append(run(make_drafter(name), requests, FLAGS.max_tokens))
+                rows[name].append(run(make_drafter(name), requests, FLAGS.max_draft_tokens))
         keys = list(next(iter(rows.values()))[0])
         print("| drafter | " + " | ".join(keys) + " |")
         print("|---" * (len(keys) + 1) + "|")
