@@ -96,6 +96,25 @@ def test_tokenizer_equals_transformers(files):
                 chat, tokenize=True, add_generation_prompt=gen, return_dict=True)["input_ids"]
 
 
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0])
+def test_own_block_dequantizing_equals_the_gguf_package(qtype, monkeypatch):
+    """jinfer's whole-array Q4_1 / Q8_0 dequantizer gives gguf.quants.dequantize's values bit for
+    bit, chunked or not (real quantized weights, and raw random bytes whose scales include
+    infinities, NaN and subnormals)."""
+    rng = np.random.default_rng(int(qtype))
+    weights = rng.normal(size=(37, 96)).astype(np.float32)
+    type_size = jg._BLOCKS[qtype.name][0]
+    for data in (gguf.quants.quantize(weights, qtype),
+                 rng.integers(0, 256, size=(37, 3 * type_size), dtype=np.uint8)):
+        with np.errstate(invalid="ignore", over="ignore"):  # inf * 0 in the random scales
+            want = gguf.quants.dequantize(data, qtype)
+            for chunk in (1 << 22, 64):  # one chunk; chunks of one row
+                monkeypatch.setattr(jg, "_CHUNK_VALUES", chunk)
+                got = jg._dequantize_blocks(data, qtype.name)
+                assert got.shape == want.shape == (37, 96) and got.dtype == np.float32
+                np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
 def test_pre_tokenizer_splits_are_transformers_table():
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
     from jinfer.loader.gguf_tokenizer import PRE_TOKENIZER_SPLITS
