@@ -144,8 +144,8 @@ class Engine:
         self._seed_rng = random.Random(0)
         self.eos_ids = set(tokenizer.eos_ids) | set(model.config.eos_token_ids)
         self._warmup_thread = None
-        if options.warmup and options.warmup_background:
-            self._warmup_thread = self.runner.warmup_background(progress)
+        if options.warmup and options.warmup_background:  # the rest from the first step or release_warmup()
+            self._warmup_thread = self.runner.warmup_background(progress, hold=True)
         elif options.warmup:
             self.runner.warmup(progress)
 
@@ -205,6 +205,12 @@ class Engine:
             self._detok.pop(req.request_id, None)
         self.scheduler.abort(samples)
         return True
+
+    def release_warmup(self) -> None:
+        """Starts compiling the other buckets of a background warm-up (options.warmup_background),
+        which otherwise waits for the first step(): a server calls it once it listens, so its
+        set-up does not share the CPU with compilations."""
+        self.runner.release_warmup()
 
     def stop_warmup(self, timeout: float | None = None) -> None:
         """Stops a background warm-up (options.warmup_background) after the compilation under way;
@@ -424,6 +430,7 @@ class Engine:
             done, self._inflight = self._inflight, None
             outputs += self._postprocess(*done)
         if self._warmup_thread is not None:  # steps stay within the buckets compiled so far
+            self.runner.release_warmup()
             ready = self.runner.ready_tokens()
             self.scheduler.token_limit = None if ready >= self.sched_cfg.max_num_batched_tokens else ready
             if self.scheduler.token_limit is None:

@@ -302,6 +302,11 @@ class InstanceGroup:
     def eviction_log(self, wanted=lambda: True):
         return None  # routers watch single engines; a group is routed inside
 
+    def release_warmup(self) -> None:
+        """Engine.release_warmup on every instance."""
+        for engine in self.engines:
+            engine.release_warmup()
+
     def stop_warmup(self, timeout: float | None = None) -> None:
         """Engine.stop_warmup on every instance."""
         for engine in self.engines:

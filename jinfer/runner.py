@@ -103,9 +103,14 @@ class ModelRunner:
         per token a sequence's draft adds (at most t)."""
         return min(t, s * (1 + self.max_spec_tokens))
 
+    def release_warmup(self) -> None:
+        """Lets a background warm-up started with hold=True go on to the other buckets."""
+        self._warm_go.set()
+
     def stop_warmup(self, timeout: float | None = None) -> None:
         """Stops a background warm-up after the compilation under way (waits up to timeout s)."""
         self._warm_stop.set()
+        self._warm_go.set()  # a held warm-up wakes to stop
         if self._warm_thread is not None:
             self._warm_thread.join(timeout)
 
@@ -113,7 +118,7 @@ class ModelRunner:
         """(Re)creates the jitted step for a layout; compiled buckets are dropped."""
         if getattr(self, "_warm_thread", None) is not None:
             self.stop_warmup()  # its programs are for the old layout
-        self._warm_stop, self._warm_thread = threading.Event(), None
+        self._warm_stop, self._warm_go, self._warm_thread = threading.Event(), threading.Event(), None
         self.layout = layout
         max_rows = max(self.rows(*self.bucket(t)) for t in self.token_buckets)
         step = functools.partial(_step, self.graphdef, max_rows)
@@ -205,26 +210,31 @@ class ModelRunner:
         with self._mesh():
             into[key] = self._step.lower(self.state, kv, prev, *self._empty_inputs(*key)).compile()
 
-    def warmup_background(self, progress: bool = False) -> threading.Thread:
+    def warmup_background(self, progress: bool = False, hold: bool = False) -> threading.Thread:
         """Compiles the smallest token bucket now and the others, smallest first, in a thread.
 
         A server is ready after one compilation instead of all of them; until a bucket is
         compiled, ready_tokens() stays below it and the engine caps each step's token budget
         there (longer prompts are prefilled in chunks), so no step waits on a compilation.
-        Returns the thread (join it to wait for the rest)."""
+        hold: the thread waits for release_warmup() before the other buckets (a server sets
+        itself up first instead of sharing the CPU with them). Returns the thread (join it to
+        wait for the rest)."""
         keys = sorted(self._bucket_keys())
         compiled, first = self._compiled, keys[0][0]
         for key in (k for k in keys if k[0] == first):
             self._compile_key(key, compiled)
         todo = [k for k in keys if k not in compiled]  # ascending: ready_tokens() grows bucket by bucket
-        warming, stop = self._warming, self._warm_stop
+        warming, stop, go = self._warming, self._warm_stop, self._warm_go
         warming.update(todo)
+        if not hold:
+            go.set()
 
         def rest():
             items = todo
             if progress:
                 from tqdm import tqdm
                 items = tqdm(todo, desc="compiling the other step buckets (serving meanwhile)", unit="bucket")
+            go.wait()
             try:
                 for key in items:
                     if stop.is_set():  # rebound to another layout, or shutting down

@@ -182,6 +182,25 @@ def test_min_token_bucket_one_pads_a_lone_decode_to_one_token_with_the_same_toke
         EngineOptions(min_token_bucket=3)
 
 
+def test_background_warmup_waits_for_the_server_to_listen(hf_checkpoints):
+    """The other buckets of a background warm-up wait until the server listens (or the first
+    step), so a server's set-up does not share the CPU with compiling them."""
+    from jinfer.config import ServingConfig
+    from jinfer.serving.server import Server
+
+    path = hf_checkpoints["llama3"]
+    eng = Engine(load_hf_model(path), Tokenizer.from_dir(path), CacheConfig(page_size=4, num_pages=64),
+                 SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4, max_model_len=96),
+                 options=EngineOptions(warmup=True, warmup_background=True))
+    assert set(eng.runner._compiled) == {(16, 4, False)} and eng._warmup_thread.is_alive()  # held
+    srv = Server(eng, ServingConfig()).start()
+    try:
+        eng._warmup_thread.join(120)
+        assert set(eng.runner._compiled) == {(16, 4, False), (32, 4, False), (64, 4, False)}
+    finally:
+        srv.stop(grace=0)
+
+
 def test_background_warmup_serves_within_compiled_buckets_until_the_rest_compile(hf_checkpoints):
     """warmup_background: the smallest bucket compiles before the engine returns; while a larger
     one is still compiling (held here by an event), steps stay within the compiled buckets (a

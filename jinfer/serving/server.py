@@ -203,6 +203,7 @@ class Server:
             self._http.start()
             log.info("serving the OpenAI-compatible API on %s://%s:%d/v1", "https" if cfg.tls_cert else "http",
                      cfg.host, self.http_port)
+        self.loop.engine.release_warmup()  # the other step buckets compile now that requests can arrive
         return self
 
     def stop(self, grace: float | None = None) -> None:
