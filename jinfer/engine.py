@@ -111,7 +111,8 @@ class Engine:
         progress bar while warm-up compiles the step buckets. drafter: speculative decoding
         (jinfer.speculation) with drafts of up to max_spec_tokens tokens, trimmed by
         draft_budget when given (it hears every step's size and time); None: off. Steps that
-        carry drafts run synchronously (a draft needs the tokens of the step before)."""
+        carry drafts run synchronously (a draft needs the tokens of the step before). model may
+        hold the weights' shapes only (one device): update_weights() then brings the arrays."""
         max_spec_tokens = max_spec_tokens if drafter is not None else 0
         if not 0 <= max_spec_tokens < MAX_TREE_TOKENS:
             raise ValueError(f"max_spec_tokens={max_spec_tokens} must be in [0, {MAX_TREE_TOKENS})")
@@ -234,7 +235,10 @@ class Engine:
         return moved
 
     def update_weights(self, state) -> None:
-        """Swaps new weights into the running engine in place (an RL loop's updated policy).
+        """Swaps new weights into the running engine in place (an RL loop's updated policy), or
+        gives an engine built on the model's shapes (jinfer.models.llama.abstract_model) its
+        first weights: no step runs before them (jinfer.launch.build_engine builds the engine,
+        compiling its first step bucket, while the weights load).
 
         state: an nnx.State (or pytree) with the structure, shapes and dtypes of the current
         weights (runner.state, nnx.split of the model); else ValueError naming the first
@@ -252,7 +256,7 @@ class Engine:
             raise ValueError(f"update_weights: {mismatch}")
         self._settle_inflight()
         placed = [_place_like(got, want) for (_, want), (_, got) in zip(old, new)]
-        self.runner.state = jax.tree_util.tree_unflatten(treedef, placed)
+        self.runner.set_weights(jax.tree_util.tree_unflatten(treedef, placed))
         self.reset_prefix_cache()
 
     def export_requests(self, request_ids=None) -> Migration:
@@ -422,7 +426,11 @@ class Engine:
 
         With a drafter, a step that carries drafts runs synchronously (the next draft needs its
         tokens); when the draft budget wants no drafts, steps pipeline as plain decoding does
-        (async scheduling, when on), and a step in flight is settled before drafts resume."""
+        (async scheduling, when on), and a step in flight is settled before drafts resume.
+        RuntimeError, and nothing changes, while an engine built on the weights' shapes awaits
+        them (update_weights)."""
+        if self.runner.awaiting_weights:
+            raise RuntimeError("the engine was built on the model's shapes: update_weights() before step()")
         start = time.perf_counter()
         drafts = self.scheduler.drafter is not None and self.scheduler.wants_drafts()
         outputs, self._held_outputs = self._held_outputs, []
@@ -597,7 +605,7 @@ def _first_mismatch(expected: list, given: list) -> str | None:
 def _place_like(got, want: jax.Array) -> jax.Array:
     """got with want's sharding and commitment: jit keys its compiled programs on both (a
     model loaded without shardings holds uncommitted arrays on the default device)."""
-    if want.committed:
+    if isinstance(want, jax.Array) and want.committed:  # else an array, or a shape (abstract model)
         return jax.device_put(got, want.sharding)
     if isinstance(got, jax.Array) and got.committed:
         got = jax.device_get(got)  # JAX has no on-device way to uncommit an array

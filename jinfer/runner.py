@@ -68,7 +68,12 @@ class ModelRunner:
         decode_only) so the attention backend can take its decode path; doubles the variants
         of the buckets that can hold such steps. max_spec_tokens: the longest draft a sequence
         may carry (speculative decoding); each step then samples at every draft position.
-        min_token_bucket: the smallest token bucket (EngineOptions.min_token_bucket)."""
+        min_token_bucket: the smallest token bucket (EngineOptions.min_token_bucket).
+
+        The model may hold ShapeDtypeStructs in place of its arrays (jinfer.models.llama.
+        abstract_model; one device only): the pool is made and step buckets compile as usual,
+        and no step runs until set_weights() brings the arrays (a launch compiles while the
+        weights load)."""
         self.max_spec_tokens = max_spec_tokens
         # Tree drafts need the attention mask of jinfer.attention.tree_bits (every non-decode
         # step of a speculating runner carries one, so there is one program per bucket).
@@ -84,6 +89,9 @@ class ModelRunner:
         self.token_buckets = buckets(sched_cfg.max_num_batched_tokens,
                                      smallest=min(min_token_bucket, sched_cfg.max_num_batched_tokens))
         self.graphdef, self.state = nnx.split(model)
+        self.awaiting_weights = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(self.state))
+        if self.awaiting_weights and layout is not None:
+            raise ValueError("a tensor-parallel runner needs its weights at construction, not their shapes")
         dtype = model.embed.get_value().dtype
         kv_shards = 1 if layout is None or layout.rules["kv_heads"] is None else layout.mesh.size
         device = None if layout is None else layout.mesh.devices.flat[0]
@@ -97,6 +105,12 @@ class ModelRunner:
             self.kv = KVCache.create_sharded(self.config, self.num_pages, self.page_size, dtype,
                                              layout.kv_sharding)
         self._bind(layout)
+
+    def set_weights(self, state) -> None:
+        """Takes `state` (arrays with the runner's structure, shapes and dtypes, checked by the
+        caller: Engine.update_weights) as its weights; steps may run from now on."""
+        self.state = state
+        self.awaiting_weights = False
 
     def rows(self, t: int, s: int) -> int:
         """Sampling rows of a (tokens, seqs) bucket: one per sequence, or with speculation one
@@ -148,6 +162,8 @@ class ModelRunner:
         Page ids and tables are unchanged: the pool keeps its pages, only which device holds
         which KV heads changes. Returns sharding.reshard.MoveStats for weights and for KV.
         """
+        if self.awaiting_weights:
+            raise RuntimeError("the runner has the weights' shapes only: set_weights() before reshard()")
         self.state, weights = reshard_tree(self.state, layout.state_shardings(self.state))
         kv_targets = jax.tree.map(lambda _: layout.kv_sharding, self.kv)
         self.kv, kv = reshard_tree(self.kv, kv_targets)
@@ -357,6 +373,8 @@ class ModelRunner:
         The result is a handle for fetch(); the next plan may already use this one's samples.
         PlanRejected if the plan cannot be built into a step's arrays (nothing was launched).
         """
+        if self.awaiting_weights:
+            raise RuntimeError("the runner has the weights' shapes only: set_weights() before a step")  # Engine.step checks first
         try:
             key, args = self.prepare(plan)
         except Exception as e:

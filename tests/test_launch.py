@@ -141,3 +141,70 @@ def test_instances_refuse_what_they_cannot_serve(tmp_path):
     cfg.engine.adaptive_tp = str(tmp_path / "missing.json")
     with pytest.raises(ValueError, match="engine.adaptive_tp=.*missing.json.*not a readable profile"):
         build_engine(resolve(cfg))
+
+
+def _small_launch(path: str):
+    cfg = default_config()
+    cfg.model.path = path
+    cfg.cache.page_size, cfg.cache.num_pages = 4, 32
+    cfg.scheduler.max_num_batched_tokens, cfg.scheduler.max_num_seqs, cfg.scheduler.max_model_len = 32, 4, 48
+    cfg.engine.compilation_cache, cfg.engine.attention_backend = "", "xla"
+    return resolve(cfg)
+
+
+def test_build_engine_compiles_while_the_weights_load(hf_checkpoints, monkeypatch):
+    """A checkpoint path: the engine is built on its shapes (first bucket compiled) while a thread
+    loads the weights, which it then serves: tokens equal an engine built on the loaded model."""
+    import threading
+
+    import jinfer.launch as launch_mod
+    from jinfer.engine import Engine
+    from jinfer.loader.hf import load_hf_model
+    from jinfer.sampling_params import SamplingParams
+    from jinfer.tokenizer import Tokenizer
+
+    path = hf_checkpoints["llama3"]
+    launch = _small_launch(path)
+    threads, load = [], launch_mod._load_checkpoint
+    monkeypatch.setattr(launch_mod, "_load_checkpoint",
+                        lambda *a: threads.append(threading.current_thread().name) or load(*a))
+    engine = launch_mod.build_engine(launch)
+    assert threads and threads[0].startswith("load-weights") and not engine.runner.awaiting_weights
+    ref = Engine(load_hf_model(path), Tokenizer.from_dir(path), launch.cache, launch.scheduler,
+                 options=dataclasses.replace(launch.engine, warmup=False))
+    prompts, params = [[1, 2, 3], list(range(5, 25))], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    assert [o.token_ids for o in engine.generate(prompts, params)] == [o.token_ids for o in ref.generate(prompts, params)]
+
+
+def test_an_engine_built_on_shapes_steps_only_once_its_weights_come(hf_checkpoints):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jinfer.engine import Engine
+    from jinfer.loader.hf import load_hf_model
+    from jinfer.models.llama import abstract_model
+    from jinfer.sampling_params import SamplingParams
+    from jinfer.tokenizer import Tokenizer
+
+    path = hf_checkpoints["llama3"]
+    launch = _small_launch(path)
+    model, tok = load_hf_model(path), Tokenizer.from_dir(path)
+    engine = Engine(abstract_model(model.config), tok, launch.cache, launch.scheduler,
+                    options=dataclasses.replace(launch.engine, warmup=True))
+    assert engine.runner.awaiting_weights and len(engine.runner._compiled) == 2  # the buckets compiled on shapes
+    engine.add_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), request_id="a")
+    with pytest.raises(RuntimeError, match=r"update_weights\(\) before step"):
+        engine.step()
+    state = nnx.state(model)
+    wrong = jax.tree.map(lambda x: x.astype(jnp.bfloat16), state)
+    with pytest.raises(ValueError, match="update_weights: leaf .* dtype bfloat16"):
+        engine.update_weights(wrong)
+    assert engine.runner.awaiting_weights
+    engine.update_weights(state)
+    outs = []
+    while not any(o.finished for o in outs):
+        outs += engine.step()
+    ref = Engine(model, tok, launch.cache, launch.scheduler, options=dataclasses.replace(launch.engine, warmup=False))
+    want = ref.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0].token_ids
+    assert [o for o in outs if o.finished][0].token_ids == want
