@@ -2,7 +2,8 @@
 what the model is (ModelSpec), its KV cache (CacheConfig), the scheduler's budgets
 (SchedulerConfig), speculative decoding (SpeculationConfig), how the engine runs (EngineOptions)
 and how a server serves (ServingConfig).
-jinfer.launch builds them from a config file and flags in one place."""
+jinfer.launch resolves them from a config file and flags in one place; entrypoints.build builds
+from them."""
 
 from __future__ import annotations
 
@@ -115,14 +116,10 @@ DTYPES = ("float32", "bfloat16")
 BACKENDS = ("", "xla", "pallas")
 
 
-DRAFTERS = {"ngram": "scheduler.drafters:NgramDrafter", "suffix": "scheduler.drafters:SuffixDrafter",
-            "das": "scheduler.das:RolloutDrafter"}
-"""speculation.method short names -> the Drafter class (built by jinfer.launch.build_drafter)."""
-POLICIES = {"first_come": "scheduler.slo:FirstCome", "strict_priority": "scheduler.slo:StrictPriority",
-            "slo": "scheduler.slo:SloAware", "priority_groups": "scheduler.local_policy:PriorityGroups"}
-"""engine.scheduling_policy short names -> the SchedulingPolicy class (jinfer.launch.scheduling_policy)."""
-DRAFT_BUDGET = "scheduler.spec_budget:CostAwareBudget"
-"""The DraftBudget speculation.adaptive uses (jinfer.launch.build_draft_budget)."""
+DRAFTERS = ("ngram", "suffix", "das")
+"""speculation.method's short names (entrypoints.build maps each to its Drafter class)."""
+POLICIES = ("first_come", "strict_priority", "slo", "priority_groups")
+"""engine.scheduling_policy's short names (entrypoints.build maps each to its SchedulingPolicy class)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,13 +129,13 @@ class SpeculationConfig:
     method: str = ""
     """Empty: off. "ngram" (prompt lookup), "suffix" (SuffixDecoding), "das" (RL rollouts: a
     suffix tree per prompt over its last das_window outputs and a length-aware budget;
-    scheduler/das.py), or `module:Class` of a Drafter built as Class(this config)."""
+    scheduler/speculation/das.py), or `module:Class` of a Drafter built as Class(this config)."""
     max_spec_tokens: int = 8
     """Most draft tokens a request carries into one step (the drafter may propose fewer)."""
     tree: bool = False
     """Tree drafts (several continuations verified at once) instead of chains (suffix only)."""
     adaptive: bool = True
-    """Trim drafts to what pays (scheduler/spec_budget.py: a step-cost model fitted online and
+    """Trim drafts to what pays (scheduler/speculation/budget.py: a step-cost model fitted online and
     each request's acceptance; with das, its length-aware budget); false: always up to
     max_spec_tokens."""
     ngram_max: int = 4
@@ -252,10 +249,10 @@ class EngineOptions:
     scheduling_policy: str = ""
     """The engine queue's order: empty = FCFS within tiers (running requests first); a short
     name: first_come (arrival order, tiers ignored), strict_priority (higher tier first,
-    preemptive), slo (scheduler.slo.SloAware: deadlines from the tiers' TTFT/TPOT targets,
+    preemptive), slo (scheduler.slo.policies.SloAware: deadlines from the tiers' TTFT/TPOT targets,
     importance, preemption, demotion), priority_groups (Preble's priority groups); else
     `module:Class` of a SchedulingPolicy built with no arguments (and bound to the scheduler
-    when it has `bind`). Read by jinfer.launch.build_engine; an Engine takes the policy object."""
+    when it has `bind`). Read by entrypoints.build.build_engine; an Engine takes the policy object."""
     slo_admission: bool = False
     """With scheduling_policy=slo: refuse (RESOURCE_EXHAUSTED) a request whose tier's TTFT target
     cannot be met given the prefill queued ahead of it. Off: every request is queued."""
@@ -264,7 +261,7 @@ class EngineOptions:
     (jinfer.instances.InstanceGroup; e.g. (4, 2, 1, 1)); a request goes to the least-loaded one
     (or where adaptive_tp routes it). Empty: one engine on model.tp devices."""
     adaptive_tp: str = ""
-    """With instances: a profile JSON (scheduler.nitsum.Profile: SLO-safe req/s per tier and TP
+    """With instances: a profile JSON (scheduler.adaptive_tp.nitsum.Profile: SLO-safe req/s per tier and TP
     degree; tools/bench_nitsum.py writes one) for the Nitsum controller, which re-partitions the
     devices by tier load every adaptive_window_s (docs/sharding.md). Empty: the partition stays."""
     adaptive_window_s: float = 1.0

@@ -237,7 +237,7 @@ class Engine:
     def update_weights(self, state) -> None:
         """Swaps new weights into the running engine in place (an RL loop's updated policy), or
         gives an engine built on the model's shapes (jinfer.models.llama.abstract_model) its
-        first weights: no step runs before them (jinfer.launch.build_engine builds the engine,
+        first weights: no step runs before them (entrypoints.build.build_engine builds the engine,
         compiling its first step bucket, while the weights load).
 
         state: an nnx.State (or pytree) with the structure, shapes and dtypes of the current

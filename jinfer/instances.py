@@ -173,7 +173,7 @@ class Instances:
 
 
 class TopologyControl(Protocol):
-    """What InstanceGroup asks of an adaptive-TP controller (scheduler.nitsum.NitsumControl)."""
+    """What InstanceGroup asks of an adaptive-TP controller (scheduler.adaptive_tp.nitsum.NitsumControl)."""
 
     window_s: float
     degrees: Sequence[int]  # the TP degrees its partitions may use (what Instances.precompile takes)

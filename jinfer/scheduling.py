@@ -36,7 +36,7 @@ class SchedulingPolicy(Protocol):
         size and duration.
     And one the Scheduler never calls:
       - `bind(scheduler) -> policy`: whoever builds a Scheduler with this policy calls it once
-        the Scheduler exists (jinfer.launch, jinfer.instances.Instances, the simulators), and
+        the Scheduler exists (entrypoints.build, jinfer.instances.Instances, the simulators), and
         `Engine.reset` calls it again with the fresh Scheduler, so a policy that reads the
         scheduler's state (its prefix cache, its token budget) follows it. Returns the policy.
     """

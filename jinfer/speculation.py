@@ -130,7 +130,7 @@ class DraftBudget(Protocol):
     A draft token costs the step its compute whether or not it is accepted; it pays only when
     accepted. The scheduler asks `limit` before it asks the drafter (0: no draft, and no drafter
     call), trims the draft to it, and reports what it learns: each verification and each step's
-    size and time. Implementations live in scheduler/ (scheduler/spec_budget.py).
+    size and time. Implementations live in scheduler/ (scheduler/speculation/budget.py).
     """
 
     def limit(self, request_id: str, num_decoding: int, max_draft_tokens: int) -> int:

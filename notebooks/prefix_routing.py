@@ -5,7 +5,7 @@
 # a prompt prefix (tool documentation, an environment description, a problem statement, a
 # video, a long document) are cheaper where that prefix's KV is already cached, but sending
 # every request to where its prefix lives can overload one replica. The policies compared,
-# all from `scheduler/routing.py`:
+# all from `scheduler/routing/policies.py`:
 #
 # - **round-robin**: replicas in turn, blind to prefixes and load;
 # - **least-load**: the replica with the fewest outstanding requests;
@@ -16,17 +16,17 @@
 #   prompt is cached than missed, else explore by the lowest windowed load + eviction cost +
 #   this request's prefill; with rebalancing and hot-prefix replication.
 #
-# Each runs the same requests in the discrete-event simulator (`scheduler/simulator.py`):
+# Each runs the same requests in the discrete-event simulator (`scheduler/simulation/simulator.py`):
 # every replica is jinfer's own scheduler (token budgets, paged KV pool, prefix cache,
 # eviction, preemption) with its steps timed by a cost model instead of a device. The cost
 # model here is the analytic 7B-class model on one H100 (`analytic_7b_h100`: roofline numbers,
 # not a measurement), so the latencies are those of a simulated GPU replica. The five
-# workloads (`scheduler/preble_workloads.py`) follow the length statistics, shared fractions
+# workloads (`scheduler/routing/preble_workloads.py`) follow the length statistics, shared fractions
 # and requests per shared prefix of the traces in Preble's paper: ToolBench-, embodied-agent-,
 # programming-, video-QA- and long-document-QA-like. Rates are multiples of a per-workload base
 # rate: the replicas' throughput if every shared prefix were already cached.
 #
-# The runs live in `scheduler/experiments.py` (also behind `tools/simulate_routing.py`).
+# The runs live in `scheduler/routing/experiments.py` (also behind `tools/simulate_routing.py`).
 
 # %% tags=["parameters"]
 # Study size: "small" runs in seconds (the tests use it), "full" made the outputs saved here.
@@ -40,9 +40,9 @@ from IPython.display import Markdown, display
 
 from jinfer.experiments import notebook_size
 from jinfer.experiments.report import cdf, markdown_table
-from scheduler import preble_workloads as pw
-from scheduler.experiments import ROUTING_STUDY, findings, run_routing_study
-from scheduler.routing import ROUTERS
+from scheduler.routing import preble_workloads as pw
+from scheduler.routing.experiments import ROUTING_STUDY, findings, run_routing_study
+from scheduler.routing.policies import ROUTERS
 
 study = ROUTING_STUDY[notebook_size(SIZE)]
 setup = study.setup

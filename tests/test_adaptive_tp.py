@@ -1,5 +1,5 @@
 """Instances behind one engine interface (jinfer.instances.InstanceGroup) with an adaptive-TP
-controller (scheduler.nitsum) on 8 fake CPU devices: reconfigurations under load leave every
+controller (scheduler.adaptive_tp.nitsum) on 8 fake CPU devices: reconfigurations under load leave every
 request's tokens unchanged, and one gRPC endpoint serves the group."""
 
 import concurrent.futures
@@ -13,7 +13,7 @@ from jinfer.models.llama import init_model
 from jinfer.sampling_params import SamplingParams
 from jinfer.serving.client import Client
 from jinfer.serving.server import Server
-from scheduler.nitsum import Controller, NitsumControl, Partition, Profile
+from scheduler.adaptive_tp.nitsum import Controller, NitsumControl, Partition, Profile
 from tests.serving_util import settled
 from tests.test_tp import CFG, TOK
 

@@ -1,14 +1,14 @@
-"""DAS (scheduler/das.py): per-problem rollout suffix trees and the length-aware draft budget,
+"""DAS (scheduler/speculation/das.py): per-problem rollout suffix trees and the length-aware draft budget,
 by hand, in the engine (lossless) and in the simulator."""
 
 import numpy as np
 import pytest
 
 from jinfer.config import SpeculationConfig
-from jinfer.launch import build_draft_budget, build_drafter
-from scheduler.das import (LONG, MEDIUM, SHORT, DasConfig, LengthAwareBudget, RolloutDrafter, expected_tokens,
+from entrypoints.build import build_draft_budget, build_drafter
+from scheduler.speculation.das import (LONG, MEDIUM, SHORT, DasConfig, LengthAwareBudget, RolloutDrafter, expected_tokens,
                            makespan_draft_len, throughput_draft_len)
-from scheduler.drafters import SuffixConfig
+from scheduler.speculation.drafters import SuffixConfig
 
 A, B = (1, 2, 3, 4), (9, 8, 7, 6)  # two problems' prompts
 
@@ -184,8 +184,8 @@ def test_the_simulator_runs_das_on_recorded_rollouts():
     fewer simulated steps than without speculation."""
     from jinfer.workloads import WorkItem
     from scheduler.cost_model import analytic_7b_h100
-    from scheduler.routing import make_router
-    from scheduler.simulator import ReplicaConfig, Simulator
+    from scheduler.routing.policies import make_router
+    from scheduler.simulation.simulator import ReplicaConfig, Simulator
 
     rng = np.random.default_rng(1)
     problems = [(tuple(rng.integers(0, 30000, 30).tolist()), tuple(rng.integers(0, 30000, n).tolist()))

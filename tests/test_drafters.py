@@ -1,4 +1,4 @@
-"""Model-free drafters (scheduler/drafters.py) through the Drafter interface: what the n-gram
+"""Model-free drafters (scheduler/speculation/drafters.py) through the Drafter interface: what the n-gram
 drafter copies, long correct drafts on repeated generations, request bookkeeping, draft shapes."""
 
 import random
@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from jinfer.config import SpeculationConfig
-from jinfer.launch import build_drafter
+from entrypoints.build import build_drafter
 from jinfer.speculation import NO_DRAFT, Draft, Drafter
-from scheduler.drafters import NgramConfig, NgramDrafter, SuffixConfig, SuffixDrafter
-from scheduler.suffix_tree import SuffixTree, speculate
+from scheduler.speculation.drafters import NgramConfig, NgramDrafter, SuffixConfig, SuffixDrafter
+from scheduler.speculation.suffix_tree import SuffixTree, speculate
 
 DRAFTERS = {
     "ngram": lambda: NgramDrafter(),

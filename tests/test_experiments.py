@@ -140,8 +140,8 @@ def test_partition_names():
 
 
 def test_routing_comparison_runs_every_router_on_the_same_requests():
-    from scheduler.experiments import E2_ABLATION, RoutingRuns, RoutingSetup, findings
-    from scheduler.routing import ROUTERS
+    from scheduler.routing.experiments import E2_ABLATION, RoutingRuns, RoutingSetup, findings
+    from scheduler.routing.policies import ROUTERS
     runs = RoutingRuns(RoutingSetup(num_requests=40, scale=8))
     c = runs.compare("toolbench", 1.0)
     assert list(c.results) == list(ROUTERS) and runs.requests == 4 * 40

@@ -82,20 +82,27 @@ def test_bad_values_name_the_field(section, field, value, message):
 
 
 def test_engine_scheduling_policy_is_built_and_bound_from_the_config():
-    from jinfer.launch import build_engine, scheduling_policy
-    from scheduler.local_policy import PriorityGroups
+    from entrypoints.build import build_engine, scheduling_policy
+    from scheduler.slo.priority_groups import PriorityGroups
 
     launch = resolve(_parse("test_5m.py", "--config.engine.warmup=False", "--config.engine.compilation_cache=",
-                            "--config.engine.scheduling_policy=scheduler.local_policy:PriorityGroups"))
+                            "--config.engine.scheduling_policy=scheduler.slo.priority_groups:PriorityGroups"))
     engine = build_engine(launch)
     policy = engine.scheduler.policy
     assert isinstance(policy, PriorityGroups) and policy.prefix_cache is engine.scheduler.prefix_cache
     assert engine.generate([[5, 6, 7]])[0].finish_reason == "length"
-    for spec, message in [("scheduler.local_policy:Nope", "cannot be loaded"),
+    for spec, message in [("scheduler.slo.priority_groups:Nope", "cannot be loaded"),
                           ("no_such_module:X", "cannot be loaded"),
                           ("jinfer.config:CacheConfig", "has no priority")]:
         with pytest.raises(ValueError, match=f"engine.scheduling_policy='{spec}'.*{message}"):
             scheduling_policy(spec)
+
+
+def test_every_short_name_the_config_accepts_has_its_class():
+    from entrypoints import build
+    from jinfer import config
+
+    assert set(build.DRAFTERS) == set(config.DRAFTERS) and set(build.POLICIES) == set(config.POLICIES)
 
 
 def test_unknown_fields_and_sections_are_named():
@@ -127,7 +134,7 @@ def test_launch_server_rejects_bad_overrides_in_one_line(override, message):
 
 @pytest.mark.multi_device
 def test_instances_refuse_what_they_cannot_serve(tmp_path):
-    from jinfer.launch import build_engine
+    from entrypoints.build import build_engine
     cfg = default_config()
     cfg.engine.instances = (4, 4)
     cfg.speculation.method = "suffix"
@@ -157,7 +164,7 @@ def test_build_engine_compiles_while_the_weights_load(hf_checkpoints, monkeypatc
     loads the weights, which it then serves: tokens equal an engine built on the loaded model."""
     import threading
 
-    import jinfer.launch as launch_mod
+    import entrypoints.build as build
     from jinfer.engine import Engine
     from jinfer.loader.hf import load_hf_model
     from jinfer.sampling_params import SamplingParams
@@ -165,10 +172,10 @@ def test_build_engine_compiles_while_the_weights_load(hf_checkpoints, monkeypatc
 
     path = hf_checkpoints["llama3"]
     launch = _small_launch(path)
-    threads, load = [], launch_mod._load_checkpoint
-    monkeypatch.setattr(launch_mod, "_load_checkpoint",
+    threads, load = [], build.load_checkpoint
+    monkeypatch.setattr(build, "load_checkpoint",
                         lambda *a: threads.append(threading.current_thread().name) or load(*a))
-    engine = launch_mod.build_engine(launch)
+    engine = build.build_engine(launch)
     assert threads and threads[0].startswith("load-weights") and not engine.runner.awaiting_weights
     ref = Engine(load_hf_model(path), Tokenizer.from_dir(path), launch.cache, launch.scheduler,
                  options=dataclasses.replace(launch.engine, warmup=False))

@@ -1,4 +1,4 @@
-"""The live router (scheduler/live.py) in front of two replica server processes on loopback (a
+"""The live router (jinfer/router/server.py) in front of two replica server processes on loopback (a
 third, killed and restarted, for failover)."""
 
 import os
@@ -17,11 +17,12 @@ import pytest
 
 from jinfer import TEST_MODEL_DIR
 from jinfer.serving.client import Client
-from jinfer.serving.process import ServerProcess
+from entrypoints.process import ServerProcess
 from jinfer.tokenizer import Tokenizer
 from scheduler.cost_model import analytic_7b_h100
-from scheduler.live import RouterConfig, RouterServer
-from scheduler.routing import E2Options
+from entrypoints.routing import router_server
+from jinfer.router.config import RouterConfig
+from scheduler.routing.policies import E2Options
 from tests.serving_util import HANG_S, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,8 +55,8 @@ def replicas():
 
 
 def _router(replicas, policy="preble-e2", options=EXPLOIT_ONLY, **cfg):
-    return RouterServer([p.target for p in replicas], policy, analytic_7b_h100(), options,
-                        RouterConfig(report_interval_s=0.01, **cfg), tokenizer="auto").start()
+    return router_server([p.target for p in replicas], policy, analytic_7b_h100(), options,
+                         RouterConfig(report_interval_s=0.01, **cfg), tokenizer="auto").start()
 
 
 @pytest.fixture
@@ -176,7 +177,7 @@ def test_launch_router_tool_serves_and_exits_cleanly(replicas):
     targets = ",".join(p.target for p in replicas)
     with ServerProcess([f"--replicas={targets}", "--policy=round-robin", "--port=0", "--shutdown_grace_s=2",
                         "--health_interval_s=0.5", "--health_timeout_s=5", "--health_failures=2", "--max_reroutes=1",
-                        "--http_port=0"], module="scheduler.router_main") as proc:
+                        "--http_port=0"], module="entrypoints.router") as proc:
         proc.wait_ready(120)
         assert replicas[0].http_port is None and proc.http_port not in (None, proc.port)
         with Client(proc.target) as c:
@@ -254,7 +255,7 @@ def test_router_serves_the_openai_api_routed_as_generate(replicas, tmp_path):
     targets = ",".join(p.target for p in replicas)
     with ServerProcess([f"--replicas={targets}", "--policy=round-robin", "--port=0", "--http_port=0",
                         f"--tokenizer={tmp_path}", "--shutdown_grace_s=2", "--report_interval_s=0.01"],
-                       module="scheduler.router_main") as proc:
+                       module="entrypoints.router") as proc:
         proc.wait_ready(120)
         base = f"http://{proc.http_target}"
         with openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60) as client, \
@@ -357,10 +358,10 @@ def test_router_fails_over_when_a_replica_hangs_or_dies_and_takes_it_back(replic
             with Client(p.target) as c:
                 c.reset_prefix_cache()
         # The victim is replica 0: ties go to it, so E2 sends each new prefix there first.
-        a = RouterServer([victim.target] + [p.target for p in replicas], "preble-e2", analytic_7b_h100(), EXPLOIT_ONLY,
-                         RouterConfig(**FAST_FAILOVER)).start()
+        a = router_server([victim.target] + [p.target for p in replicas], "preble-e2", analytic_7b_h100(), EXPLOIT_ONLY,
+                          RouterConfig(**FAST_FAILOVER)).start()
         routers.append(a)
-        b = RouterServer([victim.target], "round-robin", config=RouterConfig(**FAST_FAILOVER)).start()
+        b = router_server([victim.target], "round-robin", config=RouterConfig(**FAST_FAILOVER)).start()
         routers.append(b)
         with Client(f"127.0.0.1:{a.port}") as c, Client(f"127.0.0.1:{b.port}") as cb:
             routed = lambda: [r.routed for r in c.router_stats().replicas]  # noqa: E731

@@ -1,10 +1,10 @@
-"""The adaptive-TP controller (scheduler/nitsum.py) on hand-built load shifts: its choice, its
+"""The adaptive-TP controller (scheduler/adaptive_tp/nitsum.py) on hand-built load shifts: its choice, its
 hysteresis, and routing."""
 
 import pytest
 
 from jinfer.config import Tier
-from scheduler.nitsum import Controller, InstancePlan, Partition, Profile, predicted_goodput, route
+from scheduler.adaptive_tp.nitsum import Controller, InstancePlan, Partition, Profile, predicted_goodput, route
 
 # Interactive requests need tp >= 2 to meet their TPOT; batch throughput per device is best at tp 1.
 PROFILE = Profile({"interactive": {1: 0, 2: 4, 4: 10, 8: 16}, "batch": {1: 3, 2: 5, 4: 8, 8: 12},

@@ -12,11 +12,11 @@ import pytest
 
 from jinfer.config import Tier
 from scheduler.cost_model import CostModel
-from scheduler.nitsum import Partition, Profile
-from scheduler.nitsum_profile import (Phase, TierShape, attainment_at, average_rates, bisect_rate, poisson_tier,
+from scheduler.adaptive_tp.nitsum import Partition, Profile
+from scheduler.adaptive_tp.profile import (Phase, TierShape, attainment_at, average_rates, bisect_rate, poisson_tier,
                                       profile_rates, shifting_workload)
-from scheduler.simulator import ReplicaConfig
-from scheduler.slo import SloAware
+from scheduler.simulation.simulator import ReplicaConfig
+from scheduler.slo.policies import SloAware
 
 SHAPES = {"fast": TierShape(64, 16), "bulk": TierShape(256, 32)}
 TIERS = (Tier("fast", 0.05, 0.02, 4), Tier("bulk", 5.0, 0.2, 1))
@@ -103,7 +103,7 @@ def test_profile_rate_is_safe_and_the_next_step_up_is_not():
 
 
 def test_the_adaptive_simulator_runs_the_policys_admission_check():
-    from scheduler.nitsum_sim import AdaptiveSimulator, StaticControl
+    from scheduler.simulation.nitsum_sim import AdaptiveSimulator, StaticControl
 
     items = poisson_tier("fast", SHAPES["fast"], 2000.0, 0.2, vocab=(0, 1000), seed=2)  # a flood
     control = StaticControl(Partition.parse("tp1:fast"))
@@ -144,8 +144,8 @@ def test_the_tool_compares_static_partitions_and_the_controller_in_the_simulator
 
 
 def test_arrivals_while_a_reconfiguration_waits_are_routed_by_the_new_partition():
-    from scheduler.nitsum import Controller, NitsumControl
-    from scheduler.nitsum_sim import AdaptiveSimulator
+    from scheduler.adaptive_tp.nitsum import Controller, NitsumControl
+    from scheduler.simulation.nitsum_sim import AdaptiveSimulator
 
     # Steps of ~0.1 s: requests arrive while the one instance finishes its step before splitting
     # into four; the controller already routes by the four.

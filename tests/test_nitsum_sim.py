@@ -1,4 +1,4 @@
-"""The adaptive-TP simulator (scheduler/nitsum_sim.py): reconfigurations mid-run finish every
+"""The adaptive-TP simulator (scheduler/simulation/nitsum_sim.py): reconfigurations mid-run finish every
 request, return every page, cost what the model says, and repeat exactly."""
 
 import numpy as np
@@ -7,10 +7,10 @@ import pytest
 from jinfer.config import Tier
 from jinfer.workloads import WorkItem
 from scheduler.cost_model import analytic_8b_h100_tp
-from scheduler.nitsum import Partition
-from scheduler.nitsum_sim import AdaptiveSimulator, ReconfigModel, StaticControl
-from scheduler.simulator import ReplicaConfig
-from scheduler.slo import SloAware
+from scheduler.adaptive_tp.nitsum import Partition
+from scheduler.simulation.nitsum_sim import AdaptiveSimulator, ReconfigModel, StaticControl
+from scheduler.simulation.simulator import ReplicaConfig
+from scheduler.slo.policies import SloAware
 
 TIERS = (Tier("interactive", 0.25, 0.03, 4), Tier("batch", 5.0, 0.1, 1))
 COSTS = {tp: analytic_8b_h100_tp(tp) for tp in (1, 2, 4, 8)}

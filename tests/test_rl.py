@@ -15,7 +15,7 @@ from jinfer.engine import Engine
 from jinfer.loader.hf import load_hf_model
 from jinfer.sampling_params import SamplingParams
 from jinfer.tokenizer import Tokenizer
-from scheduler.drafters import SuffixDrafter
+from scheduler.speculation.drafters import SuffixDrafter
 
 PROMPTS = ["def fibonacci(n):", "class Stack:\n    def __init__(self):"]
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)

@@ -13,13 +13,13 @@ from jinfer.prefix_cache import EvictionLog
 from jinfer.request import Request
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import Scheduler
-from scheduler import preble_workloads as pw
+from scheduler.routing import preble_workloads as pw
 from scheduler.cost_model import CostModel, analytic_7b_h100
-from scheduler.local_policy import PriorityGroups
-from scheduler.radix import GlobalRadixTree
-from scheduler.routing import (ROUTERS, E2Options, LeastLoad, NoReplicaUp, PrebleE2, ReplicaLoad, RoundRobin,
+from scheduler.slo.priority_groups import PriorityGroups
+from scheduler.routing.radix import GlobalRadixTree
+from scheduler.routing.policies import (ROUTERS, E2Options, LeastLoad, NoReplicaUp, PrebleE2, ReplicaLoad, RoundRobin,
                                RouteRequest, SGLangCacheAware, make_router)
-from scheduler.simulator import ReplicaConfig, Simulator
+from scheduler.simulation.simulator import ReplicaConfig, Simulator
 
 # -- global radix tree -------------------------------------------------------------------------
 
@@ -283,7 +283,7 @@ def test_paper_workloads_have_their_statistics(name):
 
 
 def _sim(router_name, items, fast_forward=True, **cfg):
-    from scheduler.routing import make_router
+    from scheduler.routing.policies import make_router
     rc = ReplicaConfig(page_size=16, num_pages=cfg.pop("num_pages", 2000), **cfg)
     return Simulator(make_router(router_name, 3, analytic_7b_h100(), rc.capacity_tokens), 3, analytic_7b_h100(),
                      rc, fast_forward=fast_forward).run(items)
@@ -312,7 +312,7 @@ def test_simulator_is_deterministic_and_fast_forward_changes_nothing(router):
 
 def test_simulator_with_evictions_keeps_the_router_tree_true():
     items = pw.generate("loogle", 120, rate=5.0, scale=16.0, seed=0)
-    from scheduler.routing import make_router
+    from scheduler.routing.policies import make_router
     rc = ReplicaConfig(page_size=16, num_pages=400)  # 6400 tokens: constant eviction
     router = make_router("preble-e2", 3, analytic_7b_h100(), rc.capacity_tokens)
     sim = Simulator(router, 3, analytic_7b_h100(), rc)
@@ -392,9 +392,9 @@ def test_simulator_runs_the_engines_speculation(tree):
     recorded tokens, every request gets exactly its output, and the run takes fewer steps and
     less simulated time than without speculation (on an H100-like cost model)."""
     from jinfer.workloads import WorkItem
-    from scheduler.drafters import SuffixConfig, SuffixDrafter
-    from scheduler.routing import make_router
-    from scheduler.spec_budget import CostAwareBudget
+    from scheduler.speculation.drafters import SuffixConfig, SuffixDrafter
+    from scheduler.routing.policies import make_router
+    from scheduler.speculation.budget import CostAwareBudget
 
     rng = np.random.default_rng(0)
     problems = [(tuple(rng.integers(0, 30000, 40).tolist()), tuple(rng.integers(0, 30000, 120).tolist()))

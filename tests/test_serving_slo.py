@@ -22,7 +22,7 @@ from jinfer.serving.client import Client
 from jinfer.serving.goodput import Goodput
 from jinfer.serving.server import Server, ServingConfig
 from jinfer.tokenizer import Tokenizer
-from scheduler.slo import SloAware
+from scheduler.slo.policies import SloAware
 from tests.serving_util import StepGate, settled, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,7 +13,8 @@ import pytest
 
 from jinfer import TEST_MODEL_DIR
 from jinfer import workloads as w
-from jinfer.launch import build_server, default_config, resolve
+from entrypoints.build import build_server
+from jinfer.launch import default_config, resolve
 from jinfer.serving import benchmark as bm
 from jinfer.serving.client import Client
 

@@ -1,4 +1,4 @@
-"""Tiered-SLO scheduling (scheduler/slo.py) on hand-built cases: at the Scheduler with a fake
+"""Tiered-SLO scheduling (scheduler/slo/policies.py) on hand-built cases: at the Scheduler with a fake
 clock (queue jumping, preemption, demotion, admission), and in the Engine (greedy outputs
 unchanged by the policy, preempted requests finishing with identical tokens, refusals that
 leave nothing behind)."""
@@ -15,7 +15,7 @@ from jinfer.request import Request, Status
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import FCFS, AdmissionRefused, Scheduler
 from jinfer.tokenizer import Tokenizer
-from scheduler.slo import FirstCome, SloAware, StrictPriority
+from scheduler.slo.policies import FirstCome, SloAware, StrictPriority
 
 INTERACTIVE = Tier("interactive", ttft_s=0.5, tpot_s=0.05, weight=4)
 BATCH = Tier("batch", ttft_s=20.0, tpot_s=1.0, weight=1)

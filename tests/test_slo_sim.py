@@ -11,9 +11,9 @@ import pytest
 from jinfer.config import ServingConfig, Tier
 from jinfer.workloads import SLO_CLASSES, WorkItem, slo_mix
 from scheduler.cost_model import CostModel, analytic_7b_h100
-from scheduler.routing import make_router
-from scheduler.simulator import ReplicaConfig, Simulator
-from scheduler.slo import FirstCome, SloAware, StrictPriority
+from scheduler.routing.policies import make_router
+from scheduler.simulation.simulator import ReplicaConfig, Simulator
+from scheduler.slo.policies import FirstCome, SloAware, StrictPriority
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIERS = ServingConfig(tiers=("interactive:100:30:4", "agent:500:60:2", "batch:5000:200:1")).tier_table

@@ -14,7 +14,7 @@ from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.engine import Engine
 from jinfer.loader.hf import load_hf_model
 from jinfer.serving import soak as soak_module
-from jinfer.serving.process import ServerProcess
+from entrypoints.process import ServerProcess
 from jinfer.serving.server import Server, ServingConfig
 from jinfer.serving.soak import soak
 from jinfer.tokenizer import Tokenizer

@@ -1,8 +1,8 @@
-"""The adaptive draft budget (scheduler/spec_budget.py): its cost model and its decisions."""
+"""The adaptive draft budget (scheduler/speculation/budget.py): its cost model and its decisions."""
 
 import pytest
 
-from scheduler.spec_budget import BudgetConfig, CostAwareBudget
+from scheduler.speculation.budget import BudgetConfig, CostAwareBudget
 
 
 def _calibrated(c_base=0.010, c_tok=0.0005):

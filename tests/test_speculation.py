@@ -14,7 +14,7 @@ from jinfer.attention import AttentionMetadata
 from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig, SpeculationConfig
 from jinfer.engine import Engine
 from jinfer.kv_cache import KVCache
-from jinfer.launch import build_drafter
+from entrypoints.build import build_drafter
 from jinfer.loader.hf import load_hf_model
 from jinfer.sampling_params import SamplingParams
 from jinfer.speculation import NO_DRAFT, Draft

@@ -1,4 +1,4 @@
-"""The suffix tree (scheduler/suffix_tree.py) against brute force: counts of every substring up
+"""The suffix tree (scheduler/speculation/suffix_tree.py) against brute force: counts of every substring up
 to max_depth, longest matches, tail matchers, drafts and their path probabilities, eviction."""
 
 import collections
@@ -6,8 +6,8 @@ import collections
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from scheduler.drafters import SuffixConfig, SuffixDrafter
-from scheduler.suffix_tree import SuffixTree, TailMatcher, spec_budget, speculate
+from scheduler.speculation.drafters import SuffixConfig, SuffixDrafter
+from scheduler.speculation.suffix_tree import SuffixTree, TailMatcher, spec_budget, speculate
 
 SETTINGS = settings(max_examples=100, deadline=None)
 

@@ -1,4 +1,4 @@
-"""Host cost and acceptance of the model-free drafters (scheduler/drafters.py).
+"""Host cost and acceptance of the model-free drafters (scheduler/speculation/drafters.py).
 
   python tools/bench_drafters.py
   python tools/bench_drafters.py --workloads=repeat --max_draft_tokens=16 --repeats=5
@@ -30,7 +30,7 @@ import time
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the source tree
-from scheduler.drafters import NgramDrafter, SuffixConfig, SuffixDrafter  # noqa: E402
+from scheduler.speculation.drafters import NgramDrafter, SuffixConfig, SuffixDrafter  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("workloads", ["stdlib", "repeat", "random"], "Workloads to run.")

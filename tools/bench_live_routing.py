@@ -10,7 +10,7 @@ and --num_pages of KV each, started once, compiled at start, pinned one per CPU 
 --pin (the bench process itself, router and client, shares the cores). Before every run each
 replica's prefix cache is reset, so every policy starts cold on the same requests. Rates are
 multiples of the workload's base rate for N replicas under --cost_model (see
-scheduler.preble_workloads.base_rate). Latency = client send to last token.
+scheduler.routing.preble_workloads.base_rate). Latency = client send to last token.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from scheduler.routing import ROUTERS  # noqa: E402 - after the path
+from scheduler.routing.policies import ROUTERS  # noqa: E402 - after the path
 
 DEFAULT_SCALE = {"toolbench": 8, "embodied": 8, "programming": 16, "videoqa": 32, "loogle": 64}
 """Length divisors that fit each workload in the test model's 512-token context."""
@@ -69,12 +69,12 @@ def main(argv):
 
     from jinfer.serving import benchmark as bm
     from jinfer.serving.client import Client
-    from jinfer.serving.process import ServerProcess
-    from scheduler import preble_workloads as pw
+    from entrypoints.process import ServerProcess
+    from scheduler.routing import preble_workloads as pw
     from scheduler.cost_model import CostModel
-    from scheduler.live import RouterServer
-    from scheduler.routing import make_router
-    from scheduler.simulator import ReplicaConfig, Simulator
+    from entrypoints.routing import router_server
+    from scheduler.routing.policies import make_router
+    from scheduler.simulation.simulator import ReplicaConfig, Simulator
 
     unknown = sorted(set(FLAGS.workloads) - set(pw.SPECS)) + sorted(set(FLAGS.policies) - set(ROUTERS))
     if unknown:
@@ -114,7 +114,7 @@ def main(argv):
                     for p in procs:
                         with Client(p.target) as c:
                             c.reset_prefix_cache()
-                    router = RouterServer([p.target for p in procs], policy, cost).start()
+                    router = router_server([p.target for p in procs], policy, cost).start()
                     try:
                         run = bm.replay(f"127.0.0.1:{router.port}", items, progress=False)
                         stats = router.call(router.stats)

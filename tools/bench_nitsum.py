@@ -7,18 +7,18 @@ this host's (fake CPU) devices.
   python tools/bench_nitsum.py --parts=live --live_profile_out=benchmarks/nitsum_profile_cpu.json
   python tools/bench_nitsum.py --smoke --parts=sim            # tiny sizes, a check that it runs
 
-Simulated (scheduler/nitsum_sim.py): --num_devices devices, each instance jinfer's Scheduler
-with the SLO-aware policy (scheduler/slo.py) on the cost model of its TP degree
+Simulated (scheduler/simulation/nitsum_sim.py): --num_devices devices, each instance jinfer's Scheduler
+with the SLO-aware policy (scheduler/slo/policies.py) on the cost model of its TP degree
 (cost_model.analytic_8b_h100_tp). The profile (SLO-safe req/s per tier and degree) is read from
---sim_profile, or measured by simulation first with --profile (scheduler/nitsum_profile.py)
+--sim_profile, or measured by simulation first with --profile (scheduler/adaptive_tp/profile.py)
 and written there. Then the workload (--sim_phases, lengths --sim_shapes) is served by every
-static partition (scheduler/nitsum_study.py: every multiset of degrees with shared instances;
+static partition (scheduler/adaptive_tp/study.py: every multiset of degrees with shared instances;
 per multiset, the dedicated assignment the controller ranks first at the average rates; the
 controller's plan for each phase), by the best of them with FCFS inside the instances, and by
 the adaptive controller (from --initial; its knobs: --window_s, --confirm, --dwell_s, --hysteresis,
 --horizon_s, --smoothing).
 
-Live (scheduler/nitsum_live.py): the model of --config (default: the test model, configs/test_5m.py)
+Live (scheduler/adaptive_tp/live.py): the model of --config (default: the test model, configs/test_5m.py)
 as an InstanceGroup on --num_devices devices (XLA is asked for that many CPU devices), the
 SLO-aware policy in every instance. The profile comes from the cost models of
 --live_cost_models (one per degree, tools/profile_engine.py --config.model.tp=N), by the same
@@ -82,7 +82,7 @@ flags.DEFINE_multi_string("sim_phases", ["interactive=60:interactive:100,batch:2
                                          "agent=60:interactive:4,batch:2,agent:11.5"],
                           "Workload phases in order, one per flag: name=seconds:tier:req/s,tier:req/s...")
 flags.DEFINE_string("sim_profile", os.path.join(ROOT, "benchmarks", "nitsum_profile_8b_h100.json"),
-                    "Profile JSON of the simulated tiers (scheduler.nitsum.Profile).")
+                    "Profile JSON of the simulated tiers (scheduler.adaptive_tp.nitsum.Profile).")
 flags.DEFINE_bool("profile", False, "Measure the simulated profile (writes --sim_profile) instead of reading it.")
 flags.DEFINE_bool("sim_study", True, "Run the partition study (off: only the profile, with --profile).")
 flags.DEFINE_integer("jobs", 1, "Simulations (study runs, profile searches) run in this many processes at once.",
@@ -118,7 +118,7 @@ flags.DEFINE_integer("live_check", 0, "Outputs compared with a single-engine gre
 def _parsed(prefix):
     """(tiers, shapes, phases) of the sim_ or live_ flags; UsageError naming a bad one."""
     from jinfer.config import Tier
-    from scheduler.nitsum_profile import Phase, TierShape
+    from scheduler.adaptive_tp.profile import Phase, TierShape
     try:
         tiers = tuple(Tier.parse(s) for s in FLAGS[f"{prefix}_tiers"].value)
         shapes = dict(TierShape.parse(s) for s in FLAGS[f"{prefix}_shapes"].value)
@@ -140,7 +140,7 @@ def _controller_kw():
 
 
 def _initial():
-    from scheduler.nitsum import InstancePlan, Partition
+    from scheduler.adaptive_tp.nitsum import InstancePlan, Partition
     return Partition(tuple(InstancePlan(int(n)) for n in FLAGS.initial))
 
 
@@ -149,12 +149,12 @@ def _log(line):
 
 
 def _slo_policy(clock=None):
-    from scheduler.slo import SloAware
+    from scheduler.slo.policies import SloAware
     return SloAware(admission=True) if clock is None else SloAware(clock=clock, admission=True)
 
 
 def _workload_lines(tiers, shapes, phases):
-    from scheduler.nitsum_profile import average_rates
+    from scheduler.adaptive_tp.profile import average_rates
     names = [t.name for t in tiers]
     avg = average_rates(phases)
     lines = ["Tiers: " + ", ".join(f"{t.name} (TTFT {t.ttft_s * 1e3:g} ms, TPOT {t.tpot_s * 1e3:g} ms, weight "
@@ -173,8 +173,8 @@ def _workload_lines(tiers, shapes, phases):
 
 def _profile(costs, tiers, shapes, replica, path, measure, label):
     """The profile at `path`, measured first (and written there) when `measure`."""
-    from scheduler.nitsum import Profile
-    from scheduler.nitsum_profile import profile_rates
+    from scheduler.adaptive_tp.nitsum import Profile
+    from scheduler.adaptive_tp.profile import profile_rates
     if not measure:
         with open(path) as f:
             return Profile.from_dict(json.load(f)), "read from"
@@ -203,9 +203,9 @@ _STUDY = {}  # what forked simulation workers share: the Study and the adaptive 
 
 def _simulate(task):
     """One study run: ("static", label, partition, policy name) or ("adaptive", ...)."""
-    from scheduler import nitsum_study as ns
-    from scheduler.nitsum import Partition
-    from scheduler.slo import FirstCome
+    from scheduler.adaptive_tp import study as ns
+    from scheduler.adaptive_tp.nitsum import Partition
+    from scheduler.slo.policies import FirstCome
 
     kind, label, part, policy = task
     study = _STUDY["study"]
@@ -232,9 +232,9 @@ def _map(tasks):
 
 def _study(costs, tiers, shapes, phases, profile, replica, vocab, limit=None):
     """Every static partition, FCFS on the best, the adaptive controller, in the simulator."""
-    from scheduler import nitsum_study as ns
-    from scheduler.nitsum_profile import shifting_workload
-    from scheduler.nitsum_sim import ReconfigModel
+    from scheduler.adaptive_tp import study as ns
+    from scheduler.adaptive_tp.profile import shifting_workload
+    from scheduler.simulation.nitsum_sim import ReconfigModel
 
     items = shifting_workload(phases, shapes, vocab=vocab, seed=FLAGS.seed)
     _STUDY["study"] = ns.Study(costs, tiers, items, replica, ReconfigModel(), FLAGS.num_devices, FLAGS.window_s)
@@ -277,7 +277,7 @@ def _verdict(runs, best, adaptive, tiers, target):
 
 
 def _bound_line(profile, tiers, phases):
-    from scheduler import nitsum_study as ns
+    from scheduler.adaptive_tp import study as ns
     static, part, switching = ns.profile_bound(ns.make_controller(profile, tiers, FLAGS.num_devices), phases)
     return (f"By the profile alone (predicted goodput: min(capacity, arrivals) per tier, dedicated instances, no "
             f"interference, free switches): the best single partition, `{part}`, {static:.1f} req/s averaged over "
@@ -287,10 +287,10 @@ def _bound_line(profile, tiers, phases):
 
 
 def sim_section():
-    from scheduler import nitsum_study as ns
+    from scheduler.adaptive_tp import study as ns
     from scheduler.cost_model import analytic_8b_h100_tp
-    from scheduler.nitsum_profile import profile_table
-    from scheduler.simulator import ReplicaConfig
+    from scheduler.adaptive_tp.profile import profile_table
+    from scheduler.simulation.simulator import ReplicaConfig
 
     tiers, shapes, phases = _parsed("sim")
     degrees = sorted(int(d) for d in FLAGS.degrees)
@@ -366,10 +366,10 @@ def _live_runs(launch, tiers, items, best, profile):
     from jinfer.instances import InstanceGroup, Instances
     from jinfer.launch import load_model
     from jinfer.sampling_params import SamplingParams
-    from scheduler import nitsum_study as ns
-    from scheduler.nitsum import Partition
-    from scheduler.nitsum_live import replay
-    from scheduler.nitsum_sim import StaticControl
+    from scheduler.adaptive_tp import study as ns
+    from scheduler.adaptive_tp.nitsum import Partition
+    from scheduler.adaptive_tp.live import replay
+    from scheduler.simulation.nitsum_sim import StaticControl
 
     model, tok = load_model(launch.model)
     kw = dict(cache_config=launch.cache, scheduler_config=launch.scheduler, options=launch.engine,
@@ -385,7 +385,7 @@ def _live_runs(launch, tiers, items, best, profile):
         t0 = time.perf_counter()
         group = build()
         if name == "adaptive" and launch.engine.warmup and launch.engine.compilation_cache:
-            # A serving process does this at start (jinfer.launch): regroups then load the step
+            # A serving process does this at start (entrypoints.build): regroups then load the step
             # programs of their new device groups from the compilation cache.
             group.instances.precompile(control.degrees)
         _log(f"{name}: built in {time.perf_counter() - t0:.0f} s")
@@ -403,8 +403,8 @@ def _live_setup():
     import jax
 
     from jinfer.launch import resolve
-    from scheduler.nitsum_profile import check_fits
-    from scheduler.simulator import ReplicaConfig
+    from scheduler.adaptive_tp.profile import check_fits
+    from scheduler.simulation.simulator import ReplicaConfig
 
     try:
         launch = resolve(CONFIG.value)
@@ -428,8 +428,8 @@ def _live_report(live, want, control, tiers, best):
     """The live table, the adaptive group's regroups and switches, the output check."""
     import dataclasses
 
-    from scheduler import nitsum_study as ns
-    from scheduler.nitsum_live import reconfiguration_summary
+    from scheduler.adaptive_tp import study as ns
+    from scheduler.adaptive_tp.live import reconfiguration_summary
 
     rows, checks = [], []
     for name, (run, group) in live.items():
@@ -466,8 +466,8 @@ def _live_report(live, want, control, tiers, best):
 def live_section():
     from jinfer.experiments import describe_host
     from jinfer.launch import load_tokenizer
-    from scheduler import nitsum_study as ns
-    from scheduler.nitsum_profile import profile_table
+    from scheduler.adaptive_tp import study as ns
+    from scheduler.adaptive_tp.profile import profile_table
 
     tiers, shapes, phases = _parsed("live")
     launch, costs, replica = _live_setup()

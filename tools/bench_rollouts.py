@@ -16,7 +16,7 @@ alike:
 - suffix: SuffixDecoding, a per-request tree and one global tree over finished outputs.
 - per_problem: DAS's rollout drafter (a suffix tree per problem over its last --das_window
   rollouts), no budget: every request drafts up to --max_spec_tokens.
-- das: the same drafter with DAS's length-aware budget (scheduler/das.py).
+- das: the same drafter with DAS's length-aware budget (scheduler/speculation/das.py).
 
 Speculation is lossless, so every method must produce the same rollouts, rewards and losses
 (checked; the report says so). Per epoch: rollout makespan (the wall time of the epoch's
@@ -59,8 +59,8 @@ flags.DEFINE_bool("smoke", False, "Tiny sizes: 3 problems, 2 epochs, short rollo
 def _engine(model, tok, method: str, num_seqs: int):
     from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig
     from jinfer.engine import Engine
-    from scheduler.das import DasConfig, LengthAwareBudget, RolloutDrafter
-    from scheduler.drafters import SuffixDrafter
+    from scheduler.speculation.das import DasConfig, LengthAwareBudget, RolloutDrafter
+    from scheduler.speculation.drafters import SuffixDrafter
 
     drafter = budget = None
     if method == "suffix":
@@ -101,10 +101,10 @@ def _simulate(records_by_epoch: list[list], methods: list[str]) -> dict[str, lis
     """Each method's makespan per epoch when the recorded rollouts replay in the simulator."""
     from jinfer.workloads import WorkItem
     from scheduler.cost_model import analytic_7b_h100
-    from scheduler.das import DasConfig, LengthAwareBudget, RolloutDrafter
-    from scheduler.drafters import SuffixDrafter
-    from scheduler.routing import make_router
-    from scheduler.simulator import ReplicaConfig, Simulator
+    from scheduler.speculation.das import DasConfig, LengthAwareBudget, RolloutDrafter
+    from scheduler.speculation.drafters import SuffixDrafter
+    from scheduler.routing.policies import make_router
+    from scheduler.simulation.simulator import ReplicaConfig, Simulator
 
     gap = 1000.0  # seconds between epochs: each epoch drains before the next arrives
     items = [WorkItem(gap * e, tuple(r.prompt_ids), len(r.token_ids), output=tuple(r.token_ids))

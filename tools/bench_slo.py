@@ -1,4 +1,4 @@
-"""SLO tiers, side by side: first_come vs strict_priority vs slo (scheduler/slo.py) on a mixed
+"""SLO tiers, side by side: first_come vs strict_priority vs slo (scheduler/slo/policies.py) on a mixed
 interactive / agent / batch workload (jinfer.workloads.slo_mix), simulated at 7B-on-H100 cost
 and live on this machine.
 
@@ -6,7 +6,7 @@ and live on this machine.
   python tools/bench_slo.py --parts=sim --replicas=1,4 --sim_rates=10,12,14
   python tools/bench_slo.py --smoke --parts=sim     # tiny sizes, a check that it runs
 
-Simulated (scheduler/simulator.py): N replicas, each jinfer's Scheduler with the policy, step
+Simulated (scheduler/simulation/simulator.py): N replicas, each jinfer's Scheduler with the policy, step
 times from the cost model (default: the analytic 7B-class model on one H100), the tiers
 --sim_tiers. For each load (--sim_rates requests/s per replica, Poisson arrivals for
 --sim_duration_s) every policy serves the same requests.
@@ -61,7 +61,7 @@ flags.DEFINE_float("sim_duration_s", 120.0, "Seconds of arrivals per simulated r
 flags.DEFINE_float("sim_scale", 1.0, "slo_mix length divisor of the simulated runs (1: 7B-scale lengths).",
                    lower_bound=1)
 flags.DEFINE_list("replicas", ["1"], "Simulated replica counts (the loads scale with it).")
-flags.DEFINE_string("router", "least-load", "Router over several simulated replicas (scheduler/routing.py).")
+flags.DEFINE_string("router", "least-load", "Router over several simulated replicas (scheduler/routing/policies.py).")
 flags.DEFINE_string("cost_model", "", "Cost model JSON (tools/profile_engine.py); empty: analytic 7B on H100.")
 flags.DEFINE_integer("page_size", 64, "Simulated KV page, tokens: 64 rather than 16 keeps the prefix cache's "
                      "eviction walk (one per page short) affordable at 400k cached tokens.", lower_bound=1)
@@ -118,7 +118,7 @@ def _check_tiers(tiers, mix, flag: str) -> None:
 
 def _sim_policy(name: str):
     """callable(clock) -> policy, as Simulator(policy=) takes it."""
-    from scheduler.slo import FirstCome, SloAware, StrictPriority
+    from scheduler.slo.policies import FirstCome, SloAware, StrictPriority
     if name == "slo":
         return lambda clock: SloAware(clock=clock, admission=FLAGS.slo_admission)
     return {"first_come": lambda clock: FirstCome(), "strict_priority": lambda clock: StrictPriority()}[name]
@@ -127,8 +127,8 @@ def _sim_policy(name: str):
 def simulate(tiers, mix, rates, replicas: int, cost):
     """[(rate, {policy: SimResult.tier_stats + demoted, preempted})] for `replicas` replicas."""
     from jinfer.workloads import slo_mix
-    from scheduler.routing import make_router
-    from scheduler.simulator import ReplicaConfig, Simulator
+    from scheduler.routing.policies import make_router
+    from scheduler.simulation.simulator import ReplicaConfig, Simulator
 
     cfg = ReplicaConfig(page_size=FLAGS.page_size, num_pages=FLAGS.kv_tokens // FLAGS.page_size,
                         max_num_batched_tokens=FLAGS.max_num_batched_tokens, max_num_seqs=FLAGS.max_num_seqs)
@@ -194,7 +194,7 @@ def live(tiers, mix, rates):
     per policy."""
     from jinfer.serving import benchmark as bm
     from jinfer.serving.client import Client
-    from jinfer.serving.process import ServerProcess
+    from entrypoints.process import ServerProcess
     from jinfer.workloads import slo_mix
 
     specs = "(" + ",".join(repr(s) for s in FLAGS.live_tiers) + ",)"

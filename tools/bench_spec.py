@@ -112,8 +112,8 @@ def _requests(workload: str, model: str, batch: int, tok, vocab: int):
 def _drafter(method: str):
     """(drafter, draft budget) of a method: the launch config's defaults (adaptive budget),
     except suffix_fixed (always max_spec_tokens: what the budget saves)."""
-    from scheduler.drafters import NgramDrafter, SuffixConfig, SuffixDrafter
-    from scheduler.spec_budget import CostAwareBudget
+    from scheduler.speculation.drafters import NgramDrafter, SuffixConfig, SuffixDrafter
+    from scheduler.speculation.budget import CostAwareBudget
 
     if method == "off":
         return None, None

@@ -92,7 +92,7 @@ def main(argv):
         slos = bm.Slo.parse_all(FLAGS.slo)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    from jinfer.serving.process import ServerProcess
+    from entrypoints.process import ServerProcess
 
     server = ServerProcess([f"--config={FLAGS.config}", "--config.serving.port=0", "--config.serving.metrics_port=0",
                             "--config.serving.http_port=0", *FLAGS.override], stdout=sys.stderr)

@@ -6,7 +6,7 @@
 
 The model, cache, scheduler and engine come from the same launch config as the server
 (`--config`, default configs/default.py; any field as --config.<section>.<field>=value) and
-are loaded by the same code (jinfer.launch.build_engine); the flags below are this tool's own:
+are loaded by the same code (entrypoints.build.build_engine); the flags below are this tool's own:
 prompts, sampling, output and the multi-process cluster. Buckets compile on first use (no
 warm-up) and JAX's persistent compilation cache (`engine.compilation_cache`, on in the
 default config) makes a second run of the same command start fast.
@@ -74,7 +74,8 @@ def main(argv):
         report = os.fdopen(os.dup(1), "w")
         os.dup2(2, 1)
     from jinfer.engine import enable_compilation_cache
-    from jinfer.launch import build_engine, resolve
+    from entrypoints.build import build_engine
+    from jinfer.launch import resolve
     from jinfer.sampling_params import SamplingParams
     from sharding.distributed import initialize
 

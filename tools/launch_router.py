@@ -1,11 +1,11 @@
-"""Routes requests across jinfer replica servers: a thin wrapper over `python -m scheduler.router_main` (its docstring has the usage and flags)."""
+"""Routes requests across jinfer replica servers: a thin wrapper over `python -m entrypoints.router` (its docstring has the usage and flags)."""
 
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the source tree
 
-import scheduler.router_main as entry  # noqa: E402 - after the path
+import entrypoints.router as entry  # noqa: E402 - after the path
 
 __doc__ = entry.__doc__  # --help shows the entry point's usage
 

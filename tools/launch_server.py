@@ -1,11 +1,11 @@
-"""Serves a model over gRPC: a thin wrapper over `python -m jinfer.serving.main` (its docstring has the usage and flags)."""
+"""Serves a model over gRPC: a thin wrapper over `python -m entrypoints.serve` (its docstring has the usage and flags)."""
 
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the source tree
 
-import jinfer.serving.main as entry  # noqa: E402 - after the path
+import entrypoints.serve as entry  # noqa: E402 - after the path
 
 __doc__ = entry.__doc__  # --help shows the entry point's usage
 

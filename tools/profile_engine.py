@@ -44,7 +44,8 @@ def main(argv):
     import jax
     from tqdm import tqdm
 
-    from jinfer.launch import build_engine, resolve
+    from entrypoints.build import build_engine
+    from jinfer.launch import resolve
     from jinfer.sampling_params import SamplingParams
     from jinfer.scheduling import ScheduledSeq, StepPlan
     from scheduler.cost_model import CostModel

@@ -1,9 +1,9 @@
-"""Routing policies compared in the discrete-event simulator (scheduler/simulator.py).
+"""Routing policies compared in the discrete-event simulator (scheduler/simulation/simulator.py).
 
   python tools/simulate_routing.py --out=benchmarks/routing.md
   python tools/simulate_routing.py --workloads=toolbench --replicas=8 --num_requests=4000 --rate_factors=0.5,1
 
-For each workload (scheduler/preble_workloads.py) and request rate, every router serves the
+For each workload (scheduler/routing/preble_workloads.py) and request rate, every router serves the
 same requests on N simulated replicas whose step times come from a cost model (default: the
 analytic 7B-class H100 model; --cost_model=FILE.json for one fitted by tools/profile_engine.py).
 Rates are multiples (--rate_factors) of a per-workload base rate: N replicas' throughput if every
@@ -19,7 +19,7 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("workloads", ["toolbench", "embodied", "programming", "videoqa", "loogle"],
-                  "Workloads from scheduler/preble_workloads.py.")
+                  "Workloads from scheduler/routing/preble_workloads.py.")
 flags.DEFINE_integer("replicas", 4, "Simulated replicas.", lower_bound=1)
 flags.DEFINE_integer("num_requests", 2000, "Requests per run.", lower_bound=1)
 flags.DEFINE_list("rate_factors", ["0.5", "0.75", "1.0"], "Request rates as multiples of the base rate.")
@@ -36,10 +36,10 @@ flags.DEFINE_string("out", "", "Write the tables (markdown) here too.")
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from scheduler import preble_workloads as pw
+    from scheduler.routing import preble_workloads as pw
     from scheduler.cost_model import CostModel
-    from scheduler.experiments import RoutingRuns, RoutingSetup
-    from scheduler.routing import ROUTERS as routers
+    from scheduler.routing.experiments import RoutingRuns, RoutingSetup
+    from scheduler.routing.policies import ROUTERS as routers
 
     unknown = sorted(set(FLAGS.workloads) - set(pw.SPECS))
     if unknown:

@@ -94,7 +94,7 @@ class Goodput:
     """The server's per-tier goodput ledger; an EngineLoop listener.
 
     policy: the engine's scheduling policy; when it keeps a `demotions` Counter (tier name ->
-    requests demoted, as scheduler.slo.SloAware does), the snapshot reports it per tier.
+    requests demoted, as scheduler.slo.policies.SloAware does), the snapshot reports it per tier.
     """
 
     def __init__(self, tiers: tuple[Tier, ...], policy=None, window_s: float = 60.0, clock=time.monotonic):

@@ -1,7 +1,7 @@
 """Hosting gRPC services: a grpc.aio server on its own event-loop thread, bearer auth, health,
 reflection, and registration that answers undecodable requests with INVALID_ARGUMENT.
 
-The jinfer server (jinfer/serving/server.py) and the router (scheduler/live.py) both run on one.
+The jinfer server (jinfer/serving/server.py) and the router (jinfer/router/server.py) both run on one.
 """
 
 from __future__ import annotations

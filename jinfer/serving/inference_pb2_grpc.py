@@ -281,7 +281,7 @@ class Inference:
 
 
 class RouterStub:
-    """A router in front of replicas (scheduler/live.py) also serves Inference, forwarding each
+    """A router in front of replicas (jinfer/router/server.py) also serves Inference, forwarding each
     request to the replica its policy picks; this service shows what the policy sees.
     """
 
@@ -299,7 +299,7 @@ class RouterStub:
 
 
 class RouterServicer:
-    """A router in front of replicas (scheduler/live.py) also serves Inference, forwarding each
+    """A router in front of replicas (jinfer/router/server.py) also serves Inference, forwarding each
     request to the replica its policy picks; this service shows what the policy sees.
     """
 
@@ -326,7 +326,7 @@ def add_RouterServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Router:
-    """A router in front of replicas (scheduler/live.py) also serves Inference, forwarding each
+    """A router in front of replicas (jinfer/router/server.py) also serves Inference, forwarding each
     request to the replica its policy picks; this service shows what the policy sees.
     """
 

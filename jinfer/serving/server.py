@@ -165,7 +165,7 @@ class Server:
         self.config = config
         self._config_json = config_json
         # Goodput accounting is always on (GetServerStats); Prometheus only with a metrics port.
-        # The policy's demotion counts are reported when it keeps them (scheduler.slo.SloAware).
+        # The policy's demotion counts are reported when it keeps them (scheduler.slo.policies.SloAware).
         self.goodput = Goodput(config.tier_table, policy=getattr(engine, "policy", None))
         self.metrics = ServerMetrics(self.goodput) if config.metrics_port is not None else None
         self.loop = EngineLoop(engine, [lis for lis in (self.goodput, self.metrics) if lis is not None],

@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP API as a Starlette app over a frontend: the gRPC server's
-Frontend, or a router's (scheduler/router_http.py), each behind the narrow `ApiFrontend`.
+Frontend, or a router's (jinfer/router/http.py), each behind the narrow `ApiFrontend`.
 
   GET  /health                200 while the frontend can serve (engine loop healthy; a router:
                               some replica up), else 503 (no auth)

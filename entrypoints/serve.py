@@ -1,6 +1,6 @@
 """Serves a model over gRPC (jinfer.v1.Inference) with Prometheus metrics, until SIGINT/SIGTERM.
 
-  python -m jinfer.serving.main                                   # configs/default.py
+  python -m entrypoints.serve                                   # configs/default.py
   python tools/launch_server.py --config=configs/llama3_8b.py --config.model.tp=2
   python tools/launch_server.py --config.cache.page_size=32 --config.serving.port=0 \
       --port_file=/tmp/jinfer.json                               # scripts read the bound ports
@@ -28,7 +28,7 @@ import time
 from absl import app, flags
 
 import configs
-from jinfer.launch import define_config_flag, parse_flags
+from jinfer.launch import define_config_flag, parse_flags, resolve, to_dict
 
 FLAGS = flags.FLAGS
 CONFIG = define_config_flag(os.path.join(os.path.dirname(configs.__file__), "default.py"))
@@ -65,15 +65,13 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr, force=True)
-    from jinfer.launch import build_engine, build_server, resolve, to_dict
-
     try:
         launch = resolve(CONFIG.value)
     except ValueError as e:
         sys.exit(f"error: {e}")
     log.info("resolved config:\n%s", json.dumps(to_dict(launch), indent=2))
     t0 = time.perf_counter()
-    import jinfer.engine  # noqa: F401 - jax and the engine load before the serving modules start loading beside them
+    from entrypoints.build import build_engine, build_server  # jax and the engine load before the serving modules
     threading.Thread(target=_import_serving, name="import-serving", daemon=True).start()
     try:
         engine = build_engine(launch, progress=True)
@@ -101,7 +99,7 @@ def main(argv):
 
 
 def run() -> None:
-    """The entry point (python -m jinfer.serving.main, tools/launch_server.py)."""
+    """The entry point (python -m entrypoints.serve, tools/launch_server.py)."""
     app.run(main, flags_parser=parse_flags)
 
 

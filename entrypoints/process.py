@@ -1,4 +1,4 @@
-"""A jinfer server (python -m jinfer.serving.main) or router (python -m scheduler.router_main) as a
+"""A jinfer server (python -m entrypoints.serve) or router (python -m entrypoints.router) as a
 child process:
 started with port 0, ready once it writes its port file, stopped with SIGTERM (it drains and
 exits 0). The demo, the live routing benchmark and the tests start their servers this way.
@@ -14,16 +14,16 @@ import sys
 import tempfile
 import time
 
-SERVER = "jinfer.serving.main"
+SERVER = "entrypoints.serve"
 # The source tree holding jinfer/, scheduler/ and configs/: children find them without an install.
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class ServerProcess:
     """ServerProcess(["--config=...", "--config.cache.num_pages=64"]).start().wait_ready()
 
-    module: the entry point run as `python -m module` (jinfer.serving.main, or a router's such as
-    scheduler.router_main; both take --port_file). cpus: pin the process
+    module: the entry point run as `python -m module` (entrypoints.serve, or a router's such as
+    entrypoints.router; both take --port_file). cpus: pin the process
     to these CPU cores (os.sched_setaffinity; None: no pinning). stdout/stderr: where its log
     goes (default: this process's stderr)."""
 

@@ -1,17 +1,19 @@
 """The live router: a gRPC server in front of N jinfer replica servers, routing with the same
-policy objects the simulator drives (scheduler/routing.py), and beside it (RouterConfig.http_port)
-the OpenAI-compatible HTTP API (scheduler/router_http.py) over the same routing.
+policy objects the simulator drives (a jinfer.routing.Router: scheduler/routing/policies.py has Preble E2
+and the baselines), and beside it (RouterConfig.http_port) the OpenAI-compatible HTTP API
+(jinfer/router/http.py) over the same routing. This is mechanism (relaying, failover, load
+reports); which replica a request goes to is the policy's.
 
 It serves `jinfer.v1.Inference` itself, so clients and tools/benchmark_serving.py talk to it as
 to one server: each Generate (or HTTP completion) is routed (`Router.route`) and forwarded to the
 chosen replica as token ids, its stream relayed back (`RouterServer.generate`); the first token
 and the end feed `on_first_token` and `on_finish`. Every replica's `WatchReplica` stream feeds
-`on_load` and `on_evict` (scheduler/replica_link.py), so the policy's global radix tree follows
+`on_load` and `on_evict` (jinfer/router/links.py), so the policy's global radix tree follows
 what the replicas really cache. `jinfer.v1.Router/GetRouterStats` shows what the policy sees (per
 replica: routed, outstanding, cached tokens in its tree, last load report, evicted tokens,
 failures; E2's decision counts).
 
-Failover (replica_link.py): a replica whose watch stream ends, whose health checks fail or whose
+Failover (links.py): a replica whose watch stream ends, whose health checks fail or whose
 Generate fails with UNAVAILABLE is marked down and routed around until it is back. A request
 whose replica fails before anything was relayed is routed again (at most `max_reroutes` times);
 one that had started streaming fails with UNAVAILABLE naming the replica.
@@ -30,7 +32,7 @@ import json
 import logging
 import time
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import grpc
 
@@ -42,11 +44,10 @@ from jinfer.serving.frontend import ServingError, check_prompt_text
 from jinfer.serving.grpc_host import GrpcHost, add_service, clip_details
 from jinfer.serving.openai import HttpHost, OpenAIApi
 from jinfer.serving.server import SERVICE, sampling_params
-from scheduler.cost_model import CostModel
-from scheduler.replica_link import ReplicaLinks
-from scheduler.router_config import RouterConfig
-from scheduler.router_http import RouterFrontend
-from scheduler.routing import E2Options, NoReplicaUp, RouteRequest, Router, make_router
+from jinfer.router.config import RouterConfig
+from jinfer.router.http import RouterFrontend
+from jinfer.router.links import ReplicaLinks
+from jinfer.routing import NoReplicaUp, RouteRequest, Router
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,12 @@ def _replica_tokenizer(info: pb.ServerInfo):
         return None
     from jinfer.launch import ModelSpec, load_tokenizer
     return load_tokenizer(ModelSpec(**model))
+
+
+def _options(policy) -> dict:
+    """A policy's tuning options as data (Preble E2's E2Options), for GetServerInfo."""
+    options = getattr(policy, "opt", None)
+    return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {}
 
 
 class _RouterInference(pb_grpc.InferenceServicer):
@@ -129,25 +136,23 @@ class RouterServer:
     """Routes Inference calls (and, with config.http_port, OpenAI HTTP requests) across replica
     servers with a policy; runs on its own thread.
 
-    policy: a name from scheduler.routing.ROUTERS (built once the replicas answered, with
-    capacity = the smallest replica KV pool) or a Router object. cost: the cost model
-    preble-e2 needs (tools/profile_engine.py fits one to the replicas' engine). tokenizer:
+    policy: a Router (jinfer.routing), or a function (num_replicas, capacity_tokens) -> Router
+    called once the replicas answered, with capacity_tokens = the smallest replica's KV pool
+    (entrypoints.router.router_server builds one from a policy name). tokenizer:
     encodes text prompts; "auto" loads the one the replicas' launch config names (their
     GetServerInfo config_json); None accepts token-id prompts only (and no HTTP API).
     """
 
-    def __init__(self, targets: list[str], policy: str | Router = "preble-e2", cost: CostModel | None = None,
-                 options: E2Options = E2Options(), config: RouterConfig = RouterConfig(), tokenizer=None):
+    def __init__(self, targets: list[str], policy: Router | Callable[[int, int], Router],
+                 config: RouterConfig = RouterConfig(), tokenizer=None):
         if not targets:
             raise ValueError("no replicas: give at least one target host:port")
         if len(set(targets)) != len(targets):
             raise ValueError(f"replica targets {targets} repeat")
-        if isinstance(policy, str) and policy == "preble-e2" and cost is None:
-            raise ValueError("policy preble-e2 needs a cost model (tools/profile_engine.py makes one)")
         self.targets = list(targets)
         self.config = config
         self.tokenizer = tokenizer
-        self._policy_spec, self._cost, self._options = policy, cost, options
+        self._policy_spec = policy
         self.policy: Router | None = None
         self._t0 = time.monotonic()
         self.links = ReplicaLinks(self.targets, config, self.now)
@@ -203,9 +208,9 @@ class RouterServer:
         first = self.links[0].info
         if isinstance(self.tokenizer, str) and self.tokenizer == "auto":
             self.tokenizer = _replica_tokenizer(first)
-        if isinstance(self._policy_spec, str):
+        if not hasattr(self._policy_spec, "route"):  # a function that builds it
             capacity = min(rep.info.num_pages * rep.info.page_size for rep in self.links)
-            self.policy = make_router(self._policy_spec, len(self.links), self._cost, capacity, self._options)
+            self.policy = self._policy_spec(len(self.links), capacity)
         else:
             self.policy = self._policy_spec
             if getattr(self.policy, "num_replicas", len(self.links)) != len(self.links):
@@ -372,7 +377,7 @@ class RouterServer:
                 "report_interval_s": cfg.report_interval_s, "health_interval_s": cfg.health_interval_s,
                 "health_timeout_s": cfg.health_timeout_s, "health_failures": cfg.health_failures,
                 "max_reroutes": cfg.max_reroutes,
-                "options": dataclasses.asdict(self._options) if self.policy.name == "preble-e2" else {}}
+                "options": _options(self.policy)}
 
     def stats(self) -> pb.RouterStats:
         p = self.policy

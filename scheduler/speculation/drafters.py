@@ -19,7 +19,7 @@ from typing import Sequence
 
 from jinfer.config import SpeculationConfig
 from jinfer.speculation import NO_DRAFT, Draft
-from scheduler.suffix_tree import SuffixTree, TailMatcher, speculate
+from scheduler.speculation.suffix_tree import SuffixTree, TailMatcher, speculate
 
 
 class _Progress:
@@ -96,7 +96,7 @@ class NgramDrafter:
 
     @classmethod
     def from_config(cls, spec: SpeculationConfig) -> "NgramDrafter":
-        """From the launch config's speculation section (jinfer.launch.build_drafter)."""
+        """From the launch config's speculation section (entrypoints.build.build_drafter)."""
         return cls(NgramConfig(max_ngram=spec.ngram_max, min_ngram=spec.ngram_min))
 
     def __contains__(self, request_id: str) -> bool:
@@ -188,7 +188,7 @@ class _SuffixRequest:
 class SuffixDrafter:
     """SuffixDecoding: drafts from a per-request suffix tree over the request's prompt and output
     and a global suffix tree over the outputs of finished requests (prompts are not in it, as in
-    the paper), whichever scores higher (`scheduler.suffix_tree.speculate`).
+    the paper), whichever scores higher (`scheduler.speculation.suffix_tree.speculate`).
 
     Costs per token: the request's tree takes each token in O(1) plus O(suffixes of its last
     max_depth tokens inside repeated text); the tail's matches in the global tree move in O(their
@@ -208,7 +208,7 @@ class SuffixDrafter:
 
     @classmethod
     def from_config(cls, spec: SpeculationConfig) -> "SuffixDrafter":
-        """From the launch config's speculation section (jinfer.launch.build_drafter)."""
+        """From the launch config's speculation section (entrypoints.build.build_drafter)."""
         return cls(SuffixConfig(max_depth=spec.suffix_max_depth,
                                 max_cached_requests=spec.suffix_max_cached_requests,
                                 max_spec_factor=spec.suffix_max_spec_factor,

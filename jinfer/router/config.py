@@ -1,4 +1,4 @@
-"""How the live router (scheduler/live.py) listens and talks to its replicas."""
+"""How the live router (jinfer/router/server.py) listens and talks to its replicas."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Candidates (`static_partitions`): every multiset of TP degrees filling the devic
 instance shared by all tiers; for each multiset, the tier assignment the controller's objective
 ranks first at the workload's average arrival rates (dedicated instances); and the controller's
 own plan for each phase's rates, held for the whole run. Each serves the same requests in
-scheduler/nitsum_sim.py (StaticControl), as does the adaptive controller (NitsumControl); the
+scheduler/simulation/nitsum_sim.py (StaticControl), as does the adaptive controller (NitsumControl); the
 best static one is the one with the highest overall goodput (SLO-met requests per second over
 every judged tier).
 """
@@ -19,11 +19,11 @@ from typing import Callable, Mapping, Sequence
 from jinfer.config import Tier
 from jinfer.workloads import WorkItem
 from scheduler.cost_model import CostModel
-from scheduler.nitsum import (Controller, InstancePlan, NitsumControl, Partition, Profile, predicted_goodput,
+from scheduler.adaptive_tp.nitsum import (Controller, InstancePlan, NitsumControl, Partition, Profile, predicted_goodput,
                              size_multisets)
-from scheduler.nitsum_profile import Phase, average_rates
-from scheduler.nitsum_sim import AdaptiveSimulator, ReconfigModel, StaticControl
-from scheduler.simulator import ReplicaConfig
+from scheduler.adaptive_tp.profile import Phase, average_rates
+from scheduler.simulation.nitsum_sim import AdaptiveSimulator, ReconfigModel, StaticControl
+from scheduler.simulation.simulator import ReplicaConfig
 
 
 def best_assignment(controller: Controller, sizes: Sequence[int], rates: Mapping[str, float]) -> Partition:
@@ -97,7 +97,7 @@ def profile_bound(controller: Controller, phases: Sequence[Phase]) -> tuple[floa
 
 @dataclasses.dataclass
 class StudyRun:
-    """One configuration's run: its tier_stats (scheduler.simulator.SimResult.tier_stats), the
+    """One configuration's run: its tier_stats (scheduler.simulation.simulator.SimResult.tier_stats), the
     reconfigurations the simulator made, the controller's decisions (adaptive only)."""
 
     label: str

@@ -8,7 +8,7 @@ load (free pages, queue) whenever one of their requests finishes.
 
 SLO tiers (jinfer.config.Tier): given the tier table, each request carries its WorkItem's tier
 and that tier's rank as its priority, as the server gives them, and a scheduling policy per
-replica (scheduler/slo.py) reads the simulation clock; `SimResult.tier_stats` then judges every
+replica (scheduler/slo/policies.py) reads the simulation clock; `SimResult.tier_stats` then judges every
 request by its tier's TTFT and TPOT targets (attainment, goodput).
 Deterministic: the same workload, router and config give the same records.
 """
@@ -28,8 +28,8 @@ from jinfer.scheduling import AdmissionRefused, Scheduler
 from jinfer.speculation import Draft, accept
 from jinfer.workloads import WorkItem
 from scheduler.cost_model import CostModel
-from scheduler.local_policy import PriorityGroups
-from scheduler.routing import ReplicaLoad, RouteRequest, Router
+from scheduler.slo.priority_groups import PriorityGroups
+from scheduler.routing.policies import ReplicaLoad, RouteRequest, Router
 
 _ARRIVAL, _STEP_DONE = 0, 1
 

@@ -1,6 +1,6 @@
 """Routing policies compared in the discrete-event simulator on the Preble-like workloads.
 
-For a workload (scheduler/preble_workloads.py) and a request rate, every router serves the same
+For a workload (scheduler/routing/preble_workloads.py) and a request rate, every router serves the same
 requests on N simulated replicas whose step times come from a cost model. Rates are multiples
 of a per-workload base rate (preble_workloads.base_rate). `RoutingRuns` runs them and keeps the
 simulator's wall time; tools/simulate_routing.py and notebooks/prefix_routing share it.
@@ -13,10 +13,10 @@ import time
 from typing import Callable, Sequence
 
 from jinfer.workloads import WorkItem
-from scheduler import preble_workloads as pw
+from scheduler.routing import preble_workloads as pw
 from scheduler.cost_model import CostModel, analytic_7b_h100
-from scheduler.routing import ROUTERS, E2Options, make_router
-from scheduler.simulator import ReplicaConfig, SimResult, Simulator
+from scheduler.routing.policies import ROUTERS, E2Options, make_router
+from scheduler.simulation.simulator import ReplicaConfig, SimResult, Simulator
 
 E2_ABLATION = ("E2 alone", "+ rebalance & replication", "+ P/D balance", "+ priority groups")
 """E2's parts added one at a time: the columns of RoutingRuns.ablation."""

@@ -1,6 +1,6 @@
 """A tiered workload replayed live through an InstanceGroup (jinfer.instances), in wall-clock
 time on this host's devices: a static partition or the adaptive-TP controller, judged as the
-simulator judges (scheduler.simulator.SimResult.tier_stats).
+simulator judges (scheduler.simulation.simulator.SimResult.tier_stats).
 
 One host thread drives the group: requests are added when their arrival time has passed (token-
 id prompts, greedy, EOS ignored, the tier and its rank as priority, as the server gives them),
@@ -22,7 +22,7 @@ from jinfer.instances import InstanceGroup
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import AdmissionRefused
 from jinfer.workloads import WorkItem
-from scheduler.simulator import RequestRecord, SimResult
+from scheduler.simulation.simulator import RequestRecord, SimResult
 
 
 @dataclasses.dataclass

@@ -2,10 +2,11 @@
 
 A router sees each request once (`route`) and hears back from replicas: the first token
 (`on_first_token`, for TTFT-driven replication), the finish (`on_finish`), evictions
-(`on_evict`) and load reports (`on_load`). The live router (scheduler/live.py) also says when a
+(`on_evict`) and load reports (`on_load`). The live router (jinfer/router/server.py) also says when a
 replica stops answering (`on_replica_down`: never routed to again, its tree entries and
 outstanding requests forgotten) and when it answers again (`on_replica_up`: taken back cold).
-The simulator and the live router drive the same objects.
+The simulator and the live router (jinfer/router/) drive the same objects through the interface
+jinfer.routing defines.
 """
 
 from __future__ import annotations
@@ -13,64 +14,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-from typing import Protocol
 
+from jinfer.routing import NoReplicaUp, ReplicaLoad, RouteRequest, Router  # noqa: F401 - the interface (jinfer's)
 from scheduler.cost_model import CostModel
-from scheduler.radix import GlobalRadixTree, TreeNode
-
-
-@dataclasses.dataclass(frozen=True)
-class RouteRequest:
-    request_id: str
-    prompt: tuple[int, ...]
-    max_tokens: int
-
-
-@dataclasses.dataclass(frozen=True)
-class ReplicaLoad:
-    """What a replica reports about itself (the live replicas' WatchReplica stream; the
-    simulator after every step)."""
-
-    waiting: int
-    running: int
-    num_pages: int
-    free_pages: int
-    cached_pages: int
-    page_size: int
-    outstanding: int = 0
-
-    @property
-    def free_tokens(self) -> int:
-        return self.free_pages * self.page_size
-
-
-class NoReplicaUp(RuntimeError):
-    """Every replica is down: a request has nowhere to go."""
-
-
-class Router(Protocol):
-    name: str
-
-    def route(self, req: RouteRequest, now: float) -> int:
-        """The replica (index) the request goes to; never one that is down (NoReplicaUp when all
-        are). ValueError when the request cannot be routed at all."""
-
-    def on_first_token(self, replica: int, req: RouteRequest, now: float, ttft_s: float) -> None: ...
-
-    def on_finish(self, replica: int, req: RouteRequest, now: float) -> None: ...
-
-    def on_evict(self, replica: int, tokens, keep: int) -> None: ...
-
-    def on_load(self, replica: int, load: ReplicaLoad, now: float) -> None: ...
-
-    def on_replica_down(self, replica: int, now: float) -> None:
-        """The replica stopped answering: never route there until on_replica_up; drop its tree
-        entries, load history and outstanding count (the caller sends no on_finish for the
-        requests routed there before)."""
-
-    def on_replica_up(self, replica: int, now: float) -> None:
-        """The replica answers again: route to it again, cold (nothing cached; its load from
-        its next report)."""
+from scheduler.routing.radix import GlobalRadixTree, TreeNode
 
 
 class _Counting:

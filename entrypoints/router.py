@@ -9,7 +9,7 @@ until SIGINT/SIGTERM. Clients talk to the router as to one server (jinfer.v1.Inf
   python tools/launch_router.py --replicas=127.0.0.1:50061,127.0.0.1:50062 \
       --policy=preble-e2 --cost_model=cost.json --port=50051 --http_port=8000
 
-Policies (scheduler/routing.py): round-robin, least-load, sglang (SGLang's cache-aware router),
+Policies (scheduler/routing/policies.py): round-robin, least-load, sglang (SGLang's cache-aware router),
 preble-e2 (Preble's E2 over a global radix tree; needs --cost_model). Replicas report their load
 and prefix-cache evictions to the router over WatchReplica. A replica whose watch stream ends,
 whose Generate fails with UNAVAILABLE or whose health checks fail is routed around until it
@@ -28,7 +28,7 @@ import threading
 
 from absl import app, flags
 
-from scheduler.routing import ROUTERS
+from scheduler.routing.policies import ROUTERS
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("replicas", [], "Replica servers, host:port, comma-separated (at least one).")
@@ -69,9 +69,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr, force=True)
+    from entrypoints.routing import router_server
+    from jinfer.router.config import RouterConfig
     from scheduler.cost_model import CostModel
-    from scheduler.live import RouterConfig, RouterServer
-    from scheduler.routing import E2Options
+    from scheduler.routing.policies import E2Options
 
     if not FLAGS.replicas:
         sys.exit("error: --replicas is empty: give the replica servers as host:port,host:port")
@@ -99,7 +100,7 @@ def main(argv):
                               health_failures=FLAGS.health_failures, max_reroutes=FLAGS.max_reroutes)
         options = E2Options(window_s=FLAGS.window_s, rebalance=FLAGS.rebalance, replicate=FLAGS.replicate,
                             pd_balance=FLAGS.pd_balance)
-        router = RouterServer(FLAGS.replicas, FLAGS.policy, cost, options, config, tokenizer)
+        router = router_server(FLAGS.replicas, FLAGS.policy, cost, options, config, tokenizer)
         log.info("waiting for %d replicas: %s", len(FLAGS.replicas), ", ".join(FLAGS.replicas))
         router.start()
     except (ValueError, ConnectionError, RuntimeError) as e:
@@ -122,7 +123,7 @@ def main(argv):
 
 
 def run() -> None:
-    """The entry point (python -m scheduler.router_main, tools/launch_router.py)."""
+    """The entry point (python -m entrypoints.router, tools/launch_router.py)."""
     app.run(main)
 
 

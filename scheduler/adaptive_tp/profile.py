@@ -9,7 +9,7 @@ same seed at a higher rate gives the same requests, earlier, and then more of th
 the profile search below monotone in practice). Prompts are token ids (no prefix sharing).
 
 Profiles. `profile_rates` finds, per tier and TP degree, the highest Poisson rate at which one
-instance of that degree, serving only that tier in the simulator (scheduler/nitsum_sim.py with
+instance of that degree, serving only that tier in the simulator (scheduler/simulation/nitsum_sim.py with
 the degree's cost model and the given scheduling policy), keeps the tier's attainment (requests
 meeting both TTFT and TPOT / requests) at or above `attainment`: doubling up from a guess
 until attainment drops below it, then bisecting the bracket down to `rel_tol`.
@@ -26,9 +26,9 @@ import numpy as np
 from jinfer.config import Tier
 from jinfer.workloads import WorkItem
 from scheduler.cost_model import CostModel
-from scheduler.nitsum import InstancePlan, Partition, Profile
-from scheduler.nitsum_sim import AdaptiveSimulator, StaticControl
-from scheduler.simulator import ReplicaConfig
+from scheduler.adaptive_tp.nitsum import InstancePlan, Partition, Profile
+from scheduler.simulation.nitsum_sim import AdaptiveSimulator, StaticControl
+from scheduler.simulation.simulator import ReplicaConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -72,7 +72,7 @@ class CostAwareBudget:
 
     @classmethod
     def from_config(cls, spec) -> "CostAwareBudget":
-        """From the launch config's speculation section (jinfer.launch.build_draft_budget)."""
+        """From the launch config's speculation section (entrypoints.build.build_draft_budget)."""
         return cls()
 
     # -- the cost model --------------------------------------------------------------------

@@ -19,7 +19,7 @@ with it when `speculation.adaptive` is on.
 ## The budget
 
 A step of B decoding requests that carries D draft tokens costs t = c_base + c_tok * (B + D)
-(fitted online from the steps' sizes and wall times, as scheduler/spec_budget.py does). With
+(fitted online from the steps' sizes and wall times, as scheduler/speculation/budget.py does). With
 per-token acceptance alpha (the request's problem's rate, accepted / (accepted + rejections),
 shrunk towards the pool of all problems), a draft of k tokens makes a step emit on average
 E(k) = (1 - alpha^(k+1)) / (1 - alpha) tokens of that request.
@@ -50,9 +50,9 @@ import statistics
 from typing import Callable, Hashable, Sequence
 
 from jinfer.config import SpeculationConfig
-from scheduler.drafters import SuffixConfig, SuffixDrafter, _SuffixRequest, _unknown
-from scheduler.spec_budget import BudgetConfig, CostAwareBudget
-from scheduler.suffix_tree import SuffixTree, TailMatcher
+from scheduler.speculation.drafters import SuffixConfig, SuffixDrafter, _SuffixRequest, _unknown
+from scheduler.speculation.budget import BudgetConfig, CostAwareBudget
+from scheduler.speculation.suffix_tree import SuffixTree, TailMatcher
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,14 +118,14 @@ class RolloutDrafter(SuffixDrafter):
 
     @classmethod
     def from_config(cls, spec: SpeculationConfig) -> "RolloutDrafter":
-        """From the launch config's speculation section (jinfer.launch.build_drafter)."""
+        """From the launch config's speculation section (entrypoints.build.build_drafter)."""
         return cls(DasConfig(window=spec.das_window, suffix=SuffixConfig(
             max_depth=spec.suffix_max_depth, max_cached_requests=0,
             max_spec_factor=spec.suffix_max_spec_factor, max_spec_offset=spec.suffix_max_spec_offset,
             min_token_prob=spec.suffix_min_token_prob, tree=spec.tree)))
 
     def draft_budget(self, spec: SpeculationConfig | None = None) -> "LengthAwareBudget":
-        """The budget that goes with this drafter (jinfer.launch.build_draft_budget)."""
+        """The budget that goes with this drafter (entrypoints.build.build_draft_budget)."""
         return LengthAwareBudget(self)
 
     # -- what the budget asks --------------------------------------------------------------

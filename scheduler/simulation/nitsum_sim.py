@@ -1,7 +1,7 @@
 """Discrete-event simulation of adaptive tensor parallelism: instances of different TP degrees
 on one node's devices, a topology controller that re-partitions them while requests run.
 
-Each instance is jinfer's own Scheduler (as in scheduler/simulator.py) clocked by the cost
+Each instance is jinfer's own Scheduler (as in scheduler/simulation/simulator.py) clocked by the cost
 model of its TP degree. Requests go where the control routes them (NitsumControl: the tier's
 least-loaded instance; StaticControl: a fixed partition), where the instance's policy may
 refuse them at admission as the engine's does (SloAware(admission=True): the record then holds
@@ -37,8 +37,8 @@ from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import AdmissionRefused, Scheduler
 from jinfer.workloads import WorkItem
 from scheduler.cost_model import CostModel
-from scheduler.nitsum import Partition, route
-from scheduler.simulator import ReplicaConfig, RequestRecord, SimResult
+from scheduler.adaptive_tp.nitsum import Partition, route
+from scheduler.simulation.simulator import ReplicaConfig, RequestRecord, SimResult
 
 _ARRIVAL, _STEP_DONE, _WINDOW, _RESUME = 0, 1, 2, 3
 
@@ -133,7 +133,7 @@ class AdaptiveSimulator:
                  reconfig: ReconfigModel = ReconfigModel(), num_devices: int = 8):
         """control: NitsumControl or StaticControl (its `sizes` is the starting partition);
         costs: TP degree -> CostModel (e.g. cost_model.analytic_8b_h100_tp); policy: a
-        callable(clock) -> SchedulingPolicy per instance (scheduler/slo.py), None: FCFS within
+        callable(clock) -> SchedulingPolicy per instance (scheduler/slo/policies.py), None: FCFS within
         tiers."""
         missing = sorted(set(control.sizes) - set(costs))
         if missing:
