@@ -22,7 +22,7 @@
 # differ in how their steps interleave and in partitioning overheads, not in compute. The
 # byte counts of the regroups are exact and carry over to GPUs.
 #
-# The logic is in `jinfer/experiments/partitions.py`; this notebook runs and shows it.
+# The logic is in `harness/experiments/partitions.py`; this notebook runs and shows it.
 
 # %% tags=["parameters"]
 # Study size: "small" runs in seconds (the tests use it), "full" made the outputs saved here.
@@ -31,15 +31,15 @@ import os
 SIZE = os.environ.get("JINFER_NOTEBOOK_SIZE", "full")
 
 # %%
-from jinfer.experiments import describe_host, notebook_size, use_fake_devices
+from harness.experiments import describe_host, notebook_size, use_fake_devices
 
 use_fake_devices(8)  # before JAX starts: 8 CPU devices when there is no accelerator
 import matplotlib.pyplot as plt  # noqa: E402
 from IPython.display import Markdown, display  # noqa: E402
 
 from jinfer import TEST_MODEL_DIR  # noqa: E402
-from jinfer.experiments.partitions import PARTITION_STUDY, findings, partition_name, run_partition_study  # noqa: E402
-from jinfer.experiments.report import cdf, markdown_table, mib  # noqa: E402
+from harness.experiments.partitions import PARTITION_STUDY, findings, partition_name, run_partition_study  # noqa: E402
+from harness.experiments.report import cdf, markdown_table, mib  # noqa: E402
 from jinfer.loader.hf import load_hf_model  # noqa: E402
 from jinfer.tokenizer import Tokenizer  # noqa: E402
 

@@ -26,7 +26,7 @@
 # programming-, video-QA- and long-document-QA-like. Rates are multiples of a per-workload base
 # rate: the replicas' throughput if every shared prefix were already cached.
 #
-# The runs live in `scheduler/routing/experiments.py` (also behind `tools/simulate_routing.py`).
+# The runs live in `harness/experiments/routing.py` (also behind `tools/simulate_routing.py`).
 
 # %% tags=["parameters"]
 # Study size: "small" runs in seconds (the tests use it), "full" made the outputs saved here.
@@ -38,10 +38,10 @@ SIZE = os.environ.get("JINFER_NOTEBOOK_SIZE", "full")
 import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 
-from jinfer.experiments import notebook_size
-from jinfer.experiments.report import cdf, markdown_table
+from harness.experiments import notebook_size
+from harness.experiments.report import cdf, markdown_table
 from scheduler.routing import preble_workloads as pw
-from scheduler.routing.experiments import ROUTING_STUDY, findings, run_routing_study
+from harness.experiments.routing import ROUTING_STUDY, findings, run_routing_study
 from scheduler.routing.policies import ROUTERS
 
 study = ROUTING_STUDY[notebook_size(SIZE)]

@@ -14,7 +14,7 @@
 # - decode throughput at several batch sizes;
 # - parameter and KV-pool bytes held by one device;
 # - bytes crossing devices per step, read from the compiled program's collectives
-#   (`jinfer.experiments.hlo.collective_traffic`);
+#   (`harness.experiments.hlo.collective_traffic`);
 # - the embedding and LM head split over the vocabulary (the default) against kept whole on
 #   every device.
 #
@@ -25,7 +25,7 @@
 # GPU mesh would give. The byte counts, by contrast, are properties of the partitioned
 # program and carry over to any backend.
 #
-# The measurements live in `jinfer/experiments/tensor_parallel.py` (also behind
+# The measurements live in `harness/experiments/tensor_parallel.py` (also behind
 # `tools/bench_tp.py`); this notebook only runs and shows them.
 
 # %% tags=["parameters"]
@@ -35,15 +35,15 @@ import os
 SIZE = os.environ.get("JINFER_NOTEBOOK_SIZE", "full")
 
 # %%
-from jinfer.experiments import describe_host, notebook_size, use_fake_devices
+from harness.experiments import describe_host, notebook_size, use_fake_devices
 
 use_fake_devices(8)  # before JAX starts: 8 CPU devices when there is no accelerator
 import matplotlib.pyplot as plt  # noqa: E402
 from IPython.display import Markdown, display  # noqa: E402
 
-from jinfer.experiments.hlo import KINDS  # noqa: E402
-from jinfer.experiments.report import markdown_table, mib  # noqa: E402
-from jinfer.experiments.tensor_parallel import (SHARDING_STUDY, findings, megatron_bytes,  # noqa: E402
+from harness.experiments.hlo import KINDS  # noqa: E402
+from harness.experiments.report import markdown_table, mib  # noqa: E402
+from harness.experiments.tensor_parallel import (SHARDING_STUDY, findings, megatron_bytes,  # noqa: E402
                                                 run_sharding_study)
 
 study = SHARDING_STUDY[notebook_size(SIZE)]

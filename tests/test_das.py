@@ -182,7 +182,7 @@ def test_the_simulator_runs_das_on_recorded_rollouts():
     """Problems whose recorded rollouts repeat across epochs: DAS in the simulated replica
     drafts from each problem's own history; every request gets exactly its recorded output in
     fewer simulated steps than without speculation."""
-    from jinfer.workloads import WorkItem
+    from scheduler.simulation.workloads import WorkItem
     from scheduler.cost_model import analytic_7b_h100
     from scheduler.routing.policies import make_router
     from scheduler.simulation.simulator import ReplicaConfig, Simulator

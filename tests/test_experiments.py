@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jinfer.experiments import hlo, notebook_size, use_fake_devices
-from jinfer.experiments.partitions import partition_name
-from jinfer.experiments.report import cdf, markdown_table
-from jinfer.experiments.tensor_parallel import megatron_bytes
+from harness.experiments import hlo, notebook_size, use_fake_devices
+from harness.experiments.partitions import partition_name
+from harness.experiments.report import cdf, markdown_table
+from harness.experiments.tensor_parallel import megatron_bytes
 from jinfer.models.config import scaled_llama
 
 # A compiled module's text as XLA prints it, cut down: an all-reduce of a tuple on the straight
@@ -140,7 +140,7 @@ def test_partition_names():
 
 
 def test_routing_comparison_runs_every_router_on_the_same_requests():
-    from scheduler.routing.experiments import E2_ABLATION, RoutingRuns, RoutingSetup, findings
+    from harness.experiments.routing import E2_ABLATION, RoutingRuns, RoutingSetup, findings
     from scheduler.routing.policies import ROUTERS
     runs = RoutingRuns(RoutingSetup(num_requests=40, scale=8))
     c = runs.compare("toolbench", 1.0)

@@ -11,11 +11,11 @@ import socket
 import pytest
 
 from jinfer import TEST_MODEL_DIR
-from jinfer import workloads as w
+from scheduler.simulation import workloads as w
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.engine import Engine
 from jinfer.loader.hf import load_hf_model
-from jinfer.serving import benchmark as bm
+from harness import benchmark as bm
 from jinfer.serving.openai import HttpHost, OpenAIApi
 from jinfer.serving.server import Server, ServingConfig
 from jinfer.tokenizer import Tokenizer

@@ -1,7 +1,8 @@
 """DESIGN's dependency direction, checked on every edge between the project's packages: import
 statements (function-level ones too) and strings that name a module (`pkg.module` or
 `pkg.module:Name`, what importlib, `python -m` and config values load):
-tools -> entrypoints -> scheduler -> jinfer -> {sharding, pallas_kernels}; configs -> jinfer."""
+tools -> harness -> entrypoints -> scheduler -> jinfer -> {sharding, pallas_kernels};
+configs -> jinfer."""
 
 import ast
 import os
@@ -10,7 +11,7 @@ import re
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("tools", "entrypoints", "configs", "scheduler", "jinfer", "sharding", "pallas_kernels")
+PACKAGES = ("tools", "harness", "entrypoints", "configs", "scheduler", "jinfer", "sharding", "pallas_kernels")
 # What each package may reference among the project's packages.
 ALLOWED = {
     "pallas_kernels": {"pallas_kernels"},
@@ -19,6 +20,7 @@ ALLOWED = {
     "scheduler": {"scheduler", "jinfer", "sharding", "pallas_kernels"},
     "configs": {"configs", "jinfer"},
     "entrypoints": {"entrypoints", "configs", "scheduler", "jinfer", "sharding", "pallas_kernels"},
+    "harness": {"harness", "entrypoints", "configs", "scheduler", "jinfer", "sharding", "pallas_kernels"},
     "tools": set(PACKAGES),
 }
 # A string that is a module reference and nothing else: jinfer.engine, scheduler.slo.policies:SloAware.

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jinfer.config import Tier
-from jinfer.workloads import WorkItem
+from scheduler.simulation.workloads import WorkItem
 from scheduler.cost_model import analytic_8b_h100_tp
 from scheduler.adaptive_tp.nitsum import Partition
 from scheduler.simulation.nitsum_sim import AdaptiveSimulator, ReconfigModel, StaticControl

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from jinfer.experiments import notebooks
+from harness.experiments import notebooks
 
 
 def _outputs(nb) -> tuple[str, int]:

@@ -16,12 +16,12 @@ import openai
 import pytest
 
 from jinfer import TEST_MODEL_DIR
-from jinfer import workloads as w
+from scheduler.simulation import workloads as w
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.engine import Engine
 from jinfer.loader.hf import load_hf_model
 from jinfer.sampling_params import SamplingParams
-from jinfer.serving import benchmark as bm
+from harness import benchmark as bm
 from jinfer.serving.client import Client
 from jinfer.serving.engine_loop import Health
 from jinfer.serving.openai import HttpHost

@@ -1,4 +1,4 @@
-"""On-policy RL over the engine (jinfer.rl) and Engine.update_weights: new weights serve as a
+"""On-policy RL over the engine (harness.rl) and Engine.update_weights: new weights serve as a
 fresh engine built on them would, without recompiling and with no stale prefix cache; a wrong
 state is refused whole; RL epochs with speculative decoding and without produce bit-identical
 rollouts, rewards and losses."""

@@ -328,7 +328,7 @@ def test_simulator_with_evictions_keeps_the_router_tree_true():
 
 
 def test_simulator_rejects_what_cannot_fit_and_text_prompts():
-    from jinfer.workloads import WorkItem
+    from scheduler.simulation.workloads import WorkItem
     res = _sim("round-robin", [WorkItem(0.0, tuple(range(10, 60)), 4), WorkItem(0.0, (1,) * 40_000, 4)], num_pages=100)
     assert res.records[1].error and not res.records[0].error
     with pytest.raises(ValueError, match="token-id prompts"):
@@ -391,7 +391,7 @@ def test_simulator_runs_the_engines_speculation(tree):
     replica drafts later rollouts from earlier ones' outputs, drafts are verified against the
     recorded tokens, every request gets exactly its output, and the run takes fewer steps and
     less simulated time than without speculation (on an H100-like cost model)."""
-    from jinfer.workloads import WorkItem
+    from scheduler.simulation.workloads import WorkItem
     from scheduler.speculation.drafters import SuffixConfig, SuffixDrafter
     from scheduler.routing.policies import make_router
     from scheduler.speculation.budget import CostAwareBudget

@@ -12,12 +12,12 @@ import grpc
 import pytest
 
 from jinfer import TEST_MODEL_DIR
-from jinfer import workloads as w
+from scheduler.simulation import workloads as w
 from jinfer.config import CacheConfig, SchedulerConfig, Tier
 from jinfer.engine import Engine
 from jinfer.loader.hf import load_hf_model
 from jinfer.request import RequestOutput, Usage
-from jinfer.serving import benchmark as bm
+from harness import benchmark as bm
 from jinfer.serving.client import Client
 from jinfer.serving.goodput import Goodput
 from jinfer.serving.server import Server, ServingConfig

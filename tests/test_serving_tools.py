@@ -12,10 +12,10 @@ import urllib.request
 import pytest
 
 from jinfer import TEST_MODEL_DIR
-from jinfer import workloads as w
+from scheduler.simulation import workloads as w
 from entrypoints.build import build_server
 from jinfer.launch import default_config, resolve
-from jinfer.serving import benchmark as bm
+from harness import benchmark as bm
 from jinfer.serving.client import Client
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

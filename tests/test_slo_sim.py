@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from jinfer.config import ServingConfig, Tier
-from jinfer.workloads import SLO_CLASSES, WorkItem, slo_mix
+from scheduler.simulation.workloads import SLO_CLASSES, WorkItem, slo_mix
 from scheduler.cost_model import CostModel, analytic_7b_h100
 from scheduler.routing.policies import make_router
 from scheduler.simulation.simulator import ReplicaConfig, Simulator

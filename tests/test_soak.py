@@ -1,4 +1,4 @@
-"""The soak (jinfer/serving/soak.py): concurrent well-behaved and hostile clients; every call ends
+"""The soak (harness/soak.py): concurrent well-behaved and hostile clients; every call ends
 as its action allows, and the server settles with no page held. A short run in the default set,
 the full one (200 streams, 60 s, a server process whose memory is watched) in the slow set."""
 
@@ -13,10 +13,10 @@ from jinfer import TEST_MODEL_DIR
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.engine import Engine
 from jinfer.loader.hf import load_hf_model
-from jinfer.serving import soak as soak_module
+from harness import soak as soak_module
 from entrypoints.process import ServerProcess
 from jinfer.serving.server import Server, ServingConfig
-from jinfer.serving.soak import soak
+from harness.soak import soak
 from jinfer.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

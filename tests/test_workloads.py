@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from jinfer import workloads as w
+from scheduler.simulation import workloads as w
 
 VOCAB = (8, 4096)
 

@@ -67,7 +67,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import json
 
-    from jinfer.serving import benchmark as bm
+    from harness import benchmark as bm
     from jinfer.serving.client import Client
     from entrypoints.process import ServerProcess
     from scheduler.routing import preble_workloads as pw

@@ -464,7 +464,7 @@ def _live_report(live, want, control, tiers, best):
 
 
 def live_section():
-    from jinfer.experiments import describe_host
+    from harness.experiments import describe_host
     from jinfer.launch import load_tokenizer
     from scheduler.adaptive_tp import study as ns
     from scheduler.adaptive_tp.profile import profile_table
@@ -510,7 +510,7 @@ def main(argv):
         FLAGS.live_phases = ["a=3:interactive:2,batch:0.5", "b=3:batch:1,agent:0.5"]
         FLAGS.profile_requests, FLAGS.profile_tol = 40, 0.3
     if "live" in FLAGS.parts:
-        from jinfer.experiments import use_fake_devices
+        from harness.experiments import use_fake_devices
         use_fake_devices(FLAGS.num_devices)
     out = (sim_section() if "sim" in FLAGS.parts else []) + (live_section() if "live" in FLAGS.parts else [])
     report = f"Command: `python tools/bench_nitsum.py {' '.join(sys.argv[1:])}`\n\n" + "\n".join(out)

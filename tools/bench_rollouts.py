@@ -3,7 +3,7 @@
   python tools/bench_rollouts.py --out=benchmarks/das.md
   python tools/bench_rollouts.py --smoke                  # tiny sizes, a check that it runs
 
-A small on-policy RL loop (jinfer/rl.py) on the embedded test model: every epoch each of
+A small on-policy RL loop (harness/rl.py) on the embedded test model: every epoch each of
 the problems (Python-code prompts) is sampled --group_size times with seeds fixed by (epoch,
 problem, sample), rewarded (does the completion compile), and a GRPO-style policy-gradient
 step updates the weights, which are swapped into the running engine (Engine.update_weights).
@@ -43,7 +43,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "", "Write the Markdown report here (else stdout only).")
 flags.DEFINE_list("methods", ["none", "suffix", "per_problem", "das"], "Methods; none is the baseline.")
 flags.DEFINE_integer("epochs", 10, "RL epochs.", lower_bound=1)
-flags.DEFINE_integer("problems", 0, "Problems used (the first n of jinfer.rl.PROBLEMS); 0: all.", lower_bound=0)
+flags.DEFINE_integer("problems", 0, "Problems used (the first n of harness.rl.PROBLEMS); 0: all.", lower_bound=0)
 flags.DEFINE_integer("group_size", 8, "Samples per problem per epoch (the GRPO group).", lower_bound=2)
 flags.DEFINE_integer("max_tokens", 192, "Most tokens a rollout may write.", lower_bound=1)
 flags.DEFINE_float("temperature", 1.0, "Sampling temperature of the rollouts.")
@@ -51,7 +51,7 @@ flags.DEFINE_integer("max_spec_tokens", 8, "Most draft tokens per request and st
 flags.DEFINE_integer("das_window", 16, "Rollouts per problem DAS's trees keep.", lower_bound=1)
 flags.DEFINE_integer("max_num_batched_tokens", 512, "Engine token budget per step.")
 flags.DEFINE_integer("seed", 0, "Seed of the rollouts' sampling.")
-flags.DEFINE_float("learning_rate", 1e-4, "The policy update's learning rate (jinfer.rl.PolicyTrainer).")
+flags.DEFINE_float("learning_rate", 1e-4, "The policy update's learning rate (harness.rl.PolicyTrainer).")
 flags.DEFINE_bool("simulate", True, "Replay the recorded rollouts in the simulator (7B on H100 costs).")
 flags.DEFINE_bool("smoke", False, "Tiny sizes: 3 problems, 2 epochs, short rollouts.")
 
@@ -99,7 +99,7 @@ def _histogram(lengths: list[int], width: int = 16, bar: int = 40) -> list[str]:
 
 def _simulate(records_by_epoch: list[list], methods: list[str]) -> dict[str, list[float]]:
     """Each method's makespan per epoch when the recorded rollouts replay in the simulator."""
-    from jinfer.workloads import WorkItem
+    from scheduler.simulation.workloads import WorkItem
     from scheduler.cost_model import analytic_7b_h100
     from scheduler.speculation.das import DasConfig, LengthAwareBudget, RolloutDrafter
     from scheduler.speculation.drafters import SuffixDrafter
@@ -145,7 +145,7 @@ def main(argv):
     import numpy as np
 
     from jinfer import TEST_MODEL_DIR
-    from jinfer import rl
+    from harness import rl
     from jinfer.loader.hf import load_hf_model
     from jinfer.tokenizer import Tokenizer
 

@@ -1,5 +1,5 @@
 """SLO tiers, side by side: first_come vs strict_priority vs slo (scheduler/slo/policies.py) on a mixed
-interactive / agent / batch workload (jinfer.workloads.slo_mix), simulated at 7B-on-H100 cost
+interactive / agent / batch workload (scheduler.simulation.workloads.slo_mix), simulated at 7B-on-H100 cost
 and live on this machine.
 
   python tools/bench_slo.py --out=benchmarks/slo.md
@@ -14,7 +14,7 @@ times from the cost model (default: the analytic 7B-class model on one H100), th
 Live: one server process per policy (tools/launch_server.py's server on --config, default the
 test model (configs/test_5m.py), with --live_tiers), started once and kept; for each load
 (--live_rates) the same requests, the mix scaled by --live_scale to the model's 512-token
-context, are replayed through each server in turn (jinfer.serving.benchmark, latencies on the
+context, are replayed through each server in turn (harness.benchmark, latencies on the
 client), every prefix cache reset first; --live_rounds rounds of that, the policies' order
 rotated each round (the machine's noise hits them alike), and the means reported.
 
@@ -45,7 +45,7 @@ flags.DEFINE_list("parts", ["sim", "live"], "sim (the simulator at --cost_model 
 flags.DEFINE_list("policies", list(POLICIES), "Scheduling policies to compare; first_come must be one of them "
                   "(the baseline).")
 flags.DEFINE_string("mix", "interactive:0.5,agent:0.2,batch:0.3", "Request classes and their shares "
-                    "(jinfer.workloads.SLO_CLASSES); each class is the tier of its requests.")
+                    "(scheduler.simulation.workloads.SLO_CLASSES); each class is the tier of its requests.")
 flags.DEFINE_float("floor", 0.9, "Overall attainment below which first_come counts as missing.",
                    lower_bound=0, upper_bound=1)
 flags.DEFINE_bool("slo_admission", False, "slo: refuse a request whose TTFT target cannot be met given the "
@@ -126,7 +126,7 @@ def _sim_policy(name: str):
 
 def simulate(tiers, mix, rates, replicas: int, cost):
     """[(rate, {policy: SimResult.tier_stats + demoted, preempted})] for `replicas` replicas."""
-    from jinfer.workloads import slo_mix
+    from scheduler.simulation.workloads import slo_mix
     from scheduler.routing.policies import make_router
     from scheduler.simulation.simulator import ReplicaConfig, Simulator
 
@@ -156,9 +156,9 @@ def simulate(tiers, mix, rates, replicas: int, cost):
 # -- live --------------------------------------------------------------------------------------
 
 def _live_stats(run, tiers) -> dict:
-    """tier_stats' shape from what the client measured (jinfer.serving.benchmark), and the
+    """tier_stats' shape from what the client measured (harness.benchmark), and the
     requests the server's policy demoted during the run (its own count)."""
-    from jinfer.serving import benchmark as bm
+    from harness import benchmark as bm
 
     slos = {t.name: bm.Slo(t.ttft_s, t.tpot_s) for t in tiers if t.judged}
     summary = bm.summarize(run, slos)
@@ -192,10 +192,10 @@ def _mean(values):
 def live(tiers, mix, rates):
     """[(rate, {policy: stats, the mean of --live_rounds runs})] measured against one server process
     per policy."""
-    from jinfer.serving import benchmark as bm
+    from harness import benchmark as bm
     from jinfer.serving.client import Client
     from entrypoints.process import ServerProcess
-    from jinfer.workloads import slo_mix
+    from scheduler.simulation.workloads import slo_mix
 
     specs = "(" + ",".join(repr(s) for s in FLAGS.live_tiers) + ",)"
     base = [f"--config={FLAGS.config}", "--config.serving.port=0", "--config.serving.metrics_port=0",

@@ -43,7 +43,7 @@ def main(argv):
         FLAGS.tp, FLAGS.batch, FLAGS.context, FLAGS.prefill, FLAGS.repeats = ["2"], 4, 16, 32, 2
     import jax
 
-    from jinfer.experiments.tensor_parallel import StepShapes, measure_layouts
+    from harness.experiments.tensor_parallel import StepShapes, measure_layouts
     from jinfer.models.llama import init_model
 
     degrees = [int(t) for t in FLAGS.tp]

@@ -8,9 +8,9 @@ and reports what it measured.
   python tools/benchmark_serving.py --target=http://127.0.0.1:8000 --workload=random  # the HTTP API
   python tools/benchmark_serving.py --workload=demo --save_trace=demo.jsonl --dry_run   # write, don't send
 
-Workloads (jinfer/workloads.py): random (independent prompts), shared_prefix (groups of a shared
+Workloads (scheduler/simulation/workloads.py): random (independent prompts), shared_prefix (groups of a shared
 prefix, Zipf popularity), multi_turn (sessions; each turn resends the conversation so far),
-demo (the short mix `make demo` runs), trace (a JSONL file; format in jinfer/workloads.py).
+demo (the short mix `make demo` runs), trace (a JSONL file; format in scheduler/simulation/workloads.py).
 Synthetic prompts are random token ids from the server's vocabulary, so lengths are exact.
 
 Reports throughput, TTFT / TPOT / latency mean and p50/p90/p99 overall and per tier, and per
@@ -91,7 +91,7 @@ def _tier_mix(spec: str) -> dict[str, float] | None:
 
 
 def build_workload(vocab_size: int):
-    from jinfer import workloads as w
+    from scheduler.simulation import workloads as w
 
     vocab = (min(8, vocab_size - 1), vocab_size)  # skip the lowest ids (BOS/EOS and friends)
     tiers, n, seed = _tier_mix(FLAGS.tiers), FLAGS.num_requests, FLAGS.seed
@@ -120,7 +120,7 @@ def build_workload(vocab_size: int):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from jinfer.serving import benchmark as bm
+    from harness import benchmark as bm
 
     try:
         slos = bm.Slo.parse_all(FLAGS.slo)
@@ -146,7 +146,7 @@ def main(argv):
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     if FLAGS.save_trace:
-        from jinfer.workloads import save_trace
+        from scheduler.simulation.workloads import save_trace
         save_trace(items, FLAGS.save_trace)
         print(f"wrote {len(items)} requests to {FLAGS.save_trace}", file=sys.stderr)
     if FLAGS.dry_run:

@@ -9,7 +9,7 @@ server down cleanly.
 Steps: start tools/launch_server.py in a child process (its log and compile progress go to
 stderr), wait until it writes its port file, ask the OpenAI-compatible chat endpoint a few
 questions (the chat template applied by the server; the last answer streamed token by token as
-it arrives), replay `jinfer.workloads.demo` (interactive requests sharing four prefixes +
+it arrives), replay `scheduler.simulation.workloads.demo` (interactive requests sharing four prefixes +
 longer batch requests, Poisson arrivals), print the report and a few of the server's own
 Prometheus metrics, then SIGTERM the server and check it exits 0.
 """
@@ -85,8 +85,8 @@ def _chat(http_target: str, model: str) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from jinfer import workloads
-    from jinfer.serving import benchmark as bm
+    from scheduler.simulation import workloads
+    from harness import benchmark as bm
 
     try:
         slos = bm.Slo.parse_all(FLAGS.slo)

@@ -27,7 +27,7 @@ flags.DEFINE_string("out_dir", "", "Write the executed notebooks here instead of
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from jinfer.experiments import notebooks
+    from harness.experiments import notebooks
 
     names = FLAGS.notebooks or list(notebooks.NAMES)
     unknown = sorted(set(names) - set(notebooks.NAMES))

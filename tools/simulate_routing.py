@@ -38,7 +38,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from scheduler.routing import preble_workloads as pw
     from scheduler.cost_model import CostModel
-    from scheduler.routing.experiments import RoutingRuns, RoutingSetup
+    from harness.experiments.routing import RoutingRuns, RoutingSetup
     from scheduler.routing.policies import ROUTERS as routers
 
     unknown = sorted(set(FLAGS.workloads) - set(pw.SPECS))

@@ -2,7 +2,7 @@
 
   python tools/soak_serving.py --target=127.0.0.1:50051 --concurrency=200 --duration_s=60 --pid=1234
 
-See jinfer/serving/soak.py for what the clients do and what counts as a failure. Exits 1 if any
+See harness/soak.py for what the clients do and what counts as a failure. Exits 1 if any
 call ended in a way its action does not allow, or the server did not settle afterwards.
 """
 
@@ -28,7 +28,7 @@ flags.DEFINE_integer("pid", 0, "The server's process id: sample its resident mem
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from jinfer.serving.soak import soak
+    from harness.soak import soak
 
     metadata = (("authorization", f"Bearer {FLAGS.token}"),) if FLAGS.token else ()
     report = asyncio.run(soak(FLAGS.target, concurrency=FLAGS.concurrency, duration_s=FLAGS.duration_s,

@@ -21,7 +21,7 @@ from jinfer.config import Tier
 from jinfer.instances import InstanceGroup
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import AdmissionRefused
-from jinfer.workloads import WorkItem
+from scheduler.simulation.workloads import WorkItem
 from scheduler.simulation.simulator import RequestRecord, SimResult
 
 

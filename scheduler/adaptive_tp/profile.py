@@ -24,7 +24,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from jinfer.config import Tier
-from jinfer.workloads import WorkItem
+from scheduler.simulation.workloads import WorkItem
 from scheduler.cost_model import CostModel
 from scheduler.adaptive_tp.nitsum import InstancePlan, Partition, Profile
 from scheduler.simulation.nitsum_sim import AdaptiveSimulator, StaticControl

@@ -17,7 +17,7 @@ import time
 from typing import Callable, Mapping, Sequence
 
 from jinfer.config import Tier
-from jinfer.workloads import WorkItem
+from scheduler.simulation.workloads import WorkItem
 from scheduler.cost_model import CostModel
 from scheduler.adaptive_tp.nitsum import (Controller, InstancePlan, NitsumControl, Partition, Profile, predicted_goodput,
                              size_multisets)

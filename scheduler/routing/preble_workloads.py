@@ -14,7 +14,7 @@ import dataclasses
 
 import numpy as np
 
-from jinfer.workloads import WorkItem, poisson_arrivals, zipf_weights
+from scheduler.simulation.workloads import WorkItem, poisson_arrivals, zipf_weights
 
 
 @dataclasses.dataclass(frozen=True)

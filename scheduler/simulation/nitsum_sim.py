@@ -35,7 +35,7 @@ from jinfer.config import CacheConfig, SchedulerConfig, Tier
 from jinfer.request import Request, Status
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import AdmissionRefused, Scheduler
-from jinfer.workloads import WorkItem
+from scheduler.simulation.workloads import WorkItem
 from scheduler.cost_model import CostModel
 from scheduler.adaptive_tp.nitsum import Partition, route
 from scheduler.simulation.simulator import ReplicaConfig, RequestRecord, SimResult

@@ -26,7 +26,7 @@ from jinfer.request import Request
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import AdmissionRefused, Scheduler
 from jinfer.speculation import Draft, accept
-from jinfer.workloads import WorkItem
+from scheduler.simulation.workloads import WorkItem
 from scheduler.cost_model import CostModel
 from scheduler.slo.priority_groups import PriorityGroups
 from scheduler.routing.policies import ReplicaLoad, RouteRequest, Router

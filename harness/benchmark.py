@@ -1,4 +1,4 @@
-"""Replays a workload (jinfer.workloads) against a running server and measures it.
+"""Replays a workload (scheduler.simulation.workloads) against a running server and measures it.
 
 Every request is one streamed call sent at its arrival time: a gRPC Generate, or against an
 http(s):// target a streamed completion of the OpenAI-compatible API (bench_targets.py).
@@ -30,8 +30,8 @@ import time
 import httpx
 import numpy as np
 
-from jinfer.serving.bench_targets import SERVER_COUNTS, RequestFailed, connect
-from jinfer.workloads import WorkItem
+from harness.bench_targets import SERVER_COUNTS, RequestFailed, connect
+from scheduler.simulation.workloads import WorkItem
 
 PERCENTILES = (50, 90, 99)
 

@@ -10,7 +10,7 @@ import jupytext
 import nbformat
 from nbclient import NotebookClient
 
-from jinfer.experiments import _DEVICE_FLAG, SIZE_VARIABLE, SIZES
+from harness.experiments import _DEVICE_FLAG, SIZE_VARIABLE, SIZES
 
 NOTEBOOKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                              "notebooks")

@@ -16,7 +16,7 @@ import httpx
 
 from jinfer.serving import inference_pb2 as pb
 from jinfer.serving import inference_pb2_grpc as pb_grpc
-from jinfer.workloads import WorkItem
+from scheduler.simulation.workloads import WorkItem
 
 
 SERVER_COUNTS = ("finished", "slo_met", "ttft_missed", "tpot_missed", "goodput_tokens", "aborted", "refused",

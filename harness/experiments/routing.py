@@ -12,7 +12,7 @@ import dataclasses
 import time
 from typing import Callable, Sequence
 
-from jinfer.workloads import WorkItem
+from scheduler.simulation.workloads import WorkItem
 from scheduler.routing import preble_workloads as pw
 from scheduler.cost_model import CostModel, analytic_7b_h100
 from scheduler.routing.policies import ROUTERS, E2Options, make_router

@@ -7,7 +7,8 @@ benchmark tools that share them.
   regrouped under load.
 - `report`: tables and CDFs for the notebooks.
 - `notebooks`: runs a notebook top to bottom in a fresh kernel (needs the `test` extra).
-- The routing study lives with the policies it compares: `scheduler.routing.experiments`.
+- `routing`: the routing policies compared in the simulator on Preble's workloads (the
+  prefix-routing notebook).
 
 Every study has a "small" size (seconds: what the tests run) and a "full" one (the committed
 outputs); a notebook reads its size from JINFER_NOTEBOOK_SIZE.

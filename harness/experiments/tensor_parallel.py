@@ -5,7 +5,7 @@ the model runner's jitted step (forward + greedy sampling, the engine's own prog
 decode step at several batch sizes and a one-sequence prefill step, every layout's steps timed
 in turn in each round. Reported per layout: median step times, decode throughput, parameter
 and KV-pool bytes on one device, and the bytes its collectives move per step
-(jinfer.experiments.hlo, from the compiled program). Shared by tools/bench_tp.py and
+(harness.experiments.hlo, from the compiled program). Shared by tools/bench_tp.py and
 notebooks/sharding_strategies.
 """
 
@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import jax
 
 from jinfer.config import CacheConfig, SchedulerConfig
-from jinfer.experiments.hlo import CollectiveTraffic, collective_traffic
+from harness.experiments.hlo import CollectiveTraffic, collective_traffic
 from jinfer.models.config import scaled_llama
 from jinfer.models.llama import init_model
 from jinfer.runner import ModelRunner

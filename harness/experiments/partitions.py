@@ -1,6 +1,6 @@
 """A host's devices split into engine instances, serving one workload, and regrouped under load.
 
-`serve(instances, items)` replays a workload (jinfer.workloads.WorkItem, token-id prompts) in
+`serve(instances, items)` replays a workload (scheduler.simulation.workloads.WorkItem, token-id prompts) in
 wall-clock time: each request, when it arrives, goes to the instance with the fewest unfinished
 requests (ties: the first), and every instance with work steps in turn. The engines' async
 scheduling dispatches one instance's next step before reading its last, so the instances'
@@ -26,7 +26,7 @@ import numpy as np
 from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig
 from jinfer.instances import Instances, RegroupReport
 from jinfer.sampling_params import SamplingParams
-from jinfer.workloads import WorkItem, poisson_arrivals, random_lengths
+from scheduler.simulation.workloads import WorkItem, poisson_arrivals, random_lengths
 from sharding.reshard import MoveStats
 
 
