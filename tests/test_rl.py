@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jinfer import TEST_MODEL_DIR, rl
+from harness import rl
+from jinfer import TEST_MODEL_DIR
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.engine import Engine
 from jinfer.loader.hf import load_hf_model
