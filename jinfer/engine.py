@@ -307,16 +307,11 @@ class Engine:
         by_id = {r.request_id: r for g in migration.groups.values() for r in g}
         held = {f.request_id for r in by_id.values() for f in r.followers}  # unforked: their leader starts them
         src, dst, at = [], [], 0
-        kv = self.scheduler.kv
         for sample_id, n in migration.carried:
             req = by_id[sample_id]
-            req.pages, req.cache_node = [], None
-            if kv.grow(req, n * page):
+            if self.scheduler.take_pages(req, n * page):
                 src += range(at, at + n)
                 dst += req.pages
-            else:  # no room now: recompute it when it is admitted again
-                req.num_computed_tokens, req.status = 0, Status.WAITING
-                req.num_preemptions += 1
             at += n
         stats = None
         if dst:
@@ -325,18 +320,7 @@ class Engine:
                 idx = src + [src[-1]] * ((1 << (len(src) - 1).bit_length()) - len(src))
                 data = jax.tree.map(lambda a: a[:, idx], data)
             stats = self.runner.write_pages(dst, data)
-        carried = {sid for sid, _ in migration.carried}
-        for req in by_id.values():
-            req.policy_state = None
-            if req.status is Status.FINISHED or req.request_id in held:
-                continue
-            if req.request_id not in carried:
-                req.pages, req.cache_node = [], None
-                if req.status is Status.RUNNING:  # nothing computed yet: starts over as waiting
-                    req.status, req.num_computed_tokens = Status.WAITING, 0
-            (self.scheduler.running if req.status is Status.RUNNING else self.scheduler.waiting).append(req)
-            if self.scheduler.drafter is not None and (req.status is Status.RUNNING or req.num_preemptions):
-                self.scheduler.resume_drafting(req)
+        self.scheduler.adopt(list(by_id.values()), {sid for sid, _ in migration.carried}, held)
         self._groups.update(migration.groups)
         self._detok.update(migration.detoks)
         self._held_outputs += migration.outputs

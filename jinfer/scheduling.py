@@ -111,6 +111,26 @@ class SpecStats:
         return self.accepted_tokens / self.spec_steps if self.spec_steps else 0.0
 
 
+@dataclasses.dataclass
+class _StepBuild:
+    """A plan being built by Scheduler.schedule: the token budget left, the sequences planned
+    (and their requests' ids), the requests preempted, the decodes that may get a draft."""
+
+    budget: int
+    drafts: bool
+    interleave: bool
+    seqs: list[ScheduledSeq] = dataclasses.field(default_factory=list)
+    preempted: list[str] = dataclasses.field(default_factory=list)
+    planned: set[int] = dataclasses.field(default_factory=set)  # id() of the requests planned
+    decoders: list[tuple[int, Request]] = dataclasses.field(default_factory=list)  # (index in seqs, request)
+    blocked: bool = False  # a waiting request could not get pages: the ones after it wait too
+
+    def add(self, seq: ScheduledSeq, req: Request, n: int) -> None:
+        self.seqs.append(seq)
+        self.planned.add(id(req))
+        self.budget -= n
+
+
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
     """The only thing the runner sees of a step."""
@@ -267,9 +287,36 @@ class Scheduler:
             self.release(req)
             self._end_drafting(req, aborted=True)
 
-    def resume_drafting(self, req: Request) -> None:
-        """Tells the drafter about a request that arrives already started (imported from another
-        engine): its prompt, then the tokens it has."""
+    def take_pages(self, req: Request, num_tokens: int) -> bool:
+        """Pages for the first num_tokens of a request imported with its K/V (Engine.
+        import_requests writes the K/V into req.pages): True when the pool has them; False: the
+        request computes them again when admitted, as a preempted one does."""
+        req.pages, req.cache_node = [], None
+        if self.kv.grow(req, num_tokens):
+            return True
+        req.num_computed_tokens, req.status = 0, Status.WAITING
+        req.num_preemptions += 1
+        return False
+
+    def adopt(self, reqs: Sequence[Request], carried: Collection[str], held: Collection[str]) -> None:
+        """Queues requests imported from another engine (the other side of detach): running
+        when their K/V came with them (request ids in carried, pages from take_pages), else
+        waiting to compute from the start; held: followers their leader forks later, not
+        queued; finished ones are not queued either. The drafter hears each again: its prompt,
+        then the tokens it has."""
+        for req in reqs:
+            req.policy_state = None
+            if req.status is Status.FINISHED or req.request_id in held:
+                continue
+            if req.request_id not in carried:
+                req.pages, req.cache_node = [], None
+                if req.status is Status.RUNNING:  # nothing computed here yet: starts over as waiting
+                    req.status, req.num_computed_tokens = Status.WAITING, 0
+            (self.running if req.status is Status.RUNNING else self.waiting).append(req)
+            if req.status is Status.RUNNING or req.num_preemptions:
+                self._resume_drafting(req)
+
+    def _resume_drafting(self, req: Request) -> None:
         if self.drafter is None or req.request_id in self._drafting:
             return
         self._drafting.add(req.request_id)
@@ -320,118 +367,123 @@ class Scheduler:
         return self.budget is None or self.budget.wants_drafts(decoding)
 
     def schedule(self, drafts: bool = True) -> StepPlan:
-        # Every request has num_computed_tokens and a target num_tokens (prompt + output).
-        # Each step hands out a token budget so the first catches up with the second, in
-        # policy order: running requests first (decodes and ongoing chunks), then waiting ones;
-        # or, when the policy interleaves, one order over both. A running request that cannot
-        # get pages preempts the lowest-priority running one not yet planned this step; a
-        # waiting one may preempt too when the policy allows it (interleaved orders only, where
-        # the running set is also held within max_num_seqs: requests sitting a step out keep
-        # their seats).
-        # Prefill, chunked prefill, prefix hits and decode are the same path.
+        """The next step's plan. Every request has num_computed_tokens and a target num_tokens
+        (prompt + output); the step hands out a token budget so the first catches up with the
+        second, in policy order: running requests first (decodes and ongoing chunks), then
+        waiting ones; or, when the policy interleaves, one order over both. Prefill, chunked
+        prefill, prefix hits and decode are the same path. Drafts come last, from what the
+        step left; followers of a request whose shared prompt is written join the queue."""
         hook = getattr(self.policy, "on_schedule", None)
         if hook is not None:
             hook(self)
         budget = self.cfg.max_num_batched_tokens
         if self.token_limit is not None:
             budget = min(budget, self.token_limit)
-        seqs: list[ScheduledSeq] = []
-        preempted: list[str] = []
-        planned: set[int] = set()  # id() of the requests this plan covers
-        decoders: list[tuple[int, Request]] = []  # (index in seqs, request) that may get a draft
-        drafts = drafts and self.drafter is not None
-        interleave = bool(getattr(self.policy, "interleave", False))
+        step = _StepBuild(budget, drafts and self.drafter is not None, bool(getattr(self.policy, "interleave", False)))
         assert not self._unsettled_draft, "a step with drafts must be settled before the next is planned"
-        if drafts:
+        if step.drafts:
             assert not any(r.num_pending for r in self.running + self.waiting), (
                 "drafts are planned on read tokens: settle the step in flight first")
-        blocked = False  # a waiting request could not get pages: the ones after it wait too
-        for req, was_running in self._order(interleave):
-            if budget == 0 or len(seqs) == self.cfg.max_num_seqs:
+        for req, was_running in self._order(step.interleave):
+            if step.budget == 0 or len(step.seqs) == self.cfg.max_num_seqs:
                 break
             if was_running:
-                if req.status is not Status.RUNNING:
-                    continue  # preempted by this step
-                if self._done_sampling(req):
-                    continue  # its last token is pending; the engine finishes it when read
-                n = min(req.num_tokens - req.num_computed_tokens, budget)
-                while not self._ensure_pages(req, req.num_computed_tokens + n):
-                    victim = next(r for r in reversed(self.running) if r is req or id(r) not in planned)
-                    self._preempt(victim)
-                    preempted.append(victim.request_id)
-                    if victim is req:
-                        break
-                if req.status is not Status.RUNNING:
-                    continue
-                if drafts and self._may_draft(req, n):
-                    decoders.append((len(seqs), req))
-                seqs.append(self._plan(req, n))
-                planned.add(id(req))
-                budget -= n
-                continue
-            if blocked or req.status is not Status.WAITING:
-                continue
-            if self._done_sampling(req):
-                continue  # preempted with its last token pending: finishes when that is read
-            if interleave and len(self.running) >= self.cfg.max_num_seqs:
-                # Running requests that sit a step out keep their seats: the running set stays
-                # within max_num_seqs (as running-first orders keep it), or a lower-ranked one
-                # makes room if the policy allows.
-                victim = self._preemptable(req, planned)
-                if victim is None:
-                    blocked = True
-                    continue
-                self._preempt(victim)
-                preempted.append(victim.request_id)
-            self.kv.match_prefix(req)
-            first_admission = req.num_preemptions == 0
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self._ensure_pages(req, req.num_computed_tokens + n):
-                victim = self._preemptable(req, planned) if interleave else None
-                if victim is None:
-                    break
-                self._preempt(victim)
-                preempted.append(victim.request_id)
-            else:
-                if first_admission:
-                    req.num_cached_prompt_tokens = req.num_computed_tokens
-                    if self.drafter is not None:  # it hears every token the request gets from now on
-                        self._drafting.add(req.request_id)
-                        t0 = time.perf_counter()
-                        self.drafter.start(req.request_id, req.prompt_ids)
-                        self.spec.drafter_seconds += time.perf_counter() - t0
-                self.waiting.remove(req)
-                req.status = Status.RUNNING
-                self.running.append(req)
-                seqs.append(self._plan(req, n))
-                planned.add(id(req))
-                budget -= n
-                continue
-            self.kv.unmatch(req)
-            if not interleave:
+                self._schedule_running(step, req)
+            elif not self._schedule_waiting(step, req):
                 break
-            blocked = True
+        self._plan_drafts(step)
+        self._fork_followers()
+        return StepPlan(tuple(step.seqs), tuple(step.preempted))
 
-        # Drafts last, from what the step left: budget and free pages (no eviction), so a draft
-        # never preempts a request, delays an admission or evicts a prefix someone could match.
-        self._num_decoding = len(decoders)
-        for i, req in decoders:
-            if budget == 0:
+    def _schedule_running(self, step: "_StepBuild", req: Request) -> None:
+        """Plans a running request's next tokens; one that cannot get pages preempts the
+        lowest-priority running request not yet planned this step (itself, last)."""
+        if req.status is not Status.RUNNING or self._done_sampling(req):
+            return  # preempted by this step, or its last token is pending (finished when read)
+        n = min(req.num_tokens - req.num_computed_tokens, step.budget)
+        self._make_room(step, req, n,
+                        lambda: next(r for r in reversed(self.running) if r is req or id(r) not in step.planned))
+        if req.status is not Status.RUNNING:
+            return
+        if step.drafts and self._may_draft(req, n):
+            step.decoders.append((len(step.seqs), req))
+        step.add(self._plan(req, n), req, n)
+
+    def _schedule_waiting(self, step: "_StepBuild", req: Request) -> bool:
+        """Admits a waiting request if it gets pages. Only interleaved orders preempt for it (and
+        hold the running set within max_num_seqs: requests sitting a step out keep their seats
+        unless a lower-ranked one makes room); after a request that could not get in, the ones
+        behind it wait too. False: stop planning this step."""
+        if step.blocked or req.status is not Status.WAITING or self._done_sampling(req):
+            return True  # a preempted request with its last token pending finishes when that is read
+        victim_of = (lambda: self._preemptable(req, step.planned)) if step.interleave else (lambda: None)
+        if step.interleave and len(self.running) >= self.cfg.max_num_seqs:
+            victim = victim_of()
+            if victim is None:
+                step.blocked = True
+                return True
+            self._preempt(victim)
+            step.preempted.append(victim.request_id)
+        self.kv.match_prefix(req)
+        first_admission = req.num_preemptions == 0
+        n = min(req.num_tokens - req.num_computed_tokens, step.budget)
+        if not self._make_room(step, req, n, victim_of):
+            self.kv.unmatch(req)
+            step.blocked = True
+            return step.interleave
+        self._admit(req, first_admission)
+        step.add(self._plan(req, n), req, n)
+        return True
+
+    def _make_room(self, step: "_StepBuild", req: Request, n: int, victim_of: Callable) -> bool:
+        """Pages for req's next n tokens, preempting victim_of()'s picks until they fit. False
+        when there is no victim left or req itself was the one preempted."""
+        while not self._ensure_pages(req, req.num_computed_tokens + n):
+            victim = victim_of()
+            if victim is None:
+                return False
+            self._preempt(victim)
+            step.preempted.append(victim.request_id)
+            if victim is req:
+                return False
+        return True
+
+    def _admit(self, req: Request, first_admission: bool) -> None:
+        """A waiting request becomes running; on its first admission the drafter starts
+        hearing every token it gets."""
+        if first_admission:
+            req.num_cached_prompt_tokens = req.num_computed_tokens
+            if self.drafter is not None:
+                self._drafting.add(req.request_id)
+                t0 = time.perf_counter()
+                self.drafter.start(req.request_id, req.prompt_ids)
+                self.spec.drafter_seconds += time.perf_counter() - t0
+        self.waiting.remove(req)
+        req.status = Status.RUNNING
+        self.running.append(req)
+
+    def _plan_drafts(self, step: "_StepBuild") -> None:
+        """Drafts from what the step left, budget and free pages (no eviction), so a draft never
+        preempts a request, delays an admission or evicts a prefix someone could match."""
+        self._num_decoding = len(step.decoders)
+        for i, req in step.decoders:
+            if step.budget == 0:
                 break
-            draft = self._draft(req, budget)
+            draft = self._draft(req, step.budget)
             if draft.tokens:
-                seqs[i] = self._add_draft(seqs[i], req, draft)
-                budget -= len(draft)
+                step.seqs[i] = self._add_draft(step.seqs[i], req, draft)
+                step.budget -= len(draft)
                 self._unsettled_draft = True
 
-        self._forked = []  # this plan's forks, which unplan undoes
+    def _fork_followers(self) -> None:
+        """Samples n > 1: a request's followers join from the next step, once its shared prompt's
+        pages are written (this plan's forks are kept for unplan)."""
+        self._forked = []
         for req in self.running:
             if req.followers and req.num_computed_tokens >= self.kv.shared_prompt_len(req):
-                # Followers join from the next step, after these pages are written.
                 followers = self.kv.fork(req)
                 self._forked.append((req, followers))
                 self.waiting += followers
-        return StepPlan(tuple(seqs), tuple(preempted))
 
     def unplan(self, plan: StepPlan, reqs: Sequence[Request]) -> None:
         """Takes back the last schedule()'s plan, which never ran (building it failed): its
