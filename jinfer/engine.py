@@ -23,7 +23,7 @@ from jinfer.request import Request, RequestOutput, Status, Usage
 from jinfer.runner import ModelRunner
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import Scheduler, SchedulingPolicy, SpecStats, StepPlan
-from jinfer.speculation import DraftBudget, Drafter, accept
+from jinfer.speculation import DraftBudget, Drafter
 from sharding.tp import TPLayout
 
 log = logging.getLogger(__name__)
@@ -448,10 +448,7 @@ class Engine:
         if plan.seqs and not self.runner.compiled_last:
             # the wall time of a step call: the step itself (sync), or one pipeline stage (async)
             seconds = time.perf_counter() - start
-            self.scheduler.observe_step(plan.num_tokens, seconds)
-            if budget is not None:
-                emitted = sum(len(o.new_token_ids) for o in outputs)
-                budget.observe_step(plan.num_tokens, seconds, emitted, drafted)
+            self.scheduler.observe_step(plan.num_tokens, seconds, sum(len(o.new_token_ids) for o in outputs), drafted)
         return outputs
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
@@ -493,13 +490,14 @@ class Engine:
     def _postprocess(self, plan: StepPlan, reqs: list[Request], handle) -> list[RequestOutput]:
         tokens, logprobs = self.runner.fetch(handle)
         now = time.monotonic()
-        new, rows, moves = _verify(plan, tokens, self.runner.page_size)
-        self.runner.move_kv(moves)
-        settled = self.scheduler.update(plan, reqs, new, eos_ids=self.eos_ids, finish_hook=self._text_stop)
+        firsts = list(itertools.accumulate((1 + seq.num_draft for seq in plan.seqs), initial=0))  # first rows
+        sampled = [tokens[a:b].tolist() for a, b in zip(firsts[:-1], firsts[1:])]
+        settled = self.scheduler.update(plan, reqs, sampled, eos_ids=self.eos_ids, finish_hook=self._text_stop)
+        self.runner.move_kv([m for s in settled for m in s.moves])
         outputs = []
         for s in settled:
             req = s.req
-            req.output_logprobs.extend(float(logprobs[r]) for r in rows[s.index][:len(s.tokens)])
+            req.output_logprobs.extend(float(logprobs[firsts[s.index] + r]) for r in s.rows)
             if req.first_token_time is None:
                 req.first_token_time = now
             detok = self._detok[req.request_id]
@@ -537,34 +535,6 @@ class Engine:
                         req.num_draft_tokens, req.num_accepted_tokens, req.num_spec_steps),
             arrival_time=req.arrival_time, first_token_time=req.first_token_time,
             finish_time=req.finish_time)
-
-
-def _verify(plan: StepPlan, tokens, page_size: int) -> tuple[list, list[list[int]], list]:
-    """Per scheduled sequence, the tokens its step produced and the sampling rows they came
-    from; and the K/V moves (src page, slot, dst page, slot) that put tree drafts' accepted
-    paths in place. A sequence without a draft has one row, its next token; one with a draft of
-    k tokens has k + 1 rows, settled by jinfer.speculation.accept."""
-    out, rows, moves, row = [], [], [], 0
-    for seq in plan.seqs:
-        k = seq.num_draft
-        if k == 0:
-            out.append(int(tokens[row]))
-            rows.append([row])
-            row += 1
-            continue
-        draft = seq.token_ids[-k:]
-        sampled = [int(t) for t in tokens[row:row + k + 1]]  # [after the root, after draft 0, ...]
-        path = accept(draft, seq.draft_parents or tuple(range(-1, k - 1)), sampled)
-        out.append([draft[i] for i in path] + [sampled[path[-1] + 1 if path else 0]])
-        rows.append([row] + [row + 1 + i for i in path])
-        base = seq.start_pos + len(seq.token_ids) - k  # slot of draft token 0
-        for m, i in enumerate(path):
-            if i != m:  # off the leading chain: move its K/V down to the path's slot
-                src, dst = base + i, base + m
-                moves.append((seq.pages[src // page_size], src % page_size,
-                              seq.pages[dst // page_size], dst % page_size))
-        row += 1 + k
-    return out, rows, moves
 
 
 def _first_mismatch(expected: list, given: list) -> str | None:

@@ -10,7 +10,7 @@ from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.kv_manager import KVManager
 from jinfer.request import Request, Status
 from jinfer.sampling_params import SamplingParams
-from jinfer.speculation import NO_DRAFT, Draft, DraftBudget, Drafter
+from jinfer.speculation import NO_DRAFT, Draft, DraftBudget, Drafter, kv_moves, verify
 
 PENDING = -1
 """Stands in a plan for a token sampled by the previous step that the host has not read yet;
@@ -81,6 +81,8 @@ class Settled:
     req: Request
     tokens: tuple[int, ...]  # appended this step: one, or accepted draft tokens + the model's
     finish_reason: str | None  # "stop" | "length" | None: still running
+    rows: tuple[int, ...] = (0,)  # per appended token, its sampled row among the sequence's
+    moves: tuple = ()  # K/V copies (src page, slot, dst page, slot) a tree draft's path needs
 
     @property
     def token(self) -> int:
@@ -181,11 +183,16 @@ class Scheduler:
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
-    def observe_step(self, num_tokens: int, seconds: float) -> None:
-        """A step of num_tokens took `seconds` (the policy hears it, if it listens)."""
+    def observe_step(self, num_tokens: int, seconds: float, emitted: int | None = None,
+                     drafted: bool = False) -> None:
+        """A step of num_tokens took `seconds`: the policy hears it (if it listens), and with
+        emitted (the tokens its settling appended) the draft budget too (drafted: the step
+        carried drafts)."""
         hook = getattr(self.policy, "observe_step", None)
         if hook is not None:
             hook(num_tokens, seconds)
+        if emitted is not None and self.budget is not None:
+            self.budget.observe_step(num_tokens, seconds, emitted, drafted)
 
     def append_token(self, req: Request, token: int) -> None:
         """The host has read one of the request's pending tokens (oldest first)."""
@@ -195,26 +202,28 @@ class Scheduler:
 
     # -- settling a step ---------------------------------------------------------------------
 
-    def update(self, plan: StepPlan, reqs: Sequence[Request], tokens: Sequence[int], *,
+    def update(self, plan: StepPlan, reqs: Sequence[Request], sampled: Sequence, *,
                eos_ids: Collection[int] = (), finish_hook: FinishHook | None = None) -> list[Settled]:
-        """Settles a step once its sampled tokens are read (vLLM v1's update_from_output).
+        """Settles a step once its samples are read (vLLM v1's update_from_output).
 
-        reqs and tokens are parallel to plan.seqs. For every sequence that sampled, of a
-        request not finished or aborted since the step was planned: appends the token, shares
-        the prompt's pages once its prefill is done, applies the finish rules (EOS / stop token
-        ids, then length), then `finish_hook` (rules the scheduler cannot see); a finished
-        request gets its status and reason and releases its pages. The engine, the simulator
-        and the tests all settle steps here.
+        reqs and sampled are parallel to plan.seqs; a sequence's samples are its sampled rows:
+        one token, or with a draft of k tokens k + 1 (after the last known token, then after
+        each draft token). For every sequence that sampled, of a request not finished or
+        aborted since the step was planned: verifies the draft (jinfer.speculation.verify:
+        the accepted tokens, the K/V moves a tree's path needs, the draft budget told),
+        appends the tokens, shares the prompt's pages once its prefill is done, applies the
+        finish rules (EOS / stop token ids, then length), then `finish_hook` (rules the
+        scheduler cannot see); rejected draft positions are rolled back; a finished request
+        gets its status and reason and releases its pages. The engine, the simulators and the
+        tests all settle steps here.
         """
         settled = []
         if any(seq.num_draft for seq in plan.seqs):
             self._unsettled_draft = False
-        for i, (seq, req, new) in enumerate(zip(plan.seqs, reqs, tokens)):
+        for i, (seq, req, rows) in enumerate(zip(plan.seqs, reqs, sampled)):
             if not seq.sample or req.status is Status.FINISHED:
                 continue
-            new = (new,) if isinstance(new, int) else tuple(new)
-            if seq.num_draft and self.budget is not None:
-                self.budget.observe_verify(req.request_id, len(new) - 1, _walk_stopped(seq, new))
+            new, rows, moves = self._verify(seq, req, (rows,) if isinstance(rows, int) else tuple(rows))
             appended, reason = [], None
             for token in new:
                 appended.append(token)
@@ -248,8 +257,20 @@ class Scheduler:
             if reason:
                 req.status, req.finish_reason = Status.FINISHED, reason
                 self.finish(req)
-            settled.append(Settled(i, req, tuple(appended), reason))
+            settled.append(Settled(i, req, tuple(appended), reason, rows[:len(appended)], moves))
         return settled
+
+    def _verify(self, seq: ScheduledSeq, req: Request, sampled: tuple[int, ...]):
+        """(tokens the step gives the sequence, their sampled rows, K/V moves): its one sample,
+        or its draft verified against the samples (the draft budget hears how it went)."""
+        k = seq.num_draft
+        if not k:
+            return sampled[:1], (0,), ()
+        verdict = verify(seq.token_ids[-k:], seq.draft_parents or tuple(range(-1, k - 1)), sampled)
+        if self.budget is not None:
+            self.budget.observe_verify(req.request_id, len(verdict.path), verdict.stopped)
+        moves = kv_moves(verdict.path, seq.start_pos + len(seq.token_ids) - k, seq.pages, self.page_size)
+        return verdict.emitted, verdict.rows, tuple(moves)
 
     def finish_reason(self, req: Request, token: int | None = None, eos_ids: Collection[int] = ()) -> str | None:
         """"stop" if `token` ends the request (EOS unless ignored, or a stop token id), "length"
@@ -610,17 +631,3 @@ class Scheduler:
         req.num_computed_tokens += len(draft)
         return dataclasses.replace(seq, token_ids=seq.token_ids + draft.tokens, pages=tuple(req.pages),
                                    num_draft=len(draft), draft_parents=() if draft.is_chain else draft.parents)
-
-
-
-def _walk_stopped(seq: ScheduledSeq, new: Sequence[int]) -> bool:
-    """Whether verification stopped at a draft token the model disagreed with (True) or ran
-    out of draft (a leaf reached). new = the accepted draft tokens + the model's own token;
-    the accepted path is re-walked by token, first matching child first, as verification does."""
-    k = seq.num_draft
-    draft = seq.token_ids[-k:]
-    parents = seq.draft_parents or tuple(range(-1, k - 1))
-    node = -1
-    for token in new[:-1]:
-        node = next(i for i in range(node + 1, k) if parents[i] == node and draft[i] == token)
-    return any(p == node for p in parents)

@@ -99,6 +99,37 @@ def accept(draft: Sequence[int], parents: Sequence[int], sampled: Sequence[int])
         node = child
 
 
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """What verifying one sequence's draft gives (verify)."""
+
+    emitted: tuple[int, ...]  # the accepted draft tokens, then the model's own next token
+    rows: tuple[int, ...]  # per emitted token, the sampled row (of the sequence's) it came from
+    path: tuple[int, ...]  # the accepted draft tokens' indices in the draft
+    stopped: bool  # verification stopped at a token the model disagreed with (False: a leaf)
+
+
+def verify(draft: Sequence[int], parents: Sequence[int], sampled: Sequence[int]) -> Verdict:
+    """Settles a draft against the step's samples (sampled as accept takes them): the only
+    place a draft is walked; Scheduler.update calls it for the engine and the simulators."""
+    path = accept(draft, parents, sampled)
+    node = path[-1] if path else -1
+    return Verdict(tuple(draft[i] for i in path) + (sampled[node + 1],), (0,) + tuple(1 + i for i in path),
+                   tuple(path), any(p == node for p in parents))
+
+
+def kv_moves(path: Sequence[int], first_slot: int, pages: Sequence[int], page_size: int) -> list[tuple]:
+    """The K/V copies (src page, slot, dst page, slot) that put a tree draft's accepted path in
+    place: draft token i was written at first_slot + i; the m-th accepted one belongs at
+    first_slot + m (a chain's path is its leading tokens: nothing moves)."""
+    moves = []
+    for m, i in enumerate(path):
+        if i != m:
+            src, dst = first_slot + i, first_slot + m
+            moves.append((pages[src // page_size], src % page_size, pages[dst // page_size], dst % page_size))
+    return moves
+
+
 class Drafter(Protocol):
     """Proposes drafts for requests and learns from what they generate.
 

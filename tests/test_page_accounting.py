@@ -96,12 +96,15 @@ class FakeEngine:
         return plan
 
     def _read(self, plan, reqs):
-        tokens = []  # tiny vocab: shared prefixes
+        tokens = []  # sampled rows; tiny vocab: shared prefixes
         for seq in plan.seqs:
             token = int(self.rng.integers(0, 8))
-            if seq.num_draft:  # verification: a random prefix of the draft, then the model's token
+            if seq.num_draft:  # verification keeps a random prefix of the draft, then the model's token
+                draft = list(seq.token_ids[-seq.num_draft:])
                 accepted = int(self.rng.integers(0, seq.num_draft + 1))
-                token = list(seq.token_ids[-seq.num_draft:][:accepted]) + [token]
+                if accepted < len(draft) and token == draft[accepted]:
+                    token = (token + 1) % 8  # the model disagrees there
+                token = draft[:accepted] + [token] + [0] * (len(draft) - accepted)
             tokens.append(token)
         eos = lambda req, token, reason: reason or ("stop" if self.rng.random() < 0.05 else None)
         for done in self.s.update(plan, reqs, tokens, finish_hook=eos):

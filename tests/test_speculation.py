@@ -9,15 +9,15 @@ import random
 import numpy as np
 import pytest
 
+from entrypoints.build import build_drafter
 from jinfer import TEST_MODEL_DIR
 from jinfer.attention import AttentionMetadata
 from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig, SpeculationConfig
 from jinfer.engine import Engine
 from jinfer.kv_cache import KVCache
-from entrypoints.build import build_drafter
 from jinfer.loader.hf import load_hf_model
 from jinfer.sampling_params import SamplingParams
-from jinfer.speculation import NO_DRAFT, Draft
+from jinfer.speculation import NO_DRAFT, Draft, kv_moves, verify
 from jinfer.tokenizer import Tokenizer
 from tests.model_forward import jit_forward
 
@@ -472,3 +472,20 @@ def test_the_budget_pipelines_plain_steps_when_drafts_do_not_pay(model):
     got, _ = _run(engine, PROMPTS, params)
     assert {k: o.token_ids for k, o in got.items()} == {k: o.token_ids for k, o in want.items()}
     assert calls[:3] == ["dispatch", "dispatch", "fetch"] and budget.steps > 0  # pipelined
+
+
+def test_verify_walks_a_tree_and_says_where_it_stopped_and_what_moves():
+    """The one draft walk settling uses: a tree 5 -> {6 -> 8, 7 -> 9} (parents -1, 0, 0, 1, 2),
+    sampled rows after the root and after each draft token (row 1 + i); draft token i was
+    written at slot 6 + i of pages (0, 1, 2) of 4 slots."""
+    draft, parents = (5, 6, 7, 8, 9), (-1, 0, 0, 1, 2)
+    v = verify(draft, parents, [5, 7, 4, 3, 4, 4])  # 5, then 7, then the model disagrees under 7
+    assert v.path == (0, 2) and v.emitted == (5, 7, 3) and v.rows == (0, 1, 3) and v.stopped
+    assert kv_moves(v.path, 6, (0, 1, 2), 4) == [(2, 0, 1, 3)]  # draft 2 (slot 8) to the path's slot 7
+    leaf = verify(draft, parents, [5, 6, 8, 4, 2, 4])  # 5, 6, 8: a leaf, then the model's own token
+    assert leaf.path == (0, 1, 3) and leaf.emitted == (5, 6, 8, 2) and leaf.rows == (0, 1, 2, 4)
+    assert not leaf.stopped and kv_moves(leaf.path, 6, (0, 1, 2), 4) == [(2, 1, 2, 0)]  # slot 9 -> 8
+    none = verify(draft, parents, [1, 0, 0, 0, 0, 0])
+    assert none.path == () and none.emitted == (1,) and none.rows == (0,) and none.stopped
+    chain = verify((5, 6), (-1, 0), [5, 6, 7])
+    assert chain.emitted == (5, 6, 7) and not chain.stopped and kv_moves(chain.path, 0, (0,), 4) == []

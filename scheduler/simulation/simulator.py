@@ -25,7 +25,7 @@ from jinfer.config import CacheConfig, SchedulerConfig, Tier
 from jinfer.request import Request
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import AdmissionRefused, Scheduler
-from jinfer.speculation import Draft, accept
+from jinfer.speculation import Draft
 from scheduler.simulation.workloads import WorkItem
 from scheduler.cost_model import CostModel
 from scheduler.slo.priority_groups import PriorityGroups
@@ -319,18 +319,16 @@ class Simulator:
         out = self._outputs.get(index, ())
         return out[position] if position < len(out) else 1_000_000_000 + index * 100_000 + position
 
-    def _emitted(self, seq, req: Request, index: int):
-        """What a step gives a sequence: its next true token, or with a draft the accepted draft
-        tokens and the true token after them (jinfer.speculation.accept, as the engine does)."""
+    def _sampled(self, seq, req: Request, index: int) -> list[int]:
+        """A step's sampled rows for a sequence, as the engine's sampler gives them: the true
+        next token, and with a draft the true token at each draft position's output index
+        (Scheduler.update verifies the draft against them)."""
         at = len(req.output_ids)
         if not seq.num_draft:
-            return self._truth(index, at)
+            return [self._truth(index, at)]
         k = seq.num_draft
-        draft, parents = seq.token_ids[-k:], seq.draft_parents or tuple(range(-1, k - 1))
-        depths = Draft(tuple(draft), tuple(parents)).depths()
-        sampled = [self._truth(index, at)] + [self._truth(index, at + d) for d in depths]
-        path = accept(draft, parents, sampled)
-        return [draft[i] for i in path] + [sampled[path[-1] + 1 if path else 0]]
+        depths = Draft(tuple(seq.token_ids[-k:]), tuple(seq.draft_parents or range(-1, k - 1))).depths()
+        return [self._truth(index, at)] + [self._truth(index, at + d) for d in depths]
 
     def _finish_step(self, r: int, now: float) -> None:
         rep = self.replicas[r]
@@ -338,7 +336,7 @@ class Simulator:
         extra = len(rep.ends) - 1  # fast-forwarded steps after the plan's own
         plan = rep.plan
         reqs = [rep.reqs[s.request_id][0] for s in plan.seqs]
-        tokens = [self._emitted(s, req, rep.reqs[s.request_id][2].index) for s, req in zip(plan.seqs, reqs)]
+        sampled = [self._sampled(s, req, rep.reqs[s.request_id][2].index) for s, req in zip(plan.seqs, reqs)]
 
         def fast_forward(req, token, reason):
             """The fast-forwarded decode tokens join before the finish rules apply (length only:
@@ -349,14 +347,12 @@ class Simulator:
             assert ok, "fast-forward pages were checked free"
             return sched.finish_reason(req)
 
+        settled = sched.update(plan, reqs, sampled, finish_hook=fast_forward)
         if not extra:  # (a policy or budget that listens runs without fast-forward)
-            sched.observe_step(plan.num_tokens, rep.step_s)
-        if sched.budget is not None and plan.seqs:
-            sched.budget.observe_step(plan.num_tokens, rep.step_s,
-                                      sum(len(t) if isinstance(t, list) else 1 for t in tokens),
-                                      any(s.num_draft for s in plan.seqs))
+            sched.observe_step(plan.num_tokens, rep.step_s, sum(len(s.tokens) for s in settled),
+                               any(s.num_draft for s in plan.seqs))
         finished = False
-        for done in sched.update(plan, reqs, tokens, finish_hook=fast_forward):
+        for done in settled:
             req, request_id = done.req, plan.seqs[done.index].request_id
             _, rreq, rec = rep.reqs[request_id]
             if req.first_token_time is None:
