@@ -251,9 +251,7 @@ class Scheduler:
             if len(seq.token_ids) - seq.num_draft > 1:
                 self.on_prefill_done(req)
             if req.request_id in self._drafting:
-                t0 = time.perf_counter()
-                self.drafter.observe(req.request_id, appended)
-                self.spec.drafter_seconds += time.perf_counter() - t0
+                self._call_drafter("observe", req.request_id, appended)
             if reason:
                 req.status, req.finish_reason = Status.FINISHED, reason
                 self.finish(req)
@@ -335,17 +333,26 @@ class Scheduler:
                     req.status, req.num_computed_tokens = Status.WAITING, 0
             (self.running if req.status is Status.RUNNING else self.waiting).append(req)
             if req.status is Status.RUNNING or req.num_preemptions:
-                self._resume_drafting(req)
+                self._start_drafting(req)
 
-    def _resume_drafting(self, req: Request) -> None:
+    def _start_drafting(self, req: Request) -> None:
+        """The drafter hears of a request once: its prompt, then the tokens it already has (one
+        imported from another engine)."""
         if self.drafter is None or req.request_id in self._drafting:
             return
         self._drafting.add(req.request_id)
-        t0 = time.perf_counter()
-        self.drafter.start(req.request_id, req.prompt_ids)
+        self._call_drafter("start", req.request_id, req.prompt_ids)
         if req.output_ids:
-            self.drafter.observe(req.request_id, list(req.output_ids))
-        self.spec.drafter_seconds += time.perf_counter() - t0
+            self._call_drafter("observe", req.request_id, list(req.output_ids))
+
+    def _call_drafter(self, method: str, *args):
+        """The drafter's `method`(*args), its host time counted in spec.drafter_seconds (every
+        drafter call goes through here)."""
+        t0 = time.perf_counter()
+        try:
+            return getattr(self.drafter, method)(*args)
+        finally:
+            self.spec.drafter_seconds += time.perf_counter() - t0
 
     def release(self, req: Request) -> None:
         """Returns a finished/aborted/preempted request's pages (its full computed ones indexed
@@ -474,11 +481,7 @@ class Scheduler:
         hearing every token it gets."""
         if first_admission:
             req.num_cached_prompt_tokens = req.num_computed_tokens
-            if self.drafter is not None:
-                self._drafting.add(req.request_id)
-                t0 = time.perf_counter()
-                self.drafter.start(req.request_id, req.prompt_ids)
-                self.spec.drafter_seconds += time.perf_counter() - t0
+            self._start_drafting(req)
         self.waiting.remove(req)
         req.status = Status.RUNNING
         self.running.append(req)
@@ -595,9 +598,7 @@ class Scheduler:
             self.budget.finish(req.request_id)
         if req.request_id in self._drafting:
             self._drafting.discard(req.request_id)
-            t0 = time.perf_counter()
-            self.drafter.finish(req.request_id, req.output_ids, aborted)
-            self.spec.drafter_seconds += time.perf_counter() - t0
+            self._call_drafter("finish", req.request_id, req.output_ids, aborted)
 
     def _may_draft(self, req: Request, n: int) -> bool:
         """Before planning: a decoding request (its one uncomputed token is its last known one)."""
@@ -616,10 +617,7 @@ class Scheduler:
             room = self.budget.limit(req.request_id, self._num_decoding, room)
         if room <= 0:
             return NO_DRAFT
-        t0 = time.perf_counter()
-        draft = self.drafter.propose(req.request_id, req.output_ids, room)
-        self.spec.drafter_seconds += time.perf_counter() - t0
-        draft = draft.truncate(room)
+        draft = self._call_drafter("propose", req.request_id, req.output_ids, room).truncate(room)
         if not self.trees and not draft.is_chain:
             draft = draft.first_chain()
         if not draft.tokens or not self.kv.extend(req, req.num_computed_tokens + len(draft)):
