@@ -342,22 +342,22 @@ class AdaptiveSimulator:
             self._arrive(self._items, i, self._records, counted=True)
 
     def _migrate(self, src: _Instance, dst: _Instance, j: int) -> int:
-        """Moves src's requests into dst (KV kept where dst has room); returns KV tokens moved."""
-        moved = 0
+        """Moves src's requests into dst with the scheduler's migration methods, as
+        Engine.export_requests / import_requests do (Scheduler.detach, take_pages, adopt): K/V
+        kept where dst has room, else recomputed; returns KV tokens moved."""
+        moved, carried = 0, set()
         reqs = [r for r, _ in src.reqs.values()]
         src.sched.detach(reqs)
         page = self.cfg.page_size
-        for req in sorted(reqs, key=lambda r: r.arrival_index):
-            _, rec = src.reqs[req.request_id]
+        reqs.sort(key=lambda r: r.arrival_index)
+        for req in reqs:
             computed = req.num_computed_tokens
-            req.pages, req.cache_node, req.policy_state = [], None, None
-            if req.status is Status.RUNNING and computed and dst.sched.kv.grow(req, -(-computed // page) * page):
-                dst.sched.running.append(req)
+            if req.status is Status.RUNNING and computed and dst.sched.take_pages(req, -(-computed // page) * page):
+                carried.add(req.request_id)
                 moved += computed
-            else:
-                req.num_computed_tokens, req.status = 0, Status.WAITING
-                req.num_preemptions += 1
-                dst.sched.waiting.append(req)
+        dst.sched.adopt(reqs, carried, held=())
+        for req in reqs:
+            _, rec = src.reqs[req.request_id]
             rec.replica = j
             dst.reqs[req.request_id] = (req, rec)
         src.reqs.clear()
