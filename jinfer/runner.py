@@ -196,7 +196,7 @@ class ModelRunner:
         t = pick_bucket(num_tokens, self.token_buckets)
         return t, min(t, self.max_num_seqs)
 
-    def _bucket_keys(self) -> list[tuple[int, int, bool]]:
+    def bucket_keys(self) -> list[tuple[int, int, bool]]:
         """Every (tokens, seqs, decode_only) variant a plan can map to."""
         keys = [(*self.bucket(t), False) for t in self.token_buckets]
         if self.decode_steps:  # n decodes: n tokens and n sequences, n <= max_num_seqs
@@ -204,11 +204,26 @@ class ModelRunner:
             keys += sorted({(*self.bucket(n), True) for n in range(1, limit + 1)})
         return keys
 
+    def compiled_buckets(self) -> set[tuple[int, int, bool]]:
+        """The bucket keys (tokens, seqs, decode_only) whose step program is compiled."""
+        return set(self._compiled)
+
+    def traced_steps(self) -> int:
+        """How many step variants have been traced in this process: a step outside the
+        compiled buckets adds one (tests check that serving compiles nothing)."""
+        return self._step._cache_size()
+
+    def wait_warmup(self, timeout: float | None = None) -> bool:
+        """Waits up to timeout s for a background warm-up to finish; True when none is running."""
+        if self._warm_thread is not None:
+            self._warm_thread.join(timeout)
+        return self._warm_thread is None or not self._warm_thread.is_alive()
+
     def warmup(self, progress: bool = False) -> None:
         """Compiles every bucket variant ahead of time (progress: a bar on stderr). Without it
         each variant compiles on its first step (JAX's persistent compilation cache, when
         enabled, makes that a disk read after the first run)."""
-        keys = self._bucket_keys()
+        keys = self.bucket_keys()
         if progress:
             from tqdm import tqdm
             keys = tqdm(keys, desc="compiling step buckets", unit="bucket")
@@ -235,7 +250,7 @@ class ModelRunner:
         hold: the thread waits for release_warmup() before the other buckets (a server sets
         itself up first instead of sharing the CPU with them). Returns the thread (join it to
         wait for the rest)."""
-        keys = sorted(self._bucket_keys())
+        keys = sorted(self.bucket_keys())
         compiled, first = self._compiled, keys[0][0]
         for key in (k for k in keys if k[0] == first):
             self._compile_key(key, compiled)

@@ -376,8 +376,10 @@ class Scheduler:
             victim.num_computed_tokens = 0
         return True
 
-    def _preempt(self, req: Request) -> None:
-        """Recompute-style preemption: drop the KV, keep the tokens, go back to waiting first."""
+    def preempt(self, req: Request) -> None:
+        """Recompute-style preemption of a running request: its KV dropped, its tokens kept,
+        back to the front of the waiting queue (schedule() calls it to make room; tests watch
+        it)."""
         self.release(req)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
@@ -450,7 +452,7 @@ class Scheduler:
             if victim is None:
                 step.blocked = True
                 return True
-            self._preempt(victim)
+            self.preempt(victim)
             step.preempted.append(victim.request_id)
         self.kv.match_prefix(req)
         first_admission = req.num_preemptions == 0
@@ -470,7 +472,7 @@ class Scheduler:
             victim = victim_of()
             if victim is None:
                 return False
-            self._preempt(victim)
+            self.preempt(victim)
             step.preempted.append(victim.request_id)
             if victim is req:
                 return False

@@ -80,8 +80,8 @@ def test_greedy_invariant_to_forced_preemption(llama, reference, pipelined):
     # 20 pages of 4 tokens cannot hold all five requests at once: some are preempted and recomputed.
     eng = _engine(llama, num_pages=20, budget=32, pipelined=pipelined)
     preempted = []
-    orig = eng.scheduler._preempt
-    eng.scheduler._preempt = lambda req: (preempted.append(req.request_id), orig(req))
+    orig = eng.scheduler.preempt
+    eng.scheduler.preempt = lambda req: (preempted.append(req.request_id), orig(req))
     assert _tokens(eng.generate(_prompts(), GREEDY)) == reference
     assert preempted, "the pool was meant to be too small to avoid preemption"
 

@@ -185,7 +185,7 @@ def test_precompile_fills_the_compilation_cache_for_later_regroups(caplog):
     kw = dict(KW, options=EngineOptions(warmup=True),
               scheduler_config=dataclasses.replace(KW["scheduler_config"], max_model_len=52))
     inst = Instances(init_model(CFG, seed=3), TOK, [4, 4], **kw)
-    per_group = len(inst.engines[0].runner._bucket_keys())
+    per_group = len(inst.engines[0].runner.bucket_keys())
     with pytest.raises(ValueError, match="degree 3 does not divide the 8 devices"):
         inst.precompile([3])
     saved = jax.config.jax_compilation_cache_dir

@@ -199,7 +199,7 @@ def test_an_engine_built_on_shapes_steps_only_once_its_weights_come(hf_checkpoin
     model, tok = load_hf_model(path), Tokenizer.from_dir(path)
     engine = Engine(abstract_model(model.config), tok, launch.cache, launch.scheduler,
                     options=dataclasses.replace(launch.engine, warmup=True))
-    assert engine.runner.awaiting_weights and len(engine.runner._compiled) == 2  # the buckets compiled on shapes
+    assert engine.runner.awaiting_weights and len(engine.runner.compiled_buckets()) == 2  # the buckets compiled on shapes
     engine.add_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), request_id="a")
     with pytest.raises(RuntimeError, match=r"update_weights\(\) before step"):
         engine.step()

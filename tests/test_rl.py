@@ -61,7 +61,7 @@ def test_new_weights_serve_as_a_fresh_engine_would_without_recompiling(model, en
     old = engine.runner.state
     before = _greedy(engine)
     assert engine.load().cached_pages > 0
-    programs, compiled = engine.runner._step._cache_size(), dict(engine.runner._compiled)
+    programs, compiled = engine.runner.traced_steps(), engine.runner.compiled_buckets()
     new = _perturbed(old)
 
     engine.update_weights(new)
@@ -70,11 +70,11 @@ def test_new_weights_serve_as_a_fresh_engine_would_without_recompiling(model, en
     assert after != before
     fresh = _engine((nnx.merge(nnx.split(model[0])[0], new), model[1]))
     assert _greedy(fresh) == after
-    assert engine.runner._step._cache_size() == programs and engine.runner._compiled == compiled
+    assert engine.runner.traced_steps() == programs and engine.runner.compiled_buckets() == compiled
 
     engine.update_weights(old)
     assert _greedy(engine) == before
-    assert engine.runner._step._cache_size() == programs
+    assert engine.runner.traced_steps() == programs
 
 
 def test_an_update_between_steps_settles_the_step_in_flight_first(engine):

@@ -31,14 +31,14 @@ def test_warmup_compiles_every_bucket_and_steps_reuse_them(hf_checkpoints):
                  options=EngineOptions(warmup=True, attention_backend="xla"))  # "" picks pallas on a GPU
     runner = eng.runner
     plain = {(16, 4, False), (32, 4, False)}  # one program per token bucket; seqs tied to it
-    assert set(runner._compiled) == plain  # the xla backend has no decode path
+    assert runner.compiled_buckets() == plain  # the xla backend has no decode path
     runner.decode_steps = True  # what the pallas backend asks for: + decode-only variants
-    assert set(runner._bucket_keys()) == plain | {(16, 4, True)}
+    assert set(runner.bucket_keys()) == plain | {(16, 4, True)}
     runner.decode_steps = False
-    traces = runner._step._cache_size()
+    traces = runner.traced_steps()
     out = eng.generate([[1, 2, 3], list(range(20))], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     assert [len(o.token_ids) for o in out] == [6, 6]
-    assert runner._step._cache_size() == traces, "a step retraced instead of using a warm bucket"
+    assert runner.traced_steps() == traces, "a step retraced instead of using a warm bucket"
     assert np.isfinite(np.asarray(runner.kv.k[0][:, :4])).all()
 
 
@@ -97,12 +97,12 @@ def test_buckets_compile_lazily_one_program_per_token_bucket(hf_checkpoints):
     eng = Engine(load_hf_model(path), Tokenizer.from_dir(path), CacheConfig(page_size=4, num_pages=64),
                  SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8, max_model_len=64))
     runner = eng.runner
-    assert runner._step._cache_size() == 0  # nothing compiled up front
+    assert runner.traced_steps() == 0  # nothing compiled up front
     assert [runner.bucket(n) for n in (1, 16, 17, 40, 64)] == [(16, 8), (16, 8), (32, 8), (64, 8), (64, 8)]
     prompts = [list(range(1, 1 + n)) for n in (3, 20, 45, 7, 2, 33, 9, 12, 5)]
     out = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
     assert [len(o.token_ids) for o in out] == [5] * len(prompts)
-    assert 1 <= runner._step._cache_size() <= len(runner.token_buckets)  # decodes and mixes alike
+    assert 1 <= runner.traced_steps() <= len(runner.token_buckets)  # decodes and mixes alike
 
 
 @pytest.mark.slow  # ~35 s of child processes; the engine paths it runs are covered in-process
@@ -192,11 +192,11 @@ def test_background_warmup_waits_for_the_server_to_listen(hf_checkpoints):
     eng = Engine(load_hf_model(path), Tokenizer.from_dir(path), CacheConfig(page_size=4, num_pages=64),
                  SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4, max_model_len=96),
                  options=EngineOptions(warmup=True, warmup_background=True))
-    assert set(eng.runner._compiled) == {(16, 4, False)} and eng._warmup_thread.is_alive()  # held
+    assert eng.runner.compiled_buckets() == {(16, 4, False)} and not eng.runner.wait_warmup(0)  # held
     srv = Server(eng, ServingConfig()).start()
     try:
-        eng._warmup_thread.join(120)
-        assert set(eng.runner._compiled) == {(16, 4, False), (32, 4, False), (64, 4, False)}
+        assert eng.runner.wait_warmup(120)
+        assert eng.runner.compiled_buckets() == {(16, 4, False), (32, 4, False), (64, 4, False)}
     finally:
         srv.stop(grace=0)
 
@@ -228,7 +228,7 @@ def test_background_warmup_serves_within_compiled_buckets_until_the_rest_compile
         eng = Engine(load_hf_model(path), Tokenizer.from_dir(path), CacheConfig(page_size=4, num_pages=64), sched,
                      options=EngineOptions(warmup=True, warmup_background=True))
         runner = eng.runner
-        assert set(runner._compiled) == {(16, 4, False)} and runner.ready_tokens() == 16
+        assert runner.compiled_buckets() == {(16, 4, False)} and runner.ready_tokens() == 16
         sizes = []
         dispatch = runner.dispatch
         runner.dispatch = lambda plan: sizes.append(plan.num_tokens) or dispatch(plan)
@@ -237,10 +237,10 @@ def test_background_warmup_serves_within_compiled_buckets_until_the_rest_compile
         while len(outs) < 2 and max(sizes, default=0) <= 16 and len(sizes) < 12:
             outs += [o for o in eng.step() if o.finished]
         assert max(sizes) <= 16 and sizes[0] == 16  # the 40-token prompt went in 16-token chunks
-        assert runner._step._cache_size() == 0  # no step compiled on the serving path
+        assert runner.traced_steps() == 0  # no step compiled on the serving path
         release.set()
-        eng._warmup_thread.join(120)
-        assert set(runner._compiled) == {(16, 4, False), (32, 4, False), (64, 4, False)}
+        assert eng.runner.wait_warmup(120)
+        assert runner.compiled_buckets() == {(16, 4, False), (32, 4, False), (64, 4, False)}
         for _ in range(50):
             if len(outs) == 2:
                 break

@@ -298,8 +298,8 @@ def _run(engine, policy, jobs):
         policy.bind(engine.scheduler)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     preempted = []
-    orig = engine.scheduler._preempt
-    engine.scheduler._preempt = lambda req: (preempted.append(req.request_id), orig(req))
+    orig = engine.scheduler.preempt
+    engine.scheduler.preempt = lambda req: (preempted.append(req.request_id), orig(req))
     try:
         ids, final = {}, {}
         for i, (prompt, tier) in enumerate(jobs):
@@ -317,7 +317,7 @@ def _run(engine, policy, jobs):
         for _ in range(2):
             engine.step()
     finally:
-        del engine.scheduler._preempt
+        del engine.scheduler.preempt
         engine.scheduler.policy = FCFS()
     assert not engine.scheduler.running and not engine.scheduler.waiting
     assert engine.scheduler.kv.num_free + engine.scheduler.kv.num_cached == 20

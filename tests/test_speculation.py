@@ -132,8 +132,8 @@ def test_speculation_emits_the_tokens_plain_decoding_does(model, kind, params, p
     want, plain_steps, ref = _reference(model, params, prefix=prefix, budget=budget, num_pages=num_pages)
     drafter = DRAFTERS[kind](ref)
     engine = _engine(model, drafter, prefix=prefix, budget=budget, num_pages=num_pages)
-    preempt, preemptions = engine.scheduler._preempt, []
-    engine.scheduler._preempt = lambda req: preemptions.append(req.request_id) or preempt(req)
+    preempt, preemptions = engine.scheduler.preempt, []
+    engine.scheduler.preempt = lambda req: preemptions.append(req.request_id) or preempt(req)
     got, steps = _run(engine, PROMPTS, params)
     assert bool(preemptions) == (num_pages < 64)  # the small pool does preempt
     assert (got[("r4", 0)].usage.cached_prompt_tokens > 0) == prefix  # a prefix-cache hit
