@@ -22,7 +22,9 @@ from jinfer.prefix_cache import EvictionLog
 from jinfer.request import Request, RequestOutput, Status, Usage
 from jinfer.runner import ModelRunner
 from jinfer.sampling_params import SamplingParams
-from jinfer.scheduling import Scheduler, SchedulingPolicy, SpecStats, StepPlan
+from jinfer.scheduling import Scheduler
+from jinfer.scheduling_policy import SchedulingPolicy
+from jinfer.step_plan import SpecStats, StepPlan
 from jinfer.speculation import DraftBudget, Drafter
 from sharding.tp import TPLayout
 
@@ -155,7 +157,7 @@ class Engine:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, priority: int = 0, tier: Tier | None = None) -> str:
         """Queues a request (params.n samples); raises ValueError naming the bad value, or
-        jinfer.scheduling.AdmissionRefused when the scheduling policy's admission check refuses
+        jinfer.scheduling_policy.AdmissionRefused when the scheduling policy's admission check refuses
         it. priority: the policy's hint (a tier's rank, lower first); tier: its SLO targets."""
         params = params or SamplingParams()
         if isinstance(prompt, str) and not prompt:
@@ -444,7 +446,6 @@ class Engine:
         if sync and self._inflight:
             done, self._inflight = self._inflight, None
             outputs += self._postprocess(*done)
-        budget = self.scheduler.budget
         if plan.seqs and not self.runner.compiled_last:
             # the wall time of a step call: the step itself (sync), or one pipeline stage (async)
             seconds = time.perf_counter() - start

@@ -32,7 +32,7 @@ from flax import nnx
 from jinfer.config import Tier
 from jinfer.engine import Engine, EngineLoad
 from jinfer.request import RequestOutput
-from jinfer.scheduling import SpecStats
+from jinfer.step_plan import SpecStats
 from sharding.devices import partition_devices
 from sharding.reshard import MoveStats, reshard_tree
 from sharding.tp import TPLayout

@@ -14,7 +14,6 @@ weights); entrypoints.build makes engines, policies and servers from the resolve
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import types
 import typing
@@ -22,7 +21,7 @@ import typing
 import ml_collections
 from ml_collections import config_dict
 
-from jinfer.config import (BACKENDS, DTYPES, CacheConfig, EngineOptions, ModelSpec,  # noqa: F401
+from jinfer.config import (BACKENDS, CacheConfig, EngineOptions, ModelSpec,  # noqa: F401
                            SchedulerConfig, ServingConfig, SpeculationConfig)
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.errors import PlanRejected
 from jinfer.kv_cache import KVCache
 from jinfer.sampling import SamplingArrays, sample
-from jinfer.scheduling import PENDING, StepPlan
+from jinfer.step_plan import PENDING, StepPlan
 from jinfer.speculation import Draft
 from sharding.reshard import reshard_tree
 

@@ -4,114 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Collection, Protocol, Sequence
+from typing import Callable, Collection, Sequence
 
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.kv_manager import KVManager
 from jinfer.request import Request, Status
-from jinfer.sampling_params import SamplingParams
+from jinfer.scheduling_policy import FCFS, AdmissionRefused, SchedulingPolicy
 from jinfer.speculation import NO_DRAFT, Draft, DraftBudget, Drafter, kv_moves, verify
-
-PENDING = -1
-"""Stands in a plan for a token sampled by the previous step that the host has not read yet;
-the runner feeds the real id from device memory."""
-
-
-class SchedulingPolicy(Protocol):
-    """Orders requests; the scheduler admits and keeps them in this order.
-
-    Only `priority` is required. A policy may also have (the Scheduler looks them up):
-      - `interleave` (bool attribute, default False): running and waiting requests share one
-        order for the step's token budget and sequence slots, so a waiting request may go
-        before a running one (which then sits out the step, keeping its pages); without it
-        running requests always go first.
-      - `may_preempt(req, victim) -> bool`: `req` cannot get KV pages; may it preempt the
-        running request `victim` (the lowest-priority one, recompute-style)? Default: no
-        (a waiting request then waits; a running one still preempts as always).
-      - `on_schedule(scheduler)`: called at the start of every `schedule()` (read the clock
-        once, revise per-request state).
-      - `admit(req, scheduler) -> str | None`: called by `Scheduler.admit` before a new
-        request is queued: a reason to refuse it (AdmissionRefused), or None.
-      - `observe_step(num_tokens, seconds)`: the engine or simulator reports each step's
-        size and duration.
-    And one the Scheduler never calls:
-      - `bind(scheduler) -> policy`: whoever builds a Scheduler with this policy calls it once
-        the Scheduler exists (entrypoints.build, jinfer.instances.Instances, the simulators), and
-        `Engine.reset` calls it again with the fresh Scheduler, so a policy that reads the
-        scheduler's state (its prefix cache, its token budget) follows it. Returns the policy.
-    """
-
-    def priority(self, req: Request):
-        """Smaller runs first and is preempted last (a key compared with <)."""
-
-
-class AdmissionRefused(RuntimeError):
-    """The scheduling policy refuses a new request (e.g. its TTFT target cannot be met given
-    the queue): a server answers RESOURCE_EXHAUSTED with the message."""
-
-
-class FCFS:
-    def priority(self, req: Request):
-        return (req.priority, req.arrival_index)
-
-
-@dataclasses.dataclass(frozen=True)
-class ScheduledSeq:
-    """One sequence's share of a step: compute `token_ids` at positions start_pos, start_pos+1, ..."""
-
-    request_id: str
-    token_ids: tuple[int, ...]  # may end with PENDING (the previous step's sample)
-    start_pos: int
-    pages: tuple[int, ...]  # the request's page table after allocation
-    sample: bool  # the step reaches the request's last token: sample the next one
-    params: SamplingParams
-    seed: int
-    sample_group: int  # which of the prompt's n samples: keys the random stream with seed
-    sample_index: int  # output tokens before this one: keys the per-token random stream
-    num_draft: int = 0  # the last num_draft of token_ids are a draft to verify
-    draft_parents: tuple[int, ...] = ()  # a tree draft: each draft token's parent (-1: the last
-    # known token), as jinfer.speculation.Draft; empty for a chain
-
-
-@dataclasses.dataclass(frozen=True)
-class Settled:
-    """One token a step sampled for a running request, as Scheduler.update settled it."""
-
-    index: int  # the sequence's position in the plan (and in the step's outputs)
-    req: Request
-    tokens: tuple[int, ...]  # appended this step: one, or accepted draft tokens + the model's
-    finish_reason: str | None  # "stop" | "length" | None: still running
-    rows: tuple[int, ...] = (0,)  # per appended token, its sampled row among the sequence's
-    moves: tuple = ()  # K/V copies (src page, slot, dst page, slot) a tree draft's path needs
-
-    @property
-    def token(self) -> int:
-        return self.tokens[-1]
-
-
-# (request, token just appended, the scheduler's finish reason or None) -> the final reason:
-# finish rules the scheduler cannot see (stop strings need the detokenizer).
-FinishHook = Callable[[Request, int, "str | None"], "str | None"]
-
-
-@dataclasses.dataclass
-class SpecStats:
-    """Speculation since start, over every request (per request: Request.num_draft_tokens...)."""
-
-    draft_tokens: int = 0  # draft tokens verified
-    accepted_tokens: int = 0  # of them, accepted
-    spec_steps: int = 0  # (request, step) pairs that verified a draft
-    drafter_seconds: float = 0.0  # host time in the drafter (start, propose, observe, finish)
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
-
-    @property
-    def mean_accepted(self) -> float:
-        """Accepted draft tokens per verification."""
-        return self.accepted_tokens / self.spec_steps if self.spec_steps else 0.0
-
+from jinfer.step_plan import PENDING, FinishHook, ScheduledSeq, Settled, SpecStats, StepPlan
 
 @dataclasses.dataclass
 class _StepBuild:
@@ -131,18 +31,6 @@ class _StepBuild:
         self.seqs.append(seq)
         self.planned.add(id(req))
         self.budget -= n
-
-
-@dataclasses.dataclass(frozen=True)
-class StepPlan:
-    """The only thing the runner sees of a step."""
-
-    seqs: tuple[ScheduledSeq, ...]
-    preempted: tuple[str, ...] = ()
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(s.token_ids) for s in self.seqs)
 
 
 class Scheduler:

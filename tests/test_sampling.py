@@ -13,7 +13,7 @@ from jinfer.loader.hf import load_hf_model
 from jinfer.sampling import SamplingArrays, first_argmax, token_logprobs
 from jinfer.sampling import sample as _sample_eager
 from jinfer.sampling_params import SamplingParams
-from jinfer.scheduling import ScheduledSeq
+from jinfer.step_plan import ScheduledSeq
 from jinfer.tokenizer import Tokenizer, byte_level_tokenizer
 
 

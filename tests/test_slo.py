@@ -13,7 +13,8 @@ from jinfer.engine import Engine
 from jinfer.loader.hf import load_hf_model
 from jinfer.request import Request, Status
 from jinfer.sampling_params import SamplingParams
-from jinfer.scheduling import FCFS, AdmissionRefused, Scheduler
+from jinfer.scheduling import Scheduler
+from jinfer.scheduling_policy import FCFS, AdmissionRefused
 from jinfer.tokenizer import Tokenizer
 from scheduler.slo.policies import FirstCome, SloAware, StrictPriority
 

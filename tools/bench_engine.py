@@ -374,7 +374,7 @@ def _bare_decode_rate(runner, batch: int, steps: int, prompt_len: int, read_back
     from jinfer.attention import AttentionMetadata
     from jinfer.sampling import SamplingArrays
     from jinfer.sampling_params import SamplingParams
-    from jinfer.scheduling import ScheduledSeq
+    from jinfer.step_plan import ScheduledSeq
 
     t, s = runner.bucket(batch)
     pages_needed = -(-(prompt_len + steps + 2) // runner.page_size)

@@ -47,7 +47,7 @@ def main(argv):
     from entrypoints.build import build_engine
     from jinfer.launch import resolve
     from jinfer.sampling_params import SamplingParams
-    from jinfer.scheduling import ScheduledSeq, StepPlan
+    from jinfer.step_plan import ScheduledSeq, StepPlan
     from scheduler.cost_model import CostModel
 
     try:

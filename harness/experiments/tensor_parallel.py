@@ -24,7 +24,7 @@ from jinfer.models.config import scaled_llama
 from jinfer.models.llama import init_model
 from jinfer.runner import ModelRunner
 from jinfer.sampling_params import SamplingParams
-from jinfer.scheduling import ScheduledSeq, StepPlan
+from jinfer.step_plan import ScheduledSeq, StepPlan
 from sharding.tp import TPLayout, make_mesh
 
 _GREEDY = SamplingParams(temperature=0)

@@ -38,7 +38,7 @@ import time
 from jinfer.config import Tier
 from jinfer.errors import StepFailed
 from jinfer.sampling_params import SamplingParams
-from jinfer.scheduling import AdmissionRefused
+from jinfer.scheduling_policy import AdmissionRefused
 from jinfer.serving.loop_commands import Abort, Add, ResetPrefixCache, Wake, Watch, Watcher
 
 log = logging.getLogger(__name__)

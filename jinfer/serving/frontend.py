@@ -23,7 +23,7 @@ from jinfer.config import ServingConfig
 from jinfer.errors import shorten
 from jinfer.request import RequestOutput
 from jinfer.sampling_params import SamplingParams
-from jinfer.scheduling import AdmissionRefused
+from jinfer.scheduling_policy import AdmissionRefused
 from jinfer.serving.engine_loop import EngineLoop, EngineUnavailable, Health
 
 BIG_PROMPT_CHARS = 32768

@@ -20,7 +20,7 @@ from typing import Sequence
 from jinfer.config import Tier
 from jinfer.instances import InstanceGroup
 from jinfer.sampling_params import SamplingParams
-from jinfer.scheduling import AdmissionRefused
+from jinfer.scheduling_policy import AdmissionRefused
 from scheduler.simulation.workloads import WorkItem
 from scheduler.simulation.simulator import RequestRecord, SimResult
 

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-import math
 from typing import Callable, Mapping, Sequence
 
 from jinfer.config import CacheConfig, SchedulerConfig, Tier
 from jinfer.request import Request, Status
 from jinfer.sampling_params import SamplingParams
-from jinfer.scheduling import AdmissionRefused, Scheduler
+from jinfer.scheduling import Scheduler
+from jinfer.scheduling_policy import AdmissionRefused
 from scheduler.simulation.workloads import WorkItem
 from scheduler.cost_model import CostModel
 from scheduler.adaptive_tp.nitsum import Partition, route

@@ -24,7 +24,8 @@ import numpy as np
 from jinfer.config import CacheConfig, SchedulerConfig, Tier
 from jinfer.request import Request
 from jinfer.sampling_params import SamplingParams
-from jinfer.scheduling import AdmissionRefused, Scheduler
+from jinfer.scheduling import Scheduler
+from jinfer.scheduling_policy import AdmissionRefused
 from jinfer.speculation import Draft
 from scheduler.simulation.workloads import WorkItem
 from scheduler.cost_model import CostModel

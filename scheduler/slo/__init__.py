@@ -1,2 +1,2 @@
-"""Local scheduling policies behind jinfer.scheduling.SchedulingPolicy: first-come, strict
-priority and SLO-aware tiers (policies.py), and priority groups (priority_groups.py)."""
+"""Local scheduling policies behind jinfer.scheduling_policy.SchedulingPolicy: first-come,
+strict priority and SLO-aware tiers (policies.py), and priority groups (priority_groups.py)."""
