@@ -31,45 +31,23 @@ import httpx
 import numpy as np
 
 from harness.bench_targets import SERVER_COUNTS, RequestFailed, connect
+from jinfer.config import Tier
 from scheduler.simulation.workloads import WorkItem
 
 PERCENTILES = (50, 90, 99)
 
 
-@dataclasses.dataclass(frozen=True)
-class Slo:
-    """Targets one request of a tier must meet (either may be inf: not judged)."""
-
-    ttft_s: float = math.inf
-    tpot_s: float = math.inf
-
-    def __post_init__(self):
-        if not (self.ttft_s > 0 and self.tpot_s > 0):
-            raise ValueError(f"SLO targets must be > 0, got ttft_s={self.ttft_s} tpot_s={self.tpot_s}")
-
-    @classmethod
-    def parse(cls, spec: str) -> tuple[str, "Slo"]:
-        """'tier:TTFT_MS:TPOT_MS' (e.g. interactive:500:50) -> (tier, Slo)."""
-        parts = spec.split(":")
-        if len(parts) != 3 or not parts[0]:
-            raise ValueError(f"SLO spec {spec!r} must look like tier:ttft_ms:tpot_ms")
-        try:
-            ttft, tpot = float(parts[1]), float(parts[2])
-        except ValueError:
-            raise ValueError(f"SLO spec {spec!r}: ttft_ms and tpot_ms must be numbers") from None
-        return parts[0], cls(ttft / 1e3, tpot / 1e3)
-
-    @classmethod
-    def parse_all(cls, specs) -> dict[str, "Slo"]:
-        """Several 'tier:TTFT_MS:TPOT_MS' specs -> {tier: Slo}; ValueError names a bad one."""
-        return dict(cls.parse(s) for s in specs)
+def parse_slos(specs) -> dict[str, Tier]:
+    """--slo specs, 'tier:TTFT_MS:TPOT_MS[:weight]' (jinfer.config.Tier.parse: the targets the
+    server and the simulator judge by) -> {tier: Tier}; ValueError names a bad one."""
+    return {t.name: t for t in (Tier.parse(s) for s in specs)}
 
 
-def server_slos(info: dict) -> dict[str, Slo]:
-    """The targets of the server's judged tiers (GetServerInfo's tier_info; 0 ms: none), as
-    {tier: Slo}: what a report may judge a tier by when the client gives it no --slo."""
+def server_tiers(info: dict) -> dict[str, Tier]:
+    """The server's judged tiers with their targets (GetServerInfo's tier_info; 0 ms: none), as
+    {tier: Tier}: what a report judges a tier by when the client gives it no --slo."""
     seconds = lambda ms: ms / 1e3 if ms else math.inf  # noqa: E731
-    return {name: Slo(seconds(t["ttft_ms"]), seconds(t["tpot_ms"]))
+    return {name: Tier(name, seconds(t["ttft_ms"]), seconds(t["tpot_ms"]))
             for name, t in info.get("tier_targets", {}).items() if t["judged"]}
 
 
@@ -109,11 +87,9 @@ class Result:
     def latency_s(self) -> float:
         return self.finish_s - self.send_s
 
-    def meets(self, slo: Slo) -> bool:
-        if not self.ok:
-            return False
-        tpot = self.tpot_s
-        return self.ttft_s <= slo.ttft_s and (math.isnan(tpot) or tpot <= slo.tpot_s)
+    def meets(self, tier: Tier) -> bool:
+        """Finished within its tier's targets (Tier.met: the server's and the simulator's judge)."""
+        return self.ok and tier.met(self.ttft_s, self.tpot_s)
 
 
 @dataclasses.dataclass
@@ -283,8 +259,9 @@ def _stats(values) -> dict:
     return {"mean": float(v.mean()), **{f"p{p}": float(np.percentile(v, p)) for p in PERCENTILES}}
 
 
-def summarize(run: Run, slos: dict[str, Slo] | None = None) -> dict:
-    """Throughput, latency percentiles (ms) overall and per tier, SLO attainment and goodput."""
+def summarize(run: Run, slos: dict[str, Tier] | None = None) -> dict:
+    """Throughput, latency percentiles (ms) overall and per tier, SLO attainment and goodput
+    (slos: the tiers judged, with their targets)."""
     slos = slos or {}
     res, dur = run.results, run.duration_s
     ok = [r for r in res if r.ok]

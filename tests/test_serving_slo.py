@@ -11,17 +11,17 @@ import urllib.request
 import grpc
 import pytest
 
+from harness import benchmark as bm
 from jinfer import TEST_MODEL_DIR
-from scheduler.simulation import workloads as w
 from jinfer.config import CacheConfig, SchedulerConfig, Tier
 from jinfer.engine import Engine
 from jinfer.loader.hf import load_hf_model
 from jinfer.request import RequestOutput, Usage
-from harness import benchmark as bm
 from jinfer.serving.client import Client
 from jinfer.serving.goodput import Goodput
 from jinfer.serving.server import Server, ServingConfig
 from jinfer.tokenizer import Tokenizer
+from scheduler.simulation import workloads as w
 from scheduler.slo.policies import SloAware
 from tests.serving_util import StepGate, settled, wait_for
 
@@ -84,7 +84,7 @@ def test_server_goodput_counts_equal_what_the_client_measured(client, server):
     assert all(r.ok and r.finish_reason == "length" for r in run.results)
     delta = {tier: {k: c[k] - before[tier][k] for k in COUNTS} for tier, c in _counts(after).items()}
 
-    slos = bm.server_slos(run.server)
+    slos = bm.server_tiers(run.server)
     assert set(slos) == {"tight", "loose"}  # the best-effort tier is not judged
     for tier in ("tight", "loose"):
         rs, slo = [r for r in run.results if r.tier == tier], slos[tier]

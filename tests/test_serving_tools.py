@@ -11,12 +11,13 @@ import urllib.request
 
 import pytest
 
-from jinfer import TEST_MODEL_DIR
-from scheduler.simulation import workloads as w
 from entrypoints.build import build_server
-from jinfer.launch import default_config, resolve
 from harness import benchmark as bm
+from jinfer import TEST_MODEL_DIR
+from jinfer.config import Tier
+from jinfer.launch import default_config, resolve
 from jinfer.serving.client import Client
+from scheduler.simulation import workloads as w
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = (8, 4096)
@@ -88,7 +89,7 @@ def test_replay_multi_turn_shared_prefix_and_slos(server, tmp_path):
         t0, t1 = [(it, r) for it, r in zip(items, run.results) if it.session == s]
         assert t1[1].prompt_tokens == t0[1].prompt_tokens + t0[1].completion_tokens + t1[0].prompt_len
         assert t1[1].cached_prompt_tokens >= 16 and t1[1].send_s >= t0[1].finish_s
-    summary = bm.summarize(run, {"interactive": bm.Slo(60.0, 60.0), "batch": bm.Slo(1e-6, 60.0)})
+    summary = bm.summarize(run, {"interactive": Tier("interactive", 60.0, 60.0), "batch": Tier("batch", 1e-6, 60.0)})
     assert summary["requests"] == len(items) and summary["failed"] == 1 and summary["errors"] == {"INVALID_ARGUMENT": 1}
     assert summary["tiers"]["interactive"]["attainment"] == 1.0 and summary["tiers"]["batch"]["attainment"] == 0
     assert summary["tiers"]["interactive"]["goodput_rps"] == pytest.approx(4 / run.duration_s)
@@ -105,13 +106,14 @@ def test_replay_multi_turn_shared_prefix_and_slos(server, tmp_path):
 
 
 def test_slo_spec_parsing():
-    assert bm.Slo.parse("gold:250:25") == ("gold", bm.Slo(0.25, 0.025))
+    assert bm.parse_slos(["gold:250:25", "tin:1000:100:2"]) == {"gold": Tier("gold", 0.25, 0.025),
+                                                                "tin": Tier("tin", 1.0, 0.1, 2.0)}
     for bad in ("gold:250", "gold:x:1", ":1:1", "gold:0:5"):
         with pytest.raises(ValueError):
-            bm.Slo.parse(bad)
+            bm.parse_slos([bad])
     r = bm.Result(0, "t", "", -1, 0.0, send_s=0.0, first_token_s=0.1, finish_s=0.5, completion_tokens=5)
-    assert r.tpot_s == pytest.approx(0.1) and r.meets(bm.Slo(0.1, 0.1)) and not r.meets(bm.Slo(0.09, 1))
-    assert not math.isnan(r.latency_s) and not bm.Result(0, "t", "", -1, 0.0, error="X: y").meets(bm.Slo())
+    assert r.tpot_s == pytest.approx(0.1) and r.meets(Tier("t", 0.1, 0.1)) and not r.meets(Tier("t", 0.09, 1))
+    assert not math.isnan(r.latency_s) and not bm.Result(0, "t", "", -1, 0.0, error="X: y").meets(Tier("t"))
 
 
 def _tool(*args, timeout=120):

@@ -160,7 +160,7 @@ def _live_stats(run, tiers) -> dict:
     requests the server's policy demoted during the run (its own count)."""
     from harness import benchmark as bm
 
-    slos = {t.name: bm.Slo(t.ttft_s, t.tpot_s) for t in tiers if t.judged}
+    slos = {t.name: t for t in tiers if t.judged}
     summary = bm.summarize(run, slos)
     dur = run.duration_s
     out = {"span_s": dur, "tiers": {}}

@@ -123,7 +123,7 @@ def main(argv):
     from harness import benchmark as bm
 
     try:
-        slos = bm.Slo.parse_all(FLAGS.slo)
+        slos = bm.parse_slos(FLAGS.slo)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     if FLAGS.plot:
@@ -153,7 +153,7 @@ def main(argv):
         return
     first = info["tiers"][0] if info["tiers"] else ""
     used = {it.tier or first for it in items}
-    slos = {**{t: slo for t, slo in bm.server_slos(info).items() if t in used}, **slos}
+    slos = {**{t: slo for t, slo in bm.server_tiers(info).items() if t in used}, **slos}
     run = bm.replay(FLAGS.target, items, token=FLAGS.token or None, root_cert=FLAGS.root_cert or None,
                     ignore_eos=FLAGS.ignore_eos, temperature=FLAGS.temperature,
                     max_concurrency=FLAGS.max_concurrency, progress=FLAGS.progress,

@@ -89,7 +89,7 @@ def main(argv):
     from harness import benchmark as bm
 
     try:
-        slos = bm.Slo.parse_all(FLAGS.slo)
+        slos = bm.parse_slos(FLAGS.slo)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     from entrypoints.process import ServerProcess
