@@ -26,12 +26,12 @@ from jinfer.engine import Engine
 from jinfer.instances import InstanceGroup, Instances
 from jinfer.launch import LaunchConfig, ModelSpec, load_checkpoint, load_model, load_tokenizer, model_config, to_dict
 from jinfer.models.llama import abstract_model
-from scheduler.speculation.das import RolloutDrafter
-from scheduler.speculation.drafters import NgramDrafter, SuffixDrafter
-from scheduler.slo.priority_groups import PriorityGroups
 from scheduler.adaptive_tp.nitsum import build_control
 from scheduler.slo.policies import FirstCome, SloAware, StrictPriority
+from scheduler.slo.priority_groups import PriorityGroups
 from scheduler.speculation.budget import CostAwareBudget
+from scheduler.speculation.das import RolloutDrafter
+from scheduler.speculation.drafters import NgramDrafter, SuffixDrafter
 from sharding.tp import make_mesh
 
 DRAFTERS = {"ngram": NgramDrafter, "suffix": SuffixDrafter, "das": RolloutDrafter}

@@ -14,18 +14,18 @@ import jax
 
 from jinfer.attention import MAX_TREE_TOKENS, default_attention_backend, get_backend
 from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig, Tier
-from jinfer.models.llama import set_attention_backend
 from jinfer.detokenizer import IncrementalDetokenizer
 from jinfer.errors import PlanRejected, StepFailed, shorten
 from jinfer.kv_cache import KVCache
+from jinfer.models.llama import set_attention_backend
 from jinfer.prefix_cache import EvictionLog
 from jinfer.request import Request, RequestOutput, Status, Usage
 from jinfer.runner import ModelRunner
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import Scheduler
 from jinfer.scheduling_policy import SchedulingPolicy
-from jinfer.step_plan import SpecStats, StepPlan
 from jinfer.speculation import DraftBudget, Drafter
+from jinfer.step_plan import SpecStats, StepPlan
 from sharding.tp import TPLayout
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.errors import PlanRejected
 from jinfer.kv_cache import KVCache
 from jinfer.sampling import SamplingArrays, sample
-from jinfer.step_plan import PENDING, StepPlan
 from jinfer.speculation import Draft
+from jinfer.step_plan import PENDING, StepPlan
 from sharding.reshard import reshard_tree
 
 log = logging.getLogger(__name__)

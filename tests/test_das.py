@@ -4,10 +4,10 @@ by hand, in the engine (lossless) and in the simulator."""
 import numpy as np
 import pytest
 
-from jinfer.config import SpeculationConfig
 from entrypoints.build import build_draft_budget, build_drafter
+from jinfer.config import SpeculationConfig
 from scheduler.speculation.das import (LONG, MEDIUM, SHORT, DasConfig, LengthAwareBudget, RolloutDrafter, expected_tokens,
-                           makespan_draft_len, throughput_draft_len)
+                                       makespan_draft_len, throughput_draft_len)
 from scheduler.speculation.drafters import SuffixConfig
 
 A, B = (1, 2, 3, 4), (9, 8, 7, 6)  # two problems' prompts

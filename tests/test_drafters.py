@@ -6,8 +6,8 @@ import random
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from jinfer.config import SpeculationConfig
 from entrypoints.build import build_drafter
+from jinfer.config import SpeculationConfig
 from jinfer.speculation import NO_DRAFT, Draft, Drafter
 from scheduler.speculation.drafters import NgramConfig, NgramDrafter, SuffixConfig, SuffixDrafter
 from scheduler.speculation.suffix_tree import SuffixTree, speculate

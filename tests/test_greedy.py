@@ -12,9 +12,9 @@ import transformers
 
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.engine import Engine
+from jinfer.loader.hf import load_hf_model
 from jinfer.sampling_params import SamplingParams
 from jinfer.tokenizer import Tokenizer
-from jinfer.loader.hf import load_hf_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_CONFIG = f"--config={os.path.join(ROOT, 'configs', 'test_5m.py')}"  # the 5.1M test model, not the default

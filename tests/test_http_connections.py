@@ -10,15 +10,15 @@ import socket
 
 import pytest
 
+from harness import benchmark as bm
 from jinfer import TEST_MODEL_DIR
-from scheduler.simulation import workloads as w
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.engine import Engine
 from jinfer.loader.hf import load_hf_model
-from harness import benchmark as bm
 from jinfer.serving.openai import HttpHost, OpenAIApi
 from jinfer.serving.server import Server, ServingConfig
 from jinfer.tokenizer import Tokenizer
+from scheduler.simulation import workloads as w
 from tests.serving_util import wait_for
 
 TOKEN = "s3cret"

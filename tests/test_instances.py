@@ -4,8 +4,8 @@ them while requests run."""
 import pytest
 
 from jinfer.config import CacheConfig, SchedulerConfig
-from jinfer.models.llama import init_model
 from jinfer.instances import Instances
+from jinfer.models.llama import init_model
 from sharding.devices import partition_devices
 from tests.test_tp import CFG, GREEDY, PROMPTS, TOK
 

@@ -15,13 +15,13 @@ import httpx
 import openai
 import pytest
 
-from jinfer import TEST_MODEL_DIR
-from jinfer.serving.client import Client
 from entrypoints.process import ServerProcess
+from entrypoints.routing import router_server
+from jinfer import TEST_MODEL_DIR
+from jinfer.router.config import RouterConfig
+from jinfer.serving.client import Client
 from jinfer.tokenizer import Tokenizer
 from scheduler.cost_model import analytic_7b_h100
-from entrypoints.routing import router_server
-from jinfer.router.config import RouterConfig
 from scheduler.routing.policies import E2Options
 from tests.serving_util import HANG_S, wait_for
 

@@ -6,8 +6,8 @@ import pytest
 from jinfer.attention import AttentionMetadata
 from jinfer.kv_cache import KVCache
 from jinfer.loader.hf import load_hf_model
-from tests.model_forward import jit_forward
 from tests import hf_models
+from tests.model_forward import jit_forward
 
 VARIANTS = list(hf_models.VARIANTS)
 PAGE_SIZE = 4

@@ -11,10 +11,10 @@ import sys
 import pytest
 
 from jinfer.config import Tier
-from scheduler.cost_model import CostModel
 from scheduler.adaptive_tp.nitsum import Partition, Profile
 from scheduler.adaptive_tp.profile import (Phase, TierShape, attainment_at, average_rates, bisect_rate, poisson_tier,
-                                      profile_rates, shifting_workload)
+                                           profile_rates, shifting_workload)
+from scheduler.cost_model import CostModel
 from scheduler.simulation.simulator import ReplicaConfig
 from scheduler.slo.policies import SloAware
 

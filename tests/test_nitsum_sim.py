@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 from jinfer.config import Tier
-from scheduler.simulation.workloads import WorkItem
-from scheduler.cost_model import analytic_8b_h100_tp
 from scheduler.adaptive_tp.nitsum import Partition
+from scheduler.cost_model import analytic_8b_h100_tp
 from scheduler.simulation.nitsum_sim import AdaptiveSimulator, ReconfigModel, StaticControl
 from scheduler.simulation.simulator import ReplicaConfig
+from scheduler.simulation.workloads import WorkItem
 from scheduler.slo.policies import SloAware
 
 TIERS = (Tier("interactive", 0.25, 0.03, 4), Tier("batch", 5.0, 0.1, 1))

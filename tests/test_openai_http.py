@@ -15,18 +15,18 @@ import httpx
 import openai
 import pytest
 
+from harness import benchmark as bm
 from jinfer import TEST_MODEL_DIR
-from scheduler.simulation import workloads as w
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.engine import Engine
 from jinfer.loader.hf import load_hf_model
 from jinfer.sampling_params import SamplingParams
-from harness import benchmark as bm
 from jinfer.serving.client import Client
 from jinfer.serving.engine_loop import Health
 from jinfer.serving.openai import HttpHost
 from jinfer.serving.server import Server, ServingConfig
 from jinfer.tokenizer import Tokenizer
+from scheduler.simulation import workloads as w
 from tests.serving_util import HANG_S, StepGate, wait_for
 from tests.serving_util import settled as _settled
 

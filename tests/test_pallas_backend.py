@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jinfer.attention.pallas as pallas_backend
 from jinfer.attention import AttentionMetadata, PallasBackend, XlaBackend, default_attention_backend
+import jinfer.attention.pallas as pallas_backend
 from jinfer.config import CacheConfig, SchedulerConfig
+from jinfer.config import EngineOptions
 from jinfer.engine import Engine
 from jinfer.loader.hf import load_hf_model
-from jinfer.config import EngineOptions
 from jinfer.sampling_params import SamplingParams
 from jinfer.tokenizer import Tokenizer
 

@@ -13,13 +13,13 @@ from jinfer.prefix_cache import EvictionLog
 from jinfer.request import Request
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import Scheduler
-from scheduler.routing import preble_workloads as pw
 from scheduler.cost_model import CostModel, analytic_7b_h100
-from scheduler.slo.priority_groups import PriorityGroups
-from scheduler.routing.radix import GlobalRadixTree
+from scheduler.routing import preble_workloads as pw
 from scheduler.routing.policies import (ROUTERS, E2Options, LeastLoad, NoReplicaUp, PrebleE2, ReplicaLoad, RoundRobin,
-                               RouteRequest, SGLangCacheAware, make_router)
+                                        RouteRequest, SGLangCacheAware, make_router)
+from scheduler.routing.radix import GlobalRadixTree
 from scheduler.simulation.simulator import ReplicaConfig, Simulator
+from scheduler.slo.priority_groups import PriorityGroups
 
 # -- global radix tree -------------------------------------------------------------------------
 

@@ -4,9 +4,9 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from sharding.rules import KV_LOGICAL_AXES
 from jinfer.models.config import preset
 from jinfer.models.llama import abstract_model
+from sharding.rules import KV_LOGICAL_AXES
 from sharding.rules import TP_RULES, logical_to_spec
 
 

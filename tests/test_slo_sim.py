@@ -9,10 +9,10 @@ import sys
 import pytest
 
 from jinfer.config import ServingConfig, Tier
-from scheduler.simulation.workloads import SLO_CLASSES, WorkItem, slo_mix
 from scheduler.cost_model import CostModel, analytic_7b_h100
 from scheduler.routing.policies import make_router
 from scheduler.simulation.simulator import ReplicaConfig, Simulator
+from scheduler.simulation.workloads import SLO_CLASSES, WorkItem, slo_mix
 from scheduler.slo.policies import FirstCome, SloAware, StrictPriority
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,14 +9,14 @@ import types
 
 import pytest
 
+from entrypoints.process import ServerProcess
+from harness import soak as soak_module
+from harness.soak import soak
 from jinfer import TEST_MODEL_DIR
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.engine import Engine
 from jinfer.loader.hf import load_hf_model
-from harness import soak as soak_module
-from entrypoints.process import ServerProcess
 from jinfer.serving.server import Server, ServingConfig
-from harness.soak import soak
 from jinfer.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

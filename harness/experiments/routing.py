@@ -12,11 +12,11 @@ import dataclasses
 import time
 from typing import Callable, Sequence
 
-from scheduler.simulation.workloads import WorkItem
-from scheduler.routing import preble_workloads as pw
 from scheduler.cost_model import CostModel, analytic_7b_h100
+from scheduler.routing import preble_workloads as pw
 from scheduler.routing.policies import ROUTERS, E2Options, make_router
 from scheduler.simulation.simulator import ReplicaConfig, SimResult, Simulator
+from scheduler.simulation.workloads import WorkItem
 
 E2_ABLATION = ("E2 alone", "+ rebalance & replication", "+ P/D balance", "+ priority groups")
 """E2's parts added one at a time: the columns of RoutingRuns.ablation."""

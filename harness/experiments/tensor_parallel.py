@@ -18,8 +18,8 @@ from typing import Callable, Sequence
 
 import jax
 
-from jinfer.config import CacheConfig, SchedulerConfig
 from harness.experiments.hlo import CollectiveTraffic, collective_traffic
+from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.models.config import scaled_llama
 from jinfer.models.llama import init_model
 from jinfer.runner import ModelRunner

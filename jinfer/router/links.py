@@ -20,11 +20,11 @@ from typing import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from jinfer.router.config import RouterConfig
+from jinfer.routing import ReplicaLoad, Router
 from jinfer.serving import inference_pb2 as pb
 from jinfer.serving import inference_pb2_grpc as pb_grpc
 from jinfer.serving.server import SERVICE
-from jinfer.router.config import RouterConfig
-from jinfer.routing import ReplicaLoad, Router
 
 log = logging.getLogger(__name__)
 

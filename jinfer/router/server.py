@@ -38,16 +38,16 @@ import grpc
 
 from jinfer.config import ServingConfig
 from jinfer.errors import shorten
+from jinfer.router.config import RouterConfig
+from jinfer.router.http import RouterFrontend
+from jinfer.router.links import ReplicaLinks
+from jinfer.routing import NoReplicaUp, RouteRequest, Router
 from jinfer.serving import inference_pb2 as pb
 from jinfer.serving import inference_pb2_grpc as pb_grpc
 from jinfer.serving.frontend import ServingError, check_prompt_text
 from jinfer.serving.grpc_host import GrpcHost, add_service, clip_details
 from jinfer.serving.openai import HttpHost, OpenAIApi
 from jinfer.serving.server import SERVICE, sampling_params
-from jinfer.router.config import RouterConfig
-from jinfer.router.http import RouterFrontend
-from jinfer.router.links import ReplicaLinks
-from jinfer.routing import NoReplicaUp, RouteRequest, Router
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from jinfer.config import Tier
 from jinfer.instances import InstanceGroup
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling_policy import AdmissionRefused
-from scheduler.simulation.workloads import WorkItem
 from scheduler.simulation.simulator import RequestRecord, SimResult
+from scheduler.simulation.workloads import WorkItem
 
 
 @dataclasses.dataclass

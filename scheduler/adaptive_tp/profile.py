@@ -24,11 +24,11 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from jinfer.config import Tier
-from scheduler.simulation.workloads import WorkItem
-from scheduler.cost_model import CostModel
 from scheduler.adaptive_tp.nitsum import InstancePlan, Partition, Profile
+from scheduler.cost_model import CostModel
 from scheduler.simulation.nitsum_sim import AdaptiveSimulator, StaticControl
 from scheduler.simulation.simulator import ReplicaConfig
+from scheduler.simulation.workloads import WorkItem
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,13 +17,13 @@ import time
 from typing import Callable, Mapping, Sequence
 
 from jinfer.config import Tier
-from scheduler.simulation.workloads import WorkItem
-from scheduler.cost_model import CostModel
 from scheduler.adaptive_tp.nitsum import (Controller, InstancePlan, NitsumControl, Partition, Profile, predicted_goodput,
-                             size_multisets)
+                                          size_multisets)
 from scheduler.adaptive_tp.profile import Phase, average_rates
+from scheduler.cost_model import CostModel
 from scheduler.simulation.nitsum_sim import AdaptiveSimulator, ReconfigModel, StaticControl
 from scheduler.simulation.simulator import ReplicaConfig
+from scheduler.simulation.workloads import WorkItem
 
 
 def best_assignment(controller: Controller, sizes: Sequence[int], rates: Mapping[str, float]) -> Partition:

@@ -35,10 +35,10 @@ from jinfer.request import Request, Status
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import Scheduler
 from jinfer.scheduling_policy import AdmissionRefused
-from scheduler.simulation.workloads import WorkItem
-from scheduler.cost_model import CostModel
 from scheduler.adaptive_tp.nitsum import Partition, route
+from scheduler.cost_model import CostModel
 from scheduler.simulation.simulator import ReplicaConfig, RequestRecord, SimResult
+from scheduler.simulation.workloads import WorkItem
 
 _ARRIVAL, _STEP_DONE, _WINDOW, _RESUME = 0, 1, 2, 3
 

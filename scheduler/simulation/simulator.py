@@ -27,10 +27,10 @@ from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import Scheduler
 from jinfer.scheduling_policy import AdmissionRefused
 from jinfer.speculation import Draft
-from scheduler.simulation.workloads import WorkItem
 from scheduler.cost_model import CostModel
-from scheduler.slo.priority_groups import PriorityGroups
 from scheduler.routing.policies import ReplicaLoad, RouteRequest, Router
+from scheduler.simulation.workloads import WorkItem
+from scheduler.slo.priority_groups import PriorityGroups
 
 _ARRIVAL, _STEP_DONE = 0, 1
 

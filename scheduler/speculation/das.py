@@ -50,8 +50,8 @@ import statistics
 from typing import Callable, Hashable, Sequence
 
 from jinfer.config import SpeculationConfig
-from scheduler.speculation.drafters import SuffixConfig, SuffixDrafter, _SuffixRequest, _unknown
 from scheduler.speculation.budget import BudgetConfig, CostAwareBudget
+from scheduler.speculation.drafters import SuffixConfig, SuffixDrafter, _SuffixRequest, _unknown
 from scheduler.speculation.suffix_tree import SuffixTree, TailMatcher
 
 
