@@ -52,11 +52,7 @@ def build_engine(launch: LaunchConfig, policy=None, progress: bool = False):
         mesh = make_mesh(spec.tp)
     if policy is None and opts.scheduling_policy:
         policy = scheduling_policy(opts.scheduling_policy)
-    if opts.slo_admission:
-        if not hasattr(policy, "admission"):
-            raise ValueError(f"engine.slo_admission needs a policy with an admission check "
-                             f"(engine.scheduling_policy=slo), not {opts.scheduling_policy or 'FCFS'!r}")
-        policy.admission = True
+    _admission(policy, opts)
     spec_cfg = launch.speculation
     drafter = build_drafter(spec_cfg)
 
@@ -88,6 +84,17 @@ def _build_while_loading(spec: ModelSpec, make):
     return engine
 
 
+def _admission(policy, opts):
+    """The policy with its admission check on when engine.slo_admission asks for it
+    (ValueError for a policy without one)."""
+    if opts.slo_admission:
+        if not hasattr(policy, "admission"):
+            raise ValueError(f"engine.slo_admission needs a policy with an admission check "
+                             f"(engine.scheduling_policy=slo), not {opts.scheduling_policy or 'FCFS'!r}")
+        policy.admission = True
+    return policy
+
+
 def _build_instances(launch: LaunchConfig, policy, progress: bool):
     """engine.instances: an InstanceGroup (one engine per device group; each its own policy
     object, built from engine.scheduling_policy), adaptive when engine.adaptive_tp names a
@@ -105,14 +112,9 @@ def _build_instances(launch: LaunchConfig, policy, progress: bool):
     if sum(opts.instances) > jax.device_count():
         raise ValueError(f"engine.instances={opts.instances} needs {sum(opts.instances)} devices, "
                          f"{jax.device_count()} available")
+
     def factory():
-        made = scheduling_policy(opts.scheduling_policy)
-        if opts.slo_admission:
-            if not hasattr(made, "admission"):
-                raise ValueError(f"engine.slo_admission needs a policy with an admission check "
-                                 f"(engine.scheduling_policy=slo), not {opts.scheduling_policy!r}")
-            made.admission = True
-        return made
+        return _admission(scheduling_policy(opts.scheduling_policy), opts)
 
     if opts.slo_admission and not opts.scheduling_policy:
         raise ValueError("engine.slo_admission needs engine.scheduling_policy=slo")
