@@ -2,6 +2,7 @@
 
   python tools/bench_cpu_peer.py                       # the default model, results as a markdown table
   python tools/bench_cpu_peer.py --rounds=1 --concurrency=8 --tokens=16 --streams=1,2   # a quick look
+  python tools/bench_cpu_peer.py --rounds=0 --starts=5 --engines=jinfer   # start-up only, 5 warm starts
 
 Engines (each a server process of its own, started one after another and kept up, so rounds
 can interleave): jinfer on configs/default.py in float32 (the GGUF dequantized at load), and
@@ -9,8 +10,9 @@ llama.cpp's C++ server (PyPI's xllamacpp, the `peer` extra) on the Q4_1 file its
 the same weights written back as an F32 GGUF (dequantized once, cached beside the original).
 
 Measured per engine:
-- start to ready: process start to the first completion served (jinfer twice: with an empty
-  compilation cache, then with the cache the first start left);
+- start to ready: process start to the first completion served (a 2-token completion of the
+  benchmark's ~20-token prompt); jinfer first with an empty compilation cache, then --starts
+  times with the cache the first start left (median);
 - peak resident memory of the server process (VmHWM) after all rounds;
 - output tokens/s with --concurrency streams of --tokens greedy tokens (EOS ignored);
 - time per output token with 1, 2, 4, 8 concurrent streams (--streams), from the streamed
@@ -40,7 +42,10 @@ flags.DEFINE_string("gguf", "", "The quantized GGUF both engines serve; empty: t
 flags.DEFINE_integer("concurrency", 64, "Concurrent streams of the throughput rows.", lower_bound=1)
 flags.DEFINE_integer("tokens", 128, "Greedy tokens per request (EOS ignored).", lower_bound=2)
 flags.DEFINE_list("streams", ["1", "2", "4", "8"], "Concurrent streams of the per-token latency rows.")
-flags.DEFINE_integer("rounds", 3, "Interleaved rounds per measurement; the table gives medians.", lower_bound=1)
+flags.DEFINE_integer("rounds", 3, "Interleaved rounds per measurement; the table gives medians (0: start-up only).",
+                     lower_bound=0)
+flags.DEFINE_integer("starts", 1, "Warm starts measured per engine (jinfer: after its cold start); the table gives "
+                     "their median.", lower_bound=1)
 flags.DEFINE_integer("threads", 0, "llama.cpp threads; 0: one per CPU core of this process.", lower_bound=0)
 flags.DEFINE_list("engines", ["jinfer", "llama.cpp-q4_1", "llama.cpp-f32"], "Engines to run, in this order.")
 flags.DEFINE_multi_string("jinfer_override", [], "Extra jinfer server flags, e.g. --jinfer_override=--config.scheduler.max_num_seqs=128.")
@@ -258,16 +263,22 @@ def main(argv):
     cold_cache = tempfile.mkdtemp(prefix="jinfer-xla-")
     results = {e.name: {"tok_s": [], **{f"ms@{s}": [] for s in streams}} for e in engines}
     for e in engines:
-        if e.name == "jinfer":  # cold start (empty compilation cache), stopped, then the warm one stays up
-            first = Engine(e.name, e.cmd).start([f"--config.engine.compilation_cache={cold_cache}"])
+        extra = [f"--config.engine.compilation_cache={cold_cache}"] if e.name == "jinfer" else []
+        if e.name == "jinfer":  # cold start (empty compilation cache), stopped, then the warm ones
+            first = Engine(e.name, e.cmd).start(extra)
             first.stop()
             results[e.name]["ready_cold_s"] = first.ready_s
-            e.start([f"--config.engine.compilation_cache={cold_cache}"])
-        else:
-            e.start()
-        results[e.name]["ready_s"] = e.ready_s
-        print(f"{e.name}: ready in {e.ready_s:.1f} s", file=sys.stderr)
-        e.wait_warm()
+        starts = []
+        for _ in range(FLAGS.starts - 1):  # stopped; the last start stays up for the rounds
+            probe = Engine(e.name, e.cmd).start(extra)
+            probe.stop()
+            starts.append(probe.ready_s)
+        e.start(extra)
+        results[e.name]["ready_starts_s"] = starts + [e.ready_s]
+        results[e.name]["ready_s"] = statistics.median(results[e.name]["ready_starts_s"])
+        print(f"{e.name}: ready in {', '.join(f'{s:.2f}' for s in starts + [e.ready_s])} s", file=sys.stderr)
+        if FLAGS.rounds:
+            e.wait_warm()
     try:
         for rnd in range(FLAGS.rounds):
             order = engines[rnd % len(engines):] + engines[:rnd % len(engines)]
@@ -294,10 +305,11 @@ def format_table(results: dict, streams: list[int]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = results.get("jinfer")
     for name, r in results.items():
-        ready = f"{r['ready_cold_s']:.1f} / {r['ready_s']:.1f}" if "ready_cold_s" in r else f"{r['ready_s']:.1f}"
-        row = [name, f"{med(r['tok_s']):.0f}"] + [f"{med(r[f'ms@{s}']):.1f}" for s in streams]
+        ready = f"{r['ready_cold_s']:.1f} / {r['ready_s']:.2f}" if "ready_cold_s" in r else f"{r['ready_s']:.2f}"
+        row = [name, f"{med(r['tok_s']):.0f}" if r["tok_s"] else "-"] + [
+            f"{med(r[f'ms@{s}']):.1f}" if r[f"ms@{s}"] else "-" for s in streams]
         lines.append("| " + " | ".join(row + [ready, f"{r.get('peak_rss_mib', float('nan')):.0f}"]) + " |")
-    if base:
+    if base and base["tok_s"]:
         lines.append("")
         for name, r in results.items():
             if name != "jinfer":
