@@ -151,7 +151,7 @@ def test_demo_serves_replays_reports_and_shuts_down_cleanly(tmp_path):
     (model / "chat_template.jinja").write_text(TEMPLATE)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "demo.py"),
                            f"--config={os.path.join(ROOT, 'configs', 'test_5m.py')}",
-                           "--slo=interactive:250:50", "--slo=batch:2000:100",
+                           "--slo=interactive:250:50", "--slo=batch:2000:100", "--rate=1",
                            f"--override=--config.model.path={model}",
                            "--override=--config.engine.warmup=false", "--override=--config.engine.compilation_cache="],
                           capture_output=True, text=True, timeout=600)

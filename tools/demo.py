@@ -30,6 +30,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("config", os.path.join(ROOT, "configs", "default.py"), "Launch config of the server.")
 flags.DEFINE_multi_string("override", [], "Extra server flags, e.g. --override=--config.cache.page_size=32.")
 flags.DEFINE_integer("scale", 1, "Multiplies the demo workload's request counts.", lower_bound=1)
+flags.DEFINE_float("rate", 0.15, "Multiplies the demo workload's arrival rates (1: 5 interactive + 1.5 batch req/s, "
+                   "sized for the 5.1M test model; 0.15: for the default model on 2 CPU cores).",
+                   lower_bound=1e-3)
 flags.DEFINE_multi_string("chat", ["What is the capital of France?", "Give me three tips for writing clear code."],
                           "Questions asked through /v1/chat/completions before the workload; the last is streamed.")
 flags.DEFINE_integer("chat_max_tokens", 96, "Longest answer to each question.", lower_bound=1)
@@ -110,7 +113,7 @@ def main(argv):
         if FLAGS.chat:
             print(f"chatting with {info.model} over http://{server.http_target}/v1/chat/completions")
             _chat(server.http_target, info.model)
-        items = workloads.demo((8, info.vocab_size), FLAGS.seed, FLAGS.scale)
+        items = workloads.demo((8, info.vocab_size), FLAGS.seed, FLAGS.scale, FLAGS.rate)
         print(f"\nreplaying {len(items)} requests ({info.model}, tiers {list(info.tiers)}) against {target}",
               file=sys.stderr)
         run = bm.replay(target, items)

@@ -255,11 +255,11 @@ def slo_mix(num_requests: int, *, rate: float, mix: dict[str, float] | None = No
     return poisson_arrivals(items, rate, seed)
 
 
-def demo(vocab: tuple[int, int], seed: int = 0, scale: int = 1) -> list[WorkItem]:
+def demo(vocab: tuple[int, int], seed: int = 0, scale: int = 1, rate: float = 1.0) -> list[WorkItem]:
     """The short built-in workload of `make demo`: interactive requests sharing 4 system-prompt
     prefixes (Zipf 1.0) at 5 req/s, mixed with longer batch requests at 1.5 req/s. scale
-    multiplies the request counts."""
+    multiplies the request counts, rate the arrival rates."""
     interactive = shared_prefix(32 * scale, num_groups=4, prefix_len=128, suffix_len=16, output_len=24,
                                 vocab=vocab, tiers={"interactive": 1}, seed=seed)
     batch = random_lengths(12 * scale, input_len=192, output_len=64, vocab=vocab, tiers={"batch": 1}, seed=seed + 1)
-    return merge(poisson_arrivals(interactive, 5.0, seed), poisson_arrivals(batch, 1.5, seed + 1))
+    return merge(poisson_arrivals(interactive, 5.0 * rate, seed), poisson_arrivals(batch, 1.5 * rate, seed + 1))
