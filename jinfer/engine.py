@@ -492,7 +492,8 @@ class Engine:
         tokens, logprobs = self.runner.fetch(handle)
         now = time.monotonic()
         firsts = list(itertools.accumulate((1 + seq.num_draft for seq in plan.seqs), initial=0))  # first rows
-        sampled = [tokens[a:b].tolist() for a, b in zip(firsts[:-1], firsts[1:])]
+        rows = tokens.tolist()  # one conversion; each sequence's rows are a slice of it
+        sampled = [rows[a:b] for a, b in zip(firsts[:-1], firsts[1:])]
         settled = self.scheduler.update(plan, reqs, sampled, eos_ids=self.eos_ids, finish_hook=self._text_stop)
         self.runner.move_kv([m for s in settled for m in s.moves])
         outputs = []

@@ -43,6 +43,9 @@ class NoReplicaUp(RuntimeError):
 
 
 class Router(Protocol):
+    """A routing policy. It may also have `describe() -> dict`: its tuning options as data,
+    which the live router reports in GetServerInfo."""
+
     name: str
 
     def route(self, req: RouteRequest, now: float) -> int:

@@ -13,6 +13,7 @@ from jinfer.scheduling_policy import FCFS, AdmissionRefused, SchedulingPolicy
 from jinfer.speculation import NO_DRAFT, Draft, DraftBudget, Drafter, kv_moves, verify
 from jinfer.step_plan import PENDING, FinishHook, ScheduledSeq, Settled, SpecStats, StepPlan
 
+
 @dataclasses.dataclass
 class _StepBuild:
     """A plan being built by Scheduler.schedule: the token budget left, the sequences planned

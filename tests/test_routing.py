@@ -2,6 +2,7 @@
 cost model, the paper workloads and the simulator."""
 
 import collections
+import dataclasses
 
 import numpy as np
 import pytest
@@ -90,6 +91,7 @@ def _req(i, prompt, out=1):
 
 def test_e2_exploits_only_when_cached_tokens_exceed_missed_ones():
     e2 = PrebleE2(2, COST, capacity_tokens=10_000, options=PLAIN)
+    assert e2.describe() == dataclasses.asdict(PLAIN)  # what the live router reports
     shared = tuple(range(100, 160))
     assert e2.route(_req(0, shared), now=0.0) == 0  # empty: explore, lowest index on a tie
     for i in range(1, 4):  # load replica 0 with unrelated work so explore would pick replica 1

@@ -263,20 +263,20 @@ def main(argv):
     cold_cache = tempfile.mkdtemp(prefix="jinfer-xla-")
     results = {e.name: {"tok_s": [], **{f"ms@{s}": [] for s in streams}} for e in engines}
     for e in engines:
-        extra = [f"--config.engine.compilation_cache={cold_cache}"] if e.name == "jinfer" else []
-        if e.name == "jinfer":  # cold start (empty compilation cache), stopped, then the warm ones
-            first = Engine(e.name, e.cmd).start(extra)
-            first.stop()
-            results[e.name]["ready_cold_s"] = first.ready_s
+        jinfer = e.name == "jinfer"  # its first start has an empty compilation cache: the cold one
+        extra = [f"--config.engine.compilation_cache={cold_cache}"] if jinfer else []
         starts = []
-        for _ in range(FLAGS.starts - 1):  # stopped; the last start stays up for the rounds
+        for _ in range(FLAGS.starts - 1 + jinfer):  # stopped; the last start stays up for the rounds
             probe = Engine(e.name, e.cmd).start(extra)
             probe.stop()
             starts.append(probe.ready_s)
         e.start(extra)
-        results[e.name]["ready_starts_s"] = starts + [e.ready_s]
-        results[e.name]["ready_s"] = statistics.median(results[e.name]["ready_starts_s"])
-        print(f"{e.name}: ready in {', '.join(f'{s:.2f}' for s in starts + [e.ready_s])} s", file=sys.stderr)
+        starts.append(e.ready_s)
+        print(f"{e.name}: ready in {', '.join(f'{s:.2f}' for s in starts)} s", file=sys.stderr)
+        if jinfer:
+            results[e.name]["ready_cold_s"] = starts.pop(0)
+        results[e.name]["ready_starts_s"] = starts
+        results[e.name]["ready_s"] = statistics.median(starts)
         if FLAGS.rounds:
             e.wait_warm()
     try:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import json
 import logging
@@ -75,12 +74,6 @@ def _replica_tokenizer(info: pb.ServerInfo):
         return None
     from jinfer.launch import ModelSpec, load_tokenizer
     return load_tokenizer(ModelSpec(**model))
-
-
-def _options(policy) -> dict:
-    """A policy's tuning options as data (Preble E2's E2Options), for GetServerInfo."""
-    options = getattr(policy, "opt", None)
-    return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {}
 
 
 class _RouterInference(pb_grpc.InferenceServicer):
@@ -377,7 +370,7 @@ class RouterServer:
                 "report_interval_s": cfg.report_interval_s, "health_interval_s": cfg.health_interval_s,
                 "health_timeout_s": cfg.health_timeout_s, "health_failures": cfg.health_failures,
                 "max_reroutes": cfg.max_reroutes,
-                "options": _options(self.policy)}
+                "options": getattr(self.policy, "describe", dict)()}
 
     def stats(self) -> pb.RouterStats:
         p = self.policy

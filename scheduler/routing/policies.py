@@ -169,6 +169,10 @@ class PrebleE2(_Counting):
 
     # -- load ------------------------------------------------------------------------------
 
+    def describe(self) -> dict:
+        """Its options as data (the live router reports them)."""
+        return dataclasses.asdict(self.opt)
+
     def load(self, r: int, now: float) -> float:
         q, s = self._history[r], self._sums[r]
         while q and q[0][0] < now - self.opt.window_s:
