@@ -24,7 +24,7 @@ class KVManager:
     @property
     def num_cached(self) -> int:
         """Pages the prefix cache indexes (0 when it is off)."""
-        return self.prefix_cache.num_nodes if self.prefix_cache is not None else 0
+        return self.prefix_cache.num_pages if self.prefix_cache is not None else 0
 
     def eviction_log(self, wanted=lambda: True) -> EvictionLog | None:
         """Records prefix-cache evictions from now on, while `wanted()` is true (an entry costs
@@ -33,7 +33,7 @@ class KVManager:
         if self.prefix_cache is None:
             return None
         log = EvictionLog(self.prefix_cache)
-        self.prefix_cache.on_evict = lambda node: log.record(node) if wanted() else None
+        self.prefix_cache.on_evict = lambda node, n: log.record(node, n) if wanted() else None
         return log
 
     def shared_prompt_len(self, req: Request) -> int:
@@ -44,13 +44,9 @@ class KVManager:
         """Starts a request with no pages on the longest cached prefix of its tokens (locked)."""
         if self.prefix_cache is None or req.pages:  # a forked sample already holds its pages
             return
-        pages, node = self.prefix_cache.match(req.all_ids)
         # Leave at least the last token to compute: its logits give the next token, and the
         # shared page it would rewrite stays untouched.
-        keep = min(len(pages), (req.num_tokens - 1) // self.page_size)
-        for _ in range(len(pages) - keep):
-            node = node.parent
-        pages = pages[:keep]
+        pages, node = self.prefix_cache.match(req.all_ids, max_pages=(req.num_tokens - 1) // self.page_size)
         self.pool.incref(pages)
         self.prefix_cache.lock(node)
         req.pages, req.cache_node = list(pages), node

@@ -25,12 +25,11 @@ def _check_invariants(s: Scheduler):
         for p in req.pages:
             expected[p] += 1
     if s.prefix_cache is not None:
-        for node in s.prefix_cache._nodes():
-            expected[node.page] += 1
+        for node in s.prefix_cache.nodes():
+            for p in node.pages:
+                expected[p] += 1
             assert node.lock_ref >= 0
-        # evict() chooses among the cache's running set of unlocked leaves: it must be exact.
-        leaves = [n for n in s.prefix_cache._nodes() if not n.children and n.lock_ref == 0]
-        assert set(s.prefix_cache._leaves) == set(leaves)
+        s.prefix_cache.check()  # evict() chooses among a running set of unlocked leaves: exact
     assert refs == expected, "refcounts disagree with holders"
     assert s.pool.num_free == expected.count(0)
 
@@ -155,7 +154,7 @@ def test_random_add_step_abort_keeps_pages_consistent(prefix, pipelined, drafts,
     eng.step()  # read back the last step
     assert not s.running and not s.waiting
     if s.prefix_cache is not None:
-        assert all(n.lock_ref == 0 for n in s.prefix_cache._nodes())
+        assert all(n.lock_ref == 0 for n in s.prefix_cache.nodes())
         s.prefix_cache.clear()
     assert s.pool.num_free == NUM_PAGES
     if drafts:
@@ -186,3 +185,88 @@ def test_prefix_cache_evicts_least_recently_used_leaf_first():
     assert cache.evict(10) == 1  # the rest of the first branch; the locked branch stays
     assert pool.refcount(old[0]) == 0
     assert cache.match([5, 6, 7, 8])[0] == new
+
+
+class _PagePerNode:
+    """The prefix cache as a tree of one page per node, LRU over leaves, written plainly: the
+    model the run-length tree must free exactly like."""
+
+    def __init__(self, page_size):
+        self.ps, self.nodes, self.clock = page_size, {}, 0  # path tuple -> [last_access, locks]
+
+    def _paths(self, tokens):
+        return [tuple(tokens[:i + self.ps]) for i in range(0, len(tokens) - self.ps + 1, self.ps)]
+
+    def touch(self, tokens, insert):
+        self.clock += 1
+        out = 0
+        for path in self._paths(tokens):
+            if path not in self.nodes:
+                if not insert:
+                    break
+                self.nodes[path] = [0, 0]
+            self.nodes[path][0] = self.clock
+            out += 1
+        return out
+
+    def evict(self, num_pages, locked):
+        gone = []
+        while len(gone) < num_pages:
+            leaves = [p for p in self.nodes if p not in locked
+                      and not any(len(q) == len(p) + self.ps and q[:len(p)] == p for q in self.nodes)]
+            if not leaves:
+                break
+            victim = min(leaves, key=lambda p: self.nodes[p][0])
+            del self.nodes[victim]
+            gone.append(victim)
+        return gone
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["insert", "match", "evict", "lock"]),
+                          st.lists(st.integers(0, 2), max_size=12), st.integers(1, 4)), max_size=40))
+def test_run_length_prefix_cache_frees_like_one_page_per_node(ops):
+    """Random inserts, matches, locks and evictions over a small alphabet (many shared and
+    split edges): the pages matched, the pages evicted (in order) and what the eviction log
+    says is gone equal those of a tree of one page per node."""
+    import jinfer.prefix_cache as pc
+    ps, pool = 2, PagePool(64)
+    cache, model, log = PrefixCache(pool, ps), _PagePerNode(ps), None
+    log = pc.EvictionLog(cache)
+    evicted = []  # the page paths the cache evicts, in order
+    def on_evict(node, n):
+        tokens = cache.tokens_to(node)
+        evicted.extend(tokens[:len(tokens) - k * ps] for k in range(n))
+        log.record(node, n)
+    cache.on_evict = on_evict
+    ticks = iter(range(1, 10_000))  # one distinct time per call, as the model's clock
+    real_time, pc.time = pc.time, type("Clock", (), {"monotonic": staticmethod(lambda: float(next(ticks)))})
+    locked, locks = set(), []
+    try:
+        for op, tokens, n in ops:
+            if op == "insert" and pool.num_free >= len(tokens) // ps:
+                pages = pool.allocate(len(tokens) // ps)
+                cache.insert(tokens, pages)
+                pool.decref(pages)  # the tree holds them alone
+                model.touch(tokens, insert=True)
+            elif op in ("match", "lock"):
+                pages, node = cache.match(tokens, max_pages=n)
+                assert len(pages) == min(model.touch(tokens, insert=False), n)
+                assert cache.tokens_to(node) == tuple(tokens[:len(pages) * ps])
+                if op == "lock":
+                    cache.lock(node)
+                    locks.append(node)
+                    locked |= set(model._paths(tokens[:len(pages) * ps]))
+            elif op == "evict":
+                before = len(evicted)
+                assert cache.evict(n) == len(want := model.evict(n, locked))
+                assert evicted[before:] == want
+            cache.check()
+            assert cache.num_pages == len(model.nodes) == pool.num_pages - pool.num_free
+        gone = {tokens[:k] for tokens, keep in log.drain() for k in range(keep + ps, len(tokens) + 1, ps)}
+        assert gone == set(evicted)
+        for node in locks:
+            cache.unlock(node)
+        assert cache.clear() == len(model.nodes) and pool.num_free == pool.num_pages
+    finally:
+        pc.time = real_time

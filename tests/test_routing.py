@@ -323,7 +323,7 @@ def test_simulator_with_evictions_keeps_the_router_tree_true():
     router.tree.check()
     for r, rep in enumerate(sim.replicas):
         cache = rep.sched.prefix_cache
-        assert rep.sched.pool.num_free + cache.num_nodes == rc.num_pages  # every page back or cached
+        assert rep.sched.pool.num_free + cache.num_pages == rc.num_pages  # every page back or cached
         assert router.tree.tokens_on[r] <= rc.capacity_tokens
         for it in items:  # evictions were reported: the tree claims at most the replica's pages
             assert router.tree.cached_lengths(it.prompt, [r])[r] < cache.peek(it.prompt) + rc.page_size
@@ -340,14 +340,18 @@ def test_simulator_rejects_what_cannot_fit_and_text_prompts():
 def test_scheduler_hooks_used_by_the_policy_layer():
     sched = Scheduler(CacheConfig(page_size=4, num_pages=8), SchedulerConfig(16, 4, 64), 8)
     seen = []
-    sched.prefix_cache.on_evict = lambda node: (seen.append(sched.prefix_cache.tokens_to(node)), log.record(node))
-    log = EvictionLog(sched.prefix_cache)
-    sched.prefix_cache.insert(list(range(8)), sched.pool.allocate(2))
-    assert sched.prefix_cache.peek(list(range(10))) == 8 and sched.prefix_cache.peek([9]) == 0
-    sched.pool.decref(list(range(2)))
-    sched.prefix_cache.evict(2)
-    assert seen == [tuple(range(8)), tuple(range(4))]
-    assert log.drain() == [(tuple(range(8)), 0)] and not log  # the leaf, then its parent: one entry
+    cache = sched.prefix_cache
+    cache.on_evict = lambda node, n: (seen.append((cache.tokens_to(node), n)), log.record(node, n))
+    log = EvictionLog(cache)
+    cache.insert(list(range(8)), sched.pool.allocate(2))
+    cache.insert(list(range(4)) + [9] * 4, [0] + sched.pool.allocate(2)[1:])  # a branch after page 0
+    assert cache.peek(list(range(10))) == 8 and cache.peek([9]) == 0
+    sched.pool.decref(list(range(4)))
+    assert cache.evict(1) == 1  # the older branch's page
+    assert cache.evict(2) == 2  # the newer branch's page, then the shared first page
+    assert seen == [(tuple(range(8)), 1), (tuple(range(4)) + (9,) * 4, 1), (tuple(range(4)), 1)]
+    # The second branch, then its parent: one entry; the first is its own.
+    assert log.drain() == [(tuple(range(8)), 4), (tuple(range(4)) + (9,) * 4, 0)] and not log
     req = Request("x", [1, 2, 3], SamplingParams(max_tokens=10), 0, 0.0, 0)
     sched.add(req)
     plan = sched.schedule()

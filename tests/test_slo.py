@@ -269,8 +269,9 @@ def test_slo_policy_keeps_pages_consistent_under_random_load():
         for r in d.s.running + d.s.waiting:
             for p in r.pages:
                 held[p] += 1
-        for node in d.s.prefix_cache._nodes():
-            held[node.page] += 1
+        for node in d.s.prefix_cache.nodes():
+            for p in node.pages:
+                held[p] += 1
         assert refs == held
     while any(r.status is not Status.FINISHED for r in d.reqs.values()):
         d.step()
