@@ -280,12 +280,9 @@ class Engine:
             ids = list(self._groups) + [o.request_id for o in self._held_outputs]
         groups = {i: self._groups.pop(i) for i in ids if i in self._groups}
         samples = [r for g in groups.values() for r in g if r.status is not Status.FINISHED]
-        carried, pages = [], []
-        for r in samples:
-            n = min(len(r.pages), -(-r.num_computed_tokens // self.runner.page_size))
-            if n:
-                carried.append((r.request_id, n))
-                pages += r.pages[:n]
+        carried = self.scheduler.kv_to_carry(samples)
+        by_id = {r.request_id: r for r in samples}
+        pages = [p for sid, n in carried for p in by_id[sid].pages[:n]]
         kv = self.runner.read_pages(pages) if pages else None
         self.scheduler.detach(samples)
         detoks = {r.request_id: self._detok.pop(r.request_id) for g in groups.values() for r in g
@@ -305,16 +302,15 @@ class Engine:
         clash = [i for i in migration.groups if i in self._groups]
         if clash:
             raise ValueError(f"request ids {[shorten(i) for i in clash[:3]]} are already in use in this engine")
-        page = self.runner.page_size
         by_id = {r.request_id: r for g in migration.groups.values() for r in g}
         held = {f.request_id for r in by_id.values() for f in r.followers}  # unforked: their leader starts them
-        src, dst, at = [], [], 0
-        for sample_id, n in migration.carried:
-            req = by_id[sample_id]
-            if self.scheduler.take_pages(req, n * page):
-                src += range(at, at + n)
-                dst += req.pages
-            at += n
+        starts = [0]
+        for _, n in migration.carried:
+            starts.append(starts[-1] + n)
+        src, dst = [], []
+        for k in self.scheduler.take_in(list(by_id.values()), migration.carried, held):
+            src += range(starts[k], starts[k + 1])
+            dst += by_id[migration.carried[k][0]].pages
         stats = None
         if dst:
             data = migration.kv
@@ -322,7 +318,6 @@ class Engine:
                 idx = src + [src[-1]] * ((1 << (len(src) - 1).bit_length()) - len(src))
                 data = jax.tree.map(lambda a: a[:, idx], data)
             stats = self.runner.write_pages(dst, data)
-        self.scheduler.adopt(list(by_id.values()), {sid for sid, _ in migration.carried}, held)
         self._groups.update(migration.groups)
         self._detok.update(migration.detoks)
         self._held_outputs += migration.outputs

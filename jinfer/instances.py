@@ -30,6 +30,7 @@ import jax
 from flax import nnx
 
 from jinfer.config import Tier
+from jinfer.device_groups import match_groups
 from jinfer.engine import Engine, EngineLoad
 from jinfer.request import RequestOutput
 from jinfer.step_plan import SpecStats
@@ -132,25 +133,13 @@ class Instances:
             TPLayout.for_model(config, mesh)
         old_sets = [_device_set(m) for m in self.meshes]
         new_sets = [_device_set(m) for m in meshes]
-        busy = [e.has_unfinished() for e in self.engines]
-        pairs = sorted(((not busy[i], -len(old_sets[i] & new_sets[j]), i, j)
-                        for i in range(len(old_sets)) for j in range(len(new_sets))))
-        kept: dict[int, int] = {}
-        for _, _, i, j in pairs:
-            if i not in kept and j not in kept.values():
-                kept[i] = j
-        dropped = [i for i in range(len(self.engines)) if i not in kept]
+        match = match_groups(old_sets, new_sets, [e.has_unfinished() for e in self.engines])
+        kept, dropped = match.kept, match.dropped(len(self.engines))
         report = RegroupReport(kept=kept, created={}, dropped=dropped, weights={}, kv={})
-        leaving = {}  # dropped old instance -> (new instance taking its requests, its Migration)
-        for i in dropped:
-            if busy[i]:
-                j = max(range(len(new_sets)), key=lambda j: (len(old_sets[i] & new_sets[j]), -j))
-                leaving[i] = (j, self.engines[i].export_requests())
+        # dropped old instance -> (new instance taking its requests, its Migration)
+        leaving = {i: (j, self.engines[i].export_requests()) for i, j in match.heirs.items()}
         engines: list = [None] * len(meshes)
-        for j in range(len(meshes)):
-            if j in kept.values():
-                continue
-            src = max(range(len(old_sets)), key=lambda i: (len(old_sets[i] & new_sets[j]), -i))
+        for j, src in match.sources.items():
             engines[j], report.weights[j] = self._copy(self.engines[src], meshes[j])
             report.created[j] = src
         for i in dropped:

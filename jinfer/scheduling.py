@@ -195,6 +195,32 @@ class Scheduler:
             self.release(req)
             self._end_drafting(req, aborted=True)
 
+    def kv_to_carry(self, reqs: Sequence[Request]) -> list[tuple[str, int]]:
+        """(request id, n) for each request whose first n pages hold computed K/V that can move
+        with it to another scheduler (Engine.export_requests gathers them; take_in places
+        them); requests with none are left out."""
+        page = self.kv.page_size
+        out = []
+        for r in reqs:
+            n = min(len(r.pages), -(-r.num_computed_tokens // page))
+            if n:
+                out.append((r.request_id, n))
+        return out
+
+    def take_in(self, reqs: Sequence[Request], carried: Sequence[tuple[str, int]],
+                held: Collection[str] = ()) -> list[int]:
+        """Takes in requests another scheduler detached, with carried = its kv_to_carry: pages
+        for each carried request's K/V while the pool has room, oldest request first (the
+        others compute again, as preempted ones do), then every request queued in arrival
+        order (adopt; held: followers their leader forks later). Returns the positions in carried that got pages,
+        ascending: the K/V to write into their req.pages."""
+        by_id = {r.request_id: r for r in reqs}
+        order = sorted(range(len(carried)), key=lambda k: by_id[carried[k][0]].arrival_index)
+        page = self.kv.page_size
+        got = [k for k in order if self.take_pages(by_id[carried[k][0]], carried[k][1] * page)]
+        self.adopt(sorted(reqs, key=lambda r: r.arrival_index), {sid for sid, _ in carried}, held)
+        return sorted(got)
+
     def take_pages(self, req: Request, num_tokens: int) -> bool:
         """Pages for the first num_tokens of a request imported with its K/V (Engine.
         import_requests writes the K/V into req.pages): True when the pool has them; False: the
