@@ -32,6 +32,7 @@ import numpy as np
 
 from harness.bench_targets import SERVER_COUNTS, RequestFailed, connect
 from jinfer.config import Tier
+from jinfer.records import RequestRecord
 from scheduler.simulation.workloads import WorkItem
 
 PERCENTILES = (50, 90, 99)
@@ -52,44 +53,15 @@ def server_tiers(info: dict) -> dict[str, Tier]:
 
 
 @dataclasses.dataclass
-class Result:
-    """One request as the client saw it (times in seconds from the start of the run)."""
+class Result(RequestRecord):
+    """One request as the client saw it (jinfer.records.RequestRecord; times in seconds from the
+    start of the run; arrival_s: when it was sent)."""
 
-    index: int
-    tier: str
-    session: str
-    group: int
-    scheduled_s: float
-    send_s: float = math.nan
-    first_token_s: float = math.nan
-    finish_s: float = math.nan
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_prompt_tokens: int = 0
+    session: str = ""
+    group: int = -1
+    scheduled_s: float = math.nan
+    """When the workload scheduled it (it is sent then, or after its session's previous turn)."""
     finish_reason: str = ""
-    error: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return not self.error
-
-    @property
-    def ttft_s(self) -> float:
-        return self.first_token_s - self.send_s
-
-    @property
-    def tpot_s(self) -> float:
-        if self.completion_tokens < 2:
-            return math.nan
-        return (self.finish_s - self.first_token_s) / (self.completion_tokens - 1)
-
-    @property
-    def latency_s(self) -> float:
-        return self.finish_s - self.send_s
-
-    def meets(self, tier: Tier) -> bool:
-        """Finished within its tier's targets (Tier.met: the server's and the simulator's judge)."""
-        return self.ok and tier.met(self.ttft_s, self.tpot_s)
 
 
 @dataclasses.dataclass
@@ -160,7 +132,8 @@ async def _replay(target: str, items: list[WorkItem], *, token, root_cert, ignor
             small = await _small_requests(target, info["model"], small_requests, token=token, root_cert=root_cert)
         stats_before = await client.stats()
         first_tier = info["tiers"][0] if info["tiers"] else ""
-        results = [Result(i, it.tier or first_tier, it.session, it.group, it.arrival_s) for i, it in enumerate(items)]
+        results = [Result(i, -1, math.nan, 0, tier=it.tier or first_tier, session=it.session, group=it.group,
+                          scheduled_s=it.arrival_s) for i, it in enumerate(items)]
         limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         previous: dict[str, asyncio.Future] = {}  # session -> its last turn (done when it finishes)
         history: dict[str, object] = {}  # session -> conversation so far (ids or text)
@@ -185,7 +158,7 @@ async def _replay(target: str, items: list[WorkItem], *, token, root_cert, ignor
                 if limit is not None:
                     await limit.acquire()
                 try:
-                    res.send_s = time.perf_counter() - start
+                    res.arrival_s = time.perf_counter() - start
                     out_ids, out_text = [], []
                     async with asyncio.timeout(timeout_s):
                         async for d in client.stream(prompt, item, res.tier, ignore_eos, temperature, i, timeout_s):
@@ -197,7 +170,7 @@ async def _replay(target: str, items: list[WorkItem], *, token, root_cert, ignor
                             if d.finish_reason:
                                 res.finish_s, res.finish_reason = now, d.finish_reason
                             if d.usage:
-                                res.prompt_tokens, res.completion_tokens, res.cached_prompt_tokens = d.usage
+                                res.prompt_tokens, res.output_tokens, res.cached_tokens = d.usage
                 finally:
                     if limit is not None:
                         limit.release()
@@ -271,7 +244,7 @@ def summarize(run: Run, slos: dict[str, Tier] | None = None) -> dict:
             code = r.error.split(":", 1)[0]
             errors[code] = errors.get(code, 0) + 1
     prompt = sum(r.prompt_tokens for r in ok)
-    out = sum(r.completion_tokens for r in ok)
+    out = sum(r.output_tokens for r in ok)
 
     def block(rs):
         good = [r for r in rs if r.ok]
@@ -282,7 +255,7 @@ def summarize(run: Run, slos: dict[str, Tier] | None = None) -> dict:
     summary = {"duration_s": dur, **block(res), "errors": errors,
                "request_throughput": len(ok) / dur, "output_throughput": out / dur,
                "total_throughput": (prompt + out) / dur,
-               "prefix_hit_rate": sum(r.cached_prompt_tokens for r in ok) / prompt if prompt else 0.0,
+               "prefix_hit_rate": sum(r.cached_tokens for r in ok) / prompt if prompt else 0.0,
                "tiers": {}}
     served = list(run.server.get("tiers", []))
     order = lambda t: (served.index(t) if t in served else len(served), t)  # noqa: E731 - the server's order
@@ -378,7 +351,7 @@ def save_plot(run: Run, path: str) -> None:
     ax = axes[3]
     for tier in tiers:
         rs = [r for r in run.results if r.ok and r.tier == tier]
-        ax.scatter([r.send_s for r in rs], [r.latency_s * 1e3 for r in rs], s=8, label=tier)
+        ax.scatter([r.arrival_s for r in rs], [r.latency_s * 1e3 for r in rs], s=8, label=tier)
     ax.set(xlabel="sent at (s)", ylabel="latency (ms)", title="latency over the run")
     ax.grid(alpha=0.3)
     ax.legend()

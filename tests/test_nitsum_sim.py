@@ -86,3 +86,19 @@ def test_a_static_partition_routes_tiers_to_their_instances():
     assert {r.replica for r in res.records if r.tier == "batch"} == {1}
     with pytest.raises(ValueError, match=r"no cost model for TP degrees \[16\]"):
         AdaptiveSimulator(StaticControl(Partition.parse("tp16:*")), COSTS, TIERS, num_devices=16)
+
+
+def test_group_matching_keeps_busy_instances_on_their_devices():
+    """jinfer.device_groups.match_groups, which Instances.regroup and the simulator share: busy
+    instances first, each to the free group it overlaps most; a dropped busy one hands its
+    requests to the group it overlaps most; a new group copies weights from its best overlap."""
+    from jinfer.device_groups import consecutive_groups, match_groups
+    old = consecutive_groups([2, 2, 2, 2])  # {0,1} {2,3} {4,5} {6,7}
+    new = consecutive_groups([4, 2, 2])  # {0..3} {4,5} {6,7}
+    m = match_groups(old, new, [False, True, False, True])
+    assert m.kept == {1: 0, 3: 2, 2: 1}  # busy 1 and 3 first (ties: lower new index), then idle 2
+    assert m.heirs == {} and m.dropped(4) == [0] and m.sources == {}
+    m = match_groups(consecutive_groups([4, 4]), consecutive_groups([8]), [True, True])
+    assert m.kept == {0: 0} and m.heirs == {1: 0} and m.sources == {}
+    m = match_groups(consecutive_groups([8]), consecutive_groups([2, 2, 4]), [True])
+    assert m.kept == {0: 2} and m.sources == {0: 0, 1: 0} and not m.heirs  # to its largest overlap

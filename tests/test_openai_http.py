@@ -390,11 +390,11 @@ def test_the_serving_benchmark_replays_over_http(server):
     bad = by_index[id(too_long[0])]
     assert bad.error.startswith("HTTP 400:") and f"max_model_len={MAX_LEN}" in bad.error
     good = [r for r in run.results if r is not bad]
-    assert all(r.ok and r.finish_reason == "length" and r.completion_tokens == 5 and r.ttft_s > 0 for r in good)
+    assert all(r.ok and r.finish_reason == "length" and r.output_tokens == 5 and r.ttft_s > 0 for r in good)
     for s in ("s0", "s1"):  # a later turn resends the conversation, token ids included
         t0, t1 = [(it, r) for it, r in zip(items, run.results) if it.session == s]
-        assert t1[1].prompt_tokens == t0[1].prompt_tokens + t0[1].completion_tokens + len(t1[0].prompt)
-        assert t1[1].cached_prompt_tokens >= 16
+        assert t1[1].prompt_tokens == t0[1].prompt_tokens + t0[1].output_tokens + len(t1[0].prompt)
+        assert t1[1].cached_tokens >= 16
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark_serving.py"), f"--target={target}",
                            f"--token={TOKEN}", "--workload=random", "--num_requests=3", "--input_len=8",
                            "--output_len=3", "--rate=inf", "--progress=false"], capture_output=True, text=True,

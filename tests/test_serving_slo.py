@@ -92,7 +92,7 @@ def test_server_goodput_counts_equal_what_the_client_measured(client, server):
             "finished": len(rs), "slo_met": sum(r.meets(slo) for r in rs),
             "ttft_missed": sum(r.ttft_s > slo.ttft_s for r in rs),
             "tpot_missed": sum(r.tpot_s > slo.tpot_s for r in rs),  # nan (one token) is no miss
-            "goodput_tokens": sum(r.completion_tokens for r in rs if r.meets(slo)),
+            "goodput_tokens": sum(r.output_tokens for r in rs if r.meets(slo)),
             "aborted": 0, "refused": 0, "demoted": 0}
     assert delta["tight"]["ttft_missed"] == 3 and delta["tight"]["tpot_missed"] == 2  # the 1-token one has no TPOT
     assert delta["loose"]["slo_met"] == 3 and delta["loose"]["goodput_tokens"] == 9

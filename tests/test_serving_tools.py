@@ -87,8 +87,8 @@ def test_replay_multi_turn_shared_prefix_and_slos(server, tmp_path):
     # A later turn resends the conversation: earlier prompt + the reply + the new message.
     for s in ("s0", "s1"):
         t0, t1 = [(it, r) for it, r in zip(items, run.results) if it.session == s]
-        assert t1[1].prompt_tokens == t0[1].prompt_tokens + t0[1].completion_tokens + t1[0].prompt_len
-        assert t1[1].cached_prompt_tokens >= 16 and t1[1].send_s >= t0[1].finish_s
+        assert t1[1].prompt_tokens == t0[1].prompt_tokens + t0[1].output_tokens + t1[0].prompt_len
+        assert t1[1].cached_tokens >= 16 and t1[1].arrival_s >= t0[1].finish_s
     summary = bm.summarize(run, {"interactive": Tier("interactive", 60.0, 60.0), "batch": Tier("batch", 1e-6, 60.0)})
     assert summary["requests"] == len(items) and summary["failed"] == 1 and summary["errors"] == {"INVALID_ARGUMENT": 1}
     assert summary["tiers"]["interactive"]["attainment"] == 1.0 and summary["tiers"]["batch"]["attainment"] == 0
@@ -111,9 +111,9 @@ def test_slo_spec_parsing():
     for bad in ("gold:250", "gold:x:1", ":1:1", "gold:0:5"):
         with pytest.raises(ValueError):
             bm.parse_slos([bad])
-    r = bm.Result(0, "t", "", -1, 0.0, send_s=0.0, first_token_s=0.1, finish_s=0.5, completion_tokens=5)
+    r = bm.Result(0, -1, 0.0, 0, tier="t", first_token_s=0.1, finish_s=0.5, output_tokens=5)
     assert r.tpot_s == pytest.approx(0.1) and r.meets(Tier("t", 0.1, 0.1)) and not r.meets(Tier("t", 0.09, 1))
-    assert not math.isnan(r.latency_s) and not bm.Result(0, "t", "", -1, 0.0, error="X: y").meets(Tier("t"))
+    assert not math.isnan(r.latency_s) and not bm.Result(0, -1, 0.0, 0, tier="t", error="X: y").meets(Tier("t"))
 
 
 def _tool(*args, timeout=120):

@@ -170,7 +170,7 @@ def _live_stats(run, tiers) -> dict:
         block = summary["tiers"].get(t.name, {})
         out["tiers"][t.name] = {"requests": len(rs), "met": len(met), "attainment": len(met) / len(rs) if rs else
                                 float("nan"), "goodput_rps": len(met) / dur,
-                                "goodput_tps": sum(r.completion_tokens for r in met) / dur,
+                                "goodput_tps": sum(r.output_tokens for r in met) / dur,
                                 "ttft_p90_ms": block.get("ttft_ms", {}).get("p90"),
                                 "tpot_p90_ms": block.get("tpot_ms", {}).get("p90"), "failed": block.get("failed", 0)}
     judged = [out["tiers"][t.name] for t in tiers if t.judged]

@@ -25,30 +25,10 @@ import numpy as np
 
 from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig
 from jinfer.instances import Instances, RegroupReport
+from jinfer.records import RequestRecord
 from jinfer.sampling_params import SamplingParams
 from scheduler.simulation.workloads import WorkItem, poisson_arrivals, random_lengths
 from sharding.reshard import MoveStats
-
-
-@dataclasses.dataclass
-class Served:
-    """One request as `serve` saw it. Times in seconds from the start of the run."""
-
-    request_id: str
-    arrival_s: float
-    prompt_tokens: int
-    instance: int = -1  # where it was routed on arrival
-    first_token_s: float = math.nan
-    finish_s: float = math.nan
-    token_ids: tuple[int, ...] = ()
-
-    @property
-    def ttft_s(self) -> float:
-        return self.first_token_s - self.arrival_s
-
-    @property
-    def latency_s(self) -> float:
-        return self.finish_s - self.arrival_s
 
 
 @dataclasses.dataclass
@@ -87,7 +67,7 @@ class Regroup:
 @dataclasses.dataclass
 class ServeResult:
     sizes: list[int]  # the partition it started on
-    requests: list[Served]
+    requests: list[RequestRecord]  # request k is engine request id f"r{k}"; replica: where it was routed
     regroups: list[Regroup]
     timeline: list[tuple[float, int]]  # (seconds from the start, output tokens so far), per step with output
 
@@ -98,23 +78,23 @@ class ServeResult:
 
     @property
     def output_tokens(self) -> int:
-        return sum(len(r.token_ids) for r in self.requests)
+        return sum(r.output_tokens for r in self.requests)
 
     @property
     def tokens_per_s(self) -> float:
         return self.output_tokens / self.span_s
 
     def latency(self, what: str = "latency_s") -> dict[str, float]:
-        """mean, p50 and p99 of a Served property ("latency_s" or "ttft_s"), seconds."""
+        """mean, p50 and p99 of a RequestRecord property ("latency_s" or "ttft_s"), seconds."""
         v = np.array([getattr(r, what) for r in self.requests])
         return {"mean": float(v.mean()), "p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99))}
 
     def tokens(self) -> dict[str, tuple[int, ...]]:
-        return {r.request_id: r.token_ids for r in self.requests}
+        return {f"r{r.index}": r.output_ids for r in self.requests}
 
     def per_instance(self) -> list[int]:
         """Requests routed to each instance of the starting partition."""
-        return [sum(r.instance == i for r in self.requests) for i in range(len(self.sizes))]
+        return [sum(r.replica == i for r in self.requests) for i in range(len(self.sizes))]
 
 
 def fewest_unfinished(instances: Instances) -> int:
@@ -131,7 +111,7 @@ def serve(instances: Instances, items: Sequence[WorkItem], *, regroups: Sequence
     sizes = instances.sizes
     total = sum(it.max_tokens for it in items)
     pending = sorted(((it.arrival_s, f"r{k}", it) for k, it in enumerate(items)), key=lambda x: x[0])
-    served = {rid: Served(rid, t, len(it.prompt)) for t, rid, it in pending}
+    served = {f"r{k}": RequestRecord(k, -1, it.arrival_s, len(it.prompt)) for k, it in enumerate(items)}
     todo = list(regroups)
     events: list[Regroup] = []
     timeline: list[tuple[float, int]] = []
@@ -142,8 +122,8 @@ def serve(instances: Instances, items: Sequence[WorkItem], *, regroups: Sequence
         while at < len(pending) and pending[at][0] <= now:
             _, rid, it = pending[at]
             params = SamplingParams(temperature=0, max_tokens=it.max_tokens, ignore_eos=True)
-            served[rid].instance = route(instances)
-            instances.engines[served[rid].instance].add_request(list(it.prompt), params, request_id=rid)
+            served[rid].replica = route(instances)
+            instances.engines[served[rid].replica].add_request(list(it.prompt), params, request_id=rid)
             at += 1
         if todo and produced >= todo[0][0] * total:
             _, new = todo.pop(0)
@@ -170,7 +150,7 @@ def serve(instances: Instances, items: Sequence[WorkItem], *, regroups: Sequence
                         waiting_resume.resume_s = t - waiting_resume.at_s - waiting_resume.seconds
                         waiting_resume = None
                 if out.finished:
-                    rec.finish_s, rec.token_ids = t, tuple(out.token_ids)
+                    rec.finish_s, rec.output_ids, rec.output_tokens = t, tuple(out.token_ids), len(out.token_ids)
             if not timeline or timeline[-1][1] != produced:
                 timeline.append((time.perf_counter() - start, produced))
         if not stepped and at < len(pending):

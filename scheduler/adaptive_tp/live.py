@@ -1,6 +1,6 @@
 """A tiered workload replayed live through an InstanceGroup (jinfer.instances), in wall-clock
 time on this host's devices: a static partition or the adaptive-TP controller, judged as the
-simulator judges (scheduler.simulation.simulator.SimResult.tier_stats).
+simulator judges (scheduler.simulation.records.SimResult.tier_stats).
 
 One host thread drives the group: requests are added when their arrival time has passed (token-
 id prompts, greedy, EOS ignored, the tier and its rank as priority, as the server gives them),
@@ -21,7 +21,8 @@ from jinfer.config import Tier
 from jinfer.instances import InstanceGroup
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling_policy import AdmissionRefused
-from scheduler.simulation.simulator import RequestRecord, SimResult
+from jinfer.records import RequestRecord
+from scheduler.simulation.records import SimResult
 from scheduler.simulation.workloads import WorkItem
 
 

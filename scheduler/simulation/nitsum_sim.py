@@ -27,17 +27,16 @@ same items, control and models give the same records.
 from __future__ import annotations
 
 import dataclasses
-import heapq
 from typing import Callable, Mapping, Sequence
 
-from jinfer.config import CacheConfig, SchedulerConfig, Tier
-from jinfer.request import Request, Status
-from jinfer.sampling_params import SamplingParams
-from jinfer.scheduling import Scheduler
-from jinfer.scheduling_policy import AdmissionRefused
+from jinfer.config import Tier
+from jinfer.device_groups import consecutive_groups, match_groups
+from jinfer.request import Request
 from scheduler.adaptive_tp.nitsum import Partition, route
 from scheduler.cost_model import CostModel
-from scheduler.simulation.simulator import ReplicaConfig, RequestRecord, SimResult
+from scheduler.simulation.core import EventQueue, ReplicaConfig, SimReplica, greedy
+from jinfer.records import RequestRecord
+from scheduler.simulation.records import SimResult
 from scheduler.simulation.workloads import WorkItem
 
 _ARRIVAL, _STEP_DONE, _WINDOW, _RESUME = 0, 1, 2, 3
@@ -109,22 +108,12 @@ class SimReconfiguration:
     requests_migrated: int
 
 
-class _Instance:
-    def __init__(self, tp: int, devices: frozenset, sched: Scheduler, cost: CostModel):
-        self.tp, self.devices, self.sched, self.cost = tp, devices, sched, cost
-        self.busy = False
-        self.plan = None
-        self.gen = 0
-        self.paused_until = 0.0
-        self.reqs: dict[str, tuple[Request, RequestRecord]] = {}
+class _Instance(SimReplica):
+    """A SimReplica on a device group, at a TP degree."""
 
-
-def _groups(sizes: Sequence[int]) -> list[frozenset]:
-    out, at = [], 0
-    for s in sizes:
-        out.append(frozenset(range(at, at + s)))
-        at += s
-    return out
+    def __init__(self, tp: int, devices: frozenset, cfg: ReplicaConfig, cost: CostModel, policy):
+        super().__init__(cfg, cost, policy)
+        self.tp, self.devices = tp, devices
 
 
 class AdaptiveSimulator:
@@ -145,48 +134,29 @@ class AdaptiveSimulator:
         self._rank = {t.name: (k, t) for k, t in enumerate(self.tiers)}
         self.num_devices = num_devices
         self.now = 0.0
-        self.instances = [self._instance(tp, g) for tp, g in zip(control.sizes, _groups(control.sizes))]
+        self.instances = [self._instance(tp, g) for tp, g in zip(control.sizes, consecutive_groups(control.sizes))]
         self.reconfigurations: list[SimReconfiguration] = []
-        self._params: dict[int, SamplingParams] = {}
 
     def _instance(self, tp: int, devices: frozenset) -> _Instance:
-        cfg = self.cfg
-        policy = self.policy(lambda: self.now) if self.policy is not None else None
-        sched = Scheduler(CacheConfig(page_size=cfg.page_size, num_pages=cfg.num_pages),
-                          SchedulerConfig(max_num_batched_tokens=cfg.max_num_batched_tokens,
-                                          max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len),
-                          cfg.num_pages, policy)
-        if hasattr(policy, "bind"):
-            policy.bind(sched)
         if tp not in self.costs:
             raise ValueError(f"no cost model for TP degree {tp}; have {sorted(self.costs)}")
-        return _Instance(tp, devices, sched, self.costs[tp])
-
-    def _sampling(self, max_tokens: int) -> SamplingParams:
-        p = self._params.get(max_tokens)
-        if p is None:
-            p = self._params[max_tokens] = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-        return p
+        policy = self.policy(lambda: self.now) if self.policy is not None else None
+        return _Instance(tp, devices, self.cfg, self.costs[tp], policy)
 
     # -- the event loop --------------------------------------------------------------------------
 
     def run(self, items: list[WorkItem], until_s: float | None = None) -> SimResult:
-        events: list = []
-        seq = 0
+        events = self._events = EventQueue()
         for i, it in enumerate(items):
             if isinstance(it.prompt, str):
                 raise ValueError("the simulator needs token-id prompts")
             if it.tier and it.tier not in self._rank:
                 raise ValueError(f"item {i} names tier {it.tier!r}; known: {list(self._rank)}")
-            events.append((it.arrival_s, seq, _ARRIVAL, i))
-            seq += 1
+            events.push(it.arrival_s, _ARRIVAL, i)
         end = until_s if until_s is not None else max((it.arrival_s for it in items), default=0.0)
         w = self.control.window_s
         for k in range(1, int(end / w) + 1):
-            events.append((k * w, seq, _WINDOW, None))
-            seq += 1
-        heapq.heapify(events)
-        self._events, self._seq = events, seq
+            events.push(k * w, _WINDOW, None)
         records: list[RequestRecord] = [None] * len(items)
         self._arrived: dict[str, int] = {}
         self._served: dict[str, int] = {}
@@ -195,7 +165,7 @@ class AdaptiveSimulator:
         self._items, self._records = items, records
         steps = 0
         while events:
-            now, _, kind, data = heapq.heappop(events)
+            now, kind, data = events.pop()
             self.now = now
             if kind == _ARRIVAL:
                 self._arrive(items, data, records)
@@ -223,17 +193,13 @@ class AdaptiveSimulator:
                     self._start(inst)
         return SimResult(records, self.now, steps, self.tiers)
 
-    def _push(self, t: float, kind: int, data) -> None:
-        heapq.heappush(self._events, (t, self._seq, kind, data))
-        self._seq += 1
-
     def _arrive(self, items, i: int, records, counted: bool = False) -> None:
         """Routes item i now (at its arrival, or when a reconfiguration that held it applies)."""
         it = items[i]
         rank, tier = self._rank.get(it.tier or (self.tiers[0].name if self.tiers else ""), (0, None))
         name = tier.name if tier is not None else ""
         n = len(it.prompt)
-        if n + it.max_tokens > min(self.cfg.max_model_len, self.cfg.capacity_tokens):
+        if not self.cfg.fits(n, it.max_tokens):
             records[i] = RequestRecord(i, -1, self.now, n, error="prompt + max_tokens exceeds the instance", tier=name)
             return
         if not counted:
@@ -245,88 +211,48 @@ class AdaptiveSimulator:
         k = self.control.route(name, outstanding)
         inst = self.instances[k]
         rec = records[i] = RequestRecord(i, k, it.arrival_s, n, tier=name)
-        req = Request(str(i), list(it.prompt), self._sampling(it.max_tokens), 0, it.arrival_s, i, priority=rank,
-                      tier=tier)
-        try:  # the policy's admission check, as the engine runs it (SloAware(admission=True))
-            inst.sched.admit(req)
-        except AdmissionRefused as e:
-            rec.error = f"refused: {e}"
-            return
-        inst.reqs[req.request_id] = (req, rec)
-        inst.sched.add(req)
-        if not inst.busy:
+        req = Request(str(i), list(it.prompt), greedy(it.max_tokens), 0, it.arrival_s, i, priority=rank, tier=tier)
+        if inst.admit(req, rec) and not inst.busy:  # (the engine's admission check: SloAware(admission=True))
             self._start(inst)
 
     def _start(self, inst: _Instance) -> None:
         if inst.busy or self.now < inst.paused_until or self._pending is not None:
             return  # (while a reconfiguration waits for running steps, none starts)
-        plan = inst.sched.schedule()
-        if not plan.seqs:
-            return
-        dt = inst.cost.step_time((len(s.token_ids), s.start_pos) for s in plan.seqs)
-        inst.sched.observe_step(plan.num_tokens, dt)
-        inst.busy, inst.plan = True, plan
-        inst.gen += 1
-        self._push(self.now + dt, _STEP_DONE, (inst, inst.gen))
+        dt = inst.start(self.now)
+        if dt is not None:
+            self._events.push(self.now + dt, _STEP_DONE, (inst, inst.gen))
 
     def _finish_step(self, inst: _Instance) -> None:
-        plan = inst.plan
-        reqs = [inst.reqs[s.request_id][0] for s in plan.seqs]
-        tokens = [1_000_000 + len(r.output_ids) for r in reqs]
-        for done in inst.sched.update(plan, reqs, tokens):
-            req = done.req
-            _, rec = inst.reqs[req.request_id]
-            if req.first_token_time is None:
-                req.first_token_time = rec.first_token_s = self.now
-                rec.cached_tokens = req.num_cached_prompt_tokens
-            if done.finish_reason:
-                req.finish_time = rec.finish_s = self.now
-                rec.output_tokens = len(req.output_ids)
-                del inst.reqs[req.request_id]
-                if req.tier is not None and req.tier.met(rec.ttft_s, rec.tpot_s):
-                    self._served[req.tier.name] = self._served.get(req.tier.name, 0) + 1
+        for done, rec, _, _ in inst.settle(self.now):
+            tier = done.req.tier
+            if done.finish_reason and tier is not None and tier.met(rec.ttft_s, rec.tpot_s):
+                self._served[tier.name] = self._served.get(tier.name, 0) + 1
 
     # -- reconfiguration -------------------------------------------------------------------------
-
-    def _match(self, sizes) -> tuple[dict[int, int], list[frozenset]]:
-        """Old instance -> new position, as Instances.regroup matches them."""
-        groups = _groups(sizes)
-        busy = [bool(i.reqs) for i in self.instances]
-        pairs = sorted((not busy[i], -len(self.instances[i].devices & groups[j]), i, j)
-                       for i in range(len(self.instances)) for j in range(len(groups)))
-        kept: dict[int, int] = {}
-        for _, _, i, j in pairs:
-            if i not in kept and j not in kept.values():
-                kept[i] = j
-        return kept, groups
 
     def _try_reconfigure(self) -> None:
         if any(i.busy for i in self.instances):
             return  # each finishes the step it runs first
         sizes, self._pending = self._pending, None
         old = [(i.tp, i.devices) for i in self.instances]
-        kept, groups = self._match(sizes)
+        groups = consecutive_groups(sizes)
+        match = match_groups([i.devices for i in self.instances], groups, [bool(i.reqs) for i in self.instances])
         new: list[_Instance | None] = [None] * len(sizes)
-        source: dict[int, int] = {}
+        source: dict[int, int] = dict(match.sources)
         touched: set[int] = set()  # new positions that pause
-        for i, j in kept.items():
+        for i, j in match.kept.items():
             inst = self.instances[i]
             if (inst.tp, inst.devices) != (sizes[j], groups[j]):
                 touched.add(j)
             inst.tp, inst.devices, inst.cost = sizes[j], groups[j], self.costs[sizes[j]]
             new[j], source[j] = inst, i
-        for j in range(len(sizes)):
-            if new[j] is None:
-                new[j] = self._instance(sizes[j], groups[j])
-                source[j] = max(range(len(old)), key=lambda i: (len(old[i][1] & groups[j]), -i))
-                touched.add(j)
+        for j in match.sources:
+            new[j] = self._instance(sizes[j], groups[j])
+            touched.add(j)
         migrated, kv_tokens = 0, 0
-        for i, inst in enumerate(self.instances):
-            if i in kept or not inst.reqs:
-                continue
-            j = max(range(len(groups)), key=lambda j: (len(inst.devices & groups[j]), -j))
-            migrated += len(inst.reqs)
-            kv_tokens += self._migrate(inst, new[j], j)
+        for i, j in match.heirs.items():
+            migrated += len(self.instances[i].reqs)
+            kv_tokens += self._migrate(self.instances[i], new[j], j)
             touched.add(j)
         weights = self.reconfig.weight_move(old, [(n.tp, n.devices) for n in new], source)
         pause = self.reconfig.seconds(weights, kv_tokens)
@@ -336,29 +262,23 @@ class AdaptiveSimulator:
         self.instances = new
         for j, inst in enumerate(new):  # the touched ones pause; every one resumes stepping
             inst.paused_until = self.now + pause if j in touched else self.now
-            self._push(inst.paused_until, _RESUME, inst)
+            self._events.push(inst.paused_until, _RESUME, inst)
         held, self._held = self._held, []
         for i in held:
             self._arrive(self._items, i, self._records, counted=True)
 
     def _migrate(self, src: _Instance, dst: _Instance, j: int) -> int:
         """Moves src's requests into dst with the scheduler's migration methods, as
-        Engine.export_requests / import_requests do (Scheduler.detach, take_pages, adopt): K/V
-        kept where dst has room, else recomputed; returns KV tokens moved."""
-        moved, carried = 0, set()
-        reqs = [r for r, _ in src.reqs.values()]
+        Engine.export_requests / import_requests do (Scheduler.kv_to_carry, detach, take_in):
+        K/V kept where dst has room, else recomputed; returns the KV tokens moved."""
+        reqs = sorted((r for r, _, _ in src.reqs.values()), key=lambda r: r.arrival_index)
+        carried = src.sched.kv_to_carry(reqs)
         src.sched.detach(reqs)
-        page = self.cfg.page_size
-        reqs.sort(key=lambda r: r.arrival_index)
+        by_id = {r.request_id: r for r in reqs}
+        moved = sum(by_id[carried[k][0]].num_computed_tokens for k in dst.sched.take_in(reqs, carried))
         for req in reqs:
-            computed = req.num_computed_tokens
-            if req.status is Status.RUNNING and computed and dst.sched.take_pages(req, -(-computed // page) * page):
-                carried.add(req.request_id)
-                moved += computed
-        dst.sched.adopt(reqs, carried, held=())
-        for req in reqs:
-            _, rec = src.reqs[req.request_id]
+            _, rec, handle = src.reqs[req.request_id]
             rec.replica = j
-            dst.reqs[req.request_id] = (req, rec)
+            dst.reqs[req.request_id] = (req, rec, handle)
         src.reqs.clear()
         return moved

@@ -1,8 +1,8 @@
 """Discrete-event simulation of N replicas behind a router, with a cost model for a clock.
 
-Each replica is jinfer's own Scheduler (token budgets, paged KV pool, prefix cache with its
-eviction, chunked prefill, preemption) with the device replaced by `CostModel.step_time` of the
-plan it produced; no JAX anywhere. Routers are the same objects the live router uses; replicas
+The routing driver over the simulation core (core.py): each replica is a SimReplica (jinfer's
+own Scheduler with the device replaced by `CostModel.step_time` of the plan it produced; no
+JAX anywhere). Routers are the same objects the live router uses; replicas
 report first tokens, finishes and prefix-cache evictions to them as the engine would, and their
 load (free pages, queue) whenever one of their requests finishes.
 
@@ -15,148 +15,18 @@ Deterministic: the same workload, router and config give the same records.
 
 from __future__ import annotations
 
-import dataclasses
-import heapq
-import math
-
-import numpy as np
-
-from jinfer.config import CacheConfig, SchedulerConfig, Tier
+from jinfer.config import Tier
 from jinfer.request import Request
-from jinfer.sampling_params import SamplingParams
-from jinfer.scheduling import Scheduler
-from jinfer.scheduling_policy import AdmissionRefused
-from jinfer.speculation import Draft
 from scheduler.cost_model import CostModel
 from scheduler.routing.policies import ReplicaLoad, RouteRequest, Router
+from scheduler.simulation.core import EventQueue, ReplicaConfig, SimReplica, greedy
+from jinfer.records import RequestRecord
+from scheduler.simulation.records import SimResult
 from scheduler.simulation.workloads import WorkItem
-from scheduler.slo.priority_groups import PriorityGroups
+
+__all__ = ["ReplicaConfig", "RequestRecord", "SimResult", "Simulator"]
 
 _ARRIVAL, _STEP_DONE = 0, 1
-
-
-@dataclasses.dataclass(frozen=True)
-class ReplicaConfig:
-    page_size: int = 16
-    num_pages: int = 25_000
-    """Per replica (25k pages x 16 = 400k tokens: a 7B-class model's KV room on one 80 GB GPU)."""
-    max_num_batched_tokens: int = 4096
-    max_num_seqs: int = 256
-    max_model_len: int = 65_536
-    priority_groups: bool = False
-    """Order each replica's queue by Preble's priority groups instead of FCFS."""
-
-    @property
-    def capacity_tokens(self) -> int:
-        return self.num_pages * self.page_size
-
-
-@dataclasses.dataclass
-class RequestRecord:
-    index: int
-    replica: int
-    arrival_s: float
-    prompt_tokens: int
-    output_tokens: int = 0
-    cached_tokens: int = 0
-    first_token_s: float = math.nan
-    finish_s: float = math.nan
-    error: str = ""
-    tier: str = ""
-    """Its SLO tier's name (empty when the simulator has no tiers)."""
-    preemptions: int = 0  # times it was preempted (recompute) before it finished
-    output_ids: tuple[int, ...] = ()
-    """The tokens it was given, for a work item with a recorded output in a run without
-    fast-forward (a fast-forwarded stretch emits placeholders); empty otherwise."""
-
-    @property
-    def ttft_s(self) -> float:
-        return self.first_token_s - self.arrival_s
-
-    @property
-    def latency_s(self) -> float:
-        return self.finish_s - self.arrival_s
-
-    @property
-    def tpot_s(self) -> float:
-        if self.output_tokens < 2:
-            return math.nan
-        return (self.finish_s - self.first_token_s) / (self.output_tokens - 1)
-
-
-@dataclasses.dataclass
-class SimResult:
-    records: list[RequestRecord]
-    sim_time_s: float
-    steps: int
-    tiers: tuple[Tier, ...] = ()
-    """The simulator's SLO tiers, highest first (what tier_stats judges by)."""
-
-    def stats(self) -> dict:
-        ok = [r for r in self.records if not r.error]
-
-        def agg(values):
-            v = np.array([x for x in values if not math.isnan(x)])
-            if not len(v):
-                return {"avg": math.nan, "p50": math.nan, "p99": math.nan}
-            return {"avg": float(v.mean()), "p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99))}
-
-        prompt = sum(r.prompt_tokens for r in ok)
-        counts = np.bincount([r.replica for r in ok]) if ok else np.zeros(1)
-        return {"requests": len(self.records), "completed": len(ok), "rejected": len(self.records) - len(ok),
-                "ttft": agg(r.ttft_s for r in ok), "tpot": agg(r.tpot_s for r in ok),
-                "latency": agg(r.latency_s for r in ok),
-                "cache_hit_rate": sum(r.cached_tokens for r in ok) / prompt if prompt else 0.0,
-                "per_replica": counts.tolist(), "sim_time_s": self.sim_time_s, "steps": self.steps}
-
-    def tier_stats(self) -> dict:
-        """Per SLO tier (in the tiers' order) and over all judged tiers: requests, finished
-        (rejected and refused requests are not), met (finished within both targets, Tier.met),
-        ttft_misses and tpot_misses (finished requests over each target; one may miss both),
-        attainment (met / requests), goodput_rps and goodput_tps (met requests and their output
-        tokens per second of `span_s`, from the first arrival to the last finish). A tier
-        without targets (or best effort) counts its finished requests as met and stays out of
-        "all": goodput is what met a target someone set."""
-        finished = [r for r in self.records if not r.error]
-        start = min((r.arrival_s for r in self.records), default=0.0)
-        span = max((r.finish_s for r in finished), default=start) - start
-        per = lambda n: n / span if span > 0 else 0.0  # noqa: E731 - a rate over the span
-
-        def block(tier: Tier | None, rs: list[RequestRecord]) -> dict:
-            done = [r for r in rs if not r.error]
-            ttft = [r for r in done if tier is not None and tier.judged and r.ttft_s > tier.ttft_s]
-            tpot = [r for r in done if tier is not None and tier.judged and r.tpot_s > tier.tpot_s]
-            met = [r for r in done if tier is None or not tier.judged or tier.met(r.ttft_s, r.tpot_s)]
-            return {"requests": len(rs), "finished": len(done), "met": len(met), "ttft_misses": len(ttft),
-                    "tpot_misses": len(tpot), "attainment": len(met) / len(rs) if rs else math.nan,
-                    "goodput_rps": per(len(met)), "goodput_tps": per(sum(r.output_tokens for r in met))}
-
-        tiers = {t.name: block(t, [r for r in self.records if r.tier == t.name]) for t in self.tiers}
-        judged = [t for t in self.tiers if t.judged]
-        total = {k: sum(tiers[t.name][k] for t in judged)
-                 for k in ("requests", "finished", "met", "ttft_misses", "tpot_misses", "goodput_rps", "goodput_tps")}
-        total["attainment"] = total["met"] / total["requests"] if total["requests"] else math.nan
-        return {"span_s": span, "tiers": tiers, "all": total}
-
-
-class _Replica:
-    def __init__(self, index: int, cfg: ReplicaConfig, router: Router, speculation=None, policy=None):
-        if cfg.priority_groups:
-            policy = PriorityGroups()
-        drafter, max_spec, budget = speculation() if speculation is not None else (None, 0, None)
-        self.sched = Scheduler(CacheConfig(page_size=cfg.page_size, num_pages=cfg.num_pages),
-                               SchedulerConfig(max_num_batched_tokens=cfg.max_num_batched_tokens,
-                                               max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len),
-                               cfg.num_pages, policy, drafter, max_spec, budget)
-        if hasattr(policy, "bind"):
-            policy.bind(self.sched)
-        self.evictions = self.sched.kv.eviction_log()
-        self.busy = False
-        self.plan = None
-        self.step_s = 0.0  # the cost model's time of the plan's own step
-        self.ends: list[float] = []  # end times of the steps the current event covers (> 1: fast-forward)
-        self.gen = 0  # bumps when the current event is replaced; stale events are skipped
-        self.reqs: dict[str, tuple[Request, RouteRequest, RequestRecord]] = {}
 
 
 class Simulator:
@@ -190,13 +60,14 @@ class Simulator:
         self._tier_rank = {t.name: (rank, t) for rank, t in enumerate(self.tiers)}
         self.now = 0.0  # simulation time, what a policy's clock reads
         clock = lambda: self.now  # noqa: E731
-        self.replicas = [_Replica(i, replica, router, speculation, policy(clock) if policy is not None else None)
-                         for i in range(num_replicas)]
+        self._outputs: dict[int, tuple[int, ...]] = {}
+        self.replicas = [SimReplica(replica, cost, policy(clock) if policy is not None else None, speculation,
+                                    self._outputs) for _ in range(num_replicas)]
+        for rep in self.replicas:
+            rep.evictions = rep.sched.kv.eviction_log()
         per_step = any(hasattr(rep.sched.policy, hook) for rep in self.replicas
                        for hook in ("on_schedule", "observe_step"))
         self.fast_forward = fast_forward and speculation is None and not per_step
-        self._outputs: dict[int, tuple[int, ...]] = {}
-        self._params: dict[int, SamplingParams] = {}
 
     def _tier(self, index: int, name: str) -> tuple[int, Tier | None]:
         """(priority, Tier) of a request whose WorkItem names tier `name`."""
@@ -209,62 +80,20 @@ class Simulator:
                              f"{[t.name for t in self.tiers]}")
         return self._tier_rank[name]
 
-    def _sampling(self, max_tokens: int) -> SamplingParams:
-        p = self._params.get(max_tokens)
-        if p is None:
-            p = self._params[max_tokens] = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-        return p
-
     def run(self, items: list[WorkItem]) -> SimResult:
         if any(isinstance(it.prompt, str) for it in items):
             raise ValueError("the simulator needs token-id prompts (text has no token count without a tokenizer)")
         tiers = [self._tier(i, it.tier) for i, it in enumerate(items)]
-        events: list = []
-        seq = 0
+        events = self._events = EventQueue()
         for i, it in enumerate(items):
-            events.append((it.arrival_s, seq, _ARRIVAL, i))
-            seq += 1
-        heapq.heapify(events)
+            events.push(it.arrival_s, _ARRIVAL, i)
         records: list[RequestRecord] = [None] * len(items)
         steps, now = 0, 0.0
-        cfg = self.cfg
         while events:
-            now, _, kind, data = heapq.heappop(events)
+            now, kind, data = events.pop()
             self.now = now
             if kind == _ARRIVAL:
-                it = items[data]
-                n = len(it.prompt)
-                priority, tier = tiers[data]
-                name = tier.name if tier is not None else ""
-                rreq = RouteRequest(str(data), tuple(it.prompt), it.max_tokens)
-                if n + it.max_tokens > min(cfg.max_model_len, cfg.capacity_tokens):
-                    records[data] = RequestRecord(data, -1, now, n, error="prompt + max_tokens exceeds the replica",
-                                                  tier=name)
-                    continue
-                r = self.router.route(rreq, now)
-                rec = records[data] = RequestRecord(data, r, now, n, tier=name)
-                rep = self.replicas[r]
-                req = Request(rreq.request_id, list(it.prompt), self._sampling(it.max_tokens), 0, now, data,
-                              priority=priority, tier=tier)
-                try:
-                    rep.sched.admit(req)
-                except AdmissionRefused as e:
-                    rec.error = f"refused: {e}"
-                    self.router.on_finish(r, rreq, now)
-                    continue
-                if it.output:
-                    self._outputs[data] = it.output
-                rep.reqs[req.request_id] = (req, rreq, rec)
-                rep.sched.add(req)
-                if not rep.busy:
-                    seq = self._start(r, now, events, seq)
-                elif len(rep.ends) > 1:  # stop the fast-forward after the step in progress
-                    k = next(j for j, end in enumerate(rep.ends) if end >= now) + 1
-                    if k < len(rep.ends):
-                        del rep.ends[k:]
-                        rep.gen += 1
-                        heapq.heappush(events, (rep.ends[-1], seq, _STEP_DONE, (r, rep.gen)))
-                        seq += 1
+                records[data] = self._arrive(items[data], data, tiers[data], now)
             else:
                 r, gen = data
                 rep = self.replicas[r]
@@ -272,27 +101,49 @@ class Simulator:
                     continue  # replaced by a truncated fast-forward
                 steps += len(rep.ends)
                 self._finish_step(r, now)
-                seq = self._start(r, now, events, seq)
+                self._start(r, now)
         return SimResult(records, now, steps, self.tiers)
 
-    def _start(self, r: int, now: float, events, seq: int) -> int:
+    def _arrive(self, it: WorkItem, index: int, tier: tuple[int, Tier | None], now: float) -> RequestRecord:
+        n = len(it.prompt)
+        priority, tier = tier
+        name = tier.name if tier is not None else ""
+        if not self.cfg.fits(n, it.max_tokens):
+            return RequestRecord(index, -1, now, n, error="prompt + max_tokens exceeds the replica", tier=name)
+        rreq = RouteRequest(str(index), tuple(it.prompt), it.max_tokens)
+        r = self.router.route(rreq, now)
+        rec = RequestRecord(index, r, now, n, tier=name)
         rep = self.replicas[r]
-        plan = rep.sched.schedule(drafts=rep.sched.wants_drafts())
+        req = Request(rreq.request_id, list(it.prompt), greedy(it.max_tokens), 0, now, index,
+                      priority=priority, tier=tier)
+        if not rep.admit(req, rec, rreq):
+            self.router.on_finish(r, rreq, now)
+            return rec
+        if it.output:
+            self._outputs[index] = it.output
+        if not rep.busy:
+            self._start(r, now)
+        elif len(rep.ends) > 1:  # stop the fast-forward after the step in progress
+            k = next(j for j, end in enumerate(rep.ends) if end >= now) + 1
+            if k < len(rep.ends):
+                del rep.ends[k:]
+                rep.gen += 1
+                self._events.push(rep.ends[-1], _STEP_DONE, (r, rep.gen))
+        return rec
+
+    def _start(self, r: int, now: float) -> None:
+        rep = self.replicas[r]
+        dt = rep.start(now, drafts=rep.sched.wants_drafts())
         if rep.evictions:  # scheduling is where the cache evicts; report as a replica would
             for tokens, keep in rep.evictions.drain():
                 self.router.on_evict(r, tokens, keep)
-        if not plan.seqs:
-            rep.busy, rep.plan = False, None
-            return seq
-        dt = self.cost.step_time((len(s.token_ids), s.start_pos) for s in plan.seqs)
-        rep.busy, rep.plan, rep.ends, rep.step_s = True, plan, [now + dt], dt
+        if dt is None:
+            return
         if self.fast_forward:
             self._plan_stretch(rep, dt)
-        rep.gen += 1
-        heapq.heappush(events, (rep.ends[-1], seq, _STEP_DONE, (r, rep.gen)))
-        return seq + 1
+        self._events.push(rep.ends[-1], _STEP_DONE, (r, rep.gen))
 
-    def _plan_stretch(self, rep: _Replica, dt: float) -> None:
+    def _plan_stretch(self, rep: SimReplica, dt: float) -> None:
         """Extends rep.ends over the pure-decode steps that follow this plan unchanged."""
         sched, plan = rep.sched, rep.plan
         if sched.waiting or len(plan.seqs) != len(sched.running):
@@ -315,29 +166,10 @@ class Simulator:
             end += dt + grow * j
             rep.ends.append(end)
 
-    def _truth(self, index: int, position: int) -> int:
-        """The token the model writes at output position `position` of request `index`."""
-        out = self._outputs.get(index, ())
-        return out[position] if position < len(out) else 1_000_000_000 + index * 100_000 + position
-
-    def _sampled(self, seq, req: Request, index: int) -> list[int]:
-        """A step's sampled rows for a sequence, as the engine's sampler gives them: the true
-        next token, and with a draft the true token at each draft position's output index
-        (Scheduler.update verifies the draft against them)."""
-        at = len(req.output_ids)
-        if not seq.num_draft:
-            return [self._truth(index, at)]
-        k = seq.num_draft
-        depths = Draft(tuple(seq.token_ids[-k:]), tuple(seq.draft_parents or range(-1, k - 1))).depths()
-        return [self._truth(index, at)] + [self._truth(index, at + d) for d in depths]
-
     def _finish_step(self, r: int, now: float) -> None:
         rep = self.replicas[r]
         sched = rep.sched
         extra = len(rep.ends) - 1  # fast-forwarded steps after the plan's own
-        plan = rep.plan
-        reqs = [rep.reqs[s.request_id][0] for s in plan.seqs]
-        sampled = [self._sampled(s, req, rep.reqs[s.request_id][2].index) for s, req in zip(plan.seqs, reqs)]
 
         def fast_forward(req, token, reason):
             """The fast-forwarded decode tokens join before the finish rules apply (length only:
@@ -348,24 +180,15 @@ class Simulator:
             assert ok, "fast-forward pages were checked free"
             return sched.finish_reason(req)
 
-        settled = sched.update(plan, reqs, sampled, finish_hook=fast_forward)
-        if not extra:  # (a policy or budget that listens runs without fast-forward)
-            sched.observe_step(plan.num_tokens, rep.step_s, sum(len(s.tokens) for s in settled),
-                               any(s.num_draft for s in plan.seqs))
+        # (a policy or budget that listens runs without fast-forward)
+        settled = rep.settle(now, finish_hook=fast_forward, observe=not extra)
         finished = False
-        for done in settled:
-            req, request_id = done.req, plan.seqs[done.index].request_id
-            _, rreq, rec = rep.reqs[request_id]
-            if req.first_token_time is None:
-                req.first_token_time = rec.first_token_s = now
-                rec.cached_tokens = req.num_cached_prompt_tokens
+        for done, rec, rreq, first in settled:
+            if first:
                 self.router.on_first_token(r, rreq, now, now - rec.arrival_s)
             if done.finish_reason:
-                req.finish_time = now
-                rec.finish_s, rec.output_tokens, rec.preemptions = now, len(req.output_ids), req.num_preemptions
                 if rec.index in self._outputs and not self.fast_forward:
-                    rec.output_ids = tuple(req.output_ids)
-                del rep.reqs[request_id]
+                    rec.output_ids = tuple(done.req.output_ids)
                 self.router.on_finish(r, rreq, now)
                 finished = True
         if finished:  # (finishes fall on the same steps with or without fast-forward)
