@@ -9,6 +9,7 @@ import os
 import random
 import time
 import uuid
+from typing import Sequence
 
 import jax
 
@@ -16,8 +17,10 @@ from jinfer.attention import MAX_TREE_TOKENS, default_attention_backend, get_bac
 from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig, Tier
 from jinfer.detokenizer import IncrementalDetokenizer
 from jinfer.errors import PlanRejected, StepFailed, shorten
+from jinfer.host_kv import HostKVTier
 from jinfer.kv_cache import KVCache
 from jinfer.models.llama import set_attention_backend
+from jinfer.pausing import PausePolicy
 from jinfer.prefix_cache import EvictionLog
 from jinfer.request import Request, RequestOutput, Status, Usage
 from jinfer.runner import ModelRunner
@@ -106,7 +109,8 @@ class Engine:
                  scheduler_config: SchedulerConfig = SchedulerConfig(),
                  policy: SchedulingPolicy | None = None, options: EngineOptions = EngineOptions(), *,
                  mesh=None, progress: bool = False, drafter: Drafter | None = None,
-                 max_spec_tokens: int = 8, draft_budget: DraftBudget | None = None):
+                 max_spec_tokens: int = 8, draft_budget: DraftBudget | None = None,
+                 pause_policy: PausePolicy | None = None):
         """options: how steps run (async scheduling, warm-up, compilation cache, attention
         backend, vocabulary-parallel embedding under tp). mesh: a 1-D `tp` mesh
         (sharding.tp.make_mesh) to run tensor-parallel; None = one device. progress: show a
@@ -114,7 +118,10 @@ class Engine:
         (jinfer.speculation) with drafts of up to max_spec_tokens tokens, trimmed by
         draft_budget when given (it hears every step's size and time); None: off. Steps that
         carry drafts run synchronously (a draft needs the tokens of the step before). model may
-        hold the weights' shapes only (one device): update_weights() then brings the arrays."""
+        hold the weights' shapes only (one device): update_weights() then brings the arrays.
+        pause_policy: what happens to the K/V of a request paused at one of its
+        intercept_token_ids until resume() (jinfer.pausing; default: discarded into the prefix
+        cache)."""
         max_spec_tokens = max_spec_tokens if drafter is not None else 0
         if not 0 <= max_spec_tokens < MAX_TREE_TOKENS:
             raise ValueError(f"max_spec_tokens={max_spec_tokens} must be in [0, {MAX_TREE_TOKENS})")
@@ -137,7 +144,9 @@ class Engine:
                                   decode_steps=get_backend(self.attention_backend).decode_path,
                                   max_spec_tokens=max_spec_tokens, min_token_bucket=options.min_token_bucket)
         self.scheduler = Scheduler(cache_config, scheduler_config, self.runner.num_pages, policy,
-                                   drafter, max_spec_tokens, draft_budget if max_spec_tokens else None)
+                                   drafter, max_spec_tokens, draft_budget if max_spec_tokens else None,
+                                   pause_policy)
+        self.host_kv = HostKVTier()  # paused requests' K/V swapped out of the pool
         self.scheduler.trees = self.runner.trees  # a model the tree mask cannot serve gets chains
         self._groups: dict[str, list[Request]] = {}  # public id -> its samples still running
         self._detok: dict[str, IncrementalDetokenizer] = {}  # per sample (Request.request_id)
@@ -206,8 +215,31 @@ class Engine:
             return False
         for req in samples:
             self._detok.pop(req.request_id, None)
+            self.host_kv.drop(req.request_id)
         self.scheduler.abort(samples)
         return True
+
+    def resume(self, request_id: str, tool_output: str | Sequence[int], index: int = 0) -> None:
+        """Continues a paused request (its output ended with one of its intercept_token_ids)
+        with its tool's output appended (text is tokenized without special tokens): what it
+        generates next equals a fresh request over prompt + output + tool output, with the
+        same parameters and seed; its outputs start a new segment. index: which sample of an
+        n > 1 request. ValueError naming the problem (nothing changes) if the request is not
+        paused here or the new prompt does not fit."""
+        samples = self._groups.get(request_id)
+        if samples is None or not 0 <= index < len(samples):
+            raise ValueError(f"request_id={shorten(request_id)} index={index} is not unfinished in this engine")
+        req = samples[index]
+        if req.status is not Status.PAUSED:
+            raise ValueError(f"request_id={shorten(request_id)} is {req.status.value}, not paused")
+        if isinstance(tool_output, str):
+            ids = self.tokenizer.encode(tool_output, add_special_tokens=False) if tool_output else []
+        else:
+            ids = list(tool_output)
+        self.check_prompt(req.all_ids + ids, req.params)
+        self._settle_inflight()  # its sample past the tool call, if a step was in flight
+        self.scheduler.resume(req, ids)
+        self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, req.params.stop)
 
     def release_warmup(self) -> None:
         """Starts compiling the other buckets of a background warm-up (options.warmup_background),
@@ -332,7 +364,12 @@ class Engine:
     def has_unfinished(self) -> bool:
         """Whether a request is unfinished, or outputs read back early (reshard, migration)
         wait for the next step() to return them."""
-        return bool(self._groups or self._held_outputs)
+        sched = self.scheduler  # (paused requests are not: they wait for resume())
+        return bool(sched.running or sched.waiting or self._held_outputs)
+
+    def num_paused(self) -> int:
+        """Requests waiting for resume()."""
+        return len(self.scheduler.paused)
 
     def load(self) -> EngineLoad:
         sched = self.scheduler
@@ -425,6 +462,7 @@ class Engine:
             if self.scheduler.token_limit is None:
                 self._warmup_thread = None
         plan = self.scheduler.schedule(drafts=drafts)
+        self._swap(plan)
         launched = None
         if plan.seqs:
             reqs = [self._request(seq.request_id) for seq in plan.seqs]
@@ -476,6 +514,15 @@ class Engine:
             culprits = {seq.request_id.partition("/")[0]: cause for seq in plan.seqs}
         return StepFailed(culprits, cause)
 
+    def _swap(self, plan: StepPlan) -> None:
+        """The plan's host-tier copies, before its step: paused requests' K/V out of the pages
+        the step may reuse, then resumed ones' back into their new pages. Dispatched in order
+        behind the step in flight, so they read what it writes."""
+        for rid, pages in plan.swap_out:
+            self.host_kv.put(rid, self.runner.read_pages(pages), len(pages))
+        for rid, pages in plan.swap_in:
+            self.runner.write_pages(pages, self.host_kv.take(rid, len(pages)))
+
     # -- after the device step -----------------------------------------------------------------
 
     def _request(self, sample_id: str) -> Request:
@@ -498,6 +545,8 @@ class Engine:
             if req.first_token_time is None:
                 req.first_token_time = now
             detok = self._detok[req.request_id]
+            if s.paused:
+                detok.flush()  # the segment ends here: no stop string can straddle the tool call
             if s.finish_reason:
                 req.finish_time = now
                 del self._detok[req.request_id]
@@ -522,16 +571,18 @@ class Engine:
 
     def _output(self, req: Request, detok: IncrementalDetokenizer, n_new: int) -> RequestOutput:
         finished = req.status is Status.FINISHED
+        paused = req.status is Status.PAUSED
         new_ids = req.output_ids[-n_new:]
         return RequestOutput(
-            request_id=req.request_id.partition("/")[0], index=req.sample_group, new_token_ids=new_ids, new_text=detok.delta(finished),
+            request_id=req.request_id.partition("/")[0], index=req.sample_group, new_token_ids=new_ids,
+            new_text=detok.delta(finished or paused),
             new_logprobs=req.output_logprobs[-n_new:] if req.params.logprobs else None,
             token_ids=list(req.output_ids), text=detok.text[:detok.emitted], finished=finished,
             finish_reason=req.finish_reason,
             usage=Usage(len(req.prompt_ids), len(req.output_ids), req.num_cached_prompt_tokens,
                         req.num_draft_tokens, req.num_accepted_tokens, req.num_spec_steps),
             arrival_time=req.arrival_time, first_token_time=req.first_token_time,
-            finish_time=req.finish_time)
+            finish_time=req.finish_time, paused=paused)
 
 
 def _first_mismatch(expected: list, given: list) -> str | None:

@@ -119,6 +119,15 @@ class KVManager:
         self.pool.decref(req.pages)
         req.pages = []
 
+    def drop(self, req: Request) -> None:
+        """Returns a request's pages to the pool without indexing them (their K/V went to the
+        host tier: a swapped-out paused request)."""
+        if self.prefix_cache is not None and req.cache_node is not None:
+            self.prefix_cache.unlock(req.cache_node)
+        req.cache_node = None
+        self.pool.decref(req.pages)
+        req.pages = []
+
     def extend(self, req: Request, num_tokens: int) -> bool:
         """Pages for num_tokens from the free pool only (no eviction); False if short."""
         need = self.pages_short(req, num_tokens)

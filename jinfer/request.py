@@ -12,6 +12,7 @@ from jinfer.sampling_params import SamplingParams
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    PAUSED = "paused"  # sampled an intercept token: waits for Engine.resume (its tool's output)
     FINISHED = "finished"
 
 
@@ -44,6 +45,7 @@ class Request:
     num_draft_tokens: int = 0  # speculation: draft tokens verified for this request
     num_accepted_tokens: int = 0  # of them, accepted
     num_spec_steps: int = 0  # steps that verified a draft for it
+    pause: object = None  # jinfer.pausing.Pause while paused, or resumed from a swap not yet back
     followers: list["Request"] = dataclasses.field(default_factory=list)
     """The prompt's other samples: held until this one has computed the shared prompt pages."""
 
@@ -97,3 +99,6 @@ class RequestOutput:
     arrival_time: float
     first_token_time: float | None
     finish_time: float | None
+    paused: bool = False
+    """It sampled an intercept token (the last of token_ids) and waits for Engine.resume; the
+    resumed request's outputs start a new segment: token_ids and text count from there."""

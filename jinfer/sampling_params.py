@@ -40,6 +40,10 @@ class SamplingParams:
     """Independent samples of the prompt; they share the prompt's KV pages."""
     speculate: bool = True
     """Let the engine's drafter (if it has one) speculate for this request; False opts out."""
+    intercept_token_ids: tuple[int, ...] = ()
+    """Pause (not finish) when one of these is sampled: a tool call. The request keeps its
+    place, its K/V kept, swapped to host memory or dropped by the engine's pause policy, until
+    Engine.resume appends the tool's tokens (augmented LLMs; InferCept)."""
 
     def __post_init__(self):
         # Every value the jitted step reads is checked against what its arrays hold (int32,
@@ -77,13 +81,15 @@ class SamplingParams:
                 raise ValueError(f"seed={self.seed!r} must be an integer")
             if not 0 <= self.seed <= INT32_MAX:
                 raise ValueError(f"seed={self.seed} must be in [0, 2**31)")
-        if isinstance(self.stop_token_ids, (str, bytes)) or not isinstance(self.stop_token_ids, Sequence):
-            raise ValueError(f"stop_token_ids={self.stop_token_ids!r} must be a sequence of token ids")
-        bad = [i for i, t in enumerate(self.stop_token_ids)
-               if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t <= INT32_MAX]
-        if bad:
-            raise ValueError(f"stop_token_ids[{bad[0]}]={self.stop_token_ids[bad[0]]!r} must be a token id, "
-                             "an integer in [0, 2**31)")
+        for name in ("stop_token_ids", "intercept_token_ids"):
+            ids = getattr(self, name)
+            if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+                raise ValueError(f"{name}={ids!r} must be a sequence of token ids")
+            bad = [i for i, t in enumerate(ids)
+                   if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t <= INT32_MAX]
+            if bad:
+                raise ValueError(f"{name}[{bad[0]}]={ids[bad[0]]!r} must be a token id, an integer in [0, 2**31)")
+            object.__setattr__(self, name, tuple(int(t) for t in ids))
         if (isinstance(self.stop, (str, bytes)) or not isinstance(self.stop, Sequence)
                 or any(not isinstance(s, str) for s in self.stop)):
             raise ValueError(f"stop={self.stop!r} must be a sequence of strings")
@@ -91,7 +97,6 @@ class SamplingParams:
         if empty:
             raise ValueError(f"stop[{empty[0]}] is an empty string: stop strings must not be empty")
         object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
     @property
     def greedy(self) -> bool:

@@ -8,6 +8,7 @@ from typing import Callable, Collection, Sequence
 
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.kv_manager import KVManager
+from jinfer.pausing import Discard, PausePolicy, PauseStats, Pausing
 from jinfer.request import Request, Status
 from jinfer.scheduling_policy import FCFS, AdmissionRefused, SchedulingPolicy
 from jinfer.speculation import NO_DRAFT, Draft, DraftBudget, Drafter, kv_moves, verify
@@ -24,6 +25,8 @@ class _StepBuild:
     interleave: bool
     seqs: list[ScheduledSeq] = dataclasses.field(default_factory=list)
     preempted: list[str] = dataclasses.field(default_factory=list)
+    swap_out: list[tuple[str, tuple[int, ...]]] = dataclasses.field(default_factory=list)
+    swap_in: list[tuple[str, tuple[int, ...]]] = dataclasses.field(default_factory=list)
     planned: set[int] = dataclasses.field(default_factory=set)  # id() of the requests planned
     decoders: list[tuple[int, Request]] = dataclasses.field(default_factory=list)  # (index in seqs, request)
     blocked: bool = False  # a waiting request could not get pages: the ones after it wait too
@@ -34,13 +37,16 @@ class _StepBuild:
         self.budget -= n
 
 
-class Scheduler:
+class Scheduler(Pausing):
     def __init__(self, cache_cfg: CacheConfig, sched_cfg: SchedulerConfig, num_pages: int,
                  policy: SchedulingPolicy | None = None, drafter: Drafter | None = None,
-                 max_spec_tokens: int = 0, budget: DraftBudget | None = None):
+                 max_spec_tokens: int = 0, budget: DraftBudget | None = None,
+                 pause_policy: PausePolicy | None = None, clock: Callable[[], float] = time.monotonic):
         """drafter, max_spec_tokens: speculative decoding (jinfer.speculation): decoding
         requests get drafts of up to max_spec_tokens tokens to verify in their step; budget
-        (optional) trims each request's draft to what is worth its cost."""
+        (optional) trims each request's draft to what is worth its cost. pause_policy: what
+        happens to the K/V of requests paused for a tool call (jinfer.pausing; default
+        Discard), asked before every step; clock: the time base of their pauses."""
         self.budget = budget
         self.cfg = sched_cfg
         self.token_limit: int | None = None  # a tighter step budget (the engine's, while buckets compile)
@@ -59,6 +65,11 @@ class Scheduler:
         self.policy = policy or FCFS()
         self.waiting: list[Request] = []
         self.running: list[Request] = []
+        self.paused: list[Request] = []  # sampled an intercept token; resume() requeues them
+        self.pause_policy = pause_policy or Discard()
+        self.clock = clock
+        self.last_step_s = 0.0  # observe_step's last
+        self.pause_stats = PauseStats()
 
     # -- admission and release -------------------------------------------------------------
 
@@ -77,6 +88,7 @@ class Scheduler:
         """A step of num_tokens took `seconds`: the policy hears it (if it listens), and with
         emitted (the tokens its settling appended) the draft budget too (drafted: the step
         carried drafts)."""
+        self.last_step_s = seconds
         hook = getattr(self.policy, "observe_step", None)
         if hook is not None:
             hook(num_tokens, seconds)
@@ -110,10 +122,13 @@ class Scheduler:
         if any(seq.num_draft for seq in plan.seqs):
             self._unsettled_draft = False
         for i, (seq, req, rows) in enumerate(zip(plan.seqs, reqs, sampled)):
+            if req.status is Status.PAUSED:  # paused by the step before: this sample is past its tool call
+                req.num_pending -= seq.sample
+                continue
             if not seq.sample or req.status is Status.FINISHED:
                 continue
             new, rows, moves = self._verify(seq, req, (rows,) if isinstance(rows, int) else tuple(rows))
-            appended, reason = [], None
+            appended, reason, pause = [], None, False
             for token in new:
                 appended.append(token)
                 if len(appended) > 1:
@@ -122,7 +137,8 @@ class Scheduler:
                 reason = self.finish_reason(req, token, eos_ids)
                 if finish_hook is not None:
                     reason = finish_hook(req, token, reason)
-                if reason:
+                pause = not reason and token in req.params.intercept_token_ids
+                if reason or pause:
                     break
             if seq.num_draft:
                 # appended = accepted draft tokens + the model's own (or fewer, if one of them
@@ -144,7 +160,9 @@ class Scheduler:
             if reason:
                 req.status, req.finish_reason = Status.FINISHED, reason
                 self.finish(req)
-            settled.append(Settled(i, req, tuple(appended), reason, rows[:len(appended)], moves))
+            elif pause:
+                self._pause(req)
+            settled.append(Settled(i, req, tuple(appended), reason, rows[:len(appended)], moves, pause))
         return settled
 
     def _verify(self, seq: ScheduledSeq, req: Request, sampled: tuple[int, ...]):
@@ -177,10 +195,9 @@ class Scheduler:
         """Stops requests (a request's n samples) wherever they are; their pages are released,
         their steps in flight ignored. One pass over the queues, whatever len(reqs)."""
         gone = {id(r) for r in reqs}
-        self.running = [r for r in self.running if id(r) not in gone]
-        self.waiting = [r for r in self.waiting if id(r) not in gone]
+        self._drop_from_queues(gone)
         for req in reqs:
-            req.status, req.finish_reason = Status.FINISHED, "abort"
+            req.status, req.finish_reason, req.pause = Status.FINISHED, "abort", None
             self.release(req)
             req.followers = []
             self._end_drafting(req, aborted=True)
@@ -188,12 +205,15 @@ class Scheduler:
     def detach(self, reqs: Sequence[Request]) -> None:
         """Takes requests out of this scheduler unfinished (they move to another engine:
         Engine.export_requests): off the queues, pages released, the drafter told they ended."""
-        gone = {id(r) for r in reqs}
-        self.running = [r for r in self.running if id(r) not in gone]
-        self.waiting = [r for r in self.waiting if id(r) not in gone]
+        self._drop_from_queues({id(r) for r in reqs})
         for req in reqs:
             self.release(req)
             self._end_drafting(req, aborted=True)
+
+    def _drop_from_queues(self, gone: set[int]) -> None:
+        self.running = [r for r in self.running if id(r) not in gone]
+        self.waiting = [r for r in self.waiting if id(r) not in gone]
+        self.paused = [r for r in self.paused if id(r) not in gone]
 
     def kv_to_carry(self, reqs: Sequence[Request]) -> list[tuple[str, int]]:
         """(request id, n) for each request whose first n pages hold computed K/V that can move
@@ -228,8 +248,12 @@ class Scheduler:
         req.pages, req.cache_node = [], None
         if self.kv.grow(req, num_tokens):
             return True
-        req.num_computed_tokens, req.status = 0, Status.WAITING
-        req.num_preemptions += 1
+        req.num_computed_tokens = 0
+        if req.status is Status.PAUSED:
+            req.pause.action = "discard"  # computed again on resume
+        else:
+            req.status = Status.WAITING
+            req.num_preemptions += 1
         return False
 
     def adopt(self, reqs: Sequence[Request], carried: Collection[str], held: Collection[str]) -> None:
@@ -246,6 +270,9 @@ class Scheduler:
                 req.pages, req.cache_node = [], None
                 if req.status is Status.RUNNING:  # nothing computed here yet: starts over as waiting
                     req.status, req.num_computed_tokens = Status.WAITING, 0
+            if req.status is Status.PAUSED:
+                self.paused.append(req)
+                continue
             (self.running if req.status is Status.RUNNING else self.waiting).append(req)
             if req.status is Status.RUNNING or req.num_preemptions:
                 self._start_drafting(req)
@@ -329,6 +356,7 @@ class Scheduler:
         if step.drafts:
             assert not any(r.num_pending for r in self.running + self.waiting), (
                 "drafts are planned on read tokens: settle the step in flight first")
+        step.swap_out = self._decide_pauses()
         for req, was_running in self._order(step.interleave):
             if step.budget == 0 or len(step.seqs) == self.cfg.max_num_seqs:
                 break
@@ -338,7 +366,7 @@ class Scheduler:
                 break
         self._plan_drafts(step)
         self._fork_followers()
-        return StepPlan(tuple(step.seqs), tuple(step.preempted))
+        return StepPlan(tuple(step.seqs), tuple(step.preempted), tuple(step.swap_out), tuple(step.swap_in))
 
     def _schedule_running(self, step: "_StepBuild", req: Request) -> None:
         """Plans a running request's next tokens; one that cannot get pages preempts the
@@ -369,13 +397,22 @@ class Scheduler:
                 return True
             self.preempt(victim)
             step.preempted.append(victim.request_id)
-        self.kv.match_prefix(req)
+        resumed = req.pause is not None  # resumed after a tool call
+        swapped = req.pause.swapped_tokens if resumed else 0  # its K/V in the host tier
+        if swapped:
+            req.num_computed_tokens = swapped
+        else:
+            self.kv.match_prefix(req)
         first_admission = req.num_preemptions == 0
         n = min(req.num_tokens - req.num_computed_tokens, step.budget)
         if not self._make_room(step, req, n, victim_of):
             self.kv.unmatch(req)
             step.blocked = True
             return step.interleave
+        if swapped:
+            step.swap_in.append((req.request_id, tuple(req.pages[:-(-swapped // self.page_size)])))
+        if resumed:
+            self._resumed_admitted(req, req.num_computed_tokens)
         self._admit(req, first_admission)
         step.add(self._plan(req, n), req, n)
         return True

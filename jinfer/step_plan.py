@@ -39,9 +39,10 @@ class Settled:
     index: int  # the sequence's position in the plan (and in the step's outputs)
     req: Request
     tokens: tuple[int, ...]  # appended this step: one, or accepted draft tokens + the model's
-    finish_reason: str | None  # "stop" | "length" | None: still running
+    finish_reason: str | None  # "stop" | "length" | None: still running (or paused)
     rows: tuple[int, ...] = (0,)  # per appended token, its sampled row among the sequence's
     moves: tuple = ()  # K/V copies (src page, slot, dst page, slot) a tree draft's path needs
+    paused: bool = False  # it sampled an intercept token: paused, not finished
 
     @property
     def token(self) -> int:
@@ -78,6 +79,12 @@ class StepPlan:
 
     seqs: tuple[ScheduledSeq, ...]
     preempted: tuple[str, ...] = ()
+    swap_out: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    """(request id, pages): paused requests' K/V to copy to the host tier before this step runs
+    (the pages are already free for the step to reuse)."""
+    swap_in: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    """(request id, pages): K/V to copy back from the host tier into these pages before this
+    step runs (after swap_out's copies)."""
 
     @property
     def num_tokens(self) -> int:

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.page_pool import PagePool
 from jinfer.prefix_cache import PrefixCache
-from jinfer.request import Request
+from jinfer.request import Request, Status
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import Scheduler
 from jinfer.speculation import Draft
@@ -21,7 +21,7 @@ def _check_invariants(s: Scheduler):
     refs = [s.pool.refcount(p) for p in range(NUM_PAGES)]
     assert min(refs) >= 0
     expected = [0] * NUM_PAGES
-    for req in s.running + s.waiting:
+    for req in s.running + s.waiting + s.paused:
         for p in req.pages:
             expected[p] += 1
     if s.prefix_cache is not None:
@@ -76,6 +76,14 @@ class FakeEngine:
         self.s.add(req)
         return [req] + followers
 
+    def resume(self, req: Request, tool: list[int]):
+        """As Engine.resume: the step in flight is read first."""
+        if self.inflight is not None:
+            done, self.inflight = self.inflight, None
+            self._read(*done)
+        if req.status is Status.PAUSED and len(req.all_ids) + len(tool) + req.params.max_tokens <= NUM_PAGES * PAGE:
+            self.s.resume(req, tool)
+
     def abort(self, req: Request):
         for f in req.followers:
             self.live.discard(f.request_id)
@@ -113,10 +121,21 @@ class FakeEngine:
                 self.live.discard(done.req.request_id)
 
 
+class RandomPauses:
+    """A pause policy answering at random for every paused request, every step."""
+
+    def __init__(self, rng):
+        self.rng = rng
+
+    def decide(self, paused, view):
+        return {r.request_id: ("preserve", "discard", "swap")[int(self.rng.integers(0, 3))] for r in paused}
+
+
 ops = st.lists(st.one_of(
     st.tuples(st.just("add"), st.integers(1, 30), st.integers(1, 12), st.integers(1, 3)),
     st.tuples(st.just("step"), st.integers(1, 3), st.just(0), st.just(0)),
     st.tuples(st.just("abort"), st.integers(0, 50), st.just(0), st.just(0)),
+    st.tuples(st.just("resume"), st.integers(0, 50), st.integers(0, 6), st.just(0)),
 ), min_size=1, max_size=40)
 
 
@@ -129,18 +148,20 @@ def test_random_add_step_abort_keeps_pages_consistent(prefix, pipelined, drafts,
     drafter = RandomDrafter(rng) if drafts else None
     s = Scheduler(CacheConfig(page_size=PAGE, num_pages=NUM_PAGES, enable_prefix_cache=prefix),
                   SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=4, max_model_len=NUM_PAGES * PAGE),
-                  NUM_PAGES, drafter=drafter, max_spec_tokens=3 if drafts else 0)
+                  NUM_PAGES, drafter=drafter, max_spec_tokens=3 if drafts else 0, pause_policy=RandomPauses(rng))
     eng = FakeEngine(s, rng, pipelined)
     made = []
     for kind, a, b, n in ops:
         if kind == "add":
             prompt = rng.integers(0, 4, a).tolist()
-            made.append(eng.add(Request(f"r{len(made)}", prompt, SamplingParams(max_tokens=b), 0, 0.0,
-                                        len(made)), n))
+            params = SamplingParams(max_tokens=b, intercept_token_ids=(7,) if a % 2 else ())  # tool calls: 1 in 8
+            made.append(eng.add(Request(f"r{len(made)}", prompt, params, 0, 0.0, len(made)), n))
         elif kind == "step":
             for _ in range(a):
                 eng.step()
-        elif made:
+        elif kind == "resume" and s.paused:
+            eng.resume(s.paused[a % len(s.paused)], rng.integers(0, 8, b).tolist())
+        elif kind == "abort" and made:
             for req in made[a % len(made)]:  # abort every sample of the request
                 if req.request_id in eng.live:
                     eng.abort(req)
@@ -149,10 +170,17 @@ def test_random_add_step_abort_keeps_pages_consistent(prefix, pipelined, drafts,
     while eng.live:
         plan = eng.step()
         _check_invariants(s)
+        if s.paused and not plan.seqs:  # their tools return (past max_model_len: aborted instead)
+            for req in list(s.paused):
+                if len(req.all_ids) + 2 + req.params.max_tokens <= NUM_PAGES * PAGE:
+                    eng.resume(req, [5, 6])
+                else:
+                    eng.abort(req)
+            continue
         idle = 0 if plan.seqs else idle + 1
         assert idle < 2, "scheduler stalled with work left"
     eng.step()  # read back the last step
-    assert not s.running and not s.waiting
+    assert not s.running and not s.waiting and not s.paused
     if s.prefix_cache is not None:
         assert all(n.lock_ref == 0 for n in s.prefix_cache.nodes())
         s.prefix_cache.clear()

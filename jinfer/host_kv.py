@@ -1,0 +1,54 @@
+"""The host KV tier: paused requests' K/V swapped out of the device pool (jinfer.pausing).
+
+A swap-out keeps what ModelRunner.read_pages gathered (the request's pages, every layer) in
+host memory: each array moves to its devices' `pinned_host` memory kind (same sharding, so
+under tensor parallelism each device's heads stay with that device's host memory, and the
+copy back is a DMA), or stays where it is on a platform without host memory kinds. A swap-in
+hands the data to ModelRunner.write_pages, which moves it back into device pages.
+"""
+
+from __future__ import annotations
+
+import jax
+
+
+def _to_host(x: jax.Array) -> jax.Array:
+    try:
+        return jax.device_put(x, x.sharding.with_memory_kind("pinned_host"))
+    except (ValueError, NotImplementedError, RuntimeError):  # no host memory kinds here
+        return x
+
+
+class HostKVTier:
+    """Swapped K/V by request id."""
+
+    def __init__(self):
+        self._data: dict[str, object] = {}
+        self.swapped_out = 0  # pages copied to the host, ever
+        self.swapped_in = 0  # pages copied back
+
+    def put(self, request_id: str, data, num_pages: int) -> None:
+        """Keeps read_pages output for request_id in host memory (the copy is dispatched, not
+        waited for)."""
+        self._data[request_id] = (jax.tree.map(_to_host, data), jax.tree.map(lambda x: x.sharding, data))
+        self.swapped_out += num_pages
+
+    def take(self, request_id: str, num_pages: int):
+        """The data put for request_id, back in device memory where it came from."""
+        self.swapped_in += num_pages
+        data, shardings = self._data.pop(request_id)
+        return jax.tree.map(jax.device_put, data, shardings)
+
+    def drop(self, request_id: str) -> None:
+        self._data.pop(request_id, None)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._data
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (the gathered pages, power-of-two padding included)."""
+        return sum(a.nbytes for d, _ in self._data.values() for a in jax.tree.leaves(d))

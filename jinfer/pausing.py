@@ -1,0 +1,167 @@
+"""Requests paused for a tool call (augmented LLMs): the mechanism and the interface of the
+policy that decides what happens to their K/V while they wait (InferCept).
+
+A request whose SamplingParams.intercept_token_ids include the token it just sampled pauses:
+it leaves the running set holding its pages. Before every step the scheduler asks its
+PausePolicy about the paused requests that still hold pages on the device, and applies each
+answer:
+- PRESERVE: keep the pages (they stay pinned: nobody else can use them);
+- DISCARD: release them into the prefix cache (nothing is freed that another request could
+  still match, and only what gets evicted meanwhile is computed again on resume);
+- SWAP: copy their K/V to the host tier (StepPlan.swap_out, done before the step runs) and
+  return the pages to the pool; on resume they come back (StepPlan.swap_in) into new pages.
+A policy may answer differently at every step (preserve now, swap later). Resuming
+(Scheduler.resume) folds the request's prompt, output and the tool's tokens into its new
+prompt, so the tokens that follow are exactly those of a fresh request over that prompt.
+Policies live in scheduler/infercept/; `Discard` is the default (what an engine that ends a
+request at its tool call and re-sends it does, minus the lost queue position).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Protocol, Sequence
+
+from jinfer.request import Request
+
+PRESERVE, DISCARD, SWAP = "preserve", "discard", "swap"
+ACTIONS = (PRESERVE, DISCARD, SWAP)
+
+
+@dataclasses.dataclass
+class Pause:
+    """A paused request's state (Request.pause)."""
+
+    since: float  # the policy clock's time when it paused
+    action: str = PRESERVE  # what was done with its K/V so far
+    swapped_tokens: int = 0  # tokens whose K/V sit in the host tier (SWAP), 0 otherwise
+    context: int = 0  # tokens whose K/V it had at the pause (computed or in flight)
+
+
+@dataclasses.dataclass
+class PauseStats:
+    """Counts over an engine's (or simulated replica's) life."""
+
+    paused: int = 0  # pauses (tool calls)
+    resumed: int = 0
+    discarded_tokens: int = 0  # K/V tokens dropped into the prefix cache
+    swapped_out_tokens: int = 0  # K/V tokens copied to the host tier
+    swapped_in_tokens: int = 0
+    recomputed_tokens: int = 0  # of resumed requests' context at their pause, computed again
+    idle_page_s: float = 0.0  # pages held by paused requests x seconds (the policy clock's)
+    _held: int = 0  # pages paused requests held after the last decision
+    _at: float | None = None  # the clock then
+
+    def hold(self, pages: int, now: float) -> None:
+        """Paused requests hold `pages` from now on."""
+        if self._at is not None:
+            self.idle_page_s += self._held * (now - self._at)
+        self._held, self._at = pages, now
+
+
+@dataclasses.dataclass(frozen=True)
+class PauseView:
+    """What a PausePolicy sees of the engine before a step."""
+
+    page_size: int
+    num_free_pages: int
+    num_pages: int
+    running_tokens: int  # context tokens (computed K/V) of the running requests
+    running: int  # running requests
+    waiting: int  # waiting requests (resumed ones included)
+    last_step_s: float  # the last step's time (what a swap can hide behind), 0 before any
+
+
+class PausePolicy(Protocol):
+    def decide(self, paused: Sequence[Request], view: PauseView) -> Mapping[str, str]:
+        """For paused requests that hold device pages (each with its Pause, num_computed_tokens
+        and pages): request id -> PRESERVE, DISCARD or SWAP. Requests left out are preserved
+        this step."""
+
+
+class Discard:
+    """Drops every paused request's K/V into the prefix cache at once."""
+
+    def decide(self, paused: Sequence[Request], view: PauseView) -> Mapping[str, str]:
+        return {r.request_id: DISCARD for r in paused}
+
+
+def check_actions(actions: Mapping[str, str], paused: Sequence[Request]) -> None:
+    """Raises ValueError naming a policy's answer that is no action or no request it was asked about."""
+    asked = {r.request_id for r in paused}
+    for rid, action in actions.items():
+        if action not in ACTIONS:
+            raise ValueError(f"pause policy answered {action!r} for {rid}: must be one of {ACTIONS}")
+        if rid not in asked:
+            raise ValueError(f"pause policy answered for {rid}, which is not a paused request holding pages")
+
+
+class Pausing:
+    """The scheduler's side of pausing (jinfer.scheduling.Scheduler mixes it in): it owns
+    `paused`, `pause_policy` and `clock`, and uses the scheduler's kv, queues and drafter."""
+
+    def _pause(self, req: Request) -> None:
+        """req sampled an intercept token (update): out of the running set, pages held."""
+        from jinfer.request import Status
+        req.status = Status.PAUSED
+        # (off the running set, or the waiting one: a step in flight preempted it since)
+        (self.running if req in self.running else self.waiting).remove(req)
+        req.pause = Pause(self.clock(), context=req.num_computed_tokens)
+        self.paused.append(req)
+        self.pause_stats.paused += 1
+
+    def _decide_pauses(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Asks the pause policy about the paused requests holding device pages and applies its
+        answers; returns the swap-outs for the plan."""
+        holding = [r for r in self.paused if r.pages]
+        stats = self.pause_stats
+        if not holding:
+            stats.hold(0, self.clock())
+            return []
+        view = PauseView(self.page_size, self.kv.num_free, self.pool.num_pages,
+                         sum(r.num_computed_tokens for r in self.running), len(self.running), len(self.waiting),
+                         self.last_step_s)
+        actions = self.pause_policy.decide(holding, view)
+        check_actions(actions, holding)
+        swaps = []
+        for req in holding:
+            action = actions.get(req.request_id, PRESERVE)
+            if action == DISCARD:
+                stats.discarded_tokens += req.num_computed_tokens
+                self.release(req)  # into the prefix cache: a resume matches what is still there
+                req.num_computed_tokens, req.pause.action = 0, DISCARD
+            elif action == SWAP:
+                n = -(-req.num_computed_tokens // self.page_size)
+                swaps.append((req.request_id, tuple(req.pages[:n])))
+                stats.swapped_out_tokens += req.num_computed_tokens
+                self.kv.drop(req)
+                req.pause.swapped_tokens, req.num_computed_tokens, req.pause.action = req.num_computed_tokens, 0, SWAP
+        stats.hold(sum(len(r.pages) for r in self.paused), self.clock())
+        return swaps
+
+    def resume(self, req: Request, token_ids: Sequence[int]) -> None:
+        """A paused request continues with its tool's output: prompt, output and token_ids
+        become its prompt, its output starts empty (what follows equals a fresh request over
+        that prompt with the same parameters and seed), and it queues by its first arrival.
+        ValueError (nothing changes) if it is not paused or a sampled token is still unread."""
+        from jinfer.request import Status
+        if req.status is not Status.PAUSED:
+            raise ValueError(f"request {req.request_id} is {req.status.value}, not paused")
+        if req.num_pending:
+            raise ValueError(f"request {req.request_id} has a step in flight: settle it first")
+        self.paused.remove(req)
+        self._end_drafting(req, aborted=False)
+        self.pause_stats.resumed += 1
+        req.prompt_ids = req.all_ids + [int(t) for t in token_ids]
+        req.output_ids, req.output_logprobs = [], []
+        req.status, req.policy_state = Status.WAITING, None
+        self.waiting.append(req)
+        self._start_drafting(req)  # the drafter hears the new prompt
+
+    def _resumed_admitted(self, req: Request, restored: int) -> None:
+        """A resumed request was admitted with `restored` of its pre-pause context's K/V (kept,
+        matched in the prefix cache or swapped in): the rest is computed again."""
+        self.pause_stats.recomputed_tokens += max(0, req.pause.context - restored)
+        if req.pause.action == SWAP:
+            self.pause_stats.swapped_in_tokens += req.pause.swapped_tokens
+        req.pause = None
