@@ -1,0 +1,1 @@
+"""Pause policies for requests that wait on tools (InferCept and its baselines)."""

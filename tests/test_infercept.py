@@ -1,0 +1,211 @@
+"""Requests paused for a tool call (jinfer.pausing, scheduler/infercept): whichever way their
+K/V waits (kept, dropped into the prefix cache, swapped to the host tier), a resumed request
+produces exactly the tokens of one run over prompt + output + tool tokens, and no page leaks."""
+
+import dataclasses
+
+import pytest
+
+from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig
+from jinfer.engine import Engine
+from jinfer.loader.hf import load_hf_model
+from jinfer.pausing import DISCARD, PRESERVE, SWAP, PauseView
+from jinfer.request import Status
+from jinfer.sampling_params import SamplingParams
+from jinfer.tokenizer import Tokenizer
+from scheduler.infercept.policies import DiscardAll, InferCept, PauseProfile, PinTTL, PreserveAll, SwapAll
+
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+SEEDED = SamplingParams(temperature=1.0, seed=7, max_tokens=10, ignore_eos=True)
+PROMPT = [11, 42, 7, 99, 3, 58, 120, 64, 5, 200, 17, 33, 8]
+OTHER = [9, 8, 7, 6, 5, 4, 3, 2, 1, 250, 240, 230]
+TOOL = [71, 72, 73, 74, 75, 76]
+
+
+@pytest.fixture(scope="module")
+def engines(hf_checkpoints):
+    path = hf_checkpoints["llama3"]
+    model, tok = load_hf_model(path), Tokenizer.from_dir(path)
+
+    def make(pipelined):
+        return Engine(model, tok, CacheConfig(page_size=4, num_pages=48),
+                      SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=4, max_model_len=96),
+                      options=EngineOptions(async_scheduling=pipelined))
+    return {True: make(True), False: make(False)}
+
+
+def _until(engine, done):
+    outs = []
+    for _ in range(200):
+        outs += engine.step()
+        if done(outs):
+            return outs
+    raise AssertionError("never got there")
+
+
+def _check_pages(engine):
+    """Every page is free or cached; nothing is paused or swapped."""
+    sched = engine.scheduler
+    assert not sched.running and not sched.waiting and not sched.paused and not len(engine.host_kv)
+    assert sched.kv.num_free + sched.kv.num_cached == sched.pool.num_pages
+    if sched.prefix_cache is not None:
+        sched.prefix_cache.check()
+
+
+def _marker(engine, params):
+    """PROMPT's uninterrupted output and a token of it to pause at: its first occurrence there,
+    and absent from the run that follows the tool call (so the request pauses once)."""
+    full = engine.generate([PROMPT], params)[0].token_ids
+    for k in range(2, len(full) - 1):
+        after = engine.generate([PROMPT + full[:k + 1] + TOOL], params)[0].token_ids
+        if full[k] not in full[:k] and full[k] not in after:
+            return full, full[k]
+    raise AssertionError("no token pauses once")
+
+
+def _pause_resume(engine, params, policy, other=True):
+    """Runs PROMPT until it pauses at a token of its output, lets the policy act for two steps while
+    another request runs, resumes it with TOOL; returns (first segment, second segment, the
+    actions seen)."""
+    engine.scheduler.pause_policy = policy
+    full, marker = _marker(engine, params)
+    p = dataclasses.replace(params, intercept_token_ids=(marker,))
+    engine.add_request(PROMPT, p, request_id="a")
+    if other:
+        engine.add_request(OTHER, GREEDY, request_id="b")
+    outs = _until(engine, lambda outs: any(o.paused for o in outs))
+    seg1 = next(o for o in outs if o.paused).token_ids
+    assert seg1[-1] == marker and marker not in seg1[:-1] and engine.num_paused() == 1
+    actions = set()
+    for _ in range(2):
+        engine.step()
+        actions.add(engine.scheduler.paused[0].pause.action)
+    assert engine.is_unfinished("a") and not any(o.request_id == "a" and o.finished for o in outs)
+    engine.resume("a", TOOL)
+    outs = _until(engine, lambda outs: any(o.request_id == "a" and o.finished for o in outs))
+    seg2 = next(o for o in outs if o.request_id == "a" and o.finished).token_ids
+    _until(engine, lambda _: not engine.has_unfinished())
+    return full, seg1, seg2, actions
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+@pytest.mark.parametrize("policy, action", [(PreserveAll(), PRESERVE), (DiscardAll(), DISCARD), (SwapAll(), SWAP)],
+                         ids=["preserve", "discard", "swap"])
+def test_a_resumed_request_equals_one_run_over_prompt_output_and_tool_tokens(engines, params, policy, action):
+    engine = engines[True]
+    full, seg1, seg2, actions = _pause_resume(engine, params, policy)
+    assert actions == {action}
+    assert seg1 == full[:len(seg1)]  # up to the tool call, the same run
+    fresh = engine.generate([PROMPT + seg1 + TOOL], params)[0].token_ids
+    assert seg2 == fresh and len(seg2) == params.max_tokens
+    if action == SWAP:
+        assert engine.host_kv.swapped_out > 0 and engine.host_kv.swapped_in == engine.host_kv.swapped_out
+    _check_pages(engine)
+
+
+def test_without_pipelining_and_with_least_waste_choices(engines):
+    engine = engines[False]
+    clock = [0.0]
+    profile = PauseProfile(lambda n: 1e-3 * n, lambda n: 0.0, 1.0, 8)  # swaps free: it swaps
+    policy = InferCept(profile, clock=lambda: clock[0])
+    full, seg1, seg2, actions = _pause_resume(engine, GREEDY, policy)
+    assert actions == {SWAP} and policy.decisions[SWAP] >= 1
+    assert seg2 == engine.generate([PROMPT + seg1 + TOOL], GREEDY)[0].token_ids
+    _, seg1, seg2, actions = _pause_resume(engine, GREEDY, PinTTL(ttl_s=1e9))
+    assert actions == {PRESERVE} and seg2 == engine.generate([PROMPT + seg1 + TOOL], GREEDY)[0].token_ids
+    _check_pages(engine)
+
+
+def test_least_waste_preserves_short_pauses_and_discards_long_ones():
+    """InferCept's rule on its own: no swap budget (a slow host link), a context of 64 tokens;
+    preserved while the pause so far is short, discarded once holding costs more than
+    recomputing."""
+    from jinfer.pausing import Pause
+    from jinfer.request import Request
+    profile = PauseProfile(lambda n: 1e-3 * n, lambda n: 1.0 * n, 2.0, 16)
+    now = [0.0]
+    policy = InferCept(profile, clock=lambda: now[0])
+    req = Request("r", list(range(64)), GREEDY, 0, 0.0, 0, num_computed_tokens=64, pause=Pause(since=0.0))
+    view = PauseView(4, 10, 64, running_tokens=100, running=2, waiting=0, last_step_s=0.01)
+    now[0] = 0.001
+    assert policy.decide([req], view) == {"r": PRESERVE}
+    preserve, discard = policy.wastes(req, view, 10.0)
+    assert preserve == pytest.approx(10.0 * 64 * 2.0) and preserve > discard
+    now[0] = 10.0
+    assert policy.decide([req], view) == {"r": DISCARD}
+    # A step long enough to hide a copy of 64 tokens (T_swap = 1 s per token): swapped instead;
+    # with room for one of two, the one wasting more (the longer context) goes first.
+    big = Request("big", list(range(96)), GREEDY, 0, 0.0, 1, num_computed_tokens=96, pause=Pause(since=0.0))
+    assert policy.decide([req], dataclasses.replace(view, last_step_s=64.0)) == {"r": SWAP}
+    assert policy.decide([req, big], dataclasses.replace(view, last_step_s=100.0)) == {"big": SWAP, "r": DISCARD}
+
+
+def test_bad_resumes_change_nothing_and_aborting_a_paused_request_frees_everything(engines):
+    engine = engines[True]
+    engine.scheduler.pause_policy = SwapAll()
+    _, marker = _marker(engine, GREEDY)
+    with pytest.raises(ValueError, match="not unfinished"):
+        engine.resume("nobody", TOOL)
+    engine.add_request(PROMPT, dataclasses.replace(GREEDY, intercept_token_ids=(marker,)), request_id="a")
+    with pytest.raises(ValueError, match="not paused"):
+        engine.resume("a", TOOL)
+    _until(engine, lambda outs: any(o.paused for o in outs))
+    engine.step()  # swapped out
+    assert engine.scheduler.paused[0].pause.action == SWAP and len(engine.host_kv) == 1
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.resume("a", [1] * 200)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.resume("a", [10**6])
+    assert engine.scheduler.paused[0].status is Status.PAUSED  # still paused, still swapped
+    assert not engine.has_unfinished() and engine.is_unfinished("a")
+    assert engine.abort("a")
+    _check_pages(engine)
+
+
+def _sim(policy, items, num_pages=400, swap_s_per_page=1e-5):
+    from scheduler.cost_model import analytic_8b_h100_tp
+    from scheduler.routing.policies import make_router
+    from scheduler.simulation.simulator import ReplicaConfig, Simulator
+    cost = analytic_8b_h100_tp(1)
+    rc = ReplicaConfig(num_pages=num_pages, swap_s_per_page=swap_s_per_page)
+    sim = Simulator(make_router("round-robin", 1, cost, rc.capacity_tokens), 1, cost, rc, pause_policy=policy)
+    return sim, sim.run(items)
+
+
+def test_the_simulator_pauses_and_resumes_items_with_tool_calls():
+    """Every augmented request finishes with all its segments' tokens, having waited its tools'
+    time; pages all come back; each policy does what it says (preserve recomputes nothing with
+    room to spare, swap moves K/V instead, discard recomputes), and runs repeat exactly."""
+    from scheduler.infercept.workloads import augmented
+    items = augmented(40, rate=20.0, scale=8, pause_scale=0.01, seed=3)
+    assert all(it.tool_calls for it in items)
+    want = [it.max_tokens + sum(c.after_tokens for c in it.tool_calls) for it in items]
+    runs = {}
+    for name, policy in [("preserve", lambda c: PreserveAll()), ("swap", lambda c: SwapAll()),
+                         ("discard", lambda c: DiscardAll())]:
+        sim, res = _sim(policy, items, num_pages=4000)
+        assert [r.output_tokens for r in res.records] == want and not any(r.error for r in res.records)
+        assert [r.tool_calls for r in res.records] == [len(it.tool_calls) for it in items]
+        assert all(r.tool_s == pytest.approx(sum(c.pause_s for c in it.tool_calls)) for r, it in zip(res.records, items))
+        sched = sim.replicas[0].sched
+        assert not sched.paused and sched.kv.num_free + sched.kv.num_cached == 4000
+        runs[name] = sched.pause_stats
+        assert runs[name].paused == runs[name].resumed == sum(len(it.tool_calls) for it in items)
+    assert runs["preserve"].recomputed_tokens == 0 and runs["preserve"].idle_page_s > 0
+    assert runs["swap"].swapped_out_tokens == runs["swap"].swapped_in_tokens > 0 and runs["swap"].idle_page_s == 0
+    assert runs["discard"].discarded_tokens > 0
+    a = _sim(lambda c: InferCept(PauseProfile(lambda n: 1e-4 * n, lambda n: 1e-6 * n, 1.0, 64), clock=c), items)[1]
+    b = _sim(lambda c: InferCept(PauseProfile(lambda n: 1e-4 * n, lambda n: 1e-6 * n, 1.0, 64), clock=c), items)[1]
+    assert [(r.finish_s, r.output_tokens) for r in a.records] == [(r.finish_s, r.output_tokens) for r in b.records]
+
+
+def test_augmented_workloads_are_seeded_and_checked():
+    from scheduler.infercept.workloads import AUGMENTS, augmented
+    a, b = augmented(30, 5.0, seed=1), augmented(30, 5.0, seed=1)
+    assert a == b and a != augmented(30, 5.0, seed=2)
+    assert all(x.arrival_s < y.arrival_s for x, y in zip(a, a[1:]))
+    only = augmented(50, 5.0, types=("math",), seed=0)
+    assert max(c.pause_s for it in only for c in it.tool_calls) < 0.01  # math tools return at once
+    assert set(AUGMENTS) == {"math", "qa", "virtual-env", "chatbot", "image", "tts"}
+    with pytest.raises(ValueError, match="unknown augment types"):
+        augmented(3, 1.0, types=("search",))
