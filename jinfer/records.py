@@ -29,6 +29,8 @@ class RequestRecord:
     tier: str = ""
     """Its SLO tier's name (empty when the simulator has no tiers)."""
     preemptions: int = 0  # times it was preempted (recompute) before it finished
+    tool_calls: int = 0  # times it paused for a tool
+    tool_s: float = 0.0  # seconds it waited on its tools (paused)
     output_ids: tuple[int, ...] = ()
     """The tokens it was given, for a work item with a recorded output in a run without
     fast-forward (a fast-forwarded stretch emits placeholders); empty otherwise."""
@@ -44,6 +46,13 @@ class RequestRecord:
     @property
     def latency_s(self) -> float:
         return self.finish_s - self.arrival_s
+
+    @property
+    def normalized_latency_s(self) -> float:
+        """End to end minus the time its tools took, per output token (InferCept's metric)."""
+        if self.output_tokens < 1:
+            return math.nan
+        return (self.latency_s - self.tool_s) / self.output_tokens
 
     @property
     def tpot_s(self) -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import heapq
+import time
 
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.request import Request
@@ -22,6 +23,7 @@ from jinfer.scheduling import Scheduler
 from jinfer.scheduling_policy import AdmissionRefused
 from jinfer.speculation import Draft
 from scheduler.cost_model import CostModel
+from scheduler.simulation.workloads import WorkItem
 from jinfer.records import RequestRecord
 from scheduler.slo.priority_groups import PriorityGroups
 
@@ -36,6 +38,9 @@ class ReplicaConfig:
     max_model_len: int = 65_536
     priority_groups: bool = False
     """Order each replica's queue by Preble's priority groups instead of FCFS."""
+    swap_s_per_page: float = 0.0
+    """Host link time to copy one KV page one way (a paused request's swap-out or swap-in);
+    the copies overlap the step: a step with copies takes max(its compute, its copies)."""
 
     @property
     def capacity_tokens(self) -> int:
@@ -47,10 +52,25 @@ class ReplicaConfig:
         return prompt_tokens + max_tokens <= min(self.max_model_len, self.capacity_tokens)
 
 
+MARKER, END = 2_147_483_000, 2_147_483_001
+"""The tokens a simulated request with tool calls writes at a call (its intercept token) and
+at the end of its last segment (a stop token)."""
+
+
 @functools.lru_cache(maxsize=None)
-def greedy(max_tokens: int) -> SamplingParams:
-    """The sampling parameters of a simulated request: greedy, EOS ignored, max_tokens long."""
+def greedy(max_tokens: int, tools: bool = False) -> SamplingParams:
+    """The sampling parameters of a simulated request: greedy, EOS ignored, max_tokens long;
+    with tools, pausing at MARKER and stopping at END."""
+    if tools:
+        return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, stop_token_ids=(END,),
+                              intercept_token_ids=(MARKER,))
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def tool_tokens(item: WorkItem) -> int:
+    """Every token a request with tool calls adds to its context: outputs of every segment and
+    the tools' returns."""
+    return item.max_tokens + sum(c.after_tokens + c.return_tokens for c in item.tool_calls)
 
 
 class EventQueue:
@@ -81,14 +101,16 @@ class SimReplica:
     unique to the request and position)."""
 
     def __init__(self, cfg: ReplicaConfig, cost: CostModel, policy=None, speculation=None,
-                 outputs: dict[int, tuple[int, ...]] | None = None):
+                 outputs: dict[int, tuple[int, ...]] | None = None, pause_policy=None, clock=time.monotonic):
         if cfg.priority_groups:
             policy = PriorityGroups()
         drafter, max_spec, budget = speculation() if speculation is not None else (None, 0, None)
         self.sched = Scheduler(CacheConfig(page_size=cfg.page_size, num_pages=cfg.num_pages),
                                SchedulerConfig(max_num_batched_tokens=cfg.max_num_batched_tokens,
                                                max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len),
-                               cfg.num_pages, policy, drafter, max_spec, budget)
+                               cfg.num_pages, policy, drafter, max_spec, budget, pause_policy, clock)
+        self.tools: dict[int, WorkItem] = {}  # item index -> its item, for items with tool calls
+        self.segment: dict[int, int] = {}  # item index -> its current segment (tool calls made)
         if hasattr(policy, "bind"):
             policy.bind(self.sched)
         self.cfg, self.cost = cfg, cost
@@ -99,6 +121,7 @@ class SimReplica:
         self.ends: list[float] = []  # end times of the steps the current event covers (> 1: fast-forward)
         self.gen = 0  # bumps when the current event is replaced; stale events are skipped
         self.paused_until = 0.0
+        self.computed_tokens = 0  # tokens the replica's steps computed (fast-forwarded ones not counted)
         self.reqs: dict[str, tuple[Request, RequestRecord, object]] = {}
 
     def admit(self, req: Request, rec: RequestRecord, handle=None) -> bool:
@@ -120,12 +143,22 @@ class SimReplica:
             self.busy, self.plan = False, None
             return None
         dt = self.cost.step_time((len(s.token_ids), s.start_pos) for s in plan.seqs)
+        if plan.swap_out or plan.swap_in:
+            dt = max(dt, sum(len(p) for _, p in plan.swap_out + plan.swap_in) * self.cfg.swap_s_per_page)
         self.busy, self.plan, self.ends, self.step_s = True, plan, [now + dt], dt
+        self.computed_tokens += plan.num_tokens
         self.gen += 1
         return dt
 
     def truth(self, index: int, position: int) -> int:
-        """The token the model writes at output position `position` of request `index`."""
+        """The token the model writes at output position `position` of request `index` (of its
+        current segment, for a request with tool calls)."""
+        item = self.tools.get(index)
+        if item is not None:
+            seg = self.segment.get(index, 0)
+            calls = item.tool_calls
+            if position == (calls[seg].after_tokens if seg < len(calls) else item.max_tokens) - 1:
+                return MARKER if seg < len(calls) else END
         out = self.outputs.get(index, ())
         return out[position] if position < len(out) else 1_000_000_000 + index * 100_000 + position
 
@@ -139,6 +172,16 @@ class SimReplica:
         k = seq.num_draft
         depths = Draft(tuple(seq.token_ids[-k:]), tuple(seq.draft_parents or range(-1, k - 1))).depths()
         return [self.truth(index, at)] + [self.truth(index, at + d) for d in depths]
+
+    def resume(self, index: int, request_id: str) -> float:
+        """Request `index` (id request_id) got its tool's output: resumed with that many
+        placeholder tokens; returns the pause it took (for its record)."""
+        item, seg = self.tools[index], self.segment.get(index, 0)
+        call = item.tool_calls[seg]
+        self.segment[index] = seg + 1
+        ids = [1_500_000_000 + index * 1_000 + seg * 100 + k % 100 for k in range(call.return_tokens)]
+        self.sched.resume(self.reqs[request_id][0], ids)
+        return call.pause_s
 
     def settle(self, now: float, finish_hook=None, observe: bool = True) -> list[tuple]:
         """Settles the step that ended at `now` (Scheduler.update with its sampled rows) and
@@ -161,9 +204,12 @@ class SimReplica:
             if first:
                 req.first_token_time = rec.first_token_s = now
                 rec.cached_tokens = req.num_cached_prompt_tokens
+            if done.paused:  # a tool call: this segment's tokens count, the next starts empty
+                rec.output_tokens += len(req.output_ids)
+                rec.tool_calls += 1
             if done.finish_reason:
                 req.finish_time = rec.finish_s = now
-                rec.output_tokens, rec.preemptions = len(req.output_ids), req.num_preemptions
+                rec.output_tokens, rec.preemptions = rec.output_tokens + len(req.output_ids), req.num_preemptions
                 del self.reqs[req.request_id]
             out.append((done, rec, handle, first))
         return out

@@ -19,14 +19,14 @@ from jinfer.config import Tier
 from jinfer.request import Request
 from scheduler.cost_model import CostModel
 from scheduler.routing.policies import ReplicaLoad, RouteRequest, Router
-from scheduler.simulation.core import EventQueue, ReplicaConfig, SimReplica, greedy
+from scheduler.simulation.core import EventQueue, ReplicaConfig, SimReplica, greedy, tool_tokens
 from jinfer.records import RequestRecord
 from scheduler.simulation.records import SimResult
 from scheduler.simulation.workloads import WorkItem
 
 __all__ = ["ReplicaConfig", "RequestRecord", "SimResult", "Simulator"]
 
-_ARRIVAL, _STEP_DONE = 0, 1
+_ARRIVAL, _STEP_DONE, _TOOL_DONE = 0, 1, 2
 
 
 class Simulator:
@@ -35,7 +35,8 @@ class Simulator:
     a request arrives there meanwhile); records equal step-by-step simulation (tested)."""
 
     def __init__(self, router: Router, num_replicas: int, cost: CostModel, replica: ReplicaConfig = ReplicaConfig(),
-                 fast_forward: bool = True, speculation=None, tiers: tuple[Tier, ...] = (), policy=None):
+                 fast_forward: bool = True, speculation=None, tiers: tuple[Tier, ...] = (), policy=None,
+                 pause_policy=None):
         """speculation: a callable returning (drafter, max_spec_tokens, draft budget or None)
         for each replica (jinfer.speculation): drafts ride in the replicas' steps exactly as
         in the engine, costed by the cost model, and are verified against each request's
@@ -50,7 +51,11 @@ class Simulator:
         cost-model time to it (Scheduler.observe_step) and run its admission check. A policy
         that revises itself every step (on_schedule) or learns from the steps (observe_step)
         turns fast-forward off, since a fast-forwarded stretch has steps it would not see.
-        None: FCFS within tiers (or ReplicaConfig.priority_groups)."""
+        None: FCFS within tiers (or ReplicaConfig.priority_groups).
+        pause_policy: a callable(clock) -> jinfer.pausing.PausePolicy per replica, for work items
+        with tool calls (WorkItem.tool_calls: each pauses there for its tool's time and resumes
+        with its tokens; swaps cost ReplicaConfig.swap_s_per_page); None: Discard. Items with
+        tool calls turn fast-forward off."""
         if policy is not None and replica.priority_groups:
             raise ValueError("give either policy= or ReplicaConfig(priority_groups=True), not both")
         names = [t.name for t in tiers]
@@ -61,8 +66,12 @@ class Simulator:
         self.now = 0.0  # simulation time, what a policy's clock reads
         clock = lambda: self.now  # noqa: E731
         self._outputs: dict[int, tuple[int, ...]] = {}
+        self.tool_end: dict[str, float] = {}
+        """Request id -> when its current (or last) tool call returns: an oracle for pause
+        policies that take the remaining pause time (scheduler.infercept.policies.InferCept)."""
         self.replicas = [SimReplica(replica, cost, policy(clock) if policy is not None else None, speculation,
-                                    self._outputs) for _ in range(num_replicas)]
+                                    self._outputs, pause_policy(clock) if pause_policy is not None else None, clock)
+                         for _ in range(num_replicas)]
         for rep in self.replicas:
             rep.evictions = rep.sched.kv.eviction_log()
         per_step = any(hasattr(rep.sched.policy, hook) for rep in self.replicas
@@ -84,6 +93,8 @@ class Simulator:
         if any(isinstance(it.prompt, str) for it in items):
             raise ValueError("the simulator needs token-id prompts (text has no token count without a tokenizer)")
         tiers = [self._tier(i, it.tier) for i, it in enumerate(items)]
+        if any(it.tool_calls for it in items):
+            self.fast_forward = False  # a stretch would run past a tool call
         events = self._events = EventQueue()
         for i, it in enumerate(items):
             events.push(it.arrival_s, _ARRIVAL, i)
@@ -94,6 +105,12 @@ class Simulator:
             self.now = now
             if kind == _ARRIVAL:
                 records[data] = self._arrive(items[data], data, tiers[data], now)
+            elif kind == _TOOL_DONE:
+                r, index, request_id = data
+                rep = self.replicas[r]
+                records[index].tool_s += rep.resume(index, request_id)
+                if not rep.busy:
+                    self._start(r, now)
             else:
                 r, gen = data
                 rep = self.replicas[r]
@@ -108,19 +125,23 @@ class Simulator:
         n = len(it.prompt)
         priority, tier = tier
         name = tier.name if tier is not None else ""
-        if not self.cfg.fits(n, it.max_tokens):
+        if not self.cfg.fits(n, tool_tokens(it)):
             return RequestRecord(index, -1, now, n, error="prompt + max_tokens exceeds the replica", tier=name)
         rreq = RouteRequest(str(index), tuple(it.prompt), it.max_tokens)
         r = self.router.route(rreq, now)
         rec = RequestRecord(index, r, now, n, tier=name)
         rep = self.replicas[r]
-        req = Request(rreq.request_id, list(it.prompt), greedy(it.max_tokens), 0, now, index,
+        # With tools: segments end at their MARKER or END token, before any length limit.
+        longest = max([it.max_tokens] + [c.after_tokens + 1 for c in it.tool_calls])
+        req = Request(rreq.request_id, list(it.prompt), greedy(longest, bool(it.tool_calls)), 0, now, index,
                       priority=priority, tier=tier)
         if not rep.admit(req, rec, rreq):
             self.router.on_finish(r, rreq, now)
             return rec
         if it.output:
             self._outputs[index] = it.output
+        if it.tool_calls:
+            rep.tools[index] = it
         if not rep.busy:
             self._start(r, now)
         elif len(rep.ends) > 1:  # stop the fast-forward after the step in progress
@@ -186,6 +207,10 @@ class Simulator:
         for done, rec, rreq, first in settled:
             if first:
                 self.router.on_first_token(r, rreq, now, now - rec.arrival_s)
+            if done.paused:
+                call = rep.tools[rec.index].tool_calls[rep.segment.get(rec.index, 0)]
+                self.tool_end[rreq.request_id] = now + call.pause_s
+                self._events.push(now + call.pause_s, _TOOL_DONE, (r, rec.index, rreq.request_id))
             if done.finish_reason:
                 if rec.index in self._outputs and not self.fast_forward:
                     rec.output_ids = tuple(done.req.output_ids)

@@ -25,6 +25,22 @@ import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
+class ToolCall:
+    """A request pauses for a tool after `after_tokens` output tokens of its current segment
+    (the last of them the call), waits pause_s, and resumes with return_tokens tokens."""
+
+    after_tokens: int
+    pause_s: float
+    return_tokens: int
+
+    def __post_init__(self):
+        if self.after_tokens < 1 or self.return_tokens < 0:
+            raise ValueError(f"{self}: after_tokens must be >= 1 and return_tokens >= 0")
+        if not (self.pause_s >= 0 and math.isfinite(self.pause_s)):
+            raise ValueError(f"pause_s={self.pause_s} must be finite and >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class WorkItem:
     arrival_s: float
     """Seconds after the start of the run."""
@@ -41,6 +57,9 @@ class WorkItem:
     output: tuple[int, ...] = ()
     """The tokens the model will write, when known (a recorded rollout): the simulator emits
     them and verifies speculative drafts against them; empty: distinct synthetic ids."""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """Tool calls in order (augmented requests; the simulator pauses and resumes them): its
+    output is len(tool_calls) + 1 segments, the last max_tokens long."""
 
     def __post_init__(self):
         if self.arrival_s < 0 or not math.isfinite(self.arrival_s):

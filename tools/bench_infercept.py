@@ -1,0 +1,147 @@
+"""InferCept, side by side with its baselines: what paused requests' K/V costs under each pause
+policy, simulated at 8B-on-H100 cost on InferCept's six augment types.
+
+  python tools/bench_infercept.py --out=benchmarks/infercept.md
+  python tools/bench_infercept.py --rates=2,4,8 --num_requests=300 --policies=discard,infercept
+
+Simulated (scheduler/simulation/simulator.py, one replica): jinfer's Scheduler on
+cost_model.analytic_8b_h100_tp(1), a pool of --num_pages pages of 16 tokens, K/V of
+--kv_bytes_per_token bytes per token (8B bf16 with 8 KV heads: 128 KiB) and a host link of
+--host_gbps GB/s each way (an assumption: PCIe 4.0 x16 moves ~25 GB/s); a swap copy overlaps
+its step (the step takes the longer of the two). Requests of the augment types
+(scheduler/infercept/workloads.py: InferCept's Table 1), Poisson arrivals at each --rates.
+Policies (scheduler/infercept/policies.py): discard (into the prefix cache, queue place kept:
+InferCept's improved discard), preserve, swap (all, whatever it costs), pin-ttl (Continuum-like,
+--ttl_s), infercept (least waste; T_INT = time paused so far), infercept-oracle (T_INT = the
+remaining pause, known to the simulator).
+
+Reported per rate and policy: completed requests/s (requests finishing between a quarter of the
+arrival span and the last arrival, per second: the steady state, since a request lasts minutes
+with its tools), normalized latency (end to end minus tool time, per output token; median and p99),
+memory waste (page-seconds held by paused requests over the pool's page-seconds), recompute
+share (tokens computed again after a pause over all tokens computed), K/V swapped out (GB).
+Then, per policy, the highest rate whose median normalized latency stays within --slo_ms,
+and its completed requests/s against discard's.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", "", "Write the Markdown report here (else stdout only).")
+flags.DEFINE_list("rates", ["2", "4", "6", "8", "10", "12", "16"], "Arrival rates, requests/s.")
+flags.DEFINE_integer("num_requests", 600, "Requests per run.", lower_bound=1)
+flags.DEFINE_list("types", ["math", "qa", "virtual-env", "chatbot", "image", "tts"], "Augment types, drawn evenly.")
+flags.DEFINE_list("policies", ["discard", "preserve", "swap", "pin-ttl", "infercept", "infercept-oracle"],
+                  "Pause policies to compare.")
+flags.DEFINE_integer("num_pages", 4000, "KV pages of 16 tokens in the replica's pool.", lower_bound=1)
+flags.DEFINE_float("kv_bytes_per_token", 128 * 1024, "K/V bytes of one token, all layers.", lower_bound=1)
+flags.DEFINE_float("host_gbps", 25.0, "Host link bandwidth each way, GB/s (an assumption).", lower_bound=0.001)
+flags.DEFINE_float("ttl_s", 1.0, "pin-ttl: seconds a paused request keeps its K/V.", lower_bound=0)
+flags.DEFINE_float("slo_ms", 50.0, "Median normalized latency (ms per output token) a rate must keep.", lower_bound=0)
+flags.DEFINE_float("scale", 1.0, "Divide every length by this.", lower_bound=1)
+flags.DEFINE_integer("seed", 0, "Workload seed.")
+
+
+def _policy(name: str, profile, ttl_s: float):
+    from scheduler.infercept import policies as ip
+    makers = {"discard": lambda clock: ip.DiscardAll(), "preserve": lambda clock: ip.PreserveAll(),
+              "swap": lambda clock: ip.SwapAll(), "pin-ttl": lambda clock: ip.PinTTL(ttl_s, clock),
+              "infercept": lambda clock: ip.InferCept(profile, clock),
+              "infercept-oracle": lambda clock: ip.InferCept(profile, clock)}
+    if name not in makers:
+        raise app.UsageError(f"unknown policy {name!r}; known: {sorted(makers)}")
+    return makers[name]
+
+
+def run_one(items, policy_name: str, cfg, cost, profile) -> dict:
+    """One simulated run; its figures."""
+    import numpy as np
+    from scheduler.routing.policies import make_router
+    from scheduler.simulation.simulator import Simulator
+    sim = Simulator(make_router("round-robin", 1, cost, cfg.capacity_tokens), 1, cost, cfg,
+                    pause_policy=_policy(policy_name, profile, FLAGS.ttl_s))
+    rep = sim.replicas[0]
+    if policy_name == "infercept-oracle":
+        rep.sched.pause_policy.remaining = lambda rid: max(0.0, sim.tool_end[rid] - sim.now)
+    res = sim.run(items)
+    ok = [r for r in res.records if not r.error]
+    # Completed requests/s in the steady part: finishes from a quarter of the arrival span to
+    # the last arrival (requests last minutes with their tools: the tail is not a rate).
+    first, last = items[0].arrival_s, items[-1].arrival_s
+    start = first + (last - first) / 4
+    done = sum(start <= r.finish_s <= last for r in ok)
+    nl = np.array([r.normalized_latency_s for r in ok]) * 1e3
+    ps = rep.sched.pause_stats
+    return {"completed_rps": done / (last - start), "nl_p50": float(np.median(nl)), "nl_p99": float(np.percentile(nl, 99)),
+            "waste": ps.idle_page_s / (cfg.num_pages * res.sim_time_s),
+            "recompute": ps.recomputed_tokens / max(rep.computed_tokens, 1),
+            "swapped_gb": ps.swapped_out_tokens * FLAGS.kv_bytes_per_token / 1e9, "failed": len(res.records) - len(ok)}
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from scheduler.cost_model import analytic_8b_h100_tp
+    from scheduler.infercept.policies import PauseProfile
+    from scheduler.infercept.workloads import augmented
+    from scheduler.simulation.simulator import ReplicaConfig
+
+    try:
+        rates = [float(r) for r in FLAGS.rates]
+    except ValueError:
+        raise app.UsageError(f"--rates={FLAGS.rates} must be numbers") from None
+    for p in FLAGS.policies:
+        _policy(p, None, 0.0)  # names checked before anything runs
+    cost = analytic_8b_h100_tp(1)
+    bw = FLAGS.host_gbps * 1e9
+    cfg = ReplicaConfig(num_pages=FLAGS.num_pages, swap_s_per_page=16 * FLAGS.kv_bytes_per_token / bw)
+    profile = PauseProfile.from_cost_model(cost, FLAGS.kv_bytes_per_token, bw)
+    lines = [f"Simulated: one replica, `{cost.name}`, {cfg.num_pages} pages x 16 tokens, K/V "
+             f"{FLAGS.kv_bytes_per_token / 1024:g} KiB/token, host link {FLAGS.host_gbps:g} GB/s (assumed), "
+             f"{FLAGS.num_requests} requests per run of types {', '.join(FLAGS.types)}, lengths / {FLAGS.scale:g}, "
+             f"seed {FLAGS.seed}; pin-ttl keeps K/V {FLAGS.ttl_s:g} s.", "",
+             "| rate req/s | policy | completed req/s | norm. latency p50 ms/tok | p99 | memory waste | "
+             "recompute share | swapped out GB | failed |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    results: dict[tuple[float, str], dict] = {}
+    t0 = time.perf_counter()
+    for rate in rates:
+        items = augmented(FLAGS.num_requests, rate, tuple(FLAGS.types), scale=FLAGS.scale, seed=FLAGS.seed)
+        for p in FLAGS.policies:
+            r = results[(rate, p)] = run_one(items, p, cfg, cost, profile)
+            lines.append(f"| {rate:g} | {p} | {r['completed_rps']:.2f} | {r['nl_p50']:.1f} | {r['nl_p99']:.1f} | "
+                         f"{r['waste']:.2%} | {r['recompute']:.2%} | {r['swapped_gb']:.1f} | {r['failed']} |")
+            print(lines[-1], file=sys.stderr)
+    lines += ["", f"Highest rate with median normalized latency <= {FLAGS.slo_ms:g} ms/token, per policy:", "",
+              "| policy | rate req/s | completed req/s | vs discard |", "|---|---:|---:|---:|"]
+    best = {}
+    for p in FLAGS.policies:
+        ok = [rate for rate in rates if results[(rate, p)]["nl_p50"] <= FLAGS.slo_ms]
+        best[p] = (max(ok), results[(max(ok), p)]["completed_rps"]) if ok else None
+    for p in FLAGS.policies:
+        if best[p] is None:
+            lines.append(f"| {p} | none | - | - |")
+            continue
+        base = best.get("discard")
+        ratio = f"{best[p][1] / base[1]:.2f}x" if base else "-"
+        lines.append(f"| {p} | {best[p][0]:g} | {best[p][1]:.2f} | {ratio} |")
+    lines.append(f"\n({len(rates) * len(FLAGS.policies)} runs in {time.perf_counter() - t0:.0f} s of wall time.)")
+    report = "\n".join(lines)
+    print(report)
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            f.write("# InferCept: paused requests' K/V by least waste, simulated\n\nCommand: `python "
+                    "tools/bench_infercept.py " + " ".join(sys.argv[1:]) + "`\n\n" + report + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
