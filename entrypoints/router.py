@@ -56,6 +56,8 @@ flags.DEFINE_float("health_timeout_s", 1.0, "Deadline of one health check.", low
 flags.DEFINE_integer("health_failures", 3, "Failed health checks in a row that mark a replica down.", lower_bound=1)
 flags.DEFINE_integer("max_reroutes", 2, "Route a request again at most this many times when its replica fails before "
                      "streaming anything.", lower_bound=0)
+flags.DEFINE_integer("max_paused_requests", 100_000, "Requests paused at a tool call whose replica the router "
+                     "remembers for their Resume (past this the oldest are forgotten).", lower_bound=1)
 flags.DEFINE_float("window_s", 180.0, "preble-e2: history window H for loads and prefix hits.", lower_bound=1e-3)
 flags.DEFINE_bool("rebalance", True, "preble-e2: leave an overloaded cache holder (1.5x the lightest load).")
 flags.DEFINE_bool("replicate", True, "preble-e2: copy a prefix whose TTFT doubled to another replica.")
@@ -97,7 +99,8 @@ def main(argv):
                               report_interval_s=FLAGS.report_interval_s,
                               connect_timeout_s=FLAGS.connect_timeout_s, shutdown_grace_s=FLAGS.shutdown_grace_s,
                               health_interval_s=FLAGS.health_interval_s, health_timeout_s=FLAGS.health_timeout_s,
-                              health_failures=FLAGS.health_failures, max_reroutes=FLAGS.max_reroutes)
+                              health_failures=FLAGS.health_failures, max_reroutes=FLAGS.max_reroutes,
+                              max_paused_requests=FLAGS.max_paused_requests)
         options = E2Options(window_s=FLAGS.window_s, rebalance=FLAGS.rebalance, replicate=FLAGS.replicate,
                             pd_balance=FLAGS.pd_balance)
         router = router_server(FLAGS.replicas, FLAGS.policy, cost, options, config, tokenizer)

@@ -302,6 +302,9 @@ class ServingConfig:
     """An engine step running longer than this marks the engine stalled: health turns
     NOT_SERVING and waiting streams fail with UNAVAILABLE (it turns SERVING again if the step
     ends). Above the longest compile a step may need (servers warm up by default)."""
+    pause_timeout_s: float = 600.0
+    """A request paused at one of its intercept_token_ids (a tool call) that nobody resumes
+    within this many seconds is aborted, its pages freed."""
     max_request_bytes: int = 4 << 20
     """Larger GenerateRequests are refused with INVALID_ARGUMENT (gRPC itself refuses 4x this),
     larger HTTP request bodies with 413."""
@@ -346,6 +349,8 @@ class ServingConfig:
             raise ValueError(f"max_n={self.max_n} must be >= 1")
         if not self.engine_stall_timeout_s > 0:
             raise ValueError(f"engine_stall_timeout_s={self.engine_stall_timeout_s} must be > 0")
+        if not self.pause_timeout_s > 0:
+            raise ValueError(f"pause_timeout_s={self.pause_timeout_s} must be > 0")
         if not self.tiers:
             raise ValueError("tiers is empty: give at least one tier name")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -438,3 +438,48 @@ def test_live_routing_benchmark_runs_end_to_end(tmp_path):
     rr, e2, ratio = float(cells[3]), float(cells[4]), float(cells[5])
     assert rr > 0 and e2 > 0 and abs(ratio - rr / e2) < 0.02 and cells[-1] == "0"  # nothing failed
     assert "Median simulated/measured average latency" in table
+
+
+def test_a_paused_request_resumes_through_the_router_on_its_replica(replicas, router):
+    """A tool call through the router: the stream ends paused; Resume reaches the replica that
+    holds its KV (another would answer NOT_FOUND) and continues exactly as one run over
+    prompt + output + tool tokens; over the router's HTTP API as well."""
+    prompt, tool = list(range(40, 60)), [300, 301, 302]
+    with Client(replicas[0].target) as direct:
+        full = direct.generate(prompt, temperature=0, max_tokens=10, ignore_eos=True)[0]["token_ids"]
+        marker = next(t for k, t in enumerate(full[2:], 2) if t not in full[:k])
+        with Client(f"127.0.0.1:{router.port}") as c:
+            first = c.generate(prompt, temperature=0, max_tokens=10, ignore_eos=True, intercept_token_ids=[marker],
+                               request_id="routed-tool")[0]
+            assert first["paused"] and first["token_ids"][-1] == marker
+            second = c.resume("routed-tool", tool)
+            want = direct.generate(prompt + first["token_ids"] + tool, temperature=0, max_tokens=10,
+                                   ignore_eos=True)[0]["token_ids"]
+            n = len(second["token_ids"])
+            assert second["token_ids"] == want[:n]
+            assert second["paused"] == (marker in want[:n])  # paused again only at the marker
+            while second["paused"]:  # the next resume still finds its replica
+                second = c.resume("routed-tool", [])
+            code = None
+            try:
+                c.resume("routed-tool", tool)
+            except grpc.RpcError as e:
+                code = e.code()
+            assert code == grpc.StatusCode.NOT_FOUND
+    assert _settled(Client(f"127.0.0.1:{router.port}"))
+    web = _router(replicas, policy="round-robin", http_port=0)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{web.http_port}", timeout=60) as http:
+            body = {"prompt": prompt, "max_tokens": 10, "temperature": 0, "ignore_eos": True,
+                    "intercept_token_ids": [marker], "return_token_ids": True}
+            first = http.post("/v1/completions", json=body).json()
+            assert first["choices"][0]["finish_reason"] == "intercept"
+            got = http.post(f"/v1/completions/{first['id']}/resume", json={"tool_output": tool, "return_token_ids": True})
+            ids = got.json()["choices"][0]["token_ids"]
+            assert ids == want[:len(ids)]
+            while got.json()["choices"][0]["finish_reason"] == "intercept":  # the marker again: finish it
+                got = http.post(f"/v1/completions/{first['id']}/resume", json={"tool_output": []})
+            missing = http.post("/v1/completions/cmpl-nobody/resume", json={"tool_output": tool})
+            assert missing.status_code == 404
+    finally:
+        web.stop(grace=1)

@@ -41,6 +41,9 @@ class RouterConfig:
     max_reroutes: int = 2
     """A Generate whose replica fails (UNAVAILABLE, or marked down) before anything was relayed
     is routed to another replica at most this many times."""
+    max_paused_requests: int = 100_000
+    """Requests paused at a tool call whose replica the router remembers for their Resume; past
+    this the oldest are forgotten (their replicas abort them after pause_timeout_s anyway)."""
 
     def __post_init__(self):
         if not 0 < self.report_interval_s <= 3600:
@@ -57,6 +60,8 @@ class RouterConfig:
             raise ValueError(f"health_failures={self.health_failures} must be >= 1")
         if self.max_reroutes < 0:
             raise ValueError(f"max_reroutes={self.max_reroutes} must be >= 0")
+        if self.max_paused_requests < 1:
+            raise ValueError(f"max_paused_requests={self.max_paused_requests} must be >= 1")
         if self.http_port is not None and not 0 <= self.http_port < 65536:
             raise ValueError(f"http_port={self.http_port} must be in [0, 65535] or None")
         if self.http_port and self.http_port == self.port:

@@ -35,7 +35,8 @@ def generate_request(prompt: str | list[int], params: SamplingParams, request_id
     request = pb.GenerateRequest(
         temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
         max_tokens=params.max_tokens, n=params.n, stop=list(params.stop), stop_token_ids=list(params.stop_token_ids),
-        ignore_eos=params.ignore_eos, logprobs=params.logprobs, tier=tier or "", request_id=request_id)
+        ignore_eos=params.ignore_eos, logprobs=params.logprobs, tier=tier or "", request_id=request_id,
+        intercept_token_ids=list(params.intercept_token_ids), speculate=params.speculate)
     if params.seed is not None:
         request.seed = params.seed
     if isinstance(prompt, str):
@@ -70,14 +71,17 @@ class _Samples:
             new_logprobs=list(msg.logprobs) if self.logprobs else None, token_ids=list(ids), text=text,
             finished=finished, finish_reason=msg.finish_reason or None,
             usage=Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens, msg.usage.cached_prompt_tokens),
-            arrival_time=self.arrival, first_token_time=self._first.get(i), finish_time=now if finished else None)
+            arrival_time=self.arrival, first_token_time=self._first.get(i), finish_time=now if finished else None,
+            paused=msg.paused)
 
 
-async def _pump(router, request: pb.GenerateRequest, put: Callable[[object], None]) -> None:
-    """On the router's loop: routes and relays the request, handing each message, then _END or
-    the ServingError that ended it, to `put`. Cancelling it closes the relay."""
+async def _pump(router, request, put: Callable[[object], None]) -> None:
+    """On the router's loop: routes and relays the request (a GenerateRequest, or a
+    ResumeRequest to its paused request's replica), handing each message, then _END or the
+    ServingError that ended it, to `put`. Cancelling it closes the relay."""
+    relay = router.resume if isinstance(request, pb.ResumeRequest) else router.generate
     try:
-        async with contextlib.aclosing(router.generate(request)) as stream:
+        async with contextlib.aclosing(relay(request)) as stream:
             async for msg in stream:
                 put(msg)
     except ServingError as e:
@@ -127,6 +131,19 @@ class RouterFrontend:
         if isinstance(prompt, str):
             self.check_prompt_text(prompt, params.max_tokens)
         request = generate_request(prompt, params, request_id or uuid.uuid4().hex, tier)
+        async for out in self._relay(request, params.logprobs):
+            yield out
+
+    async def resume(self, request_id: str, tool_output: str | list[int]) -> AsyncIterator[RequestOutput]:
+        """A paused request's next segment, from the replica holding it (RouterServer.resume)."""
+        if isinstance(tool_output, str):
+            request = pb.ResumeRequest(request_id=request_id, text=tool_output)
+        else:
+            request = pb.ResumeRequest(request_id=request_id, token_ids=pb.TokenIds(ids=list(tool_output)))
+        async for out in self._relay(request, logprobs=False):
+            yield out
+
+    async def _relay(self, request, logprobs: bool) -> AsyncIterator[RequestOutput]:
         http_loop = asyncio.get_running_loop()
         replies: asyncio.Queue = asyncio.Queue()
 
@@ -135,7 +152,7 @@ class RouterFrontend:
                 http_loop.call_soon_threadsafe(replies.put_nowait, item)
 
         relay = asyncio.run_coroutine_threadsafe(_pump(self.router, request, put), self.router.loop)
-        samples = _Samples(request.request_id, params.logprobs)
+        samples = _Samples(request.request_id, logprobs)
         try:
             while (item := await replies.get()) is not _END:
                 if isinstance(item, ServingError):

@@ -25,6 +25,7 @@ objects need no locks; the HTTP API runs its requests there too.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
@@ -84,6 +85,14 @@ class _RouterInference(pb_grpc.InferenceServicer):
         try:
             async with contextlib.aclosing(self.o.generate(request)) as stream:
                 async for msg in stream:  # (closed at once if the client goes away mid-yield)
+                    yield msg
+        except ServingError as e:
+            await context.abort(grpc.StatusCode[e.code], clip_details(e.message))
+
+    async def Resume(self, request, context):
+        try:
+            async with contextlib.aclosing(self.o.resume(request)) as stream:
+                async for msg in stream:
                     yield msg
         except ServingError as e:
             await context.abort(grpc.StatusCode[e.code], clip_details(e.message))
@@ -149,6 +158,9 @@ class RouterServer:
         self.policy: Router | None = None
         self._t0 = time.monotonic()
         self.links = ReplicaLinks(self.targets, config, self.now)
+        # Requests paused at a tool call -> (replica holding their K/V, its epoch then), oldest
+        # first; bounded: the oldest are forgotten (their replica aborts them after its timeout).
+        self._paused: collections.OrderedDict[str, tuple[int, int]] = collections.OrderedDict()
         self.port: int | None = None
         self.http_port: int | None = None
         self._host = GrpcHost("router")
@@ -279,6 +291,42 @@ class RouterServer:
                     raise ServingError("UNAVAILABLE", str(e)) from None
                 log.info("request %s: %s; routing it again", request_id, e)
 
+    async def resume(self, request: pb.ResumeRequest) -> AsyncIterator[pb.GenerateResponse]:
+        """Relays a Resume to the replica that holds the paused request's K/V (its Generate
+        stream ended with paused set through this router). ServingError: NOT_FOUND (no such
+        request paused behind this router), UNAVAILABLE (its replica went down since: its K/V
+        is gone with it), or the replica's own status."""
+        request_id = request.request_id
+        if not request_id:
+            raise ServingError("INVALID_ARGUMENT", "request_id is empty: give the paused request's id")
+        held = self._paused.pop(request_id, None)
+        if held is None:
+            raise ServingError("NOT_FOUND", f"no request {shorten(request_id)} is paused behind this router")
+        r, epoch = held
+        rep = self.links[r]
+        if not rep.up or rep.epoch != epoch:
+            raise ServingError("UNAVAILABLE", f"replica {rep.target}, which held the paused request, went down "
+                                              "since: its KV is gone; send the conversation again")
+        call = rep.stub.Resume(request, metadata=rep.metadata)
+        rep.calls[call] = None
+        try:
+            async for msg in call:
+                if msg.paused:
+                    self._remember_pause(request_id, r, epoch)
+                yield msg
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:  # refused: still paused there
+                self._remember_pause(request_id, r, epoch)
+            raise ServingError(e.code().name, f"replica {rep.target}: {e.details()}") from None
+        finally:
+            rep.calls.pop(call, None)
+            call.cancel()
+
+    def _remember_pause(self, request_id: str, r: int, epoch: int) -> None:
+        self._paused[request_id] = (r, epoch)
+        while len(self._paused) > self.config.max_paused_requests:
+            self._paused.popitem(last=False)
+
     async def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
         kind = request.WhichOneof("prompt")
         if kind == "text" and request.text:
@@ -313,6 +361,8 @@ class RouterServer:
                     first = False
                     now = self.now()
                     self.policy.on_first_token(r, rreq, now, now - start)
+                if msg.paused:  # a tool call: its Resume must come back here
+                    self._remember_pause(rreq.request_id, r, epoch)
                 relayed = True
                 yield msg
         except grpc.aio.AioRpcError as e:

@@ -10,7 +10,7 @@ from jinfer.serving import inference_pb2 as pb
 from jinfer.serving import inference_pb2_grpc as pb_grpc
 
 _FIELDS = ("temperature", "top_k", "top_p", "min_p", "seed", "max_tokens", "n", "stop", "stop_token_ids",
-           "ignore_eos", "logprobs", "tier", "session_key", "request_id", "speculate")
+           "ignore_eos", "logprobs", "tier", "session_key", "request_id", "speculate", "intercept_token_ids")
 
 
 class Client:
@@ -52,18 +52,37 @@ class Client:
         """The server's stream; cancel it (iterator.cancel()) to abort the request."""
         return self._stub.Generate(self.request(prompt, **params), timeout=timeout, metadata=self._metadata)
 
+    def resume_stream(self, request_id: str, tool_output: str | list[int], *, timeout: float | None = None
+                      ) -> Iterator[pb.GenerateResponse]:
+        """Continues a paused request (its stream's last message had paused set) with its
+        tool's output; the next segment's stream (cancel() aborts the request)."""
+        if isinstance(tool_output, str):
+            req = pb.ResumeRequest(request_id=request_id, text=tool_output)
+        else:
+            req = pb.ResumeRequest(request_id=request_id, token_ids=pb.TokenIds(ids=list(tool_output)))
+        return self._stub.Resume(req, timeout=timeout, metadata=self._metadata)
+
+    def resume(self, request_id: str, tool_output: str | list[int], **kw) -> dict:
+        """Runs a paused request's next segment to its finish or next pause (as generate())."""
+        return self._collect(self.resume_stream(request_id, tool_output, **kw))[0]
+
     def generate(self, prompt: str | list[int], **params) -> list[dict]:
-        """Runs one request to completion; per sample: token_ids, text, finish_reason, usage, ttft_s."""
+        """Runs one request to its finish (or, with intercept_token_ids, its first pause); per
+        sample: token_ids, text, finish_reason, paused, usage, ttft_s."""
+        return self._collect(self.generate_stream(prompt, **params))
+
+    @staticmethod
+    def _collect(stream) -> list[dict]:
         samples: dict[int, dict] = {}
-        for msg in self.generate_stream(prompt, **params):
+        for msg in stream:
             s = samples.setdefault(msg.index, {"token_ids": [], "text": "", "logprobs": [], "finish_reason": "",
-                                               "ttft_s": None})
+                                               "paused": False, "ttft_s": None, "request_id": msg.request_id})
             s["token_ids"] += list(msg.token_ids)
             s["text"] += msg.text
             s["logprobs"] += list(msg.logprobs)
             if msg.HasField("ttft_s"):
                 s["ttft_s"] = msg.ttft_s
-            s["finish_reason"] = msg.finish_reason
+            s["finish_reason"], s["paused"] = msg.finish_reason, msg.paused
             s["usage"] = {"prompt_tokens": msg.usage.prompt_tokens, "completion_tokens": msg.usage.completion_tokens,
                           "cached_prompt_tokens": msg.usage.cached_prompt_tokens}
         return [samples[i] for i in sorted(samples)]

@@ -39,7 +39,7 @@ from jinfer.config import Tier
 from jinfer.errors import StepFailed
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling_policy import AdmissionRefused
-from jinfer.serving.loop_commands import Abort, Add, ResetPrefixCache, Wake, Watch, Watcher
+from jinfer.serving.loop_commands import Abort, Add, ResetPrefixCache, Resume, Wake, Watch, Watcher
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,12 @@ class EngineLoop:
     """
 
     def __init__(self, engine, listeners=(), stall_timeout_s: float = math.inf,
-                 max_restarts: int = MAX_RESTARTS, restart_window_s: float = RESTART_WINDOW_S):
+                 max_restarts: int = MAX_RESTARTS, restart_window_s: float = RESTART_WINDOW_S,
+                 pause_timeout_s: float = math.inf):
         """max_restarts, restart_window_s: a crashed loop restarts unless it has already been
-        restarted max_restarts times in the last restart_window_s seconds (0: never restarts)."""
+        restarted max_restarts times in the last restart_window_s seconds (0: never restarts).
+        pause_timeout_s: a paused request (its stream ended at a tool call) not resumed within
+        this is aborted."""
         self.engine = engine
         self.listeners = tuple(listeners)  # Goodput, ServerMetrics; touched only on the engine thread
         self.stall_timeout_s = stall_timeout_s
@@ -80,6 +83,8 @@ class EngineLoop:
         self._restarted_at: collections.deque[float] = collections.deque()  # monotonic, within the window
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, callable] = {}
+        self._paused: dict[str, float] = {}  # paused request -> monotonic deadline for its resume
+        self.pause_timeout_s = pause_timeout_s
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._watchers: list[Watcher] = []
@@ -126,7 +131,7 @@ class EngineLoop:
     @staticmethod
     def _refuse(cmd, error: EngineUnavailable) -> None:
         match cmd:
-            case Add() | ResetPrefixCache():
+            case Add() | ResetPrefixCache() | Resume():
                 if cmd.done.set_running_or_notify_cancel():
                     cmd.done.set_exception(error)
             case Watch():
@@ -139,6 +144,14 @@ class EngineLoop:
         with an Exception (the step failed, or the loop died)."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._put(Add(prompt, params, request_id, priority, sink, fut, tier))
+        return fut
+
+    def resume(self, request_id: str, tool_output: list[int], sink) -> concurrent.futures.Future:
+        """Queues Engine.resume of a paused request, its next outputs to `sink`; the future
+        raises KeyError if no request of that id is paused here, the engine's ValueError if the
+        tool output does not fit, or EngineUnavailable."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._put(Resume(request_id, list(tool_output), sink, fut))
         return fut
 
     def abort(self, request_id: str, sink) -> None:
@@ -217,6 +230,20 @@ class EngineLoop:
                     return
                 self._sinks[cmd.request_id] = cmd.sink
                 self._tell("on_admit", cmd.request_id, cmd.tier, cmd.params.n)
+                cmd.done.set_result(cmd.request_id)
+            case Resume():
+                if not cmd.done.set_running_or_notify_cancel():
+                    return  # the client went away first: the request stays paused (until its timeout)
+                if cmd.request_id not in self._paused:
+                    cmd.done.set_exception(KeyError(cmd.request_id))
+                    return
+                try:
+                    self.engine.resume(cmd.request_id, cmd.tool_output)
+                except ValueError as e:
+                    cmd.done.set_exception(e)
+                    return
+                del self._paused[cmd.request_id]
+                self._sinks[cmd.request_id] = cmd.sink
                 cmd.done.set_result(cmd.request_id)
             case Abort():
                 if self._sinks.get(cmd.request_id) is cmd.sink:
@@ -301,6 +328,9 @@ class EngineLoop:
         """Fails every stream the loop serves and every queued command with `error`, and ends
         the watch streams. A listener or sink that raises is logged; the rest still hear."""
         sinks, self._sinks = self._sinks, {}
+        for request_id in self._paused:  # gone with the engine's state: their resumes find nothing
+            self._guarded(self._tell, "on_done", request_id)
+        self._paused.clear()
         for request_id, sink in sinks.items():
             self._guarded(self._tell, "on_done", request_id)
             self._guarded(sink, error)
@@ -327,13 +357,25 @@ class EngineLoop:
         except Exception:  # noqa: BLE001 - failing the others matters more
             log.exception("engine loop: %s failed while failing requests", getattr(fn, "__name__", fn))
 
+    def _expire_pauses(self) -> float | None:
+        """Aborts paused requests past their deadline; seconds until the next one's (None: none)."""
+        now = time.monotonic()
+        for request_id, deadline in list(self._paused.items()):
+            if deadline <= now:
+                del self._paused[request_id]
+                log.info("request %s was paused for longer than pause_timeout_s: aborted", request_id)
+                self.engine.abort(request_id)
+                self._tell("on_done", request_id)
+        return min(self._paused.values()) - now if self._paused else None
+
     def _iterate(self) -> None:
         busy = self.engine.has_unfinished()
         if not busy:  # after a step the gauges were set before its outputs went out
             self._tell("update_engine", self.engine)
         self._publish(force=not busy)
-        try:  # block for work only when the engine is idle
-            cmd = self._commands.get(block=not busy)
+        wait = self._expire_pauses()
+        try:  # block for work only when the engine is idle (and until a paused request's deadline)
+            cmd = self._commands.get(block=not busy, timeout=None if busy or wait is None else max(wait, 0.0))
             self._handle_safely(cmd)
             while True:
                 self._handle_safely(self._commands.get_nowait())
@@ -369,7 +411,10 @@ class EngineLoop:
             sink = self._sinks.get(out.request_id)
             if sink is None:
                 continue
-            if last[out.request_id] == i and not self.engine.is_unfinished(out.request_id):
+            if last[out.request_id] == i and out.paused:  # its stream ends; Resume opens the next
+                del self._sinks[out.request_id]
+                self._paused[out.request_id] = time.monotonic() + self.pause_timeout_s
+            elif last[out.request_id] == i and not self.engine.is_unfinished(out.request_id):
                 del self._sinks[out.request_id]
                 self._tell("on_done", out.request_id)
             sink(out)

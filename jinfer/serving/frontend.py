@@ -152,12 +152,49 @@ class Frontend:
         """
         self.check_healthy()
         tier = self.resolve_tier(tier)
+        if params.intercept_token_ids and params.n > 1:
+            raise ServingError("INVALID_ARGUMENT", f"intercept_token_ids need n=1 (got n={params.n}): "
+                                                   "each paused request is resumed by its id")
         if isinstance(prompt, str):  # a bad prompt is INVALID_ARGUMENT however full the server is
             self.check_prompt_text(prompt, params.max_tokens)
         else:
             self._check_prompt(prompt, params)
         self._admit(params.n)
         request_id = request_id or uuid.uuid4().hex
+
+        async def submit(sink) -> list[int]:
+            if isinstance(prompt, str):
+                ids = await self.encode(prompt)
+                self._check_prompt(ids, params)
+            else:
+                ids = prompt
+            return self.loop.submit(ids, params, request_id, self.config.tier_names.index(tier), sink,
+                                    self.config.tier(tier))
+
+        async for out in self._stream(request_id, params.n, submit):
+            yield out
+
+    async def resume(self, request_id: str, tool_output: str | list[int]) -> AsyncIterator[RequestOutput]:
+        """Continues a request paused at one of its intercept_token_ids (its generate() stream
+        ended with a paused output) with its tool's output (text: tokenized without special
+        tokens); yields its outputs until it finishes or pauses again. ServingError: NOT_FOUND
+        (nothing of that id is paused here), INVALID_ARGUMENT (the output does not fit or is
+        outside the vocabulary), RESOURCE_EXHAUSTED, UNAVAILABLE, INTERNAL as generate()."""
+        self.check_healthy()
+        self._admit(1)
+
+        async def submit(sink):
+            ids = await self.encode(tool_output, add_special_tokens=False) if isinstance(tool_output, str) \
+                else list(tool_output)
+            return self.loop.resume(request_id, ids, sink)
+
+        async for out in self._stream(request_id, 1, submit):
+            yield out
+
+    async def _stream(self, request_id: str, n: int, submit) -> AsyncIterator[RequestOutput]:
+        """One stream of a request admitted for n samples: `submit(sink)` hands it to the engine
+        loop (returning the loop's future); yields outputs until every sample finished or
+        paused; a stream ending early aborts the request."""
         aio_loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         sink = lambda item: aio_loop.call_soon_threadsafe(outputs.put_nowait, item)  # noqa: E731
@@ -166,16 +203,13 @@ class Frontend:
             self._streams[key] = sink
         submitted = finished = False
         try:
-            if isinstance(prompt, str):
-                ids = await self.encode(prompt)
-                self._check_prompt(ids, params)
-            else:
-                ids = prompt
+            fut = await submit(sink)
             submitted = True
             try:
-                await asyncio.wrap_future(self.loop.submit(ids, params, request_id,
-                                                           self.config.tier_names.index(tier), sink,
-                                                           self.config.tier(tier)))
+                await asyncio.wrap_future(fut)
+            except KeyError:
+                submitted = False
+                raise ServingError("NOT_FOUND", f"no request {shorten(request_id)} is paused on this server") from None
             except ValueError as e:
                 submitted = False  # refused: nothing was added
                 raise ServingError("INVALID_ARGUMENT", str(e)) from None
@@ -186,13 +220,13 @@ class Frontend:
                 submitted = False
                 raise ServingError("UNAVAILABLE", str(e)) from None
             done = set()
-            while len(done) < params.n:
+            while len(done) < n:
                 out = await outputs.get()
                 if isinstance(out, EngineUnavailable):
                     raise ServingError("UNAVAILABLE", str(out))
                 if isinstance(out, Exception):
                     raise ServingError("INTERNAL", f"engine failed: {out}")
-                if out.finished:
+                if out.finished or out.paused:
                     done.add(out.index)
                 yield out
             finished = True
@@ -201,4 +235,4 @@ class Frontend:
                 self._streams.pop(key, None)
             if submitted and not finished:  # cancelled (even while being added), or failed: free its pages
                 self.loop.abort(request_id, sink)
-            self._release(params.n)
+            self._release(n)

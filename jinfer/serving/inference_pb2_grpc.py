@@ -39,6 +39,11 @@ class InferenceStub:
                 request_serializer=jinfer_dot_serving_dot_inference__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=jinfer_dot_serving_dot_inference__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Resume = channel.unary_stream(
+                '/jinfer.v1.Inference/Resume',
+                request_serializer=jinfer_dot_serving_dot_inference__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=jinfer_dot_serving_dot_inference__pb2.GenerateResponse.FromString,
+                _registered_method=True)
         self.GetServerInfo = channel.unary_unary(
                 '/jinfer.v1.Inference/GetServerInfo',
                 request_serializer=jinfer_dot_serving_dot_inference__pb2.GetServerInfoRequest.SerializeToString,
@@ -67,6 +72,16 @@ class InferenceServicer:
     def Generate(self, request, context):
         """Streams one GenerateResponse per engine step that produced tokens, the last with
         finish_reason set. With n > 1 the samples' messages interleave, told apart by index.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Resume(self, request, context):
+        """Continues a request paused at one of its intercept_token_ids (its stream ended with
+        paused set) with its tool's output: streams the next segment like Generate (token_ids and
+        text count from the resume), until it finishes or pauses again. NOT_FOUND: no request of
+        that id is paused here (never paused, finished, or aborted after pause_timeout_s).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,6 +126,11 @@ def add_InferenceServicer_to_server(servicer, server):
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
                     request_deserializer=jinfer_dot_serving_dot_inference__pb2.GenerateRequest.FromString,
+                    response_serializer=jinfer_dot_serving_dot_inference__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Resume': grpc.unary_stream_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=jinfer_dot_serving_dot_inference__pb2.ResumeRequest.FromString,
                     response_serializer=jinfer_dot_serving_dot_inference__pb2.GenerateResponse.SerializeToString,
             ),
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
@@ -160,6 +180,33 @@ class Inference:
             target,
             '/jinfer.v1.Inference/Generate',
             jinfer_dot_serving_dot_inference__pb2.GenerateRequest.SerializeToString,
+            jinfer_dot_serving_dot_inference__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/jinfer.v1.Inference/Resume',
+            jinfer_dot_serving_dot_inference__pb2.ResumeRequest.SerializeToString,
             jinfer_dot_serving_dot_inference__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,

@@ -31,6 +31,14 @@ class Add:
 
 
 @dataclasses.dataclass(frozen=True)
+class Resume:
+    request_id: str
+    tool_output: list[int]  # the tool's tokens, appended to the paused request
+    sink: object  # the resumed stream's: called with each RequestOutput, or with an Exception
+    done: concurrent.futures.Future  # the request id; KeyError (not paused here) or the engine's ValueError
+
+
+@dataclasses.dataclass(frozen=True)
 class Abort:
     request_id: str
     sink: object  # the stream giving up: a later request that reused the id is not aborted

@@ -49,13 +49,14 @@ def sampling_params(req: pb.GenerateRequest) -> SamplingParams:
     if req.HasField("speculate"):
         kw["speculate"] = req.speculate
     return SamplingParams(stop=tuple(req.stop), stop_token_ids=tuple(req.stop_token_ids),
+                          intercept_token_ids=tuple(req.intercept_token_ids),
                           ignore_eos=req.ignore_eos, logprobs=req.logprobs, **kw)
 
 
 def _response(request_id: str, out) -> pb.GenerateResponse:
     msg = pb.GenerateResponse(
         request_id=request_id, index=out.index, token_ids=out.new_token_ids, text=out.new_text,
-        logprobs=out.new_logprobs or [], finish_reason=out.finish_reason or "",
+        logprobs=out.new_logprobs or [], finish_reason=out.finish_reason or "", paused=out.paused,
         usage=pb.Usage(prompt_tokens=out.usage.prompt_tokens, completion_tokens=out.usage.completion_tokens,
                        cached_prompt_tokens=out.usage.cached_prompt_tokens, draft_tokens=out.usage.draft_tokens,
                        accepted_draft_tokens=out.usage.accepted_draft_tokens, spec_steps=out.usage.spec_steps))
@@ -117,6 +118,23 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     yield _response(request_id, out)
         except ServingError as e:
             await abort(context, grpc.StatusCode[e.code], clip_details(e.message))
+
+    async def Resume(self, request, context):
+        try:
+            if request.ByteSize() > self.config.max_request_bytes:
+                raise ServingError("INVALID_ARGUMENT", f"request is {request.ByteSize()} bytes; "
+                                                       f"max_request_bytes={self.config.max_request_bytes}")
+            if not request.request_id:
+                raise ServingError("INVALID_ARGUMENT", "request_id is empty: give the paused request's id")
+            kind = request.WhichOneof("tool_output")
+            tool = list(request.token_ids.ids) if kind == "token_ids" else request.text
+            stream = self.frontend.resume(request.request_id, tool)
+            async with contextlib.aclosing(stream):
+                async for out in stream:
+                    yield _response(request.request_id, out)
+        except ServingError as e:
+            await abort(context, grpc.StatusCode[e.code], clip_details(e.message))
+
     async def WatchReplica(self, request, context):
         interval = request.min_interval_s or 0.05
         if not 0 < interval <= 3600:
@@ -169,7 +187,7 @@ class Server:
         self.goodput = Goodput(config.tier_table, policy=getattr(engine, "policy", None))
         self.metrics = ServerMetrics(self.goodput) if config.metrics_port is not None else None
         self.loop = EngineLoop(engine, [lis for lis in (self.goodput, self.metrics) if lis is not None],
-                               config.engine_stall_timeout_s)
+                               config.engine_stall_timeout_s, pause_timeout_s=config.pause_timeout_s)
         self.frontend = Frontend(self.loop, config, engine.tokenizer)
         self._watchdog: asyncio.Task | None = None
         self.port: int | None = None

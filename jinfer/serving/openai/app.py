@@ -6,6 +6,9 @@ Frontend, or a router's (jinfer/router/http.py), each behind the narrow `ApiFron
   GET  /v1/models             the served model (and /v1/models/{id})
   POST /v1/completions        one prompt: text or token ids
   POST /v1/chat/completions   messages rendered with the tokenizer's chat template
+  POST /v1/completions/{id}/resume
+                              continues a completion paused at one of its intercept_token_ids
+                              (finish_reason "intercept") with {"tool_output": text or ids}
 
 Requests go through the frontend's `generate`, as gRPC's do: the same admission, checks and
 tokenization off the engine thread. A generation runs while the response listens for the
@@ -37,7 +40,7 @@ from jinfer.errors import shorten
 from jinfer.request import RequestOutput
 from jinfer.sampling_params import SamplingParams
 from jinfer.serving.frontend import ServingError
-from jinfer.serving.openai.protocol import ApiError, ChatRequest, CompletionRequest, parse
+from jinfer.serving.openai.protocol import ApiError, ChatRequest, CompletionRequest, ResumeRequest, parse
 from jinfer.serving.openai.views import ChatView, CompletionView
 
 
@@ -51,6 +54,10 @@ class ApiFrontend(Protocol):
                  tier: str | None) -> AsyncIterator[RequestOutput]:
         """The request's outputs (samples interleaved) until every sample finished; ServingError
         (a gRPC status name) if it is refused or fails; closing it aborts the request."""
+
+    def resume(self, request_id: str, tool_output: str | list[int]) -> AsyncIterator[RequestOutput]:
+        """A paused request's next outputs, after its tool's output, until it finishes or
+        pauses again; ServingError (NOT_FOUND: nothing of that id is paused) as generate's."""
 
     def check_healthy(self) -> None:
         """ServingError unless the server can serve now."""
@@ -164,7 +171,8 @@ class OpenAIApi:
         routes = [Route("/health", self.health), Route("/v1/models", self.models),
                   Route("/v1/models/{model:path}", self.model_card),
                   Route("/v1/completions", self.completions, methods=["POST"]),
-                  Route("/v1/chat/completions", self.chat, methods=["POST"])]
+                  Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                  Route("/v1/completions/{id}/resume", self.resume, methods=["POST"])]
         middleware = [Middleware(_BearerAuth, token=config.auth_token)] if config.auth_token else []
         self.app = Starlette(routes=routes, middleware=middleware, exception_handlers={
             ApiError: lambda request, e: error_response(e),
@@ -249,3 +257,12 @@ class OpenAIApi:
         view = ChatView(f"chatcmpl-{request_id}", self.model, body, self.frontend.tokenizer)
         return _Generation(view, outputs, body.stream, ChatRequest.model_fields, prompt_field="messages")
 
+    async def resume(self, request: Request) -> Response:
+        """A completion paused at a tool call ("cmpl-<id>" or "chatcmpl-<id>"), continued with
+        the tool's output; answered as a completion of the next segment."""
+        body = parse(ResumeRequest, await self._body(request))
+        handle = request.path_params["id"]
+        request_id = handle.split("-", 1)[1] if handle.startswith(("cmpl-", "chatcmpl-")) else handle
+        outputs = self.frontend.resume(request_id, body.tool_output)
+        view = CompletionView(handle, self.model, body, self.frontend.tokenizer)
+        return _Generation(view, outputs, body.stream, ResumeRequest.model_fields, prompt_field="tool_output")

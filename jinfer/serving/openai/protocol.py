@@ -3,7 +3,10 @@
 Names and defaults follow OpenAI's API: temperature 1.0; max_tokens 16 for completions (its
 legacy API's default), the rest of the context for chat. jinfer's extensions: top_k (-1 or 0:
 off), min_p, ignore_eos, stop_token_ids, tier (the SLO tier), speculate (false: no speculative
-drafts for this request) and return_token_ids (each choice and chunk also carries its token ids). Types are strict (a string is not a number). Unknown
+drafts for this request), return_token_ids (each choice and chunk also carries its token ids)
+and intercept_token_ids (tool calls: sampling one pauses the completion, finish_reason
+"intercept"; POST /v1/completions/{id}/resume with the tool's output continues it). Types are
+strict (a string is not a number). Unknown
 fields are ignored; known ones jinfer cannot honour (penalties, logit_bias, best_of, echo,
 suffix, tools, a non-text response_format, logprobs alternatives beyond the sampled token) are
 refused unless they ask for nothing.
@@ -23,7 +26,8 @@ COMPLETION_MAX_TOKENS = 16
 """max_tokens of a completion that gives none (OpenAI's legacy completions API)."""
 
 _STATUS_TYPE = {401: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
-_SERVING_STATUS = {"INVALID_ARGUMENT": 400, "RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503, "INTERNAL": 500}
+_SERVING_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503,
+                   "INTERNAL": 500}
 _SERVING_CODE = {"RESOURCE_EXHAUSTED": "rate_limit_exceeded", "UNAVAILABLE": "service_unavailable"}
 
 
@@ -79,6 +83,7 @@ class _Sampling(BaseModel):
     min_p: float | None = None
     ignore_eos: bool = False
     stop_token_ids: list[Int] | None = None
+    intercept_token_ids: list[Int] | None = None
     tier: str | None = None
     return_token_ids: bool = False
     speculate: bool = True
@@ -105,7 +110,7 @@ class _Sampling(BaseModel):
                 top_k=0 if self.top_k in (None, -1) else self.top_k,
                 min_p=self.min_p or 0.0, seed=self.seed, max_tokens=max_tokens, n=self.n, stop=stop,
                 stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos, logprobs=logprobs,
-                speculate=self.speculate)
+                speculate=self.speculate, intercept_token_ids=tuple(self.intercept_token_ids or ()))
         except ValueError as e:
             raise ApiError(400, str(e), param=_param(str(e), type(self).model_fields)) from None
 
@@ -198,13 +203,35 @@ class ChatRequest(_Sampling):
         return self.sampling_params(max_tokens, logprobs=self.logprobs)
 
 
-def parse(cls: type[_Sampling], body: bytes) -> _Sampling:
+class ResumeRequest(BaseModel):
+    """POST /v1/completions/{id}/resume: a paused completion's tool output (text, tokenized
+    without special tokens, or token ids); the response is the next segment's completion."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+    tool_output: str | list[Int]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    return_token_ids: bool = False
+    logprobs: Int | None = None
+    n: Int = 1
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None
+
+
+def parse(cls: type[BaseModel], body: bytes) -> BaseModel:
     """The request body as `cls`; ApiError 400 naming the first bad field (values shortened)."""
     try:
         request = cls.model_validate_json(body)
     except ValidationError as e:
         raise _invalid(e) from None
-    request.check_supported()
+    if hasattr(request, "check_supported"):
+        request.check_supported()
     return request
 
 

@@ -17,6 +17,11 @@ from typing import AsyncIterator
 from jinfer.request import RequestOutput
 
 
+def finish_reason(out: RequestOutput) -> str | None:
+    """OpenAI's finish_reason, and "intercept" for a completion paused at a tool call."""
+    return "intercept" if out.paused else out.finish_reason
+
+
 def usage(last: dict[int, RequestOutput]) -> dict:
     """Usage of a request from each sample's latest output (keyed by sample index)."""
     first = last[min(last)].usage
@@ -94,7 +99,7 @@ class CompletionView(_View):
 
     def _choice(self, out: RequestOutput, logprobs: list[float]) -> dict:
         choice = {"index": out.index, "text": out.text, "logprobs": self._logprobs(out.index, out.token_ids, logprobs),
-                  "finish_reason": out.finish_reason}
+                  "finish_reason": finish_reason(out)}
         if self.request.return_token_ids:
             choice["token_ids"] = list(out.token_ids)
         return choice
@@ -102,7 +107,7 @@ class CompletionView(_View):
     def _delta(self, out: RequestOutput) -> dict:
         choice = {"index": out.index, "text": out.new_text,
                   "logprobs": self._logprobs(out.index, out.new_token_ids, out.new_logprobs or []),
-                  "finish_reason": out.finish_reason}
+                  "finish_reason": finish_reason(out)}
         if self.request.return_token_ids:
             choice["token_ids"] = list(out.new_token_ids)
         return choice
@@ -127,7 +132,7 @@ class ChatView(_View):
 
     def _choice(self, out: RequestOutput, logprobs: list[float]) -> dict:
         choice = {"index": out.index, "message": {"role": "assistant", "content": out.text},
-                  "logprobs": self._logprobs(out.token_ids, logprobs), "finish_reason": out.finish_reason}
+                  "logprobs": self._logprobs(out.token_ids, logprobs), "finish_reason": finish_reason(out)}
         if self.request.return_token_ids:
             choice["token_ids"] = list(out.token_ids)
         return choice
@@ -135,7 +140,7 @@ class ChatView(_View):
     def _delta(self, out: RequestOutput) -> dict:
         choice = {"index": out.index, "delta": {"content": out.new_text},
                   "logprobs": self._logprobs(out.new_token_ids, out.new_logprobs or []),
-                  "finish_reason": out.finish_reason}
+                  "finish_reason": finish_reason(out)}
         if self.request.return_token_ids:
             choice["token_ids"] = list(out.new_token_ids)
         return choice
