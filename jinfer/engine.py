@@ -164,10 +164,15 @@ class Engine:
     # -- API -------------------------------------------------------------------------------
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, priority: int = 0, tier: Tier | None = None) -> str:
+                    request_id: str | None = None, priority: int = 0, tier: Tier | None = None,
+                    intercept_after: int | None = None) -> str:
         """Queues a request (params.n samples); raises ValueError naming the bad value, or
         jinfer.scheduling_policy.AdmissionRefused when the scheduling policy's admission check refuses
-        it. priority: the policy's hint (a tier's rank, lower first); tier: its SLO targets."""
+        it. priority: the policy's hint (a tier's rank, lower first); tier: its SLO targets.
+        intercept_after: pause it after that many output tokens, as if it had sampled an
+        intercept token there (replaying a trace whose tool calls' positions are known)."""
+        if intercept_after is not None and not 1 <= intercept_after:
+            raise ValueError(f"intercept_after={intercept_after} must be >= 1")
         params = params or SamplingParams()
         if isinstance(prompt, str) and not prompt:
             raise ValueError("prompt is empty")
@@ -179,7 +184,8 @@ class Engine:
         seed = params.seed if params.seed is not None else self._seed_rng.randrange(2**31)
         arrival, index = time.monotonic(), next(self._arrivals)
         samples = [Request(request_id if i == 0 else f"{request_id}/{i}", list(ids), params, seed,
-                           arrival, index, priority=priority, tier=tier, sample_group=i)
+                           arrival, index, priority=priority, tier=tier, sample_group=i,
+                           intercept_after=intercept_after)
                    for i in range(params.n)]
         self.scheduler.admit(samples[0])
         for req in samples:
@@ -219,17 +225,20 @@ class Engine:
         self.scheduler.abort(samples)
         return True
 
-    def resume(self, request_id: str, tool_output: str | Sequence[int], index: int = 0) -> None:
+    def resume(self, request_id: str, tool_output: str | Sequence[int], index: int = 0,
+               intercept_after: int | None = None) -> None:
         """Continues a paused request (its output ended with one of its intercept_token_ids)
         with its tool's output appended (text is tokenized without special tokens): what it
         generates next equals a fresh request over prompt + output + tool output, with the
         same parameters and seed; its outputs start a new segment. index: which sample of an
-        n > 1 request. ValueError naming the problem (nothing changes) if the request is not
+        n > 1 request; intercept_after: pause it again after that many tokens (add_request's). ValueError naming the problem (nothing changes) if the request is not
         paused here or the new prompt does not fit."""
         samples = self._groups.get(request_id)
         if samples is None or not 0 <= index < len(samples):
             raise ValueError(f"request_id={shorten(request_id)} index={index} is not unfinished in this engine")
         req = samples[index]
+        if intercept_after is not None and not 1 <= intercept_after:
+            raise ValueError(f"intercept_after={intercept_after} must be >= 1")
         if req.status is not Status.PAUSED:
             raise ValueError(f"request_id={shorten(request_id)} is {req.status.value}, not paused")
         if isinstance(tool_output, str):
@@ -238,7 +247,7 @@ class Engine:
             ids = list(tool_output)
         self.check_prompt(req.all_ids + ids, req.params)
         self._settle_inflight()  # its sample past the tool call, if a step was in flight
-        self.scheduler.resume(req, ids)
+        self.scheduler.resume(req, ids, intercept_after)
         self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, req.params.stop)
 
     def release_warmup(self) -> None:
@@ -426,13 +435,14 @@ class Engine:
         except Exception:  # noqa: BLE001 - their pages go with the old scheduler anyway
             log.exception("reset: the old scheduler could not abort its requests; dropping it as it is")
         fresh = Scheduler(self.runner.cache_cfg, self.sched_cfg, self.runner.num_pages, old.policy,
-                          old.drafter, old.max_spec_tokens, old.budget)
+                          old.drafter, old.max_spec_tokens, old.budget, old.pause_policy, old.clock)
         fresh.trees, fresh.token_limit, fresh.spec = old.trees, old.token_limit, old.spec
         if hasattr(old.policy, "bind"):  # a policy reading the books (its prefix cache) follows them
             old.policy.bind(fresh)
         self.scheduler = fresh
         self._groups, self._detok = {}, {}
         self._inflight, self._held_outputs = None, []
+        self.host_kv = HostKVTier()
 
     def is_unfinished(self, request_id: str) -> bool:
         """Whether some sample of the request is still queued or running."""

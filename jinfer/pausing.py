@@ -139,10 +139,11 @@ class Pausing:
         stats.hold(sum(len(r.pages) for r in self.paused), self.clock())
         return swaps
 
-    def resume(self, req: Request, token_ids: Sequence[int]) -> None:
+    def resume(self, req: Request, token_ids: Sequence[int], intercept_after: int | None = None) -> None:
         """A paused request continues with its tool's output: prompt, output and token_ids
         become its prompt, its output starts empty (what follows equals a fresh request over
         that prompt with the same parameters and seed), and it queues by its first arrival.
+        intercept_after: pause again after that many tokens of the new segment (trace replay).
         ValueError (nothing changes) if it is not paused or a sampled token is still unread."""
         from jinfer.request import Status
         if req.status is not Status.PAUSED:
@@ -153,7 +154,7 @@ class Pausing:
         self._end_drafting(req, aborted=False)
         self.pause_stats.resumed += 1
         req.prompt_ids = req.all_ids + [int(t) for t in token_ids]
-        req.output_ids, req.output_logprobs = [], []
+        req.output_ids, req.output_logprobs, req.intercept_after = [], [], intercept_after
         req.status, req.policy_state = Status.WAITING, None
         self.waiting.append(req)
         self._start_drafting(req)  # the drafter hears the new prompt

@@ -46,6 +46,7 @@ class Request:
     num_accepted_tokens: int = 0  # of them, accepted
     num_spec_steps: int = 0  # steps that verified a draft for it
     pause: object = None  # jinfer.pausing.Pause while paused, or resumed from a swap not yet back
+    intercept_after: int | None = None  # pause once this segment has this many output tokens (trace replay)
     followers: list["Request"] = dataclasses.field(default_factory=list)
     """The prompt's other samples: held until this one has computed the shared prompt pages."""
 

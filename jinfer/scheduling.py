@@ -70,6 +70,7 @@ class Scheduler(Pausing):
         self.clock = clock
         self.last_step_s = 0.0  # observe_step's last
         self.pause_stats = PauseStats()
+        self.num_scheduled_tokens = 0  # tokens of every plan (recomputation included), less unplanned ones
 
     # -- admission and release -------------------------------------------------------------
 
@@ -137,7 +138,8 @@ class Scheduler(Pausing):
                 reason = self.finish_reason(req, token, eos_ids)
                 if finish_hook is not None:
                     reason = finish_hook(req, token, reason)
-                pause = not reason and token in req.params.intercept_token_ids
+                pause = not reason and (token in req.params.intercept_token_ids or (
+                    req.intercept_after is not None and len(req.output_ids) >= req.intercept_after))
                 if reason or pause:
                     break
             if seq.num_draft:
@@ -366,7 +368,9 @@ class Scheduler(Pausing):
                 break
         self._plan_drafts(step)
         self._fork_followers()
-        return StepPlan(tuple(step.seqs), tuple(step.preempted), tuple(step.swap_out), tuple(step.swap_in))
+        plan = StepPlan(tuple(step.seqs), tuple(step.preempted), tuple(step.swap_out), tuple(step.swap_in))
+        self.num_scheduled_tokens += plan.num_tokens
+        return plan
 
     def _schedule_running(self, step: "_StepBuild", req: Request) -> None:
         """Plans a running request's next tokens; one that cannot get pages preempts the
@@ -470,6 +474,7 @@ class Scheduler(Pausing):
         it: pages the plan gave stay with their requests, requests it admitted stay running
         and those it preempted waiting, prefix-cache evictions stay done, and a drafter that
         proposed for the plan hears nothing of it (its next observe is the next settled step)."""
+        self.num_scheduled_tokens -= plan.num_tokens
         for seq, req in zip(plan.seqs, reqs):
             req.num_computed_tokens = seq.start_pos
             req.num_pending -= seq.sample

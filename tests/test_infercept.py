@@ -209,3 +209,27 @@ def test_augmented_workloads_are_seeded_and_checked():
     assert set(AUGMENTS) == {"math", "qa", "virtual-env", "chatbot", "image", "tts"}
     with pytest.raises(ValueError, match="unknown augment types"):
         augmented(3, 1.0, types=("search",))
+
+
+def test_trace_replay_pauses_at_given_positions_and_the_live_replay_finishes_everything(engines):
+    """Engine intercept_after (a trace's tool-call positions) pauses a request there whatever it
+    samples; harness.tool_calls.replay serves an augmented workload to the end on it."""
+    from harness.tool_calls import replay
+    from scheduler.infercept.workloads import augmented
+    engine = engines[True]
+    engine.scheduler.pause_policy = InferCept(PauseProfile(lambda n: 1e-3 * n, lambda n: 1e-6 * n, 1.0, 64))
+    engine.add_request(PROMPT, GREEDY, request_id="t", intercept_after=3)
+    outs = _until(engine, lambda outs: any(o.paused for o in outs))
+    assert [len(o.token_ids) for o in outs if o.paused] == [3]
+    with pytest.raises(ValueError, match="intercept_after"):
+        engine.resume("t", TOOL, intercept_after=0)
+    engine.resume("t", TOOL, intercept_after=2)
+    outs = _until(engine, lambda outs: any(o.paused for o in outs))
+    assert [len(o.token_ids) for o in outs if o.paused] == [2]
+    engine.abort("t")
+    items = augmented(6, rate=50.0, scale=64, pause_scale=0.0, seed=5)
+    records, _ = replay(engine, items, vocab=256)
+    assert all(r.finish_s == r.finish_s and r.tool_calls == len(it.tool_calls) for r, it in zip(records, items))
+    assert [r.output_tokens for r in records] == [it.max_tokens + sum(c.after_tokens for c in it.tool_calls)
+                                                  for it in items]
+    _check_pages(engine)
