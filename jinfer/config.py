@@ -305,6 +305,9 @@ class ServingConfig:
     pause_timeout_s: float = 600.0
     """A request paused at one of its intercept_token_ids (a tool call) that nobody resumes
     within this many seconds is aborted, its pages freed."""
+    max_paused_requests: int = 1024
+    """Paused requests the server keeps waiting for their Resume; past this the longest-paused
+    is aborted to make room (paused requests do not count against max_queued_requests)."""
     max_request_bytes: int = 4 << 20
     """Larger GenerateRequests are refused with INVALID_ARGUMENT (gRPC itself refuses 4x this),
     larger HTTP request bodies with 413."""
@@ -351,6 +354,8 @@ class ServingConfig:
             raise ValueError(f"engine_stall_timeout_s={self.engine_stall_timeout_s} must be > 0")
         if not self.pause_timeout_s > 0:
             raise ValueError(f"pause_timeout_s={self.pause_timeout_s} must be > 0")
+        if self.max_paused_requests < 1:
+            raise ValueError(f"max_paused_requests={self.max_paused_requests} must be >= 1")
         if not self.tiers:
             raise ValueError("tiers is empty: give at least one tier name")
         if (self.tls_cert is None) != (self.tls_key is None):

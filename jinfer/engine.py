@@ -326,6 +326,8 @@ class Engine:
         pages = [p for sid, n in carried for p in by_id[sid].pages[:n]]
         kv = self.runner.read_pages(pages) if pages else None
         self.scheduler.detach(samples)
+        for r in samples:  # a swapped-out one computes its K/V again there (detach)
+            self.host_kv.drop(r.request_id)
         detoks = {r.request_id: self._detok.pop(r.request_id) for g in groups.values() for r in g
                   if r.request_id in self._detok}
         mine = set(ids)
@@ -395,8 +397,9 @@ class Engine:
         """Swaps the drafter and its budget (e.g. fresh ones per experiment) while no request is
         unfinished. An engine built without a drafter stays without (its steps were compiled
         for plain decoding)."""
-        if self.has_unfinished():
-            raise ValueError("set_drafter: requests are still running; wait until has_unfinished() is False")
+        if self.has_unfinished() or self.scheduler.paused:
+            raise ValueError("set_drafter: requests are still running or paused; wait until has_unfinished() "
+                             "is False and none is paused")
         if drafter is not None and not self.runner.max_spec_tokens:
             raise ValueError("set_drafter: this engine was built without a drafter (max_spec_tokens=0)")
         self.scheduler.drafter, self.scheduler.budget = drafter, budget
@@ -502,6 +505,9 @@ class Engine:
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        if any(sp is not None and sp.intercept_token_ids for sp in params):
+            raise ValueError("generate() runs requests to their finish; a request with intercept_token_ids "
+                             "pauses at a tool call: add_request, step and resume it instead")
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
         want = {(i, k) for i, sp in zip(ids, params) for k in range((sp or SamplingParams()).n)}
         final: dict[tuple[str, int], RequestOutput] = {}

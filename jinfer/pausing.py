@@ -121,8 +121,11 @@ class Pausing:
         view = PauseView(self.page_size, self.kv.num_free, self.pool.num_pages,
                          sum(r.num_computed_tokens for r in self.running), len(self.running), len(self.waiting),
                          self.last_step_s)
-        actions = self.pause_policy.decide(holding, view)
-        check_actions(actions, holding)
+        if self._starved:  # waiting requests could not run beside them: room first
+            actions = {r.request_id: DISCARD for r in holding}
+        else:
+            actions = self.pause_policy.decide(holding, view)
+            check_actions(actions, holding)
         swaps = []
         for req in holding:
             action = actions.get(req.request_id, PRESERVE)
@@ -150,10 +153,12 @@ class Pausing:
             raise ValueError(f"request {req.request_id} is {req.status.value}, not paused")
         if req.num_pending:
             raise ValueError(f"request {req.request_id} has a step in flight: settle it first")
+        self._end_drafting(req, aborted=False)  # (first: a drafter that raises leaves it paused)
         self.paused.remove(req)
-        self._end_drafting(req, aborted=False)
         self.pause_stats.resumed += 1
         req.prompt_ids = req.all_ids + [int(t) for t in token_ids]
+        # Its last token is computed again (its logits give the next token), tool output or none.
+        req.num_computed_tokens = min(req.num_computed_tokens, len(req.prompt_ids) - 1)
         req.output_ids, req.output_logprobs, req.intercept_after = [], [], intercept_after
         req.status, req.policy_state = Status.WAITING, None
         self.waiting.append(req)

@@ -69,6 +69,7 @@ class Scheduler(Pausing):
         self.pause_policy = pause_policy or Discard()
         self.clock = clock
         self.last_step_s = 0.0  # observe_step's last
+        self._starved = False  # the last plan was empty while requests waited and paused ones held pages
         self.pause_stats = PauseStats()
         self.num_scheduled_tokens = 0  # tokens of every plan (recomputation included), less unplanned ones
 
@@ -206,11 +207,15 @@ class Scheduler(Pausing):
 
     def detach(self, reqs: Sequence[Request]) -> None:
         """Takes requests out of this scheduler unfinished (they move to another engine:
-        Engine.export_requests): off the queues, pages released, the drafter told they ended."""
+        Engine.export_requests): off the queues, pages released, the drafter told they ended.
+        A paused request whose K/V sits in this engine's host tier computes it again instead
+        (the host tier does not travel)."""
         self._drop_from_queues({id(r) for r in reqs})
         for req in reqs:
             self.release(req)
             self._end_drafting(req, aborted=True)
+            if req.pause is not None and req.pause.swapped_tokens:
+                req.pause.swapped_tokens, req.pause.action = 0, "discard"
 
     def _drop_from_queues(self, gone: set[int]) -> None:
         self.running = [r for r in self.running if id(r) not in gone]
@@ -366,6 +371,9 @@ class Scheduler(Pausing):
                 self._schedule_running(step, req)
             elif not self._schedule_waiting(step, req):
                 break
+        # Nothing could run while paused requests hold pages: the next step drops their K/V
+        # whatever the pause policy says (a preference, not a reason to stall).
+        self._starved = not step.seqs and bool(self.waiting) and any(r.pages for r in self.paused)
         self._plan_drafts(step)
         self._fork_followers()
         plan = StepPlan(tuple(step.seqs), tuple(step.preempted), tuple(step.swap_out), tuple(step.swap_in))
@@ -403,14 +411,17 @@ class Scheduler(Pausing):
             step.preempted.append(victim.request_id)
         resumed = req.pause is not None  # resumed after a tool call
         swapped = req.pause.swapped_tokens if resumed else 0  # its K/V in the host tier
-        if swapped:
-            req.num_computed_tokens = swapped
+        if swapped:  # (at least its last token computed again: its logits give the next one)
+            req.num_computed_tokens = min(swapped, req.num_tokens - 1)
         else:
             self.kv.match_prefix(req)
         first_admission = req.num_preemptions == 0
         n = min(req.num_tokens - req.num_computed_tokens, step.budget)
         if not self._make_room(step, req, n, victim_of):
-            self.kv.unmatch(req)
+            if resumed and req.pause.action == "preserve":
+                pass  # it keeps its pages while it waits (taken only as _ensure_pages' last resort)
+            else:
+                self.kv.unmatch(req)
             step.blocked = True
             return step.interleave
         if swapped:

@@ -233,3 +233,63 @@ def test_trace_replay_pauses_at_given_positions_and_the_live_replay_finishes_eve
     assert [r.output_tokens for r in records] == [it.max_tokens + sum(c.after_tokens for c in it.tool_calls)
                                                   for it in items]
     _check_pages(engine)
+
+
+@pytest.mark.parametrize("policy", [PreserveAll(), SwapAll()], ids=["preserve", "swap"])
+def test_an_empty_tool_output_resumes_as_one_run_over_prompt_and_output(engines, policy):
+    """Nothing to append: the request's last token is computed again (its logits give the
+    next), so the resume equals a run over prompt + output."""
+    engine = engines[True]
+    engine.scheduler.pause_policy = policy
+    full, marker = _marker(engine, GREEDY)
+    engine.add_request(PROMPT, dataclasses.replace(GREEDY, intercept_token_ids=(marker,)), request_id="e")
+    engine.add_request(OTHER, GREEDY, request_id="o")
+    outs = _until(engine, lambda outs: any(o.paused for o in outs))
+    seg1 = next(o for o in outs if o.paused).token_ids
+    engine.step()
+    engine.resume("e", [])
+    outs = _until(engine, lambda outs: any(o.request_id == "e" and o.finished for o in outs))
+    got = next(o for o in outs if o.request_id == "e" and o.finished).token_ids
+    _until(engine, lambda _: not engine.has_unfinished())
+    after = engine.generate([PROMPT + seg1], GREEDY)[0].token_ids
+    assert got == after[:len(got)] and (marker not in after[:len(got)] or got[-1] == marker)
+    _check_pages(engine)
+
+
+def test_paused_requests_give_way_when_nothing_else_fits_and_migrate_without_their_host_copy(engines):
+    """Preserved KV that leaves waiting requests no room is dropped after one empty step (they
+    run; the paused one recomputes on resume); a swapped-out request exported to another engine
+    computes its KV again there and still equals one run; generate() refuses intercept tokens."""
+    src, dst = engines[True], engines[False]
+    with pytest.raises(ValueError, match="intercept_token_ids"):
+        src.generate([PROMPT], dataclasses.replace(GREEDY, intercept_token_ids=(1,)))
+    src.scheduler.pause_policy = PreserveAll()
+    full, marker = _marker(src, GREEDY)
+    params = dataclasses.replace(GREEDY, intercept_token_ids=(marker,))
+    src.add_request(PROMPT, params, request_id="p")
+    for i in range(7):  # seven more paused requests of 5 pages each: 40 of the 48 held
+        src.add_request([100 + i] * 18, GREEDY, request_id=f"h{i}", intercept_after=1)
+    outs = _until(src, lambda outs: sum(o.paused for o in outs) == 8)
+    seg1 = next(o for o in outs if o.paused and o.request_id == "p").token_ids
+    assert sum(len(r.pages) for r in src.scheduler.paused) > 48 - 21
+    src.add_request(list(range(5, 85)), dataclasses.replace(GREEDY, max_tokens=4), request_id="big")  # 21 pages
+    _until(src, lambda outs: any(o.request_id == "big" and o.finished for o in outs))
+    assert all(r.pause.action == DISCARD for r in src.scheduler.paused)
+    for i in range(7):
+        src.abort(f"h{i}")
+    src.scheduler.pause_policy = SwapAll()
+    src.add_request(PROMPT, params, request_id="q")
+    _until(src, lambda outs: any(o.request_id == "q" and o.paused for o in outs))
+    src.step()
+    assert len(src.host_kv) == 1
+    moved = src.export_requests(["p", "q"])
+    assert not len(src.host_kv) and not src.scheduler.paused
+    dst.import_requests(moved)
+    assert dst.num_paused() == 2
+    for rid in ("p", "q"):
+        dst.resume(rid, TOOL)
+        outs = _until(dst, lambda outs: any(o.request_id == rid and o.finished for o in outs))
+        got = next(o for o in outs if o.request_id == rid and o.finished).token_ids
+        assert got == dst.generate([PROMPT + seg1 + TOOL], GREEDY)[0].token_ids
+    _check_pages(src)
+    _check_pages(dst)

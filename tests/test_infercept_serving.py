@@ -138,3 +138,18 @@ def test_the_http_api_pauses_a_completion_and_resumes_it(server, reference):
         bad = http.post("/v1/completions/cmpl-x/resume", json={"tool_output": 5})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "tool_output"
     assert settled(server)
+
+
+def test_the_server_keeps_at_most_max_paused_requests(reference):
+    _, marker, _ = reference
+    srv = Server(_engine(), ServingConfig(max_paused_requests=1)).start()
+    try:
+        with Client(f"127.0.0.1:{srv.port}") as c:
+            for rid in ("one", "two"):
+                assert c.generate(PROMPT, temperature=0, max_tokens=12, ignore_eos=True, intercept_token_ids=[marker],
+                                  request_id=rid)[0]["paused"]
+            assert rpc_error(lambda: c.resume("one", TOOL))[0] == grpc.StatusCode.NOT_FOUND  # made room for two
+            assert c.resume("two", TOOL)["finish_reason"] == "length"
+            assert settled(srv)
+    finally:
+        srv.stop(grace=1)

@@ -299,24 +299,26 @@ class RouterServer:
         request_id = request.request_id
         if not request_id:
             raise ServingError("INVALID_ARGUMENT", "request_id is empty: give the paused request's id")
-        held = self._paused.pop(request_id, None)
+        held = self._paused.get(request_id)
         if held is None:
             raise ServingError("NOT_FOUND", f"no request {shorten(request_id)} is paused behind this router")
         r, epoch = held
         rep = self.links[r]
         if not rep.up or rep.epoch != epoch:
+            self._paused.pop(request_id, None)
             raise ServingError("UNAVAILABLE", f"replica {rep.target}, which held the paused request, went down "
                                               "since: its KV is gone; send the conversation again")
         call = rep.stub.Resume(request, metadata=rep.metadata)
         rep.calls[call] = None
-        try:
+        try:  # forgotten once the replica streams (or says it has no such request); else kept for a retry
             async for msg in call:
+                self._paused.pop(request_id, None)
                 if msg.paused:
                     self._remember_pause(request_id, r, epoch)
                 yield msg
         except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:  # refused: still paused there
-                self._remember_pause(request_id, r, epoch)
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                self._paused.pop(request_id, None)
             raise ServingError(e.code().name, f"replica {rep.target}: {e.details()}") from None
         finally:
             rep.calls.pop(call, None)

@@ -70,11 +70,12 @@ class EngineLoop:
 
     def __init__(self, engine, listeners=(), stall_timeout_s: float = math.inf,
                  max_restarts: int = MAX_RESTARTS, restart_window_s: float = RESTART_WINDOW_S,
-                 pause_timeout_s: float = math.inf):
+                 pause_timeout_s: float = math.inf, max_paused: int = 1024):
         """max_restarts, restart_window_s: a crashed loop restarts unless it has already been
         restarted max_restarts times in the last restart_window_s seconds (0: never restarts).
         pause_timeout_s: a paused request (its stream ended at a tool call) not resumed within
-        this is aborted."""
+        this is aborted; max_paused: at most this many are kept (the longest-paused is aborted
+        to make room)."""
         self.engine = engine
         self.listeners = tuple(listeners)  # Goodput, ServerMetrics; touched only on the engine thread
         self.stall_timeout_s = stall_timeout_s
@@ -83,8 +84,9 @@ class EngineLoop:
         self._restarted_at: collections.deque[float] = collections.deque()  # monotonic, within the window
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, callable] = {}
-        self._paused: dict[str, float] = {}  # paused request -> monotonic deadline for its resume
-        self.pause_timeout_s = pause_timeout_s
+        # Paused request -> monotonic deadline for its resume, in pause order (so in deadline order).
+        self._paused: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self.pause_timeout_s, self.max_paused = pause_timeout_s, max_paused
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._watchers: list[Watcher] = []
@@ -239,8 +241,10 @@ class EngineLoop:
                     return
                 try:
                     self.engine.resume(cmd.request_id, cmd.tool_output)
-                except ValueError as e:
+                except Exception as e:  # noqa: BLE001 - a ValueError is the client's; anything else still answers it
                     cmd.done.set_exception(e)
+                    if not isinstance(e, ValueError):
+                        raise
                     return
                 del self._paused[cmd.request_id]
                 self._sinks[cmd.request_id] = cmd.sink
@@ -358,15 +362,18 @@ class EngineLoop:
             log.exception("engine loop: %s failed while failing requests", getattr(fn, "__name__", fn))
 
     def _expire_pauses(self) -> float | None:
-        """Aborts paused requests past their deadline; seconds until the next one's (None: none)."""
+        """Aborts paused requests past their deadline (the oldest first, so only those are
+        looked at); seconds until the next one's (None: none paused)."""
         now = time.monotonic()
-        for request_id, deadline in list(self._paused.items()):
-            if deadline <= now:
-                del self._paused[request_id]
-                log.info("request %s was paused for longer than pause_timeout_s: aborted", request_id)
-                self.engine.abort(request_id)
-                self._tell("on_done", request_id)
-        return min(self._paused.values()) - now if self._paused else None
+        while self._paused and next(iter(self._paused.values())) <= now:
+            self._drop_paused("was paused for longer than pause_timeout_s")
+        return next(iter(self._paused.values())) - now if self._paused else None
+
+    def _drop_paused(self, why: str) -> None:
+        request_id, _ = self._paused.popitem(last=False)
+        log.info("request %s %s: aborted", request_id, why)
+        self.engine.abort(request_id)
+        self._tell("on_done", request_id)
 
     def _iterate(self) -> None:
         busy = self.engine.has_unfinished()
@@ -413,6 +420,8 @@ class EngineLoop:
                 continue
             if last[out.request_id] == i and out.paused:  # its stream ends; Resume opens the next
                 del self._sinks[out.request_id]
+                while len(self._paused) >= self.max_paused:
+                    self._drop_paused(f"was the longest paused of more than max_paused_requests={self.max_paused}")
                 self._paused[out.request_id] = time.monotonic() + self.pause_timeout_s
             elif last[out.request_id] == i and not self.engine.is_unfinished(out.request_id):
                 del self._sinks[out.request_id]

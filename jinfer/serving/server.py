@@ -187,7 +187,8 @@ class Server:
         self.goodput = Goodput(config.tier_table, policy=getattr(engine, "policy", None))
         self.metrics = ServerMetrics(self.goodput) if config.metrics_port is not None else None
         self.loop = EngineLoop(engine, [lis for lis in (self.goodput, self.metrics) if lis is not None],
-                               config.engine_stall_timeout_s, pause_timeout_s=config.pause_timeout_s)
+                               config.engine_stall_timeout_s, pause_timeout_s=config.pause_timeout_s,
+                               max_paused=config.max_paused_requests)
         self.frontend = Frontend(self.loop, config, engine.tokenizer)
         self._watchdog: asyncio.Task | None = None
         self.port: int | None = None
