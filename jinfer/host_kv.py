@@ -39,6 +39,10 @@ class HostKVTier:
         data, shardings = self._data.pop(request_id)
         return jax.tree.map(jax.device_put, data, shardings)
 
+    def held(self, request_id: str):
+        """What request_id's swap-out keeps (host memory; for inspection)."""
+        return self._data[request_id][0]
+
     def drop(self, request_id: str) -> None:
         self._data.pop(request_id, None)
 

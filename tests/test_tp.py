@@ -113,3 +113,28 @@ def test_bench_tp_smoke():
                          capture_output=True, text=True, timeout=300, cwd=root)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "| 2 |" in res.stdout and "replicated / split" in res.stdout
+
+
+@pytest.mark.multi_device
+def test_a_swapped_paused_request_resumes_identically_under_tp(single):
+    """tp=2 splits the KV heads: a paused request's pages go to each device's host memory with
+    their own sharding (only that device's heads) and come back; it resumes as one run over
+    prompt + output + tool tokens would."""
+    from scheduler.infercept.policies import SwapAll
+    eng, _ = _run(CFG, 2, pause_policy=SwapAll())
+    marker = single[0][3]
+    eng.add_request(PROMPTS[0], dataclasses.replace(GREEDY, intercept_token_ids=(marker,)), request_id="t")
+    eng.add_request(PROMPTS[1], GREEDY, request_id="o")
+    outs = []
+    while not any(o.paused for o in outs):
+        outs += eng.step()
+    seg1 = next(o for o in outs if o.paused).token_ids
+    eng.step()  # the policy swaps it out
+    k = eng.host_kv.held("t").k[0]
+    assert k.sharding.memory_kind == "pinned_host" and k.addressable_shards[0].data.shape[0] == 1  # one KV head each
+    eng.resume("t", [11, 12, 13])
+    while eng.has_unfinished():
+        outs += eng.step()
+    got = next(o for o in outs if o.request_id == "t" and o.finished).token_ids
+    want = eng.generate([PROMPTS[0] + seg1 + [11, 12, 13]], GREEDY)[0].token_ids
+    assert got == want and eng.host_kv.swapped_in == eng.host_kv.swapped_out > 0
