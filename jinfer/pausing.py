@@ -73,6 +73,10 @@ class PauseView:
 
 
 class PausePolicy(Protocol):
+    """requeue (optional attribute, default False): a resumed request queues behind every
+    request that arrived before its resume, as a new arrival would (vLLM ends a request at its
+    tool call and takes the continuation as a new request), instead of by its first arrival."""
+
     def decide(self, paused: Sequence[Request], view: PauseView) -> Mapping[str, str]:
         """For paused requests that hold device pages (each with its Pause, num_computed_tokens
         and pages): request id -> PRESERVE, DISCARD or SWAP. Requests left out are preserved
@@ -161,6 +165,8 @@ class Pausing:
         req.num_computed_tokens = min(req.num_computed_tokens, len(req.prompt_ids) - 1)
         req.output_ids, req.output_logprobs, req.intercept_after = [], [], intercept_after
         req.status, req.policy_state = Status.WAITING, None
+        if getattr(self.pause_policy, "requeue", False):  # back of the queue, as a new arrival would be
+            req.arrival_index = self._max_arrival + 0.5
         self.waiting.append(req)
         self._start_drafting(req)  # the drafter hears the new prompt
 

@@ -70,6 +70,7 @@ class Scheduler(Pausing):
         self.clock = clock
         self.last_step_s = 0.0  # observe_step's last
         self._starved = False  # the last plan was empty while requests waited and paused ones held pages
+        self._max_arrival = 0  # the latest arrival_index added (a requeued resume goes after it)
         self.pause_stats = PauseStats()
         self.num_scheduled_tokens = 0  # tokens of every plan (recomputation included), less unplanned ones
 
@@ -83,6 +84,7 @@ class Scheduler(Pausing):
             raise AdmissionRefused(reason)
 
     def add(self, req: Request) -> None:
+        self._max_arrival = max(self._max_arrival, req.arrival_index)
         self.waiting.append(req)
 
     def observe_step(self, num_tokens: int, seconds: float, emitted: int | None = None,

@@ -293,3 +293,22 @@ def test_paused_requests_give_way_when_nothing_else_fits_and_migrate_without_the
         assert got == dst.generate([PROMPT + seg1 + TOOL], GREEDY)[0].token_ids
     _check_pages(src)
     _check_pages(dst)
+
+
+def test_a_requeueing_policy_puts_the_resumed_request_behind_later_arrivals():
+    """RequeueDiscard (vLLM's way): the continuation queues as a new arrival would; the
+    default keeps the request's first-arrival place."""
+    from jinfer.config import CacheConfig, SchedulerConfig
+    from jinfer.request import Request
+    from jinfer.scheduling import Scheduler
+    from scheduler.infercept.policies import RequeueDiscard
+    for policy, first in [(DiscardAll(), "a"), (RequeueDiscard(), "b")]:
+        s = Scheduler(CacheConfig(page_size=4, num_pages=32), SchedulerConfig(64, 1, 64), 32, pause_policy=policy)
+        a = Request("a", [1, 2, 3], dataclasses.replace(GREEDY, intercept_token_ids=(9,)), 0, 0.0, 0)
+        s.add(a)
+        plan = s.schedule()
+        s.update(plan, [a], [9])
+        assert a.status is Status.PAUSED
+        s.add(Request("b", [4, 5, 6], GREEDY, 0, 0.0, 1))
+        s.resume(a, [7])
+        assert s.schedule().seqs[0].request_id == first  # max_num_seqs=1: one of them runs

@@ -12,7 +12,8 @@ cost_model.analytic_8b_h100_tp(1), a pool of --num_pages pages of 16 tokens, K/V
 its step (the step takes the longer of the two). Requests of the augment types
 (scheduler/infercept/workloads.py: InferCept's Table 1), Poisson arrivals at each --rates.
 Policies (scheduler/infercept/policies.py): discard (into the prefix cache, queue place kept:
-InferCept's improved discard), preserve, swap (all, whatever it costs), pin-ttl (Continuum-like,
+InferCept's improved discard), vllm-discard (the same, the continuation queued as a new
+arrival, as vLLM takes it), preserve, swap (all, whatever it costs), pin-ttl (Continuum-like,
 --ttl_s), infercept (least waste; T_INT = time paused so far), infercept-oracle (T_INT = the
 remaining pause, known to the simulator).
 
@@ -57,7 +58,8 @@ flags.DEFINE_list("live_policies", ["discard", "preserve", "swap", "infercept"],
 flags.DEFINE_list("rates", ["4", "5", "6", "7", "8", "9", "10", "11", "12", "14", "16"], "Arrival rates, requests/s.")
 flags.DEFINE_integer("num_requests", 1500, "Requests per run.", lower_bound=1)
 flags.DEFINE_list("types", ["math", "qa", "virtual-env", "chatbot", "image", "tts"], "Augment types, drawn evenly.")
-flags.DEFINE_list("policies", ["discard", "preserve", "swap", "pin-ttl", "infercept", "infercept-oracle"],
+flags.DEFINE_list("policies", ["discard", "vllm-discard", "preserve", "swap", "pin-ttl", "infercept",
+                                "infercept-oracle"],
                   "Pause policies to compare.")
 flags.DEFINE_integer("num_pages", 4000, "KV pages of 16 tokens in the replica's pool.", lower_bound=1)
 flags.DEFINE_float("kv_bytes_per_token", 128 * 1024, "K/V bytes of one token, all layers.", lower_bound=1)
@@ -70,7 +72,8 @@ flags.DEFINE_integer("seed", 0, "Workload seed.")
 
 def _policy(name: str, profile, ttl_s: float):
     from scheduler.infercept import policies as ip
-    makers = {"discard": lambda clock: ip.DiscardAll(), "preserve": lambda clock: ip.PreserveAll(),
+    makers = {"discard": lambda clock: ip.DiscardAll(), "vllm-discard": lambda clock: ip.RequeueDiscard(),
+              "preserve": lambda clock: ip.PreserveAll(),
               "swap": lambda clock: ip.SwapAll(), "pin-ttl": lambda clock: ip.PinTTL(ttl_s, clock),
               "infercept": lambda clock: ip.InferCept(profile, clock),
               "infercept-oracle": lambda clock: ip.InferCept(profile, clock)}

@@ -42,6 +42,13 @@ class DiscardAll:
         return {r.request_id: DISCARD for r in paused}
 
 
+class RequeueDiscard(DiscardAll):
+    """vLLM-style: the request ends at its tool call and the continuation comes back as a new
+    request, at the back of the queue; its KV is only what the prefix cache still holds."""
+
+    requeue = True
+
+
 class SwapAll:
     """Copies every paused request's K/V to the host tier at once, whatever it costs."""
 
@@ -119,6 +126,6 @@ class InferCept:
         return out
 
 
-POLICIES = {"preserve": PreserveAll, "discard": DiscardAll, "swap": SwapAll, "pin-ttl": PinTTL,
-            "infercept": InferCept}
+POLICIES = {"preserve": PreserveAll, "discard": DiscardAll, "vllm-discard": RequeueDiscard, "swap": SwapAll,
+            "pin-ttl": PinTTL, "infercept": InferCept}
 """Name -> class, for tools' flags."""
