@@ -138,6 +138,13 @@ def test_least_waste_preserves_short_pauses_and_discards_long_ones():
     big = Request("big", list(range(96)), GREEDY, 0, 0.0, 1, num_computed_tokens=96, pause=Pause(since=0.0))
     assert policy.decide([req], dataclasses.replace(view, last_step_s=64.0)) == {"r": SWAP}
     assert policy.decide([req, big], dataclasses.replace(view, last_step_s=100.0)) == {"big": SWAP, "r": DISCARD}
+    # Without a copy engine (a CPU) nothing hides a swap: it competes on its own waste,
+    # 2 * T_swap(C) * (C_batch + C) * M.
+    cpu = InferCept(dataclasses.replace(profile, swap_s=lambda n: 1e-6 * n, swap_overlaps=False), clock=lambda: now[0])
+    assert cpu.swap_waste(req, view) == pytest.approx(2 * 64e-6 * (100 + 64) * 2.0)
+    assert cpu.decide([req], dataclasses.replace(view, last_step_s=1e9)) == {"r": SWAP}  # cheapest of the three
+    slow = InferCept(dataclasses.replace(profile, swap_overlaps=False), clock=lambda: now[0])  # 1 s per token
+    assert slow.decide([req], dataclasses.replace(view, last_step_s=1e9)) == {"r": DISCARD}
 
 
 def test_bad_resumes_change_nothing_and_aborting_a_paused_request_frees_everything(engines):

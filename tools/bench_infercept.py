@@ -30,7 +30,8 @@ built as tools/launch_server.py builds it, the same augmented workload scaled do
 (--live_scale, --live_pause_scale) replayed in wall-clock time, each policy in turn on one
 engine (reset between); the calls at the workload's positions (Engine intercept_after), tools
 as timers returning random tokens. InferCept's profile is measured on the engine first
-(T_fwd by prefill length, T_swap of 16 pages to the host tier and back).
+(T_fwd per step bucket, T_swap of 16 pages to the host tier and back; on a CPU swaps are not
+hidden behind the step, so InferCept weighs their waste against the others').
 """
 
 from __future__ import annotations
@@ -108,18 +109,32 @@ def run_one(items, policy_name: str, cfg, cost, profile) -> dict:
 
 
 def _live_profile(engine):
-    """T_fwd and T_swap on this engine, measured: a prefill of 64 and of 192 tokens (a line
-    through them), and 16 pages read into the host tier and back."""
+    """T_fwd and T_swap on this engine, measured: a prefill of each step bucket's size (median
+    of 3, distinct prompts: no prefix hits; a step's time is its bucket's), and 16 pages to
+    the host tier and back. A CPU has no copy engine beside its cores: swaps are not hidden."""
+    import bisect
+    import statistics
     import numpy as np
+    import jax
     from jinfer.sampling_params import SamplingParams
     from scheduler.infercept.policies import PauseProfile
-    times = {}
-    for n in (64, 192, 64, 192):
-        t0 = time.perf_counter()
-        engine.generate([list(range(10, 10 + n))], SamplingParams(temperature=0, max_tokens=1))
-        times[n] = time.perf_counter() - t0
-    slope = max((times[192] - times[64]) / 128, 1e-6)
-    fixed = max(times[64] - 64 * slope, 0.0)
+    buckets = list(engine.runner.token_buckets)
+    one = SamplingParams(temperature=0, max_tokens=1)
+    step_s, at = {}, 10
+    for b in buckets:
+        runs = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            engine.generate([list(range(at, at + b))], one)
+            runs.append(time.perf_counter() - t0)
+            at += b + 1
+        step_s[b] = statistics.median(runs)
+
+    def fwd_s(n: int) -> float:
+        if n > buckets[-1]:
+            return -(-n // buckets[-1]) * step_s[buckets[-1]]
+        return step_s[buckets[bisect.bisect_left(buckets, max(n, 1))]]
+
     pages = list(range(16))
     engine.host_kv.put("probe", engine.runner.read_pages(pages), 16)  # compiled before timing
     engine.runner.write_pages(pages, engine.host_kv.take("probe", 16))
@@ -132,7 +147,9 @@ def _live_profile(engine):
     np.asarray(engine.runner.kv.k[0][0, 0, 0])  # wait for the copies
     per_token = (time.perf_counter() - t0) / 3 / 2 / (16 * engine.runner.page_size)
     engine.reset()
-    return PauseProfile(lambda n: fixed + slope * n, lambda n: per_token * n, 1.0, 256), (fixed, slope, per_token)
+    gpu = jax.devices()[0].platform == "gpu"
+    return (PauseProfile(fwd_s, lambda n: per_token * n, 1.0, buckets[-1], swap_overlaps=gpu),
+            step_s, per_token)
 
 
 def live_part() -> list[str]:
@@ -148,7 +165,7 @@ def live_part() -> list[str]:
     engine.release_warmup()
     engine.runner.wait_warmup(600)  # every bucket compiled before anything is timed
     vocab = engine.model_config.vocab_size
-    profile, (fixed, slope, per_token) = _live_profile(engine)
+    profile, step_s, per_token = _live_profile(engine)
     items = augmented(FLAGS.live_requests, FLAGS.live_rate, tuple(FLAGS.types), scale=FLAGS.live_scale,
                       pause_scale=FLAGS.live_pause_scale, seed=FLAGS.seed)
     cache = launch.cache
@@ -156,8 +173,9 @@ def live_part() -> list[str]:
              f"{cache.num_pages} pages x {cache.page_size} tokens, {FLAGS.live_requests} requests at "
              f"{FLAGS.live_rate:g} req/s, lengths / {FLAGS.live_scale:g}, pauses x {FLAGS.live_pause_scale:g}, "
              f"greedy; tool calls at the workload's positions (Engine intercept_after). Measured profile: "
-             f"T_fwd(n) = {fixed * 1e3:.1f} ms + {slope * 1e3:.3f} ms x n, T_swap = {per_token * 1e6:.2f} us/token "
-             "each way.", "",
+             "T_fwd by step bucket (tokens: ms) " + ", ".join(f"{b}: {t * 1e3:.0f}" for b, t in step_s.items())
+             + f"; T_swap = {per_token * 1e6:.2f} us/token each way, not hidden (swap_overlaps="
+             f"{profile.swap_overlaps}).", "",
              "| policy | finished | wall s | norm. latency p50 ms/tok | p99 | memory waste | recompute share | "
              "swapped out tokens |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     makers = {"discard": ip.DiscardAll, "preserve": ip.PreserveAll, "swap": ip.SwapAll,

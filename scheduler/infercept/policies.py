@@ -78,6 +78,10 @@ class PauseProfile:
     swap_s: Callable[[int], float]
     kv_bytes_per_token: float
     saturation_tokens: int
+    swap_overlaps: bool = True
+    """A copy engine moves swaps beside the compute (a GPU's DMA): swaps within the budget the
+    step hides are free. False (a CPU host: the copy runs on the step's own cores): a swap
+    wastes 2 * T_swap(C) * C_batch * M, InferCept's WasteSwap, and competes with the others."""
 
     @classmethod
     def from_cost_model(cls, cost: CostModel, kv_bytes_per_token: float, host_bandwidth: float,
@@ -111,17 +115,25 @@ class InferCept:
         discard = p.fwd_s(c) * c * m / 2 + n * p.fwd_s(math.ceil(c / n)) * view.running_tokens * m
         return preserve, discard
 
+    def swap_waste(self, req: Request, view: PauseView) -> float:
+        """A swap's waste where nothing hides it: out and back in while the batch waits."""
+        p, c = self.profile, req.num_computed_tokens
+        return 2 * p.swap_s(c) * (view.running_tokens + c) * p.kv_bytes_per_token
+
     def decide(self, paused: Sequence[Request], view: PauseView) -> Mapping[str, str]:
         now = self.clock()
         scored = sorted(((*self.wastes(r, view, now), r) for r in paused), key=lambda w: -min(w[0], w[1]))
-        budget = self.profile.swap_budget_tokens(view.last_step_s)
+        budget = self.profile.swap_budget_tokens(view.last_step_s) if self.profile.swap_overlaps else 0
         out = {}
         for preserve, discard, req in scored:
             if req.num_computed_tokens <= budget:
                 budget -= req.num_computed_tokens
                 out[req.request_id] = SWAP
             else:
-                out[req.request_id] = PRESERVE if preserve <= discard else DISCARD
+                wastes = {PRESERVE: preserve, DISCARD: discard}
+                if not self.profile.swap_overlaps:
+                    wastes[SWAP] = self.swap_waste(req, view)
+                out[req.request_id] = min(wastes, key=wastes.get)
             self.decisions[out[req.request_id]] += 1
         return out
 
