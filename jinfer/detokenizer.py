@@ -11,7 +11,7 @@ class IncrementalDetokenizer:
     also holds back the last len(longest stop) - 1 characters, so nothing past a stop is emitted.
     """
 
-    def __init__(self, tokenizer, prompt_ids: list[int], stop: tuple[str, ...] = ()):
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: tuple[str, ...] = (), intercept: tuple[str, ...] = ()):
         self.tok = tokenizer
         self.ids = list(prompt_ids)
         self.prefix_offset = max(len(prompt_ids) - 6, 0)
@@ -20,6 +20,8 @@ class IncrementalDetokenizer:
         self.emitted = 0  # characters of self.text already handed out
         self.stop = stop
         self.holdback = max((len(s) for s in stop), default=1) - 1
+        self.intercept = intercept
+        self._scanned = 0  # text checked for intercept strings (each hit is new text's)
 
     def append(self, token_id: int) -> None:
         self.ids.append(token_id)
@@ -39,6 +41,15 @@ class IncrementalDetokenizer:
             return False
         self.text = self.text[:min(hits)]
         return True
+
+    def find_intercept(self) -> bool:
+        """Whether text decoded since the last call completes an intercept string (a tool call:
+        the text keeps it, the request pauses after it)."""
+        if not self.intercept or len(self.text) == self._scanned:
+            return False
+        hit = any(self.text.find(s, max(0, self._scanned - len(s) + 1)) >= 0 for s in self.intercept)
+        self._scanned = len(self.text)
+        return hit
 
     def flush(self) -> None:
         """At the end: emit whatever is pending, incomplete characters included."""

@@ -28,7 +28,7 @@ from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import Scheduler
 from jinfer.scheduling_policy import SchedulingPolicy
 from jinfer.speculation import DraftBudget, Drafter
-from jinfer.step_plan import SpecStats, StepPlan
+from jinfer.step_plan import INTERCEPT, SpecStats, StepPlan
 from sharding.tp import TPLayout
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ class Engine:
                    for i in range(params.n)]
         self.scheduler.admit(samples[0])
         for req in samples:
-            self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
+            self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.intercept)
         self._groups[request_id] = samples
         # The first sample computes the prompt; the scheduler starts the others on its pages.
         samples[0].followers = samples[1:]
@@ -248,7 +248,8 @@ class Engine:
         self.check_prompt(req.all_ids + ids, req.params)
         self._settle_inflight()  # its sample past the tool call, if a step was in flight
         self.scheduler.resume(req, ids, intercept_after)
-        self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, req.params.stop)
+        self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, req.params.stop,
+                                                             req.params.intercept)
 
     def release_warmup(self) -> None:
         """Starts compiling the other buckets of a background warm-up (options.warmup_background),
@@ -505,7 +506,7 @@ class Engine:
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
-        if any(sp is not None and sp.intercept_token_ids for sp in params):
+        if any(sp is not None and (sp.intercept_token_ids or sp.intercept) for sp in params):
             raise ValueError("generate() runs requests to their finish; a request with intercept_token_ids "
                              "pauses at a tool call: add_request, step and resume it instead")
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
@@ -581,7 +582,7 @@ class Engine:
         if detok.find_stop():
             return "stop"
         if reason is None:
-            return None
+            return INTERCEPT if detok.find_intercept() else None
         detok.flush()
         return "stop" if detok.find_stop() else reason
 

@@ -40,6 +40,9 @@ class SamplingParams:
     """Independent samples of the prompt; they share the prompt's KV pages."""
     speculate: bool = True
     """Let the engine's drafter (if it has one) speculate for this request; False opts out."""
+    intercept: tuple[str, ...] = ()
+    """Pause (not finish) once the text contains one of these (a tool call's closing markup, e.g.
+    "</tool_call>"): the text keeps it; as intercept_token_ids otherwise."""
     intercept_token_ids: tuple[int, ...] = ()
     """Pause (not finish) when one of these is sampled: a tool call. The request keeps its
     place, its K/V kept, swapped to host memory or dropped by the engine's pause policy, until
@@ -90,13 +93,15 @@ class SamplingParams:
             if bad:
                 raise ValueError(f"{name}[{bad[0]}]={ids[bad[0]]!r} must be a token id, an integer in [0, 2**31)")
             object.__setattr__(self, name, tuple(int(t) for t in ids))
-        if (isinstance(self.stop, (str, bytes)) or not isinstance(self.stop, Sequence)
-                or any(not isinstance(s, str) for s in self.stop)):
-            raise ValueError(f"stop={self.stop!r} must be a sequence of strings")
-        empty = [i for i, s in enumerate(self.stop) if not s]
-        if empty:
-            raise ValueError(f"stop[{empty[0]}] is an empty string: stop strings must not be empty")
-        object.__setattr__(self, "stop", tuple(self.stop))
+        for name in ("stop", "intercept"):
+            strings = getattr(self, name)
+            if (isinstance(strings, (str, bytes)) or not isinstance(strings, Sequence)
+                    or any(not isinstance(s, str) for s in strings)):
+                raise ValueError(f"{name}={strings!r} must be a sequence of strings")
+            empty = [i for i, s in enumerate(strings) if not s]
+            if empty:
+                raise ValueError(f"{name}[{empty[0]}] is an empty string: {name} strings must not be empty")
+            object.__setattr__(self, name, tuple(strings))
 
     @property
     def greedy(self) -> bool:

@@ -12,7 +12,7 @@ from jinfer.pausing import Discard, PausePolicy, PauseStats, Pausing
 from jinfer.request import Request, Status
 from jinfer.scheduling_policy import FCFS, AdmissionRefused, SchedulingPolicy
 from jinfer.speculation import NO_DRAFT, Draft, DraftBudget, Drafter, kv_moves, verify
-from jinfer.step_plan import PENDING, FinishHook, ScheduledSeq, Settled, SpecStats, StepPlan
+from jinfer.step_plan import INTERCEPT, PENDING, FinishHook, ScheduledSeq, Settled, SpecStats, StepPlan
 
 
 @dataclasses.dataclass
@@ -141,8 +141,9 @@ class Scheduler(Pausing):
                 reason = self.finish_reason(req, token, eos_ids)
                 if finish_hook is not None:
                     reason = finish_hook(req, token, reason)
-                pause = not reason and (token in req.params.intercept_token_ids or (
+                pause = reason == INTERCEPT or not reason and (token in req.params.intercept_token_ids or (
                     req.intercept_after is not None and len(req.output_ids) >= req.intercept_after))
+                reason = None if pause else reason
                 if reason or pause:
                     break
             if seq.num_draft:

@@ -50,7 +50,9 @@ class Settled:
 
 
 # (request, token just appended, the scheduler's finish reason or None) -> the final reason:
-# finish rules the scheduler cannot see (stop strings need the detokenizer).
+# finish rules the scheduler cannot see (stop strings need the detokenizer); INTERCEPT pauses
+# the request instead (an intercept string: a tool call).
+INTERCEPT = "intercept"
 FinishHook = Callable[[Request, int, "str | None"], "str | None"]
 
 

@@ -319,3 +319,30 @@ def test_a_requeueing_policy_puts_the_resumed_request_behind_later_arrivals():
         s.add(Request("b", [4, 5, 6], GREEDY, 0, 0.0, 1))
         s.resume(a, [7])
         assert s.schedule().seqs[0].request_id == first  # max_num_seqs=1: one of them runs
+
+
+def test_an_intercept_string_pauses_after_the_text_that_completes_it(engines):
+    """SamplingParams.intercept: the request pauses once its text contains the string (kept in
+    the text), and resumes as one run over prompt + output + tool tokens."""
+    engine = engines[True]
+    engine.scheduler.pause_policy = DiscardAll()
+    full = engine.generate([PROMPT], GREEDY)[0]
+    text = full.text
+    cut = next(k for k in range(2, len(text)) if text[:k].strip())  # the first piece of visible text
+    mark = text[cut - 2:cut]
+    params = dataclasses.replace(GREEDY, intercept=(mark,))
+    engine.add_request(PROMPT, params, request_id="s")
+    outs = _until(engine, lambda outs: any(o.paused for o in outs))
+    paused = next(o for o in outs if o.paused)
+    assert mark in paused.text and paused.text == "".join(o.new_text for o in outs if o.request_id == "s")
+    assert paused.token_ids == full.token_ids[:len(paused.token_ids)]
+    engine.resume("s", TOOL)
+    outs = _until(engine, lambda outs: any(o.request_id == "s" and (o.finished or o.paused) for o in outs))
+    got = next(o for o in outs if o.request_id == "s" and (o.finished or o.paused)).token_ids
+    want = engine.generate([PROMPT + paused.token_ids + TOOL], GREEDY)[0].token_ids
+    assert got == want[:len(got)]
+    if engine.is_unfinished("s"):
+        engine.abort("s")
+    _check_pages(engine)
+    with pytest.raises(ValueError, match="intercept"):
+        SamplingParams(intercept=("",))

@@ -153,3 +153,29 @@ def test_the_server_keeps_at_most_max_paused_requests(reference):
             assert settled(srv)
     finally:
         srv.stop(grace=1)
+
+
+def test_an_intercept_string_pauses_over_grpc_and_http(server, client, reference):
+    full, _, eng = reference
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    text = eng.generate([PROMPT], greedy)[0].text
+    mark = next(text[k - 2:k] for k in range(2, len(text)) if text[k - 2:k].strip())
+    got = client.generate(PROMPT, temperature=0, max_tokens=12, ignore_eos=True, intercept=[mark],
+                          request_id="str-1")[0]
+    assert got["paused"] and mark in got["text"] and got["token_ids"] == full[:len(got["token_ids"])]
+    second = client.resume("str-1", TOOL)
+    want = eng.generate([PROMPT + got["token_ids"] + TOOL], greedy)[0].token_ids
+    assert second["token_ids"] == want[:len(second["token_ids"])]
+    while second["paused"]:  # the string came again: finish it
+        second = client.resume("str-1", [])
+    with httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=60) as http:
+        body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True, "intercept": mark}
+        first = http.post("/v1/completions", json=body).json()
+        assert first["choices"][0]["finish_reason"] == "intercept" and mark in first["choices"][0]["text"]
+        again = http.post(f"/v1/completions/{first['id']}/resume", json={"tool_output": TOOL})
+        while again.json()["choices"][0]["finish_reason"] == "intercept":
+            again = http.post(f"/v1/completions/{first['id']}/resume", json={"tool_output": []})
+        assert again.json()["choices"][0]["finish_reason"] == "length"
+        bad = http.post("/v1/completions", json={**body, "intercept": [""]})
+        assert bad.status_code == 400 and "intercept" in bad.json()["error"]["message"]
+    assert settled(server)

@@ -36,7 +36,8 @@ def generate_request(prompt: str | list[int], params: SamplingParams, request_id
         temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
         max_tokens=params.max_tokens, n=params.n, stop=list(params.stop), stop_token_ids=list(params.stop_token_ids),
         ignore_eos=params.ignore_eos, logprobs=params.logprobs, tier=tier or "", request_id=request_id,
-        intercept_token_ids=list(params.intercept_token_ids), speculate=params.speculate)
+        intercept_token_ids=list(params.intercept_token_ids), intercept=list(params.intercept),
+        speculate=params.speculate)
     if params.seed is not None:
         request.seed = params.seed
     if isinstance(prompt, str):

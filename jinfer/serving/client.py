@@ -10,7 +10,8 @@ from jinfer.serving import inference_pb2 as pb
 from jinfer.serving import inference_pb2_grpc as pb_grpc
 
 _FIELDS = ("temperature", "top_k", "top_p", "min_p", "seed", "max_tokens", "n", "stop", "stop_token_ids",
-           "ignore_eos", "logprobs", "tier", "session_key", "request_id", "speculate", "intercept_token_ids")
+           "ignore_eos", "logprobs", "tier", "session_key", "request_id", "speculate", "intercept_token_ids",
+           "intercept")
 
 
 class Client:

@@ -152,8 +152,8 @@ class Frontend:
         """
         self.check_healthy()
         tier = self.resolve_tier(tier)
-        if params.intercept_token_ids and params.n > 1:
-            raise ServingError("INVALID_ARGUMENT", f"intercept_token_ids need n=1 (got n={params.n}): "
+        if (params.intercept_token_ids or params.intercept) and params.n > 1:
+            raise ServingError("INVALID_ARGUMENT", f"intercept_token_ids and intercept need n=1 (got n={params.n}): "
                                                    "each paused request is resumed by its id")
         if isinstance(prompt, str):  # a bad prompt is INVALID_ARGUMENT however full the server is
             self.check_prompt_text(prompt, params.max_tokens)

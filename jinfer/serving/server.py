@@ -49,7 +49,7 @@ def sampling_params(req: pb.GenerateRequest) -> SamplingParams:
     if req.HasField("speculate"):
         kw["speculate"] = req.speculate
     return SamplingParams(stop=tuple(req.stop), stop_token_ids=tuple(req.stop_token_ids),
-                          intercept_token_ids=tuple(req.intercept_token_ids),
+                          intercept_token_ids=tuple(req.intercept_token_ids), intercept=tuple(req.intercept),
                           ignore_eos=req.ignore_eos, logprobs=req.logprobs, **kw)
 
 

@@ -4,10 +4,10 @@ Names and defaults follow OpenAI's API: temperature 1.0; max_tokens 16 for compl
 legacy API's default), the rest of the context for chat. jinfer's extensions: top_k (-1 or 0:
 off), min_p, ignore_eos, stop_token_ids, tier (the SLO tier), speculate (false: no speculative
 drafts for this request), return_token_ids (each choice and chunk also carries its token ids)
-and intercept_token_ids (tool calls: sampling one pauses the completion, finish_reason
-"intercept"; POST /v1/completions/{id}/resume with the tool's output continues it). Types are
-strict (a string is not a number). Unknown
-fields are ignored; known ones jinfer cannot honour (penalties, logit_bias, best_of, echo,
+and intercept_token_ids / intercept (tool calls: sampling one of those ids, or text containing
+one of those strings, pauses the completion, finish_reason "intercept"; POST
+/v1/completions/{id}/resume with the tool's output continues it). Types are strict (a string
+is not a number). Unknown fields are ignored; known ones jinfer cannot honour (penalties, logit_bias, best_of, echo,
 suffix, tools, a non-text response_format, logprobs alternatives beyond the sampled token) are
 refused unless they ask for nothing.
 """
@@ -84,6 +84,7 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[Int] | None = None
     intercept_token_ids: list[Int] | None = None
+    intercept: str | list[str] | None = None
     tier: str | None = None
     return_token_ids: bool = False
     speculate: bool = True
@@ -110,7 +111,8 @@ class _Sampling(BaseModel):
                 top_k=0 if self.top_k in (None, -1) else self.top_k,
                 min_p=self.min_p or 0.0, seed=self.seed, max_tokens=max_tokens, n=self.n, stop=stop,
                 stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos, logprobs=logprobs,
-                speculate=self.speculate, intercept_token_ids=tuple(self.intercept_token_ids or ()))
+                speculate=self.speculate, intercept_token_ids=tuple(self.intercept_token_ids or ()),
+                intercept=(self.intercept,) if isinstance(self.intercept, str) else tuple(self.intercept or ()))
         except ValueError as e:
             raise ApiError(400, str(e), param=_param(str(e), type(self).model_fields)) from None
 
