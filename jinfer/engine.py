@@ -531,6 +531,22 @@ class Engine:
             culprits = {seq.request_id.partition("/")[0]: cause for seq in plan.seqs}
         return StepFailed(culprits, cause)
 
+    def warm_swaps(self) -> int:
+        """Compiles the host tier's copies (read_pages, the move to host memory, write_pages) for
+        every power-of-two page count a request can swap, so the first swaps of a run do not
+        wait on compiles; returns how many sizes. Before serving: it rewrites pages with their
+        own contents, which a step in flight must not be writing."""
+        sizes, n = [], 1
+        while n < 2 * min(self.runner.pages_per_seq, self.runner.num_pages):
+            sizes.append(min(n, self.runner.num_pages))
+            n *= 2
+        for n in sizes:
+            pages = list(range(n))
+            self.host_kv.put("_warm", self.runner.read_pages(pages), n)
+            self.runner.write_pages(pages, self.host_kv.take("_warm", n))
+        self.host_kv.swapped_out = self.host_kv.swapped_in = 0
+        return len(sizes)
+
     def _swap(self, plan: StepPlan) -> None:
         """The plan's host-tier copies, before its step: paused requests' K/V out of the pages
         the step may reuse, then resumed ones' back into their new pages. Dispatched in order

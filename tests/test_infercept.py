@@ -346,3 +346,12 @@ def test_an_intercept_string_pauses_after_the_text_that_completes_it(engines):
     _check_pages(engine)
     with pytest.raises(ValueError, match="intercept"):
         SamplingParams(intercept=("",))
+
+
+def test_warm_swaps_compiles_every_size_and_changes_nothing(engines):
+    engine = engines[False]
+    before = engine.generate([PROMPT], GREEDY)[0].token_ids
+    assert engine.warm_swaps() == 6  # 1, 2, 4, 8, 16, 32 pages (24 per request at most: padded to 32)
+    assert not len(engine.host_kv) and engine.host_kv.swapped_out == 0
+    assert engine.generate([PROMPT], GREEDY)[0].token_ids == before
+    _check_pages(engine)
