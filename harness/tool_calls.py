@@ -17,9 +17,11 @@ from jinfer.sampling_params import SamplingParams
 from scheduler.simulation.workloads import WorkItem
 
 
-def replay(engine, items: list[WorkItem], vocab: int, seed: int = 0) -> tuple[list[RequestRecord], float]:
+def replay(engine, items: list[WorkItem], vocab: int, seed: int = 0,
+           tool_end: dict[str, float] | None = None) -> tuple[list[RequestRecord], float]:
     """Serves `items` on `engine` (its pause policy as set); returns the records (arrival to
-    last token, tool time, output tokens) and the wall time."""
+    last token, tool time, output tokens) and the wall time. tool_end, if given, is kept at
+    request id -> time.perf_counter() its running tool returns (an oracle for pause policies)."""
     rng = np.random.default_rng(seed)
     records = [RequestRecord(i, 0, it.arrival_s, len(it.prompt)) for i, it in enumerate(items)]
     segment = [0] * len(items)
@@ -62,6 +64,8 @@ def replay(engine, items: list[WorkItem], vocab: int, seed: int = 0) -> tuple[li
             if segment[i] < len(items[i].tool_calls):  # a tool call: its tool runs now
                 rec.tool_calls += 1
                 heapq.heappush(tools, (t + items[i].tool_calls[segment[i]].pause_s, i))
+                if tool_end is not None:
+                    tool_end[str(i)] = start + t + items[i].tool_calls[segment[i]].pause_s
             else:  # the end of its last segment
                 rec.finish_s = t
                 engine.abort(str(i))

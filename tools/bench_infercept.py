@@ -55,7 +55,8 @@ flags.DEFINE_integer("live_requests", 40, "live: requests per run.", lower_bound
 flags.DEFINE_float("live_rate", 1.0, "live: arrival rate, requests/s.", lower_bound=1e-3)
 flags.DEFINE_float("live_scale", 8.0, "live: divide every length by this.", lower_bound=1)
 flags.DEFINE_float("live_pause_scale", 0.05, "live: multiply every tool's pause by this.", lower_bound=0)
-flags.DEFINE_list("live_policies", ["discard", "preserve", "swap", "infercept"], "live: pause policies.")
+flags.DEFINE_list("live_policies", ["discard", "preserve", "swap", "infercept", "infercept-oracle"],
+                  "live: pause policies (infercept-oracle: T_INT is the tool's remaining time, which the replay knows).")
 flags.DEFINE_list("rates", ["4", "5", "6", "7", "8", "9", "10", "11", "12", "14", "16"], "Arrival rates, requests/s.")
 flags.DEFINE_integer("num_requests", 1500, "Requests per run.", lower_bound=1)
 flags.DEFINE_list("types", ["math", "qa", "virtual-env", "chatbot", "image", "tts"], "Augment types, drawn evenly.")
@@ -177,13 +178,16 @@ def live_part() -> list[str]:
              f"{profile.swap_overlaps}).", "",
              "| policy | finished | wall s | norm. latency p50 ms/tok | p99 | memory waste | recompute share | "
              "swapped out tokens |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    tool_end: dict[str, float] = {}  # the replay's oracle of remaining tool time
+    oracle = lambda rid: max(0.0, tool_end.get(rid, 0.0) - time.perf_counter())  # noqa: E731
     makers = {"discard": ip.DiscardAll, "preserve": ip.PreserveAll, "swap": ip.SwapAll,
-              "pin-ttl": lambda: ip.PinTTL(FLAGS.ttl_s), "infercept": lambda: ip.InferCept(profile)}
+              "pin-ttl": lambda: ip.PinTTL(FLAGS.ttl_s), "infercept": lambda: ip.InferCept(profile),
+              "infercept-oracle": lambda: ip.InferCept(profile, remaining=oracle)}
     for name in FLAGS.live_policies:
         if name not in makers:
             raise app.UsageError(f"unknown live policy {name!r}; known: {sorted(makers)}")
         engine.scheduler.pause_policy = makers[name]()
-        records, wall = replay(engine, items, vocab, FLAGS.seed)
+        records, wall = replay(engine, items, vocab, FLAGS.seed, tool_end)
         sched = engine.scheduler
         ps = sched.pause_stats
         ps.hold(0, time.monotonic())
