@@ -165,7 +165,7 @@ def test_engine_generate_and_the_http_api_of_a_second_server_agree_and_stop_is_g
             with pytest.raises(openai.APIConnectionError):
                 c.models.list()
     finally:
-        if srv.loop._thread.is_alive():
+        if srv.loop.is_running():
             srv.stop(grace=0)
     for bad, message in [(dict(http_port=-1), "http_port=-1 must be in [0, 65535]"),
                          (dict(port=8000, http_port=8000), "http_port=8000 is the gRPC port")]:

@@ -161,7 +161,7 @@ def test_auth_admission_and_graceful_shutdown(monkeypatch):
             stopper.join()
             assert rest[-1].finish_reason == "length"
     finally:
-        if srv.loop._thread.is_alive():
+        if srv.loop.is_running():
             srv.stop(grace=0)
 
 
@@ -263,9 +263,9 @@ def test_adds_cancelled_before_the_engine_thread_takes_them_are_dropped_cleanly(
         fut = concurrent.futures.Future()
         fut.cancel()
         sink = lambda item: None  # noqa: E731 - the stream that gave up
-        server.loop._commands.put(Add("def h():", SamplingParams(temperature=0, max_tokens=3), request_id, 0,
+        server.loop.send(Add("def h():", SamplingParams(temperature=0, max_tokens=3), request_id, 0,
                                        sink, fut, "interactive"))
-        server.loop._commands.put(Abort(request_id, sink))
+        server.loop.send(Abort(request_id, sink))
     _handled_queued_commands(server)
     gate.release()  # ...until those were handled
     rest = list(original)

@@ -129,7 +129,7 @@ def test_a_long_text_prompt_is_tokenized_without_stalling_other_streams(client, 
     reader.join()
     assert code == grpc.StatusCode.INVALID_ARGUMENT and f"exceeds max_model_len={MAX_LEN}" in details
     (thread, went_on), = tokenized
-    assert went_on and thread is not server.loop._thread  # the stream got tokens while it was tokenized
+    assert went_on and thread is not server.loop.thread  # the stream got tokens while it was tokenized
     assert len(tokens) == MAX_LEN - 8
     assert _settled(server)
 

@@ -122,8 +122,19 @@ class EngineLoop:
             return Health.STALLED
         return Health.SERVING
 
-    def _put(self, cmd) -> None:
-        """Queues cmd; once the loop is dead, refuses it at once (futures fail, sinks hear)."""
+    @property
+    def thread(self) -> threading.Thread:
+        """The thread driving the engine now (a restart replaces it)."""
+        return self._thread
+
+    def is_running(self) -> bool:
+        """Whether the loop's thread is alive (started and not stopped or dead)."""
+        return self._thread.is_alive()
+
+    def send(self, cmd) -> None:
+        """Queues a command (jinfer.serving.loop_commands: what submit, resume, abort, watch
+        and reset_prefix_cache send); once the loop is dead, refuses it at once (futures fail,
+        sinks hear). Tests race hand-made commands through it."""
         with self._dead_lock:
             if self._dead is None:
                 self._commands.put(cmd)
@@ -145,7 +156,7 @@ class EngineLoop:
         request, AdmissionRefused if the scheduling policy does, or EngineUnavailable. `sink` is called on the engine thread with each RequestOutput, or
         with an Exception (the step failed, or the loop died)."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._put(Add(prompt, params, request_id, priority, sink, fut, tier))
+        self.send(Add(prompt, params, request_id, priority, sink, fut, tier))
         return fut
 
     def resume(self, request_id: str, tool_output: list[int], sink) -> concurrent.futures.Future:
@@ -153,18 +164,18 @@ class EngineLoop:
         raises KeyError if no request of that id is paused here, the engine's ValueError if the
         tool output does not fit, or EngineUnavailable."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._put(Resume(request_id, list(tool_output), sink, fut))
+        self.send(Resume(request_id, list(tool_output), sink, fut))
         return fut
 
     def abort(self, request_id: str, sink) -> None:
         """Aborts the request `sink` was submitted with (if it is still that stream's)."""
-        self._put(Abort(request_id, sink))
+        self.send(Abort(request_id, sink))
 
     def watch(self, sink, interval: float) -> Watcher:
         """Subscribes `sink` (called on the engine thread with (load, evictions), or None when
         the loop ends the stream); returns the handle unwatch takes."""
         w = Watcher(sink, interval)
-        self._put(Watch(w))
+        self.send(Watch(w))
         return w
 
     def unwatch(self, watcher: Watcher) -> None:
@@ -182,7 +193,7 @@ class EngineLoop:
     def reset_prefix_cache(self) -> concurrent.futures.Future:
         """Evicts every unlocked prefix-cache page between steps; the future gives the count."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._put(ResetPrefixCache(fut))
+        self.send(ResetPrefixCache(fut))
         return fut
 
     def load(self) -> dict:
