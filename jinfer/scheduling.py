@@ -422,7 +422,10 @@ class Scheduler(Pausing):
         n = min(req.num_tokens - req.num_computed_tokens, step.budget)
         if not self._make_room(step, req, n, victim_of):
             if resumed and req.pause.action == "preserve":
-                pass  # it keeps its pages while it waits (taken only as _ensure_pages' last resort)
+                # Its own pages (and the cached prefix it locks) may be what leaves no room: they
+                # go into the prefix cache, where its next try matches what is still there.
+                self.release(req)
+                req.num_computed_tokens, req.pause.action = 0, "discard"
             else:
                 self.kv.unmatch(req)
             step.blocked = True
