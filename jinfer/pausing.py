@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping, Protocol, Sequence
 
-from jinfer.request import Request
+from jinfer.request import Request, Status
 
 PRESERVE, DISCARD, SWAP = "preserve", "discard", "swap"
 ACTIONS = (PRESERVE, DISCARD, SWAP)
@@ -51,6 +51,11 @@ class PauseStats:
     idle_page_s: float = 0.0  # pages held by paused requests x seconds (the policy clock's)
     _held: int = 0  # pages paused requests held after the last decision
     _at: float | None = None  # the clock then
+
+    @property
+    def holding(self) -> bool:
+        """Whether paused requests held pages at the last decision (their time still counts)."""
+        return self._held > 0
 
     def hold(self, pages: int, now: float) -> None:
         """Paused requests hold `pages` from now on."""
@@ -106,7 +111,6 @@ class Pausing:
 
     def _pause(self, req: Request) -> None:
         """req sampled an intercept token (update): out of the running set, pages held."""
-        from jinfer.request import Status
         req.status = Status.PAUSED
         # (off the running set, or the waiting one: a step in flight preempted it since)
         (self.running if req in self.running else self.waiting).remove(req)
@@ -117,8 +121,10 @@ class Pausing:
     def _decide_pauses(self) -> list[tuple[str, tuple[int, ...]]]:
         """Asks the pause policy about the paused requests holding device pages and applies its
         answers; returns the swap-outs for the plan."""
-        holding = [r for r in self.paused if r.pages]
         stats = self.pause_stats
+        if not self.paused and not stats.holding:  # (the common step: nothing paused, nothing to count)
+            return []
+        holding = [r for r in self.paused if r.pages]
         if not holding:
             stats.hold(0, self.clock())
             return []
@@ -152,7 +158,6 @@ class Pausing:
         that prompt with the same parameters and seed), and it queues by its first arrival.
         intercept_after: pause again after that many tokens of the new segment (trace replay).
         ValueError (nothing changes) if it is not paused or a sampled token is still unread."""
-        from jinfer.request import Status
         if req.status is not Status.PAUSED:
             raise ValueError(f"request {req.request_id} is {req.status.value}, not paused")
         if req.num_pending:

@@ -380,7 +380,7 @@ class Scheduler(Pausing):
         self._plan_drafts(step)
         self._fork_followers()
         plan = StepPlan(tuple(step.seqs), tuple(step.preempted), tuple(step.swap_out), tuple(step.swap_in))
-        self.num_scheduled_tokens += plan.num_tokens
+        self.num_scheduled_tokens += budget - step.budget  # (every token planned took budget)
         return plan
 
     def _schedule_running(self, step: "_StepBuild", req: Request) -> None:

@@ -36,6 +36,7 @@ hidden behind the step, so InferCept weighs their waste against the others').
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -72,13 +73,15 @@ flags.DEFINE_float("scale", 1.0, "Divide every length by this.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Workload seed.")
 
 
-def _policy(name: str, profile, ttl_s: float):
+def _policy(name: str, profile, ttl_s: float, remaining=None):
+    """The pause policy `name` as a factory of the clock it reads (remaining: an oracle of the
+    remaining pause, for infercept-oracle; the simulator sets its own after construction)."""
     from scheduler.infercept import policies as ip
     makers = {"discard": lambda clock: ip.DiscardAll(), "vllm-discard": lambda clock: ip.RequeueDiscard(),
-              "preserve": lambda clock: ip.PreserveAll(),
-              "swap": lambda clock: ip.SwapAll(), "pin-ttl": lambda clock: ip.PinTTL(ttl_s, clock),
+              "preserve": lambda clock: ip.PreserveAll(), "swap": lambda clock: ip.SwapAll(),
+              "pin-ttl": lambda clock: ip.PinTTL(ttl_s, clock),
               "infercept": lambda clock: ip.InferCept(profile, clock),
-              "infercept-oracle": lambda clock: ip.InferCept(profile, clock)}
+              "infercept-oracle": lambda clock: ip.InferCept(profile, clock, remaining=remaining)}
     if name not in makers:
         raise app.UsageError(f"unknown policy {name!r}; known: {sorted(makers)}")
     return makers[name]
@@ -158,8 +161,9 @@ def live_part() -> list[str]:
     from entrypoints.build import build_engine
     from harness.tool_calls import replay
     from jinfer.launch import resolve
-    from scheduler.infercept import policies as ip
     from scheduler.infercept.workloads import augmented
+    for name in FLAGS.live_policies:
+        _policy(name, None, 0.0)  # names checked before the engine is built
     launch = resolve(CONFIG.value)
     engine = build_engine(launch)
     engine.release_warmup()
@@ -180,18 +184,13 @@ def live_part() -> list[str]:
              "swapped out tokens |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     tool_end: dict[str, float] = {}  # the replay's oracle of remaining tool time
     oracle = lambda rid: max(0.0, tool_end.get(rid, 0.0) - time.perf_counter())  # noqa: E731
-    makers = {"discard": ip.DiscardAll, "preserve": ip.PreserveAll, "swap": ip.SwapAll,
-              "pin-ttl": lambda: ip.PinTTL(FLAGS.ttl_s), "infercept": lambda: ip.InferCept(profile),
-              "infercept-oracle": lambda: ip.InferCept(profile, remaining=oracle)}
     for name in FLAGS.live_policies:
-        if name not in makers:
-            raise app.UsageError(f"unknown live policy {name!r}; known: {sorted(makers)}")
-        engine.scheduler.pause_policy = makers[name]()
+        engine.scheduler.pause_policy = _policy(name, profile, FLAGS.ttl_s, oracle)(time.monotonic)
         records, wall = replay(engine, items, vocab, FLAGS.seed, tool_end)
         sched = engine.scheduler
         ps = sched.pause_stats
         ps.hold(0, time.monotonic())
-        ok = [r for r in records if r.finish_s == r.finish_s]
+        ok = [r for r in records if not math.isnan(r.finish_s)]
         nl = np.array([r.normalized_latency_s for r in ok]) * 1e3
         lines.append(f"| {name} | {len(ok)}/{len(records)} | {wall:.1f} | {np.median(nl):.1f} | "
                      f"{np.percentile(nl, 99):.1f} | {ps.idle_page_s / (cache.num_pages * wall):.2%} | "
