@@ -52,7 +52,8 @@ from typing import Callable, Hashable, Sequence
 from jinfer.config import SpeculationConfig
 from scheduler.speculation.budget import BudgetConfig, CostAwareBudget
 from scheduler.speculation.drafters import SuffixConfig, SuffixDrafter, _SuffixRequest, _unknown
-from scheduler.speculation.suffix_tree import SuffixTree, TailMatcher
+from scheduler.speculation.suffix_tree import SuffixTree
+from scheduler.speculation.tail_matcher import TailMatcher
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,9 @@ from typing import Sequence
 
 from jinfer.config import SpeculationConfig
 from jinfer.speculation import NO_DRAFT, Draft
-from scheduler.speculation.suffix_tree import SuffixTree, TailMatcher, speculate
+from scheduler.speculation.suffix_draft import speculate
+from scheduler.speculation.suffix_tree import SuffixTree
+from scheduler.speculation.tail_matcher import TailMatcher
 
 
 class _Progress:
@@ -188,7 +190,7 @@ class _SuffixRequest:
 class SuffixDrafter:
     """SuffixDecoding: drafts from a per-request suffix tree over the request's prompt and output
     and a global suffix tree over the outputs of finished requests (prompts are not in it, as in
-    the paper), whichever scores higher (`scheduler.speculation.suffix_tree.speculate`).
+    the paper), whichever scores higher (`scheduler.speculation.suffix_draft.speculate`).
 
     Costs per token: the request's tree takes each token in O(1) plus O(suffixes of its last
     max_depth tokens inside repeated text); the tail's matches in the global tree move in O(their

@@ -4,7 +4,7 @@ What it holds. For every sequence and every start position s, the suffix seq[s:]
 `max_depth` tokens is a path from the root. A node's count is how many of those paths pass
 through it: how many times its token path occurs (length <= max_depth) in the sequences. A pattern
 P followed by X then has path probability count(P + X) / count(P), the product of child/parent
-count ratios along the path, which is what drafting (`speculate`, at the end) ranks by.
+count ratios along the path, which is what drafting (`speculate`, suffix_draft.py) ranks by.
 
 How. Edges are compressed: a node holds the tokens from its parent's end to its own end, all with
 the node's count, as a window into one sequence that contains the node's whole path
@@ -19,20 +19,22 @@ A node object keeps the path that ends at its end for life: splits insert a new 
 fusing a node into its only child hands the child the node's start. So a position (node, depth)
 kept outside the tree stays right after the tree changes if one walks up to the node whose range
 holds the depth, or follows `forward` from a node fused away; a deleted node has count 0 and no
-forward (`TailMatcher` does this).
+forward (`TailMatcher`, tail_matcher.py, does this).
 """
 
 from __future__ import annotations
 
 import bisect
-import functools
-import heapq
-import math
 import operator
-from typing import Iterable, NamedTuple, Sequence
+from typing import Iterable, Sequence
+
+from scheduler.speculation.suffix_draft import NO_SUFFIX_DRAFT, SuffixDraft, spec_budget, speculate
+from scheduler.speculation.tail_matcher import TailMatcher
+
+# Drafting (suffix_draft.py) and TailMatcher (tail_matcher.py) are importable from here too.
+__all__ = ["NO_SUFFIX_DRAFT", "Position", "SuffixDraft", "SuffixTree", "TailMatcher", "spec_budget", "speculate"]
 
 _START = operator.itemgetter(0)
-_TIE = 1e-9
 
 
 class _Node:
@@ -106,7 +108,12 @@ class SuffixTree:
         if seq is None:
             seq = self._seqs[seq_id] = []
             self._active[seq_id] = []
-        active = self._active[seq_id]
+        self._active[seq_id] = self._grow(seq, seq_id, self._active[seq_id], tokens)
+        self.version += 1
+
+    def _grow(self, seq: list[int], seq_id: int, active: list[list], tokens: Iterable[int]) -> list[list]:
+        """Appends tokens to seq, moving its tracked suffixes (`_active`) over each; returns
+        those still tracked."""
         md, root, track = self.max_depth, self.root, self.removable
         for t in tokens:
             seq.append(t)
@@ -121,13 +128,7 @@ class SuffixTree:
                 d1 = n - s  # the suffix's length with t (node.depth == d1 - 1)
                 child = node.children.get(t)
                 if child is None:
-                    if track and node is not root:
-                        del node.ends[seq_id]
-                    if node.count == 1 and node is not root:
-                        # Alone at a leaf: the leaf becomes open and grows with this sequence.
-                        node.depth, node.seq, node.sid, node.start = -1, seq, seq_id, s
-                    else:
-                        node.children[t] = _Node(1, node, seq, seq_id, s, -1)
+                    self._leave(node, t, seq, seq_id, s)
                     continue
                 cend = child.depth
                 if cend < 0:
@@ -139,7 +140,7 @@ class SuffixTree:
                 if node.count == child.count + 1 and node is not root:
                     # This suffix is node's only endpoint and child its only child: once the suffix
                     # moves on, node's boundary would mark nothing, so it moves down with it.
-                    if cend > d1:  # the common case in repeated text
+                    if cend > d1:  # the common case in repeated text (so inline)
                         children = node.children
                         del children[t]
                         children[child.seq[child.start + d1]] = child
@@ -149,20 +150,12 @@ class SuffixTree:
                         if d1 < md:
                             kept.append(item)
                         continue
-                    parent = node.parent
-                    parent.children[seq[s + parent.depth]] = child
-                    child.parent = parent
-                    child.count += 1
-                    node.count, node.forward = 0, child
-                    target = child
+                    target = _fuse_into_child(node, child, seq, s)
                 elif cend == d1:
                     child.count += 1
                     target = child
                 else:
-                    target = _Node(child.count + 1, node, seq, seq_id, s, d1)
-                    target.children[child.seq[child.start + d1]] = child
-                    child.parent = target
-                    node.children[t] = target
+                    target = _split(node, child, t, seq, seq_id, s, d1)
                 if track:
                     if node is not root and node.count:
                         del node.ends[seq_id]
@@ -173,8 +166,18 @@ class SuffixTree:
                     item[1] = target
                     kept.append(item)
             active = kept
-        self._active[seq_id] = active
-        self.version += 1
+        return active
+
+    def _leave(self, node: _Node, t: int, seq: list[int], seq_id: int, s: int) -> None:
+        """The suffix seq[s:] (ending at node) continues with t, which no child of node starts
+        with: from here it is alone in a leaf, open and untracked."""
+        if self.removable and node is not self.root:
+            del node.ends[seq_id]
+        if node.count == 1 and node is not self.root:
+            # Alone at a leaf: the leaf becomes open and grows with this sequence.
+            node.depth, node.seq, node.sid, node.start = -1, seq, seq_id, s
+        else:
+            node.children[t] = _Node(1, node, seq, seq_id, s, -1)
 
     def _close(self, leaf: _Node, depth: int, seq_id: int) -> None:
         """Another suffix reaches an open leaf's current end: fix the leaf's length and track its
@@ -341,6 +344,27 @@ class SuffixTree:
                 assert node.count > 0 and node.depth == n - s < md
 
 
+def _fuse_into_child(node: _Node, child: _Node, seq: list[int], s: int) -> _Node:
+    """The suffix seq[s:], node's only endpoint, moves on to the end of child, node's only
+    child: node marks nothing any more and is fused into child, which is returned."""
+    parent = node.parent
+    parent.children[seq[s + parent.depth]] = child
+    child.parent = parent
+    child.count += 1
+    node.count, node.forward = 0, child
+    return child
+
+
+def _split(node: _Node, child: _Node, t: int, seq: list[int], seq_id: int, s: int, depth: int) -> _Node:
+    """The suffix seq[s:] (ending at node) moves on inside child's edge, to `depth`: a new node
+    ends there, between node and child, and is returned."""
+    target = _Node(child.count + 1, node, seq, seq_id, s, depth)
+    target.children[child.seq[child.start + depth]] = child
+    child.parent = target
+    node.children[t] = target
+    return target
+
+
 def _kill(node: _Node) -> None:
     # A node whose count reached 0 had count 1: it and its subtree are one chain of count-1 nodes.
     while True:
@@ -349,229 +373,3 @@ def _kill(node: _Node) -> None:
             return
         node = next(iter(node.children.values()))
 
-
-class TailMatcher:
-    """Where the tail of a growing token sequence (a request's context) matches in a tree that
-    others change: the positions of its last m tokens for m = 1..L, kept up to date in O(L) per
-    token and repaired (not recomputed) after the tree changes."""
-
-    def __init__(self, tree: SuffixTree, context: Sequence[int]):
-        self.tree = tree
-        self.context = context
-        """The sequence whose tail is matched (the caller appends to it, then calls advance)."""
-        self.length = len(context)  # tokens of context the positions account for
-        self.nodes: list[_Node] = []  # nodes[m - 1]: the node holding the end of the last m tokens
-        self._version = -1
-        self._sync()
-
-    def positions(self) -> list[Position]:
-        """Positions for m = 1..L (shortest first)."""
-        self._sync()
-        return list(zip(self.nodes, range(1, len(self.nodes) + 1)))
-
-    def advance(self, token: int) -> None:
-        """The context grew by `token` (already appended to it)."""
-        self._sync()
-        self.length += 1
-        md = self.tree.max_depth
-        first = self.tree.root.children.get(token)
-        if first is None or md < 2:
-            self.nodes = []
-            return
-        new = [first]
-        # Last m tokens + token absent => last m + 1 tokens + token absent: stop at the first miss.
-        for i, node in enumerate(self.nodes[:md - 2]):
-            m = i + 1
-            end = node.depth
-            if end < 0:
-                end = min(len(node.seq) - node.start, md)
-            if m < end:
-                if node.seq[node.start + m] != token:
-                    break
-                new.append(node)
-            else:
-                child = node.children.get(token)
-                if child is None:
-                    break
-                new.append(child)
-        self.nodes = new
-
-    def _sync(self) -> None:
-        tree = self.tree
-        if self._version == tree.version:
-            return
-        self._version = tree.version
-        nodes = self.nodes
-        for i, node in enumerate(nodes):
-            while node.count == 0:  # fused into its child, or deleted (the match is gone)
-                node = node.forward
-                if node is None:
-                    del nodes[i:]
-                    break
-            else:
-                while i + 1 <= node.parent.depth:  # split: the position is now in an ancestor
-                    node = node.parent
-                nodes[i] = node
-                continue
-            break
-        # New sequences may make longer tails match.
-        ctx, n = self.context, self.length
-        while len(nodes) < min(n, tree.max_depth - 1):
-            m = len(nodes) + 1
-            pos = tree.find(ctx[n - m:n])
-            if pos is None:
-                break
-            nodes.append(pos[0])
-
-
-# -- drafting -------------------------------------------------------------------------------
-
-
-class SuffixDraft(NamedTuple):
-    """A draft grown from one match: tokens in topological order, their parents (-1: the last
-    context token), each token's path probability, and the length of the match it continues."""
-
-    tokens: tuple[int, ...] = ()
-    parents: tuple[int, ...] = ()
-    probs: tuple[float, ...] = ()
-    score: float = 0.0
-    """Sum of probs: the expected number of accepted tokens if counts were probabilities."""
-    match_len: int = 0
-
-
-NO_SUFFIX_DRAFT = SuffixDraft()
-
-
-def spec_budget(match_len: int, max_draft_tokens: int, max_spec_factor: float, max_spec_offset: float) -> int:
-    """Tokens a match of match_len tokens may draft: min(max_draft_tokens, floor(factor * m + offset))."""
-    # The epsilon keeps 0.29 * 100 at 29, as the reference implementation's does.
-    return max(0, min(max_draft_tokens, math.floor(max_spec_factor * match_len + max_spec_offset + 1e-6)))
-
-
-def speculate(sources: Sequence[tuple[SuffixTree, Sequence[Position], int]], max_draft_tokens: int, *,
-              max_spec_factor: float = 1.0, max_spec_offset: float = 0.0,
-              min_token_prob: float = 0.1, tree: bool = False) -> SuffixDraft:
-    """The best-scoring draft over the matches of a pattern in one or more trees.
-
-    sources: (tree, positions, known_ends) per tree, the preferred tree first; positions (node, m)
-    of the pattern's last m tokens (`SuffixTree.match`, `tail_positions`, `TailMatcher`);
-    known_ends: occurrences of each matched path known to end right there (1 for a request's own
-    tail in its own tree, else 0); it only tightens the bound that skips hopeless matches.
-
-    Every match is a candidate that may draft spec_budget(m) tokens (and max_depth - m at most,
-    all the tree holds below it): the chain of most frequent children (ties: the smallest
-    token), or (tree=True) the subtree grown best-first by path probability; tokens below
-    min_token_prob are never drafted. Its score is the sum of its path probabilities; the best
-    wins, ties going to the earlier source, then the longer match. Matches are tried in order of
-    an upper bound on their score (budget x the first token's best probability) and the search
-    stops when no bound can win, so a call usually grows one or two drafts.
-    """
-    cands = []
-    for rank, (st, positions, known) in enumerate(sources):
-        md = st.max_depth
-        budgets = _budgets(max_draft_tokens, max_spec_factor, max_spec_offset, md)
-        if not known:  # the bound is the budget: every continuation may be certain
-            cands += [(budgets[m], -rank, m, budgets[m], node, md) for node, m in positions if budgets[m] > 0]
-            continue
-        for node, m in positions:
-            n, count = budgets[m], node.count
-            if n > 0 and count > known:
-                cands.append((n * (count - known) / count, -rank, m, n, node, md))
-    if not cands:
-        return NO_SUFFIX_DRAFT
-    grow = _grow_tree if tree else _grow_chain
-    # Candidates order by (bound, rank, m), unique per candidate, so tuples compare without
-    # reaching the nodes. The top one usually scores its bound (its continuation is certain):
-    # then nothing can beat it and the others are never sorted.
-    top = max(cands)
-    first = grow(top[4], top[2], top[3], min_token_prob, top[5])
-    first_score = sum(first[2])
-    if first[0] and first_score >= top[0] - _TIE * max(1.0, top[0]):
-        return SuffixDraft(tuple(first[0]), tuple(first[1]), tuple(first[2]), first_score, top[2])
-    cands.sort(reverse=True)
-    best, best_score, best_rank = NO_SUFFIX_DRAFT, 0.0, None
-    for cand in cands:
-        bound, rank, m, n, node, md = cand
-        if best_rank is not None:
-            # Scores within _TIE of each other tie (sums of the same ratios in another order).
-            # Once a bound cannot beat the best, or can only tie it from a worse (rank, m),
-            # nothing after it can (and distinct bounds are never that close).
-            tol = _TIE * max(1.0, best_score)
-            if bound < best_score - tol or (bound <= best_score + tol and (rank, m) < best_rank):
-                break
-        if cand is top:
-            (tokens, parents, probs), score = first, first_score
-        else:
-            tokens, parents, probs = grow(node, m, n, min_token_prob, md)
-            score = sum(probs)
-        if not tokens:
-            continue
-        tol = _TIE * max(1.0, best_score)
-        if best_rank is None or score > best_score + tol or (
-                score >= best_score - tol and (rank, m) > best_rank):
-            best_score, best_rank = score, (rank, m)
-            best = SuffixDraft(tuple(tokens), tuple(parents), tuple(probs), score, m)
-    return best
-
-
-@functools.lru_cache(maxsize=256)
-def _budgets(max_draft_tokens: int, factor: float, offset: float, max_depth: int) -> tuple[int, ...]:
-    """Per match length m (index), the tokens it may draft: spec_budget and the room below it."""
-    return tuple(min(spec_budget(m, max_draft_tokens, factor, offset), max_depth - m)
-                 for m in range(max_depth + 1))
-
-
-def _grow_chain(node: _Node, m: int, n: int, min_prob: float, md: int):
-    """Up to n tokens following position (node, m) along the most frequent child (ties: the
-    smallest token)."""
-    base = node.count
-    tokens: list[int] = []
-    probs: list[float] = []
-    while True:
-        end = node.depth
-        if end < 0:
-            end = min(len(node.seq) - node.start, md)
-        if m < end:  # the rest of this edge: one count, so one probability
-            k = min(end - m, n - len(tokens))
-            tokens.extend(node.seq[node.start + m:node.start + m + k])
-            probs.extend([node.count / base] * k)
-            m += k
-            if len(tokens) >= n:
-                break
-        best, best_count, best_token = None, 0, 0
-        for token, child in node.children.items():
-            if child.count > best_count or (child.count == best_count and token < best_token):
-                best, best_count, best_token = child, child.count, token
-        if best is None or best_count / base < min_prob:
-            break
-        node = best
-    return tokens, list(range(-1, len(tokens) - 1)), probs
-
-
-def _grow_tree(node: _Node, m: int, n: int, min_prob: float, md: int):
-    """Up to n tokens below position (node, m), most probable paths first (parents first)."""
-    base = node.count
-    tokens: list[int] = []
-    parents: list[int] = []
-    probs: list[float] = []
-    heap = [(-1.0, 0, node, m, -1)]  # (-path probability, tie-break, node, position, parent index)
-    pushed = 1
-    while heap and len(tokens) < n:
-        neg_p, _, node, m, parent = heapq.heappop(heap)
-        end = node.end(md)
-        if m < end:
-            k = min(end - m, n - len(tokens))
-            for token in node.seq[node.start + m:node.start + m + k]:
-                tokens.append(token)
-                parents.append(parent)
-                probs.append(-neg_p)
-                parent = len(tokens) - 1
-            m += k
-            if m < end:
-                break
-        for child in node.children.values():
-            p = child.count / base
-            if p >= min_prob:
-                heapq.heappush(heap, (-p, pushed, child, m, parent))
-                pushed += 1
-    return tokens, parents, probs
