@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Collection, Sequence
+from typing import Callable, Sequence
 
 from jinfer.config import CacheConfig, SchedulerConfig
+from jinfer.drafting import Drafting
 from jinfer.kv_manager import KVManager
+from jinfer.migration import Migration
 from jinfer.pausing import Discard, PausePolicy, PauseStats, Pausing
 from jinfer.request import Request, Status
 from jinfer.scheduling_policy import FCFS, AdmissionRefused, SchedulingPolicy
-from jinfer.speculation import NO_DRAFT, Draft, DraftBudget, Drafter, kv_moves, verify
-from jinfer.step_plan import INTERCEPT, PENDING, FinishHook, ScheduledSeq, Settled, SpecStats, StepPlan
+from jinfer.settling import Settling
+from jinfer.speculation import DraftBudget, Drafter
+from jinfer.step_plan import PENDING, ScheduledSeq, SpecStats, StepPlan
 
 
 @dataclasses.dataclass
@@ -37,7 +40,11 @@ class _StepBuild:
         self.budget -= n
 
 
-class Scheduler(Pausing):
+class Scheduler(Settling, Drafting, Migration, Pausing):
+    """The mechanism: plans steps (schedule) within a token budget and the pages free, in the
+    policy's order. Settling steps (update: settling.py), drafts (drafting.py), requests moving
+    between schedulers (migration.py) and pauses at tool calls (pausing.py) are its mixins."""
+
     def __init__(self, cache_cfg: CacheConfig, sched_cfg: SchedulerConfig, num_pages: int,
                  policy: SchedulingPolicy | None = None, drafter: Drafter | None = None,
                  max_spec_tokens: int = 0, budget: DraftBudget | None = None,
@@ -99,98 +106,6 @@ class Scheduler(Pausing):
         if emitted is not None and self.budget is not None:
             self.budget.observe_step(num_tokens, seconds, emitted, drafted)
 
-    def append_token(self, req: Request, token: int) -> None:
-        """The host has read one of the request's pending tokens (oldest first)."""
-        assert req.num_pending > 0, f"{req.request_id} has no pending token"
-        req.num_pending -= 1
-        req.output_ids.append(token)
-
-    # -- settling a step ---------------------------------------------------------------------
-
-    def update(self, plan: StepPlan, reqs: Sequence[Request], sampled: Sequence, *,
-               eos_ids: Collection[int] = (), finish_hook: FinishHook | None = None) -> list[Settled]:
-        """Settles a step once its samples are read (vLLM v1's update_from_output).
-
-        reqs and sampled are parallel to plan.seqs; a sequence's samples are its sampled rows:
-        one token, or with a draft of k tokens k + 1 (after the last known token, then after
-        each draft token). For every sequence that sampled, of a request not finished or
-        aborted since the step was planned: verifies the draft (jinfer.speculation.verify:
-        the accepted tokens, the K/V moves a tree's path needs, the draft budget told),
-        appends the tokens, shares the prompt's pages once its prefill is done, applies the
-        finish rules (EOS / stop token ids, then length), then `finish_hook` (rules the
-        scheduler cannot see); rejected draft positions are rolled back; a finished request
-        gets its status and reason and releases its pages. The engine, the simulators and the
-        tests all settle steps here.
-        """
-        settled = []
-        if any(seq.num_draft for seq in plan.seqs):
-            self._unsettled_draft = False
-        for i, (seq, req, rows) in enumerate(zip(plan.seqs, reqs, sampled)):
-            if req.status is Status.PAUSED:  # paused by the step before: this sample is past its tool call
-                req.num_pending -= seq.sample
-                continue
-            if not seq.sample or req.status is Status.FINISHED:
-                continue
-            new, rows, moves = self._verify(seq, req, (rows,) if isinstance(rows, int) else tuple(rows))
-            appended, reason, pause = [], None, False
-            for token in new:
-                appended.append(token)
-                if len(appended) > 1:
-                    req.num_pending += 1  # accepted draft tokens arrive beyond the one planned
-                self.append_token(req, token)
-                reason = self.finish_reason(req, token, eos_ids)
-                if finish_hook is not None:
-                    reason = finish_hook(req, token, reason)
-                pause = reason == INTERCEPT or not reason and (token in req.params.intercept_token_ids or (
-                    req.intercept_after is not None and len(req.output_ids) >= req.intercept_after))
-                reason = None if pause else reason
-                if reason or pause:
-                    break
-            if seq.num_draft:
-                # appended = accepted draft tokens + the model's own (or fewer, if one of them
-                # finished the request): the K/V of the step's token and of the accepted draft
-                # tokens stay; the rejected rest is rolled back (its slots are rewritten by later
-                # steps; its pages are kept for them).
-                req.num_computed_tokens = seq.start_pos + len(appended)
-                accepted = min(len(new) - 1, len(appended))  # emitted draft tokens
-                self.spec.draft_tokens += seq.num_draft
-                self.spec.accepted_tokens += accepted
-                self.spec.spec_steps += 1
-                req.num_draft_tokens += seq.num_draft
-                req.num_accepted_tokens += accepted
-                req.num_spec_steps += 1
-            if len(seq.token_ids) - seq.num_draft > 1:
-                self.on_prefill_done(req)
-            if req.request_id in self._drafting:
-                self._call_drafter("observe", req.request_id, appended)
-            if reason:
-                req.status, req.finish_reason = Status.FINISHED, reason
-                self.finish(req)
-            elif pause:
-                self._pause(req)
-            settled.append(Settled(i, req, tuple(appended), reason, rows[:len(appended)], moves, pause))
-        return settled
-
-    def _verify(self, seq: ScheduledSeq, req: Request, sampled: tuple[int, ...]):
-        """(tokens the step gives the sequence, their sampled rows, K/V moves): its one sample,
-        or its draft verified against the samples (the draft budget hears how it went)."""
-        k = seq.num_draft
-        if not k:
-            return sampled[:1], (0,), ()
-        verdict = verify(seq.token_ids[-k:], seq.draft_parents or tuple(range(-1, k - 1)), sampled)
-        if self.budget is not None:
-            self.budget.observe_verify(req.request_id, len(verdict.path), verdict.stopped)
-        moves = kv_moves(verdict.path, seq.start_pos + len(seq.token_ids) - k, seq.pages, self.page_size)
-        return verdict.emitted, verdict.rows, tuple(moves)
-
-    def finish_reason(self, req: Request, token: int | None = None, eos_ids: Collection[int] = ()) -> str | None:
-        """"stop" if `token` ends the request (EOS unless ignored, or a stop token id), "length"
-        if its read tokens reached max_tokens or max_model_len, else None."""
-        p = req.params
-        if token is not None and ((token in eos_ids and not p.ignore_eos) or token in p.stop_token_ids):
-            return "stop"
-        return "length" if self.reached_length(req, pending=False) else None
-
     def reached_length(self, req: Request, *, pending: bool) -> bool:
         """The length rule: max_tokens outputs, or max_model_len tokens in all. pending: count
         tokens sampled but not read yet (planning) or only read ones (finishing)."""
@@ -208,103 +123,10 @@ class Scheduler(Pausing):
             req.followers = []
             self._end_drafting(req, aborted=True)
 
-    def detach(self, reqs: Sequence[Request]) -> None:
-        """Takes requests out of this scheduler unfinished (they move to another engine:
-        Engine.export_requests): off the queues, pages released, the drafter told they ended.
-        A paused request whose K/V sits in this engine's host tier computes it again instead
-        (the host tier does not travel)."""
-        self._drop_from_queues({id(r) for r in reqs})
-        for req in reqs:
-            self.release(req)
-            self._end_drafting(req, aborted=True)
-            if req.pause is not None and req.pause.swapped_tokens:
-                req.pause.swapped_tokens, req.pause.action = 0, "discard"
-
     def _drop_from_queues(self, gone: set[int]) -> None:
         self.running = [r for r in self.running if id(r) not in gone]
         self.waiting = [r for r in self.waiting if id(r) not in gone]
         self.paused = [r for r in self.paused if id(r) not in gone]
-
-    def kv_to_carry(self, reqs: Sequence[Request]) -> list[tuple[str, int]]:
-        """(request id, n) for each request whose first n pages hold computed K/V that can move
-        with it to another scheduler (Engine.export_requests gathers them; take_in places
-        them); requests with none are left out."""
-        page = self.kv.page_size
-        out = []
-        for r in reqs:
-            n = min(len(r.pages), -(-r.num_computed_tokens // page))
-            if n:
-                out.append((r.request_id, n))
-        return out
-
-    def take_in(self, reqs: Sequence[Request], carried: Sequence[tuple[str, int]],
-                held: Collection[str] = ()) -> list[int]:
-        """Takes in requests another scheduler detached, with carried = its kv_to_carry: pages
-        for each carried request's K/V while the pool has room, oldest request first (the
-        others compute again, as preempted ones do), then every request queued in arrival
-        order (adopt; held: followers their leader forks later). Returns the positions in carried that got pages,
-        ascending: the K/V to write into their req.pages."""
-        by_id = {r.request_id: r for r in reqs}
-        order = sorted(range(len(carried)), key=lambda k: by_id[carried[k][0]].arrival_index)
-        page = self.kv.page_size
-        got = [k for k in order if self.take_pages(by_id[carried[k][0]], carried[k][1] * page)]
-        self.adopt(sorted(reqs, key=lambda r: r.arrival_index), {sid for sid, _ in carried}, held)
-        return sorted(got)
-
-    def take_pages(self, req: Request, num_tokens: int) -> bool:
-        """Pages for the first num_tokens of a request imported with its K/V (Engine.
-        import_requests writes the K/V into req.pages): True when the pool has them; False: the
-        request computes them again when admitted, as a preempted one does."""
-        req.pages, req.cache_node = [], None
-        if self.kv.grow(req, num_tokens):
-            return True
-        req.num_computed_tokens = 0
-        if req.status is Status.PAUSED:
-            req.pause.action = "discard"  # computed again on resume
-        else:
-            req.status = Status.WAITING
-            req.num_preemptions += 1
-        return False
-
-    def adopt(self, reqs: Sequence[Request], carried: Collection[str], held: Collection[str]) -> None:
-        """Queues requests imported from another engine (the other side of detach): running
-        when their K/V came with them (request ids in carried, pages from take_pages), else
-        waiting to compute from the start; held: followers their leader forks later, not
-        queued; finished ones are not queued either. The drafter hears each again: its prompt,
-        then the tokens it has."""
-        for req in reqs:
-            req.policy_state = None
-            if req.status is Status.FINISHED or req.request_id in held:
-                continue
-            if req.request_id not in carried:
-                req.pages, req.cache_node = [], None
-                if req.status is Status.RUNNING:  # nothing computed here yet: starts over as waiting
-                    req.status, req.num_computed_tokens = Status.WAITING, 0
-            if req.status is Status.PAUSED:
-                self.paused.append(req)
-                continue
-            (self.running if req.status is Status.RUNNING else self.waiting).append(req)
-            if req.status is Status.RUNNING or req.num_preemptions:
-                self._start_drafting(req)
-
-    def _start_drafting(self, req: Request) -> None:
-        """The drafter hears of a request once: its prompt, then the tokens it already has (one
-        imported from another engine)."""
-        if self.drafter is None or req.request_id in self._drafting:
-            return
-        self._drafting.add(req.request_id)
-        self._call_drafter("start", req.request_id, req.prompt_ids)
-        if req.output_ids:
-            self._call_drafter("observe", req.request_id, list(req.output_ids))
-
-    def _call_drafter(self, method: str, *args):
-        """The drafter's `method`(*args), its host time counted in spec.drafter_seconds (every
-        drafter call goes through here)."""
-        t0 = time.perf_counter()
-        try:
-            return getattr(self.drafter, method)(*args)
-        finally:
-            self.spec.drafter_seconds += time.perf_counter() - t0
 
     def release(self, req: Request) -> None:
         """Returns a finished/aborted/preempted request's pages (its full computed ones indexed
@@ -340,13 +162,6 @@ class Scheduler(Pausing):
         self.waiting.insert(0, req)
 
     # -- one step --------------------------------------------------------------------------
-
-    def wants_drafts(self) -> bool:
-        """Whether the next step should carry drafts (the budget's call; always, without one)."""
-        if self.drafter is None:
-            return False
-        decoding = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens <= 1)
-        return self.budget is None or self.budget.wants_drafts(decoding)
 
     def schedule(self, drafts: bool = True) -> StepPlan:
         """The next step's plan. Every request has num_computed_tokens and a target num_tokens
@@ -568,40 +383,3 @@ class Scheduler(Pausing):
         self.release(req)
         req.followers = []
         self._end_drafting(req, aborted=False)
-
-    def _end_drafting(self, req: Request, aborted: bool) -> None:
-        if self.budget is not None and req.request_id in self._drafting:
-            self.budget.finish(req.request_id)
-        if req.request_id in self._drafting:
-            self._drafting.discard(req.request_id)
-            self._call_drafter("finish", req.request_id, req.output_ids, aborted)
-
-    def _may_draft(self, req: Request, n: int) -> bool:
-        """Before planning: a decoding request (its one uncomputed token is its last known one)."""
-        return (self.drafter is not None and req.params.speculate and not req.num_pending and n == 1
-                and req.num_tokens - req.num_computed_tokens == 1 and req.request_id in self._drafting)
-
-    def _draft(self, req: Request, budget: int) -> Draft:
-        """A draft for a request planned to decode this step, within the step's remaining budget,
-        its length limits and the free pages; NO_DRAFT for none."""
-        # Planned: its sample is pending; the draft may reach its length limits less one (the
-        # model's own token after an accepted draft).
-        out = len(req.output_ids)
-        room = min(self.max_spec_tokens, budget, req.params.max_tokens - out - 1,
-                   self.cfg.max_model_len - len(req.prompt_ids) - out - 1)
-        if room > 0 and self.budget is not None:
-            room = self.budget.limit(req.request_id, self._num_decoding, room)
-        if room <= 0:
-            return NO_DRAFT
-        draft = self._call_drafter("propose", req.request_id, req.output_ids, room).truncate(room)
-        if not self.trees and not draft.is_chain:
-            draft = draft.first_chain()
-        if not draft.tokens or not self.kv.extend(req, req.num_computed_tokens + len(draft)):
-            return NO_DRAFT
-        return draft
-
-    def _add_draft(self, seq: ScheduledSeq, req: Request, draft: Draft) -> ScheduledSeq:
-        """The planned decode `seq` with the draft after its token (its pages now cover it)."""
-        req.num_computed_tokens += len(draft)
-        return dataclasses.replace(seq, token_ids=seq.token_ids + draft.tokens, pages=tuple(req.pages),
-                                   num_draft=len(draft), draft_parents=() if draft.is_chain else draft.parents)

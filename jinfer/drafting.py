@@ -1,0 +1,81 @@
+"""The scheduler's side of speculative decoding: which decoding requests get a draft and how
+long, and the drafter told of every request's tokens from its admission to its end
+(jinfer.speculation holds the Drafter and DraftBudget protocols and the acceptance maths)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from jinfer.request import Request
+from jinfer.speculation import NO_DRAFT, Draft
+from jinfer.step_plan import ScheduledSeq
+
+
+class Drafting:
+    """Drafts for the scheduler's plans (jinfer.scheduling.Scheduler mixes it in): it uses the
+    drafter, draft budget, spec stats and drafting limits the scheduler holds, the requests its
+    drafter has heard of (`_drafting`), and its kv, config and running queue."""
+
+    def wants_drafts(self) -> bool:
+        """Whether the next step should carry drafts (the budget's call; always, without one)."""
+        if self.drafter is None:
+            return False
+        decoding = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens <= 1)
+        return self.budget is None or self.budget.wants_drafts(decoding)
+
+    def _start_drafting(self, req: Request) -> None:
+        """The drafter hears of a request once: its prompt, then the tokens it already has (one
+        imported from another engine)."""
+        if self.drafter is None or req.request_id in self._drafting:
+            return
+        self._drafting.add(req.request_id)
+        self._call_drafter("start", req.request_id, req.prompt_ids)
+        if req.output_ids:
+            self._call_drafter("observe", req.request_id, list(req.output_ids))
+
+    def _call_drafter(self, method: str, *args):
+        """The drafter's `method`(*args), its host time counted in spec.drafter_seconds (every
+        drafter call goes through here)."""
+        t0 = time.perf_counter()
+        try:
+            return getattr(self.drafter, method)(*args)
+        finally:
+            self.spec.drafter_seconds += time.perf_counter() - t0
+
+    def _end_drafting(self, req: Request, aborted: bool) -> None:
+        if self.budget is not None and req.request_id in self._drafting:
+            self.budget.finish(req.request_id)
+        if req.request_id in self._drafting:
+            self._drafting.discard(req.request_id)
+            self._call_drafter("finish", req.request_id, req.output_ids, aborted)
+
+    def _may_draft(self, req: Request, n: int) -> bool:
+        """Before planning: a decoding request (its one uncomputed token is its last known one)."""
+        return (self.drafter is not None and req.params.speculate and not req.num_pending and n == 1
+                and req.num_tokens - req.num_computed_tokens == 1 and req.request_id in self._drafting)
+
+    def _draft(self, req: Request, budget: int) -> Draft:
+        """A draft for a request planned to decode this step, within the step's remaining budget,
+        its length limits and the free pages; NO_DRAFT for none."""
+        # Planned: its sample is pending; the draft may reach its length limits less one (the
+        # model's own token after an accepted draft).
+        out = len(req.output_ids)
+        room = min(self.max_spec_tokens, budget, req.params.max_tokens - out - 1,
+                   self.cfg.max_model_len - len(req.prompt_ids) - out - 1)
+        if room > 0 and self.budget is not None:
+            room = self.budget.limit(req.request_id, self._num_decoding, room)
+        if room <= 0:
+            return NO_DRAFT
+        draft = self._call_drafter("propose", req.request_id, req.output_ids, room).truncate(room)
+        if not self.trees and not draft.is_chain:
+            draft = draft.first_chain()
+        if not draft.tokens or not self.kv.extend(req, req.num_computed_tokens + len(draft)):
+            return NO_DRAFT
+        return draft
+
+    def _add_draft(self, seq: ScheduledSeq, req: Request, draft: Draft) -> ScheduledSeq:
+        """The planned decode `seq` with the draft after its token (its pages now cover it)."""
+        req.num_computed_tokens += len(draft)
+        return dataclasses.replace(seq, token_ids=seq.token_ids + draft.tokens, pages=tuple(req.pages),
+                                   num_draft=len(draft), draft_parents=() if draft.is_chain else draft.parents)

@@ -1,0 +1,118 @@
+"""Settling a step: what happens once the device returns (drafts verified, tokens appended,
+prefill done, finish and pause rules, pages freed), in one method the engine, the simulators and
+the tests all call, as vLLM v1's update_from_output does."""
+
+from __future__ import annotations
+
+from typing import Collection, Sequence
+
+from jinfer.request import Request, Status
+from jinfer.speculation import kv_moves, verify
+from jinfer.step_plan import INTERCEPT, FinishHook, ScheduledSeq, Settled, StepPlan
+
+
+class Settling:
+    """The scheduler's settling of steps (jinfer.scheduling.Scheduler mixes it in): it uses the
+    scheduler's queues, pages, drafter and draft budget, its spec stats and its length rule."""
+
+    def append_token(self, req: Request, token: int) -> None:
+        """The host has read one of the request's pending tokens (oldest first)."""
+        assert req.num_pending > 0, f"{req.request_id} has no pending token"
+        req.num_pending -= 1
+        req.output_ids.append(token)
+
+    def update(self, plan: StepPlan, reqs: Sequence[Request], sampled: Sequence, *,
+               eos_ids: Collection[int] = (), finish_hook: FinishHook | None = None) -> list[Settled]:
+        """Settles a step once its samples are read (vLLM v1's update_from_output).
+
+        reqs and sampled are parallel to plan.seqs; a sequence's samples are its sampled rows:
+        one token, or with a draft of k tokens k + 1 (after the last known token, then after
+        each draft token). For every sequence that sampled, of a request not finished or
+        aborted since the step was planned: verifies the draft (jinfer.speculation.verify:
+        the accepted tokens, the K/V moves a tree's path needs, the draft budget told),
+        appends the tokens, shares the prompt's pages once its prefill is done, applies the
+        finish rules (EOS / stop token ids, then length), then `finish_hook` (rules the
+        scheduler cannot see); rejected draft positions are rolled back; a finished request
+        gets its status and reason and releases its pages. The engine, the simulators and the
+        tests all settle steps here.
+        """
+        settled = []
+        if any(seq.num_draft for seq in plan.seqs):
+            self._unsettled_draft = False
+        for i, (seq, req, rows) in enumerate(zip(plan.seqs, reqs, sampled)):
+            if req.status is Status.PAUSED:  # paused by the step before: this sample is past its tool call
+                req.num_pending -= seq.sample
+                continue
+            if not seq.sample or req.status is Status.FINISHED:
+                continue
+            new, rows, moves = self._verify(seq, req, (rows,) if isinstance(rows, int) else tuple(rows))
+            appended, reason, pause = self._take_tokens(req, new, eos_ids, finish_hook)
+            if seq.num_draft:
+                self._settle_draft(seq, req, len(new), len(appended))
+            if len(seq.token_ids) - seq.num_draft > 1:
+                self.on_prefill_done(req)
+            if req.request_id in self._drafting:
+                self._call_drafter("observe", req.request_id, appended)
+            if reason:
+                req.status, req.finish_reason = Status.FINISHED, reason
+                self.finish(req)
+            elif pause:
+                self._pause(req)
+            settled.append(Settled(i, req, tuple(appended), reason, rows[:len(appended)], moves, pause))
+        return settled
+
+    def _take_tokens(self, req: Request, new: Sequence[int], eos_ids: Collection[int],
+                     finish_hook: FinishHook | None) -> tuple[list[int], str | None, bool]:
+        """Appends the tokens a step gives req, oldest first, up to one that finishes or pauses
+        it: (the tokens appended, the finish reason or None, whether it pauses)."""
+        appended, reason, pause = [], None, False
+        for token in new:
+            appended.append(token)
+            if len(appended) > 1:
+                req.num_pending += 1  # accepted draft tokens arrive beyond the one planned
+            self.append_token(req, token)
+            reason = self.finish_reason(req, token, eos_ids)
+            if finish_hook is not None:
+                reason = finish_hook(req, token, reason)
+            pause = reason == INTERCEPT or not reason and (token in req.params.intercept_token_ids or (
+                req.intercept_after is not None and len(req.output_ids) >= req.intercept_after))
+            reason = None if pause else reason
+            if reason or pause:
+                break
+        return appended, reason, pause
+
+    def _settle_draft(self, seq: ScheduledSeq, req: Request, num_new: int, num_appended: int) -> None:
+        """Rolls back what the step's draft got wrong and counts how it went: num_new tokens
+        came of it (`_verify`), num_appended of them were appended."""
+        # Appended: the accepted draft tokens + the model's own (or fewer, if one of them
+        # finished the request). The K/V of the step's token and of the accepted draft tokens
+        # stay; the rejected rest is rolled back (its slots are rewritten by later steps; its
+        # pages are kept for them).
+        req.num_computed_tokens = seq.start_pos + num_appended
+        accepted = min(num_new - 1, num_appended)  # emitted draft tokens
+        self.spec.draft_tokens += seq.num_draft
+        self.spec.accepted_tokens += accepted
+        self.spec.spec_steps += 1
+        req.num_draft_tokens += seq.num_draft
+        req.num_accepted_tokens += accepted
+        req.num_spec_steps += 1
+
+    def _verify(self, seq: ScheduledSeq, req: Request, sampled: tuple[int, ...]):
+        """(tokens the step gives the sequence, their sampled rows, K/V moves): its one sample,
+        or its draft verified against the samples (the draft budget hears how it went)."""
+        k = seq.num_draft
+        if not k:
+            return sampled[:1], (0,), ()
+        verdict = verify(seq.token_ids[-k:], seq.draft_parents or tuple(range(-1, k - 1)), sampled)
+        if self.budget is not None:
+            self.budget.observe_verify(req.request_id, len(verdict.path), verdict.stopped)
+        moves = kv_moves(verdict.path, seq.start_pos + len(seq.token_ids) - k, seq.pages, self.page_size)
+        return verdict.emitted, verdict.rows, tuple(moves)
+
+    def finish_reason(self, req: Request, token: int | None = None, eos_ids: Collection[int] = ()) -> str | None:
+        """"stop" if `token` ends the request (EOS unless ignored, or a stop token id), "length"
+        if its read tokens reached max_tokens or max_model_len, else None."""
+        p = req.params
+        if token is not None and ((token in eos_ids and not p.ignore_eos) or token in p.stop_token_ids):
+            return "stop"
+        return "length" if self.reached_length(req, pending=False) else None
