@@ -122,14 +122,9 @@ def _chunk_tiles(q, k_pages, v_pages, md, q_len, *, sm_scale, sliding_window, q_
     None). Returns it: rows of no such sequence keep what they had."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
-    max_seqs = md.kv_lens.shape[0]
     group = num_heads // num_kv_heads
     block = pages_per_block * page_size
-    live = (jnp.arange(max_seqs) < md.num_seqs[0]) & (q_len >= min_len)
-    if max_len is not None:
-        live &= q_len <= max_len
-    tiles = jnp.where(live, -(-q_len // q_tile), 0)  # i32[S]
-    ends = jnp.cumsum(tiles)
+    tiles, ends = _tile_counts(md, q_len, q_tile, min_len, max_len)
     num_items = ends[-1]
     if out0 is None:
         out0 = jnp.zeros((num_tokens + q_tile, num_kv_heads, group, head_dim), jnp.float32)
@@ -140,11 +135,7 @@ def _chunk_tiles(q, k_pages, v_pages, md, q_len, *, sm_scale, sliding_window, q_
         tree_bits = jnp.pad(tree_bits, ((0, pad), (0, 0)), constant_values=-1)
 
     def item(i, out):
-        seq = jnp.searchsorted(ends, i, side="right")
-        tile = i - (ends[seq] - tiles[seq])
-        start = md.cu_q_lens[seq] + tile * q_tile
-        n_rows = jnp.minimum(q_tile, md.cu_q_lens[seq + 1] - start)
-        first_pos = md.kv_lens[seq] - q_len[seq] + tile * q_tile
+        seq, start, n_rows, first_pos = _locate_tile(i, tiles, ends, md, q_len, q_tile)
         q_pos = first_pos + jnp.arange(q_tile)  # i32[Q]
         rows_ok = jnp.arange(q_tile) < n_rows
         qt = jax.lax.dynamic_slice_in_dim(qp, start, q_tile)  # [Q, K, G, D]
@@ -182,6 +173,29 @@ def _chunk_tiles(q, k_pages, v_pages, md, q_len, *, sm_scale, sliding_window, q_
         return jax.lax.dynamic_update_slice_in_dim(out, new, start, axis=0)
 
     return jax.lax.fori_loop(0, num_items, item, out0)
+
+
+def _tile_counts(md, q_len, q_tile, min_len, max_len):
+    """(tiles, ends), i32[S] each: how many q_tile-row tiles each sequence with min_len <= q_len
+    (<= max_len) has (0 for the others), and their running total (item i of the tile loop
+    belongs to the first sequence whose end is past i)."""
+    max_seqs = md.kv_lens.shape[0]
+    live = (jnp.arange(max_seqs) < md.num_seqs[0]) & (q_len >= min_len)
+    if max_len is not None:
+        live &= q_len <= max_len
+    tiles = jnp.where(live, -(-q_len // q_tile), 0)  # i32[S]
+    return tiles, jnp.cumsum(tiles)
+
+
+def _locate_tile(i, tiles, ends, md, q_len, q_tile):
+    """Where item i of the tile loop sits: its sequence, its first row in q, how many rows it
+    has (<= q_tile) and the position of its first row in the sequence (i32 scalars)."""
+    seq = jnp.searchsorted(ends, i, side="right")
+    tile = i - (ends[seq] - tiles[seq])
+    start = md.cu_q_lens[seq] + tile * q_tile
+    n_rows = jnp.minimum(q_tile, md.cu_q_lens[seq + 1] - start)
+    first_pos = md.kv_lens[seq] - q_len[seq] + tile * q_tile
+    return seq, start, n_rows, first_pos
 
 
 def paged_attention(q, k_pages, v_pages, md: AttentionMetadata, *, sm_scale: float,
