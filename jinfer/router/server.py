@@ -4,8 +4,8 @@ and the baselines), and beside it (RouterConfig.http_port) the OpenAI-compatible
 (jinfer/router/http.py) over the same routing. This is mechanism (relaying, failover, load
 reports); which replica a request goes to is the policy's.
 
-It serves `jinfer.v1.Inference` itself, so clients and tools/benchmark_serving.py talk to it as
-to one server: each Generate (or HTTP completion) is routed (`Router.route`) and forwarded to the
+It serves `jinfer.v1.Inference` itself (jinfer/router/services.py), so clients and
+tools/benchmark_serving.py talk to it as to one server: each Generate (or HTTP completion) is routed (`Router.route`) and forwarded to the
 chosen replica as token ids, its stream relayed back (`RouterServer.generate`); the first token
 and the end feed `on_first_token` and `on_finish`. Every replica's `WatchReplica` stream feeds
 `on_load` and `on_evict` (jinfer/router/links.py), so the policy's global radix tree follows
@@ -41,11 +41,11 @@ from jinfer.errors import shorten
 from jinfer.router.config import RouterConfig
 from jinfer.router.http import RouterFrontend
 from jinfer.router.links import ReplicaLinks
+from jinfer.router.services import RouterInferenceServicer, RouterStatsServicer
 from jinfer.routing import NoReplicaUp, RouteRequest, Router
 from jinfer.serving import inference_pb2 as pb
-from jinfer.serving import inference_pb2_grpc as pb_grpc
 from jinfer.serving.frontend import ServingError, check_prompt_text
-from jinfer.serving.grpc_host import GrpcHost, add_service, clip_details
+from jinfer.serving.grpc_host import GrpcHost, add_service
 from jinfer.serving.openai import HttpHost, OpenAIApi
 from jinfer.serving.server import SERVICE, sampling_params
 
@@ -75,63 +75,6 @@ def _replica_tokenizer(info: pb.ServerInfo):
         return None
     from jinfer.launch import ModelSpec, load_tokenizer
     return load_tokenizer(ModelSpec(**model))
-
-
-class _RouterInference(pb_grpc.InferenceServicer):
-    def __init__(self, owner: "RouterServer"):
-        self.o = owner
-
-    async def Generate(self, request, context):
-        try:
-            async with contextlib.aclosing(self.o.generate(request)) as stream:
-                async for msg in stream:  # (closed at once if the client goes away mid-yield)
-                    yield msg
-        except ServingError as e:
-            await context.abort(grpc.StatusCode[e.code], clip_details(e.message))
-
-    async def Resume(self, request, context):
-        try:
-            async with contextlib.aclosing(self.o.resume(request)) as stream:
-                async for msg in stream:
-                    yield msg
-        except ServingError as e:
-            await context.abort(grpc.StatusCode[e.code], clip_details(e.message))
-
-    async def GetServerInfo(self, request, context):
-        return self.o.info()
-
-    async def GetServerStats(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "a router judges no SLOs itself: ask each replica's GetServerStats "
-                            "(GetRouterStats lists them)")
-
-    async def WatchReplica(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "a router has no KV cache of its own: watch its replicas (GetRouterStats lists them)")
-        yield pb.ReplicaEvent()  # never reached: a streaming handler is an async generator
-
-    async def ResetPrefixCache(self, request, context):
-        """Resets every up replica's prefix cache; the evictions reach the policy's tree (a down
-        replica's entries are gone already)."""
-        o = self.o
-        up = [rep for rep in o.links if rep.up]
-        if not up:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, o.links.why_none_up())
-        try:
-            freed = await asyncio.gather(*(rep.stub.ResetPrefixCache(pb.ResetPrefixCacheRequest(),
-                                                                     metadata=rep.metadata, timeout=60)
-                                           for rep in up))
-        except grpc.aio.AioRpcError as e:
-            await context.abort(e.code(), f"a replica failed to reset: {e.details()}")
-        return pb.ResetPrefixCacheResponse(freed_pages=sum(f.freed_pages for f in freed))
-
-
-class _RouterStats(pb_grpc.RouterServicer):
-    def __init__(self, owner: "RouterServer"):
-        self.o = owner
-
-    async def GetRouterStats(self, request, context):
-        return self.o.stats()
 
 
 class RouterServer:
@@ -227,8 +170,8 @@ class RouterServer:
         cfg = self.config
 
         def register(server):
-            add_service(server, _RouterInference(self), pb.DESCRIPTOR.services_by_name["Inference"])
-            add_service(server, _RouterStats(self), pb.DESCRIPTOR.services_by_name["Router"])
+            add_service(server, RouterInferenceServicer(self), pb.DESCRIPTOR.services_by_name["Inference"])
+            add_service(server, RouterStatsServicer(self), pb.DESCRIPTOR.services_by_name["Router"])
 
         return await self._host.serve(register, (SERVICE, ROUTER_SERVICE), f"{cfg.host}:{cfg.port}",
                                       auth_token=cfg.auth_token, options=self._channel_options())
