@@ -130,8 +130,9 @@ def _build_instances(launch: LaunchConfig, policy, progress: bool):
     instances = Instances(model, tok, list(control.sizes if control else opts.instances), policy_factory=factory,
                           cache_config=launch.cache, scheduler_config=launch.scheduler, options=opts,
                           progress=progress)
-    if control is not None and opts.warmup and opts.compilation_cache:
-        # Every device group a partition may use compiles now, not when a regroup first uses it.
+    if control is not None and opts.warmup:
+        # Every device group a partition may use compiles now, not when a regroup first uses it
+        # (the instances keep the programs: a regroup takes them as they are).
         instances.precompile(control.degrees, progress)
     return InstanceGroup(instances, control)
 

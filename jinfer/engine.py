@@ -22,6 +22,7 @@ from jinfer.kv_cache import KVCache
 from jinfer.models.llama import set_attention_backend
 from jinfer.pausing import PausePolicy
 from jinfer.prefix_cache import EvictionLog
+from jinfer.programs import ProgramStore
 from jinfer.request import Request, RequestOutput, Status, Usage
 from jinfer.runner import ModelRunner
 from jinfer.sampling_params import SamplingParams
@@ -110,7 +111,7 @@ class Engine:
                  policy: SchedulingPolicy | None = None, options: EngineOptions = EngineOptions(), *,
                  mesh=None, progress: bool = False, drafter: Drafter | None = None,
                  max_spec_tokens: int = 8, draft_budget: DraftBudget | None = None,
-                 pause_policy: PausePolicy | None = None):
+                 pause_policy: PausePolicy | None = None, programs: ProgramStore | None = None):
         """options: how steps run (async scheduling, warm-up, compilation cache, attention
         backend, vocabulary-parallel embedding under tp). mesh: a 1-D `tp` mesh
         (sharding.tp.make_mesh) to run tensor-parallel; None = one device. progress: show a
@@ -121,7 +122,8 @@ class Engine:
         hold the weights' shapes only (one device): update_weights() then brings the arrays.
         pause_policy: what happens to the K/V of a request paused at one of its
         intercept_token_ids until resume() (jinfer.pausing; default: discarded into the prefix
-        cache)."""
+        cache). programs: compiled step programs shared with other engines of this model
+        (jinfer.programs; Instances keeps one so that a regroup takes what precompile compiled)."""
         max_spec_tokens = max_spec_tokens if drafter is not None else 0
         if not 0 <= max_spec_tokens < MAX_TREE_TOKENS:
             raise ValueError(f"max_spec_tokens={max_spec_tokens} must be in [0, {MAX_TREE_TOKENS})")
@@ -142,7 +144,8 @@ class Engine:
         self.async_scheduling = options.async_scheduling
         self.runner = ModelRunner(model, cache_config, scheduler_config, layout,
                                   decode_steps=get_backend(self.attention_backend).decode_path,
-                                  max_spec_tokens=max_spec_tokens, min_token_bucket=options.min_token_bucket)
+                                  max_spec_tokens=max_spec_tokens, min_token_bucket=options.min_token_bucket,
+                                  programs=programs)
         self.scheduler = Scheduler(cache_config, scheduler_config, self.runner.num_pages, policy,
                                    drafter, max_spec_tokens, draft_budget if max_spec_tokens else None,
                                    pause_policy)

@@ -32,6 +32,7 @@ from flax import nnx
 from jinfer.config import Tier
 from jinfer.device_groups import match_groups
 from jinfer.engine import Engine, EngineLoad
+from jinfer.programs import ProgramStore
 from jinfer.request import RequestOutput
 from jinfer.step_plan import SpecStats
 from sharding.devices import partition_devices
@@ -75,6 +76,9 @@ class Instances:
         self.tokenizer = tokenizer
         self.engine_kwargs = engine_kwargs
         self.policy_factory = policy_factory
+        # Every replica's compiled step programs, by mesh: a regroup takes those precompile()
+        # or an earlier instance compiled instead of reading them back from disk.
+        self.programs = ProgramStore()
         self.meshes = partition_devices(sizes, self.devices)
         for mesh in self.meshes:  # ValueError naming what tp fails to divide, before any copy
             TPLayout.for_model(model.config, mesh)
@@ -82,7 +86,7 @@ class Instances:
 
     def _engine(self, model, mesh) -> Engine:
         policy = self.policy_factory() if self.policy_factory is not None else None
-        engine = Engine(model, self.tokenizer, mesh=mesh, policy=policy, **self.engine_kwargs)
+        engine = Engine(model, self.tokenizer, mesh=mesh, policy=policy, programs=self.programs, **self.engine_kwargs)
         if hasattr(policy, "bind"):
             policy.bind(engine.scheduler)
         return engine
@@ -97,13 +101,10 @@ class Instances:
     def precompile(self, degrees: Sequence[int], progress: bool = False) -> int:
         """Compiles the step programs of every device group a partition into `degrees`
         (largest first, each degree dividing the next: the aligned groups) can use and no
-        instance uses now, so that regroup() loads them from JAX's persistent compilation
-        cache instead of compiling while requests wait. Nothing is placed on those devices.
-        Returns the programs compiled. ValueError when the cache is off (the programs would be
-        thrown away) or a degree does not fit the model or the devices."""
-        if not jax.config.jax_compilation_cache_dir:
-            raise ValueError("precompile keeps programs only in JAX's persistent compilation cache, which is off: "
-                             "set engine.compilation_cache")
+        instance uses now, so that regroup() takes them from the instances' ProgramStore
+        instead of compiling while requests wait. Nothing is placed on those devices.
+        Returns the programs compiled. ValueError when a degree does not fit the model or the
+        devices."""
         engine = self.engines[0]
         held = {tuple(d.id for d in m.devices.flat) for m in self.meshes}
         groups = {}

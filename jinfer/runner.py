@@ -20,6 +20,7 @@ from jinfer.attention import TREE_WORDS, AttentionMetadata, tree_bits_from_paren
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.errors import PlanRejected
 from jinfer.kv_cache import KVCache
+from jinfer.programs import ProgramKey, ProgramStore, signature
 from jinfer.sampling import SamplingArrays, sample
 from jinfer.speculation import Draft
 from jinfer.step_plan import PENDING, StepPlan
@@ -62,19 +63,22 @@ class ModelRunner:
 
     def __init__(self, model: nnx.Module, cache_cfg: CacheConfig, sched_cfg: SchedulerConfig,
                  layout=None, *, decode_steps: bool = False, max_spec_tokens: int = 0,
-                 min_token_bucket: int = 16):
+                 min_token_bucket: int = 16, programs: ProgramStore | None = None):
         """layout: a sharding.tp.TPLayout to run tensor-parallel on its mesh; None = one device.
         decode_steps: mark steps where every sequence has one new token (AttentionMetadata.
         decode_only) so the attention backend can take its decode path; doubles the variants
         of the buckets that can hold such steps. max_spec_tokens: the longest draft a sequence
         may carry (speculative decoding); each step then samples at every draft position.
         min_token_bucket: the smallest token bucket (EngineOptions.min_token_bucket).
+        programs: compiled step programs shared with other runners of this model (jinfer.
+        programs); None: this runner's own.
 
         The model may hold ShapeDtypeStructs in place of its arrays (jinfer.models.llama.
         abstract_model; one device only): the pool is made and step buckets compile as usual,
         and no step runs until set_weights() brings the arrays (a launch compiles while the
         weights load)."""
         self.max_spec_tokens = max_spec_tokens
+        self.programs = programs
         # Tree drafts need the attention mask of jinfer.attention.tree_bits (every non-decode
         # step of a speculating runner carries one, so there is one program per bucket).
         self.trees = max_spec_tokens > 0 and model.config.sliding_window is None
@@ -134,7 +138,7 @@ class ModelRunner:
             self.stop_warmup()  # its programs are for the old layout
         self._warm_stop, self._warm_go, self._warm_thread = threading.Event(), threading.Event(), None
         self.layout = layout
-        max_rows = max(self.rows(*self.bucket(t)) for t in self.token_buckets)
+        max_rows = self._max_rows = max(self.rows(*self.bucket(t)) for t in self.token_buckets)
         step = functools.partial(_step, self.graphdef, max_rows)
         # The last dispatched step's sampled ids (on device) and which row each request got:
         # PENDING tokens in the next plan are read from here without a host round trip.
@@ -238,8 +242,18 @@ class ModelRunner:
         kv = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.kv)
         prev = jax.ShapeDtypeStruct(self._prev_tokens.shape, self._prev_tokens.dtype,
                                     sharding=self._prev_tokens.sharding)
-        with self._mesh():
-            into[key] = self._step.lower(self.state, kv, prev, *self._empty_inputs(*key)).compile()
+        inputs = self._empty_inputs(*key)
+
+        def compile_step():
+            with self._mesh():
+                return self._step.lower(self.state, kv, prev, *inputs).compile()
+
+        if self.programs is None:
+            into[key] = compile_step()
+            return
+        step = (self.graphdef, self._max_rows, self.max_spec_tokens, self.pages_per_seq, self.trees,
+                signature(self.state), signature(kv), signature(prev))
+        into[key] = self.programs.get_or_compile(ProgramKey(key, step), compile_step)
 
     def warmup_background(self, progress: bool = False, hold: bool = False) -> threading.Thread:
         """Compiles the smallest token bucket now and the others, smallest first, in a thread.
@@ -293,10 +307,12 @@ class ModelRunner:
     def precompile(self, layout) -> int:
         """Compiles every step bucket for another layout (another mesh) without placing
         anything there: the weights and a pool of the size a runner on that mesh would get
-        enter as shapes with shardings. Only JAX's persistent compilation cache keeps the
-        programs, so a runner later built or resharded onto that mesh loads them from disk
-        instead of compiling (where the pool size is set by memory, a different size there is
-        a cache miss: it compiles then, as without this). Returns the programs compiled."""
+        enter as shapes with shardings. The runner's ProgramStore (when it has one) keeps the
+        programs, so a runner sharing it that is later built or resharded onto that mesh takes
+        them as they are; JAX's persistent compilation cache keeps them too, so one that does
+        not loads them from disk instead of compiling (where the pool size is set by memory, a
+        different size there is a miss: it compiles then, as without this). Returns the
+        programs compiled."""
         kv_shards = 1 if layout.rules["kv_heads"] is None else layout.mesh.size
         dtype = self.kv.k[0].dtype
         num_pages = num_pages_for(self.config, self.cache_cfg, dtype, layout.mesh.devices.flat[0], shards=kv_shards)

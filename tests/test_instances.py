@@ -171,11 +171,9 @@ def test_exporting_while_the_step_in_flight_finishes_a_request_keeps_its_output(
 
 
 @pytest.mark.multi_device
-def test_precompile_fills_the_compilation_cache_for_later_regroups(caplog):
+def test_precompile_keeps_programs_for_later_regroups(caplog):
     import dataclasses
     import logging
-
-    import jax
 
     from jinfer.config import EngineOptions
     from tests.test_tp import _run
@@ -188,24 +186,34 @@ def test_precompile_fills_the_compilation_cache_for_later_regroups(caplog):
     per_group = len(inst.engines[0].runner.bucket_keys())
     with pytest.raises(ValueError, match="degree 3 does not divide the 8 devices"):
         inst.precompile([3])
-    saved = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", None)
-    try:
-        with pytest.raises(ValueError, match="set engine.compilation_cache"):
-            inst.precompile([8])
-    finally:
-        jax.config.update("jax_compilation_cache_dir", saved)
+    assert len(inst.programs) == 2 * per_group  # the two tp4 instances' own
     assert inst.precompile([8, 4]) == per_group  # devices 0-7; the tp4 groups are in use
+    assert len(inst.programs) == 3 * per_group
     caplog.set_level(logging.DEBUG, logger="jax._src.compiler")
 
-    def step_misses():
-        misses = [r for r in caplog.records if "CACHE MISS for 'jit__step'" in r.getMessage()]
+    def step_compiles():
+        """Step programs compiled or read back from the persistent cache since the last call."""
+        seen = [r for r in caplog.records if "for 'jit__step'" in r.getMessage()]
         caplog.clear()
-        return len(misses)
+        return len(seen)
 
     caplog.clear()
-    inst.regroup([8])  # the resharded engine warms up from the cache
-    assert step_misses() == 0
-    inst.regroup([4, 2, 2])  # devices 0-3 as at the start (cached); the tp2 groups compile their steps
-    assert step_misses() == 2 * per_group
+    hits = inst.programs.hits
+    inst.regroup([8])  # the resharded engine takes precompile's programs as they are
+    assert step_compiles() == 0 and inst.programs.hits == hits + per_group
+    inst.regroup([4, 2, 2])  # devices 0-3 as at the start (kept); the tp2 groups compile their steps
+    assert step_compiles() == 2 * per_group
+    assert len(inst.programs) == 5 * per_group
     assert [o.token_ids for o in inst.engines[2].generate(PROMPTS, GREEDY)] == _run(CFG, None)[1]
+    # The bench's measurement of regroups under load: every partition of the cycle, requests
+    # running (then aborted), no program compiled, every page back.
+    from jinfer.instances import InstanceGroup
+    from scheduler.adaptive_tp.live import measure_regroups
+
+    group = InstanceGroup(inst)
+    step_compiles()  # (the single-device reference above compiled its own)
+    records = measure_regroups(group, [[8], [4, 2, 2]], PROMPTS * 2, steps_between=2, max_tokens=16)
+    assert [(r.old, r.new) for r in records] == [((4, 2, 2), (8,)), ((8,), (4, 2, 2))]
+    assert all(r.seconds > 0 for r in records) and records[1].requests_migrated + records[0].requests_migrated > 0
+    assert step_compiles() == 0 and not group.has_unfinished()
+    assert all(e.load().free_pages + e.load().cached_pages == e.load().num_pages for e in group.engines)

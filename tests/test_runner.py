@@ -215,18 +215,19 @@ def test_background_warmup_serves_within_compiled_buckets_until_the_rest_compile
     want = [o.token_ids for o in Engine(load_hf_model(path), Tokenizer.from_dir(path),
                                         CacheConfig(page_size=4, num_pages=64), sched,
                                         options=EngineOptions(warmup=True)).generate(prompts, params)]
-    from jinfer import runner as runner_mod
-    release, compile_key = threading.Event(), runner_mod.ModelRunner._compile_key
+    from jinfer.programs import ProgramStore
 
-    def held(self, key, into):
-        if key[0] > 16:
-            assert release.wait(120), "the test never released the background compile"
-        compile_key(self, key, into)
+    release = threading.Event()
 
-    runner_mod.ModelRunner._compile_key = held
+    class Held(ProgramStore):  # holds the compiles of buckets above 16 tokens until released
+        def get_or_compile(self, key, compile_fn):
+            if key.bucket[0] > 16:
+                assert release.wait(120), "the test never released the background compile"
+            return super().get_or_compile(key, compile_fn)
+
     try:
         eng = Engine(load_hf_model(path), Tokenizer.from_dir(path), CacheConfig(page_size=4, num_pages=64), sched,
-                     options=EngineOptions(warmup=True, warmup_background=True))
+                     options=EngineOptions(warmup=True, warmup_background=True), programs=Held())
         runner = eng.runner
         assert runner.compiled_buckets() == {(16, 4, False)} and runner.ready_tokens() == 16
         sizes = []
@@ -249,5 +250,4 @@ def test_background_warmup_serves_within_compiled_buckets_until_the_rest_compile
         assert runner.ready_tokens() == 64 and eng.scheduler.token_limit is None and max(sizes) > 16
     finally:
         release.set()
-        runner_mod.ModelRunner._compile_key = compile_key
     assert [o.token_ids for o in sorted(outs, key=lambda o: ids.index(o.request_id))] == want
