@@ -54,6 +54,22 @@ def minimum_bytes(x: jax.Array, target: jax.sharding.Sharding) -> int:
     return total
 
 
+def _assemble(box, parts, dtype, device):
+    """The array of `box` on device from pieces [(sub-box, array)] that tile it. Pieces that
+    split the box along one axis (tensor parallelism's case) are joined in one concatenate;
+    any other tiling is written piece by piece into zeros."""
+    if len(parts) == 1:
+        return parts[0][1]
+    split = [a for a in range(len(box)) if any(p[a] != box[a] for p, _ in parts)]
+    if len(split) == 1:
+        return jnp.concatenate([x for _, x in sorted(parts, key=lambda p: p[0][split[0]][0])], axis=split[0])
+    out = jnp.zeros([hi - lo for lo, hi in box], dtype, device=device)
+    for part, piece in parts:
+        at = tuple(slice(lo - b_lo, hi - b_lo) for (lo, hi), (b_lo, _) in zip(part, box))
+        out = out.at[at].set(piece)
+    return out
+
+
 def reshard_array(x: jax.Array, target: jax.sharding.Sharding) -> tuple[jax.Array, MoveStats]:
     """x on `target`, built from local pieces first; returns the array and its move stats."""
     shards = {s.device: s for s in x.addressable_shards}
@@ -65,25 +81,24 @@ def reshard_array(x: jax.Array, target: jax.sharding.Sharding) -> tuple[jax.Arra
     for d, index in target.devices_indices_map(x.shape).items():
         box = _box(index, x.shape)
         stats.full_reload += _size(box) * x.dtype.itemsize
-        out = None
+        parts = []
         for src_box, holders in sources.items():
             part = _intersect(box, src_box)
             if part is None:
                 continue
             src = d if d in holders else holders[0]
-            local = tuple(slice(lo - s_lo, hi - s_lo) for (lo, hi), (s_lo, _) in zip(part, src_box))
-            piece = shards[src].data[local]
+            piece = shards[src].data
+            if part != src_box:  # lax.slice: one primitive, none of jnp indexing's set-up
+                piece = jax.lax.slice(piece, [lo - s_lo for (lo, _), (s_lo, _) in zip(part, src_box)],
+                                      [hi - s_lo for (_, hi), (s_lo, _) in zip(part, src_box)])
             if src != d:
                 piece = jax.device_put(piece, d)
                 stats.moved += piece.size * x.dtype.itemsize
+            parts.append((part, piece))
             if part == box:  # one source covers the whole box
-                out = piece
+                parts = parts[-1:]
                 break
-            if out is None:
-                out = jnp.zeros([hi - lo for lo, hi in box], x.dtype, device=d)
-            at = tuple(slice(lo - b_lo, hi - b_lo) for (lo, hi), (b_lo, _) in zip(part, box))
-            out = out.at[at].set(piece)
-        pieces_per_device.append(out)
+        pieces_per_device.append(_assemble(box, parts, x.dtype, d))
     array = jax.make_array_from_single_device_arrays(x.shape, target, pieces_per_device)
     return array, stats
 
