@@ -106,6 +106,32 @@ def test_alternating_load_does_not_thrash():
     assert switches == 0  # no partition was the best two windows running
 
 
+def test_flapping_between_two_partitions_doubles_the_dwell_until_a_calm_spell():
+    c = _controller(smoothing=1.0, confirm=1, min_dwell_s=2.0, flap_window_s=20.0)
+    loads = [{"interactive": 12, "batch": 1}, {"interactive": 0.5, "batch": 20}]
+    changes = []
+    for k in range(40):  # the load flips every 4 s: each flip wants the other partition
+        c.observe(loads[(k // 4) % 2])
+        if c.decide(float(k)) is not None:
+            changes.append(k)
+    # dwell 2 s, then 4, 8, 16 (each change within 20 s of the one before): the flips at 12
+    # and 32 are not followed
+    assert changes == [0, 4, 8, 20] and c.dwell_s() == 16.0
+    assert "dwell: 4.0 s < 8 s" in c.history[12].reason
+    # Without damping it follows every flip.
+    plain = _controller(smoothing=1.0, confirm=1, min_dwell_s=2.0, flap_window_s=0.0)
+    flips = 0
+    for k in range(40):
+        plain.observe(loads[(k // 4) % 2])
+        flips += plain.decide(float(k)) is not None
+    assert flips == 10
+    # After a calm spell of flap_window_s the run is over: the next change waits min_dwell_s.
+    c.observe(loads[0])
+    assert c.decide(60.0) is not None and c.dwell_s() == 2.0
+    c.observe(loads[1])
+    assert c.decide(61.0) is None and c.decide(62.0) is not None
+
+
 def test_route_prefers_the_tiers_least_loaded_instance_else_best_effort():
     p = Partition.parse("tp4:interactive + tp2:interactive + tp1:batch + tp1:batch")
     assert route(p, "interactive", [5, 2, 0, 0]) == (1, True)

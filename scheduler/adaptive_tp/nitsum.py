@@ -25,7 +25,10 @@ all, every device is an instance of the smallest degree serving every tier.
 
 Hysteresis (`Controller.decide`): a new partition replaces the current one only when
   - the same partition came out of `confirm` consecutive windows,
-  - at least `min_dwell_s` has passed since the last change,
+  - at least the dwell has passed since the last change: `min_dwell_s`, doubled for each
+    change within the `flap_window_s` before it (flap damping, as routers damp a flapping
+    route: a controller that keeps switching between two partitions waits longer each time;
+    a calm spell of flap_window_s resets it),
   - its objective (the weighted goodput `plan` maximises) beats the current one's by at least
     `hysteresis` (relative), and
   - the gain over `horizon_s` pays for the reconfiguration: (new - current) * horizon_s >
@@ -151,8 +154,10 @@ class Controller:
                  degrees: Sequence[int] = (1, 2, 4, 8), initial: Partition | None = None,
                  window_s: float = 1.0, smoothing: float = 0.5, hysteresis: float = 0.1, confirm: int = 2,
                  min_dwell_s: float = 5.0, horizon_s: float = 10.0,
-                 reconfig_s: Callable[[Partition, Partition], float] = lambda old, new: 1.0):
-        """smoothing: weight of the newest window in the arrival-rate average (1: no memory)."""
+                 reconfig_s: Callable[[Partition, Partition], float] = lambda old, new: 1.0,
+                 flap_window_s: float = 30.0):
+        """smoothing: weight of the newest window in the arrival-rate average (1: no memory).
+        flap_window_s: changes this close together double the dwell (module docstring); 0: off."""
         if num_devices < 1:
             raise ValueError(f"num_devices={num_devices} must be >= 1")
         bad = [d for d in degrees if d < 1 or d > num_devices]
@@ -160,6 +165,8 @@ class Controller:
             raise ValueError(f"degrees={list(degrees)} must be in [1, {num_devices}]")
         if not 0 < smoothing <= 1:
             raise ValueError(f"smoothing={smoothing} must be in (0, 1]")
+        if flap_window_s < 0:
+            raise ValueError(f"flap_window_s={flap_window_s} must be >= 0")
         if window_s <= 0 or confirm < 1 or hysteresis < 0:
             raise ValueError(f"window_s={window_s} > 0, confirm={confirm} >= 1, hysteresis={hysteresis} >= 0 needed")
         self.profile, self.num_devices = profile, num_devices
@@ -167,6 +174,8 @@ class Controller:
         self.degrees = sorted(set(degrees))
         self.window_s, self.smoothing, self.hysteresis, self.confirm = window_s, smoothing, hysteresis, confirm
         self.min_dwell_s, self.horizon_s, self.reconfig_s = min_dwell_s, horizon_s, reconfig_s
+        self.flap_window_s = flap_window_s
+        self._changes: list[float] = []  # times of the changes made
         self.current = (initial or self.plan({}, {})).canonical()
         if self.current.num_devices > num_devices:
             raise ValueError(f"initial partition {self.current} needs {self.current.num_devices} devices, "
@@ -240,8 +249,8 @@ class Controller:
             reason = "same partition"
         elif streak < self.confirm:
             reason = f"seen {streak} of {self.confirm} windows"
-        elif now - self._last_change < self.min_dwell_s:
-            reason = f"dwell: {now - self._last_change:.1f} s < {self.min_dwell_s} s since the last change"
+        elif now - self._last_change < self.dwell_s():
+            reason = f"dwell: {now - self._last_change:.1f} s < {self.dwell_s():g} s since the last change"
         elif new_g < (1 + self.hysteresis) * cur_g or new_g <= cur_g:
             reason = f"gain too small: {new_g:.2f} vs {cur_g:.2f} weighted req/s"
         elif (new_g - cur_g) * self.horizon_s <= cur_g * self.reconfig_s(self.current, candidate):
@@ -254,7 +263,19 @@ class Controller:
         if not switched:
             return None
         self.current, self._last_change = candidate, now
+        self._changes.append(now)
         return candidate
+
+    def dwell_s(self) -> float:
+        """The least time the current partition stays: min_dwell_s, doubled for each change made
+        within flap_window_s before the last one (a run of changes each that close counts), and
+        never more than flap_window_s (a calm spell that long ends the run)."""
+        run = 0
+        for earlier, later in zip(reversed(self._changes[:-1]), reversed(self._changes)):
+            if later - earlier >= self.flap_window_s:
+                break
+            run += 1
+        return min(self.min_dwell_s * 2 ** run, max(self.min_dwell_s, self.flap_window_s))
 
 
 def size_multisets(num_devices: int, degrees: Sequence[int]) -> list[tuple[int, ...]]:
