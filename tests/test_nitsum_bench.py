@@ -172,6 +172,7 @@ def test_the_tool_serves_the_live_workload_statically_and_adaptively(tmp_path):
     profile = Profile.from_dict(json.loads((tmp_path / "cpu.json").read_text()))
     assert set(profile.rates) == {"interactive", "agent", "batch"} and profile.degrees == [1, 2, 4, 8]
     assert "### Live" in out and "| `adaptive` | live | slo |" in out
+    assert "### Regroups measured before the runs" in out and "Fitted reconfiguration model" in out
     # Every finished request's tokens equal a single engine's greedy run, regrouped or not.
     for line in out.splitlines():
         if line.startswith("Outputs: "):

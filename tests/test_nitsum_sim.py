@@ -79,6 +79,23 @@ def test_weights_move_only_what_devices_lack():
     assert model.weight_move(old, new, {0: 0, 1: 0, 2: 1, 3: 1}) == pytest.approx(8 * (0.5 - 0.25) * 8.0)
 
 
+def test_the_reconfiguration_model_fits_measured_pauses():
+    # Pauses of 0.2 s + bytes at 1 GB/s are recovered exactly.
+    fit = ReconfigModel.fit([(0.2 + b / 1e9, b) for b in (0.0, 1e8, 5e8, 2e8)], weight_bytes=3e8,
+                            kv_bytes_per_token=100.0)
+    assert fit.fixed_s == pytest.approx(0.2) and fit.bandwidth == pytest.approx(1e9)
+    assert (fit.weight_bytes, fit.kv_bytes_per_token) == (3e8, 100.0)
+    assert fit.seconds(1e8, 10) == pytest.approx(0.2 + (1e8 + 1000) / 1e9)
+    # Pauses that do not grow with bytes: their median, bytes free.
+    flat = ReconfigModel.fit([(0.5, 1e8), (0.3, 2e8), (0.4, 3e8)], 1.0, 1.0)
+    assert flat.fixed_s == pytest.approx(0.4) and flat.seconds(1e12, 0) == pytest.approx(0.4)
+    # A fit whose intercept would be negative goes through the origin.
+    steep = ReconfigModel.fit([(0.0, 1e8), (1.0, 2e8)], 1.0, 1.0)
+    assert steep.fixed_s == 0.0 and steep.bandwidth > 0
+    with pytest.raises(ValueError, match="at least one"):
+        ReconfigModel.fit([], 1.0, 1.0)
+
+
 def test_a_static_partition_routes_tiers_to_their_instances():
     sim, res = _run(StaticControl(Partition.parse("tp4:interactive + tp4:batch")), _items(40))
     assert not sim.reconfigurations

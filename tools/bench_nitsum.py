@@ -16,11 +16,15 @@ static partition (scheduler/adaptive_tp/study.py: every multiset of degrees with
 per multiset, the dedicated assignment the controller ranks first at the average rates; the
 controller's plan for each phase), by the best of them with FCFS inside the instances, and by
 the adaptive controller (from --initial; its knobs: --window_s, --confirm, --dwell_s, --hysteresis,
---horizon_s, --smoothing).
+--horizon_s, --smoothing, --flap_window_s).
 
 Live (scheduler/adaptive_tp/live.py): the model of --config (default: the test model, configs/test_5m.py)
 as an InstanceGroup on --num_devices devices (XLA is asked for that many CPU devices), the
-SLO-aware policy in every instance. The profile comes from the cost models of
+SLO-aware policy in every instance. First the adaptive group's regroups are measured: built from
+--initial (its other device groups' step programs compiled, as a server does), it regroups
+through one partition per degree and back while requests run; ReconfigModel.fit of those
+pauses is the reconfiguration time of the simulation on these cost models and, unless
+--live_reconfig_s is set, the live controller's estimate. The profile comes from the cost models of
 --live_cost_models (one per degree, tools/profile_engine.py --config.model.tp=N), by the same
 simulation, written to --live_profile_out; the best static partition is the one the simulator
 finds best on those cost models. Both it and the adaptive group then serve the same workload
@@ -69,6 +73,8 @@ flags.DEFINE_float("hysteresis", 0.1, "Least relative gain in weighted goodput t
 flags.DEFINE_float("horizon_s", 10.0, "A switch must pay for its pause within this many seconds.", lower_bound=0)
 flags.DEFINE_list("initial", ["2", "2", "2", "2"], "TP degrees the adaptive controller starts from, every "
                   "instance shared by all tiers (simulated and live).")
+flags.DEFINE_float("flap_window_s", 30.0, "Changes this close together double the controller's dwell (0: off).",
+                   lower_bound=0)
 flags.DEFINE_float("smoothing", 0.5, "Weight of the newest window in the smoothed arrival rates.",
                    lower_bound=1e-3, upper_bound=1)
 # -- simulated --
@@ -108,8 +114,8 @@ flags.DEFINE_bool("live_shared_host", True, "Scale each degree's cost model by n
                   "of a partition into that degree step one after another on one host thread (all busy), so each "
                   "sees its next step that much later. Off: every instance as if alone on the host.")
 flags.DEFINE_string("live_profile_out", "", "Write the live tiers' profile JSON here.")
-flags.DEFINE_float("live_reconfig_s", 2.0, "The live controller's estimate of a regroup's pause (seconds), for its "
-                   "horizon rule.", lower_bound=0)
+flags.DEFINE_float("live_reconfig_s", 0.0, "The live controller's estimate of a regroup's pause (seconds), for its "
+                   "horizon rule; 0: the measured regroups' fit (one full weight copy).", lower_bound=0)
 flags.DEFINE_bool("live_replay", True, "Serve the live workload (off: stop after its profile and simulation).")
 flags.DEFINE_integer("live_check", 0, "Outputs compared with a single-engine greedy run: this many (0: all).",
                      lower_bound=0)
@@ -136,7 +142,8 @@ def _parsed(prefix):
 
 def _controller_kw():
     return dict(window_s=FLAGS.window_s, confirm=FLAGS.confirm, min_dwell_s=FLAGS.dwell_s,
-                hysteresis=FLAGS.hysteresis, horizon_s=FLAGS.horizon_s, smoothing=FLAGS.smoothing)
+                hysteresis=FLAGS.hysteresis, horizon_s=FLAGS.horizon_s, smoothing=FLAGS.smoothing,
+                flap_window_s=FLAGS.flap_window_s)
 
 
 def _initial():
@@ -230,14 +237,16 @@ def _map(tasks):
         yield from pool.imap(_simulate, tasks)
 
 
-def _study(costs, tiers, shapes, phases, profile, replica, vocab, limit=None):
-    """Every static partition, FCFS on the best, the adaptive controller, in the simulator."""
+def _study(costs, tiers, shapes, phases, profile, replica, vocab, limit=None, reconfig=None):
+    """Every static partition, FCFS on the best, the adaptive controller, in the simulator
+    (reconfig: its ReconfigModel; None: the default, an assumption for 8B over NVLink)."""
     from scheduler.adaptive_tp import study as ns
     from scheduler.adaptive_tp.profile import shifting_workload
     from scheduler.simulation.nitsum_sim import ReconfigModel
 
     items = shifting_workload(phases, shapes, vocab=vocab, seed=FLAGS.seed)
-    _STUDY["study"] = ns.Study(costs, tiers, items, replica, ReconfigModel(), FLAGS.num_devices, FLAGS.window_s)
+    _STUDY["study"] = ns.Study(costs, tiers, items, replica, reconfig or ReconfigModel(), FLAGS.num_devices,
+                               FLAGS.window_s)
     _STUDY["profile"] = profile
     planner = ns.make_controller(profile, tiers, FLAGS.num_devices, window_s=FLAGS.window_s)
     candidates = ns.static_partitions(planner, phases)[:limit]
@@ -356,7 +365,7 @@ def _cost_models():
     return costs
 
 
-def _live_runs(launch, tiers, items, best, profile):
+def _live_runs(launch, tiers, items, best, profile, reconfig):
     """The best static partition, then the adaptive group (from --initial), over the same
     items; then one engine's greedy outputs for the check. Every group is built (and its
     step programs compiled, when the config warms up) before its clock starts."""
@@ -376,7 +385,8 @@ def _live_runs(launch, tiers, items, best, profile):
               policy_factory=_slo_policy)
     part = Partition.parse(best.partition)
     control = ns.adaptive_control(profile, tiers, FLAGS.num_devices, initial=_initial(),
-                                  reconfig_s=lambda old, new: FLAGS.live_reconfig_s, **_controller_kw())
+                                  reconfig_s=(lambda old, new: FLAGS.live_reconfig_s) if FLAGS.live_reconfig_s
+                                  else ns.modelled_pause(reconfig), **_controller_kw())
     groups = {"static": lambda: InstanceGroup(Instances(model, tok, list(part.sizes), **kw),
                                               StaticControl(part, FLAGS.window_s)),
               "adaptive": lambda: InstanceGroup(Instances(model, tok, list(control.sizes), **kw), control)}
@@ -384,9 +394,9 @@ def _live_runs(launch, tiers, items, best, profile):
     for name, build in groups.items():
         t0 = time.perf_counter()
         group = build()
-        if name == "adaptive" and launch.engine.warmup and launch.engine.compilation_cache:
-            # A serving process does this at start (entrypoints.build): regroups then load the step
-            # programs of their new device groups from the compilation cache.
+        if name == "adaptive" and launch.engine.warmup:
+            # A serving process does this at start (entrypoints.build): regroups then take the step
+            # programs of their new device groups from the instances' ProgramStore.
             group.instances.precompile(control.degrees)
         _log(f"{name}: built in {time.perf_counter() - t0:.0f} s")
         runs[name] = (replay(group, items, tiers), group)
@@ -396,6 +406,45 @@ def _live_runs(launch, tiers, items, best, profile):
     outs = ref.generate([list(items[k].prompt) for k in check],
                         [SamplingParams(temperature=0, max_tokens=items[k].max_tokens, ignore_eos=True) for k in check])
     return runs, {k: tuple(o.token_ids) for k, o in zip(check, outs)}, control
+
+
+def _measure_reconfig(launch):
+    """(ReconfigModel fitted to the adaptive group's measured regroups, their records): the group
+    built from --initial with its other device groups compiled, then regrouped through one
+    partition per degree and back while requests run (scheduler.adaptive_tp.live.measure_regroups)."""
+    import jax
+    import numpy as np
+
+    from jinfer.instances import InstanceGroup, Instances
+    from jinfer.launch import load_model
+    from scheduler.adaptive_tp.live import measure_regroups
+    from scheduler.simulation.nitsum_sim import ReconfigModel
+
+    model, tok = load_model(launch.model)
+    group = InstanceGroup(Instances(model, tok, [int(n) for n in FLAGS.initial], cache_config=launch.cache,
+                                    scheduler_config=launch.scheduler, options=launch.engine))
+    if launch.engine.warmup:
+        group.instances.precompile([int(d) for d in FLAGS.degrees])
+    n = FLAGS.num_devices
+    cycle = [[d] * (n // d) for d in sorted({int(d) for d in FLAGS.degrees}, reverse=True)] + [group.instances.sizes]
+    rng = np.random.default_rng(FLAGS.seed)
+    prompts = [rng.integers(2, tok.vocab_size, 48).tolist() for _ in range(4 * len(group.engines))]
+    records = measure_regroups(group, cycle, prompts)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(group.engines[0].runner.state))  # global sizes
+    kv_per_token = model.config.kv_bytes_per_token(jax.numpy.dtype(launch.model.dtype).itemsize)
+    fit = ReconfigModel.fit([(r.seconds, r.weights_moved + r.kv_moved) for r in records], weight_bytes, kv_per_token)
+    return fit, records
+
+
+def _reconfig_lines(fit, records):
+    rows = ["| from | to | seconds | weights moved MB | KV moved MB | requests migrated |", "|---|---|---:|---:|---:|---:|"]
+    rows += [f"| {r.old} | {r.new} | {r.seconds:.2f} | {r.weights_moved / 2**20:.1f} | {r.kv_moved / 2**20:.2f} | "
+             f"{r.requests_migrated} |" for r in records]
+    secs = sorted(r.seconds for r in records)
+    return ["### Regroups measured before the runs", "", *rows, "",
+            f"Median pause {secs[(len(secs) - 1) // 2] / 2 + secs[len(secs) // 2] / 2:.2f} s. Fitted reconfiguration model "
+            f"(the simulation below, and the live controller's estimate unless --live_reconfig_s): "
+            f"{fit.fixed_s:.2f} s + bytes at {fit.bandwidth / 1e9:.2f} GB/s."]
 
 
 def _live_setup():
@@ -475,8 +524,10 @@ def live_section():
     profile, how = _profile(costs, tiers, shapes, replica, FLAGS.live_profile_out, True,
                             "test model on fake CPU devices, cost models from tools/profile_engine.py")
     vocab = (2, load_tokenizer(launch.model).vocab_size)  # above BOS and EOS
+    fit, measured = _measure_reconfig(launch)
+    _log(f"regroups measured: {[round(r.seconds, 2) for r in measured]} s")
     items, runs, best, extra, sim_adaptive = _study(costs, tiers, shapes, phases, profile, replica, vocab,
-                                                     limit=4 if FLAGS.smoke else None)
+                                                     limit=4 if FLAGS.smoke else None, reconfig=fit)
     scaled = ", each times num_devices / tp: the instances of one degree step in turn on one host thread"
     out = [f"## Live: {launch.model.display_name} on {FLAGS.num_devices} fake CPU devices", "",
            *_workload_lines(tiers, shapes, phases), "",
@@ -486,12 +537,13 @@ def live_section():
            "Cost models (tools/profile_engine.py --config.model.tp=N" + (scaled if FLAGS.live_shared_host else "") +
            "; ms): " + "; ".join(f"tp{tp}: fixed {c.fixed_s * 1e3:.2f}, per token {c.per_token_s * 1e3:.4f}, per "
                                  f"sequence {c.per_seq_s * 1e3:.3f}" for tp, c in sorted(costs.items())) + ".", "",
+           *_reconfig_lines(fit, measured), "",
            f"### Profile ({how} `{FLAGS.live_profile_out or '-'}`)", "", profile_table(profile), "",
            "### The same workload in the simulator on these cost models", "",
            ns.goodput_table(runs + extra + [sim_adaptive], tiers, best), "",
            _verdict(runs, best, sim_adaptive, tiers, 1.0), "", "Switches:", "", *_decisions(sim_adaptive), ""]
     if FLAGS.live_replay:
-        live, want, control = _live_runs(launch, tiers, items, best, profile)
+        live, want, control = _live_runs(launch, tiers, items, best, profile, fit)
         out += [f"Host: {describe_host()}; load average {load_before:.1f} before the live part, "
                 f"{os.getloadavg()[0]:.1f} after. The fake devices share the host's cores, so a higher degree is "
                 "slower here, not faster, and the instances step one after another on one host thread.", "",

@@ -81,3 +81,24 @@ def reconfiguration_summary(group: InstanceGroup) -> dict:
             "weights_moved": sum(r.weights_moved for r in rs), "weights_minimum": sum(r.weights_minimum for r in rs),
             "weights_full_reload": sum(r.weights_full_reload for r in rs), "kv_moved": sum(r.kv_moved for r in rs),
             "requests_migrated": sum(r.requests_migrated for r in rs)}
+
+
+def measure_regroups(group: InstanceGroup, cycle: Sequence[Sequence[int]], prompts: Sequence[Sequence[int]],
+                     steps_between: int = 3, max_tokens: int = 64) -> list:
+    """Regroups `group` through every partition of `cycle` (instance sizes each) while greedy
+    requests for `prompts` run, stepping the group `steps_between` times before each regroup;
+    the requests are aborted at the end. Returns the group's Reconfiguration records of these
+    regroups: the measured pauses a simulator's ReconfigModel is fitted to
+    (scheduler.simulation.nitsum_sim.ReconfigModel.fit)."""
+    first = len(group.reconfigurations)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    ids = [group.add_request(list(p), params) for p in prompts]
+    for sizes in cycle:
+        for _ in range(steps_between):
+            group.step()
+        group.regroup(list(sizes))
+    for rid in ids:
+        group.abort(rid)
+    while group.has_unfinished():
+        group.step()
+    return group.reconfigurations[first:]

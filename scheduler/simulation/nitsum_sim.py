@@ -72,6 +72,28 @@ class ReconfigModel:
     def seconds(self, weight_bytes: float, kv_tokens: int) -> float:
         return self.fixed_s + (weight_bytes + kv_tokens * self.kv_bytes_per_token) / self.bandwidth
 
+    @classmethod
+    def fit(cls, pauses: Sequence[tuple[float, float]], weight_bytes: float,
+            kv_bytes_per_token: float) -> "ReconfigModel":
+        """The model of measured pauses, (seconds, bytes moved) each: least squares of
+        seconds = fixed_s + bytes / bandwidth with fixed_s >= 0 and bandwidth > 0 (when the fit
+        gives neither, the pauses do not grow with bytes: fixed_s their median, bandwidth
+        infinite). weight_bytes, kv_bytes_per_token: the measured model's."""
+        if not pauses:
+            raise ValueError("fit needs at least one measured pause")
+        secs = sorted(p for p, _ in pauses)
+        median = (secs[(len(secs) - 1) // 2] + secs[len(secs) // 2]) / 2
+        n = len(pauses)
+        mean_b, mean_s = sum(b for _, b in pauses) / n, sum(p for p, _ in pauses) / n
+        var = sum((b - mean_b) ** 2 for _, b in pauses)
+        slope = sum((b - mean_b) * (p - mean_s) for p, b in pauses) / var if var > 0 else 0.0
+        if slope <= 0:
+            return cls(median, float("inf"), weight_bytes, kv_bytes_per_token)
+        fixed = mean_s - slope * mean_b
+        if fixed < 0:  # through the origin instead
+            fixed, slope = 0.0, sum(p * b for p, b in pauses) / sum(b * b for _, b in pauses)
+        return cls(fixed, 1 / slope, weight_bytes, kv_bytes_per_token)
+
 
 class StaticControl:
     """A fixed partition as a TopologyControl (the baselines): requests to the least-loaded
