@@ -54,24 +54,48 @@ def minimum_bytes(x: jax.Array, target: jax.sharding.Sharding) -> int:
     return total
 
 
-def _assemble(box, parts, dtype, device):
-    """The array of `box` on device from pieces [(sub-box, array)] that tile it. Pieces that
-    split the box along one axis (tensor parallelism's case) are joined in one concatenate;
-    any other tiling is written piece by piece into zeros."""
-    if len(parts) == 1:
-        return parts[0][1]
-    split = [a for a in range(len(box)) if any(p[a] != box[a] for p, _ in parts)]
+def _local(part, box) -> tuple[slice, ...]:
+    """part (a sub-box of box) as slices of box's array."""
+    return tuple(slice(lo - b_lo, hi - b_lo) for (lo, hi), (b_lo, _) in zip(part, box))
+
+
+def _on_host(box, parts, shards, dtype, device) -> jax.Array:
+    """The array of `box` on a CPU device, written from its pieces in host memory: a CPU device's
+    memory is the host's, and numpy slices and copies compile nothing (the device path compiles
+    a slice and a concatenate per shape and device: most of a regroup's pause on CPU)."""
+    out = np.empty([hi - lo for lo, hi in box], dtype)
+    for part, src_box, src in parts:
+        out[_local(part, box)] = np.asarray(shards[src].data)[_local(part, src_box)]
+    return jax.device_put(out, device)
+
+
+def _on_device(box, parts, shards, device) -> jax.Array:
+    """The array of `box` on device from its pieces: each sliced on its source (lax.slice, one
+    primitive), sent, and joined in one concatenate where they split the box along one axis
+    (tensor parallelism's case), else written into zeros piece by piece."""
+    pieces = []
+    for part, src_box, src in parts:
+        piece = shards[src].data
+        if part != src_box:
+            piece = jax.lax.slice(piece, [lo - s_lo for (lo, _), (s_lo, _) in zip(part, src_box)],
+                                  [hi - s_lo for (_, hi), (s_lo, _) in zip(part, src_box)])
+        pieces.append((part, piece if src == device else jax.device_put(piece, device)))
+    if len(pieces) == 1:
+        return pieces[0][1]
+    split = [a for a in range(len(box)) if any(p[a] != box[a] for p, _ in pieces)]
     if len(split) == 1:
-        return jnp.concatenate([x for _, x in sorted(parts, key=lambda p: p[0][split[0]][0])], axis=split[0])
-    out = jnp.zeros([hi - lo for lo, hi in box], dtype, device=device)
-    for part, piece in parts:
-        at = tuple(slice(lo - b_lo, hi - b_lo) for (lo, hi), (b_lo, _) in zip(part, box))
-        out = out.at[at].set(piece)
+        return jnp.concatenate([x for _, x in sorted(pieces, key=lambda p: p[0][split[0]][0])], axis=split[0])
+    out = jnp.zeros([hi - lo for lo, hi in box], pieces[0][1].dtype, device=device)
+    for part, piece in pieces:
+        out = out.at[_local(part, box)].set(piece)
     return out
 
 
-def reshard_array(x: jax.Array, target: jax.sharding.Sharding) -> tuple[jax.Array, MoveStats]:
-    """x on `target`, built from local pieces first; returns the array and its move stats."""
+def reshard_array(x: jax.Array, target: jax.sharding.Sharding, on_host: bool | None = None
+                  ) -> tuple[jax.Array, MoveStats]:
+    """x on `target`, built from local pieces first; returns the array and its move stats.
+    on_host: assemble each new shard in host memory (None: on CPU devices, whose memory is the
+    host's) or with device ops."""
     shards = {s.device: s for s in x.addressable_shards}
     sources: dict[tuple, list] = {}  # each distinct old box -> devices holding it
     for d, index in x.sharding.devices_indices_map(x.shape).items():
@@ -81,24 +105,22 @@ def reshard_array(x: jax.Array, target: jax.sharding.Sharding) -> tuple[jax.Arra
     for d, index in target.devices_indices_map(x.shape).items():
         box = _box(index, x.shape)
         stats.full_reload += _size(box) * x.dtype.itemsize
-        parts = []
+        parts = []  # (sub-box, the source's box, the source device)
         for src_box, holders in sources.items():
             part = _intersect(box, src_box)
             if part is None:
                 continue
             src = d if d in holders else holders[0]
-            piece = shards[src].data
-            if part != src_box:  # lax.slice: one primitive, none of jnp indexing's set-up
-                piece = jax.lax.slice(piece, [lo - s_lo for (lo, _), (s_lo, _) in zip(part, src_box)],
-                                      [hi - s_lo for (_, hi), (s_lo, _) in zip(part, src_box)])
-            if src != d:
-                piece = jax.device_put(piece, d)
-                stats.moved += piece.size * x.dtype.itemsize
-            parts.append((part, piece))
+            parts.append((part, src_box, src))
             if part == box:  # one source covers the whole box
                 parts = parts[-1:]
                 break
-        pieces_per_device.append(_assemble(box, parts, x.dtype, d))
+        stats.moved += sum(_size(part) for part, _, src in parts if src != d) * x.dtype.itemsize
+        kept = len(parts) == 1 and parts[0][0] == parts[0][1] and parts[0][2] == d  # a whole shard it holds
+        if not kept and (d.platform == "cpu" if on_host is None else on_host):
+            pieces_per_device.append(_on_host(box, parts, shards, x.dtype, d))
+        else:
+            pieces_per_device.append(_on_device(box, parts, shards, d))
     array = jax.make_array_from_single_device_arrays(x.shape, target, pieces_per_device)
     return array, stats
 
