@@ -106,6 +106,24 @@ def test_alternating_load_does_not_thrash():
     assert switches == 0  # no partition was the best two windows running
 
 
+def test_a_shared_partition_that_serves_every_tier_stays_until_one_starves():
+    shared = Partition.parse("tp2:* + tp2:* + tp2:* + tp2:*")
+    c = _controller(smoothing=1.0, confirm=1, min_dwell_s=0.0, initial=shared)
+    load = {"interactive": 3, "batch": 6}
+    # Four shared tp2 instances have time for both tiers (3/4 + 6/5 instance-seconds of 4),
+    # and every request met its SLO: no dedicated partition gains enough to switch to.
+    for k in range(4):
+        c.observe(load, served=load)
+        assert c.decide(float(k)) is None
+    assert "gain too small" in c.history[-1].reason and c.current == shared
+    # Interactive requests now miss their targets in the shared batches (a quarter served).
+    for k in range(4, 8):
+        c.observe(load, served={"interactive": 0.75, "batch": 6})
+        if c.decide(float(k)) is not None:
+            break
+    assert c.current != shared and c.current.serving("interactive") and "interactive" in str(c.current)
+
+
 def test_flapping_between_two_partitions_doubles_the_dwell_until_a_calm_spell():
     c = _controller(smoothing=1.0, confirm=1, min_dwell_s=2.0, flap_window_s=20.0)
     loads = [{"interactive": 12, "batch": 1}, {"interactive": 0.5, "batch": 20}]

@@ -118,18 +118,37 @@ class Profile:
         return cls(d["rates"], d.get("attainment", 0.9), d.get("notes", ""))
 
 
-def capacity(partition: Partition, profile: Profile) -> dict[str, float]:
-    """SLO-safe req/s each tier gets from the instances dedicated to it."""
+def capacity(partition: Partition, profile: Profile, demand: Mapping[str, float] | None = None,
+             value: Callable[[str], float] = lambda tier: 1.0) -> dict[str, float]:
+    """SLO-safe req/s each tier gets. A tier with instances of its own gets their profile rates.
+    A tier without is served by the shared instances (as `route` sends it), which split their
+    time among such tiers: each instance-second of degree d serves rate(tier, d) requests of one
+    tier, handed out by value(tier) * rate(tier, d), highest first, each tier taking what its
+    demand still needs (the greedy split is the best one for a sum of value * served; it
+    ignores the interference of tiers batched together). demand None: shared instances count
+    for nothing (no demand to split them by)."""
     out: dict[str, float] = collections.defaultdict(float)
+    shared: collections.Counter = collections.Counter()  # degree -> instance-seconds per second
     for inst in partition.instances:
         if inst.tier:
             out[inst.tier] += profile.rate(inst.tier, inst.tp)
+        else:
+            shared[inst.tp] += 1
+    need = {t: r for t, r in (demand or {}).items() if r > 0 and t not in out}
+    options = sorted(((value(t) * profile.rate(t, d), t, d) for t in need for d in shared if profile.rate(t, d) > 0),
+                     reverse=True)
+    for _, t, d in options:
+        use = min(shared[d], need[t] / profile.rate(t, d))
+        if use > 0:
+            shared[d] -= use
+            need[t] -= use * profile.rate(t, d)
+            out[t] += use * profile.rate(t, d)
     return dict(out)
 
 
 def predicted_goodput(partition: Partition, profile: Profile, arrivals: Mapping[str, float]) -> float:
     """Sum over tiers of min(capacity, arrival rate): SLO-met req/s the partition can serve."""
-    cap = capacity(partition, profile)
+    cap = capacity(partition, profile, arrivals)
     return sum(min(cap.get(t, 0.0), r) for t, r in arrivals.items())
 
 
@@ -212,19 +231,21 @@ class Controller:
         """The best partition for these arrival rates (module docstring): every way of
         splitting the devices into instances of the allowed degrees, each dedicated to one
         tier with arrivals, scored by weighted goodput, then by the smallest headroom
-        (capacity / arrivals) any tier is left with, then by fewer instances."""
+        (capacity / arrivals) any tier is left with, then by fewer instances. (Shared
+        instances are scored only as the current partition, by what they were seen to serve:
+        `objective`; the profile cannot tell how tiers batched together interfere.)"""
         active = sorted(t.name for t in self.tiers.values() if t.judged and rates.get(t.name, 0.0) > 0)
         if not active:  # no demand to judge: every device an instance of the smallest degree, shared
             d = self.degrees[0]
             return Partition(tuple(InstancePlan(d) for _ in range(self.num_devices // d)))
         best, best_key = None, None
+        value = self._value(starvation)
         for sizes in size_multisets(self.num_devices, self.degrees):
             for assignment in _assignments(sizes, active):
-                cap: dict[str, float] = collections.defaultdict(float)
-                for tp, tier in assignment:
-                    cap[tier] += self.profile.rate(tier, tp)
-                weighted = sum(self.tiers[t].weight * starvation.get(t, 1.0) * min(cap[t], rates[t]) for t in active)
-                headroom = min(min(cap[t] / rates[t], 10.0) for t in active)
+                cap = capacity(Partition(tuple(InstancePlan(tp, tier) for tp, tier in assignment)), self.profile,
+                               rates, value)
+                weighted = sum(value(t) * min(cap.get(t, 0.0), rates[t]) for t in active)
+                headroom = min(min(cap.get(t, 0.0) / rates[t], 10.0) for t in active)
                 key = (round(weighted, 9), round(headroom, 9), -len(assignment))
                 if best_key is None or key > best_key:
                     best, best_key = assignment, key
@@ -232,10 +253,21 @@ class Controller:
 
     def objective(self, partition: Partition, rates: Mapping[str, float], starvation: Mapping[str, float]) -> float:
         """What plan maximises and decide compares: sum over tiers of weight * starvation *
-        min(capacity, arrivals)."""
-        cap = capacity(partition, self.profile)
-        return sum(t.weight * starvation.get(t.name, 1.0) * min(cap.get(t.name, 0.0), rates.get(t.name, 0.0))
+        min(capacity, arrivals). A tier served by shared instances (the current partition's,
+        as `route` sends it) gets the share `capacity` gives it divided by its starvation: what
+        it was seen to be served, so a shared partition that serves every tier stays, and one
+        that starves a tier loses to a partition that would not."""
+        value = self._value(starvation)
+        cap = capacity(partition, self.profile, rates, value)
+        for t in cap:
+            if not any(i.tier == t for i in partition.instances):
+                cap[t] /= starvation.get(t, 1.0)
+        return sum(value(t.name) * min(cap.get(t.name, 0.0), rates.get(t.name, 0.0))
                    for t in self.tiers.values() if t.judged)
+
+    def _value(self, starvation: Mapping[str, float]) -> Callable[[str], float]:
+        """A tier's weight in the objective: its tier weight times its starvation."""
+        return lambda tier: self.tiers[tier].weight * starvation.get(tier, 1.0) if tier in self.tiers else 0.0
 
     def decide(self, now: float) -> Partition | None:
         """The partition to switch to now, or None to keep the current one (module docstring)."""
