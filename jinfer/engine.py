@@ -9,27 +9,29 @@ import os
 import random
 import time
 import uuid
-from typing import Sequence
 
 import jax
 
 from jinfer.attention import MAX_TREE_TOKENS, default_attention_backend, get_backend
 from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig, Tier
 from jinfer.detokenizer import IncrementalDetokenizer
+from jinfer.engine_migration import Migrating
+from jinfer.engine_output import Postprocessing
+from jinfer.engine_resume import Resuming
+from jinfer.engine_weights import WeightUpdating
 from jinfer.errors import PlanRejected, StepFailed, shorten
 from jinfer.host_kv import HostKVTier
-from jinfer.kv_cache import KVCache
 from jinfer.models.llama import set_attention_backend
 from jinfer.pausing import PausePolicy
 from jinfer.prefix_cache import EvictionLog
 from jinfer.programs import ProgramStore
-from jinfer.request import Request, RequestOutput, Status, Usage
+from jinfer.request import Request, RequestOutput
 from jinfer.runner import ModelRunner
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduling import Scheduler
 from jinfer.scheduling_policy import SchedulingPolicy
 from jinfer.speculation import DraftBudget, Drafter
-from jinfer.step_plan import INTERCEPT, SpecStats, StepPlan
+from jinfer.step_plan import SpecStats, StepPlan
 from sharding.tp import TPLayout
 
 log = logging.getLogger(__name__)
@@ -77,24 +79,7 @@ class EngineInfo:
     tp: int
 
 
-@dataclasses.dataclass
-class Migration:
-    """Requests on their way from one engine to another (Engine.export_requests ->
-    import_requests), with the K/V of their computed tokens, so they continue where they were
-    instead of recomputing."""
-
-    groups: dict[str, list[Request]]  # public id -> its samples, as the engine holds them
-    detoks: dict[str, IncrementalDetokenizer]  # sample id -> its detokenizer
-    carried: list[tuple[str, int]]  # (sample id, leading pages of it in kv), in kv's page order
-    kv: KVCache | None  # those pages' K/V, on the exporting engine's devices
-    outputs: list[RequestOutput]  # read back from the device but not yet returned by step()
-
-    @property
-    def num_pages(self) -> int:
-        return sum(n for _, n in self.carried)
-
-
-class Engine:
+class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
     """Continuous batching over a paged KV cache.
 
     add_request() queues work; each step() schedules one batch, runs it and returns the
@@ -104,6 +89,10 @@ class Engine:
     tokens, so the host's scheduling, array building and detokenizing overlap the device's
     work. Outputs then arrive one step() call later, and a request that stops on EOS or a
     stop string computes one token that is thrown away; tokens are the same either way.
+
+    Reading a step back (engine_output.py), requests moving to another engine or mesh
+    (engine_migration.py), paused requests' resume and host-tier swaps (engine_resume.py) and
+    weight updates (engine_weights.py) are its mixins.
     """
 
     def __init__(self, model, tokenizer, cache_config: CacheConfig = CacheConfig(),
@@ -163,8 +152,6 @@ class Engine:
             self._warmup_thread = self.runner.warmup_background(progress, hold=True)
         elif options.warmup:
             self.runner.warmup(progress)
-
-    # -- API -------------------------------------------------------------------------------
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, priority: int = 0, tier: Tier | None = None,
@@ -228,32 +215,6 @@ class Engine:
         self.scheduler.abort(samples)
         return True
 
-    def resume(self, request_id: str, tool_output: str | Sequence[int], index: int = 0,
-               intercept_after: int | None = None) -> None:
-        """Continues a paused request (its output ended with one of its intercept_token_ids)
-        with its tool's output appended (text is tokenized without special tokens): what it
-        generates next equals a fresh request over prompt + output + tool output, with the
-        same parameters and seed; its outputs start a new segment. index: which sample of an
-        n > 1 request; intercept_after: pause it again after that many tokens (add_request's). ValueError naming the problem (nothing changes) if the request is not
-        paused here or the new prompt does not fit."""
-        samples = self._groups.get(request_id)
-        if samples is None or not 0 <= index < len(samples):
-            raise ValueError(f"request_id={shorten(request_id)} index={index} is not unfinished in this engine")
-        req = samples[index]
-        if intercept_after is not None and not 1 <= intercept_after:
-            raise ValueError(f"intercept_after={intercept_after} must be >= 1")
-        if req.status is not Status.PAUSED:
-            raise ValueError(f"request_id={shorten(request_id)} is {req.status.value}, not paused")
-        if isinstance(tool_output, str):
-            ids = self.tokenizer.encode(tool_output, add_special_tokens=False) if tool_output else []
-        else:
-            ids = list(tool_output)
-        self.check_prompt(req.all_ids + ids, req.params)
-        self._settle_inflight()  # its sample past the tool call, if a step was in flight
-        self.scheduler.resume(req, ids, intercept_after)
-        self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, req.params.stop,
-                                                             req.params.intercept)
-
     def release_warmup(self) -> None:
         """Starts compiling the other buckets of a background warm-up (options.warmup_background),
         which otherwise waits for the first step(): a server calls it once it listens, so its
@@ -265,126 +226,11 @@ class Engine:
         servers call it on shutdown so no compilation runs while the process exits."""
         self.runner.stop_warmup(timeout)
 
-    def reshard(self, mesh):
-        """Switches to a new tensor-parallel mesh between steps, requests kept running.
-
-        The step in flight (async scheduling) is finished first; its outputs come with the next
-        step(). Weights move only the slices each device lacks; the KV pool moves with its page
-        tables unchanged. With options.warmup the step buckets compile for the new mesh before
-        it returns (Instances.precompile makes that a cache read), as when the engine was built.
-        Returns (weights, kv) sharding.reshard.MoveStats.
-        """
-        layout = TPLayout.for_model(self.model_config, mesh, self.vocab_parallel)  # ValueError before anything moves
-        self._settle_inflight()
-        moved = self.runner.reshard(layout)
-        if self.options.warmup:
-            self.runner.warmup()
-        return moved
-
-    def update_weights(self, state) -> None:
-        """Swaps new weights into the running engine in place (an RL loop's updated policy), or
-        gives an engine built on the model's shapes (jinfer.models.llama.abstract_model) its
-        first weights: no step runs before them (entrypoints.build.build_engine builds the engine,
-        compiling its first step bucket, while the weights load).
-
-        state: an nnx.State (or pytree) with the structure, shapes and dtypes of the current
-        weights (runner.state, nnx.split of the model); else ValueError naming the first
-        mismatching leaf, and nothing changes. The step in flight (async scheduling) is finished
-        first, on the old weights; its outputs come with the next step(). New leaves take the
-        current leaves' shardings, so the compiled step programs are reused (arrays already in
-        place are taken without a copy: do not donate them afterwards). The KV pool is
-        kept; the prefix cache is cleared, its pages hold K/V of the old weights (pages that
-        running requests hold stay until they finish).
-        """
-        old, treedef = jax.tree_util.tree_flatten_with_path(self.runner.state)
-        new = jax.tree_util.tree_flatten_with_path(state)[0]
-        mismatch = _first_mismatch(old, new)
-        if mismatch:
-            raise ValueError(f"update_weights: {mismatch}")
-        self._settle_inflight()
-        placed = [_place_like(got, want) for (_, want), (_, got) in zip(old, new)]
-        self.runner.set_weights(jax.tree_util.tree_unflatten(treedef, placed))
-        self.reset_prefix_cache()
-
-    def export_requests(self, request_ids=None) -> Migration:
-        """Takes requests out of this engine, unfinished, for import_requests on another (an
-        instance being dropped hands its requests to one that stays). request_ids: public ids
-        (None: every unfinished request); ValueError naming an unknown one, before anything
-        changes. The step in flight is read back first; what it produced for these requests
-        travels with them (Migration.outputs). Their K/V pages are gathered in one batch; their
-        pages here are released (into the prefix cache, like a finished request's). A request
-        the step in flight finishes travels as its held output only; with request_ids None every
-        held output goes, so an engine emptied this way has nothing left to return."""
-        if request_ids is not None:
-            ids = list(request_ids)
-            unknown = [i for i in ids if i not in self._groups]
-            if unknown:
-                raise ValueError(f"request ids {[shorten(i) for i in unknown[:3]]} are not unfinished in this engine")
-        self._settle_inflight()  # may finish some of them
-        if request_ids is None:
-            ids = list(self._groups) + [o.request_id for o in self._held_outputs]
-        groups = {i: self._groups.pop(i) for i in ids if i in self._groups}
-        samples = [r for g in groups.values() for r in g if r.status is not Status.FINISHED]
-        carried = self.scheduler.kv_to_carry(samples)
-        by_id = {r.request_id: r for r in samples}
-        pages = [p for sid, n in carried for p in by_id[sid].pages[:n]]
-        kv = self.runner.read_pages(pages) if pages else None
-        self.scheduler.detach(samples)
-        for r in samples:  # a swapped-out one computes its K/V again there (detach)
-            self.host_kv.drop(r.request_id)
-        detoks = {r.request_id: self._detok.pop(r.request_id) for g in groups.values() for r in g
-                  if r.request_id in self._detok}
-        mine = set(ids)
-        outputs = [o for o in self._held_outputs if o.request_id in mine]
-        self._held_outputs = [o for o in self._held_outputs if o.request_id not in mine]
-        return Migration(groups, detoks, carried, kv, outputs)
-
-    def import_requests(self, migration: Migration):
-        """Takes in requests another engine exported; they continue from their computed tokens
-        with their K/V written into pages of this pool (the data moving onto this engine's
-        devices and sharding), or, for samples the pool cannot hold now, recompute them like a
-        preempted request. Outputs they produced in flight come with this engine's next step().
-        ValueError (nothing changes) if a request id is already in use here. Returns the
-        sharding.reshard.MoveStats of the K/V move (None when no page was carried)."""
-        clash = [i for i in migration.groups if i in self._groups]
-        if clash:
-            raise ValueError(f"request ids {[shorten(i) for i in clash[:3]]} are already in use in this engine")
-        by_id = {r.request_id: r for g in migration.groups.values() for r in g}
-        held = {f.request_id for r in by_id.values() for f in r.followers}  # unforked: their leader starts them
-        starts = [0]
-        for _, n in migration.carried:
-            starts.append(starts[-1] + n)
-        src, dst = [], []
-        for k in self.scheduler.take_in(list(by_id.values()), migration.carried, held):
-            src += range(starts[k], starts[k + 1])
-            dst += by_id[migration.carried[k][0]].pages
-        stats = None
-        if dst:
-            data = migration.kv
-            if len(src) < migration.num_pages:
-                idx = src + [src[-1]] * ((1 << (len(src) - 1).bit_length()) - len(src))
-                data = jax.tree.map(lambda a: a[:, idx], data)
-            stats = self.runner.write_pages(dst, data)
-        self._groups.update(migration.groups)
-        self._detok.update(migration.detoks)
-        self._held_outputs += migration.outputs
-        return stats
-
-    def _settle_inflight(self) -> None:
-        """Reads back the step in flight (async scheduling); its outputs come with the next step()."""
-        if self._inflight is not None:
-            done, self._inflight = self._inflight, None
-            self._held_outputs += self._postprocess(*done)
-
     def has_unfinished(self) -> bool:
         """Whether a request is unfinished, or outputs read back early (reshard, migration)
         wait for the next step() to return them."""
         sched = self.scheduler  # (paused requests are not: they wait for resume())
         return bool(sched.running or sched.waiting or self._held_outputs)
-
-    def num_paused(self) -> int:
-        """Requests waiting for resume()."""
-        return len(self.scheduler.paused)
 
     def load(self) -> EngineLoad:
         sched = self.scheduler
@@ -454,6 +300,23 @@ class Engine:
     def is_unfinished(self, request_id: str) -> bool:
         """Whether some sample of the request is still queued or running."""
         return request_id in self._groups
+
+    def unfinished_ids(self) -> list[str]:
+        """The public ids of the requests with a sample queued, running or paused here."""
+        return list(self._groups)
+
+    def samples(self, request_id: str) -> list[Request]:
+        """The Request objects of an unfinished request's samples by sample index (one that
+        finished stays until its siblings do); ValueError if it is not unfinished here."""
+        if request_id not in self._groups:
+            raise ValueError(f"request_id={shorten(request_id)} is not unfinished in this engine")
+        return list(self._groups[request_id])
+
+    @property
+    def step_in_flight(self) -> bool:
+        """Whether a dispatched step's tokens are not yet read back (async scheduling: the
+        next step(), or anything that settles the step first, reads them)."""
+        return self._inflight is not None
 
     def step(self) -> list[RequestOutput]:
         """Schedules and dispatches one step; returns what the previous one (async) or this
@@ -533,118 +396,3 @@ class Engine:
         if not culprits:
             culprits = {seq.request_id.partition("/")[0]: cause for seq in plan.seqs}
         return StepFailed(culprits, cause)
-
-    def warm_swaps(self) -> int:
-        """Compiles the host tier's copies (read_pages, the move to host memory, write_pages) for
-        every power-of-two page count a request can swap, so the first swaps of a run do not
-        wait on compiles; returns how many sizes. Before serving: it rewrites pages with their
-        own contents, which a step in flight must not be writing."""
-        sizes, n = [], 1
-        while n < 2 * min(self.runner.pages_per_seq, self.runner.num_pages):
-            sizes.append(min(n, self.runner.num_pages))
-            n *= 2
-        for n in sizes:
-            pages = list(range(n))
-            self.host_kv.put("_warm", self.runner.read_pages(pages), n)
-            self.runner.write_pages(pages, self.host_kv.take("_warm", n))
-        self.host_kv.swapped_out = self.host_kv.swapped_in = 0
-        return len(sizes)
-
-    def _swap(self, plan: StepPlan) -> None:
-        """The plan's host-tier copies, before its step: paused requests' K/V out of the pages
-        the step may reuse, then resumed ones' back into their new pages. Dispatched in order
-        behind the step in flight, so they read what it writes."""
-        for rid, pages in plan.swap_out:
-            self.host_kv.put(rid, self.runner.read_pages(pages), len(pages))
-        for rid, pages in plan.swap_in:
-            self.runner.write_pages(pages, self.host_kv.take(rid, len(pages)))
-
-    # -- after the device step -----------------------------------------------------------------
-
-    def _request(self, sample_id: str) -> Request:
-        """The Request object of one sample ("<id>" or "<id>/<i>")."""
-        public, _, index = sample_id.partition("/")
-        return self._groups[public][int(index or 0)]
-
-    def _postprocess(self, plan: StepPlan, reqs: list[Request], handle) -> list[RequestOutput]:
-        tokens, logprobs = self.runner.fetch(handle)
-        now = time.monotonic()
-        firsts = list(itertools.accumulate((1 + seq.num_draft for seq in plan.seqs), initial=0))  # first rows
-        rows = tokens.tolist()  # one conversion; each sequence's rows are a slice of it
-        sampled = [rows[a:b] for a, b in zip(firsts[:-1], firsts[1:])]
-        settled = self.scheduler.update(plan, reqs, sampled, eos_ids=self.eos_ids, finish_hook=self._text_stop)
-        self.runner.move_kv([m for s in settled for m in s.moves])
-        outputs = []
-        for s in settled:
-            req = s.req
-            req.output_logprobs.extend(float(logprobs[firsts[s.index] + r]) for r in s.rows)
-            if req.first_token_time is None:
-                req.first_token_time = now
-            detok = self._detok[req.request_id]
-            if s.paused:
-                detok.flush()  # the segment ends here: no stop string can straddle the tool call
-            if s.finish_reason:
-                req.finish_time = now
-                del self._detok[req.request_id]
-                public = req.request_id.partition("/")[0]
-                samples = self._groups.get(public, ())  # gone if a sibling settled it this step
-                if samples and all(r.status is Status.FINISHED for r in samples):
-                    del self._groups[public]
-            outputs.append(self._output(req, detok, n_new=len(s.tokens)))
-        return outputs
-
-    def _text_stop(self, req: Request, token: int, reason: str | None) -> str | None:
-        """The scheduler's finish hook: feeds the detokenizer and applies stop strings (text is
-        cut before a stop string; at any other finish the held-back text is flushed first)."""
-        detok = self._detok[req.request_id]
-        detok.append(token)
-        if detok.find_stop():
-            return "stop"
-        if reason is None:
-            return INTERCEPT if detok.find_intercept() else None
-        detok.flush()
-        return "stop" if detok.find_stop() else reason
-
-    def _output(self, req: Request, detok: IncrementalDetokenizer, n_new: int) -> RequestOutput:
-        finished = req.status is Status.FINISHED
-        paused = req.status is Status.PAUSED
-        new_ids = req.output_ids[-n_new:]
-        return RequestOutput(
-            request_id=req.request_id.partition("/")[0], index=req.sample_group, new_token_ids=new_ids,
-            new_text=detok.delta(finished or paused),
-            new_logprobs=req.output_logprobs[-n_new:] if req.params.logprobs else None,
-            token_ids=list(req.output_ids), text=detok.text[:detok.emitted], finished=finished,
-            finish_reason=req.finish_reason,
-            usage=Usage(len(req.prompt_ids), len(req.output_ids), req.num_cached_prompt_tokens,
-                        req.num_draft_tokens, req.num_accepted_tokens, req.num_spec_steps),
-            arrival_time=req.arrival_time, first_token_time=req.first_token_time,
-            finish_time=req.finish_time, paused=paused)
-
-
-def _first_mismatch(expected: list, given: list) -> str | None:
-    """The first leaf where two flattened (path, array) lists differ in path, shape or dtype."""
-    def name(path) -> str:  # e.g. layers/0/attn/q_proj/value
-        return jax.tree_util.keystr(path, simple=True, separator="/")
-
-    for i, (path, want) in enumerate(expected):
-        if i >= len(given):
-            return f"leaf {name(path)} is missing from the given state"
-        got_path, got = given[i]
-        if got_path != path:
-            return f"the given state has leaf {name(got_path)} where the engine's weights have {name(path)}"
-        if (tuple(got.shape), got.dtype) != (tuple(want.shape), want.dtype):
-            return (f"leaf {name(path)} has shape {tuple(got.shape)} and dtype {got.dtype}, expected "
-                    f"{tuple(want.shape)} and {want.dtype}")
-    if len(given) > len(expected):
-        return f"the given state has leaf {name(given[len(expected)][0])}, which the engine's weights lack"
-    return None
-
-
-def _place_like(got, want: jax.Array) -> jax.Array:
-    """got with want's sharding and commitment: jit keys its compiled programs on both (a
-    model loaded without shardings holds uncommitted arrays on the default device)."""
-    if isinstance(want, jax.Array) and want.committed:  # else an array, or a shape (abstract model)
-        return jax.device_put(got, want.sharding)
-    if isinstance(got, jax.Array) and got.committed:
-        got = jax.device_get(got)  # JAX has no on-device way to uncommit an array
-    return jax.device_put(got)

@@ -1,0 +1,83 @@
+"""The engine after the device step: a step's sampled rows read back, settled by the scheduler
+(Scheduler.update), fed to each sample's detokenizer (stop strings, intercept strings) and built
+into RequestOutputs."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+from jinfer.detokenizer import IncrementalDetokenizer
+from jinfer.request import Request, RequestOutput, Status, Usage
+from jinfer.step_plan import INTERCEPT, StepPlan
+
+
+class Postprocessing:
+    """Reading steps back (jinfer.engine.Engine mixes it in): it uses the engine's runner,
+    scheduler and EOS ids, its samples by public id (`_groups`) and their detokenizers
+    (`_detok`), and the step in flight and outputs held for the next step()."""
+
+    def _settle_inflight(self) -> None:
+        """Reads back the step in flight (async scheduling); its outputs come with the next step()."""
+        if self._inflight is not None:
+            done, self._inflight = self._inflight, None
+            self._held_outputs += self._postprocess(*done)
+
+    def _request(self, sample_id: str) -> Request:
+        """The Request object of one sample ("<id>" or "<id>/<i>")."""
+        public, _, index = sample_id.partition("/")
+        return self._groups[public][int(index or 0)]
+
+    def _postprocess(self, plan: StepPlan, reqs: list[Request], handle) -> list[RequestOutput]:
+        tokens, logprobs = self.runner.fetch(handle)
+        now = time.monotonic()
+        firsts = list(itertools.accumulate((1 + seq.num_draft for seq in plan.seqs), initial=0))  # first rows
+        rows = tokens.tolist()  # one conversion; each sequence's rows are a slice of it
+        sampled = [rows[a:b] for a, b in zip(firsts[:-1], firsts[1:])]
+        settled = self.scheduler.update(plan, reqs, sampled, eos_ids=self.eos_ids, finish_hook=self._text_stop)
+        self.runner.move_kv([m for s in settled for m in s.moves])
+        outputs = []
+        for s in settled:
+            req = s.req
+            req.output_logprobs.extend(float(logprobs[firsts[s.index] + r]) for r in s.rows)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            detok = self._detok[req.request_id]
+            if s.paused:
+                detok.flush()  # the segment ends here: no stop string can straddle the tool call
+            if s.finish_reason:
+                req.finish_time = now
+                del self._detok[req.request_id]
+                public = req.request_id.partition("/")[0]
+                samples = self._groups.get(public, ())  # gone if a sibling settled it this step
+                if samples and all(r.status is Status.FINISHED for r in samples):
+                    del self._groups[public]
+            outputs.append(self._output(req, detok, n_new=len(s.tokens)))
+        return outputs
+
+    def _text_stop(self, req: Request, token: int, reason: str | None) -> str | None:
+        """The scheduler's finish hook: feeds the detokenizer and applies stop strings (text is
+        cut before a stop string; at any other finish the held-back text is flushed first)."""
+        detok = self._detok[req.request_id]
+        detok.append(token)
+        if detok.find_stop():
+            return "stop"
+        if reason is None:
+            return INTERCEPT if detok.find_intercept() else None
+        detok.flush()
+        return "stop" if detok.find_stop() else reason
+
+    def _output(self, req: Request, detok: IncrementalDetokenizer, n_new: int) -> RequestOutput:
+        finished = req.status is Status.FINISHED
+        paused = req.status is Status.PAUSED
+        new_ids = req.output_ids[-n_new:]
+        return RequestOutput(
+            request_id=req.request_id.partition("/")[0], index=req.sample_group, new_token_ids=new_ids,
+            new_text=detok.delta(finished or paused),
+            new_logprobs=req.output_logprobs[-n_new:] if req.params.logprobs else None,
+            token_ids=list(req.output_ids), text=detok.text[:detok.emitted], finished=finished,
+            finish_reason=req.finish_reason,
+            usage=Usage(len(req.prompt_ids), len(req.output_ids), req.num_cached_prompt_tokens,
+                        req.num_draft_tokens, req.num_accepted_tokens, req.num_spec_steps),
+            arrival_time=req.arrival_time, first_token_time=req.first_token_time,
+            finish_time=req.finish_time, paused=paused)
