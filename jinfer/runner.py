@@ -6,7 +6,6 @@ import contextlib
 import copy
 import functools
 import itertools
-import logging
 import math
 import threading
 from typing import Sequence
@@ -16,17 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jinfer.attention import TREE_WORDS, AttentionMetadata, tree_bits_from_parents
+from jinfer.attention import AttentionMetadata, tree_bits_from_parents
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.errors import PlanRejected
 from jinfer.kv_cache import KVCache
-from jinfer.programs import ProgramKey, ProgramStore, signature
+from jinfer.programs import ProgramStore
 from jinfer.sampling import SamplingArrays, sample
 from jinfer.speculation import Draft
 from jinfer.step_plan import PENDING, StepPlan
+from jinfer.warmup import Warmup
 from sharding.reshard import reshard_tree
-
-log = logging.getLogger(__name__)
 
 # Pool budget when the device reports no memory statistics (CPU).
 _HOST_KV_BUDGET_BYTES = 2 << 30
@@ -58,8 +56,10 @@ def num_pages_for(model_cfg, cache_cfg: CacheConfig, dtype, device=None, shards:
     return max(1, int(free * cache_cfg.memory_fraction) // page_bytes)
 
 
-class ModelRunner:
-    """Owns the parameters and the KV cache; executes plans. Never sees Request objects."""
+class ModelRunner(Warmup):
+    """Owns the parameters and the KV cache; executes plans. Never sees Request objects.
+    Compiling the step buckets ahead of use (warmup, warmup_background) is its mixin
+    (warmup.py)."""
 
     def __init__(self, model: nnx.Module, cache_cfg: CacheConfig, sched_cfg: SchedulerConfig,
                  layout=None, *, decode_steps: bool = False, max_spec_tokens: int = 0,
@@ -120,17 +120,6 @@ class ModelRunner:
         """Sampling rows of a (tokens, seqs) bucket: one per sequence, or with speculation one
         per token a sequence's draft adds (at most t)."""
         return min(t, s * (1 + self.max_spec_tokens))
-
-    def release_warmup(self) -> None:
-        """Lets a background warm-up started with hold=True go on to the other buckets."""
-        self._warm_go.set()
-
-    def stop_warmup(self, timeout: float | None = None) -> None:
-        """Stops a background warm-up after the compilation under way (waits up to timeout s)."""
-        self._warm_stop.set()
-        self._warm_go.set()  # a held warm-up wakes to stop
-        if self._warm_thread is not None:
-            self._warm_thread.join(timeout)
 
     def _bind(self, layout) -> None:
         """(Re)creates the jitted step for a layout; compiled buckets are dropped."""
@@ -208,102 +197,6 @@ class ModelRunner:
             keys += sorted({(*self.bucket(n), True) for n in range(1, limit + 1)})
         return keys
 
-    def compiled_buckets(self) -> set[tuple[int, int, bool]]:
-        """The bucket keys (tokens, seqs, decode_only) whose step program is compiled."""
-        return set(self._compiled)
-
-    def traced_steps(self) -> int:
-        """How many step variants have been traced in this process: a step outside the
-        compiled buckets adds one (tests check that serving compiles nothing)."""
-        return self._step._cache_size()
-
-    def wait_warmup(self, timeout: float | None = None) -> bool:
-        """Waits up to timeout s for a background warm-up to finish; True when none is running."""
-        if self._warm_thread is not None:
-            self._warm_thread.join(timeout)
-        return self._warm_thread is None or not self._warm_thread.is_alive()
-
-    def warmup(self, progress: bool = False) -> None:
-        """Compiles every bucket variant ahead of time (progress: a bar on stderr). Without it
-        each variant compiles on its first step (JAX's persistent compilation cache, when
-        enabled, makes that a disk read after the first run)."""
-        keys = self.bucket_keys()
-        if progress:
-            from tqdm import tqdm
-            keys = tqdm(keys, desc="compiling step buckets", unit="bucket")
-        for key in keys:
-            if key not in self._compiled:
-                self._compile_key(key, self._compiled)
-        log.info("compiled %d step buckets", len(self._compiled))
-
-    def _compile_key(self, key: tuple[int, int, bool], into: dict) -> None:
-        # Shapes only for the pool and the previous samples: a background compile must not
-        # touch arrays the step in flight donates or replaces.
-        kv = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.kv)
-        prev = jax.ShapeDtypeStruct(self._prev_tokens.shape, self._prev_tokens.dtype,
-                                    sharding=self._prev_tokens.sharding)
-        inputs = self._empty_inputs(*key)
-
-        def compile_step():
-            with self._mesh():
-                return self._step.lower(self.state, kv, prev, *inputs).compile()
-
-        if self.programs is None:
-            into[key] = compile_step()
-            return
-        step = (self.graphdef, self._max_rows, self.max_spec_tokens, self.pages_per_seq, self.trees,
-                signature(self.state), signature(kv), signature(prev))
-        into[key] = self.programs.get_or_compile(ProgramKey(key, step), compile_step)
-
-    def warmup_background(self, progress: bool = False, hold: bool = False) -> threading.Thread:
-        """Compiles the smallest token bucket now and the others, smallest first, in a thread.
-
-        A server is ready after one compilation instead of all of them; until a bucket is
-        compiled, ready_tokens() stays below it and the engine caps each step's token budget
-        there (longer prompts are prefilled in chunks), so no step waits on a compilation.
-        hold: the thread waits for release_warmup() before the other buckets (a server sets
-        itself up first instead of sharing the CPU with them). Returns the thread (join it to
-        wait for the rest)."""
-        keys = sorted(self.bucket_keys())
-        compiled, first = self._compiled, keys[0][0]
-        for key in (k for k in keys if k[0] == first):
-            self._compile_key(key, compiled)
-        todo = [k for k in keys if k not in compiled]  # ascending: ready_tokens() grows bucket by bucket
-        warming, stop, go = self._warming, self._warm_stop, self._warm_go
-        warming.update(todo)
-        if not hold:
-            go.set()
-
-        def rest():
-            items = todo
-            if progress:
-                from tqdm import tqdm
-                items = tqdm(todo, desc="compiling the other step buckets (serving meanwhile)", unit="bucket")
-            go.wait()
-            try:
-                for key in items:
-                    if stop.is_set():  # rebound to another layout, or shutting down
-                        return
-                    self._compile_key(key, compiled)
-                    warming.discard(key)
-                log.info("compiled %d step buckets in the background", len(compiled))
-            except Exception:  # noqa: BLE001 - serving goes on; the rest compile on first use
-                log.exception("background compilation failed; the remaining buckets compile on first use")
-                warming.clear()
-
-        thread = self._warm_thread = threading.Thread(target=rest, name="bucket-warmup", daemon=True)
-        thread.start()
-        return thread
-
-    def ready_tokens(self) -> int:
-        """The largest step (tokens) whose bucket, and every smaller one, is compiled or may be
-        compiled on use: the whole token budget unless a background warm-up is under way."""
-        warming = set(self._warming)  # one snapshot: the warm-up thread removes keys meanwhile
-        if not warming:
-            return self.token_buckets[-1]
-        first_missing = min(k[0] for k in warming)
-        return max([t for t in self.token_buckets if t < first_missing], default=self.token_buckets[0])
-
     def precompile(self, layout) -> int:
         """Compiles every step bucket for another layout (another mesh) without placing
         anything there: the weights and a pool of the size a runner on that mesh would get
@@ -325,15 +218,6 @@ class ModelRunner:
         shadow._bind(layout)
         shadow.warmup()
         return len(shadow._compiled)
-
-    def _empty_inputs(self, t: int, s: int, decode_only: bool = False):
-        tree_bits = np.full((t, TREE_WORDS), -1, np.int32) if self.trees and not decode_only else None
-        md = AttentionMetadata(np.zeros(s + 1, np.int32), np.zeros(s, np.int32),
-                               np.zeros((s, self.pages_per_seq), np.int32), np.zeros(1, np.int32),
-                               decode_only, tree_bits)
-        r = self.rows(t, s)
-        return (np.zeros(t, np.int32), np.full(t, -1, np.int32), np.zeros(t, np.int32), md,
-                np.zeros(r, np.int32), SamplingArrays.from_rows([], r))
 
     def prepare(self, plan: StepPlan):
         """Host-side: the plan as padded numpy arrays for its bucket.
@@ -359,11 +243,7 @@ class ModelRunner:
         pos[:at] = starts[owner] + np.arange(at) - cu[owner]
         kv_lens = np.zeros(s, np.int32)
         kv_lens[:n_seqs] = starts + lens
-        table = np.zeros((s, self.pages_per_seq), np.int32)
-        total = int(counts.sum())
-        first = np.cumsum(counts) - counts
-        table[np.repeat(np.arange(n_seqs), counts), np.arange(total) - np.repeat(first, counts)] = np.fromiter(
-            itertools.chain.from_iterable(q.pages for q in seqs), np.int32, total)
+        table = _page_table(seqs, counts, s, self.pages_per_seq)
         feed = np.full(t, -1, np.int32)  # row of the previous step's output to take the id from
         last = cu[1:n_seqs + 1] - 1
         pending = np.flatnonzero(ids[last] == PENDING)
@@ -460,6 +340,17 @@ def _step(graphdef, max_rows, state, kv, prev_tokens, ids, feed, pos, md, logits
     tokens, logprobs = sample(logits, samp)
     pad = max_rows - tokens.shape[0]  # fixed shape: the next step takes these as prev_tokens
     return jnp.pad(tokens, (0, pad)), jnp.pad(logprobs, (0, pad)), kv
+
+
+def _page_table(seqs, counts: np.ndarray, s: int, pages_per_seq: int) -> np.ndarray:
+    """i32[s, pages_per_seq]: row i holds sequence i's pages (counts[i] of them) in order, then
+    zeros; rows past the sequences are zeros (padding)."""
+    table = np.zeros((s, pages_per_seq), np.int32)
+    total = int(counts.sum())
+    first = np.cumsum(counts) - counts
+    table[np.repeat(np.arange(len(seqs)), counts), np.arange(total) - np.repeat(first, counts)] = np.fromiter(
+        itertools.chain.from_iterable(q.pages for q in seqs), np.int32, total)
+    return table
 
 
 def _padded(pages: Sequence[int], n: int) -> np.ndarray:
