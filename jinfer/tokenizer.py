@@ -46,6 +46,12 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The tokenizers.Tokenizer it wraps: its JSON (to_str) is what HF's fast tokenizer
+        serialises (backend_tokenizer.to_str()), and another Tokenizer can wrap a copy of it."""
+        return self._tok
+
     def encode(self, text: str, *, add_special_tokens: bool = True, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`. By default the ids HF's `AutoTokenizer(text)["input_ids"]` gives:
         the post-processor adds BOS/EOS or not. add_special_tokens=False gives the bare ids, which

@@ -186,7 +186,7 @@ def test_n_samples_share_the_prompt_pages(llama, reference):
     rid = eng.add_request(prompt, dataclasses.replace(GREEDY, n=3))
     for _ in range(4):
         eng.step()
-    samples = eng._groups[rid]
+    samples = eng.samples(rid)
     shared = samples[0].pages[:10]
     assert all(s.pages[:10] == shared for s in samples)
     assert len({p for s in samples for p in s.pages[10:]}) == sum(len(s.pages) - 10 for s in samples)

@@ -2,7 +2,6 @@
 in many GGML types, both tokenizer kinds, q/k permutation, config from metadata, clear errors."""
 
 import json
-import os
 
 import gguf
 import numpy as np
@@ -77,7 +76,7 @@ def test_logits_and_greedy_tokens_match_transformers(files):
 def test_tokenizer_equals_transformers(files):
     kind, path, _, hf_tok = files
     tok = load_tokenizer(ModelSpec(path=path))
-    assert json.loads(tok._tok.to_str()) == json.loads(hf_tok.backend_tokenizer.to_str())
+    assert json.loads(tok.backend.to_str()) == json.loads(hf_tok.backend_tokenizer.to_str())
     assert len(TEXTS) >= 100
     for text in TEXTS:
         ids = tok.encode(text)

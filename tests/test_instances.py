@@ -93,7 +93,6 @@ def _collect(engine, ids, got):
 
 @pytest.mark.slow  # tests/test_adaptive_tp.py regroups 2+2+2+2 -> 8 under load in the default run
 def test_busy_instances_merge_into_one_and_their_requests_continue_token_identically():
-    import dataclasses
     from jinfer.engine import Engine
     from jinfer.sampling_params import SamplingParams
     from tests.test_tp import _run
@@ -117,7 +116,7 @@ def test_busy_instances_merge_into_one_and_their_requests_continue_token_identic
     for i, (_, _, kv) in report.migrated.items():
         assert kv.moved > 0 and kv.moved == kv.minimum  # each device got only the heads it lacks
     merged = inst.engines[0]
-    assert len(merged._groups) == 16
+    assert len(merged.unfinished_ids()) == 16
     results = _collect(merged, [r for k in range(4) for r in ids[k]], early)
     for k in range(4):
         assert results[4 * k:4 * k + 4] == expected
@@ -140,7 +139,7 @@ def test_a_migration_the_pool_cannot_hold_recomputes_and_still_matches():
     with pytest.raises(ValueError, match="not unfinished in this engine"):
         src.export_requests(["nope"])
     dst.import_requests(migration)
-    assert any(r.num_preemptions for g in dst._groups.values() for r in g)  # some had no room: recompute
+    assert any(r.num_preemptions for i in dst.unfinished_ids() for r in dst.samples(i))  # some had no room: recompute
     with pytest.raises(ValueError, match="already in use in this engine"):
         dst.import_requests(migration)
     assert _collect(dst, [(i, 1) for i in ids], {}) == [[t] for t in expected]
@@ -156,7 +155,7 @@ def test_exporting_while_the_step_in_flight_finishes_a_request_keeps_its_output(
     dst = Engine(init_model(CFG, seed=3), TOK, **KW)
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     short, long = src.add_request(PROMPTS[1], one), src.add_request(PROMPTS[0], GREEDY)
-    assert src.step() == [] and src._inflight is not None  # the step that finishes `short` is in flight
+    assert src.step() == [] and src.step_in_flight  # the step that finishes `short` is in flight
     migration = src.export_requests()  # reads it back: `short` travels as its final output only
     assert list(migration.groups) == [long] and not src.has_unfinished()
     dst.import_requests(migration)

@@ -115,7 +115,7 @@ def test_the_byte_bound_never_exceeds_the_token_count(text):
 
 
 def _with(normalizer=None, pre_tokenizer=None) -> Tokenizer:
-    tok = Tokenizer.from_dir(TEST_MODEL_DIR)._tok
+    tok = Tokenizer.from_dir(TEST_MODEL_DIR).backend
     spec = tokenizers.Tokenizer.from_str(tok.to_str())
     if normalizer is not None:
         spec.normalizer = normalizer
@@ -134,8 +134,8 @@ def test_tokenizers_that_can_drop_text_take_no_byte_bound():
     assert _with(pre_tokenizer=pre_tokenizers.Whitespace()).max_bytes_per_token is None
     assert _with(normalizers.Strip()).min_tokens("x" * 10_000) == 0
     stripping = _with()
-    stripping._tok.add_special_tokens([tokenizers.AddedToken("<mask>", lstrip=True)])
-    assert Tokenizer(stripping._tok, bos_id=None, eos_ids=()).max_bytes_per_token is None
+    stripping.backend.add_special_tokens([tokenizers.AddedToken("<mask>", lstrip=True)])
+    assert Tokenizer(stripping.backend, bos_id=None, eos_ids=()).max_bytes_per_token is None
     unigram = tokenizers.Tokenizer(tokenizers.models.Unigram([("<unk>", 0.0), ("a", -1.0)], unk_id=0))
     assert Tokenizer(unigram, bos_id=None, eos_ids=()).max_bytes_per_token is None
 

@@ -81,7 +81,7 @@ def test_an_update_between_steps_settles_the_step_in_flight_first(engine):
     expected = _greedy(engine)
     for i, prompt in enumerate(PROMPTS):
         engine.add_request(prompt, GREEDY, request_id=f"mid{i}")
-    assert engine.step() == [] and engine._inflight is not None  # its tokens are read next step()
+    assert engine.step() == [] and engine.step_in_flight  # its tokens are read next step()
     engine.update_weights(jax.tree.map(jnp.copy, engine.runner.state))  # the same weights, new arrays
     final = {}
     while engine.has_unfinished():

@@ -37,7 +37,7 @@ def test_default_model_is_smollm2_in_the_cache(smollm2):
 
 def test_default_model_tokenizer_and_chat_template_match_transformers(smollm2):
     _, (_, tok), hf_tok = smollm2
-    assert json.loads(tok._tok.to_str()) == json.loads(hf_tok.backend_tokenizer.to_str())
+    assert json.loads(tok.backend.to_str()) == json.loads(hf_tok.backend_tokenizer.to_str())
     text = tok.apply_chat_template(CHAT)
     assert text == hf_tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
     assert tok.encode(text, add_special_tokens=False) == hf_tok.encode(text, add_special_tokens=False)
