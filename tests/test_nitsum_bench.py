@@ -179,3 +179,13 @@ def test_the_tool_serves_the_live_workload_statically_and_adaptively(tmp_path):
             for part in line[len("Outputs: "):].rstrip(".").split("; "):
                 same, _, rest = part.partition(" of ")
                 assert int(same.split(": ")[1]) == int(rest.split(" ")[0]) > 0, part
+
+
+def test_the_tool_measures_regroups_of_any_model():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = _tool("--parts=regroups", "--num_devices=2", "--degrees=1,2", "--initial=2",
+                f"--config={os.path.join(root, 'configs', 'test_5m.py')}", "--config.engine.warmup=false")
+    assert "## Regroups: test-5m on 2 fake CPU devices" in out
+    rows = [line for line in out.splitlines() if line.startswith("| (")]
+    assert [r.split(" | ")[:2] for r in rows] == [["| (2,)", "(1, 1)"], ["| (1, 1)", "(2,)"]]
+    assert "Median pause" in out and "Fitted reconfiguration model" in out

@@ -6,6 +6,8 @@ this host's (fake CPU) devices.
   python tools/bench_nitsum.py --parts=sim --profile          # re-measure the simulated profile
   python tools/bench_nitsum.py --parts=live --live_profile_out=benchmarks/nitsum_profile_cpu.json
   python tools/bench_nitsum.py --smoke --parts=sim            # tiny sizes, a check that it runs
+  python tools/bench_nitsum.py --parts=regroups --config=configs/default.py --num_devices=6 \
+      --degrees=1,3 --initial=3,3                             # only the measured regroups, any model
 
 Simulated (scheduler/simulation/nitsum_sim.py): --num_devices devices, each instance jinfer's Scheduler
 with the SLO-aware policy (scheduler/slo/policies.py) on the cost model of its TP degree
@@ -54,7 +56,9 @@ from jinfer.launch import define_config_flag, parse_flags  # noqa: E402 - after 
 FLAGS = flags.FLAGS
 CONFIG = define_config_flag(os.path.join(ROOT, "configs", "test_5m.py"))
 flags.DEFINE_string("out", "", "Write the Markdown report here (else stdout only).")
-flags.DEFINE_list("parts", ["sim", "live"], "sim (the simulator at 8B-on-H100 cost) and/or live (this host).")
+flags.DEFINE_list("parts", ["sim", "live"], "sim (the simulator at 8B-on-H100 cost) and/or live (this host); "
+                  "regroups: only the live part's measured regroups, for any --config (e.g. the default model with "
+                  "--num_devices=6 --degrees=1,3 --initial=3,3).")
 flags.DEFINE_integer("num_devices", 8, "Devices to partition.", lower_bound=1)
 flags.DEFINE_list("degrees", ["1", "2", "4", "8"], "TP degrees an instance may have.")
 flags.DEFINE_float("attainment", 0.9, "Profiles: the attainment a rate must keep to count as SLO-safe.",
@@ -411,7 +415,8 @@ def _live_runs(launch, tiers, items, best, profile, reconfig):
 def _measure_reconfig(launch):
     """(ReconfigModel fitted to the adaptive group's measured regroups, their records): the group
     built from --initial with its other device groups compiled, then regrouped through one
-    partition per degree and back while requests run (scheduler.adaptive_tp.live.measure_regroups)."""
+    partition per degree (and the largest degree beside ones, when it leaves devices over) and
+    back while requests run (scheduler.adaptive_tp.live.measure_regroups)."""
     import jax
     import numpy as np
 
@@ -425,8 +430,11 @@ def _measure_reconfig(launch):
                                     scheduler_config=launch.scheduler, options=launch.engine))
     if launch.engine.warmup:
         group.instances.precompile([int(d) for d in FLAGS.degrees])
-    n = FLAGS.num_devices
-    cycle = [[d] * (n // d) for d in sorted({int(d) for d in FLAGS.degrees}, reverse=True)] + [group.instances.sizes]
+    n, start = FLAGS.num_devices, list(group.instances.sizes)
+    degrees = sorted({int(d) for d in FLAGS.degrees}, reverse=True)
+    cycle = [[d] * (n // d) for d in degrees] + ([[degrees[0]] + [1] * (n - degrees[0])] if degrees[0] < n else [])
+    cycle += [start]
+    cycle = [c for k, c in enumerate(cycle) if c != ([start] + cycle)[k]]  # no regroup into what it is
     rng = np.random.default_rng(FLAGS.seed)
     prompts = [rng.integers(2, tok.vocab_size, 48).tolist() for _ in range(4 * len(group.engines))]
     records = measure_regroups(group, cycle, prompts)
@@ -512,6 +520,21 @@ def _live_report(live, want, control, tiers, best):
             "Outputs: " + "; ".join(checks) + "."]
 
 
+def regroups_section():
+    from harness.experiments import describe_host
+    from jinfer.launch import resolve
+
+    try:
+        launch = resolve(CONFIG.value)
+    except (ValueError, OSError) as e:
+        raise app.UsageError(str(e)) from None
+    fit, measured = _measure_reconfig(launch)
+    return [f"## Regroups: {launch.model.display_name} on {FLAGS.num_devices} fake CPU devices", "",
+            f"Host: {describe_host()}. Instances as the config: {launch.cache.num_pages} KV pages of "
+            f"{launch.cache.page_size} tokens, token budget {launch.scheduler.max_num_batched_tokens}.", "",
+            *_reconfig_lines(fit, measured)]
+
+
 def live_section():
     from harness.experiments import describe_host
     from jinfer.launch import load_tokenizer
@@ -554,17 +577,19 @@ def live_section():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    unknown = sorted(set(FLAGS.parts) - {"sim", "live"})
+    unknown = sorted(set(FLAGS.parts) - {"sim", "live", "regroups"})
     if unknown:
-        raise app.UsageError(f"--parts names {unknown}; known: sim, live")
+        raise app.UsageError(f"--parts names {unknown}; known: sim, live, regroups")
     if FLAGS.smoke:
         FLAGS.sim_phases = ["a=4:interactive:20,batch:2", "b=4:batch:10,agent:1"]
         FLAGS.live_phases = ["a=3:interactive:2,batch:0.5", "b=3:batch:1,agent:0.5"]
         FLAGS.profile_requests, FLAGS.profile_tol = 40, 0.3
-    if "live" in FLAGS.parts:
+    if "live" in FLAGS.parts or "regroups" in FLAGS.parts:
         from harness.experiments import use_fake_devices
         use_fake_devices(FLAGS.num_devices)
     out = (sim_section() if "sim" in FLAGS.parts else []) + (live_section() if "live" in FLAGS.parts else [])
+    if "regroups" in FLAGS.parts:
+        out += regroups_section()
     report = f"Command: `python tools/bench_nitsum.py {' '.join(sys.argv[1:])}`\n\n" + "\n".join(out)
     print(report)
     if FLAGS.out:
