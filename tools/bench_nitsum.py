@@ -112,7 +112,7 @@ flags.DEFINE_list("live_shapes", ["interactive:48:24", "agent:320:16:0.25", "bat
 flags.DEFINE_multi_string("live_phases", ["interactive=25:interactive:30,batch:0.3",
                                           "batch=25:interactive:0.5,batch:30", "agent=25:interactive:0.5,agent:9"],
                   "Live workload phases (as --sim_phases).")
-flags.DEFINE_list("live_cost_models", [f"{tp}:benchmarks/cost_model_default_cpu_tp{tp}.json" for tp in (1, 2, 4, 8)],
+flags.DEFINE_list("live_cost_models", [f"{tp}:benchmarks/cost_model_test_5m_cpu_tp{tp}.json" for tp in (1, 2, 4, 8)],
                   "tp:path per degree: cost models measured here (tools/profile_engine.py --config.model.tp=N).")
 flags.DEFINE_bool("live_shared_host", True, "Scale each degree's cost model by num_devices / tp: the instances "
                   "of a partition into that degree step one after another on one host thread (all busy), so each "
@@ -444,15 +444,15 @@ def _measure_reconfig(launch):
     return fit, records
 
 
-def _reconfig_lines(fit, records):
+def _reconfig_lines(fit, records, title="### Regroups measured before the runs",
+                    use=" (the simulation below, and the live controller's estimate unless --live_reconfig_s)"):
     rows = ["| from | to | seconds | weights moved MB | KV moved MB | requests migrated |", "|---|---|---:|---:|---:|---:|"]
     rows += [f"| {r.old} | {r.new} | {r.seconds:.2f} | {r.weights_moved / 2**20:.1f} | {r.kv_moved / 2**20:.2f} | "
              f"{r.requests_migrated} |" for r in records]
     secs = sorted(r.seconds for r in records)
-    return ["### Regroups measured before the runs", "", *rows, "",
-            f"Median pause {secs[(len(secs) - 1) // 2] / 2 + secs[len(secs) // 2] / 2:.2f} s. Fitted reconfiguration model "
-            f"(the simulation below, and the live controller's estimate unless --live_reconfig_s): "
-            f"{fit.fixed_s:.2f} s + bytes at {fit.bandwidth / 1e9:.2f} GB/s."]
+    return [title, "", *rows, "",
+            f"Median pause {secs[(len(secs) - 1) // 2] / 2 + secs[len(secs) // 2] / 2:.2f} s. Fitted reconfiguration model"
+            f"{use}: {fit.fixed_s:.2f} s + bytes at {fit.bandwidth / 1e9:.2f} GB/s."]
 
 
 def _live_setup():
@@ -532,7 +532,7 @@ def regroups_section():
     return [f"## Regroups: {launch.model.display_name} on {FLAGS.num_devices} fake CPU devices", "",
             f"Host: {describe_host()}. Instances as the config: {launch.cache.num_pages} KV pages of "
             f"{launch.cache.page_size} tokens, token budget {launch.scheduler.max_num_batched_tokens}.", "",
-            *_reconfig_lines(fit, measured)]
+            *_reconfig_lines(fit, measured, "### Regroups measured (requests running)", "")]
 
 
 def live_section():
