@@ -44,7 +44,7 @@ class Migrating:
         The step in flight (async scheduling) is finished first; its outputs come with the next
         step(). Weights move only the slices each device lacks; the KV pool moves with its page
         tables unchanged. With options.warmup the step buckets compile for the new mesh before
-        it returns (Instances.precompile makes that a cache read), as when the engine was built.
+        it returns (with Instances' ProgramStore, a regroup takes precompile's programs), as when the engine was built.
         Returns (weights, kv) sharding.reshard.MoveStats.
         """
         layout = TPLayout.for_model(self.model_config, mesh, self.vocab_parallel)  # ValueError before anything moves

@@ -333,7 +333,7 @@ class InstanceGroup:
             for rid in list(self._where):
                 if engine.is_unfinished(rid):
                     self._where[rid] = engine
-        jax.block_until_ready([e.runner.kv for e in self.engines])
+        jax.block_until_ready([(e.runner.kv, e.runner.state) for e in self.engines])
         seconds = time.perf_counter() - t0
         w = [report.weights[j] for j in report.weights]
         rec = Reconfiguration(self.clock() if now is None else now, old, tuple(self.instances.sizes), seconds,

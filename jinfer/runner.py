@@ -215,6 +215,7 @@ class ModelRunner(Warmup):
         shadow.state = jax.tree.map(lambda sharding, sub: jax.tree.map(lambda x: abstract(x, sharding), sub),
                                     layout.state_shardings(self.state), self.state)
         shadow.kv = jax.tree.map(lambda x: abstract(x, layout.kv_sharding), pool)
+        shadow._warm_thread = None  # the copy must not stop this runner's own background warm-up
         shadow._bind(layout)
         shadow.warmup()
         return len(shadow._compiled)

@@ -62,7 +62,8 @@ def _local(part, box) -> tuple[slice, ...]:
 def _on_host(box, parts, shards, dtype, device) -> jax.Array:
     """The array of `box` on a CPU device, written from its pieces in host memory: a CPU device's
     memory is the host's, and numpy slices and copies compile nothing (the device path compiles
-    a slice and a concatenate per shape and device: most of a regroup's pause on CPU)."""
+    a slice and a concatenate per shape and device: most of a regroup's pause on CPU). Two
+    copies: into the new host array, and device_put's into the device's buffer."""
     out = np.empty([hi - lo for lo, hi in box], dtype)
     for part, src_box, src in parts:
         out[_local(part, box)] = np.asarray(shards[src].data)[_local(part, src_box)]

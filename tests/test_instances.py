@@ -214,5 +214,21 @@ def test_precompile_keeps_programs_for_later_regroups(caplog):
     records = measure_regroups(group, [[8], [4, 2, 2]], PROMPTS * 2, steps_between=2, max_tokens=16)
     assert [(r.old, r.new) for r in records] == [((4, 2, 2), (8,)), ((8,), (4, 2, 2))]
     assert all(r.seconds > 0 for r in records) and records[1].requests_migrated + records[0].requests_migrated > 0
-    assert step_compiles() == 0 and not group.has_unfinished()
+    assert step_compiles() == 0 and not any(e.has_unfinished() for e in group.engines)
     assert all(e.load().free_pages + e.load().cached_pages == e.load().num_pages for e in group.engines)
+
+
+@pytest.mark.multi_device
+def test_precompile_leaves_the_instances_background_warm_up_running():
+    import dataclasses
+
+    from jinfer.config import EngineOptions
+
+    kw = dict(KW, options=EngineOptions(warmup=True, warmup_background=True, min_token_bucket=4),
+              scheduler_config=dataclasses.replace(KW["scheduler_config"], max_model_len=52))
+    inst = Instances(init_model(CFG, seed=3), TOK, [4, 4], **kw)
+    inst.precompile([8])  # (its shadow runner once stopped engine 0's held warm-up for good)
+    for engine in inst.engines:
+        engine.release_warmup()
+        assert engine.runner.wait_warmup(300)
+        assert engine.runner.ready_tokens() == engine.runner.token_buckets[-1]

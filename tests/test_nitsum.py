@@ -122,6 +122,11 @@ def test_a_shared_partition_that_serves_every_tier_stays_until_one_starves():
         if c.decide(float(k)) is not None:
             break
     assert c.current != shared and c.current.serving("interactive") and "interactive" in str(c.current)
+    # Overloaded alike, shared or dedicated, the same devices score the same (starvation is
+    # counted once: a shared tier scores what it was seen to be served).
+    over, starved = {"batch": 24}, {"batch": 2.0}
+    assert c.objective(Partition.parse("tp8:*"), over, starved) == \
+        c.objective(Partition.parse("tp8:batch"), over, starved) == 1 * 2.0 * 12
 
 
 def test_flapping_between_two_partitions_doubles_the_dwell_until_a_calm_spell():
@@ -148,6 +153,15 @@ def test_flapping_between_two_partitions_doubles_the_dwell_until_a_calm_spell():
     assert c.decide(60.0) is not None and c.dwell_s() == 2.0
     c.observe(loads[1])
     assert c.decide(61.0) is None and c.decide(62.0) is not None
+    # A flapper held at the cap stays in its run: changes at least flap_window_s apart for good.
+    held = _controller(smoothing=1.0, confirm=1, min_dwell_s=2.0, flap_window_s=20.0)
+    times = []
+    for k in range(200):
+        held.observe(loads[(k // 4) % 2])
+        if held.decide(float(k)) is not None:
+            times.append(k)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert gaps[:3] == [4, 4, 12] and min(gaps[4:]) >= 20 and len(times) <= 12
 
 
 def test_route_prefers_the_tiers_least_loaded_instance_else_best_effort():

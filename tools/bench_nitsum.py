@@ -415,7 +415,7 @@ def _live_runs(launch, tiers, items, best, profile, reconfig):
 def _measure_reconfig(launch):
     """(ReconfigModel fitted to the adaptive group's measured regroups, their records): the group
     built from --initial with its other device groups compiled, then regrouped through one
-    partition per degree (and the largest degree beside ones, when it leaves devices over) and
+    partition per degree (and the largest degree beside the smallest, when it leaves devices over) and
     back while requests run (scheduler.adaptive_tp.live.measure_regroups)."""
     import jax
     import numpy as np
@@ -425,6 +425,9 @@ def _measure_reconfig(launch):
     from scheduler.adaptive_tp.live import measure_regroups
     from scheduler.simulation.nitsum_sim import ReconfigModel
 
+    bad = [d for d in FLAGS.degrees if int(d) < 1 or FLAGS.num_devices % int(d)]
+    if bad:
+        raise app.UsageError(f"--degrees {bad} do not divide --num_devices={FLAGS.num_devices}")
     model, tok = load_model(launch.model)
     group = InstanceGroup(Instances(model, tok, [int(n) for n in FLAGS.initial], cache_config=launch.cache,
                                     scheduler_config=launch.scheduler, options=launch.engine))
@@ -432,7 +435,10 @@ def _measure_reconfig(launch):
         group.instances.precompile([int(d) for d in FLAGS.degrees])
     n, start = FLAGS.num_devices, list(group.instances.sizes)
     degrees = sorted({int(d) for d in FLAGS.degrees}, reverse=True)
-    cycle = [[d] * (n // d) for d in degrees] + ([[degrees[0]] + [1] * (n - degrees[0])] if degrees[0] < n else [])
+    cycle = [[d] * (n // d) for d in degrees]
+    big, small = degrees[0], degrees[-1]
+    if big < n and (n - big) % small == 0:  # the largest degree beside the smallest
+        cycle.append([big] + [small] * ((n - big) // small))
     cycle += [start]
     cycle = [c for k, c in enumerate(cycle) if c != ([start] + cycle)[k]]  # no regroup into what it is
     rng = np.random.default_rng(FLAGS.seed)

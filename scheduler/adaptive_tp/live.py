@@ -99,6 +99,7 @@ def measure_regroups(group: InstanceGroup, cycle: Sequence[Sequence[int]], promp
         group.regroup(list(sizes))
     for rid in ids:
         group.abort(rid)
-    while group.has_unfinished():
-        group.step()
+    while any(e.has_unfinished() for e in group.engines):  # outputs held by a regroup, aborts settled
+        for engine in group.engines:
+            engine.step()
     return group.reconfigurations[first:]

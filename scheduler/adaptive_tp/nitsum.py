@@ -26,9 +26,10 @@ all, every device is an instance of the smallest degree serving every tier.
 Hysteresis (`Controller.decide`): a new partition replaces the current one only when
   - the same partition came out of `confirm` consecutive windows,
   - at least the dwell has passed since the last change: `min_dwell_s`, doubled for each
-    change within the `flap_window_s` before it (flap damping, as routers damp a flapping
-    route: a controller that keeps switching between two partitions waits longer each time;
-    a calm spell of flap_window_s resets it),
+    change in a run of changes (each less than twice `flap_window_s` after the one before),
+    up to `flap_window_s` (flap damping, as routers damp a flapping route: a controller that
+    keeps switching between two partitions waits longer each time, then at least
+    flap_window_s; a calm spell of twice that ends the run),
   - its objective (the weighted goodput `plan` maximises) beats the current one's by at least
     `hysteresis` (relative), and
   - the gain over `horizon_s` pays for the reconfiguration: (new - current) * horizon_s >
@@ -124,8 +125,8 @@ def capacity(partition: Partition, profile: Profile, demand: Mapping[str, float]
     A tier without is served by the shared instances (as `route` sends it), which split their
     time among such tiers: each instance-second of degree d serves rate(tier, d) requests of one
     tier, handed out by value(tier) * rate(tier, d), highest first, each tier taking what its
-    demand still needs (the greedy split is the best one for a sum of value * served; it
-    ignores the interference of tiers batched together). demand None: shared instances count
+    demand still needs (a greedy split, not always the best one; it ignores the interference of
+    tiers batched together). demand None: shared instances count
     for nothing (no demand to split them by)."""
     out: dict[str, float] = collections.defaultdict(float)
     shared: collections.Counter = collections.Counter()  # degree -> instance-seconds per second
@@ -254,14 +255,14 @@ class Controller:
     def objective(self, partition: Partition, rates: Mapping[str, float], starvation: Mapping[str, float]) -> float:
         """What plan maximises and decide compares: sum over tiers of weight * starvation *
         min(capacity, arrivals). A tier served by shared instances (the current partition's,
-        as `route` sends it) gets the share `capacity` gives it divided by its starvation: what
-        it was seen to be served, so a shared partition that serves every tier stays, and one
-        that starves a tier loses to a partition that would not."""
+        as `route` sends it) gets at most what it was seen to be served (arrivals /
+        starvation), so a shared partition that serves every tier stays, and one that starves a
+        tier loses to a partition that would not."""
         value = self._value(starvation)
         cap = capacity(partition, self.profile, rates, value)
         for t in cap:
             if not any(i.tier == t for i in partition.instances):
-                cap[t] /= starvation.get(t, 1.0)
+                cap[t] = min(cap[t], rates.get(t, 0.0) / starvation.get(t, 1.0))
         return sum(value(t.name) * min(cap.get(t.name, 0.0), rates.get(t.name, 0.0))
                    for t in self.tiers.values() if t.judged)
 
@@ -295,19 +296,22 @@ class Controller:
         if not switched:
             return None
         self.current, self._last_change = candidate, now
-        self._changes.append(now)
+        self._changes = self._changes[-32:] + [now]  # a run past 32 changes is at the cap anyway
         return candidate
 
     def dwell_s(self) -> float:
-        """The least time the current partition stays: min_dwell_s, doubled for each change made
-        within flap_window_s before the last one (a run of changes each that close counts), and
-        never more than flap_window_s (a calm spell that long ends the run)."""
+        """The least time the current partition stays: min_dwell_s (at least one window once
+        changes run together), doubled for each change in the run that ended with the last one,
+        never more than flap_window_s. A run is changes each less than twice flap_window_s after
+        the one before: a flapper held at the cap stays in its run; a calm spell ends it."""
         run = 0
         for earlier, later in zip(reversed(self._changes[:-1]), reversed(self._changes)):
-            if later - earlier >= self.flap_window_s:
+            if later - earlier >= 2 * self.flap_window_s:
                 break
             run += 1
-        return min(self.min_dwell_s * 2 ** run, max(self.min_dwell_s, self.flap_window_s))
+        if not run:
+            return self.min_dwell_s
+        return min(max(self.min_dwell_s, self.window_s) * 2 ** run, max(self.min_dwell_s, self.flap_window_s))
 
 
 def size_multisets(num_devices: int, degrees: Sequence[int]) -> list[tuple[int, ...]]:
