@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -455,9 +456,8 @@ def _reconfig_lines(fit, records, title="### Regroups measured before the runs",
     rows = ["| from | to | seconds | weights moved MB | KV moved MB | requests migrated |", "|---|---|---:|---:|---:|---:|"]
     rows += [f"| {r.old} | {r.new} | {r.seconds:.2f} | {r.weights_moved / 2**20:.1f} | {r.kv_moved / 2**20:.2f} | "
              f"{r.requests_migrated} |" for r in records]
-    secs = sorted(r.seconds for r in records)
     return [title, "", *rows, "",
-            f"Median pause {secs[(len(secs) - 1) // 2] / 2 + secs[len(secs) // 2] / 2:.2f} s. Fitted reconfiguration model"
+            f"Median pause {statistics.median(r.seconds for r in records):.2f} s. Fitted reconfiguration model"
             f"{use}: {fit.fixed_s:.2f} s + bytes at {fit.bandwidth / 1e9:.2f} GB/s."]
 
 

@@ -27,6 +27,7 @@ same items, control and models give the same records.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from typing import Callable, Mapping, Sequence
 
 from jinfer.config import Tier
@@ -81,8 +82,7 @@ class ReconfigModel:
         infinite). weight_bytes, kv_bytes_per_token: the measured model's."""
         if not pauses:
             raise ValueError("fit needs at least one measured pause")
-        secs = sorted(p for p, _ in pauses)
-        median = (secs[(len(secs) - 1) // 2] + secs[len(secs) // 2]) / 2
+        median = statistics.median(p for p, _ in pauses)
         n = len(pauses)
         mean_b, mean_s = sum(b for _, b in pauses) / n, sum(p for p, _ in pauses) / n
         var = sum((b - mean_b) ** 2 for _, b in pauses)
