@@ -176,3 +176,23 @@ def test_tree_bits_from_parents_by_hand():
 def test_tree_bits_from_parents_names_the_bad_input(args, message):
     with pytest.raises(ValueError, match=message):
         tree_bits_from_parents(*args)
+
+
+@pytest.mark.parametrize("kv_len,window,block_pages", [(1, None, 1), (17, None, 1), (30, None, 3), (30, 6, 1),
+                                                       (31, 9, 2), (62, None, 5), (62, 11, 5)])
+def test_a_one_row_step_matches_reference(kv_len, window, block_pages):
+    """A step of one token row takes its own decode path (no page list): the reference's row,
+    over several block trips, blocks that do not divide the page table, NaN-poisoned free
+    slots and a sliding window; a padding row (no sequence) comes back as zeros."""
+    rng = np.random.default_rng(kv_len)
+    q, kp, vp, md = _batch(rng, [1], [kv_len], page=4, num_kv_heads=2, group=3, head_dim=16, extra_seqs=1,
+                           extra_tokens=0)
+    kw = dict(sm_scale=0.25, sliding_window=window)
+    ref = ragged_paged_attention_ref(q, kp, vp, md.cu_q_lens, md.kv_lens, md.page_indices, md.num_seqs, **kw)
+    attend = jax.jit(lambda q, kp, vp, md: paged_attention(q, kp, vp, md, kv_block=4, decode_block=4 * block_pages,
+                                                           decode_block_per_seq=4 * block_pages, **kw))
+    out = attend(q, kp, vp, md)
+    assert out.shape == q.shape and np.isfinite(np.asarray(out)).all()
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref[:1]), atol=2e-5, rtol=2e-5)
+    empty = AttentionMetadata(md.cu_q_lens * 0, md.kv_lens * 0, md.page_indices, md.num_seqs * 0)
+    assert not np.asarray(attend(q, kp, vp, empty)).any(), "a padding row must come back as zeros"

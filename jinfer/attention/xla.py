@@ -115,6 +115,39 @@ def _decode_rows(q, k_pages, v_pages, md, q_len, *, sm_scale, sliding_window, pa
     return _finish(state)
 
 
+def _lone_decode(q, k_pages, v_pages, md, q_len, *, sm_scale, sliding_window, pages_per_block):
+    """Attention of a one-row step (f32[1, K, G, D]): sequence 0's decode over its own pages, a
+    block at a time, or zeros when the row is padding. The general decode path's page list and
+    its per-block segment merges cost one stream of the default model ~1 ms per step
+    (benchmarks/cpu_peer.md); a lone row needs neither."""
+    num_kv_heads, _, page_size, head_dim = k_pages.shape
+    group = q.shape[1] // num_kv_heads
+    block = pages_per_block * page_size
+    live = (md.num_seqs[0] > 0) & (q_len[0] == 1)
+    kv_len = jnp.where(live, md.kv_lens[0], 0)
+    qr = q[0].reshape(num_kv_heads, group, head_dim)
+    table = md.page_indices[0]  # padded to whole blocks (page 0, masked) so no slice is clamped
+    table = jnp.pad(table, (0, -table.shape[0] % pages_per_block))
+
+    def body(j, state):
+        pages = jax.lax.dynamic_slice_in_dim(table, j * pages_per_block, pages_per_block)
+        k_blk = k_pages[:, pages].reshape(num_kv_heads, block, head_dim)  # [K, L, D]
+        v_blk = v_pages[:, pages].reshape(num_kv_heads, block, head_dim)
+        key_pos = j * block + jnp.arange(block)
+        mask = key_pos < kv_len
+        if sliding_window is not None:
+            mask &= key_pos > kv_len - 1 - sliding_window
+        v_blk = jnp.where(mask[None, :, None], v_blk, 0)  # garbage in unused slots stays out
+        scores = jnp.einsum("kgd,kld->kgl", qr, k_blk, preferred_element_type=jnp.float32) * sm_scale
+        return _online_update(state, scores, mask[None, None], v_blk, "kgl,kld->kgd")
+
+    first = 0
+    if sliding_window is not None:
+        first = jnp.maximum(kv_len - sliding_window, 0) // block
+    state = jax.lax.fori_loop(first, -(-kv_len // block), body, _init_state((num_kv_heads, group), head_dim))
+    return _finish(state)[None]
+
+
 def _chunk_tiles(q, k_pages, v_pages, md, q_len, *, sm_scale, sliding_window, q_tile,
                  pages_per_block, min_len=2, max_len=None, out0=None):
     """Attention of the rows of every sequence with min_len <= q_len (<= max_len), q_tile rows of
@@ -228,6 +261,12 @@ def paged_attention(q, k_pages, v_pages, md: AttentionMetadata, *, sm_scale: flo
                            None if md.tree_bits is None else jnp.asarray(md.tree_bits))
     q_len = md.cu_q_lens[1:] - md.cu_q_lens[:-1]  # i32[S]
     kw = dict(sm_scale=sm_scale, sliding_window=sliding_window)
+    # Keys per block of the decodes' page list: decode_block for a full batch, fewer for a few
+    # sequences (a lone decode would otherwise gather and mask decode_block keys per step).
+    decode_keys = min(decode_block, max(page_size, decode_block_per_seq * max_seqs))
+    if num_tokens == 1:  # its one row is a decode or padding: no chunk tiles, no page list
+        out = _lone_decode(q, k_pages, v_pages, md, q_len, pages_per_block=max(1, decode_keys // page_size), **kw)
+        return out.reshape(1, num_heads, head_dim).astype(q.dtype)
     live = jnp.arange(max_seqs) < md.num_seqs[0]
     group = num_heads // num_kv_heads
 
@@ -241,9 +280,6 @@ def paged_attention(q, k_pages, v_pages, md: AttentionMetadata, *, sm_scale: flo
     # tiles' set-up (padding q, the output buffer), which cost a lone decode ~0.2 ms per layer.
     out = jax.lax.cond(jnp.any(live & (q_len >= 2)), chunks,
                        lambda: jnp.zeros((num_tokens + q_tile, num_kv_heads, group, head_dim), jnp.float32))
-    # Keys per block of the decodes' page list: decode_block for a full batch, fewer for a few
-    # sequences (a lone decode would otherwise gather and mask decode_block keys per step).
-    decode_keys = min(decode_block, max(page_size, decode_block_per_seq * max_seqs))
     is_dec = live & (q_len == 1)
 
     def decodes(out):
