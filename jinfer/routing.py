@@ -68,3 +68,7 @@ class Router(Protocol):
     def on_replica_up(self, replica: int, now: float) -> None:
         """The replica answers again: route to it again, cold (nothing cached; its load from
         its next report)."""
+
+    def add_replica(self) -> int:
+        """A replica joins while routing (a cluster grew): it is up and cold; returns its index,
+        the next unused one (indices are never reused: a removed replica stays down)."""

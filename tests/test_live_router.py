@@ -483,3 +483,41 @@ def test_a_paused_request_resumes_through_the_router_on_its_replica(replicas, ro
             assert missing.status_code == 404
     finally:
         web.stop(grace=1)
+
+
+def test_replicas_join_and_leave_a_running_router(replicas):
+    """A cluster that grows and shrinks: a replica added while the router serves gets requests
+    (cold), a removed one gets none and is never taken back (even though it still answers), and
+    re-added it joins under a new index; bad targets are refused by name."""
+    rng = random.Random(7)
+    a, b = (p.target for p in replicas)
+    router = router_server([a], "round-robin", config=RouterConfig(report_interval_s=0.01, health_interval_s=0.05),
+                           tokenizer="auto").start()
+    try:
+        def routed():
+            return router.call(lambda: [(rep.target, rep.routed, rep.up) for rep in router.links])
+
+        with Client(f"127.0.0.1:{router.port}") as c:
+            c.generate(_ids(rng, 8), max_tokens=2, ignore_eos=True)
+            assert router.add_replica(b) == 1
+            assert router.replica_targets() == [a, b]
+            for _ in range(4):
+                c.generate(_ids(rng, 8), max_tokens=2, ignore_eos=True)
+            assert [n for _, n, _ in routed()] == [3, 2]  # round-robin over both once b joined
+            with pytest.raises(ValueError, match=f"replica {b} is already routed to"):
+                router.add_replica(b)
+            assert router.remove_replica(a) == 0
+            assert router.replica_targets() == [b]
+            for _ in range(3):
+                c.generate(_ids(rng, 8), max_tokens=2, ignore_eos=True)
+            assert routed() == [(a, 3, False), (b, 5, True)]
+            with pytest.raises(ValueError, match="no replica 127.0.0.1:1 in the router"):
+                router.remove_replica("127.0.0.1:1")
+            assert router.add_replica(a) == 2  # back under a new index, cold
+            c.generate(_ids(rng, 8), max_tokens=2, ignore_eos=True)
+            c.generate(_ids(rng, 8), max_tokens=2, ignore_eos=True)
+            assert [(t, up) for t, _, up in routed()] == [(a, False), (b, True), (a, True)]
+            assert sum(n for _, n, _ in routed()) == 10 and routed()[2][1] >= 1
+            assert [r.target for r in c.router_stats().replicas][-2:] == [b, a]
+    finally:
+        router.stop(grace=1)

@@ -53,6 +53,7 @@ class Replica:
         self.wake = asyncio.Event()  # health answered SERVING: reconnect the watch stream now
         self.first_report = asyncio.Event()
         self.calls: dict = {}  # Generate call in flight -> why the router cancelled it (None: it did not)
+        self.removed = False  # taken out of the router for good (remove): never up again
 
 
 def _load(msg: pb.ReplicaLoad) -> ReplicaLoad:
@@ -87,20 +88,72 @@ class ReplicaLinks:
         backoff_ms = max(50, int(cfg.health_interval_s * 1000))  # a restarted replica is found this soon
         channel_options = list(channel_options) + [("grpc.initial_reconnect_backoff_ms", backoff_ms),
                                                    ("grpc.max_reconnect_backoff_ms", backoff_ms)]
-        metadata = (("authorization", f"Bearer {cfg.replica_token}"),) if cfg.replica_token else ()
-        self.replicas = [Replica(t, grpc.aio.insecure_channel(t, channel_options), metadata) for t in self.targets]
-
-        async def info(rep):
-            try:
-                rep.info = await rep.stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=rep.metadata,
-                                                        timeout=cfg.connect_timeout_s, wait_for_ready=True)
-            except grpc.aio.AioRpcError as e:
-                raise ConnectionError(f"replica {rep.target} did not answer: {e.code().name} {e.details()}") from None
-
-        await asyncio.gather(*(info(rep) for rep in self.replicas))
+        self._channel_options = channel_options
+        self.replicas = [self._open(t) for t in self.targets]
+        await asyncio.gather(*(self._info(rep) for rep in self.replicas))
         for rep in self.replicas[1:]:
             if self.mismatch(rep.info):
                 raise ValueError(f"replica {rep.target} {self.mismatch(rep.info)}")
+
+    def _open(self, target: str) -> Replica:
+        cfg = self.config
+        metadata = (("authorization", f"Bearer {cfg.replica_token}"),) if cfg.replica_token else ()
+        return Replica(target, grpc.aio.insecure_channel(target, self._channel_options), metadata)
+
+    async def _info(self, rep: Replica) -> None:
+        try:
+            rep.info = await rep.stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=rep.metadata,
+                                                    timeout=self.config.connect_timeout_s, wait_for_ready=True)
+        except grpc.aio.AioRpcError as e:
+            raise ConnectionError(f"replica {rep.target} did not answer: {e.code().name} {e.details()}") from None
+
+    async def add(self, target: str) -> int:
+        """A replica joins while the router runs (a cluster grew, or a restarted replica came back
+        at a new address): once it answered GetServerInfo and sent its first load report it is
+        routed to, cold. Returns its index. ValueError if the target is already routed to or
+        serves another model; ConnectionError if it does not answer within connect_timeout_s."""
+        if any(rep.target == target and not rep.removed for rep in self.replicas):
+            raise ValueError(f"replica {target} is already routed to")
+        rep = self._open(target)
+        try:
+            await self._info(rep)
+            if self.mismatch(rep.info):
+                raise ValueError(f"replica {target} {self.mismatch(rep.info)}")
+        except BaseException:
+            await rep.channel.close()
+            raise
+        self.replicas.append(rep)
+        i = self.policy.add_replica()
+        assert i == len(self.replicas) - 1, f"the policy numbered the new replica {i}, the links {len(self.replicas) - 1}"
+        rep.watch_task = asyncio.create_task(self._watch(i))
+        try:
+            await asyncio.wait_for(rep.first_report.wait(), self.config.connect_timeout_s)
+        except TimeoutError:
+            self.mark_down(i, f"no load report within {self.config.connect_timeout_s}s")
+        log.info("replica %s joined as replica %d", target, i)
+        return i
+
+    async def remove(self, target: str) -> int:
+        """Takes a replica out of the router for good (a cluster shrank): it is marked down (the
+        policy forgets it) and never taken back; its index is not reused. Streams it is relaying
+        finish (stop the replica itself with SIGTERM: it drains). Returns its index; ValueError
+        if no replica in the router has that target."""
+        found = [i for i, rep in enumerate(self.replicas) if rep.target == target and not rep.removed]
+        if not found:
+            raise ValueError(f"no replica {target} in the router (it has {self.live_targets()})")
+        i = found[0]
+        rep = self.replicas[i]
+        rep.removed = True
+        self.mark_down(i, "removed from the router")
+        if rep.watch_task is not None:
+            rep.watch_task.cancel()
+            await asyncio.gather(rep.watch_task, return_exceptions=True)
+        log.info("replica %s (replica %d) removed", target, i)
+        return i
+
+    def live_targets(self) -> list[str]:
+        """The targets of the replicas in the router (up or down, not removed), in index order."""
+        return [rep.target for rep in self.replicas if not rep.removed]
 
     async def start(self, policy: Router) -> None:
         """Starts every watch stream, waits for each one's first report, then polls health."""
@@ -139,7 +192,7 @@ class ReplicaLinks:
         health_interval_s (sooner once health answers SERVING), it subscribes again."""
         rep, cfg = self.replicas[i], self.config
         request = pb.WatchReplicaRequest(min_interval_s=cfg.report_interval_s)
-        while not self.closing:
+        while not self.closing and not rep.removed:
             if not rep.up and not await self._same_model(i):
                 reason = rep.down_reason
             else:
@@ -193,7 +246,7 @@ class ReplicaLinks:
     async def _health(self) -> None:
         """Checks every replica's grpc.health.v1 status each health_interval_s."""
         while not self.closing:
-            await asyncio.gather(*(self._check(i) for i in range(len(self.replicas))))
+            await asyncio.gather(*(self._check(i) for i, rep in enumerate(self.replicas) if not rep.removed))
             await asyncio.sleep(self.config.health_interval_s)
 
     async def _check(self, i: int) -> None:
@@ -242,11 +295,12 @@ class ReplicaLinks:
 
     def _maybe_up(self, i: int) -> None:
         rep = self.replicas[i]
-        if rep.up or not (rep.watching and rep.healthy):
+        if rep.up or rep.removed or not (rep.watching and rep.healthy):
             return
         rep.up = True
         self.policy.on_replica_up(i, self.now())
         log.info("replica %s is back (was down: %s): routing to it again, cold", rep.target, rep.down_reason)
 
     def why_none_up(self) -> str:
-        return "no replica is up: " + "; ".join(f"{rep.target} is down ({rep.down_reason})" for rep in self.replicas)
+        return "no replica is up: " + "; ".join(f"{rep.target} is down ({rep.down_reason})" for rep in self.replicas
+                                                if not rep.removed)

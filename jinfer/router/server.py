@@ -342,7 +342,7 @@ class RouterServer:
             params = sampling_params(request)
         except ValueError as e:
             return str(e)
-        limit = min(rep.info.max_model_len for rep in self.links)
+        limit = min(rep.info.max_model_len for rep in self.links if not rep.removed)
         if len(ids) + params.max_tokens > limit:
             return f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len={limit}"
         return ""
@@ -351,7 +351,7 @@ class RouterServer:
         """GetServerInfo: the replicas' model as one server, the smallest of their limits (the
         longest request every replica takes, the smallest KV pool) and the sum of their queues.
         Thread-safe (the HTTP API reads it)."""
-        reps = list(self.links)
+        reps = [rep for rep in self.links if not rep.removed]
         info = pb.ServerInfo()
         info.CopyFrom(min((rep.info for rep in reps), key=lambda i: i.num_pages * i.page_size))
         info.max_model_len = min(rep.info.max_model_len for rep in reps)
@@ -361,7 +361,7 @@ class RouterServer:
 
     def describe(self) -> dict:
         cfg = self.config
-        return {"policy": self.policy.name, "replicas": self.targets, "http_port": self.http_port,
+        return {"policy": self.policy.name, "replicas": self.links.live_targets(), "http_port": self.http_port,
                 "report_interval_s": cfg.report_interval_s, "health_interval_s": cfg.health_interval_s,
                 "health_timeout_s": cfg.health_timeout_s, "health_failures": cfg.health_failures,
                 "max_reroutes": cfg.max_reroutes,
@@ -379,6 +379,18 @@ class RouterServer:
             if rep.load is not None:
                 s.load.CopyFrom(rep.load)
         return out
+
+    def add_replica(self, target: str) -> int:
+        """A replica joins while the router serves, cold (ReplicaLinks.add). Any thread."""
+        return self._host.run(self.links.add(target))
+
+    def remove_replica(self, target: str) -> int:
+        """Takes a replica out for good; its streams finish (ReplicaLinks.remove). Any thread."""
+        return self._host.run(self.links.remove(target))
+
+    def replica_targets(self) -> list[str]:
+        """The replicas in the router (up or down, not removed), in index order. Any thread."""
+        return self.call(self.links.live_targets)
 
     def call(self, fn):
         """Runs fn() on the router's event-loop thread and returns its result (tests and tools

@@ -65,6 +65,14 @@ class _Counting:
     def on_replica_up(self, replica, now) -> None:
         self.up[replica] = True
 
+    def add_replica(self) -> int:
+        """A replica joins while routing (up, cold): its index, the next one."""
+        self.num_replicas += 1
+        self.outstanding.append(0)
+        self.reported.append(None)
+        self.up.append(True)
+        return self.num_replicas - 1
+
 
 class RoundRobin(_Counting):
     name = "round-robin"
@@ -72,6 +80,11 @@ class RoundRobin(_Counting):
     def __init__(self, num_replicas: int):
         super().__init__(num_replicas)
         self._next = itertools.cycle(range(num_replicas))
+
+    def add_replica(self) -> int:
+        r = super().add_replica()
+        self._next = itertools.cycle(range(self.num_replicas))  # the newcomer takes its turn from the next round
+        return r
 
     def route(self, req, now) -> int:
         self.live()  # NoReplicaUp when every replica is down
@@ -195,6 +208,12 @@ class PrebleE2(_Counting):
     def on_load(self, replica, load, now) -> None:
         super().on_load(replica, load, now)
         self._since_report[replica] = 0
+
+    def add_replica(self) -> int:
+        self._history.append(collections.deque())
+        self._sums.append([0.0, 0.0])
+        self._since_report.append(0)
+        return super().add_replica()
 
     def on_replica_down(self, replica, now) -> None:
         super().on_replica_down(replica, now)
