@@ -25,11 +25,15 @@ class ServerProcess:
     module: the entry point run as `python -m module` (entrypoints.serve, or a router's such as
     entrypoints.router; both take --port_file). cpus: pin the process
     to these CPU cores (os.sched_setaffinity; None: no pinning). stdout/stderr: where its log
-    goes (default: this process's stderr)."""
+    goes (default: this process's stderr). die_with_parent: the child gets SIGTERM (and drains)
+    when the thread that started it exits, even if that process is killed (Linux
+    PR_SET_PDEATHSIG; a Ray actor's server must not outlive the actor). host: the address
+    `target` names (the interface the server binds)."""
 
     def __init__(self, args: list[str], *, module: str = SERVER, cpus: set[int] | None = None,
-                 stdout=None):
-        self.args, self.module, self.cpus = list(args), module, cpus
+                 stdout=None, die_with_parent: bool = False, host: str = "127.0.0.1"):
+        self.args, self.module, self.cpus, self.host = list(args), module, cpus, host
+        self.die_with_parent = die_with_parent
         self.stdout = stdout if stdout is not None else sys.stderr
         self._tmp = tempfile.TemporaryDirectory(prefix="jinfer-proc-")
         self.port_file = os.path.join(self._tmp.name, "ports.json")
@@ -38,9 +42,15 @@ class ServerProcess:
 
     def start(self) -> "ServerProcess":
         cmd = [sys.executable, "-m", self.module, f"--port_file={self.port_file}", *self.args]
-        if self.cpus:  # pinned by the child itself before it execs the tool (no fork-time hook in a threaded parent)
-            pin = f"import os, sys; os.sched_setaffinity(0, {sorted(self.cpus)}); os.execv(sys.argv[1], sys.argv[1:])"
-            cmd = [sys.executable, "-c", pin, *cmd]
+        # Set by the child itself before it execs the tool (no fork-time hook in a threaded parent).
+        setup = []
+        if self.cpus:
+            setup.append(f"os.sched_setaffinity(0, {sorted(self.cpus)})")
+        if self.die_with_parent:  # PR_SET_PDEATHSIG (1) survives the exec
+            setup.append("import ctypes, signal; ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)")
+        if setup:
+            code = "; ".join(["import os, sys", *setup, "os.execv(sys.argv[1], sys.argv[1:])"])
+            cmd = [sys.executable, "-c", code, *cmd]
         path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
         self.proc = subprocess.Popen(cmd, stdout=self.stdout, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONPATH": path})
@@ -67,7 +77,7 @@ class ServerProcess:
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def http_port(self) -> int | None:
@@ -77,7 +87,7 @@ class ServerProcess:
     @property
     def http_target(self) -> str | None:
         """host:port of the HTTP API (its base URL is http://<http_target>/v1), or None."""
-        return None if self.http_port is None else f"127.0.0.1:{self.http_port}"
+        return None if self.http_port is None else f"{self.host}:{self.http_port}"
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM, wait (kill after timeout); returns the exit code."""

@@ -1,0 +1,248 @@
+"""jinfer on a Ray cluster: every replica a Ray actor owning one jinfer server process, the
+router an actor that learns the replicas from Ray (tools/launch_cluster.py starts them).
+
+- `ReplicaActor` starts `python -m entrypoints.serve` with the launch config's flags on its
+  node (bound to the node's address, ports picked free) and reports its target. The server
+  gets SIGTERM when the actor's process dies (it never outlives it); Ray restarts a dead actor
+  (max_restarts), whose new server has a new port.
+- `RouterActor` runs the RouterServer in its own process and, every `reconcile_s`, lists the
+  replica actors of its namespace (named `<name>-replica-<k>`), asks each for its target and
+  brings the router up to date: a new replica joins cold, a removed (or restarted, hence
+  moved) one leaves (`RouterServer.add_replica` / `remove_replica`). Scaling is therefore
+  creating or killing named replica actors (`scale`), from the launcher or any Ray driver
+  connected to the same cluster and namespace.
+
+Every actor is detached (it outlives the driver that made it, so another driver can scale the
+cluster); `shutdown` drains the router, then the replicas (SIGTERM: each drains its
+requests), and kills the actors. Ray is imported only here (the `cluster` extra).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+
+import ray
+
+from entrypoints.process import ServerProcess
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterSpec:
+    """What a cluster's actors are made of.
+
+    name: prefix of the actors' names (`<name>-router`, `<name>-replica-<k>`) in the Ray
+    namespace. server_args: the replicas' server flags (the launch config, as for
+    tools/launch_server.py). replica_cpus / router_cpus: Ray CPUs each actor reserves;
+    replica_gpus: GPUs each replica reserves (Ray sets CUDA_VISIBLE_DEVICES for it).
+    max_restarts: how often Ray restarts a dead replica actor (-1: always). router_args:
+    RouterConfig fields for the router (port, http_port, health_interval_s, ...); policy:
+    a routing policy name (scheduler/routing/policies.ROUTERS); cost_model: its JSON file
+    (preble-e2). reconcile_s: how often the router re-reads the replicas from Ray.
+    start_timeout_s: how long a replica's server may take to start.
+    """
+
+    name: str = "jinfer"
+    server_args: tuple[str, ...] = ()
+    replica_cpus: float = 1.0
+    replica_gpus: float = 0.0
+    router_cpus: float = 0.0
+    max_restarts: int = -1
+    policy: str = "least-load"
+    cost_model: str = ""
+    router_args: tuple[tuple[str, object], ...] = ()
+    reconcile_s: float = 1.0
+    start_timeout_s: float = 900.0
+
+    def replica_name(self, k: int) -> str:
+        return f"{self.name}-replica-{k}"
+
+    @property
+    def router_name(self) -> str:
+        return f"{self.name}-router"
+
+
+class ReplicaActor:
+    """One jinfer server on this actor's node (see the module docstring)."""
+
+    def __init__(self, server_args: list[str], start_timeout_s: float):
+        self.host = ray.util.get_node_ip_address()
+        args = [*server_args, f"--config.serving.host={self.host}", "--config.serving.port=0",
+                "--config.serving.metrics_port=0"]
+        self.proc = ServerProcess(args, die_with_parent=True, host=self.host).start()
+        self.proc.wait_ready(start_timeout_s)
+
+    def target(self) -> str:
+        """host:port of the server's gRPC API."""
+        return self.proc.target
+
+    def http_target(self) -> str | None:
+        return self.proc.http_target
+
+    def pid(self) -> int:
+        """The server process's pid."""
+        return self.proc.proc.pid
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM to the server (it drains); its exit code."""
+        return self.proc.stop(timeout)
+
+
+class RouterActor:
+    """The router, kept in step with the replica actors Ray has (see the module docstring)."""
+
+    def __init__(self, spec: ClusterSpec, targets: list[str]):
+        from entrypoints.routing import router_server
+        from jinfer.router.config import RouterConfig
+        from scheduler.cost_model import CostModel
+
+        self.spec = spec
+        cost = CostModel.load(spec.cost_model) if spec.cost_model else None
+        self.host = ray.util.get_node_ip_address()
+        config = RouterConfig(**{"host": self.host, **dict(spec.router_args)})
+        self.server = router_server(targets, spec.policy, cost, config=config, tokenizer="auto").start()
+        self._known: dict[str, str] = {}  # replica actor name -> its target when last asked
+        self._lock = threading.Lock()  # one reconciliation at a time (the loop's, or a caller's)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._reconcile_loop, name="reconcile", daemon=True)
+        self._thread.start()
+
+    def ports(self) -> dict:
+        return {"port": self.server.port, "http_port": self.server.http_port, "host": self.host}
+
+    def targets(self) -> list[str]:
+        """The replicas the router routes to (up or down), in index order."""
+        return self.server.replica_targets()
+
+    def spec_of_cluster(self) -> ClusterSpec:
+        return self.spec
+
+    def reconcile(self) -> list[str]:
+        """Brings the router's replicas in line with the replica actors Ray has now; returns
+        the router's targets after. A replica actor that does not answer in time (it is
+        restarting) keeps its last target until it does."""
+        with self._lock:
+            return self._reconcile()
+
+    def _reconcile(self) -> list[str]:
+        prefix = f"{self.spec.name}-replica-"
+        names = [n for n in ray.util.list_named_actors() if n.startswith(prefix)]  # this namespace's, by name
+        for name in list(self._known):
+            if name not in names:
+                del self._known[name]
+        for name in names:
+            try:
+                self._known[name] = ray.get(ray.get_actor(name).target.remote(), timeout=self.spec.reconcile_s)
+            except (ray.exceptions.RayError, ValueError):
+                pass  # restarting (or just gone): decided on a later round
+        wanted, have = set(self._known.values()), self.server.replica_targets()
+        for target in have:
+            if target not in wanted and len(have) > 1:  # the router keeps its last replica
+                self.server.remove_replica(target)
+                have = [t for t in have if t != target]
+        for target in sorted(wanted - set(have)):
+            try:
+                self.server.add_replica(target)
+            except (ConnectionError, ValueError) as e:
+                log.warning("replica %s not added: %s", target, e)
+        return self.server.replica_targets()
+
+    def _reconcile_loop(self) -> None:
+        while not self._stop.wait(self.spec.reconcile_s):
+            try:
+                self.reconcile()
+            except Exception:  # noqa: BLE001 - one bad round must not end the loop
+                log.exception("reconciling the router with Ray failed; trying again")
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stops reconciling and drains the router (in-flight streams get `grace` seconds)."""
+        self._stop.set()
+        self._thread.join()
+        self.server.stop(grace)
+
+
+def _replica_actor(spec: ClusterSpec, k: int):
+    cls = ray.remote(ReplicaActor)
+    return cls.options(name=spec.replica_name(k), lifetime="detached", num_cpus=spec.replica_cpus,
+                       num_gpus=spec.replica_gpus, max_restarts=spec.max_restarts,
+                       max_task_retries=-1 if spec.max_restarts else 0).remote(  # calls wait out a restart
+        list(spec.server_args), spec.start_timeout_s)
+
+
+def start(spec: ClusterSpec, replicas: int):
+    """Starts `replicas` replica actors, waits until each serves, then the router actor; returns
+    the router actor's handle. Call with Ray initialised (ray.init) in the cluster's namespace."""
+    if replicas < 1:
+        raise ValueError(f"replicas={replicas} must be >= 1")
+    _check_resources(spec, replicas)
+    actors = [_replica_actor(spec, k) for k in range(replicas)]
+    targets = ray.get([a.target.remote() for a in actors])
+    router = ray.remote(RouterActor).options(name=spec.router_name, lifetime="detached",
+                                             num_cpus=spec.router_cpus, max_restarts=0)
+    router = router.remote(spec, targets)
+    ray.get(router.ports.remote())
+    return router
+
+
+def _check_resources(spec: ClusterSpec, replicas: int, router: bool = True) -> None:
+    """ValueError naming the shortfall when the Ray cluster has not the free CPUs / GPUs for
+    `replicas` more replica actors (and the router): Ray would wait for ever to place them."""
+    free = ray.available_resources()
+    need = {"CPU": replicas * spec.replica_cpus + (spec.router_cpus if router else 0.0),
+            "GPU": replicas * spec.replica_gpus}
+    for kind, n in need.items():
+        if n > free.get(kind, 0.0) + 1e-9:
+            raise ValueError(f"{replicas} more replica(s) need {n:g} {kind}s but the Ray cluster has "
+                             f"{free.get(kind, 0.0):g} free: lower the per-replica {kind}s, or add nodes")
+
+
+def replica_names(spec: ClusterSpec) -> list[str]:
+    """The cluster's replica actors, by name, in index order."""
+    prefix = f"{spec.name}-replica-"
+    names = [n for n in ray.util.list_named_actors() if n.startswith(prefix)]  # this namespace's, by name
+    return sorted(names, key=lambda n: int(n[len(prefix):]))
+
+
+def scale(name: str, replicas: int, timeout: float = 900.0) -> list[str]:
+    """Grows or shrinks the running cluster `name` (in this driver's Ray namespace) to
+    `replicas` replica actors: new ones start with the cluster's server flags, the newest go
+    first (their servers drain); waits until the router routes to exactly those. Returns the
+    router's targets."""
+    if replicas < 1:
+        raise ValueError(f"replicas={replicas} must be >= 1 (shutdown stops a cluster)")
+    router = ray.get_actor(f"{name}-router")
+    spec = ray.get(router.spec_of_cluster.remote())
+    names = replica_names(spec)
+    if replicas > len(names):
+        _check_resources(spec, replicas - len(names), router=False)
+    next_k = max((int(n.rsplit("-", 1)[1]) for n in names), default=-1) + 1
+    new = [_replica_actor(spec, next_k + i) for i in range(replicas - len(names))]
+    ray.get([a.target.remote() for a in new])
+    for gone in names[replicas:][::-1]:
+        actor = ray.get_actor(gone)
+        ray.get(actor.stop.remote())
+        ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        targets = ray.get(router.reconcile.remote())
+        if len(targets) == replicas or time.monotonic() > deadline:
+            return targets
+        time.sleep(spec.reconcile_s)
+
+
+def shutdown(name: str, grace: float = 10.0) -> None:
+    """Drains and stops the router, then every replica's server, and kills the actors."""
+    router = ray.get_actor(f"{name}-router")
+    spec = ray.get(router.spec_of_cluster.remote())
+    ray.get(router.stop.remote(grace))
+    ray.kill(router, no_restart=True)
+    for n in replica_names(spec):
+        actor = ray.get_actor(n)
+        try:
+            ray.get(actor.stop.remote())
+        finally:
+            ray.kill(actor, no_restart=True)
