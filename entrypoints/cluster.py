@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 
@@ -75,6 +76,16 @@ class ReplicaActor:
                 "--config.serving.metrics_port=0"]
         self.proc = ServerProcess(args, die_with_parent=True, host=self.host).start()
         self.proc.wait_ready(start_timeout_s)
+        self._stopping = False
+        threading.Thread(target=self._watch, name="server-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        """A server that exits while the actor lives ends the actor's process, so Ray restarts
+        the replica (with a new server) rather than the router keeping a dead address."""
+        code = self.proc.proc.wait()
+        if not self._stopping:
+            log.error("the replica's server exited with code %s: ending the actor so Ray restarts it", code)
+            os._exit(1)
 
     def target(self) -> str:
         """host:port of the server's gRPC API."""
@@ -89,6 +100,7 @@ class ReplicaActor:
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM to the server (it drains); its exit code."""
+        self._stopping = True
         return self.proc.stop(timeout)
 
 
@@ -145,8 +157,8 @@ class RouterActor:
                 self.server.remove_replica(target)
                 have = [t for t in have if t != target]
         for target in sorted(wanted - set(have)):
-            try:
-                self.server.add_replica(target)
+            try:  # a bounded wait: a replica that died since it answered is tried again next round
+                self.server.add_replica(target, timeout=max(5.0, 10 * self.spec.reconcile_s))
             except (ConnectionError, ValueError) as e:
                 log.warning("replica %s not added: %s", target, e)
         return self.server.replica_targets()
@@ -175,22 +187,37 @@ def _replica_actor(spec: ClusterSpec, k: int):
 
 def start(spec: ClusterSpec, replicas: int):
     """Starts `replicas` replica actors, waits until each serves, then the router actor; returns
-    the router actor's handle. Call with Ray initialised (ray.init) in the cluster's namespace."""
+    the router actor's handle. Call with Ray initialised (ray.init) in the cluster's namespace.
+    On any failure (or an interrupt) what was started is stopped again. ValueError when Ray has
+    not the free resources; TimeoutError when the replicas do not serve within start_timeout_s."""
     if replicas < 1:
         raise ValueError(f"replicas={replicas} must be >= 1")
     _check_resources(spec, replicas)
-    actors = [_replica_actor(spec, k) for k in range(replicas)]
-    targets = ray.get([a.target.remote() for a in actors])
-    router = ray.remote(RouterActor).options(name=spec.router_name, lifetime="detached",
-                                             num_cpus=spec.router_cpus, max_restarts=0)
-    router = router.remote(spec, targets)
-    ray.get(router.ports.remote())
+    try:
+        actors = [_replica_actor(spec, k) for k in range(replicas)]
+        targets = _get([a.target.remote() for a in actors], spec.start_timeout_s, "the replicas to serve")
+        router = ray.remote(RouterActor).options(name=spec.router_name, lifetime="detached",
+                                                 num_cpus=spec.router_cpus, max_restarts=0)
+        router = router.remote(spec, targets)
+        _get(router.ports.remote(), spec.start_timeout_s, "the router to serve")
+    except BaseException:
+        shutdown(spec.name, grace=0)
+        raise
     return router
+
+
+def _get(refs, timeout: float, what: str):
+    try:
+        return ray.get(refs, timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        raise TimeoutError(f"waited {timeout:g}s for {what} (can Ray place the actors? `ray status` shows what "
+                           "is free per node)") from None
 
 
 def _check_resources(spec: ClusterSpec, replicas: int, router: bool = True) -> None:
     """ValueError naming the shortfall when the Ray cluster has not the free CPUs / GPUs for
-    `replicas` more replica actors (and the router): Ray would wait for ever to place them."""
+    `replicas` more replica actors (and the router) in all. (Free resources split over nodes
+    can still fall short of one actor's: the start's timeout catches that.)"""
     free = ray.available_resources()
     need = {"CPU": replicas * spec.replica_cpus + (spec.router_cpus if router else 0.0),
             "GPU": replicas * spec.replica_gpus}
@@ -200,9 +227,9 @@ def _check_resources(spec: ClusterSpec, replicas: int, router: bool = True) -> N
                              f"{free.get(kind, 0.0):g} free: lower the per-replica {kind}s, or add nodes")
 
 
-def replica_names(spec: ClusterSpec) -> list[str]:
-    """The cluster's replica actors, by name, in index order."""
-    prefix = f"{spec.name}-replica-"
+def replica_names(name: str) -> list[str]:
+    """The replica actors of cluster `name` in this Ray namespace, by name, in index order."""
+    prefix = f"{name}-replica-"
     names = [n for n in ray.util.list_named_actors() if n.startswith(prefix)]  # this namespace's, by name
     return sorted(names, key=lambda n: int(n[len(prefix):]))
 
@@ -210,39 +237,50 @@ def replica_names(spec: ClusterSpec) -> list[str]:
 def scale(name: str, replicas: int, timeout: float = 900.0) -> list[str]:
     """Grows or shrinks the running cluster `name` (in this driver's Ray namespace) to
     `replicas` replica actors: new ones start with the cluster's server flags, the newest go
-    first (their servers drain); waits until the router routes to exactly those. Returns the
-    router's targets."""
+    first (their servers drain); waits until the router routes to exactly the remaining ones
+    (TimeoutError if not within `timeout`). Returns the router's targets."""
     if replicas < 1:
         raise ValueError(f"replicas={replicas} must be >= 1 (shutdown stops a cluster)")
     router = ray.get_actor(f"{name}-router")
     spec = ray.get(router.spec_of_cluster.remote())
-    names = replica_names(spec)
+    names = replica_names(name)
     if replicas > len(names):
         _check_resources(spec, replicas - len(names), router=False)
     next_k = max((int(n.rsplit("-", 1)[1]) for n in names), default=-1) + 1
     new = [_replica_actor(spec, next_k + i) for i in range(replicas - len(names))]
-    ray.get([a.target.remote() for a in new])
+    _get([a.target.remote() for a in new], timeout, "the new replicas to serve")
     for gone in names[replicas:][::-1]:
-        actor = ray.get_actor(gone)
-        ray.get(actor.stop.remote())
-        ray.kill(actor, no_restart=True)
+        _stop_replica(ray.get_actor(gone), spec.start_timeout_s)
+    want = set(_get([ray.get_actor(n).target.remote() for n in replica_names(name)], timeout, "the replicas"))
     deadline = time.monotonic() + timeout
-    while True:
-        targets = ray.get(router.reconcile.remote())
-        if len(targets) == replicas or time.monotonic() > deadline:
-            return targets
+    while (targets := ray.get(router.reconcile.remote())) and set(targets) != want:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the router routes to {targets}, not to the cluster's replicas {sorted(want)}, "
+                               f"after {timeout:g}s")
         time.sleep(spec.reconcile_s)
+    return targets
+
+
+def _stop_replica(actor, timeout: float) -> None:
+    try:
+        ray.get(actor.stop.remote(), timeout=timeout)
+    except ray.exceptions.RayError as e:  # dead for good, or hung: killed all the same
+        log.warning("a replica did not stop cleanly: %s", e)
+    ray.kill(actor, no_restart=True)
 
 
 def shutdown(name: str, grace: float = 10.0) -> None:
-    """Drains and stops the router, then every replica's server, and kills the actors."""
-    router = ray.get_actor(f"{name}-router")
-    spec = ray.get(router.spec_of_cluster.remote())
-    ray.get(router.stop.remote(grace))
-    ray.kill(router, no_restart=True)
-    for n in replica_names(spec):
-        actor = ray.get_actor(n)
+    """Drains and stops the router, then every replica's server, and kills the actors; works
+    on what is left of a cluster (a router that died, replicas that never started)."""
+    try:
+        router = ray.get_actor(f"{name}-router")
+    except ValueError:  # never started, or gone
+        router = None
+    if router is not None:
         try:
-            ray.get(actor.stop.remote())
-        finally:
-            ray.kill(actor, no_restart=True)
+            ray.get(router.stop.remote(grace), timeout=grace + 60)
+        except ray.exceptions.RayError as e:
+            log.warning("the router did not stop cleanly: %s", e)
+        ray.kill(router, no_restart=True)
+    for n in replica_names(name):
+        _stop_replica(ray.get_actor(n), grace + 60)

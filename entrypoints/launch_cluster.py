@@ -102,13 +102,19 @@ def main(argv):
     if FLAGS.scale_to:
         print(json.dumps({"replicas": cluster.scale(FLAGS.name, FLAGS.scale_to)}), flush=True)
         return
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, interrupt)  # while starting: start() stops what it began
     try:
         router = cluster.start(_spec(_server_args(sys.argv)), FLAGS.replicas)
-    except (ValueError, ray.exceptions.RayError) as e:
+    except (ValueError, TimeoutError, ray.exceptions.RayError) as e:
         sys.exit(f"error: the cluster did not start: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted while starting: what was started is stopped")
     ports = ray.get(router.ports.remote())
-    log.info("routing across %d replicas on %s:%d (HTTP %s)", FLAGS.replicas, ports["host"], ports["port"],
-             ports["http_port"])
+    log.info("routing across %d replicas: clients connect to %s:%d (HTTP port %s)", FLAGS.replicas, ports["host"],
+             ports["port"], ports["http_port"])
     if FLAGS.port_file:
         tmp = f"{FLAGS.port_file}.tmp"
         with open(tmp, "w") as f:

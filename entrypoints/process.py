@@ -46,8 +46,9 @@ class ServerProcess:
         setup = []
         if self.cpus:
             setup.append(f"os.sched_setaffinity(0, {sorted(self.cpus)})")
-        if self.die_with_parent:  # PR_SET_PDEATHSIG (1) survives the exec
+        if self.die_with_parent:  # PR_SET_PDEATHSIG (1) survives the exec; a parent gone before it was set: exit
             setup.append("import ctypes, signal; ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)")
+            setup.append(f"os.getppid() == {os.getpid()} or os._exit(1)")
         if setup:
             code = "; ".join(["import os, sys", *setup, "os.execv(sys.argv[1], sys.argv[1:])"])
             cmd = [sys.executable, "-c", code, *cmd]

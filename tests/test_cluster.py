@@ -43,7 +43,7 @@ def ray_cluster():
     try:
         yield router
     finally:
-        pids = [ray.get(ray.get_actor(n).pid.remote()) for n in cluster.replica_names(spec)]
+        pids = [ray.get(ray.get_actor(n).pid.remote()) for n in cluster.replica_names(NAME)]
         cluster.shutdown(NAME, grace=2)
         ray.shutdown()
         assert not [p for p in pids if _alive(p)], "a replica's server outlived the cluster"
@@ -100,7 +100,7 @@ def test_the_cluster_scales_up_and_down_while_serving(ray_cluster):
         assert routed[ray.get(added.target.remote())] >= 1  # the new replica serves, cold
         targets = cluster.scale(NAME, 2, timeout=HANG_S)  # the newest leaves; its server drains and exits
         assert len(targets) == 2 and not _alive(added_pid)
-        assert [n for n in cluster.replica_names(ray.get(ray_cluster.spec_of_cluster.remote()))] == [
+        assert [n for n in cluster.replica_names(NAME)] == [
             f"{NAME}-replica-0", f"{NAME}-replica-1"]
         assert len(c.generate([1, 2, 3], max_tokens=2, ignore_eos=True)[0]["token_ids"]) == 2
     with pytest.raises(ValueError, match="replicas=0 must be >= 1"):

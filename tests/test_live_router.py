@@ -513,6 +513,8 @@ def test_replicas_join_and_leave_a_running_router(replicas):
             assert routed() == [(a, 3, False), (b, 5, True)]
             with pytest.raises(ValueError, match="no replica 127.0.0.1:1 in the router"):
                 router.remove_replica("127.0.0.1:1")
+            with pytest.raises(ValueError, match=f"replica {b} is the router's last"):
+                router.remove_replica(b)
             assert router.add_replica(a) == 2  # back under a new index, cold
             c.generate(_ids(rng, 8), max_tokens=2, ignore_eos=True)
             c.generate(_ids(rng, 8), max_tokens=2, ignore_eos=True)

@@ -100,47 +100,61 @@ class ReplicaLinks:
         metadata = (("authorization", f"Bearer {cfg.replica_token}"),) if cfg.replica_token else ()
         return Replica(target, grpc.aio.insecure_channel(target, self._channel_options), metadata)
 
-    async def _info(self, rep: Replica) -> None:
+    async def _info(self, rep: Replica, timeout: float | None = None) -> None:
         try:
             rep.info = await rep.stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=rep.metadata,
-                                                    timeout=self.config.connect_timeout_s, wait_for_ready=True)
+                                                    timeout=timeout or self.config.connect_timeout_s,
+                                                    wait_for_ready=True)
         except grpc.aio.AioRpcError as e:
             raise ConnectionError(f"replica {rep.target} did not answer: {e.code().name} {e.details()}") from None
 
-    async def add(self, target: str) -> int:
+    async def add(self, target: str, timeout: float | None = None) -> int:
         """A replica joins while the router runs (a cluster grew, or a restarted replica came back
-        at a new address): once it answered GetServerInfo and sent its first load report it is
-        routed to, cold. Returns its index. ValueError if the target is already routed to or
-        serves another model; ConnectionError if it does not answer within connect_timeout_s."""
-        if any(rep.target == target and not rep.removed for rep in self.replicas):
-            raise ValueError(f"replica {target} is already routed to")
+        at a new address): it is routed to, cold, from its first load report on. Returns its
+        index. ValueError if the target is already routed to or serves another model;
+        ConnectionError if it does not answer GetServerInfo within `timeout` seconds
+        (connect_timeout_s if None). A replica that answers but sends no report within the
+        timeout joins down and comes up when it reports (as a restarted one does)."""
+        timeout = self.config.connect_timeout_s if timeout is None else timeout
+        self._check_new(target)
         rep = self._open(target)
         try:
-            await self._info(rep)
+            await self._info(rep, timeout)
+            self._check_new(target)  # another add of the same target may have won the race
             if self.mismatch(rep.info):
                 raise ValueError(f"replica {target} {self.mismatch(rep.info)}")
+            i = self.policy.add_replica()
         except BaseException:
             await rep.channel.close()
             raise
         self.replicas.append(rep)
-        i = self.policy.add_replica()
         assert i == len(self.replicas) - 1, f"the policy numbered the new replica {i}, the links {len(self.replicas) - 1}"
+        rep.up, rep.down_reason = False, "it has not reported its load yet"
+        self.policy.on_replica_down(i, self.now())  # up (cold) with its first report: _maybe_up
         rep.watch_task = asyncio.create_task(self._watch(i))
         try:
-            await asyncio.wait_for(rep.first_report.wait(), self.config.connect_timeout_s)
+            await asyncio.wait_for(rep.first_report.wait(), timeout)
         except TimeoutError:
-            self.mark_down(i, f"no load report within {self.config.connect_timeout_s}s")
-        log.info("replica %s joined as replica %d", target, i)
+            log.warning("replica %s joined as replica %d but sent no load report within %.0fs", target, i, timeout)
+        else:
+            log.info("replica %s joined as replica %d", target, i)
         return i
+
+    def _check_new(self, target: str) -> None:
+        if any(rep.target == target and not rep.removed for rep in self.replicas):
+            raise ValueError(f"replica {target} is already routed to")
 
     async def remove(self, target: str) -> int:
         """Takes a replica out of the router for good (a cluster shrank): it is marked down (the
-        policy forgets it) and never taken back; its index is not reused. Streams it is relaying
-        finish (stop the replica itself with SIGTERM: it drains). Returns its index; ValueError
-        if no replica in the router has that target."""
+        policy forgets it) and never taken back; its index is not reused, and its channel closes
+        once the streams it is relaying ended (stop the replica itself with SIGTERM: it drains).
+        Returns its index; ValueError if no replica in the router has that target, or if it is
+        the last one (a router needs one)."""
         found = [i for i, rep in enumerate(self.replicas) if rep.target == target and not rep.removed]
         if not found:
             raise ValueError(f"no replica {target} in the router (it has {self.live_targets()})")
+        if len(self.live_targets()) == 1:
+            raise ValueError(f"replica {target} is the router's last: add another before removing it")
         i = found[0]
         rep = self.replicas[i]
         rep.removed = True
@@ -148,8 +162,15 @@ class ReplicaLinks:
         if rep.watch_task is not None:
             rep.watch_task.cancel()
             await asyncio.gather(rep.watch_task, return_exceptions=True)
+        asyncio.create_task(self._close_when_idle(rep))
         log.info("replica %s (replica %d) removed", target, i)
         return i
+
+    async def _close_when_idle(self, rep: Replica) -> None:
+        while rep.calls and not self.closing:
+            await asyncio.sleep(self.config.health_interval_s)
+        if not self.closing:  # close() closes every channel itself
+            await rep.channel.close()
 
     def live_targets(self) -> list[str]:
         """The targets of the replicas in the router (up or down, not removed), in index order."""

@@ -371,7 +371,7 @@ class RouterServer:
         p = self.policy
         tree = getattr(p, "tree", None)
         out = pb.RouterStats(policy=p.name, decisions=dict(getattr(p, "decisions", {})))
-        for i, rep in enumerate(self.links):
+        for i, rep in [(i, rep) for i, rep in enumerate(self.links) if not rep.removed]:  # removed: gone
             s = out.replicas.add(target=rep.target, connected=rep.up, routed=rep.routed,
                                  outstanding=p.outstanding[i] if hasattr(p, "outstanding") else 0,
                                  cached_tokens=tree.tokens_on[i] if tree is not None else 0,
@@ -380,9 +380,9 @@ class RouterServer:
                 s.load.CopyFrom(rep.load)
         return out
 
-    def add_replica(self, target: str) -> int:
+    def add_replica(self, target: str, timeout: float | None = None) -> int:
         """A replica joins while the router serves, cold (ReplicaLinks.add). Any thread."""
-        return self._host.run(self.links.add(target))
+        return self._host.run(self.links.add(target, timeout))
 
     def remove_replica(self, target: str) -> int:
         """Takes a replica out for good; its streams finish (ReplicaLinks.remove). Any thread."""
@@ -393,8 +393,7 @@ class RouterServer:
         return self.call(self.links.live_targets)
 
     def call(self, fn):
-        """Runs fn() on the router's event-loop thread and returns its result (tests and tools
-        inspect the policy this way without racing it)."""
+        """fn() on the router's event-loop thread, its result (to inspect the policy race-free)."""
         async def run():
             return fn()
         return self._host.run(run())
