@@ -523,3 +523,41 @@ def test_replicas_join_and_leave_a_running_router(replicas):
             assert [r.target for r in c.router_stats().replicas][-2:] == [b, a]
     finally:
         router.stop(grace=1)
+
+
+def test_a_paused_request_migrates_when_its_replica_dies(replicas):
+    """The replica holding a paused request's KV dies: the Resume goes to another replica as a
+    fresh request over prompt + output + tool tokens, and streams what one run over them gives
+    (and pauses there again at the marker)."""
+    prompt, tool = list(range(40, 60)), [400, 401]
+    victim = ServerProcess(REPLICA_ARGS).start()
+    router = None
+    try:
+        victim.wait_ready(600)
+        router = router_server([victim.target, replicas[0].target], "round-robin",
+                               config=RouterConfig(**FAST_FAILOVER), tokenizer="auto").start()
+        with Client(replicas[0].target) as direct, Client(f"127.0.0.1:{router.port}") as c:
+            full = direct.generate(prompt, temperature=0, max_tokens=10, ignore_eos=True)[0]["token_ids"]
+            marker = next(t for k, t in enumerate(full[2:], 2) if t not in full[:k])
+            first = c.generate(prompt, temperature=0, max_tokens=10, ignore_eos=True, intercept_token_ids=[marker],
+                               request_id="moving")[0]  # round-robin: replica 0, the victim
+            assert first["paused"]
+            assert router.call(lambda: [rep.routed for rep in router.links]) == [1, 0]
+            victim.kill()
+            assert wait_for(lambda: not router.call(lambda: router.links[0].up)), "the dead replica stayed up"
+            second = c.resume("moving", tool)
+            want = direct.generate(prompt + first["token_ids"] + tool, temperature=0, max_tokens=10,
+                                   ignore_eos=True)[0]["token_ids"]
+            n = len(second["token_ids"])
+            assert n >= 1 and second["token_ids"] == want[:n]
+            assert second["paused"] == (marker in want[:n]) and (second["paused"] or n == len(want))
+            while second["paused"]:  # paused again on the new replica: resumed there
+                second = c.resume("moving", [])
+            assert router.call(lambda: [rep.routed for rep in router.links])[1] >= 1
+            with pytest.raises(grpc.RpcError) as e:
+                c.resume("moving", tool)
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        if router is not None:
+            router.stop(grace=1)
+        victim.kill()

@@ -41,6 +41,7 @@ from jinfer.errors import shorten
 from jinfer.router.config import RouterConfig
 from jinfer.router.http import RouterFrontend
 from jinfer.router.links import ReplicaLinks
+from jinfer.router.pauses import Pause, Resuming
 from jinfer.router.services import RouterInferenceServicer, RouterStatsServicer
 from jinfer.routing import NoReplicaUp, RouteRequest, Router
 from jinfer.serving import inference_pb2 as pb
@@ -77,7 +78,7 @@ def _replica_tokenizer(info: pb.ServerInfo):
     return load_tokenizer(ModelSpec(**model))
 
 
-class RouterServer:
+class RouterServer(Resuming):
     """Routes Inference calls (and, with config.http_port, OpenAI HTTP requests) across replica
     servers with a policy; runs on its own thread.
 
@@ -103,7 +104,7 @@ class RouterServer:
         self.links = ReplicaLinks(self.targets, config, self.now)
         # Requests paused at a tool call -> (replica holding their K/V, its epoch then), oldest
         # first; bounded: the oldest are forgotten (their replica aborts them after its timeout).
-        self._paused: collections.OrderedDict[str, tuple[int, int]] = collections.OrderedDict()
+        self._paused: collections.OrderedDict[str, Pause] = collections.OrderedDict()
         self.port: int | None = None
         self.http_port: int | None = None
         self._host = GrpcHost("router")
@@ -234,44 +235,6 @@ class RouterServer:
                     raise ServingError("UNAVAILABLE", str(e)) from None
                 log.info("request %s: %s; routing it again", request_id, e)
 
-    async def resume(self, request: pb.ResumeRequest) -> AsyncIterator[pb.GenerateResponse]:
-        """Relays a Resume to the replica that holds the paused request's K/V (its Generate
-        stream ended with paused set through this router). ServingError: NOT_FOUND (no such
-        request paused behind this router), UNAVAILABLE (its replica went down since: its K/V
-        is gone with it), or the replica's own status."""
-        request_id = request.request_id
-        if not request_id:
-            raise ServingError("INVALID_ARGUMENT", "request_id is empty: give the paused request's id")
-        held = self._paused.get(request_id)
-        if held is None:
-            raise ServingError("NOT_FOUND", f"no request {shorten(request_id)} is paused behind this router")
-        r, epoch = held
-        rep = self.links[r]
-        if not rep.up or rep.epoch != epoch:
-            self._paused.pop(request_id, None)
-            raise ServingError("UNAVAILABLE", f"replica {rep.target}, which held the paused request, went down "
-                                              "since: its KV is gone; send the conversation again")
-        call = rep.stub.Resume(request, metadata=rep.metadata)
-        rep.calls[call] = None
-        try:  # forgotten once the replica streams (or says it has no such request); else kept for a retry
-            async for msg in call:
-                self._paused.pop(request_id, None)
-                if msg.paused:
-                    self._remember_pause(request_id, r, epoch)
-                yield msg
-        except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.NOT_FOUND:
-                self._paused.pop(request_id, None)
-            raise ServingError(e.code().name, f"replica {rep.target}: {e.details()}") from None
-        finally:
-            rep.calls.pop(call, None)
-            call.cancel()
-
-    def _remember_pause(self, request_id: str, r: int, epoch: int) -> None:
-        self._paused[request_id] = (r, epoch)
-        while len(self._paused) > self.config.max_paused_requests:
-            self._paused.popitem(last=False)
-
     async def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
         kind = request.WhichOneof("prompt")
         if kind == "text" and request.text:
@@ -300,14 +263,18 @@ class RouterServer:
         call = rep.stub.Generate(forward, metadata=rep.metadata)
         rep.calls[call] = None
         first, relayed = True, False
+        pauses = forward.n <= 1 and (forward.intercept_token_ids or forward.intercept)
+        context = list(forward.token_ids.ids) if pauses else None  # a paused request's, to migrate it
         try:
             async for msg in call:
                 if first and msg.token_ids:
                     first = False
                     now = self.now()
                     self.policy.on_first_token(r, rreq, now, now - start)
-                if msg.paused:  # a tool call: its Resume must come back here
-                    self._remember_pause(rreq.request_id, r, epoch)
+                if context is not None:
+                    context.extend(msg.token_ids)
+                if msg.paused:  # a tool call: its Resume comes back here (or migrates if r goes down)
+                    self._remember_pause(rreq.request_id, Pause(r, epoch, context, forward))
                 relayed = True
                 yield msg
         except grpc.aio.AioRpcError as e:
