@@ -26,9 +26,10 @@ import logging
 import os
 import signal
 import sys
-import threading
 
 from absl import app, flags
+
+from entrypoints.process import wait_for_stop_signal, write_port_file
 
 from jinfer.launch import define_config_flag, parse_flags
 from scheduler.routing.policies import ROUTERS
@@ -116,15 +117,8 @@ def main(argv):
     log.info("routing across %d replicas: clients connect to %s:%d (HTTP port %s)", FLAGS.replicas, ports["host"],
              ports["port"], ports["http_port"])
     if FLAGS.port_file:
-        tmp = f"{FLAGS.port_file}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({**ports, "pid": os.getpid()}, f)
-        os.replace(tmp, FLAGS.port_file)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.set())
-    while not stop.wait(0.5):
-        pass
+        write_port_file(FLAGS.port_file, ports)
+    wait_for_stop_signal()
     log.info("shutting down (grace %.1fs)", FLAGS.shutdown_grace_s)
     cluster.shutdown(FLAGS.name, FLAGS.shutdown_grace_s)
     ray.shutdown()

@@ -12,11 +12,30 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 SERVER = "entrypoints.serve"
 # The source tree holding jinfer/, scheduler/ and configs/: children find them without an install.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_port_file(path: str, ports: dict) -> None:
+    """Writes `ports` and this process's pid as JSON to path, atomically: the file a
+    ServerProcess waits for (readers never see half a file)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({**ports, "pid": os.getpid()}, f)
+    os.replace(tmp, path)
+
+
+def wait_for_stop_signal() -> None:
+    """Blocks until SIGINT or SIGTERM (a main's serving loop; call from the main thread)."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    while not stop.wait(0.5):
+        pass
 
 
 class ServerProcess:

@@ -22,12 +22,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 
 from absl import app, flags
 
+from entrypoints.process import wait_for_stop_signal, write_port_file
 from scheduler.routing.policies import ROUTERS
 
 FLAGS = flags.FLAGS
@@ -110,15 +109,8 @@ def main(argv):
         sys.exit(f"error: {e}")
     log.info("router config: %s", json.dumps(router.describe()))
     if FLAGS.port_file:
-        tmp = f"{FLAGS.port_file}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"port": router.port, "http_port": router.http_port, "pid": os.getpid()}, f)
-        os.replace(tmp, FLAGS.port_file)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.set())
-    while not stop.wait(0.5):
-        pass
+        write_port_file(FLAGS.port_file, {"port": router.port, "http_port": router.http_port})
+    wait_for_stop_signal()
     log.info("shutting down (grace %.1fs)", config.shutdown_grace_s)
     router.stop()
     if FLAGS.port_file and os.path.exists(FLAGS.port_file):

@@ -28,6 +28,7 @@ import time
 from absl import app, flags
 
 import configs
+from entrypoints.process import write_port_file
 from jinfer.launch import define_config_flag, parse_flags, resolve, to_dict
 
 FLAGS = flags.FLAGS
@@ -36,14 +37,6 @@ flags.DEFINE_string("port_file", "", "Once serving, write {\"port\", \"http_port
                     "JSON here (for scripts that start the server with port 0; null: not served).")
 
 log = logging.getLogger("jinfer.launch_server")
-
-
-def _write_port_file(path: str, server) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"port": server.port, "http_port": server.http_port, "metrics_port": server.metrics_port,
-                   "pid": os.getpid()}, f)
-    os.replace(tmp, path)  # readers never see half a file
 
 
 # Loaded in a thread while the engine builds (its program load and the weights' dequantizing
@@ -89,7 +82,8 @@ def main(argv):
     except RuntimeError as e:  # grpc could not bind the port
         sys.exit(f"error: {e}")
     if FLAGS.port_file:
-        _write_port_file(FLAGS.port_file, server)
+        write_port_file(FLAGS.port_file, {"port": server.port, "http_port": server.http_port,
+                                          "metrics_port": server.metrics_port})
     while not stop.wait(0.5):
         pass
     log.info("shutting down (grace %.1fs)", launch.serving.shutdown_grace_s)
