@@ -216,15 +216,16 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
         return True
 
     def release_warmup(self) -> None:
-        """Starts compiling the other buckets of a background warm-up (options.warmup_background),
-        which otherwise waits for the first step(): a server calls it once it listens, so its
-        set-up does not share the CPU with compilations."""
+        """Starts a held background warm-up's other buckets (a server calls it once it listens)."""
         self.runner.release_warmup()
 
     def stop_warmup(self, timeout: float | None = None) -> None:
-        """Stops a background warm-up (options.warmup_background) after the compilation under way;
-        servers call it on shutdown so no compilation runs while the process exits."""
+        """Stops a background warm-up after the compilation under way (servers, on shutdown)."""
         self.runner.stop_warmup(timeout)
+
+    def warming_up(self) -> bool:
+        """Whether a background warm-up (options.warmup_background) is still compiling buckets."""
+        return not self.runner.wait_warmup(0)
 
     def has_unfinished(self) -> bool:
         """Whether a request is unfinished, or outputs read back early (reshard, migration)

@@ -302,6 +302,10 @@ class InstanceGroup:
         for engine in self.engines:
             engine.stop_warmup(timeout)
 
+    def warming_up(self) -> bool:
+        """Engine.warming_up of any instance."""
+        return any(engine.warming_up() for engine in self.engines)
+
     def reset_prefix_cache(self) -> int:
         return sum(e.reset_prefix_cache() for e in self.engines)
 

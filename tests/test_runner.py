@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import urllib.request
 
 import numpy as np
 import pytest
@@ -193,10 +194,16 @@ def test_background_warmup_waits_for_the_server_to_listen(hf_checkpoints):
                  SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4, max_model_len=96),
                  options=EngineOptions(warmup=True, warmup_background=True))
     assert eng.runner.compiled_buckets() == {(16, 4, False)} and not eng.runner.wait_warmup(0)  # held
-    srv = Server(eng, ServingConfig()).start()
+    srv = Server(eng, ServingConfig(metrics_port=0))
+    warming = lambda: srv.metrics.registry.get_sample_value("jinfer_warmup_in_progress")  # noqa: E731
+    assert eng.warming_up() and warming() == 1.0  # what tools/demo.py waits on before its replay
+    srv.start()
     try:
         assert eng.runner.wait_warmup(120)
         assert eng.runner.compiled_buckets() == {(16, 4, False), (32, 4, False), (64, 4, False)}
+        assert not eng.warming_up() and warming() == 0.0
+        with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10) as r:
+            assert "jinfer_warmup_in_progress 0.0" in r.read().decode().splitlines()
     finally:
         srv.stop(grace=0)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import urllib.request
 
 from absl import app, flags
@@ -46,10 +47,24 @@ SHOWN_METRICS = ("jinfer_prefix_cache_hit_rate", "jinfer_kv_page_utilization", "
                  "jinfer_requests_finished_total", "jinfer_time_to_first_token_seconds_count")
 
 
-def _metrics(port: int) -> list[str]:
+def _metrics(port: int, shown=SHOWN_METRICS) -> list[str]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         text = r.read().decode()
-    return [line for line in text.splitlines() if line.startswith(SHOWN_METRICS)]
+    return [line for line in text.splitlines() if line.startswith(shown)]
+
+
+def _wait_for_warmup(port: int) -> None:
+    """Waits (up to --start_timeout_s) until the server's background compilation of its step
+    buckets ended (jinfer_warmup_in_progress 0), so the replay measures serving, not compiling."""
+    deadline, said = time.monotonic() + FLAGS.start_timeout_s, False
+    while time.monotonic() < deadline:
+        if "jinfer_warmup_in_progress 0.0" in _metrics(port, ("jinfer_warmup_in_progress",)):
+            return
+        if not said:
+            print("waiting for the server to finish compiling its step buckets ...", file=sys.stderr)
+            said = True
+        time.sleep(0.5)
+    print(f"warning: the server still compiles after {FLAGS.start_timeout_s:g}s: replaying anyway", file=sys.stderr)
 
 
 def _chat(http_target: str, model: str) -> None:
@@ -113,6 +128,7 @@ def main(argv):
         if FLAGS.chat:
             print(f"chatting with {info.model} over http://{server.http_target}/v1/chat/completions")
             _chat(server.http_target, info.model)
+        _wait_for_warmup(ports["metrics_port"])
         items = workloads.demo((8, info.vocab_size), FLAGS.seed, FLAGS.scale, FLAGS.rate)
         print(f"\nreplaying {len(items)} requests ({info.model}, tiers {list(info.tiers)}) against {target}",
               file=sys.stderr)

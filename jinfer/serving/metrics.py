@@ -112,6 +112,9 @@ class ServerMetrics:
                                      "Accepted / drafted tokens since start.", registry=r)
         self.spec_mean_accepted = Gauge("jinfer_spec_mean_accepted_tokens",
                                         "Accepted draft tokens per verification since start.", registry=r)
+        self.warmup_in_progress = Gauge("jinfer_warmup_in_progress", "1 while a background warm-up still compiles "
+                                        "step buckets (steps of an uncompiled shape compile first), else 0.",
+                                        registry=r)
         self.engine_restarts = Counter("jinfer_engine_restarts", "Engine-loop restarts after a crash, by the "
                                        "class of the exception that crashed it.", ["reason"], registry=r)
         self._spec_seen = None  # the engine's last SpecStats, for counter increments
@@ -157,6 +160,12 @@ class ServerMetrics:
 
     def on_restart(self, reason: str) -> None:
         self.engine_restarts.labels(reason).inc()
+
+    def watch_warmup(self, engine) -> None:
+        """jinfer_warmup_in_progress reads engine.warming_up() at each scrape (idle or not)."""
+        warming_up = getattr(engine, "warming_up", None)  # (an engine without warm-up: always 0)
+        if warming_up is not None:
+            self.warmup_in_progress.set_function(lambda: 1.0 if warming_up() else 0.0)
 
     def update_engine(self, engine, now: float | None = None) -> None:
         """Gauges from the engine's state, and the derived rates (after on_outputs)."""

@@ -186,6 +186,8 @@ class Server:
         # The policy's demotion counts are reported when it keeps them (scheduler.slo.policies.SloAware).
         self.goodput = Goodput(config.tier_table, policy=getattr(engine, "policy", None))
         self.metrics = ServerMetrics(self.goodput) if config.metrics_port is not None else None
+        if self.metrics is not None:
+            self.metrics.watch_warmup(engine)
         self.loop = EngineLoop(engine, [lis for lis in (self.goodput, self.metrics) if lis is not None],
                                config.engine_stall_timeout_s, pause_timeout_s=config.pause_timeout_s,
                                max_paused=config.max_paused_requests)
