@@ -91,9 +91,6 @@ class ReplicaActor:
         """host:port of the server's gRPC API."""
         return self.proc.target
 
-    def http_target(self) -> str | None:
-        return self.proc.http_target
-
     def pid(self) -> int:
         """The server process's pid."""
         return self.proc.proc.pid
@@ -141,8 +138,7 @@ class RouterActor:
             return self._reconcile()
 
     def _reconcile(self) -> list[str]:
-        prefix = f"{self.spec.name}-replica-"
-        names = [n for n in ray.util.list_named_actors() if n.startswith(prefix)]  # this namespace's, by name
+        names = replica_names(self.spec.name)
         for name in list(self._known):
             if name not in names:
                 del self._known[name]

@@ -70,5 +70,6 @@ class Router(Protocol):
         its next report)."""
 
     def add_replica(self) -> int:
-        """A replica joins while routing (a cluster grew): it is up and cold; returns its index,
-        the next unused one (indices are never reused: a removed replica stays down)."""
+        """A replica joins while routing (a cluster grew): it starts down (on_replica_up brings it
+        in, cold); returns its index, the next unused one (indices are never reused: a removed
+        replica stays down)."""

@@ -426,3 +426,20 @@ def test_simulator_runs_the_engines_speculation(tree):
     assert [finished[i] for i in range(len(items))] == [it.output for it in items]  # the recorded tokens
     assert spec.steps < plain.steps * 0.7
     assert spec.sim_time_s < plain.sim_time_s
+
+
+@pytest.mark.parametrize("name", ROUTERS)
+def test_a_replica_added_while_routing_gets_requests_once_up(name):
+    """add_replica: the next index, down (never routed to) until on_replica_up, then routed to
+    like the others; every per-replica list grows with it."""
+    router = make_router(name, 2, COST, capacity_tokens=10_000, options=PLAIN)
+    assert router.add_replica() == 2 and router.num_replicas == 3
+    routed = [router.route(_req(i, (i, i + 1, i + 2)), now=0.0) for i in range(6)]
+    assert 2 not in routed
+    router.on_replica_up(2, now=1.0)
+    router.on_load(2, ReplicaLoad(0, 0, 100, 100, 0, 16), now=1.0)
+    routed = [router.route(_req(10 + i, (7, 7, 10 + i)), now=1.0 + i) for i in range(9)]
+    assert 2 in routed
+    for i, r in enumerate(routed):
+        router.on_finish(r, _req(10 + i, (7, 7, 10 + i)), now=20.0)
+    assert router.outstanding[2] == 0

@@ -13,11 +13,11 @@ from tests.serving_util import HANG_S, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARENT = """
-import sys, time
+import sys
 from entrypoints.process import ServerProcess
 p = ServerProcess([], module="tests.idle_server", die_with_parent={flag}).start().wait_ready(60)
 print(p.proc.pid, flush=True)
-time.sleep(600)
+sys.stdin.read()  # until killed (the test holds the pipe open)
 """
 
 
@@ -33,7 +33,8 @@ def _alive(pid: int) -> bool:
 @pytest.mark.parametrize("die_with_parent", [True, False])
 def test_a_server_process_dies_with_its_parent_only_when_asked(die_with_parent):
     parent = subprocess.Popen([sys.executable, "-c", PARENT.format(flag=die_with_parent)], cwd=ROOT,
-                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": ROOT})
     child = int(parent.stdout.readline())
     try:
         assert _alive(child)

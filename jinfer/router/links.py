@@ -129,8 +129,8 @@ class ReplicaLinks:
             raise
         self.replicas.append(rep)
         assert i == len(self.replicas) - 1, f"the policy numbered the new replica {i}, the links {len(self.replicas) - 1}"
-        rep.up, rep.down_reason = False, "it has not reported its load yet"
-        self.policy.on_replica_down(i, self.now())  # up (cold) with its first report: _maybe_up
+        rep.up, rep.down_reason = False, "it has not reported its load yet"  # down, as in the policy: up
+        # (cold) with its first report (_maybe_up)
         rep.watch_task = asyncio.create_task(self._watch(i))
         try:
             await asyncio.wait_for(rep.first_report.wait(), timeout)

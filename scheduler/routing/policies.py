@@ -66,11 +66,11 @@ class _Counting:
         self.up[replica] = True
 
     def add_replica(self) -> int:
-        """A replica joins while routing (up, cold): its index, the next one."""
+        """A replica joins while routing, down until on_replica_up: its index, the next one."""
         self.num_replicas += 1
         self.outstanding.append(0)
         self.reported.append(None)
-        self.up.append(True)
+        self.up.append(False)
         return self.num_replicas - 1
 
 
