@@ -145,8 +145,10 @@ class RouterActor:
         for name in names:
             try:
                 self._known[name] = ray.get(ray.get_actor(name).target.remote(), timeout=self.spec.reconcile_s)
-            except (ray.exceptions.RayError, ValueError):
-                pass  # restarting (or just gone): decided on a later round
+            except ValueError:  # killed since the listing (Ray lists it a while after)
+                self._known.pop(name, None)
+            except ray.exceptions.RayError:
+                pass  # restarting: keeps its last target until it answers
         wanted, have = set(self._known.values()), self.server.replica_targets()
         for target in have:
             if target not in wanted and len(have) > 1:  # the router keeps its last replica
@@ -234,7 +236,8 @@ def scale(name: str, replicas: int, timeout: float = 900.0) -> list[str]:
     """Grows or shrinks the running cluster `name` (in this driver's Ray namespace) to
     `replicas` replica actors: new ones start with the cluster's server flags, the newest go
     first (their servers drain); waits until the router routes to exactly the remaining ones
-    (TimeoutError if not within `timeout`). Returns the router's targets."""
+    and Ray no longer lists the ones that left (TimeoutError if not within `timeout`).
+    Returns the router's targets."""
     if replicas < 1:
         raise ValueError(f"replicas={replicas} must be >= 1 (shutdown stops a cluster)")
     router = ray.get_actor(f"{name}-router")
@@ -243,16 +246,20 @@ def scale(name: str, replicas: int, timeout: float = 900.0) -> list[str]:
     if replicas > len(names):
         _check_resources(spec, replicas - len(names), router=False)
     next_k = max((int(n.rsplit("-", 1)[1]) for n in names), default=-1) + 1
+    kept = [ray.get_actor(n) for n in names[:replicas]]
     new = [_replica_actor(spec, next_k + i) for i in range(replicas - len(names))]
     _get([a.target.remote() for a in new], timeout, "the new replicas to serve")
-    for gone in names[replicas:][::-1]:
-        _stop_replica(ray.get_actor(gone), spec.start_timeout_s)
-    want = set(_get([ray.get_actor(n).target.remote() for n in replica_names(name)], timeout, "the replicas"))
+    leaving = names[replicas:]
+    for n in leaving[::-1]:
+        _stop_replica(ray.get_actor(n), spec.start_timeout_s)
+    # the kept handles, not a new listing: Ray may list a killed actor for a while after the kill
+    want = set(_get([a.target.remote() for a in kept + new], timeout, "the replicas"))
     deadline = time.monotonic() + timeout
-    while (targets := ray.get(router.reconcile.remote())) and set(targets) != want:
+    while (targets := ray.get(router.reconcile.remote())) and (
+            set(targets) != want or set(leaving) & set(replica_names(name))):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the router routes to {targets}, not to the cluster's replicas {sorted(want)}, "
-                               f"after {timeout:g}s")
+            raise TimeoutError(f"the router routes to {targets}, not to the cluster's replicas {sorted(want)} "
+                               f"(or Ray still lists one of {leaving}), after {timeout:g}s")
         time.sleep(spec.reconcile_s)
     return targets
 
@@ -279,4 +286,8 @@ def shutdown(name: str, grace: float = 10.0) -> None:
             log.warning("the router did not stop cleanly: %s", e)
         ray.kill(router, no_restart=True)
     for n in replica_names(name):
-        _stop_replica(ray.get_actor(n), grace + 60)
+        try:
+            actor = ray.get_actor(n)
+        except ValueError:  # killed since the listing
+            continue
+        _stop_replica(actor, grace + 60)
