@@ -32,6 +32,7 @@ from scheduler.slo.priority_groups import PriorityGroups
 from scheduler.speculation.budget import CostAwareBudget
 from scheduler.speculation.das import RolloutDrafter
 from scheduler.speculation.drafters import NgramDrafter, SuffixDrafter
+from sharding.distributed import mesh_devices
 from sharding.tp import make_mesh
 
 DRAFTERS = {"ngram": NgramDrafter, "suffix": SuffixDrafter, "das": RolloutDrafter}
@@ -49,7 +50,7 @@ def build_engine(launch: LaunchConfig, policy=None, progress: bool = False):
         return _build_instances(launch, policy, progress)
     mesh = None
     if spec.tp > 1:
-        mesh = make_mesh(spec.tp)
+        mesh = make_mesh(spec.tp, mesh_devices(spec.tp))  # over every process of a multi-process mesh
     if policy is None and opts.scheduling_policy:
         policy = scheduling_policy(opts.scheduling_policy)
     _admission(policy, opts)

@@ -20,6 +20,17 @@ SERVER = "entrypoints.serve"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def define_mesh_flags() -> None:
+    """The flags of one process of a mesh over several processes (hosts): the same on every
+    process but --process_id (tools/generate.py, the server)."""
+    from absl import flags
+    flags.DEFINE_string("coordinator_address", "127.0.0.1:12355",
+                        "host:port of process 0, which coordinates a multi-process mesh.")
+    flags.DEFINE_integer("num_processes", 1, "Processes (hosts) in the mesh; 1 = this process alone.",
+                         lower_bound=1)
+    flags.DEFINE_integer("process_id", 0, "This process's rank in [0, num_processes).", lower_bound=0)
+
+
 def write_port_file(path: str, ports: dict) -> None:
     """Writes `ports` and this process's pid as JSON to path, atomically: the file a
     ServerProcess waits for (readers never see half a file)."""
@@ -47,11 +58,13 @@ class ServerProcess:
     goes (default: this process's stderr). die_with_parent: the child gets SIGTERM (and drains)
     when the thread that started it exits, even if that process is killed (Linux
     PR_SET_PDEATHSIG; a Ray actor's server must not outlive the actor). host: the address
-    `target` names (the interface the server binds)."""
+    `target` names (the interface the server binds). env: variables set for the child on top
+    of this process's."""
 
     def __init__(self, args: list[str], *, module: str = SERVER, cpus: set[int] | None = None,
-                 stdout=None, die_with_parent: bool = False, host: str = "127.0.0.1"):
+                 stdout=None, die_with_parent: bool = False, host: str = "127.0.0.1", env: dict | None = None):
         self.args, self.module, self.cpus, self.host = list(args), module, cpus, host
+        self.env = dict(env or {})
         self.die_with_parent = die_with_parent
         self.stdout = stdout if stdout is not None else sys.stderr
         self._tmp = tempfile.TemporaryDirectory(prefix="jinfer-proc-")
@@ -73,7 +86,7 @@ class ServerProcess:
             cmd = [sys.executable, "-c", code, *cmd]
         path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
         self.proc = subprocess.Popen(cmd, stdout=self.stdout, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONPATH": path})
+                                     env={**os.environ, **self.env, "PYTHONPATH": path})
         return self
 
     def wait_ready(self, timeout: float = 600.0) -> "ServerProcess":

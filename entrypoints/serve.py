@@ -28,13 +28,14 @@ import time
 from absl import app, flags
 
 import configs
-from entrypoints.process import write_port_file
+from entrypoints.process import define_mesh_flags, write_port_file
 from jinfer.launch import define_config_flag, parse_flags, resolve, to_dict
 
 FLAGS = flags.FLAGS
 CONFIG = define_config_flag(os.path.join(os.path.dirname(configs.__file__), "default.py"))
 flags.DEFINE_string("port_file", "", "Once serving, write {\"port\", \"http_port\", \"metrics_port\", \"pid\"} as "
                     "JSON here (for scripts that start the server with port 0; null: not served).")
+define_mesh_flags()
 
 log = logging.getLogger("jinfer.launch_server")
 
@@ -67,9 +68,15 @@ def main(argv):
     from entrypoints.build import build_engine, build_server  # jax and the engine load before the serving modules
     threading.Thread(target=_import_serving, name="import-serving", daemon=True).start()
     try:
-        engine = build_engine(launch, progress=True)
+        if FLAGS.num_processes > 1:
+            _join_mesh(launch)
+        engine = build_engine(launch, progress=FLAGS.process_id == 0)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    if FLAGS.num_processes > 1:
+        engine = _mirror(engine)
+        if engine is None:
+            return  # a follower: the leader stopped
     info = engine.info()
     log.info("engine ready in %.1fs: %d KV pages of %d tokens, attention %s", time.perf_counter() - t0,
              info.num_pages, info.page_size, info.attention_backend)
@@ -88,8 +95,40 @@ def main(argv):
         pass
     log.info("shutting down (grace %.1fs)", launch.serving.shutdown_grace_s)
     server.stop()
+    if FLAGS.num_processes > 1:
+        engine.runner.close()  # the followers exit
     if FLAGS.port_file and os.path.exists(FLAGS.port_file):
         os.remove(FLAGS.port_file)
+
+
+def _join_mesh(launch) -> None:
+    """Joins this process to the multi-process mesh (ValueError for a launch that cannot
+    serve on one: the step's programs must span every process's devices)."""
+    from sharding.distributed import initialize
+
+    if launch.engine.instances:
+        raise ValueError(f"engine.instances={launch.engine.instances} on a mesh over {FLAGS.num_processes} "
+                         "processes: serve one engine (model.tp over every process's devices)")
+    if launch.model.tp % FLAGS.num_processes:
+        raise ValueError(f"model.tp={launch.model.tp} must be a multiple of --num_processes="
+                         f"{FLAGS.num_processes}: every process holds an equal share of the mesh")
+    initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+
+
+def _mirror(engine):
+    """The leader's engine with its runner mirrored to the followers; on a follower, repeats
+    the leader's device work until it stops, and returns None (jinfer.mirror)."""
+    from jinfer import mirror
+
+    host = FLAGS.coordinator_address.rpartition(":")[0]
+    if FLAGS.process_id != 0:
+        engine.release_warmup()  # compiles what the leader's steps will run, as the leader does
+        log.info("following the leader at %s", host)
+        mirror.follow(engine.runner, mirror.connect_leader())
+        return None
+    engine.runner = mirror.MirroredRunner(engine.runner, mirror.connect_followers(FLAGS.num_processes, host))
+    log.info("leading a mesh of %d processes", FLAGS.num_processes)
+    return engine
 
 
 def run() -> None:

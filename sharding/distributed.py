@@ -29,3 +29,21 @@ def initialize(coordinator_address: str, num_processes: int, process_id: int) ->
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # unused on GPU
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
+
+
+def mesh_devices(tp: int) -> list:
+    """The `tp` devices a tensor-parallel mesh takes: the first tp of this process alone, or,
+    over several processes, tp / num_processes of each process's own devices (every process
+    runs every step, so each must hold a share); ValueError naming tp when that cannot be."""
+    processes = jax.process_count()
+    if processes == 1:
+        return jax.devices()[:tp]
+    if tp % processes:
+        raise ValueError(f"model.tp={tp} must be a multiple of the {processes} processes of the mesh "
+                         "(each holds the same share of it)")
+    per = tp // processes
+    by_process = [[d for d in jax.devices() if d.process_index == p] for p in range(processes)]
+    if any(len(local) < per for local in by_process):
+        raise ValueError(f"model.tp={tp} over {processes} processes needs {per} devices in each; "
+                         f"they have {[len(local) for local in by_process]}")
+    return [d for local in by_process for d in local[:per]]

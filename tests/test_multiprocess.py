@@ -50,3 +50,64 @@ def test_cluster_flags_are_checked_before_connecting():
                             "coordinator_address='nohost' must be host:port")]:
         rc, _, err = _outputs(_generate(1, "--prompt=x", *flags))
         assert rc != 0 and message in err
+
+
+def _mesh_servers(args: list[str]) -> list:
+    """A server over a 2-process mesh on loopback (one fake device each): [leader, follower]."""
+    from entrypoints.process import ServerProcess
+
+    mesh = [f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2"]
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    return [ServerProcess([*args, *mesh, f"--process_id={i}"], env=env).start() for i in range(2)]
+
+
+def test_a_server_over_two_processes_serves_one_processs_tokens_and_stops_both():
+    from entrypoints.process import ServerProcess
+    from jinfer.serving.client import Client
+    from tests.test_live_router import REPLICA_ARGS
+
+    args = [*REPLICA_ARGS, "--config.model.tp=2"]
+    prompts = [[11 + 7 * j + i for j in range(10 + 3 * i)] for i in range(4)]
+    leader, follower = _mesh_servers(args)
+    try:
+        leader.wait_ready(300)
+        with Client(leader.target) as c:
+            got = [c.generate(p, max_tokens=8, ignore_eos=True)[0]["token_ids"] for p in prompts]
+            # several at once: mixed prefill and decode steps, batched
+            batch = [o["token_ids"] for o in c.generate(prompts[0], max_tokens=5, n=3, temperature=1.0, seed=3)]
+        assert leader.stop() == 0  # SIGTERM drains the leader, which tells the follower to exit
+        assert follower.proc.wait(timeout=60) == 0
+    finally:
+        leader.kill()
+        follower.kill()
+    single = ServerProcess(args, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}).start()
+    try:
+        with Client(single.wait_ready(300).target) as c:
+            assert got == [c.generate(p, max_tokens=8, ignore_eos=True)[0]["token_ids"] for p in prompts]
+            assert batch == [o["token_ids"] for o in c.generate(prompts[0], max_tokens=5, n=3, temperature=1.0, seed=3)]
+    finally:
+        single.stop()
+
+
+def test_a_mesh_server_exits_when_a_follower_dies():
+    from tests.test_live_router import REPLICA_ARGS
+
+    leader, follower = _mesh_servers([*REPLICA_ARGS, "--config.model.tp=2"])
+    try:
+        leader.wait_ready(300)
+        follower.proc.kill()
+        assert leader.proc.wait(timeout=60) == 1  # its steps could never complete: it ends, to be restarted
+    finally:
+        leader.kill()
+        follower.kill()
+
+
+def test_a_mesh_server_refuses_a_tp_its_processes_cannot_share():
+    from entrypoints.process import ServerProcess
+    from tests.test_live_router import REPLICA_ARGS
+
+    proc = ServerProcess([*REPLICA_ARGS, "--config.model.tp=3", "--num_processes=2", "--process_id=0"],
+                         stdout=subprocess.PIPE).start()
+    out = proc.proc.communicate(timeout=120)[0].decode()
+    assert proc.proc.returncode != 0
+    assert "model.tp=3 must be a multiple of --num_processes=2" in out

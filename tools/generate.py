@@ -29,6 +29,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the source tree
 
 import configs  # noqa: E402 - after the path
+from entrypoints.process import define_mesh_flags  # noqa: E402
 from jinfer.launch import define_config_flag, parse_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -43,11 +44,7 @@ flags.DEFINE_float("min_p", 0.0, "Drop tokens below min_p × the most likely tok
 flags.DEFINE_integer("n", 1, "Independent samples per prompt (they share the prompt's KV pages).",
                      lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_string("coordinator_address", "127.0.0.1:12355",
-                    "host:port of process 0, which coordinates a multi-process mesh.")
-flags.DEFINE_integer("num_processes", 1, "Processes (hosts) in the mesh; 1 = this process alone.",
-                     lower_bound=1)
-flags.DEFINE_integer("process_id", 0, "This process's rank in [0, num_processes).", lower_bound=0)
+define_mesh_flags()
 flags.DEFINE_bool("json", False, "Print one JSON object per completion (prompt, index, token_ids, "
                   "text, finish_reason) instead of text for a person.")
 
