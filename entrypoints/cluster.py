@@ -44,7 +44,10 @@ class ClusterSpec:
     RouterConfig fields for the router (port, http_port, health_interval_s, ...); policy:
     a routing policy name (scheduler/routing/policies.ROUTERS); cost_model: its JSON file
     (preble-e2). reconcile_s: how often the router re-reads the replicas from Ray.
-    start_timeout_s: how long a replica's server may take to start.
+    start_timeout_s: how long a replica's server may take to start. hosts_per_replica: the
+    processes of each replica's mesh (model.tp in server_args counts all their devices), each
+    with replica_cpus / replica_gpus of its own, placed by `placement` (a Ray placement-group
+    strategy: STRICT_SPREAD, one node each; PACK on one machine) (entrypoints/cluster_mesh.py).
     """
 
     name: str = "jinfer"
@@ -58,6 +61,8 @@ class ClusterSpec:
     router_args: tuple[tuple[str, object], ...] = ()
     reconcile_s: float = 1.0
     start_timeout_s: float = 900.0
+    hosts_per_replica: int = 1
+    placement: str = "STRICT_SPREAD"
 
     def replica_name(self, k: int) -> str:
         return f"{self.name}-replica-{k}"
@@ -68,37 +73,58 @@ class ClusterSpec:
 
 
 class ReplicaActor:
-    """One jinfer server on this actor's node (see the module docstring)."""
+    """One jinfer server on this actor's node, or the members of its mesh over several hosts
+    (spec.hosts_per_replica; see the module docstring)."""
 
-    def __init__(self, server_args: list[str], start_timeout_s: float):
+    def __init__(self, spec: ClusterSpec):
         self.host = ray.util.get_node_ip_address()
-        args = [*server_args, f"--config.serving.host={self.host}", "--config.serving.port=0",
+        self._stopping = False
+        self.members, self.proc = [], None
+        if spec.hosts_per_replica > 1:
+            from entrypoints.cluster_mesh import start_mesh
+            self.members, self._target = start_mesh(list(spec.server_args), spec.hosts_per_replica, spec.replica_cpus,
+                                                    spec.replica_gpus, spec.placement, spec.start_timeout_s)
+            exits = [m.wait.remote() for m in self.members]
+            threading.Thread(target=self._watch, args=(lambda: ray.wait(exits)[0][0],), name="mesh-watch",
+                             daemon=True).start()
+            return
+        args = [*spec.server_args, f"--config.serving.host={self.host}", "--config.serving.port=0",
                 "--config.serving.metrics_port=0"]
         self.proc = ServerProcess(args, die_with_parent=True, host=self.host).start()
-        self.proc.wait_ready(start_timeout_s)
-        self._stopping = False
-        threading.Thread(target=self._watch, name="server-watch", daemon=True).start()
+        self._target = self.proc.wait_ready(spec.start_timeout_s).target
+        threading.Thread(target=self._watch, args=(self.proc.proc.wait,), name="server-watch", daemon=True).start()
 
-    def _watch(self) -> None:
-        """A server that exits while the actor lives ends the actor's process, so Ray restarts
-        the replica (with a new server) rather than the router keeping a dead address."""
-        code = self.proc.proc.wait()
+    def _watch(self, wait_exit) -> None:
+        """A server (any process of the mesh) that exits while the actor lives ends the actor's
+        process, so Ray restarts the replica (with a new server) rather than the router keeping
+        a dead address."""
+        code = wait_exit()
         if not self._stopping:
-            log.error("the replica's server exited with code %s: ending the actor so Ray restarts it", code)
+            log.error("the replica's server exited (%s): ending the actor so Ray restarts it", code)
             os._exit(1)
 
     def target(self) -> str:
-        """host:port of the server's gRPC API."""
-        return self.proc.target
+        """host:port of the server's gRPC API (the mesh leader's)."""
+        return self._target
 
     def pid(self) -> int:
-        """The server process's pid."""
-        return self.proc.proc.pid
+        """The server process's pid (the mesh leader's)."""
+        return self.pids()[0]
+
+    def pids(self) -> list[int]:
+        """Every server process's pid: the server's, or each mesh member's in rank order."""
+        if self.proc is not None:
+            return [self.proc.proc.pid]
+        return ray.get([m.pid.remote() for m in self.members])
 
     def stop(self, timeout: float = 60.0) -> int:
-        """SIGTERM to the server (it drains); its exit code."""
+        """SIGTERM to the server (it drains; a mesh leader then stops its followers); its exit code."""
         self._stopping = True
-        return self.proc.stop(timeout)
+        if self.proc is not None:
+            return self.proc.stop(timeout)
+        code = ray.get(self.members[0].stop.remote(timeout))
+        ray.get([m.stop.remote(timeout) for m in self.members[1:]])
+        return code
 
 
 class RouterActor:
@@ -177,10 +203,11 @@ class RouterActor:
 
 def _replica_actor(spec: ClusterSpec, k: int):
     cls = ray.remote(ReplicaActor)
-    return cls.options(name=spec.replica_name(k), lifetime="detached", num_cpus=spec.replica_cpus,
-                       num_gpus=spec.replica_gpus, max_restarts=spec.max_restarts,
-                       max_task_retries=-1 if spec.max_restarts else 0).remote(  # calls wait out a restart
-        list(spec.server_args), spec.start_timeout_s)
+    mesh = spec.hosts_per_replica > 1  # the members reserve the resources, each in its bundle
+    return cls.options(name=spec.replica_name(k), lifetime="detached", num_cpus=0 if mesh else spec.replica_cpus,
+                       num_gpus=0 if mesh else spec.replica_gpus, max_restarts=spec.max_restarts,
+                       max_concurrency=4 if mesh else 1,  # pids() while a call waits on the members
+                       max_task_retries=-1 if spec.max_restarts else 0).remote(spec)  # calls wait out a restart
 
 
 def start(spec: ClusterSpec, replicas: int):
@@ -217,8 +244,13 @@ def _check_resources(spec: ClusterSpec, replicas: int, router: bool = True) -> N
     `replicas` more replica actors (and the router) in all. (Free resources split over nodes
     can still fall short of one actor's: the start's timeout catches that.)"""
     free = ray.available_resources()
-    need = {"CPU": replicas * spec.replica_cpus + (spec.router_cpus if router else 0.0),
-            "GPU": replicas * spec.replica_gpus}
+    processes = replicas * spec.hosts_per_replica
+    need = {"CPU": processes * spec.replica_cpus + (spec.router_cpus if router else 0.0),
+            "GPU": processes * spec.replica_gpus}
+    nodes = sum(1 for n in ray.nodes() if n["Alive"])
+    if spec.placement.startswith("STRICT_SPREAD") and spec.hosts_per_replica > nodes:
+        raise ValueError(f"hosts_per_replica={spec.hosts_per_replica} with placement {spec.placement} needs that "
+                         f"many nodes; the Ray cluster has {nodes} (placement PACK shares nodes)")
     for kind, n in need.items():
         if n > free.get(kind, 0.0) + 1e-9:
             raise ValueError(f"{replicas} more replica(s) need {n:g} {kind}s but the Ray cluster has "

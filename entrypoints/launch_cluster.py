@@ -8,6 +8,9 @@ one machine to a GPU cluster.
   # an existing Ray cluster (ray start --head ...; workers joined), 4 GPU replicas
   python tools/launch_cluster.py --ray_address=auto --replicas=4 --replica_gpus=1 --replica_cpus=4 \\
       --config.model.path=/models/llama --policy=preble-e2 --cost_model=cost.json
+  # replicas of tp=16 over two 8-GPU hosts each (one jax.distributed mesh per replica)
+  python tools/launch_cluster.py --ray_address=auto --replicas=2 --hosts_per_replica=2 --replica_gpus=8 \\
+      --config.model.tp=16 --config.model.path=/models/llama-70b
   # from another shell, while it runs: grow or shrink it, or stop it
   python tools/launch_cluster.py --ray_address=auto --scale_to=6
   python tools/launch_cluster.py --ray_address=auto --stop
@@ -46,6 +49,11 @@ flags.DEFINE_string("name", "jinfer", "Names the actors (<name>-router, <name>-r
 flags.DEFINE_float("replica_cpus", 1.0, "Ray CPUs each replica actor reserves.", lower_bound=0)
 flags.DEFINE_float("replica_gpus", 0.0, "Ray GPUs each replica actor reserves (its server sees those).",
                    lower_bound=0)
+flags.DEFINE_integer("hosts_per_replica", 1, "Processes (hosts) of each replica's mesh: one jax.distributed mesh "
+                     "whose processes Ray gang-places, each reserving --replica_cpus / --replica_gpus; "
+                     "--config.model.tp counts the devices of all of them.", lower_bound=1)
+flags.DEFINE_enum("placement", "STRICT_SPREAD", ["STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK"],
+                  "Ray placement-group strategy for a replica's processes (STRICT_SPREAD: one node each).")
 flags.DEFINE_float("router_cpus", 0.0, "Ray CPUs the router actor reserves (it relays; it holds no model).",
                    lower_bound=0)
 flags.DEFINE_integer("max_restarts", -1, "Times Ray restarts a dead replica actor (-1: always).", lower_bound=-1)
@@ -81,7 +89,8 @@ def _spec(server_args):
                        replica_gpus=FLAGS.replica_gpus, router_cpus=FLAGS.router_cpus,
                        max_restarts=FLAGS.max_restarts, policy=FLAGS.policy, cost_model=FLAGS.cost_model,
                        router_args=tuple(router.items()), reconcile_s=FLAGS.reconcile_s,
-                       start_timeout_s=FLAGS.start_timeout_s)
+                       start_timeout_s=FLAGS.start_timeout_s, hosts_per_replica=FLAGS.hosts_per_replica,
+                       placement=FLAGS.placement)
 
 
 def main(argv):

@@ -34,7 +34,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(num_cpus=4, namespace="jinfer-test", include_dashboard=False, _node_ip_address="127.0.0.1",
+    ray.init(num_cpus=5, namespace="jinfer-test", include_dashboard=False, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}}, log_to_driver=False)
     spec = cluster.ClusterSpec(name=NAME, server_args=tuple(REPLICA_ARGS), replica_cpus=1, router_cpus=0.5,
                                policy="round-robin", reconcile_s=0.2,
@@ -130,3 +130,41 @@ def test_launch_cluster_tool_serves_scales_and_stops_cleanly(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _placement_groups() -> int:
+    """Placement groups holding resources now."""
+    return sum(g["state"] == "CREATED" for g in ray.util.placement_group_table().values())
+
+
+def test_a_replica_over_a_two_process_mesh_placed_by_ray_serves_tp2_tokens_and_restarts_whole(ray_cluster):
+    from entrypoints.process import ServerProcess
+
+    args = (*REPLICA_ARGS, "--config.model.tp=2")  # one device of each process
+    spec = cluster.ClusterSpec(name="mesh", server_args=args, replica_cpus=0.5, hosts_per_replica=2,
+                               placement="PACK", policy="round-robin", reconcile_s=0.2,
+                               router_args=(("report_interval_s", 0.01), ("health_interval_s", 0.1)))
+    prompts = [[20 + 3 * j + i for j in range(9 + 2 * i)] for i in range(3)]
+    router = cluster.start(spec, replicas=1)
+    try:
+        replica = ray.get_actor("mesh-replica-0")
+        pids = ray.get(replica.pids.remote())
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        with Client(_router_target(router)) as c:
+            got = [c.generate(p, max_tokens=6, ignore_eos=True)[0]["token_ids"] for p in prompts]
+        old_target = ray.get(replica.target.remote())
+        os.kill(pids[1], signal.SIGKILL)  # a follower dies: the mesh ends, Ray restarts the replica whole
+        assert wait_for(lambda: not any(_alive(p) for p in pids), HANG_S), "the mesh outlived its follower"
+        new_target = ray.get(replica.target.remote(), timeout=HANG_S)
+        assert new_target != old_target
+        assert wait_for(lambda: ray.get(router.targets.remote()) == [new_target], HANG_S)
+        assert wait_for(lambda: _placement_groups() == 1, HANG_S), "the dead mesh's placement group is kept"
+        with Client(_router_target(router)) as c:
+            assert c.generate(prompts[0], max_tokens=6, ignore_eos=True)[0]["token_ids"] == got[0]
+        pids = ray.get(replica.pids.remote())
+    finally:
+        cluster.shutdown("mesh", grace=2)
+    assert not [p for p in pids if _alive(p)], "a mesh process outlived the cluster"
+    assert wait_for(lambda: _placement_groups() == 0, HANG_S)
+    with ServerProcess(list(args)) as single, Client(single.wait_ready(300).target) as c:
+        assert got == [c.generate(p, max_tokens=6, ignore_eos=True)[0]["token_ids"] for p in prompts]
