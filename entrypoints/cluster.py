@@ -1,5 +1,6 @@
-"""jinfer on a Ray cluster: every replica a Ray actor owning one jinfer server process, the
-router an actor that learns the replicas from Ray (tools/launch_cluster.py starts them).
+"""jinfer on a Ray cluster: every replica a Ray actor owning one jinfer server process (or,
+spanning several hosts, the member actors of its mesh: cluster_mesh.py), the router an actor
+that learns the replicas from Ray (tools/launch_cluster.py starts them).
 
 - `ReplicaActor` starts `python -m entrypoints.serve` with the launch config's flags on its
   node (bound to the node's address, ports picked free) and reports its target. The server
@@ -82,10 +83,10 @@ class ReplicaActor:
         self.members, self.proc = [], None
         if spec.hosts_per_replica > 1:
             from entrypoints.cluster_mesh import start_mesh
-            self.members, self._target = start_mesh(list(spec.server_args), spec.hosts_per_replica, spec.replica_cpus,
-                                                    spec.replica_gpus, spec.placement, spec.start_timeout_s)
-            exits = [m.wait.remote() for m in self.members]
-            threading.Thread(target=self._watch, args=(lambda: ray.wait(exits)[0][0],), name="mesh-watch",
+            self.members, self._target, exits = start_mesh(list(spec.server_args), spec.hosts_per_replica,
+                                                           spec.replica_cpus, spec.replica_gpus, spec.placement,
+                                                           spec.start_timeout_s)
+            threading.Thread(target=self._watch, args=(lambda: _first_exit(exits),), name="mesh-watch",
                              daemon=True).start()
             return
         args = [*spec.server_args, f"--config.serving.host={self.host}", "--config.serving.port=0",
@@ -125,6 +126,16 @@ class ReplicaActor:
         code = ray.get(self.members[0].stop.remote(timeout))
         ray.get([m.stop.remote(timeout) for m in self.members[1:]])
         return code
+
+
+def _first_exit(exits) -> str:
+    """Waits for the first of a mesh's members to exit; which one, and how."""
+    done = ray.wait(exits, num_returns=1)[0][0]
+    try:
+        code = f"exit code {ray.get(done)}"
+    except ray.exceptions.RayError as e:  # the member actor itself died
+        code = f"its actor died: {type(e).__name__}"
+    return f"process {exits.index(done)} of the mesh ended, {code}"
 
 
 class RouterActor:
@@ -244,6 +255,9 @@ def _check_resources(spec: ClusterSpec, replicas: int, router: bool = True) -> N
     `replicas` more replica actors (and the router) in all. (Free resources split over nodes
     can still fall short of one actor's: the start's timeout catches that.)"""
     free = ray.available_resources()
+    if spec.hosts_per_replica > 1 and spec.replica_cpus <= 0 and spec.replica_gpus <= 0:
+        raise ValueError("a replica over several hosts reserves CPUs or GPUs for each of its processes: set "
+                         "replica_cpus or replica_gpus above 0")
     processes = replicas * spec.hosts_per_replica
     need = {"CPU": processes * spec.replica_cpus + (spec.router_cpus if router else 0.0),
             "GPU": processes * spec.replica_gpus}

@@ -16,6 +16,7 @@ it: Ray fate-shares them with their creator).
 from __future__ import annotations
 
 import socket
+import threading
 
 import ray
 from ray.util.placement_group import placement_group
@@ -30,6 +31,7 @@ class MeshMember:
     def __init__(self):
         self.host = ray.util.get_node_ip_address()
         self.proc: ServerProcess | None = None
+        self._started = threading.Event()
 
     def coordinator(self) -> str:
         """host:port for the mesh's coordinator on this node (a port free now)."""
@@ -44,10 +46,13 @@ class MeshMember:
                 "--config.serving.metrics_port=0", f"--coordinator_address={coordinator}",
                 f"--num_processes={processes}", f"--process_id={rank}"]
         self.proc = ServerProcess(args, die_with_parent=True, host=self.host).start()
+        self._started.set()
         return self.proc.wait_ready(timeout).target if rank == 0 else None
 
     def wait(self) -> int:
-        """Blocks until the server exits; its exit code."""
+        """Blocks until the server exits; its exit code (after start(): Ray runs a threaded
+        actor's calls in any order, so this waits for start to make the process)."""
+        self._started.wait()
         return self.proc.proc.wait()
 
     def pid(self) -> int:
@@ -58,9 +63,11 @@ class MeshMember:
 
 
 def start_mesh(server_args: list[str], hosts: int, cpus: float, gpus: float, placement: str,
-               timeout: float) -> tuple[list, str]:
-    """Places and starts a mesh of `hosts` server processes; (member actors, the leader's target).
-    TimeoutError when Ray cannot place the bundles or the leader does not serve in `timeout`."""
+               timeout: float) -> tuple[list, str, list]:
+    """Places and starts a mesh of `hosts` server processes; (member actors, the leader's target,
+    a ref per member that resolves to its server's exit code when it exits). TimeoutError when
+    Ray cannot place the bundles or the leader does not serve in `timeout`; RuntimeError when a
+    member's server exits first."""
     bundle = {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v > 0}
     if not bundle:
         raise ValueError("a replica over several hosts reserves CPUs or GPUs for each of its processes: "
@@ -77,4 +84,12 @@ def start_mesh(server_args: list[str], hosts: int, cpus: float, gpus: float, pla
                for i in range(hosts)]
     coordinator = ray.get(members[0].coordinator.remote(), timeout=timeout)
     started = [m.start.remote(server_args, coordinator, hosts, rank, timeout) for rank, m in enumerate(members)]
-    return members, ray.get(started[0], timeout=timeout + 60)
+    ray.get(started[1:], timeout=timeout)  # each member's server process is running
+    exits = [m.wait.remote() for m in members]
+    done, _ = ray.wait([started[0], *exits], num_returns=1, timeout=timeout + 60)
+    if not done:
+        raise TimeoutError(f"the mesh's leader was not serving after {timeout:g}s")
+    if done[0] != started[0]:  # a member's server exited first (its log says why)
+        rank = exits.index(done[0])
+        raise RuntimeError(f"process {rank} of the mesh exited with code {ray.get(done[0])} before it served")
+    return members, ray.get(started[0]), exits

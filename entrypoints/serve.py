@@ -16,6 +16,7 @@ serving.shutdown_grace_s, cancels the rest (freeing their pages) and exits 0.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import logging
@@ -71,12 +72,12 @@ def main(argv):
         if FLAGS.num_processes > 1:
             _join_mesh(launch)
         engine = build_engine(launch, progress=FLAGS.process_id == 0)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    if FLAGS.num_processes > 1:
-        engine = _mirror(engine)
-        if engine is None:
-            return  # a follower: the leader stopped
+        if FLAGS.num_processes > 1:
+            engine = _mirror(engine)
+    except (ValueError, FileNotFoundError, TimeoutError, RuntimeError) as e:
+        _fail(f"error: {e}")
+    if engine is None:
+        return  # a follower of a mesh: the leader stopped
     info = engine.info()
     log.info("engine ready in %.1fs: %d KV pages of %d tokens, attention %s", time.perf_counter() - t0,
              info.num_pages, info.page_size, info.attention_backend)
@@ -101,9 +102,23 @@ def main(argv):
         os.remove(FLAGS.port_file)
 
 
+def _fail(message: str) -> None:
+    """Exits with `message`. A process of a mesh first tells the leader (which waits for it) and
+    exits at once: jax.distributed's exit handler would wait for the other processes."""
+    if FLAGS.num_processes == 1:
+        sys.exit(message)
+    if FLAGS.process_id != 0:
+        from jinfer import mirror
+        mirror.report_failure(FLAGS.process_id, message)
+    print(message, file=sys.stderr, flush=True)
+    logging.shutdown()
+    os._exit(1)
+
+
 def _join_mesh(launch) -> None:
     """Joins this process to the multi-process mesh (ValueError for a launch that cannot
-    serve on one: the step's programs must span every process's devices)."""
+    serve on one: the step's programs must span every process's devices; or for a follower
+    launched with another config than process 0's)."""
     from sharding.distributed import initialize
 
     if launch.engine.instances:
@@ -113,18 +128,24 @@ def _join_mesh(launch) -> None:
         raise ValueError(f"model.tp={launch.model.tp} must be a multiple of --num_processes="
                          f"{FLAGS.num_processes}: every process holds an equal share of the mesh")
     initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    from jinfer import mirror
+
+    built = {k: v for k, v in to_dict(launch).items() if k != "serving"}  # only the leader serves
+    mirror.same_config(FLAGS.process_id, hashlib.sha256(json.dumps(built, sort_keys=True).encode()).hexdigest())
 
 
 def _mirror(engine):
     """The leader's engine with its runner mirrored to the followers; on a follower, repeats
-    the leader's device work until it stops, and returns None (jinfer.mirror)."""
+    the leader's device work until it stops, and returns None (jinfer.mirror). TimeoutError
+    when the other side does not connect in time."""
     from jinfer import mirror
 
     host = FLAGS.coordinator_address.rpartition(":")[0]
     if FLAGS.process_id != 0:
         engine.release_warmup()  # compiles what the leader's steps will run, as the leader does
         log.info("following the leader at %s", host)
-        mirror.follow(engine.runner, mirror.connect_leader())
+        mirror.follow(engine.runner, mirror.connect_leader(FLAGS.process_id))
+        engine.stop_warmup()  # a compilation under way ends before the interpreter does
         return None
     engine.runner = mirror.MirroredRunner(engine.runner, mirror.connect_followers(FLAGS.num_processes, host))
     log.info("leading a mesh of %d processes", FLAGS.num_processes)

@@ -189,7 +189,8 @@ class ModelSpec:
     dtype: str = "float32"
     """Parameter and activation dtype: float32 or bfloat16."""
     tp: int = 1
-    """Tensor-parallel degree: one mesh over the first tp devices."""
+    """Tensor-parallel degree: one mesh over the first tp devices (over several processes: an
+    equal share of each process's devices)."""
     seed: int = 0
     """Seed of the random weights (preset only)."""
     name: str = ""

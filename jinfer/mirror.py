@@ -12,26 +12,37 @@ runner prepares the same arrays and picks the same program. Work that would move
 the host (swapping to the host tier, migration, resharding, new weights) gathers arrays no
 single process holds and is refused on such a mesh, naming the call.
 
-The channel is one TCP connection from each follower to the leader (pickled messages; the
-processes of one replica trust each other as they share a JAX cluster); the leader's address
-goes through the jax.distributed key-value store. A process that dies breaks the mesh: the
-leader exits when a follower's connection closes, a follower when the leader's does, so a
-supervisor (jinfer's Ray cluster, or a person) restarts the replica as a whole.
+The channel is one TCP connection from each follower to the leader (pickled messages). The
+leader publishes its address and a fresh token in the jax.distributed key-value store; a
+connection that does not prove the token is closed. Before anything is built, the leader also
+publishes a digest of its launch config, and a follower launched with another refuses to start. A process that dies breaks the mesh: the
+leader exits when a follower's connection closes, a follower when the leader's does, and either
+exits when a call that launched on the other side fails on its own; a supervisor (jinfer's Ray
+cluster, or a person) then restarts the replica as a whole.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
+import secrets
 import socket
 import struct
+import sys
 import threading
+import time
+
+from jinfer.errors import PlanRejected
 
 log = logging.getLogger("jinfer.mirror")
 
 _KEY = "jinfer/mirror/leader"
+_CONFIG_KEY = "jinfer/mirror/config"
+_FAILED_KEY = "jinfer/mirror/failed"
 _HEADER = struct.Struct("!Q")
+_HELLO = struct.Struct("!32sI")  # a follower's first bytes: the leader's token, its rank
 
 
 class MeshError(ValueError):
@@ -70,33 +81,118 @@ def _kv_client():
     return distributed.global_state.client
 
 
-def connect_followers(num_processes: int, host: str = "", timeout_s: float = 600.0) -> list[socket.socket]:
-    """Leader side: listens on `host` (default: this machine's name), publishes the address
-    and accepts one connection per follower (num_processes - 1 of them)."""
-    listener = socket.create_server((host or "0.0.0.0", 0))
-    listener.settimeout(timeout_s)
-    address = f"{host or socket.gethostbyname(socket.gethostname())}:{listener.getsockname()[1]}"
-    _kv_client().key_value_set(_KEY, address)
-    followers = []
+def same_config(process_id: int, config_digest: str, timeout_s: float = 600.0) -> None:
+    """Every process of a mesh must build the same engine (pool, buckets, programs): process 0
+    publishes the digest of its launch config, the others compare theirs (ValueError when it
+    differs). Call before building anything on the mesh."""
+    client = _kv_client()
+    if process_id == 0:
+        client.key_value_set(_CONFIG_KEY, config_digest)
+        _wait_for_followers(client, timeout_s)
+        return
+    digest = client.blocking_key_value_get(_CONFIG_KEY, int(timeout_s * 1000))
+    if digest != config_digest:
+        raise ValueError(f"process {process_id} was launched with another config than process 0 (digest "
+                         f"{config_digest[:12]} vs {digest[:12]}): give every process of the mesh the same flags")
+    client.key_value_set(f"{_CONFIG_KEY}/ok/{process_id}", "ok")
+
+
+def _wait_for_followers(client, timeout_s: float) -> None:
+    """The leader waits until every follower has checked its config (ValueError with a
+    follower's reported failure; TimeoutError)."""
+    from jax._src import distributed  # not jax.process_count(): that starts the backend, which
+    # waits for every process's, and a follower that refuses its config never starts one
+
+    pending = set(range(1, distributed.global_state.num_processes))
+    deadline = time.monotonic() + timeout_s
+    while pending:
+        if (failed := _failure(client)) is not None:
+            raise ValueError(f"a process of the mesh cannot start: {failed}")
+        for rank in list(pending):
+            try:
+                client.key_value_try_get(f"{_CONFIG_KEY}/ok/{rank}")
+                pending.discard(rank)
+            except Exception:  # noqa: BLE001 - not yet
+                pass
+        if pending and time.monotonic() > deadline:
+            raise TimeoutError(f"processes {sorted(pending)} of the mesh did not check in within {timeout_s:g}s")
+        if pending:
+            time.sleep(0.05)
+
+
+def connect_followers(num_processes: int, host: str, timeout_s: float = 600.0) -> list[socket.socket]:
+    """Leader side: listens on every interface, publishes `host` (the address the followers
+    reach it at) with a fresh token, and accepts one connection per follower rank (1 ..
+    num_processes - 1), each proving the token; anything else that connects is closed.
+    Returns the followers' sockets in rank order."""
+    token = secrets.token_hex(16)
+    listener = socket.create_server(("", 0))
+    listener.settimeout(1.0)  # between accepts: has a follower reported a failure?
+    address = f"{host}:{listener.getsockname()[1]}"
+    client = _kv_client()
+    client.key_value_set(_KEY, f"{address} {token}")
+    followers: dict[int, socket.socket] = {}
+    deadline = time.monotonic() + timeout_s
     with listener:
         while len(followers) < num_processes - 1:
             try:
-                sock, _ = listener.accept()
+                sock, peer = listener.accept()
             except TimeoutError:
-                raise TimeoutError(f"{len(followers)} of {num_processes - 1} followers connected to {address} "
-                                   f"in {timeout_s:g}s") from None
+                if (failed := _failure(client)) is not None:
+                    raise RuntimeError(f"a follower of the mesh failed to start: {failed}") from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{len(followers)} of {num_processes - 1} followers connected to "
+                                       f"{address} in {timeout_s:g}s") from None
+                continue
+            rank = _handshake(sock, token, num_processes, followers)
+            if rank is None:
+                log.warning("closed a connection from %s that is not a follower of this mesh", peer)
+                sock.close()
+                continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.settimeout(None)
-            followers.append(sock)
-    return followers
+            followers[rank] = sock
+    return [followers[r] for r in sorted(followers)]
 
 
-def connect_leader(timeout_s: float = 600.0) -> socket.socket:
+def report_failure(process_id: int, error: str) -> None:
+    """A follower that cannot start says why (the leader, waiting for it, stops waiting)."""
+    try:
+        _kv_client().key_value_set(_FAILED_KEY, f"process {process_id}: {error}")
+    except Exception:  # noqa: BLE001 - not joined yet, or the leader is gone: nobody waits
+        log.debug("could not report the failure to the leader", exc_info=True)
+
+
+def _failure(client) -> str | None:
+    try:
+        return client.key_value_try_get(_FAILED_KEY)
+    except Exception:  # noqa: BLE001 - not set: nothing failed
+        return None
+
+
+def _handshake(sock: socket.socket, token: str, num_processes: int, taken) -> int | None:
+    """The follower rank a new connection proves, or None. Its first bytes are the token and
+    its rank (_HELLO: plain bytes, nothing a stranger sends is unpickled)."""
+    sock.settimeout(10.0)
+    try:
+        hello = _recv_exact(sock, _HELLO.size)
+    except OSError:
+        return None
+    sock.settimeout(None)
+    if hello is None:
+        return None
+    got, rank = _HELLO.unpack(hello)
+    if not secrets.compare_digest(got, token.encode()):
+        return None
+    return rank if 0 < rank < num_processes and rank not in taken else None
+
+
+def connect_leader(process_id: int, timeout_s: float = 600.0) -> socket.socket:
     """Follower side: the connection to the leader, once it has published its address."""
-    address = _kv_client().blocking_key_value_get(_KEY, int(timeout_s * 1000))
+    address, token = _kv_client().blocking_key_value_get(_KEY, int(timeout_s * 1000)).split(" ")
     host, _, port = address.rpartition(":")
     sock = socket.create_connection((host, int(port)), timeout=timeout_s)
     sock.settimeout(None)
+    sock.sendall(_HELLO.pack(token.encode(), process_id))
     return sock
 
 
@@ -117,18 +213,35 @@ class MirroredRunner:
         return getattr(self._runner, name)
 
     def _mirror(self, op: str, *args) -> None:
-        with self._lock:
-            for sock in self._followers:
-                _send(sock, (op, args))
+        try:
+            with self._lock:
+                for sock in self._followers:
+                    _send(sock, (op, args))
+        except OSError:
+            if op != "stop":
+                _abandon(f"a follower could not be sent {op}")
 
     def dispatch(self, plan):
+        # Launched here first: a plan the runner rejects (nothing launched) never reaches the
+        # followers. Any other failure may have launched a program they will not run: the mesh
+        # can no longer agree, so the process ends (its supervisor restarts the replica).
+        try:
+            handle = self._runner.dispatch(plan)
+        except PlanRejected:
+            raise
+        except BaseException:
+            _abandon("the step failed on the leader")
         self._mirror("dispatch", plan)
-        return self._runner.dispatch(plan)
+        return handle
 
     def move_kv(self, moves) -> None:
-        if moves:
-            self._mirror("move_kv", list(moves))
-        self._runner.move_kv(moves)
+        if not moves:
+            return
+        try:
+            self._runner.move_kv(moves)
+        except BaseException:
+            _abandon("a K/V move failed on the leader")
+        self._mirror("move_kv", list(moves))
 
     def execute(self, plan):
         return self.fetch(self.dispatch(plan))
@@ -138,7 +251,8 @@ class MirroredRunner:
         self._closing.set()
         self._mirror("stop")
         for sock in self._followers:
-            sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):  # a follower already gone
+                sock.shutdown(socket.SHUT_RDWR)
             sock.close()
 
     def _refuse(self, what: str):
@@ -171,7 +285,12 @@ def _exit_when_closed(sock: socket.socket, who: str, closing: threading.Event) -
         pass
     if closing.is_set():  # MirroredRunner.close: a clean stop
         return
-    log.error("%s of the mesh is gone: this process exits (its collectives could never complete)", who)
+    _abandon(f"{who} of the mesh is gone")
+
+
+def _abandon(why: str) -> None:
+    """Ends this process: the mesh cannot go on (its collectives would wait for ever)."""
+    log.error("%s: this process exits, its supervisor restarts the mesh", why, exc_info=sys.exc_info()[0] is not None)
     logging.shutdown()
     os._exit(1)
 
@@ -179,15 +298,19 @@ def _exit_when_closed(sock: socket.socket, who: str, closing: threading.Event) -
 def follow(runner, sock: socket.socket) -> None:
     """Follower side: makes each call the leader's MirroredRunner sends on `runner`, in order,
     until the leader says stop (returns) or its connection closes (the process exits)."""
-    while (message := _recv(sock)) is not None:
+    while True:
+        try:
+            message = _recv(sock)
+        except OSError:
+            message = None
+        if message is None:
+            break
         op, args = message
         if op == "stop":
             sock.close()
             return
         try:
             getattr(runner, op)(*args)
-        except Exception:  # noqa: BLE001 - the leader's same call failed the same way (a rejected plan)
-            log.exception("mirrored %s failed", op)
-    log.error("the leader of the mesh is gone: this process exits")
-    logging.shutdown()
-    os._exit(1)
+        except BaseException:  # the leader's call succeeded: this process cannot follow any more
+            _abandon(f"the mirrored {op} failed here")
+    _abandon("the leader of the mesh is gone")

@@ -24,6 +24,7 @@ from jinfer.sampling import SamplingArrays, sample
 from jinfer.speculation import Draft
 from jinfer.step_plan import PENDING, StepPlan
 from jinfer.warmup import Warmup
+from sharding.distributed import agree_min
 from sharding.reshard import reshard_tree
 
 # Pool budget when the device reports no memory statistics (CPU).
@@ -98,8 +99,12 @@ class ModelRunner(Warmup):
             raise ValueError("a tensor-parallel runner needs its weights at construction, not their shapes")
         dtype = model.embed.get_value().dtype
         kv_shards = 1 if layout is None or layout.rules["kv_heads"] is None else layout.mesh.size
-        device = None if layout is None else layout.mesh.devices.flat[0]
+        # The memory of a device this process holds; over several processes, the pool every
+        # process can afford (its shape is part of the programs they all run).
+        device = None if layout is None else _local_device(layout.mesh)
         self.num_pages = num_pages_for(self.config, cache_cfg, dtype, device, shards=kv_shards)
+        if layout is not None and cache_cfg.num_pages is None:
+            self.num_pages = agree_min(self.num_pages)
         self.max_num_seqs = sched_cfg.max_num_seqs
         self.decode_steps = decode_steps
         if layout is None:
@@ -352,6 +357,11 @@ def _page_table(seqs, counts: np.ndarray, s: int, pages_per_seq: int) -> np.ndar
     table[np.repeat(np.arange(len(seqs)), counts), np.arange(total) - np.repeat(first, counts)] = np.fromiter(
         itertools.chain.from_iterable(q.pages for q in seqs), np.int32, total)
     return table
+
+
+def _local_device(mesh):
+    """The mesh's first device that this process holds (memory statistics are local)."""
+    return next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
 
 
 def _padded(pages: Sequence[int], n: int) -> np.ndarray:

@@ -30,6 +30,16 @@ def initialize(coordinator_address: str, num_processes: int, process_id: int) ->
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
+def agree_min(value: int) -> int:
+    """The smallest of every process's `value` (all processes must call it together); the
+    value itself in a single process. A quantity each process measures for itself (free
+    memory) sets one shape that every process's programs share."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+    import numpy as np
+    return int(np.min(multihost_utils.process_allgather(np.array([value], np.int64))))
+
 
 def mesh_devices(tp: int) -> list:
     """The `tp` devices a tensor-parallel mesh takes: the first tp of this process alone, or,

@@ -5,6 +5,9 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,13 +55,29 @@ def test_cluster_flags_are_checked_before_connecting():
         assert rc != 0 and message in err
 
 
-def _mesh_servers(args: list[str]) -> list:
-    """A server over a 2-process mesh on loopback (one fake device each): [leader, follower]."""
-    from entrypoints.process import ServerProcess
+class _Logged:
+    """A ServerProcess whose log goes to a file (output() reads it)."""
 
+    def __init__(self, args: list[str], env: dict):
+        from entrypoints.process import ServerProcess
+
+        self._log = tempfile.TemporaryFile()
+        self.server = ServerProcess(args, env=env, stdout=self._log).start()
+        self.proc = self.server.proc
+
+    def __getattr__(self, name):
+        return getattr(self.server, name)
+
+    def output(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
+
+
+def _mesh_servers(args: list[str], follower_args: list[str] = ()) -> list:
+    """A server over a 2-process mesh on loopback (one fake device each): [leader, follower]."""
     mesh = [f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2"]
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
-    return [ServerProcess([*args, *mesh, f"--process_id={i}"], env=env).start() for i in range(2)]
+    return [_Logged([*args, *mesh, f"--process_id={i}", *(follower_args if i else ())], env) for i in range(2)]
 
 
 def test_a_server_over_two_processes_serves_one_processs_tokens_and_stops_both():
@@ -66,13 +85,18 @@ def test_a_server_over_two_processes_serves_one_processs_tokens_and_stops_both()
     from jinfer.serving.client import Client
     from tests.test_live_router import REPLICA_ARGS
 
-    args = [*REPLICA_ARGS, "--config.model.tp=2"]
-    prompts = [[11 + 7 * j + i for j in range(10 + 3 * i)] for i in range(4)]
+    # Tree drafts (always drafting): their verification and the accepted path's K/V moves are
+    # mirrored too.
+    args = [*REPLICA_ARGS, "--config.model.tp=2", "--config.speculation.method=suffix",
+            "--config.speculation.tree=True", "--config.speculation.adaptive=False"]
+    prompts = [[11 + 7 * (j % 5) + i for j in range(10 + 3 * i)] for i in range(4)]  # repeating: drafts
     leader, follower = _mesh_servers(args)
     try:
         leader.wait_ready(300)
         with Client(leader.target) as c:
-            got = [c.generate(p, max_tokens=8, ignore_eos=True)[0]["token_ids"] for p in prompts]
+            outs = [c.generate(p, max_tokens=8, ignore_eos=True)[0] for p in prompts]
+            got = [o["token_ids"] for o in outs]
+            assert sum(o["usage"].get("accepted_draft_tokens", 0) for o in outs) > 0
             # several at once: mixed prefill and decode steps, batched
             batch = [o["token_ids"] for o in c.generate(prompts[0], max_tokens=5, n=3, temperature=1.0, seed=3)]
         assert leader.stop() == 0  # SIGTERM drains the leader, which tells the follower to exit
@@ -80,7 +104,8 @@ def test_a_server_over_two_processes_serves_one_processs_tokens_and_stops_both()
     finally:
         leader.kill()
         follower.kill()
-    single = ServerProcess(args, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}).start()
+    single = ServerProcess(args, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                                      "JAX_PLATFORMS": "cpu"}).start()
     try:
         with Client(single.wait_ready(300).target) as c:
             assert got == [c.generate(p, max_tokens=8, ignore_eos=True)[0]["token_ids"] for p in prompts]
@@ -89,14 +114,30 @@ def test_a_server_over_two_processes_serves_one_processs_tokens_and_stops_both()
         single.stop()
 
 
-def test_a_mesh_server_exits_when_a_follower_dies():
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_mesh_server_ends_when_another_of_its_processes_dies(victim):
     from tests.test_live_router import REPLICA_ARGS
 
-    leader, follower = _mesh_servers([*REPLICA_ARGS, "--config.model.tp=2"])
+    procs = _mesh_servers([*REPLICA_ARGS, "--config.model.tp=2"])
     try:
-        leader.wait_ready(300)
-        follower.proc.kill()
-        assert leader.proc.wait(timeout=60) == 1  # its steps could never complete: it ends, to be restarted
+        procs[0].wait_ready(300)
+        procs[victim].proc.kill()
+        assert procs[1 - victim].proc.wait(timeout=120) == 1  # its steps could never complete: it ends
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def test_a_follower_launched_with_another_config_refuses_to_start():
+    from tests.test_live_router import REPLICA_ARGS
+
+    args = [*REPLICA_ARGS, "--config.model.tp=2"]
+    leader, follower = _mesh_servers(args, follower_args=["--config.scheduler.max_num_seqs=4"])
+    try:
+        assert follower.proc.wait(timeout=120) == 1
+        assert "was launched with another config than process 0" in follower.output()
+        assert leader.proc.wait(timeout=120) == 1  # told, it stops waiting for the follower
+        assert "a process of the mesh cannot start: process 1: error: process 1 was launched" in leader.output()
     finally:
         leader.kill()
         follower.kill()

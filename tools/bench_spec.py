@@ -46,7 +46,8 @@ sys.path.insert(0, ROOT)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "", "Write the Markdown report here (else stdout only).")
-flags.DEFINE_list("models", ["default", "random"], "default (embedded) and/or random (larger, random weights).")
+flags.DEFINE_list("models", ["default", "random"], "default (the embedded 5.1M test model), smollm2 (the real "
+                  "default model, SmolLM2-135M) and/or random (larger, random weights).")
 flags.DEFINE_list("workloads", ["rollouts", "repeat", "code_edit", "fresh"], "Workloads to run.")
 flags.DEFINE_list("batches", ["1", "8", "32"], "Requests in flight.")
 flags.DEFINE_list("methods", ["off", "ngram", "suffix", "suffix_tree", "suffix_fixed"],
@@ -162,6 +163,11 @@ def _model(name: str):
     if name == "default":
         model = load_hf_model(TEST_MODEL_DIR)
         return model, Tokenizer.from_dir(TEST_MODEL_DIR), "the embedded test model"
+    if name == "smollm2":  # the real default model (from its GGUF file, f32)
+        from jinfer.launch import ModelSpec, load_model
+        from jinfer.model_store import DEFAULT_MODEL
+        model, tok = load_model(ModelSpec(path=DEFAULT_MODEL, dtype="float32"))
+        return model, tok, f"SmolLM2-135M-Instruct (the default model, f32, {model.config.num_params() / 1e6:.0f}M parameters)"
     from jinfer.models.config import scaled_llama
     from jinfer.models.llama import init_model
     from jinfer.tokenizer import byte_level_tokenizer

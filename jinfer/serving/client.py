@@ -84,8 +84,10 @@ class Client:
             if msg.HasField("ttft_s"):
                 s["ttft_s"] = msg.ttft_s
             s["finish_reason"], s["paused"] = msg.finish_reason, msg.paused
-            s["usage"] = {"prompt_tokens": msg.usage.prompt_tokens, "completion_tokens": msg.usage.completion_tokens,
-                          "cached_prompt_tokens": msg.usage.cached_prompt_tokens}
+            u = msg.usage
+            s["usage"] = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                          "cached_prompt_tokens": u.cached_prompt_tokens, "draft_tokens": u.draft_tokens,
+                          "accepted_draft_tokens": u.accepted_draft_tokens, "spec_steps": u.spec_steps}
         return [samples[i] for i in sorted(samples)]
 
     def server_info(self, timeout: float | None = None) -> pb.ServerInfo:
