@@ -30,9 +30,11 @@ def _outputs(proc: subprocess.Popen) -> tuple[int, list[dict], str]:
     return proc.returncode, [json.loads(line) for line in out.splitlines()], err
 
 
+@pytest.mark.slow  # the server over two processes (below) checks a cross-process tp mesh's tokens by default
 def test_tp4_over_two_processes_matches_one_process(hf_checkpoints):
     # Vocabulary 300 is split over the 4 devices, the one KV head replicated: the step's
-    # all-reduces and the LM head's all-gather cross the process boundary.
+    # all-reduces and the LM head's all-gather cross the process boundary. Every process runs
+    # the whole engine here (tools/generate.py: the same requests in the same order).
     common = [f"--config.model.path={hf_checkpoints['llama3']}", "--prompt=def f(x):", "--prompt=hello",
               "--max_tokens=6", "--json", "--config.model.tp=4", "--config.scheduler.max_model_len=64",
               "--config.cache.num_pages=32", "--config.engine.compilation_cache="]
