@@ -6,6 +6,7 @@ the cluster scales up and down while serving; shutdown leaves no server process 
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 
@@ -33,9 +34,42 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=5, namespace="jinfer-test", include_dashboard=False, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": {"PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}}, log_to_driver=False)
+def ray_head(tmp_path_factory):
+    """A local Ray cluster started by `ray start --head` in a process of its own. (ray.init's
+    own local start forks Ray's daemons from this process with Python code between fork and
+    exec; this process has JAX's and gRPC's threads by now, and a daemon whose child hung there
+    never registered: "The current node timed out during startup".)"""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp = tmp_path_factory.mktemp("ray")
+    # A loopback cluster of this test alone: no token (this process, its driver, has none).
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "disabled"}
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=5",
+                             "--node-ip-address=127.0.0.1", "--include-dashboard=false", f"--temp-dir={temp}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    auth = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        # `ray start --block` leaves the daemons it started when signalled: `ray stop` ends them
+        # (the only Ray cluster on the machine while this file runs: its tests run in one process).
+        subprocess.run([ray_bin, "stop", "--force"], env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=120)
+        head.kill()
+        head.wait()
+        if auth is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = auth
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(ray_head):
+    assert wait_for(lambda: _connect(ray_head), HANG_S), "the Ray head never took a driver"
     spec = cluster.ClusterSpec(name=NAME, server_args=tuple(REPLICA_ARGS), replica_cpus=1, router_cpus=0.5,
                                policy="round-robin", reconcile_s=0.2,
                                router_args=(("report_interval_s", 0.01), ("health_interval_s", 0.1)))
@@ -47,6 +81,15 @@ def ray_cluster():
         cluster.shutdown(NAME, grace=2)
         ray.shutdown()
         assert not [p for p in pids if _alive(p)], "a replica's server outlived the cluster"
+
+
+def _connect(address: str) -> bool:
+    try:
+        ray.init(address=address, namespace="jinfer-test", log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}})
+    except ConnectionError:  # the head is still starting
+        return False
+    return True
 
 
 def _router_target(router) -> str:
