@@ -68,10 +68,7 @@ def start_mesh(server_args: list[str], hosts: int, cpus: float, gpus: float, pla
     a ref per member that resolves to its server's exit code when it exits). TimeoutError when
     Ray cannot place the bundles or the leader does not serve in `timeout`; RuntimeError when a
     member's server exits first."""
-    bundle = {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v > 0}
-    if not bundle:
-        raise ValueError("a replica over several hosts reserves CPUs or GPUs for each of its processes: "
-                         "set replica_cpus or replica_gpus above 0")
+    bundle = {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v > 0}  # non-empty: cluster._check_resources
     group = placement_group([bundle] * hosts, strategy=placement)
     try:
         ray.get(group.ready(), timeout=timeout)

@@ -49,9 +49,10 @@ class MeshError(ValueError):
     """A call the leader cannot mirror to its followers (its data would cross processes)."""
 
 
-def _send(sock: socket.socket, message) -> None:
+def _frame(message) -> bytes:
+    """A message as its length-prefixed pickle (made once, sent to every follower)."""
     data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    sock.sendall(_HEADER.pack(len(data)) + data)
+    return _HEADER.pack(len(data)) + data
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
@@ -213,10 +214,11 @@ class MirroredRunner:
         return getattr(self._runner, name)
 
     def _mirror(self, op: str, *args) -> None:
+        frame = _frame((op, args))
         try:
             with self._lock:
                 for sock in self._followers:
-                    _send(sock, (op, args))
+                    sock.sendall(frame)
         except OSError:
             if op != "stop":
                 _abandon(f"a follower could not be sent {op}")
