@@ -142,7 +142,8 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
         self.scheduler.trees = self.runner.trees  # a model the tree mask cannot serve gets chains
         self._groups: dict[str, list[Request]] = {}  # public id -> its samples still running
         self._detok: dict[str, IncrementalDetokenizer] = {}  # per sample (Request.request_id)
-        self._inflight = None  # (plan, its Request objects, runner handle) not yet read back
+        self._inflight = None  # (plan, its Requests, runner handle, it compiled, drafting mode) not yet read
+        self._last_read, self._busy = 0.0, False  # perf_counter of the last read; step() left work (_observe)
         self._held_outputs: list[RequestOutput] = []  # read back early (reshard), not yet returned
         self._arrivals = itertools.count()
         self._seed_rng = random.Random(0)
@@ -295,7 +296,7 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
             old.policy.bind(fresh)
         self.scheduler = fresh
         self._groups, self._detok = {}, {}
-        self._inflight, self._held_outputs = None, []
+        self._inflight, self._held_outputs, self._busy = None, [], False
         self.host_kv = HostKVTier()
 
     def is_unfinished(self, request_id: str) -> bool:
@@ -331,6 +332,8 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
         if self.runner.awaiting_weights:
             raise RuntimeError("the engine was built on the model's shapes: update_weights() before step()")
         start = time.perf_counter()
+        # idle (or out-of-band work) since the last step was read: no step's time; busy again at the end
+        self._last_read, self._busy = self._last_read if self._busy else start, False
         drafts = self.scheduler.drafter is not None and self.scheduler.wants_drafts()
         outputs, self._held_outputs = self._held_outputs, []
         if drafts and self._inflight is not None:  # drafts are planned on read tokens
@@ -348,22 +351,20 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
         if plan.seqs:
             reqs = [self._request(seq.request_id) for seq in plan.seqs]
             try:
-                launched = (plan, reqs, self.runner.dispatch(plan))
+                launched = (plan, reqs, self.runner.dispatch(plan), self.runner.compiled_last, drafts)
             except PlanRejected as e:
                 self._held_outputs = outputs + self._held_outputs  # the next step returns them
                 self.scheduler.unplan(plan, reqs)
                 raise self._blame(plan, e.__cause__) from e
         done, self._inflight = self._inflight, launched
+        if done and launched and launched[3]:  # this step compiled before the last one was read
+            done = (*done[:3], True, done[4])
         outputs += self._postprocess(*done) if done else []
-        drafted = any(seq.num_draft for seq in plan.seqs)
-        sync = not self.async_scheduling or drafted
+        sync = not self.async_scheduling or any(seq.num_draft for seq in plan.seqs)
         if sync and self._inflight:
             done, self._inflight = self._inflight, None
             outputs += self._postprocess(*done)
-        if plan.seqs and not self.runner.compiled_last:
-            # the wall time of a step call: the step itself (sync), or one pipeline stage (async)
-            seconds = time.perf_counter() - start
-            self.scheduler.observe_step(plan.num_tokens, seconds, sum(len(o.new_token_ids) for o in outputs), drafted)
+        self._busy = bool(self.scheduler.running or self.scheduler.waiting)  # the caller steps again at once
         return outputs
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,

@@ -21,21 +21,29 @@ class Postprocessing:
         """Reads back the step in flight (async scheduling); its outputs come with the next step()."""
         if self._inflight is not None:
             done, self._inflight = self._inflight, None
-            self._held_outputs += self._postprocess(*done)
+            self._held_outputs += self._postprocess(*done[:3])  # out of band: not a step's time
+        self._busy = False  # nor is the work around it: the next step's time starts with it
 
     def _request(self, sample_id: str) -> Request:
         """The Request object of one sample ("<id>" or "<id>/<i>")."""
         public, _, index = sample_id.partition("/")
         return self._groups[public][int(index or 0)]
 
-    def _postprocess(self, plan: StepPlan, reqs: list[Request], handle) -> list[RequestOutput]:
+    def _postprocess(self, plan: StepPlan, reqs: list[Request], handle, compiled=None,
+                     drafting: bool = False) -> list[RequestOutput]:
+        """A step read back: settled, reported to the scheduler (unless compiled is None: read
+        out of band; or True: it compiled; drafting: planned in drafting mode) and built into
+        outputs."""
         tokens, logprobs = self.runner.fetch(handle)
         now = time.monotonic()
         firsts = list(itertools.accumulate((1 + seq.num_draft for seq in plan.seqs), initial=0))  # first rows
         rows = tokens.tolist()  # one conversion; each sequence's rows are a slice of it
         sampled = [rows[a:b] for a, b in zip(firsts[:-1], firsts[1:])]
         settled = self.scheduler.update(plan, reqs, sampled, eos_ids=self.eos_ids, finish_hook=self._text_stop)
-        self.runner.move_kv([m for s in settled for m in s.moves])
+        moves = [m for s in settled for m in s.moves]
+        self.runner.move_kv(moves)
+        compiled = None if compiled is None else compiled or (bool(moves) and self.runner.compiled_last)
+        self._observe(plan, compiled, sum(len(s.tokens) for s in settled), drafting)
         outputs = []
         for s in settled:
             req = s.req
@@ -54,6 +62,23 @@ class Postprocessing:
                     del self._groups[public]
             outputs.append(self._output(req, detok, n_new=len(s.tokens)))
         return outputs
+
+    def _observe(self, plan: StepPlan, compiled: bool | None, emitted: int, drafting: bool) -> None:
+        """Reports a step read back to the scheduler (its policy and draft budget). Its time
+        runs from the step before it being read back (or from the start of the step() call
+        that found the engine idle, or after out-of-band work: Engine.step): the whole step
+        when steps run one at a time, one pipeline period when they pipeline (a step is not
+        charged the one before it), and either way the caller's time between step() calls.
+        Not reported: a step read out of band (compiled None), one that compiled or whose
+        successor compiled before it was read (compiled True: its time is not a step's), one
+        whose decoding requests had all ended before it was read (it settled nothing)."""
+        now = time.perf_counter()
+        seconds, self._last_read = now - self._last_read, now
+        decoding = plan.num_decoding
+        if compiled is False and (emitted or not decoding):
+            self.scheduler.observe_step(plan.num_tokens, seconds, emitted, any(s.num_draft for s in plan.seqs),
+                                        num_decoding=decoding, decode_only=decoding == len(plan.seqs),
+                                        drafting=drafting)
 
     def _text_stop(self, req: Request, token: int, reason: str | None) -> str | None:
         """The scheduler's finish hook: feeds the detokenizer and applies stop strings (text is

@@ -176,10 +176,13 @@ class DraftBudget(Protocol):
         """Whether the next step should carry drafts at all (a step without them may pipeline
         with the one before, as plain decoding does)."""
 
-    def observe_step(self, num_tokens: int, seconds: float, emitted: int, drafted: bool) -> None:
-        """An Engine.step call planned num_tokens tokens, took seconds of wall time (a whole
-        step when synchronous, one pipeline stage when not), returned `emitted` tokens, and
-        carried drafts or not."""
+    def observe_step(self, num_tokens: int, seconds: float, emitted: int, drafted: bool, *,
+                     num_decoding: int = 0, decode_only: bool = False, drafting: bool = False) -> None:
+        """A step of num_tokens tokens took `seconds` (from the step before it being read back:
+        one pipeline period when steps pipeline), settled `emitted` tokens, and carried drafts
+        or not; num_decoding of its sequences decoded, and with decode_only no other sequence
+        (a prompt chunk) was in it; drafting: it was planned in drafting mode (wants_drafts
+        said so), with or without a draft in it."""
 
     def finish(self, request_id: str) -> None:
         """The request ended."""

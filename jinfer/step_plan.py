@@ -91,3 +91,9 @@ class StepPlan:
     @property
     def num_tokens(self) -> int:
         return sum(len(s.token_ids) for s in self.seqs)
+
+    @property
+    def num_decoding(self) -> int:
+        """Sequences that decode (their one token, plus a draft if any, and sample); the others
+        carry prompt chunks."""
+        return sum(1 for s in self.seqs if s.sample and len(s.token_ids) == 1 + s.num_draft)

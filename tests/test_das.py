@@ -105,7 +105,10 @@ def test_length_classes_follow_the_problem_and_grow_with_the_output():
     assert budget.limit("a", 8, 8) == 0  # short: never drafts
     d.observe("a", list(range(100, 200)))  # this rollout of a short problem runs long
     assert budget.length_class("a") == LONG
-    assert budget.limit("b", 8, 8) == 8  # no cost model yet: drafts run (and teach it)
+    # no cost model yet: drafts run (and teach it), 1 token first, doubling with each drafted step
+    assert budget.limit("b", 8, 8) == 1
+    budget.observe_step(16, 0.01, 9, True)
+    assert budget.limit("b", 8, 8) == 2
 
 
 def test_the_budget_applies_each_class_rule_with_the_fitted_cost_and_problem_acceptance():
@@ -162,9 +165,17 @@ def test_das_in_the_engine_is_lossless_and_drafts_repeated_rollouts(default_engi
             out.append([o.token_ids for o in engine.generate(prompts + prompts, params)])
         return out, engine
 
+    class EveryStep(LengthAwareBudget):
+        """DAS's draft lengths, drafting in every step: the measured drafts-or-not choice
+        (tested in test_spec_budget.py) is not this test's subject (in the first epoch there
+        is no history to draft from)."""
+
+        def wants_drafts(self, num_decoding):
+            return True
+
     plain, _ = epochs(None, None)
     drafter = RolloutDrafter(DasConfig(window=4, min_history=2))
-    spec, engine = epochs(drafter, LengthAwareBudget(drafter))
+    spec, engine = epochs(drafter, EveryStep(drafter))
     assert spec == plain
     stats = engine.spec_stats()
     assert stats.accepted_tokens > 0, stats

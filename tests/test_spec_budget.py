@@ -1,8 +1,19 @@
 """The adaptive draft budget (scheduler/speculation/budget.py): its cost model and its decisions."""
 
+import time
+
 import pytest
 
 from scheduler.speculation.budget import BudgetConfig, CostAwareBudget
+from tests.test_speculation import GREEDY, PROMPTS, OracleDrafter, _engine, _reference, _run
+
+
+@pytest.fixture(scope="module")
+def engine_model():
+    from jinfer import TEST_MODEL_DIR
+    from jinfer.loader.hf import load_hf_model
+    from jinfer.tokenizer import Tokenizer
+    return load_hf_model(TEST_MODEL_DIR), Tokenizer.from_dir(TEST_MODEL_DIR)
 
 
 def _calibrated(c_base=0.010, c_tok=0.0005):
@@ -21,6 +32,12 @@ def test_the_cost_model_is_fitted_from_step_sizes_and_times():
         same.observe_step(8, 0.01)
     assert same.cost_model() is None  # one token count: no slope to fit
     assert same.limit("r", 8, 6) == 6  # and until there is one, drafts run
+    fresh = CostAwareBudget()
+    ramp = []
+    for _ in range(5):  # the first drafted steps, of unknown cost, are small: 1, 2, 4, ... per request
+        ramp.append(fresh.limit("r", 8, 6))
+        fresh.observe_step(8 * (1 + ramp[-1]), 0.01, 8, True, num_decoding=8, decode_only=True)
+    assert ramp == [1, 2, 4, 6, 6]
 
 
 def test_drafts_run_long_where_steps_are_fixed_cost_and_shrink_where_tokens_cost():
@@ -69,18 +86,170 @@ def test_tree_walks_that_reach_a_leaf_count_as_accepted():
     assert b.alpha("tree") > 0.9
 
 
+def _step(b, batch, drafts, tokens, seconds, emitted, decode_only=True):
+    b.observe_step(tokens, seconds, emitted, drafts, num_decoding=batch, decode_only=decode_only)
+
+
 def test_drafts_stop_where_steps_without_them_deliver_more_tokens_per_second():
-    b = CostAwareBudget(BudgetConfig(arm_samples=3, explore_every=10, explore_len=2))
+    b = CostAwareBudget(BudgetConfig(arm_samples=3, explore_len=2))
     chosen = []
-    for _ in range(60):
+    for _ in range(300):
         drafts = b.wants_drafts(32)
         chosen.append(drafts)
         # at this batch a drafted step emits 2x the tokens but takes 3x as long
-        b.observe_step(96 if drafts else 32, 0.030 if drafts else 0.010, 64 if drafts else 32, drafts)
-    assert chosen[:6].count(True) == 3  # both ways tried first
-    assert chosen[6:].count(True) == 54 // 12 * 2 + min(2, max(0, 54 % 12 - 10))  # only exploring
-    # at batch 1 the same budget keeps its own measurements: drafts pay there
+        _step(b, 32, drafts, 96 if drafts else 32, 0.030 if drafts else 0.010, 64 if drafts else 32)
+    # plain steps' run first (switching to drafts empties the pipeline), then the drafts', which
+    # ends at its first step: 2/3 of the plain rate is below give_up (0.75)
+    assert chosen[:4] == [False] * 3 + [True]
+    # then explorations of one drafted step each (each ends at its first step too), costing
+    # 1/3 of a step's tokens each: within explore_cost
+    later = chosen[4:]
+    assert 0 < later.count(True) and not any(a and b for a, b in zip(later, later[1:]))
+    assert later.count(True) / len(later) * (1 - 2 / 3) <= b.config.explore_cost
+    # at batch 1 (far from 32: no prior) the budget measures again: drafts pay there
     for _ in range(12):
         drafts = b.wants_drafts(1)
-        b.observe_step(5 if drafts else 1, 0.011 if drafts else 0.010, 3 if drafts else 1, drafts)
+        _step(b, 1, drafts, 5 if drafts else 1, 0.011 if drafts else 0.010, 3 if drafts else 1)
     assert b.wants_drafts(1)
+
+
+def test_a_way_that_loses_narrowly_is_retried_soon_and_taken_once_it_pays():
+    """A drafter whose history grows (DAS, suffix trees): drafts first lose a little, then pay;
+    the budget follows within a few dozen steps."""
+    b = CostAwareBudget()
+    for _ in range(200):  # drafted steps deliver 0.95x plain's rate
+        drafts = b.wants_drafts(8)
+        _step(b, 8, drafts, 16 if drafts else 8, 0.0105 if drafts else 0.010, 7.98 if drafts else 8)
+    assert not b.wants_drafts(8)
+    chosen = []
+    for _ in range(60):  # now 1.5x
+        drafts = b.wants_drafts(8)
+        chosen.append(drafts)
+        _step(b, 8, drafts, 16 if drafts else 8, 0.0105 if drafts else 0.010, 12.6 if drafts else 8)
+    assert chosen[-30:].count(False) <= 2  # (plain steps explored now and then)
+
+
+def test_steps_of_decodes_only_decide_and_prompt_chunks_count_only_without_them():
+    b = CostAwareBudget(BudgetConfig(arm_samples=2))
+    for _ in range(4):  # prefill-only steps (no decoding sequence): no drafts, no way's sample
+        assert not b.wants_drafts(0)
+        _step(b, 0, False, 512, 1.0, 0)
+    assert b.ways.ways == {}
+    # steps with prompt chunks: drafted ones look better...
+    for _ in range(4):
+        drafts = b.wants_drafts(8)
+        _step(b, 8, drafts, 512, 1.0 if drafts else 2.0, 8, decode_only=False)
+    assert b.wants_drafts(8)
+    # ...but once both ways have steps of decodes only, those decide: plain steps win
+    for drafts in (False, True, False, True):
+        _step(b, 8, drafts, 24 if drafts else 8, 0.030 if drafts else 0.010, 12 if drafts else 8)
+    assert not b.wants_drafts(8)
+
+
+@pytest.mark.parametrize("mode_cost", [1.0, 1.1])
+def test_steps_in_drafting_mode_count_for_it_even_without_a_draft(mode_cost):
+    """Drafts wanted and none made (the drafter had nothing yet): those steps are drafting
+    mode's, at what they cost (as much as plain steps in a simulator; more in an engine, where
+    they wait for the step before). Plain steps win (a tie goes to them) and drafting mode is
+    re-tried often, since it loses little; once the drafter has something that pays, it wins."""
+    b = CostAwareBudget(BudgetConfig(arm_samples=2))
+    chosen = []
+    for _ in range(200):
+        mode = b.wants_drafts(8)
+        chosen.append(mode)
+        b.observe_step(8, 0.01 * (mode_cost if mode else 1), 8, False, num_decoding=8, decode_only=True,
+                       drafting=mode)
+    assert chosen[:4] == [False, False, True, True]
+    later = chosen[4:]
+    assert 0.2 <= later.count(True) / len(later) <= 0.5  # re-tried, at a cost within explore_cost
+    assert later.count(True) / len(later) * (1 - 1 / mode_cost) <= b.config.explore_cost
+    for _ in range(60):  # the drafter now has something: drafted steps deliver 1.5x
+        mode = b.wants_drafts(8)
+        chosen.append(mode)
+        b.observe_step(16 if mode else 8, 0.0105 if mode else 0.01, 12.6 if mode else 8, mode, num_decoding=8,
+                       decode_only=True, drafting=mode)
+    assert chosen[-30:].count(False) <= 2
+
+
+@pytest.mark.parametrize("drafted_rate", [0.5, 0.8])
+def test_by_default_exploring_the_losing_way_costs_at_most_5_percent(drafted_rate):
+    """Whether the losing way gives up at its first step (0.5 of the other's rate) or not (0.8)."""
+    b = CostAwareBudget()
+    chosen = []
+    for _ in range(1200):
+        drafts = b.wants_drafts(32)
+        chosen.append(drafts)
+        _step(b, 32, drafts, 96 if drafts else 32, 0.030 if drafts else 0.010, 96 * drafted_rate if drafts else 32)
+    n = b.config.arm_samples
+    run = n if drafted_rate > b.config.give_up else 1
+    assert chosen[:n + run] == [False] * n + [True] * run
+    later = chosen[n + run:]
+    assert 0 < later.count(True) / len(later) * (1 - drafted_rate) <= 0.05
+
+
+def test_a_batch_size_class_not_seen_yet_runs_the_way_a_measured_class_near_it_prefers():
+    b = CostAwareBudget(BudgetConfig(arm_samples=3))
+
+    def run(batch, steps, drafts_pay):
+        chosen = []
+        for _ in range(steps):
+            drafts = b.wants_drafts(batch)
+            chosen.append(drafts)
+            emitted = batch * (4 if drafts_pay else 1.5) if drafts else batch
+            _step(b, batch, drafts, batch * 3 if drafts else batch, 0.030 if drafts else 0.010, emitted)
+        return chosen
+
+    assert run(32, 6, drafts_pay=False)[:4] == [False] * 3 + [True]  # measured both ways
+    # the batch shrinks as requests finish: classes 16 and 8 run plain steps without trying drafts
+    assert not any(run(16, 10, drafts_pay=False)) and not any(run(8, 10, drafts_pay=False))
+    # class 4 is 8x from 32 (and 8 and 16 only took 32's word): it measures both ways itself
+    assert run(4, 6, drafts_pay=True) == [False] * 3 + [True] * 3 and b.wants_drafts(4)
+    assert b.wants_drafts(2) and b.wants_drafts(1)  # nearest measured: 4, where drafts pay
+
+
+def test_the_budget_hears_each_step_with_its_own_tokens_and_time(engine_model):
+    """Plain steps pipelined between drafted ones (the budget switching every other step): each
+    step is reported once with the tokens it settled, not with those of the step read back in
+    the same call; a step says how many of its sequences decode and whether a prompt chunk
+    was there too; the steps' times add up to no more than the run's."""
+    model = engine_model
+    _, _, ref = _reference(model, GREEDY)
+
+    class Switching:
+        def __init__(self):
+            self.asks, self.steps = 0, []
+
+        def wants_drafts(self, num_decoding):
+            self.asks += 1
+            return self.asks % 2 == 0
+
+        def limit(self, request_id, num_decoding, max_draft_tokens):
+            return max_draft_tokens
+
+        def observe_verify(self, request_id, accepted, rejected):
+            pass
+
+        def observe_step(self, num_tokens, seconds, emitted, drafted, *, num_decoding, decode_only, drafting):
+            assert num_decoding <= emitted and (drafting or not drafted)  # a draft only in drafting mode
+            self.steps.append((num_tokens, seconds, emitted, drafted, num_decoding if decode_only else 0))
+
+        def finish(self, request_id):
+            pass
+
+    budget, drafter = Switching(), OracleDrafter(ref, wrong=0.5)
+    engine = _engine(model, drafter)
+    engine.scheduler.budget = budget
+    _run(engine, PROMPTS, GREEDY)  # warm: most buckets these steps use have run
+    budget.steps.clear()
+    drafter.started, drafter.observed, drafter.finished = {}, {}, {}  # the same request ids again
+    t0 = time.perf_counter()
+    got, _ = _run(engine, PROMPTS, GREEDY)
+    wall = time.perf_counter() - t0
+    # (a step whose bucket ran for the first time is not reported: its time may be a compile)
+    assert sum(e for _, _, e, _, _ in budget.steps) <= sum(len(o.token_ids) for o in got.values())
+    plain = [st for st in budget.steps if st[4] and not st[3]]
+    drafted = [st for st in budget.steps if st[4] and st[3]]
+    assert plain and drafted and any(not st[4] for st in budget.steps)
+    assert all(e == n for _, _, e, _, n in plain)  # one token per decoding sequence
+    assert all(n <= e <= t for t, _, e, _, n in drafted)
+    assert 0 < sum(sec for _, sec, _, _, _ in budget.steps) <= wall

@@ -452,7 +452,7 @@ def test_the_budget_pipelines_plain_steps_when_drafts_do_not_pay(model):
         def observe_verify(self, request_id, accepted, rejected):
             raise AssertionError("no draft was verified")
 
-        def observe_step(self, num_tokens, seconds, emitted, drafted):
+        def observe_step(self, num_tokens, seconds, emitted, drafted, *, num_decoding, decode_only, drafting):
             assert not drafted
             self.steps = getattr(self, "steps", 0) + 1
 

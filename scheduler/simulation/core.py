@@ -145,7 +145,7 @@ class SimReplica:
         dt = self.cost.step_time((len(s.token_ids), s.start_pos) for s in plan.seqs)
         if plan.swap_out or plan.swap_in:
             dt = max(dt, sum(len(p) for _, p in plan.swap_out + plan.swap_in) * self.cfg.swap_s_per_page)
-        self.busy, self.plan, self.ends, self.step_s = True, plan, [now + dt], dt
+        self.busy, self.plan, self.ends, self.step_s, self.drafting = True, plan, [now + dt], dt, drafts
         self.computed_tokens += plan.num_tokens
         self.gen += 1
         return dt
@@ -194,8 +194,10 @@ class SimReplica:
         sampled = [self.sampled(s, h[0], h[1].index) for s, h in zip(plan.seqs, held)]
         settled = sched.update(plan, reqs, sampled, finish_hook=finish_hook)
         if observe:
+            decoding = plan.num_decoding
             sched.observe_step(plan.num_tokens, self.step_s, sum(len(s.tokens) for s in settled),
-                               any(s.num_draft for s in plan.seqs))
+                               any(s.num_draft for s in plan.seqs), num_decoding=decoding,
+                               decode_only=decoding == len(plan.seqs), drafting=self.drafting)
         out = []
         for done in settled:
             req = done.req

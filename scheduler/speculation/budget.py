@@ -9,14 +9,18 @@ machine where a step's fixed cost dominates, tau is small and drafts run long; a
 where every token costs compute, tau nears 1 and only near-certain drafts survive.
 
 Whether to draft at all is measured rather than modelled: per batch-size class the budget
-compares the output tokens per second of steps with drafts and without (which pipeline, as
-plain decoding does) and keeps the better, re-trying the other now and then.
+compares the output tokens per second of steps planned in drafting mode and of plain steps
+(which pipeline, as plain decoding does) and keeps the better, re-trying the other now and then
+(scheduler/speculation/ways.py).
 
 c_base and c_tok are fitted online (a robust line through recent synchronous steps' token
-counts and wall times; steps that compiled are not reported), so the budget follows the machine it runs on, CPU or GPU. alpha is estimated
-per request (accepted tokens / (accepted + rejections), with the pool of all requests as a
-prior), so a request whose text the drafter predicts keeps long drafts and one it does not
-stops drafting, probing with one token now and then in case its text turns repetitive.
+counts and wall times; steps that compiled are not reported), so the budget follows the
+machine it runs on, CPU or GPU. Until the fit exists, drafts are 1 token per request, doubling
+with each drafted step seen: a first drafted step of unknown cost stays small (on a CPU a step
+of many draft tokens can cost several plain steps). alpha is estimated per request (accepted
+tokens / (accepted + rejections), with the pool of all requests as a prior), so a request
+whose text the drafter predicts keeps long drafts and one it does not stops drafting, probing
+with one token now and then in case its text turns repetitive.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import statistics
+
+from scheduler.speculation.ways import DraftsOrNot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,20 +44,29 @@ class BudgetConfig:
     """A request denied drafts gets a one-token probe after this many steps."""
     min_steps: int = 8
     """Steps (with at least two token counts) before the cost model is trusted; until then drafts are allowed."""
-    arm_samples: int = 6
-    """Steps each way (with drafts, without) per batch-size class before their throughputs are compared."""
-    explore_every: int = 64
-    """After this many steps of the better way, the other gets explore_len steps (the machine,
-    the text, the batch may have changed)."""
+    arm_samples: int = 4
+    """Steps each way (drafting mode, plain) is chosen for in its first run per batch-size class
+    (cut short by give_up) before their throughputs are compared."""
+    explore_cost: float = 0.04
+    """The share of output tokens per second that re-trying the losing way may cost (the
+    machine, the text, the batch may have changed): it gets explore_len steps in every cycle
+    of explore_len * (1 - its ratio to the better way) / explore_cost steps (at most half of
+    them are its; explore_len in 150 when its rate is unknown), so a way that loses narrowly is
+    re-tried often and one that loses badly seldom."""
     explore_len: int = 6
+    give_up: float = 0.75
+    """A way being tried whose tokens per second falls below this fraction of the other way's
+    (measured) ends its run at that step: a clear loser costs a step or two, not a whole run."""
     ema: float = 0.2
     """Weight of the newest step in each way's throughput average."""
 
     def __post_init__(self):
         if self.window < 2 or self.min_steps < 2 or self.prior_weight < 0 or self.probe_every < 1:
             raise ValueError(f"{self}: need window >= 2, min_steps >= 2, prior_weight >= 0, probe_every >= 1")
-        if self.arm_samples < 1 or self.explore_every < 1 or self.explore_len < 1 or not 0 < self.ema <= 1:
-            raise ValueError(f"{self}: need arm_samples, explore_every, explore_len >= 1 and ema in (0, 1]")
+        if self.arm_samples < 1 or self.explore_len < 1 or not 0 < self.ema <= 1 or not 0 < self.explore_cost <= 1:
+            raise ValueError(f"{self}: need arm_samples, explore_len >= 1 and ema, explore_cost in (0, 1]")
+        if not 0 <= self.give_up <= 1:
+            raise ValueError(f"{self}: need give_up in [0, 1]")
 
 
 class CostAwareBudget:
@@ -62,11 +77,8 @@ class CostAwareBudget:
         self._steps: collections.deque[tuple[int, float]] = collections.deque(maxlen=config.window)
         self._fit: tuple[float, float] | None = None
         self._stale = False
-        # batch-size class -> {drafted: [tokens/s average, steps]}; the class of the last ask
-        self._arms: dict[int, dict[bool, list[float]]] = collections.defaultdict(
-            lambda: {False: [0.0, 0], True: [0.0, 0]})
-        self._calls: collections.Counter = collections.Counter()
-        self._arm_key = 1
+        self.ways = DraftsOrNot(config)
+        self._drafted_steps = 0
         self._requests: dict[str, list[float]] = {}  # id -> [accepted, rejections, steps since a draft]
         self._pool = [1.0, 1.0]  # accepted, rejections over every request (a uniform prior)
 
@@ -77,33 +89,29 @@ class CostAwareBudget:
 
     # -- the cost model --------------------------------------------------------------------
 
-    def observe_step(self, num_tokens: int, seconds: float, emitted: int = 0, drafted: bool = True) -> None:
+    def observe_step(self, num_tokens: int, seconds: float, emitted: int = 0, drafted: bool = True, *,
+                     num_decoding: int = 0, decode_only: bool = False, drafting: bool | None = None) -> None:
         if drafted:  # the cost model is of steps that carry drafts (synchronous ones)
             self._steps.append((num_tokens, seconds))
             self._stale = True
-        if seconds > 0:
-            arm = self._arms[self._arm_key][drafted]
-            rate = emitted / seconds
-            arm[0] = rate if arm[1] == 0 else (1 - self.config.ema) * arm[0] + self.config.ema * rate
-            arm[1] += 1
+            self._drafted_steps += 1
+        # the ways are the modes: a step in drafting mode without a draft still waited for the
+        # step before it (its drafts needed that step's tokens)
+        self.ways.observe(seconds, emitted, drafted if drafting is None else drafting, num_decoding, decode_only)
 
     # -- drafts at all? ------------------------------------------------------------------------
 
     def wants_drafts(self, num_decoding: int) -> bool:
-        """Per batch-size class (powers of two), the way (drafts or none) whose measured output
-        tokens per second is higher, each tried until it has arm_samples steps and the loser
-        again for explore_len steps after every explore_every. This catches costs the cost
-        model cannot see: the pipelining a step without drafts keeps, kernel shapes, host work."""
-        key = 1 << max(0, num_decoding - 1).bit_length()
-        self._arm_key = key
-        arms = self._arms[key]
-        plain, draft = arms[False], arms[True]
-        if draft[1] < self.config.arm_samples or plain[1] < self.config.arm_samples:
-            return draft[1] <= plain[1]
-        best = draft[0] >= plain[0]
-        self._calls[key] += 1
-        period = self.config.explore_every + self.config.explore_len
-        return best if self._calls[key] % period < self.config.explore_every else not best
+        """Per batch-size class, the way (drafts or none) whose measured output tokens per
+        second is higher (scheduler/speculation/ways.py). This catches costs the cost model
+        cannot see: the pipelining a step without drafts keeps, kernel shapes, host work."""
+        return self.ways.choose(num_decoding)
+
+    def unfitted_limit(self, max_draft_tokens: int) -> int:
+        """Draft tokens per request while there is no cost model: 1, then doubling with each
+        drafted step seen (1, 2, 4, ...), so the first drafted steps, whose cost is unknown,
+        are small ones and their token counts vary (the fit needs two)."""
+        return min(max_draft_tokens, 1 << min(self._drafted_steps, 16))
 
     def cost_model(self) -> tuple[float, float] | None:
         """(c_base, c_tok) in seconds, or None until enough varied steps were seen. Fitted by
@@ -148,7 +156,7 @@ class CostAwareBudget:
     def limit(self, request_id: str, num_decoding: int, max_draft_tokens: int) -> int:
         fit = self.cost_model()
         if fit is None:
-            return max_draft_tokens  # no cost model yet: let drafts run (and teach it)
+            return self.unfitted_limit(max_draft_tokens)
         c_base, c_tok = fit
         batch = max(1, num_decoding)
         step = c_base + c_tok * batch

@@ -225,10 +225,10 @@ class LengthAwareBudget(CostAwareBudget):
     """jinfer.speculation.DraftBudget of DAS: a draft length per length class (module doc).
 
     The step-cost model (c_base, c_tok) is CostAwareBudget's online fit. Acceptance is kept per
-    problem. Whether a step carries drafts at all stays CostAwareBudget's measured choice per
-    batch-size class (the output tokens per second of steps with drafts and without): the cost
-    model cannot see what a drafted step loses by not pipelining with the one before, which on
-    a CPU can outweigh what the drafts save.
+    problem. Whether a step is planned in drafting mode at all stays CostAwareBudget's measured
+    choice per batch-size class (the output tokens per second of steps in drafting mode and of
+    plain ones): the cost model cannot see what a drafted step loses by not pipelining with the
+    one before, which on a CPU can outweigh what the drafts save.
     """
 
     def __init__(self, drafter: RolloutDrafter, config: BudgetConfig = BudgetConfig()):
@@ -276,7 +276,7 @@ class LengthAwareBudget(CostAwareBudget):
             return 0
         fit = self.cost_model()
         if fit is None:
-            return max_draft_tokens  # no cost model yet: let drafts run (and teach it)
+            return self.unfitted_limit(max_draft_tokens)
         rule = makespan_draft_len if cls == LONG else throughput_draft_len
         return rule(self.alpha(request_id), fit[0], fit[1], max(1, num_decoding), max_draft_tokens)
 
