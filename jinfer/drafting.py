@@ -22,7 +22,10 @@ class Drafting:
         if self.drafter is None:
             return False
         decoding = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens <= 1)
-        return self.budget is None or self.budget.wants_drafts(decoding)
+        if self.budget is None:
+            return True
+        prefilling = bool(self.waiting) or decoding < len(self.running)  # the step will carry prompt chunks
+        return self.budget.wants_drafts(decoding, prefilling=prefilling)
 
     def _start_drafting(self, req: Request) -> None:
         """The drafter hears of a request once: its prompt, then the tokens it already has (one

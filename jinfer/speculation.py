@@ -172,9 +172,10 @@ class DraftBudget(Protocol):
         """A verification accepted `accepted` draft tokens, then stopped at a token the model
         disagreed with (rejected) or at the end of the draft (a leaf: not rejected)."""
 
-    def wants_drafts(self, num_decoding: int) -> bool:
+    def wants_drafts(self, num_decoding: int, *, prefilling: bool = False) -> bool:
         """Whether the next step should carry drafts at all (a step without them may pipeline
-        with the one before, as plain decoding does)."""
+        with the one before, as plain decoding does); num_decoding requests decode in it, and
+        with prefilling it also carries prompt chunks."""
 
     def observe_step(self, num_tokens: int, seconds: float, emitted: int, drafted: bool, *,
                      num_decoding: int = 0, decode_only: bool = False, drafting: bool = False) -> None:

@@ -170,7 +170,7 @@ def test_das_in_the_engine_is_lossless_and_drafts_repeated_rollouts(default_engi
         (tested in test_spec_budget.py) is not this test's subject (in the first epoch there
         is no history to draft from)."""
 
-        def wants_drafts(self, num_decoding):
+        def wants_drafts(self, num_decoding, *, prefilling=False):
             return True
 
     plain, _ = epochs(None, None)

@@ -99,7 +99,7 @@ def test_drafts_stop_where_steps_without_them_deliver_more_tokens_per_second():
         # at this batch a drafted step emits 2x the tokens but takes 3x as long
         _step(b, 32, drafts, 96 if drafts else 32, 0.030 if drafts else 0.010, 64 if drafts else 32)
     # plain steps' run first (switching to drafts empties the pipeline), then the drafts', which
-    # ends at its first step: 2/3 of the plain rate is below give_up (0.75)
+    # ends at its first step: 2/3 of the plain rate is below give_up (0.9)
     assert chosen[:4] == [False] * 3 + [True]
     # then explorations of one drafted step each (each ends at its first step too), costing
     # 1/3 of a step's tokens each: within explore_cost
@@ -219,7 +219,7 @@ def test_the_budget_hears_each_step_with_its_own_tokens_and_time(engine_model):
         def __init__(self):
             self.asks, self.steps = 0, []
 
-        def wants_drafts(self, num_decoding):
+        def wants_drafts(self, num_decoding, *, prefilling=False):
             self.asks += 1
             return self.asks % 2 == 0
 
@@ -241,6 +241,7 @@ def test_the_budget_hears_each_step_with_its_own_tokens_and_time(engine_model):
     engine.scheduler.budget = budget
     _run(engine, PROMPTS, GREEDY)  # warm: most buckets these steps use have run
     budget.steps.clear()
+    budget.asks = 0  # the same modes as the warm run: its buckets
     drafter.started, drafter.observed, drafter.finished = {}, {}, {}  # the same request ids again
     t0 = time.perf_counter()
     got, _ = _run(engine, PROMPTS, GREEDY)
@@ -253,3 +254,15 @@ def test_the_budget_hears_each_step_with_its_own_tokens_and_time(engine_model):
     assert all(e == n for _, _, e, _, n in plain)  # one token per decoding sequence
     assert all(n <= e <= t for t, _, e, _, n in drafted)
     assert 0 < sum(sec for _, sec, _, _, _ in budget.steps) <= wall
+
+
+def test_steps_with_prompt_chunks_neither_run_nor_explore_a_way():
+    b = CostAwareBudget(BudgetConfig(arm_samples=2))
+    assert [b.wants_drafts(8, prefilling=True) for _ in range(5)] == [False] * 5  # undecided: plain
+    assert b.ways.ways[8][False].chosen == 0  # the runs have not begun
+    for _ in range(4):  # decided: drafts pay at this batch
+        drafts = b.wants_drafts(8)
+        _step(b, 8, drafts, 16 if drafts else 8, 0.0105 if drafts else 0.010, 14 if drafts else 8)
+    assert b.wants_drafts(8)
+    # a long stretch of steps with prompt chunks takes the better way throughout: no exploration
+    assert all(b.wants_drafts(8, prefilling=True) for _ in range(500))

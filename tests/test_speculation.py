@@ -443,7 +443,7 @@ def test_the_budget_pipelines_plain_steps_when_drafts_do_not_pay(model):
     """A budget that never wants drafts: the engine runs as plain async decoding (steps
     dispatched before the last is read), with the same tokens and no draft."""
     class Never:
-        def wants_drafts(self, num_decoding):
+        def wants_drafts(self, num_decoding, *, prefilling=False):
             return False
 
         def limit(self, request_id, num_decoding, max_draft_tokens):

@@ -54,7 +54,7 @@ class BudgetConfig:
     them are its; explore_len in 150 when its rate is unknown), so a way that loses narrowly is
     re-tried often and one that loses badly seldom."""
     explore_len: int = 6
-    give_up: float = 0.75
+    give_up: float = 0.9
     """A way being tried whose tokens per second falls below this fraction of the other way's
     (measured) ends its run at that step: a clear loser costs a step or two, not a whole run."""
     ema: float = 0.2
@@ -101,11 +101,11 @@ class CostAwareBudget:
 
     # -- drafts at all? ------------------------------------------------------------------------
 
-    def wants_drafts(self, num_decoding: int) -> bool:
+    def wants_drafts(self, num_decoding: int, *, prefilling: bool = False) -> bool:
         """Per batch-size class, the way (drafts or none) whose measured output tokens per
         second is higher (scheduler/speculation/ways.py). This catches costs the cost model
         cannot see: the pipelining a step without drafts keeps, kernel shapes, host work."""
-        return self.ways.choose(num_decoding)
+        return self.ways.choose(num_decoding, prefilling)
 
     def unfitted_limit(self, max_draft_tokens: int) -> int:
         """Draft tokens per request while there is no cost model: 1, then doubling with each

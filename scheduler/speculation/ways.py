@@ -9,8 +9,8 @@ carried no draft (the drafter had nothing) still waited for the step before it. 
 steps of decodes only are compared where both ways have them; a step that also prefills (its
 prompt chunk dominates its time) counts only while a way has nothing else. Each way is tried
 for a run of steps, not alternately (every switch from pipelined steps to drafting mode
-empties the pipeline), plain steps first; a way that falls below give_up of the other's rate
-ends its run at that step; a tie goes to plain steps. A batch-size class first met after a
+empties the pipeline), plain steps first, and only in steps without prompt chunks; a way that
+falls below give_up of the other's rate ends its run at that step; a tie goes to plain steps. A batch-size class first met after a
 class within a factor of 4 of it measured both ways runs the way that class prefers and takes
 its ratio of the two as the other way's. Once a class is decided, the losing way gets
 explore_len steps per cycle, the cycle as long as keeps their cost within explore_cost (4 %)
@@ -73,7 +73,8 @@ class DraftsOrNot:
         self.ways: dict[int, dict[bool, Way]] = {}  # class -> {drafted: Way}
         self._prior: dict[int, float] = {}  # class -> drafted / plain ratio of a measured class near it
         self._calls: collections.Counter = collections.Counter()  # decided steps per class
-        self._cycles: dict[int, list[int]] = {}  # class -> [call its exploration cycle began, its length]
+        # class -> [call its exploration cycle began, its length, the way it explores]
+        self._cycles: dict[int, list] = {}
 
     def observe(self, seconds: float, emitted: int, drafting: bool, num_decoding: int, all_decoding: bool) -> None:
         """A step of num_decoding decoding sequences (all_decoding: and nothing else) emitted
@@ -84,6 +85,8 @@ class DraftsOrNot:
         ways = self._of(key)
         way = ways[drafting]
         way.add(emitted / seconds, all_decoding, self.config.ema)
+        if not all_decoding and ways[False].decodes and ways[True].decodes:
+            return  # the decode-only rates decide, and this step moved neither
         ratio = measured_ratio(ways[False], ways[True])
         if ratio is None or (ratio if drafting else 1 / max(ratio, 1e-12)) >= self.config.give_up:
             return
@@ -92,9 +95,12 @@ class DraftsOrNot:
         if cycle is not None and self._calls[key] - cycle[0] >= cycle[1] - self.config.explore_len:
             cycle[0] = self._calls[key] - cycle[1]  # so does an exploration: the next call starts a cycle
 
-    def choose(self, num_decoding: int) -> bool:
+    def choose(self, num_decoding: int, prefilling: bool = False) -> bool:
         """Whether the next step should carry drafts (module doc); never with no request
-        decoding (nothing to draft for: such a step is no way's)."""
+        decoding (nothing to draft for: such a step is no way's). A step that will carry
+        prompt chunks (prefilling) takes the better way when the class has one, else plain
+        steps, and neither runs nor explorations advance: a prompt chunk dominates its time
+        (and one in drafting mode waits for the step before it)."""
         if num_decoding <= 0:
             return False
         key = size_class(num_decoding)
@@ -102,6 +108,9 @@ class DraftsOrNot:
         plain, draft = ways[False], ways[True]
         n = self.config.arm_samples
         ratio = measured_ratio(plain, draft)
+        if prefilling:
+            decided = plain.chosen >= n and draft.chosen >= n and ratio is not None
+            return decided and ratio > 1
         if key in self._prior:
             if ratio is None:  # a way not seen here yet: the measured class's ratio stands for it
                 ratio = self._prior[key]
@@ -118,10 +127,10 @@ class DraftsOrNot:
             return True
         best = ratio > 1 if ratio is not None else draft.steps > plain.steps  # (a tie: plain steps pipeline)
         calls = self._calls[key] = self._calls[key] + 1
-        cycle = self._cycles.setdefault(key, [calls, self._period(ratio)])
-        if calls - cycle[0] >= cycle[1]:  # a new cycle, its length from the ratio now
-            cycle[:] = [calls, self._period(ratio)]
-        return best if calls - cycle[0] < cycle[1] - self.config.explore_len else not best
+        cycle = self._cycles.setdefault(key, [calls, self._period(ratio), not best])
+        if calls - cycle[0] >= cycle[1]:  # a new cycle: its length and the way it explores from now
+            cycle[:] = [calls, self._period(ratio), not best]
+        return best if calls - cycle[0] < cycle[1] - self.config.explore_len else cycle[2]
 
     def _period(self, ratio: float | None) -> int:
         """Steps per exploration cycle (explore_len of them the losing way's): the losing way
