@@ -100,14 +100,14 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
         """A step of num_tokens took `seconds`: the policy hears it (if it listens), and with
         emitted (the tokens its settling appended) the draft budget too (drafted: the step
         carried drafts; num_decoding: its decoding sequences; decode_only: no prompt chunk;
-        drafting: it was planned in drafting mode, None: as drafted)."""
+        drafting: it was planned in drafting mode, None: the budget takes drafted)."""
         self.last_step_s = seconds
         hook = getattr(self.policy, "observe_step", None)
         if hook is not None:
             hook(num_tokens, seconds)
         if emitted is not None and self.budget is not None:
             self.budget.observe_step(num_tokens, seconds, emitted, drafted, num_decoding=num_decoding,
-                                     decode_only=decode_only, drafting=drafted if drafting is None else drafting)
+                                     decode_only=decode_only, drafting=drafting)
 
     def reached_length(self, req: Request, *, pending: bool) -> bool:
         """The length rule: max_tokens outputs, or max_model_len tokens in all. pending: count

@@ -21,7 +21,6 @@ exploration also ends at the first step where the loser falls clearly behind.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 
 
@@ -72,8 +71,7 @@ class DraftsOrNot:
         self.config = config
         self.ways: dict[int, dict[bool, Way]] = {}  # class -> {drafted: Way}
         self._prior: dict[int, float] = {}  # class -> drafted / plain ratio of a measured class near it
-        self._calls: collections.Counter = collections.Counter()  # decided steps per class
-        # class -> [call its exploration cycle began, its length, the way it explores]
+        # class -> [steps decided in its exploration cycle so far, its length, the way it explores]
         self._cycles: dict[int, list] = {}
 
     def observe(self, seconds: float, emitted: int, drafting: bool, num_decoding: int, all_decoding: bool) -> None:
@@ -92,8 +90,8 @@ class DraftsOrNot:
             return
         way.chosen = max(way.chosen, self.config.arm_samples)  # a first run ends here
         cycle = self._cycles.get(key)
-        if cycle is not None and self._calls[key] - cycle[0] >= cycle[1] - self.config.explore_len:
-            cycle[0] = self._calls[key] - cycle[1]  # so does an exploration: the next call starts a cycle
+        if cycle is not None and cycle[0] > cycle[1] - self.config.explore_len:
+            cycle[0] = cycle[1]  # so does an exploration: the next step starts a cycle
 
     def choose(self, num_decoding: int, prefilling: bool = False) -> bool:
         """Whether the next step should carry drafts (module doc); never with no request
@@ -126,11 +124,11 @@ class DraftsOrNot:
             draft.chosen += 1
             return True
         best = ratio > 1 if ratio is not None else draft.steps > plain.steps  # (a tie: plain steps pipeline)
-        calls = self._calls[key] = self._calls[key] + 1
-        cycle = self._cycles.setdefault(key, [calls, self._period(ratio), not best])
-        if calls - cycle[0] >= cycle[1]:  # a new cycle: its length and the way it explores from now
-            cycle[:] = [calls, self._period(ratio), not best]
-        return best if calls - cycle[0] < cycle[1] - self.config.explore_len else cycle[2]
+        cycle = self._cycles.setdefault(key, [0, self._period(ratio), not best])
+        if cycle[0] >= cycle[1]:  # a new cycle: its length and the way it explores from now
+            cycle[:] = [0, self._period(ratio), not best]
+        cycle[0] += 1
+        return best if cycle[0] <= cycle[1] - self.config.explore_len else cycle[2]
 
     def _period(self, ratio: float | None) -> int:
         """Steps per exploration cycle (explore_len of them the losing way's): the losing way
