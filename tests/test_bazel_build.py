@@ -71,3 +71,26 @@ def test_every_test_file_is_one_target_running_it_as_make_test_does():
 def test_a_slow_entry_naming_no_test_file_is_refused():
     with pytest.raises(_BazelFail, match="test_gone.py"):
         _targets(["test_a.py"], slow=["test_gone.py"])
+
+
+@pytest.mark.slow  # installs Bazel with apt-get where it is missing (root or sudo), then a cold Bazel start
+def test_make_bazel_test_runs_a_target_with_the_tests_make_test_runs():
+    """`make bazel-test` on one target: Bazel builds the runfiles tree, runs the file's tests
+    through tests/pytest_main.py and passes; its log holds as many passed tests as pytest
+    collects from that file with `make test`'s marker."""
+    import subprocess
+    import sys
+
+    target, src = "//tests:test_workloads", "tests/test_workloads.py"
+    make = subprocess.run(["make", "bazel-test", f"TARGETS={target}", f"VENV={sys.prefix}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=3600)
+    out = make.stdout + make.stderr
+    assert make.returncode == 0, out[-4000:]
+    assert re.search(rf"^{re.escape(target)}\s+(PASSED|\(cached\) PASSED)", out, re.M), out[-4000:]
+    log = open(os.path.join(ROOT, "bazel-testlogs", "tests", "test_workloads", "test.log")).read()
+    _, pytest_args = _make_test_command()
+    collect = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                              "-m", _marker(pytest_args), src], cwd=ROOT, capture_output=True, text=True)
+    collected = re.search(r"^(\d+)(?:/\d+)? tests? (?:collected|selected)", collect.stdout, re.M)
+    assert collected, collect.stdout[-2000:]
+    assert re.search(rf"^{collected.group(1)} passed in ", log, re.M) and " failed" not in log, log[-2000:]
