@@ -525,10 +525,13 @@ def test_replicas_join_and_leave_a_running_router(replicas):
         router.stop(grace=1)
 
 
-def test_a_paused_request_migrates_when_its_replica_dies(replicas):
-    """The replica holding a paused request's KV dies: the Resume goes to another replica as a
-    fresh request over prompt + output + tool tokens, and streams what one run over them gives
-    (and pauses there again at the marker)."""
+@pytest.mark.parametrize("fault", ["dies", "hangs"])
+def test_a_paused_request_migrates_when_its_replica_dies(replicas, fault):
+    """The replica holding a paused request's KV dies (the router has marked it down before the
+    Resume), or hangs (SIGSTOP: it still looks up when the Resume is forwarded to it, which waits
+    until the health checks mark it down and cancel the call): the Resume goes to another
+    replica as a fresh request over prompt + output + tool tokens, and streams what one run over
+    them gives (and pauses there again at the marker)."""
     prompt, tool = list(range(40, 60)), [400, 401]
     victim = ServerProcess(REPLICA_ARGS).start()
     router = None
@@ -543,9 +546,16 @@ def test_a_paused_request_migrates_when_its_replica_dies(replicas):
                                request_id="moving")[0]  # round-robin: replica 0, the victim
             assert first["paused"]
             assert router.call(lambda: [rep.routed for rep in router.links]) == [1, 0]
-            victim.kill()
-            assert wait_for(lambda: not router.call(lambda: router.links[0].up)), "the dead replica stayed up"
+            if fault == "dies":
+                victim.kill()
+                assert wait_for(lambda: not router.call(lambda: router.links[0].up)), "the dead replica stayed up"
+            else:
+                os.kill(victim.proc.pid, signal.SIGSTOP)
+                assert router.call(lambda: router.links[0].up)  # forwarded there, in flight when it goes down
             second = c.resume("moving", tool)
+            assert not router.call(lambda: router.links[0].up)
+            if fault == "hangs":
+                assert "health checks in a row failed" in router.call(lambda: router.links[0].down_reason)
             want = direct.generate(prompt + first["token_ids"] + tool, temperature=0, max_tokens=10,
                                    ignore_eos=True)[0]["token_ids"]
             n = len(second["token_ids"])
