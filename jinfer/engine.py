@@ -135,19 +135,18 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
                                   decode_steps=get_backend(self.attention_backend).decode_path,
                                   max_spec_tokens=max_spec_tokens, min_token_bucket=options.min_token_bucket,
                                   programs=programs)
+        self.eos_ids = set(tokenizer.eos_ids) | set(model.config.eos_token_ids)
         self.scheduler = Scheduler(cache_config, scheduler_config, self.runner.num_pages, policy,
                                    drafter, max_spec_tokens, draft_budget if max_spec_tokens else None,
-                                   pause_policy)
+                                   pause_policy, eos_ids=self.eos_ids)
         self.host_kv = HostKVTier()  # paused requests' K/V swapped out of the pool
         self.scheduler.trees = self.runner.trees  # a model the tree mask cannot serve gets chains
         self._groups: dict[str, list[Request]] = {}  # public id -> its samples still running
-        self._detok: dict[str, IncrementalDetokenizer] = {}  # per sample (Request.request_id)
         self._inflight = None  # (plan, its Requests, runner handle, it compiled, drafting mode) not yet read
         self._last_read, self._busy = 0.0, False  # perf_counter of the last read; step() left work (_observe)
         self._held_outputs: list[RequestOutput] = []  # read back early (reshard), not yet returned
         self._arrivals = itertools.count()
         self._seed_rng = random.Random(0)
-        self.eos_ids = set(tokenizer.eos_ids) | set(model.config.eos_token_ids)
         self._warmup_thread = None
         if options.warmup and options.warmup_background:  # the rest from the first step or release_warmup()
             self._warmup_thread = self.runner.warmup_background(progress, hold=True)
@@ -179,8 +178,8 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
                            intercept_after=intercept_after)
                    for i in range(params.n)]
         self.scheduler.admit(samples[0])
-        for req in samples:
-            self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.intercept)
+        for req in samples:  # its text: the settling applies stop and intercept strings to it
+            req.text = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.intercept)
         self._groups[request_id] = samples
         # The first sample computes the prompt; the scheduler starts the others on its pages.
         samples[0].followers = samples[1:]
@@ -211,7 +210,6 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
         if samples is None:
             return False
         for req in samples:
-            self._detok.pop(req.request_id, None)
             self.host_kv.drop(req.request_id)
         self.scheduler.abort(samples)
         return True
@@ -290,12 +288,13 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
         except Exception:  # noqa: BLE001 - their pages go with the old scheduler anyway
             log.exception("reset: the old scheduler could not abort its requests; dropping it as it is")
         fresh = Scheduler(self.runner.cache_cfg, self.sched_cfg, self.runner.num_pages, old.policy,
-                          old.drafter, old.max_spec_tokens, old.budget, old.pause_policy, old.clock)
+                          old.drafter, old.max_spec_tokens, old.budget, old.pause_policy, old.clock,
+                          eos_ids=old.eos_ids)
         fresh.trees, fresh.token_limit, fresh.spec = old.trees, old.token_limit, old.spec
         if hasattr(old.policy, "bind"):  # a policy reading the books (its prefix cache) follows them
             old.policy.bind(fresh)
         self.scheduler = fresh
-        self._groups, self._detok = {}, {}
+        self._groups = {}
         self._inflight, self._held_outputs, self._busy = None, [], False
         self.host_kv = HostKVTier()
 

@@ -9,7 +9,6 @@ import dataclasses
 
 import jax
 
-from jinfer.detokenizer import IncrementalDetokenizer
 from jinfer.errors import shorten
 from jinfer.kv_cache import KVCache
 from jinfer.request import Request, RequestOutput, Status
@@ -22,8 +21,7 @@ class Migration:
     import_requests), with the K/V of their computed tokens, so they continue where they were
     instead of recomputing."""
 
-    groups: dict[str, list[Request]]  # public id -> its samples, as the engine holds them
-    detoks: dict[str, IncrementalDetokenizer]  # sample id -> its detokenizer
+    groups: dict[str, list[Request]]  # public id -> its samples, as the engine holds them (with their text)
     carried: list[tuple[str, int]]  # (sample id, leading pages of it in kv), in kv's page order
     kv: KVCache | None  # those pages' K/V, on the exporting engine's devices
     outputs: list[RequestOutput]  # read back from the device but not yet returned by step()
@@ -35,8 +33,8 @@ class Migration:
 
 class Migrating:
     """The engine's side of moving requests (jinfer.engine.Engine mixes it in): it uses the
-    engine's runner, scheduler, host tier, samples by public id (`_groups`), detokenizers
-    (`_detok`) and held outputs, and settles the step in flight first."""
+    engine's runner, scheduler, host tier, samples by public id (`_groups`) and held outputs,
+    and settles the step in flight first."""
 
     def reshard(self, mesh):
         """Switches to a new tensor-parallel mesh between steps, requests kept running.
@@ -80,12 +78,10 @@ class Migrating:
         self.scheduler.detach(samples)
         for r in samples:  # a swapped-out one computes its K/V again there (detach)
             self.host_kv.drop(r.request_id)
-        detoks = {r.request_id: self._detok.pop(r.request_id) for g in groups.values() for r in g
-                  if r.request_id in self._detok}
         mine = set(ids)
         outputs = [o for o in self._held_outputs if o.request_id in mine]
         self._held_outputs = [o for o in self._held_outputs if o.request_id not in mine]
-        return Migration(groups, detoks, carried, kv, outputs)
+        return Migration(groups, carried, kv, outputs)
 
     def import_requests(self, migration: Migration):
         """Takes in requests another engine exported; they continue from their computed tokens
@@ -114,6 +110,5 @@ class Migrating:
                 data = jax.tree.map(lambda a: a[:, idx], data)
             stats = self.runner.write_pages(dst, data)
         self._groups.update(migration.groups)
-        self._detok.update(migration.detoks)
         self._held_outputs += migration.outputs
         return stats

@@ -1,6 +1,6 @@
 """The engine after the device step: a step's sampled rows read back, settled by the scheduler
-(Scheduler.update), fed to each sample's detokenizer (stop strings, intercept strings) and built
-into RequestOutputs."""
+(Scheduler.update: tokens, finish and pause rules, each sample's text with its stop and
+intercept strings) and built into RequestOutputs."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import time
 
 from jinfer.detokenizer import IncrementalDetokenizer
 from jinfer.request import Request, RequestOutput, Status, Usage
-from jinfer.step_plan import INTERCEPT, StepPlan
+from jinfer.step_plan import StepPlan
 
 
 class Postprocessing:
     """Reading steps back (jinfer.engine.Engine mixes it in): it uses the engine's runner,
-    scheduler and EOS ids, its samples by public id (`_groups`) and their detokenizers
-    (`_detok`), and the step in flight and outputs held for the next step()."""
+    scheduler, its samples by public id (`_groups`, each with its text: Request.text), and the
+    step in flight and outputs held for the next step()."""
 
     def _settle_inflight(self) -> None:
         """Reads back the step in flight (async scheduling); its outputs come with the next step()."""
@@ -39,7 +39,7 @@ class Postprocessing:
         firsts = list(itertools.accumulate((1 + seq.num_draft for seq in plan.seqs), initial=0))  # first rows
         rows = tokens.tolist()  # one conversion; each sequence's rows are a slice of it
         sampled = [rows[a:b] for a, b in zip(firsts[:-1], firsts[1:])]
-        settled = self.scheduler.update(plan, reqs, sampled, eos_ids=self.eos_ids, finish_hook=self._text_stop)
+        settled = self.scheduler.update(plan, reqs, sampled)
         moves = [m for s in settled for m in s.moves]
         self.runner.move_kv(moves)
         compiled = None if compiled is None else compiled or (bool(moves) and self.runner.compiled_last)
@@ -50,17 +50,15 @@ class Postprocessing:
             req.output_logprobs.extend(float(logprobs[firsts[s.index] + r]) for r in s.rows)
             if req.first_token_time is None:
                 req.first_token_time = now
-            detok = self._detok[req.request_id]
             if s.paused:
-                detok.flush()  # the segment ends here: no stop string can straddle the tool call
+                req.text.flush()  # the segment ends here: no stop string can straddle the tool call
             if s.finish_reason:
                 req.finish_time = now
-                del self._detok[req.request_id]
                 public = req.request_id.partition("/")[0]
                 samples = self._groups.get(public, ())  # gone if a sibling settled it this step
                 if samples and all(r.status is Status.FINISHED for r in samples):
                     del self._groups[public]
-            outputs.append(self._output(req, detok, n_new=len(s.tokens)))
+            outputs.append(self._output(req, req.text, n_new=len(s.tokens)))
         return outputs
 
     def _observe(self, plan: StepPlan, compiled: bool | None, emitted: int, drafting: bool) -> None:
@@ -79,18 +77,6 @@ class Postprocessing:
             self.scheduler.observe_step(plan.num_tokens, seconds, emitted, any(s.num_draft for s in plan.seqs),
                                         num_decoding=decoding, decode_only=decoding == len(plan.seqs),
                                         drafting=drafting)
-
-    def _text_stop(self, req: Request, token: int, reason: str | None) -> str | None:
-        """The scheduler's finish hook: feeds the detokenizer and applies stop strings (text is
-        cut before a stop string; at any other finish the held-back text is flushed first)."""
-        detok = self._detok[req.request_id]
-        detok.append(token)
-        if detok.find_stop():
-            return "stop"
-        if reason is None:
-            return INTERCEPT if detok.find_intercept() else None
-        detok.flush()
-        return "stop" if detok.find_stop() else reason
 
     def _output(self, req: Request, detok: IncrementalDetokenizer, n_new: int) -> RequestOutput:
         finished = req.status is Status.FINISHED

@@ -14,8 +14,9 @@ from jinfer.step_plan import StepPlan
 
 class Resuming:
     """Paused requests in the engine (jinfer.engine.Engine mixes it in): it uses the engine's
-    tokenizer, runner, scheduler, host tier (`host_kv`), samples by public id (`_groups`) and
-    detokenizers (`_detok`), and settles the step in flight before a resume."""
+    tokenizer, runner, scheduler, host tier (`host_kv`) and samples by public id (`_groups`),
+    gives a resumed sample a fresh text (Request.text), and settles the step in flight before a
+    resume."""
 
     def resume(self, request_id: str, tool_output: str | Sequence[int], index: int = 0,
                intercept_after: int | None = None) -> None:
@@ -41,8 +42,7 @@ class Resuming:
         self.check_prompt(req.all_ids + ids, req.params)
         self._settle_inflight()  # its sample past the tool call, if a step was in flight
         self.scheduler.resume(req, ids, intercept_after)
-        self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, req.params.stop,
-                                                             req.params.intercept)
+        req.text = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, req.params.stop, req.params.intercept)
 
     def num_paused(self) -> int:
         """Requests waiting for resume()."""

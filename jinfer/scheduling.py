@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.drafting import Drafting
@@ -48,13 +48,16 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
     def __init__(self, cache_cfg: CacheConfig, sched_cfg: SchedulerConfig, num_pages: int,
                  policy: SchedulingPolicy | None = None, drafter: Drafter | None = None,
                  max_spec_tokens: int = 0, budget: DraftBudget | None = None,
-                 pause_policy: PausePolicy | None = None, clock: Callable[[], float] = time.monotonic):
+                 pause_policy: PausePolicy | None = None, clock: Callable[[], float] = time.monotonic, *,
+                 eos_ids: Collection[int] = ()):
         """drafter, max_spec_tokens: speculative decoding (jinfer.speculation): decoding
         requests get drafts of up to max_spec_tokens tokens to verify in their step; budget
         (optional) trims each request's draft to what is worth its cost. pause_policy: what
         happens to the K/V of requests paused for a tool call (jinfer.pausing; default
-        Discard), asked before every step; clock: the time base of their pauses."""
+        Discard), asked before every step; clock: the time base of their pauses. eos_ids: the
+        tokens that end a request (unless its params ignore EOS)."""
         self.budget = budget
+        self.eos_ids = frozenset(eos_ids)
         self.cfg = sched_cfg
         self.token_limit: int | None = None  # a tighter step budget (the engine's, while buckets compile)
         self.drafter = drafter if max_spec_tokens > 0 else None
@@ -346,18 +349,6 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
         if not self.policy.priority(req) < self.policy.priority(victim) or not allow(req, victim):
             return None
         return victim
-
-    def extend_decode(self, req: Request, token_ids: list[int]) -> bool:
-        """Appends decode tokens computed outside a StepPlan, one step each, as if the request
-        had run that many single-token steps alone: KV pages from the free pool only (False, and
-        nothing changed, if they do not fit). The simulator's fast-forward over pure-decode
-        stretches uses it; the engine never does."""
-        assert req.status is Status.RUNNING and req.num_pending == 0, f"{req.request_id} is not decoding"
-        if not self.kv.extend(req, req.num_computed_tokens + len(token_ids)):
-            return False
-        req.num_computed_tokens += len(token_ids)
-        req.output_ids.extend(token_ids)
-        return True
 
     def _done_sampling(self, req: Request) -> bool:
         return self.reached_length(req, pending=True)

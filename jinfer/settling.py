@@ -1,19 +1,23 @@
 """Settling a step: what happens once the device returns (drafts verified, tokens appended,
-prefill done, finish and pause rules, pages freed), in one method the engine, the simulators and
-the tests all call, as vLLM v1's update_from_output does."""
+prefill done, finish and pause rules, stop and intercept strings, pages freed), in one method
+the engine, the simulators and the tests all call with the step's sampled rows, as vLLM v1's
+update_from_output does."""
 
 from __future__ import annotations
 
-from typing import Collection, Sequence
+from typing import Sequence
 
 from jinfer.request import Request, Status
 from jinfer.speculation import kv_moves, verify
-from jinfer.step_plan import INTERCEPT, FinishHook, ScheduledSeq, Settled, StepPlan
+from jinfer.step_plan import ScheduledSeq, Settled, StepPlan
+
+_INTERCEPT = "intercept"  # a request's text found an intercept string: it pauses
 
 
 class Settling:
     """The scheduler's settling of steps (jinfer.scheduling.Scheduler mixes it in): it uses the
-    scheduler's queues, pages, drafter and draft budget, its spec stats and its length rule."""
+    scheduler's queues, pages, drafter and draft budget, its spec stats, its EOS ids and its
+    length rule."""
 
     def append_token(self, req: Request, token: int) -> None:
         """The host has read one of the request's pending tokens (oldest first)."""
@@ -22,7 +26,7 @@ class Settling:
         req.output_ids.append(token)
 
     def update(self, plan: StepPlan, reqs: Sequence[Request], sampled: Sequence, *,
-               eos_ids: Collection[int] = (), finish_hook: FinishHook | None = None) -> list[Settled]:
+               repeats: int = 1) -> list[Settled]:
         """Settles a step once its samples are read (vLLM v1's update_from_output).
 
         reqs and sampled are parallel to plan.seqs; a sequence's samples are its sampled rows:
@@ -31,10 +35,16 @@ class Settling:
         aborted since the step was planned: verifies the draft (jinfer.speculation.verify:
         the accepted tokens, the K/V moves a tree's path needs, the draft budget told),
         appends the tokens, shares the prompt's pages once its prefill is done, applies the
-        finish rules (EOS / stop token ids, then length), then `finish_hook` (rules the
-        scheduler cannot see); rejected draft positions are rolled back; a finished request
-        gets its status and reason and releases its pages. The engine, the simulators and the
-        tests all settle steps here.
+        finish rules (EOS / stop token ids, stop strings in the request's text, then length)
+        and the pause rules (intercept token ids and strings); rejected draft positions are
+        rolled back; a finished request gets its status and reason and releases its pages.
+        The engine, the simulators and the tests all settle steps here.
+
+        repeats > 1: the plan, all decodes without drafts, ran that many times in a row (the
+        simulator's fast-forward over a stretch nothing else joins); each sequence's samples
+        are its `repeats` tokens, one per step, the later ones' K/V pages taken from the free
+        pool (AssertionError if they are not there: the caller checks). Tokens after one that
+        finishes or pauses a request are dropped.
         """
         settled = []
         if any(seq.num_draft for seq in plan.seqs):
@@ -45,8 +55,15 @@ class Settling:
                 continue
             if not seq.sample or req.status is Status.FINISHED:
                 continue
-            new, rows, moves = self._verify(seq, req, (rows,) if isinstance(rows, int) else tuple(rows))
-            appended, reason, pause = self._take_tokens(req, new, eos_ids, finish_hook)
+            rows = (rows,) if isinstance(rows, int) else tuple(rows)
+            if repeats > 1:
+                new, rows, moves = self._repeated(seq, req, rows, repeats)
+                appended, reason, pause = self._take_run(req, new)
+                req.num_computed_tokens += len(appended) - 1  # each later step wrote the K/V of the one before
+                assert self.kv.extend(req, req.num_computed_tokens), f"{req.request_id}: no free pages for its steps"
+            else:
+                new, rows, moves = self._verify(seq, req, rows)
+                appended, reason, pause = self._take_tokens(req, new)
             if seq.num_draft:
                 self._settle_draft(seq, req, len(new), len(appended))
             if len(seq.token_ids) - seq.num_draft > 1:
@@ -61,8 +78,7 @@ class Settling:
             settled.append(Settled(i, req, tuple(appended), reason, rows[:len(appended)], moves, pause))
         return settled
 
-    def _take_tokens(self, req: Request, new: Sequence[int], eos_ids: Collection[int],
-                     finish_hook: FinishHook | None) -> tuple[list[int], str | None, bool]:
+    def _take_tokens(self, req: Request, new: Sequence[int]) -> tuple[list[int], str | None, bool]:
         """Appends the tokens a step gives req, oldest first, up to one that finishes or pauses
         it: (the tokens appended, the finish reason or None, whether it pauses)."""
         appended, reason, pause = [], None, False
@@ -71,15 +87,35 @@ class Settling:
             if len(appended) > 1:
                 req.num_pending += 1  # accepted draft tokens arrive beyond the one planned
             self.append_token(req, token)
-            reason = self.finish_reason(req, token, eos_ids)
-            if finish_hook is not None:
-                reason = finish_hook(req, token, reason)
-            pause = reason == INTERCEPT or not reason and (token in req.params.intercept_token_ids or (
+            reason = self.finish_reason(req, token, self.eos_ids)
+            if req.text is not None:
+                reason = _text_rules(req.text, token, reason)
+            pause = reason == _INTERCEPT or not reason and (token in req.params.intercept_token_ids or (
                 req.intercept_after is not None and len(req.output_ids) >= req.intercept_after))
             reason = None if pause else reason
             if reason or pause:
                 break
         return appended, reason, pause
+
+    def _repeated(self, seq: ScheduledSeq, req: Request, sampled: tuple[int, ...], repeats: int):
+        """(tokens, rows, K/V moves) of a decode planned once and run `repeats` times."""
+        if seq.num_draft or len(sampled) != repeats:
+            raise ValueError(f"{req.request_id}: a plan run {repeats} times takes {repeats} samples per "
+                             f"sequence and no drafts, not {len(sampled)} with {seq.num_draft} draft tokens")
+        return sampled, tuple(range(repeats)), ()
+
+    def _take_run(self, req: Request, new: Sequence[int]) -> tuple[list[int], str | None, bool]:
+        """_take_tokens for a decode's repeated steps: in bulk when no token of them can finish
+        or pause the request but the length rule (the simulator's stretches: no text, no EOS)."""
+        p = req.params
+        fires = set(p.stop_token_ids) | set(p.intercept_token_ids) | (set() if p.ignore_eos else self.eos_ids)
+        if req.text is not None or req.intercept_after is not None or not fires.isdisjoint(new):
+            return self._take_tokens(req, new)
+        room = min(p.max_tokens, self.cfg.max_model_len - len(req.prompt_ids)) - len(req.output_ids)
+        appended = list(new[:max(room, 1)])
+        req.num_pending -= 1  # the one token planned; the others' steps were never planned
+        req.output_ids.extend(appended)
+        return appended, self.finish_reason(req), False
 
     def _settle_draft(self, seq: ScheduledSeq, req: Request, num_new: int, num_appended: int) -> None:
         """Rolls back what the step's draft got wrong and counts how it went: num_new tokens
@@ -109,10 +145,23 @@ class Settling:
         moves = kv_moves(verdict.path, seq.start_pos + len(seq.token_ids) - k, seq.pages, self.page_size)
         return verdict.emitted, verdict.rows, tuple(moves)
 
-    def finish_reason(self, req: Request, token: int | None = None, eos_ids: Collection[int] = ()) -> str | None:
+    def finish_reason(self, req: Request, token: int | None = None, eos_ids=frozenset()) -> str | None:
         """"stop" if `token` ends the request (EOS unless ignored, or a stop token id), "length"
         if its read tokens reached max_tokens or max_model_len, else None."""
         p = req.params
         if token is not None and ((token in eos_ids and not p.ignore_eos) or token in p.stop_token_ids):
             return "stop"
         return "length" if self.reached_length(req, pending=False) else None
+
+
+def _text_rules(text, token: int, reason: str | None) -> str | None:
+    """The finish reason once `token` joins the request's text (an IncrementalDetokenizer):
+    "stop" at a stop string (the text is cut before it), _INTERCEPT at an intercept string,
+    else `reason`, the token rules' (at any finish the held-back text is flushed first)."""
+    text.append(token)
+    if text.find_stop():
+        return "stop"
+    if reason is None:
+        return _INTERCEPT if text.find_intercept() else None
+    text.flush()
+    return "stop" if text.find_stop() else reason

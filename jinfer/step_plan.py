@@ -4,7 +4,6 @@ the plan (StepPlan), what settling gave each request (Settled) and the speculati
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
 from jinfer.request import Request
 from jinfer.sampling_params import SamplingParams
@@ -48,12 +47,6 @@ class Settled:
     def token(self) -> int:
         return self.tokens[-1]
 
-
-# (request, token just appended, the scheduler's finish reason or None) -> the final reason:
-# finish rules the scheduler cannot see (stop strings need the detokenizer); INTERCEPT pauses
-# the request instead (an intercept string: a tool call).
-INTERCEPT = "intercept"
-FinishHook = Callable[[Request, int, "str | None"], "str | None"]
 
 
 @dataclasses.dataclass

@@ -15,6 +15,7 @@ from jinfer.speculation import Draft
 
 PAGE = 4
 NUM_PAGES = 12
+EOS = 99  # the scheduler's EOS id: a sampled row ends its request 1 time in 20
 
 
 def _check_invariants(s: Scheduler):
@@ -105,7 +106,7 @@ class FakeEngine:
     def _read(self, plan, reqs):
         tokens = []  # sampled rows; tiny vocab: shared prefixes
         for seq in plan.seqs:
-            token = int(self.rng.integers(0, 8))
+            token = EOS if self.rng.random() < 0.05 else int(self.rng.integers(0, 8))
             if seq.num_draft:  # verification keeps a random prefix of the draft, then the model's token
                 draft = list(seq.token_ids[-seq.num_draft:])
                 accepted = int(self.rng.integers(0, seq.num_draft + 1))
@@ -113,8 +114,7 @@ class FakeEngine:
                     token = (token + 1) % 8  # the model disagrees there
                 token = draft[:accepted] + [token] + [0] * (len(draft) - accepted)
             tokens.append(token)
-        eos = lambda req, token, reason: reason or ("stop" if self.rng.random() < 0.05 else None)
-        for done in self.s.update(plan, reqs, tokens, finish_hook=eos):
+        for done in self.s.update(plan, reqs, tokens):
             if done.finish_reason:
                 for f in done.req.followers:
                     self.live.discard(f.request_id)
@@ -148,7 +148,8 @@ def test_random_add_step_abort_keeps_pages_consistent(prefix, pipelined, drafts,
     drafter = RandomDrafter(rng) if drafts else None
     s = Scheduler(CacheConfig(page_size=PAGE, num_pages=NUM_PAGES, enable_prefix_cache=prefix),
                   SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=4, max_model_len=NUM_PAGES * PAGE),
-                  NUM_PAGES, drafter=drafter, max_spec_tokens=3 if drafts else 0, pause_policy=RandomPauses(rng))
+                  NUM_PAGES, drafter=drafter, max_spec_tokens=3 if drafts else 0, pause_policy=RandomPauses(rng),
+                  eos_ids=(EOS,))
     eng = FakeEngine(s, rng, pipelined)
     made = []
     for kind, a, b, n in ops:

@@ -352,14 +352,23 @@ def test_scheduler_hooks_used_by_the_policy_layer():
     assert seen == [(tuple(range(8)), 1), (tuple(range(4)) + (9,) * 4, 1), (tuple(range(4)), 1)]
     # The second branch, then its parent: one entry; the first is its own.
     assert log.drain() == [(tuple(range(8)), 4), (tuple(range(4)) + (9,) * 4, 0)] and not log
-    req = Request("x", [1, 2, 3], SamplingParams(max_tokens=10), 0, 0.0, 0)
+    # a decode plan run 5 times in a row (the simulator's fast-forward): its 5 samples settle at
+    # once, with pages for the K/V the later steps wrote; the length rule ends a run early
+    req = Request("x", [1, 2, 3], SamplingParams(max_tokens=10, ignore_eos=True), 0, 0.0, 0)
     sched.add(req)
+    sched.update(sched.schedule(), [req], [7])  # the prompt, and its first token
     plan = sched.schedule()
-    sched.append_token(req, 7)
-    assert plan.seqs and sched.extend_decode(req, [8, 9, 10, 11, 12])
+    done = sched.update(plan, [req], [[8, 9, 10, 11, 12]], repeats=5)
+    assert done[0].tokens == (8, 9, 10, 11, 12) and not done[0].finish_reason
     assert req.output_ids == [7, 8, 9, 10, 11, 12] and req.num_computed_tokens == 8 and len(req.pages) == 2
-    assert not sched.extend_decode(req, list(range(100)))  # 27 pages: more than the pool
-    assert req.output_ids == [7, 8, 9, 10, 11, 12]
+    done = sched.update(sched.schedule(), [req], [list(range(20, 26))], repeats=6)
+    assert done[0].tokens == (20, 21, 22, 23) and done[0].finish_reason == "length"  # 10 tokens: the last 2 dropped
+    assert req.output_ids == [7, 8, 9, 10, 11, 12, 20, 21, 22, 23] and req.num_computed_tokens == 12 and not req.pages
+    with pytest.raises(ValueError, match="takes 3 samples per sequence"):
+        other = Request("y", [1, 2, 3], SamplingParams(max_tokens=10), 0, 0.0, 1)
+        sched.add(other)
+        sched.update(sched.schedule(), [other], [5])
+        sched.update(sched.schedule(), [other], [[1, 2]], repeats=3)
 
 
 # -- tools -------------------------------------------------------------------------------------

@@ -162,11 +162,17 @@ class SimReplica:
         out = self.outputs.get(index, ())
         return out[position] if position < len(out) else 1_000_000_000 + index * 100_000 + position
 
-    def sampled(self, seq, req: Request, index: int) -> list[int]:
+    def sampled(self, seq, req: Request, index: int, repeats: int = 1) -> list[int]:
         """A step's sampled rows for a sequence, as the engine's sampler gives them: the true
         next token, and with a draft the true token at each draft position's output index
-        (Scheduler.update verifies the draft against them)."""
+        (Scheduler.update verifies the draft against them); for a plan run `repeats` times,
+        the true tokens of those steps."""
         at = len(req.output_ids)
+        if repeats > 1:
+            if index in self.outputs or index in self.tools:
+                return [self.truth(index, at + j) for j in range(repeats)]
+            first = self.truth(index, at)  # placeholders: consecutive numbers
+            return list(range(first, first + repeats))
         if not seq.num_draft:
             return [self.truth(index, at)]
         k = seq.num_draft
@@ -183,17 +189,18 @@ class SimReplica:
         self.sched.resume(self.reqs[request_id][0], ids)
         return call.pause_s
 
-    def settle(self, now: float, finish_hook=None, observe: bool = True) -> list[tuple]:
-        """Settles the step that ended at `now` (Scheduler.update with its sampled rows) and
-        reports it to the policy (observe_step; observe=False for a fast-forwarded stretch,
-        whose steps a listening policy never gets). Records first tokens and finishes; drops
-        finished requests. Returns (Settled, record, handle, first_token) per sequence."""
+    def settle(self, now: float, repeats: int = 1) -> list[tuple]:
+        """Settles the step that ended at `now` (Scheduler.update with its sampled rows), or
+        the stretch of `repeats` steps of one plan that did (a fast-forward), and reports a
+        single step to the policy (observe_step; a fast-forwarded stretch's steps a listening
+        policy never gets). Records first tokens and finishes; drops finished requests.
+        Returns (Settled, record, handle, first_token) per sequence."""
         sched, plan = self.sched, self.plan
         held = [self.reqs[s.request_id] for s in plan.seqs]
         reqs = [h[0] for h in held]
-        sampled = [self.sampled(s, h[0], h[1].index) for s, h in zip(plan.seqs, held)]
-        settled = sched.update(plan, reqs, sampled, finish_hook=finish_hook)
-        if observe:
+        sampled = [self.sampled(s, h[0], h[1].index, repeats) for s, h in zip(plan.seqs, held)]
+        settled = sched.update(plan, reqs, sampled, repeats=repeats)
+        if repeats == 1:
             decoding = plan.num_decoding
             sched.observe_step(plan.num_tokens, self.step_s, sum(len(s.tokens) for s in settled),
                                any(s.num_draft for s in plan.seqs), num_decoding=decoding,

@@ -190,19 +190,9 @@ class Simulator:
     def _finish_step(self, r: int, now: float) -> None:
         rep = self.replicas[r]
         sched = rep.sched
-        extra = len(rep.ends) - 1  # fast-forwarded steps after the plan's own
-
-        def fast_forward(req, token, reason):
-            """The fast-forwarded decode tokens join before the finish rules apply (length only:
-            the simulator has no EOS)."""
-            if not extra or reason:
-                return reason
-            ok = sched.extend_decode(req, list(range(token + 1, token + 1 + extra)))
-            assert ok, "fast-forward pages were checked free"
-            return sched.finish_reason(req)
-
-        # (a policy or budget that listens runs without fast-forward)
-        settled = rep.settle(now, finish_hook=fast_forward, observe=not extra)
+        # the plan's own step and the fast-forwarded ones after it (_plan_stretch checked their pages
+        # free; a policy or budget that listens runs without fast-forward)
+        settled = rep.settle(now, repeats=len(rep.ends))
         finished = False
         for done, rec, rreq, first in settled:
             if first:
