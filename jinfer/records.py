@@ -32,8 +32,7 @@ class RequestRecord:
     tool_calls: int = 0  # times it paused for a tool
     tool_s: float = 0.0  # seconds it waited on its tools (paused)
     output_ids: tuple[int, ...] = ()
-    """The tokens it was given, for a work item with a recorded output in a run without
-    fast-forward (a fast-forwarded stretch emits placeholders); empty otherwise."""
+    """The tokens it was given, for a work item with a recorded output; empty otherwise."""
 
     @property
     def ok(self) -> bool:

@@ -48,8 +48,8 @@ class Request:
     pause: object = None  # jinfer.pausing.Pause while paused, or resumed from a swap not yet back
     intercept_after: int | None = None  # pause once this segment has this many output tokens (trace replay)
     followers: list["Request"] = dataclasses.field(default_factory=list)
-    text: object = None  # its jinfer.detokenizer.IncrementalDetokenizer (stop and intercept strings); None: tokens only
     """The prompt's other samples: held until this one has computed the shared prompt pages."""
+    text: object = None  # its jinfer.detokenizer.IncrementalDetokenizer (stop and intercept strings); None: tokens only
 
     @property
     def num_tokens(self) -> int:

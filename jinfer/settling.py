@@ -47,6 +47,8 @@ class Settling:
         finishes or pauses a request are dropped.
         """
         settled = []
+        if repeats > 1:
+            self._check_repeated(plan, reqs, sampled, repeats)
         if any(seq.num_draft for seq in plan.seqs):
             self._unsettled_draft = False
         for i, (seq, req, rows) in enumerate(zip(plan.seqs, reqs, sampled)):
@@ -57,10 +59,11 @@ class Settling:
                 continue
             rows = (rows,) if isinstance(rows, int) else tuple(rows)
             if repeats > 1:
-                new, rows, moves = self._repeated(seq, req, rows, repeats)
+                new, rows, moves = rows, tuple(range(repeats)), ()
                 appended, reason, pause = self._take_run(req, new)
                 req.num_computed_tokens += len(appended) - 1  # each later step wrote the K/V of the one before
-                assert self.kv.extend(req, req.num_computed_tokens), f"{req.request_id}: no free pages for its steps"
+                extended = self.kv.extend(req, req.num_computed_tokens)
+                assert extended, f"{req.request_id}: no free pages for the K/V of its repeated steps"
             else:
                 new, rows, moves = self._verify(seq, req, rows)
                 appended, reason, pause = self._take_tokens(req, new)
@@ -97,12 +100,19 @@ class Settling:
                 break
         return appended, reason, pause
 
-    def _repeated(self, seq: ScheduledSeq, req: Request, sampled: tuple[int, ...], repeats: int):
-        """(tokens, rows, K/V moves) of a decode planned once and run `repeats` times."""
-        if seq.num_draft or len(sampled) != repeats:
-            raise ValueError(f"{req.request_id}: a plan run {repeats} times takes {repeats} samples per "
-                             f"sequence and no drafts, not {len(sampled)} with {seq.num_draft} draft tokens")
-        return sampled, tuple(range(repeats)), ()
+    def _check_repeated(self, plan: StepPlan, reqs: Sequence[Request], sampled: Sequence, repeats: int) -> None:
+        """ValueError (nothing settled) unless the plan can be settled as run `repeats` times:
+        decodes without drafts, each with `repeats` samples, of requests running with only
+        that plan's token unread (no step in flight after it)."""
+        for seq, req, rows in zip(plan.seqs, reqs, sampled):
+            n = 1 if isinstance(rows, int) else len(rows)
+            if seq.num_draft or len(seq.token_ids) != 1 or n != repeats:
+                raise ValueError(f"{req.request_id}: a plan run {repeats} times takes one decode token per sequence, "
+                                 f"no draft and {repeats} samples, not {len(seq.token_ids)} tokens, "
+                                 f"{seq.num_draft} drafted and {n} samples")
+            if req.status is not Status.RUNNING or req.num_pending != 1:
+                raise ValueError(f"{req.request_id} is {req.status.value} with {req.num_pending} tokens unread: "
+                                 "a plan run several times needs its one token unread, nothing after it in flight")
 
     def _take_run(self, req: Request, new: Sequence[int]) -> tuple[list[int], str | None, bool]:
         """_take_tokens for a decode's repeated steps: in bulk when no token of them can finish

@@ -47,7 +47,8 @@ class RandomDrafter:
 
     def propose(self, request_id, output_ids, max_draft_tokens):
         assert request_id in self.live and max_draft_tokens > 0
-        return Draft.chain(self.rng.integers(0, 8, int(self.rng.integers(0, max_draft_tokens + 1))).tolist())
+        tokens = self.rng.integers(0, 8, int(self.rng.integers(0, max_draft_tokens + 1))).tolist()
+        return Draft.chain([EOS if self.rng.random() < 0.05 else t for t in tokens])  # an accepted EOS ends mid-draft
 
     def observe(self, request_id, new_tokens):
         assert request_id in self.live and new_tokens

@@ -312,6 +312,21 @@ def test_simulator_is_deterministic_and_fast_forward_changes_nothing(router):
     assert all(r.output_tokens == it.max_tokens for r, it in zip(a.records, items))
 
 
+def test_fast_forward_writes_recorded_outputs_as_step_by_step_does():
+    """Work items with recorded outputs, whose second turns extend the first turns' prompt and
+    output: a fast-forwarded stretch appends the recorded tokens, so the second turns hit the
+    prefix cache and every record equals step-by-step simulation's."""
+    from scheduler.simulation.workloads import WorkItem
+    rng = np.random.default_rng(1)
+    turns = [(tuple(rng.integers(0, 30000, 48).tolist()), tuple(rng.integers(0, 30000, 64).tolist())) for _ in range(6)]
+    items = [WorkItem(0.001 * i, p, len(o), output=o) for i, (p, o) in enumerate(turns)]
+    items += [WorkItem(5.0 + 0.001 * i, p + o + (7, 8), 16, output=tuple(range(16))) for i, (p, o) in enumerate(turns)]
+    fast, slow = _sim("round-robin", items), _sim("round-robin", items, fast_forward=False)
+    assert _key(fast) == _key(slow) and _same_times(fast, slow) and fast.steps == slow.steps
+    assert [r.output_ids for r in fast.records] == [it.output for it in items]
+    assert all(r.cached_tokens >= 96 for r in fast.records[6:])  # the first turn's prompt and output, whole pages
+
+
 def test_simulator_with_evictions_keeps_the_router_tree_true():
     items = pw.generate("loogle", 120, rate=5.0, scale=16.0, seed=0)
     from scheduler.routing.policies import make_router
@@ -364,7 +379,7 @@ def test_scheduler_hooks_used_by_the_policy_layer():
     done = sched.update(sched.schedule(), [req], [list(range(20, 26))], repeats=6)
     assert done[0].tokens == (20, 21, 22, 23) and done[0].finish_reason == "length"  # 10 tokens: the last 2 dropped
     assert req.output_ids == [7, 8, 9, 10, 11, 12, 20, 21, 22, 23] and req.num_computed_tokens == 12 and not req.pages
-    with pytest.raises(ValueError, match="takes 3 samples per sequence"):
+    with pytest.raises(ValueError, match="no draft and 3 samples, not 1 tokens, 0 drafted and 2 samples"):
         other = Request("y", [1, 2, 3], SamplingParams(max_tokens=10), 0, 0.0, 1)
         sched.add(other)
         sched.update(sched.schedule(), [other], [5])

@@ -202,7 +202,7 @@ class Simulator:
                 self.tool_end[rreq.request_id] = now + call.pause_s
                 self._events.push(now + call.pause_s, _TOOL_DONE, (r, rec.index, rreq.request_id))
             if done.finish_reason:
-                if rec.index in self._outputs and not self.fast_forward:
+                if rec.index in self._outputs:
                     rec.output_ids = tuple(done.req.output_ids)
                 self.router.on_finish(r, rreq, now)
                 finished = True
