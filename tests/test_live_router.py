@@ -571,3 +571,59 @@ def test_a_paused_request_migrates_when_its_replica_dies(replicas, fault):
         if router is not None:
             router.stop(grace=1)
         victim.kill()
+
+
+def test_a_resume_answered_unavailable_by_a_stalled_replica_migrates(replicas):
+    """The replica holding a paused request's K/V is alive, its watch stream still reporting,
+    but its engine has stalled: it answers the forwarded Resume UNAVAILABLE before streaming.
+    The router marks it down and the Resume migrates, streaming what one run over prompt +
+    output + tool tokens gives."""
+    from jinfer.config import CacheConfig, SchedulerConfig
+    from jinfer.engine import Engine
+    from jinfer.loader.hf import load_hf_model
+    from jinfer.serving.server import Server, ServingConfig
+
+    engine = Engine(load_hf_model(TEST_MODEL_DIR), Tokenizer.from_dir(TEST_MODEL_DIR),
+                    CacheConfig(page_size=PAGE, num_pages=PAGES),
+                    SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8, max_model_len=256))
+    victim = Server(engine, ServingConfig(engine_stall_timeout_s=60.0, model_name="test-5m")).start()
+    helper = replicas[0]
+    release, real_step = threading.Event(), engine.step
+
+    def stuck_step():
+        release.wait()
+        return real_step()
+
+    prompt, tool = list(range(40, 60)), [400, 401]
+    router = None
+    try:
+        router = router_server([f"127.0.0.1:{victim.port}", helper.target], "round-robin",
+                               config=RouterConfig(report_interval_s=0.01, health_interval_s=3600.0),
+                               tokenizer="auto").start()
+        with Client(helper.target) as direct, Client(f"127.0.0.1:{router.port}") as c, \
+                Client(f"127.0.0.1:{victim.port}") as stalled:
+            full = direct.generate(prompt, temperature=0, max_tokens=10, ignore_eos=True)[0]["token_ids"]
+            marker = next(t for k, t in enumerate(full[2:], 2) if t not in full[:k])
+            first = c.generate(prompt, temperature=0, max_tokens=10, ignore_eos=True, intercept_token_ids=[marker],
+                               request_id="stuck")[0]  # round-robin: replica 0, the victim
+            assert first["paused"]
+            victim.loop.stall_timeout_s = 1.0
+            engine.step = stuck_step
+            with pytest.raises(grpc.RpcError) as e:  # a step that never ends: the engine stalls
+                stalled.generate([1, 2, 3], max_tokens=2, timeout=HANG_S)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "stalled" in e.value.details()
+            assert router.call(lambda: router.links[0].up)  # its watch stream still reports
+            second = c.resume("stuck", tool)
+            assert "a Resume failed" in router.call(lambda: router.links[0].down_reason)
+            want = direct.generate(prompt + first["token_ids"] + tool, temperature=0, max_tokens=10,
+                                   ignore_eos=True)[0]["token_ids"]
+            n = len(second["token_ids"])
+            assert n >= 1 and second["token_ids"] == want[:n]
+            while second["paused"]:  # paused again on the new replica: resumed there
+                second = c.resume("stuck", [])
+            assert router.call(lambda: [rep.routed for rep in router.links]) == [1, 1]  # the migration: a Generate
+    finally:
+        release.set()
+        if router is not None:
+            router.stop(grace=1)
+        victim.stop(grace=0)
