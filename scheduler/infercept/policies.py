@@ -14,10 +14,10 @@ out in that order while the budget lasts, and preserves or discards each of the 
 whichever wastes less. T_INT is the time paused so far (now - t_call), or an oracle's
 remaining time when one is given (say which a result used).
 
-hold_while_free (a variant, not the paper's rule): while no request waits and the pool has a
-free page for each running request, every paused request keeps its K/V: memory nobody asks
-for is idle but denies no one, so neither a copy nor a recompute buys anything; the least-waste
-choice runs once the pool is under pressure.
+hold_while_free (a variant, not the paper's rule): while the free pages hold what the waiting
+requests have yet to compute plus a page for each running request, every paused request keeps
+its K/V: memory nobody asks for is idle but denies no one, so neither a copy nor a recompute
+buys anything; the least-waste choice runs once the pool is under pressure.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ class InferCept:
         return 2 * p.swap_s(c) * (view.running_tokens + c) * p.kv_bytes_per_token
 
     def decide(self, paused: Sequence[Request], view: PauseView) -> Mapping[str, str]:
-        if self.hold_while_free and not view.waiting and view.num_free_pages >= view.running:
+        if self.hold_while_free and (view.num_free_pages - view.running) * view.page_size >= view.waiting_tokens:
             self.decisions[PRESERVE] += len(paused)
             return {r.request_id: PRESERVE for r in paused}
         now = self.clock()
