@@ -75,7 +75,6 @@ class PauseView:
     running: int  # running requests
     waiting: int  # waiting requests (resumed ones included)
     last_step_s: float  # the last step's time (what a swap can hide behind), 0 before any
-    waiting_tokens: int = 0  # tokens the waiting requests have yet to compute (prefix-cache hits not subtracted)
 
 
 class PausePolicy(Protocol):
@@ -131,7 +130,7 @@ class Pausing:
             return []
         view = PauseView(self.page_size, self.kv.num_free, self.pool.num_pages,
                          sum(r.num_computed_tokens for r in self.running), len(self.running), len(self.waiting),
-                         self.last_step_s, sum(r.num_tokens - r.num_computed_tokens for r in self.waiting))
+                         self.last_step_s)
         if self._starved:  # waiting requests could not run beside them: room first
             actions = {r.request_id: DISCARD for r in holding}
         else:

@@ -145,13 +145,6 @@ def test_least_waste_preserves_short_pauses_and_discards_long_ones():
     assert cpu.decide([req], dataclasses.replace(view, last_step_s=1e9)) == {"r": SWAP}  # cheapest of the three
     slow = InferCept(dataclasses.replace(profile, swap_overlaps=False), clock=lambda: now[0])  # 1 s per token
     assert slow.decide([req], dataclasses.replace(view, last_step_s=1e9)) == {"r": DISCARD}
-    # hold_while_free: the free pages hold the waiting requests' tokens and a page per running
-    # request: every paused request keeps its K/V, whatever the rule would say; past that, the rule.
-    hold = InferCept(profile, clock=lambda: now[0], hold_while_free=True)
-    assert hold.decide([req, big], dataclasses.replace(view, waiting=1, waiting_tokens=32)) == {"r": PRESERVE,
-                                                                                             "big": PRESERVE}
-    assert hold.decide([req], dataclasses.replace(view, waiting=1, waiting_tokens=33)) == {"r": DISCARD}
-    assert hold.decide([req], dataclasses.replace(view, num_free_pages=1)) == {"r": DISCARD}
 
 
 def test_bad_resumes_change_nothing_and_aborting_a_paused_request_frees_everything(engines):

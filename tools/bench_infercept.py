@@ -15,8 +15,7 @@ Policies (scheduler/infercept/policies.py): discard (into the prefix cache, queu
 InferCept's improved discard), vllm-discard (the same, the continuation queued as a new
 arrival, as vLLM takes it), preserve, swap (all, whatever it costs), pin-ttl (Continuum-like,
 --ttl_s), infercept (least waste; T_INT = time paused so far), infercept-oracle (T_INT = the
-remaining pause, known to the simulator), infercept-hold (infercept that keeps every paused
-request's K/V while nothing waits and the pool has a page free per running request).
+remaining pause, known to the simulator).
 
 Reported per rate and policy: completed requests/s (requests finishing between a quarter of the
 arrival span and the last arrival, per second: the steady state, since a request lasts minutes
@@ -58,8 +57,7 @@ flags.DEFINE_float("live_rate", 1.0, "live: arrival rate, requests/s.", lower_bo
 flags.DEFINE_float("live_scale", 8.0, "live: divide every length by this.", lower_bound=1)
 flags.DEFINE_float("live_pause_scale", 0.05, "live: multiply every tool's pause by this.", lower_bound=0)
 flags.DEFINE_list("live_policies", ["discard", "preserve", "swap", "infercept", "infercept-oracle"],
-                  "live: pause policies (infercept-oracle: T_INT is the tool's remaining time, which the replay knows; "
-                  "infercept-hold is also known).")
+                  "live: pause policies (infercept-oracle: T_INT is the tool's remaining time, which the replay knows).")
 flags.DEFINE_list("rates", ["4", "5", "6", "7", "8", "9", "10", "11", "12", "14", "16"], "Arrival rates, requests/s.")
 flags.DEFINE_integer("num_requests", 1500, "Requests per run.", lower_bound=1)
 flags.DEFINE_list("types", ["math", "qa", "virtual-env", "chatbot", "image", "tts"], "Augment types, drawn evenly.")
@@ -83,8 +81,7 @@ def _policy(name: str, profile, ttl_s: float, remaining=None):
               "preserve": lambda clock: ip.PreserveAll(), "swap": lambda clock: ip.SwapAll(),
               "pin-ttl": lambda clock: ip.PinTTL(ttl_s, clock),
               "infercept": lambda clock: ip.InferCept(profile, clock),
-              "infercept-oracle": lambda clock: ip.InferCept(profile, clock, remaining=remaining),
-              "infercept-hold": lambda clock: ip.InferCept(profile, clock, hold_while_free=True)}
+              "infercept-oracle": lambda clock: ip.InferCept(profile, clock, remaining=remaining)}
     if name not in makers:
         raise app.UsageError(f"unknown policy {name!r}; known: {sorted(makers)}")
     return makers[name]

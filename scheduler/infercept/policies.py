@@ -13,11 +13,6 @@ Every step it sorts the paused requests by min(preserve, discard), largest first
 out in that order while the budget lasts, and preserves or discards each of the rest by
 whichever wastes less. T_INT is the time paused so far (now - t_call), or an oracle's
 remaining time when one is given (say which a result used).
-
-hold_while_free (a variant, not the paper's rule): while the free pages hold what the waiting
-requests have yet to compute plus a page for each running request, every paused request keeps
-its K/V: memory nobody asks for is idle but denies no one, so neither a copy nor a recompute
-buys anything; the least-waste choice runs once the pool is under pressure.
 """
 
 from __future__ import annotations
@@ -107,9 +102,8 @@ class InferCept:
     (request id -> seconds until its tool returns) in place of the time paused so far."""
 
     def __init__(self, profile: PauseProfile, clock: Callable[[], float] = time.monotonic,
-                 remaining: Callable[[str], float] | None = None, hold_while_free: bool = False):
+                 remaining: Callable[[str], float] | None = None):
         self.profile, self.clock, self.remaining = profile, clock, remaining
-        self.hold_while_free = hold_while_free
         self.decisions = {PRESERVE: 0, DISCARD: 0, SWAP: 0}  # counts over the run
 
     def wastes(self, req: Request, view: PauseView, now: float) -> tuple[float, float]:
@@ -127,9 +121,6 @@ class InferCept:
         return 2 * p.swap_s(c) * (view.running_tokens + c) * p.kv_bytes_per_token
 
     def decide(self, paused: Sequence[Request], view: PauseView) -> Mapping[str, str]:
-        if self.hold_while_free and (view.num_free_pages - view.running) * view.page_size >= view.waiting_tokens:
-            self.decisions[PRESERVE] += len(paused)
-            return {r.request_id: PRESERVE for r in paused}
         now = self.clock()
         scored = sorted(((*self.wastes(r, view, now), r) for r in paused), key=lambda w: -min(w[0], w[1]))
         budget = self.profile.swap_budget_tokens(view.last_step_s) if self.profile.swap_overlaps else 0
