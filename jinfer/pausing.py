@@ -10,6 +10,10 @@ answer:
   still match, and only what gets evicted meanwhile is computed again on resume);
 - SWAP: copy their K/V to the host tier (StepPlan.swap_out, done before the step runs) and
   return the pages to the pool; on resume they come back (StepPlan.swap_in) into new pages.
+  A policy with a per-step swap budget (`swap_budget_tokens`) gets swaps in chunks: each step
+  moves the last pages still on the device that the budget allows, and a swap under way goes
+  on, first in the budget, until the request's K/V has all left (it is not asked again
+  meanwhile); a request resumed before then takes back its chunks behind the pages it kept.
 A policy may answer differently at every step (preserve now, swap later). Resuming
 (Scheduler.resume) folds the request's prompt, output and the tool's tokens into its new
 prompt, so the tokens that follow are exactly those of a fresh request over that prompt.
@@ -36,6 +40,8 @@ class Pause:
     action: str = PRESERVE  # what was done with its K/V so far
     swapped_tokens: int = 0  # tokens whose K/V sit in the host tier (SWAP), 0 otherwise
     context: int = 0  # tokens whose K/V it had at the pause (computed or in flight)
+    kept_tokens: int = 0  # SWAP in chunks under way: the leading tokens whose K/V is still on the device
+    swap_chunks: list[int] = dataclasses.field(default_factory=list)  # pages per chunk swapped out, in order
 
 
 @dataclasses.dataclass
@@ -75,6 +81,8 @@ class PauseView:
     running: int  # running requests
     waiting: int  # waiting requests (resumed ones included)
     last_step_s: float  # the last step's time (what a swap can hide behind), 0 before any
+    swap_budget: int | None = None  # tokens this step's swaps may still move (swap_budget_tokens less the
+    # swaps under way); None: no budget
 
 
 class PausePolicy(Protocol):
@@ -84,8 +92,11 @@ class PausePolicy(Protocol):
 
     def decide(self, paused: Sequence[Request], view: PauseView) -> Mapping[str, str]:
         """For paused requests that hold device pages (each with its Pause, num_computed_tokens
-        and pages): request id -> PRESERVE, DISCARD or SWAP. Requests left out are preserved
-        this step."""
+        and pages; swaps under way aside): request id -> PRESERVE, DISCARD or SWAP. Requests
+        left out are preserved this step.
+
+        Optional: `swap_budget_tokens(view) -> int | None`, the tokens of K/V one step's swaps
+        may move (None: no limit); with it, swaps go in chunks (module docstring)."""
 
 
 class Discard:
@@ -131,26 +142,61 @@ class Pausing:
         view = PauseView(self.page_size, self.kv.num_free, self.pool.num_pages,
                          sum(r.num_computed_tokens for r in self.running), len(self.running), len(self.waiting),
                          self.last_step_s)
-        if self._starved:  # waiting requests could not run beside them: room first
-            actions = {r.request_id: DISCARD for r in holding}
-        else:
-            actions = self.pause_policy.decide(holding, view)
-            check_actions(actions, holding)
+        budget_of = getattr(self.pause_policy, "swap_budget_tokens", None)
+        budget = None if budget_of is None or self._starved else budget_of(view)
         swaps = []
-        for req in holding:
+        moving = [r for r in holding if r.pause.action == SWAP]  # swaps under way go on, first
+        for req in moving:
+            budget = self._swap_out(req, budget, swaps)
+        asked = [r for r in holding if r.pause.action != SWAP]
+        if self._starved:  # waiting requests could not run beside them: room first
+            actions = {r.request_id: DISCARD for r in asked}
+        else:
+            actions = self.pause_policy.decide(asked, dataclasses.replace(view, swap_budget=budget)) if asked else {}
+            check_actions(actions, asked)
+        for req in asked:
             action = actions.get(req.request_id, PRESERVE)
             if action == DISCARD:
                 stats.discarded_tokens += req.num_computed_tokens
                 self.release(req)  # into the prefix cache: a resume matches what is still there
                 req.num_computed_tokens, req.pause.action = 0, DISCARD
             elif action == SWAP:
-                n = -(-req.num_computed_tokens // self.page_size)
-                swaps.append((req.request_id, tuple(req.pages[:n])))
-                stats.swapped_out_tokens += req.num_computed_tokens
-                self.kv.drop(req)
-                req.pause.swapped_tokens, req.num_computed_tokens, req.pause.action = req.num_computed_tokens, 0, SWAP
+                budget = self._swap_out(req, budget, swaps)
         stats.hold(sum(len(r.pages) for r in self.paused), self.clock())
         return swaps
+
+    def _swap_out(self, req: Request, budget: int | None, swaps: list) -> int | None:
+        """Swaps out the last pages of req's computed K/V that `budget` tokens allow (all of
+        them when None), onto `swaps`; returns the budget left."""
+        page, pause = self.page_size, req.pause
+        n = -(-req.num_computed_tokens // page)  # pages holding its computed K/V
+        take = n if budget is None else min(n, budget // page)
+        if not take:
+            return budget
+        keep = n - take
+        moved = req.num_computed_tokens - keep * page
+        swaps.append((req.request_id, tuple(req.pages[keep:n])))
+        self.pause_stats.swapped_out_tokens += moved
+        pause.swapped_tokens += moved
+        pause.swap_chunks.append(take)
+        pause.action, pause.kept_tokens = SWAP, keep * page
+        if keep:
+            self.pool.decref(req.pages[keep:])  # (its prefix-cache lock, on leading pages, stays)
+            req.pages = req.pages[:keep]
+        else:
+            self.kv.drop(req)
+        req.num_computed_tokens = keep * page
+        return None if budget is None else budget - moved
+
+    def _swap_ins(self, req: Request) -> list[tuple[str, tuple[int, ...]]]:
+        """The swap-ins of an admitted swapped request (its pages allocated): each chunk into
+        its pages after the kept ones, the last chunk swapped out first (the host tier's
+        order)."""
+        pos, out = req.pause.kept_tokens // self.page_size, []
+        for n in reversed(req.pause.swap_chunks):
+            out.append((req.request_id, tuple(req.pages[pos:pos + n])))
+            pos += n
+        return out
 
     def resume(self, req: Request, token_ids: Sequence[int], intercept_after: int | None = None) -> None:
         """A paused request continues with its tool's output: prompt, output and token_ids

@@ -88,13 +88,31 @@ def _pause_resume(engine, params, policy, other=True):
     return full, seg1, seg2, actions
 
 
+class ChunkedSwaps(SwapAll):
+    """Swaps everything, one page of K/V per step: resumed after two steps, a request has swapped
+    part of its context out and kept the rest."""
+
+    def swap_budget_tokens(self, view):
+        return view.page_size
+
+
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
-@pytest.mark.parametrize("policy, action", [(PreserveAll(), PRESERVE), (DiscardAll(), DISCARD), (SwapAll(), SWAP)],
-                         ids=["preserve", "discard", "swap"])
+@pytest.mark.parametrize("policy, action", [(PreserveAll(), PRESERVE), (DiscardAll(), DISCARD), (SwapAll(), SWAP),
+                                            (ChunkedSwaps(), SWAP)],
+                         ids=["preserve", "discard", "swap", "swap-chunks"])
 def test_a_resumed_request_equals_one_run_over_prompt_output_and_tool_tokens(engines, params, policy, action):
     engine = engines[True]
-    full, seg1, seg2, actions = _pause_resume(engine, params, policy)
+    kept = []
+    if isinstance(policy, ChunkedSwaps):
+        resume = engine.scheduler.resume
+        engine.scheduler.resume = lambda req, *a: kept.append(req.pause.kept_tokens) or resume(req, *a)
+    try:
+        full, seg1, seg2, actions = _pause_resume(engine, params, policy)
+    finally:
+        engine.scheduler.__dict__.pop("resume", None)
     assert actions == {action}
+    if isinstance(policy, ChunkedSwaps):  # resumed with part of its K/V still on the device, part out
+        assert len(kept) == 1 and kept[0] > 0
     assert seg1 == full[:len(seg1)]  # up to the tool call, the same run
     fresh = engine.generate([PROMPT + seg1 + TOOL], params)[0].token_ids
     assert seg2 == fresh and len(seg2) == params.max_tokens
@@ -134,10 +152,14 @@ def test_least_waste_preserves_short_pauses_and_discards_long_ones():
     now[0] = 10.0
     assert policy.decide([req], view) == {"r": DISCARD}
     # A step long enough to hide a copy of 64 tokens (T_swap = 1 s per token): swapped instead;
-    # with room for one of two, the one wasting more (the longer context) goes first.
+    # with room for one of two, the one wasting more (the longer context) goes first, and the
+    # other starts (in chunks) only if a page of the budget is left.
     big = Request("big", list(range(96)), GREEDY, 0, 0.0, 1, num_computed_tokens=96, pause=Pause(since=0.0))
     assert policy.decide([req], dataclasses.replace(view, last_step_s=64.0)) == {"r": SWAP}
-    assert policy.decide([req, big], dataclasses.replace(view, last_step_s=100.0)) == {"big": SWAP, "r": DISCARD}
+    assert policy.decide([req, big], dataclasses.replace(view, last_step_s=99.0)) == {"big": SWAP, "r": DISCARD}
+    assert policy.decide([req, big], dataclasses.replace(view, last_step_s=100.0)) == {"big": SWAP, "r": SWAP}
+    assert policy.decide([req, big], dataclasses.replace(view, last_step_s=1e9, swap_budget=70)) == {
+        "big": SWAP, "r": DISCARD}  # the mechanism's budget, what swaps under way left, decides
     # Without a copy engine (a CPU) nothing hides a swap: it competes on its own waste,
     # 2 * T_swap(C) * (C_batch + C) * M.
     cpu = InferCept(dataclasses.replace(profile, swap_s=lambda n: 1e-6 * n, swap_overlaps=False), clock=lambda: now[0])

@@ -131,6 +131,11 @@ class RandomPauses:
     def decide(self, paused, view):
         return {r.request_id: ("preserve", "discard", "swap")[int(self.rng.integers(0, 3))] for r in paused}
 
+    def swap_budget_tokens(self, view):
+        """No limit, or 0-3 pages a step: swaps in chunks, resumed before they end or not."""
+        n = int(self.rng.integers(0, 5))
+        return None if n == 4 else n * view.page_size
+
 
 ops = st.lists(st.one_of(
     st.tuples(st.just("add"), st.integers(1, 30), st.integers(1, 12), st.integers(1, 3)),

@@ -10,8 +10,9 @@ paused request with C context tokens of M bytes each:
   swap:            hidden when within the step's swap budget: the N tokens whose
                    T_swap(N) = T_fwd(batch) (the copy overlaps the step)
 Every step it sorts the paused requests by min(preserve, discard), largest first, swaps them
-out in that order while the budget lasts, and preserves or discards each of the rest by
-whichever wastes less. T_INT is the time paused so far (now - t_call), or an oracle's
+out in that order while the budget lasts (the last one it starts may not fit: the mechanism
+swaps it in chunks, the rest in the next steps' budgets first), and preserves or discards each
+of the rest by whichever wastes less. T_INT is the time paused so far (now - t_call), or an oracle's
 remaining time when one is given (say which a result used).
 """
 
@@ -120,14 +121,21 @@ class InferCept:
         p, c = self.profile, req.num_computed_tokens
         return 2 * p.swap_s(c) * (view.running_tokens + c) * p.kv_bytes_per_token
 
+    def swap_budget_tokens(self, view: PauseView) -> int | None:
+        """What one step's swaps may move: the step hides T_swap(N) = T_fwd(batch); None where
+        nothing hides a swap (each is charged its own waste instead, and moves whole)."""
+        return self.profile.swap_budget_tokens(view.last_step_s) if self.profile.swap_overlaps else None
+
     def decide(self, paused: Sequence[Request], view: PauseView) -> Mapping[str, str]:
         now = self.clock()
         scored = sorted(((*self.wastes(r, view, now), r) for r in paused), key=lambda w: -min(w[0], w[1]))
-        budget = self.profile.swap_budget_tokens(view.last_step_s) if self.profile.swap_overlaps else 0
+        budget = 0
+        if self.profile.swap_overlaps:  # (the mechanism's budget left after the swaps under way)
+            budget = view.swap_budget if view.swap_budget is not None else self.swap_budget_tokens(view)
         out = {}
         for preserve, discard, req in scored:
-            if req.num_computed_tokens <= budget:
-                budget -= req.num_computed_tokens
+            if budget >= view.page_size:  # a page at least: it starts, in chunks if it does not fit
+                budget -= min(req.num_computed_tokens, budget)
                 out[req.request_id] = SWAP
             else:
                 wastes = {PRESERVE: preserve, DISCARD: discard}
