@@ -11,9 +11,11 @@ answer:
 - SWAP: copy their K/V to the host tier (StepPlan.swap_out, done before the step runs) and
   return the pages to the pool; on resume they come back (StepPlan.swap_in) into new pages.
   A policy with a per-step swap budget (`swap_budget_tokens`) gets swaps in chunks: each step
-  moves the last pages still on the device that the budget allows, and a swap under way goes
-  on, first in the budget, until the request's K/V has all left (it is not asked again
-  meanwhile); a request resumed before then takes back its chunks behind the pages it kept.
+  moves the last pages still on the device that the budget allows (SWAP answers take it in the
+  order the policy gave them), and a swap under way goes on, first in the budget, until the
+  request's K/V has all left (it is not asked again meanwhile); a request resumed before then
+  swaps out the rest at the next step (a waiting request holds no pages of a swap), and is
+  admitted with all its chunks swapped back in.
 A policy may answer differently at every step (preserve now, swap later). Resuming
 (Scheduler.resume) folds the request's prompt, output and the tool's tokens into its new
 prompt, so the tokens that follow are exactly those of a fresh request over that prompt.
@@ -132,19 +134,22 @@ class Pausing:
     def _decide_pauses(self) -> list[tuple[str, tuple[int, ...]]]:
         """Asks the pause policy about the paused requests holding device pages and applies its
         answers; returns the swap-outs for the plan."""
-        stats = self.pause_stats
+        stats, swaps = self.pause_stats, []
+        for req in self._swap_rest:  # resumed mid-swap: the pages they kept follow the rest out, so
+            if req.pause is not None and req.pages:  # a waiting request holds only whole swaps or nothing
+                self._swap_out(req, None, swaps)
+        self._swap_rest.clear()
         if not self.paused and not stats.holding:  # (the common step: nothing paused, nothing to count)
-            return []
+            return swaps
         holding = [r for r in self.paused if r.pages]
         if not holding:
             stats.hold(0, self.clock())
-            return []
+            return swaps
         view = PauseView(self.page_size, self.kv.num_free, self.pool.num_pages,
                          sum(r.num_computed_tokens for r in self.running), len(self.running), len(self.waiting),
                          self.last_step_s)
         budget_of = getattr(self.pause_policy, "swap_budget_tokens", None)
         budget = None if budget_of is None or self._starved else budget_of(view)
-        swaps = []
         moving = [r for r in holding if r.pause.action == SWAP]  # swaps under way go on, first
         for req in moving:
             budget = self._swap_out(req, budget, swaps)
@@ -154,7 +159,8 @@ class Pausing:
         else:
             actions = self.pause_policy.decide(asked, dataclasses.replace(view, swap_budget=budget)) if asked else {}
             check_actions(actions, asked)
-        for req in asked:
+        order = {rid: k for k, rid in enumerate(actions)}  # swaps take the budget in the answer's order
+        for req in sorted(asked, key=lambda r: order.get(r.request_id, len(order))):
             action = actions.get(req.request_id, PRESERVE)
             if action == DISCARD:
                 stats.discarded_tokens += req.num_computed_tokens
@@ -180,13 +186,16 @@ class Pausing:
         pause.swapped_tokens += moved
         pause.swap_chunks.append(take)
         pause.action, pause.kept_tokens = SWAP, keep * page
-        if keep:
-            self.pool.decref(req.pages[keep:])  # (its prefix-cache lock, on leading pages, stays)
+        if keep:  # its pages hold it alive: the prefix-cache lock goes, so pages it shares can be evicted
+            if self.prefix_cache is not None and req.cache_node is not None:
+                self.prefix_cache.unlock(req.cache_node)
+            req.cache_node = None
+            self.pool.decref(req.pages[keep:])
             req.pages = req.pages[:keep]
         else:
             self.kv.drop(req)
         req.num_computed_tokens = keep * page
-        return None if budget is None else budget - moved
+        return None if budget is None else budget - take * page  # (whole pages are copied)
 
     def _swap_ins(self, req: Request) -> list[tuple[str, tuple[int, ...]]]:
         """The swap-ins of an admitted swapped request (its pages allocated): each chunk into
@@ -219,6 +228,8 @@ class Pausing:
         if getattr(self.pause_policy, "requeue", False):  # back of the queue, as a new arrival would be
             req.arrival_index = self._max_arrival + 0.5
         self.waiting.append(req)
+        if req.pause.action == SWAP and req.pages:  # a swap under way: the rest goes out before it waits
+            self._swap_rest.append(req)
         self._start_drafting(req)  # the drafter hears the new prompt
 
     def _resumed_admitted(self, req: Request, restored: int) -> None:

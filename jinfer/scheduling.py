@@ -76,6 +76,7 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.paused: list[Request] = []  # sampled an intercept token; resume() requeues them
+        self._swap_rest: list[Request] = []  # resumed while their swap was under way: the rest goes out next
         self.pause_policy = pause_policy or Discard()
         self.clock = clock
         self.last_step_s = 0.0  # observe_step's last
@@ -133,6 +134,7 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
         self.running = [r for r in self.running if id(r) not in gone]
         self.waiting = [r for r in self.waiting if id(r) not in gone]
         self.paused = [r for r in self.paused if id(r) not in gone]
+        self._swap_rest = [r for r in self._swap_rest if id(r) not in gone]
 
     def release(self, req: Request) -> None:
         """Returns a finished/aborted/preempted request's pages (its full computed ones indexed

@@ -10,9 +10,10 @@ paused request with C context tokens of M bytes each:
   swap:            hidden when within the step's swap budget: the N tokens whose
                    T_swap(N) = T_fwd(batch) (the copy overlaps the step)
 Every step it sorts the paused requests by min(preserve, discard), largest first, swaps them
-out in that order while the budget lasts (the last one it starts may not fit: the mechanism
-swaps it in chunks, the rest in the next steps' budgets first), and preserves or discards each
-of the rest by whichever wastes less. T_INT is the time paused so far (now - t_call), or an oracle's
+out in that order while the budget lasts (its answer lists them in that order, which the
+mechanism follows; the last one it starts may not fit: the mechanism swaps it in chunks, the
+rest in the next steps' budgets first), and preserves or discards each of the rest by whichever
+wastes less. T_INT is the time paused so far (now - t_call), or an oracle's
 remaining time when one is given (say which a result used).
 """
 
