@@ -14,7 +14,8 @@ answer:
   moves the last pages still on the device that the budget allows (SWAP answers take it in the
   order the policy gave them), and a swap under way goes on, first in the budget, until the
   request's K/V has all left (it is not asked again meanwhile); a request resumed before then
-  swaps out the rest at the next step (a waiting request holds no pages of a swap), and is
+  swaps out the rest at the start of the next step's planning (when a step is planned, a
+  waiting request holds no pages of a swap; that rest is outside the budget), and is
   admitted with all its chunks swapped back in.
 A policy may answer differently at every step (preserve now, swap later). Resuming
 (Scheduler.resume) folds the request's prompt, output and the tool's tokens into its new
@@ -97,8 +98,10 @@ class PausePolicy(Protocol):
         and pages; swaps under way aside): request id -> PRESERVE, DISCARD or SWAP. Requests
         left out are preserved this step.
 
-        Optional: `swap_budget_tokens(view) -> int | None`, the tokens of K/V one step's swaps
-        may move (None: no limit); with it, swaps go in chunks (module docstring)."""
+        Optional: `swap_budget_tokens(view) -> int | None`, the tokens of K/V (whole pages) one
+        step's swaps may move (None: no limit); with it, swaps go in chunks (module docstring)
+        and SWAP answers take the budget in the mapping's order. (The rest of a swap whose
+        request was resumed mid-way goes out outside the budget.)"""
 
 
 class Discard:
@@ -120,7 +123,8 @@ def check_actions(actions: Mapping[str, str], paused: Sequence[Request]) -> None
 
 class Pausing:
     """The scheduler's side of pausing (jinfer.scheduling.Scheduler mixes it in): it owns
-    `paused`, `pause_policy` and `clock`, and uses the scheduler's kv, queues and drafter."""
+    `paused`, `_swap_rest` (requests resumed mid-swap), `pause_policy` and `clock`, and uses
+    the scheduler's kv, queues and drafter."""
 
     def _pause(self, req: Request) -> None:
         """req sampled an intercept token (update): out of the running set, pages held."""
@@ -199,8 +203,8 @@ class Pausing:
 
     def _swap_ins(self, req: Request) -> list[tuple[str, tuple[int, ...]]]:
         """The swap-ins of an admitted swapped request (its pages allocated): each chunk into
-        its pages after the kept ones, the last chunk swapped out first (the host tier's
-        order)."""
+        its pages, in position order, which is the host tier's (the last chunk swapped out
+        first)."""
         pos, out = req.pause.kept_tokens // self.page_size, []
         for n in reversed(req.pause.swap_chunks):
             out.append((req.request_id, tuple(req.pages[pos:pos + n])))

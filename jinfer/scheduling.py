@@ -250,9 +250,8 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
                 # go into the prefix cache, where its next try matches what is still there.
                 self.release(req)
                 req.num_computed_tokens, req.pause.action = 0, "discard"
-            elif swapped:  # the pages it kept may be what leaves no room: they follow the rest out
-                req.num_computed_tokens = req.pause.kept_tokens
-                self._swap_out(req, None, step.swap_out)
+            elif swapped:  # (its swap finished before it waited: it holds no pages)
+                req.num_computed_tokens = 0
             else:
                 self.kv.unmatch(req)
             step.blocked = True

@@ -136,7 +136,8 @@ class InferCept:
         out = {}
         for preserve, discard, req in scored:
             if budget >= view.page_size:  # a page at least: it starts, in chunks if it does not fit
-                budget -= min(req.num_computed_tokens, budget)
+                pages = -(-req.num_computed_tokens // view.page_size)  # copies move whole pages
+                budget -= min(pages * view.page_size, budget // view.page_size * view.page_size)
                 out[req.request_id] = SWAP
             else:
                 wastes = {PRESERVE: preserve, DISCARD: discard}
