@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import time
 
-from jinfer.detokenizer import IncrementalDetokenizer
 from jinfer.request import Request, RequestOutput, Status, Usage
 from jinfer.step_plan import StepPlan
 
@@ -58,7 +57,7 @@ class Postprocessing:
                 samples = self._groups.get(public, ())  # gone if a sibling settled it this step
                 if samples and all(r.status is Status.FINISHED for r in samples):
                     del self._groups[public]
-            outputs.append(self._output(req, req.text, n_new=len(s.tokens)))
+            outputs.append(self._output(req, n_new=len(s.tokens)))
         return outputs
 
     def _observe(self, plan: StepPlan, compiled: bool | None, emitted: int, drafting: bool) -> None:
@@ -78,7 +77,8 @@ class Postprocessing:
                                         num_decoding=decoding, decode_only=decoding == len(plan.seqs),
                                         drafting=drafting)
 
-    def _output(self, req: Request, detok: IncrementalDetokenizer, n_new: int) -> RequestOutput:
+    def _output(self, req: Request, n_new: int) -> RequestOutput:
+        detok = req.text
         finished = req.status is Status.FINISHED
         paused = req.status is Status.PAUSED
         new_ids = req.output_ids[-n_new:]

@@ -43,7 +43,6 @@ class Pause:
     action: str = PRESERVE  # what was done with its K/V so far
     swapped_tokens: int = 0  # tokens whose K/V sit in the host tier (SWAP), 0 otherwise
     context: int = 0  # tokens whose K/V it had at the pause (computed or in flight)
-    kept_tokens: int = 0  # SWAP in chunks under way: the leading tokens whose K/V is still on the device
     swap_chunks: list[int] = dataclasses.field(default_factory=list)  # pages per chunk swapped out, in order
 
 
@@ -189,7 +188,7 @@ class Pausing:
         self.pause_stats.swapped_out_tokens += moved
         pause.swapped_tokens += moved
         pause.swap_chunks.append(take)
-        pause.action, pause.kept_tokens = SWAP, keep * page
+        pause.action = SWAP  # (under way while it holds pages: the leading num_computed_tokens' K/V)
         if keep:  # its pages hold it alive: the prefix-cache lock goes, so pages it shares can be evicted
             if self.prefix_cache is not None and req.cache_node is not None:
                 self.prefix_cache.unlock(req.cache_node)
@@ -205,7 +204,7 @@ class Pausing:
         """The swap-ins of an admitted swapped request (its pages allocated): each chunk into
         its pages, in position order, which is the host tier's (the last chunk swapped out
         first)."""
-        pos, out = req.pause.kept_tokens // self.page_size, []
+        pos, out = 0, []
         for n in reversed(req.pause.swap_chunks):
             out.append((req.request_id, tuple(req.pages[pos:pos + n])))
             pos += n

@@ -237,9 +237,8 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
             step.preempted.append(victim.request_id)
         resumed = req.pause is not None  # resumed after a tool call
         swapped = req.pause.swapped_tokens if resumed else 0  # its K/V in the host tier
-        if swapped:  # behind the leading tokens a swap in chunks kept on the device (and at least its
-            # last token computed again: its logits give the next one; its pages are still planned)
-            req.num_computed_tokens = min(req.pause.kept_tokens + swapped, req.num_tokens - 1)
+        if swapped:  # (at least its last token computed again: its logits give the next one)
+            req.num_computed_tokens = min(swapped, req.num_tokens - 1)
         else:
             self.kv.match_prefix(req)
         first_admission = req.num_preemptions == 0
@@ -250,8 +249,6 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
                 # go into the prefix cache, where its next try matches what is still there.
                 self.release(req)
                 req.num_computed_tokens, req.pause.action = 0, "discard"
-            elif swapped:  # (its swap finished before it waited: it holds no pages)
-                req.num_computed_tokens = 0
             else:
                 self.kv.unmatch(req)
             step.blocked = True

@@ -90,7 +90,7 @@ class Settling:
             if len(appended) > 1:
                 req.num_pending += 1  # accepted draft tokens arrive beyond the one planned
             self.append_token(req, token)
-            reason = self.finish_reason(req, token, self.eos_ids)
+            reason = self.finish_reason(req, token)
             if req.text is not None:
                 reason = _text_rules(req.text, token, reason)
             pause = reason == _INTERCEPT or not reason and (token in req.params.intercept_token_ids or (
@@ -155,11 +155,11 @@ class Settling:
         moves = kv_moves(verdict.path, seq.start_pos + len(seq.token_ids) - k, seq.pages, self.page_size)
         return verdict.emitted, verdict.rows, tuple(moves)
 
-    def finish_reason(self, req: Request, token: int | None = None, eos_ids=frozenset()) -> str | None:
+    def finish_reason(self, req: Request, token: int | None = None) -> str | None:
         """"stop" if `token` ends the request (EOS unless ignored, or a stop token id), "length"
         if its read tokens reached max_tokens or max_model_len, else None."""
         p = req.params
-        if token is not None and ((token in eos_ids and not p.ignore_eos) or token in p.stop_token_ids):
+        if token is not None and ((token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids):
             return "stop"
         return "length" if self.reached_length(req, pending=False) else None
 

@@ -105,7 +105,11 @@ def test_a_resumed_request_equals_one_run_over_prompt_output_and_tool_tokens(eng
     kept = []
     if isinstance(policy, ChunkedSwaps):
         resume = engine.scheduler.resume
-        engine.scheduler.resume = lambda req, *a: kept.append(req.pause.kept_tokens) or resume(req, *a)
+
+        def resume_noting(req, *args):  # pages still on the device, with part of its K/V swapped out
+            kept.append(len(req.pages) * bool(req.pause.swapped_tokens))
+            return resume(req, *args)
+        engine.scheduler.resume = resume_noting
     try:
         full, seg1, seg2, actions = _pause_resume(engine, params, policy)
     finally:
@@ -405,9 +409,9 @@ def test_swaps_take_the_step_budget_in_the_order_the_policy_answers_and_go_on_fi
     b_pages = list(b.pages)
     plan = s.schedule()
     assert plan.swap_out == (("b", tuple(b_pages[1:3])),)
-    assert (b.pause.kept_tokens, b.pause.swapped_tokens, b.pages) == (4, 8, b_pages[:1])
+    assert (b.num_computed_tokens, b.pause.swapped_tokens, b.pages) == (4, 8, b_pages[:1])
     assert a.pause.action == PRESERVE and len(a.pages) == 3
     a_pages = list(a.pages)
     plan = s.schedule()
     assert plan.swap_out == (("b", (b_pages[0],)), ("a", (a_pages[2],)))
-    assert not b.pages and b.pause.swap_chunks == [2, 1] and a.pause.kept_tokens == 8
+    assert not b.pages and b.pause.swap_chunks == [2, 1] and a.num_computed_tokens == 8 and len(a.pages) == 2
