@@ -24,7 +24,7 @@ class Migration:
             self._end_drafting(req, aborted=True)
             if req.pause is not None and req.pause.swapped_tokens:
                 req.pause.swapped_tokens, req.pause.action = 0, "discard"
-                req.pause.swap_chunks = []
+                req.pause.swap_chunks, req.pause.restoring = [], False
 
     def kv_to_carry(self, reqs: Sequence[Request]) -> list[tuple[str, int]]:
         """(request id, n) for each request whose first n pages hold computed K/V that can move

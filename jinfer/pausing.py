@@ -14,9 +14,14 @@ answer:
   moves the last pages still on the device that the budget allows (SWAP answers take it in the
   order the policy gave them), and a swap under way goes on, first in the budget, until the
   request's K/V has all left (it is not asked again meanwhile); a request resumed before then
-  swaps out the rest at the start of the next step's planning (when a step is planned, a
-  waiting request holds no pages of a swap; that rest is outside the budget), and is
-  admitted with all its chunks swapped back in.
+  swaps out the rest at the start of the next step's planning (that rest is outside the
+  budget). Swap-ins take the same budget: a resumed request gets pages for its K/V when its
+  turn to be admitted comes and the chunks the budget allows come back into them (first
+  swapped-out last, so in position order); while some are still in the host tier it waits
+  holding those pages ("restoring": no other request's page hunt takes them, and it does not
+  hold up the requests behind it), its next chunks go first in each step's budget (one at
+  least per step, and all of them when nothing runs), and once all are in it runs first (on
+  the pages it holds: running it is what gives them back).
 A policy may answer differently at every step (preserve now, swap later). Resuming
 (Scheduler.resume) folds the request's prompt, output and the tool's tokens into its new
 prompt, so the tokens that follow are exactly those of a fresh request over that prompt.
@@ -43,7 +48,9 @@ class Pause:
     action: str = PRESERVE  # what was done with its K/V so far
     swapped_tokens: int = 0  # tokens whose K/V sit in the host tier (SWAP), 0 otherwise
     context: int = 0  # tokens whose K/V it had at the pause (computed or in flight)
-    swap_chunks: list[int] = dataclasses.field(default_factory=list)  # pages per chunk swapped out, in order
+    swap_chunks: list[int] = dataclasses.field(default_factory=list)  # pages per chunk in the host tier,
+    # in the order they went out (a swap-in takes the last first)
+    restoring: bool = False  # resumed, its chunks coming back in (waiting with their pages)
 
 
 @dataclasses.dataclass
@@ -98,9 +105,10 @@ class PausePolicy(Protocol):
         left out are preserved this step.
 
         Optional: `swap_budget_tokens(view) -> int | None`, the tokens of K/V (whole pages) one
-        step's swaps may move (None: no limit); with it, swaps go in chunks (module docstring)
-        and SWAP answers take the budget in the mapping's order. (The rest of a swap whose
-        request was resumed mid-way goes out outside the budget.)"""
+        step's swaps may move, out and in (None: no limit); with it, swaps go in chunks (module
+        docstring) and SWAP answers take the budget in the mapping's order, after the chunks of
+        swaps under way. (The rest of a swap whose request was resumed mid-way goes out outside
+        the budget.)"""
 
 
 class Discard:
@@ -122,8 +130,9 @@ def check_actions(actions: Mapping[str, str], paused: Sequence[Request]) -> None
 
 class Pausing:
     """The scheduler's side of pausing (jinfer.scheduling.Scheduler mixes it in): it owns
-    `paused`, `_swap_rest` (requests resumed mid-swap), `pause_policy` and `clock`, and uses
-    the scheduler's kv, queues and drafter."""
+    `paused`, `_swap_rest` (requests resumed mid-swap), `_restoring` (resumed ones whose
+    chunks are coming back in, until admitted), `pause_policy` and `clock`, and uses the scheduler's kv, queues
+    and drafter."""
 
     def _pause(self, req: Request) -> None:
         """req sampled an intercept token (update): out of the running set, pages held."""
@@ -134,33 +143,34 @@ class Pausing:
         self.paused.append(req)
         self.pause_stats.paused += 1
 
-    def _decide_pauses(self) -> list[tuple[str, tuple[int, ...]]]:
-        """Asks the pause policy about the paused requests holding device pages and applies its
-        answers; returns the swap-outs for the plan."""
-        stats, swaps = self.pause_stats, []
+    def _decide_pauses(self, step) -> None:
+        """Moves the swaps under way (a resumed one's rest, restores' next chunks, swap-outs'),
+        asks the pause policy about the paused requests holding device pages and applies its
+        answers: the copies go onto step.swap_out / swap_in, step.swap_budget keeps what the
+        budget has left for the admissions' swap-ins."""
+        stats = self.pause_stats
         for req in self._swap_rest:  # resumed mid-swap: the pages they kept follow the rest out, so
             if req.pause is not None and req.pages:  # a waiting request holds only whole swaps or nothing
-                self._swap_out(req, None, swaps)
+                self._swap_out(req, None, step.swap_out)
         self._swap_rest.clear()
+        for req in self._restoring:  # first in the budget, a chunk each at least (all of them when nothing runs)
+            if req.pause.swap_chunks:
+                self._swap_in(req, step, least=1 if self.running else len(req.pause.swap_chunks))
         if not self.paused and not stats.holding:  # (the common step: nothing paused, nothing to count)
-            return swaps
+            return
         holding = [r for r in self.paused if r.pages]
         if not holding:
             stats.hold(0, self.clock())
-            return swaps
-        view = PauseView(self.page_size, self.kv.num_free, self.pool.num_pages,
-                         sum(r.num_computed_tokens for r in self.running), len(self.running), len(self.waiting),
-                         self.last_step_s)
-        budget_of = getattr(self.pause_policy, "swap_budget_tokens", None)
-        budget = None if budget_of is None or self._starved else budget_of(view)
-        moving = [r for r in holding if r.pause.action == SWAP]  # swaps under way go on, first
-        for req in moving:
-            budget = self._swap_out(req, budget, swaps)
+            return
+        budget = self._swap_budget(step)
+        for req in [r for r in holding if r.pause.action == SWAP]:  # swaps under way go on, first
+            budget = self._swap_out(req, budget, step.swap_out)
         asked = [r for r in holding if r.pause.action != SWAP]
         if self._starved:  # waiting requests could not run beside them: room first
             actions = {r.request_id: DISCARD for r in asked}
         else:
-            actions = self.pause_policy.decide(asked, dataclasses.replace(view, swap_budget=budget)) if asked else {}
+            view = dataclasses.replace(self._pause_view(), swap_budget=budget)
+            actions = self.pause_policy.decide(asked, view) if asked else {}
             check_actions(actions, asked)
         order = {rid: k for k, rid in enumerate(actions)}  # swaps take the budget in the answer's order
         for req in sorted(asked, key=lambda r: order.get(r.request_id, len(order))):
@@ -170,9 +180,22 @@ class Pausing:
                 self.release(req)  # into the prefix cache: a resume matches what is still there
                 req.num_computed_tokens, req.pause.action = 0, DISCARD
             elif action == SWAP:
-                budget = self._swap_out(req, budget, swaps)
+                budget = self._swap_out(req, budget, step.swap_out)
+        step.swap_budget = budget
         stats.hold(sum(len(r.pages) for r in self.paused), self.clock())
-        return swaps
+
+    def _pause_view(self) -> PauseView:
+        return PauseView(self.page_size, self.kv.num_free, self.pool.num_pages,
+                         sum(r.num_computed_tokens for r in self.running), len(self.running), len(self.waiting),
+                         self.last_step_s)
+
+    def _swap_budget(self, step) -> int | None:
+        """The tokens this step's swaps may still move (None: no limit): asked of the pause
+        policy once per step (step.swap_budget, until then ...), then what the swaps left."""
+        if step.swap_budget is ...:
+            budget_of = getattr(self.pause_policy, "swap_budget_tokens", None)
+            step.swap_budget = None if budget_of is None or self._starved else budget_of(self._pause_view())
+        return step.swap_budget
 
     def _swap_out(self, req: Request, budget: int | None, swaps: list) -> int | None:
         """Swaps out the last pages of req's computed K/V that `budget` tokens allow (all of
@@ -200,15 +223,28 @@ class Pausing:
         req.num_computed_tokens = keep * page
         return None if budget is None else budget - take * page  # (whole pages are copied)
 
-    def _swap_ins(self, req: Request) -> list[tuple[str, tuple[int, ...]]]:
-        """The swap-ins of an admitted swapped request (its pages allocated): each chunk into
-        its pages, in position order, which is the host tier's (the last chunk swapped out
-        first)."""
-        pos, out = 0, []
-        for n in reversed(req.pause.swap_chunks):
-            out.append((req.request_id, tuple(req.pages[pos:pos + n])))
-            pos += n
-        return out
+    def _swap_in(self, req: Request, step, least: int = 0) -> bool:
+        """Swaps req's next chunks back into its pages (it holds pages for them all), in
+        position order, onto step.swap_in: those the step's budget allows, `least` of them
+        whatever it allows. num_computed_tokens counts what is in. True when all are."""
+        pause, page = req.pause, self.page_size
+        budget, moved = self._swap_budget(step), 0
+        while pause.swap_chunks:
+            n = pause.swap_chunks[-1]
+            if moved >= least and budget is not None and n * page > budget:
+                break
+            pos = req.num_computed_tokens // page  # (every chunk but the last swapped out is whole pages)
+            step.swap_in.append((req.request_id, tuple(req.pages[pos:pos + n])))
+            pause.swap_chunks.pop()
+            req.num_computed_tokens = (pos + n) * page
+            budget = None if budget is None else max(0, budget - n * page)
+            moved += 1
+        step.swap_budget = budget
+        if pause.swap_chunks:
+            return False
+        # (its last token at least is computed again: its logits give the next token)
+        req.num_computed_tokens = min(pause.swapped_tokens, req.num_tokens - 1)
+        return True
 
     def resume(self, req: Request, token_ids: Sequence[int], intercept_after: int | None = None) -> None:
         """A paused request continues with its tool's output: prompt, output and token_ids

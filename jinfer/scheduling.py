@@ -30,6 +30,7 @@ class _StepBuild:
     preempted: list[str] = dataclasses.field(default_factory=list)
     swap_out: list[tuple[str, tuple[int, ...]]] = dataclasses.field(default_factory=list)
     swap_in: list[tuple[str, tuple[int, ...]]] = dataclasses.field(default_factory=list)
+    swap_budget: object = ...  # tokens its swaps may still move (None: no limit; ...: not asked yet)
     planned: set[int] = dataclasses.field(default_factory=set)  # id() of the requests planned
     decoders: list[tuple[int, Request]] = dataclasses.field(default_factory=list)  # (index in seqs, request)
     blocked: bool = False  # a waiting request could not get pages: the ones after it wait too
@@ -77,6 +78,7 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
         self.running: list[Request] = []
         self.paused: list[Request] = []  # sampled an intercept token; resume() requeues them
         self._swap_rest: list[Request] = []  # resumed while their swap was under way: the rest goes out next
+        self._restoring: list[Request] = []  # resumed, swapped chunks coming back in (until admitted)
         self.pause_policy = pause_policy or Discard()
         self.clock = clock
         self.last_step_s = 0.0  # observe_step's last
@@ -135,6 +137,7 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
         self.waiting = [r for r in self.waiting if id(r) not in gone]
         self.paused = [r for r in self.paused if id(r) not in gone]
         self._swap_rest = [r for r in self._swap_rest if id(r) not in gone]
+        self._restoring = [r for r in self._restoring if id(r) not in gone]
 
     def release(self, req: Request) -> None:
         """Returns a finished/aborted/preempted request's pages (its full computed ones indexed
@@ -150,7 +153,8 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
         """Gives req pages for num_tokens: free ones first, then evicted prefix-cache pages,
         then pages that waiting forked samples hold (they restart from the prefix cache)."""
         while not self.kv.grow(req, num_tokens):
-            holders = [w for w in self.waiting if w.pages and w is not req]
+            holders = [w for w in self.waiting if w.pages and w is not req
+                       and (w.pause is None or not w.pause.restoring)]  # (a restore's pages hold swapped K/V)
             if not holders:
                 return False
             victim = max(holders, key=self.policy.priority)
@@ -189,7 +193,11 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
         if step.drafts:
             assert not any(r.num_pending for r in self.running + self.waiting), (
                 "drafts are planned on read tokens: settle the step in flight first")
-        step.swap_out = self._decide_pauses()
+        self._decide_pauses(step)
+        for req in [r for r in self._restoring if not r.pause.swap_chunks]:  # K/V all back in: they run
+            if step.budget == 0 or len(step.seqs) == self.cfg.max_num_seqs:  # first, on the pages they hold
+                break
+            self._schedule_waiting(step, req)
         for req, was_running in self._order(step.interleave):
             if step.budget == 0 or len(step.seqs) == self.cfg.max_num_seqs:
                 break
@@ -199,7 +207,8 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
                 break
         # Nothing could run while paused requests hold pages: the next step drops their K/V
         # whatever the pause policy says (a preference, not a reason to stall).
-        self._starved = not step.seqs and bool(self.waiting) and any(r.pages for r in self.paused)
+        self._starved = (not step.seqs and not step.swap_in and bool(self.waiting)
+                         and any(r.pages for r in self.paused))
         self._plan_drafts(step)
         self._fork_followers()
         plan = StepPlan(tuple(step.seqs), tuple(step.preempted), tuple(step.swap_out), tuple(step.swap_in))
@@ -209,8 +218,8 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
     def _schedule_running(self, step: "_StepBuild", req: Request) -> None:
         """Plans a running request's next tokens; one that cannot get pages preempts the
         lowest-priority running request not yet planned this step (itself, last)."""
-        if req.status is not Status.RUNNING or self._done_sampling(req):
-            return  # preempted by this step, or its last token is pending (finished when read)
+        if req.status is not Status.RUNNING or id(req) in step.planned or self._done_sampling(req):
+            return  # preempted by this step, restored before the others, or its last token is pending
         n = min(req.num_tokens - req.num_computed_tokens, step.budget)
         self._make_room(step, req, n,
                         lambda: next(r for r in reversed(self.running) if r is req or id(r) not in step.planned))
@@ -224,7 +233,13 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
         """Admits a waiting request if it gets pages. Only interleaved orders preempt for it (and
         hold the running set within max_num_seqs: requests sitting a step out keep their seats
         unless a lower-ranked one makes room); after a request that could not get in, the ones
-        behind it wait too. False: stop planning this step."""
+        behind it wait too. A resumed request swapped out gets its K/V back (in chunks within
+        the step's swap budget: it waits restoring, jinfer.pausing, without holding up the
+        ones behind it, and runs before the others once all is in). False: stop planning this
+        step."""
+        restoring = req.pause is not None and req.pause.restoring
+        if restoring and req.pause.swap_chunks:
+            return True  # its chunks still coming back in (each step's first swaps)
         if step.blocked or req.status is not Status.WAITING or self._done_sampling(req):
             return True  # a preempted request with its last token pending finishes when that is read
         victim_of = (lambda: self._preemptable(req, step.planned)) if step.interleave else (lambda: None)
@@ -236,25 +251,34 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
             self.preempt(victim)
             step.preempted.append(victim.request_id)
         resumed = req.pause is not None  # resumed after a tool call
-        swapped = req.pause.swapped_tokens if resumed else 0  # its K/V in the host tier
+        swapped = req.pause.swapped_tokens if resumed and not restoring else 0  # its K/V in the host tier
         if swapped:  # (at least its last token computed again: its logits give the next one)
             req.num_computed_tokens = min(swapped, req.num_tokens - 1)
-        else:
+        elif not restoring:
             self.kv.match_prefix(req)
         first_admission = req.num_preemptions == 0
         n = min(req.num_tokens - req.num_computed_tokens, step.budget)
+        if restoring:  # its K/V all back in the pages it holds: it runs on them
+            n = min(n, max(1, len(req.pages) * self.page_size - req.num_computed_tokens))
         if not self._make_room(step, req, n, victim_of):
             if resumed and req.pause.action == "preserve":
                 # Its own pages (and the cached prefix it locks) may be what leaves no room: they
                 # go into the prefix cache, where its next try matches what is still there.
                 self.release(req)
                 req.num_computed_tokens, req.pause.action = 0, "discard"
-            else:
+            elif not restoring:
                 self.kv.unmatch(req)
             step.blocked = True
             return step.interleave
         if swapped:
-            step.swap_in += self._swap_ins(req)
+            computed, req.num_computed_tokens = req.num_computed_tokens, 0
+            if not self._swap_in(req, step, least=1):  # over the budget: the rest comes in the next steps
+                req.pause.restoring = True
+                self._restoring.append(req)
+                return True
+            assert req.num_computed_tokens == computed
+        if restoring:
+            self._restoring.remove(req)
         if resumed:
             self._resumed_admitted(req, req.num_computed_tokens)
         self._admit(req, first_admission)

@@ -381,37 +381,3 @@ def test_warm_swaps_compiles_every_size_and_changes_nothing(engines):
     assert not len(engine.host_kv) and engine.host_kv.swapped_out == 0
     assert engine.generate([PROMPT], GREEDY)[0].token_ids == before
     _check_pages(engine)
-
-
-def test_swaps_take_the_step_budget_in_the_order_the_policy_answers_and_go_on_first():
-    """A budget of two 4-token pages a step: the request the answer lists first takes it (the
-    last pages of its K/V first), the other waits; next step the swap under way goes on first,
-    then the other starts with what is left."""
-    from jinfer.request import Request
-    from jinfer.scheduling import Scheduler
-
-    class LaterFirst:
-        def decide(self, paused, view):
-            return {r.request_id: SWAP for r in reversed(paused)}
-
-        def swap_budget_tokens(self, view):
-            return 8
-
-    s = Scheduler(CacheConfig(page_size=4, num_pages=32), SchedulerConfig(64, 4, 64), 32, pause_policy=LaterFirst())
-    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, intercept_token_ids=(9,))
-    a = Request("a", list(range(10, 22)), params, 0, 0.0, 0)
-    b = Request("b", list(range(30, 42)), params, 0, 0.0, 1)
-    s.add(a)
-    s.add(b)
-    plan = s.schedule()
-    s.update(plan, [a, b], [9, 9])  # 12 prompt tokens each (3 pages), then the intercept token
-    assert [r.request_id for r in s.paused] == ["a", "b"]
-    b_pages = list(b.pages)
-    plan = s.schedule()
-    assert plan.swap_out == (("b", tuple(b_pages[1:3])),)
-    assert (b.num_computed_tokens, b.pause.swapped_tokens, b.pages) == (4, 8, b_pages[:1])
-    assert a.pause.action == PRESERVE and len(a.pages) == 3
-    a_pages = list(a.pages)
-    plan = s.schedule()
-    assert plan.swap_out == (("b", (b_pages[0],)), ("a", (a_pages[2],)))
-    assert not b.pages and b.pause.swap_chunks == [2, 1] and a.num_computed_tokens == 8 and len(a.pages) == 2

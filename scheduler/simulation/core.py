@@ -139,10 +139,10 @@ class SimReplica:
     def start(self, now: float, drafts: bool = False) -> float | None:
         """Plans the next step; returns its cost-model time (None, and idle, when nothing runs)."""
         plan = self.sched.schedule(drafts=drafts)
-        if not plan.seqs:
+        if not plan.seqs and not plan.swap_in:  # (a restore under way steps on with its copies alone)
             self.busy, self.plan = False, None
             return None
-        dt = self.cost.step_time((len(s.token_ids), s.start_pos) for s in plan.seqs)
+        dt = self.cost.step_time((len(s.token_ids), s.start_pos) for s in plan.seqs) if plan.seqs else 0.0
         if plan.swap_out or plan.swap_in:
             dt = max(dt, sum(len(p) for _, p in plan.swap_out + plan.swap_in) * self.cfg.swap_s_per_page)
         self.busy, self.plan, self.ends, self.step_s, self.drafting = True, plan, [now + dt], dt, drafts
@@ -200,7 +200,7 @@ class SimReplica:
         reqs = [h[0] for h in held]
         sampled = [self.sampled(s, h[0], h[1].index, repeats) for s, h in zip(plan.seqs, held)]
         settled = sched.update(plan, reqs, sampled, repeats=repeats)
-        if repeats == 1:
+        if repeats == 1 and plan.seqs:
             decoding = plan.num_decoding
             sched.observe_step(plan.num_tokens, self.step_s, sum(len(s.tokens) for s in settled),
                                any(s.num_draft for s in plan.seqs), num_decoding=decoding,
