@@ -15,13 +15,16 @@ answer:
   order the policy gave them), and a swap under way goes on, first in the budget, until the
   request's K/V has all left (it is not asked again meanwhile); a request resumed before then
   swaps out the rest at the start of the next step's planning (that rest is outside the
-  budget). Swap-ins take the same budget: a resumed request gets pages for its K/V when its
-  turn to be admitted comes and the chunks the budget allows come back into them (first
-  swapped-out last, so in position order); while some are still in the host tier it waits
-  holding those pages ("restoring": no other request's page hunt takes them, and it does not
-  hold up the requests behind it), its next chunks go first in each step's budget (one at
-  least per step, and all of them when nothing runs), and once all are in it runs first (on
-  the pages it holds: running it is what gives them back).
+  budget). Swap-ins take the same budget: when a resumed request's turn to be admitted comes
+  and its chunks do not all fit what is left (and other requests run), it gets pages for its
+  K/V and next tokens (preempting nobody) and the chunks the budget allows come back into
+  them (first swapped-out last, so in position order, the first whatever the budget); while
+  some are still in the host tier it waits holding those pages ("restoring": no other
+  request's page hunt takes them, it takes no seat, and it does not hold up the requests
+  behind it), its next chunks go first in each step's budget (one at least per step, all of
+  them when nothing runs), and once all are in it is planned before any other request (on
+  the pages it holds: running it is what gives them back). The budget's order each step:
+  restores under way, swap-outs under way, the policy's SWAP answers, new restores.
 A policy may answer differently at every step (preserve now, swap later). Resuming
 (Scheduler.resume) folds the request's prompt, output and the tool's tokens into its new
 prompt, so the tokens that follow are exactly those of a fresh request over that prompt.
@@ -107,7 +110,7 @@ class PausePolicy(Protocol):
         Optional: `swap_budget_tokens(view) -> int | None`, the tokens of K/V (whole pages) one
         step's swaps may move, out and in (None: no limit); with it, swaps go in chunks (module
         docstring) and SWAP answers take the budget in the mapping's order, after the chunks of
-        swaps under way. (The rest of a swap whose request was resumed mid-way goes out outside
+        swaps (in and out) under way. (The rest of a swap whose request was resumed mid-way goes out outside
         the budget.)"""
 
 
@@ -223,6 +226,44 @@ class Pausing:
         req.num_computed_tokens = keep * page
         return None if budget is None else budget - take * page  # (whole pages are copied)
 
+    def _comes_in_whole(self, req: Request, step) -> bool:
+        """Whether a resumed request's swapped chunks all come back in this step: the budget
+        left takes them (the first whatever it allows), there is none, or nothing runs beside
+        it (no step to hide copies behind, no reason to wait)."""
+        budget, chunks, page = self._swap_budget(step), req.pause.swap_chunks, self.page_size
+        if budget is None or (not self.running and not step.seqs):
+            return True
+        return (sum(chunks) - chunks[-1]) * page <= max(0, budget - chunks[-1] * page)
+
+    def _start_restore(self, step, req: Request) -> bool:
+        """Starts bringing a resumed request's K/V back in chunks: pages for it and its next
+        tokens (free or evicted from the prefix cache, preempting nobody: it runs only once all
+        is in), its first chunks, then it waits restoring. Where there are no pages it waits as
+        any admission that cannot get them does (False: the ones behind it wait too, unless
+        the order interleaves)."""
+        req.num_computed_tokens = min(req.pause.swapped_tokens, req.num_tokens - 1)
+        n = min(req.num_tokens - req.num_computed_tokens, step.budget)
+        got = self._ensure_pages(req, req.num_computed_tokens + n)
+        req.num_computed_tokens = 0
+        if not got:
+            step.blocked = True
+            return step.interleave
+        self._swap_in(req, step, least=1)
+        req.pause.restoring = True
+        self._restoring.append(req)
+        return True
+
+    def _admit_restored(self, step) -> None:
+        """Plans the restoring requests whose K/V is all back in before any other request, in
+        policy order where a seat is free (an interleaving order may preempt for one): they
+        hold their pages, and running them is what gives those back."""
+        done = sorted((r for r in self._restoring if not r.pause.swap_chunks), key=self.policy.priority)
+        for req in done:
+            if step.budget == 0 or len(step.seqs) == self.cfg.max_num_seqs:
+                return
+            if step.interleave or len(self.running) < self.cfg.max_num_seqs:
+                self._schedule_waiting(step, req)
+
     def _swap_in(self, req: Request, step, least: int = 0) -> bool:
         """Swaps req's next chunks back into its pages (it holds pages for them all), in
         position order, onto step.swap_in: those the step's budget allows, `least` of them
@@ -233,7 +274,7 @@ class Pausing:
             n = pause.swap_chunks[-1]
             if moved >= least and budget is not None and n * page > budget:
                 break
-            pos = req.num_computed_tokens // page  # (every chunk but the last swapped out is whole pages)
+            pos = req.num_computed_tokens // page  # (only the first chunk swapped out, the last in, ends mid-page)
             step.swap_in.append((req.request_id, tuple(req.pages[pos:pos + n])))
             pause.swap_chunks.pop()
             req.num_computed_tokens = (pos + n) * page

@@ -194,10 +194,7 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
             assert not any(r.num_pending for r in self.running + self.waiting), (
                 "drafts are planned on read tokens: settle the step in flight first")
         self._decide_pauses(step)
-        for req in [r for r in self._restoring if not r.pause.swap_chunks]:  # K/V all back in: they run
-            if step.budget == 0 or len(step.seqs) == self.cfg.max_num_seqs:  # first, on the pages they hold
-                break
-            self._schedule_waiting(step, req)
+        self._admit_restored(step)
         for req, was_running in self._order(step.interleave):
             if step.budget == 0 or len(step.seqs) == self.cfg.max_num_seqs:
                 break
@@ -242,6 +239,8 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
             return True  # its chunks still coming back in (each step's first swaps)
         if step.blocked or req.status is not Status.WAITING or self._done_sampling(req):
             return True  # a preempted request with its last token pending finishes when that is read
+        if req.pause is not None and req.pause.swapped_tokens and not restoring and not self._comes_in_whole(req, step):
+            return self._start_restore(step, req)  # (before the seat: it takes none while restoring)
         victim_of = (lambda: self._preemptable(req, step.planned)) if step.interleave else (lambda: None)
         if step.interleave and len(self.running) >= self.cfg.max_num_seqs:
             victim = victim_of()
@@ -270,12 +269,9 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
                 self.kv.unmatch(req)
             step.blocked = True
             return step.interleave
-        if swapped:
+        if swapped:  # all of it now (_comes_in_whole)
             computed, req.num_computed_tokens = req.num_computed_tokens, 0
-            if not self._swap_in(req, step, least=1):  # over the budget: the rest comes in the next steps
-                req.pause.restoring = True
-                self._restoring.append(req)
-                return True
+            self._swap_in(req, step, least=len(req.pause.swap_chunks))
             assert req.num_computed_tokens == computed
         if restoring:
             self._restoring.remove(req)

@@ -102,21 +102,28 @@ class ChunkedSwaps(SwapAll):
                          ids=["preserve", "discard", "swap", "swap-chunks"])
 def test_a_resumed_request_equals_one_run_over_prompt_output_and_tool_tokens(engines, params, policy, action):
     engine = engines[True]
-    kept = []
+    kept, restores = [], []
     if isinstance(policy, ChunkedSwaps):
-        resume = engine.scheduler.resume
+        sched = engine.scheduler
+        resume, start_restore = sched.resume, sched._start_restore
 
         def resume_noting(req, *args):  # pages still on the device, with part of its K/V swapped out
             kept.append(len(req.pages) * bool(req.pause.swapped_tokens))
             return resume(req, *args)
-        engine.scheduler.resume = resume_noting
+
+        def start_restore_noting(step, req):  # its chunks coming back over several steps
+            restores.append(len(req.pause.swap_chunks))
+            return start_restore(step, req)
+        sched.resume, sched._start_restore = resume_noting, start_restore_noting
     try:
         full, seg1, seg2, actions = _pause_resume(engine, params, policy)
     finally:
         engine.scheduler.__dict__.pop("resume", None)
+        engine.scheduler.__dict__.pop("_start_restore", None)
     assert actions == {action}
-    if isinstance(policy, ChunkedSwaps):  # resumed with part of its K/V still on the device, part out
-        assert len(kept) == 1 and kept[0] > 0
+    if isinstance(policy, ChunkedSwaps):  # resumed with part of its K/V still on the device, part out,
+        assert len(kept) == 1 and kept[0] > 0  # then swapped back in chunks
+        assert len(restores) == 1 and restores[0] > 1
     assert seg1 == full[:len(seg1)]  # up to the tool call, the same run
     fresh = engine.generate([PROMPT + seg1 + TOOL], params)[0].token_ids
     assert seg2 == fresh and len(seg2) == params.max_tokens

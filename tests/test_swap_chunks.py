@@ -41,50 +41,70 @@ def _swapped_out(num_pages: int) -> tuple[Scheduler, Request]:
     return s, a
 
 
+def _resumed_beside(s: Scheduler, a: Request, max_tokens: int) -> tuple[Request, Request]:
+    """c (4 tokens, running after one step), then a resumed with 2 tool tokens (12 swapped + the
+    intercept token + 2: 15 tokens) and d (12 tokens) queued behind it."""
+    c = Request("c", [1, 2, 3, 4], SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), 0, 0.0, 2)
+    s.add(c)
+    s.update(s.schedule(), [c], [1])
+    s.resume(a, [50, 51])
+    d = Request("d", list(range(60, 72)), PARAMS, 0, 0.0, 3)
+    s.add(d)
+    return c, d
+
+
 def test_swap_ins_come_in_chunks_first_in_the_budget_and_do_not_hold_up_later_requests():
     s, a = _swapped_out(32)
-    s.resume(a, [50, 51])  # 12 tokens swapped + the intercept token + 2 tool tokens
-    d = Request("d", list(range(60, 72)), PARAMS, 0, 0.0, 1)
-    s.add(d)
+    c, d = _resumed_beside(s, a, max_tokens=8)
     plan = s.schedule()
-    # a gets pages for 15 tokens; its leading page (the last chunk out) comes back, the next
-    # chunk (2 pages) is over the 4 tokens left: a waits restoring, d behind it runs
+    # c runs, so a's chunks are worth spreading: pages for its 15 tokens, its leading page (the
+    # last chunk out) comes back, the next chunk (2 pages) is over the 4 tokens left; a waits
+    # restoring and d behind it runs
     pages = list(a.pages)
     assert len(pages) == 4 and plan.swap_in == (("a", (pages[0],)),)
     assert a.status is Status.WAITING and a.pause.restoring and a.num_computed_tokens == 4
-    assert [seq.request_id for seq in plan.seqs] == ["d"]
-    s.update(plan, [d], [1])
-    plan = s.schedule()  # the restore goes first: its last chunk, then a runs on its pages, first
+    assert [seq.request_id for seq in plan.seqs] == ["c", "d"]
+    s.update(plan, [c, d], [1, 1])
+    plan = s.schedule()  # the restore first in the budget: its last chunk; then a runs, first
     assert plan.swap_in == (("a", tuple(pages[1:3])),) and a.pages == pages
-    assert [seq.request_id for seq in plan.seqs] == ["a", "d"]
+    assert [seq.request_id for seq in plan.seqs] == ["a", "c", "d"]
     seq = plan.seqs[0]
     assert (seq.start_pos, seq.token_ids, seq.pages) == (12, (9, 50, 51), tuple(pages))
     assert a.status is Status.RUNNING and a.pause is None and not s._restoring
     assert s.pause_stats.swapped_in_tokens == 12 and s.pause_stats.recomputed_tokens == 0
 
 
-def test_a_restoring_request_keeps_its_pages_and_gets_every_chunk_when_nothing_runs():
-    s, a = _swapped_out(6)
-    s.resume(a, [50, 51])
-    d = Request("d", list(range(60, 72)), PARAMS, 0, 0.0, 1)
-    s.add(d)
-    plan = s.schedule()  # a takes 4 of the 6 pages; d (3 pages) cannot take them from it
+def test_a_restoring_request_keeps_its_pages_and_gets_every_chunk_once_nothing_runs():
+    s, a = _swapped_out(8)
+    c, d = _resumed_beside(s, a, max_tokens=2)
+    plan = s.schedule()  # c (2 pages) and a's restore (4 pages) leave 2: d (3) cannot take a's
     pages = list(a.pages)
-    assert plan.swap_in == (("a", (pages[0],)),) and not plan.seqs and a.pause.restoring
-    assert d.status is Status.WAITING and not d.pages and s.kv.num_free + s.kv.num_cached == 2
-    plan = s.schedule()  # nothing runs: the restore takes all its chunks whatever the budget
-    assert plan.swap_in == (("a", tuple(pages[1:3])),)
-    assert [seq.request_id for seq in plan.seqs] == ["a"] and a.pages == pages and not d.pages
+    assert plan.swap_in == (("a", (pages[0],)),) and a.pause.restoring and len(pages) == 4
+    assert [seq.request_id for seq in plan.seqs] == ["c"] and not d.pages
+    assert s.update(plan, [c], [1])[0].finish_reason == "length"
+    plan = s.schedule()  # nothing runs: the restore takes its last chunk whatever the budget
+    assert plan.swap_in == (("a", tuple(pages[1:3])),) and a.pages == pages
+    assert [seq.request_id for seq in plan.seqs] == ["a", "d"]
+
+
+def test_with_nothing_running_a_swapped_request_comes_back_whole_and_runs_at_once():
+    s, a = _swapped_out(32)
+    s.resume(a, [50, 51])
+    plan = s.schedule()
+    assert plan.swap_in == (("a", (a.pages[0],)), ("a", tuple(a.pages[1:3])))
+    assert [seq.request_id for seq in plan.seqs] == ["a"] and not s._restoring
 
 
 def test_aborting_a_restoring_request_returns_its_pages():
     s, a = _swapped_out(32)
-    s.resume(a, [50, 51])
+    c, d = _resumed_beside(s, a, max_tokens=8)
     s.schedule()
     assert a.pause.restoring and len(a.pages) == 4
     s.abort([a])
-    assert not s._restoring and not a.pages and s.kv.num_free + s.kv.num_cached == 32
-    assert not s.schedule().swap_in
+    assert not s._restoring and not a.pages and not s.schedule().swap_in
+    s.abort([c, d])
+    assert s.kv.num_free + s.kv.num_cached == 32
+    assert all(n.lock_ref == 0 for n in s.prefix_cache.nodes())
 
 
 def test_swaps_take_the_step_budget_in_the_order_the_policy_answers_and_go_on_first():
