@@ -139,25 +139,33 @@ def sample_seed(seed: int, epoch: int, problem: int, sample: int) -> int:
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
-def collect_rollouts(engine, tokenizer, problems: Sequence[str], *, group_size: int, epoch: int,
+def collect_rollouts(engine, tokenizer, problems: Sequence, *, group_size: int, epoch: int,
                      max_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                      seed: int = 0, stop: tuple[str, ...] = STOP) -> tuple[list[Rollout], float]:
     """Samples group_size completions of every problem, all submitted at once, each its own
-    request with its own seed (sample_seed); a completion ends at a stop string (STOP: top-level
-    code starts again), EOS or max_tokens. Returns the rollouts (problem-major, then sample)
-    and the wall time of the batch in seconds (the epoch's rollout makespan)."""
+    request with its own seed (sample_seed). A problem is a code prompt (a str: its text, ended
+    at a stop string, STOP: top-level code starts again, scored by `reward`) or a task with
+    prompt_ids(tokenizer), stop and reward(completion) (harness/rl_tasks.py); a completion
+    also ends at EOS or max_tokens. Returns the rollouts (problem-major, then sample) and the
+    wall time of the batch in seconds (the epoch's rollout makespan)."""
     if group_size <= 0:
         raise ValueError(f"group_size={group_size} must be > 0")
-    prompt_ids = [tuple(tokenizer.encode(p)) for p in problems]  # BOS as the engine adds it to text
+    prompt_ids = [tuple(tokenizer.encode(p)) if isinstance(p, str) else p.prompt_ids(tokenizer)
+                  for p in problems]  # (a code prompt: BOS as the engine adds it to text)
+    stops = [stop if isinstance(p, str) else p.stop for p in problems]
     keys = [(i, k) for i in range(len(problems)) for k in range(group_size)]
-    params = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop,
+    params = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stops[i],
                              seed=sample_seed(seed, epoch, i, k)) for i, k in keys]
     start = time.perf_counter()
     outs = engine.generate([list(prompt_ids[i]) for i, _ in keys], params)
     seconds = time.perf_counter() - start
-    rollouts = [Rollout(i, k, prompt_ids[i], tuple(o.token_ids), o.text, reward(problems[i], o.text),
+    rollouts = [Rollout(i, k, prompt_ids[i], tuple(o.token_ids), o.text, _score(problems[i], o.text),
                         o.finish_reason) for (i, k), o in zip(keys, outs)]
     return rollouts, seconds
+
+
+def _score(problem, completion: str) -> float:
+    return reward(problem, completion) if isinstance(problem, str) else problem.reward(completion)
 
 
 def grpo_advantages(rewards: Sequence[float], group_size: int, eps: float = 1e-6) -> np.ndarray:
@@ -182,25 +190,32 @@ class PolicyTrainer:
     The policy is softmax(logits / temperature), the distribution the engine samples from at
     that temperature (top_p 1). Build it from the model the engine was made from (or a fresh
     load of the same checkpoint): the training forward (jinfer.models.training) does not use
-    the paged attention, so the engine's attention backend does not matter.
+    the paged attention, so the engine's attention backend does not matter. train_layers: update
+    only the last that many decoder layers and the final norm (the embedding, and a tied head
+    with it, stays), for a model too large to train whole on the host; None: every parameter.
     """
 
     def __init__(self, model: nnx.Module, *, learning_rate: float = 1e-4, temperature: float = 1.0,
-                 max_grad_norm: float = 1.0, length_bucket: int = 64):
+                 max_grad_norm: float = 1.0, length_bucket: int = 64, train_layers: int | None = None):
         if not temperature > 0:
             raise ValueError(f"temperature={temperature} must be > 0 (the policy samples)")
+        num_layers = len(model.layers)
+        if train_layers is not None and not 1 <= train_layers <= num_layers:
+            raise ValueError(f"train_layers={train_layers} must be in [1, {num_layers}] (or None: all)")
         self.temperature = temperature
         self.length_bucket = length_bucket
-        self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
+        trained = nnx.Param if train_layers is None else _last_layers(num_layers - train_layers)
+        self.graphdef, self.params, self.rest = nnx.split(model, trained, ...)
         self.optimizer = optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adam(learning_rate))
         self.opt_state = self.optimizer.init(self.params)
         # Not donated: the engine serves the very arrays state() hands it.
         self._update = jax.jit(self._update_fn)
 
-    def _update_fn(self, params, opt_state, ids, mask, adv):
-        """ids i32[N, L]; mask f32[N, L-1] (1 where ids[:, 1:] is a completion token); adv f32[N]."""
+    def _update_fn(self, params, rest, opt_state, ids, mask, adv):
+        """ids i32[N, L]; mask f32[N, L-1] (1 where ids[:, 1:] is a completion token); adv f32[N].
+        rest: what is not trained (an argument, not a constant baked into the program)."""
         def loss_fn(p):
-            model = nnx.merge(self.graphdef, p, self.rest)
+            model = nnx.merge(self.graphdef, p, rest)
             logits = causal_forward(model, ids[:, :-1]) / self.temperature  # f32[N, L-1, vocab]
             logp = -optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:])  # f32[N, L-1]
             per_rollout = (logp * mask).sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)
@@ -216,12 +231,21 @@ class PolicyTrainer:
         mean log-probability of its completion tokens. Returns the loss before the update."""
         ids, mask = training_batch(rollouts, self.length_bucket)
         adv = grpo_advantages([r.reward for r in rollouts], _group_size(rollouts))
-        self.params, self.opt_state, loss = self._update(self.params, self.opt_state, ids, mask, adv)
+        self.params, self.opt_state, loss = self._update(self.params, self.rest, self.opt_state, ids, mask, adv)
         return float(loss)
 
     def state(self) -> nnx.State:
         """The whole model's state, shaped as nnx.split(model) gives it (Engine.update_weights)."""
         return nnx.split(nnx.merge(self.graphdef, self.params, self.rest))[1]
+
+
+def _last_layers(first: int):
+    """An nnx filter: the parameters of decoder layers first.. and of the final norm."""
+    def keep(path, value) -> bool:
+        if not isinstance(value, nnx.Param):
+            return False
+        return path[0] == "final_norm" or (path[0] == "layers" and int(path[1]) >= first)
+    return keep
 
 
 def training_batch(rollouts: Sequence[Rollout], length_bucket: int = 64) -> tuple[np.ndarray, np.ndarray]:

@@ -2,15 +2,20 @@
 
   python tools/bench_rollouts.py --out=benchmarks/das.md
   python tools/bench_rollouts.py --smoke                  # tiny sizes, a check that it runs
+  python tools/bench_rollouts.py --model=smollm2 --tasks=math,code --train_layers=2 ...
 
-A small on-policy RL loop (harness/rl.py) on the embedded test model: every epoch each of
-the problems (Python-code prompts) is sampled --group_size times with seeds fixed by (epoch,
-problem, sample), rewarded (does the completion compile), and a GRPO-style policy-gradient
-step updates the weights, which are swapped into the running engine (Engine.update_weights).
-The same loop runs once per method, each with its own engine and optimizer from the same
-initial weights, epochs interleaved (epoch e of every method, then e + 1, the methods' order
-rotated each epoch so none always runs first), so a busy spell of the machine hits all methods
-alike:
+A small on-policy RL loop (harness/rl.py): every epoch each problem is sampled --group_size
+times with seeds fixed by (epoch, problem, sample) and rewarded, and a GRPO-style
+policy-gradient step updates the weights, which are swapped into the running engines
+(Engine.update_weights). Problems: code prompts rewarded by whether the code compiles (the
+embedded test model is a Python completer), and/or math word problems through the chat
+template rewarded by their answer (harness/rl_tasks.py; for the real default model,
+--model=smollm2, which is too large to train whole on a CPU host in a benchmark's time:
+--train_layers trains its last layers and final norm only). Each method has its own engine
+from the same initial weights; epochs are interleaved (epoch e of every method, then e + 1,
+the methods' order rotated each epoch so none always runs first), so a busy spell of the
+machine hits all methods alike. One trainer steps on the baseline's rollouts and every engine
+gets its weights:
 
 - none: no speculation.
 - suffix: SuffixDecoding, a per-request tree and one global tree over finished outputs.
@@ -18,12 +23,12 @@ alike:
   rollouts), no budget: every request drafts up to --max_spec_tokens.
 - das: the same drafter with DAS's length-aware budget (scheduler/speculation/das.py).
 
-Speculation is lossless, so every method must produce the same rollouts, rewards and losses
-(checked; the report says so). Per epoch: rollout makespan (the wall time of the epoch's
-generate call), output tokens/s, acceptance. Then a histogram of rollout lengths, the step-cost
-model DAS fitted on this machine, and the same recorded rollouts replayed in the simulator
-with the analytic 7B-on-H100 cost model (scheduler/cost_model.py): what each method's
-makespan would be where a step's fixed cost dominates.
+Speculation is lossless, so every method must produce the same rollouts and rewards (checked;
+the report says so), hence the same weights. Per epoch: rollout makespan (the wall time of the
+epoch's generate call), output tokens/s, acceptance. Then a histogram of rollout lengths, the
+step-cost model DAS fitted on this machine, and the same recorded rollouts replayed in the
+simulator with the analytic 7B-on-H100 cost model (scheduler/cost_model.py): what each
+method's makespan would be where a step's fixed cost dominates.
 """
 
 from __future__ import annotations
@@ -54,6 +59,13 @@ flags.DEFINE_integer("seed", 0, "Seed of the rollouts' sampling.")
 flags.DEFINE_float("learning_rate", 1e-4, "The policy update's learning rate (harness.rl.PolicyTrainer).")
 flags.DEFINE_bool("simulate", True, "Replay the recorded rollouts in the simulator (7B on H100 costs).")
 flags.DEFINE_bool("smoke", False, "Tiny sizes: 3 problems, 2 epochs, short rollouts.")
+flags.DEFINE_enum("model", "test", ["test", "smollm2"], "test: the embedded test model (5.1M, code prompts); "
+                  "smollm2: the real default model, SmolLM2-135M-Instruct (f32, from its GGUF file).")
+flags.DEFINE_list("tasks", ["code"], "code (harness.rl.PROBLEMS, rewarded by compiling) and/or math "
+                  "(harness.rl_tasks: word problems through the chat template, rewarded by the answer).")
+flags.DEFINE_integer("math_problems", 16, "Math problems (with --tasks including math).", lower_bound=1)
+flags.DEFINE_integer("train_layers", 0, "Train only the last this many decoder layers and the final norm "
+                     "(0: every parameter).", lower_bound=0)
 
 
 def _engine(model, tok, method: str, num_seqs: int):
@@ -70,7 +82,7 @@ def _engine(model, tok, method: str, num_seqs: int):
         budget = LengthAwareBudget(drafter) if method == "das" else None
     elif method != "none":
         raise app.UsageError(f"unknown method {method!r}; known: none, suffix, per_problem, das")
-    max_len = 256  # the test model's trained context
+    max_len = 256 if FLAGS.model == "test" else 512  # (the test model's trained context)
     pages = num_seqs * -(-max_len // 16) + 8
     engine = Engine(model, tok, CacheConfig(page_size=16, num_pages=pages),
                     SchedulerConfig(max_num_batched_tokens=max(FLAGS.max_num_batched_tokens, num_seqs),
@@ -136,34 +148,56 @@ def _simulate(records_by_epoch: list[list], methods: list[str]) -> dict[str, lis
     return out
 
 
+def _model():
+    """(model, tokenizer) for --model; a fresh copy at every call (an engine and a trainer each)."""
+    if FLAGS.model == "test":
+        from jinfer import TEST_MODEL_DIR
+        from jinfer.loader.hf import load_hf_model
+        from jinfer.tokenizer import Tokenizer
+        return load_hf_model(TEST_MODEL_DIR), Tokenizer.from_dir(TEST_MODEL_DIR)
+    from jinfer.launch import ModelSpec, load_model
+    from jinfer.model_store import DEFAULT_MODEL
+    return load_model(ModelSpec(path=DEFAULT_MODEL, dtype="float32"))
+
+
+def _problems() -> list:
+    from harness import rl, rl_tasks
+    out = []
+    for task in FLAGS.tasks:
+        if task == "code":
+            out += rl.PROBLEMS[:FLAGS.problems] if FLAGS.problems else rl.PROBLEMS
+        elif task == "math":
+            out += rl_tasks.math_tasks(FLAGS.math_problems, seed=FLAGS.seed)
+        else:
+            raise app.UsageError(f"unknown task {task!r}; known: code, math")
+    return out
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.smoke:
-        FLAGS.problems, FLAGS.epochs, FLAGS.group_size, FLAGS.max_tokens = 3, 2, 2, 24
+        FLAGS.problems, FLAGS.math_problems, FLAGS.epochs, FLAGS.group_size, FLAGS.max_tokens = 3, 3, 2, 2, 24
     import jax
     import numpy as np
 
-    from jinfer import TEST_MODEL_DIR
     from harness import rl
-    from jinfer.loader.hf import load_hf_model
-    from jinfer.tokenizer import Tokenizer
 
     methods = list(FLAGS.methods)
     if methods[0] != "none":
         raise app.UsageError("the first method must be none (the baseline)")
-    problems = rl.PROBLEMS[:FLAGS.problems] if FLAGS.problems else rl.PROBLEMS
-    tok = Tokenizer.from_dir(TEST_MODEL_DIR)
+    problems = _problems()
     num_seqs = len(problems) * FLAGS.group_size
     runs = {}
     for method in methods:
-        model = load_hf_model(TEST_MODEL_DIR)
+        model, tok = _model()
         engine, budget = _engine(model, tok, method, num_seqs)
-        runs[method] = dict(engine=engine, budget=budget, trainer=rl.PolicyTrainer(load_hf_model(TEST_MODEL_DIR),
-                                                                  learning_rate=FLAGS.learning_rate,
-                                                                  temperature=FLAGS.temperature),
-                            epochs=[])
+        runs[method] = dict(engine=engine, budget=budget, epochs=[])
         print(f"{method}: engine ready", file=sys.stderr, flush=True)
+    # One trainer: speculation is lossless, so every method's rollouts are the baseline's (checked
+    # below) and every engine gets the same weights each epoch.
+    trainer = rl.PolicyTrainer(_model()[0], learning_rate=FLAGS.learning_rate, temperature=FLAGS.temperature,
+                               train_layers=FLAGS.train_layers or None)
 
     recorded = []  # the baseline's rollouts per epoch
     identical = True
@@ -172,20 +206,18 @@ def main(argv):
         shift = epoch % len(methods)  # rotated each epoch: no method always runs first (a cold cache)
         for method in methods[shift:] + methods[:shift]:
             run = runs[method]
-            engine, trainer = run["engine"], run["trainer"]
+            engine = run["engine"]
             before = _spec_counts(engine)
-            rollouts, seconds = rl.collect_rollouts(engine, tok, problems, group_size=FLAGS.group_size,
+            rollouts, seconds = rl.collect_rollouts(engine, engine.tokenizer, problems, group_size=FLAGS.group_size,
                                                     epoch=epoch, max_tokens=FLAGS.max_tokens,
                                                     temperature=FLAGS.temperature, seed=FLAGS.seed)
             after = _spec_counts(engine)
-            loss = trainer.step(rollouts)
-            engine.update_weights(trainer.state())
             tokens = sum(len(r.token_ids) for r in rollouts)
             drafted, accepted, verifications, host = (a - b for a, b in zip(after, before))
             run["epochs"].append(dict(makespan=seconds, tokens=tokens, drafted=drafted, accepted=accepted,
                                       verifications=verifications, host=host,
-                                      reward=float(np.mean([r.reward for r in rollouts])), loss=float(loss)))
-            key = ([r.token_ids for r in rollouts], [r.reward for r in rollouts], float(loss))
+                                      reward=float(np.mean([r.reward for r in rollouts]))))
+            key = ([r.token_ids for r in rollouts], [r.reward for r in rollouts])
             if method == "none":
                 recorded.append(rollouts)
             if reference is None:
@@ -193,10 +225,16 @@ def main(argv):
             elif key != reference:
                 identical = False
                 print(f"epoch {epoch}: {method} differs from {first}", file=sys.stderr, flush=True)
-            e = run["epochs"][-1]
             print(f"epoch {epoch} {method}: makespan {seconds:.2f} s, {tokens / seconds:,.0f} tok/s, "
-                  f"reward {e['reward']:.3f}, loss {e['loss']:.4f}, accepted {accepted}/{drafted}",
+                  f"reward {run['epochs'][-1]['reward']:.3f}, accepted {accepted}/{drafted}",
                   file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        loss = trainer.step(recorded[-1])  # on the baseline's rollouts (every method's, when identical)
+        for run in runs.values():
+            run["engine"].update_weights(trainer.state())
+        runs["none"]["epochs"][-1]["loss"] = loss
+        print(f"epoch {epoch}: loss {loss:.4f}, trained in {time.perf_counter() - start:.1f} s",
+              file=sys.stderr, flush=True)
 
     lines = []
     head = ["epoch"] + [f"{m} s" for m in methods] + [f"{m} / none" for m in methods[1:]] + ["reward", "loss"]
@@ -220,7 +258,7 @@ def main(argv):
         lines.append(f"| {m} | {total:.1f} | {total / total_none:.2f} | {per_epoch:.2f} | {tokens / total:,.0f} | "
                      f"{accepted / drafted if drafted else 0:.2f} | {accepted / ver if ver else 0:.2f} | "
                      f"{drafted / tokens:.2f} | {1e3 * host / (num_seqs * FLAGS.epochs):.2f} |")
-    lines += ["", f"Rollouts, rewards and losses identical across methods in every epoch: "
+    lines += ["", f"Rollouts and rewards identical across methods in every epoch: "
                   f"**{'yes' if identical else 'NO'}**."]
     lengths = [len(r.token_ids) for rollouts in recorded for r in rollouts]
     lines += ["", f"Rollout lengths (all epochs, {len(lengths)} rollouts; median {statistics.median(lengths):.0f}, "
@@ -242,8 +280,11 @@ def main(argv):
         for m in methods:
             ratio = statistics.median(a / b for a, b in zip(sim[m], sim["none"]) if b > 0)
             lines.append(f"| {m} | {sum(sim[m]):.2f} | {sum(sim[m]) / sum(sim['none']):.2f} | {ratio:.2f} |")
+    model_name = "the embedded test model" if FLAGS.model == "test" else "SmolLM2-135M-Instruct (f32)"
+    trained = f"last {FLAGS.train_layers} layers + final norm trained" if FLAGS.train_layers else "all weights trained"
     lines += ["", f"Device: {jax.devices()[0].device_kind} ({jax.devices()[0].platform}), {os.cpu_count()} CPU "
-                  f"cores; jax {jax.__version__}. {len(problems)} problems x {FLAGS.group_size} samples, "
+                  f"cores; jax {jax.__version__}. {model_name}, {trained}; tasks {','.join(FLAGS.tasks)}: "
+                  f"{len(problems)} problems x {FLAGS.group_size} samples, "
                   f"{FLAGS.epochs} epochs, max {FLAGS.max_tokens} tokens, temperature {FLAGS.temperature}, "
                   f"learning rate {FLAGS.learning_rate}, "
                   f"max_spec_tokens {FLAGS.max_spec_tokens}, DAS window {FLAGS.das_window}, "
