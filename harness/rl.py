@@ -1,7 +1,8 @@
 """A small on-policy RL loop over the engine (GRPO-style): sample a group of completions per
-code prompt, score each with a verifiable reward (does the code compile), take one
-policy-gradient step on group-normalised advantages, and swap the new weights into the running
-engine (Engine.update_weights) for the next epoch.
+problem, score each with a verifiable reward (a code prompt: does the code compile; a math word
+problem, harness/rl_tasks.py: is the answer right), take one policy-gradient step on
+group-normalised advantages (of every weight, or of the last layers only), and swap the new
+weights into the running engine (Engine.update_weights) for the next epoch.
 
 Every sample carries its own seed, a function of (seed, epoch, problem, sample): the same
 weights give the same tokens whatever else is in the batch, and speculative decoding is

@@ -16,7 +16,7 @@ import re
 
 _NAMES = ("Ana", "Ben", "Carla", "Dev", "Ema", "Femi", "Gus", "Hana", "Ivo", "Jun")
 _THINGS = ("apples", "pencils", "stickers", "marbles", "books", "cookies", "shells", "cards")
-_NUMBER = re.compile(r"-?\d[\d,]*")
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")  # 7, -3, 1,234, 12.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,14 +33,10 @@ class MathTask:
         return tuple(tokenizer.encode(text, add_special_tokens=False))
 
     def reward(self, completion: str) -> float:
-        """1.0 when the last number in the completion is the answer (commas ignored), else 0.0."""
+        """1.0 when the last number in the completion is the answer (thousands commas read as
+        such, a decimal as its value), else 0.0."""
         numbers = _NUMBER.findall(completion)
-        if not numbers:
-            return 0.0
-        try:
-            return float(int(numbers[-1].replace(",", "")) == self.answer)
-        except ValueError:
-            return 0.0
+        return float(bool(numbers) and float(numbers[-1].replace(",", "")) == self.answer)
 
 
 def math_tasks(n: int, seed: int = 0) -> list[MathTask]:

@@ -62,7 +62,8 @@ flags.DEFINE_bool("smoke", False, "Tiny sizes: 3 problems, 2 epochs, short rollo
 flags.DEFINE_enum("model", "test", ["test", "smollm2"], "test: the embedded test model (5.1M, code prompts); "
                   "smollm2: the real default model, SmolLM2-135M-Instruct (f32, from its GGUF file).")
 flags.DEFINE_list("tasks", ["code"], "code (harness.rl.PROBLEMS, rewarded by compiling) and/or math "
-                  "(harness.rl_tasks: word problems through the chat template, rewarded by the answer).")
+                  "(harness.rl_tasks: word problems through the chat template, rewarded by the answer; "
+                  "a chat model: --model=smollm2).")
 flags.DEFINE_integer("math_problems", 16, "Math problems (with --tasks including math).", lower_bound=1)
 flags.DEFINE_integer("train_layers", 0, "Train only the last this many decoder layers and the final norm "
                      "(0: every parameter).", lower_bound=0)
@@ -184,6 +185,8 @@ def main(argv):
     from harness import rl
 
     methods = list(FLAGS.methods)
+    if "math" in FLAGS.tasks and FLAGS.model == "test":
+        raise app.UsageError("--tasks=math asks through a chat template: the test model has none (--model=smollm2)")
     if methods[0] != "none":
         raise app.UsageError("the first method must be none (the baseline)")
     problems = _problems()
@@ -208,6 +211,8 @@ def main(argv):
             run = runs[method]
             engine = run["engine"]
             before = _spec_counts(engine)
+            counts = getattr(run["budget"], "class_counts", None)  # DAS's length classes, per epoch
+            classes = None if counts is None else collections.Counter(counts)
             rollouts, seconds = rl.collect_rollouts(engine, engine.tokenizer, problems, group_size=FLAGS.group_size,
                                                     epoch=epoch, max_tokens=FLAGS.max_tokens,
                                                     temperature=FLAGS.temperature, seed=FLAGS.seed)
@@ -216,7 +221,8 @@ def main(argv):
             drafted, accepted, verifications, host = (a - b for a, b in zip(after, before))
             run["epochs"].append(dict(makespan=seconds, tokens=tokens, drafted=drafted, accepted=accepted,
                                       verifications=verifications, host=host,
-                                      reward=float(np.mean([r.reward for r in rollouts]))))
+                                      reward=float(np.mean([r.reward for r in rollouts])),
+                                      classes=None if classes is None else run["budget"].class_counts - classes))
             key = ([r.token_ids for r in rollouts], [r.reward for r in rollouts])
             if method == "none":
                 recorded.append(rollouts)
@@ -237,13 +243,20 @@ def main(argv):
               file=sys.stderr, flush=True)
 
     lines = []
-    head = ["epoch"] + [f"{m} s" for m in methods] + [f"{m} / none" for m in methods[1:]] + ["reward", "loss"]
+    classed = [m for m in methods if runs[m]["epochs"][0]["classes"] is not None]
+    head = (["epoch"] + [f"{m} s" for m in methods] + [f"{m} / none" for m in methods[1:]]
+            + [f"{m} acceptance" for m in methods[1:]]
+            + [f"{m} length-class decisions short/medium/long" for m in classed] + ["reward", "loss"])
     lines += ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for e in range(FLAGS.epochs):
-        ms = [runs[m]["epochs"][e]["makespan"] for m in methods]
-        base = runs["none"]["epochs"][e]
+        ep = [runs[m]["epochs"][e] for m in methods]
+        ms = [x["makespan"] for x in ep]
+        acc = [x["accepted"] / x["drafted"] if x["drafted"] else 0.0 for x in ep[1:]]
+        cls = [runs[m]["epochs"][e]["classes"] for m in classed]
         lines.append("| " + " | ".join([str(e)] + [f"{x:.2f}" for x in ms] + [f"{x / ms[0]:.2f}" for x in ms[1:]]
-                                       + [f"{base['reward']:.3f}", f"{base['loss']:.4f}"]) + " |")
+                                       + [f"{a:.2f}" for a in acc]
+                                       + [f"{c['short']}/{c['medium']}/{c['long']}" for c in cls]
+                                       + [f"{ep[0]['reward']:.3f}", f"{ep[0]['loss']:.4f}"]) + " |")
     lines += ["", "| method | makespan, all epochs s | vs none | median epoch vs none | output tok/s | "
               "acceptance | accepted per verification | draft tokens per output token | drafter ms per rollout |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
