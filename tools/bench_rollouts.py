@@ -65,6 +65,8 @@ flags.DEFINE_list("tasks", ["code"], "code (harness.rl.PROBLEMS, rewarded by com
                   "(harness.rl_tasks: word problems through the chat template, rewarded by the answer; "
                   "a chat model: --model=smollm2).")
 flags.DEFINE_integer("math_problems", 16, "Math problems (with --tasks including math).", lower_bound=1)
+flags.DEFINE_bool("async_scheduling", True, "Engines plan a plain step while the last runs (off: every step "
+                  "is read before the next is planned, as a drafted step always is).")
 flags.DEFINE_integer("train_layers", 0, "Train only the last this many decoder layers and the final norm "
                      "(0: every parameter).", lower_bound=0)
 
@@ -88,7 +90,7 @@ def _engine(model, tok, method: str, num_seqs: int):
     engine = Engine(model, tok, CacheConfig(page_size=16, num_pages=pages),
                     SchedulerConfig(max_num_batched_tokens=max(FLAGS.max_num_batched_tokens, num_seqs),
                                     max_num_seqs=num_seqs, max_model_len=max_len),
-                    options=EngineOptions(async_scheduling=True), drafter=drafter,
+                    options=EngineOptions(async_scheduling=FLAGS.async_scheduling), drafter=drafter,
                     max_spec_tokens=FLAGS.max_spec_tokens, draft_budget=budget)
     engine.runner.warmup()
     return engine, budget
@@ -301,6 +303,7 @@ def main(argv):
                   f"{FLAGS.epochs} epochs, max {FLAGS.max_tokens} tokens, temperature {FLAGS.temperature}, "
                   f"learning rate {FLAGS.learning_rate}, "
                   f"max_spec_tokens {FLAGS.max_spec_tokens}, DAS window {FLAGS.das_window}, "
+                  f"async scheduling {'on' if FLAGS.async_scheduling else 'off'}, "
                   f"{time.strftime('%Y-%m-%d')}."]
     report = "\n".join(lines)
     print(report)
