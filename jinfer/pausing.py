@@ -110,8 +110,8 @@ class PausePolicy(Protocol):
         Optional: `swap_budget_tokens(view) -> int | None`, the tokens of K/V (whole pages) one
         step's swaps may move, out and in (None: no limit); with it, swaps go in chunks (module
         docstring) and SWAP answers take the budget in the mapping's order, after the chunks of
-        swaps (in and out) under way. (The rest of a swap whose request was resumed mid-way goes out outside
-        the budget.)"""
+        swaps (in and out) under way. (The rest of a swap whose request was resumed mid-way goes
+        out outside the budget.)"""
 
 
 class Discard:
@@ -134,8 +134,8 @@ def check_actions(actions: Mapping[str, str], paused: Sequence[Request]) -> None
 class Pausing:
     """The scheduler's side of pausing (jinfer.scheduling.Scheduler mixes it in): it owns
     `paused`, `_swap_rest` (requests resumed mid-swap), `_restoring` (resumed ones whose
-    chunks are coming back in, until admitted), `pause_policy` and `clock`, and uses the scheduler's kv, queues
-    and drafter."""
+    chunks are coming back in, until admitted), `pause_policy` and `clock`, and uses the
+    scheduler's kv, queues and drafter."""
 
     def _pause(self, req: Request) -> None:
         """req sampled an intercept token (update): out of the running set, pages held."""
@@ -257,6 +257,8 @@ class Pausing:
         """Plans the restoring requests whose K/V is all back in before any other request, in
         policy order where a seat is free (an interleaving order may preempt for one): they
         hold their pages, and running them is what gives those back."""
+        if not self._restoring:  # (the common step)
+            return
         done = sorted((r for r in self._restoring if not r.pause.swap_chunks), key=self.policy.priority)
         for req in done:
             if step.budget == 0 or len(step.seqs) == self.cfg.max_num_seqs:
@@ -264,10 +266,10 @@ class Pausing:
             if step.interleave or len(self.running) < self.cfg.max_num_seqs:
                 self._schedule_waiting(step, req)
 
-    def _swap_in(self, req: Request, step, least: int = 0) -> bool:
+    def _swap_in(self, req: Request, step, least: int = 0) -> None:
         """Swaps req's next chunks back into its pages (it holds pages for them all), in
         position order, onto step.swap_in: those the step's budget allows, `least` of them
-        whatever it allows. num_computed_tokens counts what is in. True when all are."""
+        whatever it allows. num_computed_tokens counts what is in."""
         pause, page = req.pause, self.page_size
         budget, moved = self._swap_budget(step), 0
         while pause.swap_chunks:
@@ -281,11 +283,8 @@ class Pausing:
             budget = None if budget is None else max(0, budget - n * page)
             moved += 1
         step.swap_budget = budget
-        if pause.swap_chunks:
-            return False
-        # (its last token at least is computed again: its logits give the next token)
-        req.num_computed_tokens = min(pause.swapped_tokens, req.num_tokens - 1)
-        return True
+        if not pause.swap_chunks:  # (its last token at least is computed again: its logits give the next)
+            req.num_computed_tokens = min(pause.swapped_tokens, req.num_tokens - 1)
 
     def resume(self, req: Request, token_ids: Sequence[int], intercept_after: int | None = None) -> None:
         """A paused request continues with its tool's output: prompt, output and token_ids

@@ -269,10 +269,9 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
                 self.kv.unmatch(req)
             step.blocked = True
             return step.interleave
-        if swapped:  # all of it now (_comes_in_whole)
-            computed, req.num_computed_tokens = req.num_computed_tokens, 0
+        if swapped:  # all of it now (_comes_in_whole), from position 0
+            req.num_computed_tokens = 0
             self._swap_in(req, step, least=len(req.pause.swap_chunks))
-            assert req.num_computed_tokens == computed
         if restoring:
             self._restoring.remove(req)
         if resumed:
