@@ -131,12 +131,12 @@ def test_engine_benchmark_backend_comparison_reports_each_backend_and_context():
     """--backends: engine vs bare loop per attention backend and context (a tiny model on CPU;
     on a GPU the same flags measured benchmarks/engine.md's GPU section)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    args = ["--backends=xla,pallas", "--hidden_size=64", "--num_layers=1", "--vocab_size=300",
-            "--decode_batch=2", "--decode_steps=3", "--backend_contexts=5,20", "--page_size=4",
-            "--max_num_batched_tokens=16", "--repeats=1"]
+    args = ["--backends=xla,pallas", "--preset=tiny", "--decode_batch=2", "--decode_steps=3",
+            "--backend_contexts=5,20", "--page_size=4", "--max_num_batched_tokens=16", "--repeats=1"]
     res = subprocess.run([sys.executable, os.path.join(root, "tools", "bench_engine.py"), *args],
                          capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "random-weight Llama of the tiny shape" in res.stdout, res.stdout
     rates, _, host = res.stdout.partition("The engine's timed steps on the host")
     host, _, probe = host.partition("Pipeline probe")
 

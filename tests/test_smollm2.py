@@ -1,6 +1,7 @@
 """The default model, SmolLM2-135M-Instruct from its GGUF file: fetched (or read from the cache),
 loaded by jinfer exactly as transformers loads the same file."""
 
+import dataclasses
 import json
 import os
 
@@ -11,7 +12,9 @@ import transformers
 from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig
 from jinfer.engine import Engine
 from jinfer.launch import ModelSpec, load_model
+from jinfer.loader.gguf import config_from_gguf, open_gguf
 from jinfer.model_store import SMOLLM2, resolve_model_path
+from jinfer.models.config import preset
 from jinfer.sampling_params import SamplingParams
 from tests.hf_models import hf_greedy
 
@@ -33,6 +36,13 @@ def test_default_model_is_smollm2_in_the_cache(smollm2):
     cfg = model.config
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size) == (30, 576, 9, 3, 49152)
     assert cfg.tie_word_embeddings and tok.eos_ids == (2,) and not tok.add_bos
+
+
+def test_smollm2_preset_is_the_files_shape(smollm2):
+    """The preset GPU runs build random weights from (the file itself cannot travel there)."""
+    cfg, want = config_from_gguf(open_gguf(smollm2[0])), preset("smollm2-135m")
+    assert cfg.rms_norm_eps == pytest.approx(want.rms_norm_eps)  # a float32 in the file
+    assert dataclasses.replace(cfg, rms_norm_eps=want.rms_norm_eps) == want
 
 
 def test_default_model_tokenizer_and_chat_template_match_transformers(smollm2):

@@ -25,15 +25,16 @@ sizes) and the embedded test model (jinfer/test_model).
    time to first token with the prefix cache off and on.
 
 With --backends (e.g. --backends=xla,pallas on a GPU) only one comparison runs, on a
-random-weight Llama built in place (--hidden_size, --num_layers, --vocab_size, --dtype; no HF
-checkpoint, no baseline): for each attention backend and each --backend_contexts length,
---decode_batch requests decode; engine.step() tokens/s against the bare loop over the same
-compiled step (as in 3.), medians of --repeats alternating runs; beside it the engine's timed
-steps split on the host (dispatch, the wait for the device, postprocess, the rest: PHASES),
-which tells whether the host work hides behind the device step or adds to it; and a pipeline
-probe, the bare loop again with the engine's read-back of each step one step late and then with
-its host work as busy time, which tells what of the two delays the device. Then the parts of a
-bare decode step: the same step with attention off (K/V still written) and its matmuls alone.
+random-weight Llama built in place (--hidden_size, --num_layers, --vocab_size, or a named
+--preset shape such as the default model's; --dtype; no HF checkpoint, no baseline): for each
+attention backend and each --backend_contexts length, --decode_batch requests decode;
+engine.step() tokens/s against the bare loop over the same compiled step (as in 3.), medians of
+--repeats alternating runs; beside it the engine's timed steps split on the host (dispatch, the
+wait for the device, postprocess, the rest: PHASES), which tells whether the host work hides
+behind the device step or adds to it; and a pipeline probe, the bare loop again with the
+engine's read-back of each step one step late and then with its host work as busy time, which
+tells what of the two delays the device. Then the parts of a bare decode step: the same step
+with attention off (K/V still written) and its matmuls alone.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ flags.DEFINE_integer("seed", 0, "Seed for weights and the workload.")
 flags.DEFINE_integer("hidden_size", 512, "Benchmark model width.")
 flags.DEFINE_integer("num_layers", 6, "Benchmark model decoder layers.")
 flags.DEFINE_integer("vocab_size", 8192, "Benchmark model vocabulary size.")
+flags.DEFINE_string("preset", "", "--backends only: a named shape from jinfer.models.config.PRESETS (e.g. "
+                    "smollm2-135m, the default model's) with random weights, in place of --hidden_size, "
+                    "--num_layers and --vocab_size.")
 flags.DEFINE_integer("hf_batch_size", 16, "Requests per HF generate call.", lower_bound=1)
 flags.DEFINE_integer("max_num_batched_tokens", 512, "Engine token budget per step.")
 flags.DEFINE_integer("max_num_seqs", 64, "Engine sequences per step.")
@@ -554,11 +558,14 @@ def _backend_comparison() -> str:
 
     from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig
     from jinfer.engine import Engine
-    from jinfer.models.config import scaled_llama
+    from jinfer.models.config import preset, scaled_llama
     from jinfer.models.llama import init_model
     from jinfer.tokenizer import byte_level_tokenizer
 
-    cfg = scaled_llama(FLAGS.hidden_size, FLAGS.num_layers, FLAGS.vocab_size)
+    if FLAGS.preset:
+        cfg = preset(FLAGS.preset)
+    else:
+        cfg = scaled_llama(FLAGS.hidden_size, FLAGS.num_layers, FLAGS.vocab_size)
     start = time.perf_counter()
     model = init_model(cfg, seed=FLAGS.seed, dtype=jnp.dtype(FLAGS.dtype))
     jax.block_until_ready(jax.tree.leaves(__import__("flax").nnx.state(model)))
@@ -613,11 +620,12 @@ def _backend_comparison() -> str:
             print(probe_lines[-1], file=sys.stderr, flush=True)
         del engine
     device = jax.devices()[0]
+    shape = f" of the {FLAGS.preset} shape" if FLAGS.preset else ""
     lines += ["", f"Device: {device.device_kind} ({device.platform}); jax {jax.__version__}. Model: random-weight "
-                  f"Llama, {cfg.num_params() / 1e9:.2f}B parameters (hidden {cfg.hidden_size}, {cfg.num_layers} "
-                  f"layers, {cfg.num_heads} heads, {cfg.num_kv_heads} KV heads, head_dim {cfg.head_dim}, vocab "
-                  f"{cfg.vocab_size}), {FLAGS.dtype}; batch {b}, {n} timed decode steps, page size "
-                  f"{FLAGS.page_size}, step budget {FLAGS.max_num_batched_tokens} tokens; medians of "
+                  f"Llama{shape}, {cfg.num_params() / 1e9:.2f}B parameters (hidden {cfg.hidden_size}, "
+                  f"{cfg.num_layers} layers, {cfg.num_heads} heads, {cfg.num_kv_heads} KV heads, head_dim "
+                  f"{cfg.head_dim}, vocab {cfg.vocab_size}), {FLAGS.dtype}; batch {b}, {n} timed decode steps, "
+                  f"page size {FLAGS.page_size}, step budget {FLAGS.max_num_batched_tokens} tokens; medians of "
                   f"{FLAGS.repeats} alternating runs."]
     lines += ["", "The engine's timed steps on the host (medians per step; see PHASES in the script): dispatch = "
                   "prepare + launch, wait = reading back the step launched one call earlier, postprocess = the "

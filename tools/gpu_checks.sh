@@ -7,15 +7,23 @@
 #   OUT=results tools/gpu_checks.sh                    # logs and tables land in $OUT
 #   OUT=results STAGES="suite" tools/gpu_checks.sh      # the whole default test run instead
 #
+# The device tool brings back at most 8 files: the smollm2 and spec stages leave their tables in
+# their logs only (each tool prints its table), so that every stage fits.
+#
 # STAGES names the stages to run, in order (default "tests kernels engine sweep"; env always runs
-# first). "suite" is the whole `make test` selection (not slow) less the tests marked
-# multi_device, in 14 workers, under SUITE_S (540 s): one device command of its own. Stage limits (seconds; TESTS_S, KERNELS_S, ENGINE_S,
-# SWEEP_S override them) of the default stages add up to 580 s; with the wheels' install and
-# the env stage (about 15 s) that is inside one 10-minute device command, with little to spare
-# (the sweep is last: it is the stage a slow run cuts). Each test also has a limit of its own
-# (TEST_TIMEOUT_S, where pytest-timeout is installed) so that one hung test cannot hold a test
-# stage; a stage that reaches its own limit is killed without pytest's summary, so the
-# per-test lines of the log (-v) are the record.
+# first; ENGINE_BACKENDS picks the engine stage's backends, default pallas,xla). Further stages:
+# smollm2 (the engine on the default model's shape), spec (tools/bench_spec.py at batch 1/8/32),
+# profile (the 8B shape's step costs, drafted steps beside plain ones: tools/profile_engine.py).
+# "suite" is the whole `make test` selection (not slow) less the tests marked multi_device, in
+# 14 workers, under SUITE_S (540 s): one device command of its own. Stage limits in seconds
+# (TESTS_S, KERNELS_S, ENGINE_S, SWEEP_S, SMOLLM2_S, SPEC_S, PROFILE_S override them); those of
+# the default stages add up to 580 s; with the wheels' install and the env stage (about 15 s)
+# that is inside one 10-minute device command, with little to spare (the sweep is last: it is
+# the stage a slow run cuts). DEADLINE_S (seconds from the start) cuts every stage's limit to
+# what is left before it. Each test also has a limit of its own (TEST_TIMEOUT_S, where
+# pytest-timeout is installed) so that one hung test cannot hold a test stage; a stage that
+# reaches its own limit is killed without pytest's summary, so the per-test lines of the log
+# (-v) are the record.
 #
 # Runs from the repository root under the machine's python3 (JAX with CUDA); PYTHON overrides.
 # Packages the machine lacks can sit as wheels in .whl/ (installed into /tmp/site first):
@@ -28,11 +36,19 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 STAGES=${STAGES:-tests kernels engine sweep}
 for name in $STAGES; do
-  case $name in tests|suite|kernels|engine|sweep) ;; *) echo "unknown stage '$name' in STAGES (tests suite kernels engine sweep)" >&2; exit 2;; esac
+  case $name in tests|suite|kernels|engine|smollm2|spec|profile|sweep) ;;
+    *) echo "unknown stage '$name' in STAGES (tests suite kernels engine smollm2 spec profile sweep)" >&2; exit 2;;
+  esac
 done
 mkdir -p "$OUT"
 start=$SECONDS
 stage() { echo "== $1 at $((SECONDS - start)) s" | tee -a "$OUT/env.txt"; }
+# A stage's limit, cut to what is left before DEADLINE_S (seconds from the start; unset: none).
+limit() {
+  local want=$1
+  [ -n "${DEADLINE_S:-}" ] && want=$(( want < DEADLINE_S - (SECONDS - start) ? want : DEADLINE_S - (SECONDS - start) ))
+  echo $(( want > 1 ? want : 1 ))
+}
 if ls .whl/*.whl >/dev/null 2>&1; then
   stage wheels
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -80,7 +96,7 @@ run_tests() {
   # finished 138 of the 162 cases in 130 s and 161 in 215 s (the benchmark tests, which spawn
   # processes, are the slowest); that run included the slow set, which this one leaves out as
   # make test does.
-  pytest_stage ${TESTS_S:-130} tests.log -m "not slow and not multi_device" tests/test_pallas_kernels.py \
+  pytest_stage "$(limit "${TESTS_S:-130}")" tests.log -m "not slow and not multi_device" tests/test_pallas_kernels.py \
     tests/test_pallas_backend.py tests/test_engine.py tests/test_greedy.py tests/test_runner.py \
     tests/test_xla_attention.py
 }
@@ -89,11 +105,12 @@ run_suite() {
   # What `make test` selects, every file, less the 24 multi_device cases (they need several
   # devices; CI runs them on 8 fake CPU devices). Not yet run on a GPU: its length there is
   # unknown (on the 2-core CPU machine two workers take about 11 minutes for all 687).
-  pytest_stage ${SUITE_S:-540} suite.log -m "not slow and not multi_device" --dist loadfile tests
+  pytest_stage "$(limit "${SUITE_S:-540}")" suite.log -m "not slow and not multi_device" --dist loadfile tests
 }
 
 run_kernels() {
-  timeout ${KERNELS_S:-140} $PY tools/bench_kernels.py --write --out="$OUT/kernels.md" >"$OUT/kernels.log" 2>&1
+  timeout "$(limit "${KERNELS_S:-140}")" $PY tools/bench_kernels.py --write --out="$OUT/kernels.md" \
+    >"$OUT/kernels.log" 2>&1
 }
 
 run_engine() {
@@ -101,13 +118,38 @@ run_engine() {
   # compiled in 18 s on an H100 where 2048 took 88 s. All four rows and the parts line took
   # 246 s on an H200, before the pipeline probe was added (four more back-to-back bare loops
   # per row and repeat: about 20 s more at xla 2048, a few seconds at the other rows).
-  timeout ${ENGINE_S:-290} $PY tools/bench_engine.py --backends=pallas,xla --hidden_size=2048 --num_layers=16 \
-    --vocab_size=32000 --dtype=bfloat16 --decode_batch=64 --decode_steps=32 --backend_contexts=2048,128 \
+  timeout "$(limit "${ENGINE_S:-290}")" $PY tools/bench_engine.py --backends="${ENGINE_BACKENDS:-pallas,xla}" \
+    --hidden_size=2048 --num_layers=16 --vocab_size=32000 \
+    --dtype=bfloat16 --decode_batch=64 --decode_steps=32 --backend_contexts=2048,128 \
     --max_num_batched_tokens=1024 --repeats=3 --out="$OUT/engine.md" >"$OUT/engine.log" 2>&1
 }
 
+run_smollm2() {
+  # The engine against its bare loop on the default model's shape (random weights: the GGUF file
+  # is larger than what may travel to the machine), bf16, Pallas, batch 64.
+  timeout "$(limit "${SMOLLM2_S:-90}")" $PY tools/bench_engine.py --backends="${SMOLLM2_BACKENDS:-pallas}" \
+    --preset=smollm2-135m --dtype=bfloat16 --decode_batch=64 --decode_steps=32 --backend_contexts=2048,128 \
+    --max_num_batched_tokens=1024 --repeats=3 >"$OUT/smollm2.log" 2>&1
+}
+
+run_spec() {
+  # Speculation on the GPU: the embedded test model (trained, so drafts are accepted) at batch
+  # 1/8/32, a repetitive workload and the fresh control; rows print as they finish.
+  timeout "$(limit "${SPEC_S:-120}")" $PY tools/bench_spec.py --models=default --workloads=repeat,fresh \
+    --batches=1,8,32 --methods=off,suffix,suffix_tree --repeats=2 >"$OUT/spec.log" 2>&1
+}
+
+run_profile() {
+  # Step costs of the 8B shape (random weights, bf16, Pallas) on a grid of prefill chunks and
+  # decode batches, fitted as the router's and the simulator's cost model; each decode batch again
+  # with a 4-token draft per sequence (a drafted step's cost beside the plain one's).
+  timeout "$(limit "${PROFILE_S:-130}")" $PY tools/profile_engine.py --config=configs/llama3_8b.py \
+    --config.engine.compilation_cache= --prefill=64,256,1024 --cached=0 --batch=1,8,32,64 --context=512,2048 \
+    --drafts=4 --repeats=3 --out="$OUT/cost_model_8b.json" >"$OUT/profile.log" 2>&1
+}
+
 run_sweep() {
-  timeout ${SWEEP_S:-20} $PY tools/bench_kernels.py --sweep >"$OUT/sweep.log" 2>&1
+  timeout "$(limit "${SWEEP_S:-20}")" $PY tools/bench_kernels.py --sweep >"$OUT/sweep.log" 2>&1
 }
 
 for name in $STAGES; do

@@ -16,7 +16,7 @@ set -euo pipefail
 PY=${PYTHON:-.venv/bin/python}
 DEST=${DEST:-.whl}
 PACKAGES=(
-  ml_collections
+  ml_collections gguf
   grpcio grpcio-health-checking grpcio-reflection grpcio-tools protobuf
   starlette uvicorn pydantic pydantic-core annotated-types typing-inspection typing-extensions
   openai httpx2 httpcore2 jiter sniffio truststore anyio idna h11 psutil

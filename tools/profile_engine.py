@@ -31,6 +31,9 @@ flags.DEFINE_list("prefill", ["16", "64", "128", "256"], "Prefill chunk lengths 
 flags.DEFINE_list("cached", ["0", "128"], "Cached tokens before a prefill chunk.")
 flags.DEFINE_list("batch", ["1", "4", "16", "32"], "Decode batch sizes.")
 flags.DEFINE_list("context", ["32", "256"], "Decode context lengths.")
+flags.DEFINE_list("drafts", [], "Draft lengths k (e.g. 1,4,8): every decode batch is measured again with a chain "
+                  "draft of k tokens per sequence to verify (k + 1 tokens and sampled rows each), and a table "
+                  "puts each drafted step beside the plain one (the speculation's cost per draft token).")
 flags.DEFINE_integer("repeats", 5, "Timed runs per step shape (median kept).", lower_bound=1)
 flags.DEFINE_string("name", "", "Cost model name; empty: <model>-<device kind>.")
 flags.DEFINE_string("out", "", "Write the fitted cost model as JSON here.")
@@ -55,8 +58,9 @@ def main(argv):
         launch = dataclasses.replace(launch, engine=dataclasses.replace(launch.engine, warmup=False))
         ints = lambda xs: [int(x) for x in xs]  # noqa: E731
         prefill, cached, batch, context = ints(FLAGS.prefill), ints(FLAGS.cached), ints(FLAGS.batch), ints(FLAGS.context)
+        drafts = ints(FLAGS.drafts)
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e} (--prefill, --cached, --batch, --context and --drafts take integers)")
     sched = launch.scheduler
     too_long = [x for x in prefill if x > sched.max_num_batched_tokens] + \
         [b for b in batch if b > sched.max_num_seqs]
@@ -68,16 +72,19 @@ def main(argv):
     page = runner.page_size
     greedy = SamplingParams(temperature=0)
 
-    def seq(i, q, c, first_page):
+    def seq(i, q, c, first_page, draft):
         pages = tuple(range(first_page, first_page + -(-(c + q) // page)))
-        return ScheduledSeq(f"s{i}", tuple(range(1, q + 1)), c, pages, True, greedy, 0, 0, 0), len(pages)
+        return ScheduledSeq(f"s{i}", tuple(range(1, q + 1)), c, pages, True, greedy, 0, 0, 0,
+                            num_draft=draft), len(pages)
 
-    shapes = [[(q, c)] for q in prefill for c in cached] + [[(1, c)] * b for b in batch for c in context]
-    samples = []
-    for shape in tqdm(shapes, desc="profiling steps", unit="shape"):
+    # (the step's (tokens, cached) per sequence, draft length: None for a prefill chunk)
+    shapes = [([(q, c)], None) for q in prefill for c in cached] + [
+        ([(1 + k, c)] * b, k) for k in [0, *drafts] for b in batch for c in context]
+    samples, drafted = [], {}
+    for shape, k in tqdm(shapes, desc="profiling steps", unit="shape"):
         seqs, next_page = [], 0
         for i, (q, c) in enumerate(shape):
-            s, used = seq(i, q, c, next_page)
+            s, used = seq(i, q, c, next_page, k or 0)
             seqs.append(s)
             next_page += used
         if next_page > runner.num_pages or max(c + q for q, c in shape) > sched.max_model_len:
@@ -90,7 +97,12 @@ def main(argv):
             t0 = time.perf_counter()
             runner.execute(plan)
             times.append(time.perf_counter() - t0)
-        samples.append((shape, statistics.median(times)))
+        tqdm.write(f"{len(shape)} x (tokens, cached) {shape[0]}, draft {k}: {1e3 * statistics.median(times):.2f} ms",
+                   file=sys.stderr)
+        if k is not None:  # a decode batch, plain or drafted
+            drafted[len(shape), shape[0][1], k] = statistics.median(times)
+        if not k:  # the cost model's samples: plain steps (a drafted step also samples k rows more)
+            samples.append((shape, statistics.median(times)))
     device = jax.devices()[0].device_kind
     name = FLAGS.name or f"{launch.model.display_name}-{device}".replace(" ", "_")
     model = CostModel.fit(samples, name, notes=f"fitted by tools/profile_engine.py on {device}, "
@@ -101,10 +113,28 @@ def main(argv):
         label = f"prefill {q} after {c}" if q > 1 else f"decode x{len(shape)} at {c}"
         print(f"| {label} | {1e3 * t:.2f} | {1e3 * model.step_time(shape):.2f} |")
     print(f"\nmedian relative error {100 * model.relative_error(samples):.1f} %")
+    if drafts:
+        print(_draft_table(drafted, drafts, model))
     print(model.to_json())
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:
             f.write(model.to_json() + "\n")
+
+
+def _draft_table(drafted: dict, drafts: list[int], model) -> str:
+    """Each decode batch's drafted steps beside its plain one: ms, the ratio, and what a draft
+    token costs against the plain step's cost per sequence; the fitted model's estimate of the
+    drafted step (it is fitted on plain steps) beside each."""
+    lines = ["", "| batch | context | draft k | plain ms | drafted ms | drafted / plain | "
+             "per draft token / per sequence | fitted drafted ms |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for (b, c, k), t in sorted(drafted.items()):
+        if not k:
+            continue
+        plain = drafted[b, c, 0]
+        per_token = (t - plain) / (b * k) / (plain / b)
+        lines.append(f"| {b} | {c} | {k} | {1e3 * plain:.2f} | {1e3 * t:.2f} | {t / plain:.2f} | {per_token:.3f} | "
+                     f"{1e3 * model.step_time([(1 + k, c)] * b):.2f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

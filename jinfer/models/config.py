@@ -206,6 +206,12 @@ PRESETS: dict[str, ModelConfig] = {
                 vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
                 num_kv_heads=8, rope_theta=1000000.0, rms_norm_eps=1e-5, max_position_embeddings=32768,
                 bos_token_id=1, eos_token_ids=(2,), architecture="MistralForCausalLM"),
+        # The default model's shape (its GGUF's metadata; a test compares them), for GPU runs
+        # that cannot carry the file.
+        "smollm2-135m": ModelConfig(
+                vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                num_kv_heads=3, rope_theta=100000.0, rms_norm_eps=1e-5, max_position_embeddings=8192,
+                tie_word_embeddings=True, bos_token_id=1, eos_token_ids=(2,)),
         # A tiny shape for demos and tests with random weights.
         "tiny": ModelConfig(
                 vocab_size=512, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4,
