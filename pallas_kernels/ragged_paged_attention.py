@@ -83,7 +83,8 @@ def _kernel(work_seq_ref, work_start_ref, cu_q_lens_ref, kv_lens_ref, page_indic
             sm_scale, soft_cap, sliding_window):
     # work_seq_ref/work_start_ref: i32[num_items]; cu_q_lens_ref: i32[max_seqs + 1];
     # kv_lens_ref: i32[max_seqs]; page_indices_ref: i32[max_seqs, padded pages_per_seq]
-    # q_ref/o_ref: f[T + block_q, H, D] (padded so a block never runs off the end)
+    # q_ref/o_ref: f[T + block_q, KVH * group, D] (padded so a block never runs off the end; group
+    # a power of two)
     # k_pages_ref/v_pages_ref: f[num_pages, page_size, D] of this program's KV head
     # rest: (o_ref,), or (tree_ref i32[words, T + block_q] (tree_bits transposed, padded with -1),
     # o_ref) with trees
@@ -166,10 +167,15 @@ def ragged_paged_attention(q, k_pages, v_pages, cu_q_lens, kv_lens, page_indices
     page_indices = jnp.pad(page_indices, ((0, 0), (0, pad_pages)))  # whole blocks, padded with page 0
     num_items = pl.cdiv(num_tokens, block_q) + max_seqs
     work_seq, work_start = _work_list(cu_q_lens, num_seqs, num_items, block_q)
-    q_padded = jnp.pad(q, ((0, block_q), (0, 0), (0, 0)))
+    group = num_heads // num_kv_heads
+    # Triton tiles must have power-of-two sizes: a group of another size (SmolLM2's 3, Qwen2.5-7B's
+    # 7) is filled with zero query heads, whose outputs are dropped.
+    wide = pl.next_power_of_2(group)
+    q_padded = jnp.pad(q.reshape(num_tokens, num_kv_heads, group, head_dim),
+                       ((0, block_q), (0, 0), (0, wide - group), (0, 0))).reshape(-1, num_kv_heads * wide, head_dim)
 
     kernel = functools.partial(
-        _kernel, block_q=block_q, group=num_heads // num_kv_heads, pages_per_block=pages_per_block,
+        _kernel, block_q=block_q, group=wide, pages_per_block=pages_per_block,
         sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
     whole = lambda shape: pl.BlockSpec(shape, lambda h, i: (0,) * len(shape))
     pages_spec = pl.BlockSpec((None, num_pages, page_size, head_dim), lambda h, i: (h, 0, 0, 0))
@@ -192,6 +198,7 @@ def ragged_paged_attention(q, k_pages, v_pages, cu_q_lens, kv_lens, page_indices
         interpret=interpret,
         name="ragged_paged_attention",
     )(*args)
+    out = out[:num_tokens].reshape(num_tokens, num_kv_heads, wide, head_dim)[:, :, :group].reshape(q.shape)
     # Rows no block covers (padding tokens) were never written: make them zeros, as in the reference.
     real = jnp.arange(num_tokens) < cu_q_lens[num_seqs[0]]
-    return jnp.where(real[:, None, None], out[:num_tokens], 0).astype(q.dtype)
+    return jnp.where(real[:, None, None], out, 0).astype(q.dtype)

@@ -94,6 +94,16 @@ def test_ragged_kernel_matches_reference(dtype, page_size, group, head_dim):
     assert not np.asarray(out[-3:], np.float32).any(), "padding tokens must come back as zeros"
 
 
+@pytest.mark.parametrize("group", [3, 7])
+def test_ragged_kernel_groups_of_other_sizes_match_reference(group):
+    """Groups that are not a power of two (the default model's 3) run padded with zero query heads."""
+    rng = np.random.default_rng(group)
+    args = _ragged_case(rng, page_size=8, group=group, head_dim=64, dtype=jnp.float32, q_lens=[1, 9, 0, 3],
+                        kv_lens=[7, 20, 0, 33], max_seqs=6)
+    out = ragged_paged_attention(*args, sm_scale=0.125, interpret=INTERPRET)
+    _close(out, ragged_paged_attention_ref(*args, sm_scale=0.125), jnp.float32)
+
+
 @pytest.mark.parametrize("soft_cap, window", [(5.0, None), (None, 6)])
 def test_ragged_kernel_soft_cap_and_sliding_window(soft_cap, window):
     rng = np.random.default_rng(1)
@@ -192,13 +202,16 @@ def test_static_validation_names_the_bad_input(fn, change, message):
                                    args["page_indices"], sm_scale=1.0, interpret=INTERPRET)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_kernels_lower_to_triton_for_cuda(dtype):
+@pytest.mark.parametrize("dtype, group, head_dim", [(jnp.float32, 4, 128), (jnp.bfloat16, 4, 128),
+                                                    (jnp.bfloat16, 3, 64), (jnp.bfloat16, 7, 128)],
+                         ids=["f32", "bf16", "bf16-smollm2-group3", "bf16-qwen7b-group7"])
+def test_kernels_lower_to_triton_for_cuda(dtype, group, head_dim):
     """Without a GPU, cross-lower for CUDA: every op in both kernels has a Triton lowering and
-    all tile shapes are legal (the final PTX compile still needs a GPU)."""
+    all tile shapes are legal (the final PTX compile still needs a GPU). Triton takes only
+    power-of-two tiles: groups of 3 (the default model) and 7 failed on an H100 until padded."""
     rng = np.random.default_rng(0)
-    q, kp, vp, cu, lens, table, n = _ragged_case(rng, page_size=16, group=4, head_dim=128, dtype=dtype,
-                                                 q_lens=[1, 9, 20], kv_lens=[40, 9, 60])
+    q, kp, vp, cu, lens, table, n = _ragged_case(rng, page_size=16, group=group, head_dim=head_dim,
+                                                 dtype=dtype, q_lens=[1, 9, 20], kv_lens=[40, 9, 60])
     ragged = lambda *a: ragged_paged_attention(*a, sm_scale=0.1, soft_cap=30.0, sliding_window=32)
     text = jax.jit(ragged).trace(q, kp, vp, cu, lens, table, n).lower(lowering_platforms=("cuda",)).as_text()
     assert "ragged_paged_attention" in text and "__gpu$xla.gpu.triton" in text
@@ -437,9 +450,10 @@ def test_tree_bits_validation_names_the_bad_input(change, message):
             fn(**args, **change, sm_scale=1.0)
 
 
-def test_ragged_kernel_with_trees_lowers_to_triton_for_cuda():
+@pytest.mark.parametrize("group", [4, 3])
+def test_ragged_kernel_with_trees_lowers_to_triton_for_cuda(group):
     rng = np.random.default_rng(0)
-    args, bits, _ = _tree_case(rng, [5, 33], page_size=16, group=4, head_dim=128, dtype=jnp.bfloat16)
+    args, bits, _ = _tree_case(rng, [5, 33], page_size=16, group=group, head_dim=128, dtype=jnp.bfloat16)
     fn = lambda *a: ragged_paged_attention(*a[:-1], sm_scale=0.1, soft_cap=30.0, tree_bits=a[-1])
     text = jax.jit(fn).trace(*args, bits).lower(lowering_platforms=("cuda",)).as_text()
     assert "ragged_paged_attention" in text and "__gpu$xla.gpu.triton" in text

@@ -78,6 +78,8 @@ flags.DEFINE_integer("repeats", 3, "Alternating runs of each comparison (engine 
 flags.DEFINE_list("backends", [], "Only compare these attention backends (e.g. xla,pallas): engine vs "
                   "bare decode loop on a random-weight model built in place.")
 flags.DEFINE_list("backend_contexts", ["128", "2048"], "Prompt lengths of the --backends comparison.")
+flags.DEFINE_bool("host_profile", False, "--backends: after the timed runs, one more engine run per backend and "
+                  "context under cProfile; the functions taking the most host time print to stderr.")
 flags.DEFINE_bool("test_model", True, "Also measure the embedded test model.")
 flags.DEFINE_bool("real_model", True, "Also measure the default model, SmolLM2-135M-Instruct (its GGUF file, "
                   "dequantized; HF loads the same file).")
@@ -263,14 +265,16 @@ def _prefill_lead(batch: int, prompt_len: int) -> int:
     return -(-batch * prompt_len // FLAGS.max_num_batched_tokens) + 4
 
 
-def _engine_decode_rate(engine, batch: int, steps: int, prompt_len: int, phases: dict | None = None) -> float:
+def _engine_decode_rate(engine, batch: int, steps: int, prompt_len: int, phases: dict | None = None,
+                        profile=None) -> float:
     """engine.step() tokens/s once `batch` requests are all decoding. Requests ask for as many
     tokens as max_model_len allows, so the ones prefilled first are still running when the last
     gets its first token; every timed step is checked to carry exactly the `batch` one-token
     decodes (ValueError otherwise), and the requests are aborted after timing.
 
     With `phases`, each timed step's seconds are appended under PHASES' keys: the whole call,
-    dispatch (prepare + launch), the wait for the step read back, and the rest of postprocess."""
+    dispatch (prepare + launch), the wait for the step read back, and the rest of postprocess.
+    With `profile` (a cProfile.Profile), the timed steps run under it."""
     from jinfer.sampling_params import SamplingParams
     max_tokens, need = engine.sched_cfg.max_model_len - prompt_len, steps + 2 + _prefill_lead(batch, prompt_len)
     if max_tokens < need:
@@ -301,6 +305,8 @@ def _engine_decode_rate(engine, batch: int, steps: int, prompt_len: int, phases:
     engine._postprocess = timed("postprocess", postprocess)
     emitted, elapsed = 0, 0.0
     try:
+        if profile is not None:
+            profile.enable()
         for _ in range(steps):
             spent.update(dict.fromkeys(PHASES, 0.0))
             t0 = time.perf_counter()
@@ -311,6 +317,8 @@ def _engine_decode_rate(engine, batch: int, steps: int, prompt_len: int, phases:
             for name in PHASES if phases is not None else ():
                 phases.setdefault(name, []).append(spent[name])
     finally:
+        if profile is not None:
+            profile.disable()
         runner.dispatch, runner.fetch, engine._postprocess = dispatch, fetch, postprocess
     for rid in ids:
         engine.abort(rid)
@@ -320,6 +328,21 @@ def _engine_decode_rate(engine, batch: int, steps: int, prompt_len: int, phases:
     if any(shape != (batch, batch) for shape in shapes):
         raise ValueError(f"timed steps were not {batch} decodes each: (tokens, sequences) = {shapes}")
     return emitted / elapsed
+
+
+def _print_host_profile(engine, batch: int, steps: int, prompt_len: int, label: str) -> None:
+    """One more engine run's timed steps under cProfile: the top functions by own and by
+    cumulative time, per step (the profiler's overhead included), to stderr."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    _engine_decode_rate(engine, batch, steps, prompt_len, profile=prof)
+    for key in ("tottime", "cumulative"):
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats(key).print_stats(25)
+        print(f"host profile ({label}, {steps} steps, by {key}):\n{out.getvalue()}", file=sys.stderr, flush=True)
 
 
 # engine.step() split into: the whole call; dispatch (prepare the arrays, launch the step); the
@@ -607,6 +630,8 @@ def _backend_comparison() -> str:
                 lines.append(f"| {backend} | {plen} | {statistics.median(bares):,.0f} | "
                              f"{statistics.median(engs):,.0f} | {ratio:.2f} | {bare_ms:.2f} | {first:.1f} |")
                 host_lines.append(f"| {backend} | {plen} | {bare_ms:.2f} | {_phase_row(phases)} |")
+                if FLAGS.host_profile:
+                    _print_host_profile(engine, b, n, plen, f"{backend}, context {plen}")
                 print(host_lines[-1], file=sys.stderr, flush=True)
             except Exception as err:  # noqa: BLE001 - reported, the other backends still run
                 lines.append(_error_row(backend, plen, err))

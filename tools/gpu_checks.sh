@@ -11,7 +11,8 @@
 # their logs only (each tool prints its table), so that every stage fits.
 #
 # STAGES names the stages to run, in order (default "tests kernels engine sweep"; env always runs
-# first; ENGINE_BACKENDS picks the engine stage's backends, default pallas,xla). Further stages:
+# first; ENGINE_BACKENDS and ENGINE_CONTEXTS pick the engine stage's backends and contexts, default
+# pallas,xla and 2048,128; ENGINE_EXTRA adds flags to it and to smollm2's). Further stages:
 # smollm2 (the engine on the default model's shape), spec (tools/bench_spec.py at batch 1/8/32),
 # profile (the 8B shape's step costs, drafted steps beside plain ones: tools/profile_engine.py).
 # "suite" is the whole `make test` selection (not slow) less the tests marked multi_device, in
@@ -96,9 +97,10 @@ run_tests() {
   # finished 138 of the 162 cases in 130 s and 161 in 215 s (the benchmark tests, which spawn
   # processes, are the slowest); that run included the slow set, which this one leaves out as
   # make test does.
-  pytest_stage "$(limit "${TESTS_S:-130}")" tests.log -m "not slow and not multi_device" tests/test_pallas_kernels.py \
-    tests/test_pallas_backend.py tests/test_engine.py tests/test_greedy.py tests/test_runner.py \
-    tests/test_xla_attention.py
+  # TESTS_K narrows them (pytest -k).
+  pytest_stage "$(limit "${TESTS_S:-130}")" tests.log -m "not slow and not multi_device" ${TESTS_K:+-k "$TESTS_K"} \
+    tests/test_pallas_kernels.py tests/test_pallas_backend.py tests/test_engine.py tests/test_greedy.py \
+    tests/test_runner.py tests/test_xla_attention.py
 }
 
 run_suite() {
@@ -120,8 +122,8 @@ run_engine() {
   # per row and repeat: about 20 s more at xla 2048, a few seconds at the other rows).
   timeout "$(limit "${ENGINE_S:-290}")" $PY tools/bench_engine.py --backends="${ENGINE_BACKENDS:-pallas,xla}" \
     --hidden_size=2048 --num_layers=16 --vocab_size=32000 \
-    --dtype=bfloat16 --decode_batch=64 --decode_steps=32 --backend_contexts=2048,128 \
-    --max_num_batched_tokens=1024 --repeats=3 --out="$OUT/engine.md" >"$OUT/engine.log" 2>&1
+    --dtype=bfloat16 --decode_batch=64 --decode_steps=32 --backend_contexts="${ENGINE_CONTEXTS:-2048,128}" \
+    --max_num_batched_tokens=1024 --repeats=3 ${ENGINE_EXTRA:-} --out="$OUT/engine.md" >"$OUT/engine.log" 2>&1
 }
 
 run_smollm2() {
@@ -129,7 +131,7 @@ run_smollm2() {
   # is larger than what may travel to the machine), bf16, Pallas, batch 64.
   timeout "$(limit "${SMOLLM2_S:-90}")" $PY tools/bench_engine.py --backends="${SMOLLM2_BACKENDS:-pallas}" \
     --preset=smollm2-135m --dtype=bfloat16 --decode_batch=64 --decode_steps=32 --backend_contexts=2048,128 \
-    --max_num_batched_tokens=1024 --repeats=3 >"$OUT/smollm2.log" 2>&1
+    --max_num_batched_tokens=1024 --repeats=3 ${ENGINE_EXTRA:-} >"$OUT/smollm2.log" 2>&1
 }
 
 run_spec() {

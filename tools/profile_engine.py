@@ -61,6 +61,10 @@ def main(argv):
         drafts = ints(FLAGS.drafts)
     except ValueError as e:
         sys.exit(f"error: {e} (--prefill, --cached, --batch, --context and --drafts take integers)")
+    if drafts:  # a drafted step's k + 1 rows per sequence are sampled only where speculation is set up
+        spec = launch.speculation
+        launch = dataclasses.replace(launch, speculation=dataclasses.replace(
+            spec, method=spec.method or "ngram", max_spec_tokens=max(drafts)))
     sched = launch.scheduler
     too_long = [x for x in prefill if x > sched.max_num_batched_tokens] + \
         [b for b in batch if b > sched.max_num_seqs]
