@@ -124,6 +124,8 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
         self.vocab_parallel = vocab_parallel
         if mesh is not None:
             layout = TPLayout.for_model(model.config, mesh, vocab_parallel)  # ValueError if tp does not fit
+            if options.launch_thread and jax.process_count() > 1:
+                raise ValueError(f"launch_thread=True needs one process; this mesh spans {jax.process_count()}")
         # "xla" or "pallas"; empty picks pallas on NVIDIA GPUs and xla elsewhere.
         self.attention_backend = options.attention_backend or default_attention_backend()
         set_attention_backend(model, self.attention_backend)
@@ -134,7 +136,7 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
         self.runner = ModelRunner(model, cache_config, scheduler_config, layout,
                                   decode_steps=get_backend(self.attention_backend).decode_path,
                                   max_spec_tokens=max_spec_tokens, min_token_bucket=options.min_token_bucket,
-                                  programs=programs)
+                                  programs=programs, launch_thread=options.launch_thread)
         self.eos_ids = set(tokenizer.eos_ids) | set(model.config.eos_token_ids)
         self.scheduler = Scheduler(cache_config, scheduler_config, self.runner.num_pages, policy,
                                    drafter, max_spec_tokens, draft_budget if max_spec_tokens else None,

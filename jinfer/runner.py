@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import functools
@@ -19,6 +20,7 @@ from jinfer.attention import AttentionMetadata, tree_bits_from_parents
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.errors import PlanRejected
 from jinfer.kv_cache import KVCache
+from jinfer.launching import Launching
 from jinfer.programs import ProgramStore
 from jinfer.sampling import SamplingArrays, sample
 from jinfer.speculation import Draft
@@ -57,14 +59,14 @@ def num_pages_for(model_cfg, cache_cfg: CacheConfig, dtype, device=None, shards:
     return max(1, int(free * cache_cfg.memory_fraction) // page_bytes)
 
 
-class ModelRunner(Warmup):
+class ModelRunner(Warmup, Launching):
     """Owns the parameters and the KV cache; executes plans. Never sees Request objects.
     Compiling the step buckets ahead of use (warmup, warmup_background) is its mixin
-    (warmup.py)."""
+    (warmup.py), launching a step and reading it back another (launching.py)."""
 
     def __init__(self, model: nnx.Module, cache_cfg: CacheConfig, sched_cfg: SchedulerConfig,
                  layout=None, *, decode_steps: bool = False, max_spec_tokens: int = 0,
-                 min_token_bucket: int = 16, programs: ProgramStore | None = None):
+                 min_token_bucket: int = 16, programs: ProgramStore | None = None, launch_thread: bool = False):
         """layout: a sharding.tp.TPLayout to run tensor-parallel on its mesh; None = one device.
         decode_steps: mark steps where every sequence has one new token (AttentionMetadata.
         decode_only) so the attention backend can take its decode path; doubles the variants
@@ -72,7 +74,8 @@ class ModelRunner(Warmup):
         may carry (speculative decoding); each step then samples at every draft position.
         min_token_bucket: the smallest token bucket (EngineOptions.min_token_bucket).
         programs: compiled step programs shared with other runners of this model (jinfer.
-        programs); None: this runner's own.
+        programs); None: this runner's own. launch_thread: launch each step from a worker
+        thread (EngineOptions.launch_thread).
 
         The model may hold ShapeDtypeStructs in place of its arrays (jinfer.models.llama.
         abstract_model; one device only): the pool is made and step buckets compile as usual,
@@ -80,6 +83,11 @@ class ModelRunner(Warmup):
         weights load)."""
         self.max_spec_tokens = max_spec_tokens
         self.programs = programs
+        # With a launch thread the last step's launch may still be under way there: `kv` and
+        # `_prev_tokens` (its outputs) wait for it (_join), so a reader never sees the old ones.
+        self._pending: concurrent.futures.Future | None = None
+        self._launches = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jinfer-launch")
+                          if launch_thread else None)
         # Tree drafts need the attention mask of jinfer.attention.tree_bits (every non-decode
         # step of a speculating runner carries one, so there is one program per bucket).
         self.trees = max_spec_tokens > 0 and model.config.sliding_window is None
@@ -299,19 +307,12 @@ class ModelRunner(Warmup):
         fn = self._compiled.get(key)
         self.compiled_last = key not in self._seen  # this step (likely) compiled: its time is not a step's
         self._seen.add(key)
-        if fn is None:
-            with self._mesh():
-                tokens, logprobs, self.kv = self._step(self.state, self.kv, self._prev_tokens, *args)
-        else:
-            tokens, logprobs, self.kv = fn(self.state, self.kv, self._prev_tokens, *args)
-        self._prev_tokens = tokens
-        # Start reading the samples back now, while this step is the last one queued. With
-        # async scheduling fetch() comes after the next step is dispatched; a copy asked for
-        # only then can be queued behind that step, so the read-back of step N waits for step
-        # N+1 and the host work adds to the device time instead of hiding behind it (on GPUs
-        # the engine's steps measured as device + host time: benchmarks/engine.md).
-        tokens.copy_to_host_async()
-        logprobs.copy_to_host_async()
+        if self._launches is None:
+            tokens, logprobs, self.kv = self._launch(fn, self.kv, self._prev_tokens, args)
+            self._prev_tokens = tokens
+        else:  # returns at once; a reader of kv or _prev_tokens (the next dispatch) waits for it
+            self._pending = self._launches.submit(self._launch, fn, self.kv, self._prev_tokens, args)
+            tokens, logprobs = self._pending, None
         firsts = np.cumsum([0] + [1 + seq.num_draft for seq in plan.seqs])
         self._prev_rows = {seq.request_id: int(firsts[i]) for i, seq in enumerate(plan.seqs) if seq.sample}
         return tokens, logprobs, int(firsts[-1])
@@ -327,13 +328,6 @@ class ModelRunner(Warmup):
         arr = np.array(moves + [moves[-1]] * (size - len(moves)), np.int32).T
         with self._mesh():
             self.kv = self._move(self.kv, *arr)
-
-    @staticmethod
-    def fetch(handle) -> tuple[np.ndarray, np.ndarray]:
-        """Waits for a dispatched step; (token ids, logprobs) per sampling row, in plan order:
-        one row per scheduled sequence, 1 + num_draft for a sequence with a draft."""
-        tokens, logprobs, n = handle
-        return np.asarray(tokens)[:n], np.asarray(logprobs)[:n]
 
     def execute(self, plan: StepPlan) -> tuple[np.ndarray, np.ndarray]:
         """dispatch + fetch."""

@@ -1,5 +1,6 @@
 """Engine: greedy parity with HF, invariance to caching/chunking/preemption/arrival, API errors."""
 
+import concurrent.futures
 import dataclasses
 
 import numpy as np
@@ -11,6 +12,7 @@ from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig
 from jinfer.engine import Engine
 from jinfer.loader.hf import load_hf_model
 from jinfer.sampling_params import SamplingParams
+from jinfer.step_plan import ScheduledSeq, StepPlan
 from jinfer.tokenizer import Tokenizer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -178,6 +180,38 @@ def test_async_scheduling_changes_no_token(llama):
             for p in (True, False)]
     assert _tokens(runs[0]) == _tokens(runs[1])
     assert [o.finish_reason for o in runs[0]] == [o.finish_reason for o in runs[1]]
+
+
+def test_launch_thread_changes_no_token(llama):
+    """Steps launched from the worker thread: sampled, stopped and preempted requests as with
+    launches inline, pipelined or not; the pool's K/V and the fed-back ids are the launch's."""
+    params = [SAMPLED, GREEDY, SamplingParams(temperature=0.8, seed=3, max_tokens=12, stop_token_ids=(5, 77)),
+              dataclasses.replace(SAMPLED, seed=11), GREEDY]
+    want = _engine(llama, num_pages=20, budget=32).generate(_prompts(), params)
+    for pipelined in (True, False):
+        eng = _engine(llama, num_pages=20, budget=32, pipelined=pipelined)
+        eng.runner._launches = concurrent.futures.ThreadPoolExecutor(1)  # as EngineOptions(launch_thread=True)
+        preempted, orig = [], eng.scheduler.preempt
+        eng.scheduler.preempt = lambda req: (preempted.append(req.request_id), orig(req))
+        got = eng.generate(_prompts(), params)
+        assert _tokens(got) == _tokens(want) and preempted
+        assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
+
+
+def test_launch_thread_surfaces_a_failed_launch_at_the_next_read(llama):
+    eng = Engine(*llama[1:], CacheConfig(page_size=4, num_pages=40),
+                 SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=4, max_model_len=96),
+                 options=EngineOptions(launch_thread=True))
+    assert eng.runner._launches is not None
+    before = eng.runner.kv
+
+    def broken(*args):
+        raise RuntimeError("launch failed")
+    eng.runner._launch = broken
+    eng.runner.dispatch(StepPlan((ScheduledSeq("x", (1, 2, 3), 0, (0,), True, GREEDY, 0, 0, 0),)))
+    with pytest.raises(RuntimeError, match="launch failed"):
+        eng.runner.kv
+    assert eng.runner.kv is before  # the step's arrays stay those before it
 
 
 def test_n_samples_share_the_prompt_pages(llama, reference):

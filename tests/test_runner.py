@@ -129,9 +129,10 @@ def test_engine_benchmark_smoke_reports_every_measure():
 
 def test_engine_benchmark_backend_comparison_reports_each_backend_and_context():
     """--backends: engine vs bare loop per attention backend and context (a tiny model on CPU;
-    on a GPU the same flags measured benchmarks/engine.md's GPU section)."""
+    on a GPU the same flags measured benchmarks/engine.md's GPU section), here with the engine's
+    steps launched from the launch thread."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    args = ["--backends=xla,pallas", "--preset=tiny", "--decode_batch=2", "--decode_steps=3",
+    args = ["--backends=xla,pallas", "--launch_thread=true", "--preset=tiny", "--decode_batch=2", "--decode_steps=3",
             "--backend_contexts=5,20", "--page_size=4", "--max_num_batched_tokens=16", "--repeats=1"]
     res = subprocess.run([sys.executable, os.path.join(root, "tools", "bench_engine.py"), *args],
                          capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
@@ -142,7 +143,8 @@ def test_engine_benchmark_backend_comparison_reports_each_backend_and_context():
 
     def rows(text):
         return [line.split("|")[1:-1] for line in text.splitlines() if line.startswith(("| xla", "| pallas"))]
-    want = [("xla", "5"), ("xla", "20"), ("pallas", "5"), ("pallas", "20")]
+    want = [("xla+launch-thread", "5"), ("xla+launch-thread", "20"), ("pallas+launch-thread", "5"),
+            ("pallas+launch-thread", "20")]
     assert [(r[0].strip(), r[1].strip()) for r in rows(rates)] == want, res.stdout
     for r in rows(rates):
         bare, engine, ratio = (float(x.replace(",", "")) for x in r[2:5])
@@ -151,9 +153,10 @@ def test_engine_benchmark_backend_comparison_reports_each_backend_and_context():
     # no larger than the step, host work = step less the wait.
     assert [(r[0].strip(), r[1].strip()) for r in rows(host)] == want, res.stdout
     for r in rows(host):
-        step, dispatch, wait, post, rest, work = (float(x) for x in r[3:9])
+        step, dispatch, wait, post, rest, work, prepare, launch = (float(x) for x in r[3:11])
         assert step > 0 and dispatch > 0 and post > 0 and wait >= 0 and rest >= 0, r
         assert max(dispatch, wait, post, work) <= step + 0.01, r
+        assert 0 < prepare <= dispatch and launch >= 0, r  # dispatch = prepare + launch
     # The pipeline probe: the bare loop per step, plain, with the engine's late read-back (two
     # ways), and with its host work spent while the next step runs, so never shorter than it.
     assert [(r[0].strip(), r[1].strip()) for r in rows(probe)] == want, res.stdout

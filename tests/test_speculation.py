@@ -81,11 +81,13 @@ def model():
     return load_hf_model(TEST_MODEL_DIR), Tokenizer.from_dir(TEST_MODEL_DIR)
 
 
-def _engine(model, drafter=None, *, prefix=True, budget=64, num_pages=128, max_spec=6, pipelined=True):
+def _engine(model, drafter=None, *, prefix=True, budget=64, num_pages=128, max_spec=6, pipelined=True,
+            launch_thread=False):
     m, tok = model
     return Engine(m, tok, CacheConfig(page_size=16, num_pages=num_pages, enable_prefix_cache=prefix),
                   SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=8, max_model_len=256),
-                  options=EngineOptions(async_scheduling=pipelined), drafter=drafter, max_spec_tokens=max_spec)
+                  options=EngineOptions(async_scheduling=pipelined, launch_thread=launch_thread), drafter=drafter,
+                  max_spec_tokens=max_spec)
 
 
 def _run(engine, prompts, params):
@@ -131,7 +133,9 @@ def _cases():
 def test_speculation_emits_the_tokens_plain_decoding_does(model, kind, params, prefix, budget, num_pages):
     want, plain_steps, ref = _reference(model, params, prefix=prefix, budget=budget, num_pages=num_pages)
     drafter = DRAFTERS[kind](ref)
-    engine = _engine(model, drafter, prefix=prefix, budget=budget, num_pages=num_pages)
+    # The preempting cases launch their steps from the launch thread (a tree's K/V moves and
+    # preemptions read the pool while a launch may be under way there).
+    engine = _engine(model, drafter, prefix=prefix, budget=budget, num_pages=num_pages, launch_thread=num_pages < 64)
     preempt, preemptions = engine.scheduler.preempt, []
     engine.scheduler.preempt = lambda req: preemptions.append(req.request_id) or preempt(req)
     got, steps = _run(engine, PROMPTS, params)

@@ -78,6 +78,8 @@ flags.DEFINE_integer("repeats", 3, "Alternating runs of each comparison (engine 
 flags.DEFINE_list("backends", [], "Only compare these attention backends (e.g. xla,pallas): engine vs "
                   "bare decode loop on a random-weight model built in place.")
 flags.DEFINE_list("backend_contexts", ["128", "2048"], "Prompt lengths of the --backends comparison.")
+flags.DEFINE_list("launch_thread", ["false"], "--backends: run the engine with EngineOptions.launch_thread off "
+                  "and/or on (e.g. false,true); rows with it on are labelled backend+launch-thread.")
 flags.DEFINE_bool("host_profile", False, "--backends: after the timed runs, one more engine run per backend and "
                   "context under cProfile; the functions taking the most host time print to stderr.")
 flags.DEFINE_bool("test_model", True, "Also measure the embedded test model.")
@@ -288,7 +290,7 @@ def _engine_decode_rate(engine, batch: int, steps: int, prompt_len: int, phases:
         first.update(o.request_id for o in engine.step() if o.token_ids)
     engine.step()  # settle the pipeline
     shapes, runner = [], engine.runner
-    dispatch, fetch, postprocess = runner.dispatch, runner.fetch, engine._postprocess
+    dispatch, fetch, postprocess, prepare = runner.dispatch, runner.fetch, engine._postprocess, runner.prepare
     spent = dict.fromkeys(PHASES, 0.0)
 
     def timed(name, fn):
@@ -303,6 +305,7 @@ def _engine_decode_rate(engine, batch: int, steps: int, prompt_len: int, phases:
     runner.dispatch = timed("dispatch", lambda plan: shapes.append((plan.num_tokens, len(plan.seqs))) or dispatch(plan))
     runner.fetch = timed("wait", fetch)
     engine._postprocess = timed("postprocess", postprocess)
+    runner.prepare = timed("prepare", prepare)
     emitted, elapsed = 0, 0.0
     try:
         if profile is not None:
@@ -319,7 +322,7 @@ def _engine_decode_rate(engine, batch: int, steps: int, prompt_len: int, phases:
     finally:
         if profile is not None:
             profile.disable()
-        runner.dispatch, runner.fetch, engine._postprocess = dispatch, fetch, postprocess
+        runner.dispatch, runner.fetch, engine._postprocess, runner.prepare = dispatch, fetch, postprocess, prepare
     for rid in ids:
         engine.abort(rid)
     while engine.has_unfinished():
@@ -348,8 +351,10 @@ def _print_host_profile(engine, batch: int, steps: int, prompt_len: int, label: 
 # engine.step() split into: the whole call; dispatch (prepare the arrays, launch the step); the
 # wait for the previous step's tokens (async scheduling: the step launched one call earlier);
 # the rest of postprocess (verify, scheduler update, detokenize, outputs). Schedule and the
-# step's own bookkeeping are what is left of "step".
-PHASES = ("step", "dispatch", "wait", "postprocess")
+# step's own bookkeeping are what is left of "step". Prepare is the part of dispatch that builds
+# the step's arrays; the rest of dispatch is the launch (a launch that waits for the device,
+# instead of returning at once, shows here).
+PHASES = ("step", "dispatch", "wait", "postprocess", "prepare")
 
 
 def _host_seconds(phases: dict) -> float:
@@ -364,10 +369,11 @@ def _error_row(backend: str, context: int, err: Exception) -> str:
 def _phase_row(phases: dict) -> str:
     """Median ms per timed step of each phase, and the host work left beside the wait."""
     med = {name: statistics.median(phases[name]) * 1e3 for name in PHASES}
-    rest = statistics.median(s - d - w - p for s, d, w, p in zip(*(phases[name] for name in PHASES))) * 1e3
+    rest = statistics.median(s - d - w - p for s, d, w, p in zip(*(phases[name] for name in PHASES[:4]))) * 1e3
     host = _host_seconds(phases) * 1e3
+    launch = statistics.median(d - p for d, p in zip(phases["dispatch"], phases["prepare"])) * 1e3
     return (f"{med['step']:.2f} | {med['dispatch']:.2f} | {med['wait']:.2f} | {med['postprocess']:.2f} | "
-            f"{rest:.2f} | {host:.2f}")
+            f"{rest:.2f} | {host:.2f} | {med['prepare']:.2f} | {launch:.2f}")
 
 
 def _probe_row(runner, backend: str, batch: int, steps: int, prompt_len: int, phases: dict) -> str:
@@ -602,18 +608,20 @@ def _backend_comparison() -> str:
     lines = ["| backend | context | bare loop tok/s | engine tok/s | engine / bare | bare step ms | "
              "first pass s (compiles) |", "|---|---:|---:|---:|---:|---:|---:|"]
 
-    def build(backend):
+    def build(backend, launch_thread=False):
         return Engine(model, tok, CacheConfig(page_size=FLAGS.page_size, num_pages=pages, enable_prefix_cache=False),
                       SchedulerConfig(max_num_batched_tokens=FLAGS.max_num_batched_tokens, max_num_seqs=b,
                                       max_model_len=max_len),
-                      options=EngineOptions(attention_backend=backend))
+                      options=EngineOptions(attention_backend=backend, launch_thread=launch_thread))
 
     host_lines = ["| backend | context | bare step ms | step ms | dispatch ms | wait ms | postprocess ms | rest ms | "
-                  "host ms (step - wait) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "host ms (step - wait) | of dispatch: prepare ms | of dispatch: launch ms |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     probe_lines = ["| backend | context | bare ms | read back late ms | read back from launch ms | "
                    "the same + host work ms | host work ms |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for backend in FLAGS.backends:
-        engine = build(backend)
+    threads = [flags.BooleanParser().parse(x) for x in FLAGS.launch_thread]
+    for backend, thread in [(name, t) for name in FLAGS.backends for t in threads]:
+        engine, label = build(backend, thread), backend + ("+launch-thread" if thread else "")
         for plen in contexts:
             try:
                 t0 = time.perf_counter()
@@ -627,21 +635,21 @@ def _backend_comparison() -> str:
                     engs.append(_engine_decode_rate(engine, b, n, plen, phases))
                 ratio = statistics.median(e / x for e, x in zip(engs, bares))
                 bare_ms = statistics.median(steps) * 1e3
-                lines.append(f"| {backend} | {plen} | {statistics.median(bares):,.0f} | "
+                lines.append(f"| {label} | {plen} | {statistics.median(bares):,.0f} | "
                              f"{statistics.median(engs):,.0f} | {ratio:.2f} | {bare_ms:.2f} | {first:.1f} |")
-                host_lines.append(f"| {backend} | {plen} | {bare_ms:.2f} | {_phase_row(phases)} |")
+                host_lines.append(f"| {label} | {plen} | {bare_ms:.2f} | {_phase_row(phases)} |")
                 if FLAGS.host_profile:
-                    _print_host_profile(engine, b, n, plen, f"{backend}, context {plen}")
+                    _print_host_profile(engine, b, n, plen, f"{label}, context {plen}")
                 print(host_lines[-1], file=sys.stderr, flush=True)
             except Exception as err:  # noqa: BLE001 - reported, the other backends still run
-                lines.append(_error_row(backend, plen, err))
+                lines.append(_error_row(label, plen, err))
                 print(lines[-1], file=sys.stderr, flush=True)
                 continue
             print(lines[-1], file=sys.stderr, flush=True)
             try:
-                probe_lines.append(_probe_row(engine.runner, backend, b, n, plen, phases))
+                probe_lines.append(_probe_row(engine.runner, label, b, n, plen, phases))
             except Exception as err:  # noqa: BLE001 - the tables above stand without it
-                probe_lines.append(_error_row(backend, plen, err))
+                probe_lines.append(_error_row(label, plen, err))
             print(probe_lines[-1], file=sys.stderr, flush=True)
         del engine
     device = jax.devices()[0]
@@ -655,7 +663,8 @@ def _backend_comparison() -> str:
     lines += ["", "The engine's timed steps on the host (medians per step; see PHASES in the script): dispatch = "
                   "prepare + launch, wait = reading back the step launched one call earlier, postprocess = the "
                   "rest of it, rest = schedule and bookkeeping. With the host hidden behind the device, step is "
-                  "about the bare step and wait takes up the difference.", "", *host_lines]
+                  "about the bare step and wait takes up the difference; a launch that takes about a device "
+                  "step waits for the device.", "", *host_lines]
     lines += ["", "Pipeline probe (medians of --repeats alternating runs): the bare loop's steps back to back "
                   "(ms per step, run beside the others), then the same loop reading "
                   "each step's ids and logprobs on the host one step late as the engine does (the copy asked for "

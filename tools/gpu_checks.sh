@@ -1,30 +1,35 @@
 #!/usr/bin/env bash
 # The GPU checks in one pass, each stage under its own time limit so one that hangs or fails
-# leaves the others' results: the kernel and engine tests with the kernels compiled, the kernel
-# grid (tools/bench_kernels.py) with the KV-write comparison, the engine's backends on a ~1B
-# random-weight Llama (tools/bench_engine.py --backends), and the block-size sweep.
+# leaves the others' results. The default pass (what the next lent machine should answer first,
+# as of 2026-12-06): the kernel and engine tests with the kernels compiled (tests), the engine on
+# the default model's shape with its host split and a host profile (smollm2), the engine on a
+# ~0.89B random-weight Llama with Pallas (engine; both with EngineOptions.launch_thread off and
+# on), the default model's shape with XLA's command buffers off and widened (graphs: is the step
+# launch-bound?), the 8B shape's step costs with drafted steps beside plain ones (profile:
+# tools/profile_engine.py), and speculation at batch 1/8/32 on the embedded test model (spec:
+# tools/bench_spec.py).
 #
 #   OUT=results tools/gpu_checks.sh                    # logs and tables land in $OUT
 #   OUT=results STAGES="suite" tools/gpu_checks.sh      # the whole default test run instead
+#   OUT=results STAGES="kernels sweep" tools/gpu_checks.sh   # the kernel grid and block sweep
 #
-# The device tool brings back at most 8 files: the smollm2 and spec stages leave their tables in
+# The device tool brings back at most 8 files: the engine, smollm2 and spec stages leave their tables in
 # their logs only (each tool prints its table), so that every stage fits.
 #
-# STAGES names the stages to run, in order (default "tests kernels engine sweep"; env always runs
-# first; ENGINE_BACKENDS and ENGINE_CONTEXTS pick the engine stage's backends and contexts, default
-# pallas,xla and 2048,128; ENGINE_EXTRA adds flags to it and to smollm2's). Further stages:
-# smollm2 (the engine on the default model's shape), spec (tools/bench_spec.py at batch 1/8/32),
-# profile (the 8B shape's step costs, drafted steps beside plain ones: tools/profile_engine.py).
-# "suite" is the whole `make test` selection (not slow) less the tests marked multi_device, in
-# 14 workers, under SUITE_S (540 s): one device command of its own. Stage limits in seconds
-# (TESTS_S, KERNELS_S, ENGINE_S, SWEEP_S, SMOLLM2_S, SPEC_S, PROFILE_S override them); those of
-# the default stages add up to 580 s; with the wheels' install and the env stage (about 15 s)
-# that is inside one 10-minute device command, with little to spare (the sweep is last: it is
-# the stage a slow run cuts). DEADLINE_S (seconds from the start) cuts every stage's limit to
-# what is left before it. Each test also has a limit of its own (TEST_TIMEOUT_S, where
-# pytest-timeout is installed) so that one hung test cannot hold a test stage; a stage that
-# reaches its own limit is killed without pytest's summary, so the per-test lines of the log
-# (-v) are the record.
+# STAGES names the stages to run, in order (env always runs first). ENGINE_BACKENDS and
+# ENGINE_CONTEXTS pick the engine stage's backends and contexts (default pallas and 2048,128);
+# ENGINE_EXTRA adds flags to it and to smollm2's (default: --host_profile
+# --launch_thread=false,true); TESTS_K narrows the tests stage (pytest -k). "kernels" is the
+# kernel grid (tools/bench_kernels.py) with the KV-write comparison, "sweep" the block-size
+# sweep. "suite" is the whole `make test` selection (not slow) less the tests marked
+# multi_device, in 14 workers, under SUITE_S (540 s): one device command of its own. Stage
+# limits in seconds (TESTS_S, KERNELS_S, ENGINE_S, SWEEP_S, SMOLLM2_S, GRAPHS_S (each of its two
+# runs), SPEC_S, PROFILE_S override them); DEADLINE_S (seconds from the start, default 570) cuts
+# every stage's limit to what is left before it, so the default pass ends inside one 10-minute
+# device command with the wheels' install (spec, last, takes what is left).
+# Each test also has a limit of its own (TEST_TIMEOUT_S, where pytest-timeout is installed) so
+# that one hung test cannot hold a test stage; a stage that reaches its own limit is killed
+# without pytest's summary, so the per-test lines of the log (-v) are the record.
 #
 # Runs from the repository root under the machine's python3 (JAX with CUDA); PYTHON overrides.
 # Packages the machine lacks can sit as wheels in .whl/ (installed into /tmp/site first):
@@ -35,16 +40,19 @@ set -u
 OUT=${OUT:-gpu_results}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-STAGES=${STAGES:-tests kernels engine sweep}
+STAGES=${STAGES:-tests smollm2 engine graphs profile spec}
+DEADLINE_S=${DEADLINE_S:-570}
+ENGINE_EXTRA=${ENGINE_EXTRA---host_profile --launch_thread=false,true}
 for name in $STAGES; do
-  case $name in tests|suite|kernels|engine|smollm2|spec|profile|sweep) ;;
-    *) echo "unknown stage '$name' in STAGES (tests suite kernels engine smollm2 spec profile sweep)" >&2; exit 2;;
+  case $name in tests|suite|kernels|engine|smollm2|graphs|spec|profile|sweep) ;;
+    *) echo "unknown stage '$name' in STAGES (tests suite kernels engine smollm2 graphs spec profile sweep)" >&2
+       exit 2;;
   esac
 done
 mkdir -p "$OUT"
 start=$SECONDS
 stage() { echo "== $1 at $((SECONDS - start)) s" | tee -a "$OUT/env.txt"; }
-# A stage's limit, cut to what is left before DEADLINE_S (seconds from the start; unset: none).
+# A stage's limit, cut to what is left before DEADLINE_S (seconds from the start; empty: none).
 limit() {
   local want=$1
   [ -n "${DEADLINE_S:-}" ] && want=$(( want < DEADLINE_S - (SECONDS - start) ? want : DEADLINE_S - (SECONDS - start) ))
@@ -98,7 +106,7 @@ run_tests() {
   # processes, are the slowest); that run included the slow set, which this one leaves out as
   # make test does.
   # TESTS_K narrows them (pytest -k).
-  pytest_stage "$(limit "${TESTS_S:-130}")" tests.log -m "not slow and not multi_device" ${TESTS_K:+-k "$TESTS_K"} \
+  pytest_stage "$(limit "${TESTS_S:-90}")" tests.log -m "not slow and not multi_device" ${TESTS_K:+-k "$TESTS_K"} \
     tests/test_pallas_kernels.py tests/test_pallas_backend.py tests/test_engine.py tests/test_greedy.py \
     tests/test_runner.py tests/test_xla_attention.py
 }
@@ -116,14 +124,13 @@ run_kernels() {
 }
 
 run_engine() {
-  # Pallas first: its rows are the ones the GPU section lacks. A step budget of 1024 tokens
-  # compiled in 18 s on an H100 where 2048 took 88 s. All four rows and the parts line took
-  # 246 s on an H200, before the pipeline probe was added (four more back-to-back bare loops
-  # per row and repeat: about 20 s more at xla 2048, a few seconds at the other rows).
-  timeout "$(limit "${ENGINE_S:-290}")" $PY tools/bench_engine.py --backends="${ENGINE_BACKENDS:-pallas,xla}" \
+  # Pallas only by default (the xla rows were measured on both GPUs). A step budget of 1024
+  # tokens compiled in 18 s on an H100 where 2048 took 88 s. All four rows and the parts line
+  # took 246 s on an H200 before the pipeline probe; the two pallas rows with it, 61 s on an H100.
+  timeout "$(limit "${ENGINE_S:-130}")" $PY tools/bench_engine.py --backends="${ENGINE_BACKENDS:-pallas}" \
     --hidden_size=2048 --num_layers=16 --vocab_size=32000 \
     --dtype=bfloat16 --decode_batch=64 --decode_steps=32 --backend_contexts="${ENGINE_CONTEXTS:-2048,128}" \
-    --max_num_batched_tokens=1024 --repeats=3 ${ENGINE_EXTRA:-} --out="$OUT/engine.md" >"$OUT/engine.log" 2>&1
+    --max_num_batched_tokens=1024 --repeats=3 ${ENGINE_EXTRA:-} >"$OUT/engine.log" 2>&1
 }
 
 run_smollm2() {
@@ -132,6 +139,20 @@ run_smollm2() {
   timeout "$(limit "${SMOLLM2_S:-90}")" $PY tools/bench_engine.py --backends="${SMOLLM2_BACKENDS:-pallas}" \
     --preset=smollm2-135m --dtype=bfloat16 --decode_batch=64 --decode_steps=32 --backend_contexts=2048,128 \
     --max_num_batched_tokens=1024 --repeats=3 ${ENGINE_EXTRA:-} >"$OUT/smollm2.log" 2>&1
+}
+
+run_graphs() {
+  # Is the step launch-bound? The default model's shape at context 128 (the shortest device
+  # step) with XLA's command buffers (CUDA graphs) off, then with more op kinds in them than by
+  # default and no minimum graph size; the smollm2 stage's rows are XLA's defaults.
+  local flags
+  for flags in "--xla_gpu_enable_command_buffer=" \
+      "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL,+CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"; do
+    echo "== XLA_FLAGS=$flags" >>"$OUT/graphs.log"
+    XLA_FLAGS="$flags" timeout "$(limit "${GRAPHS_S:-30}")" $PY tools/bench_engine.py --backends=pallas \
+      --preset=smollm2-135m --dtype=bfloat16 --decode_batch=64 --decode_steps=32 --backend_contexts=128 \
+      --max_num_batched_tokens=1024 --repeats=3 >>"$OUT/graphs.log" 2>&1
+  done
 }
 
 run_spec() {
@@ -145,7 +166,7 @@ run_profile() {
   # Step costs of the 8B shape (random weights, bf16, Pallas) on a grid of prefill chunks and
   # decode batches, fitted as the router's and the simulator's cost model; each decode batch again
   # with a 4-token draft per sequence (a drafted step's cost beside the plain one's).
-  timeout "$(limit "${PROFILE_S:-130}")" $PY tools/profile_engine.py --config=configs/llama3_8b.py \
+  timeout "$(limit "${PROFILE_S:-150}")" $PY tools/profile_engine.py --config=configs/llama3_8b.py \
     --config.engine.compilation_cache= --prefill=64,256,1024 --cached=0 --batch=1,8,32,64 --context=512,2048 \
     --drafts=4 --repeats=3 --out="$OUT/cost_model_8b.json" >"$OUT/profile.log" 2>&1
 }
