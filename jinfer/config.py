@@ -230,9 +230,10 @@ class EngineOptions:
     """Dispatch step N+1 before reading step N's tokens (host work overlaps the device's)."""
     launch_thread: bool = False
     """Launch each step from a worker thread (jinfer/launching.py), so that the launch's own host
-    work (JAX's argument handling, XLA's kernel-by-kernel enqueue: several ms a step on a GPU)
-    overlaps the engine's Python work on the step before; same tokens either way. One process's
-    devices only (not a multi-process mesh)."""
+    work (JAX's argument handling, XLA's kernel-by-kernel enqueue) overlaps the engine's Python
+    work on the step before; same tokens either way. Off until measured on a GPU (where the
+    engine's dispatch took 5.9-9.7 ms a step, launch and prepare not yet told apart:
+    benchmarks/engine.md). One process's devices only (not a multi-process mesh)."""
     warmup: bool = False
     """Compile every step bucket at construction, so no request waits on a compilation (servers
     set it: configs/*.py); false: each bucket compiles on its first step."""

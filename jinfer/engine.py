@@ -119,13 +119,10 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
         self.options = options
         if options.compilation_cache:
             enable_compilation_cache(options.compilation_cache)
-        vocab_parallel = options.vocab_parallel
-        layout = None
-        self.vocab_parallel = vocab_parallel
-        if mesh is not None:
-            layout = TPLayout.for_model(model.config, mesh, vocab_parallel)  # ValueError if tp does not fit
-            if options.launch_thread and jax.process_count() > 1:
-                raise ValueError(f"launch_thread=True needs one process; this mesh spans {jax.process_count()}")
+        self.vocab_parallel = vocab_parallel = options.vocab_parallel
+        layout = None if mesh is None else TPLayout.for_model(model.config, mesh, vocab_parallel)  # may refuse tp
+        if options.launch_thread and mesh is not None and jax.process_count() > 1:
+            raise ValueError(f"launch_thread=True needs one process; this mesh spans {jax.process_count()}")
         # "xla" or "pallas"; empty picks pallas on NVIDIA GPUs and xla elsewhere.
         self.attention_backend = options.attention_backend or default_attention_backend()
         set_attention_backend(model, self.attention_backend)
@@ -298,6 +295,7 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
         self.scheduler = fresh
         self._groups = {}
         self._inflight, self._held_outputs, self._busy = None, [], False
+        self.runner.drop_launch()  # one under way in the launch thread goes too, its error with it
         self.host_kv = HostKVTier()
 
     def is_unfinished(self, request_id: str) -> bool:

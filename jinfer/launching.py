@@ -11,56 +11,88 @@ first read.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
+import threading
+import weakref
 
 import jax
 import numpy as np
 
 from jinfer.kv_cache import KVCache
 
+log = logging.getLogger(__name__)
+
 
 class Launching:
-    """Uses the runner's `_step`, `state`, `_mesh()`, and `_launches` (a one-thread executor or
-    None) and `_pending` (the launch under way there) that the runner sets up."""
+    """Uses the runner's `_step`, `state`, `_mesh()`; the runner calls _setup_launches first.
+    `_kv` and `_prev` are the arrays themselves: read their shapes there (a background compile),
+    never their contents, while a launch may be under way."""
 
-    _pending: concurrent.futures.Future | None
     _kv: KVCache
     _prev: jax.Array
+
+    def _setup_launches(self, launch_thread: bool) -> None:
+        self._pending: concurrent.futures.Future | None = None  # the launch under way, if any
+        self._join_lock = threading.Lock()  # the engine loop and a reader elsewhere may both join
+        self._launches = None
+        if launch_thread:
+            self._launches = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jinfer-launch")
+            # An idle worker must not outlive its runner (nor hold up the interpreter's exit).
+            weakref.finalize(self, self._launches.shutdown, wait=False)
 
     @property
     def kv(self) -> KVCache:
         """The KV pool; with a launch thread, once the last step's launch has returned it."""
-        self._join()
+        self.join_launch()
         return self._kv
 
     @kv.setter
     def kv(self, value: KVCache) -> None:
-        self._join()
+        self.join_launch()
         self._kv = value
 
     @property
     def _prev_tokens(self) -> jax.Array:
-        self._join()
+        self.join_launch()
         return self._prev
 
     @_prev_tokens.setter
     def _prev_tokens(self, value: jax.Array) -> None:
-        self._join()
+        self.join_launch()
         self._prev = value
 
-    def _join(self) -> None:
-        """Takes the outputs of a launch still under way in the launch thread (its error, if
-        it failed: the step's arrays stay those before it)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            self._prev, _, self._kv = pending.result()
+    def join_launch(self) -> None:
+        """Takes the outputs of a launch still under way in the launch thread; raises its error,
+        if it failed (the step's arrays stay those before it, and the launch counts as taken:
+        the next call returns at once)."""
+        if self._pending is None:
+            return
+        with self._join_lock:
+            pending = self._pending
+            if pending is None:
+                return
+            try:
+                self._prev, _, self._kv = pending.result()
+            finally:
+                self._pending = None
 
-    def _launch(self, fn, kv, prev, args):
-        """Enqueues one step (fn: its compiled program, None: trace and compile it now)."""
+    def drop_launch(self) -> None:
+        """Waits for a launch under way and forgets it, failed or not (Engine.reset drops the
+        step in flight unread)."""
+        try:
+            self.join_launch()
+        except Exception:  # noqa: BLE001 - the step it launched is dropped
+            log.exception("the step launched last failed; dropped")
+
+    def _launch(self, fn, step, state, kv, prev, args):
+        """Enqueues one step: fn, its compiled program, or (None) the jitted `step`, traced and
+        compiled now under the runner's mesh. Everything it reads is passed in, as it was when
+        the launch was asked for."""
         if fn is None:
             with self._mesh():
-                out = self._step(self.state, kv, prev, *args)
+                out = step(state, kv, prev, *args)
         else:
-            out = fn(self.state, kv, prev, *args)
+            out = fn(state, kv, prev, *args)
         # Start reading the samples back now, while this step is the last one queued. With
         # async scheduling fetch() comes after the next step is dispatched; a copy asked for
         # only then can be queued behind that step, so the read-back of step N waits for step
@@ -70,11 +102,12 @@ class Launching:
         out[1].copy_to_host_async()
         return out
 
-    @staticmethod
-    def fetch(handle) -> tuple[np.ndarray, np.ndarray]:
+    def fetch(self, handle) -> tuple[np.ndarray, np.ndarray]:
         """Waits for a dispatched step; (token ids, logprobs) per sampling row, in plan order:
         one row per scheduled sequence, 1 + num_draft for a sequence with a draft."""
         tokens, logprobs, n = handle
-        if logprobs is None:  # launched in the launch thread: wait for the launch first
+        if logprobs is None:  # launched in the launch thread: its launch first (its error here)
+            if self._pending is tokens:
+                self.join_launch()
             tokens, logprobs, _ = tokens.result()
         return np.asarray(tokens)[:n], np.asarray(logprobs)[:n]

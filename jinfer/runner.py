@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import copy
 import functools
@@ -84,10 +83,8 @@ class ModelRunner(Warmup, Launching):
         self.max_spec_tokens = max_spec_tokens
         self.programs = programs
         # With a launch thread the last step's launch may still be under way there: `kv` and
-        # `_prev_tokens` (its outputs) wait for it (_join), so a reader never sees the old ones.
-        self._pending: concurrent.futures.Future | None = None
-        self._launches = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jinfer-launch")
-                          if launch_thread else None)
+        # `_prev_tokens` (its outputs) wait for it (join_launch), so a reader never sees the old ones.
+        self._setup_launches(launch_thread)
         # Tree drafts need the attention mask of jinfer.attention.tree_bits (every non-decode
         # step of a speculating runner carries one, so there is one program per bucket).
         self.trees = max_spec_tokens > 0 and model.config.sliding_window is None
@@ -126,6 +123,7 @@ class ModelRunner(Warmup, Launching):
     def set_weights(self, state) -> None:
         """Takes `state` (arrays with the runner's structure, shapes and dtypes, checked by the
         caller: Engine.update_weights) as its weights; steps may run from now on."""
+        self.join_launch()  # a launch under way took the old ones
         self.state = state
         self.awaiting_weights = False
 
@@ -170,6 +168,7 @@ class ModelRunner(Warmup, Launching):
         """
         if self.awaiting_weights:
             raise RuntimeError("the runner has the weights' shapes only: set_weights() before reshard()")
+        self.join_launch()  # a launch under way reads the weights this moves
         self.state, weights = reshard_tree(self.state, layout.state_shardings(self.state))
         kv_targets = jax.tree.map(lambda _: layout.kv_sharding, self.kv)
         self.kv, kv = reshard_tree(self.kv, kv_targets)
@@ -307,11 +306,12 @@ class ModelRunner(Warmup, Launching):
         fn = self._compiled.get(key)
         self.compiled_last = key not in self._seen  # this step (likely) compiled: its time is not a step's
         self._seen.add(key)
+        launch = (fn, self._step, self.state, self.kv, self._prev_tokens, args)
         if self._launches is None:
-            tokens, logprobs, self.kv = self._launch(fn, self.kv, self._prev_tokens, args)
+            tokens, logprobs, self.kv = self._launch(*launch)
             self._prev_tokens = tokens
         else:  # returns at once; a reader of kv or _prev_tokens (the next dispatch) waits for it
-            self._pending = self._launches.submit(self._launch, fn, self.kv, self._prev_tokens, args)
+            self._pending = self._launches.submit(self._launch, *launch)
             tokens, logprobs = self._pending, None
         firsts = np.cumsum([0] + [1 + seq.num_draft for seq in plan.seqs])
         self._prev_rows = {seq.request_id: int(firsts[i]) for i, seq in enumerate(plan.seqs) if seq.sample}

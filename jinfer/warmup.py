@@ -64,10 +64,10 @@ class Warmup:
 
     def _compile_key(self, key: tuple[int, int, bool], into: dict) -> None:
         # Shapes only for the pool and the previous samples: a background compile must not
-        # touch arrays the step in flight donates or replaces.
-        kv = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.kv)
-        prev = jax.ShapeDtypeStruct(self._prev_tokens.shape, self._prev_tokens.dtype,
-                                    sharding=self._prev_tokens.sharding)
+        # touch arrays the step in flight donates or replaces, nor wait for a launch under way
+        # in the launch thread (jinfer/launching.py: `_kv` and `_prev` without joining it).
+        kv = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self._kv)
+        prev = jax.ShapeDtypeStruct(self._prev.shape, self._prev.dtype, sharding=self._prev.sharding)
         inputs = self._empty_inputs(*key)
 
         def compile_step():

@@ -198,20 +198,30 @@ def test_launch_thread_changes_no_token(llama):
         assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
 
 
-def test_launch_thread_surfaces_a_failed_launch_at_the_next_read(llama):
+def test_launch_thread_surfaces_a_failed_launch_and_reset_forgets_it(llama, reference):
+    """A launch that fails in the launch thread raises where its outputs are read (the step's
+    fetch, or the pool) and only there; the arrays stay those before it; Engine.reset drops a
+    failed launch still under way, and the engine serves again."""
     eng = Engine(*llama[1:], CacheConfig(page_size=4, num_pages=40),
                  SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=4, max_model_len=96),
                  options=EngineOptions(launch_thread=True))
-    assert eng.runner._launches is not None
-    before = eng.runner.kv
+    runner, before = eng.runner, eng.runner.kv
+    plan = StepPlan((ScheduledSeq("x", (1, 2, 3), 0, (0,), True, GREEDY, 0, 0, 0),))
 
     def broken(*args):
         raise RuntimeError("launch failed")
-    eng.runner._launch = broken
-    eng.runner.dispatch(StepPlan((ScheduledSeq("x", (1, 2, 3), 0, (0,), True, GREEDY, 0, 0, 0),)))
+    runner._launch = broken
+    handle = runner.dispatch(plan)
     with pytest.raises(RuntimeError, match="launch failed"):
-        eng.runner.kv
-    assert eng.runner.kv is before  # the step's arrays stay those before it
+        runner.fetch(handle)
+    assert runner.kv is before  # read again: the failure was taken once, the pool is the old one
+    runner.dispatch(plan)
+    with pytest.raises(RuntimeError, match="launch failed"):
+        runner.kv
+    runner.dispatch(plan)
+    eng.reset()  # drops the failed launch under way without raising
+    del runner._launch  # the class's again
+    assert [o.token_ids for o in eng.generate([_prompts()[0]], GREEDY)] == [reference[0]]
 
 
 def test_n_samples_share_the_prompt_pages(llama, reference):

@@ -208,7 +208,8 @@ def test_static_validation_names_the_bad_input(fn, change, message):
 def test_kernels_lower_to_triton_for_cuda(dtype, group, head_dim):
     """Without a GPU, cross-lower for CUDA: every op in both kernels has a Triton lowering and
     all tile shapes are legal (the final PTX compile still needs a GPU). Triton takes only
-    power-of-two tiles: groups of 3 (the default model) and 7 failed on an H100 until padded."""
+    power-of-two tiles: a group of 3 (the default model's) failed on an H100, and groups of 3
+    and 7 failed this cross-lowering the same way, until padded."""
     rng = np.random.default_rng(0)
     q, kp, vp, cu, lens, table, n = _ragged_case(rng, page_size=16, group=group, head_dim=head_dim,
                                                  dtype=dtype, q_lens=[1, 9, 20], kv_lens=[40, 9, 60])

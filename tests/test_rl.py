@@ -153,13 +153,13 @@ def test_rl_epochs_with_and_without_speculation_are_bit_identical(model):
         engine = _engine(model, drafter=drafter, max_spec_tokens=4)
         trainer = rl.PolicyTrainer(m, learning_rate=1e-4)
         rollouts = []
-        records = rl.run_epochs(engine, tok, trainer, rl.PROBLEMS[:4], epochs=3, group_size=4, max_tokens=32,
+        records = rl.run_epochs(engine, tok, trainer, rl.PROBLEMS[:4], epochs=2, group_size=4, max_tokens=32,
                                 seed=7, on_epoch=lambda record, rs: rollouts.append(rs))
         return records, rollouts, engine
 
     plain, plain_rollouts, plain_engine = run(None)
     spec, spec_rollouts, _ = run(SuffixDrafter())
-    for epoch in range(3):
+    for epoch in range(2):  # the second epoch runs on the weights the first one trained
         assert [r.token_ids for r in spec_rollouts[epoch]] == [r.token_ids for r in plain_rollouts[epoch]]
         assert [r.reward for r in spec_rollouts[epoch]] == [r.reward for r in plain_rollouts[epoch]]
         assert spec[epoch]["loss"] == plain[epoch]["loss"]

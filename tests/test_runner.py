@@ -236,8 +236,10 @@ def test_background_warmup_serves_within_compiled_buckets_until_the_rest_compile
             return super().get_or_compile(key, compile_fn)
 
     try:
+        # With the launch thread: the background compiles read the pool's shapes while launches
+        # are under way there, and must neither wait for them nor take their outputs.
         eng = Engine(load_hf_model(path), Tokenizer.from_dir(path), CacheConfig(page_size=4, num_pages=64), sched,
-                     options=EngineOptions(warmup=True, warmup_background=True), programs=Held())
+                     options=EngineOptions(warmup=True, warmup_background=True, launch_thread=True), programs=Held())
         runner = eng.runner
         assert runner.compiled_buckets() == {(16, 4, False)} and runner.ready_tokens() == 16
         sizes = []

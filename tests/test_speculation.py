@@ -118,9 +118,11 @@ SAMPLED = SamplingParams(temperature=1.0, top_p=0.9, seed=3, max_tokens=40, igno
 
 def _cases():
     """Every drafter x sampling x (prefix cache, small budget, preemption); the default run
-    keeps three that between them cover each value (greedy chains with the prefix cache also
-    run in test_real_drafters_keep_the_tokens_and_save_steps), the rest are in the slow set."""
-    fast = {("tree", "sampled", "prefix"), ("chain", "sampled", "small-budget"), ("tree", "greedy", "preempting")}
+    keeps two that between them cover each drafter, sampling and setup but the prefix cache
+    (greedy chains with the prefix cache run in test_real_drafters_keep_the_tokens_and_save_steps,
+    sampled trees in test_sampled_tokens_follow_the_model_distribution), the rest are in the
+    slow set."""
+    fast = {("chain", "sampled", "small-budget"), ("tree", "greedy", "preempting")}
     for kind in DRAFTERS:
         for pname, params in (("greedy", GREEDY), ("sampled", SAMPLED)):
             for name, setup in (("prefix", (True, 64, 128)), ("small-budget", (False, 16, 128)),

@@ -81,7 +81,8 @@ flags.DEFINE_list("backend_contexts", ["128", "2048"], "Prompt lengths of the --
 flags.DEFINE_list("launch_thread", ["false"], "--backends: run the engine with EngineOptions.launch_thread off "
                   "and/or on (e.g. false,true); rows with it on are labelled backend+launch-thread.")
 flags.DEFINE_bool("host_profile", False, "--backends: after the timed runs, one more engine run per backend and "
-                  "context under cProfile; the functions taking the most host time print to stderr.")
+                  "context under cProfile; the functions taking the most host time print to stderr (the "
+                  "engine's thread only: with --launch_thread the launch itself is not in it).")
 flags.DEFINE_bool("test_model", True, "Also measure the embedded test model.")
 flags.DEFINE_bool("real_model", True, "Also measure the default model, SmolLM2-135M-Instruct (its GGUF file, "
                   "dequantized; HF loads the same file).")
@@ -353,7 +354,8 @@ def _print_host_profile(engine, batch: int, steps: int, prompt_len: int, label: 
 # the rest of postprocess (verify, scheduler update, detokenize, outputs). Schedule and the
 # step's own bookkeeping are what is left of "step". Prepare is the part of dispatch that builds
 # the step's arrays; the rest of dispatch is the launch (a launch that waits for the device,
-# instead of returning at once, shows here).
+# instead of returning at once, shows here). With the launch thread the rest is the wait for
+# the previous step's launch to finish there, and handing this one over.
 PHASES = ("step", "dispatch", "wait", "postprocess", "prepare")
 
 
@@ -638,8 +640,6 @@ def _backend_comparison() -> str:
                 lines.append(f"| {label} | {plen} | {statistics.median(bares):,.0f} | "
                              f"{statistics.median(engs):,.0f} | {ratio:.2f} | {bare_ms:.2f} | {first:.1f} |")
                 host_lines.append(f"| {label} | {plen} | {bare_ms:.2f} | {_phase_row(phases)} |")
-                if FLAGS.host_profile:
-                    _print_host_profile(engine, b, n, plen, f"{label}, context {plen}")
                 print(host_lines[-1], file=sys.stderr, flush=True)
             except Exception as err:  # noqa: BLE001 - reported, the other backends still run
                 lines.append(_error_row(label, plen, err))
@@ -647,6 +647,8 @@ def _backend_comparison() -> str:
                 continue
             print(lines[-1], file=sys.stderr, flush=True)
             try:
+                if FLAGS.host_profile:
+                    _print_host_profile(engine, b, n, plen, f"{label}, context {plen}")
                 probe_lines.append(_probe_row(engine.runner, label, b, n, plen, phases))
             except Exception as err:  # noqa: BLE001 - the tables above stand without it
                 probe_lines.append(_error_row(label, plen, err))

@@ -2,12 +2,12 @@
 # The GPU checks in one pass, each stage under its own time limit so one that hangs or fails
 # leaves the others' results. The default pass (what the next lent machine should answer first,
 # as of 2026-12-06): the kernel and engine tests with the kernels compiled (tests), the engine on
-# the default model's shape with its host split and a host profile (smollm2), the engine on a
-# ~0.89B random-weight Llama with Pallas (engine; both with EngineOptions.launch_thread off and
-# on), the default model's shape with XLA's command buffers off and widened (graphs: is the step
-# launch-bound?), the 8B shape's step costs with drafted steps beside plain ones (profile:
-# tools/profile_engine.py), and speculation at batch 1/8/32 on the embedded test model (spec:
-# tools/bench_spec.py).
+# the default model's shape (smollm2) and on a ~0.89B random-weight Llama at context 2048
+# (engine), Pallas, each with its host split, a host profile and EngineOptions.launch_thread off
+# and on; the 8B shape's step costs with drafted steps beside plain ones (profile:
+# tools/profile_engine.py); the default model's shape with XLA's command buffers off and
+# widened (graphs: is the step launch-bound?); speculation at batch 1/8/32 on the embedded test
+# model with what time is left (spec: tools/bench_spec.py).
 #
 #   OUT=results tools/gpu_checks.sh                    # logs and tables land in $OUT
 #   OUT=results STAGES="suite" tools/gpu_checks.sh      # the whole default test run instead
@@ -17,7 +17,7 @@
 # their logs only (each tool prints its table), so that every stage fits.
 #
 # STAGES names the stages to run, in order (env always runs first). ENGINE_BACKENDS and
-# ENGINE_CONTEXTS pick the engine stage's backends and contexts (default pallas and 2048,128);
+# ENGINE_CONTEXTS pick the engine stage's backends and contexts (default pallas and 2048);
 # ENGINE_EXTRA adds flags to it and to smollm2's (default: --host_profile
 # --launch_thread=false,true); TESTS_K narrows the tests stage (pytest -k). "kernels" is the
 # kernel grid (tools/bench_kernels.py) with the KV-write comparison, "sweep" the block-size
@@ -40,8 +40,8 @@ set -u
 OUT=${OUT:-gpu_results}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-STAGES=${STAGES:-tests smollm2 engine graphs profile spec}
-DEADLINE_S=${DEADLINE_S:-570}
+STAGES=${STAGES:-tests smollm2 engine profile graphs spec}
+DEADLINE_S=${DEADLINE_S-570}
 ENGINE_EXTRA=${ENGINE_EXTRA---host_profile --launch_thread=false,true}
 for name in $STAGES; do
   case $name in tests|suite|kernels|engine|smollm2|graphs|spec|profile|sweep) ;;
@@ -106,7 +106,7 @@ run_tests() {
   # processes, are the slowest); that run included the slow set, which this one leaves out as
   # make test does.
   # TESTS_K narrows them (pytest -k).
-  pytest_stage "$(limit "${TESTS_S:-90}")" tests.log -m "not slow and not multi_device" ${TESTS_K:+-k "$TESTS_K"} \
+  pytest_stage "$(limit "${TESTS_S:-80}")" tests.log -m "not slow and not multi_device" ${TESTS_K:+-k "$TESTS_K"} \
     tests/test_pallas_kernels.py tests/test_pallas_backend.py tests/test_engine.py tests/test_greedy.py \
     tests/test_runner.py tests/test_xla_attention.py
 }
@@ -127,16 +127,16 @@ run_engine() {
   # Pallas only by default (the xla rows were measured on both GPUs). A step budget of 1024
   # tokens compiled in 18 s on an H100 where 2048 took 88 s. All four rows and the parts line
   # took 246 s on an H200 before the pipeline probe; the two pallas rows with it, 61 s on an H100.
-  timeout "$(limit "${ENGINE_S:-130}")" $PY tools/bench_engine.py --backends="${ENGINE_BACKENDS:-pallas}" \
+  timeout "$(limit "${ENGINE_S:-110}")" $PY tools/bench_engine.py --backends="${ENGINE_BACKENDS:-pallas}" \
     --hidden_size=2048 --num_layers=16 --vocab_size=32000 \
-    --dtype=bfloat16 --decode_batch=64 --decode_steps=32 --backend_contexts="${ENGINE_CONTEXTS:-2048,128}" \
+    --dtype=bfloat16 --decode_batch=64 --decode_steps=32 --backend_contexts="${ENGINE_CONTEXTS:-2048}" \
     --max_num_batched_tokens=1024 --repeats=3 ${ENGINE_EXTRA:-} >"$OUT/engine.log" 2>&1
 }
 
 run_smollm2() {
   # The engine against its bare loop on the default model's shape (random weights: the GGUF file
   # is larger than what may travel to the machine), bf16, Pallas, batch 64.
-  timeout "$(limit "${SMOLLM2_S:-90}")" $PY tools/bench_engine.py --backends="${SMOLLM2_BACKENDS:-pallas}" \
+  timeout "$(limit "${SMOLLM2_S:-100}")" $PY tools/bench_engine.py --backends="${SMOLLM2_BACKENDS:-pallas}" \
     --preset=smollm2-135m --dtype=bfloat16 --decode_batch=64 --decode_steps=32 --backend_contexts=2048,128 \
     --max_num_batched_tokens=1024 --repeats=3 ${ENGINE_EXTRA:-} >"$OUT/smollm2.log" 2>&1
 }
@@ -149,7 +149,7 @@ run_graphs() {
   for flags in "--xla_gpu_enable_command_buffer=" \
       "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL,+CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"; do
     echo "== XLA_FLAGS=$flags" >>"$OUT/graphs.log"
-    XLA_FLAGS="$flags" timeout "$(limit "${GRAPHS_S:-30}")" $PY tools/bench_engine.py --backends=pallas \
+    XLA_FLAGS="$flags" timeout "$(limit "${GRAPHS_S:-45}")" $PY tools/bench_engine.py --backends=pallas \
       --preset=smollm2-135m --dtype=bfloat16 --decode_batch=64 --decode_steps=32 --backend_contexts=128 \
       --max_num_batched_tokens=1024 --repeats=3 >>"$OUT/graphs.log" 2>&1
   done
@@ -166,7 +166,7 @@ run_profile() {
   # Step costs of the 8B shape (random weights, bf16, Pallas) on a grid of prefill chunks and
   # decode batches, fitted as the router's and the simulator's cost model; each decode batch again
   # with a 4-token draft per sequence (a drafted step's cost beside the plain one's).
-  timeout "$(limit "${PROFILE_S:-150}")" $PY tools/profile_engine.py --config=configs/llama3_8b.py \
+  timeout "$(limit "${PROFILE_S:-140}")" $PY tools/profile_engine.py --config=configs/llama3_8b.py \
     --config.engine.compilation_cache= --prefill=64,256,1024 --cached=0 --batch=1,8,32,64 --context=512,2048 \
     --drafts=4 --repeats=3 --out="$OUT/cost_model_8b.json" >"$OUT/profile.log" 2>&1
 }

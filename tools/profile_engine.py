@@ -33,7 +33,9 @@ flags.DEFINE_list("batch", ["1", "4", "16", "32"], "Decode batch sizes.")
 flags.DEFINE_list("context", ["32", "256"], "Decode context lengths.")
 flags.DEFINE_list("drafts", [], "Draft lengths k (e.g. 1,4,8): every decode batch is measured again with a chain "
                   "draft of k tokens per sequence to verify (k + 1 tokens and sampled rows each), and a table "
-                  "puts each drafted step beside the plain one (the speculation's cost per draft token).")
+                  "puts each drafted step beside the plain one (the speculation's cost per draft token). The "
+                  "engine is then built as a speculating one (more sampled rows, a draft-tree mask on steps "
+                  "that are not plain decodes), so its plain steps are a speculating engine's.")
 flags.DEFINE_integer("repeats", 5, "Timed runs per step shape (median kept).", lower_bound=1)
 flags.DEFINE_string("name", "", "Cost model name; empty: <model>-<device kind>.")
 flags.DEFINE_string("out", "", "Write the fitted cost model as JSON here.")
@@ -67,7 +69,8 @@ def main(argv):
             spec, method=spec.method or "ngram", max_spec_tokens=max(drafts)))
     sched = launch.scheduler
     too_long = [x for x in prefill if x > sched.max_num_batched_tokens] + \
-        [b for b in batch if b > sched.max_num_seqs]
+        [b for b in batch if b > sched.max_num_seqs] + \
+        [f"{b} x (1 + {k})" for b in batch for k in drafts if b * (1 + k) > sched.max_num_batched_tokens]
     if too_long:
         sys.exit(f"error: {too_long} exceed the config's step budget (max_num_batched_tokens="
                  f"{sched.max_num_batched_tokens}, max_num_seqs={sched.max_num_seqs})")
