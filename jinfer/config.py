@@ -113,7 +113,7 @@ class SchedulerConfig:
 
 
 DTYPES = ("float32", "bfloat16")
-BACKENDS = ("", "xla", "pallas")
+BACKENDS = ("", "xla", "pallas", "pallas_split")
 
 
 DRAFTERS = ("ngram", "suffix", "das")
@@ -249,7 +249,7 @@ class EngineOptions:
     values make a lone decode cost one token's matmuls instead of 16 (on a CPU the 135M model's
     single stream takes ~0.6x the time at 1), at the price of more programs to compile."""
     attention_backend: str = ""
-    """A registered backend (jinfer.attention: xla, pallas); empty: pallas on NVIDIA GPUs, xla
+    """A registered backend (jinfer.attention: xla, pallas, pallas_split); empty: pallas on NVIDIA GPUs, xla
     elsewhere. The Engine raises ValueError listing the known ones."""
     vocab_parallel: bool = True
     """Under tp, split the embedding and LM head over the vocabulary (benchmarks/tp.md)."""

@@ -131,11 +131,15 @@ def _kernel(work_seq_ref, work_start_ref, cu_q_lens_ref, kv_lens_ref, page_indic
                     mask=row_ok[:, None, None])
 
 
-def _work_list(cu_q_lens, num_seqs, num_items: int, block_q: int):
-    """(sequence, first token) of every query block, -1 past the last; i32[num_items] each."""
+def _work_list(cu_q_lens, num_seqs, num_items: int, block_q: int, skip_seqs=None):
+    """(sequence, first token) of every query block, -1 past the last; i32[num_items] each.
+    Sequences marked in skip_seqs (bool[max_seqs]) get no block."""
     max_seqs = cu_q_lens.shape[0] - 1
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
-    q_lens = jnp.where(jnp.arange(max_seqs) < num_seqs[0], q_lens, 0)
+    keep = jnp.arange(max_seqs) < num_seqs[0]
+    if skip_seqs is not None:
+        keep &= ~skip_seqs
+    q_lens = jnp.where(keep, q_lens, 0)
     blocks = (q_lens + block_q - 1) // block_q
     ends = jnp.cumsum(blocks)
     item = jnp.arange(num_items)
@@ -151,9 +155,11 @@ def ragged_paged_attention(q, k_pages, v_pages, cu_q_lens, kv_lens, page_indices
                            sm_scale: float, soft_cap: float | None = None,
                            sliding_window: int | None = None, block_q: int | None = None,
                            pages_per_block: int | None = None, num_warps: int | None = None,
-                           num_stages: int | None = None, interpret: bool = False, tree_bits=None):
+                           num_stages: int | None = None, interpret: bool = False, tree_bits=None,
+                           skip_seqs=None):
     """Same contract as reference.ragged_paged_attention_ref (tree_bits included); block sizes
-    default to blocks.TABLE."""
+    default to blocks.TABLE. skip_seqs (bool[max_seqs], optional): sequences left out; their
+    rows come back as zeros (mixed_paged_attention computes its decodes' rows elsewhere)."""
     static_validate_ragged_inputs(q, k_pages, v_pages, cu_q_lens, kv_lens, page_indices, num_seqs,
                                   soft_cap=soft_cap, sliding_window=sliding_window, tree_bits=tree_bits)
     num_tokens, num_heads, head_dim = q.shape
@@ -166,7 +172,7 @@ def ragged_paged_attention(q, k_pages, v_pages, cu_q_lens, kv_lens, page_indices
     pad_pages = -pages_per_seq % pages_per_block
     page_indices = jnp.pad(page_indices, ((0, 0), (0, pad_pages)))  # whole blocks, padded with page 0
     num_items = pl.cdiv(num_tokens, block_q) + max_seqs
-    work_seq, work_start = _work_list(cu_q_lens, num_seqs, num_items, block_q)
+    work_seq, work_start = _work_list(cu_q_lens, num_seqs, num_items, block_q, skip_seqs)
     group = num_heads // num_kv_heads
     # Triton tiles must have power-of-two sizes: a group of another size (SmolLM2's 3, Qwen2.5-7B's
     # 7) is filled with zero query heads, whose outputs are dropped.
@@ -199,6 +205,16 @@ def ragged_paged_attention(q, k_pages, v_pages, cu_q_lens, kv_lens, page_indices
         name="ragged_paged_attention",
     )(*args)
     out = out[:num_tokens].reshape(num_tokens, num_kv_heads, wide, head_dim)[:, :, :group].reshape(q.shape)
-    # Rows no block covers (padding tokens) were never written: make them zeros, as in the reference.
+    # Rows no block covers (padding tokens, skipped sequences) were never written: make them
+    # zeros, as in the reference.
     real = jnp.arange(num_tokens) < cu_q_lens[num_seqs[0]]
+    if skip_seqs is not None:
+        real &= ~skip_seqs[token_owner(cu_q_lens, num_tokens)]
     return jnp.where(real[:, None, None], out, 0).astype(q.dtype)
+
+
+def token_owner(cu_q_lens, num_tokens: int):
+    """Each token's sequence (i32[num_tokens]; tokens past the last sequence: the last row)."""
+    max_seqs = cu_q_lens.shape[0] - 1
+    owner = jnp.searchsorted(cu_q_lens[1:], jnp.arange(num_tokens), side="right")
+    return jnp.minimum(owner, max_seqs - 1).astype(jnp.int32)

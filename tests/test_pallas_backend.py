@@ -27,25 +27,29 @@ def _tokens(path, backend, prompts):
     return [o.token_ids for o in outs]
 
 
-@pytest.mark.parametrize("variant", ["llama3", "mistral"])  # GQA 4; sliding window 8 with GQA 2
-def test_engine_greedy_tokens_identical_across_backends(hf_checkpoints, variant, monkeypatch):
+@pytest.mark.parametrize("variant, backend", [("llama3", "pallas"),  # GQA 4
+                                              ("mistral", "pallas_split")])  # sliding window 8, GQA 2
+def test_engine_greedy_tokens_identical_across_backends(hf_checkpoints, variant, backend, monkeypatch):
     # A chunked 40-token prompt (budget 32), a short one and one sharing its prefix: mixed steps
-    # go to the ragged kernel, the decode-only steps at the end to the split-K decode kernel.
+    # go to the ragged kernel (pallas_split: its decodes to the split-K decode kernel, through
+    # mixed_paged_attention), the decode-only steps at the end to the split-K decode kernel.
     traced = []
-    for name in ("ragged_paged_attention", "decode_paged_attention"):
+    mixed = "mixed_paged_attention" if backend == "pallas_split" else "ragged_paged_attention"
+    for name in (mixed, "decode_paged_attention"):
         kernel = getattr(pallas_backend, name)
         monkeypatch.setattr(pallas_backend, name,
                             lambda *a, _k=kernel, _n=name, **kw: traced.append(_n) or _k(*a, **kw))
     prompts = [list(range(3, 43)), [5, 6, 7], list(range(3, 23)) + [9, 9]]
     path = hf_checkpoints[variant]
-    assert _tokens(path, "pallas", prompts) == _tokens(path, "xla", prompts)
-    assert {"ragged_paged_attention", "decode_paged_attention"} <= set(traced)
+    assert _tokens(path, backend, prompts) == _tokens(path, "xla", prompts)
+    assert {mixed, "decode_paged_attention"} <= set(traced)
 
 
 def test_default_backend_is_xla_on_cpu_and_unknown_names_fail(hf_checkpoints):
     assert default_attention_backend() == ("pallas" if jax.default_backend() == "gpu" else "xla")
     path = hf_checkpoints["llama3"]
-    with pytest.raises(ValueError, match=r"unknown attention_backend='triton'; known: \['pallas', 'xla'\]"):
+    known = r"\['pallas', 'pallas_split', 'xla'\]"
+    with pytest.raises(ValueError, match=rf"unknown attention_backend='triton'; known: {known}"):
         Engine(load_hf_model(path), Tokenizer.from_dir(path), CacheConfig(page_size=4, num_pages=8),
                SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=2, max_model_len=32),
                options=EngineOptions(attention_backend="triton"))

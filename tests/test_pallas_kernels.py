@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from jinfer.attention.metadata import MAX_TREE_TOKENS, tree_bits_from_parents
-from pallas_kernels import (decode_paged_attention, decode_paged_attention_ref, ragged_paged_attention,
-                            ragged_paged_attention_ref, write_kv, write_kv_ref)
+from pallas_kernels import (decode_paged_attention, decode_paged_attention_ref, mixed_paged_attention,
+                            ragged_paged_attention, ragged_paged_attention_ref, write_kv, write_kv_ref)
 
 NUM_KV_HEADS = 2
 INTERPRET = jax.default_backend() != "gpu"  # compiled through Triton on a GPU
@@ -102,6 +102,35 @@ def test_ragged_kernel_groups_of_other_sizes_match_reference(group):
                         kv_lens=[7, 20, 0, 33], max_seqs=6)
     out = ragged_paged_attention(*args, sm_scale=0.125, interpret=INTERPRET)
     _close(out, ragged_paged_attention_ref(*args, sm_scale=0.125), jnp.float32)
+
+
+@pytest.mark.parametrize("soft_cap, window, group", [(None, None, 4), (5.0, 6, 3)])
+def test_mixed_attention_takes_decodes_through_the_split_kernel_with_the_same_result(soft_cap, window, group):
+    """mixed_paged_attention: one-token sequences (decodes, over several key blocks) go through
+    the split-K decode kernel, the others through the ragged kernel, which skips the former
+    (their rows zero there); together they equal the reference."""
+    rng = np.random.default_rng(11)
+    p = 8
+    q_lens, kv = [1, 9, 1, 0, 3, 1], [1, 20, 6 * p + 3, 0, 33, p]
+    args = _ragged_case(rng, page_size=p, group=group, head_dim=64, dtype=jnp.float32, q_lens=q_lens,
+                        kv_lens=kv, max_seqs=8)
+    kw = dict(sm_scale=0.125, soft_cap=soft_cap, sliding_window=window)
+    out = mixed_paged_attention(*args, interpret=INTERPRET, **kw)
+    _close(out, ragged_paged_attention_ref(*args, **kw), jnp.float32)
+    single = np.zeros(8, bool)
+    single[[0, 2, 5]] = True
+    skipped = np.asarray(ragged_paged_attention(*args, interpret=INTERPRET, skip_seqs=jnp.asarray(single), **kw))
+    rows = np.cumsum([0] + q_lens)[[0, 2, 5]]  # the decodes' rows
+    assert not skipped[rows].any() and skipped[1:10].any()
+
+
+def test_mixed_attention_with_trees_matches_reference():
+    rng = np.random.default_rng(5)
+    args, bits, (q_lens, _, _) = _tree_case(rng, [1, 3, 1, 20], page_size=8, group=2, head_dim=64,
+                                            dtype=jnp.float32, max_seqs=9)
+    assert list(q_lens).count(1) >= 3  # one-token trees and a plain decode beside the trees
+    out = mixed_paged_attention(*args, sm_scale=0.125, tree_bits=bits, interpret=INTERPRET)
+    _close(out, ragged_paged_attention_ref(*args, sm_scale=0.125, tree_bits=bits), jnp.float32)
 
 
 @pytest.mark.parametrize("soft_cap, window", [(5.0, None), (None, 6)])
@@ -219,6 +248,9 @@ def test_kernels_lower_to_triton_for_cuda(dtype, group, head_dim):
     decode = lambda *a: decode_paged_attention(*a, sm_scale=0.1)
     text = jax.jit(decode).trace(q[:3], kp, vp, lens, table).lower(lowering_platforms=("cuda",)).as_text()
     assert "decode_paged_attention" in text and "__gpu$xla.gpu.triton" in text
+    mixed = lambda *a: mixed_paged_attention(*a, sm_scale=0.1, sliding_window=32)
+    text = jax.jit(mixed).trace(q, kp, vp, cu, lens, table, n).lower(lowering_platforms=("cuda",)).as_text()
+    assert "decode_paged_attention" in text and "ragged_paged_attention" in text
 
 
 def _bench_kernels(*args):
@@ -234,7 +266,7 @@ def test_kernel_benchmark_smoke_runs_on_cpu():
     out = _bench_kernels("--write")
     grid, _, writes = out.partition("KV write of one decode step")
     rows = [line for line in grid.splitlines() if line.startswith("| 3 | 64 |")]
-    assert len(rows) == 1 and rows[0].count("|") == 11 and "error" not in rows[0], out
+    assert len(rows) == 1 and rows[0].count("|") == 12 and "error" not in rows[0], out  # mixed timed too
     rows = [line.split("|")[1:-1] for line in writes.splitlines() if line.startswith("| 3 | 64 |")]
     assert len(rows) == 1 and all(float(x.replace(",", "")) > 0 for x in rows[0][2:]), out  # both strategies
 

@@ -5,16 +5,17 @@
 # the default model's shape (smollm2) and on a ~0.89B random-weight Llama at context 2048
 # (engine), Pallas, each with its host split, a host profile and EngineOptions.launch_thread off
 # and on; the 8B shape's step costs with drafted steps beside plain ones (profile:
-# tools/profile_engine.py); the default model's shape with XLA's command buffers off and
-# widened (graphs: is the step launch-bound?); speculation at batch 1/8/32 on the embedded test
-# model with what time is left (spec: tools/bench_spec.py).
+# tools/profile_engine.py); the kernel grid's mixed column at long contexts (mixed: a mixed
+# step's decodes through the split-K decode kernel); the default model's shape with XLA's
+# command buffers off and widened (graphs: is the step launch-bound?); speculation at batch
+# 1/8/32 on the embedded test model with what time is left (spec: tools/bench_spec.py).
 #
 #   OUT=results tools/gpu_checks.sh                    # logs and tables land in $OUT
 #   OUT=results STAGES="suite" tools/gpu_checks.sh      # the whole default test run instead
 #   OUT=results STAGES="kernels sweep" tools/gpu_checks.sh   # the kernel grid and block sweep
 #
-# The device tool brings back at most 8 files: the engine, smollm2 and spec stages leave their tables in
-# their logs only (each tool prints its table), so that every stage fits.
+# The device tool brings back at most 8 files: every stage but kernels leaves its table in its log
+# only (each tool prints its table), so that the default pass's 8 files fit (env.txt and 7 logs).
 #
 # STAGES names the stages to run, in order (env always runs first). ENGINE_BACKENDS and
 # ENGINE_CONTEXTS pick the engine stage's backends and contexts (default pallas and 2048);
@@ -23,8 +24,8 @@
 # kernel grid (tools/bench_kernels.py) with the KV-write comparison, "sweep" the block-size
 # sweep. "suite" is the whole `make test` selection (not slow) less the tests marked
 # multi_device, in 14 workers, under SUITE_S (540 s): one device command of its own. Stage
-# limits in seconds (TESTS_S, KERNELS_S, ENGINE_S, SWEEP_S, SMOLLM2_S, GRAPHS_S (each of its two
-# runs), SPEC_S, PROFILE_S override them); DEADLINE_S (seconds from the start, default 570) cuts
+# limits in seconds (TESTS_S, KERNELS_S, ENGINE_S, SWEEP_S, SMOLLM2_S, MIXED_S, GRAPHS_S (each of
+# its two runs), SPEC_S, PROFILE_S override them); DEADLINE_S (seconds from the start, default 570) cuts
 # every stage's limit to what is left before it, so the default pass ends inside one 10-minute
 # device command with the wheels' install (spec, last, takes what is left).
 # Each test also has a limit of its own (TEST_TIMEOUT_S, where pytest-timeout is installed) so
@@ -40,12 +41,12 @@ set -u
 OUT=${OUT:-gpu_results}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-STAGES=${STAGES:-tests smollm2 engine profile graphs spec}
+STAGES=${STAGES:-tests smollm2 engine profile mixed graphs spec}
 DEADLINE_S=${DEADLINE_S-570}
 ENGINE_EXTRA=${ENGINE_EXTRA---host_profile --launch_thread=false,true}
 for name in $STAGES; do
-  case $name in tests|suite|kernels|engine|smollm2|graphs|spec|profile|sweep) ;;
-    *) echo "unknown stage '$name' in STAGES (tests suite kernels engine smollm2 graphs spec profile sweep)" >&2
+  case $name in tests|suite|kernels|engine|smollm2|mixed|graphs|spec|profile|sweep) ;;
+    *) echo "unknown stage '$name' in STAGES (tests suite kernels engine smollm2 mixed graphs spec profile sweep)" >&2
        exit 2;;
   esac
 done
@@ -141,6 +142,13 @@ run_smollm2() {
     --max_num_batched_tokens=1024 --repeats=3 ${ENGINE_EXTRA:-} >"$OUT/smollm2.log" 2>&1
 }
 
+run_mixed() {
+  # The kernel grid at a few long-context points with the mixed column: a mixed step's decodes
+  # through the split-K decode kernel (pallas_split) against the ragged kernel's own walk.
+  timeout "$(limit "${MIXED_S:-40}")" $PY tools/bench_kernels.py --batches=1,8 --contexts=8192,32768 \
+    >"$OUT/mixed.log" 2>&1
+}
+
 run_graphs() {
   # Is the step launch-bound? The default model's shape at context 128 (the shortest device
   # step) with XLA's command buffers (CUDA graphs) off, then with more op kinds in them than by
@@ -149,7 +157,7 @@ run_graphs() {
   for flags in "--xla_gpu_enable_command_buffer=" \
       "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL,+CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"; do
     echo "== XLA_FLAGS=$flags" >>"$OUT/graphs.log"
-    XLA_FLAGS="$flags" timeout "$(limit "${GRAPHS_S:-45}")" $PY tools/bench_engine.py --backends=pallas \
+    XLA_FLAGS="$flags" timeout "$(limit "${GRAPHS_S:-40}")" $PY tools/bench_engine.py --backends=pallas \
       --preset=smollm2-135m --dtype=bfloat16 --decode_batch=64 --decode_steps=32 --backend_contexts=128 \
       --max_num_batched_tokens=1024 --repeats=3 >>"$OUT/graphs.log" 2>&1
   done
@@ -166,9 +174,9 @@ run_profile() {
   # Step costs of the 8B shape (random weights, bf16, Pallas) on a grid of prefill chunks and
   # decode batches, fitted as the router's and the simulator's cost model; each decode batch again
   # with a 4-token draft per sequence (a drafted step's cost beside the plain one's).
-  timeout "$(limit "${PROFILE_S:-140}")" $PY tools/profile_engine.py --config=configs/llama3_8b.py \
+  timeout "$(limit "${PROFILE_S:-120}")" $PY tools/profile_engine.py --config=configs/llama3_8b.py \
     --config.engine.compilation_cache= --prefill=64,256,1024 --cached=0 --batch=1,8,32,64 --context=512,2048 \
-    --drafts=4 --repeats=3 --out="$OUT/cost_model_8b.json" >"$OUT/profile.log" 2>&1
+    --drafts=4 --repeats=3 >"$OUT/profile.log" 2>&1  # the fitted model's JSON is in the log
 }
 
 run_sweep() {

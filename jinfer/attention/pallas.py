@@ -18,14 +18,19 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels import decode_paged_attention, ragged_paged_attention, write_kv_ref
+from pallas_kernels import decode_paged_attention, mixed_paged_attention, ragged_paged_attention, write_kv_ref
 
 
 class PallasBackend:
+    """split_decodes: in a step that is not decode-only, the one-token sequences go through the
+    split-K decode kernel instead of the ragged one (pallas_kernels.mixed_paged_attention; the
+    "pallas_split" backend)."""
+
     decode_path = True
 
-    def __init__(self, interpret: bool | None = None):
+    def __init__(self, interpret: bool | None = None, split_decodes: bool = False):
         self.interpret = jax.default_backend() != "gpu" if interpret is None else interpret
+        self.split_decodes = split_decodes
 
     def __call__(self, q, k, v, k_pages, v_pages, md, *, sm_scale, sliding_window):
         local = functools.partial(self._local, sm_scale=sm_scale, sliding_window=sliding_window)
@@ -64,9 +69,9 @@ class PallasBackend:
             v_att = jax.lax.dynamic_slice_in_dim(v_pages, kv_head, 1, axis=0)
         if md.decode_only and md.tree_bits is None:  # a tree step never takes the decode kernel
             return _decode(q, k_att, v_att, md, sm_scale, sliding_window, self.interpret), k_pages, v_pages
-        out = ragged_paged_attention(q, k_att, v_att, md.cu_q_lens, md.kv_lens, md.page_indices,
-                                     md.num_seqs, sm_scale=sm_scale, sliding_window=sliding_window,
-                                     interpret=self.interpret, tree_bits=md.tree_bits)
+        ragged = mixed_paged_attention if self.split_decodes else ragged_paged_attention
+        out = ragged(q, k_att, v_att, md.cu_q_lens, md.kv_lens, md.page_indices, md.num_seqs, sm_scale=sm_scale,
+                     sliding_window=sliding_window, interpret=self.interpret, tree_bits=md.tree_bits)
         return out, k_pages, v_pages
 
 
