@@ -14,6 +14,7 @@ from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.config import EngineOptions
 from jinfer.engine import Engine
 from jinfer.loader.hf import load_hf_model
+from jinfer.runner import ModelRunner
 from jinfer.sampling_params import SamplingParams
 from jinfer.tokenizer import Tokenizer
 
@@ -27,22 +28,31 @@ def _tokens(path, backend, prompts):
     return [o.token_ids for o in outs]
 
 
-@pytest.mark.parametrize("variant, backend", [("llama3", "pallas"),  # GQA 4
-                                              ("mistral", "pallas_split")])  # sliding window 8, GQA 2
+@pytest.mark.parametrize("variant, backend", [("llama3", "pallas_split"),  # GQA 4
+                                              ("mistral", "pallas")])  # sliding window 8, GQA 2
 def test_engine_greedy_tokens_identical_across_backends(hf_checkpoints, variant, backend, monkeypatch):
-    # A chunked 40-token prompt (budget 32), a short one and one sharing its prefix: mixed steps
-    # go to the ragged kernel (pallas_split: its decodes to the split-K decode kernel, through
-    # mixed_paged_attention), the decode-only steps at the end to the split-K decode kernel.
-    traced = []
+    # A short prompt, a chunked 40-token one (budget 32) and one sharing its prefix: the second
+    # step holds the short one's first decode beside prompt chunks, so mixed steps with a
+    # one-token row go to the ragged kernel (pallas_split: that row to the split-K decode kernel,
+    # through mixed_paged_attention), the decode-only steps at the end to the decode kernel.
+    traced, mixed_steps = [], []
     mixed = "mixed_paged_attention" if backend == "pallas_split" else "ragged_paged_attention"
     for name in (mixed, "decode_paged_attention"):
         kernel = getattr(pallas_backend, name)
         monkeypatch.setattr(pallas_backend, name,
                             lambda *a, _k=kernel, _n=name, **kw: traced.append(_n) or _k(*a, **kw))
-    prompts = [list(range(3, 43)), [5, 6, 7], list(range(3, 23)) + [9, 9]]
+    prompts = [[5, 6, 7], list(range(3, 43)), list(range(3, 23)) + [9, 9]]
     path = hf_checkpoints[variant]
+    dispatch = ModelRunner.dispatch
+
+    def spy(runner, plan):
+        lens = [len(seq.token_ids) for seq in plan.seqs]
+        mixed_steps.append(1 in lens and max(lens) > 1)
+        return dispatch(runner, plan)
+    monkeypatch.setattr(ModelRunner, "dispatch", spy)
     assert _tokens(path, backend, prompts) == _tokens(path, "xla", prompts)
     assert {mixed, "decode_paged_attention"} <= set(traced)
+    assert any(mixed_steps)  # a one-token row beside a prompt chunk in one step
 
 
 def test_default_backend_is_xla_on_cpu_and_unknown_names_fail(hf_checkpoints):

@@ -104,18 +104,20 @@ def test_ragged_kernel_groups_of_other_sizes_match_reference(group):
     _close(out, ragged_paged_attention_ref(*args, sm_scale=0.125), jnp.float32)
 
 
-@pytest.mark.parametrize("soft_cap, window, group", [(None, None, 4), (5.0, 6, 3)])
-def test_mixed_attention_takes_decodes_through_the_split_kernel_with_the_same_result(soft_cap, window, group):
+@pytest.mark.parametrize("soft_cap, window, group, max_decodes", [(None, None, 4, 16), (5.0, 6, 3, 2)])
+def test_mixed_attention_takes_decodes_through_the_split_kernel_with_the_same_result(soft_cap, window, group,
+                                                                                      max_decodes):
     """mixed_paged_attention: one-token sequences (decodes, over several key blocks) go through
-    the split-K decode kernel, the others through the ragged kernel, which skips the former
-    (their rows zero there); together they equal the reference."""
+    the split-K decode kernel (at most max_decodes of them: with 2, the third stays with the
+    ragged kernel), the others through the ragged kernel, which skips the former (their rows
+    zero there); together they equal the reference."""
     rng = np.random.default_rng(11)
     p = 8
     q_lens, kv = [1, 9, 1, 0, 3, 1], [1, 20, 6 * p + 3, 0, 33, p]
     args = _ragged_case(rng, page_size=p, group=group, head_dim=64, dtype=jnp.float32, q_lens=q_lens,
                         kv_lens=kv, max_seqs=8)
     kw = dict(sm_scale=0.125, soft_cap=soft_cap, sliding_window=window)
-    out = mixed_paged_attention(*args, interpret=INTERPRET, **kw)
+    out = mixed_paged_attention(*args, interpret=INTERPRET, max_decodes=max_decodes, **kw)
     _close(out, ragged_paged_attention_ref(*args, **kw), jnp.float32)
     single = np.zeros(8, bool)
     single[[0, 2, 5]] = True
@@ -260,6 +262,13 @@ def _bench_kernels(*args):
                          env={**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0"})  # one device, fast compiles
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout
+
+
+def test_kernel_benchmark_mixed_steps_smoke_runs_on_cpu():
+    out = _bench_kernels("--mixed", "--mixed_chunk=20", "--mixed_slots=6")
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith(("| 1 |", "| 3 |"))]
+    assert len(rows) == 2 and all("error" not in "".join(r) for r in rows), out  # batch 1 and 3 at context 64
+    assert all(float(r[2].replace(",", "")) > 0 and float(r[3].replace(",", "")) > 0 for r in rows), out
 
 
 def test_kernel_benchmark_smoke_runs_on_cpu():

@@ -58,6 +58,12 @@ flags.DEFINE_bool("smoke", False, "Tiny sizes in interpret mode (CPU) as an end-
 flags.DEFINE_string("out", "", "Also write the table to this markdown file.")
 flags.DEFINE_bool("write", False, "Also compare the KV-write strategies (XLA scatter, Pallas kernel).")
 flags.DEFINE_bool("sweep", False, "Only sweep the kernels' block sizes at a few points.")
+flags.DEFINE_bool("mixed", False, "Only time mixed steps: at each batch x context point, that many decodes and "
+                  "one --mixed_chunk-token prompt chunk (sequence slots padded to --mixed_slots), through the ragged "
+                  "kernel and through mixed_paged_attention (the pallas_split backend's).")
+flags.DEFINE_integer("mixed_chunk", 512, "--mixed: the prompt chunk's tokens.", lower_bound=1)
+flags.DEFINE_integer("mixed_slots", 128, "--mixed: sequence slots of the step (the engine pads to max_num_seqs).",
+                     lower_bound=2)
 flags.DEFINE_integer("sweep_top", 8, "Configurations printed per sweep point.")
 
 _PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0}  # SXM parts, vendor figures
@@ -264,6 +270,38 @@ def _sweep(interpret: bool):
                   flush=True)
 
 
+def _mixed_point(batch: int, context: int, interpret: bool) -> str:
+    """One mixed step (batch decodes at context, one prompt chunk) through both paths: a row
+    of µs, checked against each other first."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pallas_kernels import mixed_paged_attention, ragged_paged_attention
+
+    dtype, chunk, slots = jnp.dtype(FLAGS.dtype), FLAGS.mixed_chunk, max(FLAGS.mixed_slots, batch + 1)
+    kvh, d, ps = FLAGS.num_kv_heads, FLAGS.head_dim, FLAGS.page_size
+    pages_per_seq = -(-max(context, chunk) // ps)
+    num_pages = (batch + 1) * pages_per_seq
+    keys = jax.random.split(jax.random.key(batch * 7 + context), 3)
+    k_pages, v_pages = (jax.random.normal(kk, (kvh, num_pages, ps, d), dtype) for kk in keys[:2])
+    q = jax.random.normal(keys[2], (batch + chunk, FLAGS.num_heads, d), dtype)
+    table = np.zeros((slots, pages_per_seq), np.int32)
+    table[:batch + 1] = np.random.default_rng(context).permutation(num_pages).reshape(batch + 1, pages_per_seq)
+    q_lens = [1] * batch + [chunk] + [0] * (slots - batch - 1)
+    cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    lens = jnp.asarray([context] * batch + [chunk] + [0] * (slots - batch - 1), jnp.int32)
+    args = (q, k_pages, v_pages, cu, lens, jnp.asarray(table), jnp.array([batch + 1], jnp.int32))
+    scale = 1 / math.sqrt(d)
+    ragged = functools.partial(ragged_paged_attention, sm_scale=scale, interpret=interpret)
+    mixed = functools.partial(mixed_paged_attention, sm_scale=scale, interpret=interpret)
+    a, b = (np.asarray(fn(*args), np.float32) for fn in (ragged, mixed))
+    if not np.allclose(a, b, atol=5e-2, rtol=5e-2):
+        return f"| {batch} | {context} | error: the two paths disagree (max abs diff {np.abs(a - b).max():.3g}) | | |"
+    t_ragged, t_mixed = _time(ragged, args, FLAGS.iters), _time(mixed, args, FLAGS.iters)
+    return f"| {batch} | {context} | {t_ragged * 1e6:,.1f} | {t_mixed * 1e6:,.1f} | {t_ragged / t_mixed:.2f}x |"
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -272,12 +310,23 @@ def main(argv):
         FLAGS.batches, FLAGS.contexts = ["1", "3"], ["32", "64"]
         FLAGS.num_heads, FLAGS.num_kv_heads, FLAGS.head_dim, FLAGS.page_size = 4, 2, 64, 8
         FLAGS.iters, FLAGS.dtype = 2, "float32"
+        if FLAGS.mixed:  # interpreted, a mixed step's ragged call walks every sequence slot: one context
+            FLAGS.contexts = ["64"]
     device = jax.devices()[0]
     interpret = device.platform != "gpu"
     if interpret and not FLAGS.smoke:
         raise app.UsageError("no GPU: the kernels would run interpreted; use --smoke for a CPU check")
     if FLAGS.sweep:
         return _sweep(interpret)
+    if FLAGS.mixed:
+        print(f"| batch (decodes) | context | ragged µs | mixed µs | ragged / mixed |\n|---:|---:|---:|---:|---:|")
+        for b in map(int, FLAGS.batches):
+            for c in map(int, FLAGS.contexts):
+                print(_mixed_point(b, c, interpret), flush=True)
+        print(f"\nDevice: {device.device_kind}; jax {jax.__version__}; one {FLAGS.mixed_chunk}-token chunk beside "
+              f"the decodes, {FLAGS.mixed_slots} sequence slots, {FLAGS.dtype}, heads {FLAGS.num_heads}/"
+              f"{FLAGS.num_kv_heads}, head_dim {FLAGS.head_dim}, page size {FLAGS.page_size}.")
+        return None
     peak = _peak(device)
     names = ["jinfer decode", "jinfer ragged", "jinfer mixed", "jax bundled", "xla reference"]
     header = ["batch", "context", "KV MiB"] + [f"{n} µs" for n in names] + [

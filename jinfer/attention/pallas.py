@@ -1,6 +1,7 @@
 """The "pallas" AttentionBackend: K/V scattered into pages, then the split-K decode kernel for
 decode-only steps and the ragged paged-attention kernel for every other step (decodes and
-prefill chunks mixed). Compiled through Triton on NVIDIA GPUs, interpreted elsewhere (CPU:
+prefill chunks mixed). "pallas_split" differs in those other steps only: their one-token
+sequences go through the split-K decode kernel too (pallas_kernels.mixed_paged_attention). Compiled through Triton on NVIDIA GPUs, interpreted elsewhere (CPU:
 slow, for tests).
 
 Under tensor parallelism (the runner traces the step inside `jax.set_mesh`) the kernels run
@@ -67,7 +68,7 @@ class PallasBackend:
         if kv_head is not None:
             k_att = jax.lax.dynamic_slice_in_dim(k_pages, kv_head, 1, axis=0)
             v_att = jax.lax.dynamic_slice_in_dim(v_pages, kv_head, 1, axis=0)
-        if md.decode_only and md.tree_bits is None:  # a tree step never takes the decode kernel
+        if md.decode_only and md.tree_bits is None:  # a tree step never takes the decode-only path
             return _decode(q, k_att, v_att, md, sm_scale, sliding_window, self.interpret), k_pages, v_pages
         ragged = mixed_paged_attention if self.split_decodes else ragged_paged_attention
         out = ragged(q, k_att, v_att, md.cu_q_lens, md.kv_lens, md.page_indices, md.num_seqs, sm_scale=sm_scale,
