@@ -20,7 +20,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_CONFIG = f"--config={os.path.join(ROOT, 'configs', 'test_5m.py')}"  # the 5.1M test model, not the default
 
 
-@pytest.mark.parametrize("variant", ["llama3", "qwen2"])
+# llama3's greedy tokens against HF generate run in the default set in tests/test_engine.py (a
+# ragged batch at several budgets, prefix cache on and off); here only in the slow set.
+@pytest.mark.parametrize("variant", [pytest.param("llama3", marks=pytest.mark.slow), "qwen2"])
 def test_greedy_tokens_match_hf_generate(hf_checkpoints, variant):
     path = hf_checkpoints[variant]
     prompts = [np.random.default_rng(s).integers(0, 256, n).tolist() for s, n in [(0, 9), (1, 3), (2, 17)]]
