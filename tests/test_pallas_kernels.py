@@ -275,7 +275,7 @@ def test_kernel_benchmark_smoke_runs_on_cpu():
     out = _bench_kernels("--write")
     grid, _, writes = out.partition("KV write of one decode step")
     rows = [line for line in grid.splitlines() if line.startswith("| 3 | 64 |")]
-    assert len(rows) == 1 and rows[0].count("|") == 12 and "error" not in rows[0], out  # mixed timed too
+    assert len(rows) == 1 and rows[0].count("|") == 11 and "error" not in rows[0], out
     rows = [line.split("|")[1:-1] for line in writes.splitlines() if line.startswith("| 3 | 64 |")]
     assert len(rows) == 1 and all(float(x.replace(",", "")) > 0 for x in rows[0][2:]), out  # both strategies
 

@@ -8,10 +8,6 @@ For every batch x context point (every sequence at that context), one decode ste
 paged KV pool with Llama-3-8B head shapes (32 query heads, 8 KV heads, head_dim 128) by:
   - jinfer decode: pallas_kernels.decode_paged_attention (split-K)
   - jinfer ragged: pallas_kernels.ragged_paged_attention on the same all-decode batch
-  - jinfer mixed: pallas_kernels.mixed_paged_attention on it (what the pallas_split backend runs
-    for a step that is not decode-only: its one-token rows through the split decode kernel, so
-    here all of them, beside a ragged call with nothing to do: the decode kernel plus the cost
-    of the split)
   - jax bundled:   jax.experimental.pallas.ops.gpu.paged_attention
   - xla reference: pallas_kernels.decode_paged_attention_ref (skipped where its gather would
     exceed --max_ref_gib)
@@ -30,6 +26,10 @@ loop dispatches); the median of 5 such runs. So launch latency overlaps the prev
     (pages_per_block, pages_per_split, block_q, num_warps, num_stages), fastest first, against
     the defaults (the blocks.TABLE row; for decode, blocks.decode_pages_per_split's split size);
     the numbers to retune them from.
+  --mixed: only mixed steps: at each batch x context point, that many decodes beside one
+    --mixed_chunk-token prompt chunk (--mixed_slots sequence slots, as the engine pads a step),
+    through the ragged kernel and through pallas_kernels.mixed_paged_attention (the pallas_split
+    backend's: the decodes through the split-K decode kernel), checked against each other.
 """
 
 from __future__ import annotations
@@ -108,8 +108,7 @@ def _point(batch: int, context: int, interpret: bool):
     import numpy as np
     from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as bundled
 
-    from pallas_kernels import (decode_paged_attention, decode_paged_attention_ref, mixed_paged_attention,
-                                ragged_paged_attention)
+    from pallas_kernels import decode_paged_attention, decode_paged_attention_ref, ragged_paged_attention
 
     dtype = jnp.dtype(FLAGS.dtype)
     kvh, d, ps = FLAGS.num_kv_heads, FLAGS.head_dim, FLAGS.page_size
@@ -135,8 +134,6 @@ def _point(batch: int, context: int, interpret: bool):
                           (q, k_pages, v_pages, lens, table)),
         "jinfer ragged": (functools.partial(ragged_paged_attention, sm_scale=scale, interpret=interpret),
                           (q, k_pages, v_pages, cu, lens, table, n)),
-        "jinfer mixed": (functools.partial(mixed_paged_attention, sm_scale=scale, interpret=interpret),
-                         (q, k_pages, v_pages, cu, lens, table, n)),
         "jax bundled": (jax.jit(lambda q, k, v, t, l: bundled(
             q * scale, k, v, t, l, k_splits=_bundled_splits(pages_per_seq), interpret=interpret)),
                         (q, k_pages, v_pages, table, lens)),
@@ -328,7 +325,7 @@ def main(argv):
               f"{FLAGS.num_kv_heads}, head_dim {FLAGS.head_dim}, page size {FLAGS.page_size}.")
         return None
     peak = _peak(device)
-    names = ["jinfer decode", "jinfer ragged", "jinfer mixed", "jax bundled", "xla reference"]
+    names = ["jinfer decode", "jinfer ragged", "jax bundled", "xla reference"]
     header = ["batch", "context", "KV MiB"] + [f"{n} µs" for n in names] + [
         "jinfer decode GB/s", "% of peak", "bundled / jinfer decode"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
