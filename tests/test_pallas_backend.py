@@ -24,7 +24,7 @@ def _tokens(path, backend, prompts):
                  SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=4, max_model_len=64),
                  options=EngineOptions(attention_backend=backend))
     assert eng.attention_backend == backend
-    outs = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    outs = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     return [o.token_ids for o in outs]
 
 
