@@ -209,11 +209,11 @@ def ragged_paged_attention(q, k_pages, v_pages, cu_q_lens, kv_lens, page_indices
     # zeros, as in the reference.
     real = jnp.arange(num_tokens) < cu_q_lens[num_seqs[0]]
     if skip_seqs is not None:
-        real &= ~skip_seqs[token_owner(cu_q_lens, num_tokens)]
+        real &= ~skip_seqs[_token_owner(cu_q_lens, num_tokens)]
     return jnp.where(real[:, None, None], out, 0).astype(q.dtype)
 
 
-def token_owner(cu_q_lens, num_tokens: int):
+def _token_owner(cu_q_lens, num_tokens: int):
     """Each token's sequence (i32[num_tokens]; tokens past the last sequence: the last row)."""
     max_seqs = cu_q_lens.shape[0] - 1
     owner = jnp.searchsorted(cu_q_lens[1:], jnp.arange(num_tokens), side="right")

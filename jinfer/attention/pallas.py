@@ -1,8 +1,8 @@
 """The "pallas" AttentionBackend: K/V scattered into pages, then the split-K decode kernel for
 decode-only steps and the ragged paged-attention kernel for every other step (decodes and
 prefill chunks mixed). "pallas_split" differs in those other steps only: their one-token
-sequences go through the split-K decode kernel too (pallas_kernels.mixed_paged_attention). Compiled through Triton on NVIDIA GPUs, interpreted elsewhere (CPU:
-slow, for tests).
+sequences go through the split-K decode kernel too (pallas_kernels.mixed_paged_attention).
+Compiled through Triton on NVIDIA GPUs, interpreted elsewhere (CPU: slow, for tests).
 
 Under tensor parallelism (the runner traces the step inside `jax.set_mesh`) the kernels run
 per device in a shard_map over the mesh's one axis: query heads are split; KV heads are split
