@@ -1,6 +1,19 @@
 """The scheduler's side of speculative decoding: which decoding requests get a draft and how
 long, and the drafter told of every request's tokens from its admission to its end
-(jinfer.speculation holds the Drafter and DraftBudget protocols and the acceptance maths)."""
+(jinfer.speculation holds the Drafter and DraftBudget protocols and the acceptance maths).
+
+Drafts in flight (Scheduler.drafts_in_flight): step N+1 is planned while step N runs, also
+when N carries drafts. A request whose N is in flight decodes N's sample in N+1 (a PENDING
+token, fed on the device) at the position it has if N's draft is all accepted; the draft's
+tokens count as the request's until N is read (Request.tentative). Where fewer are accepted,
+the runner moves the request's positions, KV slots and sampling index back by the shortfall on
+the device (jinfer/runner.py), so N+1 computes the right token in the right place; the host
+learns the shortfall when it reads N and takes it off num_computed_tokens. N+1 may carry a
+draft of its own for such a request: the drafter is asked from the tokens read (it never sees
+a tentative one) for the continuation past N's draft and N's own sample, and only when its
+proposal begins with N's draft (else it expects N's to be cut short, and N+1's would not fit).
+Chains only: a step with a tree draft is settled before the next is planned.
+"""
 
 from __future__ import annotations
 
@@ -54,22 +67,27 @@ class Drafting:
             self._call_drafter("finish", req.request_id, req.output_ids, aborted)
 
     def _may_draft(self, req: Request, n: int) -> bool:
-        """Before planning: a decoding request (its one uncomputed token is its last known one)."""
-        return (self.drafter is not None and req.params.speculate and not req.num_pending and n == 1
+        """Before planning: a decoding request (its one uncomputed token is its last known one,
+        or with drafts in flight the sample of its step in flight)."""
+        return (self.drafter is not None and req.params.speculate and n == 1
+                and req.num_pending <= self.drafts_in_flight
                 and req.num_tokens - req.num_computed_tokens == 1 and req.request_id in self._drafting)
 
     def _draft(self, req: Request, budget: int) -> Draft:
         """A draft for a request planned to decode this step, within the step's remaining budget,
         its length limits and the free pages; NO_DRAFT for none."""
-        # Planned: its sample is pending; the draft may reach its length limits less one (the
-        # model's own token after an accepted draft).
-        out = len(req.output_ids)
-        room = min(self.max_spec_tokens, budget, req.params.max_tokens - out - 1,
-                   self.cfg.max_model_len - len(req.prompt_ids) - out - 1)
+        # Planned: its sample is pending (and with a step in flight, that step's sample and
+        # draft); the draft may reach its length limits less one (the model's own token after
+        # an accepted draft), counted as if every draft in flight is accepted.
+        out = req.num_output_tokens
+        room = min(self.max_spec_tokens, budget, req.params.max_tokens - out,
+                   self.cfg.max_model_len - len(req.prompt_ids) - out)
         if room > 0 and self.budget is not None:
             room = self.budget.limit(req.request_id, self._num_decoding, room)
         if room <= 0:
             return NO_DRAFT
+        if req.num_pending > 1:  # its step in flight: past that step's draft and sample
+            return self._draft_past_inflight(req, room)
         draft = self._call_drafter("propose", req.request_id, req.output_ids, room).truncate(room)
         if not self.trees and not draft.is_chain:
             draft = draft.first_chain()
@@ -77,8 +95,26 @@ class Drafting:
             return NO_DRAFT
         return draft
 
+    def _draft_past_inflight(self, req: Request, room: int) -> Draft:
+        """A chain for a request whose step in flight has not been read: the drafter's proposal
+        from the tokens read, past the tokens that step verifies (its draft, if it has one) and
+        the one it samples; NO_DRAFT where the proposal does not begin with that step's draft."""
+        inflight = req.tentative[-1] if req.tentative else ()
+        skip = len(inflight) + 1
+        guess = self._call_drafter("propose", req.request_id, req.output_ids, room + skip)
+        tokens = guess.first_chain().tokens
+        if tokens[:len(inflight)] != tuple(inflight) or len(tokens) <= skip:
+            return NO_DRAFT
+        draft = Draft.chain(tokens[skip:skip + room], guess.score)
+        if not self.kv.extend(req, req.num_computed_tokens + len(draft)):
+            return NO_DRAFT
+        return draft
+
     def _add_draft(self, seq: ScheduledSeq, req: Request, draft: Draft) -> ScheduledSeq:
-        """The planned decode `seq` with the draft after its token (its pages now cover it)."""
+        """The planned decode `seq` with the draft after its token (its pages now cover it); the
+        draft's tokens are the request's, tentatively, until the step is settled."""
         req.num_computed_tokens += len(draft)
+        req.tentative.append(draft.tokens)
+        req.num_tentative += len(draft)
         return dataclasses.replace(seq, token_ids=seq.token_ids + draft.tokens, pages=tuple(req.pages),
                                    num_draft=len(draft), draft_parents=() if draft.is_chain else draft.parents)

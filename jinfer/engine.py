@@ -107,7 +107,8 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
         progress bar while warm-up compiles the step buckets. drafter: speculative decoding
         (jinfer.speculation) with drafts of up to max_spec_tokens tokens, trimmed by
         draft_budget when given (it hears every step's size and time); None: off. Steps that
-        carry drafts run synchronously (a draft needs the tokens of the step before). model may
+        carry chain drafts pipeline like plain ones (options.drafts_in_flight), those with tree
+        drafts run synchronously (the next plan needs their tokens). model may
         hold the weights' shapes only (one device): update_weights() then brings the arrays.
         pause_policy: what happens to the K/V of a request paused at one of its
         intercept_token_ids until resume() (jinfer.pausing; default: discarded into the prefix
@@ -137,7 +138,8 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
         self.eos_ids = set(tokenizer.eos_ids) | set(model.config.eos_token_ids)
         self.scheduler = Scheduler(cache_config, scheduler_config, self.runner.num_pages, policy,
                                    drafter, max_spec_tokens, draft_budget if max_spec_tokens else None,
-                                   pause_policy, eos_ids=self.eos_ids)
+                                   pause_policy, eos_ids=self.eos_ids,
+                                   drafts_in_flight=options.drafts_in_flight and options.async_scheduling)
         self.host_kv = HostKVTier()  # paused requests' K/V swapped out of the pool
         self.scheduler.trees = self.runner.trees  # a model the tree mask cannot serve gets chains
         self._groups: dict[str, list[Request]] = {}  # public id -> its samples still running
@@ -288,7 +290,7 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
             log.exception("reset: the old scheduler could not abort its requests; dropping it as it is")
         fresh = Scheduler(self.runner.cache_cfg, self.sched_cfg, self.runner.num_pages, old.policy,
                           old.drafter, old.max_spec_tokens, old.budget, old.pause_policy, old.clock,
-                          eos_ids=old.eos_ids)
+                          eos_ids=old.eos_ids, drafts_in_flight=old.drafts_in_flight)
         fresh.trees, fresh.token_limit, fresh.spec = old.trees, old.token_limit, old.spec
         if hasattr(old.policy, "bind"):  # a policy reading the books (its prefix cache) follows them
             old.policy.bind(fresh)
@@ -323,9 +325,9 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
         """Schedules and dispatches one step; returns what the previous one (async) or this
         one (sync) produced.
 
-        With a drafter, a step that carries drafts runs synchronously (the next draft needs its
-        tokens); when the draft budget wants no drafts, steps pipeline as plain decoding does
-        (async scheduling, when on), and a step in flight is settled before drafts resume.
+        With a drafter and async scheduling, steps carrying chain drafts pipeline as plain ones
+        do (options.drafts_in_flight; off: a step with drafts runs synchronously, and a step in
+        flight is settled before drafts resume); a step with a tree draft runs synchronously.
         RuntimeError, and nothing changes, while an engine built on the weights' shapes awaits
         them (update_weights)."""
         if self.runner.awaiting_weights:
@@ -335,7 +337,7 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
         self._last_read, self._busy = self._last_read if self._busy else start, False
         drafts = self.scheduler.drafter is not None and self.scheduler.wants_drafts()
         outputs, self._held_outputs = self._held_outputs, []
-        if drafts and self._inflight is not None:  # drafts are planned on read tokens
+        if drafts and self._inflight is not None and not self.scheduler.drafts_in_flight:  # planned on read tokens
             done, self._inflight = self._inflight, None
             outputs += self._postprocess(*done)
         if self._warmup_thread is not None:  # steps stay within the buckets compiled so far
@@ -359,7 +361,9 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
         if done and launched and launched[3]:  # this step compiled before the last one was read
             done = (*done[:3], True, done[4])
         outputs += self._postprocess(*done) if done else []
-        sync = not self.async_scheduling or any(seq.num_draft for seq in plan.seqs)
+        in_flight = self.scheduler.drafts_in_flight  # chains may stay in flight; trees never
+        sync = not self.async_scheduling or any(seq.num_draft and (seq.draft_parents or not in_flight)
+                                                for seq in plan.seqs)
         if sync and self._inflight:
             done, self._inflight = self._inflight, None
             outputs += self._postprocess(*done)

@@ -29,7 +29,7 @@ class Launching:
     never their contents, while a launch may be under way."""
 
     _kv: KVCache
-    _prev: jax.Array
+    _prev: tuple[jax.Array, jax.Array]
 
     def _setup_launches(self, launch_thread: bool) -> None:
         self._pending: concurrent.futures.Future | None = None  # the launch under way, if any
@@ -52,12 +52,12 @@ class Launching:
         self._kv = value
 
     @property
-    def _prev_tokens(self) -> jax.Array:
+    def _prev_tokens(self) -> tuple[jax.Array, jax.Array]:
         self.join_launch()
         return self._prev
 
     @_prev_tokens.setter
-    def _prev_tokens(self, value: jax.Array) -> None:
+    def _prev_tokens(self, value: tuple[jax.Array, jax.Array]) -> None:
         self.join_launch()
         self._prev = value
 
@@ -72,7 +72,7 @@ class Launching:
             if pending is None:
                 return
             try:
-                self._prev, _, self._kv = pending.result()
+                _, _, self._kv, self._prev = pending.result()
             finally:
                 self._pending = None
 
@@ -109,5 +109,5 @@ class Launching:
         if logprobs is None:  # launched in the launch thread: its launch first (its error here)
             if self._pending is tokens:
                 self.join_launch()
-            tokens, logprobs, _ = tokens.result()
+            tokens, logprobs, _, _ = tokens.result()
         return np.asarray(tokens)[:n], np.asarray(logprobs)[:n]

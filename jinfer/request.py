@@ -30,6 +30,10 @@ class Request:
     output_logprobs: list[float] = dataclasses.field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V sit in (or are being written to) its pages
     num_pending: int = 0  # tokens sampled by dispatched steps whose ids the host has not read yet
+    tentative: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
+    """Draft tokens of dispatched steps not yet read, oldest first: planned as if all accepted
+    (drafts in flight; Scheduler.drafts_in_flight), until the step that verifies them is settled."""
+    num_tentative: int = 0  # tokens in `tentative`
     pages: list[int] = dataclasses.field(default_factory=list)
     cache_node: object = None  # deepest prefix-cache node this request holds a lock on
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
@@ -53,12 +57,15 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        """Target: every prompt and output token (pending ones too) computed before the next sample."""
-        return len(self.prompt_ids) + len(self.output_ids) + self.num_pending
+        """Target: every prompt and output token (pending and tentative ones too) computed before
+        the next sample."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_tentative + self.num_pending
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.output_ids) + self.num_pending
+        """Output tokens read, tentative and pending: the next sample's index, if every draft in
+        flight is accepted."""
+        return len(self.output_ids) + self.num_tentative + self.num_pending
 
     @property
     def all_ids(self) -> list[int]:

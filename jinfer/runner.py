@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import itertools
 import math
@@ -141,15 +142,16 @@ class ModelRunner(Warmup, Launching):
         max_rows = self._max_rows = max(self.rows(*self.bucket(t)) for t in self.token_buckets)
         step = functools.partial(_step, self.graphdef, max_rows)
         # The last dispatched step's sampled ids (on device) and which row each request got:
-        # PENDING tokens in the next plan are read from here without a host round trip.
-        self._prev_tokens = jnp.zeros(max_rows, jnp.int32)
+        # PENDING tokens in the next plan are read from here without a host round trip, with
+        # the shortfall of each sequence's draft (drafts in flight: _step).
+        self._prev_tokens = (jnp.zeros(max_rows, jnp.int32), jnp.zeros(max_rows, jnp.int32))
         if layout is None:
             self._step = jax.jit(step, donate_argnums=(1,))
         else:
             kv_out = jax.tree.map(lambda _: layout.kv_sharding, self.kv)
             self._prev_tokens = jax.device_put(self._prev_tokens, layout.replicated)
-            self._step = jax.jit(step, donate_argnums=(1,),
-                                 out_shardings=(layout.replicated, layout.replicated, kv_out))
+            rep = layout.replicated
+            self._step = jax.jit(step, donate_argnums=(1,), out_shardings=(rep, rep, kv_out, (rep, rep)))
         self._compiled: dict[tuple[int, int, bool], object] = {}
         self._warming: set = set()  # bucket keys a background warm-up has yet to compile
         self._prev_rows: dict[str, int] = {}
@@ -257,10 +259,17 @@ class ModelRunner(Warmup, Launching):
         kv_lens = np.zeros(s, np.int32)
         kv_lens[:n_seqs] = starts + lens
         table = _page_table(seqs, counts, s, self.pages_per_seq)
-        feed = np.full(t, -1, np.int32)  # row of the previous step's output to take the id from
         last = cu[1:n_seqs + 1] - 1
-        pending = np.flatnonzero(ids[last] == PENDING)
-        feed[last[pending]] = [self._prev_rows[seqs[i].request_id] for i in pending]
+        drafted = self.max_spec_tokens > 0 and any(q.num_draft for q in seqs)
+        ndraft = np.fromiter((q.num_draft for q in seqs), np.int64, n_seqs) if drafted else 0
+        pending = np.flatnonzero(ids[last - ndraft] == PENDING)  # (a PENDING token comes before a draft)
+        # Per token: the previous step's row its sequence's PENDING token is fed from (-1: none);
+        # the step moves every token of such a sequence back by that row's draft shortfall.
+        src = np.full(t, -1, np.int32)
+        if len(pending):
+            seq_src = np.full(n_seqs, -1, np.int32)
+            seq_src[pending] = [self._prev_rows[seqs[i].request_id] for i in pending]
+            src[:at] = seq_src[owner]
         offsets = [[0]] * n_seqs  # per sequence: each sampling row's output-index offset (draft depths)
         parents = [None] * n_seqs  # per sequence: None (causal), or its new tokens' parents (a tree draft)
         for i, seq in enumerate(seqs):
@@ -279,17 +288,24 @@ class ModelRunner(Warmup, Launching):
         r = self.rows(t, s)
         rows = [(seq, d) for seq, depths in zip(seqs, offsets) for d in depths]
         logits_idx = np.zeros(r, np.int32)
+        row_seq = np.full(r, s, np.int32)  # each sampling row's sequence (padding: s)
+        row_next = np.full(r, -1, np.int32)  # the draft token a row's sample must equal to go on; -1: last
         if len(rows) == n_seqs:  # no drafts: one row per sequence, its last token
             logits_idx[:n_seqs] = last
+            row_seq[:n_seqs] = np.arange(n_seqs)
         else:
             logits_idx[:len(rows)] = [cu[i + 1] - 1 - seq.num_draft + j
                                       for i, seq in enumerate(seqs) for j in range(1 + seq.num_draft)]
+            row_seq[:len(rows)] = np.repeat(np.arange(n_seqs), 1 + ndraft)
+            row_next[:len(rows)] = [tok for seq in seqs
+                                    for tok in seq.token_ids[len(seq.token_ids) - seq.num_draft:] + (-1,)]
         decode_only = self.decode_steps and plan.num_tokens == n_seqs > 0
         tree_bits = None
         if self.trees and not decode_only:
             tree_bits = tree_bits_from_parents(lens.tolist(), parents, t)
         md = AttentionMetadata(cu, kv_lens, table, np.array([n_seqs], np.int32), decode_only, tree_bits)
-        return (t, s, decode_only), (ids, feed, pos, md, logits_idx, SamplingArrays.from_rows(rows, r))
+        samp = SamplingArrays.from_rows(rows, r)
+        return (t, s, decode_only), (ids, src, pos, md, logits_idx, samp, row_seq, row_next)
 
     def dispatch(self, plan: StepPlan):
         """Enqueues the plan's step on the device and returns at once (JAX async dispatch).
@@ -308,13 +324,15 @@ class ModelRunner(Warmup, Launching):
         self._seen.add(key)
         launch = (fn, self._step, self.state, self.kv, self._prev_tokens, args)
         if self._launches is None:
-            tokens, logprobs, self.kv = self._launch(*launch)
-            self._prev_tokens = tokens
+            tokens, logprobs, self.kv, self._prev_tokens = self._launch(*launch)
         else:  # returns at once; a reader of kv or _prev_tokens (the next dispatch) waits for it
             self._pending = self._launches.submit(self._launch, *launch)
             tokens, logprobs = self._pending, None
         firsts = np.cumsum([0] + [1 + seq.num_draft for seq in plan.seqs])
-        self._prev_rows = {seq.request_id: int(firsts[i]) for i, seq in enumerate(plan.seqs) if seq.sample}
+        # A sequence's PENDING token in the next plan is fed from the row that samples it if its
+        # whole draft is accepted; the step leaves the sample actually taken there.
+        self._prev_rows = {seq.request_id: int(firsts[i] + seq.num_draft)
+                           for i, seq in enumerate(plan.seqs) if seq.sample}
         return tokens, logprobs, int(firsts[-1])
 
     def move_kv(self, moves: list[tuple[int, int, int, int]]) -> None:
@@ -334,12 +352,33 @@ class ModelRunner(Warmup, Launching):
         return self.fetch(self.dispatch(plan))
 
 
-def _step(graphdef, max_rows, state, kv, prev_tokens, ids, feed, pos, md, logits_idx, samp):
-    ids = jnp.where(feed >= 0, prev_tokens[jnp.maximum(feed, 0)], ids)
-    logits, kv = nnx.merge(graphdef, state)(ids, pos, kv, md, logits_idx)
+def _step(graphdef, max_rows, state, kv, prev, ids, src, pos, md, logits_idx, samp, row_seq, row_next):
+    """One step: the forward pass over the plan's tokens and sampling at its rows.
+
+    prev: the previous step's (fed ids, shortfalls) by row. A sequence whose PENDING token is
+    fed from row src was planned as if that row's draft is all accepted: its positions, KV
+    slots (kv_lens) and sampling indices move back by the row's shortfall (0 without a draft).
+    Returns the sampled ids and logprobs by row, the pool, and this step's (fed ids,
+    shortfalls): at each sequence's last row (where its whole draft is accepted), the sample
+    after its longest accepted prefix and the draft tokens not accepted (rows: row_seq,
+    row_next: the draft token each row's sample must equal for the chain to go on)."""
+    prev_ids, prev_short = prev
+    fed, at = src >= 0, jnp.maximum(src, 0)
+    ids = jnp.where(fed & (ids < 0), prev_ids[at], ids)
+    short = jnp.where(fed, prev_short[at], 0)  # per token
+    cu = md.cu_q_lens
+    seq_short = jnp.where(cu[1:] > cu[:-1], short[jnp.minimum(cu[:-1], ids.shape[0] - 1)], 0)
+    md = dataclasses.replace(md, kv_lens=md.kv_lens - seq_short)
+    samp = dataclasses.replace(samp, index=samp.index - jnp.append(seq_short, 0)[row_seq])
+    logits, kv = nnx.merge(graphdef, state)(ids, pos - short, kv, md, logits_idx)
     tokens, logprobs = sample(logits, samp)
-    pad = max_rows - tokens.shape[0]  # fixed shape: the next step takes these as prev_tokens
-    return jnp.pad(tokens, (0, pad)), jnp.pad(logprobs, (0, pad)), kv
+    rows, last = jnp.arange(tokens.shape[0]), row_next < 0
+    miss = jnp.where(last | (tokens != row_next), rows, tokens.shape[0])
+    taken = jax.ops.segment_min(miss, row_seq, num_segments=seq_short.shape[0] + 1)[row_seq]
+    fed_next = jnp.where(last, tokens[taken], tokens)
+    short_next = jnp.where(last, rows - taken, 0)
+    pad = lambda x: jnp.pad(x, (0, max_rows - x.shape[0]))  # noqa: E731 - fixed shape: the next step reads them
+    return pad(tokens), pad(logprobs), kv, (pad(fed_next), pad(short_next))
 
 
 def _page_table(seqs, counts: np.ndarray, s: int, pages_per_seq: int) -> np.ndarray:

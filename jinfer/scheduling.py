@@ -50,13 +50,17 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
                  policy: SchedulingPolicy | None = None, drafter: Drafter | None = None,
                  max_spec_tokens: int = 0, budget: DraftBudget | None = None,
                  pause_policy: PausePolicy | None = None, clock: Callable[[], float] = time.monotonic, *,
-                 eos_ids: Collection[int] = ()):
+                 eos_ids: Collection[int] = (), drafts_in_flight: bool = False):
         """drafter, max_spec_tokens: speculative decoding (jinfer.speculation): decoding
         requests get drafts of up to max_spec_tokens tokens to verify in their step; budget
         (optional) trims each request's draft to what is worth its cost. pause_policy: what
         happens to the K/V of requests paused for a tool call (jinfer.pausing; default
         Discard), asked before every step; clock: the time base of their pauses. eos_ids: the
-        tokens that end a request (unless its params ignore EOS)."""
+        tokens that end a request (unless its params ignore EOS). drafts_in_flight: a step may
+        be planned while the one before, carrying chain drafts, is not yet settled: the drafts
+        count as accepted (Request.tentative) and the runner corrects the positions on the
+        device (jinfer/drafting.py); False: a step with drafts is settled before the next one
+        is planned (the simulators, engines without async scheduling)."""
         self.budget = budget
         self.eos_ids = frozenset(eos_ids)
         self.cfg = sched_cfg
@@ -67,7 +71,9 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
         # False where the runner cannot mask them: each tree's leading chain is drafted instead)
         self._drafting: set[str] = set()  # requests the drafter has been told about (start)
         self._num_decoding = 0  # running requests with one token to compute (this step)
-        self._unsettled_draft = False  # a planned step carries drafts and update has not seen it
+        self.drafts_in_flight = drafts_in_flight
+        self._unsettled_draft = False  # a planned step carries drafts the next plan cannot follow (a
+        # tree's, or any without drafts_in_flight) and update has not seen it
         self._forked: list[tuple[Request, list[Request]]] = []  # the last plan's forks (unplan undoes them)
         self.spec = SpecStats()
         self.page_size = cache_cfg.page_size
@@ -117,8 +123,9 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
 
     def reached_length(self, req: Request, *, pending: bool) -> bool:
         """The length rule: max_tokens outputs, or max_model_len tokens in all. pending: count
-        tokens sampled but not read yet (planning) or only read ones (finishing)."""
-        out = len(req.output_ids) + (req.num_pending if pending else 0)
+        tokens sampled but not read yet and drafts in flight (planning) or only read ones
+        (finishing)."""
+        out = len(req.output_ids) + (req.num_pending + req.num_tentative if pending else 0)
         return out >= req.params.max_tokens or len(req.prompt_ids) + out >= self.cfg.max_model_len
 
     def abort(self, reqs: Sequence[Request]) -> None:
@@ -190,7 +197,7 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
             budget = min(budget, self.token_limit)
         step = _StepBuild(budget, drafts and self.drafter is not None, bool(getattr(self.policy, "interleave", False)))
         assert not self._unsettled_draft, "a step with drafts must be settled before the next is planned"
-        if step.drafts:
+        if step.drafts and not self.drafts_in_flight:
             assert not any(r.num_pending for r in self.running + self.waiting), (
                 "drafts are planned on read tokens: settle the step in flight first")
         self._decide_pauses(step)
@@ -237,8 +244,9 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
         restoring = req.pause is not None and req.pause.restoring
         if restoring and req.pause.swap_chunks:
             return True  # its chunks still coming back in (each step's first swaps)
-        if step.blocked or req.status is not Status.WAITING or self._done_sampling(req):
-            return True  # a preempted request with its last token pending finishes when that is read
+        if step.blocked or req.status is not Status.WAITING or self._done_sampling(req) or req.tentative:
+            return True  # a preempted request with its last token pending finishes when that is read;
+            # one with drafts in flight waits for them to be read (its tokens are not known yet)
         if req.pause is not None and req.pause.swapped_tokens and not restoring and not self._comes_in_whole(req, step):
             return self._start_restore(step, req)  # (before the seat: it takes none while restoring)
         victim_of = (lambda: self._preemptable(req, step.planned)) if step.interleave else (lambda: None)
@@ -314,7 +322,7 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
             if draft.tokens:
                 step.seqs[i] = self._add_draft(step.seqs[i], req, draft)
                 step.budget -= len(draft)
-                self._unsettled_draft = True
+                self._unsettled_draft |= not self.drafts_in_flight or not draft.is_chain
 
     def _fork_followers(self) -> None:
         """Samples n > 1: a request's followers join from the next step, once its shared prompt's
@@ -337,6 +345,8 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
         for seq, req in zip(plan.seqs, reqs):
             req.num_computed_tokens = seq.start_pos
             req.num_pending -= seq.sample
+            if seq.num_draft:
+                req.num_tentative -= len(req.tentative.pop())
         for leader, followers in self._forked:
             gone = {id(f) for f in followers}
             self.waiting = [r for r in self.waiting if id(r) not in gone]

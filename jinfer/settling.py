@@ -52,6 +52,8 @@ class Settling:
         if any(seq.num_draft for seq in plan.seqs):
             self._unsettled_draft = False
         for i, (seq, req, rows) in enumerate(zip(plan.seqs, reqs, sampled)):
+            if seq.num_draft:  # its draft is read now: no longer the request's tentatively
+                req.num_tentative -= len(req.tentative.pop(0))
             if req.status is Status.PAUSED:  # paused by the step before: this sample is past its tool call
                 req.num_pending -= seq.sample
                 continue
@@ -133,8 +135,11 @@ class Settling:
         # Appended: the accepted draft tokens + the model's own (or fewer, if one of them
         # finished the request). The K/V of the step's token and of the accepted draft tokens
         # stay; the rejected rest is rolled back (its slots are rewritten by later steps; its
-        # pages are kept for them).
-        req.num_computed_tokens = seq.start_pos + num_appended
+        # pages are kept for them). A step planned after this one (drafts in flight) counted the
+        # whole draft: the runner moved its tokens back on the device, and so does this count.
+        # (A request preempted since holds nothing computed.)
+        if req.status is Status.RUNNING:
+            req.num_computed_tokens -= len(seq.token_ids) - num_appended
         accepted = min(num_new - 1, num_appended)  # emitted draft tokens
         self.spec.draft_tokens += seq.num_draft
         self.spec.accepted_tokens += accepted

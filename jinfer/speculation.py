@@ -145,7 +145,9 @@ class Drafter(Protocol):
     def propose(self, request_id: str, output_ids: Sequence[int], max_draft_tokens: int) -> Draft:
         """A draft of at most max_draft_tokens tokens to follow prompt + output_ids (NO_DRAFT: none).
         max_draft_tokens: the step's room for this draft (the scheduler passes >= 1), not the
-        request's output cap (SamplingParams.max_tokens, already counted in that room)."""
+        request's output cap (SamplingParams.max_tokens, already counted in that room). With
+        drafts in flight (jinfer/drafting.py) it also covers a step in flight's draft and
+        sample, which the scheduler then skips: up to twice the step's room plus one."""
 
     def observe(self, request_id: str, new_tokens: Sequence[int]) -> None:
         """Tokens appended to the request's output since the last call (accepted draft tokens

@@ -67,7 +67,7 @@ class Warmup:
         # touch arrays the step in flight donates or replaces, nor wait for a launch under way
         # in the launch thread (jinfer/launching.py: `_kv` and `_prev` without joining it).
         kv = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self._kv)
-        prev = jax.ShapeDtypeStruct(self._prev.shape, self._prev.dtype, sharding=self._prev.sharding)
+        prev = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self._prev)
         inputs = self._empty_inputs(*key)
 
         def compile_step():
@@ -137,4 +137,5 @@ class Warmup:
                                decode_only, tree_bits)
         r = self.rows(t, s)
         return (np.zeros(t, np.int32), np.full(t, -1, np.int32), np.zeros(t, np.int32), md,
-                np.zeros(r, np.int32), SamplingArrays.from_rows([], r))
+                np.zeros(r, np.int32), SamplingArrays.from_rows([], r), np.full(r, s, np.int32),
+                np.full(r, -1, np.int32))

@@ -82,12 +82,12 @@ def model():
 
 
 def _engine(model, drafter=None, *, prefix=True, budget=64, num_pages=128, max_spec=6, pipelined=True,
-            launch_thread=False):
+            launch_thread=False, in_flight=True):
     m, tok = model
+    options = EngineOptions(async_scheduling=pipelined, launch_thread=launch_thread, drafts_in_flight=in_flight)
     return Engine(m, tok, CacheConfig(page_size=16, num_pages=num_pages, enable_prefix_cache=prefix),
                   SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=8, max_model_len=256),
-                  options=EngineOptions(async_scheduling=pipelined, launch_thread=launch_thread), drafter=drafter,
-                  max_spec_tokens=max_spec)
+                  options=options, drafter=drafter, max_spec_tokens=max_spec)
 
 
 def _run(engine, prompts, params):
@@ -216,7 +216,8 @@ def test_requests_can_opt_out_and_drafts_respect_the_budget(model):
 
     class Greedy(OracleDrafter):
         def propose(self, request_id, output_ids, max_draft_tokens):
-            assert max_draft_tokens <= 3
+            # 3 draft tokens, or with a step in flight also that step's draft (<= 3) and sample
+            assert max_draft_tokens <= 3 + 3 + 1
             return super().propose(request_id, output_ids, max_draft_tokens)
 
     drafter = Greedy(ref, wrong=0.0)
@@ -356,7 +357,9 @@ def test_sampled_tokens_follow_the_model_distribution(tree):
 
     plain, _ = run(None)
     spec, stats = run(RandomDrafter(16, tree))
-    assert stats.draft_tokens > 500 and 0 < stats.accepted_tokens < stats.draft_tokens
+    # (A request whose step is in flight is drafted for only when the random proposal begins
+    # with that step's draft: fewer drafts than when every drafted step was read first.)
+    assert stats.draft_tokens > 300 and 0 < stats.accepted_tokens < stats.draft_tokens
     assert spec == plain
     chi2, df, fwd = 0.0, 0, jit_forward(m)
     for first in sorted({t[0] for t in spec}):

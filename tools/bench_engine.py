@@ -420,11 +420,14 @@ def _bare_decode_rate(runner, batch: int, steps: int, prompt_len: int, read_back
     cu[batch + 1:] = batch
     feed = np.full(t, -1, np.int32)
     feed[:batch] = np.arange(batch)  # each row takes the id its sequence sampled last step
+    row_seq = np.full(s, s, np.int32)
+    row_seq[:batch] = np.arange(batch)
+    row_next = np.full(s, -1, np.int32)  # no drafts: every row is its sequence's last
     logits_idx = np.zeros(s, np.int32)
     logits_idx[:batch] = np.arange(batch)
     seq = ScheduledSeq("x", (0,), 0, (), True, SamplingParams(temperature=0), 0, 0, 0)
     samp = SamplingArrays.from_seqs([seq] * batch, s)
-    ids = np.zeros(t, np.int32)
+    ids = np.full(t, -1, np.int32)  # PENDING: fed from the last step's samples
     decode_only = bool(runner.decode_steps)  # the variant the engine's decode-only steps take
     fn = runner._compiled.get((t, s, decode_only), runner._step)
     times = []
@@ -439,19 +442,20 @@ def _bare_decode_rate(runner, batch: int, steps: int, prompt_len: int, read_back
             kv_lens = np.zeros(s, np.int32)
             kv_lens[:batch] = kv_len
             md = AttentionMetadata(cu, kv_lens, table, np.array([batch], np.int32), decode_only)
-            prev, logprobs, runner.kv = fn(runner.state, runner.kv, prev, ids, feed, pos, md, logits_idx, samp)
+            tokens, logprobs, runner.kv, prev = fn(runner.state, runner.kv, prev, ids, feed, pos, md, logits_idx,
+                                                   samp, row_seq, row_next)
             if read_back == "launch":
-                prev.copy_to_host_async()
+                tokens.copy_to_host_async()
                 logprobs.copy_to_host_async()
             waited = time.perf_counter()
             if pending is not None:  # the step launched one iteration earlier
                 np.asarray(pending[0]), np.asarray(pending[1])
             waited = time.perf_counter() - waited
-            pending = (prev, logprobs) if read_back else None
+            pending = (tokens, logprobs) if read_back else None
             while time.perf_counter() - t0 - waited < host_s:  # host time, as the engine's step - wait
                 pass
             if block_each:
-                jax.block_until_ready(prev)
+                jax.block_until_ready(tokens)
                 times.append(time.perf_counter() - t0)
         jax.block_until_ready(prev)
 

@@ -1,0 +1,90 @@
+"""Drafts in flight: with async scheduling, a step carrying chain drafts pipelines like a plain
+one. The next step is planned as if the drafts are all accepted; where fewer are, the runner
+moves the request's positions, KV slots and sampling index back on the device. Tokens stay
+those of plain decoding (greedy and seeded sampling, under preemption), and the steps that
+relied on a draft in flight, accepted whole or cut short, do happen."""
+
+import zlib
+
+import pytest
+
+from jinfer.speculation import NO_DRAFT, Draft
+from jinfer.step_plan import PENDING
+from tests.test_speculation import GREEDY, PROMPTS, SAMPLED, OracleDrafter, _engine, _reference, _run
+from tests.test_speculation import model  # noqa: F401 - the fixture
+
+
+class StableOracle(OracleDrafter):
+    """The reference continuation with the same tokens wrong at every proposal (a token is
+    wrong by its request and output index), so a proposal made while a step is in flight
+    agrees with that step's draft, and a draft is cut short where a wrong token sits."""
+
+    def propose(self, request_id, output_ids, max_draft_tokens):
+        assert 0 < max_draft_tokens and list(output_ids) == self.observed[request_id]
+        start = len(output_ids)
+        nxt = self.reference.get(request_id, [])[start:start + max_draft_tokens]
+        toks = [t if zlib.crc32(f"{request_id}:{start + i}".encode()) % 5 else (t + 1) % self.vocab
+                for i, t in enumerate(nxt)]
+        return Draft.chain(toks) if toks else NO_DRAFT
+
+
+def _watch(engine):
+    """Records, for every settled sequence with a draft, (its request's next step was already
+    planned, draft tokens, accepted), and counts plans with a draft after a PENDING token."""
+    seen = {"settled": [], "past_pending": 0}
+    sched = engine.scheduler
+    update, schedule = sched.update, sched.schedule
+
+    def watched_update(plan, reqs, sampled, **kw):
+        before = [(req.num_pending > 1, req.num_accepted_tokens) for req in reqs]
+        out = update(plan, reqs, sampled, **kw)
+        for seq, req, (ahead, acc) in zip(plan.seqs, reqs, before):
+            if seq.num_draft:
+                seen["settled"].append((ahead, seq.num_draft, req.num_accepted_tokens - acc))
+        return out
+
+    def watched_schedule(*a, **kw):
+        plan = schedule(*a, **kw)
+        seen["past_pending"] += sum(1 for s in plan.seqs if s.num_draft and s.token_ids[0] == PENDING)
+        return plan
+
+    sched.update, sched.schedule = watched_update, watched_schedule
+    return seen
+
+
+@pytest.mark.parametrize("params, num_pages", [(GREEDY, 128), (SAMPLED, 128), (GREEDY, 10)],
+                         ids=["greedy", "sampled", "preempting"])
+def test_drafted_steps_pipeline_and_keep_the_tokens(model, params, num_pages):  # noqa: F811
+    want, plain_steps, ref = _reference(model, params, num_pages=num_pages)
+    drafter = StableOracle(ref)
+    engine = _engine(model, drafter, num_pages=num_pages)
+    assert engine.scheduler.drafts_in_flight
+    seen = _watch(engine)
+    preempt, preemptions = engine.scheduler.preempt, []
+    engine.scheduler.preempt = lambda req: preemptions.append(req.request_id) or preempt(req)
+    got, steps = _run(engine, PROMPTS, params)
+    assert {k: o.token_ids for k, o in got.items()} == {k: o.token_ids for k, o in want.items()}
+    assert {k: o.text for k, o in got.items()} == {k: o.text for k, o in want.items()}
+    assert bool(preemptions) == (num_pages < 64)
+    assert steps < plain_steps
+    # Steps were planned on drafts in flight: drafts past a PENDING token, and drafts whose
+    # request's next step was planned before they were read, all accepted and cut short.
+    assert seen["past_pending"] > 0
+    ahead = [(k, a) for planned, k, a in seen["settled"] if planned]
+    assert any(a == k for k, a in ahead) and any(a < k for k, a in ahead)
+    load = engine.load()
+    assert load.free_pages + load.cached_pages == load.num_pages
+    for rid, (output, aborted) in drafter.finished.items():
+        assert not aborted and output == ref[rid] == drafter.observed[rid]
+
+
+def test_drafts_in_flight_off_reads_each_drafted_step_first(model):  # noqa: F811
+    """EngineOptions.drafts_in_flight=False: no step is planned past an unread draft."""
+    _, _, ref = _reference(model, GREEDY)
+    engine = _engine(model, StableOracle(ref), in_flight=False)
+    assert not engine.scheduler.drafts_in_flight
+    seen = _watch(engine)
+    got, _ = _run(engine, PROMPTS, GREEDY)
+    assert {(f"{rid}/{k}" if k else rid): o.token_ids for (rid, k), o in got.items()} == ref
+    assert seen["past_pending"] == 0 and seen["settled"]
+    assert not any(planned for planned, _, _ in seen["settled"])
