@@ -82,12 +82,12 @@ class Drafting:
         out = req.num_output_tokens
         room = min(self.max_spec_tokens, budget, req.params.max_tokens - out,
                    self.cfg.max_model_len - len(req.prompt_ids) - out)
+        if req.num_pending > 1:  # its step in flight: past that step's draft and sample
+            return self._draft_past_inflight(req, room)
         if room > 0 and self.budget is not None:
             room = self.budget.limit(req.request_id, self._num_decoding, room)
         if room <= 0:
             return NO_DRAFT
-        if req.num_pending > 1:  # its step in flight: past that step's draft and sample
-            return self._draft_past_inflight(req, room)
         draft = self._call_drafter("propose", req.request_id, req.output_ids, room).truncate(room)
         if not self.trees and not draft.is_chain:
             draft = draft.first_chain()
@@ -98,15 +98,19 @@ class Drafting:
     def _draft_past_inflight(self, req: Request, room: int) -> Draft:
         """A chain for a request whose step in flight has not been read: the drafter's proposal
         from the tokens read, past the tokens that step verifies (its draft, if it has one) and
-        the one it samples; NO_DRAFT where the proposal does not begin with that step's draft."""
+        the one it samples; NO_DRAFT where the proposal does not begin with that step's draft
+        (the draft budget is asked only for a proposal that goes on past them)."""
         inflight = req.tentative[-1] if req.tentative else ()
         skip = len(inflight) + 1
-        guess = self._call_drafter("propose", req.request_id, req.output_ids, room + skip)
-        tokens = guess.first_chain().tokens
+        if room <= 0:
+            return NO_DRAFT
+        tokens = self._call_drafter("propose", req.request_id, req.output_ids, room + skip).first_chain().tokens
         if tokens[:len(inflight)] != tuple(inflight) or len(tokens) <= skip:
             return NO_DRAFT
-        draft = Draft.chain(tokens[skip:skip + room], guess.score)
-        if not self.kv.extend(req, req.num_computed_tokens + len(draft)):
+        if self.budget is not None:
+            room = self.budget.limit(req.request_id, self._num_decoding, room)
+        draft = Draft.chain(tokens[skip:skip + room])
+        if not draft.tokens or not self.kv.extend(req, req.num_computed_tokens + len(draft)):
             return NO_DRAFT
         return draft
 

@@ -142,6 +142,9 @@ class Pausing:
         req.status = Status.PAUSED
         # (off the running set, or the waiting one: a step in flight preempted it since)
         (self.running if req in self.running else self.waiting).remove(req)
+        # A step in flight past the pause computes its last token's K/V (kept) and, with drafts
+        # in flight, a draft past it (not the request's: positions past its tokens hold nothing)
+        req.num_computed_tokens = min(req.num_computed_tokens, len(req.prompt_ids) + len(req.output_ids))
         req.pause = Pause(self.clock(), context=req.num_computed_tokens)
         self.paused.append(req)
         self.pause_stats.paused += 1

@@ -28,7 +28,8 @@ class Request:
     arrival_index: int  # FCFS tie-break
     output_ids: list[int] = dataclasses.field(default_factory=list)
     output_logprobs: list[float] = dataclasses.field(default_factory=list)
-    num_computed_tokens: int = 0  # tokens whose K/V sit in (or are being written to) its pages
+    num_computed_tokens: int = 0  # tokens whose K/V sit in (or are being written to) its pages; with
+    # drafts in flight, counting a step in flight's whole draft until that step is read
     num_pending: int = 0  # tokens sampled by dispatched steps whose ids the host has not read yet
     tentative: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
     """Draft tokens of dispatched steps not yet read, oldest first: planned as if all accepted

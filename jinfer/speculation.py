@@ -133,8 +133,9 @@ def kv_moves(path: Sequence[int], first_slot: int, pages: Sequence[int], page_si
 class Drafter(Protocol):
     """Proposes drafts for requests and learns from what they generate.
 
-    The engine calls these on its own thread, in this order per request: start, then any number
-    of (propose, observe) pairs, then finish. A request's samples (n > 1) are separate requests
+    The engine calls these on its own thread, in this order per request: start, then proposes
+    and observes (with drafts in flight, two proposes may come before the observe of the first
+    one's step: output_ids is always the tokens read), then finish. A request's samples (n > 1) are separate requests
     here (ids "<id>", "<id>/1", ...). Implementations live in scheduler/ (n-gram, SuffixDecoding,
     DAS).
     """
@@ -147,7 +148,7 @@ class Drafter(Protocol):
         max_draft_tokens: the step's room for this draft (the scheduler passes >= 1), not the
         request's output cap (SamplingParams.max_tokens, already counted in that room). With
         drafts in flight (jinfer/drafting.py) it also covers a step in flight's draft and
-        sample, which the scheduler then skips: up to twice the step's room plus one."""
+        sample, which the scheduler then skips: the room plus that draft's length plus one."""
 
     def observe(self, request_id: str, new_tokens: Sequence[int]) -> None:
         """Tokens appended to the request's output since the last call (accepted draft tokens
@@ -175,8 +176,9 @@ class DraftBudget(Protocol):
         disagreed with (rejected) or at the end of the draft (a leaf: not rejected)."""
 
     def wants_drafts(self, num_decoding: int, *, prefilling: bool = False) -> bool:
-        """Whether the next step should carry drafts at all (a step without them may pipeline
-        with the one before, as plain decoding does); num_decoding requests decode in it, and
+        """Whether the next step should carry drafts at all (a step without them pipelines with
+        the one before, as plain decoding does; one with them too where drafts are in flight,
+        jinfer/drafting.py); num_decoding requests decode in it, and
         with prefilling it also carries prompt chunks."""
 
     def observe_step(self, num_tokens: int, seconds: float, emitted: int, drafted: bool, *,

@@ -16,15 +16,20 @@ from tests.test_speculation import model  # noqa: F401 - the fixture
 
 class StableOracle(OracleDrafter):
     """The reference continuation with the same tokens wrong at every proposal (a token is
-    wrong by its request and output index), so a proposal made while a step is in flight
-    agrees with that step's draft, and a draft is cut short where a wrong token sits."""
+    wrong by its request and output index, one in `every`; 0: none), so a proposal made while a
+    step is in flight agrees with that step's draft, and a draft is cut short where a wrong
+    token sits."""
+
+    def __init__(self, reference, every: int = 5):
+        super().__init__(reference)
+        self.every = every
 
     def propose(self, request_id, output_ids, max_draft_tokens):
         assert 0 < max_draft_tokens and list(output_ids) == self.observed[request_id]
         start = len(output_ids)
         nxt = self.reference.get(request_id, [])[start:start + max_draft_tokens]
-        toks = [t if zlib.crc32(f"{request_id}:{start + i}".encode()) % 5 else (t + 1) % self.vocab
-                for i, t in enumerate(nxt)]
+        toks = [t if not self.every or zlib.crc32(f"{request_id}:{start + i}".encode()) % self.every
+                else (t + 1) % self.vocab for i, t in enumerate(nxt)]
         return Draft.chain(toks) if toks else NO_DRAFT
 
 
@@ -88,3 +93,57 @@ def test_drafts_in_flight_off_reads_each_drafted_step_first(model):  # noqa: F81
     assert {(f"{rid}/{k}" if k else rid): o.token_ids for (rid, k), o in got.items()} == ref
     assert seen["past_pending"] == 0 and seen["settled"]
     assert not any(planned for planned, _, _ in seen["settled"])
+
+
+class ContextOracle(StableOracle):
+    """StableOracle keyed by the request's prompt, so a request resumed after a tool call (a
+    new prompt: its old prompt, output and the tool's tokens) is drafted its new continuation."""
+
+    def start(self, request_id, prompt_ids):
+        self.started[request_id], self.observed[request_id] = tuple(prompt_ids), []
+
+    def propose(self, request_id, output_ids, max_draft_tokens):
+        self.reference[request_id] = self.reference[self.started[request_id]]
+        return super().propose(request_id, output_ids, max_draft_tokens)
+
+    def finish(self, request_id, output_ids, aborted):
+        self.finished[request_id] = (list(output_ids), aborted)
+
+
+def test_a_pause_with_a_draft_in_flight_past_it_resumes_as_one_run(model):  # noqa: F811
+    """A request pauses at a tool call while the step after it, already dispatched, carries a
+    draft past the call: those positions are not the request's, so a policy that keeps its K/V
+    resumes it as one run over prompt, output and tool tokens."""
+    import dataclasses
+
+    from jinfer.pausing import PRESERVE
+    from scheduler.infercept.policies import PreserveAll
+
+    plain = _engine(model)
+    prompt = plain.tokenizer.encode(PROMPTS[0])
+    full = plain.generate([prompt], GREEDY)[0].token_ids
+    tool = [71, 72, 73, 74, 75, 76]
+    for k in (i for i in range(8, len(full)) if full[i] not in full[:i]):  # a token it pauses at once
+        fresh = plain.generate([prompt + full[:k + 1] + tool], GREEDY)[0].token_ids
+        if full[k] not in fresh:
+            break
+    # Drafts always right: the step after the pause's carries a draft past it.
+    engine = _engine(model, ContextOracle({tuple(prompt): full, tuple(prompt + full[:k + 1] + tool): fresh}, every=0))
+    engine.scheduler.pause_policy = PreserveAll()
+    sched, past = engine.scheduler, []
+    pause = sched._pause
+    sched._pause = lambda req: past.append(req.num_computed_tokens - len(req.all_ids)) or pause(req)
+    engine.add_request(prompt, dataclasses.replace(GREEDY, intercept_token_ids=(full[k],)), request_id="a")
+    outs = []
+    while not any(o.paused for o in outs):
+        outs += engine.step()
+    assert next(o for o in outs if o.paused).token_ids == full[:k + 1]
+    assert past and past[0] > 0  # the step in flight computed a draft past the tool call
+    engine.step()
+    assert sched.paused[0].pause.action == PRESERVE and sched.paused[0].num_computed_tokens <= k + 1 + len(prompt)
+    engine.resume("a", tool)
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert next(o for o in outs if o.finished).token_ids == fresh
+    load = engine.load()
+    assert load.free_pages + load.cached_pages == load.num_pages

@@ -427,7 +427,8 @@ def _bare_decode_rate(runner, batch: int, steps: int, prompt_len: int, read_back
     logits_idx[:batch] = np.arange(batch)
     seq = ScheduledSeq("x", (0,), 0, (), True, SamplingParams(temperature=0), 0, 0, 0)
     samp = SamplingArrays.from_seqs([seq] * batch, s)
-    ids = np.full(t, -1, np.int32)  # PENDING: fed from the last step's samples
+    ids = np.zeros(t, np.int32)
+    ids[:batch] = -1  # PENDING: fed from the last step's samples
     decode_only = bool(runner.decode_steps)  # the variant the engine's decode-only steps take
     fn = runner._compiled.get((t, s, decode_only), runner._step)
     times = []

@@ -30,6 +30,7 @@ mean latency per request, drafter host time per output token.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import random
@@ -51,7 +52,9 @@ flags.DEFINE_list("models", ["default", "random"], "default (the embedded 5.1M t
 flags.DEFINE_list("workloads", ["rollouts", "repeat", "code_edit", "fresh"], "Workloads to run.")
 flags.DEFINE_list("batches", ["1", "8", "32"], "Requests in flight.")
 flags.DEFINE_list("methods", ["off", "ngram", "suffix", "suffix_tree", "suffix_fixed"],
-                  "Speculation methods; off is the baseline, suffix_fixed has no adaptive budget.")
+                  "Speculation methods; off is the baseline, suffix_fixed has no adaptive budget. A method "
+                  "with the suffix @sync (e.g. suffix@sync) runs with EngineOptions.drafts_in_flight off: "
+                  "each step carrying drafts is read before the next is planned.")
 flags.DEFINE_integer("max_spec_tokens", 8, "Draft budget per request and step.", lower_bound=1)
 flags.DEFINE_integer("max_tokens", 64, "Output tokens per request.", lower_bound=1)
 flags.DEFINE_integer("problems", 4, "Distinct prompts per workload (at batch b: max(problems, b)).", lower_bound=1)
@@ -116,6 +119,7 @@ def _drafter(method: str):
     from scheduler.speculation.drafters import NgramDrafter, SuffixConfig, SuffixDrafter
     from scheduler.speculation.budget import CostAwareBudget
 
+    method = method.partition("@")[0]  # (@sync: the engine's option, not the drafter's)
     if method == "off":
         return None, None
     if method == "ngram":
@@ -203,11 +207,14 @@ def main(argv):
         options = EngineOptions(async_scheduling=True, warmup=True,
                                 min_token_bucket=1 if model_name == "smollm2" else 16)
         for method in FLAGS.methods:
+            sync = method.partition("@")[2]
+            if sync not in ("", "sync"):
+                raise app.UsageError(f"--methods: {method!r}: the only suffix is @sync")
             engines[method] = Engine(
                 model, tok, CacheConfig(page_size=16, num_pages=1024),
                 SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=max(batches), max_model_len=1024),
-                options=options, drafter=_drafter(method)[0], max_spec_tokens=FLAGS.max_spec_tokens,
-                programs=programs)
+                options=dataclasses.replace(options, drafts_in_flight=not sync), drafter=_drafter(method)[0],
+                max_spec_tokens=FLAGS.max_spec_tokens, programs=programs)
         for workload in FLAGS.workloads:
             for batch in batches:
                 reqs = _requests(workload, model_name, batch, tok, model.config.vocab_size)

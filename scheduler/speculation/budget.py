@@ -13,8 +13,9 @@ compares the output tokens per second of steps planned in drafting mode and of p
 (which pipeline, as plain decoding does) and keeps the better, re-trying the other now and then
 (scheduler/speculation/ways.py).
 
-c_base and c_tok are fitted online (a robust line through recent synchronous steps' token
-counts and wall times; steps that compiled are not reported), so the budget follows the
+c_base and c_tok are fitted online (a robust line through recent drafted steps' token counts
+and times, each from the step before it being read: the whole step when drafted steps run one
+at a time, one pipeline period when they pipeline with drafts in flight; steps that compiled are not reported), so the budget follows the
 machine it runs on, CPU or GPU. Until the fit exists, drafts are 1 token per request, doubling
 with each drafted step seen: a first drafted step of unknown cost stays small (on a CPU a step
 of many draft tokens can cost several plain steps). alpha is estimated per request (accepted
@@ -91,12 +92,12 @@ class CostAwareBudget:
 
     def observe_step(self, num_tokens: int, seconds: float, emitted: int = 0, drafted: bool = True, *,
                      num_decoding: int = 0, decode_only: bool = False, drafting: bool | None = None) -> None:
-        if drafted:  # the cost model is of steps that carry drafts (synchronous ones)
+        if drafted:  # the cost model is of steps that carry drafts
             self._steps.append((num_tokens, seconds))
             self._stale = True
             self._drafted_steps += 1
-        # the ways are the modes: a step in drafting mode without a draft still waited for the
-        # step before it (its drafts needed that step's tokens)
+        # the ways are the modes: without drafts in flight, a step in drafting mode without a
+        # draft still waited for the step before it (its drafts needed that step's tokens)
         self.ways.observe(seconds, emitted, drafted if drafting is None else drafting, num_decoding, decode_only)
 
     # -- drafts at all? ------------------------------------------------------------------------
