@@ -4,6 +4,7 @@ moves the request's positions, KV slots and sampling index back on the device. T
 those of plain decoding (greedy and seeded sampling, under preemption), and the steps that
 relied on a draft in flight, accepted whole or cut short, do happen."""
 
+import dataclasses
 import zlib
 
 import pytest
@@ -57,9 +58,9 @@ def _watch(engine):
     return seen
 
 
-@pytest.mark.parametrize("params, num_pages", [(GREEDY, 128), (SAMPLED, 128), (GREEDY, 10)],
-                         ids=["greedy", "sampled", "preempting"])
+@pytest.mark.parametrize("params, num_pages", [(SAMPLED, 128), (GREEDY, 10)], ids=["sampled", "preempting-greedy"])
 def test_drafted_steps_pipeline_and_keep_the_tokens(model, params, num_pages):  # noqa: F811
+    params = dataclasses.replace(params, max_tokens=24)
     want, plain_steps, ref = _reference(model, params, num_pages=num_pages)
     drafter = StableOracle(ref)
     engine = _engine(model, drafter, num_pages=num_pages)
@@ -114,8 +115,6 @@ def test_a_pause_with_a_draft_in_flight_past_it_resumes_as_one_run(model):  # no
     """A request pauses at a tool call while the step after it, already dispatched, carries a
     draft past the call: those positions are not the request's, so a policy that keeps its K/V
     resumes it as one run over prompt, output and tool tokens."""
-    import dataclasses
-
     from jinfer.pausing import PRESERVE
     from scheduler.infercept.policies import PreserveAll
 

@@ -8,7 +8,8 @@
 # tools/profile_engine.py); the kernel grid's mixed column at long contexts (mixed: a mixed
 # step's decodes through the split-K decode kernel); the default model's shape with XLA's
 # command buffers off and widened (graphs: is the step launch-bound?); speculation at batch
-# 1/8/32 on the embedded test model with what time is left (spec: tools/bench_spec.py).
+# 1/8/32 on the embedded test model, drafts in flight and not, with what time is left (spec:
+# tools/bench_spec.py).
 #
 #   OUT=results tools/gpu_checks.sh                    # logs and tables land in $OUT
 #   OUT=results STAGES="suite" tools/gpu_checks.sh      # the whole default test run instead
@@ -109,7 +110,7 @@ run_tests() {
   # TESTS_K narrows them (pytest -k).
   pytest_stage "$(limit "${TESTS_S:-80}")" tests.log -m "not slow and not multi_device" ${TESTS_K:+-k "$TESTS_K"} \
     tests/test_pallas_kernels.py tests/test_pallas_backend.py tests/test_engine.py tests/test_greedy.py \
-    tests/test_runner.py tests/test_xla_attention.py
+    tests/test_runner.py tests/test_xla_attention.py tests/test_drafts_in_flight.py
 }
 
 run_suite() {
@@ -165,9 +166,11 @@ run_graphs() {
 
 run_spec() {
   # Speculation on the GPU: the embedded test model (trained, so drafts are accepted) at batch
-  # 1/8/32, a repetitive workload and the fresh control; rows print as they finish.
+  # 1/8/32, a repetitive workload and the fresh control, suffix chains with drafts in flight
+  # and without (@sync: each drafted step read before the next is planned); rows print as they
+  # finish.
   timeout "$(limit "${SPEC_S:-120}")" $PY tools/bench_spec.py --models=default --workloads=repeat,fresh \
-    --batches=1,8,32 --methods=off,suffix,suffix_tree --repeats=2 >"$OUT/spec.log" 2>&1
+    --batches=1,8,32 --methods=off,suffix,suffix@sync,suffix_tree --repeats=2 >"$OUT/spec.log" 2>&1
 }
 
 run_profile() {
