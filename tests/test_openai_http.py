@@ -130,9 +130,11 @@ def test_completion_tokens_equal_the_grpc_api(client, grpc_client, tokenizer):
 
 
 def _refuses_connections(port: int) -> bool:
+    """Whether the port takes no new connection: refused, or reset while connecting (the
+    listener closed with the attempt in its backlog)."""
     try:
         socket.create_connection(("127.0.0.1", port), timeout=HANG_S).close()
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):
         return True
     return False
 
@@ -142,6 +144,7 @@ def test_engine_generate_and_the_http_api_of_a_second_server_agree_and_stop_is_g
     params = SamplingParams(temperature=0.8, top_k=50, seed=7, max_tokens=10, n=2)
     want = engine.generate(["import os\n"], params)
     srv = Server(engine, ServingConfig(http_port=0)).start()
+    gate = stopper = None
     try:
         assert srv.http_port not in (None, 0, srv.port)
         with openai.OpenAI(base_url=f"http://127.0.0.1:{srv.http_port}/v1", api_key="unused", max_retries=0,
@@ -164,7 +167,11 @@ def test_engine_generate_and_the_http_api_of_a_second_server_agree_and_stop_is_g
             assert chunks[-1].choices[0].finish_reason == "length"
             with pytest.raises(openai.APIConnectionError):
                 c.models.list()
-    finally:
+    finally:  # a failure above must not leave the loop held and the graceful stop waiting on it
+        if gate is not None:
+            gate.release()
+        if stopper is not None:
+            stopper.join()
         if srv.loop.is_running():
             srv.stop(grace=0)
     for bad, message in [(dict(http_port=-1), "http_port=-1 must be in [0, 65535]"),
