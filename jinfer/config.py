@@ -242,10 +242,11 @@ class EngineOptions:
     """Compile every step bucket at construction, so no request waits on a compilation (servers
     set it: configs/*.py); false: each bucket compiles on its first step."""
     warmup_background: bool = False
-    """With warmup (without it, nothing to do: tools that turn warm-up off leave this be): compile only the smallest token bucket before serving and the others,
-    smallest first, in a background thread; until a bucket is compiled, steps stay within the
-    compiled ones (prompts are prefilled in smaller chunks), so no request waits on a
-    compilation and start-up does not grow with the number of buckets."""
+    """With warmup (without it, nothing to do: tools that turn warm-up off leave this be):
+    compile only the smallest token bucket before serving and the others, smallest first, in a
+    background thread; until a bucket is compiled, steps stay within the compiled ones (prompts
+    are prefilled in smaller chunks), so no request waits on a compilation and start-up does not
+    grow with the number of buckets."""
     compilation_cache: str = ""
     """JAX persistent compilation cache directory (restarts reuse compiled buckets); empty: off."""
     min_token_bucket: int = 16

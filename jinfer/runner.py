@@ -314,7 +314,8 @@ class ModelRunner(Warmup, Launching):
         PlanRejected if the plan cannot be built into a step's arrays (nothing was launched).
         """
         if self.awaiting_weights:
-            raise RuntimeError("the runner has the weights' shapes only: set_weights() before a step")  # Engine.step checks first
+            # (Engine.step checks first)
+            raise RuntimeError("the runner has the weights' shapes only: set_weights() before a step")
         try:
             key, args = self.prepare(plan)
         except Exception as e:

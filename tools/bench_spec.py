@@ -171,7 +171,8 @@ def _model(name: str):
         from jinfer.launch import ModelSpec, load_model
         from jinfer.model_store import DEFAULT_MODEL
         model, tok = load_model(ModelSpec(path=DEFAULT_MODEL, dtype="float32"))
-        return model, tok, f"SmolLM2-135M-Instruct (the default model, f32, {model.config.num_params() / 1e6:.0f}M parameters)"
+        millions = model.config.num_params() / 1e6
+        return model, tok, f"SmolLM2-135M-Instruct (the default model, f32, {millions:.0f}M parameters)"
     from jinfer.models.config import scaled_llama
     from jinfer.models.llama import init_model
     from jinfer.tokenizer import byte_level_tokenizer

@@ -15,13 +15,14 @@ compares the output tokens per second of steps planned in drafting mode and of p
 
 c_base and c_tok are fitted online (a robust line through recent drafted steps' token counts
 and times, each from the step before it being read: the whole step when drafted steps run one
-at a time, one pipeline period when they pipeline with drafts in flight; steps that compiled are not reported), so the budget follows the
-machine it runs on, CPU or GPU. Until the fit exists, drafts are 1 token per request, doubling
-with each drafted step seen: a first drafted step of unknown cost stays small (on a CPU a step
-of many draft tokens can cost several plain steps). alpha is estimated per request (accepted
-tokens / (accepted + rejections), with the pool of all requests as a prior), so a request
-whose text the drafter predicts keeps long drafts and one it does not stops drafting, probing
-with one token now and then in case its text turns repetitive.
+at a time, one pipeline period when they pipeline with drafts in flight; steps that compiled
+are not reported), so the budget follows the machine it runs on, CPU or GPU. Until the fit
+exists, drafts are 1 token per request, doubling with each drafted step seen: a first drafted
+step of unknown cost stays small (on a CPU a step of many draft tokens can cost several plain
+steps). alpha is estimated per request (accepted tokens / (accepted + rejections), with the
+pool of all requests as a prior), so a request whose text the drafter predicts keeps long
+drafts and one it does not stops drafting, probing with one token now and then in case its text
+turns repetitive.
 """
 
 from __future__ import annotations

@@ -3,21 +3,22 @@ more output tokens per second than plain steps (which pipeline, as plain decodin
 measured on the steps themselves (CostAwareBudget.wants_drafts asks `DraftsOrNot.choose`).
 
 A sample is one step as its engine reports it: its output tokens over its time, which for
-pipelined steps is the time between two steps' results, so a pipelined step is not charged
-the one before it. A step counts for the mode it was planned in: one in drafting mode that
-carried no draft (the drafter had nothing) still waited for the step before it where drafted
-steps are read one at a time (without drafts in flight: jinfer/drafting.py). Rates of
-steps of decodes only are compared where both ways have them; a step that also prefills (its
-prompt chunk dominates its time) counts only while a way has nothing else. Each way is tried
-for a run of steps, not alternately (without drafts in flight, every switch from pipelined
-steps to drafting mode empties the pipeline), plain steps first, and only in steps without prompt chunks; a way that
-falls below give_up of the other's rate ends its run at that step; a tie goes to plain steps. A batch-size class first met after a
-class within a factor of 4 of it measured both ways runs the way that class prefers and takes
-its ratio of the two as the other way's. Once a class is decided, the losing way gets
-explore_len steps per cycle, the cycle as long as keeps their cost within explore_cost (4 %)
-of the throughput, fixed when the cycle begins: short where the loser loses narrowly (it may
-have become the better way: a drafter's history grows), long where it loses badly; an
-exploration also ends at the first step where the loser falls clearly behind.
+pipelined steps is the time between two steps' results, so a pipelined step is not charged the
+one before it. A step counts for the mode it was planned in: one in drafting mode that carried
+no draft (the drafter had nothing) still waited for the step before it where drafted steps are
+read one at a time (without drafts in flight: jinfer/drafting.py). Rates of steps of decodes
+only are compared where both ways have them; a step that also prefills (its prompt chunk
+dominates its time) counts only while a way has nothing else. Each way is tried for a run of
+steps, not alternately (without drafts in flight, every switch from pipelined steps to drafting
+mode empties the pipeline), plain steps first, and only in steps without prompt chunks; a way
+that falls below give_up of the other's rate ends its run at that step; a tie goes to plain
+steps. A batch-size class first met after a class within a factor of 4 of it measured both ways
+runs the way that class prefers and takes its ratio of the two as the other way's. Once a class
+is decided, the losing way gets explore_len steps per cycle, the cycle as long as keeps their
+cost within explore_cost (4 %) of the throughput, fixed when the cycle begins: short where the
+loser loses narrowly (it may have become the better way: a drafter's history grows), long where
+it loses badly; an exploration also ends at the first step where the loser falls clearly
+behind.
 """
 
 from __future__ import annotations
