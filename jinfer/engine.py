@@ -361,9 +361,7 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
         if done and launched and launched[3]:  # this step compiled before the last one was read
             done = (*done[:3], True, done[4])
         outputs += self._postprocess(*done) if done else []
-        in_flight = self.scheduler.drafts_in_flight  # chains may stay in flight; trees never
-        sync = not self.async_scheduling or any(seq.num_draft and (seq.draft_parents or not in_flight)
-                                                for seq in plan.seqs)
+        sync = not self.async_scheduling or any(self.scheduler.read_first(seq) for seq in plan.seqs)
         if sync and self._inflight:
             done, self._inflight = self._inflight, None
             outputs += self._postprocess(*done)

@@ -140,7 +140,7 @@ class ModelRunner(Warmup, Launching):
         self._warm_stop, self._warm_go, self._warm_thread = threading.Event(), threading.Event(), None
         self.layout = layout
         max_rows = self._max_rows = max(self.rows(*self.bucket(t)) for t in self.token_buckets)
-        step = functools.partial(_step, self.graphdef, max_rows)
+        step = functools.partial(_step, self.graphdef, max_rows, self.max_spec_tokens > 0)
         # The last dispatched step's sampled ids (on device) and which row each request got:
         # PENDING tokens in the next plan are read from here without a host round trip, with
         # the shortfall of each sequence's draft (drafts in flight: _step).
@@ -353,7 +353,7 @@ class ModelRunner(Warmup, Launching):
         return self.fetch(self.dispatch(plan))
 
 
-def _step(graphdef, max_rows, state, kv, prev, ids, src, pos, md, logits_idx, samp, row_seq, row_next):
+def _step(graphdef, max_rows, drafts, state, kv, prev, ids, src, pos, md, logits_idx, samp, row_seq, row_next):
     """One step: the forward pass over the plan's tokens and sampling at its rows.
 
     prev: the previous step's (fed ids, shortfalls) by row. A sequence whose PENDING token is
@@ -362,7 +362,8 @@ def _step(graphdef, max_rows, state, kv, prev, ids, src, pos, md, logits_idx, sa
     Returns the sampled ids and logprobs by row, the pool, and this step's (fed ids,
     shortfalls): at each sequence's last row (where its whole draft is accepted), the sample
     after its longest accepted prefix and the draft tokens not accepted (rows: row_seq,
-    row_next: the draft token each row's sample must equal for the chain to go on)."""
+    row_next: the draft token each row's sample must equal for the chain to go on). drafts
+    (static): whether the runner's steps may carry drafts; without, every shortfall is 0."""
     prev_ids, prev_short = prev
     fed, at = src >= 0, jnp.maximum(src, 0)
     ids = jnp.where(fed & (ids < 0), prev_ids[at], ids)
@@ -373,12 +374,14 @@ def _step(graphdef, max_rows, state, kv, prev, ids, src, pos, md, logits_idx, sa
     samp = dataclasses.replace(samp, index=samp.index - jnp.append(seq_short, 0)[row_seq])
     logits, kv = nnx.merge(graphdef, state)(ids, pos - short, kv, md, logits_idx)
     tokens, logprobs = sample(logits, samp)
+    pad = lambda x: jnp.pad(x, (0, max_rows - x.shape[0]))  # noqa: E731 - fixed shape: the next step reads them
+    if not drafts:
+        return pad(tokens), pad(logprobs), kv, (pad(tokens), jnp.zeros(max_rows, jnp.int32))
     rows, last = jnp.arange(tokens.shape[0]), row_next < 0
     miss = jnp.where(last | (tokens != row_next), rows, tokens.shape[0])
     taken = jax.ops.segment_min(miss, row_seq, num_segments=seq_short.shape[0] + 1)[row_seq]
     fed_next = jnp.where(last, tokens[taken], tokens)
     short_next = jnp.where(last, rows - taken, 0)
-    pad = lambda x: jnp.pad(x, (0, max_rows - x.shape[0]))  # noqa: E731 - fixed shape: the next step reads them
     return pad(tokens), pad(logprobs), kv, (pad(fed_next), pad(short_next))
 
 

@@ -49,7 +49,7 @@ class Settling:
         settled = []
         if repeats > 1:
             self._check_repeated(plan, reqs, sampled, repeats)
-        if any(seq.num_draft and (seq.draft_parents or not self.drafts_in_flight) for seq in plan.seqs):
+        if any(self.read_first(seq) for seq in plan.seqs):
             self._unsettled_draft = False  # (the plan that set it: a step planned after it never is)
         for i, (seq, req, rows) in enumerate(zip(plan.seqs, reqs, sampled)):
             if seq.num_draft:  # its draft is read now: no longer the request's tentatively
