@@ -73,6 +73,20 @@ class Drafting:
                 and req.num_pending <= self.drafts_in_flight
                 and req.num_tokens - req.num_computed_tokens == 1 and req.request_id in self._drafting)
 
+    def _lead_rooms(self):
+        """req -> the most draft tokens the budget's lead limit (DraftBudget.lead_limit) leaves
+        it this step: while no request waits, a request may draft until it is that many tokens
+        ahead of the furthest-behind other running request (tokens left to max_tokens, drafts in
+        flight counted), so the batch finishes together instead of leaving its slowest requests
+        a tail of small, dear steps. Unlimited without a limit, while a request waits, or for
+        a request running alone."""
+        limit = None if self.budget is None or self.waiting else self.budget.lead_limit()
+        if limit is None or len(self.running) < 2:
+            return lambda req: self.max_spec_tokens
+        left = lambda r: r.params.max_tokens - r.num_output_tokens  # noqa: E731
+        top = sorted(self.running, key=left, reverse=True)[:2]  # the two furthest behind
+        return lambda req: max(0, left(req) - left(top[top[0] is req]) + limit)
+
     def _draft(self, req: Request, budget: int) -> Draft:
         """A draft for a request planned to decode this step, within the step's remaining budget,
         its length limits and the free pages; NO_DRAFT for none."""

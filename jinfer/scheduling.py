@@ -315,10 +315,11 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
         """Drafts from what the step left, budget and free pages (no eviction), so a draft never
         preempts a request, delays an admission or evicts a prefix someone could match."""
         self._num_decoding = len(step.decoders)
+        lead = self._lead_rooms()
         for i, req in step.decoders:
             if step.budget == 0:
                 break
-            draft = self._draft(req, step.budget)
+            draft = self._draft(req, min(step.budget, lead(req)))
             if draft.tokens:
                 step.seqs[i] = self._add_draft(step.seqs[i], req, draft)
                 step.budget -= len(draft)

@@ -189,5 +189,12 @@ class DraftBudget(Protocol):
         (a prompt chunk) was in it; drafting: it was planned in drafting mode (wants_drafts
         said so), with or without a draft in it."""
 
+    def lead_limit(self) -> int | None:
+        """How many tokens a request may draft ahead of the furthest-behind other running
+        request while no request waits (None: no limit). For closed batches (offline runs, RL
+        rollouts), whose time is their slowest request's: a request that races ahead on its
+        drafts finishes early and leaves the slowest ones to run in smaller steps, which cost
+        more per token (jinfer/drafting.py)."""
+
     def finish(self, request_id: str) -> None:
         """The request ended."""

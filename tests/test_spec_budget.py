@@ -69,6 +69,13 @@ def test_a_request_the_drafter_cannot_predict_stops_drafting_but_probes():
 def test_bad_knobs_are_named():
     with pytest.raises(ValueError, match="window >= 2"):
         BudgetConfig(window=1)
+    with pytest.raises(ValueError, match="max_lead >= 0"):
+        BudgetConfig(max_lead=-1)
+    from jinfer.config import SpeculationConfig
+    with pytest.raises(ValueError, match="max_lead=-1"):
+        SpeculationConfig(method="suffix", max_lead=-1)
+    assert CostAwareBudget.from_config(SpeculationConfig(method="suffix", max_lead=3)).lead_limit() == 3
+    assert CostAwareBudget.from_config(SpeculationConfig(method="suffix")).lead_limit() is None
 
 
 def test_a_slow_outlier_step_does_not_stop_drafts():
@@ -226,6 +233,9 @@ def test_the_budget_hears_each_step_with_its_own_tokens_and_time(engine_model):
         def limit(self, request_id, num_decoding, max_draft_tokens):
             return max_draft_tokens
 
+        def lead_limit(self):
+            return None
+
         def observe_verify(self, request_id, accepted, rejected):
             pass
 
@@ -266,3 +276,69 @@ def test_steps_with_prompt_chunks_neither_run_nor_explore_a_way():
     assert b.wants_drafts(8)
     # a long stretch of steps with prompt chunks takes the better way throughout: no exploration
     assert all(b.wants_drafts(8, prefilling=True) for _ in range(500))
+
+
+class _Always:
+    """Drafts in every step, as long as allowed, with a lead limit (the subject here)."""
+
+    def __init__(self, lead):
+        self.lead = lead
+
+    def wants_drafts(self, num_decoding, *, prefilling=False):
+        return True
+
+    def limit(self, request_id, num_decoding, max_draft_tokens):
+        return max_draft_tokens
+
+    def lead_limit(self):
+        return self.lead
+
+    def observe_verify(self, request_id, accepted, rejected):
+        pass
+
+    def observe_step(self, num_tokens, seconds, emitted, drafted, **kw):
+        pass
+
+    def finish(self, request_id):
+        pass
+
+
+def _leads(model, ref, lead, n):
+    """Runs PROMPTS[:n] on 2 sequence slots, drafts for r0 only (all right); per step while r0
+    and r1 both run: (r0's output tokens - r1's, whether a request waited); the outputs."""
+    from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig
+    from jinfer.engine import Engine
+    m, tok = model
+    engine = Engine(m, tok, CacheConfig(page_size=16, num_pages=128),
+                    SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=2, max_model_len=256),
+                    options=EngineOptions(async_scheduling=True), drafter=OracleDrafter({"r0": ref["r0"]}, wrong=0),
+                    max_spec_tokens=6)
+    engine.scheduler.budget = _Always(lead)
+    for i, p in enumerate(PROMPTS[:n]):
+        engine.add_request(p, GREEDY, request_id=f"r{i}")
+    outs, gaps, live = {}, [], {}
+    while engine.has_unfinished():
+        waited = bool(engine.scheduler.waiting)
+        for out in engine.step():
+            live[out.request_id] = len(out.token_ids)
+            if out.finished:
+                outs[out.request_id] = list(out.token_ids)
+        if {"r0", "r1"} <= live.keys() and not {"r0", "r1"} & outs.keys():
+            gaps.append((live["r0"] - live["r1"], waited))
+    return gaps, outs
+
+
+def test_with_a_lead_limit_a_request_drafts_only_that_far_ahead_while_none_waits(engine_model):
+    """A closed batch (speculation.max_lead): r0's drafts are all right, r1 gets none. With a
+    lead limit of 2 r0 stays at most 2 tokens ahead of r1 while no request waits, and gains
+    nothing past that; while a third request waits, or without the limit, it races ahead. The
+    tokens are plain decoding's either way."""
+    _, _, ref = _reference(engine_model, GREEDY)
+    gaps, outs = _leads(engine_model, ref, 2, 2)
+    assert outs == {r: ref[r] for r in ("r0", "r1")}
+    assert max(g for g, _ in gaps) == 2 and all(0 <= g <= 2 for g, _ in gaps)
+    free, outs = _leads(engine_model, ref, None, 2)
+    assert outs == {r: ref[r] for r in ("r0", "r1")} and max(g for g, _ in free) > 10
+    waiting, outs = _leads(engine_model, ref, 2, 3)
+    assert outs == {r: ref[r] for r in ("r0", "r1", "r2")}
+    assert max(g for g, w in waiting if w) > 2  # r2 waits for a slot: no limit

@@ -458,6 +458,9 @@ def test_the_budget_pipelines_plain_steps_when_drafts_do_not_pay(model):
         def limit(self, request_id, num_decoding, max_draft_tokens):
             raise AssertionError("no draft was wanted")
 
+        def lead_limit(self):
+            return None
+
         def observe_verify(self, request_id, accepted, rejected):
             raise AssertionError("no draft was verified")
 

@@ -54,8 +54,11 @@ flags.DEFINE_list("batches", ["1", "8", "32"], "Requests in flight.")
 flags.DEFINE_list("methods", ["off", "ngram", "suffix", "suffix_tree", "suffix_fixed"],
                   "Speculation methods; off is the baseline, suffix_fixed has no adaptive budget. A method "
                   "with the suffix @sync (e.g. suffix@sync) runs with EngineOptions.drafts_in_flight off: "
-                  "each step carrying drafts is read before the next is planned.")
+                  "each step carrying drafts is read before the next is planned; with @lead its budget has "
+                  "--max_lead as its lead limit (BudgetConfig.max_lead: closed batches).")
 flags.DEFINE_integer("max_spec_tokens", 8, "Draft budget per request and step.", lower_bound=1)
+flags.DEFINE_integer("max_lead", 4, "The lead limit of methods with the suffix @lead (docs/speculation.md).",
+                     lower_bound=0)
 flags.DEFINE_integer("max_tokens", 64, "Output tokens per request.", lower_bound=1)
 flags.DEFINE_integer("problems", 4, "Distinct prompts per workload (at batch b: max(problems, b)).", lower_bound=1)
 flags.DEFINE_integer("rollouts", 3, "Generations per problem (rollouts, repeat).", lower_bound=1)
@@ -117,15 +120,16 @@ def _drafter(method: str):
     """(drafter, draft budget) of a method: the launch config's defaults (adaptive budget),
     except suffix_fixed (always max_spec_tokens: what the budget saves)."""
     from scheduler.speculation.drafters import NgramDrafter, SuffixConfig, SuffixDrafter
-    from scheduler.speculation.budget import CostAwareBudget
+    from scheduler.speculation.budget import BudgetConfig, CostAwareBudget
 
-    method = method.partition("@")[0]  # (@sync: the engine's option, not the drafter's)
+    method, _, option = method.partition("@")  # (@sync: the engine's option, not the drafter's)
+    budget = CostAwareBudget(BudgetConfig(max_lead=FLAGS.max_lead if option == "lead" else None))
     if method == "off":
         return None, None
     if method == "ngram":
-        return NgramDrafter(), CostAwareBudget()
+        return NgramDrafter(), budget
     if method in ("suffix", "suffix_tree"):
-        return SuffixDrafter(SuffixConfig(tree=method == "suffix_tree")), CostAwareBudget()
+        return SuffixDrafter(SuffixConfig(tree=method == "suffix_tree")), budget
     if method == "suffix_fixed":
         return SuffixDrafter(SuffixConfig()), None
     raise ValueError(f"unknown method {method!r}")
@@ -209,12 +213,12 @@ def main(argv):
                                 min_token_bucket=1 if model_name == "smollm2" else 16)
         for method in FLAGS.methods:
             sync = method.partition("@")[2]
-            if sync not in ("", "sync"):
-                raise app.UsageError(f"--methods: {method!r}: the only suffix is @sync")
+            if sync not in ("", "sync", "lead"):
+                raise app.UsageError(f"--methods: {method!r}: the suffixes are @sync and @lead")
             engines[method] = Engine(
                 model, tok, CacheConfig(page_size=16, num_pages=1024),
                 SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=max(batches), max_model_len=1024),
-                options=dataclasses.replace(options, drafts_in_flight=not sync), drafter=_drafter(method)[0],
+                options=dataclasses.replace(options, drafts_in_flight=sync != "sync"), drafter=_drafter(method)[0],
                 max_spec_tokens=FLAGS.max_spec_tokens, programs=programs)
         for workload in FLAGS.workloads:
             for batch in batches:

@@ -61,6 +61,11 @@ class BudgetConfig:
     (measured) ends its run at that step: a clear loser costs a step or two, not a whole run."""
     ema: float = 0.2
     """Weight of the newest step in each way's throughput average."""
+    max_lead: int | None = None
+    """For closed batches (offline runs, RL rollouts: the batch's time is its slowest request's):
+    while no request waits, a request drafts only until it is this many tokens ahead of the
+    furthest-behind other running request (DraftBudget.lead_limit). None: no limit (serving:
+    a request that finishes early is lower latency, and its place goes to a waiting one)."""
 
     def __post_init__(self):
         if self.window < 2 or self.min_steps < 2 or self.prior_weight < 0 or self.probe_every < 1:
@@ -69,6 +74,8 @@ class BudgetConfig:
             raise ValueError(f"{self}: need arm_samples, explore_len >= 1 and ema, explore_cost in (0, 1]")
         if not 0 <= self.give_up <= 1:
             raise ValueError(f"{self}: need give_up in [0, 1]")
+        if self.max_lead is not None and self.max_lead < 0:
+            raise ValueError(f"{self}: need max_lead >= 0 (or None: no limit)")
 
 
 class CostAwareBudget:
@@ -87,7 +94,7 @@ class CostAwareBudget:
     @classmethod
     def from_config(cls, spec) -> "CostAwareBudget":
         """From the launch config's speculation section (entrypoints.build.build_draft_budget)."""
-        return cls()
+        return cls(BudgetConfig(max_lead=spec.max_lead or None))
 
     # -- the cost model --------------------------------------------------------------------
 
@@ -132,6 +139,9 @@ class CostAwareBudget:
                 base = statistics.median(y - slope * x for x, y in points)
                 self._fit = (max(0.0, base), slope)
         return self._fit
+
+    def lead_limit(self) -> int | None:
+        return self.config.max_lead
 
     # -- acceptance ------------------------------------------------------------------------
 

@@ -127,7 +127,7 @@ class RolloutDrafter(SuffixDrafter):
 
     def draft_budget(self, spec: SpeculationConfig | None = None) -> "LengthAwareBudget":
         """The budget that goes with this drafter (entrypoints.build.build_draft_budget)."""
-        return LengthAwareBudget(self)
+        return LengthAwareBudget(self, BudgetConfig(max_lead=spec.max_lead or None) if spec else BudgetConfig())
 
     # -- what the budget asks --------------------------------------------------------------
 
