@@ -139,10 +139,11 @@ class SpeculationConfig:
     each request's acceptance; with das, its length-aware budget); false: always up to
     max_spec_tokens."""
     max_lead: int = 0
-    """With adaptive (the cost-aware budget or das's): for closed batches (offline runs, RL rollouts), while no request waits a
-    request drafts only until it is this many tokens ahead of the furthest-behind other running
-    request, so the batch finishes together rather than leaving its slowest requests a tail of
-    small steps (docs/speculation.md). 0: no limit (serving, where finishing early pays)."""
+    """With adaptive (the cost-aware budget; das's length classes do this their own way): in a
+    closed batch (Engine.generate: offline runs), while no request waits, a request drafts only
+    until it is this many tokens ahead of the furthest-behind other running request, so the
+    batch finishes together rather than leaving its slowest requests a tail of small steps
+    (docs/speculation.md). 0: no limit. A server never runs a closed batch."""
     ngram_max: int = 4
     """ngram: the longest context tail looked up in the request's own tokens."""
     ngram_min: int = 1
@@ -171,8 +172,9 @@ class SpeculationConfig:
         if self.suffix_max_depth < 2 or self.suffix_max_cached_requests < 0:
             raise ValueError(f"suffix_max_depth={self.suffix_max_depth} must be >= 2 and "
                              f"suffix_max_cached_requests={self.suffix_max_cached_requests} >= 0")
-        if self.max_lead < 0:
-            raise ValueError(f"max_lead={self.max_lead} must be >= 0 (0: no limit)")
+        if self.max_lead < 0 or self.max_lead and not self.adaptive:
+            raise ValueError(f"max_lead={self.max_lead} must be >= 0 (0: no limit), and 0 without adaptive "
+                             "(the lead limit is the adaptive budget's)")
         if self.das_window < 1:
             raise ValueError(f"das_window={self.das_window} must be >= 1")
         if self.suffix_max_spec_factor < 0 or not 0 <= self.suffix_min_token_prob <= 1:

@@ -73,19 +73,26 @@ class Drafting:
                 and req.num_pending <= self.drafts_in_flight
                 and req.num_tokens - req.num_computed_tokens == 1 and req.request_id in self._drafting)
 
-    def _lead_rooms(self):
+    def _lead_rooms(self, decoders):
         """req -> the most draft tokens the budget's lead limit (DraftBudget.lead_limit) leaves
-        it this step: while no request waits, a request may draft until it is that many tokens
-        ahead of the furthest-behind other running request (tokens left to max_tokens, drafts in
-        flight counted), so the batch finishes together instead of leaving its slowest requests
-        a tail of small, dear steps. Unlimited without a limit, while a request waits, or for
-        a request running alone."""
-        limit = None if self.budget is None or self.waiting else self.budget.lead_limit()
+        it this step: in a closed batch (`closed_batch`: no request will arrive, as in
+        Engine.generate) and while no request waits, a request may draft until it is that many
+        tokens ahead of the furthest-behind other running request (tokens left to max_tokens,
+        drafts in flight counted, all taken before this step's drafts), so the batch finishes
+        together instead of leaving its slowest requests a tail of small, dear steps.
+        Unlimited outside a closed batch, while a request waits, without a limit, or for a
+        request running alone."""
+        lead_limit = getattr(self.budget, "lead_limit", None)  # (a budget of one's own may lack it)
+        limit = lead_limit() if self.closed_batch and lead_limit and not self.waiting and decoders else None
         if limit is None or len(self.running) < 2:
             return lambda req: self.max_spec_tokens
-        left = lambda r: r.params.max_tokens - r.num_output_tokens  # noqa: E731
-        top = sorted(self.running, key=left, reverse=True)[:2]  # the two furthest behind
-        return lambda req: max(0, left(req) - left(top[top[0] is req]) + limit)
+        left = {id(r): r.params.max_tokens - r.num_output_tokens for r in self.running}
+        behind = sorted(self.running, key=lambda r: left[id(r)], reverse=True)[:2]
+
+        def room(req: Request) -> int:
+            other = behind[1] if behind[0] is req else behind[0]
+            return max(0, left[id(req)] - left[id(other)] + limit)
+        return room
 
     def _draft(self, req: Request, budget: int) -> Draft:
         """A draft for a request planned to decode this step, within the step's remaining budget,

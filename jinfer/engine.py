@@ -371,7 +371,8 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  ) -> list[RequestOutput]:
         """Runs prompts to completion; returns the final outputs in prompt order (n per prompt,
-        by sample index)."""
+        by sample index). A closed batch: drafts keep to the draft budget's lead limit
+        (speculation.max_lead, docs/speculation.md)."""
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
@@ -381,10 +382,14 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
         want = {(i, k) for i, sp in zip(ids, params) for k in range((sp or SamplingParams()).n)}
         final: dict[tuple[str, int], RequestOutput] = {}
-        while len(final) < len(want):
-            for out in self.step():
-                if out.finished and (out.request_id, out.index) in want:
-                    final[(out.request_id, out.index)] = out
+        self.scheduler.closed_batch = True  # nothing arrives until these are done (a lead limit on drafts)
+        try:
+            while len(final) < len(want):
+                for out in self.step():
+                    if out.finished and (out.request_id, out.index) in want:
+                        final[(out.request_id, out.index)] = out
+        finally:
+            self.scheduler.closed_batch = False
         return [final[key] for key in sorted(want, key=lambda k: (ids.index(k[0]), k[1]))]
 
     def _blame(self, plan: StepPlan, cause: Exception) -> StepFailed:

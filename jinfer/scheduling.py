@@ -72,6 +72,9 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
         self._drafting: set[str] = set()  # requests the drafter has been told about (start)
         self._num_decoding = 0  # running requests with one token to compute (this step)
         self.drafts_in_flight = drafts_in_flight
+        self.closed_batch = False
+        """No request will arrive until the running and waiting ones are done (Engine.generate
+        sets it for its run): drafts keep to the budget's lead limit (Drafting._lead_rooms)."""
         self._unsettled_draft = False  # a planned step carries drafts the next plan cannot follow (a
         # tree's, or any without drafts_in_flight) and update has not seen it
         self._forked: list[tuple[Request, list[Request]]] = []  # the last plan's forks (unplan undoes them)
@@ -315,7 +318,7 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
         """Drafts from what the step left, budget and free pages (no eviction), so a draft never
         preempts a request, delays an admission or evicts a prefix someone could match."""
         self._num_decoding = len(step.decoders)
-        lead = self._lead_rooms()
+        lead = self._lead_rooms(step.decoders)
         for i, req in step.decoders:
             if step.budget == 0:
                 break

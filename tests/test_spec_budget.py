@@ -4,6 +4,8 @@ import time
 
 import pytest
 
+from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig
+from jinfer.engine import Engine
 from scheduler.speculation.budget import BudgetConfig, CostAwareBudget
 from tests.test_speculation import GREEDY, PROMPTS, OracleDrafter, _engine, _reference, _run
 
@@ -74,8 +76,13 @@ def test_bad_knobs_are_named():
     from jinfer.config import SpeculationConfig
     with pytest.raises(ValueError, match="max_lead=-1"):
         SpeculationConfig(method="suffix", max_lead=-1)
-    assert CostAwareBudget.from_config(SpeculationConfig(method="suffix", max_lead=3)).lead_limit() == 3
-    assert CostAwareBudget.from_config(SpeculationConfig(method="suffix")).lead_limit() is None
+    with pytest.raises(ValueError, match="max_lead=2 .* 0 without adaptive"):
+        SpeculationConfig(method="suffix", max_lead=2, adaptive=False)
+    from entrypoints.build import build_draft_budget, build_drafter
+    assert build_draft_budget(SpeculationConfig(method="suffix", max_lead=3)).lead_limit() == 3
+    assert build_draft_budget(SpeculationConfig(method="suffix")).lead_limit() is None
+    das = SpeculationConfig(method="das", max_lead=3)
+    assert build_draft_budget(das, build_drafter(das)).lead_limit() is None  # DAS: its length classes
 
 
 def test_a_slow_outlier_step_does_not_stop_drafts():
@@ -303,42 +310,63 @@ class _Always:
         pass
 
 
-def _leads(model, ref, lead, n):
-    """Runs PROMPTS[:n] on 2 sequence slots, drafts for r0 only (all right); per step while r0
-    and r1 both run: (r0's output tokens - r1's, whether a request waited); the outputs."""
-    from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig
-    from jinfer.engine import Engine
+def _leads(model, ref, lead, n, *, slots=2, drafted=("r0",), closed=True):
+    """Runs PROMPTS[:n] on `slots` sequence slots, drafts (all right) for the `drafted`
+    requests only; per step while every slot is busy: (the spread of the running requests'
+    output token counts, whether a request waited); the outputs."""
     m, tok = model
     engine = Engine(m, tok, CacheConfig(page_size=16, num_pages=128),
-                    SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=2, max_model_len=256),
-                    options=EngineOptions(async_scheduling=True), drafter=OracleDrafter({"r0": ref["r0"]}, wrong=0),
-                    max_spec_tokens=6)
+                    SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=slots, max_model_len=256),
+                    options=EngineOptions(async_scheduling=True), max_spec_tokens=6,
+                    drafter=OracleDrafter({r: ref[r] for r in drafted}, wrong=0))
     engine.scheduler.budget = _Always(lead)
+    engine.scheduler.closed_batch = closed
     for i, p in enumerate(PROMPTS[:n]):
         engine.add_request(p, GREEDY, request_id=f"r{i}")
-    outs, gaps, live = {}, [], {}
+    outs, spreads, live = {}, [], {}
     while engine.has_unfinished():
         waited = bool(engine.scheduler.waiting)
         for out in engine.step():
             live[out.request_id] = len(out.token_ids)
             if out.finished:
                 outs[out.request_id] = list(out.token_ids)
-        if {"r0", "r1"} <= live.keys() and not {"r0", "r1"} & outs.keys():
-            gaps.append((live["r0"] - live["r1"], waited))
-    return gaps, outs
+        running = [k for r, k in live.items() if r not in outs]
+        if len(running) == slots:
+            spreads.append((max(running) - min(running), waited))
+    return spreads, outs
 
 
-def test_with_a_lead_limit_a_request_drafts_only_that_far_ahead_while_none_waits(engine_model):
-    """A closed batch (speculation.max_lead): r0's drafts are all right, r1 gets none. With a
-    lead limit of 2 r0 stays at most 2 tokens ahead of r1 while no request waits, and gains
-    nothing past that; while a third request waits, or without the limit, it races ahead. The
-    tokens are plain decoding's either way."""
+def test_in_a_closed_batch_a_request_drafts_only_as_far_ahead_as_the_lead_limit(engine_model):
+    """A closed batch (no request will arrive: Engine.generate) with a lead limit of 2: r0's
+    drafts are all right, r1 gets none, and r0 stays at most 2 tokens ahead while no request
+    waits; so with three requests of which two draft; while a request waits, outside a
+    closed batch (serving) or without the limit, drafts race ahead. The tokens are plain
+    decoding's every time."""
     _, _, ref = _reference(engine_model, GREEDY)
-    gaps, outs = _leads(engine_model, ref, 2, 2)
-    assert outs == {r: ref[r] for r in ("r0", "r1")}
-    assert max(g for g, _ in gaps) == 2 and all(0 <= g <= 2 for g, _ in gaps)
-    free, outs = _leads(engine_model, ref, None, 2)
-    assert outs == {r: ref[r] for r in ("r0", "r1")} and max(g for g, _ in free) > 10
-    waiting, outs = _leads(engine_model, ref, 2, 3)
-    assert outs == {r: ref[r] for r in ("r0", "r1", "r2")}
-    assert max(g for g, w in waiting if w) > 2  # r2 waits for a slot: no limit
+    want = lambda n: {f"r{i}": ref[f"r{i}"] for i in range(n)}  # noqa: E731
+    spreads, outs = _leads(engine_model, ref, 2, 2)
+    assert outs == want(2) and max(g for g, _ in spreads) == 2 and all(g <= 2 for g, _ in spreads)
+    spreads, outs = _leads(engine_model, ref, 2, 3, slots=3, drafted=("r0", "r2"))
+    assert outs == want(3) and max(g for g, _ in spreads) == 2 and all(g <= 2 for g, _ in spreads)
+    for lead, closed in ((None, True), (2, False)):
+        spreads, outs = _leads(engine_model, ref, lead, 2, closed=closed)
+        assert outs == want(2) and max(g for g, _ in spreads) > 10, (lead, closed)
+    spreads, outs = _leads(engine_model, ref, 2, 3)
+    assert outs == want(3) and max(g for g, w in spreads if w) > 2  # r2 waits for a slot: no limit
+
+
+def test_generate_runs_a_closed_batch(engine_model):
+    """Engine.generate is a closed batch: with a lead limit of 0 a request the drafter predicts
+    never drafts past the other (which gets no drafts); without a limit it does; the engine
+    serves open again afterwards."""
+    _, _, ref = _reference(engine_model, GREEDY)
+    accepted = {}
+    for lead in (0, None):
+        engine = _engine(engine_model, OracleDrafter({"r0": ref["r0"]}, wrong=0))
+        engine.scheduler.budget = _Always(lead)
+        ids = iter(("r0", "r1"))
+        engine.add_request = lambda p, sp, add=engine.add_request: add(p, sp, request_id=next(ids))
+        outs = engine.generate(PROMPTS[:2], GREEDY)
+        assert [o.token_ids for o in outs] == [ref["r0"], ref["r1"]] and not engine.scheduler.closed_batch
+        accepted[lead] = outs[0].usage.accepted_draft_tokens
+    assert accepted[0] == 0 < accepted[None]

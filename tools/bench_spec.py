@@ -54,10 +54,11 @@ flags.DEFINE_list("batches", ["1", "8", "32"], "Requests in flight.")
 flags.DEFINE_list("methods", ["off", "ngram", "suffix", "suffix_tree", "suffix_fixed"],
                   "Speculation methods; off is the baseline, suffix_fixed has no adaptive budget. A method "
                   "with the suffix @sync (e.g. suffix@sync) runs with EngineOptions.drafts_in_flight off: "
-                  "each step carrying drafts is read before the next is planned; with @lead its budget has "
-                  "--max_lead as its lead limit (BudgetConfig.max_lead: closed batches).")
+                  "each step carrying drafts is read before the next is planned; with @closed (ngram, suffix, "
+                  "suffix_tree) the engine runs the requests as a closed batch (as Engine.generate) once no "
+                  "request is left to add, with --max_lead as its budget's lead limit (docs/speculation.md).")
 flags.DEFINE_integer("max_spec_tokens", 8, "Draft budget per request and step.", lower_bound=1)
-flags.DEFINE_integer("max_lead", 4, "The lead limit of methods with the suffix @lead (docs/speculation.md).",
+flags.DEFINE_integer("max_lead", 4, "The lead limit of methods with the suffix @closed (BudgetConfig.max_lead).",
                      lower_bound=0)
 flags.DEFINE_integer("max_tokens", 64, "Output tokens per request.", lower_bound=1)
 flags.DEFINE_integer("problems", 4, "Distinct prompts per workload (at batch b: max(problems, b)).", lower_bound=1)
@@ -123,7 +124,7 @@ def _drafter(method: str):
     from scheduler.speculation.budget import BudgetConfig, CostAwareBudget
 
     method, _, option = method.partition("@")  # (@sync: the engine's option, not the drafter's)
-    budget = CostAwareBudget(BudgetConfig(max_lead=FLAGS.max_lead if option == "lead" else None))
+    budget = CostAwareBudget(BudgetConfig(max_lead=FLAGS.max_lead if option == "closed" else None))
     if method == "off":
         return None, None
     if method == "ngram":
@@ -135,8 +136,9 @@ def _drafter(method: str):
     raise ValueError(f"unknown method {method!r}")
 
 
-def _run(engine, requests, batch: int) -> dict:
-    """Runs the requests `batch` at a time; tokens/s, latency and speculation counters."""
+def _run(engine, requests, batch: int, closed: bool = False) -> dict:
+    """Runs the requests `batch` at a time; tokens/s, latency and speculation counters. closed:
+    once every request is added, the engine is told they are a closed batch (Engine.generate)."""
     before = engine.spec_stats()
     pending = list(requests)
     finished, tokens = [], 0
@@ -147,12 +149,14 @@ def _run(engine, requests, batch: int) -> dict:
             prompt, params = pending.pop(0)
             engine.add_request(prompt, params)
             live += 1
+        engine.scheduler.closed_batch = closed and not pending
         for out in engine.step():
             if out.finished:
                 live -= 1
                 tokens += len(out.token_ids)
                 finished.append(out.finish_time - out.arrival_time)
     wall = time.perf_counter() - start
+    engine.scheduler.closed_batch = False
     after = engine.spec_stats()
     drafted = after.draft_tokens - before.draft_tokens
     accepted = after.accepted_tokens - before.accepted_tokens
@@ -212,13 +216,15 @@ def main(argv):
         options = EngineOptions(async_scheduling=True, warmup=True,
                                 min_token_bucket=1 if model_name == "smollm2" else 16)
         for method in FLAGS.methods:
-            sync = method.partition("@")[2]
-            if sync not in ("", "sync", "lead"):
-                raise app.UsageError(f"--methods: {method!r}: the suffixes are @sync and @lead")
+            name, _, option = method.partition("@")
+            if option not in ("", "sync", "closed") or option == "closed" and name not in ("ngram", "suffix",
+                                                                                           "suffix_tree"):
+                raise app.UsageError(f"--methods: {method!r}: the suffixes are @sync and @closed (@closed only "
+                                     "with ngram, suffix, suffix_tree: the methods with an adaptive budget)")
             engines[method] = Engine(
                 model, tok, CacheConfig(page_size=16, num_pages=1024),
                 SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=max(batches), max_model_len=1024),
-                options=dataclasses.replace(options, drafts_in_flight=sync != "sync"), drafter=_drafter(method)[0],
+                options=dataclasses.replace(options, drafts_in_flight=option != "sync"), drafter=_drafter(method)[0],
                 max_spec_tokens=FLAGS.max_spec_tokens, programs=programs)
         for workload in FLAGS.workloads:
             for batch in batches:
@@ -226,12 +232,12 @@ def main(argv):
                 results = {m: [] for m in FLAGS.methods}
                 for method, engine in engines.items():  # warm: compile every shape the run meets
                     engine.set_drafter(*_drafter(method))
-                    _run(engine, reqs, batch)
+                    _run(engine, reqs, batch, method.endswith("@closed"))
                 for r in range(FLAGS.repeats):
                     order = FLAGS.methods[r % len(FLAGS.methods):] + FLAGS.methods[:r % len(FLAGS.methods)]
                     for method in order:
                         engines[method].set_drafter(*_drafter(method))  # fresh ones each round
-                        results[method].append(_run(engines[method], reqs, batch))
+                        results[method].append(_run(engines[method], reqs, batch, method.endswith("@closed")))
                 for method in FLAGS.methods:
                     runs = results[method]
                     ratio = statistics.median(run["tok_s"] / base["tok_s"]

@@ -141,6 +141,7 @@ class CostAwareBudget:
         return self._fit
 
     def lead_limit(self) -> int | None:
+        """The configured max_lead (DraftBudget.lead_limit: closed batches only)."""
         return self.config.max_lead
 
     # -- acceptance ------------------------------------------------------------------------

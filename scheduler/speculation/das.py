@@ -267,6 +267,11 @@ class LengthAwareBudget(CostAwareBudget):
             st[0] += accepted
             st[1] += rejected
 
+    def lead_limit(self) -> int | None:
+        """None: the length classes already keep drafts to the requests that set the makespan
+        (by expected length, where the lead limit has only tokens left to max_tokens)."""
+        return None
+
     def limit(self, request_id: str, num_decoding: int, max_draft_tokens: int) -> int:
         if request_id not in self.drafter:
             return 0
