@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 
 from jinfer.request import Request
 from jinfer.speculation import NO_DRAFT, Draft
@@ -73,7 +74,7 @@ class Drafting:
                 and req.num_pending <= self.drafts_in_flight
                 and req.num_tokens - req.num_computed_tokens == 1 and req.request_id in self._drafting)
 
-    def _lead_rooms(self, decoders):
+    def _lead_rooms(self, decoders: list) -> Callable[[Request], int]:
         """req -> the most draft tokens the budget's lead limit (DraftBudget.lead_limit) leaves
         it this step: in a closed batch (`closed_batch`: no request will arrive, as in
         Engine.generate) and while no request waits, a request may draft until it is that many

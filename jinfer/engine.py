@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -371,8 +372,7 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  ) -> list[RequestOutput]:
         """Runs prompts to completion; returns the final outputs in prompt order (n per prompt,
-        by sample index). A closed batch: drafts keep to the draft budget's lead limit
-        (speculation.max_lead, docs/speculation.md)."""
+        by sample index). It runs them as a closed batch (closed_batch)."""
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
@@ -382,15 +382,23 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
         want = {(i, k) for i, sp in zip(ids, params) for k in range((sp or SamplingParams()).n)}
         final: dict[tuple[str, int], RequestOutput] = {}
-        self.scheduler.closed_batch = True  # nothing arrives until these are done (a lead limit on drafts)
-        try:
+        with self.closed_batch():
             while len(final) < len(want):
                 for out in self.step():
                     if out.finished and (out.request_id, out.index) in want:
                         final[(out.request_id, out.index)] = out
-        finally:
-            self.scheduler.closed_batch = False
         return [final[key] for key in sorted(want, key=lambda k: (ids.index(k[0]), k[1]))]
+
+    @contextlib.contextmanager
+    def closed_batch(self):
+        """Within it the caller adds no request until every one in the engine (those added
+        before too) is done: a closed batch, whose drafts keep to the draft budget's lead limit
+        (speculation.max_lead, docs/speculation.md). generate() runs in one; a server never."""
+        was, self.scheduler.closed_batch = self.scheduler.closed_batch, True
+        try:
+            yield
+        finally:
+            self.scheduler.closed_batch = was
 
     def _blame(self, plan: StepPlan, cause: Exception) -> StepFailed:
         """The requests whose own sequence cannot be built into a step (each tried alone, on

@@ -191,10 +191,11 @@ class DraftBudget(Protocol):
 
     def lead_limit(self) -> int | None:
         """How many tokens a request may draft ahead of the furthest-behind other running
-        request while no request waits (None: no limit). For closed batches (offline runs, RL
-        rollouts), whose time is their slowest request's: a request that races ahead on its
-        drafts finishes early and leaves the slowest ones to run in smaller steps, which cost
-        more per token (jinfer/drafting.py)."""
+        request (None: no limit); asked only in a closed batch (Engine.closed_batch) while no
+        request waits, and optional (a budget without it has no limit). A closed batch takes
+        its slowest request's time: a request that races ahead on its drafts finishes early and
+        leaves the slowest ones to run in smaller steps, which cost more per token
+        (jinfer/drafting.py)."""
 
     def finish(self, request_id: str) -> None:
         """The request ended."""

@@ -1,5 +1,6 @@
 """The adaptive draft budget (scheduler/speculation/budget.py): its cost model and its decisions."""
 
+import contextlib
 import time
 
 import pytest
@@ -320,19 +321,19 @@ def _leads(model, ref, lead, n, *, slots=2, drafted=("r0",), closed=True):
                     options=EngineOptions(async_scheduling=True), max_spec_tokens=6,
                     drafter=OracleDrafter({r: ref[r] for r in drafted}, wrong=0))
     engine.scheduler.budget = _Always(lead)
-    engine.scheduler.closed_batch = closed
     for i, p in enumerate(PROMPTS[:n]):
         engine.add_request(p, GREEDY, request_id=f"r{i}")
     outs, spreads, live = {}, [], {}
-    while engine.has_unfinished():
-        waited = bool(engine.scheduler.waiting)
-        for out in engine.step():
-            live[out.request_id] = len(out.token_ids)
-            if out.finished:
-                outs[out.request_id] = list(out.token_ids)
-        running = [k for r, k in live.items() if r not in outs]
-        if len(running) == slots:
-            spreads.append((max(running) - min(running), waited))
+    with engine.closed_batch() if closed else contextlib.nullcontext():
+        while engine.has_unfinished():
+            waited = bool(engine.scheduler.waiting)
+            for out in engine.step():
+                live[out.request_id] = len(out.token_ids)
+                if out.finished:
+                    outs[out.request_id] = list(out.token_ids)
+            running = [k for r, k in live.items() if r not in outs]
+            if len(running) == slots:
+                spreads.append((max(running) - min(running), waited))
     return spreads, outs
 
 
@@ -358,7 +359,7 @@ def test_in_a_closed_batch_a_request_drafts_only_as_far_ahead_as_the_lead_limit(
 def test_generate_runs_a_closed_batch(engine_model):
     """Engine.generate is a closed batch: with a lead limit of 0 a request the drafter predicts
     never drafts past the other (which gets no drafts); without a limit it does; the engine
-    serves open again afterwards."""
+    serves open again afterwards, also after a closed batch that raised."""
     _, _, ref = _reference(engine_model, GREEDY)
     accepted = {}
     for lead in (0, None):
@@ -370,3 +371,6 @@ def test_generate_runs_a_closed_batch(engine_model):
         assert [o.token_ids for o in outs] == [ref["r0"], ref["r1"]] and not engine.scheduler.closed_batch
         accepted[lead] = outs[0].usage.accepted_draft_tokens
     assert accepted[0] == 0 < accepted[None]
+    with pytest.raises(RuntimeError), engine.closed_batch():
+        raise RuntimeError("a step failed")
+    assert not engine.scheduler.closed_batch

@@ -30,6 +30,7 @@ mean latency per request, drafter host time per output token.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import os
@@ -138,25 +139,32 @@ def _drafter(method: str):
 
 def _run(engine, requests, batch: int, closed: bool = False) -> dict:
     """Runs the requests `batch` at a time; tokens/s, latency and speculation counters. closed:
-    once every request is added, the engine is told they are a closed batch (Engine.generate)."""
+    once every request is added, the rest runs as a closed batch (as Engine.generate runs)."""
     before = engine.spec_stats()
     pending = list(requests)
     finished, tokens = [], 0
     start = time.perf_counter()
     live = 0
-    while pending or engine.has_unfinished():
-        while pending and live < batch:
-            prompt, params = pending.pop(0)
-            engine.add_request(prompt, params)
-            live += 1
-        engine.scheduler.closed_batch = closed and not pending
+
+    def step():
+        nonlocal live, tokens
         for out in engine.step():
             if out.finished:
                 live -= 1
                 tokens += len(out.token_ids)
                 finished.append(out.finish_time - out.arrival_time)
+
+    while pending:
+        while pending and live < batch:
+            prompt, params = pending.pop(0)
+            engine.add_request(prompt, params)
+            live += 1
+        if pending:
+            step()
+    with engine.closed_batch() if closed else contextlib.nullcontext():
+        while engine.has_unfinished():
+            step()
     wall = time.perf_counter() - start
-    engine.scheduler.closed_batch = False
     after = engine.spec_stats()
     drafted = after.draft_tokens - before.draft_tokens
     accepted = after.accepted_tokens - before.accepted_tokens
