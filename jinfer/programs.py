@@ -22,7 +22,7 @@ import jax
 
 
 class ProgramKey(NamedTuple):
-    """What a step program is compiled for: its bucket (tokens, seqs, decode_only) and the rest
+    """What a step program is compiled for: its bucket (tokens, seqs, decode_only, drafts) and the rest
     (the model's graph definition, the step's fixed sizes, every argument's signature)."""
 
     bucket: tuple

@@ -71,7 +71,8 @@ class ModelRunner(Warmup, Launching):
         decode_steps: mark steps where every sequence has one new token (AttentionMetadata.
         decode_only) so the attention backend can take its decode path; doubles the variants
         of the buckets that can hold such steps. max_spec_tokens: the longest draft a sequence
-        may carry (speculative decoding); each step then samples at every draft position.
+        may carry (speculative decoding); a step carrying drafts then samples at every draft
+        position (its bucket's drafts variant; a step without keeps one row per sequence).
         min_token_bucket: the smallest token bucket (EngineOptions.min_token_bucket).
         programs: compiled step programs shared with other runners of this model (jinfer.
         programs); None: this runner's own. launch_thread: launch each step from a worker
@@ -128,10 +129,10 @@ class ModelRunner(Warmup, Launching):
         self.state = state
         self.awaiting_weights = False
 
-    def rows(self, t: int, s: int) -> int:
-        """Sampling rows of a (tokens, seqs) bucket: one per sequence, or with speculation one
-        per token a sequence's draft adds (at most t)."""
-        return min(t, s * (1 + self.max_spec_tokens))
+    def rows(self, t: int, s: int, drafts: bool = True) -> int:
+        """Sampling rows of a (tokens, seqs) bucket: one per sequence, or in the variant for
+        steps carrying drafts one per token a sequence's draft adds (at most t)."""
+        return min(t, s * (1 + self.max_spec_tokens)) if drafts else s
 
     def _bind(self, layout) -> None:
         """(Re)creates the jitted step for a layout; compiled buckets are dropped."""
@@ -152,7 +153,7 @@ class ModelRunner(Warmup, Launching):
             self._prev_tokens = jax.device_put(self._prev_tokens, layout.replicated)
             rep = layout.replicated
             self._step = jax.jit(step, donate_argnums=(1,), out_shardings=(rep, rep, kv_out, (rep, rep)))
-        self._compiled: dict[tuple[int, int, bool], object] = {}
+        self._compiled: dict[tuple[int, int, bool, bool], object] = {}
         self._warming: set = set()  # bucket keys a background warm-up has yet to compile
         self._prev_rows: dict[str, int] = {}
         self._seen: set = set()  # bucket keys and K/V move sizes run since the last bind
@@ -203,12 +204,18 @@ class ModelRunner(Warmup, Launching):
         t = pick_bucket(num_tokens, self.token_buckets)
         return t, min(t, self.max_num_seqs)
 
-    def bucket_keys(self) -> list[tuple[int, int, bool]]:
-        """Every (tokens, seqs, decode_only) variant a plan can map to."""
-        keys = [(*self.bucket(t), False) for t in self.token_buckets]
+    def bucket_keys(self) -> list[tuple[int, int, bool, bool]]:
+        """Every (tokens, seqs, decode_only, drafts) variant a plan can map to. A step without
+        drafts (every prefill, a decode without speculation) takes a program with one sampling
+        row per sequence and no tree mask; with speculation, one carrying drafts takes the
+        variant with a row per draft token (and the tree mask where trees are drafted). A
+        decode-only step carries no draft (its tokens are its sequences')."""
+        keys = [(*self.bucket(t), False, False) for t in self.token_buckets]
+        if self.max_spec_tokens:
+            keys += [(*self.bucket(t), False, True) for t in self.token_buckets]
         if self.decode_steps:  # n decodes: n tokens and n sequences, n <= max_num_seqs
             limit = min(self.max_num_seqs, self.token_buckets[-1])
-            keys += sorted({(*self.bucket(n), True) for n in range(1, limit + 1)})
+            keys += sorted({(*self.bucket(n), True, False) for n in range(1, limit + 1)})
         return keys
 
     def precompile(self, layout) -> int:
@@ -285,7 +292,7 @@ class ModelRunner(Warmup, Launching):
             offsets[i] = [0] + depths
         # Sampling rows: each sequence's last token, and with a draft every draft position too
         # (row j of a sequence samples its output token sample_index + j).
-        r = self.rows(t, s)
+        r = self.rows(t, s, drafted)
         rows = [(seq, d) for seq, depths in zip(seqs, offsets) for d in depths]
         logits_idx = np.zeros(r, np.int32)
         row_seq = np.full(r, s, np.int32)  # each sampling row's sequence (padding: s)
@@ -301,11 +308,11 @@ class ModelRunner(Warmup, Launching):
                                     for tok in seq.token_ids[len(seq.token_ids) - seq.num_draft:] + (-1,)]
         decode_only = self.decode_steps and plan.num_tokens == n_seqs > 0
         tree_bits = None
-        if self.trees and not decode_only:
+        if self.trees and drafted and not decode_only:
             tree_bits = tree_bits_from_parents(lens.tolist(), parents, t)
         md = AttentionMetadata(cu, kv_lens, table, np.array([n_seqs], np.int32), decode_only, tree_bits)
         samp = SamplingArrays.from_rows(rows, r)
-        return (t, s, decode_only), (ids, src, pos, md, logits_idx, samp, row_seq, row_next)
+        return (t, s, decode_only, drafted), (ids, src, pos, md, logits_idx, samp, row_seq, row_next)
 
     def dispatch(self, plan: StepPlan):
         """Enqueues the plan's step on the device and returns at once (JAX async dispatch).

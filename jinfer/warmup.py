@@ -34,8 +34,8 @@ class Warmup:
         if self._warm_thread is not None:
             self._warm_thread.join(timeout)
 
-    def compiled_buckets(self) -> set[tuple[int, int, bool]]:
-        """The bucket keys (tokens, seqs, decode_only) whose step program is compiled."""
+    def compiled_buckets(self) -> set[tuple[int, int, bool, bool]]:
+        """The bucket keys (tokens, seqs, decode_only, drafts) whose step program is compiled."""
         return set(self._compiled)
 
     def traced_steps(self) -> int:
@@ -62,7 +62,7 @@ class Warmup:
                 self._compile_key(key, self._compiled)
         log.info("compiled %d step buckets", len(self._compiled))
 
-    def _compile_key(self, key: tuple[int, int, bool], into: dict) -> None:
+    def _compile_key(self, key: tuple[int, int, bool, bool], into: dict) -> None:
         # Shapes only for the pool and the previous samples: a background compile must not
         # touch arrays the step in flight donates or replaces, nor wait for a launch under way
         # in the launch thread (jinfer/launching.py: `_kv` and `_prev` without joining it).
@@ -130,12 +130,12 @@ class Warmup:
         first_missing = min(k[0] for k in warming)
         return max([t for t in self.token_buckets if t < first_missing], default=self.token_buckets[0])
 
-    def _empty_inputs(self, t: int, s: int, decode_only: bool = False):
-        tree_bits = np.full((t, TREE_WORDS), -1, np.int32) if self.trees and not decode_only else None
+    def _empty_inputs(self, t: int, s: int, decode_only: bool = False, drafts: bool = False):
+        tree_bits = np.full((t, TREE_WORDS), -1, np.int32) if self.trees and drafts and not decode_only else None
         md = AttentionMetadata(np.zeros(s + 1, np.int32), np.zeros(s, np.int32),
                                np.zeros((s, self.pages_per_seq), np.int32), np.zeros(1, np.int32),
                                decode_only, tree_bits)
-        r = self.rows(t, s)
+        r = self.rows(t, s, drafts)
         return (np.zeros(t, np.int32), np.full(t, -1, np.int32), np.zeros(t, np.int32), md,
                 np.zeros(r, np.int32), SamplingArrays.from_rows([], r), np.full(r, s, np.int32),
                 np.full(r, -1, np.int32))

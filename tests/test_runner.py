@@ -31,10 +31,10 @@ def test_warmup_compiles_every_bucket_and_steps_reuse_them(hf_checkpoints):
                  SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=4, max_model_len=48),
                  options=EngineOptions(warmup=True, attention_backend="xla"))  # "" picks pallas on a GPU
     runner = eng.runner
-    plain = {(16, 4, False), (32, 4, False)}  # one program per token bucket; seqs tied to it
+    plain = {(16, 4, False, False), (32, 4, False, False)}  # one program per token bucket; seqs tied to it
     assert runner.compiled_buckets() == plain  # the xla backend has no decode path
     runner.decode_steps = True  # what the pallas backend asks for: + decode-only variants
-    assert set(runner.bucket_keys()) == plain | {(16, 4, True)}
+    assert set(runner.bucket_keys()) == plain | {(16, 4, True, False)}
     runner.decode_steps = False
     traces = runner.traced_steps()
     out = eng.generate([[1, 2, 3], list(range(20))], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
@@ -196,14 +196,14 @@ def test_background_warmup_waits_for_the_server_to_listen(hf_checkpoints):
     eng = Engine(load_hf_model(path), Tokenizer.from_dir(path), CacheConfig(page_size=4, num_pages=64),
                  SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4, max_model_len=96),
                  options=EngineOptions(warmup=True, warmup_background=True))
-    assert eng.runner.compiled_buckets() == {(16, 4, False)} and not eng.runner.wait_warmup(0)  # held
+    assert eng.runner.compiled_buckets() == {(16, 4, False, False)} and not eng.runner.wait_warmup(0)  # held
     srv = Server(eng, ServingConfig(metrics_port=0))
     warming = lambda: srv.metrics.registry.get_sample_value("jinfer_warmup_in_progress")  # noqa: E731
     assert eng.warming_up() and warming() == 1.0  # what tools/demo.py waits on before its replay
     srv.start()
     try:
         assert eng.runner.wait_warmup(120)
-        assert eng.runner.compiled_buckets() == {(16, 4, False), (32, 4, False), (64, 4, False)}
+        assert eng.runner.compiled_buckets() == {(16, 4, False, False), (32, 4, False, False), (64, 4, False, False)}
         assert not eng.warming_up() and warming() == 0.0
         with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10) as r:
             assert "jinfer_warmup_in_progress 0.0" in r.read().decode().splitlines()
@@ -241,7 +241,7 @@ def test_background_warmup_serves_within_compiled_buckets_until_the_rest_compile
         eng = Engine(load_hf_model(path), Tokenizer.from_dir(path), CacheConfig(page_size=4, num_pages=64), sched,
                      options=EngineOptions(warmup=True, warmup_background=True, launch_thread=True), programs=Held())
         runner = eng.runner
-        assert runner.compiled_buckets() == {(16, 4, False)} and runner.ready_tokens() == 16
+        assert runner.compiled_buckets() == {(16, 4, False, False)} and runner.ready_tokens() == 16
         sizes = []
         dispatch = runner.dispatch
         runner.dispatch = lambda plan: sizes.append(plan.num_tokens) or dispatch(plan)
@@ -253,7 +253,7 @@ def test_background_warmup_serves_within_compiled_buckets_until_the_rest_compile
         assert runner.traced_steps() == 0  # no step compiled on the serving path
         release.set()
         assert eng.runner.wait_warmup(120)
-        assert runner.compiled_buckets() == {(16, 4, False), (32, 4, False), (64, 4, False)}
+        assert runner.compiled_buckets() == {(16, 4, False, False), (32, 4, False, False), (64, 4, False, False)}
         for _ in range(50):
             if len(outs) == 2:
                 break

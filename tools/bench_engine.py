@@ -430,7 +430,7 @@ def _bare_decode_rate(runner, batch: int, steps: int, prompt_len: int, read_back
     ids = np.zeros(t, np.int32)
     ids[:batch] = -1  # PENDING: fed from the last step's samples
     decode_only = bool(runner.decode_steps)  # the variant the engine's decode-only steps take
-    fn = runner._compiled.get((t, s, decode_only), runner._step)
+    fn = runner._compiled.get((t, s, decode_only, False), runner._step)
     times = []
 
     def run(n, start_len, block_each=False):
