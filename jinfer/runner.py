@@ -87,8 +87,8 @@ class ModelRunner(Warmup, Launching):
         # With a launch thread the last step's launch may still be under way there: `kv` and
         # `_prev_tokens` (its outputs) wait for it (join_launch), so a reader never sees the old ones.
         self._setup_launches(launch_thread)
-        # Tree drafts need the attention mask of jinfer.attention.tree_bits (every non-decode
-        # step of a speculating runner carries one, so there is one program per bucket).
+        # Tree drafts need the attention mask of jinfer.attention.tree_bits (a speculating
+        # runner's steps that carry drafts have one: their bucket's drafts variant).
         self.trees = max_spec_tokens > 0 and model.config.sliding_window is None
         self.config = model.config
         self.cache_cfg = cache_cfg
@@ -96,8 +96,9 @@ class ModelRunner(Warmup, Launching):
         self.page_size = cache_cfg.page_size
         self.pages_per_seq = math.ceil(sched_cfg.max_model_len / cache_cfg.page_size)
         # Token buckets are powers of two; the sequence bucket is tied to the token bucket
-        # (min(tokens, max_num_seqs)), so there is one compiled program per token bucket (two
-        # where the backend has a decode path), compiled on first use.
+        # (min(tokens, max_num_seqs)), so there is one compiled program per token bucket (more
+        # where the backend has a decode path, or with speculation: bucket_keys), compiled on
+        # first use.
         self.token_buckets = buckets(sched_cfg.max_num_batched_tokens,
                                      smallest=min(min_token_bucket, sched_cfg.max_num_batched_tokens))
         self.graphdef, self.state = nnx.split(model)
@@ -211,12 +212,17 @@ class ModelRunner(Warmup, Launching):
         variant with a row per draft token (and the tree mask where trees are drafted). A
         decode-only step carries no draft (its tokens are its sequences')."""
         keys = [(*self.bucket(t), False, False) for t in self.token_buckets]
-        if self.max_spec_tokens:
-            keys += [(*self.bucket(t), False, True) for t in self.token_buckets]
+        keys += [(*self.bucket(t), False, True) for t in self.token_buckets if self._drafts_variant(*self.bucket(t))]
         if self.decode_steps:  # n decodes: n tokens and n sequences, n <= max_num_seqs
             limit = min(self.max_num_seqs, self.token_buckets[-1])
             keys += sorted({(*self.bucket(n), True, False) for n in range(1, limit + 1)})
         return keys
+
+    def _drafts_variant(self, t: int, s: int, drafted: bool = True) -> bool:
+        """Whether a step of bucket (t, s) carrying drafts (drafted) takes the bucket's drafts
+        variant: only where that differs from the plain program (more sampling rows than
+        sequences, or the tree mask) and can hold a draft (2 tokens or more)."""
+        return drafted and t >= 2 and self.max_spec_tokens > 0 and (self.trees or self.rows(t, s) != s)
 
     def precompile(self, layout) -> int:
         """Compiles every step bucket for another layout (another mesh) without placing
@@ -292,7 +298,8 @@ class ModelRunner(Warmup, Launching):
             offsets[i] = [0] + depths
         # Sampling rows: each sequence's last token, and with a draft every draft position too
         # (row j of a sequence samples its output token sample_index + j).
-        r = self.rows(t, s, drafted)
+        variant = self._drafts_variant(t, s, drafted)
+        r = self.rows(t, s, variant)
         rows = [(seq, d) for seq, depths in zip(seqs, offsets) for d in depths]
         logits_idx = np.zeros(r, np.int32)
         row_seq = np.full(r, s, np.int32)  # each sampling row's sequence (padding: s)
@@ -308,11 +315,11 @@ class ModelRunner(Warmup, Launching):
                                     for tok in seq.token_ids[len(seq.token_ids) - seq.num_draft:] + (-1,)]
         decode_only = self.decode_steps and plan.num_tokens == n_seqs > 0
         tree_bits = None
-        if self.trees and drafted and not decode_only:
+        if self.trees and variant and not decode_only:
             tree_bits = tree_bits_from_parents(lens.tolist(), parents, t)
         md = AttentionMetadata(cu, kv_lens, table, np.array([n_seqs], np.int32), decode_only, tree_bits)
         samp = SamplingArrays.from_rows(rows, r)
-        return (t, s, decode_only, drafted), (ids, src, pos, md, logits_idx, samp, row_seq, row_next)
+        return (t, s, decode_only, variant), (ids, src, pos, md, logits_idx, samp, row_seq, row_next)
 
     def dispatch(self, plan: StepPlan):
         """Enqueues the plan's step on the device and returns at once (JAX async dispatch).

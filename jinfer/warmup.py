@@ -84,7 +84,8 @@ class Warmup:
     def warmup_background(self, progress: bool = False, hold: bool = False) -> threading.Thread:
         """Compiles the smallest token bucket now and the others, smallest first, in a thread.
 
-        A server is ready after one compilation instead of all of them; until a bucket is
+        A server is ready after the smallest bucket's programs (one; with speculation or a
+        decode path, up to three) instead of all of them; until a bucket is
         compiled, ready_tokens() stays below it and the engine caps each step's token budget
         there (longer prompts are prefilled in chunks), so no step waits on a compilation.
         hold: the thread waits for release_warmup() before the other buckets (a server sets

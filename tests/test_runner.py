@@ -43,6 +43,35 @@ def test_warmup_compiles_every_bucket_and_steps_reuse_them(hf_checkpoints):
     assert np.isfinite(np.asarray(runner.kv.k[0][:, :4])).all()
 
 
+def test_a_speculating_engine_warms_a_drafts_variant_and_prefills_without_it(hf_checkpoints):
+    """With speculation each bucket has a second program for steps carrying drafts (a sampling
+    row per draft token): prefill steps take the plain one, drafted steps the other, and
+    serving traces nothing after the warm-up."""
+    from scheduler.speculation.drafters import NgramDrafter
+    path = hf_checkpoints["llama3"]
+    eng = Engine(load_hf_model(path), Tokenizer.from_dir(path), CacheConfig(page_size=4, num_pages=32),
+                 SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=4, max_model_len=48),
+                 options=EngineOptions(warmup=True, attention_backend="xla"), drafter=NgramDrafter(),
+                 max_spec_tokens=4)
+    runner = eng.runner
+    plain, drafts = {(16, 4, False, False), (32, 4, False, False)}, {(16, 4, False, True), (32, 4, False, True)}
+    assert runner.compiled_buckets() == plain | drafts
+    assert runner.prepare(_plan_of(list(range(20))))[0] == (32, 4, False, False)  # a prompt: one row
+    assert runner.prepare(_plan_of(list(range(8)), num_draft=3))[0] == (16, 4, False, True)
+    traces = runner.traced_steps()
+    out = eng.generate([[5, 6, 7, 8] * 4], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    assert len(out[0].token_ids) == 12 and eng.spec_stats().draft_tokens > 0  # (n-gram drafts on the repeats)
+    assert runner.traced_steps() == traces, "a step retraced instead of using a warm bucket"
+
+
+def _plan_of(ids, num_draft=0):
+    """A one-sequence plan from position 0 (its last num_draft ids a draft)."""
+    from jinfer.step_plan import ScheduledSeq, StepPlan
+    seq = ScheduledSeq("p", tuple(ids), 0, tuple(range(len(ids) // 4 + 1)), True, SamplingParams(temperature=0),
+                       0, 0, 0, num_draft=num_draft)
+    return StepPlan((seq,))
+
+
 def test_async_engine_dispatches_the_next_step_before_reading_the_last(hf_checkpoints):
     path = hf_checkpoints["llama3"]
     eng = Engine(load_hf_model(path), Tokenizer.from_dir(path), CacheConfig(page_size=4, num_pages=32),
