@@ -19,6 +19,12 @@ def engine_model():
     return load_hf_model(TEST_MODEL_DIR), Tokenizer.from_dir(TEST_MODEL_DIR)
 
 
+@pytest.fixture(scope="module")
+def greedy_ref(engine_model):
+    """Plain decoding's greedy tokens of PROMPTS by request id (tests.test_speculation._run)."""
+    return _reference(engine_model, GREEDY)[2]
+
+
 def _calibrated(c_base=0.010, c_tok=0.0005):
     b = CostAwareBudget(BudgetConfig(min_steps=4))
     for tokens in (1, 9, 33, 64, 17, 120, 8, 40):
@@ -222,13 +228,12 @@ def test_a_batch_size_class_not_seen_yet_runs_the_way_a_measured_class_near_it_p
     assert b.wants_drafts(2) and b.wants_drafts(1)  # nearest measured: 4, where drafts pay
 
 
-def test_the_budget_hears_each_step_with_its_own_tokens_and_time(engine_model):
+def test_the_budget_hears_each_step_with_its_own_tokens_and_time(engine_model, greedy_ref):
     """Plain steps pipelined between drafted ones (the budget switching every other step): each
     step is reported once with the tokens it settled, not with those of the step read back in
     the same call; a step says how many of its sequences decode and whether a prompt chunk
     was there too; the steps' times add up to no more than the run's."""
-    model = engine_model
-    _, _, ref = _reference(model, GREEDY)
+    model, ref = engine_model, greedy_ref
 
     class Switching:
         def __init__(self):
@@ -311,16 +316,19 @@ class _Always:
         pass
 
 
-def _leads(model, ref, lead, n, *, slots=2, drafted=("r0",), closed=True):
-    """Runs PROMPTS[:n] on `slots` sequence slots, drafts (all right) for the `drafted`
-    requests only; per step while every slot is busy: (the spread of the running requests'
-    output token counts, whether a request waited); the outputs."""
+def _slots(model, slots):
     m, tok = model
-    engine = Engine(m, tok, CacheConfig(page_size=16, num_pages=128),
-                    SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=slots, max_model_len=256),
-                    options=EngineOptions(async_scheduling=True), max_spec_tokens=6,
-                    drafter=OracleDrafter({r: ref[r] for r in drafted}, wrong=0))
-    engine.scheduler.budget = _Always(lead)
+    return Engine(m, tok, CacheConfig(page_size=16, num_pages=128),
+                  SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=slots, max_model_len=256),
+                  options=EngineOptions(async_scheduling=True), max_spec_tokens=6, drafter=OracleDrafter({}))
+
+
+def _leads(engine, ref, lead, n, *, drafted=("r0",), closed=True):
+    """Runs PROMPTS[:n] on the engine, drafts (all right) for the `drafted` requests only; per
+    step while every sequence slot is busy: (the spread of the running requests' output token
+    counts, whether a request waited); the outputs."""
+    engine.set_drafter(OracleDrafter({r: ref[r] for r in drafted}, wrong=0), _Always(lead))
+    slots = engine.scheduler.cfg.max_num_seqs
     for i, p in enumerate(PROMPTS[:n]):
         engine.add_request(p, GREEDY, request_id=f"r{i}")
     outs, spreads, live = {}, [], {}
@@ -337,30 +345,31 @@ def _leads(model, ref, lead, n, *, slots=2, drafted=("r0",), closed=True):
     return spreads, outs
 
 
-def test_in_a_closed_batch_a_request_drafts_only_as_far_ahead_as_the_lead_limit(engine_model):
+def test_in_a_closed_batch_a_request_drafts_only_as_far_ahead_as_the_lead_limit(engine_model, greedy_ref):
     """A closed batch (no request will arrive: Engine.generate) with a lead limit of 2: r0's
     drafts are all right, r1 gets none, and r0 stays at most 2 tokens ahead while no request
     waits; so with three requests of which two draft; while a request waits, outside a
     closed batch (serving) or without the limit, drafts race ahead. The tokens are plain
     decoding's every time."""
-    _, _, ref = _reference(engine_model, GREEDY)
+    ref = greedy_ref
     want = lambda n: {f"r{i}": ref[f"r{i}"] for i in range(n)}  # noqa: E731
-    spreads, outs = _leads(engine_model, ref, 2, 2)
+    two, three = _slots(engine_model, 2), _slots(engine_model, 3)
+    spreads, outs = _leads(two, ref, 2, 2)
     assert outs == want(2) and max(g for g, _ in spreads) == 2 and all(g <= 2 for g, _ in spreads)
-    spreads, outs = _leads(engine_model, ref, 2, 3, slots=3, drafted=("r0", "r2"))
+    spreads, outs = _leads(three, ref, 2, 3, drafted=("r0", "r2"))
     assert outs == want(3) and max(g for g, _ in spreads) == 2 and all(g <= 2 for g, _ in spreads)
     for lead, closed in ((None, True), (2, False)):
-        spreads, outs = _leads(engine_model, ref, lead, 2, closed=closed)
+        spreads, outs = _leads(two, ref, lead, 2, closed=closed)
         assert outs == want(2) and max(g for g, _ in spreads) > 10, (lead, closed)
-    spreads, outs = _leads(engine_model, ref, 2, 3)
+    spreads, outs = _leads(two, ref, 2, 3)
     assert outs == want(3) and max(g for g, w in spreads if w) > 2  # r2 waits for a slot: no limit
 
 
-def test_generate_runs_a_closed_batch(engine_model):
+def test_generate_runs_a_closed_batch(engine_model, greedy_ref):
     """Engine.generate is a closed batch: with a lead limit of 0 a request the drafter predicts
     never drafts past the other (which gets no drafts); without a limit it does; the engine
     serves open again afterwards, also after a closed batch that raised."""
-    _, _, ref = _reference(engine_model, GREEDY)
+    ref = greedy_ref
     accepted = {}
     for lead in (0, None):
         engine = _engine(engine_model, OracleDrafter({"r0": ref["r0"]}, wrong=0))
