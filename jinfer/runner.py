@@ -158,6 +158,7 @@ class ModelRunner(Warmup, Launching):
         self._warming: set = set()  # bucket keys a background warm-up has yet to compile
         self._prev_rows: dict[str, int] = {}
         self._seen: set = set()  # bucket keys and K/V move sizes run since the last bind
+        self._first_use_compiles = 0  # programs compiled on a step's dispatch for the ProgramStore
         self.compiled_last = False
         kv_out = None if layout is None else jax.tree.map(lambda _: layout.kv_sharding, self.kv)
         self._move = jax.jit(_move_kv, donate_argnums=(0,), out_shardings=kv_out)
@@ -335,6 +336,11 @@ class ModelRunner(Warmup, Launching):
         except Exception as e:
             raise PlanRejected(f"the plan could not be built into a step: {e!r}") from e
         fn = self._compiled.get(key)
+        if fn is None and self.programs is not None:
+            # First use of a bucket no warm-up compiled: through the shared store, so other
+            # runners of this model (and this one after a rebind) take the program as it is.
+            self._first_use_compiles += self._compile_key(key, self._compiled)
+            fn = self._compiled[key]
         self.compiled_last = key not in self._seen  # this step (likely) compiled: its time is not a step's
         self._seen.add(key)
         launch = (fn, self._step, self.state, self.kv, self._prev_tokens, args)

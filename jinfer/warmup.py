@@ -41,7 +41,7 @@ class Warmup:
     def traced_steps(self) -> int:
         """How many step variants have been traced in this process: a step outside the
         compiled buckets adds one (tests check that serving compiles nothing)."""
-        return self._step._cache_size()
+        return self._step._cache_size() + self._first_use_compiles
 
     def wait_warmup(self, timeout: float | None = None) -> bool:
         """Waits up to timeout s for a background warm-up to finish; True when none is running."""
@@ -62,7 +62,8 @@ class Warmup:
                 self._compile_key(key, self._compiled)
         log.info("compiled %d step buckets", len(self._compiled))
 
-    def _compile_key(self, key: tuple[int, int, bool, bool], into: dict) -> None:
+    def _compile_key(self, key: tuple[int, int, bool, bool], into: dict) -> bool:
+        """Puts key's program into `into`; True when it was compiled here (not taken from the store)."""
         # Shapes only for the pool and the previous samples: a background compile must not
         # touch arrays the step in flight donates or replaces, nor wait for a launch under way
         # in the launch thread (jinfer/launching.py: `_kv` and `_prev` without joining it).
@@ -70,16 +71,20 @@ class Warmup:
         prev = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self._prev)
         inputs = self._empty_inputs(*key)
 
+        compiled = []
+
         def compile_step():
+            compiled.append(key)
             with self._mesh():
                 return self._step.lower(self.state, kv, prev, *inputs).compile()
 
         if self.programs is None:
             into[key] = compile_step()
-            return
+            return True
         step = (self.graphdef, self._max_rows, self.max_spec_tokens, self.pages_per_seq, self.trees,
                 signature(self.state), signature(kv), signature(prev))
         into[key] = self.programs.get_or_compile(ProgramKey(key, step), compile_step)
+        return bool(compiled)
 
     def warmup_background(self, progress: bool = False, hold: bool = False) -> threading.Thread:
         """Compiles the smallest token bucket now and the others, smallest first, in a thread.

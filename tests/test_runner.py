@@ -136,6 +136,30 @@ def test_buckets_compile_lazily_one_program_per_token_bucket(hf_checkpoints):
 
 
 @pytest.mark.slow  # ~35 s of child processes; the engine paths it runs are covered in-process
+def test_engines_sharing_a_program_store_share_the_programs_they_compile_on_first_use(hf_checkpoints):
+    """Without a warm-up, the first engine compiles each bucket it meets into the store; a second
+    engine of the model with that store compiles nothing for the same run and emits the same
+    tokens."""
+    from jinfer.programs import ProgramStore
+
+    path = hf_checkpoints["llama3"]
+    model, tok, store = load_hf_model(path), Tokenizer.from_dir(path), ProgramStore()
+    engines = [Engine(model, tok, CacheConfig(page_size=4, num_pages=64),
+                      SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=4, max_model_len=64), programs=store)
+               for _ in range(2)]
+    prompts, params = [[1, 2, 3], list(range(1, 25))], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    first = engines[0].generate(prompts, params)
+    compiled = store.compiled
+    assert compiled >= 2 and engines[0].runner.traced_steps() == compiled  # a prefill and a decode bucket
+    assert not engines[1].runner.compiled_buckets()
+    hits = store.hits
+    second = engines[1].generate(prompts, params)
+    assert [o.token_ids for o in second] == [o.token_ids for o in first]
+    assert store.compiled == compiled and store.hits - hits == compiled
+    assert engines[1].runner.traced_steps() == 0
+    assert engines[1].runner.compiled_buckets() == engines[0].runner.compiled_buckets()
+
+
 def test_engine_benchmark_smoke_reports_every_measure():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     res = subprocess.run([sys.executable, os.path.join(root, "tools", "bench_engine.py"), "--smoke"],
