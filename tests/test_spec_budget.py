@@ -1,6 +1,7 @@
 """The adaptive draft budget (scheduler/speculation/budget.py): its cost model and its decisions."""
 
 import contextlib
+import dataclasses
 import time
 
 import pytest
@@ -8,7 +9,7 @@ import pytest
 from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig
 from jinfer.engine import Engine
 from scheduler.speculation.budget import BudgetConfig, CostAwareBudget
-from tests.test_speculation import GREEDY, PROMPTS, OracleDrafter, _engine, _reference, _run
+from tests.test_speculation import GREEDY, PROGRAMS, PROMPTS, OracleDrafter, _engine, _reference, _run
 
 
 @pytest.fixture(scope="module")
@@ -320,17 +321,22 @@ def _slots(model, slots):
     m, tok = model
     return Engine(m, tok, CacheConfig(page_size=16, num_pages=128),
                   SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=slots, max_model_len=256),
-                  options=EngineOptions(async_scheduling=True), max_spec_tokens=6, drafter=OracleDrafter({}))
+                  options=EngineOptions(async_scheduling=True), max_spec_tokens=6, drafter=OracleDrafter({}),
+                  programs=PROGRAMS)
+
+
+LEAD_TOKENS = 24  # (of GREEDY's 40: enough for a lead of 10 without a limit, in fewer steps)
 
 
 def _leads(engine, ref, lead, n, *, drafted=("r0",), closed=True):
-    """Runs PROMPTS[:n] on the engine, drafts (all right) for the `drafted` requests only; per
-    step while every sequence slot is busy: (the spread of the running requests' output token
-    counts, whether a request waited); the outputs."""
+    """Runs PROMPTS[:n] for LEAD_TOKENS tokens on the engine, drafts (all right) for the
+    `drafted` requests only; per step while every sequence slot is busy: (the spread of the
+    running requests' output token counts, whether a request waited); the outputs."""
     engine.set_drafter(OracleDrafter({r: ref[r] for r in drafted}, wrong=0), _Always(lead))
     slots = engine.scheduler.cfg.max_num_seqs
+    params = dataclasses.replace(GREEDY, max_tokens=LEAD_TOKENS)
     for i, p in enumerate(PROMPTS[:n]):
-        engine.add_request(p, GREEDY, request_id=f"r{i}")
+        engine.add_request(p, params, request_id=f"r{i}")
     outs, spreads, live = {}, [], {}
     with engine.closed_batch() if closed else contextlib.nullcontext():
         while engine.has_unfinished():
@@ -352,7 +358,7 @@ def test_in_a_closed_batch_a_request_drafts_only_as_far_ahead_as_the_lead_limit(
     closed batch (serving) or without the limit, drafts race ahead. The tokens are plain
     decoding's every time."""
     ref = greedy_ref
-    want = lambda n: {f"r{i}": ref[f"r{i}"] for i in range(n)}  # noqa: E731
+    want = lambda n: {f"r{i}": ref[f"r{i}"][:LEAD_TOKENS] for i in range(n)}  # noqa: E731
     two, three = _slots(engine_model, 2), _slots(engine_model, 3)
     spreads, outs = _leads(two, ref, 2, 2)
     assert outs == want(2) and max(g for g, _ in spreads) == 2 and all(g <= 2 for g, _ in spreads)

@@ -16,6 +16,7 @@ from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig, Speculati
 from jinfer.engine import Engine
 from jinfer.kv_cache import KVCache
 from jinfer.loader.hf import load_hf_model
+from jinfer.programs import ProgramStore
 from jinfer.sampling_params import SamplingParams
 from jinfer.speculation import NO_DRAFT, Draft, kv_moves, verify
 from jinfer.tokenizer import Tokenizer
@@ -76,6 +77,12 @@ class TreeOracleDrafter(OracleDrafter):
 DRAFTERS = {"chain": OracleDrafter, "tree": TreeOracleDrafter}
 
 
+# The test model's compiled step programs, shared by the engines this file (and the speculation
+# files importing _engine) build: each would otherwise compile (or read from the persistent
+# cache) every bucket it meets, and a speculating engine has two programs per bucket.
+PROGRAMS = ProgramStore()
+
+
 @pytest.fixture(scope="module")
 def model():
     return load_hf_model(TEST_MODEL_DIR), Tokenizer.from_dir(TEST_MODEL_DIR)
@@ -87,7 +94,7 @@ def _engine(model, drafter=None, *, prefix=True, budget=64, num_pages=128, max_s
     options = EngineOptions(async_scheduling=pipelined, launch_thread=launch_thread, drafts_in_flight=in_flight)
     return Engine(m, tok, CacheConfig(page_size=16, num_pages=num_pages, enable_prefix_cache=prefix),
                   SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=8, max_model_len=256),
-                  options=options, drafter=drafter, max_spec_tokens=max_spec)
+                  options=options, drafter=drafter, max_spec_tokens=max_spec, programs=PROGRAMS)
 
 
 def _run(engine, prompts, params):
@@ -271,7 +278,7 @@ def test_tree_drafts_on_the_pallas_backend_and_under_tensor_parallelism(model):
     for options, mesh in [(EngineOptions(attention_backend="pallas"), None), (EngineOptions(), make_mesh(2))]:
         engine = Engine(m, tok, CacheConfig(page_size=16, num_pages=64),
                         SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8, max_model_len=256),
-                        options=options, mesh=mesh, drafter=TreeOracleDrafter(ref), max_spec_tokens=6)
+                        options=options, mesh=mesh, drafter=TreeOracleDrafter(ref), max_spec_tokens=6, programs=PROGRAMS)
         got, _ = _run(engine, PROMPTS[:2], params)
         assert {k: o.token_ids for k, o in got.items()} == {k: want[k].token_ids for k in got}
         assert engine.spec_stats().accepted_tokens > 0
@@ -477,7 +484,7 @@ def test_the_budget_pipelines_plain_steps_when_drafts_do_not_pay(model):
     m, tok = model
     engine = Engine(m, tok, CacheConfig(page_size=16, num_pages=128),
                     SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8, max_model_len=256),
-                    drafter=OracleDrafter({}), max_spec_tokens=4, draft_budget=budget)
+                    drafter=OracleDrafter({}), max_spec_tokens=4, draft_budget=budget, programs=PROGRAMS)
     dispatch, fetch, calls = engine.runner.dispatch, engine.runner.fetch, []
     engine.runner.dispatch = lambda plan: calls.append("dispatch") or dispatch(plan)
     engine.runner.fetch = lambda handle: calls.append("fetch") or fetch(handle)
