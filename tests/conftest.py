@@ -29,7 +29,17 @@ def client(server):
 
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
-    """One persistent compilation cache for the session: the many engines the tests build
-    compile the same step programs; after the first, each is a disk read."""
+    """One persistent compilation cache for the session, shared by its pytest-xdist workers:
+    the many engines the tests build compile the same step programs; after the first (in
+    either worker), each is a disk read. A size limit turns on JAX's file lock around the
+    cache's reads and writes, so one worker never reads an entry the other is writing."""
+    import jax
+
     from jinfer.engine import enable_compilation_cache
-    enable_compilation_cache(str(tmp_path_factory.mktemp("xla-cache")))
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' basetemps are siblings in the session's directory
+    path = root / "xla-cache"
+    path.mkdir(exist_ok=True)
+    enable_compilation_cache(str(path))
+    jax.config.update("jax_compilation_cache_max_size", 8 << 30)
