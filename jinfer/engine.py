@@ -340,7 +340,7 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
         outputs, self._held_outputs = self._held_outputs, []
         if drafts and self._inflight is not None and not self.scheduler.drafts_in_flight:  # planned on read tokens
             done, self._inflight = self._inflight, None
-            outputs += self._postprocess(*done)
+            outputs += self._postprocess(*done, pipelined=False)
         if self._warmup_thread is not None:  # steps stay within the buckets compiled so far
             self.runner.release_warmup()
             ready = self.runner.ready_tokens()
@@ -361,11 +361,12 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
         done, self._inflight = self._inflight, launched
         if done and launched and launched[3]:  # this step compiled before the last one was read
             done = (*done[:3], True, done[4])
-        outputs += self._postprocess(*done) if done else []
+        # (pipelined: the step was read while the next one ran, so its time is one pipeline period)
+        outputs += self._postprocess(*done, pipelined=launched is not None) if done else []
         sync = not self.async_scheduling or any(self.scheduler.read_first(seq) for seq in plan.seqs)
         if sync and self._inflight:
             done, self._inflight = self._inflight, None
-            outputs += self._postprocess(*done)
+            outputs += self._postprocess(*done, pipelined=False)
         self._busy = bool(self.scheduler.running or self.scheduler.waiting)  # the caller steps again at once
         return outputs
 

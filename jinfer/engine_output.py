@@ -29,10 +29,10 @@ class Postprocessing:
         return self._groups[public][int(index or 0)]
 
     def _postprocess(self, plan: StepPlan, reqs: list[Request], handle, compiled=None,
-                     drafting: bool = False) -> list[RequestOutput]:
+                     drafting: bool = False, *, pipelined: bool = False) -> list[RequestOutput]:
         """A step read back: settled, reported to the scheduler (unless compiled is None: read
-        out of band; or True: it compiled; drafting: planned in drafting mode) and built into
-        outputs."""
+        out of band; or True: it compiled; drafting: planned in drafting mode; pipelined: read
+        while the next step ran) and built into outputs."""
         tokens, logprobs = self.runner.fetch(handle)
         now = time.monotonic()
         firsts = list(itertools.accumulate((1 + seq.num_draft for seq in plan.seqs), initial=0))  # first rows
@@ -42,7 +42,7 @@ class Postprocessing:
         moves = [m for s in settled for m in s.moves]
         self.runner.move_kv(moves)
         compiled = None if compiled is None else compiled or (bool(moves) and self.runner.compiled_last)
-        self._observe(plan, compiled, sum(len(s.tokens) for s in settled), drafting)
+        self._observe(plan, compiled, sum(len(s.tokens) for s in settled), drafting, pipelined)
         outputs = []
         for s in settled:
             req = s.req
@@ -60,7 +60,8 @@ class Postprocessing:
             outputs.append(self._output(req, n_new=len(s.tokens)))
         return outputs
 
-    def _observe(self, plan: StepPlan, compiled: bool | None, emitted: int, drafting: bool) -> None:
+    def _observe(self, plan: StepPlan, compiled: bool | None, emitted: int, drafting: bool,
+                 pipelined: bool = False) -> None:
         """Reports a step read back to the scheduler (its policy and draft budget). Its time
         runs from the step before it being read back (or from the start of the step() call
         that found the engine idle, or after out-of-band work: Engine.step): the whole step
@@ -68,14 +69,16 @@ class Postprocessing:
         charged the one before it), and either way the caller's time between step() calls.
         Not reported: a step read out of band (compiled None), one that compiled or whose
         successor compiled before it was read (compiled True: its time is not a step's), one
-        whose decoding requests had all ended before it was read (it settled nothing)."""
+        whose decoding requests had all ended before it was read (it settled nothing).
+        pipelined: it was read while the next step ran (its time is one pipeline period, not
+        the whole step's)."""
         now = time.perf_counter()
         seconds, self._last_read = now - self._last_read, now
         decoding = plan.num_decoding
         if compiled is False and (emitted or not decoding):
             self.scheduler.observe_step(plan.num_tokens, seconds, emitted, any(s.num_draft for s in plan.seqs),
                                         num_decoding=decoding, decode_only=decoding == len(plan.seqs),
-                                        drafting=drafting)
+                                        drafting=drafting, pipelined=pipelined)
 
     def _output(self, req: Request, n_new: int) -> RequestOutput:
         detok = req.text

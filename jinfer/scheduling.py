@@ -111,18 +111,20 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
 
     def observe_step(self, num_tokens: int, seconds: float, emitted: int | None = None,
                      drafted: bool = False, *, num_decoding: int = 0, decode_only: bool = False,
-                     drafting: bool | None = None) -> None:
+                     drafting: bool | None = None, pipelined: bool | None = None) -> None:
         """A step of num_tokens took `seconds`: the policy hears it (if it listens), and with
         emitted (the tokens its settling appended) the draft budget too (drafted: the step
         carried drafts; num_decoding: its decoding sequences; decode_only: no prompt chunk;
-        drafting: it was planned in drafting mode, None: the budget takes drafted)."""
+        drafting: it was planned in drafting mode, None: the budget takes drafted; pipelined:
+        its time is one pipeline period (it was read while the next step ran) or not, None:
+        unknown)."""
         self.last_step_s = seconds
         hook = getattr(self.policy, "observe_step", None)
         if hook is not None:
             hook(num_tokens, seconds)
         if emitted is not None and self.budget is not None:
             self.budget.observe_step(num_tokens, seconds, emitted, drafted, num_decoding=num_decoding,
-                                     decode_only=decode_only, drafting=drafting)
+                                     decode_only=decode_only, drafting=drafting, pipelined=pipelined)
 
     def reached_length(self, req: Request, *, pending: bool) -> bool:
         """The length rule: max_tokens outputs, or max_model_len tokens in all. pending: count

@@ -182,12 +182,14 @@ class DraftBudget(Protocol):
         with prefilling it also carries prompt chunks."""
 
     def observe_step(self, num_tokens: int, seconds: float, emitted: int, drafted: bool, *,
-                     num_decoding: int = 0, decode_only: bool = False, drafting: bool = False) -> None:
+                     num_decoding: int = 0, decode_only: bool = False, drafting: bool = False,
+                     pipelined: bool | None = None) -> None:
         """A step of num_tokens tokens took `seconds` (from the step before it being read back:
         one pipeline period when steps pipeline), settled `emitted` tokens, and carried drafts
         or not; num_decoding of its sequences decoded, and with decode_only no other sequence
         (a prompt chunk) was in it; drafting: it was planned in drafting mode (wants_drafts
-        said so), with or without a draft in it."""
+        said so), with or without a draft in it; pipelined: it was read while the next step
+        ran, so its time is one pipeline period (False: the whole step's; None: unknown)."""
 
     def lead_limit(self) -> int | None:
         """How many tokens a request may draft ahead of the furthest-behind other running

@@ -238,7 +238,7 @@ def test_the_budget_hears_each_step_with_its_own_tokens_and_time(engine_model, g
 
     class Switching:
         def __init__(self):
-            self.asks, self.steps = 0, []
+            self.asks, self.steps, self.pipelined = 0, [], []
 
         def wants_drafts(self, num_decoding, *, prefilling=False):
             self.asks += 1
@@ -253,9 +253,11 @@ def test_the_budget_hears_each_step_with_its_own_tokens_and_time(engine_model, g
         def observe_verify(self, request_id, accepted, rejected):
             pass
 
-        def observe_step(self, num_tokens, seconds, emitted, drafted, *, num_decoding, decode_only, drafting):
+        def observe_step(self, num_tokens, seconds, emitted, drafted, *, num_decoding, decode_only, drafting,
+                         pipelined):
             assert num_decoding <= emitted and (drafting or not drafted)  # a draft only in drafting mode
             self.steps.append((num_tokens, seconds, emitted, drafted, num_decoding if decode_only else 0))
+            self.pipelined.append((drafted, pipelined))
 
         def finish(self, request_id):
             pass
@@ -278,6 +280,44 @@ def test_the_budget_hears_each_step_with_its_own_tokens_and_time(engine_model, g
     assert all(e == n for _, _, e, _, n in plain)  # one token per decoding sequence
     assert all(n <= e <= t for t, _, e, _, n in drafted)
     assert 0 < sum(sec for _, sec, _, _, _ in budget.steps) <= wall
+    # drafts in flight: drafted steps and plain ones alike are read while the next step runs
+    assert any(d and p for d, p in budget.pipelined) and any(not d and p for d, p in budget.pipelined)
+
+
+def _plain(b, tokens, seconds, pipelined=True, n=8):
+    for _ in range(n):
+        b.observe_step(tokens, seconds, 0, False, drafting=False, pipelined=pipelined)
+
+
+def test_pipelined_plain_steps_fit_the_cost_model_before_any_draft():
+    """Where steps pipeline, plain steps and prompt chunks are cost samples too: the first draft
+    of a run is sized by the fitted line (on a machine where a token costs much, none at batch
+    8 with the prior's acceptance, some at batch 1) instead of the unfitted 1, 2, 4, ..."""
+    b = CostAwareBudget()
+    assert b.cost_model() is None and b.limit("r", 8, 8) == 1  # unfitted
+    _plain(b, 8, 0.026 + 0.0036 * 8)
+    _plain(b, 64, 0.026 + 0.0036 * 64)
+    c_base, c_tok = b.cost_model()
+    assert c_base == pytest.approx(0.026) and c_tok == pytest.approx(0.0036)
+    assert b.limit("r", 8, 8) == 0  # tau = 0.0288 / 0.0548 = 0.53 > alpha 0.5
+    assert b.limit("r", 1, 8) == 3  # tau = 0.12: 0.5, 0.25, 0.125 pass
+
+
+def test_the_cost_model_keeps_to_the_drafted_steps_timing_kind():
+    """Steps read whole (a tree draft's, drafts not in flight) and pipelined ones are different
+    lines: the fit is of the kind most drafted steps had, another kind's only until that one
+    has a fit; a caller that does not say (pipelined None) has its drafted steps alone counted."""
+    b = CostAwareBudget()
+    _plain(b, 8, 0.010)
+    _plain(b, 64, 0.038)
+    assert b.cost_model() == pytest.approx((0.006, 0.0005))
+    for tokens in (16, 40) * 4:  # whole steps: twice the base
+        b.observe_step(tokens, 0.020 + 0.0005 * tokens, 8, True, drafting=True, pipelined=False)
+    assert b.cost_model() == pytest.approx((0.020, 0.0005))
+    legacy = CostAwareBudget()
+    _plain(legacy, 8, 0.010, pipelined=None)
+    _plain(legacy, 64, 0.038, pipelined=None)
+    assert legacy.cost_model() is None
 
 
 def test_steps_with_prompt_chunks_neither_run_nor_explore_a_way():

@@ -471,9 +471,11 @@ def test_the_budget_pipelines_plain_steps_when_drafts_do_not_pay(model):
         def observe_verify(self, request_id, accepted, rejected):
             raise AssertionError("no draft was verified")
 
-        def observe_step(self, num_tokens, seconds, emitted, drafted, *, num_decoding, decode_only, drafting):
+        def observe_step(self, num_tokens, seconds, emitted, drafted, *, num_decoding, decode_only, drafting,
+                         pipelined):
             assert not drafted
             self.steps = getattr(self, "steps", 0) + 1
+            self.pipelined = getattr(self, "pipelined", []) + [pipelined]
 
         def finish(self, request_id):
             pass
@@ -491,6 +493,7 @@ def test_the_budget_pipelines_plain_steps_when_drafts_do_not_pay(model):
     got, _ = _run(engine, PROMPTS, params)
     assert {k: o.token_ids for k, o in got.items()} == {k: o.token_ids for k, o in want.items()}
     assert calls[:3] == ["dispatch", "dispatch", "fetch"] and budget.steps > 0  # pipelined
+    assert all(budget.pipelined[:-1])  # each step read while the next ran (the last has none after it)
 
 
 def test_verify_walks_a_tree_and_says_where_it_stopped_and_what_moves():

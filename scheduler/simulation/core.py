@@ -204,7 +204,8 @@ class SimReplica:
             decoding = plan.num_decoding
             sched.observe_step(plan.num_tokens, self.step_s, sum(len(s.tokens) for s in settled),
                                any(s.num_draft for s in plan.seqs), num_decoding=decoding,
-                               decode_only=decoding == len(plan.seqs), drafting=self.drafting)
+                               decode_only=decoding == len(plan.seqs), drafting=self.drafting,
+                               pipelined=True)  # (a simulated step's time is its cost, as a pipeline period is)
         out = []
         for done in settled:
             req = done.req

@@ -13,13 +13,17 @@ compares the output tokens per second of steps planned in drafting mode and of p
 (which pipeline, as plain decoding does) and keeps the better, re-trying the other now and then
 (scheduler/speculation/ways.py).
 
-c_base and c_tok are fitted online (a robust line through recent drafted steps' token counts
-and times, each from the step before it being read: the whole step when drafted steps run one
-at a time, one pipeline period when they pipeline with drafts in flight; steps that compiled
-are not reported), so the budget follows the machine it runs on, CPU or GPU. Until the fit
-exists, drafts are 1 token per request, doubling with each drafted step seen: a first drafted
-step of unknown cost stays small (on a CPU a step of many draft tokens can cost several plain
-steps). alpha is estimated per request (accepted tokens / (accepted + rejections), with the
+c_base and c_tok are fitted online (a robust line through recent steps' token counts and times,
+each from the step before it being read; steps that compiled are not reported), so the budget
+follows the machine it runs on, CPU or GPU. A step's time is one pipeline period when it was
+read while the next step ran (every step with drafts in flight, chain drafts included) and the
+whole step when not (a tree draft's, or a drafted one without drafts in flight): the line is
+fitted to the steps of the kind the drafted steps are, so where they pipeline every pipelined
+step counts, the plain ones and prompt chunks too, and the fit exists from the first steps of
+a run, before any draft (a short run's first drafts are then sized by the model, not guessed).
+Until a fit exists, drafts are 1 token per request, doubling with each drafted step seen: a
+first drafted step of unknown cost stays small (on a CPU a step of many draft tokens can cost
+several plain steps). alpha is estimated per request (accepted tokens / (accepted + rejections), with the
 pool of all requests as a prior), so a request whose text the drafter predicts keeps long
 drafts and one it does not stops drafting, probing with one token now and then in case its text
 turns repetitive.
@@ -83,9 +87,12 @@ class CostAwareBudget:
 
     def __init__(self, config: BudgetConfig = BudgetConfig()):
         self.config = config
-        self._steps: collections.deque[tuple[int, float]] = collections.deque(maxlen=config.window)
-        self._fit: tuple[float, float] | None = None
-        self._stale = False
+        # (token count, seconds) by timing kind (pipelined: one pipeline period; False: a whole
+        # step; None: a caller that does not say, whose drafted steps alone are samples)
+        self._samples = {kind: collections.deque(maxlen=config.window) for kind in (True, False, None)}
+        self._fits: dict[bool | None, tuple[float, float] | None] = {True: None, False: None, None: None}
+        self._stale = {True: False, False: False, None: False}
+        self._drafted_kinds: collections.Counter = collections.Counter()  # drafted steps by timing kind
         self.ways = DraftsOrNot(config)
         self._drafted_steps = 0
         self._requests: dict[str, list[float]] = {}  # id -> [accepted, rejections, steps since a draft]
@@ -99,11 +106,14 @@ class CostAwareBudget:
     # -- the cost model --------------------------------------------------------------------
 
     def observe_step(self, num_tokens: int, seconds: float, emitted: int = 0, drafted: bool = True, *,
-                     num_decoding: int = 0, decode_only: bool = False, drafting: bool | None = None) -> None:
-        if drafted:  # the cost model is of steps that carry drafts
-            self._steps.append((num_tokens, seconds))
-            self._stale = True
+                     num_decoding: int = 0, decode_only: bool = False, drafting: bool | None = None,
+                     pipelined: bool | None = None) -> None:
+        if drafted:
             self._drafted_steps += 1
+            self._drafted_kinds[pipelined] += 1
+        if drafted or pipelined is not None:  # the cost model: steps of the drafted steps' timing kind
+            self._samples[pipelined].append((num_tokens, seconds))
+            self._stale[pipelined] = True
         # the ways are the modes: without drafts in flight, a step in drafting mode without a
         # draft still waited for the step before it (its drafts needed that step's tokens)
         self.ways.observe(seconds, emitted, drafted if drafting is None else drafting, num_decoding, decode_only)
@@ -123,22 +133,30 @@ class CostAwareBudget:
         return min(max_draft_tokens, 1 << min(self._drafted_steps, 16))
 
     def cost_model(self) -> tuple[float, float] | None:
-        """(c_base, c_tok) in seconds, or None until enough varied steps were seen. Fitted by
-        Theil-Sen (the median of pairwise slopes over distinct token counts), so one slow step
-        (a stray compile, a busy machine) does not move it; the last fit stays while the window
-        holds a single token count."""
-        if getattr(self, "_stale", False) and len(self._steps) >= self.config.min_steps:
-            self._stale = False
+        """(c_base, c_tok) in seconds: the line of the steps of the timing kind most drafted
+        steps had (pipelined before any; module doc), else of another kind, or None until
+        enough varied steps of one were seen."""
+        kinds = sorted(self._samples, key=lambda k: (-self._drafted_kinds[k], k is not True))
+        return next((fit for fit in map(self._fit_of, kinds) if fit is not None), None)
+
+    def _fit_of(self, kind: bool | None) -> tuple[float, float] | None:
+        """The line through the steps of one timing kind, fitted by Theil-Sen (the median of
+        pairwise slopes over distinct token counts), so one slow step (a stray compile, a busy
+        machine) does not move it; the last fit stays while the window holds a single token
+        count."""
+        steps = self._samples[kind]
+        if self._stale[kind] and len(steps) >= self.config.min_steps:
+            self._stale[kind] = False
             by_count: dict[int, list[float]] = collections.defaultdict(list)
-            for t, sec in self._steps:
+            for t, sec in steps:
                 by_count[t].append(sec)
             points = sorted((t, statistics.median(v)) for t, v in by_count.items())
             slopes = [(y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(points) for x2, y2 in points[i + 1:]]
             if slopes:
                 slope = max(0.0, statistics.median(slopes))
                 base = statistics.median(y - slope * x for x, y in points)
-                self._fit = (max(0.0, base), slope)
-        return self._fit
+                self._fits[kind] = (max(0.0, base), slope)
+        return self._fits[kind]
 
     def lead_limit(self) -> int | None:
         """The configured max_lead (DraftBudget.lead_limit: closed batches only)."""
