@@ -144,7 +144,8 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
         self.host_kv = HostKVTier()  # paused requests' K/V swapped out of the pool
         self.scheduler.trees = self.runner.trees  # a model the tree mask cannot serve gets chains
         self._groups: dict[str, list[Request]] = {}  # public id -> its samples still running
-        self._inflight = None  # (plan, its Requests, runner handle, it compiled, drafting mode) not yet read
+        # (plan, its Requests, runner handle, it compiled, drafting mode, pipelined) not yet read
+        self._inflight = None
         self._last_read, self._busy = 0.0, False  # perf_counter of the last read; step() left work (_observe)
         self._held_outputs: list[RequestOutput] = []  # read back early (reshard), not yet returned
         self._arrivals = itertools.count()
@@ -340,7 +341,7 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
         outputs, self._held_outputs = self._held_outputs, []
         if drafts and self._inflight is not None and not self.scheduler.drafts_in_flight:  # planned on read tokens
             done, self._inflight = self._inflight, None
-            outputs += self._postprocess(*done, pipelined=False)
+            outputs += self._postprocess(*done)
         if self._warmup_thread is not None:  # steps stay within the buckets compiled so far
             self.runner.release_warmup()
             ready = self.runner.ready_tokens()
@@ -353,20 +354,22 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
         if plan.seqs:
             reqs = [self._request(seq.request_id) for seq in plan.seqs]
             try:
-                launched = (plan, reqs, self.runner.dispatch(plan), self.runner.compiled_last, drafts)
+                # (pipelined: the step before it was not read yet, so the time from that read to this
+                # step's is one pipeline period, not its planning, dispatch and whole device time)
+                launched = (plan, reqs, self.runner.dispatch(plan), self.runner.compiled_last, drafts,
+                            self._inflight is not None)
             except PlanRejected as e:
                 self._held_outputs = outputs + self._held_outputs  # the next step returns them
                 self.scheduler.unplan(plan, reqs)
                 raise self._blame(plan, e.__cause__) from e
         done, self._inflight = self._inflight, launched
         if done and launched and launched[3]:  # this step compiled before the last one was read
-            done = (*done[:3], True, done[4])
-        # (pipelined: the step was read while the next one ran, so its time is one pipeline period)
-        outputs += self._postprocess(*done, pipelined=launched is not None) if done else []
+            done = (*done[:3], True, *done[4:])
+        outputs += self._postprocess(*done) if done else []
         sync = not self.async_scheduling or any(self.scheduler.read_first(seq) for seq in plan.seqs)
         if sync and self._inflight:
             done, self._inflight = self._inflight, None
-            outputs += self._postprocess(*done, pipelined=False)
+            outputs += self._postprocess(*done)
         self._busy = bool(self.scheduler.running or self.scheduler.waiting)  # the caller steps again at once
         return outputs
 

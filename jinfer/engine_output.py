@@ -29,10 +29,10 @@ class Postprocessing:
         return self._groups[public][int(index or 0)]
 
     def _postprocess(self, plan: StepPlan, reqs: list[Request], handle, compiled=None,
-                     drafting: bool = False, *, pipelined: bool = False) -> list[RequestOutput]:
+                     drafting: bool = False, pipelined: bool = False) -> list[RequestOutput]:
         """A step read back: settled, reported to the scheduler (unless compiled is None: read
-        out of band; or True: it compiled; drafting: planned in drafting mode; pipelined: read
-        while the next step ran) and built into outputs."""
+        out of band; or True: it compiled; drafting: planned in drafting mode; pipelined:
+        dispatched before the step ahead of it was read) and built into outputs."""
         tokens, logprobs = self.runner.fetch(handle)
         now = time.monotonic()
         firsts = list(itertools.accumulate((1 + seq.num_draft for seq in plan.seqs), initial=0))  # first rows
@@ -70,8 +70,8 @@ class Postprocessing:
         Not reported: a step read out of band (compiled None), one that compiled or whose
         successor compiled before it was read (compiled True: its time is not a step's), one
         whose decoding requests had all ended before it was read (it settled nothing).
-        pipelined: it was read while the next step ran (its time is one pipeline period, not
-        the whole step's)."""
+        pipelined: it was dispatched before the step ahead of it was read, so its time is one
+        pipeline period, not its planning, dispatch and whole device time."""
         now = time.perf_counter()
         seconds, self._last_read = now - self._last_read, now
         decoding = plan.num_decoding

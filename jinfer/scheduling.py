@@ -116,8 +116,8 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
         emitted (the tokens its settling appended) the draft budget too (drafted: the step
         carried drafts; num_decoding: its decoding sequences; decode_only: no prompt chunk;
         drafting: it was planned in drafting mode, None: the budget takes drafted; pipelined:
-        its time is one pipeline period (it was read while the next step ran) or not, None:
-        unknown)."""
+        its time is one pipeline period (it was dispatched before the step ahead of it was
+        read) or the whole step, None: unknown)."""
         self.last_step_s = seconds
         hook = getattr(self.policy, "observe_step", None)
         if hook is not None:

@@ -188,8 +188,9 @@ class DraftBudget(Protocol):
         one pipeline period when steps pipeline), settled `emitted` tokens, and carried drafts
         or not; num_decoding of its sequences decoded, and with decode_only no other sequence
         (a prompt chunk) was in it; drafting: it was planned in drafting mode (wants_drafts
-        said so), with or without a draft in it; pipelined: it was read while the next step
-        ran, so its time is one pipeline period (False: the whole step's; None: unknown)."""
+        said so), with or without a draft in it; pipelined: it was dispatched before the step
+        ahead of it was read, so its time is one pipeline period (False: its planning, dispatch
+        and whole device time; None: unknown)."""
 
     def lead_limit(self) -> int | None:
         """How many tokens a request may draft ahead of the furthest-behind other running

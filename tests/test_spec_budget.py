@@ -284,23 +284,41 @@ def test_the_budget_hears_each_step_with_its_own_tokens_and_time(engine_model, g
     assert any(d and p for d, p in budget.pipelined) and any(not d and p for d, p in budget.pipelined)
 
 
-def _plain(b, tokens, seconds, pipelined=True, n=8):
+def _plain(b, tokens, seconds, pipelined=True, n=8, decode_only=True):
     for _ in range(n):
-        b.observe_step(tokens, seconds, 0, False, drafting=False, pipelined=pipelined)
+        b.observe_step(tokens, seconds, tokens, False, num_decoding=tokens, decode_only=decode_only,
+                       drafting=False, pipelined=pipelined)
 
 
-def test_pipelined_plain_steps_fit_the_cost_model_before_any_draft():
-    """Where steps pipeline, plain steps and prompt chunks are cost samples too: the first draft
-    of a run is sized by the fitted line (on a machine where a token costs much, none at batch
-    8 with the prior's acceptance, some at batch 1) instead of the unfitted 1, 2, 4, ..."""
+def test_plain_steps_fit_the_cost_model_before_any_draft_within_the_decisions_range():
+    """Plain steps are cost samples too, fitted only up to the tokens of a step whose every
+    request drafts in full (batch 8: 72; prompt chunks past it would set the line on a GPU): the
+    first draft of a run is sized by the line (on a machine where a token costs much, none at
+    batch 8 with the prior's acceptance, some at batch 1) instead of the unfitted 1, 2, 4, ..."""
     b = CostAwareBudget()
-    assert b.cost_model() is None and b.limit("r", 8, 8) == 1  # unfitted
+    assert b.limit("r", 8, 8) == 1 and b.cost_model() is None  # unfitted
+    _plain(b, 512, 0.001, decode_only=False)  # out of range, and off any line
+    _plain(b, 300, 0.9, decode_only=False)
     _plain(b, 8, 0.026 + 0.0036 * 8)
-    _plain(b, 64, 0.026 + 0.0036 * 64)
-    c_base, c_tok = b.cost_model()
-    assert c_base == pytest.approx(0.026) and c_tok == pytest.approx(0.0036)
+    _plain(b, 64, 0.026 + 0.0036 * 64, decode_only=False)  # a short prompt chunk is in range
+    assert b.decision_range(8) == 72 and b.cost_model(up_to=72) == pytest.approx((0.026, 0.0036))
     assert b.limit("r", 8, 8) == 0  # tau = 0.0288 / 0.0548 = 0.53 > alpha 0.5
-    assert b.limit("r", 1, 8) == 3  # tau = 0.12: 0.5, 0.25, 0.125 pass
+    assert b.limit("r", 1, 8) == 3  # one count (8) in batch 1's range: the last fit; tau = 0.12
+
+
+def test_a_flat_decode_range_is_not_tilted_by_prompt_chunks_past_it():
+    """A GPU-like cost: flat up to 256 tokens, rising past it. Chunks of 300-2048 tokens are out
+    of batch 8's range; the line through the decodes and drafted steps is flat, so drafts run
+    full length."""
+    cost = lambda t: 0.007 + max(0, t - 256) * 27e-6  # noqa: E731
+    b = CostAwareBudget()
+    for tokens in (300, 700, 1200, 2048):
+        _plain(b, tokens, cost(tokens), n=4, decode_only=False)
+    _plain(b, 8, cost(8))
+    for tokens in (16, 24, 40) * 3:
+        b.observe_step(tokens, cost(tokens), 8, True, num_decoding=8, decode_only=True, drafting=True, pipelined=True)
+    assert b.cost_model()[1] > 5e-6  # through all of them: tilted
+    assert b.cost_model(up_to=72) == pytest.approx((0.007, 0.0)) and b.limit("r", 8, 8) == 8
 
 
 def test_the_cost_model_keeps_to_the_drafted_steps_timing_kind():
@@ -311,7 +329,7 @@ def test_the_cost_model_keeps_to_the_drafted_steps_timing_kind():
     _plain(b, 8, 0.010)
     _plain(b, 64, 0.038)
     assert b.cost_model() == pytest.approx((0.006, 0.0005))
-    for tokens in (16, 40) * 4:  # whole steps: twice the base
+    for tokens in (16, 40) * 4:  # whole steps: a larger base
         b.observe_step(tokens, 0.020 + 0.0005 * tokens, 8, True, drafting=True, pipelined=False)
     assert b.cost_model() == pytest.approx((0.020, 0.0005))
     legacy = CostAwareBudget()

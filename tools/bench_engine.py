@@ -295,10 +295,10 @@ def _engine_decode_rate(engine, batch: int, steps: int, prompt_len: int, phases:
     spent = dict.fromkeys(PHASES, 0.0)
 
     def timed(name, fn):
-        def call(*args):
+        def call(*args, **kwargs):
             t0 = time.perf_counter()
             try:
-                return fn(*args)
+                return fn(*args, **kwargs)
             finally:
                 spent[name] += time.perf_counter() - t0
         return call

@@ -23,6 +23,10 @@ Workloads:
 For the random-weight model prompts are random token ids (its outputs are whatever random
 weights make, so only exact repeats help: rollouts are greedy there).
 
+The `never` method is an A/A control: an engine with a drafter whose budget never drafts does
+the work `off` does, so its ratio to `off` is the run-to-run spread of this machine at that
+cell (a ratio outside it is a real difference).
+
 Reported per row: output tokens/s, its ratio to `off` in the same round (median of the
 ratios), mean accepted draft tokens per verification, acceptance rate (accepted / drafted),
 mean latency per request, drafter host time per output token.
@@ -53,7 +57,9 @@ flags.DEFINE_list("models", ["default", "random"], "default (the embedded 5.1M t
 flags.DEFINE_list("workloads", ["rollouts", "repeat", "code_edit", "fresh"], "Workloads to run.")
 flags.DEFINE_list("batches", ["1", "8", "32"], "Requests in flight.")
 flags.DEFINE_list("methods", ["off", "ngram", "suffix", "suffix_tree", "suffix_fixed"],
-                  "Speculation methods; off is the baseline, suffix_fixed has no adaptive budget. A method "
+                  "Speculation methods; off is the baseline, suffix_fixed has no adaptive budget; never (an "
+                  "A/A control) is an engine with the n-gram drafter whose budget never drafts: the same work "
+                  "as off, so its ratio shows this machine's run-to-run spread. A method "
                   "with the suffix @sync (e.g. suffix@sync) runs with EngineOptions.drafts_in_flight off: "
                   "each step carrying drafts is read before the next is planned; with @closed (ngram, suffix, "
                   "suffix_tree) the engine runs the requests as a closed batch (as Engine.generate) once no "
@@ -128,6 +134,8 @@ def _drafter(method: str):
     budget = CostAwareBudget(BudgetConfig(max_lead=FLAGS.max_lead if option == "closed" else None))
     if method == "off":
         return None, None
+    if method == "never":
+        return NgramDrafter(), _Never()
     if method == "ngram":
         return NgramDrafter(), budget
     if method in ("suffix", "suffix_tree"):
@@ -135,6 +143,28 @@ def _drafter(method: str):
     if method == "suffix_fixed":
         return SuffixDrafter(SuffixConfig()), None
     raise ValueError(f"unknown method {method!r}")
+
+
+class _Never:
+    """A draft budget that never drafts (jinfer.speculation.DraftBudget): the `never` method."""
+
+    def wants_drafts(self, num_decoding, *, prefilling=False):
+        return False
+
+    def limit(self, request_id, num_decoding, max_draft_tokens):
+        return 0
+
+    def lead_limit(self):
+        return None
+
+    def observe_verify(self, request_id, accepted, rejected):
+        pass
+
+    def observe_step(self, *args, **kwargs):
+        pass
+
+    def finish(self, request_id):
+        pass
 
 
 def _run(engine, requests, batch: int, closed: bool = False) -> dict:

@@ -15,15 +15,18 @@ compares the output tokens per second of steps planned in drafting mode and of p
 
 c_base and c_tok are fitted online (a robust line through recent steps' token counts and times,
 each from the step before it being read; steps that compiled are not reported), so the budget
-follows the machine it runs on, CPU or GPU. A step's time is one pipeline period when it was
-read while the next step ran (every step with drafts in flight, chain drafts included) and the
-whole step when not (a tree draft's, or a drafted one without drafts in flight): the line is
-fitted to the steps of the kind the drafted steps are, so where they pipeline every pipelined
-step counts, the plain ones and prompt chunks too, and the fit exists from the first steps of
-a run, before any draft (a short run's first drafts are then sized by the model, not guessed).
-Until a fit exists, drafts are 1 token per request, doubling with each drafted step seen: a
-first drafted step of unknown cost stays small (on a CPU a step of many draft tokens can cost
-several plain steps). alpha is estimated per request (accepted tokens / (accepted + rejections), with the
+follows the machine it runs on, CPU or GPU. The samples are every step whose timing the engine
+states, each of its timing kind: one pipeline period for a step dispatched before the step
+ahead of it was read (with drafts in flight, drafted chain steps too), its whole time for one
+that was not (the first after a pause, one after a step read at once: a tree draft's, or any
+drafted one without drafts in flight); a caller that does not say has its drafted steps alone
+counted. The line is fitted to the kind most recent drafted steps had, and only through the
+steps of at most as many tokens as the decision's batch with full drafts (decision_range): on a
+GPU a step's cost is flat over that range and rises only past it, so a prompt chunk's hundreds
+of tokens would set the line, while on a CPU the decodes and short prompt chunks of a run's
+first steps give a line before its first draft. Until a fit exists, drafts are 1 token per
+request, doubling with each drafted step seen: a first drafted step of unknown cost stays small
+(on a CPU a step of many draft tokens can cost several plain steps). alpha is estimated per request (accepted tokens / (accepted + rejections), with the
 pool of all requests as a prior), so a request whose text the drafter predicts keeps long
 drafts and one it does not stops drafting, probing with one token now and then in case its text
 turns repetitive.
@@ -90,9 +93,10 @@ class CostAwareBudget:
         # (token count, seconds) by timing kind (pipelined: one pipeline period; False: a whole
         # step; None: a caller that does not say, whose drafted steps alone are samples)
         self._samples = {kind: collections.deque(maxlen=config.window) for kind in (True, False, None)}
-        self._fits: dict[bool | None, tuple[float, float] | None] = {True: None, False: None, None: None}
-        self._stale = {True: False, False: False, None: False}
-        self._drafted_kinds: collections.Counter = collections.Counter()  # drafted steps by timing kind
+        self._fits: dict[tuple, tuple[float, float] | None] = {}  # (kind, up_to) -> fit, until a new sample
+        self._last_fit: dict[bool | None, tuple[float, float]] = {}  # by kind
+        self._longest_draft = 0  # the most draft tokens limit() was asked about for one request
+        self._drafted_kinds: collections.deque = collections.deque(maxlen=config.window)  # recent drafted steps'
         self.ways = DraftsOrNot(config)
         self._drafted_steps = 0
         self._requests: dict[str, list[float]] = {}  # id -> [accepted, rejections, steps since a draft]
@@ -110,10 +114,10 @@ class CostAwareBudget:
                      pipelined: bool | None = None) -> None:
         if drafted:
             self._drafted_steps += 1
-            self._drafted_kinds[pipelined] += 1
-        if drafted or pipelined is not None:  # the cost model: steps of the drafted steps' timing kind
+            self._drafted_kinds.append(pipelined)
+        if drafted or pipelined is not None:  # cost samples: drafted steps, and others where timed
             self._samples[pipelined].append((num_tokens, seconds))
-            self._stale[pipelined] = True
+            self._fits = {key: fit for key, fit in self._fits.items() if key[0] != pipelined}
         # the ways are the modes: without drafts in flight, a step in drafting mode without a
         # draft still waited for the step before it (its drafts needed that step's tokens)
         self.ways.observe(seconds, emitted, drafted if drafting is None else drafting, num_decoding, decode_only)
@@ -132,31 +136,45 @@ class CostAwareBudget:
         are small ones and their token counts vary (the fit needs two)."""
         return min(max_draft_tokens, 1 << min(self._drafted_steps, 16))
 
-    def cost_model(self) -> tuple[float, float] | None:
-        """(c_base, c_tok) in seconds: the line of the steps of the timing kind most drafted
-        steps had (pipelined before any; module doc), else of another kind, or None until
-        enough varied steps of one were seen."""
-        kinds = sorted(self._samples, key=lambda k: (-self._drafted_kinds[k], k is not True))
-        return next((fit for fit in map(self._fit_of, kinds) if fit is not None), None)
+    def cost_model(self, up_to: int | None = None) -> tuple[float, float] | None:
+        """(c_base, c_tok) in seconds: the line of the steps of the timing kind most recent
+        drafted steps had (pipelined before any; module doc), else of another kind, or None
+        until enough varied steps of one were seen. up_to: through the steps of at most that
+        many tokens only (the range a draft decision spans: on a GPU a step's cost is flat over
+        the decode range and rises only past it, so a prompt chunk's hundreds of tokens would
+        set the line), where at least two token counts are there."""
+        kinds = sorted(self._samples, key=lambda k: (-self._drafted_kinds.count(k), k is not True))
+        return next((fit for kind in kinds if (fit := self._fit_of(kind, up_to)) is not None), None)
 
-    def _fit_of(self, kind: bool | None) -> tuple[float, float] | None:
-        """The line through the steps of one timing kind, fitted by Theil-Sen (the median of
-        pairwise slopes over distinct token counts), so one slow step (a stray compile, a busy
-        machine) does not move it; the last fit stays while the window holds a single token
-        count."""
-        steps = self._samples[kind]
-        if self._stale[kind] and len(steps) >= self.config.min_steps:
-            self._stale[kind] = False
+    def _fit_of(self, kind: bool | None, up_to: int | None) -> tuple[float, float] | None:
+        """The line through the steps of one timing kind (of at most up_to tokens), fitted by
+        Theil-Sen (the median of pairwise slopes over distinct token counts), so one slow step
+        (a stray compile, a busy machine) does not move it; kept until the next sample of the
+        kind. Where the range holds too few steps or a single token count, the kind's last fit
+        stands, else the line through all its steps (None while they are too few too)."""
+        key = (kind, up_to)
+        if key not in self._fits:
+            steps = [(t, sec) for t, sec in self._samples[kind] if up_to is None or t <= up_to]
             by_count: dict[int, list[float]] = collections.defaultdict(list)
             for t, sec in steps:
                 by_count[t].append(sec)
             points = sorted((t, statistics.median(v)) for t, v in by_count.items())
             slopes = [(y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(points) for x2, y2 in points[i + 1:]]
-            if slopes:
+            if len(steps) >= self.config.min_steps and slopes:
                 slope = max(0.0, statistics.median(slopes))
                 base = statistics.median(y - slope * x for x, y in points)
-                self._fits[kind] = (max(0.0, base), slope)
-        return self._fits[kind]
+                self._last_fit[kind] = (max(0.0, base), slope)
+            elif kind not in self._last_fit and up_to is not None:
+                self._fits[key] = self._fit_of(kind, None)
+                return self._fits[key]
+            self._fits[key] = self._last_fit.get(kind)
+        return self._fits[key]
+
+    def decision_range(self, num_decoding: int) -> int:
+        """The most tokens a step of num_decoding decoding requests holds when each drafts up to
+        the longest draft limit() was asked about (at least 8): the range of token counts a draft decision
+        spans, to which the cost line is fitted."""
+        return max(1, num_decoding) * (1 + max(8, self._longest_draft))
 
     def lead_limit(self) -> int | None:
         """The configured max_lead (DraftBudget.lead_limit: closed batches only)."""
@@ -185,7 +203,8 @@ class CostAwareBudget:
     # -- the decision ----------------------------------------------------------------------
 
     def limit(self, request_id: str, num_decoding: int, max_draft_tokens: int) -> int:
-        fit = self.cost_model()
+        self._longest_draft = max(self._longest_draft, max_draft_tokens)
+        fit = self.cost_model(up_to=self.decision_range(num_decoding))
         if fit is None:
             return self.unfitted_limit(max_draft_tokens)
         c_base, c_tok = fit

@@ -279,7 +279,8 @@ class LengthAwareBudget(CostAwareBudget):
         self.class_counts[cls] += 1
         if cls == SHORT:
             return 0
-        fit = self.cost_model()
+        self._longest_draft = max(self._longest_draft, max_draft_tokens)
+        fit = self.cost_model(up_to=self.decision_range(num_decoding))
         if fit is None:
             return self.unfitted_limit(max_draft_tokens)
         rule = makespan_draft_len if cls == LONG else throughput_draft_len
