@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import random
 import time
 
 import pytest
@@ -319,6 +320,28 @@ def test_a_flat_decode_range_is_not_tilted_by_prompt_chunks_past_it():
         b.observe_step(tokens, cost(tokens), 8, True, num_decoding=8, decode_only=True, drafting=True, pipelined=True)
     assert b.cost_model()[1] > 5e-6  # through all of them: tilted
     assert b.cost_model(up_to=72) == pytest.approx((0.007, 0.0)) and b.limit("r", 8, 8) == 8
+
+
+def test_a_line_through_token_counts_a_step_apart_is_not_trusted():
+    """A flat 10 ms step with 2 % noise: 20 plain steps of 32 tokens and one drafted of 33 give a
+    slope that is only noise (it could price drafts out at any acceptance); the budget widens its
+    range and, finding no spread, keeps the unfitted limits. And the line does not depend on the
+    order in which batch sizes ask."""
+    rng = random.Random(0)
+    for _ in range(20):
+        b = CostAwareBudget()
+        _plain(b, 32, 0.010 * (1 + rng.uniform(-0.02, 0.02)), n=20)
+        b.observe_step(33, 0.010 * (1 + rng.uniform(-0.02, 0.02)), 33, True, num_decoding=32, decode_only=True,
+                       drafting=True, pipelined=True)
+        assert b.cost_model(up_to=b.decision_range(32)) is None and b.limit("r", 32, 8) == 2
+    limits = []
+    for order in ((8, 1), (1, 8)):
+        b = CostAwareBudget()
+        _plain(b, 300, 0.9, decode_only=False)
+        _plain(b, 8, 0.026 + 0.0036 * 8)
+        _plain(b, 64, 0.026 + 0.0036 * 64, decode_only=False)
+        limits.append({batch: b.limit("r", batch, 8) for batch in order})
+    assert limits[0] == limits[1] == {8: 0, 1: 3}
 
 
 def test_the_cost_model_keeps_to_the_drafted_steps_timing_kind():

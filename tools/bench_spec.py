@@ -23,9 +23,10 @@ Workloads:
 For the random-weight model prompts are random token ids (its outputs are whatever random
 weights make, so only exact repeats help: rollouts are greedy there).
 
-The `never` method is an A/A control: an engine with a drafter whose budget never drafts does
-the work `off` does, so its ratio to `off` is the run-to-run spread of this machine at that
-cell (a ratio outside it is a real difference).
+The `never` method is an engine with the n-gram drafter whose budget never drafts: `off`'s
+tokens, with the standing costs of speculation (the drafter hears every token; the runner's
+plain programs carry the drafts-in-flight fix-up), so its ratio to `off` is those costs plus
+this machine's run-to-run spread at that cell.
 
 Reported per row: output tokens/s, its ratio to `off` in the same round (median of the
 ratios), mean accepted draft tokens per verification, acceptance rate (accepted / drafted),
@@ -57,9 +58,9 @@ flags.DEFINE_list("models", ["default", "random"], "default (the embedded 5.1M t
 flags.DEFINE_list("workloads", ["rollouts", "repeat", "code_edit", "fresh"], "Workloads to run.")
 flags.DEFINE_list("batches", ["1", "8", "32"], "Requests in flight.")
 flags.DEFINE_list("methods", ["off", "ngram", "suffix", "suffix_tree", "suffix_fixed"],
-                  "Speculation methods; off is the baseline, suffix_fixed has no adaptive budget; never (an "
-                  "A/A control) is an engine with the n-gram drafter whose budget never drafts: the same work "
-                  "as off, so its ratio shows this machine's run-to-run spread. A method "
+                  "Speculation methods; off is the baseline, suffix_fixed has no adaptive budget; never is an "
+                  "engine with the n-gram drafter whose budget never drafts: off's tokens with speculation's "
+                  "standing costs, so its ratio is those costs plus this machine's run-to-run spread. A method "
                   "with the suffix @sync (e.g. suffix@sync) runs with EngineOptions.drafts_in_flight off: "
                   "each step carrying drafts is read before the next is planned; with @closed (ngram, suffix, "
                   "suffix_tree) the engine runs the requests as a closed batch (as Engine.generate) once no "

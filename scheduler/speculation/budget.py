@@ -18,18 +18,20 @@ each from the step before it being read; steps that compiled are not reported), 
 follows the machine it runs on, CPU or GPU. The samples are every step whose timing the engine
 states, each of its timing kind: one pipeline period for a step dispatched before the step
 ahead of it was read (with drafts in flight, drafted chain steps too), its whole time for one
-that was not (the first after a pause, one after a step read at once: a tree draft's, or any
-drafted one without drafts in flight); a caller that does not say has its drafted steps alone
-counted. The line is fitted to the kind most recent drafted steps had, and only through the
-steps of at most as many tokens as the decision's batch with full drafts (decision_range): on a
-GPU a step's cost is flat over that range and rises only past it, so a prompt chunk's hundreds
-of tokens would set the line, while on a CPU the decodes and short prompt chunks of a run's
-first steps give a line before its first draft. Until a fit exists, drafts are 1 token per
-request, doubling with each drafted step seen: a first drafted step of unknown cost stays small
-(on a CPU a step of many draft tokens can cost several plain steps). alpha is estimated per request (accepted tokens / (accepted + rejections), with the
-pool of all requests as a prior), so a request whose text the drafter predicts keeps long
-drafts and one it does not stops drafting, probing with one token now and then in case its text
-turns repetitive.
+that was not (the first after the engine was idle or read a step out of band, one after a step
+read at once: a tree draft's, or any drafted one without drafts in flight); a caller that does
+not say has its drafted steps alone counted. The line is fitted to the kind most recent drafted
+steps had, and only through the steps of at most as many tokens as the decision's batch with
+full drafts (decision_range): on a GPU a step's cost is flat over that range and rises only
+past it, so a prompt chunk's hundreds of tokens would tilt the line. Where the range gives no
+line (too few steps, token counts too close together for their slope to be more than noise)
+it is widened by factors of 2. Plain decodes and short prompt chunks can so give a line before
+a run's first draft. Until a line exists, drafts are 1 token per request, doubling with each
+drafted step seen: a first drafted step of unknown cost stays small (on a CPU a step of many
+draft tokens can cost several plain steps). alpha is estimated per request (accepted tokens /
+(accepted + rejections), with the pool of all requests as a prior), so a request whose text
+the drafter predicts keeps long drafts and one it does not stops drafting, probing with one
+token now and then in case its text turns repetitive.
 """
 
 from __future__ import annotations
@@ -94,7 +96,8 @@ class CostAwareBudget:
         # step; None: a caller that does not say, whose drafted steps alone are samples)
         self._samples = {kind: collections.deque(maxlen=config.window) for kind in (True, False, None)}
         self._fits: dict[tuple, tuple[float, float] | None] = {}  # (kind, up_to) -> fit, until a new sample
-        self._last_fit: dict[bool | None, tuple[float, float]] = {}  # by kind
+        self._chosen: dict[int | None, tuple[float, float] | None] = {}  # up_to -> cost_model's, likewise
+        self._last_fit: dict[bool | None, tuple[float, float] | None] = {}  # kind -> its whole window's last line
         self._longest_draft = 0  # the most draft tokens limit() was asked about for one request
         self._drafted_kinds: collections.deque = collections.deque(maxlen=config.window)  # recent drafted steps'
         self.ways = DraftsOrNot(config)
@@ -115,9 +118,11 @@ class CostAwareBudget:
         if drafted:
             self._drafted_steps += 1
             self._drafted_kinds.append(pipelined)
+            self._chosen = {}
         if drafted or pipelined is not None:  # cost samples: drafted steps, and others where timed
             self._samples[pipelined].append((num_tokens, seconds))
             self._fits = {key: fit for key, fit in self._fits.items() if key[0] != pipelined}
+            self._chosen = {}
         # the ways are the modes: without drafts in flight, a step in drafting mode without a
         # draft still waited for the step before it (its drafts needed that step's tokens)
         self.ways.observe(seconds, emitted, drafted if drafting is None else drafting, num_decoding, decode_only)
@@ -140,40 +145,40 @@ class CostAwareBudget:
         """(c_base, c_tok) in seconds: the line of the steps of the timing kind most recent
         drafted steps had (pipelined before any; module doc), else of another kind, or None
         until enough varied steps of one were seen. up_to: through the steps of at most that
-        many tokens only (the range a draft decision spans: on a GPU a step's cost is flat over
-        the decode range and rises only past it, so a prompt chunk's hundreds of tokens would
-        set the line), where at least two token counts are there."""
-        kinds = sorted(self._samples, key=lambda k: (-self._drafted_kinds.count(k), k is not True))
-        return next((fit for kind in kinds if (fit := self._fit_of(kind, up_to)) is not None), None)
+        many tokens (the range a draft decision spans: on a GPU a step's cost is flat over the
+        decode range and rises only past it, so a prompt chunk's hundreds of tokens would tilt
+        the line), widened by factors of 2 while the range gives no line (too few steps, a single
+        token count, or a line through zero or below at no tokens, whose tau would be 1). Kept
+        until the next sample."""
+        if up_to not in self._chosen:
+            kinds = sorted(self._samples, key=lambda k: (-self._drafted_kinds.count(k), k is not True))
+            self._chosen[up_to] = next((fit for kind in kinds if (fit := self._fit_of(kind, up_to)) is not None),
+                                       None)
+        return self._chosen[up_to]
 
     def _fit_of(self, kind: bool | None, up_to: int | None) -> tuple[float, float] | None:
-        """The line through the steps of one timing kind (of at most up_to tokens), fitted by
-        Theil-Sen (the median of pairwise slopes over distinct token counts), so one slow step
-        (a stray compile, a busy machine) does not move it; kept until the next sample of the
-        kind. Where the range holds too few steps or a single token count, the kind's last fit
-        stands, else the line through all its steps (None while they are too few too)."""
+        """The line through the steps of one timing kind of at most up_to tokens (cost_model),
+        fitted by Theil-Sen (the median of pairwise slopes over distinct token counts), so one
+        slow step (a stray compile, a busy machine) does not move it. Where the whole window
+        gives no line (a single token count), the kind's last line through the whole window
+        stands."""
         key = (kind, up_to)
         if key not in self._fits:
-            steps = [(t, sec) for t, sec in self._samples[kind] if up_to is None or t <= up_to]
-            by_count: dict[int, list[float]] = collections.defaultdict(list)
-            for t, sec in steps:
-                by_count[t].append(sec)
-            points = sorted((t, statistics.median(v)) for t, v in by_count.items())
-            slopes = [(y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(points) for x2, y2 in points[i + 1:]]
-            if len(steps) >= self.config.min_steps and slopes:
-                slope = max(0.0, statistics.median(slopes))
-                base = statistics.median(y - slope * x for x, y in points)
-                self._last_fit[kind] = (max(0.0, base), slope)
-            elif kind not in self._last_fit and up_to is not None:
-                self._fits[key] = self._fit_of(kind, None)
-                return self._fits[key]
-            self._fits[key] = self._last_fit.get(kind)
+            samples = self._samples[kind]
+            steps = [(t, sec) for t, sec in samples if up_to is None or t <= up_to]
+            fit = _theil_sen(steps, self.config.min_steps, 8 if up_to is None else max(1, up_to // 18))
+            if fit is None and up_to is not None:
+                wider = 2 * up_to if any(t > 2 * up_to for t, _ in samples) else None
+                fit = self._fit_of(kind, wider)
+            elif up_to is None:
+                fit = self._last_fit[kind] = fit or self._last_fit.get(kind)
+            self._fits[key] = fit
         return self._fits[key]
 
     def decision_range(self, num_decoding: int) -> int:
         """The most tokens a step of num_decoding decoding requests holds when each drafts up to
-        the longest draft limit() was asked about (at least 8): the range of token counts a draft decision
-        spans, to which the cost line is fitted."""
+        the longest draft limit() was asked about (at least 8): the range of token counts a
+        draft decision spans, to which the cost line is fitted."""
         return max(1, num_decoding) * (1 + max(8, self._longest_draft))
 
     def lead_limit(self) -> int | None:
@@ -227,3 +232,21 @@ class CostAwareBudget:
         else:
             st[2] = 0
         return k
+
+
+def _theil_sen(steps: list[tuple[int, float]], min_steps: int, min_span: int) -> tuple[float, float] | None:
+    """(base, slope) of the Theil-Sen line through (tokens, seconds) steps: the median of the
+    pairwise slopes between token counts (each count's median time), the base the median
+    intercept (0 at least). None with fewer than min_steps steps, token counts spanning less
+    than min_span (a few tokens apart, the noise of two steps' times is the slope), or a base
+    clearly below zero (a noisy line: a base of 0 prices every token as all of a step)."""
+    by_count: dict[int, list[float]] = collections.defaultdict(list)
+    for t, sec in steps:
+        by_count[t].append(sec)
+    points = sorted((t, statistics.median(v)) for t, v in by_count.items())
+    if len(steps) < min_steps or len(points) < 2 or points[-1][0] - points[0][0] < min_span:
+        return None
+    slope = max(0.0, statistics.median((y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(points)
+                                       for x2, y2 in points[i + 1:]))
+    base = statistics.median(y - slope * x for x, y in points)
+    return None if base < -0.1 * statistics.median(y for _, y in points) else (max(0.0, base), slope)
