@@ -95,7 +95,7 @@ class CostAwareBudget:
         # (token count, seconds) by timing kind (pipelined: one pipeline period; False: a whole
         # step; None: a caller that does not say, whose drafted steps alone are samples)
         self._samples = {kind: collections.deque(maxlen=config.window) for kind in (True, False, None)}
-        self._fits: dict[tuple, tuple[float, float] | None] = {}  # (kind, up_to) -> fit, until a new sample
+        self._fits: dict[tuple, tuple[float, float] | None] = {}  # (kind, up_to) -> fit, until any new sample
         self._chosen: dict[int | None, tuple[float, float] | None] = {}  # up_to -> cost_model's, likewise
         self._last_fit: dict[bool | None, tuple[float, float] | None] = {}  # kind -> its whole window's last line
         self._longest_draft = 0  # the most draft tokens limit() was asked about for one request
@@ -118,11 +118,10 @@ class CostAwareBudget:
         if drafted:
             self._drafted_steps += 1
             self._drafted_kinds.append(pipelined)
-            self._chosen = {}
         if drafted or pipelined is not None:  # cost samples: drafted steps, and others where timed
             self._samples[pipelined].append((num_tokens, seconds))
-            self._fits = {key: fit for key, fit in self._fits.items() if key[0] != pipelined}
-            self._chosen = {}
+            self._fits.clear()  # (fitted again only when a limit is asked for)
+            self._chosen.clear()
         # the ways are the modes: without drafts in flight, a step in drafting mode without a
         # draft still waited for the step before it (its drafts needed that step's tokens)
         self.ways.observe(seconds, emitted, drafted if drafting is None else drafting, num_decoding, decode_only)
@@ -207,9 +206,13 @@ class CostAwareBudget:
 
     # -- the decision ----------------------------------------------------------------------
 
-    def limit(self, request_id: str, num_decoding: int, max_draft_tokens: int) -> int:
+    def _decision_fit(self, num_decoding: int, max_draft_tokens: int) -> tuple[float, float] | None:
+        """The cost line for a draft decision at this batch (cost_model over decision_range)."""
         self._longest_draft = max(self._longest_draft, max_draft_tokens)
-        fit = self.cost_model(up_to=self.decision_range(num_decoding))
+        return self.cost_model(up_to=self.decision_range(num_decoding))
+
+    def limit(self, request_id: str, num_decoding: int, max_draft_tokens: int) -> int:
+        fit = self._decision_fit(num_decoding, max_draft_tokens)
         if fit is None:
             return self.unfitted_limit(max_draft_tokens)
         c_base, c_tok = fit

@@ -279,8 +279,7 @@ class LengthAwareBudget(CostAwareBudget):
         self.class_counts[cls] += 1
         if cls == SHORT:
             return 0
-        self._longest_draft = max(self._longest_draft, max_draft_tokens)
-        fit = self.cost_model(up_to=self.decision_range(num_decoding))
+        fit = self._decision_fit(num_decoding, max_draft_tokens)
         if fit is None:
             return self.unfitted_limit(max_draft_tokens)
         rule = makespan_draft_len if cls == LONG else throughput_draft_len
