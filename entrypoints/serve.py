@@ -103,14 +103,15 @@ def main(argv):
 
 
 def _fail(message: str) -> None:
-    """Exits with `message`. A process of a mesh first tells the leader (which waits for it) and
-    exits at once: jax.distributed's exit handler would wait for the other processes."""
+    """Exits with `message`. A follower of a mesh prints it, then tells the leader (which waits
+    for it) and leaves the mesh with it (mirror.report_failure); a process of a mesh then exits
+    at once: jax.distributed's exit handler would wait for the other processes."""
     if FLAGS.num_processes == 1:
         sys.exit(message)
+    print(message, file=sys.stderr, flush=True)
     if FLAGS.process_id != 0:
         from jinfer import mirror
         mirror.report_failure(FLAGS.process_id, message)
-    print(message, file=sys.stderr, flush=True)
     logging.shutdown()
     os._exit(1)
 

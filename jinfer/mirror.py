@@ -41,6 +41,7 @@ log = logging.getLogger("jinfer.mirror")
 _KEY = "jinfer/mirror/leader"
 _CONFIG_KEY = "jinfer/mirror/config"
 _FAILED_KEY = "jinfer/mirror/failed"
+_OUTCOME_KEY = "jinfer/mirror/failed/outcome"  # "seen" (the leader) or "gave up" (the follower): set once
 _HEADER = struct.Struct("!Q")
 _HELLO = struct.Struct("!32sI")  # a follower's first bytes: the leader's token, its rank
 
@@ -101,10 +102,7 @@ def same_config(process_id: int, config_digest: str, timeout_s: float = 600.0) -
 def _wait_for_followers(client, timeout_s: float) -> None:
     """The leader waits until every follower has checked its config (ValueError with a
     follower's reported failure; TimeoutError)."""
-    from jax._src import distributed  # not jax.process_count(): that starts the backend, which
-    # waits for every process's, and a follower that refuses its config never starts one
-
-    pending = set(range(1, distributed.global_state.num_processes))
+    pending = set(range(1, _num_processes()))
     deadline = time.monotonic() + timeout_s
     while pending:
         if (failed := _failure(client)) is not None:
@@ -155,19 +153,64 @@ def connect_followers(num_processes: int, host: str, timeout_s: float = 600.0) -
     return [followers[r] for r in sorted(followers)]
 
 
-def report_failure(process_id: int, error: str) -> None:
-    """A follower that cannot start says why (the leader, waiting for it, stops waiting)."""
+def report_failure(process_id: int, error: str, timeout_s: float = 60.0) -> None:
+    """A follower that cannot start says why (the leader, waiting for it, stops waiting), then
+    leaves the mesh. JAX's client aborts a process whose coordination service (the leader's)
+    goes away, so in a mesh of two processes the follower waits for the leader to see the report
+    and both leave jax.distributed together (shutdown's barrier): the leader's exit cannot then
+    end the follower before it exits on its own. A leader that does not see it within timeout_s
+    (still building) finds the follower gone; with more processes the others are still in the
+    mesh, and the follower leaves at once."""
     try:
-        _kv_client().key_value_set(_FAILED_KEY, f"process {process_id}: {error}")
+        client = _kv_client()
+        client.key_value_set(_FAILED_KEY, f"process {process_id}: {error}")
     except Exception:  # noqa: BLE001 - not joined yet, or the leader is gone: nobody waits
         log.debug("could not report the failure to the leader", exc_info=True)
+        return
+    if _num_processes() != 2:
+        return
+    try:
+        client.blocking_key_value_get(_OUTCOME_KEY, int(timeout_s * 1000))
+    except Exception:  # noqa: BLE001 - not seen in time: leave alone, unless the leader has just seen it
+        if _claim(client, "gave up"):
+            return
+    _leave()
 
 
 def _failure(client) -> str | None:
+    """A follower's reported failure, or None. A leader that sees one in a mesh of two
+    processes leaves jax.distributed together with that follower (report_failure) before it
+    raises."""
     try:
-        return client.key_value_try_get(_FAILED_KEY)
+        failed = client.key_value_try_get(_FAILED_KEY)
     except Exception:  # noqa: BLE001 - not set: nothing failed
         return None
+    if _num_processes() == 2 and _claim(client, "seen"):
+        _leave()
+    return failed
+
+
+def _num_processes() -> int:
+    from jax._src import distributed  # not jax.process_count(): a follower that fails before
+    return distributed.global_state.num_processes  # its backend starts has none
+
+
+def _claim(client, outcome: str) -> bool:
+    """Whether this side set the failure's outcome first (the key is set once)."""
+    try:
+        client.key_value_set(_OUTCOME_KEY, outcome)
+        return True
+    except Exception:  # noqa: BLE001 - the other side did
+        return False
+
+
+def _leave() -> None:
+    import jax
+
+    try:
+        jax.distributed.shutdown()
+    except Exception:  # noqa: BLE001 - the process exits next in any case
+        log.debug("leaving jax.distributed failed", exc_info=True)
 
 
 def _handshake(sock: socket.socket, token: str, num_processes: int, taken) -> int | None:

@@ -145,6 +145,37 @@ def test_a_follower_launched_with_another_config_refuses_to_start():
         follower.kill()
 
 
+_REFUSE = """
+import os, sys, time
+from sharding.distributed import initialize
+from jinfer import mirror
+rank = int(sys.argv[1])
+initialize(sys.argv[2], 2, rank)
+try:
+    mirror.same_config(rank, "digest-" + str(rank))
+except ValueError as e:
+    print(e, flush=True)
+    if rank:
+        mirror.report_failure(rank, str(e))
+        time.sleep(1.0)  # a follower held up before its exit (a busy machine): the leader is gone by now
+        print("the follower outlived the leader", flush=True)
+os._exit(1)
+"""
+
+
+def test_a_follower_that_refuses_to_start_is_not_ended_by_the_leaders_exit():
+    # The leader exits as soon as it has seen the report. JAX's client aborts a process whose
+    # coordination service goes away, so the two leave jax.distributed together first.
+    address = f"127.0.0.1:{_free_port()}"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    procs = [subprocess.Popen([sys.executable, "-c", _REFUSE, str(rank), address], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in (0, 1)]
+    (leader, _), (follower, _) = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], follower
+    assert "a process of the mesh cannot start: process 1: process 1 was launched" in leader
+    assert "the follower outlived the leader" in follower
+
+
 def test_a_mesh_server_refuses_a_tp_its_processes_cannot_share():
     from entrypoints.process import ServerProcess
     from tests.test_live_router import REPLICA_ARGS
