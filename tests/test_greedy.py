@@ -72,7 +72,7 @@ def test_generate_tool_json_output(hf_checkpoints, tmp_path):
 
 def test_generate_tool_test_model_and_errors(tmp_path):
     cpus = {**os.environ, "JAX_PLATFORMS": "cpu",  # the 8 fake devices, also on a one-GPU machine
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"}
     res = _run_generate(TEST_CONFIG, "--prompt=hello", "--max_tokens=3", "--json", env=cpus)
     assert res.returncode == 0, res.stderr
     assert len(json.loads(res.stdout)["token_ids"]) == 3

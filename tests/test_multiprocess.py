@@ -10,6 +10,7 @@ import tempfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST_COMPILES = "--xla_backend_optimization_level=0"  # as every test compiles (the Makefile's XLA_TEST_FLAGS)
 
 
 def _free_port() -> int:
@@ -19,7 +20,7 @@ def _free_port() -> int:
 
 
 def _generate(devices: int, *args: str) -> subprocess.Popen:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILES}",
                JAX_PLATFORMS="cpu")  # gloo collectives between CPU processes, also on a GPU machine
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", "generate.py"), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
@@ -78,7 +79,7 @@ class _Logged:
 def _mesh_servers(args: list[str], follower_args: list[str] = ()) -> list:
     """A server over a 2-process mesh on loopback (one fake device each): [leader, follower]."""
     mesh = [f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2"]
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {FAST_COMPILES}", "JAX_PLATFORMS": "cpu"}
     return [_Logged([*args, *mesh, f"--process_id={i}", *(follower_args if i else ())], env) for i in range(2)]
 
 
@@ -106,7 +107,7 @@ def test_a_server_over_two_processes_serves_one_processs_tokens_and_stops_both()
     finally:
         leader.kill()
         follower.kill()
-    single = ServerProcess(args, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    single = ServerProcess(args, env={"XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {FAST_COMPILES}",
                                       "JAX_PLATFORMS": "cpu"}).start()
     try:
         with Client(single.wait_ready(300).target) as c:
@@ -167,7 +168,7 @@ def test_a_follower_that_refuses_to_start_is_not_ended_by_the_leaders_exit():
     # The leader exits as soon as it has seen the report. JAX's client aborts a process whose
     # coordination service goes away, so the two leave jax.distributed together first.
     address = f"127.0.0.1:{_free_port()}"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_COMPILES}")
     procs = [subprocess.Popen([sys.executable, "-c", _REFUSE, str(rank), address], cwd=ROOT, env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in (0, 1)]
     (leader, _), (follower, _) = [p.communicate(timeout=120) for p in procs]

@@ -14,6 +14,7 @@ from jinfer import TEST_MODEL_DIR
 from jinfer.config import CacheConfig, SchedulerConfig
 from jinfer.engine import Engine
 from jinfer.loader.hf import load_hf_model
+from jinfer.programs import ProgramStore
 from jinfer.sampling_params import SamplingParams
 from jinfer.tokenizer import Tokenizer
 from scheduler.speculation.drafters import SuffixDrafter
@@ -27,10 +28,14 @@ def model():
     return load_hf_model(TEST_MODEL_DIR), Tokenizer.from_dir(TEST_MODEL_DIR)
 
 
+PROGRAMS = ProgramStore()  # this file's engines (one model, one config) share their compiled steps
+
+
 def _engine(model, **kw):
     m, tok = model
     return Engine(m, tok, CacheConfig(page_size=16, num_pages=128),
-                  SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=16, max_model_len=256), **kw)
+                  SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=16, max_model_len=256), programs=PROGRAMS,
+                  **kw)
 
 
 @pytest.fixture(scope="module")
