@@ -48,7 +48,18 @@ def test_the_cost_model_is_fitted_from_step_sizes_and_times():
     for _ in range(5):  # the first drafted steps, of unknown cost, are small: 1, 2, 4, ... per request
         ramp.append(fresh.limit("r", 8, 6))
         fresh.observe_step(8 * (1 + ramp[-1]), 0.01, 8, True, num_decoding=8, decode_only=True)
-    assert ramp == [1, 2, 4, 6, 6]
+    # only until the steps' token counts spread enough for a line (16 and 24 tokens: 8 apart, at
+    # least 72 // 18 in batch 8's range); then 1 each until the line has its steps
+    assert ramp == [1, 2, 1, 1, 1] and fresh.cost_model() is None
+    wide = CostAwareBudget()
+    for _ in range(5):  # plain steps of one batch: one token count, no spread
+        wide.observe_step(8, 0.05, 8, False, num_decoding=8, decode_only=True, drafting=False, pipelined=True)
+    assert [wide.unfitted_limit(8, 8) for _ in range(2)] == [1, 1]
+    wide.observe_step(16, 0.08, 8, True, num_decoding=8, decode_only=True, drafting=True, pipelined=True)
+    assert wide.unfitted_limit(8, 8) == 1  # spread (8 -> 16) but too few steps for a line: 1, not 2
+    wide.observe_step(9, 0.05, 8, True, num_decoding=8, decode_only=True, drafting=True, pipelined=True)
+    assert wide.unfitted_limit(8, 1) == 1  # batch 1's range (9 tokens): the 8s and a 9, one apart is enough
+    assert wide.unfitted_limit(8, 32) == 4  # batch 32's (288): 8 to 16 is too little; 2 drafted steps seen
 
 
 def test_drafts_run_long_where_steps_are_fixed_cost_and_shrink_where_tokens_cost():

@@ -27,8 +27,9 @@ past it, so a prompt chunk's hundreds of tokens would tilt the line. Where the r
 line (too few steps, token counts too close together for their slope to be more than noise)
 it is widened by factors of 2. Plain decodes and short prompt chunks can so give a line before
 a run's first draft. Until a line exists, drafts are 1 token per request, doubling with each
-drafted step seen: a first drafted step of unknown cost stays small (on a CPU a step of many
-draft tokens can cost several plain steps). alpha is estimated per request (accepted tokens /
+drafted step seen only while the steps in range lack the spread of token counts a line needs:
+a first drafted step of unknown cost stays small (on a CPU a step of many draft tokens can cost
+several plain steps). alpha is estimated per request (accepted tokens /
 (accepted + rejections), with the pool of all requests as a prior), so a request whose text
 the drafter predicts keeps long drafts and one it does not stops drafting, probing with one
 token now and then in case its text turns repetitive.
@@ -134,10 +135,18 @@ class CostAwareBudget:
         cannot see: the pipelining a step without drafts keeps, kernel shapes, host work."""
         return self.ways.choose(num_decoding, prefilling)
 
-    def unfitted_limit(self, max_draft_tokens: int) -> int:
-        """Draft tokens per request while there is no cost model: 1, then doubling with each
-        drafted step seen (1, 2, 4, ...), so the first drafted steps, whose cost is unknown,
-        are small ones and their token counts vary (the fit needs two)."""
+    def unfitted_limit(self, max_draft_tokens: int, num_decoding: int = 1) -> int:
+        """Draft tokens per request while there is no cost model. While the steps within the
+        decision's range (decision_range) have one token count or nearly (plain decodes of one
+        batch), 1, then doubling with each drafted step seen (1, 2, 4, ...): the line needs
+        counts that differ, and the first drafted steps, of unknown cost, stay small. Once the
+        range has that spread and the line waits only for more steps, 1: on a CPU a batch of 8
+        with 8 draft tokens each cost as much as 5 plain steps, more than the half of them
+        accepted saved, before its line was fitted."""
+        up_to = self.decision_range(num_decoding)
+        counts = [t for samples in self._samples.values() for t, _ in samples if t <= up_to]
+        if counts and max(counts) - min(counts) >= _min_span(up_to):
+            return 1
         return min(max_draft_tokens, 1 << min(self._drafted_steps, 16))
 
     def cost_model(self, up_to: int | None = None) -> tuple[float, float] | None:
@@ -165,7 +174,7 @@ class CostAwareBudget:
         if key not in self._fits:
             samples = self._samples[kind]
             steps = [(t, sec) for t, sec in samples if up_to is None or t <= up_to]
-            fit = _theil_sen(steps, self.config.min_steps, 8 if up_to is None else max(1, up_to // 18))
+            fit = _theil_sen(steps, self.config.min_steps, _min_span(up_to))
             if fit is None and up_to is not None:
                 wider = 2 * up_to if any(t > 2 * up_to for t, _ in samples) else None
                 fit = self._fit_of(kind, wider)
@@ -214,7 +223,7 @@ class CostAwareBudget:
     def limit(self, request_id: str, num_decoding: int, max_draft_tokens: int) -> int:
         fit = self._decision_fit(num_decoding, max_draft_tokens)
         if fit is None:
-            return self.unfitted_limit(max_draft_tokens)
+            return self.unfitted_limit(max_draft_tokens, num_decoding)
         c_base, c_tok = fit
         batch = max(1, num_decoding)
         step = c_base + c_tok * batch
@@ -235,6 +244,12 @@ class CostAwareBudget:
         else:
             st[2] = 0
         return k
+
+
+def _min_span(up_to: int | None) -> int:
+    """The least spread of token counts a line through the steps of at most up_to tokens needs
+    (None: the whole window)."""
+    return 8 if up_to is None else max(1, up_to // 18)
 
 
 def _theil_sen(steps: list[tuple[int, float]], min_steps: int, min_span: int) -> tuple[float, float] | None:

@@ -281,7 +281,7 @@ class LengthAwareBudget(CostAwareBudget):
             return 0
         fit = self._decision_fit(num_decoding, max_draft_tokens)
         if fit is None:
-            return self.unfitted_limit(max_draft_tokens)
+            return self.unfitted_limit(max_draft_tokens, num_decoding)
         rule = makespan_draft_len if cls == LONG else throughput_draft_len
         return rule(self.alpha(request_id), fit[0], fit[1], max(1, num_decoding), max_draft_tokens)
 
