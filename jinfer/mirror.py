@@ -159,8 +159,9 @@ def report_failure(process_id: int, error: str, timeout_s: float = 60.0) -> None
     goes away, so in a mesh of two processes the follower waits for the leader to see the report
     and both leave jax.distributed together (shutdown's barrier): the leader's exit cannot then
     end the follower before it exits on its own. A leader that does not see it within timeout_s
-    (still building) finds the follower gone; with more processes the others are still in the
-    mesh, and the follower leaves at once."""
+    (still building) finds the follower gone. With more processes the follower leaves at once
+    (a shutdown would wait for every process); the leader's exit then ends the others (JAX's
+    client aborts them), as it may a follower that gave up and has not exited yet."""
     try:
         client = _kv_client()
         client.key_value_set(_FAILED_KEY, f"process {process_id}: {error}")
@@ -196,12 +197,16 @@ def _num_processes() -> int:
 
 
 def _claim(client, outcome: str) -> bool:
-    """Whether this side set the failure's outcome first (the key is set once)."""
+    """Whether this side set the failure's outcome first (the key is set once; where the set
+    fails, the key read back says whether it was this side's, as after a lost reply)."""
     try:
         client.key_value_set(_OUTCOME_KEY, outcome)
         return True
-    except Exception:  # noqa: BLE001 - the other side did
-        return False
+    except Exception:  # noqa: BLE001 - the other side did, or the call failed
+        try:
+            return client.key_value_try_get(_OUTCOME_KEY) == outcome
+        except Exception:  # noqa: BLE001 - not set, or the leader is gone
+            return False
 
 
 def _leave() -> None:

@@ -150,31 +150,51 @@ _REFUSE = """
 import os, sys, time
 from sharding.distributed import initialize
 from jinfer import mirror
-rank = int(sys.argv[1])
+rank, late = int(sys.argv[1]), sys.argv[3] == "late"
 initialize(sys.argv[2], 2, rank)
 try:
-    mirror.same_config(rank, "digest-" + str(rank))
+    if rank == 0 and late:  # a leader busy (building) while its follower fails
+        client = mirror._kv_client()
+        client.key_value_set(mirror._CONFIG_KEY, "digest-0")
+        sys.stdin.readline()  # the test: the follower has exited
+        print("outcome:", client.key_value_try_get(mirror._OUTCOME_KEY), flush=True)
+        mirror._wait_for_followers(client, 60)
+    else:
+        mirror.same_config(rank, "digest-" + str(rank))
 except ValueError as e:
     print(e, flush=True)
     if rank:
-        mirror.report_failure(rank, str(e))
-        time.sleep(1.0)  # a follower held up before its exit (a busy machine): the leader is gone by now
-        print("the follower outlived the leader", flush=True)
+        mirror.report_failure(rank, str(e), timeout_s=0.5 if late else 60)
+        time.sleep(1.0)  # a follower held up before its exit (a busy machine): a prompt leader is gone by now
+        print("the follower exits on its own", flush=True)
 os._exit(1)
 """
+
+
+def _refusing(late: bool) -> list[subprocess.Popen]:
+    address = f"127.0.0.1:{_free_port()}"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_COMPILES}")
+    return [subprocess.Popen([sys.executable, "-c", _REFUSE, str(rank), address, "late" if late else "prompt"],
+                             cwd=ROOT, env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT) for rank in (0, 1)]
 
 
 def test_a_follower_that_refuses_to_start_is_not_ended_by_the_leaders_exit():
     # The leader exits as soon as it has seen the report. JAX's client aborts a process whose
     # coordination service goes away, so the two leave jax.distributed together first.
-    address = f"127.0.0.1:{_free_port()}"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_COMPILES}")
-    procs = [subprocess.Popen([sys.executable, "-c", _REFUSE, str(rank), address], cwd=ROOT, env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in (0, 1)]
+    procs = _refusing(late=False)
     (leader, _), (follower, _) = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [1, 1], follower
     assert "a process of the mesh cannot start: process 1: process 1 was launched" in leader
-    assert "the follower outlived the leader" in follower
+    assert "the follower exits on its own" in follower
+    # A leader that does not see the report in time (busy building): the follower leaves alone,
+    # and the leader, seeing it later, exits without waiting for it (no shutdown barrier).
+    procs = _refusing(late=True)
+    follower, _ = procs[1].communicate(timeout=120)
+    assert procs[1].returncode == 1 and "the follower exits on its own" in follower, follower
+    leader, _ = procs[0].communicate("go\n", timeout=120)
+    assert procs[0].returncode == 1 and "outcome: gave up" in leader, leader
+    assert "a process of the mesh cannot start: process 1: process 1 was launched" in leader
 
 
 def test_a_mesh_server_refuses_a_tp_its_processes_cannot_share():
