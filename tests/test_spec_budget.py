@@ -302,6 +302,29 @@ def _plain(b, tokens, seconds, pipelined=True, n=8, decode_only=True):
                        drafting=False, pipelined=pipelined)
 
 
+def test_unfitted_drafts_reach_a_line_where_plain_and_drafted_steps_are_timed_differently():
+    """Plain steps pipelined (one token count: the batch's), drafted ones read whole (a tree
+    draft's): neither kind has a spread at first, so drafts double until the drafted kind has
+    one, are then held at 1 until its line exists, and it does exist. Steps too noisy for a
+    line (no fit after 2 * min_steps held drafted steps) double again."""
+    cost = lambda t: 0.04 + 0.001 * t  # noqa: E731
+    b, limits = CostAwareBudget(), []
+    while b.cost_model(up_to=b.decision_range(8)) is None and len(limits) < 30:
+        _plain(b, 8, cost(8), n=1)
+        limits.append(b.limit("r", 8, 8))
+        b.observe_step(8 * (1 + limits[-1]), cost(8 * (1 + limits[-1])), 8, True, num_decoding=8,
+                       decode_only=True, drafting=True, pipelined=False)
+    assert limits == [1, 2, 1, 1, 1, 1, 1, 1] and b.cost_model(up_to=72) == pytest.approx((0.04, 0.001))
+    stuck = CostAwareBudget()
+    _plain(stuck, 8, 0.05, n=1)
+    _plain(stuck, 16, 0.06, n=1)  # a spread, and never the steps for a line of that kind
+    got = []
+    for _ in range(20):
+        got.append(stuck.limit("r", 8, 8))
+        stuck.observe_step(16, 0.06, 8, True, num_decoding=8, decode_only=True)  # of a kind not stated
+    assert got == [1] * 16 + [2, 4, 8, 8] and stuck.cost_model(up_to=72) is None
+
+
 def test_plain_steps_fit_the_cost_model_before_any_draft_within_the_decisions_range():
     """Plain steps are cost samples too, fitted only up to the tokens of a step whose every
     request drafts in full (batch 8: 72; prompt chunks past it would set the line on a GPU): the

@@ -103,6 +103,7 @@ class CostAwareBudget:
         self._drafted_kinds: collections.deque = collections.deque(maxlen=config.window)  # recent drafted steps'
         self.ways = DraftsOrNot(config)
         self._drafted_steps = 0
+        self._held_from: int | None = None  # drafted steps seen when unfitted drafts were first held at 1
         self._requests: dict[str, list[float]] = {}  # id -> [accepted, rejections, steps since a draft]
         self._pool = [1.0, 1.0]  # accepted, rejections over every request (a uniform prior)
 
@@ -136,17 +137,21 @@ class CostAwareBudget:
         return self.ways.choose(num_decoding, prefilling)
 
     def unfitted_limit(self, max_draft_tokens: int, num_decoding: int = 1) -> int:
-        """Draft tokens per request while there is no cost model. While the steps within the
-        decision's range (decision_range) have one token count or nearly (plain decodes of one
-        batch), 1, then doubling with each drafted step seen (1, 2, 4, ...): the line needs
-        counts that differ, and the first drafted steps, of unknown cost, stay small. Once the
-        range has that spread and the line waits only for more steps, 1: on a CPU a batch of 8
-        with 8 draft tokens each cost as much as 5 plain steps, more than the half of them
-        accepted saved, before its line was fitted."""
+        """Draft tokens per request while there is no cost model. While the steps of each
+        timing kind within the decision's range (decision_range) have one token count or nearly
+        (plain decodes of one batch), 1, then doubling with each drafted step seen (1, 2, 4,
+        ...): a line, fitted within one kind, needs counts that differ, and the first drafted
+        steps, of unknown cost, stay small. Once a kind has that spread and the line waits only
+        for more steps, 1 (on a CPU a batch of 8 with 8 draft tokens each cost as much as 5 plain
+        steps, more than the half of them accepted saved, before its line was fitted), for up to
+        2 * min_steps drafted steps; steps too noisy for a line by then double again."""
         up_to = self.decision_range(num_decoding)
-        counts = [t for samples in self._samples.values() for t, _ in samples if t <= up_to]
-        if counts and max(counts) - min(counts) >= _min_span(up_to):
-            return 1
+        in_range = ([t for t, _ in samples if t <= up_to] for samples in self._samples.values())
+        if any(counts and max(counts) - min(counts) >= _min_span(up_to) for counts in in_range):
+            if self._held_from is None:
+                self._held_from = self._drafted_steps
+            held = self._drafted_steps - self._held_from - 2 * self.config.min_steps
+            return 1 if held < 0 else min(max_draft_tokens, 1 << min(held + 1, 16))
         return min(max_draft_tokens, 1 << min(self._drafted_steps, 16))
 
     def cost_model(self, up_to: int | None = None) -> tuple[float, float] | None:
