@@ -28,14 +28,15 @@ def model():
     return load_hf_model(TEST_MODEL_DIR), Tokenizer.from_dir(TEST_MODEL_DIR)
 
 
-PROGRAMS = ProgramStore()  # this file's engines (one model, one config) share their compiled steps
+# The epochs' engines share their compiled steps. The weight-update tests' engines keep their
+# own (jit's cache, which tells weights placed otherwise apart: a new program would be traced).
+PROGRAMS = ProgramStore()
 
 
 def _engine(model, **kw):
     m, tok = model
     return Engine(m, tok, CacheConfig(page_size=16, num_pages=128),
-                  SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=16, max_model_len=256), programs=PROGRAMS,
-                  **kw)
+                  SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=16, max_model_len=256), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +156,7 @@ def test_rl_epochs_with_and_without_speculation_are_bit_identical(model):
     initial = jax.tree.leaves(nnx.split(m)[1])
 
     def run(drafter):
-        engine = _engine(model, drafter=drafter, max_spec_tokens=4)
+        engine = _engine(model, drafter=drafter, max_spec_tokens=4, programs=PROGRAMS)
         trainer = rl.PolicyTrainer(m, learning_rate=1e-4)
         rollouts = []
         records = rl.run_epochs(engine, tok, trainer, rl.PROBLEMS[:4], epochs=2, group_size=4, max_tokens=32,
