@@ -164,6 +164,9 @@ def test_engines_sharing_a_program_store_share_the_programs_they_compile_on_firs
     assert engines[1].runner.compiled_buckets() == engines[0].runner.compiled_buckets()
 
 
+@pytest.mark.slow  # ~50 s alone, 75-100 s in the default run: four child processes and a dozen engines.
+# bench_engine runs end to end by default in its --backends mode (the test below); the rollout
+# benchmark's smoke is in the slow set for the same reason (tests/test_das.py).
 def test_engine_benchmark_smoke_reports_every_measure():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     res = subprocess.run([sys.executable, os.path.join(root, "tools", "bench_engine.py"), "--smoke"],
