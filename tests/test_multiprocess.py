@@ -147,7 +147,7 @@ def test_a_follower_launched_with_another_config_refuses_to_start():
 
 
 _REFUSE = """
-import os, sys, time
+import os, sys
 from sharding.distributed import initialize
 from jinfer import mirror
 rank, late = int(sys.argv[1]), sys.argv[3] == "late"
@@ -165,7 +165,8 @@ except ValueError as e:
     print(e, flush=True)
     if rank:
         mirror.report_failure(rank, str(e), timeout_s=0.5 if late else 60)
-        time.sleep(1.0)  # a follower held up before its exit (a busy machine): a prompt leader is gone by now
+        if not late:
+            sys.stdin.readline()  # held up before its exit (a busy machine) until the test has seen the leader exit
         print("the follower exits on its own", flush=True)
 os._exit(1)
 """
@@ -183,7 +184,8 @@ def test_a_follower_that_refuses_to_start_is_not_ended_by_the_leaders_exit():
     # The leader exits as soon as it has seen the report. JAX's client aborts a process whose
     # coordination service goes away, so the two leave jax.distributed together first.
     procs = _refusing(late=False)
-    (leader, _), (follower, _) = [p.communicate(timeout=120) for p in procs]
+    leader, _ = procs[0].communicate(timeout=120)
+    follower, _ = procs[1].communicate("go\n", timeout=120)  # alive after the leader's exit
     assert [p.returncode for p in procs] == [1, 1], follower
     assert "a process of the mesh cannot start: process 1: process 1 was launched" in leader
     assert "the follower exits on its own" in follower
