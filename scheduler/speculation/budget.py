@@ -27,9 +27,9 @@ past it, so a prompt chunk's hundreds of tokens would tilt the line. Where the r
 line (too few steps, token counts too close together for their slope to be more than noise)
 it is widened by factors of 2. Plain decodes and short prompt chunks can so give a line before
 a run's first draft. Until a line exists, drafts are 1 token per request, doubling with each
-drafted step seen only while the steps in range lack the spread of token counts a line needs:
-a first drafted step of unknown cost stays small (on a CPU a step of many draft tokens can cost
-several plain steps). alpha is estimated per request (accepted tokens /
+drafted step seen only while no timing kind's steps in range have the spread of token counts a
+line needs, then 1 for up to 2 * min_steps drafted steps (unfitted_limit): a first drafted step
+of unknown cost stays small (on a CPU a step of many draft tokens can cost several plain steps). alpha is estimated per request (accepted tokens /
 (accepted + rejections), with the pool of all requests as a prior), so a request whose text
 the drafter predicts keeps long drafts and one it does not stops drafting, probing with one
 token now and then in case its text turns repetitive.
