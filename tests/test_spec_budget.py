@@ -48,18 +48,21 @@ def test_the_cost_model_is_fitted_from_step_sizes_and_times():
     for _ in range(5):  # the first drafted steps, of unknown cost, are small: 1, 2, 4, ... per request
         ramp.append(fresh.limit("r", 8, 6))
         fresh.observe_step(8 * (1 + ramp[-1]), 0.01, 8, True, num_decoding=8, decode_only=True)
-    # only until the steps' token counts spread enough for a line (16 and 24 tokens: 8 apart, at
-    # least 72 // 18 in batch 8's range); then 1 each until the line has its steps
-    assert ramp == [1, 2, 1, 1, 1] and fresh.cost_model() is None
+    # only until the steps' token counts spread enough for a line (16, 24 and 40 tokens: three
+    # counts, at least 72 // 18 apart in batch 8's range); then 1 each until the line has its steps
+    assert ramp == [1, 2, 4, 1, 1] and fresh.cost_model() is None
     wide = CostAwareBudget()
     for _ in range(5):  # plain steps of one batch: one token count, no spread
         wide.observe_step(8, 0.05, 8, False, num_decoding=8, decode_only=True, drafting=False, pipelined=True)
     assert [wide.unfitted_limit(8, 8) for _ in range(2)] == [1, 1]
     wide.observe_step(16, 0.08, 8, True, num_decoding=8, decode_only=True, drafting=True, pipelined=True)
-    assert wide.unfitted_limit(8, 8) == 1  # spread (8 -> 16) but too few steps for a line: 1, not 2
+    assert wide.unfitted_limit(8, 8) == 2  # two token counts (8, 16) give no line: doubling goes on
+    wide.observe_step(12, 0.065, 8, True, num_decoding=8, decode_only=True, drafting=True, pipelined=True)
+    assert wide.unfitted_limit(8, 8) == 1  # three counts, 8 apart, but too few steps for a line: 1, not 4
+    wide.observe_step(7, 0.045, 7, False, num_decoding=7, decode_only=True, drafting=False, pipelined=True)
     wide.observe_step(9, 0.05, 8, True, num_decoding=8, decode_only=True, drafting=True, pipelined=True)
-    assert wide.unfitted_limit(8, 1) == 1  # batch 1's range (9 tokens): the 8s and a 9, one apart is enough
-    assert wide.unfitted_limit(8, 32) == 4  # batch 32's (288): 8 to 16 is too little; 2 drafted steps seen
+    assert wide.unfitted_limit(8, 1) == 1  # batch 1's range (9 tokens): 7, 8 and 9, one apart is enough
+    assert wide.unfitted_limit(8, 32) == 8  # batch 32's (288): 7 to 16 is too little; 3 drafted steps seen
 
 
 def test_drafts_run_long_where_steps_are_fixed_cost_and_shrink_where_tokens_cost():
@@ -305,7 +308,7 @@ def _plain(b, tokens, seconds, pipelined=True, n=8, decode_only=True):
 def test_unfitted_drafts_reach_a_line_where_plain_and_drafted_steps_are_timed_differently():
     """Plain steps pipelined (one token count: the batch's), drafted ones read whole (a tree
     draft's): neither kind has a spread at first, so drafts double until the drafted kind has
-    one, are then held at 1 until its line exists, and it does exist. Steps too noisy for a
+    one (three token counts), are then held at 1 until its line exists, and it does exist. Steps too noisy for a
     line (no fit after 2 * min_steps held drafted steps) double again."""
     cost = lambda t: 0.04 + 0.001 * t  # noqa: E731
     b, limits = CostAwareBudget(), []
@@ -314,9 +317,10 @@ def test_unfitted_drafts_reach_a_line_where_plain_and_drafted_steps_are_timed_di
         limits.append(b.limit("r", 8, 8))
         b.observe_step(8 * (1 + limits[-1]), cost(8 * (1 + limits[-1])), 8, True, num_decoding=8,
                        decode_only=True, drafting=True, pipelined=False)
-    assert limits == [1, 2, 1, 1, 1, 1, 1, 1] and b.cost_model(up_to=72) == pytest.approx((0.04, 0.001))
+    assert limits == [1, 2, 4, 1, 1, 1, 1, 1] and b.cost_model(up_to=72) == pytest.approx((0.04, 0.001))
     stuck = CostAwareBudget()
     _plain(stuck, 8, 0.05, n=1)
+    _plain(stuck, 12, 0.055, n=1)
     _plain(stuck, 16, 0.06, n=1)  # a spread, and never the steps for a line of that kind
     got = []
     for _ in range(20):
@@ -335,10 +339,11 @@ def test_plain_steps_fit_the_cost_model_before_any_draft_within_the_decisions_ra
     _plain(b, 512, 0.001, decode_only=False)  # out of range, and off any line
     _plain(b, 300, 0.9, decode_only=False)
     _plain(b, 8, 0.026 + 0.0036 * 8)
-    _plain(b, 64, 0.026 + 0.0036 * 64, decode_only=False)  # a short prompt chunk is in range
+    _plain(b, 32, 0.026 + 0.0036 * 32, decode_only=False)  # short prompt chunks are in range
+    _plain(b, 64, 0.026 + 0.0036 * 64, decode_only=False)
     assert b.decision_range(8) == 72 and b.cost_model(up_to=72) == pytest.approx((0.026, 0.0036))
     assert b.limit("r", 8, 8) == 0  # tau = 0.0288 / 0.0548 = 0.53 > alpha 0.5
-    assert b.limit("r", 1, 8) == 3  # one count (8) in batch 1's range: the last fit; tau = 0.12
+    assert b.limit("r", 1, 8) == 3  # one count (8) in batch 1's range: widened to 72; tau = 0.12
 
 
 def test_a_flat_decode_range_is_not_tilted_by_prompt_chunks_past_it():
@@ -373,6 +378,7 @@ def test_a_line_through_token_counts_a_step_apart_is_not_trusted():
         b = CostAwareBudget()
         _plain(b, 300, 0.9, decode_only=False)
         _plain(b, 8, 0.026 + 0.0036 * 8)
+        _plain(b, 32, 0.026 + 0.0036 * 32, decode_only=False)
         _plain(b, 64, 0.026 + 0.0036 * 64, decode_only=False)
         limits.append({batch: b.limit("r", batch, 8) for batch in order})
     assert limits[0] == limits[1] == {8: 0, 1: 3}
@@ -384,13 +390,15 @@ def test_the_cost_model_keeps_to_the_drafted_steps_timing_kind():
     has a fit; a caller that does not say (pipelined None) has its drafted steps alone counted."""
     b = CostAwareBudget()
     _plain(b, 8, 0.010)
+    _plain(b, 32, 0.022)
     _plain(b, 64, 0.038)
     assert b.cost_model() == pytest.approx((0.006, 0.0005))
-    for tokens in (16, 40) * 4:  # whole steps: a larger base
+    for tokens in (16, 24, 40) * 3:  # whole steps: a larger base
         b.observe_step(tokens, 0.020 + 0.0005 * tokens, 8, True, drafting=True, pipelined=False)
     assert b.cost_model() == pytest.approx((0.020, 0.0005))
     legacy = CostAwareBudget()
     _plain(legacy, 8, 0.010, pipelined=None)
+    _plain(legacy, 32, 0.022, pipelined=None)
     _plain(legacy, 64, 0.038, pipelined=None)
     assert legacy.cost_model() is None
 

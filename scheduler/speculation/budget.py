@@ -28,8 +28,9 @@ line (too few steps, token counts too close together for their slope to be more 
 it is widened by factors of 2. Plain decodes and short prompt chunks can so give a line before
 a run's first draft. Until a line exists, drafts are 1 token per request, doubling with each
 drafted step seen only while no timing kind's steps in range have the spread of token counts a
-line needs, then 1 for up to 2 * min_steps drafted steps (unfitted_limit): a first drafted step
-of unknown cost stays small (on a CPU a step of many draft tokens can cost several plain steps). alpha is estimated per request (accepted tokens /
+line needs (three token counts at least), then 1 for up to 2 * min_steps drafted steps
+(unfitted_limit): a first drafted step of unknown cost stays small (on a CPU a step of many
+draft tokens can cost several plain steps). alpha is estimated per request (accepted tokens /
 (accepted + rejections), with the pool of all requests as a prior), so a request whose text
 the drafter predicts keeps long drafts and one it does not stops drafting, probing with one
 token now and then in case its text turns repetitive.
@@ -138,16 +139,17 @@ class CostAwareBudget:
 
     def unfitted_limit(self, max_draft_tokens: int, num_decoding: int = 1) -> int:
         """Draft tokens per request while there is no cost model. While the steps of each
-        timing kind within the decision's range (decision_range) have one token count or nearly
-        (plain decodes of one batch), 1, then doubling with each drafted step seen (1, 2, 4,
-        ...): a line, fitted within one kind, needs counts that differ, and the first drafted
+        timing kind within the decision's range (decision_range) have fewer than three token
+        counts or counts close together (plain decodes of one batch), 1, then doubling with each
+        drafted step seen (1, 2, 4, ...): a line, fitted within one kind, needs counts that
+        differ, and the first drafted
         steps, of unknown cost, stay small. Once a kind has that spread and the line waits only
         for more steps, 1 (on a CPU a batch of 8 with 8 draft tokens each cost as much as 5 plain
         steps, more than the half of them accepted saved, before its line was fitted), for up to
         2 * min_steps drafted steps; steps too noisy for a line by then double again."""
         up_to = self.decision_range(num_decoding)
         in_range = ([t for t, _ in samples if t <= up_to] for samples in self._samples.values())
-        if any(counts and max(counts) - min(counts) >= _min_span(up_to) for counts in in_range):
+        if any(_spread_for_a_line(counts, _min_span(up_to)) for counts in in_range):
             if self._held_from is None:
                 self._held_from = self._drafted_steps
             held = self._drafted_steps - self._held_from - 2 * self.config.min_steps
@@ -160,8 +162,8 @@ class CostAwareBudget:
         until enough varied steps of one were seen. up_to: through the steps of at most that
         many tokens (the range a draft decision spans: on a GPU a step's cost is flat over the
         decode range and rises only past it, so a prompt chunk's hundreds of tokens would tilt
-        the line), widened by factors of 2 while the range gives no line (too few steps, a single
-        token count, or a line through zero or below at no tokens, whose tau would be 1). Kept
+        the line), widened by factors of 2 while the range gives no line (too few steps, fewer
+        than three token counts, or a line through zero or below at no tokens, whose tau would be 1). Kept
         until the next sample."""
         if up_to not in self._chosen:
             kinds = sorted(self._samples, key=lambda k: (-self._drafted_kinds.count(k), k is not True))
@@ -173,7 +175,7 @@ class CostAwareBudget:
         """The line through the steps of one timing kind of at most up_to tokens (cost_model),
         fitted by Theil-Sen (the median of pairwise slopes over distinct token counts), so one
         slow step (a stray compile, a busy machine) does not move it. Where the whole window
-        gives no line (a single token count), the kind's last line through the whole window
+        gives no line (too few token counts), the kind's last line through the whole window
         stands."""
         key = (kind, up_to)
         if key not in self._fits:
@@ -251,23 +253,36 @@ class CostAwareBudget:
         return k
 
 
+_MIN_COUNTS = 3
+"""Distinct token counts a line needs: with two, one count's own cost sets the slope (on a CPU a
+step of 2 tokens costs more than one of 4, its 2-row matmuls being slow ones), with three the
+median of the pairwise slopes outvotes it."""
+
+
 def _min_span(up_to: int | None) -> int:
     """The least spread of token counts a line through the steps of at most up_to tokens needs
     (None: the whole window)."""
     return 8 if up_to is None else max(1, up_to // 18)
 
 
+def _spread_for_a_line(counts: list[int], min_span: int) -> bool:
+    """Whether steps of these token counts can give a line: at least _MIN_COUNTS distinct counts
+    spanning min_span or more."""
+    return len(set(counts)) >= _MIN_COUNTS and max(counts) - min(counts) >= min_span
+
+
 def _theil_sen(steps: list[tuple[int, float]], min_steps: int, min_span: int) -> tuple[float, float] | None:
     """(base, slope) of the Theil-Sen line through (tokens, seconds) steps: the median of the
     pairwise slopes between token counts (each count's median time), the base the median
-    intercept (0 at least). None with fewer than min_steps steps, token counts spanning less
-    than min_span (a few tokens apart, the noise of two steps' times is the slope), or a base
+    intercept (0 at least). None with fewer than min_steps steps, fewer than three token counts
+    or counts spanning less than min_span (a few tokens apart, the noise of two steps' times is
+    the slope: _spread_for_a_line), or a base
     clearly below zero (a noisy line: a base of 0 prices every token as all of a step)."""
     by_count: dict[int, list[float]] = collections.defaultdict(list)
     for t, sec in steps:
         by_count[t].append(sec)
     points = sorted((t, statistics.median(v)) for t, v in by_count.items())
-    if len(steps) < min_steps or len(points) < 2 or points[-1][0] - points[0][0] < min_span:
+    if len(steps) < min_steps or not _spread_for_a_line([t for t, _ in points], min_span):
         return None
     slope = max(0.0, statistics.median((y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(points)
                                        for x2, y2 in points[i + 1:]))
