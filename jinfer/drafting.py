@@ -136,6 +136,19 @@ class Drafting:
             return NO_DRAFT
         return draft
 
+    def _fit_to_buckets(self, base: int, drafted: list) -> list[int]:
+        """The length of each (index, request, draft) after the budget fits the step to the
+        runner's token buckets (DraftBudget.fit_to_buckets: a step of `base` tokens and these
+        drafts is padded to the next bucket, so the draft token that takes it past one costs that
+        bucket's padding); as drafted where the budget does not say or the buckets are unknown
+        (token_buckets None: a simulator)."""
+        fit = getattr(self.budget, "fit_to_buckets", None)
+        lengths = [len(draft) for _, _, draft in drafted]
+        if fit is None or self.token_buckets is None or not drafted:
+            return lengths
+        return fit([(req.request_id, n) for (_, req, _), n in zip(drafted, lengths)], base, self.token_buckets,
+                   self._num_decoding)
+
     def _add_draft(self, seq: ScheduledSeq, req: Request, draft: Draft) -> ScheduledSeq:
         """The planned decode `seq` with the draft after its token (its pages now cover it); the
         draft's tokens are the request's, tentatively, until the step is settled."""

@@ -143,6 +143,7 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
                                    drafts_in_flight=options.drafts_in_flight and options.async_scheduling)
         self.host_kv = HostKVTier()  # paused requests' K/V swapped out of the pool
         self.scheduler.trees = self.runner.trees  # a model the tree mask cannot serve gets chains
+        self.scheduler.token_buckets = self.runner.token_buckets
         self._groups: dict[str, list[Request]] = {}  # public id -> its samples still running
         # (plan, its Requests, runner handle, it compiled, drafting mode, pipelined) not yet read
         self._inflight = None
@@ -294,6 +295,7 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
                           old.drafter, old.max_spec_tokens, old.budget, old.pause_policy, old.clock,
                           eos_ids=old.eos_ids, drafts_in_flight=old.drafts_in_flight)
         fresh.trees, fresh.token_limit, fresh.spec = old.trees, old.token_limit, old.spec
+        fresh.token_buckets = old.token_buckets
         if hasattr(old.policy, "bind"):  # a policy reading the books (its prefix cache) follows them
             old.policy.bind(fresh)
         self.scheduler = fresh

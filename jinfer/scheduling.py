@@ -69,6 +69,8 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
         self.max_spec_tokens = max_spec_tokens if drafter is not None else 0
         self.trees = self.max_spec_tokens > 0  # tree drafts verified as trees (the engine sets
         # False where the runner cannot mask them: each tree's leading chain is drafted instead)
+        self.token_buckets: tuple[int, ...] | None = None  # the runner's step sizes (the engine sets them:
+        # drafts are fitted to them, Drafting._fit_to_buckets); None: unknown, drafts as drafted
         self._drafting: set[str] = set()  # requests the drafter has been told about (start)
         self._num_decoding = 0  # running requests with one token to compute (this step)
         self.drafts_in_flight = drafts_in_flight
@@ -321,13 +323,19 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
         preempts a request, delays an admission or evicts a prefix someone could match."""
         self._num_decoding = len(step.decoders)
         lead = self._lead_rooms(step.decoders)
+        base = sum(len(seq.token_ids) for seq in step.seqs)
+        drafted = []
         for i, req in step.decoders:
             if step.budget == 0:
                 break
             draft = self._draft(req, min(step.budget, lead(req)))
             if draft.tokens:
-                step.seqs[i] = self._add_draft(step.seqs[i], req, draft)
+                drafted.append((i, req, draft))
                 step.budget -= len(draft)
+        for (i, req, draft), k in zip(drafted, self._fit_to_buckets(base, drafted)):
+            step.budget += len(draft) - k
+            if k:
+                step.seqs[i] = self._add_draft(step.seqs[i], req, draft.truncate(k))
                 self._unsettled_draft |= self.read_first(step.seqs[i])
 
     def read_first(self, seq: ScheduledSeq) -> bool:

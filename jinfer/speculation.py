@@ -200,5 +200,13 @@ class DraftBudget(Protocol):
         leaves the slowest ones to run in smaller steps, which cost more per token
         (jinfer/drafting.py)."""
 
+    def fit_to_buckets(self, drafts: Sequence[tuple[str, int]], base_tokens: int, buckets: Sequence[int],
+                       num_decoding: int) -> list[int]:
+        """Each draft's length (at most its own) in a step of base_tokens tokens without them that
+        the runner pads to the next of `buckets` (its compiled step sizes, ascending): drafts is
+        (request id, length) in plan order. Optional (a budget without it keeps every draft):
+        the draft token that takes a step past a bucket costs all the next bucket's padding
+        (jinfer/drafting.py)."""
+
     def finish(self, request_id: str) -> None:
         """The request ended."""

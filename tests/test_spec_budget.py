@@ -116,6 +116,33 @@ def test_a_slow_outlier_step_does_not_stop_drafts():
     assert b.limit("new", 1, 8) > 0
 
 
+def test_drafts_are_fitted_to_the_token_buckets_a_step_is_padded_to():
+    """A CPU-like line (33.6 ms + 3.6 ms a token: tau 0.1 at batch 1, 0.46 at batch 8). At batch 1
+    an 8-token draft makes 9 tokens, padded to 16: a likely request's ninth token (0.9^8) is not
+    worth 7 padded rows, so 7 are kept, a near-certain one's is; a coin-flip request keeps what
+    fits 4 rows. At batch 8 the one token that would take 16 tokens to 32 is dropped, the others
+    kept. Without a line, or where the drafts fit their bucket, nothing changes."""
+    buckets = (1, 2, 4, 8, 16, 32, 64)
+    unfitted = CostAwareBudget()
+    assert unfitted.fit_to_buckets([("a", 8)], 1, buckets, 1) == [8]
+    b = CostAwareBudget(BudgetConfig(min_steps=4))
+    for tokens in (1, 3, 5, 9, 16, 24) * 2:
+        b.observe_step(tokens, 0.0336 + 0.0036 * tokens)
+    for _ in range(50):
+        b.observe_verify("sure", 9, False)
+        b.observe_verify("likely", 9, True)
+        b.observe_verify("coin", 1, True)
+    assert b.alpha("sure") > 0.99 and 0.88 < b.alpha("likely") < 0.92 and 0.45 < b.alpha("coin") < 0.55
+    assert b.fit_to_buckets([("likely", 8)], 1, buckets, 1) == [7]
+    assert b.fit_to_buckets([("sure", 8)], 1, buckets, 1) == [8]
+    assert b.fit_to_buckets([("coin", 8)], 1, buckets, 1) == [3]
+    assert b.fit_to_buckets([("likely", 7)], 1, buckets, 1) == [7]  # 8 tokens: no padding
+    batch = [(f"r{i}", 1) for i in range(7)]
+    assert b.fit_to_buckets(batch + [("likely", 1)], 8, buckets, 8) == [1] * 8  # 16 tokens: fits
+    assert b.fit_to_buckets(batch + [("likely", 2)], 8, buckets, 8) == [1] * 8  # 17 would pad to 32
+    assert b.fit_to_buckets([("likely", 8)], 20, buckets, 1) == [8]  # 28 tokens (a prompt chunk): fits 32
+
+
 def test_tree_walks_that_reach_a_leaf_count_as_accepted():
     b = _calibrated()
     for _ in range(20):
@@ -512,3 +539,31 @@ def test_generate_runs_a_closed_batch(engine_model, greedy_ref):
     with pytest.raises(RuntimeError), engine.closed_batch():
         raise RuntimeError("a step failed")
     assert not engine.scheduler.closed_batch
+
+
+def test_the_engine_carries_the_draft_lengths_the_budget_fits_to_its_buckets(engine_model, greedy_ref):
+    """The scheduler asks the budget to fit each drafted step to the runner's token buckets
+    (with the tokens planned without drafts and the requests decoding) and runs the drafts cut
+    to what it answers; the tokens are plain decoding's."""
+    ref = greedy_ref
+
+    class Fitting(_Always):
+        calls = []
+
+        def fit_to_buckets(self, drafts, base_tokens, buckets, num_decoding):
+            self.calls.append((list(drafts), base_tokens, tuple(buckets), num_decoding))
+            return [min(k, 2) for _, k in drafts]
+
+    engine = _engine(engine_model, OracleDrafter({"r0": ref["r0"]}, wrong=0))
+    engine.scheduler.budget = budget = Fitting(None)
+    drafts = []
+    dispatch = engine.runner.dispatch
+    engine.runner.dispatch = lambda plan: (drafts.extend(s.num_draft for s in plan.seqs), dispatch(plan))[1]
+    ids = iter(("r0", "r1"))
+    engine.add_request = lambda p, sp, add=engine.add_request: add(p, sp, request_id=next(ids))
+    outs = engine.generate(PROMPTS[:2], GREEDY)
+    assert [o.token_ids for o in outs] == [ref["r0"], ref["r1"]]
+    assert budget.calls and all(b == engine.runner.token_buckets for _, _, b, _ in budget.calls)
+    assert any(k > 2 for d, _, _, _ in budget.calls for _, k in d)  # longer drafts were asked for
+    assert all(base >= n >= len(d) for d, base, _, n in budget.calls)
+    assert max(drafts) == 2 and outs[0].usage.accepted_draft_tokens > 0

@@ -33,14 +33,18 @@ line needs (three token counts at least), then 1 for up to 2 * min_steps drafted
 draft tokens can cost several plain steps). alpha is estimated per request (accepted tokens /
 (accepted + rejections), with the pool of all requests as a prior), so a request whose text
 the drafter predicts keeps long drafts and one it does not stops drafting, probing with one
-token now and then in case its text turns repetitive.
+token now and then in case its text turns repetitive. A step's drafts, once chosen, are fitted
+to the runner's token buckets (fit_to_buckets): the token that takes a step past a bucket
+costs that bucket's padding.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import statistics
+from collections.abc import Sequence
 
 from scheduler.speculation.ways import DraftsOrNot
 
@@ -227,14 +231,37 @@ class CostAwareBudget:
         self._longest_draft = max(self._longest_draft, max_draft_tokens)
         return self.cost_model(up_to=self.decision_range(num_decoding))
 
+    def fit_to_buckets(self, drafts: Sequence[tuple[str, int]], base_tokens: int, buckets: Sequence[int],
+                       num_decoding: int) -> list[int]:
+        """Draft lengths for a step padded to the next of `buckets` (DraftBudget.fit_to_buckets):
+        of the bucket sizes from the one base_tokens needs up to the one every draft needs, the
+        one whose draft tokens that fit, the most likely accepted first (position i of a
+        request's draft is accepted with alpha^(i + 1)), expect the most accepted tokens less
+        the bucket's rows at the line's price (tau a row, as in limit). A CPU pads a step of 9
+        tokens to 16 rows, each costing about what a token does: the ninth token of a batch-1
+        draft costs 7 padded rows for its alpha^8. Without a cost line, the drafts as they are."""
+        lengths = [k for _, k in drafts]
+        fit = self.cost_model(up_to=self.decision_range(num_decoding))
+        if fit is None or not drafts:
+            return lengths
+        tau = _tau(fit, num_decoding)
+        ranked = sorted(((self.alpha(rid) ** (i + 1), -i, n) for n, (rid, k) in enumerate(drafts) for i in range(k)),
+                        reverse=True)
+        gains = list(itertools.accumulate((v for v, _, _ in ranked), initial=0.0))
+        lowest = next(b for b in buckets if b >= base_tokens)
+        sizes = [b for b in buckets if lowest <= b and b - base_tokens < len(ranked)]
+        sizes.append(next(b for b in buckets if b >= base_tokens + len(ranked)))
+        best = max(sizes, key=lambda b: gains[min(b - base_tokens, len(ranked))] - tau * b)
+        kept = [0] * len(drafts)
+        for _, _, n in ranked[:best - base_tokens]:
+            kept[n] += 1
+        return kept
+
     def limit(self, request_id: str, num_decoding: int, max_draft_tokens: int) -> int:
         fit = self._decision_fit(num_decoding, max_draft_tokens)
         if fit is None:
             return self.unfitted_limit(max_draft_tokens, num_decoding)
-        c_base, c_tok = fit
-        batch = max(1, num_decoding)
-        step = c_base + c_tok * batch
-        tau = c_tok * batch / step if step > 0 else 1.0
+        tau = _tau(fit, num_decoding)
         alpha = self.alpha(request_id)
         k, p = 0, 1.0
         while k < max_draft_tokens:
@@ -257,6 +284,15 @@ _MIN_COUNTS = 3
 """Distinct token counts a line needs: with two, one count's own cost sets the slope (on a CPU a
 step of 2 tokens costs more than one of 4, its 2-row matmuls being slow ones), with three the
 median of the pairwise slopes outvotes it."""
+
+
+def _tau(fit: tuple[float, float], num_decoding: int) -> float:
+    """The share of a plain step of num_decoding decodes that one more token costs (module doc):
+    a draft token at depth j pays when alpha^j >= tau."""
+    c_base, c_tok = fit
+    batch = max(1, num_decoding)
+    step = c_base + c_tok * batch
+    return c_tok * batch / step if step > 0 else 1.0
 
 
 def _min_span(up_to: int | None) -> int:
