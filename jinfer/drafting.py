@@ -96,8 +96,9 @@ class Drafting:
         return room
 
     def _draft(self, req: Request, budget: int) -> Draft:
-        """A draft for a request planned to decode this step, within the step's remaining budget,
-        its length limits and the free pages; NO_DRAFT for none."""
+        """A draft for a request planned to decode this step, within the step's remaining budget
+        and its length limits; NO_DRAFT for none. (Pages are taken once the step's drafts are
+        fitted to the buckets: Scheduler._plan_drafts.)"""
         # Planned: its sample is pending (and with a step in flight, that step's sample and
         # draft); the draft may reach its length limits less one (the model's own token after
         # an accepted draft), counted as if every draft in flight is accepted.
@@ -113,9 +114,7 @@ class Drafting:
         draft = self._call_drafter("propose", req.request_id, req.output_ids, room).truncate(room)
         if not self.trees and not draft.is_chain:
             draft = draft.first_chain()
-        if not draft.tokens or not self.kv.extend(req, req.num_computed_tokens + len(draft)):
-            return NO_DRAFT
-        return draft
+        return draft if draft.tokens else NO_DRAFT
 
     def _draft_past_inflight(self, req: Request, room: int) -> Draft:
         """A chain for a request whose step in flight has not been read: the drafter's proposal
@@ -132,9 +131,7 @@ class Drafting:
         if self.budget is not None:
             room = self.budget.limit(req.request_id, self._num_decoding, room)
         draft = Draft.chain(tokens[skip:skip + room])
-        if not draft.tokens or not self.kv.extend(req, req.num_computed_tokens + len(draft)):
-            return NO_DRAFT
-        return draft
+        return draft if draft.tokens else NO_DRAFT
 
     def _fit_to_buckets(self, base: int, drafted: list) -> list[int]:
         """The length of each (index, request, draft) after the budget fits the step to the
@@ -146,8 +143,11 @@ class Drafting:
         lengths = [len(draft) for _, _, draft in drafted]
         if fit is None or self.token_buckets is None or not drafted:
             return lengths
-        return fit([(req.request_id, n) for (_, req, _), n in zip(drafted, lengths)], base, self.token_buckets,
-                   self._num_decoding)
+        fitted = list(fit([(req.request_id, n) for (_, req, _), n in zip(drafted, lengths)], base,
+                          self.token_buckets, self._num_decoding))
+        if len(fitted) != len(lengths):
+            raise ValueError(f"the draft budget fitted {len(fitted)} draft lengths for {len(lengths)} drafts")
+        return [max(0, min(int(k), n)) for k, n in zip(fitted, lengths)]
 
     def _add_draft(self, seq: ScheduledSeq, req: Request, draft: Draft) -> ScheduledSeq:
         """The planned decode `seq` with the draft after its token (its pages now cover it); the

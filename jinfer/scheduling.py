@@ -319,8 +319,10 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
         self.running.append(req)
 
     def _plan_drafts(self, step: "_StepBuild") -> None:
-        """Drafts from what the step left, budget and free pages (no eviction), so a draft never
-        preempts a request, delays an admission or evicts a prefix someone could match."""
+        """Drafts from what the step left, cut to fit the runner's token buckets (the budget's
+        call: Drafting._fit_to_buckets), then given pages from the free ones (no eviction), so a
+        draft never preempts a request, delays an admission or evicts a prefix someone could
+        match."""
         self._num_decoding = len(step.decoders)
         lead = self._lead_rooms(step.decoders)
         base = sum(len(seq.token_ids) for seq in step.seqs)
@@ -333,9 +335,10 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
                 drafted.append((i, req, draft))
                 step.budget -= len(draft)
         for (i, req, draft), k in zip(drafted, self._fit_to_buckets(base, drafted)):
-            step.budget += len(draft) - k
-            if k:
+            step.budget += len(draft)
+            if k and self.kv.extend(req, req.num_computed_tokens + k):  # (never evicts)
                 step.seqs[i] = self._add_draft(step.seqs[i], req, draft.truncate(k))
+                step.budget -= k
                 self._unsettled_draft |= self.read_first(step.seqs[i])
 
     def read_first(self, seq: ScheduledSeq) -> bool:

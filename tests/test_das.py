@@ -6,6 +6,7 @@ import pytest
 
 from entrypoints.build import build_draft_budget, build_drafter
 from jinfer.config import SpeculationConfig
+from scheduler.speculation.budget import CostAwareBudget
 from scheduler.speculation.das import (LONG, MEDIUM, SHORT, DasConfig, LengthAwareBudget, RolloutDrafter, expected_tokens,
                                        makespan_draft_len, throughput_draft_len)
 from scheduler.speculation.drafters import SuffixConfig
@@ -89,6 +90,30 @@ def _history(d: RolloutDrafter):
         _rollout(d, f"hb{i}", B, list(range(200, 300)))
         _rollout(d, f"hc{i}", C, list(range(400, 440)))
     return C
+
+
+def test_fitting_a_step_to_its_bucket_values_a_long_requests_tokens_by_the_batch():
+    """A long rollout's accepted draft token saves the batch a step, a medium one's a 1/B share:
+    fitting a step of 4 decodes and 3 + 1 + 1 + 1 draft tokens (10, padded to 16) to the buckets
+    keeps the long request's first two tokens (worth 4 x 0.5 and 4 x 0.25) and drops medium
+    tokens first; CostAwareBudget, valuing all alike, keeps the medium ones' first tokens."""
+    d = RolloutDrafter(DasConfig(window=8, min_history=8, short_quantile=0.4, long_quantile=0.7))
+    budget = LengthAwareBudget(d)
+    C = _history(d)
+    for rid, prompt in (("b", B), ("c1", C), ("c2", C), ("c3", C)):
+        d.start(rid, prompt)
+    for tokens in (4, 6, 10, 16, 24) * 2:  # 33.6 ms + 3.6 ms a token: tau 0.3 at batch 4
+        budget.observe_step(tokens, 0.0336 + 0.0036 * tokens, tokens, True)
+    for _ in range(40):  # every problem: half its draft tokens accepted
+        budget.observe_verify("b", 1, True)
+        budget.observe_verify("c1", 1, True)
+    assert budget.length_class("b") == LONG and budget.length_class("c1") == MEDIUM
+    assert 0.45 < budget.alpha("b") < 0.55 and budget.draft_value("b", 0, 4) == pytest.approx(4 * budget.alpha("b"))
+    drafts = [("c1", 1), ("c2", 1), ("b", 3), ("c3", 1)]
+    assert budget.fit_to_buckets(drafts, 4, (1, 2, 4, 8, 16), 4) == [1, 1, 2, 0]
+    plain = CostAwareBudget()
+    plain._samples, plain._pool = budget._samples, budget._pool
+    assert plain.fit_to_buckets(drafts, 4, (1, 2, 4, 8, 16), 4) == [1, 1, 1, 1]
 
 
 def test_length_classes_follow_the_problem_and_grow_with_the_output():

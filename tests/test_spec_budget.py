@@ -141,6 +141,27 @@ def test_drafts_are_fitted_to_the_token_buckets_a_step_is_padded_to():
     assert b.fit_to_buckets(batch + [("likely", 1)], 8, buckets, 8) == [1] * 8  # 16 tokens: fits
     assert b.fit_to_buckets(batch + [("likely", 2)], 8, buckets, 8) == [1] * 8  # 17 would pad to 32
     assert b.fit_to_buckets([("likely", 8)], 20, buckets, 1) == [8]  # 28 tokens (a prompt chunk): fits 32
+    # 16 rows keep 10 of 12: every first token, then among the second ones (equal values) those
+    # of requests earlier in the plan (the policy's order)
+    assert b.fit_to_buckets([(f"n{i}", 2) for i in range(6)], 6, buckets, 6) == [2, 2, 2, 2, 1, 1]
+
+
+def test_a_probe_survives_the_fit_to_the_buckets():
+    """A request denied drafts gets a one-token probe now and then (limit); the probe is kept
+    although its one token takes the step past a bucket (its acceptance is how the budget
+    learns whether the text turned predictable), and the other drafts are fitted as before."""
+    buckets = (1, 2, 4, 8, 16, 32, 64)
+    b = CostAwareBudget(BudgetConfig(min_steps=4))
+    for tokens in (1, 3, 5, 9, 16, 24) * 2:
+        b.observe_step(tokens, 0.0336 + 0.0036 * tokens)
+    for _ in range(20):
+        b.observe_verify("bad", 0, True)
+        b.observe_verify("likely", 9, True)
+    limits = [b.limit("bad", 8, 8) for _ in range(16)]
+    assert limits == [0] * 15 + [1]
+    assert b.fit_to_buckets([("bad", 1)], 8, buckets, 8) == [1]  # 9 tokens, padded to 16
+    assert b.fit_to_buckets([("likely", 2), ("bad", 1)], 8, buckets, 8) == [2, 1]  # in the 16 rows the probe takes
+    assert b.limit("bad", 8, 8) == 0 and b.fit_to_buckets([("bad", 1)], 8, buckets, 8) == [0]  # not a probe now
 
 
 def test_tree_walks_that_reach_a_leaf_count_as_accepted():
@@ -389,17 +410,18 @@ def test_a_flat_decode_range_is_not_tilted_by_prompt_chunks_past_it():
 
 
 def test_a_line_through_token_counts_a_step_apart_is_not_trusted():
-    """A flat 10 ms step with 2 % noise: 20 plain steps of 32 tokens and one drafted of 33 give a
-    slope that is only noise (it could price drafts out at any acceptance); the budget widens its
+    """A flat 10 ms step with 2 % noise: 20 plain steps of 32 tokens and drafted ones of 33 and
+    34 give a slope that is only noise (it could price drafts out at any acceptance); the budget widens its
     range and, finding no spread, keeps the unfitted limits. And the line does not depend on the
     order in which batch sizes ask."""
     rng = random.Random(0)
     for _ in range(20):
         b = CostAwareBudget()
         _plain(b, 32, 0.010 * (1 + rng.uniform(-0.02, 0.02)), n=20)
-        b.observe_step(33, 0.010 * (1 + rng.uniform(-0.02, 0.02)), 33, True, num_decoding=32, decode_only=True,
-                       drafting=True, pipelined=True)
-        assert b.cost_model(up_to=b.decision_range(32)) is None and b.limit("r", 32, 8) == 2
+        for tokens in (33, 34):  # three counts, spanning 2
+            b.observe_step(tokens, 0.010 * (1 + rng.uniform(-0.02, 0.02)), 33, True, num_decoding=32,
+                           decode_only=True, drafting=True, pipelined=True)
+        assert b.cost_model(up_to=b.decision_range(32)) is None and b.limit("r", 32, 8) == 4
     limits = []
     for order in ((8, 1), (1, 8)):
         b = CostAwareBudget()
@@ -556,14 +578,18 @@ def test_the_engine_carries_the_draft_lengths_the_budget_fits_to_its_buckets(eng
 
     engine = _engine(engine_model, OracleDrafter({"r0": ref["r0"]}, wrong=0))
     engine.scheduler.budget = budget = Fitting(None)
-    drafts = []
+    plans = []
     dispatch = engine.runner.dispatch
-    engine.runner.dispatch = lambda plan: (drafts.extend(s.num_draft for s in plan.seqs), dispatch(plan))[1]
+    engine.runner.dispatch = lambda plan: (plans.append(plan), dispatch(plan))[1]
     ids = iter(("r0", "r1"))
     engine.add_request = lambda p, sp, add=engine.add_request: add(p, sp, request_id=next(ids))
     outs = engine.generate(PROMPTS[:2], GREEDY)
     assert [o.token_ids for o in outs] == [ref["r0"], ref["r1"]]
     assert budget.calls and all(b == engine.runner.token_buckets for _, _, b, _ in budget.calls)
     assert any(k > 2 for d, _, _, _ in budget.calls for _, k in d)  # longer drafts were asked for
-    assert all(base >= n >= len(d) for d, base, _, n in budget.calls)
-    assert max(drafts) == 2 and outs[0].usage.accepted_draft_tokens > 0
+    drafted = [p for p in plans if any(s.num_draft for s in p.seqs)]
+    assert len(drafted) == len(budget.calls)  # (every draft r0 was offered fits its pages)
+    for plan, (asked, base, _, num_decoding) in zip(drafted, budget.calls):
+        assert base == plan.num_tokens - sum(s.num_draft for s in plan.seqs) and num_decoding == 2
+        assert [s.num_draft for s in plan.seqs if s.num_draft] == [min(k, 2) for _, k in asked]
+    assert outs[0].usage.accepted_draft_tokens > 0

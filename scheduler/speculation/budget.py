@@ -43,6 +43,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import math
 import statistics
 from collections.abc import Sequence
 
@@ -60,7 +61,7 @@ class BudgetConfig:
     probe_every: int = 16
     """A request denied drafts gets a one-token probe after this many steps."""
     min_steps: int = 8
-    """Steps (with at least two token counts) before the cost model is trusted; until then drafts are allowed."""
+    """Steps (with at least three token counts) before the cost model is trusted; until then drafts are allowed."""
     arm_samples: int = 4
     """Steps each way (drafting mode, plain) is chosen for in its first run per batch-size class
     (cut short by give_up) before their throughputs are compared."""
@@ -111,6 +112,7 @@ class CostAwareBudget:
         self._held_from: int | None = None  # drafted steps seen when unfitted drafts were first held at 1
         self._requests: dict[str, list[float]] = {}  # id -> [accepted, rejections, steps since a draft]
         self._pool = [1.0, 1.0]  # accepted, rejections over every request (a uniform prior)
+        self._probing: set[str] = set()  # requests limit() last gave a probe (fit_to_buckets keeps it)
 
     @classmethod
     def from_config(cls, spec) -> "CostAwareBudget":
@@ -223,6 +225,7 @@ class CostAwareBudget:
 
     def finish(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
+        self._probing.discard(request_id)
 
     # -- the decision ----------------------------------------------------------------------
 
@@ -235,27 +238,37 @@ class CostAwareBudget:
                        num_decoding: int) -> list[int]:
         """Draft lengths for a step padded to the next of `buckets` (DraftBudget.fit_to_buckets):
         of the bucket sizes from the one base_tokens needs up to the one every draft needs, the
-        one whose draft tokens that fit, the most likely accepted first (position i of a
-        request's draft is accepted with alpha^(i + 1)), expect the most accepted tokens less
-        the bucket's rows at the line's price (tau a row, as in limit). A CPU pads a step of 9
-        tokens to 16 rows, each costing about what a token does: the ninth token of a batch-1
-        draft costs 7 padded rows for its alpha^8. Without a cost line, the drafts as they are."""
+        one whose draft tokens that fit, the most valuable first (draft_value), are worth the
+        most less the bucket's rows at the line's price (tau a row, as in limit); ties go to
+        the smaller bucket and, among tokens, to requests earlier in the plan. A CPU pads a
+        step of 9 tokens to 16 rows: the ninth token of a batch-1 draft costs 7 padded rows for
+        its alpha^8. A probe (limit's one token for a request denied drafts) is always kept.
+        Without a cost line, the drafts as they are."""
         lengths = [k for _, k in drafts]
         fit = self.cost_model(up_to=self.decision_range(num_decoding))
         if fit is None or not drafts:
             return lengths
         tau = _tau(fit, num_decoding)
-        ranked = sorted(((self.alpha(rid) ** (i + 1), -i, n) for n, (rid, k) in enumerate(drafts) for i in range(k)),
-                        reverse=True)
-        gains = list(itertools.accumulate((v for v, _, _ in ranked), initial=0.0))
-        lowest = next(b for b in buckets if b >= base_tokens)
+        ranked = sorted(((self.draft_value(rid, i, num_decoding), -i, -n) for n, (rid, k) in enumerate(drafts)
+                         for i in range(k)), reverse=True)
+        gains = list(itertools.accumulate((0.0 if v == math.inf else v for v, _, _ in ranked), initial=0.0))
+        probes = sum(v == math.inf for v, _, _ in ranked)  # first in the ranking, and in every size
+        lowest = next(b for b in buckets if b >= base_tokens + probes)
         sizes = [b for b in buckets if lowest <= b and b - base_tokens < len(ranked)]
         sizes.append(next(b for b in buckets if b >= base_tokens + len(ranked)))
         best = max(sizes, key=lambda b: gains[min(b - base_tokens, len(ranked))] - tau * b)
         kept = [0] * len(drafts)
         for _, _, n in ranked[:best - base_tokens]:
-            kept[n] += 1
+            kept[-n] += 1
         return kept
+
+    def draft_value(self, request_id: str, position: int, num_decoding: int) -> float:
+        """What the draft token at `position` (0: the first) of a request's draft is worth, in
+        output tokens of the step's batch (fit_to_buckets): its chance of being accepted,
+        alpha^(position + 1); a probe's token is kept whatever it costs (infinite)."""
+        if position == 0 and request_id in self._probing:
+            return math.inf
+        return self.alpha(request_id) ** (position + 1)
 
     def limit(self, request_id: str, num_decoding: int, max_draft_tokens: int) -> int:
         fit = self._decision_fit(num_decoding, max_draft_tokens)
@@ -274,16 +287,19 @@ class CostAwareBudget:
             st[2] += 1
             if st[2] >= self.config.probe_every:  # text may have turned predictable
                 st[2] = 0
+                self._probing.add(request_id)
                 return 1
         else:
             st[2] = 0
+        self._probing.discard(request_id)
         return k
 
 
 _MIN_COUNTS = 3
 """Distinct token counts a line needs: with two, one count's own cost sets the slope (on a CPU a
-step of 2 tokens costs more than one of 4, its 2-row matmuls being slow ones), with three the
-median of the pairwise slopes outvotes it."""
+step of 2 tokens costs 1.5x one of 1 token and more than one of 3, its 2-row matmuls taking a
+slower path), with more the median of the pairwise slopes outvotes one odd count (with
+exactly three, only a middle one: the slope is then that between the outer two)."""
 
 
 def _tau(fit: tuple[float, float], num_decoding: int) -> float:

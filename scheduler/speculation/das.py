@@ -35,6 +35,9 @@ E(k) = (1 - alpha^(k+1)) / (1 - alpha) tokens of that request.
   (L cancels). Where c_base dominates, as on a GPU at small and medium batch, this keeps drafts
   long even at modest alpha; on a CPU, where c_tok is most of a step, it keeps them short.
 
+A step's drafts are then fitted to the runner's token buckets as CostAwareBudget does, a long
+request's tokens valued B times a medium one's (each accepted one saves the batch a step).
+
 Length classes: a request's expected length is the larger of its problem's median rollout
 length (over the window; the median over all problems when it has none) and its output so
 far. It is long at or above the `long_quantile` of recent rollout lengths over all problems,
@@ -271,6 +274,14 @@ class LengthAwareBudget(CostAwareBudget):
         """None: the length classes already keep drafts to the requests that set the makespan
         (by expected length, where the lead limit has only tokens left to max_tokens)."""
         return None
+
+    def draft_value(self, request_id: str, position: int, num_decoding: int) -> float:
+        """In fitting a step to its token bucket (CostAwareBudget.fit_to_buckets): a long
+        request's accepted draft token shortens the makespan by one step of the whole batch,
+        so it is worth num_decoding medium ones (a medium request's token is a 1/B share of a
+        step, as the throughput rule prices it)."""
+        value = super().draft_value(request_id, position, num_decoding)
+        return value * max(1, num_decoding) if self.length_class(request_id) == LONG else value
 
     def limit(self, request_id: str, num_decoding: int, max_draft_tokens: int) -> int:
         if request_id not in self.drafter:
