@@ -116,18 +116,27 @@ def test_a_slow_outlier_step_does_not_stop_drafts():
     assert b.limit("new", 1, 8) > 0
 
 
+BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def _cpu_line():
+    """A budget whose cost line is this CPU's, roughly: 33.6 ms + 3.6 ms a token."""
+    b = CostAwareBudget(BudgetConfig(min_steps=4))
+    for tokens in (1, 3, 5, 9, 16, 24) * 2:
+        b.observe_step(tokens, 0.0336 + 0.0036 * tokens)
+    return b
+
+
 def test_drafts_are_fitted_to_the_token_buckets_a_step_is_padded_to():
     """A CPU-like line (33.6 ms + 3.6 ms a token: tau 0.1 at batch 1, 0.46 at batch 8). At batch 1
     an 8-token draft makes 9 tokens, padded to 16: a likely request's ninth token (0.9^8) is not
     worth 7 padded rows, so 7 are kept, a near-certain one's is; a coin-flip request keeps what
     fits 4 rows. At batch 8 the one token that would take 16 tokens to 32 is dropped, the others
     kept. Without a line, or where the drafts fit their bucket, nothing changes."""
-    buckets = (1, 2, 4, 8, 16, 32, 64)
+    buckets = BUCKETS
     unfitted = CostAwareBudget()
     assert unfitted.fit_to_buckets([("a", 8)], 1, buckets, 1) == [8]
-    b = CostAwareBudget(BudgetConfig(min_steps=4))
-    for tokens in (1, 3, 5, 9, 16, 24) * 2:
-        b.observe_step(tokens, 0.0336 + 0.0036 * tokens)
+    b = _cpu_line()
     for _ in range(50):
         b.observe_verify("sure", 9, False)
         b.observe_verify("likely", 9, True)
@@ -150,10 +159,8 @@ def test_a_probe_survives_the_fit_to_the_buckets():
     """A request denied drafts gets a one-token probe now and then (limit); the probe is kept
     although its one token takes the step past a bucket (its acceptance is how the budget
     learns whether the text turned predictable), and the other drafts are fitted as before."""
-    buckets = (1, 2, 4, 8, 16, 32, 64)
-    b = CostAwareBudget(BudgetConfig(min_steps=4))
-    for tokens in (1, 3, 5, 9, 16, 24) * 2:
-        b.observe_step(tokens, 0.0336 + 0.0036 * tokens)
+    buckets = BUCKETS
+    b = _cpu_line()
     for _ in range(20):
         b.observe_verify("bad", 0, True)
         b.observe_verify("likely", 9, True)
