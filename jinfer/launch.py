@@ -116,14 +116,22 @@ def define_config_flag(default_file: str):
 
 def parse_flags(argv):
     """absl flags_parser for tools with a --config flag: a bad override (unknown field, wrong
-    type) exits with one line naming it instead of a traceback."""
+    type) or a config file that cannot be loaded exits with one line naming it instead of a
+    traceback."""
     from absl import flags
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
     except flags.Error as e:
         sys.exit(f"error: {e}\nPass --helpfull to see the flags.")
     except (AttributeError, KeyError) as e:
         sys.exit(_bad_override(e, argv))
+    if "config" in flags.FLAGS:  # a config file that cannot be loaded fails only when first read
+        try:
+            flags.FLAGS.config.keys()
+        except OSError as e:
+            sys.exit(f"error: --config={flags.FLAGS['config'].config_filename}: cannot load it "
+                     f"({str(e).strip().splitlines()[-1].strip()})")
+    return rest
 
 
 def load_tokenizer(spec: ModelSpec):

@@ -124,6 +124,7 @@ def test_unknown_fields_and_sections_are_named():
     ("--config.cache.bogus=1", "unknown config field"),
     ("--config.cache.page_size=0", "config.cache: page_size=0 must be > 0"),
     ("--config.cache.page_size=abc", "invalid literal"),
+    ("--config=configs/no_such_config.py", "--config=configs/no_such_config.py: cannot load it"),
 ])
 def test_launch_server_rejects_bad_overrides_in_one_line(override, message):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "launch_server.py"), override],
