@@ -108,7 +108,7 @@ def test_fitting_a_step_to_its_bucket_values_a_long_requests_tokens_by_the_batch
         budget.observe_verify("b", 1, True)
         budget.observe_verify("c1", 1, True)
     assert budget.length_class("b") == LONG and budget.length_class("c1") == MEDIUM
-    assert 0.45 < budget.alpha("b") < 0.55 and budget.draft_value("b", 0, 4) == pytest.approx(4 * budget.alpha("b"))
+    assert 0.45 < budget.alpha("b") < 0.55 and budget.draft_values("b", 1, 4) == pytest.approx([4 * budget.alpha("b")])
     drafts = [("c1", 1), ("c2", 1), ("b", 3), ("c3", 1)]
     assert budget.fit_to_buckets(drafts, 4, (1, 2, 4, 8, 16), 4) == [1, 1, 2, 0]
     plain = CostAwareBudget()

@@ -238,7 +238,7 @@ class CostAwareBudget:
                        num_decoding: int) -> list[int]:
         """Draft lengths for a step padded to the next of `buckets` (DraftBudget.fit_to_buckets):
         of the bucket sizes from the one base_tokens needs up to the one every draft needs, the
-        one whose draft tokens that fit, the most valuable first (draft_value), are worth the
+        one whose draft tokens that fit, the most valuable first (draft_values), are worth the
         most less the bucket's rows at the line's price (tau a row, as in limit); ties go to
         the smaller bucket and, among tokens, to requests earlier in the plan. A CPU pads a
         step of 9 tokens to 16 rows: the ninth token of a batch-1 draft costs 7 padded rows for
@@ -249,8 +249,8 @@ class CostAwareBudget:
         if fit is None or not drafts:
             return lengths
         tau = _tau(fit, num_decoding)
-        ranked = sorted(((self.draft_value(rid, i, num_decoding), -i, -n) for n, (rid, k) in enumerate(drafts)
-                         for i in range(k)), reverse=True)
+        ranked = sorted(((v, -i, -n) for n, (rid, k) in enumerate(drafts)
+                         for i, v in enumerate(self.draft_values(rid, k, num_decoding))), reverse=True)
         gains = list(itertools.accumulate((0.0 if v == math.inf else v for v, _, _ in ranked), initial=0.0))
         probes = sum(v == math.inf for v, _, _ in ranked)  # first in the ranking, and in every size
         lowest = next(b for b in buckets if b >= base_tokens + probes)
@@ -262,13 +262,15 @@ class CostAwareBudget:
             kept[-n] += 1
         return kept
 
-    def draft_value(self, request_id: str, position: int, num_decoding: int) -> float:
-        """What the draft token at `position` (0: the first) of a request's draft is worth, in
-        output tokens of the step's batch (fit_to_buckets): its chance of being accepted,
-        alpha^(position + 1); a probe's token is kept whatever it costs (infinite)."""
-        if position == 0 and request_id in self._probing:
-            return math.inf
-        return self.alpha(request_id) ** (position + 1)
+    def draft_values(self, request_id: str, length: int, num_decoding: int) -> list[float]:
+        """What each token of a request's draft of `length` tokens is worth, in output tokens
+        of the step's batch (fit_to_buckets): position i's chance of being accepted,
+        alpha^(i + 1); a probe's token is kept whatever it costs (infinite)."""
+        alpha = self.alpha(request_id)
+        values = [alpha ** (i + 1) for i in range(length)]
+        if values and request_id in self._probing:
+            values[0] = math.inf
+        return values
 
     def limit(self, request_id: str, num_decoding: int, max_draft_tokens: int) -> int:
         fit = self._decision_fit(num_decoding, max_draft_tokens)

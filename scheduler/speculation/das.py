@@ -53,7 +53,7 @@ import statistics
 from typing import Callable, Hashable, Sequence
 
 from jinfer.config import SpeculationConfig
-from scheduler.speculation.budget import BudgetConfig, CostAwareBudget
+from scheduler.speculation.budget import BudgetConfig, CostAwareBudget, _tau
 from scheduler.speculation.drafters import SuffixConfig, SuffixDrafter, _SuffixRequest, _unknown
 from scheduler.speculation.suffix_tree import SuffixTree
 from scheduler.speculation.tail_matcher import TailMatcher
@@ -213,8 +213,7 @@ def makespan_draft_len(alpha: float, c_base: float, c_tok: float, batch: int, ma
 
 def throughput_draft_len(alpha: float, c_base: float, c_tok: float, batch: int, max_draft_tokens: int) -> int:
     """The medium class's draft length: the largest k with alpha^k >= c_tok * B / t(B)."""
-    step = c_base + c_tok * batch
-    tau = c_tok * batch / step if step > 0 else 1.0
+    tau = _tau((c_base, c_tok), batch)
     k, p = 0, 1.0
     while k < max_draft_tokens:
         p *= alpha
@@ -275,13 +274,15 @@ class LengthAwareBudget(CostAwareBudget):
         (by expected length, where the lead limit has only tokens left to max_tokens)."""
         return None
 
-    def draft_value(self, request_id: str, position: int, num_decoding: int) -> float:
+    def draft_values(self, request_id: str, length: int, num_decoding: int) -> list[float]:
         """In fitting a step to its token bucket (CostAwareBudget.fit_to_buckets): a long
         request's accepted draft token shortens the makespan by one step of the whole batch,
         so it is worth num_decoding medium ones (a medium request's token is a 1/B share of a
         step, as the throughput rule prices it)."""
-        value = super().draft_value(request_id, position, num_decoding)
-        return value * max(1, num_decoding) if self.length_class(request_id) == LONG else value
+        values = super().draft_values(request_id, length, num_decoding)
+        if values and self.length_class(request_id) == LONG:
+            values = [v * max(1, num_decoding) for v in values]
+        return values
 
     def limit(self, request_id: str, num_decoding: int, max_draft_tokens: int) -> int:
         if request_id not in self.drafter:
