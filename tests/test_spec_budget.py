@@ -171,6 +171,39 @@ def test_a_probe_survives_the_fit_to_the_buckets():
     assert b.limit("bad", 8, 8) == 0 and b.fit_to_buckets([("bad", 1)], 8, buckets, 8) == [0]  # not a probe now
 
 
+def test_the_fit_prices_each_step_shape_at_its_measured_cost():
+    """This CPU's batch-1 steps (pipelined): plain 34.8 ms; with drafts of 1 / 2 / 4 / 8 tokens
+    (padded to 2 / 4 / 8 / 16 rows) 51.8 / 41.9 / 49.2 / 61.8 ms. The line through them prices a
+    2-row step about 1.1x a plain one; measured it is 1.5x, so a request accepting a third of
+    its drafts drops a 1-token draft (worth 0.33 of a token, costing half a step), keeps one of
+    3 tokens (4 rows: 7 ms more for 0.48 of a token), and one accepting 0.6 keeps its 1 token.
+    A shape seen fewer than three times is priced by the line."""
+    b = CostAwareBudget(BudgetConfig(min_steps=4))
+    shapes = {(1, False): 0.0348, (2, True): 0.0518, (3, True): 0.0419, (5, True): 0.0492, (9, True): 0.0618}
+    for (tokens, drafted), seconds in list(shapes.items()) * 3:
+        b.observe_step(tokens, seconds, tokens, drafted, num_decoding=1, pipelined=True)
+    costs = b.step_costs(BUCKETS)
+    assert costs == {(1, False): 0.0348, (2, True): 0.0518, (4, True): 0.0419, (8, True): 0.0492, (16, True): 0.0618}
+    c_base, c_tok = b.cost_model(up_to=b.decision_range(1))
+    assert c_base + 2 * c_tok < 1.25 * 0.0348  # the line's 2-row step
+    for _ in range(30):
+        b.observe_verify("third", 1, True)
+        b.observe_verify("third", 0, True)
+        b.observe_verify("most", 3, True)
+        b.observe_verify("most", 0, True)
+    assert 0.3 < b.alpha("third") < 0.36 and 0.55 < b.alpha("most") < 0.65
+    assert b.fit_to_buckets([("third", 1)], 1, BUCKETS, 1) == [0]
+    assert b.fit_to_buckets([("third", 3)], 1, BUCKETS, 1) == [3]
+    assert b.fit_to_buckets([("most", 1)], 1, BUCKETS, 1) == [1]
+    line = CostAwareBudget(BudgetConfig(min_steps=4))  # the same steps, twice each: the line alone
+    for (tokens, drafted), seconds in list(shapes.items()) * 2:
+        line.observe_step(tokens, seconds, tokens, drafted, num_decoding=1, pipelined=True)
+    for _ in range(30):
+        line.observe_verify("third", 1, True)
+        line.observe_verify("third", 0, True)
+    assert line.step_costs(BUCKETS) == {} and line.fit_to_buckets([("third", 1)], 1, BUCKETS, 1) == [1]
+
+
 def test_tree_walks_that_reach_a_leaf_count_as_accepted():
     b = _calibrated()
     for _ in range(20):

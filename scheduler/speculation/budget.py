@@ -35,7 +35,8 @@ draft tokens can cost several plain steps). alpha is estimated per request (acce
 the drafter predicts keeps long drafts and one it does not stops drafting, probing with one
 token now and then in case its text turns repetitive. A step's drafts, once chosen, are fitted
 to the runner's token buckets (fit_to_buckets): the token that takes a step past a bucket
-costs that bucket's padding.
+costs that bucket's padding, priced at the measured median of steps of that shape where enough
+were seen (step_costs; on a CPU a step's cost is not a line in its rows), else by the line.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ class CostAwareBudget:
             self._drafted_steps += 1
             self._drafted_kinds.append(pipelined)
         if drafted or pipelined is not None:  # cost samples: drafted steps, and others where timed
-            self._samples[pipelined].append((num_tokens, seconds))
+            self._samples[pipelined].append((num_tokens, seconds, drafted))
             self._fits.clear()  # (fitted again only when a limit is asked for)
             self._chosen.clear()
         # the ways are the modes: without drafts in flight, a step in drafting mode without a
@@ -154,7 +155,7 @@ class CostAwareBudget:
         steps, more than the half of them accepted saved, before its line was fitted), for up to
         2 * min_steps drafted steps; steps too noisy for a line by then double again."""
         up_to = self.decision_range(num_decoding)
-        in_range = ([t for t, _ in samples if t <= up_to] for samples in self._samples.values())
+        in_range = ([t for t, *_ in samples if t <= up_to] for samples in self._samples.values())
         if any(_spread_for_a_line(counts, _min_span(up_to)) for counts in in_range):
             if self._held_from is None:
                 self._held_from = self._drafted_steps
@@ -172,10 +173,26 @@ class CostAwareBudget:
         than three token counts, or a line through zero or below at no tokens, whose tau would be 1). Kept
         until the next sample."""
         if up_to not in self._chosen:
-            kinds = sorted(self._samples, key=lambda k: (-self._drafted_kinds.count(k), k is not True))
-            self._chosen[up_to] = next((fit for kind in kinds if (fit := self._fit_of(kind, up_to)) is not None),
+            self._chosen[up_to] = next((fit for kind in self._kinds() if (fit := self._fit_of(kind, up_to)) is not None),
                                        None)
         return self._chosen[up_to]
+
+    def _kinds(self) -> list[bool | None]:
+        """The timing kinds, that of most recent drafted steps first (pipelined before any)."""
+        return sorted(self._samples, key=lambda k: (-self._drafted_kinds.count(k), k is not True))
+
+    def step_costs(self, buckets: Sequence[int]) -> dict[tuple[int, bool], float]:
+        """Measured seconds of a step by (the token bucket it was padded to, whether it carried
+        drafts): the median of the recent steps of the timing kind most recent drafted steps
+        had, for each shape seen at least _MIN_SHAPE_STEPS times. On a CPU a step's cost is not
+        a line in its padded rows: a batch-1 step of 2 rows costs 1.5x one of 1 row and more than
+        one of 4 (its 2-row matmuls take a slower path); the drafts variant of a bucket samples
+        every row, the plain one a row per sequence."""
+        by_shape: dict[tuple[int, bool], list[float]] = collections.defaultdict(list)
+        for t, sec, drafted in self._samples[self._kinds()[0]]:
+            if t <= buckets[-1]:
+                by_shape[next(b for b in buckets if b >= t), drafted].append(sec)
+        return {shape: statistics.median(v) for shape, v in by_shape.items() if len(v) >= _MIN_SHAPE_STEPS}
 
     def _fit_of(self, kind: bool | None, up_to: int | None) -> tuple[float, float] | None:
         """The line through the steps of one timing kind of at most up_to tokens (cost_model),
@@ -186,10 +203,10 @@ class CostAwareBudget:
         key = (kind, up_to)
         if key not in self._fits:
             samples = self._samples[kind]
-            steps = [(t, sec) for t, sec in samples if up_to is None or t <= up_to]
+            steps = [(t, sec) for t, sec, _ in samples if up_to is None or t <= up_to]
             fit = _theil_sen(steps, self.config.min_steps, _min_span(up_to))
             if fit is None and up_to is not None:
-                wider = 2 * up_to if any(t > 2 * up_to for t, _ in samples) else None
+                wider = 2 * up_to if any(t > 2 * up_to for t, *_ in samples) else None
                 fit = self._fit_of(kind, wider)
             elif up_to is None:
                 fit = self._last_fit[kind] = fit or self._last_fit.get(kind)
@@ -239,16 +256,20 @@ class CostAwareBudget:
         """Draft lengths for a step padded to the next of `buckets` (DraftBudget.fit_to_buckets):
         of the bucket sizes from the one base_tokens needs up to the one every draft needs, the
         one whose draft tokens that fit, the most valuable first (draft_values), are worth the
-        most less the bucket's rows at the line's price (tau a row, as in limit); ties go to
-        the smaller bucket and, among tokens, to requests earlier in the plan. A CPU pads a
-        step of 9 tokens to 16 rows: the ninth token of a batch-1 draft costs 7 padded rows for
-        its alpha^8. A probe (limit's one token for a request denied drafts) is always kept.
-        Without a cost line, the drafts as they are."""
+        most less the step's cost at that size; ties go to the smaller bucket and, among tokens,
+        to requests earlier in the plan. A token is worth a plain step's time over its batch; a
+        step's cost is the measured median of its shape (step_costs: bucket, drafts or not)
+        where one was seen often enough, else the cost line's (the price of a row then tau, as
+        in limit). A CPU pads a step of 9 tokens to 16 rows: the ninth token of a batch-1 draft
+        costs 7 padded rows for its alpha^8; a 1-token draft at batch 1 takes a 2-row step that
+        costs half a plain step more there. A probe (limit's one token for a request denied
+        drafts) is always kept. Without a cost line, the drafts as they are."""
         lengths = [k for _, k in drafts]
         fit = self.cost_model(up_to=self.decision_range(num_decoding))
         if fit is None or not drafts:
             return lengths
-        tau = _tau(fit, num_decoding)
+        measured, (c_base, c_tok), batch = self.step_costs(buckets), fit, max(1, num_decoding)
+        worth = measured.get((next(b for b in buckets if b >= batch), False), c_base + c_tok * batch) / batch
         ranked = sorted(((v, -i, -n) for n, (rid, k) in enumerate(drafts)
                          for i, v in enumerate(self.draft_values(rid, k, num_decoding))), reverse=True)
         gains = list(itertools.accumulate((0.0 if v == math.inf else v for v, _, _ in ranked), initial=0.0))
@@ -256,7 +277,10 @@ class CostAwareBudget:
         lowest = next(b for b in buckets if b >= base_tokens + probes)
         sizes = [b for b in buckets if lowest <= b and b - base_tokens < len(ranked)]
         sizes.append(next(b for b in buckets if b >= base_tokens + len(ranked)))
-        best = max(sizes, key=lambda b: gains[min(b - base_tokens, len(ranked))] - tau * b)
+        def net(b: int) -> float:  # the seconds the kept tokens are worth, less the step's
+            n = min(b - base_tokens, len(ranked))
+            return gains[n] * worth - measured.get((b, n > 0), c_base + c_tok * b)
+        best = max(sizes, key=net)
         kept = [0] * len(drafts)
         for _, _, n in ranked[:best - base_tokens]:
             kept[-n] += 1
@@ -296,6 +320,9 @@ class CostAwareBudget:
         self._probing.discard(request_id)
         return k
 
+
+_MIN_SHAPE_STEPS = 3
+"""Steps of one shape (bucket, drafts or not) before its measured median prices it (step_costs)."""
 
 _MIN_COUNTS = 3
 """Distinct token counts a line needs: with two, one count's own cost sets the slope (on a CPU a
