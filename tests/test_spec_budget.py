@@ -181,9 +181,10 @@ def test_the_fit_prices_each_step_shape_at_its_measured_cost():
     b = CostAwareBudget(BudgetConfig(min_steps=4))
     shapes = {(1, False): 0.0348, (2, True): 0.0518, (3, True): 0.0419, (5, True): 0.0492, (9, True): 0.0618}
     for (tokens, drafted), seconds in list(shapes.items()) * 3:
-        b.observe_step(tokens, seconds, tokens, drafted, num_decoding=1, pipelined=True)
+        b.observe_step(tokens, seconds, tokens, drafted, num_decoding=1, decode_only=True, pipelined=True)
     costs = b.step_costs(BUCKETS)
-    assert costs == {(1, False): 0.0348, (2, True): 0.0518, (4, True): 0.0419, (8, True): 0.0492, (16, True): 0.0618}
+    assert costs == {(1, "decode"): 0.0348, (2, "drafts"): 0.0518, (4, "drafts"): 0.0419, (8, "drafts"): 0.0492,
+                     (16, "drafts"): 0.0618}
     c_base, c_tok = b.cost_model(up_to=b.decision_range(1))
     assert c_base + 2 * c_tok < 1.25 * 0.0348  # the line's 2-row step
     for _ in range(30):
@@ -197,11 +198,29 @@ def test_the_fit_prices_each_step_shape_at_its_measured_cost():
     assert b.fit_to_buckets([("most", 1)], 1, BUCKETS, 1) == [1]
     line = CostAwareBudget(BudgetConfig(min_steps=4))  # the same steps, twice each: the line alone
     for (tokens, drafted), seconds in list(shapes.items()) * 2:
-        line.observe_step(tokens, seconds, tokens, drafted, num_decoding=1, pipelined=True)
+        line.observe_step(tokens, seconds, tokens, drafted, num_decoding=1, decode_only=True, pipelined=True)
     for _ in range(30):
         line.observe_verify("third", 1, True)
         line.observe_verify("third", 0, True)
     assert line.step_costs(BUCKETS) == {} and line.fit_to_buckets([("third", 1)], 1, BUCKETS, 1) == [1]
+
+
+def test_a_draft_in_a_buckets_padding_can_still_be_dropped():
+    """Batch 3 pads to 4 rows, so a 1-token draft rides in the padding; where steps carrying
+    drafts measure dearer than plain decodes of that bucket (40 vs 48 ms here: the drafts
+    program), a token worth less than those 8 ms is dropped (a plain step is a candidate too),
+    a near-certain one kept."""
+    b = CostAwareBudget(BudgetConfig(min_steps=4))
+    for tokens, drafted, seconds in [(3, False, 0.040), (4, True, 0.048), (6, True, 0.060), (8, True, 0.062)] * 3:
+        b.observe_step(tokens, seconds, 3, drafted, num_decoding=3, decode_only=True, pipelined=True)
+    for _ in range(50):
+        b.observe_verify("sure", 9, False)
+        b.observe_verify("third", 1, True)
+        b.observe_verify("third", 0, True)
+    assert b.step_costs(BUCKETS)[4, "decode"] == 0.040 and b.step_costs(BUCKETS)[4, "drafts"] == 0.048
+    assert b.fit_to_buckets([("third", 1)], 3, BUCKETS, 3) == [0]
+    assert b.fit_to_buckets([("sure", 1)], 3, BUCKETS, 3) == [1]
+    assert b.fit_to_buckets([("sure", 1), ("third", 1)], 3, BUCKETS, 3) == [1, 0]  # 5 tokens: 8 rows, 62 ms
 
 
 def test_tree_walks_that_reach_a_leaf_count_as_accepted():

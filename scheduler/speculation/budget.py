@@ -104,7 +104,7 @@ class CostAwareBudget:
         # step; None: a caller that does not say, whose drafted steps alone are samples)
         self._samples = {kind: collections.deque(maxlen=config.window) for kind in (True, False, None)}
         self._fits: dict[tuple, tuple[float, float] | None] = {}  # (kind, up_to) -> fit, until any new sample
-        self._chosen: dict[int | None, tuple[float, float] | None] = {}  # up_to -> cost_model's, likewise
+        self._chosen: dict[int | None, tuple | None] = {}  # up_to -> cost_model's (kind, line), likewise
         self._last_fit: dict[bool | None, tuple[float, float] | None] = {}  # kind -> its whole window's last line
         self._longest_draft = 0  # the most draft tokens limit() was asked about for one request
         self._drafted_kinds: collections.deque = collections.deque(maxlen=config.window)  # recent drafted steps'
@@ -129,7 +129,7 @@ class CostAwareBudget:
             self._drafted_steps += 1
             self._drafted_kinds.append(pipelined)
         if drafted or pipelined is not None:  # cost samples: drafted steps, and others where timed
-            self._samples[pipelined].append((num_tokens, seconds, drafted))
+            self._samples[pipelined].append((num_tokens, seconds, _program(drafted, decode_only)))
             self._fits.clear()  # (fitted again only when a limit is asked for)
             self._chosen.clear()
         # the ways are the modes: without drafts in flight, a step in drafting mode without a
@@ -173,25 +173,27 @@ class CostAwareBudget:
         than three token counts, or a line through zero or below at no tokens, whose tau would be 1). Kept
         until the next sample."""
         if up_to not in self._chosen:
-            self._chosen[up_to] = next((fit for kind in self._kinds() if (fit := self._fit_of(kind, up_to)) is not None),
-                                       None)
-        return self._chosen[up_to]
+            self._chosen[up_to] = next(((kind, fit) for kind in self._kinds()
+                                        if (fit := self._fit_of(kind, up_to)) is not None), None)
+        chosen = self._chosen[up_to]
+        return None if chosen is None else chosen[1]
 
     def _kinds(self) -> list[bool | None]:
         """The timing kinds, that of most recent drafted steps first (pipelined before any)."""
         return sorted(self._samples, key=lambda k: (-self._drafted_kinds.count(k), k is not True))
 
-    def step_costs(self, buckets: Sequence[int]) -> dict[tuple[int, bool], float]:
-        """Measured seconds of a step by (the token bucket it was padded to, whether it carried
-        drafts): the median of the recent steps of the timing kind most recent drafted steps
-        had, for each shape seen at least _MIN_SHAPE_STEPS times. On a CPU a step's cost is not
-        a line in its padded rows: a batch-1 step of 2 rows costs 1.5x one of 1 row and more than
-        one of 4 (its 2-row matmuls take a slower path); the drafts variant of a bucket samples
-        every row, the plain one a row per sequence."""
-        by_shape: dict[tuple[int, bool], list[float]] = collections.defaultdict(list)
-        for t, sec, drafted in self._samples[self._kinds()[0]]:
+    def step_costs(self, buckets: Sequence[int], kind: bool | None = None) -> dict[tuple[int, str], float]:
+        """Measured seconds of a step by shape, (the token bucket it was padded to, its program:
+        "drafts" carried drafts, "decode" only decodes, "mixed" a prompt chunk too): the median
+        of the recent steps of one timing kind (default: the kind most recent drafted steps
+        had), for each shape seen at least _MIN_SHAPE_STEPS times. On a CPU a step's cost is not
+        a line in its padded rows: a batch-1 step of 2 rows costs 1.5x one of 1 row and more
+        than one of 4 (its 2-row matmuls take a slower path); on a GPU a decode-only step may
+        take the attention's decode path, and a drafts step the tree mask."""
+        by_shape: dict[tuple[int, str], list[float]] = collections.defaultdict(list)
+        for t, sec, program in self._samples[self._kinds()[0] if kind is None else kind]:
             if t <= buckets[-1]:
-                by_shape[next(b for b in buckets if b >= t), drafted].append(sec)
+                by_shape[next(b for b in buckets if b >= t), program].append(sec)
         return {shape: statistics.median(v) for shape, v in by_shape.items() if len(v) >= _MIN_SHAPE_STEPS}
 
     def _fit_of(self, kind: bool | None, up_to: int | None) -> tuple[float, float] | None:
@@ -258,31 +260,33 @@ class CostAwareBudget:
         one whose draft tokens that fit, the most valuable first (draft_values), are worth the
         most less the step's cost at that size; ties go to the smaller bucket and, among tokens,
         to requests earlier in the plan. A token is worth a plain step's time over its batch; a
-        step's cost is the measured median of its shape (step_costs: bucket, drafts or not)
-        where one was seen often enough, else the cost line's (the price of a row then tau, as
-        in limit). A CPU pads a step of 9 tokens to 16 rows: the ninth token of a batch-1 draft
-        costs 7 padded rows for its alpha^8; a 1-token draft at batch 1 takes a 2-row step that
+        step's cost is the measured median of its shape (step_costs: bucket, program) where
+        one was seen often enough, else the cost line's (both of the timing kind the line was
+        fitted to; with neither measured a row's price is tau, as in limit). Keeping no draft
+        at all (a plain step) is a candidate too, beside filling a bucket's padding. A CPU pads
+        a step of 9 tokens to 16 rows: the ninth token of a batch-1 draft costs 7 padded rows
+        for its alpha^8; a 1-token draft at batch 1 takes a 2-row step that
         costs half a plain step more there. A probe (limit's one token for a request denied
         drafts) is always kept. Without a cost line, the drafts as they are."""
-        lengths = [k for _, k in drafts]
-        fit = self.cost_model(up_to=self.decision_range(num_decoding))
-        if fit is None or not drafts:
+        lengths, up_to = [k for _, k in drafts], self.decision_range(num_decoding)
+        if self.cost_model(up_to) is None or not drafts:
             return lengths
-        measured, (c_base, c_tok), batch = self.step_costs(buckets), fit, max(1, num_decoding)
-        worth = measured.get((next(b for b in buckets if b >= batch), False), c_base + c_tok * batch) / batch
+        kind, (c_base, c_tok) = self._chosen[up_to]
+        measured, batch = self.step_costs(buckets, kind), max(1, num_decoding)
+        plain = "decode" if base_tokens <= num_decoding else "mixed"
+        cost = lambda b, n: measured.get((b, "drafts" if n else plain), c_base + c_tok * b)  # noqa: E731
+        worth = cost(next(b for b in buckets if b >= batch), 0) / batch  # a plain decode's seconds a token
         ranked = sorted(((v, -i, -n) for n, (rid, k) in enumerate(drafts)
                          for i, v in enumerate(self.draft_values(rid, k, num_decoding))), reverse=True)
         gains = list(itertools.accumulate((0.0 if v == math.inf else v for v, _, _ in ranked), initial=0.0))
         probes = sum(v == math.inf for v, _, _ in ranked)  # first in the ranking, and in every size
         lowest = next(b for b in buckets if b >= base_tokens + probes)
-        sizes = [b for b in buckets if lowest <= b and b - base_tokens < len(ranked)]
-        sizes.append(next(b for b in buckets if b >= base_tokens + len(ranked)))
-        def net(b: int) -> float:  # the seconds the kept tokens are worth, less the step's
-            n = min(b - base_tokens, len(ranked))
-            return gains[n] * worth - measured.get((b, n > 0), c_base + c_tok * b)
-        best = max(sizes, key=net)
+        sizes = [(lowest, probes)] + [(b, min(b - base_tokens, len(ranked))) for b in buckets
+                                      if lowest <= b and b - base_tokens < len(ranked)]
+        sizes.append((next(b for b in buckets if b >= base_tokens + len(ranked)), len(ranked)))
+        _, keep = max(sizes, key=lambda size: gains[size[1]] * worth - cost(*size))  # ties: the first
         kept = [0] * len(drafts)
-        for _, _, n in ranked[:best - base_tokens]:
+        for _, _, n in ranked[:keep]:
             kept[-n] += 1
         return kept
 
@@ -322,7 +326,12 @@ class CostAwareBudget:
 
 
 _MIN_SHAPE_STEPS = 3
-"""Steps of one shape (bucket, drafts or not) before its measured median prices it (step_costs)."""
+"""Steps of one shape (bucket, program) before its measured median prices it (step_costs)."""
+
+
+def _program(drafted: bool, decode_only: bool) -> str:
+    """The kind of program a step ran (step_costs): "drafts", "decode" or "mixed"."""
+    return "drafts" if drafted else "decode" if decode_only else "mixed"
 
 _MIN_COUNTS = 3
 """Distinct token counts a line needs: with two, one count's own cost sets the slope (on a CPU a
