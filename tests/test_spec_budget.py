@@ -176,8 +176,9 @@ def test_the_fit_prices_each_step_shape_at_its_measured_cost():
     (padded to 2 / 4 / 8 / 16 rows) 51.8 / 41.9 / 49.2 / 61.8 ms. The line through them prices a
     2-row step about 1.1x a plain one; measured it is 1.5x, so a request accepting a third of
     its drafts drops a 1-token draft (worth 0.33 of a token, costing half a step), keeps one of
-    3 tokens (4 rows: 7 ms more for 0.48 of a token), and one accepting 0.6 keeps its 1 token.
-    A shape seen fewer than three times is priced by the line."""
+    3 tokens (4 rows: 7 ms more for 0.48 of a token), and one accepting 0.6 keeps its 1 token;
+    the limits it grants grow to match. A shape seen fewer than three times is priced by the
+    line."""
     b = CostAwareBudget(BudgetConfig(min_steps=4))
     shapes = {(1, False): 0.0348, (2, True): 0.0518, (3, True): 0.0419, (5, True): 0.0492, (9, True): 0.0618}
     for (tokens, drafted), seconds in list(shapes.items()) * 3:
@@ -193,7 +194,11 @@ def test_the_fit_prices_each_step_shape_at_its_measured_cost():
         b.observe_verify("most", 3, True)
         b.observe_verify("most", 0, True)
     assert 0.3 < b.alpha("third") < 0.36 and 0.55 < b.alpha("most") < 0.65
+    assert b.limit("third", 1, 8) == 2 and b.limit("most", 1, 8) == 4  # the line's tau (about 0.1)
     assert b.fit_to_buckets([("third", 1)], 1, BUCKETS, 1) == [0]
+    # once steps are fitted to buckets, a limit is at least what the fit keeps of a full draft for
+    # the request alone: 3 tokens filling 4 rows, 7 filling 8
+    assert b.limit("third", 1, 8) == 3 and b.limit("most", 1, 8) == 7
     assert b.fit_to_buckets([("third", 3)], 1, BUCKETS, 1) == [3]
     assert b.fit_to_buckets([("most", 1)], 1, BUCKETS, 1) == [1]
     line = CostAwareBudget(BudgetConfig(min_steps=4))  # the same steps, twice each: the line alone

@@ -36,7 +36,8 @@ the drafter predicts keeps long drafts and one it does not stops drafting, probi
 token now and then in case its text turns repetitive. A step's drafts, once chosen, are fitted
 to the runner's token buckets (fit_to_buckets): the token that takes a step past a bucket
 costs that bucket's padding, priced at the measured median of steps of that shape where enough
-were seen (step_costs; on a CPU a step's cost is not a line in its rows), else by the line.
+were seen (step_costs; on a CPU a step's cost is not a line in its rows), else by the line. Once
+steps are fitted, a request's limit is at least what that fit keeps of a full draft for it alone.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class CostAwareBudget:
         # (token count, seconds) by timing kind (pipelined: one pipeline period; False: a whole
         # step; None: a caller that does not say, whose drafted steps alone are samples)
         self._samples = {kind: collections.deque(maxlen=config.window) for kind in (True, False, None)}
-        self._fits: dict[tuple, tuple[float, float] | None] = {}  # (kind, up_to) -> fit, until any new sample
+        self._fits: dict[tuple, object] = {}  # (kind, up_to) -> fit, and step_costs', until any new sample
         self._chosen: dict[int | None, tuple | None] = {}  # up_to -> cost_model's (kind, line), likewise
         self._last_fit: dict[bool | None, tuple[float, float] | None] = {}  # kind -> its whole window's last line
         self._longest_draft = 0  # the most draft tokens limit() was asked about for one request
@@ -114,6 +115,7 @@ class CostAwareBudget:
         self._requests: dict[str, list[float]] = {}  # id -> [accepted, rejections, steps since a draft]
         self._pool = [1.0, 1.0]  # accepted, rejections over every request (a uniform prior)
         self._probing: set[str] = set()  # requests limit() last gave a probe (fit_to_buckets keeps it)
+        self._buckets: tuple[int, ...] | None = None  # the token buckets fit_to_buckets was last asked about
 
     @classmethod
     def from_config(cls, spec) -> "CostAwareBudget":
@@ -190,11 +192,16 @@ class CostAwareBudget:
         a line in its padded rows: a batch-1 step of 2 rows costs 1.5x one of 1 row and more
         than one of 4 (its 2-row matmuls take a slower path); on a GPU a decode-only step may
         take the attention's decode path, and a drafts step the tree mask."""
-        by_shape: dict[tuple[int, str], list[float]] = collections.defaultdict(list)
-        for t, sec, program in self._samples[self._kinds()[0] if kind is None else kind]:
-            if t <= buckets[-1]:
-                by_shape[next(b for b in buckets if b >= t), program].append(sec)
-        return {shape: statistics.median(v) for shape, v in by_shape.items() if len(v) >= _MIN_SHAPE_STEPS}
+        kind = self._kinds()[0] if kind is None else kind
+        key = ("shapes", kind, tuple(buckets))  # (kept with the lines, until the next sample)
+        if key not in self._fits:
+            by_shape: dict[tuple[int, str], list[float]] = collections.defaultdict(list)
+            for t, sec, program in self._samples[kind]:
+                if t <= buckets[-1]:
+                    by_shape[next(b for b in buckets if b >= t), program].append(sec)
+            self._fits[key] = {shape: statistics.median(v) for shape, v in by_shape.items()
+                               if len(v) >= _MIN_SHAPE_STEPS}
+        return self._fits[key]
 
     def _fit_of(self, kind: bool | None, up_to: int | None) -> tuple[float, float] | None:
         """The line through the steps of one timing kind of at most up_to tokens (cost_model),
@@ -269,6 +276,7 @@ class CostAwareBudget:
         costs half a plain step more there. A probe (limit's one token for a request denied
         drafts) is always kept. Without a cost line, the drafts as they are."""
         lengths, up_to = [k for _, k in drafts], self.decision_range(num_decoding)
+        self._buckets = tuple(buckets)
         if self.cost_model(up_to) is None or not drafts:
             return lengths
         kind, (c_base, c_tok) = self._chosen[up_to]
@@ -301,6 +309,12 @@ class CostAwareBudget:
         return values
 
     def limit(self, request_id: str, num_decoding: int, max_draft_tokens: int) -> int:
+        """Draft tokens for a request (DraftBudget.limit): while alpha^j >= tau (module doc);
+        once the scheduler fits steps to token buckets (fit_to_buckets), at least what that fit
+        keeps of a full draft for this request alone, at the measured step costs (on a CPU a
+        batch-1 request accepting a third of its drafts: 3 tokens in a 4-row step, where the
+        line says 1, in a 2-row step that costs more than the 4-row one). The step's fit then
+        cuts every draft together. A request denied drafts gets a one-token probe now and then."""
         fit = self._decision_fit(num_decoding, max_draft_tokens)
         if fit is None:
             return self.unfitted_limit(max_draft_tokens, num_decoding)
@@ -312,6 +326,10 @@ class CostAwareBudget:
             if p < tau:
                 break
             k += 1
+        self._probing.discard(request_id)  # (a probe's value would keep a token in the fit below)
+        if self._buckets is not None and k < max_draft_tokens:  # the step's shapes, this request alone
+            k = max(k, self.fit_to_buckets([(request_id, max_draft_tokens)], max(1, num_decoding), self._buckets,
+                                           num_decoding)[0])
         st = self._requests.setdefault(request_id, [0.0, 0.0, 0.0])
         if k == 0:
             st[2] += 1
