@@ -169,6 +169,11 @@ def test_a_probe_survives_the_fit_to_the_buckets():
     assert b.fit_to_buckets([("bad", 1)], 8, buckets, 8) == [1]  # 9 tokens, padded to 16
     assert b.fit_to_buckets([("likely", 2), ("bad", 1)], 8, buckets, 8) == [2, 1]  # in the 16 rows the probe takes
     assert b.limit("bad", 8, 8) == 0 and b.fit_to_buckets([("bad", 1)], 8, buckets, 8) == [0]  # not a probe now
+    # at batch 5 a step has 3 free rows (8-row bucket): the fit alone would keep a token of any
+    # value there, but a request tau denies is not raised to it (the step's fit could cut it
+    # every step, and its probe would never come)
+    assert [b.limit("bad", 5, 8) for _ in range(15)] == [0] * 14 + [1]
+    assert b.fit_to_buckets([("bad", 3)], 5, buckets, 5) == [3]
 
 
 def test_the_fit_prices_each_step_shape_at_its_measured_cost():
@@ -225,7 +230,7 @@ def test_a_draft_in_a_buckets_padding_can_still_be_dropped():
     assert b.step_costs(BUCKETS)[4, "decode"] == 0.040 and b.step_costs(BUCKETS)[4, "drafts"] == 0.048
     assert b.fit_to_buckets([("third", 1)], 3, BUCKETS, 3) == [0]
     assert b.fit_to_buckets([("sure", 1)], 3, BUCKETS, 3) == [1]
-    assert b.fit_to_buckets([("sure", 1), ("third", 1)], 3, BUCKETS, 3) == [1, 0]  # 5 tokens: 8 rows, 62 ms
+    assert b.fit_to_buckets([("sure", 1), ("third", 1)], 3, BUCKETS, 3) == [1, 0]  # 5 tokens: 8 rows, 61 ms
 
 
 def test_tree_walks_that_reach_a_leaf_count_as_accepted():

@@ -201,7 +201,7 @@ class CostAwareBudget:
                     by_shape[next(b for b in buckets if b >= t), program].append(sec)
             self._fits[key] = {shape: statistics.median(v) for shape, v in by_shape.items()
                                if len(v) >= _MIN_SHAPE_STEPS}
-        return self._fits[key]
+        return dict(self._fits[key])
 
     def _fit_of(self, kind: bool | None, up_to: int | None) -> tuple[float, float] | None:
         """The line through the steps of one timing kind of at most up_to tokens (cost_model),
@@ -310,11 +310,13 @@ class CostAwareBudget:
 
     def limit(self, request_id: str, num_decoding: int, max_draft_tokens: int) -> int:
         """Draft tokens for a request (DraftBudget.limit): while alpha^j >= tau (module doc);
-        once the scheduler fits steps to token buckets (fit_to_buckets), at least what that fit
-        keeps of a full draft for this request alone, at the measured step costs (on a CPU a
-        batch-1 request accepting a third of its drafts: 3 tokens in a 4-row step, where the
-        line says 1, in a 2-row step that costs more than the 4-row one). The step's fit then
-        cuts every draft together. A request denied drafts gets a one-token probe now and then."""
+        where that grants any and the scheduler fits steps to token buckets (fit_to_buckets),
+        at least what that fit keeps of a full draft for this request alone, at the measured
+        step costs (on this CPU a batch-1 request accepting 0.3 of its drafts: 3 tokens in a
+        4-row step, where tau (0.1) grants 1, in a 2-row step dearer than the 4-row one). The
+        step's fit then cuts every draft together. A request tau denies (never raised: the
+        step's fit could cut it every step, and it would never be probed) gets a one-token
+        probe now and then. The alone-fit assumes a step of decodes only."""
         fit = self._decision_fit(num_decoding, max_draft_tokens)
         if fit is None:
             return self.unfitted_limit(max_draft_tokens, num_decoding)
@@ -327,7 +329,7 @@ class CostAwareBudget:
                 break
             k += 1
         self._probing.discard(request_id)  # (a probe's value would keep a token in the fit below)
-        if self._buckets is not None and k < max_draft_tokens:  # the step's shapes, this request alone
+        if self._buckets is not None and 0 < k < max_draft_tokens:  # the step's shapes, this request alone
             k = max(k, self.fit_to_buckets([(request_id, max_draft_tokens)], max(1, num_decoding), self._buckets,
                                            num_decoding)[0])
         st = self._requests.setdefault(request_id, [0.0, 0.0, 0.0])
