@@ -65,6 +65,22 @@ def test_the_cost_model_is_fitted_from_step_sizes_and_times():
     assert wide.unfitted_limit(8, 32) == 8  # batch 32's (288): 7 to 16 is too little; 3 drafted steps seen
 
 
+def test_unfitted_drafts_stay_within_twice_the_bucket_of_the_decodes():
+    """Once the scheduler fits steps to token buckets, the first 2 * min_steps drafted steps
+    without a line stay within max(4, twice the decodes' bucket) rows: batch 32 and 8 keep 1
+    token each (64 and 16 rows; the ramp's 2 each took a batch-32 step to 128 rows), batch 1
+    up to 3 (4 rows); after them the ramp runs on."""
+    b = CostAwareBudget()
+    assert b.fit_to_buckets([("r", 4)], 32, BUCKETS, 32) == [4]  # no line: as drafted (the buckets now known)
+    ramp = {1: [], 8: [], 32: []}
+    for _ in range(2 * b.config.min_steps):
+        for batch, limits in ramp.items():
+            limits.append(b.unfitted_limit(8, batch))
+        b.observe_step(60, 0.26, 32, True, num_decoding=32, decode_only=True, pipelined=True)  # one count: no line
+    assert ramp == {1: [1, 2] + [3] * 14, 8: [1] * 16, 32: [1] * 16}
+    assert b.unfitted_limit(8, 32) == 8
+
+
 def test_drafts_run_long_where_steps_are_fixed_cost_and_shrink_where_tokens_cost():
     b = _calibrated()
     for _ in range(20):  # a request whose drafts are mostly accepted: alpha ~ 0.9

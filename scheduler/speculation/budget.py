@@ -155,15 +155,25 @@ class CostAwareBudget:
         steps, of unknown cost, stay small. Once a kind has that spread and the line waits only
         for more steps, 1 (on a CPU a batch of 8 with 8 draft tokens each cost as much as 5 plain
         steps, more than the half of them accepted saved, before its line was fitted), for up to
-        2 * min_steps drafted steps; steps too noisy for a line by then double again."""
+        2 * min_steps drafted steps; steps too noisy for a line by then double again. For the
+        first 2 * min_steps drafted steps, once the token buckets are known (fit_to_buckets),
+        at most what keeps a step of num_decoding drafting requests within max(4, twice the
+        bucket of its decodes) rows: at batch 32 on a CPU, 2 tokens each took a step to 128
+        rows, 4.5 plain steps (a batch of as many requests as slots lost 13 % to such steps)."""
         up_to = self.decision_range(num_decoding)
         in_range = ([t for t, *_ in samples if t <= up_to] for samples in self._samples.values())
         if any(_spread_for_a_line(counts, _min_span(up_to)) for counts in in_range):
             if self._held_from is None:
                 self._held_from = self._drafted_steps
             held = self._drafted_steps - self._held_from - 2 * self.config.min_steps
-            return 1 if held < 0 else min(max_draft_tokens, 1 << min(held + 1, 16))
-        return min(max_draft_tokens, 1 << min(self._drafted_steps, 16))
+            limit = 1 if held < 0 else 1 << min(held + 1, 16)
+        else:
+            limit = 1 << min(self._drafted_steps, 16)
+        if self._buckets is not None and self._drafted_steps < 2 * self.config.min_steps:
+            batch = max(1, num_decoding)
+            rows = max(4, 2 * next((b for b in self._buckets if b >= batch), batch))
+            limit = min(limit, max(1, (rows - batch) // batch))
+        return min(max_draft_tokens, limit)
 
     def cost_model(self, up_to: int | None = None) -> tuple[float, float] | None:
         """(c_base, c_tok) in seconds: the line of the steps of the timing kind most recent
