@@ -159,7 +159,7 @@ class CostAwareBudget:
         first 2 * min_steps drafted steps, once the token buckets are known (fit_to_buckets),
         at most what keeps a step of num_decoding drafting requests within max(4, twice the
         bucket of its decodes) rows: at batch 32 on a CPU, 2 tokens each took a step to 128
-        rows, 4.5 plain steps (a batch of as many requests as slots lost 13 % to such steps)."""
+        rows, 4.5 plain steps (a batch of as many requests as slots ran 8-13 % slower for them)."""
         up_to = self.decision_range(num_decoding)
         in_range = ([t for t, *_ in samples if t <= up_to] for samples in self._samples.values())
         if any(_spread_for_a_line(counts, _min_span(up_to)) for counts in in_range):
