@@ -69,7 +69,8 @@ def test_unfitted_drafts_stay_within_twice_the_bucket_of_the_decodes():
     """Once the scheduler fits steps to token buckets, the first 2 * min_steps drafted steps
     without a line stay within max(4, twice the decodes' bucket) rows: batch 32 and 8 keep 1
     token each (64 and 16 rows; the ramp's 2 each took a batch-32 step to 128 rows), batch 1
-    up to 3 (4 rows); after them the ramp runs on."""
+    up to 3 (4 rows); after them the ramp resumes from 2. Capped steps of varied sizes still
+    give a line."""
     b = CostAwareBudget()
     assert b.fit_to_buckets([("r", 4)], 32, BUCKETS, 32) == [4]  # no line: as drafted (the buckets now known)
     ramp = {1: [], 8: [], 32: []}
@@ -78,7 +79,29 @@ def test_unfitted_drafts_stay_within_twice_the_bucket_of_the_decodes():
             limits.append(b.unfitted_limit(8, batch))
         b.observe_step(60, 0.26, 32, True, num_decoding=32, decode_only=True, pipelined=True)  # one count: no line
     assert ramp == {1: [1, 2] + [3] * 14, 8: [1] * 16, 32: [1] * 16}
-    assert b.unfitted_limit(8, 32) == 8
+    assert b.unfitted_limit(8, 32) == 2
+    b.observe_step(60, 0.26, 32, True, num_decoding=32, decode_only=True, pipelined=True)
+    assert b.unfitted_limit(8, 32) == 4
+    fresh = CostAwareBudget()
+    fresh.fit_to_buckets([("r", 1)], 32, BUCKETS, 32)
+    for tokens in (32,) * 4 + (60, 58, 62, 64, 56, 63):  # plain decodes, then capped drafted steps
+        assert fresh.cost_model(fresh.decision_range(32)) is not None or fresh.unfitted_limit(8, 32) == 1
+        fresh.observe_step(tokens, 0.13 + 0.0045 * (tokens - 32), 32, tokens > 32, num_decoding=32,
+                           decode_only=True, pipelined=True)
+    assert fresh.cost_model(fresh.decision_range(32)) is not None
+
+
+def test_a_line_through_a_cluster_of_close_token_counts_uses_only_pairs_far_enough_apart():
+    """A step log at batch 32 on this CPU: plain steps of 32 tokens (129-155 ms) and drafted ones
+    of 57-60 (236-275 ms). The slopes between 57, 58 and 60 are noise (12 ms a token) and were
+    half the pairs, so the median slope gave a base far below zero and no line; pairs closer
+    than the range's least span (16 tokens at batch 32) are left out: 4.3 ms a token."""
+    b = CostAwareBudget()
+    for tokens, seconds in [(32, .155), (32, .139), (32, .138), (32, .129), (60, .275), (58, .251), (57, .236),
+                            (57, .241)]:
+        b.observe_step(tokens, seconds, 32, tokens > 32, num_decoding=32, decode_only=True, pipelined=True)
+    c_base, c_tok = b.cost_model(b.decision_range(32))
+    assert c_tok == pytest.approx(0.0043, abs=0.0002) and c_base < 0.005
 
 
 def test_drafts_run_long_where_steps_are_fixed_cost_and_shrink_where_tokens_cost():

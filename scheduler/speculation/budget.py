@@ -37,7 +37,8 @@ token now and then in case its text turns repetitive. A step's drafts, once chos
 to the runner's token buckets (fit_to_buckets): the token that takes a step past a bucket
 costs that bucket's padding, priced at the measured median of steps of that shape where enough
 were seen (step_costs; on a CPU a step's cost is not a line in its rows), else by the line. Once
-steps are fitted, a request's limit is at least what that fit keeps of a full draft for it alone.
+steps are fitted, a request's limit is at least what that fit keeps of a full draft for it alone,
+and the first unfitted drafted steps stay within twice the bucket of their decodes (unfitted_limit).
 """
 
 from __future__ import annotations
@@ -151,25 +152,28 @@ class CostAwareBudget:
         timing kind within the decision's range (decision_range) have fewer than three token
         counts or counts close together (plain decodes of one batch), 1, then doubling with each
         drafted step seen (1, 2, 4, ...): a line, fitted within one kind, needs counts that
-        differ, and the first drafted
-        steps, of unknown cost, stay small. Once a kind has that spread and the line waits only
-        for more steps, 1 (on a CPU a batch of 8 with 8 draft tokens each cost as much as 5 plain
-        steps, more than the half of them accepted saved, before its line was fitted), for up to
-        2 * min_steps drafted steps; steps too noisy for a line by then double again. For the
-        first 2 * min_steps drafted steps, once the token buckets are known (fit_to_buckets),
-        at most what keeps a step of num_decoding drafting requests within max(4, twice the
-        bucket of its decodes) rows: at batch 32 on a CPU, 2 tokens each took a step to 128
-        rows, 4.5 plain steps (a batch of as many requests as slots ran 8-13 % slower for them)."""
+        differ, and the first drafted steps, of unknown cost, stay small. Once a kind has that
+        spread and the line waits only for more steps, 1 (on a CPU a batch of 8 with 8 draft
+        tokens each cost as much as 5 plain steps, more than the half of them accepted saved,
+        before its line was fitted), for up to 2 * min_steps drafted steps; steps too noisy for
+        a line by then double again. Once the token buckets are known (fit_to_buckets), the
+        first 2 * min_steps drafted steps also keep a step's decodes and drafts within max(4,
+        twice the bucket of its decodes) rows, and the ramp resumes from 2 after them: at batch
+        32 on a CPU, the ramp's 2 tokens each took steps to 128 rows, 4.5 plain steps (a batch
+        of as many requests as slots ran 8-13 % slower than without speculation)."""
         up_to = self.decision_range(num_decoding)
         in_range = ([t for t, *_ in samples if t <= up_to] for samples in self._samples.values())
+        capped = self._buckets is not None and self._drafted_steps < 2 * self.config.min_steps
         if any(_spread_for_a_line(counts, _min_span(up_to)) for counts in in_range):
             if self._held_from is None:
                 self._held_from = self._drafted_steps
             held = self._drafted_steps - self._held_from - 2 * self.config.min_steps
             limit = 1 if held < 0 else 1 << min(held + 1, 16)
-        else:
+        elif self._buckets is None or capped:
             limit = 1 << min(self._drafted_steps, 16)
-        if self._buckets is not None and self._drafted_steps < 2 * self.config.min_steps:
+        else:  # past the capped steps: the ramp from 2
+            limit = 1 << min(self._drafted_steps - 2 * self.config.min_steps + 1, 16)
+        if capped:
             batch = max(1, num_decoding)
             rows = max(4, 2 * next((b for b in self._buckets if b >= batch), batch))
             limit = min(limit, max(1, (rows - batch) // batch))
@@ -393,11 +397,12 @@ def _spread_for_a_line(counts: list[int], min_span: int) -> bool:
 
 def _theil_sen(steps: list[tuple[int, float]], min_steps: int, min_span: int) -> tuple[float, float] | None:
     """(base, slope) of the Theil-Sen line through (tokens, seconds) steps: the median of the
-    pairwise slopes between token counts (each count's median time), the base the median
-    intercept (0 at least). None with fewer than min_steps steps, fewer than three token counts
-    or counts spanning less than min_span (a few tokens apart, the noise of two steps' times is
-    the slope: _spread_for_a_line), or a base
-    clearly below zero (a noisy line: a base of 0 prices every token as all of a step)."""
+    pairwise slopes between token counts at least min_span apart (each count's median time;
+    closer, the noise of two steps' times is the slope: at batch 32 drafted steps of 56-60
+    tokens beside plain ones of 32 outvoted the line with their own slopes), the base the
+    median intercept (0 at least). None with fewer than min_steps steps, fewer than three token
+    counts or counts spanning less than min_span (_spread_for_a_line), or a base clearly below
+    zero (a noisy line: a base of 0 prices every token as all of a step)."""
     by_count: dict[int, list[float]] = collections.defaultdict(list)
     for t, sec in steps:
         by_count[t].append(sec)
@@ -405,6 +410,6 @@ def _theil_sen(steps: list[tuple[int, float]], min_steps: int, min_span: int) ->
     if len(steps) < min_steps or not _spread_for_a_line([t for t, _ in points], min_span):
         return None
     slope = max(0.0, statistics.median((y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(points)
-                                       for x2, y2 in points[i + 1:]))
+                                       for x2, y2 in points[i + 1:] if x2 - x1 >= min_span))
     base = statistics.median(y - slope * x for x, y in points)
     return None if base < -0.1 * statistics.median(y for _, y in points) else (max(0.0, base), slope)
