@@ -371,7 +371,8 @@ _MIN_COUNTS = 3
 """Distinct token counts a line needs: with two, one count's own cost sets the slope (on a CPU a
 step of 2 tokens costs 1.5x one of 1 token and more than one of 3, its 2-row matmuls taking a
 slower path), with more the median of the pairwise slopes outvotes one odd count (with
-exactly three, only a middle one: the slope is then that between the outer two)."""
+exactly three, only a middle one: the slope is then that between the outer two). Counts count
+only where they are min_span from another (_spread_for_a_line)."""
 
 
 def _tau(fit: tuple[float, float], num_decoding: int) -> float:
@@ -391,8 +392,11 @@ def _min_span(up_to: int | None) -> int:
 
 def _spread_for_a_line(counts: list[int], min_span: int) -> bool:
     """Whether steps of these token counts can give a line: at least _MIN_COUNTS distinct counts
-    spanning min_span or more."""
-    return len(set(counts)) >= _MIN_COUNTS and max(counts) - min(counts) >= min_span
+    each at least min_span from another (the pairs the line's slopes come from: _theil_sen)."""
+    if not counts:
+        return False
+    lo, hi = min(counts), max(counts)
+    return len({c for c in counts if c - lo >= min_span or hi - c >= min_span}) >= _MIN_COUNTS
 
 
 def _theil_sen(steps: list[tuple[int, float]], min_steps: int, min_span: int) -> tuple[float, float] | None:
