@@ -198,8 +198,9 @@ def test_drafts_are_fitted_to_the_token_buckets_a_step_is_padded_to():
 
 def test_a_probe_survives_the_fit_to_the_buckets():
     """A request denied drafts gets a one-token probe now and then (limit); the probe is kept
-    although its one token takes the step past a bucket (its acceptance is how the budget
-    learns whether the text turned predictable), and the other drafts are fitted as before."""
+    whatever it costs where it rides rows the step takes anyway (its acceptance is how the
+    budget learns whether the text turned predictable); where it would take the step to a
+    bucket of its own (batch 8: 9 tokens, 16 rows) it is worth its acceptance like any token."""
     buckets = BUCKETS
     b = _cpu_line()
     for _ in range(20):
@@ -207,8 +208,9 @@ def test_a_probe_survives_the_fit_to_the_buckets():
         b.observe_verify("likely", 9, True)
     limits = [b.limit("bad", 8, 8) for _ in range(16)]
     assert limits == [0] * 15 + [1]
-    assert b.fit_to_buckets([("bad", 1)], 8, buckets, 8) == [1]  # 9 tokens, padded to 16
-    assert b.fit_to_buckets([("likely", 2), ("bad", 1)], 8, buckets, 8) == [2, 1]  # in the 16 rows the probe takes
+    assert b.fit_to_buckets([("bad", 1)], 5, buckets, 5) == [1]  # 6 tokens in 8 rows: a free row
+    assert b.fit_to_buckets([("bad", 1)], 8, buckets, 8) == [0]  # 9 would take 16 rows for its ~0.05
+    assert b.fit_to_buckets([("likely", 7), ("bad", 1)], 8, buckets, 8) == [7, 1]  # in the 16 rows likely's take
     assert b.limit("bad", 8, 8) == 0 and b.fit_to_buckets([("bad", 1)], 8, buckets, 8) == [0]  # not a probe now
     # at batch 5 a step has 3 free rows (8-row bucket): the fit alone would keep a token of any
     # value there, but a request tau denies is not raised to it (the step's fit could cut it
