@@ -301,11 +301,14 @@ class CostAwareBudget:
         plain = "decode" if base_tokens <= num_decoding else "mixed"
         cost = lambda b, n: measured.get((b, "drafts" if n else plain), c_base + c_tok * b)  # noqa: E731
         worth = cost(next(b for b in buckets if b >= batch), 0) / batch  # a plain decode's seconds a token
-        ranked = sorted(((v, -i, -n) for n, (rid, k) in enumerate(drafts)
-                         for i, v in enumerate(self.draft_values(rid, k, num_decoding))), reverse=True)
-        free = next(b for b in buckets if b >= base_tokens) - base_tokens  # (probes rank first)
-        ranked = sorted(((self.alpha(drafts[-n][0]) if v == math.inf and j >= free else v, i, n)
-                         for j, (v, i, n) in enumerate(ranked)), reverse=True)
+        free = next(b for b in buckets if b >= base_tokens) - base_tokens  # rows a probe rides free
+        values = []
+        for n, (rid, k) in enumerate(drafts):  # (in plan order: free rows go to earlier probes)
+            for i, v in enumerate(self.draft_values(rid, k, num_decoding)):
+                if v == math.inf:
+                    v, free = (v, free - 1) if free > 0 else (self.alpha(rid), free)
+                values.append((v, -i, -n))
+        ranked = sorted(values, reverse=True)
         gains = list(itertools.accumulate((0.0 if v == math.inf else v for v, _, _ in ranked), initial=0.0))
         probes = sum(v == math.inf for v, _, _ in ranked)  # those in free rows: first, and in every size
         lowest = next(b for b in buckets if b >= base_tokens + probes)
