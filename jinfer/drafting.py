@@ -12,7 +12,9 @@ learns the shortfall when it reads N and takes it off num_computed_tokens. N+1 m
 draft of its own for such a request: the drafter is asked from the tokens read (it never sees
 a tentative one) for the continuation past N's draft and N's own sample, and only when its
 proposal begins with N's draft (else it expects N's to be cut short, and N+1's would not fit).
-Chains only: a step with a tree draft is settled before the next is planned.
+Trees too: N verifies a tree on the device and moves its accepted path's K/V to where plain
+decoding puts those tokens, so its shortfall is its tokens off that path; N+1's draft then
+assumes N's leading chain (its first child at each node) accepted, and may itself be a tree.
 """
 
 from __future__ import annotations
@@ -117,20 +119,24 @@ class Drafting:
         return draft if draft.tokens else NO_DRAFT
 
     def _draft_past_inflight(self, req: Request, room: int) -> Draft:
-        """A chain for a request whose step in flight has not been read: the drafter's proposal
-        from the tokens read, past the tokens that step verifies (its draft, if it has one) and
-        the one it samples; NO_DRAFT where the proposal does not begin with that step's draft
-        (the draft budget is asked only for a proposal that goes on past them)."""
-        inflight = req.tentative[-1] if req.tentative else ()
+        """A draft for a request whose step in flight has not been read: of the drafter's
+        proposal from the tokens read, what follows the tokens that step verifies (its draft's
+        leading chain, if it has a draft) and the one it samples (the proposal's guess);
+        NO_DRAFT where the proposal does not begin with that chain (the draft budget is asked
+        only for a proposal that goes on past them)."""
+        inflight = req.tentative[-1].first_chain().tokens if req.tentative else ()
         skip = len(inflight) + 1
         if room <= 0:
             return NO_DRAFT
-        tokens = self._call_drafter("propose", req.request_id, req.output_ids, room + skip).first_chain().tokens
-        if tokens[:len(inflight)] != tuple(inflight) or len(tokens) <= skip:
+        proposal = self._call_drafter("propose", req.request_id, req.output_ids, room + skip)
+        lead = proposal.first_chain().tokens
+        if lead[:len(inflight)] != inflight or len(lead) <= skip:
             return NO_DRAFT
         if self.budget is not None:
             room = self.budget.limit(req.request_id, self._num_decoding, room)
-        draft = Draft.chain(tokens[skip:skip + room])
+        draft = proposal.below(lead[:skip]).truncate(room)
+        if not self.trees and not draft.is_chain:
+            draft = draft.first_chain()
         return draft if draft.tokens else NO_DRAFT
 
     def _fit_to_buckets(self, base: int, drafted: list) -> list[int]:
@@ -153,7 +159,7 @@ class Drafting:
         """The planned decode `seq` with the draft after its token (its pages now cover it); the
         draft's tokens are the request's, tentatively, until the step is settled."""
         req.num_computed_tokens += len(draft)
-        req.tentative.append(draft.tokens)
+        req.tentative.append(draft)
         req.num_tentative += len(draft)
         return dataclasses.replace(seq, token_ids=seq.token_ids + draft.tokens, pages=tuple(req.pages),
                                    num_draft=len(draft), draft_parents=() if draft.is_chain else draft.parents)

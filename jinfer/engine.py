@@ -108,8 +108,7 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
         progress bar while warm-up compiles the step buckets. drafter: speculative decoding
         (jinfer.speculation) with drafts of up to max_spec_tokens tokens, trimmed by
         draft_budget when given (it hears every step's size and time); None: off. Steps that
-        carry chain drafts pipeline like plain ones (options.drafts_in_flight), those with tree
-        drafts run synchronously (the next plan needs their tokens). model may
+        carry drafts, chains or trees, pipeline like plain ones (options.drafts_in_flight). model may
         hold the weights' shapes only (one device): update_weights() then brings the arrays.
         pause_policy: what happens to the K/V of a request paused at one of its
         intercept_token_ids until resume() (jinfer.pausing; default: discarded into the prefix
@@ -329,9 +328,9 @@ class Engine(Postprocessing, Migrating, Resuming, WeightUpdating):
         """Schedules and dispatches one step; returns what the previous one (async) or this
         one (sync) produced.
 
-        With a drafter and async scheduling, steps carrying chain drafts pipeline as plain ones
-        do (options.drafts_in_flight; off: a step with drafts runs synchronously, and a step in
-        flight is settled before drafts resume); a step with a tree draft runs synchronously.
+        With a drafter and async scheduling, steps carrying drafts (chains or trees) pipeline as
+        plain ones do (options.drafts_in_flight; off: a step with drafts runs synchronously, and
+        a step in flight is settled before drafts resume).
         RuntimeError, and nothing changes, while an engine built on the weights' shapes awaits
         them (update_weights)."""
         if self.runner.awaiting_weights:

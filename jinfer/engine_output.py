@@ -39,9 +39,6 @@ class Postprocessing:
         rows = tokens.tolist()  # one conversion; each sequence's rows are a slice of it
         sampled = [rows[a:b] for a, b in zip(firsts[:-1], firsts[1:])]
         settled = self.scheduler.update(plan, reqs, sampled)
-        moves = [m for s in settled for m in s.moves]
-        self.runner.move_kv(moves)
-        compiled = None if compiled is None else compiled or (bool(moves) and self.runner.compiled_last)
         self._observe(plan, compiled, sum(len(s.tokens) for s in settled), drafting, pipelined)
         outputs = []
         for s in settled:

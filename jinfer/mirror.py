@@ -284,15 +284,6 @@ class MirroredRunner:
         self._mirror("dispatch", plan)
         return handle
 
-    def move_kv(self, moves) -> None:
-        if not moves:
-            return
-        try:
-            self._runner.move_kv(moves)
-        except BaseException:
-            _abandon("a K/V move failed on the leader")
-        self._mirror("move_kv", list(moves))
-
     def execute(self, plan):
         return self.fetch(self.dispatch(plan))
 

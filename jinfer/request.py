@@ -7,6 +7,7 @@ import enum
 
 from jinfer.config import Tier
 from jinfer.sampling_params import SamplingParams
+from jinfer.speculation import Draft
 
 
 class Status(enum.Enum):
@@ -31,8 +32,8 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose K/V sit in (or are being written to) its pages; with
     # drafts in flight, counting a step in flight's whole draft until that step is read
     num_pending: int = 0  # tokens sampled by dispatched steps whose ids the host has not read yet
-    tentative: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
-    """Draft tokens of dispatched steps not yet read, oldest first: planned as if all accepted
+    tentative: list[Draft] = dataclasses.field(default_factory=list)
+    """Drafts of dispatched steps not yet read, oldest first: their tokens planned as if all accepted
     (drafts in flight; Scheduler.drafts_in_flight), until the step that verifies them is settled."""
     num_tentative: int = 0  # tokens in `tentative`
     pages: list[int] = dataclasses.field(default_factory=list)

@@ -18,6 +18,7 @@ from flax import nnx
 
 from jinfer.attention import AttentionMetadata, tree_bits_from_parents
 from jinfer.config import CacheConfig, SchedulerConfig
+from jinfer.device_drafts import DraftRows, accepted_paths, move_paths
 from jinfer.errors import PlanRejected
 from jinfer.kv_cache import KVCache
 from jinfer.launching import Launching
@@ -142,7 +143,7 @@ class ModelRunner(Warmup, Launching):
         self._warm_stop, self._warm_go, self._warm_thread = threading.Event(), threading.Event(), None
         self.layout = layout
         max_rows = self._max_rows = max(self.rows(*self.bucket(t)) for t in self.token_buckets)
-        step = functools.partial(_step, self.graphdef, max_rows, self.max_spec_tokens > 0)
+        step = functools.partial(_step, self.graphdef, max_rows, self.max_spec_tokens)
         # The last dispatched step's sampled ids (on device) and which row each request got:
         # PENDING tokens in the next plan are read from here without a host round trip, with
         # the shortfall of each sequence's draft (drafts in flight: _step).
@@ -157,11 +158,10 @@ class ModelRunner(Warmup, Launching):
         self._compiled: dict[tuple[int, int, bool, bool], object] = {}
         self._warming: set = set()  # bucket keys a background warm-up has yet to compile
         self._prev_rows: dict[str, int] = {}
-        self._seen: set = set()  # bucket keys and K/V move sizes run since the last bind
+        self._seen: set = set()  # bucket keys run since the last bind
         self._first_use_compiles = 0  # programs compiled on a step's dispatch for the ProgramStore
         self.compiled_last = False
         kv_out = None if layout is None else jax.tree.map(lambda _: layout.kv_sharding, self.kv)
-        self._move = jax.jit(_move_kv, donate_argnums=(0,), out_shardings=kv_out)
         self._gather = jax.jit(_gather_pages, out_shardings=kv_out)
         self._scatter = jax.jit(_scatter_pages, donate_argnums=(0,), out_shardings=kv_out)
 
@@ -286,25 +286,30 @@ class ModelRunner(Warmup, Launching):
             src[:at] = seq_src[owner]
         offsets = [[0]] * n_seqs  # per sequence: each sampling row's output-index offset (draft depths)
         parents = [None] * n_seqs  # per sequence: None (causal), or its new tokens' parents (a tree draft)
+        # Sampling rows: each sequence's last token, and with a draft every draft position too
+        # (row j of a sequence samples its output token sample_index + j).
+        variant = self._drafts_variant(t, s, drafted)
+        r = self.rows(t, s, variant)
+        decode_only = self.decode_steps and plan.num_tokens == n_seqs > 0
+        trees = self.trees and variant and not decode_only  # the step may hold tree drafts
+        draft_rows = DraftRows.empty(r, trees) if variant else None
+        firsts = np.cumsum(1 + ndraft) - 1 - ndraft if drafted else None  # each sequence's first row
         for i, seq in enumerate(seqs):
             if not seq.num_draft:
                 continue
-            n, depths = len(seq.token_ids), list(range(1, seq.num_draft + 1))
+            n, k, depths = len(seq.token_ids), seq.num_draft, list(range(1, seq.num_draft + 1))
+            known = n - k
             if seq.draft_parents:  # a tree: RoPE positions by depth, attention to ancestors only
-                known = n - seq.num_draft
                 depths = Draft(seq.token_ids[known:], seq.draft_parents).depths()
                 pos[cu[i] + known:cu[i] + n] = seq.start_pos + known - 1 + np.array(depths)
                 parents[i] = list(range(-1, known - 1)) + [known - 1 if p < 0 else known + p
                                                            for p in seq.draft_parents]
             offsets[i] = [0] + depths
-        # Sampling rows: each sequence's last token, and with a draft every draft position too
-        # (row j of a sequence samples its output token sample_index + j).
-        variant = self._drafts_variant(t, s, drafted)
-        r = self.rows(t, s, variant)
+            if draft_rows is not None:
+                draft_rows.add(int(firsts[i]), known, seq.token_ids[known:], seq.draft_parents, depths)
         rows = [(seq, d) for seq, depths in zip(seqs, offsets) for d in depths]
         logits_idx = np.zeros(r, np.int32)
         row_seq = np.full(r, s, np.int32)  # each sampling row's sequence (padding: s)
-        row_next = np.full(r, -1, np.int32)  # the draft token a row's sample must equal to go on; -1: last
         if len(rows) == n_seqs:  # no drafts: one row per sequence, its last token
             logits_idx[:n_seqs] = last
             row_seq[:n_seqs] = np.arange(n_seqs)
@@ -312,15 +317,10 @@ class ModelRunner(Warmup, Launching):
             logits_idx[:len(rows)] = [cu[i + 1] - 1 - seq.num_draft + j
                                       for i, seq in enumerate(seqs) for j in range(1 + seq.num_draft)]
             row_seq[:len(rows)] = np.repeat(np.arange(n_seqs), 1 + ndraft)
-            row_next[:len(rows)] = [tok for seq in seqs
-                                    for tok in seq.token_ids[len(seq.token_ids) - seq.num_draft:] + (-1,)]
-        decode_only = self.decode_steps and plan.num_tokens == n_seqs > 0
-        tree_bits = None
-        if self.trees and variant and not decode_only:
-            tree_bits = tree_bits_from_parents(lens.tolist(), parents, t)
+        tree_bits = tree_bits_from_parents(lens.tolist(), parents, t) if trees else None
         md = AttentionMetadata(cu, kv_lens, table, np.array([n_seqs], np.int32), decode_only, tree_bits)
         samp = SamplingArrays.from_rows(rows, r)
-        return (t, s, decode_only, variant), (ids, src, pos, md, logits_idx, samp, row_seq, row_next)
+        return (t, s, decode_only, variant), (ids, src, pos, md, logits_idx, samp, row_seq, draft_rows)
 
     def dispatch(self, plan: StepPlan):
         """Enqueues the plan's step on the device and returns at once (JAX async dispatch).
@@ -356,24 +356,13 @@ class ModelRunner(Warmup, Launching):
                            for i, seq in enumerate(plan.seqs) if seq.sample}
         return tokens, logprobs, int(firsts[-1])
 
-    def move_kv(self, moves: list[tuple[int, int, int, int]]) -> None:
-        """Copies K/V rows (src page, src slot) -> (dst page, dst slot) in every layer, in order
-        (a tree draft's accepted path moves into place). No step may be in flight."""
-        if not moves:
-            return
-        size = 1 << (len(moves) - 1).bit_length()  # few padded sizes, few compilations
-        self.compiled_last |= ("move", size) not in self._seen
-        self._seen.add(("move", size))
-        arr = np.array(moves + [moves[-1]] * (size - len(moves)), np.int32).T
-        with self._mesh():
-            self.kv = self._move(self.kv, *arr)
-
     def execute(self, plan: StepPlan) -> tuple[np.ndarray, np.ndarray]:
         """dispatch + fetch."""
         return self.fetch(self.dispatch(plan))
 
 
-def _step(graphdef, max_rows, drafts, state, kv, prev, ids, src, pos, md, logits_idx, samp, row_seq, row_next):
+def _step(graphdef, max_rows, max_depth, state, kv, prev, ids, src, pos, md, logits_idx, samp, row_seq,
+          draft_rows):
     """One step: the forward pass over the plan's tokens and sampling at its rows.
 
     prev: the previous step's (fed ids, shortfalls) by row. A sequence whose PENDING token is
@@ -381,9 +370,11 @@ def _step(graphdef, max_rows, drafts, state, kv, prev, ids, src, pos, md, logits
     slots (kv_lens) and sampling indices move back by the row's shortfall (0 without a draft).
     Returns the sampled ids and logprobs by row, the pool, and this step's (fed ids,
     shortfalls): at each sequence's last row (where its whole draft is accepted), the sample
-    after its longest accepted prefix and the draft tokens not accepted (rows: row_seq,
-    row_next: the draft token each row's sample must equal for the chain to go on). drafts
-    (static): whether the runner's steps may carry drafts; without, every shortfall is 0."""
+    after its accepted path and the draft tokens not on it. draft_rows (a DraftRows; None: a
+    step without drafts) gives the drafts' trees (rows: row_seq): each is verified here as
+    jinfer.speculation.verify does on the host, and a tree's accepted path is moved to the K/V
+    slots plain decoding gives its tokens, so the next step may be planned before this one is
+    read (drafts in flight, chains and trees alike). max_depth (static): the longest draft."""
     prev_ids, prev_short = prev
     fed, at = src >= 0, jnp.maximum(src, 0)
     ids = jnp.where(fed & (ids < 0), prev_ids[at], ids)
@@ -395,13 +386,16 @@ def _step(graphdef, max_rows, drafts, state, kv, prev, ids, src, pos, md, logits
     logits, kv = nnx.merge(graphdef, state)(ids, pos - short, kv, md, logits_idx)
     tokens, logprobs = sample(logits, samp)
     pad = lambda x: jnp.pad(x, (0, max_rows - x.shape[0]))  # noqa: E731 - fixed shape: the next step reads them
-    if not drafts:
+    if draft_rows is None:
         return pad(tokens), pad(logprobs), kv, (pad(tokens), jnp.zeros(max_rows, jnp.int32))
-    rows, last = jnp.arange(tokens.shape[0]), row_next < 0
-    miss = jnp.where(last | (tokens != row_next), rows, tokens.shape[0])
-    taken = jax.ops.segment_min(miss, row_seq, num_segments=seq_short.shape[0] + 1)[row_seq]
-    fed_next = jnp.where(last, tokens[taken], tokens)
-    short_next = jnp.where(last, rows - taken, 0)
+    num_segments = seq_short.shape[0] + 1  # (padding rows: sequence s)
+    acc, deepest, shortfall = accepted_paths(tokens, row_seq, draft_rows, max_depth, num_segments)
+    if draft_rows.move is not None:
+        kv = move_paths(kv, md, row_seq, acc, draft_rows.move)
+    rows = jnp.arange(tokens.shape[0])
+    last = rows == jax.ops.segment_max(rows, row_seq, num_segments=num_segments)[row_seq]
+    fed_next = jnp.where(last, tokens[deepest[row_seq]], tokens)
+    short_next = jnp.where(last, shortfall[row_seq], 0)
     return pad(tokens), pad(logprobs), kv, (pad(fed_next), pad(short_next))
 
 
@@ -434,12 +428,3 @@ def _scatter_pages(kv: KVCache, data: KVCache, pages) -> KVCache:
     """A repeated page gets the same data again (read_pages pads by repeating the last)."""
     return KVCache(tuple(k.at[:, pages].set(d) for k, d in zip(kv.k, data.k)),
                    tuple(v.at[:, pages].set(d) for v, d in zip(kv.v, data.v)))
-
-
-def _move_kv(kv: KVCache, src_page, src_slot, dst_page, dst_slot) -> KVCache:
-    """i32[M] each; a repeated move is idempotent. All sources are read before any destination
-    is written: in order, no move reads a slot an earlier one wrote (an accepted path's later
-    sources lie past its earlier destinations), so this equals moving one by one."""
-    def move(pages):  # f[num_kv_heads, num_pages, page_size, head_dim]
-        return pages.at[:, dst_page, dst_slot].set(pages[:, src_page, src_slot])
-    return KVCache(tuple(move(k) for k in kv.k), tuple(move(v) for v in kv.v))

@@ -343,9 +343,8 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
 
     def read_first(self, seq: ScheduledSeq) -> bool:
         """Whether the step carrying seq must be read before the next is planned: it has a draft
-        the next plan cannot follow (a tree's, whose accepted path moves K/V; or any, without
-        drafts in flight)."""
-        return bool(seq.num_draft) and (bool(seq.draft_parents) or not self.drafts_in_flight)
+        and drafts are not in flight."""
+        return bool(seq.num_draft) and not self.drafts_in_flight
 
     def _fork_followers(self) -> None:
         """Samples n > 1: a request's followers join from the next step, once its shared prompt's

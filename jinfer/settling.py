@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from jinfer.request import Request, Status
-from jinfer.speculation import kv_moves, verify
+from jinfer.speculation import verify
 from jinfer.step_plan import ScheduledSeq, Settled, StepPlan
 
 _INTERCEPT = "intercept"  # a request's text found an intercept string: it pauses
@@ -33,7 +33,7 @@ class Settling:
         one token, or with a draft of k tokens k + 1 (after the last known token, then after
         each draft token). For every sequence that sampled, of a request not finished or
         aborted since the step was planned: verifies the draft (jinfer.speculation.verify:
-        the accepted tokens, the K/V moves a tree's path needs, the draft budget told),
+        the accepted tokens, the draft budget told; the step moved a tree's path into place),
         appends the tokens, shares the prompt's pages once its prefill is done, applies the
         finish rules (EOS / stop token ids, stop strings in the request's text, then length)
         and the pause rules (intercept token ids and strings); rejected draft positions are
@@ -61,13 +61,13 @@ class Settling:
                 continue
             rows = (rows,) if isinstance(rows, int) else tuple(rows)
             if repeats > 1:
-                new, rows, moves = rows, tuple(range(repeats)), ()
+                new, rows = rows, tuple(range(repeats))
                 appended, reason, pause = self._take_run(req, new)
                 req.num_computed_tokens += len(appended) - 1  # each later step wrote the K/V of the one before
                 extended = self.kv.extend(req, req.num_computed_tokens)
                 assert extended, f"{req.request_id}: no free pages for the K/V of its repeated steps"
             else:
-                new, rows, moves = self._verify(seq, req, rows)
+                new, rows = self._verify(seq, req, rows)
                 appended, reason, pause = self._take_tokens(req, new)
             if seq.num_draft:
                 self._settle_draft(seq, req, len(new), len(appended))
@@ -80,7 +80,7 @@ class Settling:
                 self.finish(req)
             elif pause:
                 self._pause(req)
-            settled.append(Settled(i, req, tuple(appended), reason, rows[:len(appended)], moves, pause))
+            settled.append(Settled(i, req, tuple(appended), reason, rows[:len(appended)], pause))
         return settled
 
     def _take_tokens(self, req: Request, new: Sequence[int]) -> tuple[list[int], str | None, bool]:
@@ -149,16 +149,15 @@ class Settling:
         req.num_spec_steps += 1
 
     def _verify(self, seq: ScheduledSeq, req: Request, sampled: tuple[int, ...]):
-        """(tokens the step gives the sequence, their sampled rows, K/V moves): its one sample,
+        """(tokens the step gives the sequence, their sampled rows): its one sample,
         or its draft verified against the samples (the draft budget hears how it went)."""
         k = seq.num_draft
         if not k:
-            return sampled[:1], (0,), ()
+            return sampled[:1], (0,)
         verdict = verify(seq.token_ids[-k:], seq.draft_parents or tuple(range(-1, k - 1)), sampled)
         if self.budget is not None:
             self.budget.observe_verify(req.request_id, len(verdict.path), verdict.stopped)
-        moves = kv_moves(verdict.path, seq.start_pos + len(seq.token_ids) - k, seq.pages, self.page_size)
-        return verdict.emitted, verdict.rows, tuple(moves)
+        return verdict.emitted, verdict.rows
 
     def finish_reason(self, req: Request, token: int | None = None) -> str | None:
         """"stop" if `token` ends the request (EOS unless ignored, or a stop token id), "length"

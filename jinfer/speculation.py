@@ -64,6 +64,24 @@ class Draft:
             path.append(child)
             node = child
 
+    def below(self, path: Sequence[int]) -> "Draft":
+        """The subtree under the node that `path`'s tokens reach from the root (at each node, its
+        first child with the next token), that node's children its roots; NO_DRAFT where the
+        path leaves the draft."""
+        node = -1
+        for token in path:
+            node = next((i for i in range(node + 1, len(self.tokens))
+                         if self.parents[i] == node and self.tokens[i] == token), None)
+            if node is None:
+                return NO_DRAFT
+        index, tokens, parents = {node: -1}, [], []
+        for i in range(node + 1, len(self.tokens)):
+            if self.parents[i] in index:
+                index[i] = len(tokens)
+                tokens.append(self.tokens[i])
+                parents.append(index[self.parents[i]])
+        return Draft(tuple(tokens), tuple(parents), self.score)
+
     def truncate(self, k: int) -> "Draft":
         """The first k tokens (a prefix in topological order is still a tree)."""
         return self if len(self.tokens) <= k else Draft(self.tokens[:k], self.parents[:k], self.score)
@@ -118,18 +136,6 @@ def verify(draft: Sequence[int], parents: Sequence[int], sampled: Sequence[int])
                    tuple(path), any(p == node for p in parents))
 
 
-def kv_moves(path: Sequence[int], first_slot: int, pages: Sequence[int], page_size: int) -> list[tuple]:
-    """The K/V copies (src page, slot, dst page, slot) that put a tree draft's accepted path in
-    place: draft token i was written at first_slot + i; the m-th accepted one belongs at
-    first_slot + m (a chain's path is its leading tokens: nothing moves)."""
-    moves = []
-    for m, i in enumerate(path):
-        if i != m:
-            src, dst = first_slot + i, first_slot + m
-            moves.append((pages[src // page_size], src % page_size, pages[dst // page_size], dst % page_size))
-    return moves
-
-
 class Drafter(Protocol):
     """Proposes drafts for requests and learns from what they generate.
 
@@ -148,7 +154,8 @@ class Drafter(Protocol):
         max_draft_tokens: the step's room for this draft (the scheduler passes >= 1), not the
         request's output cap (SamplingParams.max_tokens, already counted in that room). With
         drafts in flight (jinfer/drafting.py) it also covers a step in flight's draft and
-        sample, which the scheduler then skips: the room plus that draft's length plus one."""
+        sample, which the scheduler then skips: the room plus that draft's length plus one
+        (of a tree's, the scheduler follows its leading chain: jinfer/drafting.py)."""
 
     def observe(self, request_id: str, new_tokens: Sequence[int]) -> None:
         """Tokens appended to the request's output since the last call (accepted draft tokens

@@ -40,7 +40,6 @@ class Settled:
     tokens: tuple[int, ...]  # appended this step: one, or accepted draft tokens + the model's
     finish_reason: str | None  # "stop" | "length" | None: still running (or paused)
     rows: tuple[int, ...] = (0,)  # per appended token, its sampled row among the sequence's
-    moves: tuple = ()  # K/V copies (src page, slot, dst page, slot) a tree draft's path needs
     paused: bool = False  # it sampled an intercept token: paused, not finished
 
     @property

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from jinfer.attention import TREE_WORDS, AttentionMetadata
+from jinfer.device_drafts import DraftRows
 from jinfer.programs import ProgramKey, signature
 from jinfer.sampling import SamplingArrays
 
@@ -142,6 +143,6 @@ class Warmup:
                                np.zeros((s, self.pages_per_seq), np.int32), np.zeros(1, np.int32),
                                decode_only, tree_bits)
         r = self.rows(t, s, drafts)
+        draft_rows = DraftRows.empty(r, tree_bits is not None) if drafts else None
         return (np.zeros(t, np.int32), np.full(t, -1, np.int32), np.zeros(t, np.int32), md,
-                np.zeros(r, np.int32), SamplingArrays.from_rows([], r), np.full(r, s, np.int32),
-                np.full(r, -1, np.int32))
+                np.zeros(r, np.int32), SamplingArrays.from_rows([], r), np.full(r, s, np.int32), draft_rows)

@@ -1,15 +1,16 @@
-"""Drafts in flight: with async scheduling, a step carrying chain drafts pipelines like a plain
-one. The next step is planned as if the drafts are all accepted; where fewer are, the runner
-moves the request's positions, KV slots and sampling index back on the device. Tokens stay
-those of plain decoding (greedy and seeded sampling, under preemption), and the steps that
-relied on a draft in flight, accepted whole or cut short, do happen."""
+"""Drafts in flight: with async scheduling, a step carrying drafts (chains or trees) pipelines
+like a plain one. The next step is planned as if the drafts are all accepted; where fewer are,
+the runner moves the request's positions, KV slots and sampling index back on the device (and
+a tree's accepted path to the slots plain decoding gives it). Tokens stay those of plain
+decoding (greedy and seeded sampling, under preemption), and the steps that relied on a draft
+in flight, accepted whole or cut short, do happen."""
 
 import dataclasses
 import zlib
 
 import pytest
 
-from jinfer.speculation import NO_DRAFT, Draft
+from jinfer.speculation import NO_DRAFT, Draft, verify
 from jinfer.step_plan import PENDING
 from tests.test_speculation import GREEDY, PROMPTS, SAMPLED, OracleDrafter, _engine, _reference, _run
 from tests.test_speculation import model  # noqa: F401 - the fixture
@@ -34,9 +35,26 @@ class StableOracle(OracleDrafter):
         return Draft.chain(toks) if toks else NO_DRAFT
 
 
+class StableTreeOracle(StableOracle):
+    """StableOracle's chain (shorter by three), and under its first wrong token's parent a
+    branch of the right token and up to two more: verification then takes a later child, so
+    the accepted path's K/V must move."""
+
+    def propose(self, request_id, output_ids, max_draft_tokens):
+        chain = super().propose(request_id, output_ids, max(1, max_draft_tokens - 3)).tokens
+        right = self.reference.get(request_id, [])[len(output_ids):]
+        wrong = next((i for i, t in enumerate(chain) if t != right[i]), None)
+        if wrong is None:
+            return Draft.chain(chain) if chain else NO_DRAFT
+        branch = right[wrong:wrong + 3][:max_draft_tokens - len(chain)]
+        parents = list(range(-1, len(chain) - 1)) + [wrong - 1] + list(range(len(chain), len(chain) + len(branch) - 1))
+        return Draft(tuple(chain) + tuple(branch), tuple(parents[:len(chain) + len(branch)]))
+
+
 def _watch(engine):
     """Records, for every settled sequence with a draft, (its request's next step was already
-    planned, draft tokens, accepted), and counts plans with a draft after a PENDING token."""
+    planned, draft tokens, accepted, its accepted path left the leading chain: a tree's K/V
+    moved), and counts plans with a draft after a PENDING token."""
     seen = {"settled": [], "past_pending": 0}
     sched = engine.scheduler
     update, schedule = sched.update, sched.schedule
@@ -44,9 +62,12 @@ def _watch(engine):
     def watched_update(plan, reqs, sampled, **kw):
         before = [(req.num_pending > 1, req.num_accepted_tokens) for req in reqs]
         out = update(plan, reqs, sampled, **kw)
-        for seq, req, (ahead, acc) in zip(plan.seqs, reqs, before):
+        for seq, req, (ahead, acc), rows in zip(plan.seqs, reqs, before, sampled):
             if seq.num_draft:
-                seen["settled"].append((ahead, seq.num_draft, req.num_accepted_tokens - acc))
+                k = seq.num_draft
+                path = verify(seq.token_ids[-k:], seq.draft_parents or tuple(range(-1, k - 1)), rows).path
+                moved = path != tuple(range(len(path)))
+                seen["settled"].append((ahead, k, req.num_accepted_tokens - acc, moved))
         return out
 
     def watched_schedule(*a, **kw):
@@ -58,11 +79,13 @@ def _watch(engine):
     return seen
 
 
-@pytest.mark.parametrize("params, num_pages", [(SAMPLED, 128), (GREEDY, 10)], ids=["sampled", "preempting-greedy"])
-def test_drafted_steps_pipeline_and_keep_the_tokens(model, params, num_pages):  # noqa: F811
+@pytest.mark.parametrize("params, num_pages, oracle", [(SAMPLED, 128, StableOracle), (GREEDY, 10, StableOracle),
+                                                      (SAMPLED, 128, StableTreeOracle)],
+                         ids=["sampled", "preempting-greedy", "sampled-trees"])
+def test_drafted_steps_pipeline_and_keep_the_tokens(model, params, num_pages, oracle):  # noqa: F811
     params = dataclasses.replace(params, max_tokens=24)
     want, plain_steps, ref = _reference(model, params, num_pages=num_pages)
-    drafter = StableOracle(ref)
+    drafter = oracle(ref)
     engine = _engine(model, drafter, num_pages=num_pages)
     assert engine.scheduler.drafts_in_flight
     seen = _watch(engine)
@@ -76,8 +99,10 @@ def test_drafted_steps_pipeline_and_keep_the_tokens(model, params, num_pages):  
     # Steps were planned on drafts in flight: drafts past a PENDING token, and drafts whose
     # request's next step was planned before they were read, all accepted and cut short.
     assert seen["past_pending"] > 0
-    ahead = [(k, a) for planned, k, a in seen["settled"] if planned]
-    assert any(a == k for k, a in ahead) and any(a < k for k, a in ahead)
+    ahead = [(k, a, moved) for planned, k, a, moved in seen["settled"] if planned]
+    assert any(a == k for k, a, _ in ahead) and any(a < k for k, a, _ in ahead)
+    # Trees: paths through a later child (their K/V moved on the device) with the next step planned.
+    assert any(moved for _, _, moved in ahead) == (oracle is StableTreeOracle)
     load = engine.load()
     assert load.free_pages + load.cached_pages == load.num_pages
     for rid, (output, aborted) in drafter.finished.items():
@@ -93,7 +118,7 @@ def test_drafts_in_flight_off_reads_each_drafted_step_first(model):  # noqa: F81
     got, _ = _run(engine, PROMPTS, GREEDY)
     assert {(f"{rid}/{k}" if k else rid): o.token_ids for (rid, k), o in got.items()} == ref
     assert seen["past_pending"] == 0 and seen["settled"]
-    assert not any(planned for planned, _, _ in seen["settled"])
+    assert not any(planned for planned, _, _, _ in seen["settled"])
 
 
 class ContextOracle(StableOracle):

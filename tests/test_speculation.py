@@ -18,7 +18,7 @@ from jinfer.kv_cache import KVCache
 from jinfer.loader.hf import load_hf_model
 from jinfer.programs import ProgramStore
 from jinfer.sampling_params import SamplingParams
-from jinfer.speculation import NO_DRAFT, Draft, kv_moves, verify
+from jinfer.speculation import NO_DRAFT, Draft, verify
 from jinfer.tokenizer import Tokenizer
 from tests.model_forward import jit_forward
 
@@ -496,18 +496,65 @@ def test_the_budget_pipelines_plain_steps_when_drafts_do_not_pay(model):
     assert all(budget.pipelined[1:])  # each dispatched before the one ahead of it was read (a first, after idle, not)
 
 
-def test_verify_walks_a_tree_and_says_where_it_stopped_and_what_moves():
+def test_verify_walks_a_tree_and_says_where_it_stopped():
     """The one draft walk settling uses: a tree 5 -> {6 -> 8, 7 -> 9} (parents -1, 0, 0, 1, 2),
-    sampled rows after the root and after each draft token (row 1 + i); draft token i was
-    written at slot 6 + i of pages (0, 1, 2) of 4 slots."""
+    sampled rows after the root and after each draft token (row 1 + i)."""
     draft, parents = (5, 6, 7, 8, 9), (-1, 0, 0, 1, 2)
     v = verify(draft, parents, [5, 7, 4, 3, 4, 4])  # 5, then 7, then the model disagrees under 7
     assert v.path == (0, 2) and v.emitted == (5, 7, 3) and v.rows == (0, 1, 3) and v.stopped
-    assert kv_moves(v.path, 6, (0, 1, 2), 4) == [(2, 0, 1, 3)]  # draft 2 (slot 8) to the path's slot 7
     leaf = verify(draft, parents, [5, 6, 8, 4, 2, 4])  # 5, 6, 8: a leaf, then the model's own token
-    assert leaf.path == (0, 1, 3) and leaf.emitted == (5, 6, 8, 2) and leaf.rows == (0, 1, 2, 4)
-    assert not leaf.stopped and kv_moves(leaf.path, 6, (0, 1, 2), 4) == [(2, 1, 2, 0)]  # slot 9 -> 8
+    assert leaf.path == (0, 1, 3) and leaf.emitted == (5, 6, 8, 2) and leaf.rows == (0, 1, 2, 4) and not leaf.stopped
     none = verify(draft, parents, [1, 0, 0, 0, 0, 0])
     assert none.path == () and none.emitted == (1,) and none.rows == (0,) and none.stopped
     chain = verify((5, 6), (-1, 0), [5, 6, 7])
-    assert chain.emitted == (5, 6, 7) and not chain.stopped and kv_moves(chain.path, 0, (0,), 4) == []
+    assert chain.emitted == (5, 6, 7) and not chain.stopped
+
+
+@pytest.mark.parametrize("sampled", [[5, 7, 4, 3, 4, 4], [5, 6, 8, 4, 2, 4], [1, 0, 0, 0, 0, 0], [5, 6, 7, 7, 9, 9]])
+@pytest.mark.parametrize("tree", [True, False])
+def test_the_step_verifies_drafts_as_settling_does_and_moves_a_trees_path_into_place(sampled, tree):
+    """The device side of the walk above (jinfer/device_drafts.py, in each drafted step): the same path, its deepest
+    row and the tokens off it, and a tree's accepted path moved to the slots plain decoding
+    gives it. One sequence at slots 5.. of pages (2, 0, 3) of 4 slots: its last known token at
+    slot 5, draft token i at slot 6 + i; a second sequence with no draft after it."""
+    import jax.numpy as jnp
+
+    from jinfer.attention import AttentionMetadata
+    from jinfer.kv_cache import KVCache
+    from jinfer.device_drafts import DraftRows, accepted_paths, move_paths
+
+    draft, parents = (5, 6, 7, 8, 9), ((-1, 0, 0, 1, 2) if tree else (-1, 0, 1, 2, 3))
+    want = verify(draft, parents, sampled)
+    rows = DraftRows.empty(8, trees=True)
+    rows.add(0, 1, draft, parents if tree else (), Draft(draft, parents).depths())
+    row_seq = jnp.array([0] * 6 + [1, 2])
+    tokens = jnp.array(sampled + [0, 0])
+    acc, deepest, off_path = accepted_paths(tokens, row_seq, rows, 5, num_segments=3)
+    on_path = [0] + [1 + i for i in want.path]
+    assert [int(r) for r in jnp.flatnonzero(acc[:6])] == on_path
+    assert int(deepest[0]) == on_path[-1] and int(off_path[0]) == 5 - len(want.path) and int(off_path[1]) == 0
+    pool = jnp.arange(4 * 4, dtype=jnp.float32).reshape(1, 4, 4, 1)  # (page, slot) holds page * 4 + slot
+    table = jnp.array([[2, 0, 3], [1, 1, 1]])
+    md = AttentionMetadata(jnp.array([0, 6, 7]), jnp.array([11, 1]), table, jnp.array([2]))
+    moved = move_paths(KVCache((pool,), (pool + 100,)), md, row_seq, acc, jnp.asarray(rows.move))
+
+    def was(slot):  # the pool's value at the sequence's slot before the move
+        return float(table[0, slot // 4] * 4 + slot % 4)
+    expect = {6 + m: was(6 + i) for m, i in enumerate(want.path)}  # the m-th path token to slot 6 + m
+    for slot in range(12):
+        page, inner = int(table[0, slot // 4]), slot % 4
+        assert float(moved.k[0][0, page, inner, 0]) == expect.get(slot, was(slot))
+        assert float(moved.v[0][0, page, inner, 0]) == expect.get(slot, was(slot)) + 100
+    assert float(moved.k[0][0, 1].sum()) == float(pool[0, 1].sum())  # the other sequence's page: untouched
+
+
+def test_a_draft_below_a_path_is_the_subtree_under_it():
+    """Draft.below: what a draft past a step in flight keeps of a proposal (jinfer/drafting.py):
+    the tree 5 -> {6 -> {8, 10}, 7 -> 9} under the path (5, 6) is {8, 10}, under (5,) it is
+    6 -> {8, 10} beside 7 -> 9, re-indexed in order; a path that leaves the tree gives nothing."""
+    tree = Draft((5, 6, 7, 8, 9, 10), (-1, 0, 0, 1, 2, 1))
+    assert tree.below(()) == tree
+    assert tree.below((5,)) == Draft((6, 7, 8, 9, 10), (-1, -1, 0, 1, 0))
+    assert tree.below((5, 6)) == Draft((8, 10), (-1, -1))
+    assert tree.below((5, 7, 9)) == NO_DRAFT and tree.below((6,)) == NO_DRAFT and tree.below((5, 8)) == NO_DRAFT
+    assert Draft.chain((1, 2, 3)).below((1,)) == Draft.chain((2, 3))

@@ -422,7 +422,6 @@ def _bare_decode_rate(runner, batch: int, steps: int, prompt_len: int, read_back
     feed[:batch] = np.arange(batch)  # each row takes the id its sequence sampled last step
     row_seq = np.full(s, s, np.int32)
     row_seq[:batch] = np.arange(batch)
-    row_next = np.full(s, -1, np.int32)  # no drafts: every row is its sequence's last
     logits_idx = np.zeros(s, np.int32)
     logits_idx[:batch] = np.arange(batch)
     seq = ScheduledSeq("x", (0,), 0, (), True, SamplingParams(temperature=0), 0, 0, 0)
@@ -444,7 +443,7 @@ def _bare_decode_rate(runner, batch: int, steps: int, prompt_len: int, read_back
             kv_lens[:batch] = kv_len
             md = AttentionMetadata(cu, kv_lens, table, np.array([batch], np.int32), decode_only)
             tokens, logprobs, runner.kv, prev = fn(runner.state, runner.kv, prev, ids, feed, pos, md, logits_idx,
-                                                   samp, row_seq, row_next)
+                                                   samp, row_seq, None)  # (None: no drafts)
             if read_back == "launch":
                 tokens.copy_to_host_async()
                 logprobs.copy_to_host_async()

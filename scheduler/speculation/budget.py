@@ -17,9 +17,9 @@ c_base and c_tok are fitted online (a robust line through recent steps' token co
 each from the step before it being read; steps that compiled are not reported), so the budget
 follows the machine it runs on, CPU or GPU. The samples are every step whose timing the engine
 states, each of its timing kind: one pipeline period for a step dispatched before the step
-ahead of it was read (with drafts in flight, drafted chain steps too), its whole time for one
+ahead of it was read (with drafts in flight, drafted steps too), its whole time for one
 that was not (the first after the engine was idle or read a step out of band, one after a step
-read at once: a tree draft's, or any drafted one without drafts in flight); a caller that does
+read at once: any drafted one without drafts in flight); a caller that does
 not say has its drafted steps alone counted. The line is fitted to the kind most recent drafted
 steps had, and only through the steps of at most as many tokens as the decision's batch with
 full drafts (decision_range): on a GPU a step's cost is flat over that range and rises only
