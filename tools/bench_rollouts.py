@@ -112,8 +112,9 @@ def _histogram(lengths: list[int], width: int = 16, bar: int = 40) -> list[str]:
     return lines
 
 
-def _simulate(records_by_epoch: list[list], methods: list[str]) -> dict[str, list[float]]:
-    """Each method's makespan per epoch when the recorded rollouts replay in the simulator."""
+def _simulate(records_by_epoch: list[list], methods: list[str]) -> dict[str, tuple[list[float], object]]:
+    """Each method's (makespan per epoch, speculation counters: jinfer.step_plan.SpecStats) when
+    the recorded rollouts replay in the simulator."""
     from scheduler.simulation.workloads import WorkItem
     from scheduler.cost_model import analytic_7b_h100
     from scheduler.speculation.das import DasConfig, LengthAwareBudget, RolloutDrafter
@@ -142,12 +143,13 @@ def _simulate(records_by_epoch: list[list], methods: list[str]) -> dict[str, lis
     out = {}
     for method in methods:
         router = make_router("round-robin", 1, analytic_7b_h100(), rc.capacity_tokens)
-        res = Simulator(router, 1, analytic_7b_h100(), rc, speculation=speculation(method)).run(items)
+        sim = Simulator(router, 1, analytic_7b_h100(), rc, speculation=speculation(method))
+        res = sim.run(items)
         ends = collections.defaultdict(float)
         for rec in res.records:
             e = int(rec.arrival_s // gap)
             ends[e] = max(ends[e], rec.finish_s - e * gap)
-        out[method] = [ends[e] for e in range(len(records_by_epoch))]
+        out[method] = ([ends[e] for e in range(len(records_by_epoch))], sim.replicas[0].sched.spec)
     return out
 
 
@@ -289,12 +291,18 @@ def main(argv):
                       + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + "."]
     if FLAGS.simulate:
         sim = _simulate(recorded, methods)
+        out_tokens = sum(len(r.token_ids) for rollouts in recorded for r in rollouts)
         lines += ["", "The same recorded rollouts in the simulator, 7B-class model on one H100 (analytic cost "
-                      "model, scheduler/cost_model.py:analytic_7b_h100), makespan per epoch in simulated s:", "",
-                  "| method | total s | vs none | median epoch vs none |", "|---|---:|---:|---:|"]
+                      "model, scheduler/cost_model.py:analytic_7b_h100), makespan per epoch in simulated s; "
+                      "a draft token is accepted where it equals the recorded rollout's token:", "",
+                  "| method | total s | vs none | median epoch vs none | acceptance | accepted per verification "
+                  "| draft tokens per output token |", "|---|---:|---:|---:|---:|---:|---:|"]
         for m in methods:
-            ratio = statistics.median(a / b for a, b in zip(sim[m], sim["none"]) if b > 0)
-            lines.append(f"| {m} | {sum(sim[m]):.2f} | {sum(sim[m]) / sum(sim['none']):.2f} | {ratio:.2f} |")
+            (ends, spec), (base, _) = sim[m], sim["none"]
+            ratio = statistics.median(a / b for a, b in zip(ends, base) if b > 0)
+            lines.append(f"| {m} | {sum(ends):.2f} | {sum(ends) / sum(base):.2f} | {ratio:.2f} | "
+                         f"{spec.acceptance_rate:.2f} | {spec.mean_accepted:.2f} | "
+                         f"{spec.draft_tokens / max(out_tokens, 1):.2f} |")
     model_name = "the embedded test model" if FLAGS.model == "test" else "SmolLM2-135M-Instruct (f32)"
     trained = f"last {FLAGS.train_layers} layers + final norm trained" if FLAGS.train_layers else "all weights trained"
     lines += ["", f"Device: {jax.devices()[0].device_kind} ({jax.devices()[0].platform}), {os.cpu_count()} CPU "
