@@ -239,8 +239,9 @@ class EngineOptions:
     """Dispatch step N+1 before reading step N's tokens (host work overlaps the device's)."""
     drafts_in_flight: bool = True
     """With async scheduling and a drafter: plan step N+1 while step N runs also when N carries
-    chain drafts, counting them accepted; the runner corrects positions on the device where fewer
-    are (jinfer/drafting.py). False: a step with drafts is read before the next is planned."""
+    drafts (chains or trees), counting them accepted; the runner corrects positions on the device
+    where fewer are, and moves a tree's accepted path into place (jinfer/drafting.py). False: a
+    step with drafts is read before the next is planned."""
     launch_thread: bool = False
     """Launch each step from a worker thread (jinfer/launching.py), so that the launch's own host
     work (JAX's argument handling, XLA's kernel-by-kernel enqueue) overlaps the engine's Python

@@ -109,8 +109,8 @@ class Drafting:
                    self.cfg.max_model_len - len(req.prompt_ids) - out)
         if req.num_pending > 1:  # its step in flight: past that step's draft and sample
             return self._draft_past_inflight(req, room)
-        if room > 0 and self.budget is not None:
-            room = self.budget.limit(req.request_id, self._num_decoding, room)
+        if room > 0 and self.budget is not None:  # (never past max_spec_tokens: the step verifies that deep)
+            room = min(room, self.budget.limit(req.request_id, self._num_decoding, room))
         if room <= 0:
             return NO_DRAFT
         draft = self._call_drafter("propose", req.request_id, req.output_ids, room).truncate(room)
@@ -133,7 +133,7 @@ class Drafting:
         if lead[:len(inflight)] != inflight or len(lead) <= skip:
             return NO_DRAFT
         if self.budget is not None:
-            room = self.budget.limit(req.request_id, self._num_decoding, room)
+            room = min(room, self.budget.limit(req.request_id, self._num_decoding, room))
         draft = proposal.below(lead[:skip]).truncate(room)
         if not self.trees and not draft.is_chain:
             draft = draft.first_chain()

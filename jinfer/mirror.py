@@ -5,8 +5,8 @@ A multi-controller JAX program needs every process to launch the same device pro
 same order, on the same inputs. Scheduling is not deterministic across processes (requests
 arrive over the network, deadlines and budgets read the clock), so only the leader (process 0)
 runs the scheduler and the server. Its runner is a MirroredRunner: each call that launches
-device work (a step, a K/V move) is first sent to every follower, which makes the same call
-on its own runner (its own shard of the weights and of the KV pool) in `follow`. What a step
+device work (a step) is first sent to every follower, which makes the same call on its own
+runner (its own shard of the weights and of the KV pool) in `follow`. What a step
 needs from the scheduler travels as the StepPlan the runner sees anyway, so a follower's
 runner prepares the same arrays and picks the same program. Work that would move K/V through
 the host (swapping to the host tier, migration, resharding, new weights) gathers arrays no

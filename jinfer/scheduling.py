@@ -57,7 +57,7 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
         happens to the K/V of requests paused for a tool call (jinfer.pausing; default
         Discard), asked before every step; clock: the time base of their pauses. eos_ids: the
         tokens that end a request (unless its params ignore EOS). drafts_in_flight: a step may
-        be planned while the one before, carrying chain drafts, is not yet settled: the drafts
+        be planned while the one before, carrying drafts, is not yet settled: the drafts
         count as accepted (Request.tentative) and the runner corrects the positions on the
         device (jinfer/drafting.py); False: a step with drafts is settled before the next one
         is planned (the simulators, engines without async scheduling)."""
@@ -77,8 +77,8 @@ class Scheduler(Settling, Drafting, Migration, Pausing):
         self.closed_batch = False
         """No request will arrive until the running and waiting ones are done (Engine.generate
         sets it for its run): drafts keep to the budget's lead limit (Drafting._lead_rooms)."""
-        self._unsettled_draft = False  # a planned step carries drafts the next plan cannot follow (a
-        # tree's, or any without drafts_in_flight) and update has not seen it
+        self._unsettled_draft = False  # a planned step carries drafts the next plan cannot follow
+        # (any, without drafts_in_flight) and update has not seen it
         self._forked: list[tuple[Request, list[Request]]] = []  # the last plan's forks (unplan undoes them)
         self.spec = SpecStats()
         self.page_size = cache_cfg.page_size

@@ -54,8 +54,9 @@ class StableTreeOracle(StableOracle):
 def _watch(engine):
     """Records, for every settled sequence with a draft, (its request's next step was already
     planned, draft tokens, accepted, its accepted path left the leading chain: a tree's K/V
-    moved), and counts plans with a draft after a PENDING token."""
-    seen = {"settled": [], "past_pending": 0}
+    moved), and counts plans with a draft after a PENDING token (and of them, those past a tree
+    draft in flight)."""
+    seen = {"settled": [], "past_pending": 0, "past_tree": 0}
     sched = engine.scheduler
     update, schedule = sched.update, sched.schedule
 
@@ -72,7 +73,10 @@ def _watch(engine):
 
     def watched_schedule(*a, **kw):
         plan = schedule(*a, **kw)
-        seen["past_pending"] += sum(1 for s in plan.seqs if s.num_draft and s.token_ids[0] == PENDING)
+        running = {r.request_id: r for r in sched.running}
+        past = [running[s.request_id] for s in plan.seqs if s.num_draft and s.token_ids[0] == PENDING]
+        seen["past_pending"] += len(past)
+        seen["past_tree"] += sum(1 for r in past if len(r.tentative) > 1 and not r.tentative[-2].is_chain)
         return plan
 
     sched.update, sched.schedule = watched_update, watched_schedule
@@ -101,8 +105,10 @@ def test_drafted_steps_pipeline_and_keep_the_tokens(model, params, num_pages, or
     assert seen["past_pending"] > 0
     ahead = [(k, a, moved) for planned, k, a, moved in seen["settled"] if planned]
     assert any(a == k for k, a, _ in ahead) and any(a < k for k, a, _ in ahead)
-    # Trees: paths through a later child (their K/V moved on the device) with the next step planned.
+    # Trees: paths through a later child (their K/V moved on the device) with the next step
+    # planned, and drafts planned past a tree in flight.
     assert any(moved for _, _, moved in ahead) == (oracle is StableTreeOracle)
+    assert (seen["past_tree"] > 0) == (oracle is StableTreeOracle)
     load = engine.load()
     assert load.free_pages + load.cached_pages == load.num_pages
     for rid, (output, aborted) in drafter.finished.items():

@@ -510,7 +510,8 @@ def test_verify_walks_a_tree_and_says_where_it_stopped():
     assert chain.emitted == (5, 6, 7) and not chain.stopped
 
 
-@pytest.mark.parametrize("sampled", [[5, 7, 4, 3, 4, 4], [5, 6, 8, 4, 2, 4], [1, 0, 0, 0, 0, 0], [5, 6, 7, 7, 9, 9]])
+@pytest.mark.parametrize("sampled", [[5, 7, 4, 3, 4, 4], [5, 6, 8, 4, 2, 4], [1, 0, 0, 0, 0, 0], [5, 6, 7, 7, 9, 9],
+                                     [5, 7, 0, 9, 0, 0]])  # (the last: slot 8 is a destination and a later source)
 @pytest.mark.parametrize("tree", [True, False])
 def test_the_step_verifies_drafts_as_settling_does_and_moves_a_trees_path_into_place(sampled, tree):
     """The device side of the walk above (jinfer/device_drafts.py, in each drafted step): the same path, its deepest
