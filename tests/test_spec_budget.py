@@ -65,23 +65,6 @@ def test_the_cost_model_is_fitted_from_step_sizes_and_times():
     assert wide.unfitted_limit(8, 32) == 8  # batch 32's (288): 7 to 16 is too little; 3 drafted steps seen
 
 
-def test_a_step_after_one_drafted_without_a_line_is_plain_while_there_is_none():
-    """With steps pipelined, the step after an unfitted drafted one is planned before that one's
-    time is known: it drafts nothing until a line exists (then the ways decide as before)."""
-    b = CostAwareBudget()
-    for _ in range(50):  # the ways' run of plain steps comes first
-        if b.wants_drafts(32):
-            break
-    assert b.limit("r", 32, 8) == 1  # no line: the first drafted step, one token each
-    assert not b.wants_drafts(32)  # the next: plain
-    assert b.wants_drafts(32)  # then drafts again (the one before drafted nothing)
-    fitted, twin = _calibrated(), _calibrated()  # with a line: no such pause
-    assert fitted.cost_model(fitted.decision_range(4)) is not None
-    assert fitted.wants_drafts(4) == twin.wants_drafts(4)
-    fitted.limit("r", 4, 8)
-    assert [fitted.wants_drafts(4) for _ in range(3)] == [twin.wants_drafts(4) for _ in range(3)]
-
-
 def test_unfitted_drafts_stay_within_twice_the_bucket_of_the_decodes():
     """Once the scheduler fits steps to token buckets, the first 2 * min_steps drafted steps
     without a line stay within max(4, twice the decodes' bucket) rows: batch 32 and 8 keep 1

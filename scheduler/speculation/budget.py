@@ -117,7 +117,6 @@ class CostAwareBudget:
         self._pool = [1.0, 1.0]  # accepted, rejections over every request (a uniform prior)
         self._probing: set[str] = set()  # requests limit() last gave a probe (fit_to_buckets keeps it)
         self._buckets: tuple[int, ...] | None = None  # the token buckets fit_to_buckets was last asked about
-        self._exploring = False  # the step being planned has drafts unfitted_limit gave (no line yet)
 
     @classmethod
     def from_config(cls, spec) -> "CostAwareBudget":
@@ -145,14 +144,7 @@ class CostAwareBudget:
     def wants_drafts(self, num_decoding: int, *, prefilling: bool = False) -> bool:
         """Per batch-size class, the way (drafts or none) whose measured output tokens per
         second is higher (scheduler/speculation/ways.py). This catches costs the cost model
-        cannot see: the pipelining a step without drafts keeps, kernel shapes, host work. No
-        drafts in the step right after one drafted without a line (unfitted_limit) while there
-        is still none: with steps pipelined that step's time is not yet known when the next is
-        planned, and a line it would complete came a step too late (a batch of 32 on a CPU
-        drafted 4 dear steps at 64 rows where 2 gave the line, 7 % of a 32-token run)."""
-        explored, self._exploring = self._exploring, False
-        if explored and self.cost_model(up_to=self.decision_range(num_decoding)) is None:
-            return False
+        cannot see: the pipelining a step without drafts keeps, kernel shapes, host work."""
         return self.ways.choose(num_decoding, prefilling)
 
     def unfitted_limit(self, max_draft_tokens: int, num_decoding: int = 1) -> int:
@@ -185,9 +177,7 @@ class CostAwareBudget:
             batch = max(1, num_decoding)
             rows = max(4, 2 * next((b for b in self._buckets if b >= batch), batch))
             limit = min(limit, max(1, (rows - batch) // batch))
-        limit = min(max_draft_tokens, limit)
-        self._exploring |= limit > 0
-        return limit
+        return min(max_draft_tokens, limit)
 
     def cost_model(self, up_to: int | None = None) -> tuple[float, float] | None:
         """(c_base, c_tok) in seconds: the line of the steps of the timing kind most recent
