@@ -369,8 +369,9 @@ def _step(graphdef, max_rows, max_depth, state, kv, prev, ids, src, pos, md, log
     fed from row src was planned as if that row's draft is all accepted: its positions, KV
     slots (kv_lens) and sampling indices move back by the row's shortfall (0 without a draft).
     Returns the sampled ids and logprobs by row, the pool, and this step's (fed ids,
-    shortfalls): at each sequence's last row (where its whole draft is accepted), the sample
-    after its accepted path and the draft tokens not on it. draft_rows (a DraftRows; None: a
+    shortfalls) by row: at each sequence's rows, the sample after its accepted path and the
+    draft tokens not on it (the next step reads them at its last row, where its whole draft is
+    accepted). draft_rows (a DraftRows; None: a
     step without drafts) gives the drafts' trees (rows: row_seq): each is verified here as
     jinfer.speculation.verify does on the host, and a tree's accepted path is moved to the K/V
     slots plain decoding gives its tokens, so the next step may be planned before this one is
@@ -392,11 +393,8 @@ def _step(graphdef, max_rows, max_depth, state, kv, prev, ids, src, pos, md, log
     acc, deepest, shortfall = accepted_paths(tokens, row_seq, draft_rows, max_depth, num_segments)
     if draft_rows.move is not None:
         kv = move_paths(kv, md, row_seq, acc, draft_rows.move)
-    rows = jnp.arange(tokens.shape[0])
-    last = rows == jax.ops.segment_max(rows, row_seq, num_segments=num_segments)[row_seq]
-    fed_next = jnp.where(last, tokens[deepest[row_seq]], tokens)
-    short_next = jnp.where(last, shortfall[row_seq], 0)
-    return pad(tokens), pad(logprobs), kv, (pad(fed_next), pad(short_next))
+    # Every row of a sequence carries its values; the next step reads its last (dispatch: _prev_rows).
+    return pad(tokens), pad(logprobs), kv, (pad(tokens[deepest[row_seq]]), pad(shortfall[row_seq]))
 
 
 def _page_table(seqs, counts: np.ndarray, s: int, pages_per_seq: int) -> np.ndarray:
