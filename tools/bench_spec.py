@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
+import math
 import os
 import random
 import statistics
@@ -52,6 +53,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 FLAGS = flags.FLAGS
+METHODS = ("off", "never", "ngram", "suffix", "suffix_tree", "suffix_fixed")
 flags.DEFINE_string("out", "", "Write the Markdown report here (else stdout only).")
 flags.DEFINE_list("models", ["default", "random"], "default (the embedded 5.1M test model), smollm2 (the real "
                   "default model, SmolLM2-135M) and/or random (larger, random weights).")
@@ -64,7 +66,9 @@ flags.DEFINE_list("methods", ["off", "ngram", "suffix", "suffix_tree", "suffix_f
                   "with the suffix @sync (e.g. suffix@sync) runs with EngineOptions.drafts_in_flight off: "
                   "each step carrying drafts is read before the next is planned; with @closed (ngram, suffix, "
                   "suffix_tree) the engine runs the requests as a closed batch (as Engine.generate) once no "
-                  "request is left to add, with --max_lead as its budget's lead limit (docs/speculation.md).")
+                  "request is left to add, with --max_lead as its budget's lead limit (docs/speculation.md); "
+                  "with @f<factor> (suffix, suffix_tree; e.g. suffix@f4) the suffix drafter's max_spec_factor is "
+                  "<factor> instead of the launch config's (a match of m tokens drafts at most factor * m).")
 flags.DEFINE_integer("max_spec_tokens", 8, "Draft budget per request and step.", lower_bound=1)
 flags.DEFINE_integer("max_lead", 4, "The lead limit of methods with the suffix @closed (BudgetConfig.max_lead).",
                      lower_bound=0)
@@ -133,6 +137,7 @@ def _drafter(method: str):
 
     method, _, option = method.partition("@")  # (@sync: the engine's option, not the drafter's)
     budget = CostAwareBudget(BudgetConfig(max_lead=FLAGS.max_lead if option == "closed" else None))
+    factor = _factor(option)
     if method == "off":
         return None, None
     if method == "never":
@@ -140,10 +145,17 @@ def _drafter(method: str):
     if method == "ngram":
         return NgramDrafter(), budget
     if method in ("suffix", "suffix_tree"):
-        return SuffixDrafter(SuffixConfig(tree=method == "suffix_tree")), budget
+        return SuffixDrafter(SuffixConfig(tree=method == "suffix_tree", max_spec_factor=factor)), budget
     if method == "suffix_fixed":
         return SuffixDrafter(SuffixConfig()), None
     raise ValueError(f"unknown method {method!r}")
+
+
+def _factor(option: str) -> float:
+    """The suffix drafter's max_spec_factor a method's @f<factor> names (the launch config's without)."""
+    from jinfer.config import SpeculationConfig
+
+    return float(option[1:]) if option.startswith("f") else SpeculationConfig().suffix_max_spec_factor
 
 
 class _Never:
@@ -166,6 +178,21 @@ class _Never:
 
     def finish(self, request_id):
         pass
+
+
+def _valid_option(name: str, option: str) -> bool:
+    """Whether `name` is a method and its @ suffix one it takes (--methods)."""
+    if name not in METHODS:
+        return False
+    if option in ("", "sync"):
+        return True
+    if option == "closed":
+        return name in ("ngram", "suffix", "suffix_tree")
+    try:
+        factor = float(option[1:]) if option.startswith("f") else -1.0
+    except ValueError:
+        return False
+    return name in ("suffix", "suffix_tree") and math.isfinite(factor) and factor >= 0
 
 
 def _run(engine, requests, batch: int, closed: bool = False) -> dict:
@@ -235,6 +262,11 @@ def main(argv):
     if FLAGS.smoke:
         FLAGS.models, FLAGS.workloads, FLAGS.batches = ["default"], ["repeat", "fresh"], ["1", "4"]
         FLAGS.repeats, FLAGS.max_tokens, FLAGS.problems, FLAGS.rollouts = 1, 12, 2, 2
+    for method in FLAGS.methods:  # before anything is built
+        if not _valid_option(*method.partition("@")[::2]):
+            raise app.UsageError(f"--methods: {method!r}: the suffixes are @sync, @closed (only with ngram, suffix, "
+                                 "suffix_tree: the methods with an adaptive budget) and @f<factor> (only with "
+                                 "suffix, suffix_tree; a finite factor >= 0); the methods are " + ", ".join(METHODS))
     import jax
 
     from jinfer.config import CacheConfig, EngineOptions, SchedulerConfig
@@ -255,11 +287,7 @@ def main(argv):
         options = EngineOptions(async_scheduling=True, warmup=True,
                                 min_token_bucket=1 if model_name == "smollm2" else 16)
         for method in FLAGS.methods:
-            name, _, option = method.partition("@")
-            if option not in ("", "sync", "closed") or option == "closed" and name not in ("ngram", "suffix",
-                                                                                           "suffix_tree"):
-                raise app.UsageError(f"--methods: {method!r}: the suffixes are @sync and @closed (@closed only "
-                                     "with ngram, suffix, suffix_tree: the methods with an adaptive budget)")
+            option = method.partition("@")[2]
             engines[method] = Engine(
                 model, tok, CacheConfig(page_size=16, num_pages=1024),
                 SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=max(batches), max_model_len=1024),
