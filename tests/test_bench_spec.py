@@ -10,12 +10,16 @@ TOOL = os.path.join(ROOT, "tools", "bench_spec.py")
 
 
 def test_a_bad_method_is_refused_by_name_before_anything_is_built():
-    for bad in ("ngram@f4", "suffix@fx", "suffix@f-1", "suffix@finf", "off@closed", "bogus"):
+    for bad in ("ngram@f4", "suffix@fx", "suffix@f-1", "suffix@finf", "off@closed", "bogus", "suffix@f4@sync",
+                "suffix_fixed@f2", "never@closed"):
         res = subprocess.run([sys.executable, TOOL, f"--methods=off,{bad}"], capture_output=True, text=True,
                              timeout=120, cwd=ROOT)
         assert res.returncode != 0
         assert f"--methods: {bad!r}" in res.stderr, res.stderr[-2000:]
         assert "compiled" not in res.stderr  # refused before any engine warmed up
+    res = subprocess.run([sys.executable, TOOL, "--methods=suffix,ngram"], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert res.returncode != 0 and "off is missing" in res.stderr, res.stderr[-2000:]
 
 
 def test_a_factor_suffix_sets_the_suffix_drafters_cap_and_nothing_else():

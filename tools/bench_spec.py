@@ -68,7 +68,8 @@ flags.DEFINE_list("methods", ["off", "ngram", "suffix", "suffix_tree", "suffix_f
                   "suffix_tree) the engine runs the requests as a closed batch (as Engine.generate) once no "
                   "request is left to add, with --max_lead as its budget's lead limit (docs/speculation.md); "
                   "with @f<factor> (suffix, suffix_tree; e.g. suffix@f4) the suffix drafter's max_spec_factor is "
-                  "<factor> instead of the launch config's (a match of m tokens drafts at most factor * m).")
+                  "<factor> instead of the launch config's (a match of m tokens drafts at most factor * m). One "
+                  "suffix per method; off must be among the methods (the ratios are to it).")
 flags.DEFINE_integer("max_spec_tokens", 8, "Draft budget per request and step.", lower_bound=1)
 flags.DEFINE_integer("max_lead", 4, "The lead limit of methods with the suffix @closed (BudgetConfig.max_lead).",
                      lower_bound=0)
@@ -262,7 +263,9 @@ def main(argv):
     if FLAGS.smoke:
         FLAGS.models, FLAGS.workloads, FLAGS.batches = ["default"], ["repeat", "fresh"], ["1", "4"]
         FLAGS.repeats, FLAGS.max_tokens, FLAGS.problems, FLAGS.rollouts = 1, 12, 2, 2
-    for method in FLAGS.methods:  # before anything is built
+    if "off" not in FLAGS.methods:  # before anything is built
+        raise app.UsageError(f"--methods={','.join(FLAGS.methods)}: off is missing (every ratio is to it)")
+    for method in FLAGS.methods:
         if not _valid_option(*method.partition("@")[::2]):
             raise app.UsageError(f"--methods: {method!r}: the suffixes are @sync, @closed (only with ngram, suffix, "
                                  "suffix_tree: the methods with an adaptive budget) and @f<factor> (only with "
