@@ -109,14 +109,21 @@ class Drafting:
                    self.cfg.max_model_len - len(req.prompt_ids) - out)
         if req.num_pending > 1:  # its step in flight: past that step's draft and sample
             return self._draft_past_inflight(req, room)
-        if room > 0 and self.budget is not None:  # (never past max_spec_tokens: the step verifies that deep)
-            room = min(room, self.budget.limit(req.request_id, self._num_decoding, room))
+        if room > 0:
+            room = self._budget_room(req, room)
         if room <= 0:
             return NO_DRAFT
         draft = self._call_drafter("propose", req.request_id, req.output_ids, room).truncate(room)
         if not self.trees and not draft.is_chain:
             draft = draft.first_chain()
         return draft if draft.tokens else NO_DRAFT
+
+    def _budget_room(self, req: Request, room: int) -> int:
+        """What the draft budget (if any) allows of `room`: never more, whatever a pluggable budget
+        answers (the step program verifies drafts only max_spec_tokens deep)."""
+        if self.budget is None:
+            return room
+        return min(room, self.budget.limit(req.request_id, self._num_decoding, room))
 
     def _draft_past_inflight(self, req: Request, room: int) -> Draft:
         """A draft for a request whose step in flight has not been read: of the drafter's
@@ -132,8 +139,7 @@ class Drafting:
         lead = proposal.first_chain().tokens
         if lead[:len(inflight)] != inflight or len(lead) <= skip:
             return NO_DRAFT
-        if self.budget is not None:
-            room = min(room, self.budget.limit(req.request_id, self._num_decoding, room))
+        room = self._budget_room(req, room)
         draft = proposal.below(lead[:skip]).truncate(room)
         if not self.trees and not draft.is_chain:
             draft = draft.first_chain()

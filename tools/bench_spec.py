@@ -68,7 +68,7 @@ flags.DEFINE_list("methods", ["off", "ngram", "suffix", "suffix_tree", "suffix_f
                   "suffix_tree) the engine runs the requests as a closed batch (as Engine.generate) once no "
                   "request is left to add, with --max_lead as its budget's lead limit (docs/speculation.md); "
                   "with @f<factor> (suffix, suffix_tree; e.g. suffix@f4) the suffix drafter's max_spec_factor is "
-                  "<factor> instead of the launch config's (a match of m tokens drafts at most factor * m). One "
+                  "<factor> instead of its default (a match of m tokens drafts at most factor * m). One "
                   "suffix per method; off must be among the methods (the ratios are to it).")
 flags.DEFINE_integer("max_spec_tokens", 8, "Draft budget per request and step.", lower_bound=1)
 flags.DEFINE_integer("max_lead", 4, "The lead limit of methods with the suffix @closed (BudgetConfig.max_lead).",
@@ -146,17 +146,22 @@ def _drafter(method: str):
     if method == "ngram":
         return NgramDrafter(), budget
     if method in ("suffix", "suffix_tree"):
-        return SuffixDrafter(SuffixConfig(tree=method == "suffix_tree", max_spec_factor=factor)), budget
+        cap = {} if factor is None else {"max_spec_factor": factor}  # (without: SuffixConfig's default)
+        return SuffixDrafter(SuffixConfig(tree=method == "suffix_tree", **cap)), budget
     if method == "suffix_fixed":
         return SuffixDrafter(SuffixConfig()), None
     raise ValueError(f"unknown method {method!r}")
 
 
-def _factor(option: str) -> float:
-    """The suffix drafter's max_spec_factor a method's @f<factor> names (the launch config's without)."""
-    from jinfer.config import SpeculationConfig
-
-    return float(option[1:]) if option.startswith("f") else SpeculationConfig().suffix_max_spec_factor
+def _factor(option: str) -> float | None:
+    """The suffix drafter's max_spec_factor a method's @f<factor> names; None for no @f suffix.
+    ValueError where it is not a finite number >= 0."""
+    if not option.startswith("f"):
+        return None
+    factor = float(option[1:])
+    if not (math.isfinite(factor) and factor >= 0):
+        raise ValueError(f"max_spec_factor={factor} must be finite and >= 0")
+    return factor
 
 
 class _Never:
@@ -190,10 +195,9 @@ def _valid_option(name: str, option: str) -> bool:
     if option == "closed":
         return name in ("ngram", "suffix", "suffix_tree")
     try:
-        factor = float(option[1:]) if option.startswith("f") else -1.0
+        return _factor(option) is not None and name in ("suffix", "suffix_tree")
     except ValueError:
         return False
-    return name in ("suffix", "suffix_tree") and math.isfinite(factor) and factor >= 0
 
 
 def _run(engine, requests, batch: int, closed: bool = False) -> dict:
